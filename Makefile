@@ -1,0 +1,52 @@
+# The two set-up commands (see README): `make demo` and `make test`.
+# Both install their own Debian dependencies first.
+BUILD ?= build
+ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
+JOBS ?= $(shell nproc)
+FUZZ_SECONDS ?= 20
+
+.PHONY: deps build demo test unit-test asan-test fuzz-test e2e-test format tidy clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	@cmake -S . -B $(BUILD) -G Ninja -DCELLA_WERROR=ON >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	@scripts/demo.sh $(BUILD)
+
+# Every test: the normal build (unit + e2e), the unit tests under ASan/UBSan,
+# and a short run of each fuzzer.
+test: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+	$(MAKE) asan-test fuzz-test
+
+unit-test: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS) -L unit
+
+e2e-test: build
+	ctest --test-dir $(BUILD) --output-on-failure -L e2e
+
+asan-test: deps
+	@cmake -S . -B $(ASAN_BUILD) -G Ninja -DCELLA_WERROR=ON -DCELLA_SANITIZE=ON \
+	  -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	@cmake --build $(ASAN_BUILD) -j $(JOBS) --target cella_unit_tests
+	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS) -L unit
+
+fuzz-test: deps
+	@CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCELLA_WERROR=ON -DCELLA_FUZZ=ON \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS)
+	@scripts/run-fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)
+
+format:
+	@git ls-files '*.cc' '*.h' | xargs clang-format -i
+
+tidy: build
+	@git ls-files 'src/*.cc' | xargs clang-tidy -p $(BUILD) --quiet
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

@@ -1,0 +1,89 @@
+#include "base/io.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace cella {
+
+Status WriteAll(int fd, std::span<const std::byte> data) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return FailErrno("write");
+    }
+    data = data.subspan(static_cast<size_t>(n));
+  }
+  return {};
+}
+
+Status WriteAll(int fd, std::string_view data) {
+  return WriteAll(fd, std::as_bytes(std::span(data.data(), data.size())));
+}
+
+Result<bool> ReadExact(int fd, std::span<std::byte> buf) {
+  size_t got = 0;
+  while (got < buf.size()) {
+    ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return FailErrno("read");
+    }
+    if (n == 0) {
+      if (got == 0) return false;
+      return Fail("read: unexpected end of stream after " + std::to_string(got) + " of " +
+                  std::to_string(buf.size()) + " bytes");
+    }
+    got += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+Result<size_t> ReadSome(int fd, std::span<std::byte> buf) {
+  for (;;) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n >= 0) return static_cast<size_t>(n);
+    if (errno != EINTR) return FailErrno("read");
+  }
+}
+
+Status SetNonBlocking(int fd, bool on) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return FailErrno("fcntl(F_GETFL)");
+  flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+  if (::fcntl(fd, F_SETFL, flags) < 0) return FailErrno("fcntl(F_SETFL)");
+  return {};
+}
+
+Status SetCloexec(int fd, bool on) {
+  int flags = ::fcntl(fd, F_GETFD);
+  if (flags < 0) return FailErrno("fcntl(F_GETFD)");
+  flags = on ? (flags | FD_CLOEXEC) : (flags & ~FD_CLOEXEC);
+  if (::fcntl(fd, F_SETFD, flags) < 0) return FailErrno("fcntl(F_SETFD)");
+  return {};
+}
+
+Result<std::string> ReadFileToString(const std::string& path, size_t max_bytes) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + path);
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    auto n = ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf)));
+    if (!n) return std::unexpected(std::move(n.error()).WithContext(path));
+    if (*n == 0) break;
+    if (out.size() + *n > max_bytes)
+      return Fail(path + ": larger than the limit of " + std::to_string(max_bytes) + " bytes");
+    out.append(buf, *n);
+  }
+  return out;
+}
+
+Status WriteStringToFile(const std::string& path, std::string_view data, mode_t mode) {
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode));
+  if (!fd) return FailErrno("open " + path);
+  CELLA_TRY_CTX(WriteAll(fd.Get(), data), path);
+  return {};
+}
+
+}  // namespace cella

@@ -1,0 +1,30 @@
+// Small checked wrappers around the I/O syscalls everything uses.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "base/result.h"
+#include "base/unique_fd.h"
+
+namespace cella {
+
+// Writes all of data, retrying on EINTR and short writes.
+Status WriteAll(int fd, std::span<const std::byte> data);
+Status WriteAll(int fd, std::string_view data);
+// Reads exactly buf.size() bytes. Returns false (not an error) on EOF before
+// the first byte; an error on EOF in the middle.
+Result<bool> ReadExact(int fd, std::span<std::byte> buf);
+// Reads up to buf.size() bytes once, retrying on EINTR. 0 means EOF.
+Result<size_t> ReadSome(int fd, std::span<std::byte> buf);
+Status SetNonBlocking(int fd, bool on);
+Status SetCloexec(int fd, bool on);
+// Reads a whole (small) file, refusing anything larger than max_bytes.
+Result<std::string> ReadFileToString(const std::string& path, size_t max_bytes);
+Status WriteStringToFile(const std::string& path, std::string_view data, mode_t mode);
+
+}  // namespace cella

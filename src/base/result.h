@@ -49,12 +49,12 @@ inline std::unexpected<Error> FailErrno(std::string_view what, int err) {
 
 // Evaluates a Result expression; on error returns it from the enclosing
 // function, otherwise yields the value. GCC/Clang statement expression.
-#define CELLA_TRY(expr)                                              \
-  ({                                                                 \
-    auto cella_try_result_ = (expr);                                 \
-    if (!cella_try_result_) [[unlikely]]                             \
-      return std::unexpected(std::move(cella_try_result_.error()));  \
-    std::move(cella_try_result_).value();                            \
+#define CELLA_TRY(expr)                                             \
+  ({                                                                \
+    auto cella_try_result_ = (expr);                                \
+    if (!cella_try_result_) [[unlikely]]                            \
+      return std::unexpected(std::move(cella_try_result_.error())); \
+    std::move(cella_try_result_).value();                           \
   })
 
 // Same, but prefixes the error with a context string.

@@ -16,7 +16,8 @@ uint32_t GetU32(const std::byte* p) {
 }
 
 bool KnownType(uint8_t t) {
-  return t >= static_cast<uint8_t>(FrameType::kHello) && t <= static_cast<uint8_t>(FrameType::kOpened);
+  return t >= static_cast<uint8_t>(FrameType::kHello) &&
+         t <= static_cast<uint8_t>(FrameType::kOpened);
 }
 
 }  // namespace

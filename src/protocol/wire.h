@@ -34,8 +34,8 @@ inline constexpr uint32_t kDataChunk = 64u * 1024;
 inline constexpr uint32_t kInitialWindow = 256u * 1024;
 
 enum class FrameType : uint8_t {
-  kHello = 1,    // stream 0, JSON {"version":N,"role":"host"|"agent"}
-  kPing = 2,     // stream 0, opaque payload echoed in kPong
+  kHello = 1,  // stream 0, JSON {"version":N,"role":"host"|"agent"}
+  kPing = 2,   // stream 0, opaque payload echoed in kPong
   kPong = 3,
   kOpen = 4,     // host -> agent, JSON request; starts a stream
   kData = 5,     // raw bytes on `channel`

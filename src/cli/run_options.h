@@ -1,0 +1,35 @@
+// Parsing of the docker-style values `cella run` takes (-e, --env-file,
+// --memory, --cpus, --add-host, -p ...). Pure functions: unit-tested.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/result.h"
+
+namespace cella::cli {
+
+// "KEY=VALUE" sets; a bare "KEY" takes the value from `lookup` (the host
+// environment), as docker does, and is dropped when unset there.
+using EnvLookup = const char* (*)(const char*);
+Status ApplyEnvAssignment(std::string_view item, EnvLookup lookup,
+                          std::map<std::string, std::string>& env);
+// docker's env-file format: KEY=VALUE or KEY per line, '#' comments, blank
+// lines ignored; no quoting rules (values are taken verbatim).
+Status ApplyEnvFile(std::string_view contents, std::string_view file_name, EnvLookup lookup,
+                    std::map<std::string, std::string>& env);
+// "512", "512m", "512M", "2g", "1.5G", "256MiB" -> MiB. Bare numbers are MiB.
+Result<int> ParseMemoryMiB(std::string_view text);
+// "0.5", "2", "1.25" -> CPUs (> 0, <= 64).
+Result<double> ParseCpus(std::string_view text);
+struct HostEntry {
+  std::string host;
+  std::string ip;
+};
+// "name:ip" (docker's --add-host); IPv6 addresses may contain ':' after the first.
+Result<HostEntry> ParseAddHost(std::string_view text);
+
+}  // namespace cella::cli

@@ -10,6 +10,7 @@ FUZZ_SECONDS ?= 20
 
 deps:
 	@scripts/install-deps.sh
+	@scripts/fetch-kernel.sh
 
 build: deps
 	@cmake -S . -B $(BUILD) -G Ninja -DCELLA_WERROR=ON >/dev/null
@@ -37,7 +38,7 @@ asan-test: deps
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS) -L unit
 
 fuzz-test: deps
-	@CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCELLA_WERROR=ON -DCELLA_FUZZ=ON \
+	@CC=clang-16 CXX=clang++-16 cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCELLA_WERROR=ON -DCELLA_FUZZ=ON \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 	@cmake --build $(FUZZ_BUILD) -j $(JOBS)
 	@scripts/run-fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)

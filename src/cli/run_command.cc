@@ -1,0 +1,305 @@
+// `cella run`: boot a sandbox from the built-in image, attach to its main
+// process, stream its output, and exit with its code.
+#include <poll.h>
+#include <signal.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "cli/commands.h"
+#include "cli/run_options.h"
+#include "host/image/default_rootfs.h"
+#include "host/kernel/initramfs.h"
+#include "host/kernel/kernel.h"
+#include "host/vmm/config_disk.h"
+#include "host/vmm/paths.h"
+#include "host/vmm/qemu_backend.h"
+#include "protocol/config.h"
+
+namespace cella::cli {
+namespace {
+
+constexpr const char* kDefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+const char* HostEnv(const char* name) { return std::getenv(name); }
+
+Result<std::string> NewSandboxId() {
+  unsigned char bytes[6];
+  size_t got = 0;
+  while (got < sizeof bytes) {
+    ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return FailErrno("getrandom");
+    }
+    got += static_cast<size_t>(n);
+  }
+  static const char kHex[] = "0123456789abcdef";
+  std::string id;
+  for (unsigned char b : bytes) {
+    id += kHex[b >> 4];
+    id += kHex[b & 0xf];
+  }
+  return id;
+}
+
+// cella-init and cella-agent are installed beside the cella binary.
+// CELLA_LIBEXEC_DIR overrides (packaging, tests).
+Result<std::string> GuestBinaryDir() {
+  if (const char* dir = std::getenv("CELLA_LIBEXEC_DIR")) return std::string(dir);
+  std::error_code ec;
+  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return Fail("cannot find the cella binary (/proc/self/exe): " + ec.message());
+  return self.parent_path().string();
+}
+
+Result<std::string> ExistingFile(const std::string& path, std::string_view what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0)
+    return Fail(std::string(what) + " not found at " + path +
+                " (build it with `make build`, or set CELLA_LIBEXEC_DIR)");
+  return path;
+}
+
+struct Prepared {
+  protocol::Config guest;
+  vmm::VMConfig vm;
+  vmm::AccelMode accel = vmm::AccelMode::kAuto;
+  std::chrono::milliseconds boot_timeout{120'000};
+};
+
+Result<Prepared> Prepare(const RunArgs& args, const std::string& home, const std::string& id,
+                         const std::string& state_dir) {
+  Prepared p;
+  protocol::Config& g = p.guest;
+  g.env["PATH"] = kDefaultPath;
+  g.env["HOME"] = "/root";
+  for (const auto& file : args.env_files) {
+    auto text = CELLA_TRY_CTX(ReadFileToString(file, 1 << 20), "--env-file");
+    CELLA_TRY(ApplyEnvFile(text, file, &HostEnv, g.env));
+  }
+  for (const auto& item : args.env_items) CELLA_TRY(ApplyEnvAssignment(item, &HostEnv, g.env));
+  g.cmd = args.command.empty() ? std::vector<std::string>{"sh"} : args.command;
+  g.workdir = args.workdir;
+  g.user = args.user;
+  g.hostname = args.hostname.empty() ? id : args.hostname;
+  g.privileged = args.privileged;
+  g.no_network = args.no_network;
+  g.network_enabled = !args.no_network;
+  if (!args.no_network) {
+    g.guest_ip = vmm::kUserNetGuestIp;
+    g.guest_cidr = vmm::kUserNetPrefix;
+    g.guest_gw = vmm::kUserNetGateway;
+    g.guest_dns = vmm::kUserNetDns;
+    g.dns_servers = args.dns.empty() ? std::vector<std::string>{vmm::kUserNetDns} : args.dns;
+    g.mtu = args.mtu;
+  }
+  for (const auto& item : args.add_hosts) {
+    HostEntry e = CELLA_TRY(ParseAddHost(item));
+    g.extra_hosts.push_back({e.host, e.ip});
+  }
+  double cpus = args.cpus.empty() ? 1.0 : CELLA_TRY(ParseCpus(args.cpus));
+  if (!args.cpus.empty()) g.cpus = cpus;
+  int memory_mib = args.memory.empty() ? 512 : CELLA_TRY(ParseMemoryMiB(args.memory));
+
+  std::optional<kernel::KernelOverride> kernel_override;
+  if (!args.kernel.empty()) kernel_override = kernel::KernelOverride{args.kernel, ""};
+  kernel::KernelInfo kernel = CELLA_TRY(kernel::FindKernel(home, kernel_override));
+  if (!kernel.notice.empty()) log::Notice(kernel.notice);
+  if (!kernel_override && kernel.modules_dir.empty())
+    return Fail("the cached kernel has no modules directory; run scripts/fetch-kernel.sh again");
+
+  std::string bin_dir = CELLA_TRY(GuestBinaryDir());
+  kernel::InitramfsSpec spec;
+  spec.init_binary = CELLA_TRY(ExistingFile(bin_dir + "/cella-init", "guest init"));
+  spec.agent_binary = CELLA_TRY(ExistingFile(bin_dir + "/cella-agent", "guest agent"));
+  if (!kernel_override) {
+    spec.modules_dir = kernel.modules_dir;
+    spec.kernel_release = kernel.release;
+  }
+  kernel::InitramfsFile initramfs = CELLA_TRY(kernel::EnsureInitramfs(home, spec));
+  image::DefaultRootfs rootfs = CELLA_TRY(image::EnsureDefaultRootfs(home));
+
+  g.overlay_root = protocol::OverlayRoot{
+      .lower = {{vmm::GuestDevicePath(vmm::LowerSerial(0)), "erofs"}},
+      .upper_device = "",  // tmpfs: `run` sandboxes are thrown away
+      .upper_fstype = "",
+  };
+  CELLA_TRY_CTX(protocol::ValidateConfig(g), "guest config");
+
+  vmm::VMConfig& vm = p.vm;
+  vm.ID = id;
+  vm.KernelPath = kernel.vmlinuz;
+  vm.InitramfsPath = initramfs.path;
+  vm.OverlayEnabled = true;
+  vm.OverlayLowerPaths = {rootfs.path};
+  vm.OverlayLowerFSTypes = {"erofs"};
+  vm.CPUs = cpus;
+  vm.MemoryMB = memory_mib;
+  vm.NoNetwork = args.no_network;
+  vm.Privileged = args.privileged;
+  vm.Hostname = g.hostname;
+  vm.DNSServers = g.dns_servers;
+  vm.MTU = args.mtu;
+  vm.Env = g.env;
+  for (const auto& h : g.extra_hosts) vm.AddHosts.push_back({h.host, h.ip});
+  vm.StateDir = state_dir;
+  vm.ConfigDiskPath =
+      CELLA_TRY(vmm::WriteConfigDisk(protocol::SerializeConfig(g), state_dir + "/config.img"));
+  p.accel = CELLA_TRY(vmm::ParseAccelMode(args.accel));
+  p.boot_timeout = std::chrono::seconds(args.boot_timeout_s);
+  return p;
+}
+
+// Forwards SIGINT/SIGTERM/SIGHUP to the guest's main process while it runs.
+// The signals are blocked in every thread and collected here with
+// sigtimedwait, so no handler runs on an arbitrary thread.
+class SignalForwarder {
+ public:
+  explicit SignalForwarder(host::ExecSession* session) {
+    sigemptyset(&set_);
+    for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set_, s);
+    thread_ = std::thread([this, session] {
+      timespec tick{0, 200'000'000};
+      while (!done_.load()) {
+        int sig = ::sigtimedwait(&set_, nullptr, &tick);
+        if (sig <= 0) continue;
+        log::Debug("forwarding signal to the guest", {{"signal", sig}});
+        if (auto st = session->Signal(sig); !st)
+          log::Warn("could not forward signal", {{"error", st.error().message}});
+      }
+    });
+  }
+  ~SignalForwarder() {
+    done_.store(true);
+    thread_.join();
+  }
+  static void BlockInThisThread() {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, s);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  }
+
+ private:
+  sigset_t set_{};
+  std::atomic<bool> done_{false};
+  std::thread thread_;
+};
+
+// Copies our stdin to the main process until EOF or until stopped.
+class StdinPump {
+ public:
+  explicit StdinPump(host::ExecSession* session) {
+    thread_ = std::thread([this, session] {
+      char buf[65536];
+      while (!done_.load()) {
+        pollfd pfd{STDIN_FILENO, POLLIN, 0};
+        int n = ::poll(&pfd, 1, 200);
+        if (n < 0 && errno != EINTR) break;
+        if (n <= 0) continue;
+        auto got = ReadSome(STDIN_FILENO, std::as_writable_bytes(std::span(buf)));
+        if (!got || *got == 0) break;
+        if (!session->WriteStdin(std::string_view(buf, *got))) return;
+      }
+      if (auto st = session->CloseStdin(); !st)
+        log::Debug("closing guest stdin failed", {{"error", st.error().message}});
+    });
+  }
+  ~StdinPump() {
+    done_.store(true);
+    thread_.join();
+  }
+
+ private:
+  std::atomic<bool> done_{false};
+  std::thread thread_;
+};
+
+Result<int> RunInSandbox(const RunArgs& args, const std::string& state_dir) {
+  std::string home = CELLA_TRY(host::CellaHome());
+  std::string id = std::filesystem::path(state_dir).filename().string();
+  Prepared prepared = CELLA_TRY(Prepare(args, home, id, state_dir));
+
+  vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(prepared.accel));
+  options.boot_timeout = prepared.boot_timeout;
+  log::Debug("accelerator", {{"chosen", std::string(vmm::ToString(options.accel.chosen))},
+                             {"reason", options.accel.reason}});
+  vmm::QemuBackend backend(std::move(options));
+  std::unique_ptr<vmm::Machine> machine = CELLA_TRY(backend.Create(prepared.vm));
+  CELLA_TRY_CTX(machine->Start(), "boot");
+  log::Debug("sandbox booted", {{"id", id}, {"boot_ms", machine->BootDuration().count()}});
+
+  host::ExecCallbacks callbacks;
+  callbacks.on_stdout = [](std::string_view bytes) {
+    if (auto st = WriteAll(STDOUT_FILENO, bytes); !st)
+      log::Debug("stdout write failed", {{"error", st.error().message}});
+  };
+  callbacks.on_stderr = [](std::string_view bytes) {
+    if (auto st = WriteAll(STDERR_FILENO, bytes); !st)
+      log::Debug("stderr write failed", {{"error", st.error().message}});
+  };
+  std::unique_ptr<host::ExecSession> main =
+      CELLA_TRY_CTX(machine->Agent()->AttachMain(std::move(callbacks)), "attach main process");
+  host::ExecStatus status;
+  {
+    SignalForwarder signals(main.get());
+    std::optional<StdinPump> stdin_pump;
+    if (args.interactive) {
+      stdin_pump.emplace(main.get());
+    } else {
+      CELLA_TRY_CTX(main->CloseStdin(), "close guest stdin");
+    }
+    status = CELLA_TRY_CTX(main->Wait(), "main process");
+  }
+  // The guest powers itself off once the main process is gone; give it a
+  // moment to flush and go, then make sure it is gone.
+  if (auto exited = machine->Wait(std::chrono::seconds(10)); !exited)
+    log::Debug("guest did not power off by itself", {{"error", exited.error().message}});
+  if (auto closed = machine->Close(); !closed)
+    log::Warn("sandbox cleanup failed", {{"error", closed.error().message}});
+  if (status.timed_out) log::Notice("main process timed out");
+  return status.ShellCode();
+}
+
+}  // namespace
+
+int RunCommand(const RunArgs& args) {
+  SignalForwarder::BlockInThisThread();
+  auto home = host::CellaHome();
+  if (!home) {
+    std::fprintf(stderr, "cella: %s\n", home.error().message.c_str());
+    return kExitCellaError;
+  }
+  auto id = NewSandboxId();
+  if (!id) {
+    std::fprintf(stderr, "cella: %s\n", id.error().message.c_str());
+    return kExitCellaError;
+  }
+  std::string state_dir = *home + "/run/" + *id;
+  if (auto made = host::MakeDirs(state_dir, 0700); !made) {
+    std::fprintf(stderr, "cella: %s\n", made.error().message.c_str());
+    return kExitCellaError;
+  }
+  auto code = RunInSandbox(args, state_dir);
+  // Foreground runs are --rm: nothing of the sandbox stays behind.
+  std::error_code ec;
+  std::filesystem::remove_all(state_dir, ec);
+  if (ec) log::Warn("could not remove sandbox state", {{"path", state_dir}, {"error", ec.message()}});
+  if (!code) {
+    std::fprintf(stderr, "cella: %s\n", code.error().message.c_str());
+    return kExitCellaError;
+  }
+  return *code;
+}
+
+}  // namespace cella::cli

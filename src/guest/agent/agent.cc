@@ -1,0 +1,888 @@
+#include "guest/agent/agent.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "guest/agent/fileops.h"
+#include "protocol/wire.h"
+
+namespace cella::agent {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using protocol::Channel;
+using protocol::FrameType;
+using protocol::kDataChunk;
+using protocol::kInitialWindow;
+
+enum class Kind { kExec, kReadFile, kWriteFile, kPort };
+
+// Guest -> host bytes (stdout/stderr, file content, socket reads).
+struct OutChannel {
+  UniqueFd fd;
+  int64_t credit = kInitialWindow;
+  bool ready = false;     // poll said readable this iteration
+  bool finished = false;  // Eof queued, or the channel never existed
+};
+
+// Host -> guest bytes (stdin, file content, socket writes).
+struct InChannel {
+  UniqueFd fd;
+  std::vector<std::byte> pending;
+  size_t pending_off = 0;
+  int64_t host_credit = kInitialWindow;  // what the host may still send
+  uint32_t unacked = 0;                  // consumed, Window not yet sent
+  bool eof = false;                      // host sent Eof
+  bool broken = false;                   // sink is gone: bytes are discarded
+
+  size_t Pending() const { return pending.size() - pending_off; }
+};
+
+struct Session {
+  uint32_t stream = 0;  // 0: detached (the main process between links)
+  Kind kind = Kind::kExec;
+  OutChannel out[2];  // [0] stdout, [1] stderr
+  InChannel in;
+  uint64_t bytes_sent = 0;
+  // exec
+  pid_t pid = -1;
+  bool is_main = false;
+  bool tty = false;
+  UniqueFd pty_master;
+  bool reaped = false;
+  int wait_status = 0;
+  bool timed_out = false;
+  std::optional<Clock::time_point> deadline;
+  std::optional<Clock::time_point> kill_deadline;
+  uint32_t kill_grace_ms = 2000;
+  // write_file
+  std::optional<AtomicFileWriter> writer;
+  // port_forward
+  bool connecting = false;
+};
+
+Channel OutChannelId(int index) { return index == 0 ? Channel::kStdout : Channel::kStderr; }
+
+enum class MainState { kNotStarted, kRunning, kDone };
+
+// What a poll slot belongs to.
+enum class Slot { kOut0, kOut1, kIn, kConnect };
+
+}  // namespace
+
+struct Agent::Impl {
+  AgentOptions options;
+  UniqueFd sigfd;
+
+  // Per link.
+  UniqueFd link;
+  protocol::FrameDecoder decoder;
+  std::vector<std::byte> out;
+  size_t out_off = 0;
+  bool hello_received = false;
+  uint32_t last_stream = 0;
+  std::optional<Error> link_failure;
+  bool peer_closed = false;
+  bool write_failed = false;
+  std::vector<std::byte> read_buf;
+
+  std::map<uint32_t, std::unique_ptr<Session>> sessions;
+  std::unique_ptr<Session> detached_main;
+  MainState main_state = MainState::kNotStarted;
+  pid_t abandoned_main_pid = -1;
+  std::vector<pid_t> abandoned;  // killed children not yet reaped
+
+  // ---- link output -------------------------------------------------------
+
+  size_t OutPending() const { return out.size() - out_off; }
+
+  void Queue(uint32_t stream, FrameType type, Channel channel, std::span<const std::byte> payload) {
+    protocol::EncodeFrame(stream, type, channel, payload, out);
+  }
+  void QueueText(uint32_t stream, FrameType type, std::string_view text) {
+    Queue(stream, type, Channel::kControl, protocol::AsBytes(text));
+  }
+  void QueueError(uint32_t stream, int err, std::string_view message) {
+    QueueText(stream, FrameType::kError, protocol::EncodeError({err, std::string(message)}));
+  }
+  void QueueError(uint32_t stream, const Error& error) {
+    QueueError(stream, error.errno_value != 0 ? error.errno_value : EIO, error.message);
+  }
+
+  // Reads up to max bytes from fd straight into a Data frame at the tail of
+  // the output queue. 0 = EOF; errors keep errno (EAGAIN included).
+  Result<size_t> ReadIntoFrame(int fd, uint32_t stream, Channel channel, size_t max) {
+    size_t start = out.size();
+    out.resize(start + protocol::kHeaderSize + max);
+    ssize_t n;
+    do {
+      n = ::read(fd, out.data() + start + protocol::kHeaderSize, max);
+    } while (n < 0 && errno == EINTR);
+    int err = errno;
+    if (n <= 0) {
+      out.resize(start);
+      if (n < 0) return FailErrno("read", err);
+      return size_t{0};
+    }
+    std::vector<std::byte> header;
+    protocol::EncodeFrame(stream, FrameType::kData, channel, {}, header);
+    uint32_t len = static_cast<uint32_t>(n);
+    for (int i = 0; i < 4; ++i) header[i] = static_cast<std::byte>((len >> (8 * i)) & 0xff);
+    std::copy(header.begin(), header.end(), out.begin() + static_cast<ptrdiff_t>(start));
+    out.resize(start + protocol::kHeaderSize + static_cast<size_t>(n));
+    return static_cast<size_t>(n);
+  }
+
+  // Writes what the link takes without blocking.
+  void Flush() {
+    while (OutPending() > 0 && !write_failed) {
+      ssize_t n = ::write(link.Get(), out.data() + out_off, OutPending());
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) break;
+        write_failed = true;
+        if (errno == EPIPE || errno == ECONNRESET) {
+          peer_closed = true;
+        } else if (!link_failure) {
+          link_failure = Error::FromErrno("write to the link");
+        }
+        break;
+      }
+      out_off += static_cast<size_t>(n);
+    }
+    if (out_off == out.size()) {
+      out.clear();
+      out_off = 0;
+    } else if (out_off > (1u << 20) && out_off > out.size() / 2) {
+      out.erase(out.begin(), out.begin() + static_cast<ptrdiff_t>(out_off));
+      out_off = 0;
+    }
+  }
+
+  void Violation(std::string message) {
+    if (link_failure) return;
+    QueueError(0, EPROTO, "protocol violation: " + message);
+    link_failure = Error{"host broke the protocol: " + message, EPROTO};
+  }
+
+  // ---- sessions ----------------------------------------------------------
+
+  Session* Find(uint32_t stream) {
+    auto it = sessions.find(stream);
+    return it == sessions.end() ? nullptr : it->second.get();
+  }
+
+  static void KillGroup(pid_t pid, int sig) {
+    // ESRCH: the group is already gone, which is what we wanted.
+    if (::kill(-pid, sig) != 0 && errno != ESRCH)
+      log::Warn("agent: kill failed", {{"pid", pid}, {"signal", sig}, {"error", strerror(errno)}});
+  }
+
+  // Kills and forgets a session; nothing more is sent on its stream.
+  void Abandon(Session& s) {
+    if (s.kind == Kind::kExec && !s.reaped) {
+      KillGroup(s.pid, SIGKILL);
+      abandoned.push_back(s.pid);
+      if (s.is_main) abandoned_main_pid = s.pid;
+    }
+    if (s.is_main) main_state = MainState::kDone;
+    s.writer.reset();  // removes the temp file of an unfinished upload
+  }
+
+  void FailStream(uint32_t stream, const Error& error) {
+    QueueError(stream, error);
+    auto it = sessions.find(stream);
+    if (it != sessions.end()) {
+      Abandon(*it->second);
+      sessions.erase(it);
+    }
+  }
+
+  void SendWindow(Session& s, uint32_t amount) {
+    s.in.host_credit += amount;
+    Queue(s.stream, FrameType::kWindow, Channel::kStdin, protocol::U32Payload(amount));
+  }
+
+  void PumpOut(Session& s, int index) {
+    OutChannel& c = s.out[index];
+    bool draining = s.kind == Kind::kExec && s.reaped;
+    bool try_read = c.ready || draining;
+    c.ready = false;
+    if (!c.fd || s.stream == 0 || !try_read) return;
+    for (int round = 0; round < 4 && c.credit > 0 && OutPending() < options.link_soft_cap;
+         ++round) {
+      size_t max = std::min<size_t>(static_cast<size_t>(c.credit), kDataChunk);
+      auto n = ReadIntoFrame(c.fd.Get(), s.stream, OutChannelId(index), max);
+      if (n && *n > 0) {
+        c.credit -= static_cast<int64_t>(*n);
+        s.bytes_sent += *n;
+        continue;
+      }
+      if (!n && n.error().errno_value == EAGAIN) {
+        // A finished child wrote everything before exiting; what is left
+        // unwritten belongs to background processes and is not waited for.
+        if (!draining) break;
+      } else if (!n && n.error().errno_value != EIO) {
+        // EIO is how a pty master reports that every slave is closed.
+        if (s.kind == Kind::kReadFile || s.kind == Kind::kPort) {
+          FailStream(s.stream, std::move(n.error()).WithContext("read"));
+          return;
+        }
+        log::Warn("agent: output read failed", {{"stream", s.stream}, {"error", n.error().message}});
+      }
+      c.fd.Reset();
+      c.finished = true;
+      Queue(s.stream, FrameType::kEof, OutChannelId(index), {});
+      break;
+    }
+  }
+
+  void PumpIn(Session& s) {
+    InChannel& in = s.in;
+    if (s.stream == 0) return;
+    while (in.Pending() > 0) {
+      if (!in.fd || in.broken) {
+        in.unacked += static_cast<uint32_t>(in.Pending());
+        in.pending.clear();
+        in.pending_off = 0;
+        break;
+      }
+      ssize_t n = ::write(in.fd.Get(), in.pending.data() + in.pending_off, in.Pending());
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) break;
+        // EPIPE: the reader is gone; later bytes are dropped, credit still
+        // flows so the host never stalls on a child that stopped reading.
+        in.broken = true;
+        in.fd.Reset();
+        continue;
+      }
+      in.pending_off += static_cast<size_t>(n);
+      in.unacked += static_cast<uint32_t>(n);
+    }
+    if (in.Pending() == 0) {
+      in.pending.clear();
+      in.pending_off = 0;
+    }
+    if (in.unacked > 0 && (in.unacked >= kDataChunk / 2 || in.Pending() == 0)) {
+      SendWindow(s, in.unacked);
+      in.unacked = 0;
+    }
+    if (in.eof && in.Pending() == 0 && in.fd) {
+      if (s.kind == Kind::kPort) {
+        if (::shutdown(in.fd.Get(), SHUT_WR) != 0 && errno != ENOTCONN)
+          log::Warn("agent: shutdown(SHUT_WR) failed", {{"error", strerror(errno)}});
+      } else if (s.tty) {
+        // A terminal has no half-close: ^D is the end-of-input character.
+        char eot = 4;
+        if (::write(in.fd.Get(), &eot, 1) != 1)
+          log::Debug("agent: writing ^D to the terminal failed", {{"error", strerror(errno)}});
+      }
+      in.fd.Reset();
+    }
+  }
+
+  // Sends the Result if the session is complete; true when it is gone.
+  bool MaybeFinish(Session& s) {
+    if (s.stream == 0) return false;
+    switch (s.kind) {
+      case Kind::kExec: {
+        if (!s.reaped || !s.out[0].finished || !s.out[1].finished) return false;
+        protocol::ExecOutcome outcome;
+        if (WIFSIGNALED(s.wait_status)) {
+          outcome.signal = WTERMSIG(s.wait_status);
+        } else {
+          outcome.exit_code = WEXITSTATUS(s.wait_status);
+        }
+        outcome.timed_out = s.timed_out;
+        QueueText(s.stream, FrameType::kResult, protocol::EncodeExecOutcome(outcome));
+        if (s.is_main) {
+          main_state = MainState::kDone;
+          if (options.on_main_exit) options.on_main_exit(s.wait_status);
+        }
+        return true;
+      }
+      case Kind::kReadFile:
+        if (!s.out[0].finished) return false;
+        QueueText(s.stream, FrameType::kResult, protocol::EncodeSize(s.bytes_sent));
+        return true;
+      case Kind::kPort:
+        if (s.connecting || !s.out[0].finished || !s.in.eof || s.in.Pending() > 0 || s.in.fd)
+          return false;
+        QueueText(s.stream, FrameType::kResult, protocol::EncodeEmpty());
+        return true;
+      case Kind::kWriteFile:
+        return false;  // finished from the Eof handler
+    }
+    return false;
+  }
+
+  void ServiceAll() {
+    std::vector<uint32_t> ids;
+    ids.reserve(sessions.size());
+    for (auto& [id, s] : sessions) ids.push_back(id);
+    // Looked up again after each step: a failing step erases its session.
+    for (uint32_t id : ids) {
+      Session* s = Find(id);
+      if (!s || (s->kind == Kind::kPort && s->connecting)) continue;
+      PumpOut(*s, 0);
+      if (!(s = Find(id))) continue;
+      PumpOut(*s, 1);
+      if (!(s = Find(id))) continue;
+      PumpIn(*s);
+      if (MaybeFinish(*s)) sessions.erase(id);
+    }
+  }
+
+  // ---- children ----------------------------------------------------------
+
+  Session* FindByPid(pid_t pid) {
+    for (auto& [id, s] : sessions)
+      if (s->kind == Kind::kExec && s->pid == pid && !s->reaped) return s.get();
+    if (detached_main && detached_main->pid == pid && !detached_main->reaped)
+      return detached_main.get();
+    return nullptr;
+  }
+
+  void OnChildExit(pid_t pid, int status) {
+    if (Session* s = FindByPid(pid)) {
+      s->reaped = true;
+      s->wait_status = status;
+      // A timed-out tree gets no further grace once its leader is gone.
+      if (s->timed_out) KillGroup(pid, SIGKILL);
+      return;
+    }
+    auto it = std::find(abandoned.begin(), abandoned.end(), pid);
+    if (it != abandoned.end()) abandoned.erase(it);
+    if (pid == abandoned_main_pid) {
+      abandoned_main_pid = -1;
+      if (options.on_main_exit) options.on_main_exit(status);
+    }
+  }
+
+  void Reap() {
+    if (options.reap == ReapMode::kAllChildren) {
+      for (;;) {
+        int status = 0;
+        pid_t pid = ::waitpid(-1, &status, WNOHANG);
+        if (pid < 0 && errno == EINTR) continue;
+        if (pid <= 0) break;  // 0: none ready; ECHILD: no children at all
+        OnChildExit(pid, status);
+      }
+      return;
+    }
+    std::vector<pid_t> pids = abandoned;
+    for (auto& [id, s] : sessions)
+      if (s->kind == Kind::kExec && !s->reaped) pids.push_back(s->pid);
+    if (detached_main && !detached_main->reaped) pids.push_back(detached_main->pid);
+    for (pid_t pid : pids) {
+      int status = 0;
+      pid_t r;
+      do {
+        r = ::waitpid(pid, &status, WNOHANG);
+      } while (r < 0 && errno == EINTR);
+      if (r == pid) {
+        OnChildExit(pid, status);
+      } else if (r < 0 && errno == ECHILD) {
+        // Someone else reaped it (should not happen): do not wait forever.
+        OnChildExit(pid, 0);
+      }
+    }
+  }
+
+  void DrainSignalFd() {
+    struct signalfd_siginfo info[16];
+    for (;;) {
+      ssize_t n = ::read(sigfd.Get(), info, sizeof(info));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;  // EAGAIN: drained
+    }
+  }
+
+  void CheckTimers(Clock::time_point now) {
+    auto check = [&](Session& s) {
+      if (s.kind != Kind::kExec || s.reaped) return;
+      if (s.deadline && now >= *s.deadline) {
+        s.deadline.reset();
+        s.timed_out = true;
+        KillGroup(s.pid, SIGTERM);
+        s.kill_deadline = now + std::chrono::milliseconds(s.kill_grace_ms);
+      }
+      if (s.kill_deadline && now >= *s.kill_deadline) {
+        s.kill_deadline.reset();
+        KillGroup(s.pid, SIGKILL);
+      }
+    };
+    for (auto& [id, s] : sessions) check(*s);
+    if (detached_main) check(*detached_main);
+  }
+
+  int PollTimeoutMs(Clock::time_point now) {
+    std::optional<Clock::time_point> next;
+    auto consider = [&](const Session& s) {
+      if (s.kind != Kind::kExec || s.reaped) return;
+      for (const auto& d : {s.deadline, s.kill_deadline})
+        if (d && (!next || *d < *next)) next = d;
+    };
+    for (auto& [id, s] : sessions) consider(*s);
+    if (detached_main) consider(*detached_main);
+    if (!next) return -1;
+    if (*next <= now) return 0;
+    auto ms = std::chrono::ceil<std::chrono::milliseconds>(*next - now).count();
+    return static_cast<int>(std::min<int64_t>(ms, 60'000));
+  }
+
+  // ---- requests ----------------------------------------------------------
+
+  std::unique_ptr<Session> SessionFromChild(uint32_t stream, SpawnedChild child,
+                                            const protocol::ExecRequest& req) {
+    auto s = std::make_unique<Session>();
+    s->stream = stream;
+    s->kind = Kind::kExec;
+    s->pid = child.pid;
+    s->tty = req.tty;
+    s->out[0].fd = std::move(child.stdout_fd);
+    s->out[1].fd = std::move(child.stderr_fd);
+    s->out[1].finished = !s->out[1].fd;
+    s->in.fd = std::move(child.stdin_fd);
+    s->pty_master = std::move(child.pty_master);
+    s->kill_grace_ms = req.kill_grace_ms;
+    if (req.timeout_ms > 0) s->deadline = Clock::now() + std::chrono::milliseconds(req.timeout_ms);
+    return s;
+  }
+
+  void StartExec(uint32_t stream, const protocol::ExecRequest& req) {
+    auto child = Spawn(req, options.hardening);
+    if (!child) return QueueError(stream, child.error());
+    pid_t pid = child->pid;
+    sessions[stream] = SessionFromChild(stream, std::move(*child), req);
+    QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+  }
+
+  void AttachMain(uint32_t stream) {
+    if (!options.main_request) return QueueError(stream, EINVAL, "no main process is configured");
+    switch (main_state) {
+      case MainState::kNotStarted: {
+        main_state = MainState::kDone;  // exactly once, even if it fails to start
+        auto child = Spawn(*options.main_request, options.hardening);
+        if (!child) return QueueError(stream, std::move(child.error()).WithContext("main process"));
+        pid_t pid = child->pid;
+        auto s = SessionFromChild(stream, std::move(*child), *options.main_request);
+        s->is_main = true;
+        sessions[stream] = std::move(s);
+        main_state = MainState::kRunning;
+        QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+        return;
+      }
+      case MainState::kRunning: {
+        if (!detached_main) return QueueError(stream, EBUSY, "the main process is already attached");
+        auto s = std::move(detached_main);
+        s->stream = stream;
+        for (auto& c : s->out) c.credit = kInitialWindow;
+        s->in.host_credit = kInitialWindow;
+        s->in.unacked = 0;
+        pid_t pid = s->pid;
+        sessions[stream] = std::move(s);
+        QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+        return;
+      }
+      case MainState::kDone:
+        return QueueError(stream, EALREADY, "the main process has already run");
+    }
+  }
+
+  void StartPort(uint32_t stream, uint16_t port) {
+    UniqueFd sock(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!sock) return QueueError(stream, Error::FromErrno("port_forward: socket"));
+    struct sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bool connecting = false;
+    if (::connect(sock.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      if (errno != EINPROGRESS)
+        return QueueError(stream,
+                          Error::FromErrno("port_forward: connect 127.0.0.1:" + std::to_string(port)));
+      connecting = true;
+    }
+    auto s = std::make_unique<Session>();
+    s->stream = stream;
+    s->kind = Kind::kPort;
+    s->connecting = connecting;
+    s->in.fd.Reset(::fcntl(sock.Get(), F_DUPFD_CLOEXEC, 0));
+    if (!s->in.fd) return QueueError(stream, Error::FromErrno("port_forward: dup"));
+    s->out[0].fd = std::move(sock);
+    s->out[1].finished = true;
+    sessions[stream] = std::move(s);
+    if (!connecting) QueueText(stream, FrameType::kOpened, protocol::EncodeEmpty());
+  }
+
+  void FinishConnect(Session& s) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (::getsockopt(s.out[0].fd.Get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+    if (err != 0) return FailStream(s.stream, Error::FromErrno("port_forward: connect", err));
+    s.connecting = false;
+    QueueText(s.stream, FrameType::kOpened, protocol::EncodeEmpty());
+  }
+
+  void HandleOpen(const protocol::Frame& frame) {
+    uint32_t id = frame.stream_id;
+    if (id == 0) return Violation("Open on stream 0");
+    if (id <= last_stream) return Violation("stream id " + std::to_string(id) + " reused");
+    last_stream = id;
+    auto request = protocol::DecodeRequest(frame.PayloadText());
+    if (!request) return QueueError(id, request.error());
+    if (auto* e = std::get_if<protocol::ExecRequest>(&*request)) return StartExec(id, *e);
+    if (std::holds_alternative<protocol::AttachMainRequest>(*request)) return AttachMain(id);
+    if (std::holds_alternative<protocol::ShutdownRequest>(*request)) {
+      if (!options.on_shutdown) return QueueError(id, ENOSYS, "shutdown is not supported here");
+      options.on_shutdown();
+      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+    }
+    if (auto* w = std::get_if<protocol::WriteFileRequest>(&*request)) {
+      auto writer = AtomicFileWriter::Create(
+          w->path, w->mode, w->uid, w->gid,
+          w->mkdirs ? AtomicFileWriter::CreateParents::kYes : AtomicFileWriter::CreateParents::kNo);
+      if (!writer) return QueueError(id, writer.error());
+      auto s = std::make_unique<Session>();
+      s->stream = id;
+      s->kind = Kind::kWriteFile;
+      s->writer.emplace(std::move(*writer));
+      s->out[0].finished = s->out[1].finished = true;
+      sessions[id] = std::move(s);
+      return;
+    }
+    if (auto* r = std::get_if<protocol::ReadFileRequest>(&*request)) {
+      auto opened = OpenForRead(r->path);
+      if (!opened) return QueueError(id, opened.error());
+      auto s = std::make_unique<Session>();
+      s->stream = id;
+      s->kind = Kind::kReadFile;
+      s->out[0].fd = std::move(opened->fd);
+      s->out[1].finished = true;
+      sessions[id] = std::move(s);
+      return QueueText(id, FrameType::kOpened,
+                       protocol::EncodeReadFileOpened({opened->size, opened->mode}));
+    }
+    if (auto* l = std::get_if<protocol::ListRequest>(&*request)) {
+      auto entries = ListDirectory(l->path);
+      if (!entries) return QueueError(id, entries.error());
+      return QueueText(id, FrameType::kResult, protocol::EncodeList(*entries));
+    }
+    if (auto* st = std::get_if<protocol::StatRequest>(&*request)) {
+      auto info = StatPath(st->path);
+      if (!info) return QueueError(id, info.error());
+      return QueueText(id, FrameType::kResult, protocol::EncodeFileInfo(*info));
+    }
+    if (auto* m = std::get_if<protocol::MkdirRequest>(&*request)) {
+      if (auto ok = MakeDirs(m->path, m->mode); !ok) return QueueError(id, ok.error());
+      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+    }
+    if (auto* rm = std::get_if<protocol::RemoveRequest>(&*request)) {
+      auto ok = RemovePath(rm->path, rm->recursive ? Recursive::kYes : Recursive::kNo);
+      if (!ok) return QueueError(id, ok.error());
+      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+    }
+    if (auto* p = std::get_if<protocol::PortForwardRequest>(&*request))
+      return StartPort(id, p->port);
+    QueueError(id, EINVAL, "unsupported op");
+  }
+
+  void HandleData(Session& s, const protocol::Frame& frame) {
+    if (frame.channel != Channel::kStdin)
+      return FailStream(s.stream, Error{"Data from the host must be on stdin", EPROTO});
+    auto size = static_cast<int64_t>(frame.payload.size());
+    if (size > s.in.host_credit)
+      return Violation("stream " + std::to_string(s.stream) + " sent more than its window");
+    if (s.in.eof) return FailStream(s.stream, Error{"Data after Eof", EPROTO});
+    s.in.host_credit -= size;
+    if (s.kind == Kind::kWriteFile) {
+      if (auto ok = s.writer->Write(frame.payload); !ok) return FailStream(s.stream, ok.error());
+      SendWindow(s, static_cast<uint32_t>(size));
+      return;
+    }
+    s.in.pending.insert(s.in.pending.end(), frame.payload.begin(), frame.payload.end());
+  }
+
+  void HandleEof(Session& s, const protocol::Frame& frame) {
+    if (frame.channel != Channel::kStdin)
+      return FailStream(s.stream, Error{"Eof from the host must be on stdin", EPROTO});
+    s.in.eof = true;
+    if (s.kind == Kind::kWriteFile) {
+      auto size = s.writer->Commit();
+      uint32_t id = s.stream;
+      if (!size) return FailStream(id, size.error());
+      sessions.erase(id);
+      QueueText(id, FrameType::kResult, protocol::EncodeSize(*size));
+    }
+  }
+
+  void HandleFrame(protocol::Frame frame) {
+    if (!hello_received) {
+      if (frame.type != FrameType::kHello || frame.stream_id != 0)
+        return Violation("the first frame must be Hello on stream 0");
+      auto hello = protocol::DecodeHello(frame.PayloadText());
+      if (!hello) return Violation(hello.error().message);
+      if (hello->version != protocol::kProtocolVersion) {
+        QueueError(0, EPROTONOSUPPORT,
+                   "protocol version " + std::to_string(hello->version) +
+                       " is not supported (agent speaks " +
+                       std::to_string(protocol::kProtocolVersion) + ")");
+        link_failure = Error{"host speaks protocol version " + std::to_string(hello->version),
+                             EPROTONOSUPPORT};
+        return;
+      }
+      if (hello->role != protocol::Role::kHost) return Violation("Hello role must be host");
+      hello_received = true;
+      return;
+    }
+    if (frame.stream_id == 0) {
+      switch (frame.type) {
+        case FrameType::kPing:
+          return Queue(0, FrameType::kPong, Channel::kControl, frame.payload);
+        case FrameType::kPong:
+          return;
+        default:
+          return Violation("unexpected frame type " +
+                           std::to_string(static_cast<int>(frame.type)) + " on stream 0");
+      }
+    }
+    if (frame.type == FrameType::kOpen) return HandleOpen(frame);
+    Session* s = Find(frame.stream_id);
+    if (!s) {
+      // Late frames for a stream that already ended are expected races.
+      if (frame.stream_id <= last_stream) return;
+      return Violation("frame for stream " + std::to_string(frame.stream_id) +
+                       " that was never opened");
+    }
+    switch (frame.type) {
+      case FrameType::kData:
+        return HandleData(*s, frame);
+      case FrameType::kEof:
+        return HandleEof(*s, frame);
+      case FrameType::kWindow: {
+        auto inc = protocol::ParseU32Payload(frame);
+        if (!inc) return FailStream(s->stream, Error{inc.error().message, EINVAL});
+        if (frame.channel != Channel::kStdout && frame.channel != Channel::kStderr)
+          return FailStream(s->stream, Error{"Window from the host must be for stdout/stderr", EPROTO});
+        int64_t& credit = s->out[frame.channel == Channel::kStdout ? 0 : 1].credit;
+        credit = std::min<int64_t>(credit + *inc, int64_t{1} << 40);
+        return;
+      }
+      case FrameType::kResize: {
+        if (frame.payload.size() != 4)
+          return FailStream(s->stream, Error{"Resize payload must be 4 bytes", EINVAL});
+        if (s->kind != Kind::kExec || !s->pty_master) return;  // no terminal: nothing to resize
+        auto b = [&](int i) { return static_cast<unsigned>(frame.payload[i]); };
+        struct winsize ws{};
+        ws.ws_row = static_cast<unsigned short>(b(0) | (b(1) << 8));
+        ws.ws_col = static_cast<unsigned short>(b(2) | (b(3) << 8));
+        if (::ioctl(s->pty_master.Get(), TIOCSWINSZ, &ws) != 0)
+          return FailStream(s->stream, Error::FromErrno("ioctl(TIOCSWINSZ)"));
+        // The kernel signals the foreground group; the session's own group
+        // is told too in case the foreground group is a different one.
+        if (!s->reaped) KillGroup(s->pid, SIGWINCH);
+        return;
+      }
+      case FrameType::kSignal: {
+        auto signo = protocol::ParseU32Payload(frame);
+        if (!signo || *signo == 0 || *signo >= static_cast<uint32_t>(NSIG))
+          return FailStream(s->stream, Error{"Signal payload is not a signal number", EINVAL});
+        if (s->kind == Kind::kExec && !s->reaped) KillGroup(s->pid, static_cast<int>(*signo));
+        return;
+      }
+      case FrameType::kClose:
+      case FrameType::kError: {
+        uint32_t id = s->stream;
+        Abandon(*s);
+        sessions.erase(id);
+        return;
+      }
+      default:
+        return Violation("unexpected frame type " + std::to_string(static_cast<int>(frame.type)) +
+                         " from the host");
+    }
+  }
+
+  void ReadLink(short revents) {
+    ssize_t n;
+    do {
+      n = ::read(link.Get(), read_buf.data(), read_buf.size());
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      if (errno == EAGAIN) {
+        // A virtio port whose host side went away reports POLLHUP only.
+        if (revents & POLLHUP) peer_closed = true;
+        return;
+      }
+      if (errno == ECONNRESET || errno == EPIPE) {
+        peer_closed = true;
+        return;
+      }
+      link_failure = Error::FromErrno("read from the link");
+      return;
+    }
+    if (n == 0) {
+      peer_closed = true;
+      return;
+    }
+    decoder.Feed(std::span(read_buf.data(), static_cast<size_t>(n)));
+    while (!link_failure) {
+      auto frame = decoder.Next();
+      if (!frame) return Violation(frame.error().message);
+      if (!frame->has_value()) return;
+      HandleFrame(std::move(**frame));
+    }
+  }
+
+  // Ends a link: everything but the main process is abandoned.
+  void DetachAll() {
+    for (auto& [id, s] : sessions) {
+      if (s->is_main && main_state == MainState::kRunning) {
+        s->stream = 0;
+        s->in.pending.clear();
+        s->in.pending_off = 0;
+        detached_main = std::move(s);
+      } else {
+        Abandon(*s);
+      }
+    }
+    sessions.clear();
+  }
+
+  Result<LinkEnd> Serve(UniqueFd link_fd) {
+    link = std::move(link_fd);
+    CELLA_TRY_CTX(SetNonBlocking(link.Get(), true), "agent link");
+    CELLA_TRY_CTX(SetCloexec(link.Get(), true), "agent link");
+    decoder = protocol::FrameDecoder();
+    out.clear();
+    out_off = 0;
+    hello_received = false;
+    last_stream = 0;
+    link_failure.reset();
+    peer_closed = false;
+    write_failed = false;
+    read_buf.resize(256 * 1024);
+    QueueText(0, FrameType::kHello,
+              protocol::EncodeHello({protocol::kProtocolVersion, protocol::Role::kAgent}));
+
+    std::vector<pollfd> fds;
+    std::vector<std::pair<Session*, Slot>> owners;
+    while (!link_failure && !peer_closed) {
+      fds.clear();
+      owners.clear();
+      short link_events = 0;
+      if (OutPending() < options.link_hard_cap) link_events |= POLLIN;
+      if (OutPending() > 0) link_events |= POLLOUT;
+      fds.push_back({link.Get(), link_events, 0});
+      fds.push_back({sigfd.Get(), POLLIN, 0});
+      bool room = OutPending() < options.link_soft_cap;
+      for (auto& [id, s] : sessions) {
+        if (s->kind == Kind::kPort && s->connecting) {
+          fds.push_back({s->out[0].fd.Get(), POLLOUT, 0});
+          owners.push_back({s.get(), Slot::kConnect});
+          continue;
+        }
+        for (int i = 0; i < 2; ++i) {
+          if (s->out[i].fd && s->out[i].credit > 0 && room) {
+            fds.push_back({s->out[i].fd.Get(), POLLIN, 0});
+            owners.push_back({s.get(), i == 0 ? Slot::kOut0 : Slot::kOut1});
+          }
+        }
+        if (s->in.fd && s->in.Pending() > 0 && !s->in.broken) {
+          fds.push_back({s->in.fd.Get(), POLLOUT, 0});
+          owners.push_back({s.get(), Slot::kIn});
+        }
+      }
+      int timeout = PollTimeoutMs(Clock::now());
+      int ready = ::poll(fds.data(), fds.size(), timeout);
+      if (ready < 0) {
+        if (errno == EINTR) continue;
+        return FailErrno("agent: poll");
+      }
+      if (fds[0].revents & (POLLOUT | POLLERR)) Flush();
+      if (fds[1].revents & POLLIN) {
+        DrainSignalFd();
+        Reap();
+      }
+      std::vector<Session*> connected;
+      for (size_t i = 2; i < fds.size(); ++i) {
+        if (fds[i].revents == 0) continue;
+        auto [s, slot] = owners[i - 2];
+        switch (slot) {
+          case Slot::kOut0:
+            s->out[0].ready = true;
+            break;
+          case Slot::kOut1:
+            s->out[1].ready = true;
+            break;
+          case Slot::kIn:
+            break;  // PumpIn writes whatever is pending
+
+          case Slot::kConnect:
+            connected.push_back(s);
+            break;
+        }
+      }
+      // Session pointers stay valid until ServiceAll/ReadLink erase entries.
+      for (Session* s : connected) FinishConnect(*s);
+      if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) ReadLink(fds[0].revents);
+      CheckTimers(Clock::now());
+      ServiceAll();
+      Flush();
+    }
+    // Best effort: tell the host why (an Error frame may be queued).
+    Flush();
+    DetachAll();
+    link.Reset();
+    out.clear();
+    out_off = 0;
+    if (link_failure) return std::unexpected(*link_failure);
+    return LinkEnd::kPeerClosed;
+  }
+};
+
+Agent::Agent(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Agent::~Agent() {
+  if (!impl_) return;
+  for (auto& [id, s] : impl_->sessions) impl_->Abandon(*s);
+  if (impl_->detached_main) impl_->Abandon(*impl_->detached_main);
+}
+
+Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = std::move(options);
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGCHLD);
+  if (::sigprocmask(SIG_BLOCK, &mask, nullptr) != 0) return FailErrno("sigprocmask(SIGCHLD)");
+  // SIG_IGN for SIGCHLD would auto-reap children and lose their status.
+  if (::signal(SIGCHLD, SIG_DFL) == SIG_ERR) return FailErrno("signal(SIGCHLD)");
+  if (::signal(SIGPIPE, SIG_IGN) == SIG_ERR) return FailErrno("signal(SIGPIPE)");
+  impl->sigfd.Reset(::signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC));
+  if (!impl->sigfd) return FailErrno("signalfd(SIGCHLD)");
+  return std::unique_ptr<Agent>(new Agent(std::move(impl)));
+}
+
+Result<LinkEnd> Agent::Serve(UniqueFd link) { return impl_->Serve(std::move(link)); }
+
+}  // namespace cella::agent

@@ -1,0 +1,74 @@
+// The guest agent: serves the protocol in src/protocol/README.md over one
+// link (virtio-serial port, vsock, or a socket pair in tests).
+//
+// Threading: an Agent is single-threaded. Serve() runs a poll loop that owns
+// the link, every session's pipes/pty/sockets and the child processes; the
+// callbacks in AgentOptions run on that loop. Create() blocks SIGCHLD in the
+// calling thread (it is read through a signalfd) and ignores SIGPIPE, so
+// create and serve from the same thread of a process that has no other
+// threads (the standalone binary, or the guest init as PID 1).
+//
+// Lifetime: an Agent outlives links. When a link ends, every session is
+// abandoned (process groups killed, temp files removed) except the main
+// process, which keeps running detached until a later link attaches to it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+
+#include "base/result.h"
+#include "base/unique_fd.h"
+#include "guest/agent/spawn.h"
+#include "protocol/messages.h"
+
+namespace cella::agent {
+
+enum class ReapMode {
+  kOwnChildren,  // waitpid() only the agent's own sessions
+  kAllChildren,  // PID 1: waitpid(-1) reaps orphans too (silently)
+};
+
+struct AgentOptions {
+  Hardening hardening = Hardening::kOff;
+  ReapMode reap = ReapMode::kOwnChildren;
+  // The "main process" that op attach_main starts (exactly once) and streams
+  // like an exec. After its Result is sent, on_main_exit gets the raw
+  // waitpid status.
+  std::optional<protocol::ExecRequest> main_request;
+  std::function<void(int wait_status)> on_main_exit;
+  // Op shutdown: called, then Result {} is sent. Without it the op fails
+  // with ENOSYS.
+  std::function<void()> on_shutdown;
+  // Children are not read while this much is queued toward the host.
+  size_t link_soft_cap = 1u << 20;
+  // The link is not read while this much is queued toward the host (a host
+  // that floods requests without reading replies stops being served).
+  size_t link_hard_cap = 16u << 20;
+};
+
+enum class LinkEnd {
+  kPeerClosed,  // the host closed the link (EOF)
+};
+
+class Agent {
+ public:
+  static Result<std::unique_ptr<Agent>> Create(AgentOptions options);
+  ~Agent();
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+
+  // Serves one link until it ends. kPeerClosed on EOF; an error when the
+  // handshake fails, the host breaks framing, or the link fails. Either way
+  // the link is done and the caller decides whether to serve another.
+  Result<LinkEnd> Serve(UniqueFd link);
+
+ private:
+  struct Impl;
+  explicit Agent(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cella::agent

@@ -1,0 +1,260 @@
+#include "guest/agent/fileops.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <random>
+
+#include "base/io.h"
+
+namespace cella::agent {
+namespace {
+
+protocol::FileType TypeOf(mode_t mode) {
+  if (S_ISREG(mode)) return protocol::FileType::kFile;
+  if (S_ISDIR(mode)) return protocol::FileType::kDir;
+  if (S_ISLNK(mode)) return protocol::FileType::kSymlink;
+  return protocol::FileType::kOther;
+}
+
+protocol::FileInfo InfoFrom(std::string name, const struct stat& st) {
+  protocol::FileInfo info;
+  info.name = std::move(name);
+  info.size = static_cast<uint64_t>(st.st_size);
+  info.mode = st.st_mode & 07777;
+  info.mtime = st.st_mtim.tv_sec;
+  info.type = TypeOf(st.st_mode);
+  info.uid = st.st_uid;
+  info.gid = st.st_gid;
+  return info;
+}
+
+std::string BaseName(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  size_t slash = p.rfind('/');
+  return slash == std::string::npos ? p : (p.size() == 1 ? p : p.substr(slash + 1));
+}
+
+std::string DirName(const std::string& path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+// Removes everything inside the directory dirfd (not following symlinks).
+Status RemoveContents(int dirfd, const std::string& where) {
+  int dup_fd = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
+  if (dup_fd < 0) return FailErrno("dup " + where);
+  DIR* dir = ::fdopendir(dup_fd);
+  if (!dir) {
+    int err = errno;
+    ::close(dup_fd);
+    return FailErrno("fdopendir " + where, err);
+  }
+  Status result;
+  for (;;) {
+    errno = 0;
+    struct dirent* ent = ::readdir(dir);
+    if (!ent) {
+      if (errno != 0) result = FailErrno("readdir " + where);
+      break;
+    }
+    std::string name = ent->d_name;
+    if (name == "." || name == "..") continue;
+    std::string child = where + "/" + name;
+    struct stat st{};
+    if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+      result = FailErrno("lstat " + child);
+      break;
+    }
+    if (S_ISDIR(st.st_mode)) {
+      UniqueFd sub(::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+      if (!sub) {
+        result = FailErrno("open " + child);
+        break;
+      }
+      result = RemoveContents(sub.Get(), child);
+      if (!result) break;
+      if (::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0) {
+        result = FailErrno("rmdir " + child);
+        break;
+      }
+    } else if (::unlinkat(dirfd, name.c_str(), 0) != 0) {
+      result = FailErrno("unlink " + child);
+      break;
+    }
+  }
+  ::closedir(dir);
+  return result;
+}
+
+}  // namespace
+
+Result<protocol::FileInfo> StatPath(const std::string& path) {
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
+  return InfoFrom(BaseName(path), st);
+}
+
+Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path) {
+  UniqueFd dirfd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dirfd) return FailErrno("list " + path);
+  int dup_fd = ::fcntl(dirfd.Get(), F_DUPFD_CLOEXEC, 0);
+  if (dup_fd < 0) return FailErrno("dup " + path);
+  DIR* dir = ::fdopendir(dup_fd);
+  if (!dir) {
+    int err = errno;
+    ::close(dup_fd);
+    return FailErrno("fdopendir " + path, err);
+  }
+  std::vector<protocol::FileInfo> out;
+  Status result;
+  for (;;) {
+    errno = 0;
+    struct dirent* ent = ::readdir(dir);
+    if (!ent) {
+      if (errno != 0) result = FailErrno("readdir " + path);
+      break;
+    }
+    std::string name = ent->d_name;
+    if (name == "." || name == "..") continue;
+    struct stat st{};
+    if (::fstatat(dirfd.Get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+      // Deleted between readdir and stat: not an error for a listing.
+      if (errno == ENOENT) continue;
+      result = FailErrno("lstat " + path + "/" + name);
+      break;
+    }
+    auto info = InfoFrom(name, st);
+    info.uid = 0;
+    info.gid = 0;
+    out.push_back(std::move(info));
+    if (out.size() > protocol::kMaxListEntries) {
+      result = FailErrno("list " + path + ": too many entries", E2BIG);
+      break;
+    }
+  }
+  ::closedir(dir);
+  if (!result) return std::unexpected(result.error());
+  return out;
+}
+
+Status MakeDirs(const std::string& path, mode_t mode) {
+  struct stat st{};
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) return {};
+    return FailErrno("mkdir " + path, ENOTDIR);
+  }
+  if (errno != ENOENT) return FailErrno("stat " + path);
+  std::string parent = DirName(path);
+  if (parent != path && parent != "." && parent != "/") CELLA_TRY(MakeDirs(parent, mode));
+  if (::mkdir(path.c_str(), mode) != 0 && errno != EEXIST) return FailErrno("mkdir " + path);
+  return {};
+}
+
+Status RemovePath(const std::string& path, Recursive recursive) {
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) != 0) return FailErrno("remove " + path);
+  if (!S_ISDIR(st.st_mode)) {
+    if (::unlink(path.c_str()) != 0) return FailErrno("unlink " + path);
+    return {};
+  }
+  if (recursive == Recursive::kYes) {
+    UniqueFd dirfd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!dirfd) return FailErrno("open " + path);
+    CELLA_TRY(RemoveContents(dirfd.Get(), path));
+  }
+  if (::rmdir(path.c_str()) != 0) return FailErrno("rmdir " + path);
+  return {};
+}
+
+Result<OpenedForRead> OpenForRead(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (!fd) return FailErrno("open " + path);
+  struct stat st{};
+  if (::fstat(fd.Get(), &st) != 0) return FailErrno("fstat " + path);
+  if (S_ISDIR(st.st_mode)) return FailErrno("read " + path, EISDIR);
+  return OpenedForRead{std::move(fd), static_cast<uint64_t>(st.st_size), st.st_mode & 07777u};
+}
+
+Result<AtomicFileWriter> AtomicFileWriter::Create(const std::string& path, mode_t mode,
+                                                  std::optional<uid_t> uid,
+                                                  std::optional<gid_t> gid,
+                                                  CreateParents parents) {
+  std::string dir = DirName(path);
+  std::string base = BaseName(path);
+  if (base.empty() || base == "/" || base == "." || base == "..")
+    return FailErrno("write " + path + ": not a file name", EINVAL);
+  if (parents == CreateParents::kYes) CELLA_TRY(MakeDirs(dir, 0755));
+  struct stat st{};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    return FailErrno("write " + path, EISDIR);
+
+  AtomicFileWriter w;
+  w.path_ = path;
+  w.mode_ = mode;
+  w.uid_ = uid;
+  w.gid_ = gid;
+  std::random_device rd;
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    char suffix[17];
+    snprintf(suffix, sizeof(suffix), "%08x%08x", rd(), rd());
+    std::string temp = dir + "/." + base + ".cella-" + suffix;
+    w.fd_.Reset(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    if (w.fd_) {
+      w.temp_path_ = temp;
+      return w;
+    }
+    if (errno != EEXIST) return FailErrno("create " + temp);
+  }
+  return FailErrno("create a temp file in " + dir, EEXIST);
+}
+
+AtomicFileWriter::AtomicFileWriter(AtomicFileWriter&& other) noexcept
+    : path_(std::move(other.path_)),
+      temp_path_(std::move(other.temp_path_)),
+      fd_(std::move(other.fd_)),
+      mode_(other.mode_),
+      uid_(other.uid_),
+      gid_(other.gid_),
+      written_(other.written_),
+      committed_(other.committed_) {
+  other.temp_path_.clear();
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  // Cleanup of an abandoned upload; nothing useful to do if unlink fails.
+  if (!committed_ && !temp_path_.empty()) ::unlink(temp_path_.c_str());
+}
+
+Status AtomicFileWriter::Write(std::span<const std::byte> data) {
+  CELLA_TRY_CTX(WriteAll(fd_.Get(), data), "write " + temp_path_);
+  written_ += data.size();
+  return {};
+}
+
+Result<uint64_t> AtomicFileWriter::Commit() {
+  if (::fchmod(fd_.Get(), mode_) != 0) return FailErrno("chmod " + temp_path_);
+  if (uid_ || gid_) {
+    uid_t u = uid_ ? *uid_ : static_cast<uid_t>(-1);
+    gid_t g = gid_ ? *gid_ : static_cast<gid_t>(-1);
+    if (::fchown(fd_.Get(), u, g) != 0) return FailErrno("chown " + temp_path_);
+    // chown clears setuid/setgid bits; apply the requested mode again.
+    if (::fchmod(fd_.Get(), mode_) != 0) return FailErrno("chmod " + temp_path_);
+  }
+  if (::fsync(fd_.Get()) != 0) return FailErrno("fsync " + temp_path_);
+  if (::close(fd_.Release()) != 0) return FailErrno("close " + temp_path_);
+  if (::rename(temp_path_.c_str(), path_.c_str()) != 0) return FailErrno("rename to " + path_);
+  committed_ = true;
+  UniqueFd dirfd(::open(DirName(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dirfd) return FailErrno("open " + DirName(path_));
+  if (::fsync(dirfd.Get()) != 0) return FailErrno("fsync " + DirName(path_));
+  return written_;
+}
+
+}  // namespace cella::agent

@@ -1,0 +1,66 @@
+// The agent's file operations. Synchronous helpers for the small ops, and a
+// temp-file writer for write_file's atomic replace. Errors keep the Linux
+// errno (ENOENT, EISDIR, ENOTDIR, EACCES...) so the host can branch on it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/result.h"
+#include "base/unique_fd.h"
+#include "protocol/messages.h"
+
+namespace cella::agent {
+
+// lstat semantics: a symlink is reported as a symlink.
+Result<protocol::FileInfo> StatPath(const std::string& path);
+Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path);
+// mkdir -p; an existing directory is fine, an existing non-directory is not.
+Status MakeDirs(const std::string& path, mode_t mode);
+// Never follows symlinks; a non-empty directory needs recursive.
+enum class Recursive { kNo, kYes };
+Status RemovePath(const std::string& path, Recursive recursive);
+
+// Opens a file for streaming to the host; a directory fails with EISDIR.
+struct OpenedForRead {
+  UniqueFd fd;  // non-blocking, close-on-exec
+  uint64_t size = 0;
+  uint32_t mode = 0;
+};
+Result<OpenedForRead> OpenForRead(const std::string& path);
+
+// Writes to a temp file beside the target; Commit() applies mode and
+// owner, fsyncs, and renames over the target. Destroying an uncommitted
+// writer removes the temp file, so an abandoned upload leaves nothing.
+class AtomicFileWriter {
+ public:
+  enum class CreateParents { kNo, kYes };
+  static Result<AtomicFileWriter> Create(const std::string& path, mode_t mode,
+                                         std::optional<uid_t> uid, std::optional<gid_t> gid,
+                                         CreateParents parents);
+  AtomicFileWriter(AtomicFileWriter&&) noexcept;
+  AtomicFileWriter& operator=(AtomicFileWriter&&) = delete;
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  ~AtomicFileWriter();
+
+  Status Write(std::span<const std::byte> data);
+  // Returns the final size.
+  Result<uint64_t> Commit();
+
+ private:
+  AtomicFileWriter() = default;
+  std::string path_;
+  std::string temp_path_;
+  UniqueFd fd_;
+  mode_t mode_ = 0644;
+  std::optional<uid_t> uid_;
+  std::optional<gid_t> gid_;
+  uint64_t written_ = 0;
+  bool committed_ = false;
+};
+
+}  // namespace cella::agent

@@ -1,0 +1,206 @@
+// cella-agent: serves the agent protocol on an inherited fd, a Unix socket,
+// or a virtio-serial port. The CLI is hand-parsed: the binary is static and
+// runs inside arbitrary guest images.
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <thread>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "guest/agent/agent.h"
+
+namespace {
+
+using cella::Result;
+using cella::UniqueFd;
+using cella::agent::Agent;
+
+constexpr const char* kUsage =
+    "usage: cella-agent (--fd N | --listen PATH | --device PATH | --virtio-port NAME)\n"
+    "                   [--harden] [--debug]\n";
+
+enum class Mode { kNone, kFd, kListen, kDevice, kVirtioPort };
+
+struct Args {
+  Mode mode = Mode::kNone;
+  std::string value;
+  bool harden = false;
+  bool debug = false;
+};
+
+Result<Args> ParseArgs(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i < argc; ++i) {
+    std::string_view a = argv[i];
+    auto take = [&](Mode mode) -> cella::Status {
+      if (i + 1 >= argc) return cella::Fail(std::string(a) + " needs a value");
+      if (args.mode != Mode::kNone) return cella::Fail("give only one of --fd/--listen/--device/--virtio-port");
+      args.mode = mode;
+      args.value = argv[++i];
+      return {};
+    };
+    if (a == "--fd") {
+      CELLA_TRY(take(Mode::kFd));
+    } else if (a == "--listen") {
+      CELLA_TRY(take(Mode::kListen));
+    } else if (a == "--device") {
+      CELLA_TRY(take(Mode::kDevice));
+    } else if (a == "--virtio-port") {
+      CELLA_TRY(take(Mode::kVirtioPort));
+    } else if (a == "--harden") {
+      args.harden = true;
+    } else if (a == "--debug") {
+      args.debug = true;
+    } else {
+      return cella::Fail("unknown argument " + std::string(a));
+    }
+  }
+  if (args.mode == Mode::kNone) return cella::Fail("no link given");
+  return args;
+}
+
+Result<std::string> FindVirtioPort(const std::string& name) {
+  const char* dir_path = "/sys/class/virtio-ports";
+  DIR* dir = ::opendir(dir_path);
+  if (!dir) return cella::FailErrno(std::string("open ") + dir_path);
+  std::string found;
+  for (;;) {
+    errno = 0;
+    dirent* ent = ::readdir(dir);
+    if (!ent) break;
+    std::string entry = ent->d_name;
+    if (entry == "." || entry == "..") continue;
+    auto port_name = cella::ReadFileToString(std::string(dir_path) + "/" + entry + "/name", 4096);
+    if (!port_name) continue;  // ports without a name file are not ours
+    std::string n = *port_name;
+    while (!n.empty() && (n.back() == '\n' || n.back() == ' ')) n.pop_back();
+    if (n == name) {
+      found = "/dev/" + entry;
+      break;
+    }
+  }
+  int err = errno;
+  ::closedir(dir);
+  if (found.empty()) {
+    if (err != 0) return cella::FailErrno(std::string("readdir ") + dir_path, err);
+    return cella::FailErrno("no virtio port named " + name, ENOENT);
+  }
+  return found;
+}
+
+Result<UniqueFd> Listen(const std::string& path) {
+  UniqueFd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!sock) return cella::FailErrno("socket(AF_UNIX)");
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) return cella::Fail("socket path too long: " + path);
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return cella::FailErrno("unlink " + path);
+  if (::bind(sock.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0)
+    return cella::FailErrno("bind " + path);
+  if (::listen(sock.Get(), 4) != 0) return cella::FailErrno("listen " + path);
+  return sock;
+}
+
+void Report(const Result<cella::agent::LinkEnd>& end) {
+  if (end) {
+    cella::log::Info("agent: host closed the link");
+  } else {
+    cella::log::Warn("agent: link ended", {{"error", end.error().message}});
+  }
+}
+
+bool g_shutdown_requested = false;
+
+int Run(const Args& args) {
+  cella::agent::AgentOptions options;
+  options.hardening = args.harden ? cella::agent::Hardening::kOn : cella::agent::Hardening::kOff;
+  options.on_shutdown = [] {
+    ::sync();
+    g_shutdown_requested = true;
+  };
+  auto agent = Agent::Create(std::move(options));
+  if (!agent) {
+    cella::log::Error("agent: cannot start", {{"error", agent.error().message}});
+    return 1;
+  }
+  switch (args.mode) {
+    case Mode::kFd: {
+      int fd = 0;
+      auto [ptr, ec] = std::from_chars(args.value.data(), args.value.data() + args.value.size(), fd);
+      if (ec != std::errc() || ptr != args.value.data() + args.value.size() || fd < 0) {
+        std::fprintf(stderr, "cella-agent: --fd needs a descriptor number\n%s", kUsage);
+        return 2;
+      }
+      auto end = (*agent)->Serve(UniqueFd(fd));
+      Report(end);
+      return end ? 0 : 1;
+    }
+    case Mode::kListen: {
+      auto sock = Listen(args.value);
+      if (!sock) {
+        cella::log::Error("agent: cannot listen", {{"error", sock.error().message}});
+        return 1;
+      }
+      while (!g_shutdown_requested) {
+        int conn = ::accept4(sock->Get(), nullptr, nullptr, SOCK_CLOEXEC);
+        if (conn < 0) {
+          if (errno == EINTR || errno == ECONNABORTED) continue;
+          cella::log::Error("agent: accept failed", {{"error", std::strerror(errno)}});
+          return 1;
+        }
+        Report((*agent)->Serve(UniqueFd(conn)));
+      }
+      return 0;
+    }
+    case Mode::kDevice:
+    case Mode::kVirtioPort: {
+      std::string path = args.value;
+      if (args.mode == Mode::kVirtioPort) {
+        auto found = FindVirtioPort(args.value);
+        if (!found) {
+          cella::log::Error("agent: cannot find the port", {{"error", found.error().message}});
+          return 1;
+        }
+        path = *found;
+      }
+      while (!g_shutdown_requested) {
+        UniqueFd dev(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
+        if (!dev) {
+          cella::log::Warn("agent: cannot open the port", {{"path", path}, {"error", std::strerror(errno)}});
+        } else {
+          Report((*agent)->Serve(std::move(dev)));
+        }
+        // The host side may reconnect later; do not spin while it is away.
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+      return 0;
+    }
+    case Mode::kNone:
+      break;
+  }
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto args = ParseArgs(argc, argv);
+  if (!args) {
+    std::fprintf(stderr, "cella-agent: %s\n%s", args.error().message.c_str(), kUsage);
+    return 2;
+  }
+  if (args->debug) cella::log::SetLevel(cella::log::Level::kDebug);
+  return Run(*args);
+}

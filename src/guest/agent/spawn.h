@@ -1,0 +1,29 @@
+// Starts one exec request as a child process in its own session and process
+// group, with pipes or a pseudo-terminal for its standard streams.
+#pragma once
+
+#include <sys/types.h>
+
+#include "base/result.h"
+#include "base/unique_fd.h"
+#include "protocol/messages.h"
+
+namespace cella::agent {
+
+enum class Hardening { kOff, kOn };
+
+struct SpawnedChild {
+  pid_t pid = -1;  // also the process group id (the child calls setsid)
+  UniqueFd stdin_fd;   // write end; invalid when the request has no stdin
+  UniqueFd stdout_fd;  // read end (the pty master in tty mode)
+  UniqueFd stderr_fd;  // read end; invalid in tty mode (merged into the pty)
+  UniqueFd pty_master;  // tty mode only: for TIOCSWINSZ
+};
+
+// All returned descriptors are non-blocking and close-on-exec. Failures
+// before exec (user lookup, workdir, hardening) come back as errors with
+// errno; a missing or non-executable binary is not an error: the child
+// writes a shell-like message on its stderr and exits 127 or 126.
+Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening hardening);
+
+}  // namespace cella::agent

@@ -1,0 +1,74 @@
+#include "guest/init/console.h"
+
+#include <fcntl.h>
+#include <sys/reboot.h>
+#include <unistd.h>
+
+#include <string>
+
+#include "base/io.h"
+#include "base/unique_fd.h"
+
+namespace cella::init {
+namespace {
+Verbosity g_verbosity = Verbosity::kQuiet;
+
+void WriteLine(std::string_view prefix, std::string_view text) {
+  std::string line;
+  line.reserve(prefix.size() + text.size() + 1);
+  line += prefix;
+  line += text;
+  line += '\n';
+  // Nowhere left to report a console write failure: the console is the
+  // reporting channel itself.
+  (void)WriteAll(STDERR_FILENO, line);
+}
+}  // namespace
+
+void SetVerbosity(Verbosity verbosity) { g_verbosity = verbosity; }
+bool DebugEnabled() { return g_verbosity == Verbosity::kDebug; }
+
+void Say(std::string_view text) { WriteLine("cella-init: ", text); }
+
+void Debug(std::string_view text) {
+  if (DebugEnabled()) WriteLine("cella-init: debug: ", text);
+}
+
+void SayError(std::string_view message) { WriteLine("cella-init: error: ", message); }
+
+Status EnsureConsoleStdio() {
+  bool all_open = true;
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) < 0) all_open = false;
+  }
+  if (all_open) return {};
+  int console = ::open("/dev/console", O_RDWR | O_NOCTTY);
+  if (console < 0) return FailErrno("open /dev/console");
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (fd == console) continue;
+    if (::dup2(console, fd) < 0) {
+      int err = errno;
+      if (console > 2) ::close(console);
+      return FailErrno("dup2 /dev/console to fd " + std::to_string(fd), err);
+    }
+  }
+  if (console > 2) ::close(console);
+  return {};
+}
+
+void PowerOff() {
+  ::sync();
+  ::reboot(RB_POWER_OFF);
+  SayError(std::string("reboot(RB_POWER_OFF): ") + std::strerror(errno) + "; trying halt");
+  ::reboot(RB_HALT_SYSTEM);
+  ::reboot(RB_AUTOBOOT);
+  SayError("cannot power off, halt or reboot; sleeping forever");
+  for (;;) ::pause();
+}
+
+void FailAndPowerOff(const Error& error) {
+  SayError(error.message);
+  PowerOff();
+}
+
+}  // namespace cella::init

@@ -1,0 +1,37 @@
+// Kernel modules and block devices, udev-less: loads the modules the host
+// listed in /lib/modules/cella.order and keeps /dev/disk/by-id/virtio-<serial>
+// links in step with /sys/block/vd*/serial.
+#pragma once
+
+#include <chrono>
+#include <string>
+
+#include "base/result.h"
+
+namespace cella::init {
+
+inline constexpr const char* kModuleOrderPath = "/lib/modules/cella.order";
+inline constexpr const char* kConfigDiskLink = "/dev/disk/by-id/virtio-cella-config";
+// The seed's fixed config disk position, used when disks have no serials.
+inline constexpr const char* kConfigDiskFallback = "/dev/vdc";
+
+using Deadline = std::chrono::steady_clock::time_point;
+
+// Loads every module listed in order_path with finit_module. EEXIST counts as
+// loaded; any other failure prints one line and continues (a later mount or
+// device wait then fails with the precise error). A missing or unreadable
+// order file is an error. Returns how many modules loaded.
+Result<int> LoadModules(const std::string& order_path);
+
+// Creates /dev/disk/by-id/virtio-<serial> -> ../../vdX for every virtio disk
+// that has a serial. Idempotent.
+Status ScanDiskLinks();
+
+// Waits until device exists (rescanning disk links), or fails at deadline.
+Status WaitForDevice(const std::string& device, Deadline deadline);
+
+// The config disk: the "cella-config" serial link, or /dev/vdc when the
+// disks carry no serials (seed layout). Waits until deadline.
+Result<std::string> FindConfigDevice(Deadline deadline);
+
+}  // namespace cella::init

@@ -1,0 +1,82 @@
+// cella-init: PID 1 of every cella guest. Mounts what the guest needs, reads
+// the host's config.json, assembles the root, sets up network and limits,
+// then runs the workload (directly, through the embedded agent, or by handing
+// over to the image's systemd). Any failure: one "cella-init: error:" line on
+// the console, sync, power off. PID 1 never exits.
+#include <sys/reboot.h>
+#include <unistd.h>
+
+#include <chrono>
+
+#include "base/io.h"
+#include "guest/init/cgroup.h"
+#include "guest/init/console.h"
+#include "guest/init/devices.h"
+#include "guest/init/format.h"
+#include "guest/init/fs_util.h"
+#include "guest/init/network.h"
+#include "guest/init/rootfs.h"
+#include "guest/init/serve_agent.h"
+#include "guest/init/workload.h"
+
+namespace cella::init {
+namespace {
+
+// Bound for each wait on hardware (disks, NIC, agent port) to show up.
+constexpr auto kDeviceWait = std::chrono::seconds(5);
+
+Deadline DeviceDeadline() { return std::chrono::steady_clock::now() + kDeviceWait; }
+
+Status Boot() {
+  CELLA_TRY_CTX(MountEarly(), "early mounts");
+  CELLA_TRY_CTX(EnsureConsoleStdio(), "console");
+  auto cmdline = ReadFileToString("/proc/cmdline", 64 * 1024);
+  if (!cmdline) return std::unexpected(std::move(cmdline.error()));
+  if (KernelCmdlineWantsDebug(*cmdline)) SetVerbosity(Verbosity::kDebug);
+  // Ctrl-Alt-Del becomes SIGINT to PID 1 (forwarded) instead of a hard reboot.
+  if (::reboot(RB_DISABLE_CAD) != 0) return FailErrno("reboot(RB_DISABLE_CAD)");
+
+  int loaded = CELLA_TRY_CTX(LoadModules(kModuleOrderPath), "modules");
+  Debug("loaded " + std::to_string(loaded) + " modules");
+  std::string config_device = CELLA_TRY(FindConfigDevice(DeviceDeadline()));
+  protocol::Config config = CELLA_TRY(ReadConfigDisk(config_device));
+  Debug("config from " + config_device + ": " + protocol::SerializeConfig(config));
+
+  CELLA_TRY_CTX(AssembleRoot(config, DeviceDeadline()), "root filesystem");
+  CELLA_TRY_CTX(MountVolumes(config, DeviceDeadline()), "volumes");
+  if (config.init_mode == protocol::InitMode::kSystemd)
+    CELLA_TRY_CTX(PrepareSystemd(config), "systemd mode");
+  // The agent port must be found while /sys is where we know it is; it is
+  // opened after the switch, through the moved /dev.
+  std::string agent_port;
+  if (config.init_mode == protocol::InitMode::kExec && !config.skip_guest_agent)
+    agent_port = CELLA_TRY(FindVirtioPort(config.agent_port, DeviceDeadline()));
+  CELLA_TRY_CTX(SwitchRoot(), "switch root");
+
+  CELLA_TRY_CTX(ConfigureNetwork(config, DeviceDeadline()), "network");
+  CELLA_TRY_CTX(WriteIdentityFiles(config), "identity files");
+  CELLA_TRY_CTX(ApplyCpuQuota(config.cpus), "cpu quota");
+  // Like docker, a missing workdir is created (root-owned) rather than fatal.
+  if (!config.workdir.empty()) CELLA_TRY_CTX(OpenDirBeneath("/", config.workdir), "workdir");
+
+  if (config.init_mode == protocol::InitMode::kSystemd) {
+    Say("handing over to the image's init (systemd mode)");
+    return ExecImageInit();
+  }
+  if (config.skip_guest_agent) {
+    int status = CELLA_TRY(RunMainOnConsole(config));
+    Say(MainExitLine(status));
+    PowerOff();
+  }
+  return ServeAgent(config, agent_port);
+}
+
+}  // namespace
+}  // namespace cella::init
+
+int main() {
+  auto booted = cella::init::Boot();
+  // Boot() returns only on failure, or after an exec or power-off failed.
+  if (!booted) cella::init::FailAndPowerOff(booted.error());
+  cella::init::FailAndPowerOff(cella::Error::Msg("init finished without powering off"));
+}

@@ -1,0 +1,143 @@
+#include "guest/init/network.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "base/unique_fd.h"
+#include "guest/init/console.h"
+#include "guest/init/format.h"
+#include "guest/init/fs_util.h"
+
+namespace cella::init {
+namespace {
+
+Result<ifreq> Request(const std::string& interface) {
+  if (interface.size() >= IFNAMSIZ) return Fail("interface name too long: " + interface);
+  ifreq req{};
+  std::memcpy(req.ifr_name, interface.c_str(), interface.size() + 1);
+  return req;
+}
+
+Result<sockaddr> Ipv4Sockaddr(const std::string& text, uint32_t network_order = 0) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  if (text.empty()) {
+    addr.sin_addr.s_addr = network_order;
+  } else if (inet_pton(AF_INET, text.c_str(), &addr.sin_addr) != 1) {
+    return Fail("\"" + text + "\" is not an IPv4 address");
+  }
+  sockaddr out{};
+  static_assert(sizeof(addr) <= sizeof(out));
+  std::memcpy(&out, &addr, sizeof(addr));
+  return out;
+}
+
+Status SetUp(int sock, const std::string& interface) {
+  ifreq req = CELLA_TRY(Request(interface));
+  if (::ioctl(sock, SIOCGIFFLAGS, &req) != 0) return FailErrno("SIOCGIFFLAGS " + interface);
+  req.ifr_flags = static_cast<short>(req.ifr_flags | IFF_UP | IFF_RUNNING);
+  if (::ioctl(sock, SIOCSIFFLAGS, &req) != 0) return FailErrno("SIOCSIFFLAGS " + interface);
+  return {};
+}
+
+Result<std::vector<std::string>> Interfaces() {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir("/sys/class/net");
+  if (dir == nullptr) return FailErrno("opendir /sys/class/net");
+  errno = 0;
+  while (dirent* entry = ::readdir(dir)) {
+    std::string name = entry->d_name;
+    if (name == "." || name == ".." || name == "lo") continue;
+    names.push_back(name);
+  }
+  int err = errno;
+  ::closedir(dir);
+  if (err != 0) return FailErrno("readdir /sys/class/net", err);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+Result<std::string> WaitForInterface(Deadline deadline) {
+  for (;;) {
+    auto names = CELLA_TRY(Interfaces());
+    if (!names.empty()) return names.front();
+    if (std::chrono::steady_clock::now() >= deadline)
+      return Fail("no network interface appeared (is virtio_net loaded and a NIC attached?)");
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace
+
+Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
+  UniqueFd sock(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!sock) return FailErrno("socket(AF_INET)");
+  CELLA_TRY(SetUp(sock.Get(), "lo"));
+  if (config.no_network || !config.network_enabled) {
+    Debug("network disabled: only lo is up");
+    return {};
+  }
+  std::string interface = CELLA_TRY(WaitForInterface(deadline));
+  std::string where = "network " + interface;
+
+  if (config.mtu > 0) {
+    ifreq req = CELLA_TRY(Request(interface));
+    req.ifr_mtu = config.mtu;
+    if (::ioctl(sock.Get(), SIOCSIFMTU, &req) != 0)
+      return FailErrno(where + ": SIOCSIFMTU " + std::to_string(config.mtu));
+  }
+  {
+    ifreq req = CELLA_TRY(Request(interface));
+    req.ifr_addr = CELLA_TRY_CTX(Ipv4Sockaddr(config.guest_ip), where + ": guest_ip");
+    if (::ioctl(sock.Get(), SIOCSIFADDR, &req) != 0)
+      return FailErrno(where + ": SIOCSIFADDR " + config.guest_ip);
+  }
+  {
+    uint32_t mask = CELLA_TRY_CTX(NetmaskFromCidr(config.guest_cidr), where + ": guest_cidr");
+    ifreq req = CELLA_TRY(Request(interface));
+    req.ifr_netmask = CELLA_TRY(Ipv4Sockaddr("", mask));
+    if (::ioctl(sock.Get(), SIOCSIFNETMASK, &req) != 0)
+      return FailErrno(where + ": SIOCSIFNETMASK /" + std::to_string(config.guest_cidr));
+  }
+  CELLA_TRY_CTX(SetUp(sock.Get(), interface), where);
+  if (!config.guest_gw.empty()) {
+    rtentry route{};
+    route.rt_dst = CELLA_TRY(Ipv4Sockaddr("", 0));
+    route.rt_genmask = CELLA_TRY(Ipv4Sockaddr("", 0));
+    route.rt_gateway = CELLA_TRY_CTX(Ipv4Sockaddr(config.guest_gw), where + ": guest_gw");
+    route.rt_flags = RTF_UP | RTF_GATEWAY;
+    std::string dev = interface;
+    route.rt_dev = dev.data();
+    if (::ioctl(sock.Get(), SIOCADDRT, &route) != 0 && errno != EEXIST)
+      return FailErrno(where + ": SIOCADDRT default via " + config.guest_gw);
+  }
+  Debug(where + ": " + config.guest_ip + "/" + std::to_string(config.guest_cidr) +
+        (config.guest_gw.empty() ? "" : " via " + config.guest_gw));
+  return {};
+}
+
+Status WriteIdentityFiles(const protocol::Config& config) {
+  if (!config.hostname.empty()) {
+    if (::sethostname(config.hostname.data(), config.hostname.size()) != 0)
+      return FailErrno("sethostname " + config.hostname);
+    CELLA_TRY(ReplaceFile("/etc/hostname", config.hostname + "\n", 0644));
+  }
+  CELLA_TRY(ReplaceFile("/etc/hosts", HostsFileContent(config), 0644));
+  auto servers = EffectiveDnsServers(config);
+  if (!servers.empty())
+    CELLA_TRY(ReplaceFile("/etc/resolv.conf", ResolvConfContent(servers), 0644));
+  return {};
+}
+
+}  // namespace cella::init

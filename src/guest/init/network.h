@@ -1,0 +1,21 @@
+// Guest networking without any tool from the image: loopback always; eth0
+// (the first non-loopback interface) with guest_ip/guest_cidr, MTU and a
+// default route via ioctls; /etc/hosts, /etc/resolv.conf and the host name.
+#pragma once
+
+#include "base/result.h"
+#include "guest/init/devices.h"
+#include "protocol/config.h"
+
+namespace cella::init {
+
+// Brings lo up, and when the config enables the network, configures the
+// first non-loopback interface (waiting for it until deadline).
+Status ConfigureNetwork(const protocol::Config& config, Deadline deadline);
+
+// sethostname + /etc/hostname (when hostname is set), /etc/hosts, and
+// /etc/resolv.conf (when there are DNS servers), in the current root. Files
+// are replaced, not edited: the root's writable layer is this sandbox's own.
+Status WriteIdentityFiles(const protocol::Config& config);
+
+}  // namespace cella::init

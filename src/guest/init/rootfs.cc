@@ -1,0 +1,230 @@
+#include "guest/init/rootfs.h"
+
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <vector>
+
+#include "base/io.h"
+#include "guest/init/console.h"
+#include "guest/init/format.h"
+#include "guest/init/fs_util.h"
+
+namespace cella::init {
+namespace {
+
+using protocol::Config;
+using protocol::MountMode;
+
+constexpr const char* kDefaultRootDevice = "/dev/vda";
+
+// Mounts a writable layer's filesystem at dir (a device, or a tmpfs when
+// device is empty) and creates the overlayfs upper/ and work/ inside it.
+Status MountWritableLayer(const std::string& device, const std::string& fstype,
+                          const std::string& dir, Deadline deadline) {
+  CELLA_TRY(MkdirAll(dir, 0755));
+  if (device.empty()) {
+    CELLA_TRY(Mount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"));
+  } else {
+    CELLA_TRY(WaitForDevice(device, deadline));
+    CELLA_TRY(Mount(device, dir, fstype.empty() ? "ext4" : fstype, MS_NOATIME));
+  }
+  CELLA_TRY(MkdirAll(dir + "/upper", 0755));
+  CELLA_TRY(MkdirAll(dir + "/work", 0755));
+  return {};
+}
+
+// A read-only device whose filesystem type is not stated: ext4 or erofs.
+Status MountReadOnlyAnyFs(const std::string& device, const std::string& target) {
+  auto fstype = MountFirstOf(device, target, {"ext4", "erofs"}, MS_RDONLY);
+  if (!fstype) return std::unexpected(std::move(fstype.error()));
+  Debug("mounted " + device + " (" + *fstype + ") read-only on " + target);
+  return {};
+}
+
+Status MountOverlayRoot(const protocol::OverlayRoot& root, Deadline deadline) {
+  std::vector<std::string> lower_dirs;
+  for (size_t i = 0; i < root.lower.size(); ++i) {
+    const auto& layer = root.lower[i];
+    std::string dir = std::string(kScratch) + "/lower" + std::to_string(i);
+    CELLA_TRY(MkdirAll(dir, 0755));
+    CELLA_TRY(WaitForDevice(layer.device, deadline));
+    CELLA_TRY(Mount(layer.device, dir, layer.fstype.empty() ? "erofs" : layer.fstype, MS_RDONLY));
+    lower_dirs.push_back(dir);
+  }
+  std::string upper = std::string(kScratch) + "/upper";
+  CELLA_TRY(MountWritableLayer(root.upper_device, root.upper_fstype, upper, deadline));
+  std::string options =
+      CELLA_TRY(OverlayMountOptions(lower_dirs, upper + "/upper", upper + "/work"));
+  CELLA_TRY(MkdirAll(kNewRoot, 0755));
+  CELLA_TRY(Mount("overlay", kNewRoot, "overlay", 0, options));
+  return {};
+}
+
+Status MountPlainRoot(const Config& config, Deadline deadline) {
+  std::string device = config.root_device.empty() ? kDefaultRootDevice : config.root_device;
+  CELLA_TRY(WaitForDevice(device, deadline));
+  CELLA_TRY(MkdirAll(kNewRoot, 0755));
+  if (!config.root_fstype.empty() && config.root_fstype != "erofs") {
+    CELLA_TRY(Mount(device, kNewRoot, config.root_fstype, MS_NOATIME));
+    return {};
+  }
+  if (config.root_fstype.empty()) {
+    auto rw = Mount(device, kNewRoot, "ext4", MS_NOATIME);
+    if (rw) return {};
+    Debug("root " + device + " is not writable ext4 (" + rw.error().message + "); trying erofs");
+  }
+  // A read-only image root: give it a tmpfs upper so /etc/hosts and the
+  // workload can still write.
+  std::string lower = std::string(kScratch) + "/lower0";
+  CELLA_TRY(MkdirAll(lower, 0755));
+  CELLA_TRY(Mount(device, lower, "erofs", MS_RDONLY));
+  std::string upper = std::string(kScratch) + "/upper";
+  CELLA_TRY(MountWritableLayer("", "", upper, deadline));
+  std::string options = CELLA_TRY(OverlayMountOptions({lower}, upper + "/upper", upper + "/work"));
+  CELLA_TRY(Mount("overlay", kNewRoot, "overlay", 0, options));
+  return {};
+}
+
+}  // namespace
+
+Status MountEarly() {
+  struct Early {
+    const char* source;
+    const char* target;
+    const char* fstype;
+    unsigned long flags;
+    const char* data;
+  };
+  const Early mounts[] = {
+      {"proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""},
+      {"sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""},
+      {"devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"},
+      {"devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+       "newinstance,ptmxmode=0666,mode=0620,gid=5"},
+      {"shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"},
+      {"cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""},
+  };
+  for (const Early& m : mounts) {
+    CELLA_TRY(MkdirAll(m.target, 0755));
+    auto mounted = Mount(m.source, m.target, m.fstype, m.flags, m.data);
+    // The kernel may already have mounted devtmpfs (CONFIG_DEVTMPFS_MOUNT).
+    if (!mounted && !(mounted.error().errno_value == EBUSY && std::string_view(m.target) == "/dev"))
+      return mounted;
+  }
+  // With newinstance, /dev/ptmx must lead to this instance's multiplexer.
+  ::unlink("/dev/ptmx");
+  if (::symlink("pts/ptmx", "/dev/ptmx") != 0) return FailErrno("symlink /dev/ptmx -> pts/ptmx");
+  return {};
+}
+
+Result<Config> ReadConfigDisk(const std::string& device) {
+  std::string dir = std::string(kScratch) + "/config";
+  CELLA_TRY(MkdirAll(dir, 0755));
+  CELLA_TRY_CTX(MountReadOnlyAnyFs(device, dir), "config disk");
+  auto text = ReadFileToString(dir + "/config.json", protocol::kMaxConfigBytes);
+  if (::umount2(dir.c_str(), MNT_DETACH) != 0) return FailErrno("umount " + dir);
+  if (!text) return std::unexpected(std::move(text.error()).WithContext("config disk"));
+  auto config = protocol::ParseConfig(*text);
+  if (!config) return std::unexpected(std::move(config.error()).WithContext("config.json"));
+  return config;
+}
+
+Status AssembleRoot(const Config& config, Deadline deadline) {
+  if (config.overlay_root) return MountOverlayRoot(*config.overlay_root, deadline);
+  return MountPlainRoot(config, deadline);
+}
+
+Status MountVolumes(const Config& config, Deadline deadline) {
+  for (size_t i = 0; i < config.volume_mounts.size(); ++i) {
+    const auto& volume = config.volume_mounts[i];
+    std::string where = "volume_mounts[" + std::to_string(i) + "] (" + volume.path + ")";
+    CELLA_TRY_CTX(WaitForDevice(volume.device, deadline), where);
+    UniqueFd target = CELLA_TRY_CTX(OpenDirBeneath(kNewRoot, volume.path), where);
+    std::string target_path = FdPath(target.Get());
+    switch (volume.mode) {
+      case MountMode::kReadOnly:
+        CELLA_TRY_CTX(MountReadOnlyAnyFs(volume.device, target_path), where);
+        break;
+      case MountMode::kReadWrite:
+        CELLA_TRY_CTX(Mount(volume.device, target_path, "ext4", MS_NOATIME), where);
+        break;
+      case MountMode::kOverlay: {
+        std::string base = std::string(kScratch) + "/volume" + std::to_string(i);
+        CELLA_TRY_CTX(MkdirAll(base + "/lower", 0755), where);
+        CELLA_TRY_CTX(MountReadOnlyAnyFs(volume.device, base + "/lower"), where);
+        CELLA_TRY_CTX(MountWritableLayer(volume.overlay_device, "ext4", base + "/layer", deadline),
+                      where);
+        std::string options = CELLA_TRY_CTX(
+            OverlayMountOptions({base + "/lower"}, base + "/layer/upper", base + "/layer/work"),
+            where);
+        CELLA_TRY_CTX(Mount("overlay", target_path, "overlay", 0, options), where);
+        break;
+      }
+    }
+    Debug("mounted " + where + " mode " + std::string(protocol::ToString(volume.mode)));
+  }
+  for (size_t i = 0; i < config.disks.size(); ++i) {
+    const auto& disk = config.disks[i];
+    std::string where = "disks[" + std::to_string(i) + "] (" + disk.path + ")";
+    CELLA_TRY_CTX(WaitForDevice(disk.device, deadline), where);
+    UniqueFd target = CELLA_TRY_CTX(OpenDirBeneath(kNewRoot, disk.path), where);
+    if (disk.read_only) {
+      CELLA_TRY_CTX(MountReadOnlyAnyFs(disk.device, FdPath(target.Get())), where);
+    } else {
+      CELLA_TRY_CTX(Mount(disk.device, FdPath(target.Get()), "ext4", MS_NOATIME), where);
+    }
+  }
+  return {};
+}
+
+Status PrepareSystemd(const Config& config) {
+  UniqueFd run = CELLA_TRY(OpenDirBeneath(kNewRoot, "/run"));
+  // systemd keeps an already-mounted /run, so the agent binary survives boot.
+  CELLA_TRY(Mount("tmpfs", FdPath(run.Get()), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"));
+  std::string root = kNewRoot;
+  CELLA_TRY(MkdirAll(root + kRunDir, 0755));
+  CELLA_TRY(CopyFile(kInitramfsAgent, root + kSystemdAgentPath, 0755));
+  std::string unit =
+      "# Written by cella-init: the cella agent serves the host link in systemd mode.\n"
+      "[Unit]\n"
+      "Description=cella guest agent\n"
+      "DefaultDependencies=no\n"
+      "After=local-fs.target\n"
+      "\n"
+      "[Service]\n"
+      "ExecStart=" +
+      std::string(kSystemdAgentPath) + " --virtio-port " + config.agent_port +
+      (config.privileged ? "" : " --harden") + "\n" +
+      "Restart=always\n"
+      "RestartSec=1\n"
+      "\n"
+      "[Install]\n"
+      "WantedBy=multi-user.target\n";
+  UniqueFd units = CELLA_TRY(OpenDirBeneath(kNewRoot, "/etc/systemd/system"));
+  CELLA_TRY(ReplaceFileAt(units.Get(), "cella-agent.service", unit, 0644));
+  UniqueFd wants =
+      CELLA_TRY(OpenDirBeneath(kNewRoot, "/etc/systemd/system/multi-user.target.wants"));
+  if (::unlinkat(wants.Get(), "cella-agent.service", 0) != 0 && errno != ENOENT)
+    return FailErrno("unlink multi-user.target.wants/cella-agent.service");
+  if (::symlinkat("../cella-agent.service", wants.Get(), "cella-agent.service") != 0)
+    return FailErrno("symlink multi-user.target.wants/cella-agent.service");
+  return {};
+}
+
+Status SwitchRoot() {
+  // /proc last: the targets are named through /proc/self/fd.
+  for (const char* dir : {"/sys", "/dev", "/proc"}) {
+    UniqueFd target = CELLA_TRY(OpenDirBeneath(kNewRoot, dir));
+    CELLA_TRY(Mount(dir, FdPath(target.Get()), "", MS_MOVE));
+  }
+  if (::chdir(kNewRoot) != 0) return FailErrno(std::string("chdir ") + kNewRoot);
+  if (::mount(".", "/", nullptr, MS_MOVE, nullptr) != 0)
+    return FailErrno(std::string("mount --move ") + kNewRoot + " /");
+  if (::chroot(".") != 0) return FailErrno("chroot");
+  if (::chdir("/") != 0) return FailErrno("chdir /");
+  return {};
+}
+
+}  // namespace cella::init

@@ -1,0 +1,48 @@
+// Mount work of the guest init, in boot order: the early pseudo filesystems,
+// the config disk, the root (overlay or plain), volumes and disks, then the
+// switch into the new root. Runs in PID 1 before anything else exists; every
+// function either finishes its step or returns an error naming the mount.
+#pragma once
+
+#include <string>
+
+#include "base/result.h"
+#include "guest/init/devices.h"
+#include "protocol/config.h"
+
+namespace cella::init {
+
+inline constexpr const char* kNewRoot = "/newroot";
+// Scratch mount points in the initramfs (lower layers, uppers, config disk).
+inline constexpr const char* kScratch = "/cella";
+// Where the host puts the static agent binary in the initramfs.
+inline constexpr const char* kInitramfsAgent = "/cella-agent";
+// Where the systemd-mode agent lives in the new root (on a tmpfs /run).
+inline constexpr const char* kRunDir = "/run/cella";
+inline constexpr const char* kSystemdAgentPath = "/run/cella/cella-agent";
+
+// /proc, /sys, /dev (devtmpfs), /dev/pts (newinstance, ptmxmode=0666),
+// /dev/shm, /sys/fs/cgroup (cgroup2).
+Status MountEarly();
+
+// Mounts the config disk read-only (ext4, then erofs), reads and parses
+// /config.json, unmounts it.
+Result<protocol::Config> ReadConfigDisk(const std::string& device);
+
+// Assembles the root at kNewRoot (see README: overlay_root, or root_device).
+Status AssembleRoot(const protocol::Config& config, Deadline deadline);
+
+// Mounts volume_mounts (ro / rw / overlay) and disks inside kNewRoot. Mount
+// points are created beneath the new root without following symlinks.
+Status MountVolumes(const protocol::Config& config, Deadline deadline);
+
+// Systemd mode preparation inside kNewRoot: a tmpfs on /run holding the agent
+// binary (copied from the initramfs), plus an enabled cella-agent.service
+// unit running it on the agent port (--harden unless privileged).
+Status PrepareSystemd(const protocol::Config& config);
+
+// Moves /proc, /sys and /dev into kNewRoot, then makes it "/" (MS_MOVE +
+// chroot: the initramfs is rootfs, which pivot_root refuses).
+Status SwitchRoot();
+
+}  // namespace cella::init

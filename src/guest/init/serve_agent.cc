@@ -1,0 +1,120 @@
+#include "guest/init/serve_agent.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/reboot.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "base/io.h"
+#include "guest/agent/agent.h"
+#include "guest/init/console.h"
+#include "guest/init/format.h"
+
+namespace cella::init {
+namespace {
+
+constexpr unsigned kPowerOffGraceSeconds = 2;
+
+bool g_main_exited = false;
+bool g_shutdown_requested = false;
+
+// SIGALRM: the host did not close the link after the main process's Result.
+// sync and reboot are plain syscalls, safe in a handler.
+void PowerOffFromAlarm(int) {
+  ::sync();
+  ::reboot(RB_POWER_OFF);
+}
+
+// The agent queues the final Result inside Serve(); powering off right away
+// would lose it. The host closes the link once it has the Result (Serve
+// returns and the loop powers off); the alarm bounds the wait if it does not.
+void ArmPowerOffAlarm() {
+  struct sigaction action {};
+  action.sa_handler = PowerOffFromAlarm;
+  if (::sigaction(SIGALRM, &action, nullptr) != 0) {
+    SayError(std::string("sigaction SIGALRM: ") + std::strerror(errno));
+    PowerOff();
+  }
+  ::alarm(kPowerOffGraceSeconds);
+}
+
+std::string Trimmed(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+}  // namespace
+
+Result<std::string> FindVirtioPort(std::string_view name, Deadline deadline) {
+  const std::string dir_path = "/sys/class/virtio-ports";
+  for (;;) {
+    DIR* dir = ::opendir(dir_path.c_str());
+    if (dir != nullptr) {
+      std::string found;
+      errno = 0;
+      while (dirent* entry = ::readdir(dir)) {
+        std::string port = entry->d_name;
+        if (port == "." || port == "..") continue;
+        auto port_name = ReadFileToString(dir_path + "/" + port + "/name", 4096);
+        // A port without a name file was created without name=: not ours.
+        if (port_name && Trimmed(*port_name) == name) found = "/dev/" + port;
+      }
+      int err = errno;
+      ::closedir(dir);
+      if (err != 0) return FailErrno("readdir " + dir_path, err);
+      if (!found.empty()) return found;
+    } else if (errno != ENOENT) {
+      return FailErrno("opendir " + dir_path);
+    }
+    if (std::chrono::steady_clock::now() >= deadline)
+      return Fail("no virtio-serial port named \"" + std::string(name) +
+                  "\" (is virtio_console loaded and the port attached?)");
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+Status ServeAgent(const protocol::Config& config, const std::string& port_path) {
+  agent::AgentOptions options;
+  options.hardening = config.privileged ? agent::Hardening::kOff : agent::Hardening::kOn;
+  options.reap = agent::ReapMode::kAllChildren;
+  protocol::ExecRequest main;
+  main.argv = WorkloadArgv(config);
+  for (const auto& [key, value] : config.env) main.env.push_back(key + "=" + value);
+  if (!config.env.contains("PATH")) main.env.push_back("PATH=" + std::string(kDefaultPath));
+  main.workdir = config.workdir;
+  main.user = config.user;
+  main.privileged = config.privileged;
+  if (!main.argv.empty()) options.main_request = std::move(main);
+  const bool keep_alive = config.keep_alive;
+  options.on_main_exit = [keep_alive](int wait_status) {
+    Say(MainExitLine(wait_status));
+    g_main_exited = true;
+    if (!keep_alive) ArmPowerOffAlarm();
+  };
+  options.on_shutdown = [] {
+    g_shutdown_requested = true;
+    ArmPowerOffAlarm();
+  };
+  auto agent = agent::Agent::Create(std::move(options));
+  if (!agent) return std::unexpected(std::move(agent.error()).WithContext("agent"));
+
+  Say("agent serving on " + port_path);
+  for (;;) {
+    UniqueFd link(::open(port_path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
+    if (!link) return FailErrno("open agent port " + port_path);
+    auto end = (*agent)->Serve(std::move(link));
+    if (!end) Debug("agent link ended: " + end.error().message);
+    if (g_shutdown_requested) {
+      Say("shutdown requested by the host");
+      PowerOff();
+    }
+    if (g_main_exited && !keep_alive) PowerOff();
+    // With no host connected the port reads EOF at once: do not spin.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
+}  // namespace cella::init

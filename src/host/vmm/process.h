@@ -1,0 +1,63 @@
+// Child processes for the host side: short helper commands (mkfs.*, busybox)
+// whose output we capture, and long-lived children (QEMU) that must die with
+// us. Every child gets PR_SET_PDEATHSIG(SIGKILL), so a killed cella never
+// leaves a QEMU behind.
+//
+// fork() is used (not posix_spawn) because PDEATHSIG must be set in the child;
+// between fork and exec the child only makes async-signal-safe calls, so this
+// is safe from multi-threaded callers. Functions here are thread-safe.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "base/result.h"
+#include "base/unique_fd.h"
+
+namespace cella::host {
+
+struct CommandResult {
+  int exit_code = -1;  // -1 when killed by a signal
+  int signal = 0;
+  std::string output;  // stdout and stderr interleaved, capped
+};
+
+// Runs argv[0] (looked up in PATH) to completion with stdin from /dev/null.
+// Kills it and fails when it runs longer than `timeout`. A nonzero exit is
+// NOT an error here; callers decide (see CheckCommand).
+Result<CommandResult> RunCommand(const std::vector<std::string>& argv,
+                                 std::chrono::milliseconds timeout,
+                                 size_t max_output = 256 * 1024);
+// RunCommand, and a nonzero exit becomes an error quoting the command and
+// the tail of its output.
+Result<std::string> CheckCommand(const std::vector<std::string>& argv,
+                                 std::chrono::milliseconds timeout);
+
+// A started child. Owns a pidfd so waiting can be bounded and polled
+// without a reaper thread. Destruction does not kill or reap: call Kill/Wait.
+struct SpawnedProcess {
+  pid_t pid = -1;
+  UniqueFd pidfd;
+};
+
+// Starts argv with stdin from /dev/null and stdout+stderr appended to
+// `output_path` (created 0600). The child dies when this process dies.
+Result<SpawnedProcess> SpawnWithOutputFile(const std::vector<std::string>& argv,
+                                           const std::string& output_path);
+
+struct ExitStatus {
+  int exit_code = -1;  // -1 when killed by a signal
+  int signal = 0;
+  std::string Describe() const;
+};
+
+// Waits up to `timeout` for the child to exit and reaps it. nullopt-like
+// semantics via errno_value ETIMEDOUT when it is still running.
+Result<ExitStatus> WaitForExit(SpawnedProcess& process, std::chrono::milliseconds timeout);
+// True when the child has exited (without reaping it).
+Result<bool> HasExited(const SpawnedProcess& process);
+
+}  // namespace cella::host

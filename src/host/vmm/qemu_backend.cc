@@ -1,0 +1,393 @@
+#include "host/vmm/qemu_backend.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "base/log.h"
+#include "host/vmm/paths.h"
+#include "host/vmm/qemu_argv.h"
+#include "host/vmm/qmp.h"
+#include "host/vmm/tsc.h"
+
+namespace cella::vmm {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+constexpr milliseconds kQmpTimeout{10'000};
+constexpr milliseconds kKillWait{5'000};
+constexpr size_t kTailBytes = 3000;
+
+int RemainingMs(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+  return left.count() < 0 ? 0 : static_cast<int>(left.count());
+}
+
+// The last `max_bytes` of a log file, trimmed to whole lines; empty when
+// unreadable (this only decorates an error that is already being reported).
+std::string FileTail(const std::string& path, size_t max_bytes) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return {};
+  struct stat st{};
+  if (::fstat(fd.Get(), &st) != 0) return {};
+  off_t start = st.st_size > static_cast<off_t>(max_bytes) ? st.st_size - static_cast<off_t>(max_bytes) : 0;
+  std::string out(static_cast<size_t>(st.st_size - start), '\0');
+  ssize_t n = ::pread(fd.Get(), out.data(), out.size(), start);
+  if (n <= 0) return {};
+  out.resize(static_cast<size_t>(n));
+  if (start > 0) {
+    size_t nl = out.find('\n');
+    if (nl != std::string::npos) out.erase(0, nl + 1);
+  }
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  return out;
+}
+
+// One non-blocking attempt; nullopt-like ENOENT/ECONNREFUSED mean "not yet".
+Result<UniqueFd> ConnectUnix(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) return Fail("socket path too long: " + path);
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return FailErrno("socket");
+  if (::connect(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return FailErrno("connect " + path);
+  }
+  return fd;
+}
+
+Status UnlinkIfPresent(const std::string& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return FailErrno("unlink " + path);
+  return {};
+}
+
+Error NotSupported(std::string_view what) {
+  return Error{std::string(what) + " is not supported by the qemu backend", ENOTSUP};
+}
+
+class QemuMachine final : public Machine {
+ public:
+  QemuMachine(VMConfig config, QemuBackendOptions options, StatePaths paths)
+      : config_(std::move(config)), options_(std::move(options)), paths_(std::move(paths)) {}
+  ~QemuMachine() override {
+    if (auto st = Close(); !st) log::Warn("closing VM failed", {{"id", config_.ID}, {"error", st.error().message}});
+  }
+
+  Status Start() override;
+  Status Stop(milliseconds grace) override;
+  Result<VmExit> Wait(milliseconds timeout) override;
+
+  Result<host::ExecResult> Exec(const protocol::ExecRequest& request) override {
+    return CELLA_TRY(RequireAgent("exec"))->Exec(request);
+  }
+  Status WriteFile(const std::string& path, std::string_view content, uint32_t mode) override {
+    host::WriteFileOptions opts;
+    opts.mode = mode;
+    return CELLA_TRY(RequireAgent("write file"))->WriteFile(path, content, opts);
+  }
+  Result<std::string> ReadFile(const std::string& path) override {
+    return CELLA_TRY(RequireAgent("read file"))->ReadFile(path);
+  }
+  Result<std::vector<protocol::FileInfo>> ListFiles(const std::string& path) override {
+    return CELLA_TRY(RequireAgent("list files"))->ListFiles(path);
+  }
+  host::AgentClient* Agent() override { return agent_.get(); }
+
+  Result<int> NetworkFD() override {
+    return std::unexpected(NotSupported("NetworkFD (QEMU user-mode networking has no host fd)"));
+  }
+  Result<int> VsockFD() override {
+    return std::unexpected(NotSupported("VsockFD (no vhost-vsock; the agent uses virtio-serial)"));
+  }
+  int PID() const override {
+    std::lock_guard lock(mu_);
+    return exit_ ? -1 : process_.pid;
+  }
+  Status Close() override;
+  std::string RootfsPath() const override {
+    if (!config_.PrebuiltRootfs.empty()) return config_.PrebuiltRootfs;
+    if (!config_.RootfsPath.empty()) return config_.RootfsPath;
+    return config_.OverlayLowerPaths.empty() ? std::string() : config_.OverlayLowerPaths.front();
+  }
+  Status Pause() override { return CELLA_TRY(RequireQmp("pause"))->Stop(); }
+  Status Resume() override { return CELLA_TRY(RequireQmp("resume"))->Cont(); }
+  const VMConfig& Config() const override { return config_; }
+  milliseconds BootDuration() const override { return boot_duration_; }
+
+ private:
+  Result<host::AgentClient*> RequireAgent(std::string_view what) {
+    if (!agent_) return Fail(std::string(what) + ": VM " + config_.ID + " is not started");
+    return agent_.get();
+  }
+  Result<QmpClient*> RequireQmp(std::string_view what) {
+    if (!qmp_) return Fail(std::string(what) + ": VM " + config_.ID + " is not started");
+    return &*qmp_;
+  }
+  bool Running() const {
+    std::lock_guard lock(mu_);
+    return started_ && !exit_;
+  }
+  // Reaps QEMU when it has exited (no waiting). Returns whether it has.
+  Result<bool> ReapIfExited();
+  Status KillAndReap();
+  // The error for a VM that ended while we waited for it to come up.
+  Error DiedDuringBoot(std::string_view stage);
+  Error WithConsole(std::string message);
+  Status BootSequence(Clock::time_point launched);
+
+  VMConfig config_;
+  QemuBackendOptions options_;
+  StatePaths paths_;
+
+  mutable std::mutex mu_;  // guards process_.pid reaping and exit_
+  host::SpawnedProcess process_;
+  std::optional<host::ExitStatus> exit_;
+  bool started_ = false;
+
+  std::optional<QmpClient> qmp_;
+  std::unique_ptr<host::AgentClient> agent_;
+  milliseconds boot_duration_{0};
+};
+
+Error QemuMachine::WithConsole(std::string message) {
+  std::string qemu_tail = FileTail(paths_.qemu_log, 1500);
+  std::string console_tail = FileTail(paths_.console_log, kTailBytes);
+  if (!qemu_tail.empty()) message += "\nQEMU said:\n" + qemu_tail;
+  message += console_tail.empty() ? "\n(guest console is empty: " + paths_.console_log + ")"
+                                  : "\nguest console (" + paths_.console_log + "), last lines:\n" +
+                                        console_tail;
+  return Error::Msg(std::move(message));
+}
+
+Error QemuMachine::DiedDuringBoot(std::string_view stage) {
+  std::string how;
+  {
+    std::lock_guard lock(mu_);
+    how = exit_ ? exit_->Describe() : "exited";
+  }
+  return WithConsole("VM " + config_.ID + ": QEMU ended (" + how + ") while " + std::string(stage));
+}
+
+Result<bool> QemuMachine::ReapIfExited() {
+  std::lock_guard lock(mu_);
+  if (exit_) return true;
+  if (!started_) return false;
+  bool exited = CELLA_TRY(host::HasExited(process_));
+  if (!exited) return false;
+  exit_ = CELLA_TRY(host::WaitForExit(process_, kKillWait));
+  return true;
+}
+
+Status QemuMachine::KillAndReap() {
+  std::lock_guard lock(mu_);
+  if (!started_ || exit_) return {};
+  if (::kill(process_.pid, SIGKILL) != 0 && errno != ESRCH) {
+    return FailErrno("kill QEMU pid " + std::to_string(process_.pid));
+  }
+  exit_ = CELLA_TRY(host::WaitForExit(process_, kKillWait));
+  return {};
+}
+
+Status QemuMachine::Start() {
+  {
+    std::lock_guard lock(mu_);
+    if (started_) return Fail("VM " + config_.ID + " was already started");
+  }
+  CELLA_TRY(host::MakeDirs(config_.StateDir, 0700));
+  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log}) {
+    CELLA_TRY(UnlinkIfPresent(p));
+  }
+  QemuLaunch launch;
+  launch.qemu_binary = options_.qemu_binary;
+  launch.accel = options_.accel.chosen;
+  launch.tsc_khz = options_.tsc_khz;
+  launch.agent_socket = paths_.agent_socket;
+  launch.qmp_socket = paths_.qmp_socket;
+  launch.console_log = paths_.console_log;
+  std::vector<std::string> argv = CELLA_TRY(BuildQemuArgv(config_, launch));
+  log::Debug("starting QEMU", {{"id", config_.ID}, {"accel", ToString(launch.accel)}});
+
+  auto launched = Clock::now();
+  {
+    std::lock_guard lock(mu_);
+    process_ = CELLA_TRY_CTX(host::SpawnWithOutputFile(argv, paths_.qemu_log), "start QEMU");
+    started_ = true;
+  }
+  Status st = BootSequence(launched);
+  if (!st) {
+    agent_.reset();
+    qmp_.reset();
+    if (auto killed = KillAndReap(); !killed) {
+      log::Warn("killing QEMU after a failed boot", {{"error", killed.error().message}});
+    }
+    return st;
+  }
+  boot_duration_ = std::chrono::duration_cast<milliseconds>(Clock::now() - launched);
+  return {};
+}
+
+Status QemuMachine::BootSequence(Clock::time_point launched) {
+  auto deadline = launched + options_.boot_timeout;
+  // QEMU creates both sockets before the guest runs; wait for them while
+  // watching for an early exit (bad arguments, missing files).
+  UniqueFd qmp_fd;
+  UniqueFd agent_fd;
+  while (!qmp_fd || !agent_fd) {
+    if (CELLA_TRY(ReapIfExited())) return std::unexpected(DiedDuringBoot("starting up"));
+    if (!qmp_fd) {
+      if (auto fd = ConnectUnix(paths_.qmp_socket)) qmp_fd = std::move(*fd);
+    }
+    if (!agent_fd) {
+      if (auto fd = ConnectUnix(paths_.agent_socket)) agent_fd = std::move(*fd);
+    }
+    if (qmp_fd && agent_fd) break;
+    if (Clock::now() >= deadline) {
+      return std::unexpected(WithConsole("VM " + config_.ID + ": QEMU did not open its sockets within " +
+                                         std::to_string(options_.boot_timeout.count()) + " ms"));
+    }
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  qmp_.emplace(CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout),
+                             "VM " + config_.ID));
+
+  // The agent says Hello once the guest has booted; wait for its first byte
+  // while watching QEMU, then let AgentClient run the handshake.
+  while (true) {
+    pollfd fds[2] = {{agent_fd.Get(), POLLIN, 0}, {process_.pidfd.Get(), POLLIN, 0}};
+    int rc = ::poll(fds, 2, std::min(RemainingMs(deadline), 1000));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) return FailErrno("poll agent socket");
+    if (fds[1].revents != 0 || CELLA_TRY(ReapIfExited())) {
+      CELLA_TRY(ReapIfExited());
+      return std::unexpected(DiedDuringBoot("booting (before the agent was ready)"));
+    }
+    if (fds[0].revents & POLLIN) break;
+    if (fds[0].revents & (POLLHUP | POLLERR)) {
+      // QEMU dropped the link: it is exiting. Give it a moment to be reaped.
+      host::SpawnedProcess& p = process_;
+      pollfd wait_exit{p.pidfd.Get(), POLLIN, 0};
+      ::poll(&wait_exit, 1, static_cast<int>(kKillWait.count()));
+      CELLA_TRY(ReapIfExited());
+      return std::unexpected(DiedDuringBoot("booting (the agent link closed)"));
+    }
+    if (Clock::now() >= deadline) {
+      return std::unexpected(WithConsole(
+          "VM " + config_.ID + ": the guest agent was not ready within " +
+          std::to_string(options_.boot_timeout.count()) + " ms (accel " +
+          std::string(ToString(options_.accel.chosen)) + ")"));
+    }
+  }
+  auto agent = host::AgentClient::Connect(std::move(agent_fd), options_.agent_options);
+  if (!agent) {
+    return std::unexpected(WithConsole("VM " + config_.ID + ": agent handshake failed: " +
+                                       agent.error().message));
+  }
+  agent_ = std::move(*agent);
+  return {};
+}
+
+Result<VmExit> QemuMachine::Wait(milliseconds timeout) {
+  {
+    std::lock_guard lock(mu_);
+    if (!started_) return Fail("wait: VM " + config_.ID + " was never started");
+  }
+  if (!CELLA_TRY(ReapIfExited())) {
+    // pidfd stays open until the destructor, so polling it unlocked is safe.
+    pollfd pfd{process_.pidfd.Get(), POLLIN, 0};
+    auto deadline = Clock::now() + timeout;
+    while (true) {
+      int rc = ::poll(&pfd, 1, RemainingMs(deadline));
+      if (rc < 0 && errno == EINTR) continue;
+      if (rc < 0) return FailErrno("poll QEMU pidfd");
+      break;
+    }
+    if (!CELLA_TRY(ReapIfExited())) {
+      return std::unexpected(Error{"VM " + config_.ID + " still running after " +
+                                       std::to_string(timeout.count()) + " ms",
+                                   ETIMEDOUT});
+    }
+  }
+  std::lock_guard lock(mu_);
+  return VmExit{*exit_, FileTail(paths_.console_log, kTailBytes)};
+}
+
+Status QemuMachine::Stop(milliseconds grace) {
+  if (!Running()) return {};
+  auto deadline = Clock::now() + grace;
+  bool asked = false;
+  if (agent_ && !agent_->LinkError()) {
+    if (auto st = agent_->Shutdown(); st) {
+      asked = true;
+      // The init powers off as soon as the host closes the link (else after
+      // a 2 s grace): closing it now saves those seconds.
+      agent_.reset();
+    } else {
+      log::Debug("agent shutdown failed; trying ACPI", {{"error", st.error().message}});
+    }
+  }
+  if (!asked && qmp_) {
+    if (auto st = qmp_->SystemPowerdown(); !st) {
+      log::Debug("ACPI powerdown failed", {{"error", st.error().message}});
+    }
+  }
+  auto exited = Wait(std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
+  if (exited) return {};
+  if (exited.error().errno_value != ETIMEDOUT) return std::unexpected(std::move(exited.error()));
+  log::Notice("VM did not power off in time; killing it",
+              {{"id", config_.ID}, {"grace_ms", grace.count()}});
+  return KillAndReap();
+}
+
+Status QemuMachine::Close() {
+  agent_.reset();
+  Status st = KillAndReap();
+  qmp_.reset();
+  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log}) {
+    if (auto removed = UnlinkIfPresent(p); !removed && st) st = std::move(removed);
+  }
+  return st;
+}
+
+}  // namespace
+
+Result<QemuBackendOptions> DetectQemuHost(AccelMode mode, const std::string& host_root) {
+  QemuBackendOptions options;
+  options.accel = CELLA_TRY(ChooseAccel(mode, host_root));
+  if (!options.accel.notice.empty()) log::Notice(options.accel.notice);
+  if (auto khz = HostTscKhz(host_root)) {
+    options.tsc_khz = *khz;
+  } else {
+    log::Warn("booting without tsc_early_khz; TCG guests may hang in TSC calibration",
+              {{"error", khz.error().message}});
+  }
+  return options;
+}
+
+Result<std::unique_ptr<Machine>> QemuBackend::Create(const VMConfig& config) {
+  if (config.ID.empty()) return Fail("VMConfig.ID: empty");
+  StatePaths paths = CELLA_TRY(ResolveStatePaths(config));
+  // Validate everything the command line needs now, not at Start.
+  QemuLaunch probe;
+  probe.agent_socket = paths.agent_socket;
+  probe.qmp_socket = paths.qmp_socket;
+  probe.console_log = paths.console_log;
+  CELLA_TRY_CTX(BuildQemuArgv(config, probe), "VM " + config.ID);
+  return std::make_unique<QemuMachine>(config, options_, std::move(paths));
+}
+
+}  // namespace cella::vmm

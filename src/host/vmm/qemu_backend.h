@@ -1,0 +1,46 @@
+// The QEMU backend: one QEMU child process per VM (`-M microvm`, KVM or TCG),
+// the agent link over a virtio-serial port bound to a Unix socket, and QMP
+// for pause/resume/power-off. QEMU is never daemonized (its serial file
+// stays empty then) and dies with us (PR_SET_PDEATHSIG).
+//
+// Per-VM files live in VMConfig.StateDir: agent.sock, qmp.sock,
+// console.log (kept after Close), qemu.log (QEMU's own stderr).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "base/result.h"
+#include "host/agent/client.h"
+#include "host/vmm/accel.h"
+#include "host/vmm/machine.h"
+
+namespace cella::vmm {
+
+struct QemuBackendOptions {
+  std::string qemu_binary = "qemu-system-x86_64";
+  AccelDecision accel;
+  uint64_t tsc_khz = 0;  // 0: no tsc_early_khz (risky under TCG, see tsc.h)
+  // Launch to agent Hello. Several VMs booting at once on 2 cores under TCG
+  // take a few seconds each; 60 s leaves room for a loaded host.
+  std::chrono::milliseconds boot_timeout{60'000};
+  host::AgentClientOptions agent_options;
+};
+
+// Probes the host: accelerator for `mode` (errors when kvm is forced but
+// unusable) and the TSC frequency (0 with a warning when unknown).
+Result<QemuBackendOptions> DetectQemuHost(AccelMode mode, const std::string& host_root = "/");
+
+class QemuBackend final : public Backend {
+ public:
+  explicit QemuBackend(QemuBackendOptions options) : options_(std::move(options)) {}
+  std::string_view Name() const override { return "qemu"; }
+  Result<std::unique_ptr<Machine>> Create(const VMConfig& config) override;
+  const QemuBackendOptions& Options() const { return options_; }
+
+ private:
+  QemuBackendOptions options_;
+};
+
+}  // namespace cella::vmm

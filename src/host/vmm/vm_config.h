@@ -1,0 +1,86 @@
+// What a VM is made of: the host-side VM description (seed: vmm.VMConfig),
+// every seed field kept with the same meaning; cella's extensions are marked.
+// Plain data; copyable; no invariants beyond what ValidateVMConfig checks.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string_view>
+#include <string>
+#include <vector>
+
+namespace cella::vmm {
+
+// seed: vmm.DiskConfig — an additional block device.
+struct DiskConfig {
+  std::string HostPath;    // image file on the host
+  std::string GuestMount;  // mount point inside the guest (carried to config.json by the caller)
+  bool ReadOnly = false;
+};
+
+// seed: api.HostIPMapping — one extra /etc/hosts line.
+struct HostIPMapping {
+  std::string Host;
+  std::string IP;
+};
+
+struct VMConfig {
+  std::string ID;
+  std::string KernelPath;
+  std::string InitramfsPath;  // extension: the cella initramfs (kernel/initramfs.h)
+  std::string RootfsPath;     // root disk when !OverlayEnabled (serial cella-root)
+  bool RootfsReadOnly = true;  // extension: erofs images are shared, so read-only by default
+  bool OverlayEnabled = false;
+  std::vector<std::string> OverlayLowerPaths;    // read-only, topmost first: cella-lower<N>
+  std::vector<std::string> OverlayLowerFSTypes;  // per lower ("erofs", "ext4")
+  std::string OverlayUpperPath;                  // writable: cella-upper
+  double CPUs = 1;
+  int MemoryMB = 512;
+  int NetworkFD = -1;  // seed (TAP/socket backends); QEMU user-net ignores it
+  uint32_t VsockCID = 0;  // seed; unused by QEMU here (no vhost-vsock)
+  std::string VsockPath;  // seed; unused by QEMU here
+  std::string SocketPath;  // agent link Unix socket (default <StateDir>/agent.sock)
+  std::string LogPath;     // guest console log (default <StateDir>/console.log)
+  std::string KernelArgs;  // appended to cella's kernel command line
+  std::map<std::string, std::string> Env;  // carried for config.json; not on the cmdline
+  std::string GatewayIP;   // user-net host address (default 10.0.2.2)
+  std::string GuestIP;     // carried for config.json (default 10.0.2.15)
+  std::string SubnetCIDR;  // user-net network (default 10.0.2.0/24)
+  std::string Workspace;   // carried (guest VFS mount point)
+  bool UseInterception = false;  // carried (egress proxy; later issue)
+  bool Privileged = false;       // carried for config.json
+  std::vector<std::string> DNSServers;  // carried for config.json
+  std::string Hostname;                 // carried for config.json
+  std::vector<HostIPMapping> AddHosts;  // carried for config.json
+  int MTU = 0;                          // carried for config.json (0 = default)
+  bool NoNetwork = false;               // no NIC at all
+  std::string PrebuiltRootfs;  // seed; when set it is the root disk instead of RootfsPath
+  std::vector<DiskConfig> ExtraDisks;  // cella-disk<N>
+
+  // --- cella extensions ---
+  std::string StateDir;        // per-VM runtime dir (sockets, logs); required
+  std::string ConfigDiskPath;  // ext4 image with /config.json (WriteConfigDisk): cella-config
+  std::vector<DiskConfig> Volumes;  // named volumes: cella-vol<N>
+};
+
+// Disk serials the guest init finds as /dev/disk/by-id/virtio-<serial>.
+// Disks are attached in this order (so /dev/vdX letters follow it too):
+//   cella-root | cella-lower0..N-1, cella-upper; cella-config; cella-vol0..;
+//   cella-disk0..
+inline constexpr const char* kRootSerial = "cella-root";
+inline constexpr const char* kUpperSerial = "cella-upper";
+inline constexpr const char* kConfigSerial = "cella-config";
+std::string LowerSerial(size_t index);   // "cella-lower<index>"
+std::string VolumeSerial(size_t index);  // "cella-vol<index>"
+std::string ExtraDiskSerial(size_t index);  // "cella-disk<index>"
+// "/dev/disk/by-id/virtio-<serial>", what config.json should name.
+std::string GuestDevicePath(std::string_view serial);
+
+// QEMU user-mode network as the guest sees it by default.
+inline constexpr const char* kUserNetSubnet = "10.0.2.0/24";
+inline constexpr const char* kUserNetGateway = "10.0.2.2";
+inline constexpr const char* kUserNetDns = "10.0.2.3";
+inline constexpr const char* kUserNetGuestIp = "10.0.2.15";
+inline constexpr int kUserNetPrefix = 24;
+
+}  // namespace cella::vmm

@@ -1,0 +1,147 @@
+// Typed request/reply bodies for the agent protocol (src/protocol/README.md)
+// and their JSON encoding. Decoding is strict: wrong types, missing required
+// fields, unknown fields and out-of-range numbers are errors (errno EINVAL),
+// and no decode function throws — the host feeds it untrusted guest JSON.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "base/result.h"
+
+namespace cella::protocol {
+
+enum class Role { kHost, kAgent };
+
+struct Hello {
+  uint32_t version = 0;
+  Role role = Role::kHost;
+};
+
+// exec / attach_main. `env` is passed to the child exactly as given (no
+// inheritance from the agent); the agent adds HOME from the user's passwd
+// entry when env has none, and resolves a bare argv[0] with env's PATH, or
+// the usual default PATH when env has none.
+struct ExecRequest {
+  std::vector<std::string> argv;
+  std::vector<std::string> env;
+  std::string workdir;  // empty: "/"
+  std::string user;     // empty: the agent's own identity
+  bool tty = false;
+  uint16_t rows = 24;
+  uint16_t cols = 80;
+  bool stdin_open = false;  // JSON "stdin": false gives the child /dev/null
+  uint32_t timeout_ms = 0;  // 0: none
+  uint32_t kill_grace_ms = 2000;
+  // Skips the agent's hardening (no_new_privs, capability drop, seccomp).
+  bool privileged = false;
+};
+
+struct WriteFileRequest {
+  std::string path;
+  uint32_t mode = 0644;
+  std::optional<uint32_t> uid;
+  std::optional<uint32_t> gid;
+  bool mkdirs = false;
+};
+
+struct ReadFileRequest {
+  std::string path;
+};
+struct ListRequest {
+  std::string path;
+};
+struct StatRequest {
+  std::string path;
+};
+struct MkdirRequest {
+  std::string path;
+  uint32_t mode = 0755;
+};
+struct RemoveRequest {
+  std::string path;
+  bool recursive = false;
+};
+struct PortForwardRequest {
+  uint16_t port = 0;
+};
+struct AttachMainRequest {};
+struct ShutdownRequest {};
+
+using Request = std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest,
+                             StatRequest, MkdirRequest, RemoveRequest, PortForwardRequest,
+                             AttachMainRequest, ShutdownRequest>;
+
+enum class FileType { kFile, kDir, kSymlink, kOther };
+std::string_view FileTypeName(FileType type);
+
+struct FileInfo {
+  std::string name;
+  uint64_t size = 0;
+  uint32_t mode = 0;  // permission bits (07777)
+  int64_t mtime = 0;  // seconds since the epoch
+  FileType type = FileType::kOther;
+  uint32_t uid = 0;  // stat only; list leaves 0
+  uint32_t gid = 0;
+};
+
+struct ExecOutcome {
+  // Exactly one of exit_code / signal is set.
+  std::optional<int> exit_code;
+  std::optional<int> signal;
+  bool timed_out = false;
+};
+
+struct ReadFileOpened {
+  uint64_t size = 0;
+  uint32_t mode = 0;
+};
+
+struct ErrorBody {
+  int errno_value = 0;
+  std::string message;
+};
+
+// Upper bounds the decoders enforce on untrusted input.
+inline constexpr size_t kMaxStringBytes = 64 * 1024;
+inline constexpr size_t kMaxListEntries = 1u << 20;
+
+std::string EncodeHello(const Hello& hello);
+Result<Hello> DecodeHello(std::string_view json);
+
+std::string EncodeRequest(const Request& request);
+Result<Request> DecodeRequest(std::string_view json);
+std::string_view RequestOpName(const Request& request);
+
+std::string EncodeExecOutcome(const ExecOutcome& outcome);
+Result<ExecOutcome> DecodeExecOutcome(std::string_view json);
+
+// Opened bodies: {"pid":N} for exec, {"size","mode"} for read_file, {} else.
+std::string EncodePid(int64_t pid);
+Result<int64_t> DecodePid(std::string_view json);
+std::string EncodeReadFileOpened(const ReadFileOpened& opened);
+Result<ReadFileOpened> DecodeReadFileOpened(std::string_view json);
+
+// {"size":N}: write_file and read_file results.
+std::string EncodeSize(uint64_t size);
+Result<uint64_t> DecodeSize(std::string_view json);
+
+std::string EncodeFileInfo(const FileInfo& info);  // stat result
+Result<FileInfo> DecodeFileInfo(std::string_view json);
+std::string EncodeList(const std::vector<FileInfo>& entries);
+Result<std::vector<FileInfo>> DecodeList(std::string_view json);
+
+// "{}" — results of mkdir/remove/port_forward/shutdown. Anything else fails.
+std::string EncodeEmpty();
+Status DecodeEmpty(std::string_view json);
+
+std::string EncodeError(const ErrorBody& error);
+Result<ErrorBody> DecodeError(std::string_view json);
+// Turns a received Error body into an Error keeping its errno.
+Error ErrorFromBody(const ErrorBody& body);
+
+}  // namespace cella::protocol

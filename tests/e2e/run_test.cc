@@ -1,0 +1,121 @@
+// `cella run` end to end: each test boots a real VM with the real kernel,
+// initramfs, init and agent, under TCG on hosts where KVM cannot run it.
+#include <gtest/gtest.h>
+
+#include "process.h"
+
+namespace cella::test {
+namespace {
+
+std::string Describe(const ProcessResult& r) {
+  return "exit=" + std::to_string(r.exit_code) + " signal=" + std::to_string(r.signal) +
+         (r.timed_out ? " TIMED OUT" : "") + "\nstdout:\n" + r.out + "\nstderr:\n" + r.err;
+}
+
+TEST(Run, EchoHelloInTheDefaultImage) {
+  auto r = RunCella({"run", "--", "echo", "hello"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "hello\n");
+}
+
+TEST(Run, ExitCodeAndStderrPropagate) {
+  auto r = RunCella({"run", "--", "sh", "-c", "echo out; echo err >&2; exit 42"});
+  EXPECT_EQ(r.exit_code, 42) << Describe(r);
+  EXPECT_EQ(r.out, "out\n");
+  EXPECT_NE(r.err.find("err\n"), std::string::npos) << Describe(r);
+}
+
+TEST(Run, MissingCommandIs127AndSignalDeathIs128PlusN) {
+  auto missing = RunCella({"run", "--", "no-such-command"});
+  EXPECT_EQ(missing.exit_code, 127) << Describe(missing);
+  auto killed = RunCella({"run", "--", "sh", "-c", "kill -9 $$"});
+  EXPECT_EQ(killed.exit_code, 128 + 9) << Describe(killed);
+}
+
+TEST(Run, EnvWorkdirUserAndStdin) {
+  auto r = RunCella({"run", "-i", "-e", "GREETING=hi there", "-w", "/tmp", "-u", "nobody", "--",
+                     "sh", "-c", "echo \"$GREETING\"; pwd; id -u; cat"},
+                    "from stdin\n");
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "hi there\n/tmp\n65534\nfrom stdin\n");
+}
+
+TEST(Run, HostnameDnsAndExtraHosts) {
+  auto r = RunCella({"run", "--hostname", "box1", "--dns", "10.0.2.3", "--add-host",
+                     "db.test:10.9.8.7", "--", "sh", "-c",
+                     "hostname; cat /etc/resolv.conf; grep db.test /etc/hosts; grep box1 /etc/hosts"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("box1\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("nameserver 10.0.2.3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("10.9.8.7"), std::string::npos) << r.out;
+}
+
+TEST(Run, NetworkIsConfiguredAndNoNetworkMeansOnlyLoopback) {
+  auto net = RunCella({"run", "--mtu", "1400", "--", "sh", "-c",
+                       "ls /sys/class/net; cat /sys/class/net/eth0/mtu; ip -4 addr show eth0; ip route"});
+  ASSERT_EQ(net.exit_code, 0) << Describe(net);
+  EXPECT_NE(net.out.find("eth0"), std::string::npos) << net.out;
+  EXPECT_NE(net.out.find("1400\n"), std::string::npos) << net.out;
+  EXPECT_NE(net.out.find("10.0.2.15/24"), std::string::npos) << net.out;
+  EXPECT_NE(net.out.find("default via 10.0.2.2"), std::string::npos) << net.out;
+
+  auto none = RunCella({"run", "--no-network", "--", "ls", "/sys/class/net"});
+  ASSERT_EQ(none.exit_code, 0) << Describe(none);
+  EXPECT_EQ(none.out, "lo\n");
+}
+
+TEST(Run, CpusMemoryAndHardening) {
+  auto r = RunCella({"run", "--cpus", "1.5", "--memory", "384m", "--", "sh", "-c",
+                     "nproc; cat /sys/fs/cgroup/sandbox/cpu.max; grep MemTotal /proc/meminfo; "
+                     "grep NoNewPrivs /proc/self/status"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out.substr(0, 2), "2\n") << r.out;
+  EXPECT_NE(r.out.find("150000 100000"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("NoNewPrivs:\t1"), std::string::npos) << r.out;
+  auto mem_pos = r.out.find("MemTotal:");
+  ASSERT_NE(mem_pos, std::string::npos);
+  long kib = std::stol(r.out.substr(mem_pos + 9));
+  EXPECT_GT(kib, 250 * 1024);
+  EXPECT_LT(kib, 384 * 1024);
+
+  auto privileged = RunCella({"run", "--privileged", "--", "grep", "NoNewPrivs", "/proc/self/status"});
+  ASSERT_EQ(privileged.exit_code, 0) << Describe(privileged);
+  EXPECT_NE(privileged.out.find("NoNewPrivs:\t0"), std::string::npos) << privileged.out;
+}
+
+TEST(Run, WritesGoToAPrivateLayerThatIsDiscarded) {
+  auto first = RunCella({"run", "--", "sh", "-c", "echo scribble > /etc/marker && cat /etc/marker"});
+  ASSERT_EQ(first.exit_code, 0) << Describe(first);
+  EXPECT_EQ(first.out, "scribble\n");
+  auto second = RunCella({"run", "--", "sh", "-c", "test ! -e /etc/marker && echo clean"});
+  ASSERT_EQ(second.exit_code, 0) << Describe(second);
+  EXPECT_EQ(second.out, "clean\n");
+}
+
+TEST(Run, ForcedKvmRunsWhereUsableAndFailsClearlyWhereNot) {
+  auto diag = RunCella({"diagnose"});
+  ASSERT_EQ(diag.exit_code, 0) << Describe(diag);
+  ASSERT_NE(diag.out.find("accel"), std::string::npos) << diag.out;
+  auto r = RunCella({"run", "--accel", "kvm", "--", "echo", "ok"}, "", std::chrono::seconds(90));
+  EXPECT_FALSE(r.timed_out);
+  if (diag.out.find("kvm usable: yes") != std::string::npos) {
+    EXPECT_EQ(r.exit_code, 0) << Describe(r);
+    EXPECT_EQ(r.out, "ok\n");
+  } else {
+    EXPECT_EQ(r.exit_code, 125) << Describe(r);
+    EXPECT_NE(r.err.find("kvm"), std::string::npos) << r.err;
+  }
+}
+
+TEST(Run, BadInputIsRefusedBeforeBooting) {
+  auto r = RunCella({"run", "--memory", "lots", "--", "true"}, "", std::chrono::seconds(20));
+  EXPECT_EQ(r.exit_code, 125) << Describe(r);
+  EXPECT_NE(r.err.find("--memory"), std::string::npos) << r.err;
+  auto k = RunCella({"run", "--kernel", "/nonexistent/vmlinuz", "--", "true"}, "",
+                    std::chrono::seconds(20));
+  EXPECT_EQ(k.exit_code, 125) << Describe(k);
+  EXPECT_NE(k.err.find("/nonexistent/vmlinuz"), std::string::npos) << k.err;
+}
+
+}  // namespace
+}  // namespace cella::test

@@ -1,0 +1,240 @@
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <random>
+
+#include "agent_test_support.h"
+
+namespace cella::testing {
+namespace {
+
+using host::RemoveMode;
+using host::WriteFileOptions;
+
+class AgentFiles : public AgentTest {
+ protected:
+  void SetUp() override {
+    AgentTest::SetUp();
+    dir_ = "/tmp/cella-agent-files-" + std::to_string(::getpid());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    agent_ = StartAgent();
+    ASSERT_TRUE(agent_ && agent_->client);
+  }
+  void TearDown() override {
+    agent_.reset();
+    std::filesystem::remove_all(dir_);
+    AgentTest::TearDown();
+  }
+  host::AgentClient& client() { return *agent_->client; }
+  std::string dir_;
+  std::unique_ptr<AgentProcess> agent_;
+};
+
+std::string RandomBytes(size_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::string s(n, '\0');
+  for (auto& c : s) c = static_cast<char>(gen());
+  return s;
+}
+
+TEST_F(AgentFiles, RoundTripsContentAndMode) {
+  struct Case {
+    size_t size;
+    uint32_t mode;
+  };
+  for (auto [size, mode] : {Case{0, 0600}, Case{100'000, 0755}, Case{50'000'000, 0640}}) {
+    std::string path = dir_ + "/f" + std::to_string(size);
+    std::string content = RandomBytes(size, static_cast<uint32_t>(size));
+    WriteFileOptions opts;
+    opts.mode = mode;
+    auto w = client().WriteFile(path, content, opts);
+    ASSERT_TRUE(w.has_value()) << w.error().message;
+    auto r = client().ReadFile(path);
+    ASSERT_TRUE(r.has_value()) << r.error().message;
+    EXPECT_EQ(r->size(), size);
+    EXPECT_TRUE(std::hash<std::string>{}(*r) == std::hash<std::string>{}(content) && *r == content)
+        << "content differs for size " << size;
+    auto st = client().Stat(path);
+    ASSERT_TRUE(st.has_value()) << st.error().message;
+    EXPECT_EQ(st->mode, mode);
+    EXPECT_EQ(st->size, size);
+    EXPECT_EQ(st->type, host::FileType::kFile);
+  }
+  // No temp files are left beside the targets.
+  int entries = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir_)) {
+    (void)e;
+    ++entries;
+  }
+  EXPECT_EQ(entries, 3);
+}
+
+TEST_F(AgentFiles, WriteReplacesAtomicallyAndCanCreateParents) {
+  std::string nested = dir_ + "/a/b/c.txt";
+  auto no_parents = client().WriteFile(nested, "x");
+  ASSERT_FALSE(no_parents.has_value());
+  EXPECT_EQ(no_parents.error().errno_value, ENOENT);
+  WriteFileOptions opts;
+  opts.parents = WriteFileOptions::Parents::kCreate;
+  opts.uid = 65534;
+  opts.gid = 65534;
+  ASSERT_TRUE(client().WriteFile(nested, "first", opts).has_value());
+  ASSERT_TRUE(client().WriteFile(nested, "second", opts).has_value());
+  EXPECT_EQ(client().ReadFile(nested).value_or("?"), "second");
+  auto st = client().Stat(nested);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->uid, 65534u);
+  EXPECT_EQ(st->gid, 65534u);
+}
+
+TEST_F(AgentFiles, StreamsThroughDescriptors) {
+  std::string content = RandomBytes(3'000'000, 7);
+  std::string src = dir_ + "/src", dst = dir_ + "/dst", back = dir_ + "/back";
+  ASSERT_TRUE(WriteStringToFile(src, content, 0644).has_value());
+  UniqueFd in(::open(src.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(in);
+  ASSERT_TRUE(client().WriteFileFrom(dst, in.Get()).has_value());
+  UniqueFd out(::open(back.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  ASSERT_TRUE(out);
+  auto n = client().ReadFileTo(dst, out.Get());
+  ASSERT_TRUE(n.has_value()) << n.error().message;
+  EXPECT_EQ(*n, content.size());
+  EXPECT_EQ(ReadFileToString(back, 10'000'000).value_or(""), content);
+}
+
+TEST_F(AgentFiles, ListsAndStatsWithLstatSemantics) {
+  ASSERT_TRUE(client().MakeDirs(dir_ + "/sub/deeper", 0700).has_value());
+  ASSERT_TRUE(client().WriteFile(dir_ + "/file", "12345").has_value());
+  ASSERT_EQ(::symlink("file", (dir_ + "/link").c_str()), 0);
+  auto list = client().ListFiles(dir_);
+  ASSERT_TRUE(list.has_value()) << list.error().message;
+  std::sort(list->begin(), list->end(), [](auto& a, auto& b) { return a.name < b.name; });
+  ASSERT_EQ(list->size(), 3u);
+  EXPECT_EQ((*list)[0].name, "file");
+  EXPECT_EQ((*list)[0].type, host::FileType::kFile);
+  EXPECT_EQ((*list)[0].size, 5u);
+  EXPECT_EQ((*list)[1].name, "link");
+  EXPECT_EQ((*list)[1].type, host::FileType::kSymlink);
+  EXPECT_EQ((*list)[2].name, "sub");
+  EXPECT_EQ((*list)[2].type, host::FileType::kDir);
+  auto link = client().Stat(dir_ + "/link");
+  ASSERT_TRUE(link.has_value());
+  EXPECT_EQ(link->type, host::FileType::kSymlink);
+  auto deeper = client().Stat(dir_ + "/sub/deeper");
+  ASSERT_TRUE(deeper.has_value());
+  EXPECT_EQ(deeper->type, host::FileType::kDir);
+  EXPECT_EQ(deeper->mode, 0700u);
+  EXPECT_GT(deeper->mtime, 1'600'000'000);
+}
+
+TEST_F(AgentFiles, ErrorsKeepTheirErrno) {
+  auto missing = client().ReadFile(dir_ + "/missing");
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error().errno_value, ENOENT);
+  auto is_dir = client().ReadFile(dir_);
+  ASSERT_FALSE(is_dir.has_value());
+  EXPECT_EQ(is_dir.error().errno_value, EISDIR);
+  EXPECT_EQ(client().Stat(dir_ + "/missing").error().errno_value, ENOENT);
+  ASSERT_TRUE(client().WriteFile(dir_ + "/plain", "x").has_value());
+  EXPECT_EQ(client().ListFiles(dir_ + "/plain").error().errno_value, ENOTDIR);
+  EXPECT_EQ(client().WriteFile(dir_, "x").error().errno_value, EISDIR);
+  EXPECT_EQ(client().MakeDirs(dir_ + "/plain/sub").error().errno_value, ENOTDIR);
+}
+
+TEST_F(AgentFiles, RemovesFilesAndTrees) {
+  WriteFileOptions mkdirs;
+  mkdirs.parents = WriteFileOptions::Parents::kCreate;
+  ASSERT_TRUE(client().WriteFile(dir_ + "/t/a/b/file", "x", mkdirs).has_value());
+  ASSERT_EQ(::symlink("/etc", (dir_ + "/t/a/etc-link").c_str()), 0);
+  auto not_empty = client().Remove(dir_ + "/t");
+  ASSERT_FALSE(not_empty.has_value());
+  EXPECT_EQ(not_empty.error().errno_value, ENOTEMPTY);
+  ASSERT_TRUE(client().Remove(dir_ + "/t", RemoveMode::kRecursive).has_value());
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/t"));
+  EXPECT_TRUE(std::filesystem::exists("/etc/passwd"));  // the symlink was not followed
+  EXPECT_EQ(client().Remove(dir_ + "/t").error().errno_value, ENOENT);
+}
+
+// A one-connection TCP echo server on 127.0.0.1.
+class EchoServer {
+ public:
+  EchoServer() {
+    listener_.Reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (::bind(listener_.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        ::listen(listener_.Get(), 1) != 0 ||
+        ::getsockname(listener_.Get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "echo server setup failed";
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] {
+      UniqueFd conn(::accept4(listener_.Get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!conn) return;
+      char buf[65536];
+      for (;;) {
+        auto n = ReadSome(conn.Get(), std::as_writable_bytes(std::span(buf)));
+        if (!n || *n == 0) break;
+        if (!WriteAll(conn.Get(), std::string_view(buf, *n))) break;
+      }
+      // Half-close back: the agent then sees EOF on its socket.
+      ::shutdown(conn.Get(), SHUT_WR);
+    });
+  }
+  ~EchoServer() {
+    ::shutdown(listener_.Get(), SHUT_RDWR);
+    if (thread_.joinable()) thread_.join();
+  }
+  uint16_t port() const { return port_; }
+
+ private:
+  UniqueFd listener_;
+  uint16_t port_ = 0;
+  std::thread thread_;
+};
+
+TEST_F(AgentFiles, PortForwardCarriesBytesBothWaysWithHalfClose) {
+  EchoServer server;
+  ASSERT_NE(server.port(), 0);
+  auto port = client().OpenPort(server.port());
+  ASSERT_TRUE(port.has_value()) << port.error().message;
+  std::string sent = RandomBytes(700'000, 3);
+  std::thread writer([&] {
+    EXPECT_TRUE((*port)->Write(sent).has_value());
+    EXPECT_TRUE((*port)->ShutdownWrite().has_value());
+  });
+  std::string got;
+  std::vector<std::byte> buf(10'000);
+  for (;;) {
+    auto n = (*port)->Read(buf);
+    ASSERT_TRUE(n.has_value()) << n.error().message;
+    if (*n == 0) break;
+    got.append(reinterpret_cast<const char*>(buf.data()), *n);
+  }
+  writer.join();
+  EXPECT_TRUE(got == sent) << "echoed " << got.size() << " of " << sent.size() << " bytes";
+  auto done = (*port)->Wait();
+  EXPECT_TRUE(done.has_value()) << done.error().message;
+}
+
+TEST_F(AgentFiles, PortForwardToAClosedPortIsRefused) {
+  uint16_t free_port;
+  {
+    EchoServer probe;  // binds an ephemeral port, then releases it
+    free_port = probe.port();
+  }
+  auto port = client().OpenPort(free_port);
+  ASSERT_FALSE(port.has_value());
+  EXPECT_EQ(port.error().errno_value, ECONNREFUSED);
+}
+
+}  // namespace
+}  // namespace cella::testing

@@ -1,0 +1,278 @@
+// The link itself: handshake, malformed frames and garbage in both
+// directions. Fake agents are a thread on the other end of a socket pair.
+#include <sys/socket.h>
+
+#include "agent_test_support.h"
+#include "protocol/wire.h"
+
+namespace cella::testing {
+namespace {
+
+using protocol::Channel;
+using protocol::FrameType;
+
+struct Pair {
+  UniqueFd host;
+  UniqueFd fake;
+};
+
+Pair MakePair() {
+  int sv[2];
+  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  return {UniqueFd(sv[0]), UniqueFd(sv[1])};
+}
+
+std::vector<std::byte> FrameBytes(uint32_t stream, FrameType type, Channel ch, std::string_view body) {
+  std::vector<std::byte> out;
+  protocol::EncodeFrame(stream, type, ch, protocol::AsBytes(body), out);
+  return out;
+}
+
+std::vector<std::byte> AgentHello() {
+  return FrameBytes(0, FrameType::kHello, Channel::kControl, R"({"version":1,"role":"agent"})");
+}
+
+// Reads frames from fd until one satisfies pred or the peer closes.
+std::optional<protocol::Frame> ReadUntil(int fd, protocol::FrameDecoder& decoder,
+                                         const std::function<bool(const protocol::Frame&)>& pred) {
+  std::vector<std::byte> buf(65536);
+  for (;;) {
+    for (;;) {
+      auto f = decoder.Next();
+      if (!f || !f->has_value()) break;
+      if (pred(**f)) return std::move(**f);
+    }
+    auto n = ReadSome(fd, buf);
+    if (!n || *n == 0) return std::nullopt;
+    decoder.Feed(std::span(buf.data(), *n));
+  }
+}
+
+// A fake agent: answers the handshake, waits for the first Open, then
+// sends `reply` (arbitrary bytes) and keeps draining until the host closes.
+std::thread FakeAgent(UniqueFd fd, std::vector<std::byte> reply) {
+  return std::thread([fd = std::move(fd), reply = std::move(reply)]() mutable {
+    if (!WriteAll(fd.Get(), AgentHello())) return;
+    protocol::FrameDecoder decoder;
+    ReadUntil(fd.Get(), decoder, [](const protocol::Frame& f) { return f.type == FrameType::kOpen; });
+    if (!WriteAll(fd.Get(), reply)) return;
+    ReadUntil(fd.Get(), decoder, [](const protocol::Frame&) { return false; });
+  });
+}
+
+host::AgentClientOptions WithTimeout(std::chrono::milliseconds timeout) {
+  host::AgentClientOptions options;
+  options.handshake_timeout = timeout;
+  return options;
+}
+
+class AgentLink : public AgentTest {};
+
+TEST_F(AgentLink, GarbageInsteadOfHelloFailsTheHandshake) {
+  auto p = MakePair();
+  ASSERT_TRUE(WriteAll(p.fake.Get(), std::string(64, '\xff')).has_value());
+  auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error().errno_value, EPROTO) << c.error().message;
+}
+
+TEST_F(AgentLink, SilentPeerTimesOutTheHandshake) {
+  auto p = MakePair();
+  auto c = host::AgentClient::Connect(std::move(p.host),
+                                      WithTimeout(std::chrono::milliseconds(200)));
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error().errno_value, ETIMEDOUT) << c.error().message;
+}
+
+TEST_F(AgentLink, WrongVersionIsRefused) {
+  auto p = MakePair();
+  ASSERT_TRUE(WriteAll(p.fake.Get(), FrameBytes(0, FrameType::kHello, Channel::kControl,
+                                                R"({"version":7,"role":"agent"})"))
+                  .has_value());
+  auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error().errno_value, EPROTONOSUPPORT);
+}
+
+Result<host::ExecResult> ExecAgainst(std::vector<std::byte> reply, std::optional<Error>* link_error) {
+  auto p = MakePair();
+  auto fake = FakeAgent(std::move(p.fake), std::move(reply));
+  auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
+  if (!c) {
+    fake.join();
+    return std::unexpected(c.error());
+  }
+  auto r = (*c)->Exec(Sh("true"));
+  *link_error = (*c)->LinkError();
+  c->reset();  // closes the link: the fake agent sees EOF
+  fake.join();
+  return r;
+}
+
+TEST_F(AgentLink, OversizeFrameHeaderFailsTheLinkCleanly) {
+  auto reply = FrameBytes(1, FrameType::kData, Channel::kStdout, "");
+  uint32_t huge = protocol::kMaxPayload + 1;
+  for (int i = 0; i < 4; ++i) reply[i] = static_cast<std::byte>((huge >> (8 * i)) & 0xff);
+  std::optional<Error> link_error;
+  auto r = ExecAgainst(reply, &link_error);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().errno_value, EPROTO);
+  EXPECT_NE(r.error().message.find("exceeds the limit"), std::string::npos) << r.error().message;
+  ASSERT_TRUE(link_error.has_value());
+}
+
+TEST_F(AgentLink, RandomGarbageAfterHandshakeFailsTheLinkCleanly) {
+  std::vector<std::byte> garbage;
+  for (int i = 0; i < 4096; ++i) garbage.push_back(static_cast<std::byte>((i * 131 + 7) & 0xff));
+  std::optional<Error> link_error;
+  auto r = ExecAgainst(garbage, &link_error);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_TRUE(link_error.has_value());
+}
+
+TEST_F(AgentLink, DataBeyondTheWindowFailsTheLink) {
+  auto reply = FrameBytes(1, FrameType::kOpened, Channel::kControl, R"({"pid":5})");
+  std::string chunk(protocol::kDataChunk, 'z');
+  for (int i = 0; i < 5; ++i) {  // 320 KiB > the 256 KiB window
+    auto f = FrameBytes(1, FrameType::kData, Channel::kStdout, chunk);
+    reply.insert(reply.end(), f.begin(), f.end());
+  }
+  auto p = MakePair();
+  auto fake = FakeAgent(std::move(p.fake), std::move(reply));
+  auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
+  ASSERT_TRUE(c.has_value()) << c.error().message;
+  host::AgentClient* client = c->get();
+  host::ExecCallbacks cb;
+  // The first chunk's callback holds its credit until the link has failed,
+  // so everything after the first 256 KiB is beyond the window.
+  cb.on_stdout = [client](std::string_view) {
+    while (!client->LinkError()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  };
+  auto session = client->StartExec(Sh("true"), cb);
+  ASSERT_TRUE(session.has_value()) << session.error().message;
+  auto status = (*session)->Wait();
+  ASSERT_FALSE(status.has_value());
+  EXPECT_NE(status.error().message.find("window"), std::string::npos) << status.error().message;
+  session->reset();
+  c->reset();
+  fake.join();
+}
+
+TEST_F(AgentLink, FrameForAStreamNeverOpenedFailsTheLink) {
+  std::optional<Error> link_error;
+  auto r = ExecAgainst(FrameBytes(99, FrameType::kResult, Channel::kControl, R"({"exit_code":0})"),
+                       &link_error);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().errno_value, EPROTO);
+}
+
+TEST_F(AgentLink, MalformedResultJsonFailsOnlyThatCall) {
+  for (std::string body : {"{not json", R"({"exit_code":"zero"})", R"({"exit_code":1,"signal":2})",
+                           R"({"exit_code":0,"extra":1})", "[1,2,3]", R"({"exit_code":1e400})"}) {
+    std::optional<Error> link_error;
+    auto r = ExecAgainst(FrameBytes(1, FrameType::kResult, Channel::kControl, body), &link_error);
+    ASSERT_FALSE(r.has_value()) << body;
+    EXPECT_EQ(r.error().errno_value, EINVAL) << body << ": " << r.error().message;
+    EXPECT_FALSE(link_error.has_value()) << body;
+  }
+}
+
+TEST_F(AgentLink, AgentClosingWakesEveryWaiter) {
+  auto agent = StartAgent();
+  ASSERT_TRUE(agent && agent->client);
+  std::vector<std::thread> waiters;
+  std::atomic<int> failed{0};
+  for (int i = 0; i < 4; ++i) {
+    waiters.emplace_back([&] {
+      auto r = agent->client->Exec(Cmd({"sleep", "30"}));
+      if (!r) ++failed;
+    });
+  }
+  ASSERT_TRUE(agent->client->Ping(std::chrono::seconds(5)).has_value());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the execs start (not a timing assertion)
+  ::kill(agent->pid, SIGKILL);
+  for (auto& t : waiters) t.join();
+  EXPECT_EQ(failed.load(), 4);
+  EXPECT_TRUE(agent->client->LinkError().has_value());
+}
+
+// The real agent against raw frames from the host side.
+class RawAgent : public AgentTest {
+ protected:
+  void SetUp() override {
+    AgentTest::SetUp();
+    auto [pid, fd] = SpawnAgentRaw();
+    pid_ = pid;
+    fd_ = std::move(fd);
+    ASSERT_GT(pid_, 0);
+  }
+  void TearDown() override {
+    fd_.Reset();
+    int status = 0;
+    ::waitpid(pid_, &status, 0);  // the agent exits once the link is gone
+    AgentTest::TearDown();
+  }
+  void Send(uint32_t stream, FrameType type, Channel ch, std::string_view body) {
+    ASSERT_TRUE(WriteAll(fd_.Get(), FrameBytes(stream, type, ch, body)).has_value());
+  }
+  void Handshake() {
+    Send(0, FrameType::kHello, Channel::kControl, R"({"version":1,"role":"host"})");
+  }
+  pid_t pid_ = -1;
+  UniqueFd fd_;
+  protocol::FrameDecoder decoder_;
+};
+
+TEST_F(RawAgent, BadRequestFailsOnlyItsStream) {
+  Handshake();
+  Send(1, FrameType::kOpen, Channel::kControl, "{\"op\":\"exec\",\"argv\":[]}");
+  Send(2, FrameType::kOpen, Channel::kControl, "not json at all");
+  Send(3, FrameType::kOpen, Channel::kControl, R"({"op":"teleport"})");
+  Send(0, FrameType::kPing, Channel::kControl, "still-alive");
+  int errors = 0;
+  auto pong = ReadUntil(fd_.Get(), decoder_, [&](const protocol::Frame& f) {
+    if (f.type == FrameType::kError) {
+      auto body = protocol::DecodeError(f.PayloadText());
+      EXPECT_TRUE(body.has_value());
+      if (body) {
+        EXPECT_EQ(body->errno_value, EINVAL) << body->message;
+      }
+      ++errors;
+    }
+    return f.type == FrameType::kPong;
+  });
+  ASSERT_TRUE(pong.has_value());
+  EXPECT_EQ(pong->PayloadText(), "still-alive");
+  EXPECT_EQ(errors, 3);
+}
+
+TEST_F(RawAgent, OversizeHeaderEndsTheLink) {
+  Handshake();
+  auto header = FrameBytes(1, FrameType::kData, Channel::kStdin, "");
+  uint32_t huge = 64u << 20;
+  for (int i = 0; i < 4; ++i) header[i] = static_cast<std::byte>((huge >> (8 * i)) & 0xff);
+  ASSERT_TRUE(WriteAll(fd_.Get(), header).has_value());
+  bool saw_error = false;
+  auto last = ReadUntil(fd_.Get(), decoder_, [&](const protocol::Frame& f) {
+    if (f.stream_id == 0 && f.type == FrameType::kError) saw_error = true;
+    return false;
+  });
+  EXPECT_FALSE(last.has_value());  // the agent closed the link
+  EXPECT_TRUE(saw_error);
+}
+
+TEST_F(RawAgent, VersionMismatchIsAnsweredWithAnError) {
+  Send(0, FrameType::kHello, Channel::kControl, R"({"version":2,"role":"host"})");
+  std::optional<int> err;
+  ReadUntil(fd_.Get(), decoder_, [&](const protocol::Frame& f) {
+    if (f.type == FrameType::kError) {
+      auto body = protocol::DecodeError(f.PayloadText());
+      if (body) err = body->errno_value;
+    }
+    return false;
+  });
+  EXPECT_EQ(err, EPROTONOSUPPORT);
+}
+
+}  // namespace
+}  // namespace cella::testing

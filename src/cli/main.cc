@@ -1,5 +1,7 @@
 // `cella`: runs OCI images as microVM sandboxes. The CLI only parses
 // arguments and hands them to the commands; exceptions from CLI11 stop here.
+#include <signal.h>
+
 #include <CLI/CLI.hpp>
 
 #include "base/log.h"
@@ -7,6 +9,9 @@
 
 int main(int argc, char** argv) {
   using cella::cli::kExitCellaError;
+  // A peer that went away (the guest link, a closed stdout pipe) must be an
+  // error value at the write, not a silent death of the whole CLI.
+  ::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"cella: run OCI images as microVM sandboxes", "cella"};
   app.require_subcommand(1);
   bool debug = false;

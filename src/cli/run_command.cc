@@ -17,10 +17,7 @@
 #include "base/log.h"
 #include "cli/commands.h"
 #include "cli/run_options.h"
-#include "host/image/default_rootfs.h"
-#include "host/kernel/initramfs.h"
-#include "host/kernel/kernel.h"
-#include "host/vmm/config_disk.h"
+#include "host/sandbox/compose.h"
 #include "host/vmm/paths.h"
 #include "host/vmm/qemu_backend.h"
 #include "protocol/config.h"
@@ -52,24 +49,6 @@ Result<std::string> NewSandboxId() {
   return id;
 }
 
-// cella-init and cella-agent are installed beside the cella binary.
-// CELLA_LIBEXEC_DIR overrides (packaging, tests).
-Result<std::string> GuestBinaryDir() {
-  if (const char* dir = std::getenv("CELLA_LIBEXEC_DIR")) return std::string(dir);
-  std::error_code ec;
-  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (ec) return Fail("cannot find the cella binary (/proc/self/exe): " + ec.message());
-  return self.parent_path().string();
-}
-
-Result<std::string> ExistingFile(const std::string& path, std::string_view what) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0)
-    return Fail(std::string(what) + " not found at " + path +
-                " (build it with `make build`, or set CELLA_LIBEXEC_DIR)");
-  return path;
-}
-
 struct Prepared {
   protocol::Config guest;
   vmm::VMConfig vm;
@@ -91,70 +70,31 @@ Result<Prepared> Prepare(const RunArgs& args, const std::string& home, const std
   g.cmd = args.command.empty() ? std::vector<std::string>{"sh"} : args.command;
   g.workdir = args.workdir;
   g.user = args.user;
-  g.hostname = args.hostname.empty() ? id : args.hostname;
+  g.hostname = args.hostname;
   g.privileged = args.privileged;
   g.no_network = args.no_network;
-  g.network_enabled = !args.no_network;
-  if (!args.no_network) {
-    g.guest_ip = vmm::kUserNetGuestIp;
-    g.guest_cidr = vmm::kUserNetPrefix;
-    g.guest_gw = vmm::kUserNetGateway;
-    g.guest_dns = vmm::kUserNetDns;
-    g.dns_servers = args.dns.empty() ? std::vector<std::string>{vmm::kUserNetDns} : args.dns;
-    g.mtu = args.mtu;
-  }
+  g.dns_servers = args.dns;
+  if (!args.no_network) g.mtu = args.mtu;
   for (const auto& item : args.add_hosts) {
     HostEntry e = CELLA_TRY(ParseAddHost(item));
     g.extra_hosts.push_back({e.host, e.ip});
   }
-  double cpus = args.cpus.empty() ? 1.0 : CELLA_TRY(ParseCpus(args.cpus));
-  if (!args.cpus.empty()) g.cpus = cpus;
-  int memory_mib = args.memory.empty() ? 512 : CELLA_TRY(ParseMemoryMiB(args.memory));
+  sandbox::MachineShape shape;
+  if (!args.cpus.empty()) g.cpus = shape.cpus = CELLA_TRY(ParseCpus(args.cpus));
+  if (!args.memory.empty()) shape.memory_mib = CELLA_TRY(ParseMemoryMiB(args.memory));
 
   std::optional<kernel::KernelOverride> kernel_override;
-  if (!args.kernel.empty()) kernel_override = kernel::KernelOverride{args.kernel, ""};
-  kernel::KernelInfo kernel = CELLA_TRY(kernel::FindKernel(home, kernel_override));
-  if (!kernel.notice.empty()) log::Notice(kernel.notice);
-  if (!kernel_override && kernel.modules_dir.empty())
-    return Fail("the cached kernel has no modules directory; run scripts/fetch-kernel.sh again");
+  std::string kernel_path = args.kernel;
+  if (kernel_path.empty())
+    if (const char* from_env = std::getenv("CELLA_KERNEL")) kernel_path = from_env;
+  if (!kernel_path.empty()) kernel_override = kernel::KernelOverride{kernel_path, ""};
+  std::string bin_dir = CELLA_TRY(sandbox::GuestBinaryDir());
+  sandbox::GuestAssets assets =
+      CELLA_TRY(sandbox::EnsureGuestAssets(home, bin_dir, kernel_override));
+  if (!assets.kernel.notice.empty()) log::Notice(assets.kernel.notice);
 
-  std::string bin_dir = CELLA_TRY(GuestBinaryDir());
-  kernel::InitramfsSpec spec;
-  spec.init_binary = CELLA_TRY(ExistingFile(bin_dir + "/cella-init", "guest init"));
-  spec.agent_binary = CELLA_TRY(ExistingFile(bin_dir + "/cella-agent", "guest agent"));
-  if (!kernel_override) {
-    spec.modules_dir = kernel.modules_dir;
-    spec.kernel_release = kernel.release;
-  }
-  kernel::InitramfsFile initramfs = CELLA_TRY(kernel::EnsureInitramfs(home, spec));
-  image::DefaultRootfs rootfs = CELLA_TRY(image::EnsureDefaultRootfs(home));
-
-  g.overlay_root = protocol::OverlayRoot{
-      .lower = {{vmm::GuestDevicePath(vmm::LowerSerial(0)), "erofs"}},
-      .upper_device = "",  // tmpfs: `run` sandboxes are thrown away
-      .upper_fstype = "",
-  };
-  CELLA_TRY_CTX(protocol::ValidateConfig(g), "guest config");
-
-  vmm::VMConfig& vm = p.vm;
-  vm.ID = id;
-  vm.KernelPath = kernel.vmlinuz;
-  vm.InitramfsPath = initramfs.path;
-  vm.OverlayEnabled = true;
-  vm.OverlayLowerPaths = {rootfs.path};
-  vm.OverlayLowerFSTypes = {"erofs"};
-  vm.CPUs = cpus;
-  vm.MemoryMB = memory_mib;
-  vm.NoNetwork = args.no_network;
-  vm.Privileged = args.privileged;
-  vm.Hostname = g.hostname;
-  vm.DNSServers = g.dns_servers;
-  vm.MTU = args.mtu;
-  vm.Env = g.env;
-  for (const auto& h : g.extra_hosts) vm.AddHosts.push_back({h.host, h.ip});
-  vm.StateDir = state_dir;
-  vm.ConfigDiskPath =
-      CELLA_TRY(vmm::WriteConfigDisk(protocol::SerializeConfig(g), state_dir + "/config.img"));
+  p.vm = CELLA_TRY(sandbox::Compose(assets, g, shape, {}, {}, id, state_dir));
+  CELLA_TRY(sandbox::WriteGuestConfig(g, p.vm));
   p.accel = CELLA_TRY(vmm::ParseAccelMode(args.accel));
   p.boot_timeout = std::chrono::seconds(args.boot_timeout_s);
   return p;

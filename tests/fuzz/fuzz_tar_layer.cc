@@ -21,6 +21,10 @@ const std::string& WorkDir() {
   static const std::string dir = [] {
     std::string tmpl = "/tmp/cella-fuzz-tar-XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr) std::abort();
+    std::atexit([] {
+      ::unlink((WorkDir() + "/image.erofs").c_str());
+      ::rmdir(WorkDir().c_str());
+    });
     return tmpl;
   }();
   return dir;
@@ -32,7 +36,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace cella::rootfs;
   auto tree = Tree::Create(WorkDir());
   if (!tree) std::abort();  // the work dir exists: this must not fail
-  Limits limits{.max_entries = 2000, .max_content_bytes = 4u << 20, .max_path_bytes = 4096,
+  Limits limits{.max_entries = 2000,
+                .max_content_bytes = 4u << 20,
+                .max_path_bytes = 4096,
                 .max_xattr_bytes = 64 * 1024};
   auto applied = ApplyLayerBytes(*tree, std::as_bytes(std::span(data, size)), limits);
   if (applied && applied->entries > limits.max_entries) std::abort();

@@ -55,6 +55,8 @@ TEST_F(AgentExec, KeepsStdoutAndStderrApart) {
 TEST_F(AgentExec, StreamsTwentyMegabytesWithBoundedMemory) {
   constexpr int64_t kTotal = 20'000'000;
   int64_t client_peak_before = PeakRssBytes(::getpid());
+  int64_t agent_peak_before = PeakRssBytes(agent_->pid);
+  ASSERT_GT(agent_peak_before, 0);
   std::atomic<int64_t> counted{0};
   std::atomic<int> chunks{0};
   ExecCallbacks cb;
@@ -71,10 +73,15 @@ TEST_F(AgentExec, StreamsTwentyMegabytesWithBoundedMemory) {
   EXPECT_EQ(status->exit_code, 0);
   EXPECT_EQ(counted.load(), kTotal);
   int64_t agent_peak = PeakRssBytes(agent_->pid);
-  ASSERT_GT(agent_peak, 0);
-  EXPECT_LT(agent_peak, 10'000'000) << "the agent buffered the output";
-  int64_t client_peak_after = PeakRssBytes(::getpid());
-  EXPECT_LT(client_peak_after - client_peak_before, 10'000'000) << "the client buffered the output";
+  EXPECT_LT(agent_peak - agent_peak_before, 8'000'000)
+      << "the agent buffered the output (peak " << agent_peak << " bytes)";
+  // Under ASan this process's freed buffers sit in the quarantine, so its
+  // peak RSS cannot show buffering; the agent's bound is still checked.
+  if (!kUnderAsan) {
+    int64_t client_peak_after = PeakRssBytes(::getpid());
+    EXPECT_LT(client_peak_after - client_peak_before, 10'000'000)
+        << "the client buffered the output";
+  }
 }
 
 TEST_F(AgentExec, PipesStdinAndClosesIt) {
@@ -256,7 +263,8 @@ TEST_F(AgentExec, FiftyConcurrentExecsOnOneLink) {
   std::vector<int> codes(kCount, -1);
   for (int i = 0; i < kCount; ++i) {
     threads.emplace_back([&, i] {
-      auto r = client().Exec(Sh("echo job" + std::to_string(i) + "; exit " + std::to_string(i % 7)));
+      auto r =
+          client().Exec(Sh("echo job" + std::to_string(i) + "; exit " + std::to_string(i % 7)));
       if (r) {
         outputs[i] = r->stdout_data;
         codes[i] = r->status.exit_code.value_or(-2);
@@ -302,7 +310,8 @@ TEST_F(AgentExec, HardeningSetsNoNewPrivsDropsCapsAndBlocksPtrace) {
   ASSERT_TRUE(agent_ && agent_->client);
   const uint64_t dropped = (1ull << 21) | (1ull << 16) | (1ull << 17) | (1ull << 19) | (1ull << 22);
   // PTRACE_TRACEME (request 0) succeeds for any unhardened process.
-  const std::string ptrace_probe = "$r = syscall(101, 0, 0, 0, 0); print(($r == 0 ? \"ok\" : \"$!\"), \"\\n\");";
+  const std::string ptrace_probe =
+      "$r = syscall(101, 0, 0, 0, 0); print(($r == 0 ? \"ok\" : \"$!\"), \"\\n\");";
 
   auto hardened = client().Exec(Cmd({"cat", "/proc/self/status"}));
   ASSERT_TRUE(hardened.has_value()) << hardened.error().message;

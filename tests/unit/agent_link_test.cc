@@ -22,7 +22,8 @@ Pair MakePair() {
   return {UniqueFd(sv[0]), UniqueFd(sv[1])};
 }
 
-std::vector<std::byte> FrameBytes(uint32_t stream, FrameType type, Channel ch, std::string_view body) {
+std::vector<std::byte> FrameBytes(uint32_t stream, FrameType type, Channel ch,
+                                  std::string_view body) {
   std::vector<std::byte> out;
   protocol::EncodeFrame(stream, type, ch, protocol::AsBytes(body), out);
   return out;
@@ -54,7 +55,8 @@ std::thread FakeAgent(UniqueFd fd, std::vector<std::byte> reply) {
   return std::thread([fd = std::move(fd), reply = std::move(reply)]() mutable {
     if (!WriteAll(fd.Get(), AgentHello())) return;
     protocol::FrameDecoder decoder;
-    ReadUntil(fd.Get(), decoder, [](const protocol::Frame& f) { return f.type == FrameType::kOpen; });
+    ReadUntil(fd.Get(), decoder,
+              [](const protocol::Frame& f) { return f.type == FrameType::kOpen; });
     if (!WriteAll(fd.Get(), reply)) return;
     ReadUntil(fd.Get(), decoder, [](const protocol::Frame&) { return false; });
   });
@@ -78,8 +80,8 @@ TEST_F(AgentLink, GarbageInsteadOfHelloFailsTheHandshake) {
 
 TEST_F(AgentLink, SilentPeerTimesOutTheHandshake) {
   auto p = MakePair();
-  auto c = host::AgentClient::Connect(std::move(p.host),
-                                      WithTimeout(std::chrono::milliseconds(200)));
+  auto c =
+      host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::milliseconds(200)));
   ASSERT_FALSE(c.has_value());
   EXPECT_EQ(c.error().errno_value, ETIMEDOUT) << c.error().message;
 }
@@ -94,7 +96,8 @@ TEST_F(AgentLink, WrongVersionIsRefused) {
   EXPECT_EQ(c.error().errno_value, EPROTONOSUPPORT);
 }
 
-Result<host::ExecResult> ExecAgainst(std::vector<std::byte> reply, std::optional<Error>* link_error) {
+Result<host::ExecResult> ExecAgainst(std::vector<std::byte> reply,
+                                     std::optional<Error>* link_error) {
   auto p = MakePair();
   auto fake = FakeAgent(std::move(p.fake), std::move(reply));
   auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
@@ -189,7 +192,8 @@ TEST_F(AgentLink, AgentClosingWakesEveryWaiter) {
     });
   }
   ASSERT_TRUE(agent->client->Ping(std::chrono::seconds(5)).has_value());
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the execs start (not a timing assertion)
+  std::this_thread::sleep_for(
+      std::chrono::milliseconds(100));  // let the execs start (not a timing assertion)
   ::kill(agent->pid, SIGKILL);
   for (auto& t : waiters) t.join();
   EXPECT_EQ(failed.load(), 4);

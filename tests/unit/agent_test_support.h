@@ -44,10 +44,17 @@ inline std::pair<pid_t, UniqueFd> SpawnAgentRaw(std::vector<std::string> extra_a
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // A sanitizer build of the agent would otherwise hold freed buffers in
+  // ASan's quarantine and its peak RSS would say nothing about buffering.
+  std::vector<std::string> env = {"ASAN_OPTIONS=quarantine_size_mb=0"};
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
   pid_t pid = ::fork();
   if (pid == 0) {
     if (::dup2(sv[1], 3) < 0) _exit(126);
-    ::execv(argv[0], argv.data());
+    ::execve(argv[0], argv.data(), envp.data());
     _exit(127);
   }
   ::close(sv[1]);
@@ -81,7 +88,9 @@ inline protocol::ExecRequest Cmd(std::vector<std::string> argv) {
   return r;
 }
 
-inline protocol::ExecRequest Sh(const std::string& script) { return Cmd({"/bin/sh", "-c", script}); }
+inline protocol::ExecRequest Sh(const std::string& script) {
+  return Cmd({"/bin/sh", "-c", script});
+}
 
 // "VmHWM:   1234 kB" -> bytes; -1 when unreadable.
 inline int64_t PeakRssBytes(pid_t pid) {
@@ -91,6 +100,18 @@ inline int64_t PeakRssBytes(pid_t pid) {
   if (pos == std::string::npos) return -1;
   return std::stoll(status->substr(pos + 6)) * 1024;
 }
+
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool kUnderAsan = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool kUnderAsan = true;
+#else
+inline constexpr bool kUnderAsan = false;
+#endif
+#else
+inline constexpr bool kUnderAsan = false;
+#endif
 
 // Every test process gets a hard bound: a hang becomes a SIGALRM failure.
 class AgentTest : public ::testing::Test {

@@ -53,7 +53,7 @@ void ExpectFsckClean(const std::string& image) {
 // must be mountable); otherwise the test reports itself skipped.
 #define MOUNT_OR_SKIP(var, image, mountpoint)                                 \
   if (::geteuid() != 0) GTEST_SKIP() << "loop-mounting the image needs root"; \
-  MountedImage var(image, mountpoint);                                         \
+  MountedImage var(image, mountpoint);                                        \
   ASSERT_TRUE(var.mounted()) << "mount -t erofs -o loop,ro failed: " << var.error()
 
 Result<RootfsStats> Build(const TempDir& dir, const std::vector<std::string>& layers,
@@ -95,8 +95,8 @@ TEST(RootfsErofs, MultiLayerImageMountsWithWhiteoutsApplied) {
 
 TEST(RootfsErofs, PreservesOwnershipModesXattrsLinksAndDevices) {
   TempDir dir;
-  std::string cap("\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
-                  20);
+  std::string cap(
+      "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", 20);
   std::string long_name(255, 'L');
   TarBuilder(dir / "l1.tar")
       .Dir("", {.mode = 0755})
@@ -178,7 +178,8 @@ TEST(RootfsErofs, DirectoriesWithThousandsOfEntriesSpanBlocks) {
     for (int i = 0; i < 5000; ++i) layer.File("many/file-" + std::to_string(i), std::to_string(i));
     // Names sorting around "." and "..", and high bytes (unsigned order).
     layer.File("many/-dash", "d").File("many/.hidden", "h").File("many/\xc3\xa9t\xc3\xa9", "e");
-    for (int i = 0; i < 40; ++i) layer.File("wide/" + std::string(200, 'a' + i % 26) + std::to_string(i), "w");
+    for (int i = 0; i < 40; ++i)
+      layer.File("wide/" + std::string(200, 'a' + i % 26) + std::to_string(i), "w");
   }
   auto stats = Build(dir, {"l.tar"});
   ASSERT_TRUE(stats) << stats.error().message;

@@ -43,6 +43,8 @@ std::string ApplyExpectingError(Tree& tree, const std::string& layer, const Limi
   return result ? "" : result.error().message;
 }
 
+size_t RoundUp512(size_t n) { return (n + 511) / 512 * 512; }
+
 // A 512-byte ustar header, built by hand so it can declare sizes no test
 // should ever write out.
 std::string UstarHeader(const std::string& name, const char* size_octal, char type = '0') {
@@ -62,6 +64,35 @@ std::string UstarHeader(const std::string& name, const char* size_octal, char ty
   std::snprintf(h.data() + 148, 8, "%06o", sum);
   h[155] = ' ';
   return h;
+}
+
+// A pax extended header ('x') carrying one "path" record, then the entry.
+std::string PaxEntryWithPath(const std::string& path, const std::string& content) {
+  std::string body = " path=" + path + "\n";
+  size_t length = body.size() + 2;
+  if (std::to_string(length).size() + body.size() != length) ++length;
+  std::string record = std::to_string(length) + body;
+  char size_octal[12];
+  std::snprintf(size_octal, sizeof(size_octal), "%011o", static_cast<unsigned>(record.size()));
+  std::string out = UstarHeader("PaxHeaders/x", size_octal, 'x') + record;
+  out.resize(RoundUp512(out.size()), '\0');
+  std::snprintf(size_octal, sizeof(size_octal), "%011o", static_cast<unsigned>(content.size()));
+  out += UstarHeader("ascii-fallback", size_octal) + content;
+  out.resize(RoundUp512(out.size()), '\0');
+  return out + std::string(1024, '\0');
+}
+
+TEST(RootfsLayer, KeepsUtf8PaxNamesAsTheirBytes) {
+  TempDir dir;
+  std::string tar = PaxEntryWithPath("caf\xc3\xa9/\xe6\x97\xa5\xe6\x9c\xac", "x");
+  auto tree = Tree::Create(dir.path());
+  ASSERT_TRUE(tree);
+  auto stats = ApplyLayerBytes(*tree, std::as_bytes(std::span(tar)), {});
+  ASSERT_TRUE(stats) << stats.error().message;
+  EXPECT_TRUE(stats->warnings.empty()) << stats->warnings.front();
+  const Inode* file = Lookup(*tree, "caf\xc3\xa9/\xe6\x97\xa5\xe6\x9c\xac");
+  ASSERT_NE(file, nullptr);
+  EXPECT_EQ(file->size, 1u);
 }
 
 TEST(RootfsPath, NormalisesLikeDocker) {
@@ -184,9 +215,9 @@ TEST(RootfsLayer, RefusesBadHardlinks) {
     const char* target;
     const char* expected;
   };
-  for (Case c : {Case{"../../etc/shadow", "escapes the image root"},
-                 Case{"missing", "does not exist"}, Case{"dir", "is a directory"},
-                 Case{"link/target", "symlink"}}) {
+  for (Case c :
+       {Case{"../../etc/shadow", "escapes the image root"}, Case{"missing", "does not exist"},
+        Case{"dir", "is a directory"}, Case{"link/target", "symlink"}}) {
     TempDir dir;
     TarBuilder(dir / "l.tar").Dir("dir").Symlink("link", "/").Hardlink("hl", c.target);
     auto tree = Tree::Create(dir.path());
@@ -214,8 +245,8 @@ TEST(RootfsLayer, CapsDeclaredSizeBeforeReadingContent) {
   std::string tar = UstarHeader("bomb", "77777777777") + std::string(1024, '\0');
   auto tree = Tree::Create(dir.path());
   ASSERT_TRUE(tree);
-  auto result = ApplyLayerBytes(*tree, std::as_bytes(std::span(tar)),
-                                Limits{.max_content_bytes = 1 << 20});
+  auto result =
+      ApplyLayerBytes(*tree, std::as_bytes(std::span(tar)), Limits{.max_content_bytes = 1 << 20});
   ASSERT_FALSE(result);
   EXPECT_NE(result.error().message.find("\"bomb\""), std::string::npos) << result.error().message;
   EXPECT_NE(result.error().message.find("declares 8589934591 bytes"), std::string::npos)
@@ -299,8 +330,8 @@ TEST(RootfsBuild, HostileLayerLeavesNothingBehind) {
   std::filesystem::create_directories(dir / "out");
   TarBuilder(dir / "ok.tar").File("fine", "x");
   TarBuilder(dir / "bad.tar").Symlink("s", "/").File("s/etc/passwd", "x");
-  auto result = BuildRootfsImage({dir / "ok.tar", dir / "bad.tar"}, dir / "out/root.erofs",
-                                 dir / "work");
+  auto result =
+      BuildRootfsImage({dir / "ok.tar", dir / "bad.tar"}, dir / "out/root.erofs", dir / "work");
   ASSERT_FALSE(result);
   EXPECT_NE(result.error().message.find("bad.tar"), std::string::npos) << result.error().message;
   EXPECT_TRUE(std::filesystem::is_empty(dir / "work"));

@@ -185,7 +185,10 @@ TEST(QemuArgv, RejectsBadConfigsNamingTheField) {
          c.OverlayLowerFSTypes = {"erofs"};
        },
        "OverlayLowerFSTypes"},
-      {[](VMConfig& c) { c.ExtraDisks = {{"relative.img", "", false}}; }, "absolute"},
+      {[](VMConfig& c) {
+         c.ExtraDisks = {{"relative.img", "", false}};
+       },
+       "absolute"},
   };
   for (const Case& tc : cases) {
     VMConfig c = BaseConfig();

@@ -67,11 +67,11 @@ TEST(Modules, DefaultSetInDependencyOrder) {
   }
   std::vector<std::string> names;
   for (const auto& p : *order) names.push_back(ModuleNameFromPath(p));
-  EXPECT_EQ(names, (std::vector<std::string>{
-                       "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console",
-                       "failover", "net_failover", "virtio_net", "vsock",
-                       "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
-                       "libcrc32c", "erofs", "overlay"}));
+  EXPECT_EQ(names,
+            (std::vector<std::string>{
+                "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "failover",
+                "net_failover", "virtio_net", "vsock", "vmw_vsock_virtio_transport_common",
+                "vmw_vsock_virtio_transport", "libcrc32c", "erofs", "overlay"}));
   // ext4 is built in here: required but not listed; fuse was not asked for.
   EXPECT_EQ(IndexOf(*order, "ext4"), order->size());
   EXPECT_EQ(IndexOf(*order, "fuse"), order->size());
@@ -134,9 +134,13 @@ TEST_F(TempDir, FindKernelExplainsWhatToRun) {
 TEST_F(TempDir, FindKernelReadsManifest) {
   Write("kernel/1/boot/vmlinuz", "bz");
   Write("kernel/1/lib/modules/6.1/modules.dep", "");
-  Write("kernel/manifest", "package=linux-image-x\nversion=1\nkernel_release=6.1\n"
-                           "deb_sha256=ab\nvmlinuz=" + dir_ + "/kernel/1/boot/vmlinuz\n"
-                           "modules_dir=" + dir_ + "/kernel/1/lib/modules/6.1\n");
+  Write("kernel/manifest",
+        "package=linux-image-x\nversion=1\nkernel_release=6.1\n"
+        "deb_sha256=ab\nvmlinuz=" +
+            dir_ +
+            "/kernel/1/boot/vmlinuz\n"
+            "modules_dir=" +
+            dir_ + "/kernel/1/lib/modules/6.1\n");
   auto k = FindKernel(dir_);
   ASSERT_TRUE(k) << k.error().message;
   EXPECT_EQ(k->vmlinuz, dir_ + "/kernel/1/boot/vmlinuz");
@@ -178,7 +182,7 @@ std::map<std::string, CpioEntry> ReadCpio(const std::string& path) {
   EXPECT_EQ(archive_read_open_filename(a, path.c_str(), 16384), ARCHIVE_OK);
   archive_entry* e;
   while (archive_read_next_header(a, &e) == ARCHIVE_OK) {
-    CpioEntry ce{archive_entry_mode(e), archive_entry_uid(e), archive_entry_gid(e),
+    CpioEntry ce{archive_entry_mode(e),  archive_entry_uid(e),  archive_entry_gid(e),
                  archive_entry_mtime(e), archive_entry_size(e), {}};
     ce.content.resize(static_cast<size_t>(ce.size));
     if (ce.size > 0) archive_read_data(a, ce.content.data(), ce.content.size());

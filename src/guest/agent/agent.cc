@@ -246,7 +246,8 @@ struct Agent::Impl {
           FailStream(s.stream, std::move(n.error()).WithContext("read"));
           return;
         }
-        log::Warn("agent: output read failed", {{"stream", s.stream}, {"error", n.error().message}});
+        log::Warn("agent: output read failed",
+                  {{"stream", s.stream}, {"error", n.error().message}});
       }
       c.fd.Reset();
       c.finished = true;
@@ -493,7 +494,8 @@ struct Agent::Impl {
         return;
       }
       case MainState::kRunning: {
-        if (!detached_main) return QueueError(stream, EBUSY, "the main process is already attached");
+        if (!detached_main)
+          return QueueError(stream, EBUSY, "the main process is already attached");
         auto s = std::move(detached_main);
         s->stream = stream;
         for (auto& c : s->out) c.credit = kInitialWindow;
@@ -512,15 +514,15 @@ struct Agent::Impl {
   void StartPort(uint32_t stream, uint16_t port) {
     UniqueFd sock(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (!sock) return QueueError(stream, Error::FromErrno("port_forward: socket"));
-    struct sockaddr_in addr{};
+    struct sockaddr_in addr {};
     addr.sin_family = AF_INET;
     addr.sin_port = htons(port);
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     bool connecting = false;
     if (::connect(sock.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
       if (errno != EINPROGRESS)
-        return QueueError(stream,
-                          Error::FromErrno("port_forward: connect 127.0.0.1:" + std::to_string(port)));
+        return QueueError(
+            stream, Error::FromErrno("port_forward: connect 127.0.0.1:" + std::to_string(port)));
       connecting = true;
     }
     auto s = std::make_unique<Session>();
@@ -662,8 +664,8 @@ struct Agent::Impl {
         case FrameType::kPong:
           return;
         default:
-          return Violation("unexpected frame type " +
-                           std::to_string(static_cast<int>(frame.type)) + " on stream 0");
+          return Violation("unexpected frame type " + std::to_string(static_cast<int>(frame.type)) +
+                           " on stream 0");
       }
     }
     if (frame.type == FrameType::kOpen) return HandleOpen(frame);
@@ -683,7 +685,8 @@ struct Agent::Impl {
         auto inc = protocol::ParseU32Payload(frame);
         if (!inc) return FailStream(s->stream, Error{inc.error().message, EINVAL});
         if (frame.channel != Channel::kStdout && frame.channel != Channel::kStderr)
-          return FailStream(s->stream, Error{"Window from the host must be for stdout/stderr", EPROTO});
+          return FailStream(s->stream,
+                            Error{"Window from the host must be for stdout/stderr", EPROTO});
         int64_t& credit = s->out[frame.channel == Channel::kStdout ? 0 : 1].credit;
         credit = std::min<int64_t>(credit + *inc, int64_t{1} << 40);
         return;
@@ -693,7 +696,7 @@ struct Agent::Impl {
           return FailStream(s->stream, Error{"Resize payload must be 4 bytes", EINVAL});
         if (s->kind != Kind::kExec || !s->pty_master) return;  // no terminal: nothing to resize
         auto b = [&](int i) { return static_cast<unsigned>(frame.payload[i]); };
-        struct winsize ws{};
+        struct winsize ws {};
         ws.ws_row = static_cast<unsigned short>(b(0) | (b(1) << 8));
         ws.ws_col = static_cast<unsigned short>(b(2) | (b(3) << 8));
         if (::ioctl(s->pty_master.Get(), TIOCSWINSZ, &ws) != 0)

@@ -67,7 +67,7 @@ Status RemoveContents(int dirfd, const std::string& where) {
     std::string name = ent->d_name;
     if (name == "." || name == "..") continue;
     std::string child = where + "/" + name;
-    struct stat st{};
+    struct stat st {};
     if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
       result = FailErrno("lstat " + child);
       break;
@@ -96,7 +96,7 @@ Status RemoveContents(int dirfd, const std::string& where) {
 }  // namespace
 
 Result<protocol::FileInfo> StatPath(const std::string& path) {
-  struct stat st{};
+  struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
   return InfoFrom(BaseName(path), st);
 }
@@ -123,7 +123,7 @@ Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path) {
     }
     std::string name = ent->d_name;
     if (name == "." || name == "..") continue;
-    struct stat st{};
+    struct stat st {};
     if (::fstatat(dirfd.Get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
       // Deleted between readdir and stat: not an error for a listing.
       if (errno == ENOENT) continue;
@@ -145,7 +145,7 @@ Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path) {
 }
 
 Status MakeDirs(const std::string& path, mode_t mode) {
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) == 0) {
     if (S_ISDIR(st.st_mode)) return {};
     return FailErrno("mkdir " + path, ENOTDIR);
@@ -158,7 +158,7 @@ Status MakeDirs(const std::string& path, mode_t mode) {
 }
 
 Status RemovePath(const std::string& path, Recursive recursive) {
-  struct stat st{};
+  struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) return FailErrno("remove " + path);
   if (!S_ISDIR(st.st_mode)) {
     if (::unlink(path.c_str()) != 0) return FailErrno("unlink " + path);
@@ -176,7 +176,7 @@ Status RemovePath(const std::string& path, Recursive recursive) {
 Result<OpenedForRead> OpenForRead(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
   if (!fd) return FailErrno("open " + path);
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd.Get(), &st) != 0) return FailErrno("fstat " + path);
   if (S_ISDIR(st.st_mode)) return FailErrno("read " + path, EISDIR);
   return OpenedForRead{std::move(fd), static_cast<uint64_t>(st.st_size), st.st_mode & 07777u};
@@ -184,14 +184,13 @@ Result<OpenedForRead> OpenForRead(const std::string& path) {
 
 Result<AtomicFileWriter> AtomicFileWriter::Create(const std::string& path, mode_t mode,
                                                   std::optional<uid_t> uid,
-                                                  std::optional<gid_t> gid,
-                                                  CreateParents parents) {
+                                                  std::optional<gid_t> gid, CreateParents parents) {
   std::string dir = DirName(path);
   std::string base = BaseName(path);
   if (base.empty() || base == "/" || base == "." || base == "..")
     return FailErrno("write " + path + ": not a file name", EINVAL);
   if (parents == CreateParents::kYes) CELLA_TRY(MakeDirs(dir, 0755));
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
     return FailErrno("write " + path, EISDIR);
 

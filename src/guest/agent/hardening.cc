@@ -14,8 +14,8 @@
 namespace cella::agent {
 namespace {
 
-constexpr unsigned kDroppedCaps[] = {CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_RAWIO,
-                                     CAP_SYS_PTRACE, CAP_SYS_BOOT};
+constexpr unsigned kDroppedCaps[] = {CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE,
+                                     CAP_SYS_BOOT};
 
 constexpr unsigned kNrOffset = offsetof(struct seccomp_data, nr);
 constexpr unsigned kArchOffset = offsetof(struct seccomp_data, arch);

@@ -45,7 +45,8 @@ Result<Args> ParseArgs(int argc, char** argv) {
     std::string_view a = argv[i];
     auto take = [&](Mode mode) -> cella::Status {
       if (i + 1 >= argc) return cella::Fail(std::string(a) + " needs a value");
-      if (args.mode != Mode::kNone) return cella::Fail("give only one of --fd/--listen/--device/--virtio-port");
+      if (args.mode != Mode::kNone)
+        return cella::Fail("give only one of --fd/--listen/--device/--virtio-port");
       args.mode = mode;
       args.value = argv[++i];
       return {};
@@ -138,7 +139,8 @@ int Run(const Args& args) {
   switch (args.mode) {
     case Mode::kFd: {
       int fd = 0;
-      auto [ptr, ec] = std::from_chars(args.value.data(), args.value.data() + args.value.size(), fd);
+      auto [ptr, ec] =
+          std::from_chars(args.value.data(), args.value.data() + args.value.size(), fd);
       if (ec != std::errc() || ptr != args.value.data() + args.value.size() || fd < 0) {
         std::fprintf(stderr, "cella-agent: --fd needs a descriptor number\n%s", kUsage);
         return 2;
@@ -178,7 +180,8 @@ int Run(const Args& args) {
       while (!g_shutdown_requested) {
         UniqueFd dev(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
         if (!dev) {
-          cella::log::Warn("agent: cannot open the port", {{"path", path}, {"error", std::strerror(errno)}});
+          cella::log::Warn("agent: cannot open the port",
+                           {{"path", path}, {"error", std::strerror(errno)}});
         } else {
           Report((*agent)->Serve(std::move(dev)));
         }

@@ -81,14 +81,16 @@ bool HasEnv(const std::vector<std::string>& env, std::string_view name) {
   return false;
 }
 
-std::vector<std::string> Candidates(const std::string& program, const std::vector<std::string>& env) {
+std::vector<std::string> Candidates(const std::string& program,
+                                    const std::vector<std::string>& env) {
   if (program.find('/') != std::string::npos) return {program};
   std::string path = HasEnv(env, "PATH") ? EnvValue(env, "PATH") : kDefaultPath;
   std::vector<std::string> out;
   size_t start = 0;
   for (;;) {
     size_t end = path.find(':', start);
-    std::string dir = path.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    std::string dir =
+        path.substr(start, end == std::string::npos ? std::string::npos : end - start);
     out.push_back((dir.empty() ? "." : dir) + "/" + program);
     if (end == std::string::npos) break;
     start = end + 1;
@@ -148,7 +150,7 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
     if (int err = ::ptsname_r(master.Get(), name, sizeof(name)); err != 0)
       return FailErrno("ptsname_r", err);
     slave_path = name;
-    struct winsize ws{};
+    struct winsize ws {};
     ws.ws_row = request.rows;
     ws.ws_col = request.cols;
     if (::ioctl(master.Get(), TIOCSWINSZ, &ws) != 0) return FailErrno("ioctl(TIOCSWINSZ)");
@@ -237,8 +239,8 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   StatusRecord record{};
   size_t got = 0;
   while (got < sizeof(record)) {
-    ssize_t n = ::read(status.read.Get(), reinterpret_cast<char*>(&record) + got,
-                       sizeof(record) - got);
+    ssize_t n =
+        ::read(status.read.Get(), reinterpret_cast<char*>(&record) + got, sizeof(record) - got);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     got += static_cast<size_t>(n);

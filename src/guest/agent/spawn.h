@@ -13,10 +13,10 @@ namespace cella::agent {
 enum class Hardening { kOff, kOn };
 
 struct SpawnedChild {
-  pid_t pid = -1;  // also the process group id (the child calls setsid)
-  UniqueFd stdin_fd;   // write end; invalid when the request has no stdin
-  UniqueFd stdout_fd;  // read end (the pty master in tty mode)
-  UniqueFd stderr_fd;  // read end; invalid in tty mode (merged into the pty)
+  pid_t pid = -1;       // also the process group id (the child calls setsid)
+  UniqueFd stdin_fd;    // write end; invalid when the request has no stdin
+  UniqueFd stdout_fd;   // read end (the pty master in tty mode)
+  UniqueFd stderr_fd;   // read end; invalid in tty mode (merged into the pty)
   UniqueFd pty_master;  // tty mode only: for TIOCSWINSZ
 };
 

@@ -87,6 +87,9 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   main.workdir = config.workdir;
   main.user = config.user;
   main.privileged = config.privileged;
+  // The host decides: `cella run -i` streams into it, otherwise it closes
+  // stdin right after attaching.
+  main.stdin_open = true;
   if (!main.argv.empty()) options.main_request = std::move(main);
   const bool keep_alive = config.keep_alive;
   options.on_main_exit = [keep_alive](int wait_status) {

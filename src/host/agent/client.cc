@@ -77,11 +77,10 @@ class Link {
     if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return FailErrno("agent link: pipe2");
     auto link = std::make_shared<Link>(std::move(fd), UniqueFd(p[0]), UniqueFd(p[1]));
     auto deadline = Clock::now() + timeout;
-    std::string hello =
-        protocol::EncodeHello({protocol::kProtocolVersion, protocol::Role::kHost});
-    CELLA_TRY_CTX(link->Send(0, FrameType::kHello, Channel::kControl, protocol::AsBytes(hello),
-                             deadline),
-                  "agent handshake");
+    std::string hello = protocol::EncodeHello({protocol::kProtocolVersion, protocol::Role::kHost});
+    CELLA_TRY_CTX(
+        link->Send(0, FrameType::kHello, Channel::kControl, protocol::AsBytes(hello), deadline),
+        "agent handshake");
     CELLA_TRY_CTX(link->AwaitHello(deadline), "agent handshake");
     link->reader_ = std::thread([raw = link.get()] { raw->ReaderLoop(); });
     return link;
@@ -104,6 +103,10 @@ class Link {
 
   Result<std::shared_ptr<Stream>> Open(const protocol::Request& request) {
     std::shared_ptr<Stream> stream;
+    std::string body = protocol::EncodeRequest(request);
+    // Ids are allocated and sent under the write lock: the agent requires
+    // them to arrive in increasing order.
+    std::lock_guard write_lock(write_mu_);
     {
       std::lock_guard lock(mu_);
       if (failure_) return std::unexpected(*failure_);
@@ -111,8 +114,8 @@ class Link {
       stream = std::make_shared<Stream>(next_id_++);
       streams_[stream->id] = stream;
     }
-    std::string body = protocol::EncodeRequest(request);
-    CELLA_TRY(Send(stream->id, FrameType::kOpen, Channel::kControl, protocol::AsBytes(body)));
+    CELLA_TRY(SendLocked(stream->id, FrameType::kOpen, Channel::kControl, protocol::AsBytes(body),
+                         std::nullopt));
     return stream;
   }
 
@@ -183,7 +186,8 @@ class Link {
     for (int i = 0; i < 8; ++i) payload.push_back(static_cast<std::byte>((id >> (8 * i)) & 0xff));
     auto sent = Send(0, FrameType::kPing, Channel::kControl, payload);
     std::unique_lock lock(mu_);
-    bool answered = sent && ping_cv_.wait_for(lock, timeout, [&] { return pings_[id] || failure_; });
+    bool answered =
+        sent && ping_cv_.wait_for(lock, timeout, [&] { return pings_[id] || failure_; });
     bool got = pings_[id];
     pings_.erase(id);
     if (got) return {};
@@ -196,11 +200,18 @@ class Link {
 
   Status Send(uint32_t stream, FrameType type, Channel channel, std::span<const std::byte> payload,
               std::optional<Clock::time_point> deadline = std::nullopt) {
+    std::lock_guard lock(write_mu_);
+    return SendLocked(stream, type, channel, payload, deadline);
+  }
+
+ private:
+  // Needs write_mu_ held.
+  Status SendLocked(uint32_t stream, FrameType type, Channel channel,
+                    std::span<const std::byte> payload, std::optional<Clock::time_point> deadline) {
     std::vector<std::byte> header;
     protocol::EncodeFrame(stream, type, channel, {}, header);
     uint32_t len = static_cast<uint32_t>(payload.size());
     for (int i = 0; i < 4; ++i) header[i] = static_cast<std::byte>((len >> (8 * i)) & 0xff);
-    std::lock_guard lock(write_mu_);
     if (auto f = Failure()) return std::unexpected(*f);
     size_t total = header.size() + payload.size();
     size_t done = 0;
@@ -209,7 +220,8 @@ class Link {
       int count = 0;
       if (done < header.size()) {
         iov[count++] = {header.data() + done, header.size() - done};
-        if (!payload.empty()) iov[count++] = {const_cast<std::byte*>(payload.data()), payload.size()};
+        if (!payload.empty())
+          iov[count++] = {const_cast<std::byte*>(payload.data()), payload.size()};
       } else {
         size_t off = done - header.size();
         iov[count++] = {const_cast<std::byte*>(payload.data()) + off, payload.size() - off};
@@ -230,7 +242,6 @@ class Link {
     return {};
   }
 
- private:
   // Waits for events on fd, giving up when the link is closing or the
   // deadline passes.
   Status WaitFd(int fd, short events, std::optional<Clock::time_point> deadline) {
@@ -326,7 +337,8 @@ class Link {
         Dispatch(std::move(**frame));
         if (Failure()) return;
       }
-      if (auto waited = WaitFd(fd_.Get(), POLLIN, std::nullopt); !waited) return FailLink(waited.error());
+      if (auto waited = WaitFd(fd_.Get(), POLLIN, std::nullopt); !waited)
+        return FailLink(waited.error());
       ssize_t n = ::read(fd_.Get(), buf.data(), buf.size());
       if (n < 0) {
         if (errno == EINTR || errno == EAGAIN) continue;
@@ -453,7 +465,8 @@ namespace {
 // Abandons the stream on scope exit unless it finished normally.
 class StreamGuard {
  public:
-  StreamGuard(Link& link, std::shared_ptr<Stream> stream) : link_(link), stream_(std::move(stream)) {}
+  StreamGuard(Link& link, std::shared_ptr<Stream> stream)
+      : link_(link), stream_(std::move(stream)) {}
   ~StreamGuard() {
     if (stream_) link_.Abandon(*stream_);
   }
@@ -522,7 +535,8 @@ Result<uint64_t> ReceiveFile(Link& link, Stream& s,
   }
 }
 
-Status SendFile(Link& link, Stream& s, const std::function<Result<size_t>(std::span<std::byte>)>& source) {
+Status SendFile(Link& link, Stream& s,
+                const std::function<Result<size_t>(std::span<std::byte>)>& source) {
   std::vector<std::byte> buf(kDataChunk);
   Status sent;
   for (;;) {
@@ -592,13 +606,16 @@ void ExecSession::Pump() {
 Status ExecSession::WriteStdin(std::span<const std::byte> bytes) {
   return link_->SendBytes(*stream_, bytes);
 }
-Status ExecSession::WriteStdin(std::string_view bytes) { return WriteStdin(protocol::AsBytes(bytes)); }
+Status ExecSession::WriteStdin(std::string_view bytes) {
+  return WriteStdin(protocol::AsBytes(bytes));
+}
 Status ExecSession::CloseStdin() {
   return link_->Send(stream_->id, FrameType::kEof, Channel::kStdin, {});
 }
 Status ExecSession::Resize(uint16_t rows, uint16_t cols) {
-  std::vector<std::byte> p = {static_cast<std::byte>(rows & 0xff), static_cast<std::byte>(rows >> 8),
-                              static_cast<std::byte>(cols & 0xff), static_cast<std::byte>(cols >> 8)};
+  std::vector<std::byte> p = {
+      static_cast<std::byte>(rows & 0xff), static_cast<std::byte>(rows >> 8),
+      static_cast<std::byte>(cols & 0xff), static_cast<std::byte>(cols >> 8)};
   return link_->Send(stream_->id, FrameType::kResize, Channel::kControl, p);
 }
 Status ExecSession::Signal(int signo) {

@@ -46,7 +46,8 @@ Status RequireStaticElf(const std::string& path) {
   Elf64_Ehdr eh{};
   ssize_t n = ::pread(fd.Get(), &eh, sizeof(eh), 0);
   if (n < 0) return FailErrno("read " + path);
-  if (n != static_cast<ssize_t>(sizeof(eh)) || std::string_view(reinterpret_cast<char*>(eh.e_ident), 4) != ELFMAG ||
+  if (n != static_cast<ssize_t>(sizeof(eh)) ||
+      std::string_view(reinterpret_cast<char*>(eh.e_ident), 4) != ELFMAG ||
       eh.e_ident[EI_CLASS] != ELFCLASS64) {
     return Fail(path + ": not a 64-bit ELF executable");
   }
@@ -60,8 +61,9 @@ Status RequireStaticElf(const std::string& path) {
       return Fail(path + ": truncated ELF program headers");
     }
     if (ph.p_type == PT_INTERP) {
-      return Fail(path + " is dynamically linked; the default image needs a static busybox "
-                         "(Debian package busybox-static)");
+      return Fail(path +
+                  " is dynamically linked; the default image needs a static busybox "
+                  "(Debian package busybox-static)");
     }
   }
   return {};
@@ -95,9 +97,9 @@ Status PopulateTree(const std::string& root, const std::string& busybox) {
     mode_t mode;
   };
   static constexpr DirSpec kDirs[] = {
-      {"bin", 0755},  {"sbin", 0755}, {"etc", 0755},      {"tmp", 01777},     {"proc", 0555},
-      {"sys", 0555},  {"dev", 0755},  {"run", 0755},      {"root", 0700},     {"home", 0755},
-      {"var", 0755},  {"usr", 0755},  {"usr/bin", 0755},  {"usr/sbin", 0755}, {"var/tmp", 01777},
+      {"bin", 0755}, {"sbin", 0755}, {"etc", 0755},     {"tmp", 01777},     {"proc", 0555},
+      {"sys", 0555}, {"dev", 0755},  {"run", 0755},     {"root", 0700},     {"home", 0755},
+      {"var", 0755}, {"usr", 0755},  {"usr/bin", 0755}, {"usr/sbin", 0755}, {"var/tmp", 01777},
   };
   for (const DirSpec& d : kDirs) CELLA_TRY(MakeDir(root + "/" + d.path, d.mode));
   CELLA_TRY(CopyFile(busybox, root + "/bin/busybox", 0755));
@@ -110,7 +112,8 @@ Status PopulateTree(const std::string& root, const std::string& busybox) {
   size_t start = 0;
   while (start < list.size()) {
     size_t nl = list.find('\n', start);
-    std::string applet = list.substr(start, nl == std::string::npos ? std::string::npos : nl - start);
+    std::string applet =
+        list.substr(start, nl == std::string::npos ? std::string::npos : nl - start);
     start = nl == std::string::npos ? list.size() : nl + 1;
     // Only applets under the standard bin dirs: never let a surprising name
     // ("../x", "linuxrc" at the root) place files elsewhere.
@@ -156,9 +159,8 @@ Result<DefaultRootfs> EnsureDefaultRootfs(const std::string& home, const std::st
     CELLA_TRY(MakeDir(tree, 0755));
     CELLA_TRY(PopulateTree(tree, busybox));
     // -T0 and a fixed UUID: the same busybox gives the same image bytes.
-    CELLA_TRY(host::CheckCommand({"mkfs.erofs", "--quiet", "--force-uid=0", "--force-gid=0",
-                                  "-T0", "-U00000000-0000-0000-0000-000000000000", image_tmp,
-                                  tree},
+    CELLA_TRY(host::CheckCommand({"mkfs.erofs", "--quiet", "--force-uid=0", "--force-gid=0", "-T0",
+                                  "-U00000000-0000-0000-0000-000000000000", image_tmp, tree},
                                  kToolTimeout));
     if (::chmod(image_tmp.c_str(), 0644) != 0) return FailErrno("chmod " + image_tmp);
     if (::rename(image_tmp.c_str(), path.c_str()) != 0) {

@@ -19,7 +19,7 @@ namespace cella::image {
 inline constexpr const char* kHostBusybox = "/bin/busybox";
 
 struct DefaultRootfs {
-  std::string path;  // the erofs image
+  std::string path;    // the erofs image
   bool built = false;  // false: it was already cached
 };
 

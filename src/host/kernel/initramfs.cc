@@ -45,7 +45,7 @@ void AddDirs(Tree& tree, const std::string& path) {
 }
 
 Status AddHostFile(Tree& tree, const std::string& guest, const std::string& host, mode_t mode) {
-  struct stat st{};
+  struct stat st {};
   if (::stat(host.c_str(), &st) != 0) return FailErrno("stat " + host);
   if (!S_ISREG(st.st_mode)) return Fail(host + ": not a regular file");
   AddDirs(tree, guest);

@@ -39,9 +39,9 @@ struct InitramfsSpec {
 };
 
 struct InitramfsFile {
-  std::string path;  // the cached archive
+  std::string path;                     // the cached archive
   std::vector<std::string> load_order;  // absolute guest paths, as in cella.order
-  bool built = false;  // false: it was already cached
+  bool built = false;                   // false: it was already cached
 };
 
 // Writes the archive to `out_path` (no caching).

@@ -12,7 +12,7 @@ namespace cella::kernel {
 namespace {
 
 Status RequireFile(const std::string& path, std::string_view what) {
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return FailErrno(std::string(what) + " " + path);
   if (!S_ISREG(st.st_mode)) return Fail(std::string(what) + " " + path + ": not a regular file");
   return {};
@@ -75,11 +75,11 @@ Result<KernelInfo> FindKernel(const std::string& home,
   auto text = ReadFileToString(manifest_path, 64 * 1024);
   if (!text) {
     if (text.error().errno_value == ENOENT) {
-      return std::unexpected(Error{
-          "no guest kernel in " + host::KernelDir(home) +
-              ": run `make deps` or `scripts/fetch-kernel.sh` (with CELLA_HOME=" + home +
-              " if you set it) to fetch Debian's cloud kernel, or pass --kernel PATH",
-          ENOENT});
+      return std::unexpected(
+          Error{"no guest kernel in " + host::KernelDir(home) +
+                    ": run `make deps` or `scripts/fetch-kernel.sh` (with CELLA_HOME=" + home +
+                    " if you set it) to fetch Debian's cloud kernel, or pass --kernel PATH",
+                ENOENT});
     }
     return std::unexpected(std::move(text.error()).WithContext("read " + manifest_path));
   }

@@ -101,16 +101,11 @@ Result<ModuleIndex> LoadModuleIndex(const std::string& modules_dir) {
 
 std::vector<WantedModule> DefaultGuestModules() {
   return {
-      {"virtio_ring", Need::kRequired},
-      {"virtio", Need::kRequired},
-      {"virtio_mmio", Need::kRequired},
-      {"virtio_pci", Need::kIfModular},
-      {"virtio_blk", Need::kRequired},
-      {"virtio_console", Need::kRequired},
-      {"virtio_net", Need::kRequired},
-      {"vmw_vsock_virtio_transport", Need::kIfModular},
-      {"erofs", Need::kRequired},
-      {"overlay", Need::kRequired},
+      {"virtio_ring", Need::kRequired}, {"virtio", Need::kRequired},
+      {"virtio_mmio", Need::kRequired}, {"virtio_pci", Need::kIfModular},
+      {"virtio_blk", Need::kRequired},  {"virtio_console", Need::kRequired},
+      {"virtio_net", Need::kRequired},  {"vmw_vsock_virtio_transport", Need::kIfModular},
+      {"erofs", Need::kRequired},       {"overlay", Need::kRequired},
       {"ext4", Need::kRequired},
   };
 }
@@ -134,8 +129,7 @@ Result<std::vector<std::string>> ResolveLoadOrder(const ModuleIndex& index,
       CELLA_TRY(visit(*dep));
     }
     if (!IsPlainKo(path)) {
-      return Fail("module " + path +
-                  " is compressed; the guest init loads plain .ko files only");
+      return Fail("module " + path + " is compressed; the guest init loads plain .ko files only");
     }
     in_progress.erase(path);
     done.insert(path);

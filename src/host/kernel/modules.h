@@ -36,8 +36,8 @@ Result<ModuleIndex> ParseModulesDep(std::string_view modules_dep, std::string_vi
 Result<ModuleIndex> LoadModuleIndex(const std::string& modules_dir);
 
 enum class Need {
-  kRequired,    // error unless the module exists or is built in
-  kIfModular,   // included when it is a module; silently skipped otherwise
+  kRequired,   // error unless the module exists or is built in
+  kIfModular,  // included when it is a module; silently skipped otherwise
 };
 
 struct WantedModule {

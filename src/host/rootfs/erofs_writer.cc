@@ -55,12 +55,18 @@ void Put(std::byte* at, T value) {
 
 FileType FileTypeOf(InodeType type) {
   switch (type) {
-    case InodeType::kRegular: return FileType::kRegular;
-    case InodeType::kDirectory: return FileType::kDirectory;
-    case InodeType::kSymlink: return FileType::kSymlink;
-    case InodeType::kCharDevice: return FileType::kCharDevice;
-    case InodeType::kBlockDevice: return FileType::kBlockDevice;
-    case InodeType::kFifo: return FileType::kFifo;
+    case InodeType::kRegular:
+      return FileType::kRegular;
+    case InodeType::kDirectory:
+      return FileType::kDirectory;
+    case InodeType::kSymlink:
+      return FileType::kSymlink;
+    case InodeType::kCharDevice:
+      return FileType::kCharDevice;
+    case InodeType::kBlockDevice:
+      return FileType::kBlockDevice;
+    case InodeType::kFifo:
+      return FileType::kFifo;
   }
   return FileType::kRegular;
 }
@@ -68,12 +74,24 @@ FileType FileTypeOf(InodeType type) {
 uint16_t ModeOf(const Inode& inode) {
   uint32_t type = 0;
   switch (inode.type) {
-    case InodeType::kRegular: type = S_IFREG; break;
-    case InodeType::kDirectory: type = S_IFDIR; break;
-    case InodeType::kSymlink: type = S_IFLNK; break;
-    case InodeType::kCharDevice: type = S_IFCHR; break;
-    case InodeType::kBlockDevice: type = S_IFBLK; break;
-    case InodeType::kFifo: type = S_IFIFO; break;
+    case InodeType::kRegular:
+      type = S_IFREG;
+      break;
+    case InodeType::kDirectory:
+      type = S_IFDIR;
+      break;
+    case InodeType::kSymlink:
+      type = S_IFLNK;
+      break;
+    case InodeType::kCharDevice:
+      type = S_IFCHR;
+      break;
+    case InodeType::kBlockDevice:
+      type = S_IFBLK;
+      break;
+    case InodeType::kFifo:
+      type = S_IFIFO;
+      break;
   }
   return static_cast<uint16_t>(type | (inode.permissions & 07777));
 }
@@ -92,7 +110,8 @@ Result<XattrKey> XattrKeyOf(std::string_view name) {
     uint8_t index;
   };
   for (Prefix p : {Prefix{"user.", 1}, Prefix{"trusted.", 4}, Prefix{"security.", 6}}) {
-    if (name.substr(0, p.text.size()) == p.text) return XattrKey{p.index, name.substr(p.text.size())};
+    if (name.substr(0, p.text.size()) == p.text)
+      return XattrKey{p.index, name.substr(p.text.size())};
   }
   return Fail("xattr \"" + std::string(name) + "\": namespace erofs cannot store");
 }
@@ -114,7 +133,8 @@ std::vector<DirEntry> SortedDirEntries(const Inode& dir, const Inode& parent) {
   DirEntry dots[2] = {{".", &dir}, {"..", &parent}};
   size_t next_dot = 0;
   for (const auto& [name, dentry] : dir.children) {
-    while (next_dot < 2 && dots[next_dot].name < std::string_view(name)) out.push_back(dots[next_dot++]);
+    while (next_dot < 2 && dots[next_dot].name < std::string_view(name))
+      out.push_back(dots[next_dot++]);
     out.push_back({name, dentry.inode.get()});
   }
   while (next_dot < 2) out.push_back(dots[next_dot++]);
@@ -278,7 +298,8 @@ class ErofsWriter {
       const Inode& inode = *p.inode;
       if (!inode.xattrs.empty()) {
         uint64_t size = kXattrHeaderSize;
-        for (const Xattr& x : inode.xattrs) size += XattrEntrySize(CELLA_TRY(XattrKeyOf(x.name)), x);
+        for (const Xattr& x : inode.xattrs)
+          size += XattrEntrySize(CELLA_TRY(XattrKeyOf(x.name)), x);
         if (size > kXattrHeaderSize + 4ull * 65534) return Fail("xattrs too large for one inode");
         p.xattr_size = static_cast<uint32_t>(size);
       }
@@ -479,8 +500,8 @@ class ErofsWriter {
     Put<uint64_t>(sb + 56, uuid_hi);
     size_t done = 0;
     while (done < sizeof(sb)) {
-      ssize_t n = ::pwrite(fd_, sb + done, sizeof(sb) - done,
-                           static_cast<off_t>(kSuperOffset + done));
+      ssize_t n =
+          ::pwrite(fd_, sb + done, sizeof(sb) - done, static_cast<off_t>(kSuperOffset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
         return FailErrno("pwrite superblock");
@@ -535,8 +556,8 @@ Result<ImageStats> WriteErofs(const Tree& tree, const std::string& out_path,
     return stats;
   }();
   if (!result && ::access(temp.c_str(), F_OK) == 0 && ::unlink(temp.c_str()) != 0) {
-    return std::unexpected(std::move(result.error())
-                               .WithContext("(also failed to remove " + temp + ")"));
+    return std::unexpected(
+        std::move(result.error()).WithContext("(also failed to remove " + temp + ")"));
   }
   return result;
 }

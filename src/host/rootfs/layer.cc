@@ -72,13 +72,14 @@ class Applier {
       archive_entry* entry = nullptr;
       int r = archive_read_next_header(archive_, &entry);
       if (r == ARCHIVE_EOF) break;
-      if (r < ARCHIVE_WARN) {
+      if (r != ARCHIVE_OK && r != ARCHIVE_WARN) {
         return Fail("reading layer after " + std::to_string(stats_.entries) +
                     " entries: " + ArchiveError(archive_));
       }
       const char* raw = archive_entry_pathname(entry);
       if (raw == nullptr) raw = archive_entry_pathname_utf8(entry);
-      if (raw == nullptr) return Fail("layer entry " + std::to_string(stats_.entries) + ": no path");
+      if (raw == nullptr)
+        return Fail("layer entry " + std::to_string(stats_.entries) + ": no path");
       std::string path = raw;
       if (r == ARCHIVE_WARN) RecordWarning(path);
       if (tree_.entries_applied >= limits_.max_entries) {
@@ -123,10 +124,10 @@ class Applier {
         made->permissions = 0755;
         it = dir->children.emplace(name, Dentry{std::move(made), layer_}).first;
       } else if (it->second.inode->type != InodeType::kDirectory) {
-        return Fail("path runs through \"" + walked + "\", which is " +
-                    (it->second.inode->type == InodeType::kSymlink ? "a symlink"
-                                                                   : "not a directory") +
-                    " placed by an earlier entry; symlinks are never followed");
+        return Fail(
+            "path runs through \"" + walked + "\", which is " +
+            (it->second.inode->type == InodeType::kSymlink ? "a symlink" : "not a directory") +
+            " placed by an earlier entry; symlinks are never followed");
       }
       dir = it->second.inode.get();
     }
@@ -137,8 +138,8 @@ class Applier {
     auto parts = CELLA_TRY_CTX(NormaliseLayerPath(target, limits_),
                                "hardlink target \"" + std::string(target) + "\"");
     if (parts.empty()) return Fail("hardlink target \"" + std::string(target) + "\" is the root");
-    Inode* dir = CELLA_TRY_CTX(WalkParent(parts, false),
-                               "hardlink target \"" + std::string(target) + "\"");
+    Inode* dir =
+        CELLA_TRY_CTX(WalkParent(parts, false), "hardlink target \"" + std::string(target) + "\"");
     if (dir == nullptr) {
       return Fail("hardlink target \"" + std::string(target) + "\" does not exist");
     }
@@ -206,7 +207,11 @@ class Applier {
     return ReadXattrs(entry, inode);
   }
 
-  Status SpoolContent(archive_entry* entry, Inode& inode) {
+  // Charges an entry's declared data size to the content budget before any
+  // of it is read: a header claiming terabytes fails here, at once. Data of
+  // non-file entries (skipped by libarchive) counts too, since skipping a
+  // compressed stream still means decompressing it.
+  Result<uint64_t> ChargeDeclaredSize(archive_entry* entry) {
     int64_t declared = archive_entry_size_is_set(entry) ? archive_entry_size(entry) : 0;
     if (declared < 0) return Fail("negative size");
     uint64_t size = static_cast<uint64_t>(declared);
@@ -217,6 +222,10 @@ class Applier {
     }
     tree_.content_bytes += size;
     stats_.content_bytes += size;
+    return size;
+  }
+
+  Status SpoolContent(uint64_t size, Inode& inode) {
     inode.size = size;
     if (size == 0) return {};
     inode.spool_offset = tree_.ReserveSpool(size);
@@ -226,7 +235,9 @@ class Applier {
       la_int64_t offset = 0;
       int r = archive_read_data_block(archive_, &block, &length, &offset);
       if (r == ARCHIVE_EOF) break;
-      if (r < ARCHIVE_WARN) return Fail("reading content: " + ArchiveError(archive_));
+      if (r != ARCHIVE_OK && r != ARCHIVE_WARN) {
+        return Fail("reading content: " + ArchiveError(archive_));
+      }
       if (offset < 0 || static_cast<uint64_t>(offset) > size ||
           length > size - static_cast<uint64_t>(offset)) {
         return Fail("content runs past the declared size " + std::to_string(size));
@@ -288,6 +299,7 @@ class Applier {
 
   Status ApplyEntry(archive_entry* entry, const std::string& path) {
     auto parts = CELLA_TRY(NormaliseLayerPath(path, limits_));
+    uint64_t declared = CELLA_TRY(ChargeDeclaredSize(entry));
     if (!parts.empty() && StartsWith(parts.back(), kWhiteoutPrefix)) return ApplyWhiteout(parts);
 
     auto node = std::make_shared<Inode>();
@@ -357,7 +369,7 @@ class Applier {
       return {};
     }
     Inode* dir = CELLA_TRY(WalkParent(parts, true));
-    if (node->type == InodeType::kRegular) CELLA_TRY(SpoolContent(entry, *node));
+    if (node->type == InodeType::kRegular) CELLA_TRY(SpoolContent(declared, *node));
     Place(*dir, parts.back(), std::move(node));
     return {};
   }

@@ -48,8 +48,9 @@ namespace cella::rootfs {
 // Caps against hostile layers. Counted across every layer applied to a Tree.
 struct Limits {
   uint64_t max_entries = 2'000'000;
-  // Sum of declared file sizes, overwritten and deleted files included (they
-  // still cost spool space).
+  // Sum of the data sizes entries declare (file contents, overwritten and
+  // deleted files included since they still cost spool space, plus data of
+  // other entries that is skipped), checked before the data is read.
   uint64_t max_content_bytes = 64ull << 30;
   size_t max_path_bytes = 4096;
   // Total bytes of xattr names and values on one entry.

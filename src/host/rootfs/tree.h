@@ -105,7 +105,7 @@ class Tree {
   // Counters every applied layer adds to, checked against Limits.
   uint32_t layers_applied = 0;
   uint64_t entries_applied = 0;
-  uint64_t content_bytes = 0;  // declared file sizes spooled, dead ones included
+  uint64_t content_bytes = 0;  // declared entry data sizes (see Limits)
 
  private:
   Tree() = default;

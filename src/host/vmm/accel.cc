@@ -17,7 +17,7 @@ std::string Join(const std::string& root, std::string_view rel) {
 }
 
 bool DirExists(const std::string& path) {
-  struct stat st{};
+  struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
@@ -38,8 +38,8 @@ KvmProbe Probe(const std::string& root) {
   } else {
     p.device_problem = dev + ": " + std::strerror(errno);
   }
-  p.vendor_module = DirExists(Join(root, "sys/module/kvm_intel")) ||
-                    DirExists(Join(root, "sys/module/kvm_amd"));
+  p.vendor_module =
+      DirExists(Join(root, "sys/module/kvm_intel")) || DirExists(Join(root, "sys/module/kvm_amd"));
   p.pvm_module = DirExists(Join(root, "sys/module/kvm_pvm"));
   return p;
 }
@@ -48,9 +48,12 @@ KvmProbe Probe(const std::string& root) {
 
 std::string_view ToString(AccelMode mode) {
   switch (mode) {
-    case AccelMode::kAuto: return "auto";
-    case AccelMode::kKvm: return "kvm";
-    case AccelMode::kTcg: return "tcg";
+    case AccelMode::kAuto:
+      return "auto";
+    case AccelMode::kKvm:
+      return "kvm";
+    case AccelMode::kTcg:
+      return "tcg";
   }
   return "?";
 }
@@ -76,8 +79,9 @@ Result<AccelDecision> ChooseAccel(AccelMode mode, const std::string& host_root) 
   std::string why;
   std::string notice;
   if (p.pvm_module && !p.vendor_module) {
-    why = "this host's KVM is PVM (kvm_pvm loaded, no kvm_intel/kvm_amd): it runs only "
-          "PVM-built guest kernels and hangs a normal one";
+    why =
+        "this host's KVM is PVM (kvm_pvm loaded, no kvm_intel/kvm_amd): it runs only "
+        "PVM-built guest kernels and hangs a normal one";
     notice = "KVM here is PVM, which cannot run cella's guest kernel; using TCG (slower)";
   } else if (!p.device_usable) {
     why = "KVM unusable (" + p.device_problem + ")";

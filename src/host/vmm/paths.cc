@@ -10,7 +10,8 @@ namespace cella::host {
 
 Result<std::string> ResolveCellaHome(EnvLookup lookup, uid_t effective_uid) {
   if (const char* home = lookup("CELLA_HOME"); home != nullptr && *home != '\0') {
-    if (*home != '/') return Fail(std::string("CELLA_HOME must be an absolute path, got \"") + home + "\"");
+    if (*home != '/')
+      return Fail(std::string("CELLA_HOME must be an absolute path, got \"") + home + "\"");
     return std::string(home);
   }
   if (effective_uid == 0) return std::string("/var/lib/cella");
@@ -42,7 +43,7 @@ Status MakeDirs(const std::string& path, mode_t mode) {
     if (::mkdir(prefix.c_str(), mode) == 0 || errno == EEXIST) continue;
     return FailErrno("mkdir " + prefix);
   }
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
   if (!S_ISDIR(st.st_mode)) return Fail(path + ": exists and is not a directory");
   return {};

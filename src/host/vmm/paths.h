@@ -26,7 +26,7 @@ Result<std::string> ResolveCellaHome(EnvLookup lookup, uid_t effective_uid);
 Result<std::string> CellaHome();
 
 // Subdirectories of home. None of these creates anything.
-std::string KernelDir(const std::string& home);          // <home>/kernel
+std::string KernelDir(const std::string& home);           // <home>/kernel
 std::string KernelManifestPath(const std::string& home);  // <home>/kernel/manifest
 std::string InitramfsCacheDir(const std::string& home);   // <home>/cache/initramfs
 std::string DefaultImageDir(const std::string& home);     // <home>/images/default

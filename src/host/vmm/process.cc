@@ -3,8 +3,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/syscall.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -179,9 +179,9 @@ Result<CommandResult> RunCommand(const std::vector<std::string>& argv,
     return std::unexpected(std::move(status.error()).WithContext(argv[0]));
   }
   if (timed_out) {
-    return std::unexpected(Error{JoinArgv(argv) + ": still running after " +
-                                     std::to_string(timeout.count()) + " ms; killed",
-                                 ETIMEDOUT});
+    return std::unexpected(Error{
+        JoinArgv(argv) + ": still running after " + std::to_string(timeout.count()) + " ms; killed",
+        ETIMEDOUT});
   }
   result.exit_code = status->exit_code;
   result.signal = status->signal;

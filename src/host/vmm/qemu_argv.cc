@@ -23,8 +23,8 @@ std::string QemuEscape(std::string_view value) {
 
 Result<StatePaths> ResolveStatePaths(const VMConfig& config) {
   if (config.StateDir.empty() || config.StateDir[0] != '/') {
-    return Fail("VMConfig.StateDir: must be an absolute directory path, got \"" +
-                config.StateDir + "\"");
+    return Fail("VMConfig.StateDir: must be an absolute directory path, got \"" + config.StateDir +
+                "\"");
   }
   StatePaths p;
   p.agent_socket = config.SocketPath.empty() ? config.StateDir + "/agent.sock" : config.SocketPath;
@@ -88,8 +88,8 @@ Result<std::vector<Disk>> CollectDisks(const VMConfig& c) {
   }
   if (!c.ConfigDiskPath.empty()) disks.push_back({"config", c.ConfigDiskPath, kConfigSerial, true});
   for (size_t i = 0; i < c.Volumes.size(); ++i) {
-    disks.push_back({"vol" + std::to_string(i), c.Volumes[i].HostPath, VolumeSerial(i),
-                     c.Volumes[i].ReadOnly});
+    disks.push_back(
+        {"vol" + std::to_string(i), c.Volumes[i].HostPath, VolumeSerial(i), c.Volumes[i].ReadOnly});
   }
   for (size_t i = 0; i < c.ExtraDisks.size(); ++i) {
     disks.push_back({"disk" + std::to_string(i), c.ExtraDisks[i].HostPath, ExtraDiskSerial(i),

@@ -26,7 +26,7 @@ inline constexpr size_t kMaxUnixSocketPath = 107;
 struct QemuLaunch {
   std::string qemu_binary = "qemu-system-x86_64";
   Accel accel = Accel::kTcg;
-  uint64_t tsc_khz = 0;  // 0: no tsc_early_khz= (only sane with KVM)
+  uint64_t tsc_khz = 0;      // 0: no tsc_early_khz= (only sane with KVM)
   std::string agent_socket;  // resolved paths (ResolveStatePaths)
   std::string qmp_socket;
   std::string console_log;

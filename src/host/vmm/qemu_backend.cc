@@ -42,9 +42,10 @@ int RemainingMs(Clock::time_point deadline) {
 std::string FileTail(const std::string& path, size_t max_bytes) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return {};
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd.Get(), &st) != 0) return {};
-  off_t start = st.st_size > static_cast<off_t>(max_bytes) ? st.st_size - static_cast<off_t>(max_bytes) : 0;
+  off_t start =
+      st.st_size > static_cast<off_t>(max_bytes) ? st.st_size - static_cast<off_t>(max_bytes) : 0;
   std::string out(static_cast<size_t>(st.st_size - start), '\0');
   ssize_t n = ::pread(fd.Get(), out.data(), out.size(), start);
   if (n <= 0) return {};
@@ -85,7 +86,8 @@ class QemuMachine final : public Machine {
   QemuMachine(VMConfig config, QemuBackendOptions options, StatePaths paths)
       : config_(std::move(config)), options_(std::move(options)), paths_(std::move(paths)) {}
   ~QemuMachine() override {
-    if (auto st = Close(); !st) log::Warn("closing VM failed", {{"id", config_.ID}, {"error", st.error().message}});
+    if (auto st = Close(); !st)
+      log::Warn("closing VM failed", {{"id", config_.ID}, {"error", st.error().message}});
   }
 
   Status Start() override;
@@ -168,9 +170,9 @@ Error QemuMachine::WithConsole(std::string message) {
   std::string qemu_tail = FileTail(paths_.qemu_log, 1500);
   std::string console_tail = FileTail(paths_.console_log, kTailBytes);
   if (!qemu_tail.empty()) message += "\nQEMU said:\n" + qemu_tail;
-  message += console_tail.empty() ? "\n(guest console is empty: " + paths_.console_log + ")"
-                                  : "\nguest console (" + paths_.console_log + "), last lines:\n" +
-                                        console_tail;
+  message += console_tail.empty()
+                 ? "\n(guest console is empty: " + paths_.console_log + ")"
+                 : "\nguest console (" + paths_.console_log + "), last lines:\n" + console_tail;
   return Error::Msg(std::move(message));
 }
 
@@ -257,13 +259,14 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
     }
     if (qmp_fd && agent_fd) break;
     if (Clock::now() >= deadline) {
-      return std::unexpected(WithConsole("VM " + config_.ID + ": QEMU did not open its sockets within " +
+      return std::unexpected(WithConsole("VM " + config_.ID +
+                                         ": QEMU did not open its sockets within " +
                                          std::to_string(options_.boot_timeout.count()) + " ms"));
     }
     std::this_thread::sleep_for(milliseconds(5));
   }
-  qmp_.emplace(CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout),
-                             "VM " + config_.ID));
+  qmp_.emplace(
+      CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout), "VM " + config_.ID));
 
   // The agent says Hello once the guest has booted; wait for its first byte
   // while watching QEMU, then let AgentClient run the handshake.
@@ -286,16 +289,16 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
       return std::unexpected(DiedDuringBoot("booting (the agent link closed)"));
     }
     if (Clock::now() >= deadline) {
-      return std::unexpected(WithConsole(
-          "VM " + config_.ID + ": the guest agent was not ready within " +
-          std::to_string(options_.boot_timeout.count()) + " ms (accel " +
-          std::string(ToString(options_.accel.chosen)) + ")"));
+      return std::unexpected(
+          WithConsole("VM " + config_.ID + ": the guest agent was not ready within " +
+                      std::to_string(options_.boot_timeout.count()) + " ms (accel " +
+                      std::string(ToString(options_.accel.chosen)) + ")"));
     }
   }
   auto agent = host::AgentClient::Connect(std::move(agent_fd), options_.agent_options);
   if (!agent) {
-    return std::unexpected(WithConsole("VM " + config_.ID + ": agent handshake failed: " +
-                                       agent.error().message));
+    return std::unexpected(
+        WithConsole("VM " + config_.ID + ": agent handshake failed: " + agent.error().message));
   }
   agent_ = std::move(*agent);
   return {};
@@ -317,9 +320,9 @@ Result<VmExit> QemuMachine::Wait(milliseconds timeout) {
       break;
     }
     if (!CELLA_TRY(ReapIfExited())) {
-      return std::unexpected(Error{"VM " + config_.ID + " still running after " +
-                                       std::to_string(timeout.count()) + " ms",
-                                   ETIMEDOUT});
+      return std::unexpected(Error{
+          "VM " + config_.ID + " still running after " + std::to_string(timeout.count()) + " ms",
+          ETIMEDOUT});
     }
   }
   std::lock_guard lock(mu_);

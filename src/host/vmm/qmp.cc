@@ -9,7 +9,6 @@
 #include <cstring>
 #include <thread>
 
-
 namespace cella::vmm {
 
 namespace {

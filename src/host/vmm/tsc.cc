@@ -104,7 +104,8 @@ std::optional<uint64_t> ParseCpuMhzFromCpuinfo(std::string_view cpuinfo) {
     size_t colon = line.find(':');
     if (colon == std::string_view::npos) continue;
     std::string_view value = line.substr(colon + 1);
-    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t'))
+      value.remove_prefix(1);
     return MhzTextToKhz(value);
   }
   return std::nullopt;

@@ -5,8 +5,8 @@
 
 #include <cstdint>
 #include <map>
-#include <string_view>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace cella::vmm {
@@ -27,8 +27,8 @@ struct HostIPMapping {
 struct VMConfig {
   std::string ID;
   std::string KernelPath;
-  std::string InitramfsPath;  // extension: the cella initramfs (kernel/initramfs.h)
-  std::string RootfsPath;     // root disk when !OverlayEnabled (serial cella-root)
+  std::string InitramfsPath;   // extension: the cella initramfs (kernel/initramfs.h)
+  std::string RootfsPath;      // root disk when !OverlayEnabled (serial cella-root)
   bool RootfsReadOnly = true;  // extension: erofs images are shared, so read-only by default
   bool OverlayEnabled = false;
   std::vector<std::string> OverlayLowerPaths;    // read-only, topmost first: cella-lower<N>
@@ -36,30 +36,30 @@ struct VMConfig {
   std::string OverlayUpperPath;                  // writable: cella-upper
   double CPUs = 1;
   int MemoryMB = 512;
-  int NetworkFD = -1;  // seed (TAP/socket backends); QEMU user-net ignores it
-  uint32_t VsockCID = 0;  // seed; unused by QEMU here (no vhost-vsock)
-  std::string VsockPath;  // seed; unused by QEMU here
-  std::string SocketPath;  // agent link Unix socket (default <StateDir>/agent.sock)
-  std::string LogPath;     // guest console log (default <StateDir>/console.log)
-  std::string KernelArgs;  // appended to cella's kernel command line
+  int NetworkFD = -1;                      // seed (TAP/socket backends); QEMU user-net ignores it
+  uint32_t VsockCID = 0;                   // seed; unused by QEMU here (no vhost-vsock)
+  std::string VsockPath;                   // seed; unused by QEMU here
+  std::string SocketPath;                  // agent link Unix socket (default <StateDir>/agent.sock)
+  std::string LogPath;                     // guest console log (default <StateDir>/console.log)
+  std::string KernelArgs;                  // appended to cella's kernel command line
   std::map<std::string, std::string> Env;  // carried for config.json; not on the cmdline
-  std::string GatewayIP;   // user-net host address (default 10.0.2.2)
-  std::string GuestIP;     // carried for config.json (default 10.0.2.15)
-  std::string SubnetCIDR;  // user-net network (default 10.0.2.0/24)
-  std::string Workspace;   // carried (guest VFS mount point)
-  bool UseInterception = false;  // carried (egress proxy; later issue)
-  bool Privileged = false;       // carried for config.json
-  std::vector<std::string> DNSServers;  // carried for config.json
-  std::string Hostname;                 // carried for config.json
-  std::vector<HostIPMapping> AddHosts;  // carried for config.json
-  int MTU = 0;                          // carried for config.json (0 = default)
-  bool NoNetwork = false;               // no NIC at all
-  std::string PrebuiltRootfs;  // seed; when set it is the root disk instead of RootfsPath
+  std::string GatewayIP;                   // user-net host address (default 10.0.2.2)
+  std::string GuestIP;                     // carried for config.json (default 10.0.2.15)
+  std::string SubnetCIDR;                  // user-net network (default 10.0.2.0/24)
+  std::string Workspace;                   // carried (guest VFS mount point)
+  bool UseInterception = false;            // carried (egress proxy; later issue)
+  bool Privileged = false;                 // carried for config.json
+  std::vector<std::string> DNSServers;     // carried for config.json
+  std::string Hostname;                    // carried for config.json
+  std::vector<HostIPMapping> AddHosts;     // carried for config.json
+  int MTU = 0;                             // carried for config.json (0 = default)
+  bool NoNetwork = false;                  // no NIC at all
+  std::string PrebuiltRootfs;          // seed; when set it is the root disk instead of RootfsPath
   std::vector<DiskConfig> ExtraDisks;  // cella-disk<N>
 
   // --- cella extensions ---
-  std::string StateDir;        // per-VM runtime dir (sockets, logs); required
-  std::string ConfigDiskPath;  // ext4 image with /config.json (WriteConfigDisk): cella-config
+  std::string StateDir;             // per-VM runtime dir (sockets, logs); required
+  std::string ConfigDiskPath;       // ext4 image with /config.json (WriteConfigDisk): cella-config
   std::vector<DiskConfig> Volumes;  // named volumes: cella-vol<N>
 };
 
@@ -70,8 +70,8 @@ struct VMConfig {
 inline constexpr const char* kRootSerial = "cella-root";
 inline constexpr const char* kUpperSerial = "cella-upper";
 inline constexpr const char* kConfigSerial = "cella-config";
-std::string LowerSerial(size_t index);   // "cella-lower<index>"
-std::string VolumeSerial(size_t index);  // "cella-vol<index>"
+std::string LowerSerial(size_t index);      // "cella-lower<index>"
+std::string VolumeSerial(size_t index);     // "cella-vol<index>"
 std::string ExtraDiskSerial(size_t index);  // "cella-disk<index>"
 // "/dev/disk/by-id/virtio-<serial>", what config.json should name.
 std::string GuestDevicePath(std::string_view serial);

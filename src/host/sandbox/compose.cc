@@ -1,0 +1,120 @@
+#include "host/sandbox/compose.h"
+
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <filesystem>
+
+#include "host/image/default_rootfs.h"
+#include "host/kernel/initramfs.h"
+#include "host/vmm/config_disk.h"
+
+namespace cella::sandbox {
+namespace {
+
+Result<std::string> ExistingFile(const std::string& path, std::string_view what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0)
+    return Fail(std::string(what) + " not found at " + path +
+                " (build it with `make build`, or set CELLA_LIBEXEC_DIR)");
+  return path;
+}
+
+}  // namespace
+
+Result<std::string> GuestBinaryDir() {
+  if (const char* dir = std::getenv("CELLA_LIBEXEC_DIR")) return std::string(dir);
+  std::error_code ec;
+  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return Fail("cannot find the running binary (/proc/self/exe): " + ec.message());
+  return self.parent_path().string();
+}
+
+Result<GuestAssets> EnsureGuestAssets(const std::string& home, const std::string& guest_binary_dir,
+                                      const std::optional<kernel::KernelOverride>& kernel_override) {
+  GuestAssets assets;
+  assets.kernel = CELLA_TRY(kernel::FindKernel(home, kernel_override));
+  kernel::InitramfsSpec spec;
+  spec.init_binary = CELLA_TRY(ExistingFile(guest_binary_dir + "/cella-init", "guest init"));
+  spec.agent_binary = CELLA_TRY(ExistingFile(guest_binary_dir + "/cella-agent", "guest agent"));
+  spec.modules_dir = assets.kernel.modules_dir;
+  spec.kernel_release = assets.kernel.release;
+  assets.initramfs_path = CELLA_TRY(kernel::EnsureInitramfs(home, spec)).path;
+  assets.default_rootfs_path = CELLA_TRY(image::EnsureDefaultRootfs(home)).path;
+  return assets;
+}
+
+Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest,
+                              const MachineShape& shape,
+                              const std::vector<VolumeAttachment>& volumes,
+                              const std::vector<vmm::DiskConfig>& extra_disks,
+                              const std::string& id, const std::string& state_dir) {
+  vmm::VMConfig vm;
+  vm.ID = id;
+  vm.StateDir = state_dir;
+  vm.KernelPath = assets.kernel.vmlinuz;
+  vm.InitramfsPath = assets.initramfs_path;
+  vm.CPUs = shape.cpus;
+  vm.MemoryMB = shape.memory_mib;
+
+  vm.OverlayEnabled = true;
+  vm.OverlayLowerPaths = {assets.default_rootfs_path};
+  vm.OverlayLowerFSTypes = {"erofs"};
+  guest.overlay_root = protocol::OverlayRoot{
+      .lower = {{vmm::GuestDevicePath(vmm::LowerSerial(0)), "erofs"}},
+      .upper_device = "",  // tmpfs
+      .upper_fstype = "",
+  };
+
+  guest.volume_mounts.clear();
+  for (const VolumeAttachment& v : volumes) {
+    protocol::VolumeMount mount;
+    mount.path = v.guest_path;
+    mount.mode = v.mode;
+    mount.device = vmm::GuestDevicePath(vmm::VolumeSerial(vm.Volumes.size()));
+    // The base of an overlay volume is shared by sandboxes: never writable.
+    vm.Volumes.push_back({v.host_path, v.guest_path, v.mode != protocol::MountMode::kReadWrite});
+    if (v.mode == protocol::MountMode::kOverlay) {
+      if (v.overlay_host_path.empty())
+        return Fail("volume " + v.guest_path + ": overlay mode needs a private layer image");
+      mount.overlay_device = vmm::GuestDevicePath(vmm::VolumeSerial(vm.Volumes.size()));
+      vm.Volumes.push_back({v.overlay_host_path, v.guest_path, false});
+    }
+    guest.volume_mounts.push_back(std::move(mount));
+  }
+  guest.disks.clear();
+  for (size_t i = 0; i < extra_disks.size(); ++i) {
+    guest.disks.push_back({vmm::GuestDevicePath(vmm::ExtraDiskSerial(i)),
+                           extra_disks[i].GuestMount, extra_disks[i].ReadOnly});
+  }
+  vm.ExtraDisks = extra_disks;
+
+  vm.NoNetwork = guest.no_network;
+  guest.network_enabled = !guest.no_network;
+  if (guest.network_enabled) {
+    guest.guest_ip = vmm::kUserNetGuestIp;
+    guest.guest_cidr = vmm::kUserNetPrefix;
+    guest.guest_gw = vmm::kUserNetGateway;
+    guest.guest_dns = vmm::kUserNetDns;
+    if (guest.dns_servers.empty()) guest.dns_servers = {vmm::kUserNetDns};
+  }
+  if (guest.hostname.empty()) guest.hostname = id;
+  vm.GuestIP = guest.guest_ip;
+  vm.GatewayIP = guest.guest_gw;
+  vm.Hostname = guest.hostname;
+  vm.DNSServers = guest.dns_servers;
+  vm.MTU = guest.mtu;
+  vm.Privileged = guest.privileged;
+  vm.Env = guest.env;
+  for (const auto& h : guest.extra_hosts) vm.AddHosts.push_back({h.host, h.ip});
+  CELLA_TRY_CTX(protocol::ValidateConfig(guest), "guest config");
+  return vm;
+}
+
+Status WriteGuestConfig(const protocol::Config& guest, vmm::VMConfig& vm) {
+  vm.ConfigDiskPath = CELLA_TRY(
+      vmm::WriteConfigDisk(protocol::SerializeConfig(guest), vm.StateDir + "/config.img"));
+  return {};
+}
+
+}  // namespace cella::sandbox

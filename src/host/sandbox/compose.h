@@ -1,0 +1,63 @@
+// Turns a request for a sandbox into a matching (config.json, VMConfig) pair.
+//
+// The guest finds every disk by its virtio serial, so the only way the two
+// halves can disagree is if they are built apart; this module builds both.
+// Pure apart from EnsureGuestAssets (which builds/caches files) and
+// WriteGuestConfig (which writes the config disk). Thread-safe.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/result.h"
+#include "host/kernel/kernel.h"
+#include "host/vmm/vm_config.h"
+#include "protocol/config.h"
+
+namespace cella::sandbox {
+
+struct GuestAssets {
+  kernel::KernelInfo kernel;
+  std::string initramfs_path;
+  std::string default_rootfs_path;  // the built-in busybox erofs image
+};
+
+// Finds the kernel, and builds (or finds cached) the initramfs from the
+// cella-init/cella-agent binaries in `guest_binary_dir` and the default image.
+Result<GuestAssets> EnsureGuestAssets(const std::string& home, const std::string& guest_binary_dir,
+                                      const std::optional<kernel::KernelOverride>& kernel_override);
+
+// Where cella-init and cella-agent are: $CELLA_LIBEXEC_DIR, else beside the
+// running executable.
+Result<std::string> GuestBinaryDir();
+
+// A block device image shown to the guest at `guest_path`.
+struct VolumeAttachment {
+  std::string host_path;
+  std::string guest_path;
+  protocol::MountMode mode = protocol::MountMode::kReadOnly;
+  // kOverlay only: this sandbox's private writable layer (ext4 image).
+  std::string overlay_host_path;
+};
+
+struct MachineShape {
+  double cpus = 1;
+  int memory_mib = 512;
+};
+
+// Fills the guest config's root, volume and disk entries and network
+// addressing (QEMU user-mode NAT unless no_network), and returns the VMConfig
+// that attaches exactly those disks. `guest` keeps every other field as the
+// caller set it; the result is validated.
+Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest,
+                              const MachineShape& shape,
+                              const std::vector<VolumeAttachment>& volumes,
+                              const std::vector<vmm::DiskConfig>& extra_disks,
+                              const std::string& id, const std::string& state_dir);
+
+// Serializes `guest` onto the config disk at <state_dir>/config.img and
+// records it in `vm`.
+Status WriteGuestConfig(const protocol::Config& guest, vmm::VMConfig& vm);
+
+}  // namespace cella::sandbox

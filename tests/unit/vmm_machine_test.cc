@@ -1,0 +1,132 @@
+// The QEMU machine's failure paths, with stand-ins for QEMU so no VM runs:
+// a hypervisor that dies at once, one that never brings the agent up, and
+// the bounded helper-command runner.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <filesystem>
+#include <string>
+
+#include "base/io.h"
+#include "host/vmm/process.h"
+#include "host/vmm/qemu_backend.h"
+
+namespace cella::vmm {
+namespace {
+
+using std::chrono::milliseconds;
+
+class FakeQemuMachine : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/cella-machine-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    config_.ID = "t1";
+    config_.KernelPath = dir_ + "/vmlinuz";
+    config_.InitramfsPath = dir_ + "/initrd";
+    config_.RootfsPath = dir_ + "/root.img";
+    config_.StateDir = dir_ + "/state";
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // A script standing in for qemu-system-x86_64.
+  std::string Script(const std::string& name, const std::string& body) {
+    std::string path = dir_ + "/" + name;
+    EXPECT_TRUE(WriteStringToFile(path, "#!/bin/sh\n" + body, 0755));
+    EXPECT_EQ(::chmod(path.c_str(), 0755), 0);
+    return path;
+  }
+
+  std::string dir_;
+  VMConfig config_;
+};
+
+TEST_F(FakeQemuMachine, EarlyDeathReportsQemuOutput) {
+  QemuBackendOptions opts;
+  opts.qemu_binary = Script("qemu", "echo 'qemu: could not open kernel file' >&2\nexit 1\n");
+  opts.boot_timeout = milliseconds(20'000);
+  QemuBackend backend(opts);
+  auto machine = backend.Create(config_);
+  ASSERT_TRUE(machine) << machine.error().message;
+  auto start = std::chrono::steady_clock::now();
+  auto st = (*machine)->Start();
+  ASSERT_FALSE(st);
+  EXPECT_NE(st.error().message.find("could not open kernel file"), std::string::npos)
+      << st.error().message;
+  EXPECT_NE(st.error().message.find("exit code 1"), std::string::npos) << st.error().message;
+  // Detected from the exit, not by running into the boot timeout.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, opts.boot_timeout);
+  EXPECT_EQ((*machine)->PID(), -1);
+  EXPECT_TRUE((*machine)->Close());
+}
+
+TEST_F(FakeQemuMachine, AgentThatNeverComesUpTimesOutAndIsKilled) {
+  // Listens on nothing: the machine waits for sockets that never appear.
+  QemuBackendOptions opts;
+  opts.qemu_binary = Script("qemu", "echo booting >&2\nexec sleep 60\n");
+  opts.boot_timeout = milliseconds(500);
+  QemuBackend backend(opts);
+  auto machine = backend.Create(config_);
+  ASSERT_TRUE(machine) << machine.error().message;
+  auto st = (*machine)->Start();
+  ASSERT_FALSE(st);
+  EXPECT_NE(st.error().message.find("500 ms"), std::string::npos) << st.error().message;
+  EXPECT_NE(st.error().message.find("booting"), std::string::npos) << st.error().message;
+  // The stand-in was killed and reaped.
+  EXPECT_EQ((*machine)->PID(), -1);
+  auto exit = (*machine)->Wait(milliseconds(0));
+  ASSERT_TRUE(exit) << exit.error().message;
+  EXPECT_EQ(exit->hypervisor.signal, SIGKILL);
+}
+
+TEST_F(FakeQemuMachine, OperationsBeforeStartAreErrors) {
+  QemuBackend backend(QemuBackendOptions{});
+  auto machine = backend.Create(config_);
+  ASSERT_TRUE(machine);
+  EXPECT_FALSE((*machine)->ReadFile("/etc/passwd"));
+  EXPECT_FALSE((*machine)->Pause());
+  EXPECT_EQ((*machine)->Agent(), nullptr);
+  EXPECT_EQ((*machine)->NetworkFD().error().errno_value, ENOTSUP);
+  EXPECT_EQ((*machine)->VsockFD().error().errno_value, ENOTSUP);
+  EXPECT_EQ((*machine)->RootfsPath(), config_.RootfsPath);
+  EXPECT_TRUE((*machine)->Stop(milliseconds(100)));  // nothing to stop
+}
+
+TEST_F(FakeQemuMachine, CreateValidatesConfig) {
+  QemuBackend backend(QemuBackendOptions{});
+  config_.StateDir.clear();
+  auto machine = backend.Create(config_);
+  ASSERT_FALSE(machine);
+  EXPECT_NE(machine.error().message.find("StateDir"), std::string::npos);
+}
+
+TEST(RunCommand, CapturesOutputAndExitCode) {
+  auto r =
+      host::RunCommand({"/bin/sh", "-c", "echo out; echo err >&2; exit 3"}, milliseconds(10'000));
+  ASSERT_TRUE(r) << r.error().message;
+  EXPECT_EQ(r->exit_code, 3);
+  EXPECT_NE(r->output.find("out"), std::string::npos);
+  EXPECT_NE(r->output.find("err"), std::string::npos);
+  auto checked =
+      host::CheckCommand({"/bin/sh", "-c", "echo bad thing >&2; exit 3"}, milliseconds(10'000));
+  ASSERT_FALSE(checked);
+  EXPECT_NE(checked.error().message.find("bad thing"), std::string::npos);
+}
+
+TEST(RunCommand, TimeoutKills) {
+  auto r = host::RunCommand({"sleep", "30"}, milliseconds(200));
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().errno_value, ETIMEDOUT);
+}
+
+TEST(RunCommand, MissingProgram) {
+  auto r = host::RunCommand({"/nonexistent/prog"}, milliseconds(10'000));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->exit_code, 127);
+}
+
+}  // namespace
+}  // namespace cella::vmm

@@ -10,7 +10,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PIN="$ROOT/src/host/kernel/kernel.pin"
+# CELLA_KERNEL_PIN: another pin file (used to test the fallback path).
+PIN="${CELLA_KERNEL_PIN:-$ROOT/src/host/kernel/kernel.pin}"
 
 if [ -n "${CELLA_HOME:-}" ]; then
   HOME_DIR="$CELLA_HOME"
@@ -40,7 +41,8 @@ SHA256="$(pin sha256)"
 NOTICE=""
 
 have_version() {  # package version -> 0 when apt can download exactly that
-  apt-cache show "$1=$2" >/dev/null 2>&1
+  # apt-cache exits 0 even for an unknown version: look for it in the output.
+  apt-cache show "$1=$2" 2>/dev/null | grep -qx "Version: $2"
 }
 
 if ! have_version "$PACKAGE" "$VERSION"; then

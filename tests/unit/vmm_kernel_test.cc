@@ -214,6 +214,7 @@ class Initramfs : public TempDir {
 };
 
 TEST_F(Initramfs, ContentsAndLoadOrder) {
+  spec_.compression = InitramfsCompression::kGzip;
   auto file = EnsureInitramfs(home_, spec_);
   ASSERT_TRUE(file) << file.error().message;
   EXPECT_TRUE(file->built);
@@ -247,6 +248,7 @@ TEST_F(Initramfs, ContentsAndLoadOrder) {
 }
 
 TEST_F(Initramfs, ReproducibleAndCachedByContent) {
+  spec_.compression = InitramfsCompression::kGzip;
   auto first = EnsureInitramfs(home_, spec_);
   ASSERT_TRUE(first) << first.error().message;
   auto again = EnsureInitramfs(home_, spec_);
@@ -279,6 +281,11 @@ TEST_F(Initramfs, UncompressedIsPlainNewc) {
   auto file = EnsureInitramfs(home_, spec_);
   ASSERT_TRUE(file) << file.error().message;
   EXPECT_TRUE(file->path.ends_with(".cpio"));
+  spec_.compression = InitramfsCompression::kGzip;
+  auto gz = EnsureInitramfs(home_, spec_);
+  ASSERT_TRUE(gz);
+  // The compression is part of the cache key, not just the file suffix.
+  EXPECT_NE(gz->path.substr(0, gz->path.find('.')), file->path.substr(0, file->path.find('.')));
   std::string bytes = ReadFileToString(file->path, 1 << 24).value();
   EXPECT_EQ(bytes.substr(0, 6), "070701");  // newc magic
 }

@@ -101,6 +101,7 @@ struct Agent::Impl {
   uint32_t last_stream = 0;
   std::optional<Error> link_failure;
   bool peer_closed = false;
+  bool stop_when_flushed = false;
   bool write_failed = false;
   std::vector<std::byte> read_buf;
 
@@ -852,6 +853,7 @@ struct Agent::Impl {
       CheckTimers(Clock::now());
       ServiceAll();
       Flush();
+      if (stop_when_flushed && OutPending() == 0) break;
     }
     // Best effort: tell the host why (an Error frame may be queued).
     Flush();
@@ -860,6 +862,7 @@ struct Agent::Impl {
     out.clear();
     out_off = 0;
     if (link_failure) return std::unexpected(*link_failure);
+    if (stop_when_flushed) return LinkEnd::kStopped;
     return LinkEnd::kPeerClosed;
   }
 };
@@ -887,5 +890,6 @@ Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {
 }
 
 Result<LinkEnd> Agent::Serve(UniqueFd link) { return impl_->Serve(std::move(link)); }
+void Agent::StopWhenFlushed() { impl_->stop_when_flushed = true; }
 
 }  // namespace cella::agent

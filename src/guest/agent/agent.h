@@ -51,6 +51,7 @@ struct AgentOptions {
 
 enum class LinkEnd {
   kPeerClosed,  // the host closed the link (EOF)
+  kStopped,     // StopWhenFlushed() was called and everything queued was sent
 };
 
 class Agent {
@@ -64,6 +65,11 @@ class Agent {
   // handshake fails, the host breaks framing, or the link fails. Either way
   // the link is done and the caller decides whether to serve another.
   Result<LinkEnd> Serve(UniqueFd link);
+
+  // Makes Serve return kStopped once every queued frame has reached the
+  // link: PID 1 powers off after the main process's Result, and must not
+  // lose it. Call from a callback (same thread as Serve).
+  void StopWhenFlushed();
 
  private:
   struct Impl;

@@ -242,7 +242,15 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
     ssize_t n =
         ::read(status.read.Get(), reinterpret_cast<char*>(&record) + got, sizeof(record) - got);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
+    if (n < 0) {
+      // Cannot tell whether setup worked: do not leave a half-set-up child.
+      int err = errno;
+      ::kill(pid, SIGKILL);
+      while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+      }
+      return FailErrno("exec: read the child's status pipe", err);
+    }
+    if (n == 0) break;
     got += static_cast<size_t>(n);
   }
   if (got == sizeof(record)) {

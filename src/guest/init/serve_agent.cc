@@ -29,8 +29,8 @@ void PowerOffFromAlarm(int) {
 }
 
 // The agent queues the final Result inside Serve(); powering off right away
-// would lose it. The host closes the link once it has the Result (Serve
-// returns and the loop powers off); the alarm bounds the wait if it does not.
+// would lose it. Serve() returns once it is sent (StopWhenFlushed) and the
+// loop powers off; the alarm bounds the wait if the host stops reading.
 void ArmPowerOffAlarm() {
   struct sigaction action {};
   action.sa_handler = PowerOffFromAlarm;
@@ -92,17 +92,24 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   main.stdin_open = true;
   if (!main.argv.empty()) options.main_request = std::move(main);
   const bool keep_alive = config.keep_alive;
-  options.on_main_exit = [keep_alive](int wait_status) {
+  // Set once the agent exists; the callbacks only run inside Serve().
+  agent::Agent* serving = nullptr;
+  options.on_main_exit = [keep_alive, &serving](int wait_status) {
     Say(MainExitLine(wait_status));
     g_main_exited = true;
-    if (!keep_alive) ArmPowerOffAlarm();
+    if (!keep_alive) {
+      serving->StopWhenFlushed();
+      ArmPowerOffAlarm();  // bounds the flush if the host stops reading
+    }
   };
-  options.on_shutdown = [] {
+  options.on_shutdown = [&serving] {
     g_shutdown_requested = true;
+    serving->StopWhenFlushed();
     ArmPowerOffAlarm();
   };
   auto agent = agent::Agent::Create(std::move(options));
   if (!agent) return std::unexpected(std::move(agent.error()).WithContext("agent"));
+  serving = agent->get();
 
   Say("agent serving on " + port_path);
   for (;;) {

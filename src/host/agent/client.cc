@@ -226,7 +226,13 @@ class Link {
         size_t off = done - header.size();
         iov[count++] = {const_cast<std::byte*>(payload.data()) + off, payload.size() - off};
       }
-      ssize_t n = ::writev(fd_.Get(), iov, count);
+      // sendmsg with MSG_NOSIGNAL: a guest that went away (QEMU killed, VM
+      // powered off) is an error value here, never a SIGPIPE that kills the
+      // host process. The link is always a socket.
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(count);
+      ssize_t n = ::sendmsg(fd_.Get(), &msg, MSG_NOSIGNAL);
       if (n >= 0) {
         done += static_cast<size_t>(n);
         continue;

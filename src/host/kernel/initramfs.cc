@@ -102,7 +102,8 @@ Result<Plan> MakePlan(const InitramfsSpec& spec) {
 Result<std::string> PlanHash(const Plan& plan, InitramfsCompression compression) {
   host::Sha256 h;
   h.Update(kLayoutVersion);
-  h.Update(compression == InitramfsCompression::kGzip ? "\0gzip\0" : "\0none\0");
+  h.Update(compression == InitramfsCompression::kGzip ? "|compression=gzip|"
+                                                      : "|compression=none|");
   for (const auto& [path, entry] : plan.tree) {
     h.Update(path);
     h.Update(std::string(1, '\0') + std::to_string(static_cast<int>(entry.kind)) + ":" +

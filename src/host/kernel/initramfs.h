@@ -23,8 +23,11 @@
 
 namespace cella::kernel {
 
+// Uncompressed is the default: measured under TCG here (interleaved runs,
+// boot to agent Hello), median 3.6 s uncompressed vs 4.2 s gzip — the guest
+// spends longer inflating ~27 MB than QEMU spends loading it.
 enum class InitramfsCompression {
-  kNone,  // measured fastest to boot under TCG? see README.md for the numbers
+  kNone,
   kGzip,
 };
 
@@ -35,7 +38,7 @@ struct InitramfsSpec {
   std::string modules_dir;
   std::string kernel_release;  // names lib/modules/<release>; required with modules_dir
   std::vector<WantedModule> modules = DefaultGuestModules();
-  InitramfsCompression compression = InitramfsCompression::kGzip;
+  InitramfsCompression compression = InitramfsCompression::kNone;
 };
 
 struct InitramfsFile {

@@ -160,6 +160,7 @@ class QemuMachine final : public Machine {
   host::SpawnedProcess process_;
   std::optional<host::ExitStatus> exit_;
   bool started_ = false;
+  UniqueFd wait_fd_;  // a pidfd for QEMU that stays open until destruction
 
   std::optional<QmpClient> qmp_;
   std::unique_ptr<host::AgentClient> agent_;
@@ -229,6 +230,15 @@ Status QemuMachine::Start() {
     std::lock_guard lock(mu_);
     process_ = CELLA_TRY_CTX(host::SpawnWithOutputFile(argv, paths_.qemu_log), "start QEMU");
     started_ = true;
+    // Reaping closes process_.pidfd; Wait polls this duplicate without the
+    // lock, so it must outlive every reap.
+    wait_fd_.Reset(::fcntl(process_.pidfd.Get(), F_DUPFD_CLOEXEC, 0));
+    if (!wait_fd_) {
+      Error err = Error::FromErrno("dup QEMU pidfd");
+      ::kill(process_.pid, SIGKILL);
+      exit_ = host::WaitForExit(process_, kKillWait).value_or(host::ExitStatus{});
+      return std::unexpected(std::move(err));
+    }
   }
   Status st = BootSequence(launched);
   if (!st) {
@@ -271,7 +281,7 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
   // The agent says Hello once the guest has booted; wait for its first byte
   // while watching QEMU, then let AgentClient run the handshake.
   while (true) {
-    pollfd fds[2] = {{agent_fd.Get(), POLLIN, 0}, {process_.pidfd.Get(), POLLIN, 0}};
+    pollfd fds[2] = {{agent_fd.Get(), POLLIN, 0}, {wait_fd_.Get(), POLLIN, 0}};
     int rc = ::poll(fds, 2, std::min(RemainingMs(deadline), 1000));
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) return FailErrno("poll agent socket");
@@ -282,8 +292,7 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
     if (fds[0].revents & POLLIN) break;
     if (fds[0].revents & (POLLHUP | POLLERR)) {
       // QEMU dropped the link: it is exiting. Give it a moment to be reaped.
-      host::SpawnedProcess& p = process_;
-      pollfd wait_exit{p.pidfd.Get(), POLLIN, 0};
+      pollfd wait_exit{wait_fd_.Get(), POLLIN, 0};
       ::poll(&wait_exit, 1, static_cast<int>(kKillWait.count()));
       CELLA_TRY(ReapIfExited());
       return std::unexpected(DiedDuringBoot("booting (the agent link closed)"));
@@ -310,8 +319,7 @@ Result<VmExit> QemuMachine::Wait(milliseconds timeout) {
     if (!started_) return Fail("wait: VM " + config_.ID + " was never started");
   }
   if (!CELLA_TRY(ReapIfExited())) {
-    // pidfd stays open until the destructor, so polling it unlocked is safe.
-    pollfd pfd{process_.pidfd.Get(), POLLIN, 0};
+    pollfd pfd{wait_fd_.Get(), POLLIN, 0};
     auto deadline = Clock::now() + timeout;
     while (true) {
       int rc = ::poll(&pfd, 1, RemainingMs(deadline));

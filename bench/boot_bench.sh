@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Boot benchmark: `cella run -- true` (boot, init, agent, attach, exit,
+# teardown) beside a bare QEMU boot of the same kernel on the same machine
+# type whose /init powers off at once, measured in the same run.
+# Prints medians and the ratio. Usage: bench/boot_bench.sh [BUILD_DIR] [RUNS]
+set -euo pipefail
+build=${1:-build}
+runs=${2:-5}
+cella="$build/cella"
+home=$("$cella" diagnose --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["home"])')
+manifest="$home/kernel/manifest"
+vmlinuz=$(sed -n 's/^vmlinuz=//p' "$manifest")
+khz=$("$cella" diagnose --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tsc_khz"])')
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# Baseline initramfs: static busybox, /init powers off immediately.
+mkdir -p "$work/initrd/bin" "$work/initrd/dev"
+cp /bin/busybox "$work/initrd/bin/busybox"
+printf '#!/bin/busybox sh\n/bin/busybox poweroff -f\n' > "$work/initrd/init"
+chmod +x "$work/initrd/init"
+(cd "$work/initrd" && find . | cpio -o -H newc --quiet) > "$work/bare.cpio"
+
+now_ms() { date +%s%3N; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+bare() {
+  qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 512M -nodefaults -no-user-config \
+    -no-reboot -display none -serial "file:$work/bare.log" -kernel "$vmlinuz" -initrd "$work/bare.cpio" \
+    -append "console=ttyS0 panic=-1 quiet tsc_early_khz=$khz no_timer_check pci=off rdinit=/init"
+}
+
+"$cella" run -- true >/dev/null 2>&1 || { echo "cella run failed; see: $cella run -- true" >&2; exit 1; }
+: > "$work/bare.ms"; : > "$work/cella.ms"
+for _ in $(seq "$runs"); do
+  t0=$(now_ms); timeout 120 bash -c "$(declare -f bare); work=$work vmlinuz=$vmlinuz khz=$khz bare"; t1=$(now_ms)
+  echo $((t1 - t0)) >> "$work/bare.ms"
+  t0=$(now_ms); timeout 120 "$cella" run -- true 2>/dev/null; t1=$(now_ms)
+  echo $((t1 - t0)) >> "$work/cella.ms"
+done
+bare_ms=$(median < "$work/bare.ms")
+cella_ms=$(median < "$work/cella.ms")
+echo "boot: bare QEMU+kernel to poweroff   median ${bare_ms} ms  (runs: $(tr '\n' ' ' < "$work/bare.ms"))"
+echo "boot: cella run -- true (end to end)  median ${cella_ms} ms  (runs: $(tr '\n' ' ' < "$work/cella.ms"))"
+awk -v c="$cella_ms" -v b="$bare_ms" 'BEGIN {printf "boot: ratio cella/bare = %.2fx, overhead %d ms\n", c/b, c-b}'

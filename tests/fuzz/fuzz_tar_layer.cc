@@ -17,17 +17,18 @@
 
 namespace {
 
+// Leaked on purpose: the atexit cleanup runs after static destructors.
 const std::string& WorkDir() {
-  static const std::string dir = [] {
-    std::string tmpl = "/tmp/cella-fuzz-tar-XXXXXX";
-    if (::mkdtemp(tmpl.data()) == nullptr) std::abort();
+  static const std::string* dir = [] {
+    auto* path = new std::string("/tmp/cella-fuzz-tar-XXXXXX");
+    if (::mkdtemp(path->data()) == nullptr) std::abort();
     std::atexit([] {
       ::unlink((WorkDir() + "/image.erofs").c_str());
       ::rmdir(WorkDir().c_str());
     });
-    return tmpl;
+    return path;
   }();
-  return dir;
+  return *dir;
 }
 
 }  // namespace

@@ -22,6 +22,24 @@ Result<std::string> ExistingFile(const std::string& path, std::string_view what)
 
 }  // namespace
 
+Status ApplyImageDefaults(const ImageDefaults& image, const std::vector<std::string>& user_command,
+                          protocol::Config& guest) {
+  guest.entrypoint = image.entrypoint;
+  guest.cmd = user_command.empty() ? image.cmd : user_command;
+  if (guest.entrypoint.empty() && guest.cmd.empty())
+    return Fail("the image sets neither Entrypoint nor Cmd: give a command after `--`");
+  for (const std::string& item : image.env) {
+    size_t eq = item.find('=');
+    if (eq == std::string::npos || eq == 0)
+      return Fail("image config Env item \"" + item + "\" is not KEY=VALUE");
+    guest.env[item.substr(0, eq)] = item.substr(eq + 1);
+  }
+  if (guest.workdir.empty()) guest.workdir = image.workdir;
+  if (guest.user.empty()) guest.user = image.user;
+  guest.init_mode = image.init_mode;
+  return {};
+}
+
 Result<std::string> GuestBinaryDir() {
   if (const char* dir = std::getenv("CELLA_LIBEXEC_DIR")) return std::string(dir);
   std::error_code ec;
@@ -48,7 +66,8 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
                               const MachineShape& shape,
                               const std::vector<VolumeAttachment>& volumes,
                               const std::vector<vmm::DiskConfig>& extra_disks,
-                              const std::string& id, const std::string& state_dir) {
+                              const std::string& id, const std::string& state_dir,
+                              const std::string& root_image_path) {
   vmm::VMConfig vm;
   vm.ID = id;
   vm.StateDir = state_dir;
@@ -58,7 +77,7 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
   vm.MemoryMB = shape.memory_mib;
 
   vm.OverlayEnabled = true;
-  vm.OverlayLowerPaths = {assets.default_rootfs_path};
+  vm.OverlayLowerPaths = {root_image_path.empty() ? assets.default_rootfs_path : root_image_path};
   vm.OverlayLowerFSTypes = {"erofs"};
   guest.overlay_root = protocol::OverlayRoot{
       .lower = {{vmm::GuestDevicePath(vmm::LowerSerial(0)), "erofs"}},

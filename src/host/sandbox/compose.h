@@ -46,15 +46,38 @@ struct MachineShape {
   int memory_mib = 512;
 };
 
+// How an image says it wants to run (its OCI config), in the terms the guest
+// config uses. Kept free of registry types so this module does not depend on
+// the image store.
+struct ImageDefaults {
+  std::vector<std::string> entrypoint;
+  std::vector<std::string> cmd;
+  std::vector<std::string> env;  // "KEY=VALUE" in image order; later wins
+  std::string workdir;
+  std::string user;
+  protocol::InitMode init_mode = protocol::InitMode::kExec;
+};
+
+// Docker's rules for the image half of a run: the entrypoint always stays,
+// `user_command` (what followed `--`) replaces the image's Cmd when given,
+// the image's env goes on top of what `guest.env` holds now (so the caller
+// applies the user's env after this call), and the image's workdir/user fill
+// guest.workdir/guest.user only where those are still empty. Fails when
+// neither the image nor the user names a command, or an env item has no '='.
+Status ApplyImageDefaults(const ImageDefaults& image, const std::vector<std::string>& user_command,
+                          protocol::Config& guest);
+
 // Fills the guest config's root, volume and disk entries and network
 // addressing (QEMU user-mode NAT unless no_network), and returns the VMConfig
 // that attaches exactly those disks. `guest` keeps every other field as the
-// caller set it; the result is validated.
+// caller set it; the result is validated. `root_image_path` is the erofs
+// image of the root filesystem; empty means the built-in default image.
 Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest,
                               const MachineShape& shape,
                               const std::vector<VolumeAttachment>& volumes,
                               const std::vector<vmm::DiskConfig>& extra_disks,
-                              const std::string& id, const std::string& state_dir);
+                              const std::string& id, const std::string& state_dir,
+                              const std::string& root_image_path = {});
 
 // Serializes `guest` onto the config disk at <state_dir>/config.img and
 // records it in `vm`.

@@ -42,7 +42,9 @@ NOTICE=""
 
 have_version() {  # package version -> 0 when apt can download exactly that
   # apt-cache exits 0 even for an unknown version: look for it in the output.
-  apt-cache show "$1=$2" 2>/dev/null | grep -qx "Version: $2"
+  # Not `grep -q`: it exits at the first match, apt-cache dies of SIGPIPE,
+  # and pipefail turns the match into a failure.
+  apt-cache show "$1=$2" 2>/dev/null | grep -x "Version: $2" >/dev/null
 }
 
 if ! have_version "$PACKAGE" "$VERSION"; then

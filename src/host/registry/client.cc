@@ -433,19 +433,27 @@ Status RegistryClient::FetchBlob(const Reference& ref, const Descriptor& blob, B
     const int64_t resume_from = writer.Offset();
     if (resume_from > 0) headers.push_back("Range: bytes=" + std::to_string(resume_from) + "-");
     bool first_chunk = true;
-    Response* current = nullptr;
     BodySink sink = [&](std::string_view chunk) -> Status {
       if (first_chunk) {
         first_chunk = false;
         long status = 0;
         curl_easy_getinfo(state_->curl, CURLINFO_RESPONSE_CODE, &status);
         if (resume_from > 0 && status != 206) CELLA_TRY(writer.Restart());  // Range ignored
+        if (status == 206) {
+          // Appending anything but the continuation would poison the partial file.
+          curl_header* h = nullptr;
+          std::string range;
+          if (curl_easy_header(state_->curl, "Content-Range", 0, CURLH_HEADER, -1, &h) == CURLHE_OK)
+            range = h->value;
+          if (!range.starts_with("bytes " + std::to_string(resume_from) + "-"))
+            return Fail(what + ": server answered the Range request with Content-Range \"" + range +
+                        "\"");
+        }
       }
       CELLA_TRY_CTX(writer.Write(chunk), what);
       if (progress) progress->BlobProgress(blob.digest, writer.Offset(), blob.size);
       return {};
     };
-    (void)current;
     Response r = CELLA_TRY_CTX(state_->Send(ref, "GET", "/v2/" + ref.repository + "/blobs/" + blob.digest,
                                             headers, &sink, 0),
                                what);
@@ -456,15 +464,6 @@ Status RegistryClient::FetchBlob(const Reference& ref, const Descriptor& blob, B
       return FetchBlob(ref, blob, writer, progress);
     }
     if (r.status != 200 && r.status != 206) return Fail(DescribeHttpError(r, what));
-    if (r.status == 206) {
-      std::string range = r.headers["content-range"];
-      std::string expected = "bytes " + std::to_string(resume_from) + "-";
-      if (!range.starts_with(expected)) {
-        CELLA_TRY(writer.Restart());
-        return Fail(what + ": server answered the Range request with Content-Range \"" + range +
-                    "\"; partial download discarded");
-      }
-    }
   }
   CELLA_TRY(writer.Commit());
   if (progress) progress->BlobFinished(blob.digest, BlobOutcome::kFetched);

@@ -127,6 +127,9 @@ TEST_F(MachineTest, ExecFilesPauseResumeAndStop) {
   ASSERT_FALSE(missing);
   EXPECT_EQ(missing.error().errno_value, ENOENT);
 
+  // Orphans are re-parented to PID 1, which must reap them: no zombies.
+  EXPECT_EQ(Sh("(sleep 0.2 &); sleep 1; ps -o stat | grep -c '^Z'"), "0\n");
+
   ASSERT_TRUE(machine_->Pause());
   ASSERT_TRUE(machine_->Resume());
   EXPECT_EQ(Sh("echo alive"), "alive\n");

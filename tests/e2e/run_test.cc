@@ -1,6 +1,11 @@
 // `cella run` end to end: each test boots a real VM with the real kernel,
 // initramfs, init and agent, under TCG on hosts where KVM cannot run it.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <thread>
 
 #include "process.h"
 
@@ -62,6 +67,41 @@ TEST(Run, NetworkIsConfiguredAndNoNetworkMeansOnlyLoopback) {
   auto none = RunCella({"run", "--no-network", "--", "ls", "/sys/class/net"});
   ASSERT_EQ(none.exit_code, 0) << Describe(none);
   EXPECT_EQ(none.out, "lo\n");
+}
+
+// QEMU's user-mode NAT maps 10.0.2.2 to the host's loopback: a server the
+// test runs on 127.0.0.1 is reachable from the guest, and nothing else is
+// contacted.
+TEST(Run, GuestReachesAHostLoopbackServerThroughNat) {
+  int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(listener, 4), 0);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  int port = ntohs(addr.sin_port);
+  std::thread server([listener] {
+    // One request; the poll bound keeps a broken guest from hanging the test.
+    timeval tv{90, 0};
+    ::setsockopt(listener, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int conn = ::accept(listener, nullptr, nullptr);
+    if (conn < 0) return;
+    char buf[4096];
+    (void)::recv(conn, buf, sizeof buf, 0);
+    const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
+    (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
+    ::close(conn);
+  });
+  auto r = RunCella({"run", "--", "wget", "-q", "-O", "-",
+                     "http://10.0.2.2:" + std::to_string(port) + "/"});
+  ::shutdown(listener, SHUT_RDWR);
+  server.join();
+  ::close(listener);
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "hello guest\n");
 }
 
 TEST(Run, CpusMemoryAndHardening) {

@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config git
-  clang clang-format clang-tidy clang-16 libclang-rt-16-dev
+  clang clang-format clang-tidy clang-16 clang-tidy-16 libclang-rt-16-dev
   libgtest-dev googletest
   nlohmann-json3-dev libcli11-dev libarchive-dev libssl-dev libcurl4-openssl-dev
   libsqlite3-dev libseccomp-dev

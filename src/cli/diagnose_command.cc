@@ -1,8 +1,7 @@
 // `cella diagnose` and `cella version`: what this host offers, what cella
 // chose, and why — the first thing to run when a sandbox will not start.
-#include <nlohmann/json.hpp>
-
 #include <cstdio>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "cli/commands.h"
@@ -39,8 +38,9 @@ int DiagnoseCommand(bool json) {
                                                 : "not found (run scripts/install-deps.sh)";
   if (home) {
     auto kernel = kernel::FindKernel(*home);
-    report["kernel"] = kernel ? kernel->package + " " + kernel->version + " (" + kernel->vmlinuz + ")"
-                              : "missing: " + kernel.error().message;
+    report["kernel"] = kernel
+                           ? kernel->package + " " + kernel->version + " (" + kernel->vmlinuz + ")"
+                           : "missing: " + kernel.error().message;
   }
 
   if (json) {

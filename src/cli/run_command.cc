@@ -211,34 +211,30 @@ Result<int> RunInSandbox(const RunArgs& args, const std::string& state_dir) {
   return status.ShellCode();
 }
 
+// cella's own failure: one line on stderr, docker's exit code 125.
+int ReportFailure(const Error& error) {
+  std::string line = "cella: " + error.message + "\n";
+  // Nothing useful is left to do if stderr itself is gone.
+  (void)WriteAll(STDERR_FILENO, line);
+  return kExitCellaError;
+}
+
 }  // namespace
 
 int RunCommand(const RunArgs& args) {
   SignalForwarder::BlockInThisThread();
   auto home = host::CellaHome();
-  if (!home) {
-    std::fprintf(stderr, "cella: %s\n", home.error().message.c_str());
-    return kExitCellaError;
-  }
+  if (!home) return ReportFailure(home.error());
   auto id = NewSandboxId();
-  if (!id) {
-    std::fprintf(stderr, "cella: %s\n", id.error().message.c_str());
-    return kExitCellaError;
-  }
+  if (!id) return ReportFailure(id.error());
   std::string state_dir = *home + "/run/" + *id;
-  if (auto made = host::MakeDirs(state_dir, 0700); !made) {
-    std::fprintf(stderr, "cella: %s\n", made.error().message.c_str());
-    return kExitCellaError;
-  }
+  if (auto made = host::MakeDirs(state_dir, 0700); !made) return ReportFailure(made.error());
   auto code = RunInSandbox(args, state_dir);
   // Foreground runs are --rm: nothing of the sandbox stays behind.
   std::error_code ec;
   std::filesystem::remove_all(state_dir, ec);
   if (ec) log::Warn("could not remove sandbox state", {{"path", state_dir}, {"error", ec.message()}});
-  if (!code) {
-    std::fprintf(stderr, "cella: %s\n", code.error().message.c_str());
-    return kExitCellaError;
-  }
+  if (!code) return ReportFailure(code.error());
   return *code;
 }
 

@@ -27,7 +27,8 @@ Result<std::string> CleanRelative(std::string_view name) {
   size_t start = 0;
   while (start <= name.size()) {
     size_t slash = name.find('/', start);
-    std::string_view c = name.substr(start, slash == std::string_view::npos ? name.npos : slash - start);
+    std::string_view c =
+        name.substr(start, slash == std::string_view::npos ? name.npos : slash - start);
     if (c == "..") return Fail("\"..\" component");
     if (!c.empty() && c != ".") out += (out.empty() ? "" : "/") + std::string(c);
     if (slash == std::string_view::npos) break;
@@ -74,7 +75,8 @@ Status ExtractImageArchive(const std::string& archive_path, const std::string& d
     std::string out = dest_dir + "/" + rel;
     std::string parent = out.substr(0, out.rfind('/'));
     CELLA_TRY(host::MakeDirs(parent, 0755));
-    if (archive_entry_hardlink(entry) != nullptr) return Fail(where + ": hardlinks are not supported");
+    if (archive_entry_hardlink(entry) != nullptr)
+      return Fail(where + ": hardlinks are not supported");
     switch (archive_entry_filetype(entry)) {
       case AE_IFDIR:
         CELLA_TRY(host::MakeDirs(out, 0755));
@@ -88,13 +90,15 @@ Status ExtractImageArchive(const std::string& archive_path, const std::string& d
         break;
       }
       case AE_IFREG: {
-        UniqueFd fd(::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
+        UniqueFd fd(
+            ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
         if (!fd) return FailErrno("create " + out);
         while (true) {
           la_ssize_t n = archive_read_data(a.get(), buf.data(), buf.size());
           if (n < 0) return Fail(where + ": " + archive_error_string(a.get()));
           if (n == 0) break;
-          CELLA_TRY_CTX(WriteAll(fd.Get(), std::string_view(buf.data(), static_cast<size_t>(n))), out);
+          CELLA_TRY_CTX(WriteAll(fd.Get(), std::string_view(buf.data(), static_cast<size_t>(n))),
+                        out);
         }
         break;
       }

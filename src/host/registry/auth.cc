@@ -28,7 +28,8 @@ std::string Lower(std::string_view s) {
 
 // "https://index.docker.io/v1/" -> "index.docker.io"; "host:5000" stays.
 std::string AuthKeyHost(std::string_view key) {
-  if (size_t scheme = key.find("://"); scheme != std::string_view::npos) key = key.substr(scheme + 3);
+  if (size_t scheme = key.find("://"); scheme != std::string_view::npos)
+    key = key.substr(scheme + 3);
   key = key.substr(0, key.find('/'));
   return Lower(key);
 }
@@ -44,7 +45,8 @@ bool HostMatches(std::string_view key, std::string_view registry_host) {
   return IsDockerHub(a) && IsDockerHub(b);
 }
 
-Result<std::optional<Credentials>> FromAuthsImpl(std::string_view config_json, std::string_view host) {
+Result<std::optional<Credentials>> FromAuthsImpl(std::string_view config_json,
+                                                 std::string_view host) {
   Json doc = Json::parse(config_json.begin(), config_json.end(), nullptr, false);
   if (doc.is_discarded() || !doc.is_object()) return Fail("not a JSON object");
   auto auths = doc.find("auths");
@@ -55,15 +57,19 @@ Result<std::optional<Credentials>> FromAuthsImpl(std::string_view config_json, s
     if (!entry.is_object()) return Fail("auths." + key + " must be an object");
     auto auth = entry.find("auth");
     if (auth != entry.end() && auth->is_string() && !auth->get<std::string>().empty()) {
-      std::string decoded = CELLA_TRY_CTX(Base64Decode(auth->get<std::string>()), "auths." + key + ".auth");
+      std::string decoded =
+          CELLA_TRY_CTX(Base64Decode(auth->get<std::string>()), "auths." + key + ".auth");
       size_t colon = decoded.find(':');
-      if (colon == std::string::npos) return Fail("auths." + key + ".auth is not base64 of user:password");
-      return std::optional<Credentials>(Credentials{decoded.substr(0, colon), decoded.substr(colon + 1)});
+      if (colon == std::string::npos)
+        return Fail("auths." + key + ".auth is not base64 of user:password");
+      return std::optional<Credentials>(
+          Credentials{decoded.substr(0, colon), decoded.substr(colon + 1)});
     }
     auto user = entry.find("username");
     auto pass = entry.find("password");
     if (user != entry.end() && pass != entry.end() && user->is_string() && pass->is_string())
-      return std::optional<Credentials>(Credentials{user->get<std::string>(), pass->get<std::string>()});
+      return std::optional<Credentials>(
+          Credentials{user->get<std::string>(), pass->get<std::string>()});
   }
   return std::optional<Credentials>();
 }
@@ -98,7 +104,8 @@ Status UpdateCredentials(const std::string& home, std::string_view host,
   auto text = ReadFileToString(path, 1 << 20);
   if (text) {
     doc = Json::parse(*text, nullptr, false);
-    if (doc.is_discarded() || !doc.is_object()) return Fail(path + ": not a JSON object; remove it");
+    if (doc.is_discarded() || !doc.is_object())
+      return Fail(path + ": not a JSON object; remove it");
   } else if (text.error().errno_value != ENOENT) {
     return std::unexpected(std::move(text.error()));
   }
@@ -106,8 +113,10 @@ Status UpdateCredentials(const std::string& home, std::string_view host,
   std::string key = Lower(host);
   if (IsDockerHub(key)) key = "docker.io";
   for (auto it = doc["auths"].begin(); it != doc["auths"].end();) {
-    if (HostMatches(it.key(), key)) it = doc["auths"].erase(it);
-    else ++it;
+    if (HostMatches(it.key(), key))
+      it = doc["auths"].erase(it);
+    else
+      ++it;
   }
   if (creds) {
     doc["auths"][key] = {{"auth", Base64Encode(creds->username + ":" + creds->password)}};
@@ -182,7 +191,8 @@ Result<AuthChallenge> ParseWwwAuthenticate(std::string_view header) {
 }
 
 std::string Base64Encode(std::string_view bytes) {
-  static constexpr char kTable[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  static constexpr char kTable[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
   std::string out;
   out.reserve((bytes.size() + 2) / 3 * 4);
   size_t i = 0;
@@ -245,7 +255,8 @@ std::string CellaCredentialsPath(const std::string& home) { return home + "/cred
 Status Login(const std::string& home, std::string_view registry_host, std::string_view username,
              std::string_view password) {
   if (username.empty()) return Fail("login: empty username");
-  if (username.find(':') != std::string_view::npos) return Fail("login: username must not contain ':'");
+  if (username.find(':') != std::string_view::npos)
+    return Fail("login: username must not contain ':'");
   try {
     return UpdateCredentials(home, registry_host,
                              Credentials{std::string(username), std::string(password)});
@@ -271,7 +282,8 @@ Result<std::optional<Credentials>> LookupCredentials(const std::string& home,
   if (docker_path.empty()) {
     if (const char* dir = ::getenv("DOCKER_CONFIG"); dir != nullptr && *dir == '/') {
       docker_path = std::string(dir) + "/config.json";
-    } else if (const char* user_home = ::getenv("HOME"); user_home != nullptr && *user_home == '/') {
+    } else if (const char* user_home = ::getenv("HOME");
+               user_home != nullptr && *user_home == '/') {
       docker_path = std::string(user_home) + "/.docker/config.json";
     } else {
       return std::optional<Credentials>();

@@ -19,7 +19,8 @@ struct AuthChallenge {
   std::map<std::string, std::string> params;  // realm, service, scope, error...
 };
 
-// Parses one challenge: `Bearer realm="https://auth/token",service="reg",scope="repository:x:pull"`.
+// Parses one challenge: `Bearer
+// realm="https://auth/token",service="reg",scope="repository:x:pull"`.
 Result<AuthChallenge> ParseWwwAuthenticate(std::string_view header);
 
 struct Credentials {

@@ -39,8 +39,8 @@ Result<bool> BlobStore::Has(std::string_view digest, int64_t size) const {
 }
 
 Status BlobStore::PutBytes(std::string_view digest, std::string_view bytes) const {
-  auto writer = CELLA_TRY(BlobWriter::Open(*this, digest, static_cast<int64_t>(bytes.size()),
-                                           ResumeMode::kStartOver));
+  auto writer = CELLA_TRY(
+      BlobWriter::Open(*this, digest, static_cast<int64_t>(bytes.size()), ResumeMode::kStartOver));
   if (writer.AlreadyStored()) return {};
   CELLA_TRY(writer.Write(bytes));
   return writer.Commit();

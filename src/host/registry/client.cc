@@ -24,7 +24,8 @@ std::string Lower(std::string_view s) {
 
 std::string Trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r' || s.back() == '\n'))
+  while (!s.empty() &&
+         (s.back() == ' ' || s.back() == '\t' || s.back() == '\r' || s.back() == '\n'))
     s.remove_suffix(1);
   return std::string(s);
 }
@@ -149,10 +150,10 @@ Result<UrlOrigin> ParseUrlOrigin(const std::string& url) {
 struct RegistryClient::State {
   ClientOptions options;
   CURL* curl = nullptr;
-  std::map<std::string, std::string> scheme_by_host;   // "https" | "http"
-  std::map<std::string, std::string> token_by_scope;   // host + " " + scope -> token
+  std::map<std::string, std::string> scheme_by_host;  // "https" | "http"
+  std::map<std::string, std::string> token_by_scope;  // host + " " + scope -> token
   std::map<std::string, std::optional<Credentials>> credentials_by_host;
-  std::map<std::string, bool> basic_by_host;           // host asked for Basic auth
+  std::map<std::string, bool> basic_by_host;  // host asked for Basic auth
 
   ~State() {
     if (curl != nullptr) curl_easy_cleanup(curl);
@@ -176,7 +177,8 @@ struct RegistryClient::State {
     auto it = credentials_by_host.find(host);
     if (it != credentials_by_host.end()) return it->second;
     std::optional<Credentials> creds;
-    if (options.credentials) creds = CELLA_TRY_CTX(options.credentials(host), "credentials for " + host);
+    if (options.credentials)
+      creds = CELLA_TRY_CTX(options.credentials(host), "credentials for " + host);
     credentials_by_host[host] = creds;
     return creds;
   }
@@ -234,20 +236,23 @@ struct RegistryClient::State {
     }
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
     char* redirect = nullptr;
-    if (curl_easy_getinfo(curl, CURLINFO_REDIRECT_URL, &redirect) == CURLE_OK && redirect != nullptr)
+    if (curl_easy_getinfo(curl, CURLINFO_REDIRECT_URL, &redirect) == CURLE_OK &&
+        redirect != nullptr)
       response.redirect_url = redirect;
     return response;
   }
 
   // Perform + redirects. The Authorization header goes only to `url`'s origin.
   Result<Response> PerformFollowing(std::string url, std::string_view method,
-                                    std::vector<std::string> headers, const std::string& authorization,
-                                    const BodySink* sink, size_t max_body) {
+                                    std::vector<std::string> headers,
+                                    const std::string& authorization, const BodySink* sink,
+                                    size_t max_body) {
     const std::string first_origin = HostOfUrl(url);
     for (int hop = 0; hop <= kMaxRedirects; ++hop) {
       std::string host = HostOfUrl(url);
       std::vector<std::string> all = headers;
-      if (!authorization.empty() && host == first_origin) all.push_back("Authorization: " + authorization);
+      if (!authorization.empty() && host == first_origin)
+        all.push_back("Authorization: " + authorization);
       auto origin = CELLA_TRY(ParseUrlOrigin(url));
       std::string host_port = origin.host.find(':') != std::string::npos
                                   ? "[" + origin.host + "]:" + origin.port
@@ -260,10 +265,12 @@ struct RegistryClient::State {
       bool redirect = r.status == 301 || r.status == 302 || r.status == 303 || r.status == 307 ||
                       r.status == 308;
       if (!redirect) return r;
-      if (r.redirect_url.empty()) return Fail(std::string(method) + " " + url + ": redirect without Location");
+      if (r.redirect_url.empty())
+        return Fail(std::string(method) + " " + url + ": redirect without Location");
       url = r.redirect_url;
     }
-    return Fail(std::string(method) + ": more than " + std::to_string(kMaxRedirects) + " redirects");
+    return Fail(std::string(method) + ": more than " + std::to_string(kMaxRedirects) +
+                " redirects");
   }
 
   Result<std::string> SchemeFor(const std::string& host) {
@@ -292,7 +299,8 @@ struct RegistryClient::State {
     if (auto s = challenge.params.find("service"); s != challenge.params.end())
       CELLA_TRY(add("service", s->second));
     auto cs = challenge.params.find("scope");
-    CELLA_TRY(add("scope", cs != challenge.params.end() && !cs->second.empty() ? cs->second : scope));
+    CELLA_TRY(
+        add("scope", cs != challenge.params.end() && !cs->second.empty() ? cs->second : scope));
     url += (url.find('?') == std::string::npos ? "?" : "&") + query;
     auto creds = CELLA_TRY(CredentialsFor(host));
     std::string authorization;
@@ -303,26 +311,30 @@ struct RegistryClient::State {
       body.append(chunk);
       return {};
     };
-    Response r = CELLA_TRY_CTX(PerformFollowing(url, "GET", {"Accept: application/json"}, authorization,
-                                                &sink, kMaxTokenBody),
+    Response r = CELLA_TRY_CTX(PerformFollowing(url, "GET", {"Accept: application/json"},
+                                                authorization, &sink, kMaxTokenBody),
                                host + ": token request");
     if (r.status == 401 || r.status == 403)
       return Fail(host + ": token server refused " +
                   (creds ? "the stored credentials" : std::string("anonymous access")) + " (HTTP " +
-                  std::to_string(r.status) + ")" + (creds ? "" : "; run `cella login " + host + "`"));
+                  std::to_string(r.status) + ")" +
+                  (creds ? "" : "; run `cella login " + host + "`"));
     if (r.status != 200) return Fail(DescribeHttpError(r, host + ": token request"));
     nlohmann::json doc = nlohmann::json::parse(body, nullptr, false);
-    if (doc.is_discarded() || !doc.is_object()) return Fail(host + ": token response is not a JSON object");
+    if (doc.is_discarded() || !doc.is_object())
+      return Fail(host + ": token response is not a JSON object");
     for (const char* key : {"token", "access_token"}) {
       auto t = doc.find(key);
-      if (t != doc.end() && t->is_string() && !t->get<std::string>().empty()) return t->get<std::string>();
+      if (t != doc.end() && t->is_string() && !t->get<std::string>().empty())
+        return t->get<std::string>();
     }
     return Fail(host + ": token response has no \"token\"");
   }
 
   // A registry API request with scheme choice and the 401 dance.
   Result<Response> Send(const Reference& ref, std::string_view method, const std::string& path,
-                        const std::vector<std::string>& headers, const BodySink* sink, size_t max_body) {
+                        const std::vector<std::string>& headers, const BodySink* sink,
+                        size_t max_body) {
     const std::string host = ref.ApiHost();
     const std::string scope = "repository:" + ref.repository + ":pull";
     const std::string token_key = host + " " + scope;
@@ -336,7 +348,8 @@ struct RegistryClient::State {
         auto creds = CELLA_TRY(CredentialsFor(host));
         if (creds) authorization = "Basic " + Base64Encode(creds->username + ":" + creds->password);
       }
-      auto r = PerformFollowing(scheme + "://" + host + path, method, headers, authorization, sink, max_body);
+      auto r = PerformFollowing(scheme + "://" + host + path, method, headers, authorization, sink,
+                                max_body);
       if (!r) {
         bool tls_failed = r.error().errno_value < 0 &&
                           IsTlsLevelFailure(static_cast<CURLcode>(-r.error().errno_value));
@@ -350,7 +363,8 @@ struct RegistryClient::State {
       scheme_by_host.emplace(host, scheme);
       if (r->status != 401) return r;
       if (++auth_rounds > 2)
-        return Fail(host + ": authentication failed (HTTP 401 after authenticating); check `cella login " +
+        return Fail(host +
+                    ": authentication failed (HTTP 401 after authenticating); check `cella login " +
                     host + "`");
       auto header = r->headers.find("www-authenticate");
       if (header == r->headers.end())
@@ -361,7 +375,8 @@ struct RegistryClient::State {
         token_by_scope[token_key] = CELLA_TRY(FetchToken(host, challenge, scope));
       } else if (challenge.scheme == "basic") {
         auto creds = CELLA_TRY(CredentialsFor(host));
-        if (!creds) return Fail(host + ": registry requires a login; run `cella login " + host + "`");
+        if (!creds)
+          return Fail(host + ": registry requires a login; run `cella login " + host + "`");
         if (basic_by_host[host] && auth_rounds > 1)
           return Fail(host + ": registry rejected the stored credentials (HTTP 401)");
         basic_by_host[host] = true;
@@ -382,7 +397,8 @@ RegistryClient::~RegistryClient() = default;
 RegistryClient::RegistryClient(RegistryClient&&) noexcept = default;
 RegistryClient& RegistryClient::operator=(RegistryClient&&) noexcept = default;
 
-Result<FetchedManifest> RegistryClient::GetManifest(const Reference& ref, std::string_view selector) {
+Result<FetchedManifest> RegistryClient::GetManifest(const Reference& ref,
+                                                    std::string_view selector) {
   if (state_->curl == nullptr) return Fail("curl_easy_init failed");
   const std::string what = "manifest " + ref.Name() + ":" + std::string(selector);
   std::string body;
@@ -454,9 +470,10 @@ Status RegistryClient::FetchBlob(const Reference& ref, const Descriptor& blob, B
       if (progress) progress->BlobProgress(blob.digest, writer.Offset(), blob.size);
       return {};
     };
-    Response r = CELLA_TRY_CTX(state_->Send(ref, "GET", "/v2/" + ref.repository + "/blobs/" + blob.digest,
-                                            headers, &sink, 0),
-                               what);
+    Response r =
+        CELLA_TRY_CTX(state_->Send(ref, "GET", "/v2/" + ref.repository + "/blobs/" + blob.digest,
+                                   headers, &sink, 0),
+                      what);
     if (r.status == 404) return Fail(what + ": not found in " + ref.domain);
     if (r.status == 416 && resume_from > 0) {
       // Our partial file is bogus for this server; start over once.

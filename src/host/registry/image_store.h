@@ -1,7 +1,7 @@
 // The local image store under <home>/images:
 //   blobs/sha256/<hex>        content-addressed blobs (manifests, configs, layers as fetched)
-//   images.db                 SQLite index: normalised reference -> manifest, config, layers, platform
-//   rootfs/<hex>.erofs        read-only root image per manifest digest (built on demand)
+//   images.db                 SQLite index: normalised reference -> manifest, config, layers,
+//   platform rootfs/<hex>.erofs        read-only root image per manifest digest (built on demand)
 //   tmp/                      import extraction and rootfs spool space
 //
 // Why SQLite for the index: several cella processes (pull, run, rmi, gc) touch

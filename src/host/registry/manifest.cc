@@ -22,7 +22,8 @@ Result<Json> ParseJsonObject(std::string_view body, std::string_view what) {
 }
 
 // Missing or null -> nullopt; wrong type -> error naming the field.
-Result<std::optional<std::string>> OptString(const Json& obj, const char* key, std::string_view where) {
+Result<std::optional<std::string>> OptString(const Json& obj, const char* key,
+                                             std::string_view where) {
   auto it = obj.find(key);
   if (it == obj.end() || it->is_null()) return std::optional<std::string>();
   if (!it->is_string())
@@ -30,7 +31,8 @@ Result<std::optional<std::string>> OptString(const Json& obj, const char* key, s
   return std::optional<std::string>(it->get<std::string>());
 }
 
-Result<std::vector<std::string>> OptStringList(const Json& obj, const char* key, std::string_view where) {
+Result<std::vector<std::string>> OptStringList(const Json& obj, const char* key,
+                                               std::string_view where) {
   std::vector<std::string> out;
   auto it = obj.find(key);
   if (it == obj.end() || it->is_null()) return out;
@@ -77,7 +79,8 @@ Result<Descriptor> ParseDescriptor(const Json& j, const std::string& where) {
     return Fail(where + ": descriptor \"size\" must be an integer");
   if (size->is_number_unsigned()) {
     uint64_t v = size->get<uint64_t>();
-    if (v > static_cast<uint64_t>(INT64_MAX)) return Fail(where + ": descriptor \"size\" is too large");
+    if (v > static_cast<uint64_t>(INT64_MAX))
+      return Fail(where + ": descriptor \"size\" is too large");
     d.size = static_cast<int64_t>(v);
   } else {
     d.size = size->get<int64_t>();
@@ -89,7 +92,8 @@ Result<Descriptor> ParseDescriptor(const Json& j, const std::string& where) {
     if (!platform->is_object()) return Fail(where + ": \"platform\" must be an object");
     Platform p;
     p.os = CELLA_TRY(OptString(*platform, "os", where + ".platform")).value_or("");
-    p.architecture = CELLA_TRY(OptString(*platform, "architecture", where + ".platform")).value_or("");
+    p.architecture =
+        CELLA_TRY(OptString(*platform, "architecture", where + ".platform")).value_or("");
     p.variant = CELLA_TRY(OptString(*platform, "variant", where + ".platform")).value_or("");
     d.platform = p;
   }
@@ -114,18 +118,20 @@ Result<ParsedManifest> ParseManifestImpl(std::string_view body, std::string_view
     }
   } else if (!ct.empty() && ct != "application/json" && ct != "application/octet-stream" &&
              ct != media_type) {
-    return Fail("manifest: Content-Type \"" + ct + "\" contradicts mediaType \"" + media_type + "\"");
+    return Fail("manifest: Content-Type \"" + ct + "\" contradicts mediaType \"" + media_type +
+                "\"");
   }
   ParsedManifest out;
   if (media_type == media::kOciIndex || media_type == media::kDockerManifestList) {
     out.kind = ManifestKind::kIndex;
     out.index.media_type = media_type;
     auto list = doc.find("manifests");
-    if (list == doc.end() || !list->is_array()) return Fail("manifest index: \"manifests\" must be an array");
+    if (list == doc.end() || !list->is_array())
+      return Fail("manifest index: \"manifests\" must be an array");
     if (list->size() > kMaxIndexEntries) return Fail("manifest index: too many entries");
     for (size_t i = 0; i < list->size(); ++i) {
-      out.index.manifests.push_back(
-          CELLA_TRY(ParseDescriptor((*list)[i], "manifest index: manifests[" + std::to_string(i) + "]")));
+      out.index.manifests.push_back(CELLA_TRY(
+          ParseDescriptor((*list)[i], "manifest index: manifests[" + std::to_string(i) + "]")));
     }
     return out;
   }
@@ -138,7 +144,8 @@ Result<ParsedManifest> ParseManifestImpl(std::string_view body, std::string_view
   if (config == doc.end()) return Fail("manifest: missing \"config\"");
   out.image.config = CELLA_TRY(ParseDescriptor(*config, "manifest: config"));
   auto layers = doc.find("layers");
-  if (layers == doc.end() || !layers->is_array()) return Fail("manifest: \"layers\" must be an array");
+  if (layers == doc.end() || !layers->is_array())
+    return Fail("manifest: \"layers\" must be an array");
   if (layers->size() > kMaxLayers) return Fail("manifest: more than 1024 layers");
   for (size_t i = 0; i < layers->size(); ++i) {
     std::string where = "manifest: layers[" + std::to_string(i) + "]";
@@ -256,7 +263,8 @@ Result<Descriptor> SelectPlatform(const ManifestIndex& index, const Platform& wa
     if (!d.platform) continue;
     const Platform& have = *d.platform;
     if (Normalize(have.os) == Normalize(wanted.os) &&
-        Normalize(have.architecture) == Normalize(wanted.architecture) && VariantMatches(wanted, have)) {
+        Normalize(have.architecture) == Normalize(wanted.architecture) &&
+        VariantMatches(wanted, have)) {
       if (d.media_type != media::kOciManifest && d.media_type != media::kDockerManifest &&
           !d.media_type.empty())
         continue;
@@ -266,8 +274,8 @@ Result<Descriptor> SelectPlatform(const ManifestIndex& index, const Platform& wa
   }
   std::string list;
   for (const auto& a : available) list += (list.empty() ? "" : ", ") + a;
-  return Fail("no image for platform " + wanted.String() + " in the index; available: " +
-              (list.empty() ? "(none)" : list));
+  return Fail("no image for platform " + wanted.String() +
+              " in the index; available: " + (list.empty() ? "(none)" : list));
 }
 
 std::vector<std::string> ImageConfig::EffectiveCommand() const {
@@ -280,7 +288,8 @@ bool ImageConfig::IsSystemdInit() const {
   std::vector<std::string> command = EffectiveCommand();
   if (command.empty()) return false;
   const std::string& first = command.front();
-  return first == "/sbin/init" || first == "/lib/systemd/systemd" || first == "/usr/lib/systemd/systemd";
+  return first == "/sbin/init" || first == "/lib/systemd/systemd" ||
+         first == "/usr/lib/systemd/systemd";
 }
 
 }  // namespace cella::registry

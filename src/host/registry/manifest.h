@@ -44,7 +44,7 @@ inline constexpr size_t kMaxConfigBytes = 8 * 1024 * 1024;
 struct Platform {
   std::string os = "linux";
   std::string architecture = "amd64";
-  std::string variant;  // "v8", "v7"...; empty matches any
+  std::string variant;         // "v8", "v7"...; empty matches any
   std::string String() const;  // "linux/arm64/v8"
   bool operator==(const Platform&) const = default;
 };
@@ -54,8 +54,8 @@ Result<Platform> ParsePlatform(std::string_view text);
 
 struct Descriptor {
   std::string media_type;
-  std::string digest;  // validated "sha256:<hex>"
-  int64_t size = 0;    // validated >= 0
+  std::string digest;                // validated "sha256:<hex>"
+  int64_t size = 0;                  // validated >= 0
   std::optional<Platform> platform;  // index entries only
   std::map<std::string, std::string> annotations;
 };

@@ -35,7 +35,8 @@ bool ValidTag(std::string_view t) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
   };
   if (!word(t[0])) return false;
-  return std::all_of(t.begin() + 1, t.end(), [&](char c) { return word(c) || c == '.' || c == '-'; });
+  return std::all_of(t.begin() + 1, t.end(),
+                     [&](char c) { return word(c) || c == '.' || c == '-'; });
 }
 
 // host[:port] where host is a DNS name, IPv4 or [IPv6].
@@ -61,9 +62,8 @@ bool ValidDomain(std::string_view d) {
     if (port.empty()) return false;
   }
   if (!port.empty()) {
-    if (port.size() > 5 || !std::all_of(port.begin(), port.end(), [](char c) {
-          return c >= '0' && c <= '9';
-        }))
+    if (port.size() > 5 ||
+        !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }))
       return false;
   }
   if (d.front() == '[') return true;
@@ -72,10 +72,12 @@ bool ValidDomain(std::string_view d) {
   size_t start = 0;
   while (start <= host.size()) {
     size_t dot = host.find('.', start);
-    std::string_view label = host.substr(start, dot == std::string_view::npos ? host.npos : dot - start);
+    std::string_view label =
+        host.substr(start, dot == std::string_view::npos ? host.npos : dot - start);
     if (label.empty() || label.front() == '-' || label.back() == '-') return false;
     for (char c : label) {
-      bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-';
+      bool ok =
+          (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-';
       if (!ok) return false;
     }
     if (dot == std::string_view::npos) break;
@@ -144,7 +146,8 @@ Result<Reference> ParseReference(std::string_view text) {
   if (text.size() > 512) return Fail("invalid image reference: longer than 512 bytes");
   for (char c : text) {
     if (static_cast<unsigned char>(c) <= ' ' || static_cast<unsigned char>(c) >= 0x7f)
-      return Fail("invalid image reference " + quoted + ": contains whitespace or a non-ASCII byte");
+      return Fail("invalid image reference " + quoted +
+                  ": contains whitespace or a non-ASCII byte");
   }
   Reference ref;
   std::string_view rest = text;
@@ -157,11 +160,13 @@ Result<Reference> ParseReference(std::string_view text) {
   // A tag follows the last ':' after the last '/' (a ':' before it is a port).
   size_t last_slash = rest.rfind('/');
   size_t colon = rest.rfind(':');
-  if (colon != std::string_view::npos && (last_slash == std::string_view::npos || colon > last_slash)) {
+  if (colon != std::string_view::npos &&
+      (last_slash == std::string_view::npos || colon > last_slash)) {
     std::string_view tag = rest.substr(colon + 1);
     if (!ValidTag(tag))
       return Fail("invalid image reference " + quoted + ": invalid tag \"" + std::string(tag) +
-                  "\" (allowed: letters, digits, '_', '.', '-'; at most 128; not starting with '.' or '-')");
+                  "\" (allowed: letters, digits, '_', '.', '-'; at most 128; not starting with '.' "
+                  "or '-')");
     ref.tag = std::string(tag);
     rest = rest.substr(0, colon);
   }
@@ -184,14 +189,16 @@ Result<Reference> ParseReference(std::string_view text) {
   size_t start = 0;
   while (true) {
     size_t slash = path.find('/', start);
-    std::string_view component = path.substr(start, slash == std::string_view::npos ? path.npos : slash - start);
+    std::string_view component =
+        path.substr(start, slash == std::string_view::npos ? path.npos : slash - start);
     if (!ValidPathComponent(component)) {
       bool upper = std::any_of(component.begin(), component.end(),
                                [](char c) { return c >= 'A' && c <= 'Z'; });
       if (upper)
         return Fail("invalid image reference " + quoted + ": repository name must be lowercase");
       return Fail("invalid image reference " + quoted + ": invalid repository name component \"" +
-                  std::string(component) + "\" (allowed: a-z, 0-9, separated by '.', '_', '__' or '-')");
+                  std::string(component) +
+                  "\" (allowed: a-z, 0-9, separated by '.', '_', '__' or '-')");
     }
     if (slash == std::string_view::npos) break;
     start = slash + 1;

@@ -118,7 +118,8 @@ Status IngestFile(const BlobStore& store, const std::string& path, const std::st
     if (n == 0) break;
     CELLA_TRY_CTX(writer.Write(std::string_view(buf.data(), n)), path);
   }
-  return CELLA_TRY_CTX(writer.Commit(), path);
+  CELLA_TRY_CTX(writer.Commit(), path);
+  return {};
 }
 
 Result<int64_t> FileSize(const std::string& path) {
@@ -126,10 +127,6 @@ Result<int64_t> FileSize(const std::string& path) {
   if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
   if (!S_ISREG(st.st_mode)) return Fail(path + ": not a regular file");
   return static_cast<int64_t>(st.st_size);
-}
-
-Result<std::string> ReadSmall(const std::string& path, size_t max) {
-  return ReadFileToString(path, max);
 }
 
 bool Exists(const std::string& path) {
@@ -591,7 +588,10 @@ Result<GcStats> ImageStore::Gc() {
   auto sweep = [&](const std::string& dir, auto keep, size_t& counter) -> Status {
     DIR* d = ::opendir(dir.c_str());
     if (d == nullptr) return FailErrno("opendir " + dir);
-    std::unique_ptr<DIR, decltype(&::closedir)> close_dir(d, &::closedir);
+    struct CloseDir {
+      DIR* d;
+      ~CloseDir() { ::closedir(d); }
+    } close_dir{d};
     std::vector<std::string> doomed;
     errno = 0;
     while (dirent* e = ::readdir(d)) {

@@ -10,6 +10,7 @@ PACKAGES=(
   nlohmann-json3-dev libcli11-dev libarchive-dev libssl-dev libcurl4-openssl-dev
   libsqlite3-dev libseccomp-dev
   qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio kmod
+  docker-registry skopeo umoci mmdebstrap apache2-utils python3 curl openssl file
 )
 
 missing=()

@@ -28,6 +28,11 @@ struct RunArgs {
   bool interactive = false;
   std::string kernel;
   std::string accel = "auto";
+  // --image: an image reference (pulled when missing); empty = built-in image.
+  std::string image;
+  std::string platform;
+  std::vector<std::string> insecure_registries;
+  std::string ca_file;
   int boot_timeout_s = 120;
 };
 

@@ -1,4 +1,4 @@
-// `cella run`: boot a sandbox from the built-in image, attach to its main
+// `cella run`: boot a sandbox from an image (or the built-in one), attach to its main
 // process, stream its output, and exit with its code.
 #include <poll.h>
 #include <signal.h>
@@ -16,6 +16,7 @@
 #include "base/io.h"
 #include "base/log.h"
 #include "cli/commands.h"
+#include "cli/image_commands.h"
 #include "cli/run_options.h"
 #include "host/sandbox/compose.h"
 #include "host/vmm/paths.h"
@@ -62,14 +63,23 @@ Result<Prepared> Prepare(const RunArgs& args, const std::string& home, const std
   protocol::Config& g = p.guest;
   g.env["PATH"] = kDefaultPath;
   g.env["HOME"] = "/root";
+  g.workdir = args.workdir;
+  g.user = args.user;
+  std::string root_image_path;  // empty: the built-in image
+  if (!args.image.empty()) {
+    RunImage image = CELLA_TRY(
+        PrepareRunImage(home, args.image, args.platform, {args.insecure_registries, args.ca_file}));
+    root_image_path = image.rootfs_path;
+    // Image env lands on top of the defaults and under the user's -e/--env-file.
+    CELLA_TRY_CTX(sandbox::ApplyImageDefaults(image.defaults, args.command, g), args.image);
+  } else {
+    g.cmd = args.command.empty() ? std::vector<std::string>{"sh"} : args.command;
+  }
   for (const auto& file : args.env_files) {
     auto text = CELLA_TRY_CTX(ReadFileToString(file, 1 << 20), "--env-file");
     CELLA_TRY(ApplyEnvFile(text, file, &HostEnv, g.env));
   }
   for (const auto& item : args.env_items) CELLA_TRY(ApplyEnvAssignment(item, &HostEnv, g.env));
-  g.cmd = args.command.empty() ? std::vector<std::string>{"sh"} : args.command;
-  g.workdir = args.workdir;
-  g.user = args.user;
   g.hostname = args.hostname;
   g.privileged = args.privileged;
   g.no_network = args.no_network;
@@ -93,7 +103,7 @@ Result<Prepared> Prepare(const RunArgs& args, const std::string& home, const std
       CELLA_TRY(sandbox::EnsureGuestAssets(home, bin_dir, kernel_override));
   if (!assets.kernel.notice.empty()) log::Notice(assets.kernel.notice);
 
-  p.vm = CELLA_TRY(sandbox::Compose(assets, g, shape, {}, {}, id, state_dir));
+  p.vm = CELLA_TRY(sandbox::Compose(assets, g, shape, {}, {}, id, state_dir, root_image_path));
   CELLA_TRY(sandbox::WriteGuestConfig(g, p.vm));
   p.accel = CELLA_TRY(vmm::ParseAccelMode(args.accel));
   p.boot_timeout = std::chrono::seconds(args.boot_timeout_s);
@@ -233,7 +243,8 @@ int RunCommand(const RunArgs& args) {
   // Foreground runs are --rm: nothing of the sandbox stays behind.
   std::error_code ec;
   std::filesystem::remove_all(state_dir, ec);
-  if (ec) log::Warn("could not remove sandbox state", {{"path", state_dir}, {"error", ec.message()}});
+  if (ec)
+    log::Warn("could not remove sandbox state", {{"path", state_dir}, {"error", ec.message()}});
   if (!code) return ReportFailure(code.error());
   return *code;
 }

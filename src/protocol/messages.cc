@@ -11,7 +11,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr size_t kMaxListItems = 64 * 1024;  // argv/env entries
+constexpr size_t kMaxListItems = size_t{64} * 1024;  // argv/env entries
 
 std::unexpected<Error> Invalid(std::string message) {
   return std::unexpected(Error{std::move(message), EINVAL});
@@ -359,7 +359,7 @@ Result<Request> DecodeRequest(std::string_view text) {
     } else if (op == "port_forward") {
       PortForwardRequest p;
       if (r.Integer("port", p.port, Need::kRequired) && p.port == 0) r.Problem("\"port\" is 0");
-      request = std::move(p);
+      request = p;
     } else if (op == "attach_main") {
       request = AttachMainRequest{};
     } else if (op == "shutdown") {

@@ -107,7 +107,7 @@ struct ErrorBody {
 };
 
 // Upper bounds the decoders enforce on untrusted input.
-inline constexpr size_t kMaxStringBytes = 64 * 1024;
+inline constexpr size_t kMaxStringBytes = size_t{64} * 1024;
 inline constexpr size_t kMaxListEntries = 1u << 20;
 
 std::string EncodeHello(const Hello& hello);

@@ -41,7 +41,8 @@ TEST(RegistryAuth, ParsesBearerChallenge) {
 }
 
 TEST(RegistryAuth, Base64RoundTrip) {
-  for (std::string s : {"", "a", "ab", "abc", "user:pa:ss", std::string("\0\xff\x10", 3)}) {
+  for (const std::string& s :
+       std::vector<std::string>{"", "a", "ab", "abc", "user:pa:ss", std::string("\0\xff\x10", 3)}) {
     auto back = Base64Decode(Base64Encode(s));
     ASSERT_TRUE(back.has_value());
     EXPECT_EQ(*back, s);

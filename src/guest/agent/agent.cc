@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,10 @@ struct Session {
   // port_forward
   bool connecting = false;
 };
+
+// A kWriteFile session gets its writer when it is created and loses it only
+// when it is abandoned (and erased); reaching this is a bug in this file.
+Error MissingWriter() { return Error{"internal: upload stream has no open file", EIO}; }
 
 Channel OutChannelId(int index) { return index == 0 ? Channel::kStdout : Channel::kStderr; }
 
@@ -178,7 +183,7 @@ struct Agent::Impl {
     }
   }
 
-  void Violation(std::string message) {
+  void Violation(const std::string& message) {
     if (link_failure) return;
     QueueError(0, EPROTO, "protocol violation: " + message);
     link_failure = Error{"host broke the protocol: " + message, EPROTO};
@@ -345,10 +350,13 @@ struct Agent::Impl {
     for (uint32_t id : ids) {
       Session* s = Find(id);
       if (!s || (s->kind == Kind::kPort && s->connecting)) continue;
+      // Each pump may end the session, so look it up again before the next.
       PumpOut(*s, 0);
-      if (!(s = Find(id))) continue;
+      s = Find(id);
+      if (!s) continue;
       PumpOut(*s, 1);
-      if (!(s = Find(id))) continue;
+      s = Find(id);
+      if (!s) continue;
       PumpIn(*s);
       if (MaybeFinish(*s)) sessions.erase(id);
     }
@@ -619,6 +627,7 @@ struct Agent::Impl {
     if (s.in.eof) return FailStream(s.stream, Error{"Data after Eof", EPROTO});
     s.in.host_credit -= size;
     if (s.kind == Kind::kWriteFile) {
+      if (!s.writer) return FailStream(s.stream, MissingWriter());
       if (auto ok = s.writer->Write(frame.payload); !ok) return FailStream(s.stream, ok.error());
       SendWindow(s, static_cast<uint32_t>(size));
       return;
@@ -631,6 +640,7 @@ struct Agent::Impl {
       return FailStream(s.stream, Error{"Eof from the host must be on stdin", EPROTO});
     s.in.eof = true;
     if (s.kind == Kind::kWriteFile) {
+      if (!s.writer) return FailStream(s.stream, MissingWriter());
       auto size = s.writer->Commit();
       uint32_t id = s.stream;
       if (!size) return FailStream(id, size.error());
@@ -753,8 +763,9 @@ struct Agent::Impl {
     while (!link_failure) {
       auto frame = decoder.Next();
       if (!frame) return Violation(frame.error().message);
-      if (!frame->has_value()) return;
-      HandleFrame(std::move(**frame));
+      std::optional<protocol::Frame>& complete = *frame;
+      if (!complete) return;
+      HandleFrame(std::move(*complete));
     }
   }
 
@@ -785,7 +796,7 @@ struct Agent::Impl {
     link_failure.reset();
     peer_closed = false;
     write_failed = false;
-    read_buf.resize(256 * 1024);
+    read_buf.resize(size_t{256} * 1024);
     QueueText(0, FrameType::kHello,
               protocol::EncodeHello({protocol::kProtocolVersion, protocol::Role::kAgent}));
 
@@ -803,18 +814,18 @@ struct Agent::Impl {
       for (auto& [id, s] : sessions) {
         if (s->kind == Kind::kPort && s->connecting) {
           fds.push_back({s->out[0].fd.Get(), POLLOUT, 0});
-          owners.push_back({s.get(), Slot::kConnect});
+          owners.emplace_back(s.get(), Slot::kConnect);
           continue;
         }
         for (int i = 0; i < 2; ++i) {
           if (s->out[i].fd && s->out[i].credit > 0 && room) {
             fds.push_back({s->out[i].fd.Get(), POLLIN, 0});
-            owners.push_back({s.get(), i == 0 ? Slot::kOut0 : Slot::kOut1});
+            owners.emplace_back(s.get(), i == 0 ? Slot::kOut0 : Slot::kOut1);
           }
         }
         if (s->in.fd && s->in.Pending() > 0 && !s->in.broken) {
           fds.push_back({s->in.fd.Get(), POLLOUT, 0});
-          owners.push_back({s.get(), Slot::kIn});
+          owners.emplace_back(s.get(), Slot::kIn);
         }
       }
       int timeout = PollTimeoutMs(Clock::now());

@@ -57,6 +57,7 @@ Status RemoveContents(int dirfd, const std::string& where) {
     return FailErrno("fdopendir " + where, err);
   }
   Status result;
+  const std::string where_prefix = where + "/";
   for (;;) {
     errno = 0;
     struct dirent* ent = ::readdir(dir);
@@ -66,7 +67,7 @@ Status RemoveContents(int dirfd, const std::string& where) {
     }
     std::string name = ent->d_name;
     if (name == "." || name == "..") continue;
-    std::string child = where + "/" + name;
+    std::string child = where_prefix + name;
     struct stat st {};
     if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
       result = FailErrno("lstat " + child);
@@ -127,7 +128,7 @@ Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path) {
     if (::fstatat(dirfd.Get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
       // Deleted between readdir and stat: not an error for a listing.
       if (errno == ENOENT) continue;
-      result = FailErrno("lstat " + path + "/" + name);
+      result = FailErrno(std::string("lstat ").append(path).append("/").append(name));
       break;
     }
     auto info = InfoFrom(name, st);
@@ -200,10 +201,12 @@ Result<AtomicFileWriter> AtomicFileWriter::Create(const std::string& path, mode_
   w.uid_ = uid;
   w.gid_ = gid;
   std::random_device rd;
+  const std::string temp_prefix = dir + "/." + base + ".cella-";
   for (int attempt = 0; attempt < 16; ++attempt) {
     char suffix[17];
-    snprintf(suffix, sizeof(suffix), "%08x%08x", rd(), rd());
-    std::string temp = dir + "/." + base + ".cella-" + suffix;
+    if (snprintf(suffix, sizeof(suffix), "%08x%08x", rd(), rd()) != 16)
+      return FailErrno("name a temp file for " + path, EINVAL);
+    std::string temp = temp_prefix + suffix;
     w.fd_.Reset(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
     if (w.fd_) {
       w.temp_path_ = temp;

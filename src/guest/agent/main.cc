@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -29,6 +30,13 @@ using cella::agent::Agent;
 constexpr const char* kUsage =
     "usage: cella-agent (--fd N | --listen PATH | --device PATH | --virtio-port NAME)\n"
     "                   [--harden] [--debug]\n";
+
+// Returns the exit code for a bad command line. If stderr itself is broken
+// there is no one left to tell.
+int UsageError(const std::string& problem) {
+  (void)std::fprintf(stderr, "cella-agent: %s\n%s", problem.c_str(), kUsage);
+  return 2;
+}
 
 enum class Mode { kNone, kFd, kListen, kDevice, kVirtioPort };
 
@@ -142,8 +150,7 @@ int Run(const Args& args) {
       auto [ptr, ec] =
           std::from_chars(args.value.data(), args.value.data() + args.value.size(), fd);
       if (ec != std::errc() || ptr != args.value.data() + args.value.size() || fd < 0) {
-        std::fprintf(stderr, "cella-agent: --fd needs a descriptor number\n%s", kUsage);
-        return 2;
+        return UsageError("--fd needs a descriptor number");
       }
       auto end = (*agent)->Serve(UniqueFd(fd));
       Report(end);
@@ -199,11 +206,14 @@ int Run(const Args& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto args = ParseArgs(argc, argv);
-  if (!args) {
-    std::fprintf(stderr, "cella-agent: %s\n%s", args.error().message.c_str(), kUsage);
-    return 2;
+  try {
+    auto args = ParseArgs(argc, argv);
+    if (!args) return UsageError(args.error().message);
+    if (args->debug) cella::log::SetLevel(cella::log::Level::kDebug);
+    return Run(*args);
+  } catch (const std::exception& e) {
+    // Errors are values here: only the standard library (bad_alloc...) throws.
+    (void)std::fprintf(stderr, "cella-agent: fatal: %s\n", e.what());
+    return 1;
   }
-  if (args->debug) cella::log::SetLevel(cella::log::Level::kDebug);
-  return Run(*args);
 }

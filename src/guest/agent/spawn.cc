@@ -29,7 +29,7 @@ namespace {
 constexpr const char* kDefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 // What the child reports through the status pipe when setup fails.
-enum class Stage : int { kSession, kTty, kStdio, kCaps, kUser, kWorkdir, kSeccomp };
+enum class Stage : int { kSession, kTty, kStdio, kCaps, kUser, kWorkdir, kSeccomp, kSignals };
 
 const char* StageName(Stage stage) {
   switch (stage) {
@@ -47,6 +47,8 @@ const char* StageName(Stage stage) {
       return "change to the working directory";
     case Stage::kSeccomp:
       return "install the seccomp filter";
+    case Stage::kSignals:
+      return "reset the signal mask";
   }
   return "set up";
 }
@@ -129,9 +131,11 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   std::vector<std::string> env = request.env;
   if (!HasEnv(env, "HOME")) env.push_back("HOME=" + (identity ? identity->home : std::string("/")));
   std::vector<char*> argv_ptrs;
+  argv_ptrs.reserve(request.argv.size() + 1);
   for (const auto& a : request.argv) argv_ptrs.push_back(const_cast<char*>(a.c_str()));
   argv_ptrs.push_back(nullptr);
   std::vector<char*> env_ptrs;
+  env_ptrs.reserve(env.size() + 1);
   for (const auto& e : env) env_ptrs.push_back(const_cast<char*>(e.c_str()));
   env_ptrs.push_back(nullptr);
   std::vector<std::string> candidates = Candidates(request.argv[0], request.env);
@@ -185,9 +189,11 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
     int sfd = status.write.Get();
     sigset_t none;
     sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (sigprocmask(SIG_SETMASK, &none, nullptr) != 0) ChildFail(sfd, Stage::kSignals, errno);
     for (int sig = 1; sig < NSIG; ++sig) {
-      if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
+      // Fails (EINVAL) only for the signals glibc reserves for its threads;
+      // glibc catches (never ignores) those, and execve resets caught ones.
+      if (sig != SIGKILL && sig != SIGSTOP) (void)signal(sig, SIG_DFL);
     }
     if (::setsid() < 0) ChildFail(sfd, Stage::kSession, errno);
     if (request.tty) {

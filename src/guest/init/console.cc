@@ -2,9 +2,13 @@
 
 #include <fcntl.h>
 #include <sys/reboot.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <array>
+#include <cstring>
 #include <string>
+#include <string_view>
 
 #include "base/io.h"
 #include "base/unique_fd.h"
@@ -69,6 +73,23 @@ void PowerOff() {
 void FailAndPowerOff(const Error& error) {
   SayError(error.message);
   PowerOff();
+}
+
+void PanicAndPowerOff(const char* what) noexcept {
+  static constexpr std::string_view kPrefix = "cella-init: error: unexpected exception: ";
+  std::array<iovec, 3> parts{{
+      {const_cast<char*>(kPrefix.data()), kPrefix.size()},
+      {const_cast<char*>(what), std::strlen(what)},
+      {const_cast<char*>("\n"), 1},
+  }};
+  // The console is the reporting channel itself: nowhere to report its failure.
+  (void)::writev(STDERR_FILENO, parts.data(), static_cast<int>(parts.size()));
+  ::sync();
+  // Each call returns only on failure; the next one is the fallback.
+  (void)::reboot(RB_POWER_OFF);
+  (void)::reboot(RB_HALT_SYSTEM);
+  (void)::reboot(RB_AUTOBOOT);
+  for (;;) ::pause();
 }
 
 }  // namespace cella::init

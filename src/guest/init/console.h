@@ -36,4 +36,9 @@ Status EnsureConsoleStdio();
 // SayError(error), then PowerOff().
 [[noreturn]] void FailAndPowerOff(const Error& error);
 
+// The last resort when an exception escaped (possibly bad_alloc): reports
+// "cella-init: error: unexpected exception: <what>" and powers off like
+// PowerOff(), without allocating or throwing.
+[[noreturn]] void PanicAndPowerOff(const char* what) noexcept;
+
 }  // namespace cella::init

@@ -94,7 +94,8 @@ Status ScanDiskLinks() {
       Debug("disk " + disk.name + " serial \"" + disk.serial + "\" -> " + link);
       continue;
     }
-    if (errno != EEXIST) return FailErrno("symlink " + link + " -> " + target);
+    if (errno != EEXIST)
+      return FailErrno(std::string("symlink ").append(link).append(" -> ").append(target));
   }
   return {};
 }

@@ -56,10 +56,18 @@ std::string EnvLookup(const std::vector<std::string>& env, std::string_view name
   return {};
 }
 
+std::string EnvEntry(std::string_view key, std::string_view value) {
+  std::string entry;
+  entry.reserve(key.size() + 1 + value.size());
+  entry.append(key).append("=").append(value);
+  return entry;
+}
+
 std::vector<std::string> WorkloadEnvironment(const std::map<std::string, std::string>& env,
                                              std::string_view home) {
   std::vector<std::string> out;
-  for (const auto& [key, value] : env) out.push_back(key + "=" + value);
+  out.reserve(env.size() + 2);  // + PATH and HOME
+  for (const auto& [key, value] : env) out.push_back(EnvEntry(key, value));
   if (!env.contains("PATH")) out.push_back("PATH=" + std::string(kDefaultPath));
   if (!env.contains("HOME")) out.push_back("HOME=" + std::string(home.empty() ? "/" : home));
   return out;

@@ -38,6 +38,9 @@ Result<uint32_t> NetmaskFromCidr(int prefix_length);
 // cgroup v2 cpu.max content "<quota> <period>" for fractional CPUs (> 0).
 Result<std::string> CpuMaxContent(double cpus);
 
+// "KEY=VALUE", the form execve's environment takes.
+std::string EnvEntry(std::string_view key, std::string_view value);
+
 // "K=V" strings for the workload: the config's env (sorted by name), plus
 // PATH (kDefaultPath) and HOME when the config does not set them.
 std::vector<std::string> WorkloadEnvironment(const std::map<std::string, std::string>& env,

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <exception>
 
 #include "base/io.h"
 #include "guest/init/cgroup.h"
@@ -30,7 +31,7 @@ Deadline DeviceDeadline() { return std::chrono::steady_clock::now() + kDeviceWai
 Status Boot() {
   CELLA_TRY_CTX(MountEarly(), "early mounts");
   CELLA_TRY_CTX(EnsureConsoleStdio(), "console");
-  auto cmdline = ReadFileToString("/proc/cmdline", 64 * 1024);
+  auto cmdline = ReadFileToString("/proc/cmdline", size_t{64} * 1024);
   if (!cmdline) return std::unexpected(std::move(cmdline.error()));
   if (KernelCmdlineWantsDebug(*cmdline)) SetVerbosity(Verbosity::kDebug);
   // Ctrl-Alt-Del becomes SIGINT to PID 1 (forwarded) instead of a hard reboot.
@@ -75,8 +76,13 @@ Status Boot() {
 }  // namespace cella::init
 
 int main() {
-  auto booted = cella::init::Boot();
-  // Boot() returns only on failure, or after an exec or power-off failed.
-  if (!booted) cella::init::FailAndPowerOff(booted.error());
-  cella::init::FailAndPowerOff(cella::Error::Msg("init finished without powering off"));
+  try {
+    auto booted = cella::init::Boot();
+    // Boot() returns only on failure, or after an exec or power-off failed.
+    if (!booted) cella::init::FailAndPowerOff(booted.error());
+    cella::init::FailAndPowerOff(cella::Error::Msg("init finished without powering off"));
+  } catch (const std::exception& e) {
+    // PID 1 must not exit (the kernel panics): power off instead.
+    cella::init::PanicAndPowerOff(e.what());
+  }
 }

@@ -58,7 +58,9 @@ Result<std::string> FindVirtioPort(std::string_view name, Deadline deadline) {
       while (dirent* entry = ::readdir(dir)) {
         std::string port = entry->d_name;
         if (port == "." || port == "..") continue;
-        auto port_name = ReadFileToString(dir_path + "/" + port + "/name", 4096);
+        std::string name_file = dir_path;
+        name_file.append("/").append(port).append("/name");
+        auto port_name = ReadFileToString(name_file, 4096);
         // A port without a name file was created without name=: not ours.
         if (port_name && Trimmed(*port_name) == name) found = "/dev/" + port;
       }
@@ -82,7 +84,7 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   options.reap = agent::ReapMode::kAllChildren;
   protocol::ExecRequest main;
   main.argv = WorkloadArgv(config);
-  for (const auto& [key, value] : config.env) main.env.push_back(key + "=" + value);
+  for (const auto& [key, value] : config.env) main.env.push_back(EnvEntry(key, value));
   if (!config.env.contains("PATH")) main.env.push_back("PATH=" + std::string(kDefaultPath));
   main.workdir = config.workdir;
   main.user = config.user;

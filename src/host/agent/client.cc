@@ -11,8 +11,10 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <map>
 #include <mutex>
+#include <optional>
 
 #include "base/io.h"
 #include "protocol/wire.h"
@@ -124,10 +126,13 @@ class Link {
   Result<Event> Next(Stream& s) {
     std::unique_lock lock(s.mu);
     s.cv.wait(lock, [&] { return !s.events.empty() || s.failure; });
-    if (s.events.empty()) return std::unexpected(*s.failure);
-    Event e = std::move(s.events.front());
-    s.events.pop_front();
-    return e;
+    if (!s.events.empty()) {
+      Event e = std::move(s.events.front());
+      s.events.pop_front();
+      return e;
+    }
+    if (s.failure) return std::unexpected(*s.failure);
+    return Fail("agent stream woke with neither an event nor a failure (bug)");
   }
 
   void ReturnCredit(Stream& s, Channel channel, size_t amount) {
@@ -162,16 +167,28 @@ class Link {
 
   // Stops caring about a stream: tells the agent (Close) if it is still
   // live, and wakes anyone waiting on it.
-  void Abandon(Stream& s) {
-    bool live = false;
-    {
-      std::lock_guard lock(mu_);
-      live = streams_.erase(s.id) > 0 && !failure_;
+  // Never throws: destructors call it.
+  void Abandon(Stream& s) noexcept {
+    try {
+      bool live = false;
+      {
+        std::lock_guard lock(mu_);
+        live = streams_.erase(s.id) > 0 && !failure_;
+      }
+      if (live) (void)Send(s.id, FrameType::kClose, Channel::kControl, {});
+    } catch (const std::exception&) {
+      // Close is a courtesy (like a failed Send above): the agent drops the
+      // stream with the link anyway, and its later frames find no owner.
     }
-    if (live) (void)Send(s.id, FrameType::kClose, Channel::kControl, {});
-    std::lock_guard lock(s.mu);
-    if (!s.finished && !s.failure) s.failure = Error{"agent stream abandoned", ECANCELED};
-    s.cv.notify_all();
+    try {
+      std::lock_guard lock(s.mu);
+      if (!s.finished && !s.failure) s.failure = Error{"agent stream abandoned", ECANCELED};
+      s.cv.notify_all();
+    } catch (const std::exception&) {
+      // Out of memory or a broken mutex: a waiter left asleep here would hang
+      // its owner's join forever, so crashing is the only bounded outcome.
+      std::terminate();
+    }
   }
 
   Status Ping(std::chrono::milliseconds timeout) {
@@ -183,6 +200,7 @@ class Link {
       pings_[id] = false;
     }
     std::vector<std::byte> payload;
+    payload.reserve(8);
     for (int i = 0; i < 8; ++i) payload.push_back(static_cast<std::byte>((id >> (8 * i)) & 0xff));
     auto sent = Send(0, FrameType::kPing, Channel::kControl, payload);
     std::unique_lock lock(mu_);
@@ -273,12 +291,12 @@ class Link {
   }
 
   Status AwaitHello(Clock::time_point deadline) {
-    std::vector<std::byte> buf(64 * 1024);
+    std::vector<std::byte> buf(size_t{64} * 1024);
     for (;;) {
       auto frame = decoder_.Next();
       if (!frame) return Protocol(frame.error().message);
-      if (frame->has_value()) {
-        protocol::Frame& f = **frame;
+      if (std::optional<protocol::Frame>& complete = *frame; complete) {
+        protocol::Frame& f = *complete;
         if (f.stream_id == 0 && f.type == FrameType::kError) {
           auto body = protocol::DecodeError(f.PayloadText());
           if (!body) return Protocol("malformed Error during the handshake");
@@ -307,7 +325,7 @@ class Link {
     }
   }
 
-  void FailLink(Error error) {
+  void FailLink(const Error& error) {
     std::map<uint32_t, std::shared_ptr<Stream>> streams;
     {
       std::lock_guard lock(mu_);
@@ -334,13 +352,14 @@ class Link {
   }
 
   void ReaderLoop() {
-    std::vector<std::byte> buf(256 * 1024);
+    std::vector<std::byte> buf(size_t{256} * 1024);
     for (;;) {
       for (;;) {
         auto frame = decoder_.Next();
         if (!frame) return FailLink(Protocol(frame.error().message).error());
-        if (!frame->has_value()) break;
-        Dispatch(std::move(**frame));
+        std::optional<protocol::Frame>& complete = *frame;
+        if (!complete) break;
+        Dispatch(std::move(*complete));
         if (Failure()) return;
       }
       if (auto waited = WaitFd(fd_.Get(), POLLIN, std::nullopt); !waited)

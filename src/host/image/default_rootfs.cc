@@ -81,7 +81,7 @@ Status CopyFile(const std::string& from, const std::string& to, mode_t mode) {
   if (!in) return FailErrno("open " + from);
   UniqueFd out(::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode));
   if (!out) return FailErrno("create " + to);
-  std::vector<std::byte> buf(256 * 1024);
+  std::vector<std::byte> buf(size_t{256} * 1024);
   while (true) {
     size_t n = CELLA_TRY_CTX(ReadSome(in.Get(), buf), "read " + from);
     if (n == 0) break;
@@ -101,7 +101,8 @@ Status PopulateTree(const std::string& root, const std::string& busybox) {
       {"sys", 0555}, {"dev", 0755},  {"run", 0755},     {"root", 0700},     {"home", 0755},
       {"var", 0755}, {"usr", 0755},  {"usr/bin", 0755}, {"usr/sbin", 0755}, {"var/tmp", 01777},
   };
-  for (const DirSpec& d : kDirs) CELLA_TRY(MakeDir(root + "/" + d.path, d.mode));
+  const std::string root_prefix = root + "/";
+  for (const DirSpec& d : kDirs) CELLA_TRY(MakeDir(root_prefix + d.path, d.mode));
   CELLA_TRY(CopyFile(busybox, root + "/bin/busybox", 0755));
   CELLA_TRY(WriteStringToFile(root + "/etc/passwd", kPasswd, 0644));
   CELLA_TRY(WriteStringToFile(root + "/etc/group", kGroup, 0644));
@@ -124,7 +125,7 @@ Status PopulateTree(const std::string& root, const std::string& busybox) {
         applet == "bin/busybox" || !seen.insert(applet).second) {
       continue;
     }
-    std::string link = root + "/" + applet;
+    std::string link = root_prefix + applet;
     if (::symlink("/bin/busybox", link.c_str()) != 0) return FailErrno("symlink " + link);
   }
   if (seen.empty()) return Fail(busybox + " --list-full listed no applets");

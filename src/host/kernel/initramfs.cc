@@ -88,9 +88,11 @@ Result<Plan> MakePlan(const InitramfsSpec& spec) {
     }
     ModuleIndex index = CELLA_TRY(LoadModuleIndex(dir));
     std::vector<std::string> relative = CELLA_TRY(ResolveLoadOrder(index, spec.modules));
+    const std::string guest_prefix = "lib/modules/" + release + "/";
+    const std::string host_prefix = dir + "/";
     for (const std::string& rel : relative) {
-      std::string guest = "lib/modules/" + release + "/" + rel;
-      CELLA_TRY_CTX(AddHostFile(plan.tree, guest, dir + "/" + rel, 0644), "initramfs module");
+      std::string guest = guest_prefix + rel;
+      CELLA_TRY_CTX(AddHostFile(plan.tree, guest, host_prefix + rel, 0644), "initramfs module");
       plan.load_order.push_back("/" + guest);
       order_text += "/" + guest + "\n";
     }
@@ -155,7 +157,7 @@ Status WriteArchive(const Plan& plan, InitramfsCompression compression, int out_
     return ArchiveFail(a.get(), "open " + out_path);
   }
   int64_t ino = 0;
-  std::array<char, 64 * 1024> buf;
+  std::array<char, size_t{64} * 1024> buf;
   for (const auto& [path, entry] : plan.tree) {
     std::unique_ptr<archive_entry, EntryDeleter> e(archive_entry_new());
     if (!e) return Fail("libarchive: archive_entry_new failed");

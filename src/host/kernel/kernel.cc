@@ -72,7 +72,7 @@ Result<KernelInfo> FindKernel(const std::string& home,
     return info;
   }
   std::string manifest_path = host::KernelManifestPath(home);
-  auto text = ReadFileToString(manifest_path, 64 * 1024);
+  auto text = ReadFileToString(manifest_path, size_t{64} * 1024);
   if (!text) {
     if (text.error().errno_value == ENOENT) {
       return std::unexpected(

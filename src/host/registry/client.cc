@@ -119,7 +119,25 @@ std::string DescribeHttpError(const Response& r, const std::string& what) {
   return msg;
 }
 
+bool IsListedInsecure(std::string_view host_port, const std::vector<std::string>& insecure_hosts) {
+  std::string h = Lower(host_port);
+  // An entry without a port covers every port of that host.
+  std::string bare = h;
+  if (size_t colon = h.rfind(':');
+      colon != std::string::npos && h.find(']', colon) == std::string::npos)
+    bare = h.substr(0, colon);
+  for (const auto& i : insecure_hosts) {
+    std::string entry = Lower(i);
+    if (entry == h || entry == bare) return true;
+  }
+  return false;
+}
+
 }  // namespace
+
+bool PlainHttpAllowed(std::string_view host_port, const std::vector<std::string>& insecure_hosts) {
+  return IsLoopbackHost(host_port) || IsListedInsecure(host_port, insecure_hosts);
+}
 
 Result<UrlOrigin> ParseUrlOrigin(const std::string& url) {
   CURLU* u = curl_url();
@@ -160,17 +178,10 @@ struct RegistryClient::State {
   }
 
   bool IsInsecure(std::string_view host_port) const {
-    std::string h = Lower(host_port);
-    for (const auto& i : options.insecure_hosts)
-      if (Lower(i) == h) return true;
-    // An insecure entry without a port covers every port of that host.
-    std::string bare = h.substr(0, h.rfind(':'));
-    for (const auto& i : options.insecure_hosts)
-      if (Lower(i) == bare) return true;
-    return false;
+    return IsListedInsecure(host_port, options.insecure_hosts);
   }
   bool PlainHttpAllowed(std::string_view host_port) const {
-    return IsLoopbackHost(host_port) || IsInsecure(host_port);
+    return registry::PlainHttpAllowed(host_port, options.insecure_hosts);
   }
 
   Result<std::optional<Credentials>> CredentialsFor(const std::string& host) {

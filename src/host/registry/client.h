@@ -70,6 +70,10 @@ class RegistryClient {
   std::unique_ptr<State> state_;
 };
 
+// The plain-HTTP rule: loopback hosts (127.0.0.0/8, ::1, localhost) and
+// hosts listed as insecure ("host:port", or "host" for every port).
+bool PlainHttpAllowed(std::string_view host_port, const std::vector<std::string>& insecure_hosts);
+
 // Splits "scheme://host:port/..." into its origin parts; used for redirects.
 struct UrlOrigin {
   std::string scheme;

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <utility>
 
 #include "base/io.h"
 #include "host/registry/archive_extract.h"
@@ -92,8 +93,17 @@ Result<ImageRecord> RecordFromRow(std::string reference, std::string repository,
   return r;
 }
 
+// Owns one prepared statement; finalised exactly once.
 struct Statement {
   sqlite3_stmt* stmt = nullptr;
+  Statement() = default;
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+  Statement(Statement&& other) noexcept : stmt(std::exchange(other.stmt, nullptr)) {}
+  Statement& operator=(Statement&& other) noexcept {
+    std::swap(stmt, other.stmt);
+    return *this;
+  }
   ~Statement() { sqlite3_finalize(stmt); }
 };
 

@@ -17,6 +17,7 @@ class ProgressSink {
   // resumed_from > 0 when a partial download is being continued.
   virtual void BlobStarted(std::string_view digest, int64_t total, int64_t resumed_from) = 0;
   virtual void BlobProgress(std::string_view digest, int64_t done, int64_t total) = 0;
+  // kAlreadyPresent comes alone (no BlobStarted before it): nothing was fetched.
   virtual void BlobFinished(std::string_view digest, BlobOutcome outcome) = 0;
 };
 

@@ -54,7 +54,7 @@ struct Limits {
   uint64_t max_content_bytes = 64ull << 30;
   size_t max_path_bytes = 4096;
   // Total bytes of xattr names and values on one entry.
-  size_t max_xattr_bytes = 64 * 1024;
+  size_t max_xattr_bytes = size_t{64} * 1024;
 };
 
 struct LayerStats {

@@ -48,8 +48,9 @@ Result<std::string> GuestBinaryDir() {
   return self.parent_path().string();
 }
 
-Result<GuestAssets> EnsureGuestAssets(const std::string& home, const std::string& guest_binary_dir,
-                                      const std::optional<kernel::KernelOverride>& kernel_override) {
+Result<GuestAssets> EnsureGuestAssets(
+    const std::string& home, const std::string& guest_binary_dir,
+    const std::optional<kernel::KernelOverride>& kernel_override) {
   GuestAssets assets;
   assets.kernel = CELLA_TRY(kernel::FindKernel(home, kernel_override));
   kernel::InitramfsSpec spec;
@@ -103,8 +104,8 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
   }
   guest.disks.clear();
   for (size_t i = 0; i < extra_disks.size(); ++i) {
-    guest.disks.push_back({vmm::GuestDevicePath(vmm::ExtraDiskSerial(i)),
-                           extra_disks[i].GuestMount, extra_disks[i].ReadOnly});
+    guest.disks.push_back({vmm::GuestDevicePath(vmm::ExtraDiskSerial(i)), extra_disks[i].GuestMount,
+                           extra_disks[i].ReadOnly});
   }
   vm.ExtraDisks = extra_disks;
 

@@ -14,30 +14,32 @@ namespace cella::host {
 
 namespace {
 EVP_MD_CTX* Ctx(void* p) { return static_cast<EVP_MD_CTX*>(p); }
+
+[[noreturn]] void DieOpenSsl(const char* message) {
+  // About to abort: a failed write to stderr has no better place to go.
+  (void)std::fputs(message, stderr);
+  std::abort();
+}
 }  // namespace
 
 // OpenSSL failing to set up SHA-256 means a broken installation: there is no
 // sensible way to continue without cache keys, so this crashes loudly.
 Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) {
-  if (ctx_ == nullptr || EVP_DigestInit_ex(Ctx(ctx_), EVP_sha256(), nullptr) != 1) {
-    std::fputs("cella: OpenSSL cannot initialise SHA-256\n", stderr);
-    std::abort();
-  }
+  if (ctx_ == nullptr || EVP_DigestInit_ex(Ctx(ctx_), EVP_sha256(), nullptr) != 1)
+    DieOpenSsl("cella: OpenSSL cannot initialise SHA-256\n");
 }
 
 Sha256::~Sha256() { EVP_MD_CTX_free(Ctx(ctx_)); }
 
 void Sha256::Update(std::string_view bytes) {
-  if (EVP_DigestUpdate(Ctx(ctx_), bytes.data(), bytes.size()) != 1) {
-    std::fputs("cella: OpenSSL SHA-256 update failed\n", stderr);
-    std::abort();
-  }
+  if (EVP_DigestUpdate(Ctx(ctx_), bytes.data(), bytes.size()) != 1)
+    DieOpenSsl("cella: OpenSSL SHA-256 update failed\n");
 }
 
 Status Sha256::UpdateFromFile(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return FailErrno("open " + path);
-  std::array<std::byte, 64 * 1024> buf;
+  std::array<std::byte, size_t{64} * 1024> buf;
   while (true) {
     size_t n = CELLA_TRY_CTX(ReadSome(fd.Get(), buf), "read " + path);
     if (n == 0) return {};
@@ -48,13 +50,11 @@ Status Sha256::UpdateFromFile(const std::string& path) {
 std::string Sha256::HexDigest() {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
-  if (EVP_DigestFinal_ex(Ctx(ctx_), md, &len) != 1) {
-    std::fputs("cella: OpenSSL SHA-256 final failed\n", stderr);
-    std::abort();
-  }
+  if (EVP_DigestFinal_ex(Ctx(ctx_), md, &len) != 1)
+    DieOpenSsl("cella: OpenSSL SHA-256 final failed\n");
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
-  out.reserve(len * 2);
+  out.reserve(size_t{len} * 2);
   for (unsigned int i = 0; i < len; ++i) {
     out.push_back(kHex[md[i] >> 4]);
     out.push_back(kHex[md[i] & 0xf]);

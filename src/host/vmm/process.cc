@@ -48,8 +48,8 @@ std::vector<char*> CArgv(const std::vector<std::string>& argv) {
   // Signals the parent blocked or ignored must not leak into the child.
   sigset_t none;
   ::sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
-  ::signal(SIGPIPE, SIG_DFL);
+  if (::sigprocmask(SIG_SETMASK, &none, nullptr) != 0) ::_exit(126);
+  if (::signal(SIGPIPE, SIG_DFL) == SIG_ERR) ::_exit(126);
   ::execvp(argv[0], argv);
   static constexpr char kMsg[] = "cella: exec failed\n";
   ssize_t ignored = ::write(STDERR_FILENO, kMsg, sizeof(kMsg) - 1);
@@ -150,7 +150,7 @@ Result<CommandResult> RunCommand(const std::vector<std::string>& argv,
 
   CommandResult result;
   auto deadline = Clock::now() + timeout;
-  std::array<char, 16 * 1024> buf;
+  std::array<char, size_t{16} * 1024> buf;
   bool timed_out = false;
   while (true) {
     pollfd pfd{read_end.Get(), POLLIN, 0};

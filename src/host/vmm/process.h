@@ -29,7 +29,8 @@ struct CommandResult {
 // Kills it and fails when it runs longer than `timeout`. A nonzero exit is
 // NOT an error here; callers decide (see CheckCommand).
 Result<CommandResult> RunCommand(const std::vector<std::string>& argv,
-                                 std::chrono::milliseconds timeout, size_t max_output = 256 * 1024);
+                                 std::chrono::milliseconds timeout,
+                                 size_t max_output = size_t{256} * 1024);
 // RunCommand, and a nonzero exit becomes an error quoting the command and
 // the tail of its output.
 Result<std::string> CheckCommand(const std::vector<std::string>& argv,

@@ -334,6 +334,8 @@ Result<VmExit> QemuMachine::Wait(milliseconds timeout) {
     }
   }
   std::lock_guard lock(mu_);
+  // ReapIfExited() said true, so exit_ is set and never cleared again.
+  if (!exit_) return Fail("wait: VM " + config_.ID + " reaped without an exit status (bug)");
   return VmExit{*exit_, FileTail(paths_.console_log, kTailBytes)};
 }
 

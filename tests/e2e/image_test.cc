@@ -1,0 +1,237 @@
+// Images end to end through the `cella` binary: pull from local registries
+// (plain HTTP, TLS + basic auth, bearer tokens), run with the image's config,
+// layer semantics, refusal of corrupt and hostile content, import, gc.
+// Fixtures: tests/fixtures (registry.sh), see image_fixture.h.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "image_fixture.h"
+
+namespace cella::test {
+namespace {
+
+class Image : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fixture().ok()) << "image fixtures unavailable (see the failure above)";
+    home_ = FreshCellaHome();
+  }
+  void TearDown() override {
+    if (!HasFailure()) RemoveCellaHomes();
+  }
+  static const ImageFixture& fixture() { return ImageFixture::Get(); }
+  std::string Plain(const std::string& name) const {
+    return fixture().Value("PLAIN_REGISTRY") + "/test/" + name;
+  }
+  ProcessResult Cella(const std::vector<std::string>& args, const std::string& input = "") {
+    return CellaIn(home_, args, input);
+  }
+  std::string home_;
+};
+
+std::vector<std::string> SplitCommas(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) out.push_back(item);
+  return out;
+}
+
+// Stored blobs: files named by their 64-hex digest (the store may keep
+// other files, e.g. per-blob locks, beside them).
+size_t CountBlobs(const std::filesystem::path& dir) {
+  size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    std::string name = e.path().filename().string();
+    if (e.is_regular_file() && name.size() == 64 &&
+        name.find_first_not_of("0123456789abcdef") == std::string::npos)
+      ++n;
+  }
+  return n;
+}
+
+bool Contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+TEST_F(Image, DebianImageRunsPython) {
+  auto r = Cella({"run", "--image", Plain("debian"), "--", "python3", "-c", "print(6*7)"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "42\n");
+}
+
+TEST_F(Image, ConfigEnvWorkdirUserApplyAndShadowKeepsModeAndOwner) {
+  auto r = Cella({"run", "--image", Plain("busybox"), "--", "sh", "-c",
+                  "echo \"$GREETING\"; pwd; id -u; id -g; stat -c '%a %u %g' /etc/shadow"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "from-image\n/srv\n1000\n1000\n640 0 0\n");
+}
+
+TEST_F(Image, ImageCmdRunsWhenNoCommandIsGiven) {
+  auto r = Cella({"run", "--image", Plain("busybox")});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "from-image\n");
+}
+
+TEST_F(Image, UserFlagsOverrideTheImageConfig) {
+  auto r = Cella({"run", "--image", Plain("busybox"), "-u", "0", "-w", "/tmp", "-e",
+                  "GREETING=from-user", "--", "sh", "-c", "echo \"$GREETING\"; pwd; id -u"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "from-user\n/tmp\n0\n");
+}
+
+TEST_F(Image, WhiteoutsDeleteAndOpaqueDirsHideLowerContent) {
+  auto r = Cella({"run", "--image", Plain("layers"), "--", "sh", "-c",
+                  "ls -A /data; echo --; ls -A /opq; cat /data/keep"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "keep\n--\nnew\nkept\n");
+}
+
+TEST_F(Image, PullPrintsDigestAndImagesRmiGcManageTheStore) {
+  auto pull = Cella({"pull", Plain("busybox")});
+  ASSERT_EQ(pull.exit_code, 0) << Describe(pull);
+  EXPECT_EQ(pull.out, fixture().Value("BUSYBOX_MANIFEST_DIGEST") + "\n");
+  // Piped stderr: one summary line, no per-layer redraws.
+  EXPECT_EQ(std::count(pull.err.begin(), pull.err.end(), '\n'), 1) << pull.err;
+
+  auto listed = Cella({"images", "--json"});
+  ASSERT_EQ(listed.exit_code, 0) << Describe(listed);
+  EXPECT_TRUE(Contains(listed.out, fixture().Value("BUSYBOX_MANIFEST_DIGEST"))) << listed.out;
+  EXPECT_TRUE(Contains(listed.out, Plain("busybox"))) << listed.out;
+
+  auto rmi = Cella({"rmi", Plain("busybox")});
+  ASSERT_EQ(rmi.exit_code, 0) << Describe(rmi);
+  auto after = Cella({"images", "--json"});
+  EXPECT_FALSE(Contains(after.out, Plain("busybox"))) << after.out;
+  auto again = Cella({"rmi", Plain("busybox")});
+  EXPECT_EQ(again.exit_code, 125) << Describe(again);
+  EXPECT_TRUE(Contains(again.err, "no such image")) << again.err;
+
+  std::filesystem::path blobs = std::filesystem::path(home_) / "images/blobs/sha256";
+  ASSERT_GT(CountBlobs(blobs), 0u);
+  auto gc = Cella({"image", "gc"});
+  ASSERT_EQ(gc.exit_code, 0) << Describe(gc);
+  EXPECT_EQ(CountBlobs(blobs), 0u) << gc.out;
+}
+
+TEST_F(Image, TwoImagesSharingABaseLayerStoreItOnce) {
+  for (const char* name : {"busybox", "layers"}) {
+    auto r = Cella({"pull", Plain(name)});
+    ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  }
+  std::set<std::string> layers;
+  for (const char* key : {"BUSYBOX_LAYER_DIGESTS", "LAYERS_LAYER_DIGESTS"})
+    for (const auto& d : SplitCommas(fixture().Value(key))) layers.insert(d);
+  ASSERT_EQ(layers.size(), 3u) << "fixture: the two images should share one layer";
+  // Each image adds its manifest and config; the shared layer counts once.
+  EXPECT_EQ(CountBlobs(std::filesystem::path(home_) / "images/blobs/sha256"), layers.size() + 4);
+}
+
+TEST_F(Image, PlatformFlagPicksTheManifestFromAnIndex) {
+  auto arm = Cella({"pull", "--platform", "linux/arm64", Plain("multi")});
+  ASSERT_EQ(arm.exit_code, 0) << Describe(arm);
+  EXPECT_EQ(arm.out, fixture().Value("MULTI_ARM64_DIGEST") + "\n");
+  auto amd = CellaIn(FreshCellaHome("-amd64"), {"pull", Plain("multi")});
+  ASSERT_EQ(amd.exit_code, 0) << Describe(amd);
+  EXPECT_EQ(amd.out, fixture().Value("MULTI_AMD64_DIGEST") + "\n");
+  auto none = Cella({"pull", "--platform", "linux/s390x", Plain("multi")});
+  EXPECT_EQ(none.exit_code, 125) << Describe(none);
+  EXPECT_TRUE(Contains(none.err, "linux/arm64")) << "the error should list what is offered\n"
+                                                 << none.err;
+}
+
+TEST_F(Image, CorruptBlobIsRefused) {
+  auto r = Cella({"pull", Plain("corrupt")});
+  EXPECT_EQ(r.exit_code, 125) << Describe(r);
+  EXPECT_TRUE(Contains(r.err, fixture().Value("CORRUPT_BLOB_DIGEST"))) << r.err;
+  auto listed = Cella({"images", "--json"});
+  EXPECT_FALSE(Contains(listed.out, Plain("corrupt"))) << listed.out;
+  // The same pull through `run` fails before any VM boots.
+  auto run = Cella({"run", "--image", Plain("corrupt"), "--", "true"});
+  EXPECT_EQ(run.exit_code, 125) << Describe(run);
+}
+
+TEST_F(Image, HostileLayersAreRefusedAndTouchNothingOnTheHost) {
+  struct Case {
+    const char* tag;
+    const char* expected_in_error;  // the entry the error must name
+  };
+  for (const Case& c :
+       {Case{"hostile-dotdot", "cella-fixture-pwned-dotdot"}, Case{"hostile-symlink", "escape"},
+        Case{"hostile-hardlink", "passwd-of-host"}, Case{"hostile-huge", "huge.bin"}}) {
+    auto r = Cella({"run", "--image", Plain(c.tag), "--", "true"});
+    EXPECT_EQ(r.exit_code, 125) << c.tag << ": " << Describe(r);
+    EXPECT_TRUE(Contains(r.err, c.expected_in_error)) << c.tag << ": " << r.err;
+  }
+  EXPECT_FALSE(std::filesystem::exists("/tmp/cella-fixture-pwned-dotdot"));
+  EXPECT_FALSE(std::filesystem::exists("/tmp/cella-fixture-pwned-symlink"));
+}
+
+TEST_F(Image, TlsRegistryWithBasicAuthNeedsLogin) {
+  const std::string ref = fixture().Value("TLS_REGISTRY") + "/test/busybox";
+  const std::string ca = fixture().Value("CA_FILE");
+  auto before = Cella({"pull", "--ca-file", ca, ref});
+  EXPECT_EQ(before.exit_code, 125) << Describe(before);
+  EXPECT_TRUE(Contains(before.err, "cella login")) << "the error should say what to do\n"
+                                                   << before.err;
+
+  auto login = Cella({"login", "-u", fixture().Value("REGISTRY_USER"), "--password-stdin",
+                      fixture().Value("TLS_REGISTRY")},
+                     fixture().Value("REGISTRY_PASSWORD") + "\n");
+  ASSERT_EQ(login.exit_code, 0) << Describe(login);
+  auto after = Cella({"pull", "--ca-file", ca, ref});
+  ASSERT_EQ(after.exit_code, 0) << Describe(after);
+  EXPECT_EQ(after.out, fixture().Value("BUSYBOX_MANIFEST_DIGEST") + "\n");
+
+  // Without the test CA the server certificate is not trusted.
+  auto untrusted = CellaIn(FreshCellaHome("-noca"), {"pull", ref});
+  EXPECT_EQ(untrusted.exit_code, 125) << Describe(untrusted);
+}
+
+int TokensIssued() {
+  std::ifstream in(ImageFixture::Get().dir() + "/token-server/tokens-issued");
+  int n = 0;
+  in >> n;
+  return n;
+}
+
+TEST_F(Image, TokenAuthRegistryWorks) {
+  int before = TokensIssued();
+  auto r = Cella({"pull", fixture().Value("TOKEN_REGISTRY") + "/test/busybox"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, fixture().Value("BUSYBOX_MANIFEST_DIGEST") + "\n");
+  // The registry only answers with a token from the token server.
+  EXPECT_GT(TokensIssued(), before);
+}
+
+TEST_F(Image, ImportOciLayoutThenRunIt) {
+  auto imported = Cella({"import", fixture().Value("OCI_LAYOUT"), "example.test/imported:import"});
+  ASSERT_EQ(imported.exit_code, 0) << Describe(imported);
+  EXPECT_TRUE(Contains(imported.out, fixture().Value("IMPORT_MANIFEST_DIGEST"))) << imported.out;
+  auto r = Cella(
+      {"run", "--image", "example.test/imported:import", "--", "head", "-n", "1", "/unique.txt"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "imported from an OCI layout\n");
+}
+
+TEST_F(Image, CellaOwnFailuresExit125WithAClearMessage) {
+  auto bad = Cella({"run", "--image", "Not A Reference!", "--", "true"});
+  EXPECT_EQ(bad.exit_code, 125) << Describe(bad);
+  EXPECT_TRUE(Contains(bad.err, "reference")) << bad.err;
+
+  auto unreachable = Cella({"pull", "127.0.0.1:1/test/busybox"});
+  EXPECT_EQ(unreachable.exit_code, 125) << Describe(unreachable);
+  EXPECT_TRUE(Contains(unreachable.err, "127.0.0.1:1")) << unreachable.err;
+
+  auto missing = Cella({"pull", Plain("no-such-image")});
+  EXPECT_EQ(missing.exit_code, 125) << Describe(missing);
+  EXPECT_TRUE(Contains(missing.err, "no-such-image")) << missing.err;
+}
+
+}  // namespace
+}  // namespace cella::test

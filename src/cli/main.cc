@@ -3,16 +3,17 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdio>
+#include <exception>
 
 #include "base/log.h"
 #include "cli/commands.h"
 #include "cli/image_commands.h"
 
-int main(int argc, char** argv) {
+namespace {
+
+int Main(int argc, char** argv) {
   using cella::cli::kExitCellaError;
-  // A peer that went away (the guest link, a closed stdout pipe) must be an
-  // error value at the write, not a silent death of the whole CLI.
-  ::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"cella: run OCI images as microVM sandboxes", "cella"};
   app.require_subcommand(1);
   bool debug = false;
@@ -118,4 +119,23 @@ int main(int argc, char** argv) {
   if (image_gc_cmd->parsed()) return cella::cli::ImageGcCommand();
   if (login_cmd->parsed()) return cella::cli::LoginCommand(login);
   return kExitCellaError;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // A peer that went away (the guest link, a closed stdout pipe) must be an
+  // error value at the write, not a silent death of the whole CLI.
+  if (::signal(SIGPIPE, SIG_IGN) == SIG_ERR) {
+    std::perror("cella: signal(SIGPIPE)");
+    return cella::cli::kExitCellaError;
+  }
+  // CLI11 and the standard library may throw (bad_alloc, bad option
+  // definitions); nothing below expects to, so this is the only boundary.
+  try {
+    return Main(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cella: internal error: %s\n", e.what());
+    return cella::cli::kExitCellaError;
+  }
 }

@@ -400,9 +400,11 @@ struct RegistryClient::State {
 
 RegistryClient::RegistryClient(ClientOptions options) : state_(std::make_unique<State>()) {
   static std::once_flag once;
-  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+  static CURLcode global_init = CURLE_OK;
+  std::call_once(once, [] { global_init = curl_global_init(CURL_GLOBAL_DEFAULT); });
   state_->options = std::move(options);
-  state_->curl = curl_easy_init();
+  // A failed init leaves curl null; every request then reports it.
+  if (global_init == CURLE_OK) state_->curl = curl_easy_init();
 }
 RegistryClient::~RegistryClient() = default;
 RegistryClient::RegistryClient(RegistryClient&&) noexcept = default;
@@ -410,7 +412,8 @@ RegistryClient& RegistryClient::operator=(RegistryClient&&) noexcept = default;
 
 Result<FetchedManifest> RegistryClient::GetManifest(const Reference& ref,
                                                     std::string_view selector) {
-  if (state_->curl == nullptr) return Fail("curl_easy_init failed");
+  if (state_->curl == nullptr)
+    return Fail("libcurl initialisation failed (curl_global_init/curl_easy_init)");
   const std::string what = "manifest " + ref.Name() + ":" + std::string(selector);
   std::string body;
   BodySink sink = [&](std::string_view chunk) -> Status {
@@ -436,7 +439,8 @@ Result<FetchedManifest> RegistryClient::GetManifest(const Reference& ref,
 
 Result<std::optional<std::string>> RegistryClient::HeadManifest(const Reference& ref,
                                                                 std::string_view selector) {
-  if (state_->curl == nullptr) return Fail("curl_easy_init failed");
+  if (state_->curl == nullptr)
+    return Fail("libcurl initialisation failed (curl_global_init/curl_easy_init)");
   const std::string what = "manifest " + ref.Name() + ":" + std::string(selector);
   Response r = CELLA_TRY_CTX(
       state_->Send(ref, "HEAD", "/v2/" + ref.repository + "/manifests/" + std::string(selector),
@@ -452,7 +456,8 @@ Result<std::optional<std::string>> RegistryClient::HeadManifest(const Reference&
 
 Status RegistryClient::FetchBlob(const Reference& ref, const Descriptor& blob, BlobWriter& writer,
                                  ProgressSink* progress) {
-  if (state_->curl == nullptr) return Fail("curl_easy_init failed");
+  if (state_->curl == nullptr)
+    return Fail("libcurl initialisation failed (curl_global_init/curl_easy_init)");
   const std::string what = "blob " + blob.digest + " of " + ref.Name();
   if (progress) progress->BlobStarted(blob.digest, blob.size, writer.Offset());
   if (writer.Offset() < blob.size) {

@@ -38,8 +38,8 @@ inline constexpr std::string_view kManifestAccept =
     "application/vnd.docker.distribution.manifest.v2+json";
 }  // namespace media
 
-inline constexpr size_t kMaxManifestBytes = 4 * 1024 * 1024;
-inline constexpr size_t kMaxConfigBytes = 8 * 1024 * 1024;
+inline constexpr size_t kMaxManifestBytes = size_t{4} << 20;
+inline constexpr size_t kMaxConfigBytes = size_t{8} << 20;
 
 struct Platform {
   std::string os = "linux";

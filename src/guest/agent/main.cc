@@ -3,6 +3,7 @@
 // runs inside arbitrary guest images.
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -10,6 +11,7 @@
 #include <cerrno>
 #include <charconv>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -29,7 +31,9 @@ using cella::agent::Agent;
 
 constexpr const char* kUsage =
     "usage: cella-agent (--fd N | --listen PATH | --device PATH | --virtio-port NAME)\n"
-    "                   [--harden] [--debug]\n";
+    "                   [--harden] [--on-shutdown exit|poweroff] [--debug]\n"
+    "  --on-shutdown exit      the shutdown op syncs and stops serving (default)\n"
+    "  --on-shutdown poweroff  the shutdown op also asks PID 1 (systemd) to power off\n";
 
 // Returns the exit code for a bad command line. If stderr itself is broken
 // there is no one left to tell.
@@ -40,9 +44,14 @@ int UsageError(const std::string& problem) {
 
 enum class Mode { kNone, kFd, kListen, kDevice, kVirtioPort };
 
+// What the host's `shutdown` op does beyond syncing. In systemd mode the
+// agent is a service, not PID 1: the VM only goes down if it asks systemd.
+enum class ShutdownAction { kStopServing, kPowerOffThroughInit };
+
 struct Args {
   Mode mode = Mode::kNone;
   std::string value;
+  ShutdownAction on_shutdown = ShutdownAction::kStopServing;
   bool harden = false;
   bool debug = false;
 };
@@ -67,6 +76,17 @@ Result<Args> ParseArgs(int argc, char** argv) {
       CELLA_TRY(take(Mode::kDevice));
     } else if (a == "--virtio-port") {
       CELLA_TRY(take(Mode::kVirtioPort));
+    } else if (a == "--on-shutdown") {
+      if (i + 1 >= argc) return cella::Fail("--on-shutdown needs a value");
+      std::string_view action = argv[++i];
+      if (action == "exit") {
+        args.on_shutdown = ShutdownAction::kStopServing;
+      } else if (action == "poweroff") {
+        args.on_shutdown = ShutdownAction::kPowerOffThroughInit;
+      } else {
+        return cella::Fail("--on-shutdown: unknown action " + std::string(action) +
+                           " (want exit or poweroff)");
+      }
     } else if (a == "--harden") {
       args.harden = true;
     } else if (a == "--debug") {
@@ -132,12 +152,29 @@ void Report(const Result<cella::agent::LinkEnd>& end) {
 
 bool g_shutdown_requested = false;
 
+// systemd(1): SIGRTMIN+4 starts poweroff.target (job mode
+// replace-irreversibly), i.e. `systemctl poweroff` without needing systemctl
+// or D-Bus. Only when PID 1 cannot be signalled does the agent cut the power
+// itself, because a shutdown the host asked for must not be lost.
+void PowerOffThroughInit() {
+  if (::kill(1, SIGRTMIN + 4) == 0) {
+    cella::log::Info("agent: asked PID 1 to power off");
+    return;
+  }
+  cella::log::Error("agent: cannot signal PID 1 to power off; powering off directly",
+                    {{"error", std::strerror(errno)}});
+  ::sync();
+  if (::reboot(RB_POWER_OFF) != 0)
+    cella::log::Error("agent: reboot(RB_POWER_OFF) failed", {{"error", std::strerror(errno)}});
+}
+
 int Run(const Args& args) {
   cella::agent::AgentOptions options;
   options.hardening = args.harden ? cella::agent::Hardening::kOn : cella::agent::Hardening::kOff;
-  options.on_shutdown = [] {
+  options.on_shutdown = [action = args.on_shutdown] {
     ::sync();
     g_shutdown_requested = true;
+    if (action == ShutdownAction::kPowerOffThroughInit) PowerOffThroughInit();
   };
   auto agent = Agent::Create(std::move(options));
   if (!agent) {

@@ -119,6 +119,52 @@ bool KernelCmdlineWantsDebug(std::string_view cmdline) {
   return false;
 }
 
+std::vector<std::string> KernelConsoleTtys(std::string_view cmdline) {
+  constexpr std::string_view kKey = "console=";
+  std::vector<std::string> ttys;
+  size_t pos = 0;
+  while (pos < cmdline.size()) {
+    size_t end = cmdline.find_first_of(" \t\n", pos);
+    if (end == std::string_view::npos) end = cmdline.size();
+    std::string_view arg = cmdline.substr(pos, end - pos);
+    pos = end + 1;
+    if (!arg.starts_with(kKey)) continue;
+    std::string_view tty = arg.substr(kKey.size());
+    tty = tty.substr(0, tty.find(','));
+    bool plain = !tty.empty();
+    for (char c : tty) {
+      bool ok =
+          (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+      if (!ok) plain = false;
+    }
+    if (plain) ttys.emplace_back(tty);
+  }
+  return ttys;
+}
+
+std::string SystemdAgentUnit(const protocol::Config& config, std::string_view agent_path) {
+  // DefaultDependencies=no: the host waits for the agent, so it must not wait
+  // for the rest of boot (basic.target, sockets, timers). That also leaves out
+  // Conflicts=shutdown.target: the agent keeps serving until the final kill,
+  // so the reply to the host's shutdown op is not cut off by its own stop.
+  return "# Written by cella-init: the cella agent serves the host link in systemd mode.\n"
+         "[Unit]\n"
+         "Description=cella guest agent\n"
+         "DefaultDependencies=no\n"
+         "After=local-fs.target\n"
+         "\n"
+         "[Service]\n"
+         "ExecStart=" +
+         std::string(agent_path) + " --virtio-port " + config.agent_port +
+         " --on-shutdown poweroff" + (config.privileged ? "" : " --harden") +
+         "\n"
+         "Restart=always\n"
+         "RestartSec=1\n"
+         "\n"
+         "[Install]\n"
+         "WantedBy=multi-user.target\n";
+}
+
 Result<std::string> OverlayMountOptions(const std::vector<std::string>& lower_dirs,
                                         std::string_view upper_dir, std::string_view work_dir) {
   if (lower_dirs.empty()) return Fail("overlay needs at least one lower directory");

@@ -60,6 +60,17 @@ Result<std::vector<std::string>> ParseModuleOrder(std::string_view text);
 // True when the kernel command line has cella.debug=1.
 bool KernelCmdlineWantsDebug(std::string_view cmdline);
 
+// The tty names of the kernel command line's console= arguments, in order,
+// options cut off ("console=ttyS0,115200n8" gives "ttyS0"). Names that are
+// not plain [A-Za-z0-9_] (e.g. "/dev/x", empty) are left out: they become
+// systemd unit instance names.
+std::vector<std::string> KernelConsoleTtys(std::string_view cmdline);
+
+// systemd mode: the cella-agent.service unit that runs the agent binary at
+// agent_path on config.agent_port, asking systemd to power off on the host's
+// shutdown op, hardened unless config.privileged.
+std::string SystemdAgentUnit(const protocol::Config& config, std::string_view agent_path);
+
 // "lowerdir=A:B,upperdir=U,workdir=W". Refuses paths containing ':' or ','
 // (they would be read as separators by overlayfs).
 Result<std::string> OverlayMountOptions(const std::vector<std::string>& lower_dirs,

@@ -46,7 +46,7 @@ Status Boot() {
   CELLA_TRY_CTX(AssembleRoot(config, DeviceDeadline()), "root filesystem");
   CELLA_TRY_CTX(MountVolumes(config, DeviceDeadline()), "volumes");
   if (config.init_mode == protocol::InitMode::kSystemd)
-    CELLA_TRY_CTX(PrepareSystemd(config), "systemd mode");
+    CELLA_TRY_CTX(PrepareSystemd(config, KernelConsoleTtys(*cmdline)), "systemd mode");
   // The agent port must be found while /sys is where we know it is; it is
   // opened after the switch, through the moved /dev.
   std::string agent_port;

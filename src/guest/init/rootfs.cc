@@ -179,37 +179,27 @@ Status MountVolumes(const Config& config, Deadline deadline) {
   return {};
 }
 
-Status PrepareSystemd(const Config& config) {
+Status PrepareSystemd(const Config& config, const std::vector<std::string>& console_ttys) {
   UniqueFd run = CELLA_TRY(OpenDirBeneath(kNewRoot, "/run"));
   // systemd keeps an already-mounted /run, so the agent binary survives boot.
   CELLA_TRY(Mount("tmpfs", FdPath(run.Get()), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"));
   std::string root = kNewRoot;
   CELLA_TRY(MkdirAll(root + kRunDir, 0755));
   CELLA_TRY(CopyFile(kInitramfsAgent, root + kSystemdAgentPath, 0755));
-  std::string unit =
-      "# Written by cella-init: the cella agent serves the host link in systemd mode.\n"
-      "[Unit]\n"
-      "Description=cella guest agent\n"
-      "DefaultDependencies=no\n"
-      "After=local-fs.target\n"
-      "\n"
-      "[Service]\n"
-      "ExecStart=" +
-      std::string(kSystemdAgentPath) + " --virtio-port " + config.agent_port +
-      (config.privileged ? "" : " --harden") + "\n" +
-      "Restart=always\n"
-      "RestartSec=1\n"
-      "\n"
-      "[Install]\n"
-      "WantedBy=multi-user.target\n";
-  UniqueFd units = CELLA_TRY(OpenDirBeneath(kNewRoot, "/etc/systemd/system"));
-  CELLA_TRY(ReplaceFileAt(units.Get(), "cella-agent.service", unit, 0644));
-  UniqueFd wants =
-      CELLA_TRY(OpenDirBeneath(kNewRoot, "/etc/systemd/system/multi-user.target.wants"));
-  if (::unlinkat(wants.Get(), "cella-agent.service", 0) != 0 && errno != ENOENT)
-    return FailErrno("unlink multi-user.target.wants/cella-agent.service");
+  // Runtime units: an image's own /etc/systemd/system still overrides them,
+  // and a persistent upper layer never keeps a stale copy.
+  UniqueFd units = CELLA_TRY(OpenDirBeneath(kNewRoot, kSystemdRuntimeUnitDir));
+  CELLA_TRY(ReplaceFileAt(units.Get(), "cella-agent.service",
+                          SystemdAgentUnit(config, kSystemdAgentPath), 0644));
+  UniqueFd wants = CELLA_TRY(
+      OpenDirBeneath(kNewRoot, std::string(kSystemdRuntimeUnitDir) + "/multi-user.target.wants"));
   if (::symlinkat("../cella-agent.service", wants.Get(), "cella-agent.service") != 0)
     return FailErrno("symlink multi-user.target.wants/cella-agent.service");
+  for (const std::string& tty : console_ttys) {
+    std::string getty = "serial-getty@" + tty + ".service";
+    if (::symlinkat("/dev/null", units.Get(), getty.c_str()) != 0 && errno != EEXIST)
+      return FailErrno("mask " + std::string(kSystemdRuntimeUnitDir) + "/" + getty);
+  }
   return {};
 }
 

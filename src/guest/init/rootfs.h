@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "base/result.h"
 #include "guest/init/devices.h"
@@ -20,6 +21,8 @@ inline constexpr const char* kInitramfsAgent = "/cella-agent";
 // Where the systemd-mode agent lives in the new root (on a tmpfs /run).
 inline constexpr const char* kRunDir = "/run/cella";
 inline constexpr const char* kSystemdAgentPath = "/run/cella/cella-agent";
+// systemd's runtime unit directory (below /etc/systemd/system in precedence).
+inline constexpr const char* kSystemdRuntimeUnitDir = "/run/systemd/system";
 
 // /proc, /sys, /dev (devtmpfs), /dev/pts (newinstance, ptmxmode=0666),
 // /dev/shm, /sys/fs/cgroup (cgroup2).
@@ -37,9 +40,12 @@ Status AssembleRoot(const protocol::Config& config, Deadline deadline);
 Status MountVolumes(const protocol::Config& config, Deadline deadline);
 
 // Systemd mode preparation inside kNewRoot: a tmpfs on /run holding the agent
-// binary (copied from the initramfs), plus an enabled cella-agent.service
-// unit running it on the agent port (--harden unless privileged).
-Status PrepareSystemd(const protocol::Config& config);
+// binary (copied from the initramfs), plus runtime units in
+// /run/systemd/system (nothing is written into the image): cella-agent.service,
+// enabled for multi-user.target, and a mask of serial-getty@<tty>.service for
+// each of console_ttys (the console is cella's log; without udev systemd
+// would wait 90 s for the tty device before giving up on that getty).
+Status PrepareSystemd(const protocol::Config& config, const std::vector<std::string>& console_ttys);
 
 // Moves /proc, /sys and /dev into kNewRoot, then makes it "/" (MS_MOVE +
 // chroot: the initramfs is rootfs, which pivot_root refuses).

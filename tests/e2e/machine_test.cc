@@ -13,6 +13,7 @@
 #include "host/vmm/process.h"
 #include "host/vmm/qemu_backend.h"
 #include "process.h"
+#include "vm_test_base.h"
 
 namespace cella::test {
 namespace {
@@ -20,34 +21,16 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-class MachineTest : public ::testing::Test {
+class MachineTest : public VmTestBase {
  protected:
-  void SetUp() override {
-    auto home = host::CellaHome();
-    ASSERT_TRUE(home) << home.error().message;
-    home_ = *home;
-    auto assets = sandbox::EnsureGuestAssets(home_, fs::path(CELLA_BINARY).parent_path().string(),
-                                             std::nullopt);
-    ASSERT_TRUE(assets) << assets.error().message;
-    assets_ = *assets;
-    char tmpl[] = "/tmp/cella-machine-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    if (machine_) (void)machine_->Close();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-
   // An ext4 image of `size` holding `files` (name -> content).
   std::string MakeExt4(const std::string& name, const std::map<std::string, std::string>& files) {
     fs::path content = fs::path(dir_) / (name + ".d");
     fs::create_directories(content);
     for (const auto& [file, text] : files) std::ofstream(content / file) << text;
     std::string image = dir_ + "/" + name + ".img";
-    auto made = host::CheckCommand(
-        {"mkfs.ext4", "-q", "-F", "-d", content.string(), image, "16M"}, 60s);
+    auto made =
+        host::CheckCommand({"mkfs.ext4", "-q", "-F", "-d", content.string(), image, "16M"}, 60s);
     EXPECT_TRUE(made) << made.error().message;
     return image;
   }
@@ -86,11 +69,6 @@ class MachineTest : public ::testing::Test {
     if (!r) return "<exec failed: " + r.error().message + ">";
     return r->stdout_data + r->stderr_data;
   }
-
-  std::string home_;
-  sandbox::GuestAssets assets_;
-  std::string dir_;
-  std::unique_ptr<vmm::Machine> machine_;
 };
 
 TEST_F(MachineTest, ExecFilesPauseResumeAndStop) {
@@ -157,8 +135,9 @@ TEST_F(MachineTest, VolumeModesAndExtraDisks) {
   EXPECT_EQ(Sh("cat /data/ro/data.txt"), "read-only data\n");
   EXPECT_NE(Sh("echo x > /data/ro/new 2>&1; echo rc=$?"), "rc=0\n");
   EXPECT_EQ(Sh("echo persisted > /data/rw/out.txt && cat /data/rw/out.txt"), "persisted\n");
-  EXPECT_EQ(Sh("cat /data/ov/base.txt && echo private > /data/ov/mine.txt && cat /data/ov/mine.txt"),
-            "shared base\nprivate\n");
+  EXPECT_EQ(
+      Sh("cat /data/ov/base.txt && echo private > /data/ov/mine.txt && cat /data/ov/mine.txt"),
+      "shared base\nprivate\n");
   EXPECT_EQ(Sh("cat /mnt/extra/marker"), "extra disk\n");
   EXPECT_NE(Sh("touch /mnt/extra/x 2>&1; echo rc=$?"), "rc=0\n");
 
@@ -190,7 +169,8 @@ TEST_F(MachineTest, GuestSideFailureIsReportedNotHung) {
   auto st = machine_->Start();
   ASSERT_FALSE(st);
   EXPECT_NE(st.error().message.find("cella-init: error"), std::string::npos) << st.error().message;
-  EXPECT_NE(st.error().message.find("virtio-not-attached"), std::string::npos) << st.error().message;
+  EXPECT_NE(st.error().message.find("virtio-not-attached"), std::string::npos)
+      << st.error().message;
   // The init's own line, not a boot timeout, is what the host reports.
   EXPECT_EQ(st.error().message.find("timed out"), std::string::npos) << st.error().message;
 }

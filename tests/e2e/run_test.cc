@@ -46,9 +46,10 @@ TEST(Run, EnvWorkdirUserAndStdin) {
 }
 
 TEST(Run, HostnameDnsAndExtraHosts) {
-  auto r = RunCella({"run", "--hostname", "box1", "--dns", "10.0.2.3", "--add-host",
-                     "db.test:10.9.8.7", "--", "sh", "-c",
-                     "hostname; cat /etc/resolv.conf; grep db.test /etc/hosts; grep box1 /etc/hosts"});
+  auto r =
+      RunCella({"run", "--hostname", "box1", "--dns", "10.0.2.3", "--add-host", "db.test:10.9.8.7",
+                "--", "sh", "-c",
+                "hostname; cat /etc/resolv.conf; grep db.test /etc/hosts; grep box1 /etc/hosts"});
   ASSERT_EQ(r.exit_code, 0) << Describe(r);
   EXPECT_NE(r.out.find("box1\n"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("nameserver 10.0.2.3"), std::string::npos) << r.out;
@@ -56,8 +57,9 @@ TEST(Run, HostnameDnsAndExtraHosts) {
 }
 
 TEST(Run, NetworkIsConfiguredAndNoNetworkMeansOnlyLoopback) {
-  auto net = RunCella({"run", "--mtu", "1400", "--", "sh", "-c",
-                       "ls /sys/class/net; cat /sys/class/net/eth0/mtu; ip -4 addr show eth0; ip route"});
+  auto net =
+      RunCella({"run", "--mtu", "1400", "--", "sh", "-c",
+                "ls /sys/class/net; cat /sys/class/net/eth0/mtu; ip -4 addr show eth0; ip route"});
   ASSERT_EQ(net.exit_code, 0) << Describe(net);
   EXPECT_NE(net.out.find("eth0"), std::string::npos) << net.out;
   EXPECT_NE(net.out.find("1400\n"), std::string::npos) << net.out;
@@ -95,8 +97,8 @@ TEST(Run, GuestReachesAHostLoopbackServerThroughNat) {
     (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
     ::close(conn);
   });
-  auto r = RunCella({"run", "--", "wget", "-q", "-O", "-",
-                     "http://10.0.2.2:" + std::to_string(port) + "/"});
+  auto r = RunCella(
+      {"run", "--", "wget", "-q", "-O", "-", "http://10.0.2.2:" + std::to_string(port) + "/"});
   ::shutdown(listener, SHUT_RDWR);
   server.join();
   ::close(listener);
@@ -118,13 +120,15 @@ TEST(Run, CpusMemoryAndHardening) {
   EXPECT_GT(kib, 250 * 1024);
   EXPECT_LT(kib, 384 * 1024);
 
-  auto privileged = RunCella({"run", "--privileged", "--", "grep", "NoNewPrivs", "/proc/self/status"});
+  auto privileged =
+      RunCella({"run", "--privileged", "--", "grep", "NoNewPrivs", "/proc/self/status"});
   ASSERT_EQ(privileged.exit_code, 0) << Describe(privileged);
   EXPECT_NE(privileged.out.find("NoNewPrivs:\t0"), std::string::npos) << privileged.out;
 }
 
 TEST(Run, WritesGoToAPrivateLayerThatIsDiscarded) {
-  auto first = RunCella({"run", "--", "sh", "-c", "echo scribble > /etc/marker && cat /etc/marker"});
+  auto first =
+      RunCella({"run", "--", "sh", "-c", "echo scribble > /etc/marker && cat /etc/marker"});
   ASSERT_EQ(first.exit_code, 0) << Describe(first);
   EXPECT_EQ(first.out, "scribble\n");
   auto second = RunCella({"run", "--", "sh", "-c", "test ! -e /etc/marker && echo clean"});

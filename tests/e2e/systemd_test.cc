@@ -17,6 +17,7 @@
 #include "host/vmm/paths.h"
 #include "host/vmm/process.h"
 #include "host/vmm/qemu_backend.h"
+#include "vm_test_base.h"
 
 namespace cella::test {
 namespace {
@@ -26,25 +27,8 @@ using namespace std::chrono_literals;
 
 constexpr const char* kHostname = "sysd-guest";
 
-class SystemdTest : public ::testing::Test {
+class SystemdTest : public VmTestBase {
  protected:
-  void SetUp() override {
-    auto home = host::CellaHome();
-    ASSERT_TRUE(home) << home.error().message;
-    auto assets = sandbox::EnsureGuestAssets(*home, fs::path(CELLA_BINARY).parent_path().string(),
-                                             std::nullopt);
-    ASSERT_TRUE(assets) << assets.error().message;
-    assets_ = *assets;
-    char tmpl[] = "/tmp/cella-systemd-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    if (machine_) (void)machine_->Close();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-
   // The cached Debian+systemd tarball, built on first use (~1 min).
   Result<std::string> SystemdRootfsTar() {
     std::string script = std::string(CELLA_SOURCE_DIR) + "/tests/fixtures/build_systemd_rootfs.sh";
@@ -67,10 +51,6 @@ class SystemdTest : public ::testing::Test {
     if (!r) return "<exec failed: " + r.error().message + ">";
     return r->stdout_data + r->stderr_data;
   }
-
-  sandbox::GuestAssets assets_;
-  std::string dir_;
-  std::unique_ptr<vmm::Machine> machine_;
 };
 
 TEST_F(SystemdTest, BootsSystemdServesAgentAndPowersOffOnStop) {

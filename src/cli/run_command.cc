@@ -175,6 +175,28 @@ class StdinPump {
   std::thread thread_;
 };
 
+// A systemd image has no main process to attach to: the VM is the workload.
+// It runs until the guest powers off, or until SIGINT/SIGTERM/SIGHUP asks
+// for a graceful stop (systemd powers off; the VM is killed after the grace).
+Result<int> RunUntilPowerOff(vmm::Machine& machine) {
+  log::Notice("systemd image: the sandbox runs until it powers off; Ctrl-C stops it");
+  sigset_t set;
+  sigemptyset(&set);
+  for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, s);
+  for (;;) {
+    auto exited = machine.Wait(std::chrono::milliseconds(200));
+    if (exited) return 0;
+    if (exited.error().errno_value != ETIMEDOUT) return std::unexpected(exited.error());
+    timespec no_wait{0, 0};
+    int sig = ::sigtimedwait(&set, nullptr, &no_wait);
+    if (sig > 0) {
+      log::Notice("stopping the sandbox", {{"signal", sig}});
+      CELLA_TRY_CTX(machine.Stop(std::chrono::seconds(30)), "stop");
+      return 128 + sig;
+    }
+  }
+}
+
 Result<int> RunInSandbox(const RunArgs& args, const std::string& state_dir) {
   std::string home = CELLA_TRY(host::CellaHome());
   std::string id = std::filesystem::path(state_dir).filename().string();
@@ -188,6 +210,12 @@ Result<int> RunInSandbox(const RunArgs& args, const std::string& state_dir) {
   std::unique_ptr<vmm::Machine> machine = CELLA_TRY(backend.Create(prepared.vm));
   CELLA_TRY_CTX(machine->Start(), "boot");
   log::Debug("sandbox booted", {{"id", id}, {"boot_ms", machine->BootDuration().count()}});
+  if (prepared.guest.init_mode == protocol::InitMode::kSystemd) {
+    int code = CELLA_TRY(RunUntilPowerOff(*machine));
+    if (auto closed = machine->Close(); !closed)
+      log::Warn("sandbox cleanup failed", {{"error", closed.error().message}});
+    return code;
+  }
 
   host::ExecCallbacks callbacks;
   callbacks.on_stdout = [](std::string_view bytes) {

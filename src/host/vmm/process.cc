@@ -42,6 +42,10 @@ std::vector<char*> CArgv(const std::vector<std::string>& argv) {
   if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) ::_exit(126);
   // The parent may have died before prctl took effect.
   if (::getppid() != parent) ::_exit(126);
+  // Its own process group: a Ctrl-C on the terminal goes to cella, which
+  // forwards it to the guest or stops the VM gracefully; QEMU itself must
+  // not die of it mid-flight. PDEATHSIG still ties it to us.
+  if (::setpgid(0, 0) != 0) ::_exit(126);
   int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (devnull < 0 || ::dup2(devnull, STDIN_FILENO) < 0) ::_exit(126);
   if (::dup2(stdout_fd, STDOUT_FILENO) < 0 || ::dup2(stdout_fd, STDERR_FILENO) < 0) ::_exit(126);

@@ -45,6 +45,22 @@ TEST(Run, EnvWorkdirUserAndStdin) {
   EXPECT_EQ(r.out, "hi there\n/tmp\n65534\nfrom stdin\n");
 }
 
+// Ctrl-C on `cella run` reaches the guest's main process (QEMU is not in
+// the terminal's process group, so it is not killed by it).
+TEST(Run, InterruptIsForwardedToTheMainProcess) {
+  // `set -m` gives the job its own process group and `kill -- -PID` signals
+  // the whole group, as a terminal's Ctrl-C does.
+  std::string script =
+      std::string("set -m; out=$(mktemp); \"") + CELLA_BINARY +
+      "\" run -- sh -c 'trap \"echo got-int; exit 7\" INT; echo ready; "
+      "while :; do sleep 1; done' >\"$out\" 2>/dev/null & pid=$!; "
+      "for i in $(seq 600); do grep -q ready \"$out\" && break; sleep 0.2; done; "
+      "kill -INT -- -$pid; wait $pid; rc=$?; cat \"$out\"; rm -f \"$out\"; exit $rc";
+  auto r = RunProcess({"bash", "-c", script}, "", std::chrono::seconds(180));
+  EXPECT_EQ(r.exit_code, 7) << Describe(r);
+  EXPECT_EQ(r.out, "ready\ngot-int\n") << Describe(r);
+}
+
 TEST(Run, HostnameDnsAndExtraHosts) {
   auto r =
       RunCella({"run", "--hostname", "box1", "--dns", "10.0.2.3", "--add-host", "db.test:10.9.8.7",

@@ -57,6 +57,16 @@ TEST(ApplyImageDefaults, SystemdImageRunsInSystemdMode) {
   EXPECT_EQ(guest.init_mode, protocol::InitMode::kSystemd);
 }
 
+TEST(ApplyImageDefaults, AUserCommandOnASystemdImageRunsInExecMode) {
+  ImageDefaults image;
+  image.cmd = {"/sbin/init"};
+  image.init_mode = protocol::InitMode::kSystemd;
+  protocol::Config guest;
+  ASSERT_TRUE(ApplyImageDefaults(image, {"sh", "-c", "echo hi"}, guest));
+  EXPECT_EQ(guest.init_mode, protocol::InitMode::kExec);
+  EXPECT_EQ(guest.cmd, (std::vector<std::string>{"sh", "-c", "echo hi"}));
+}
+
 TEST(ApplyImageDefaults, NoCommandAnywhereIsAClearError) {
   protocol::Config guest;
   auto st = ApplyImageDefaults(ImageDefaults{}, {}, guest);

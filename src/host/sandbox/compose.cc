@@ -36,7 +36,9 @@ Status ApplyImageDefaults(const ImageDefaults& image, const std::vector<std::str
   }
   if (guest.workdir.empty()) guest.workdir = image.workdir;
   if (guest.user.empty()) guest.user = image.user;
-  guest.init_mode = image.init_mode;
+  // The image's init applies only when its own command runs: `-- sh` on a
+  // systemd image means "run sh", as docker would.
+  guest.init_mode = user_command.empty() ? image.init_mode : protocol::InitMode::kExec;
   return {};
 }
 

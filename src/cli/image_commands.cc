@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -46,14 +47,25 @@ registry::StoreOptions StoreOptionsFrom(const RegistryFlags& flags) {
   return options;
 }
 
+// Progress and messages for a person on stderr. A failed write there has
+// nowhere to be reported, so its result is deliberately dropped here, once.
+__attribute__((format(printf, 1, 2))) void PrintToStderr(const char* format, ...) {
+  va_list args;
+  va_start(args, format);
+  (void)std::vfprintf(stderr, format, args);
+  va_end(args);
+}
+
 std::string HumanBytes(int64_t bytes) {
   char buf[32];
+  int n;
   if (bytes >= (1 << 20))
-    std::snprintf(buf, sizeof buf, "%.1f MB", static_cast<double>(bytes) / (1 << 20));
+    n = std::snprintf(buf, sizeof buf, "%.1f MB", static_cast<double>(bytes) / (1 << 20));
   else if (bytes >= 1024)
-    std::snprintf(buf, sizeof buf, "%.1f kB", static_cast<double>(bytes) / 1024);
+    n = std::snprintf(buf, sizeof buf, "%.1f kB", static_cast<double>(bytes) / 1024);
   else
-    std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(bytes));
+    n = std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(bytes));
+  if (n < 0) return std::to_string(bytes) + " B";
   return buf;
 }
 
@@ -73,8 +85,8 @@ class PullProgress : public registry::ProgressSink {
 
   void BlobStarted(std::string_view digest, int64_t total, int64_t resumed_from) override {
     if (!tty_) return;
-    std::fprintf(stderr, "%s: %s%s\n", ShortDigest(digest).c_str(), HumanBytes(total).c_str(),
-                 resumed_from > 0 ? " (resuming)" : "");
+    PrintToStderr("%s: %s%s\n", ShortDigest(digest).c_str(), HumanBytes(total).c_str(),
+                  resumed_from > 0 ? " (resuming)" : "");
     last_draw_ = Clock::now();
   }
   void BlobProgress(std::string_view digest, int64_t done, int64_t total) override {
@@ -83,8 +95,8 @@ class PullProgress : public registry::ProgressSink {
     auto now = Clock::now();
     if (now - last_draw_ < std::chrono::milliseconds(100) && done != total) return;
     last_draw_ = now;
-    std::fprintf(stderr, "\r%s: %s / %s\033[K", ShortDigest(digest).c_str(),
-                 HumanBytes(done).c_str(), HumanBytes(total).c_str());
+    PrintToStderr("\r%s: %s / %s\033[K", ShortDigest(digest).c_str(), HumanBytes(done).c_str(),
+                  HumanBytes(total).c_str());
   }
   void BlobFinished(std::string_view digest, registry::BlobOutcome outcome) override {
     if (outcome == registry::BlobOutcome::kFetched) {
@@ -95,16 +107,16 @@ class PullProgress : public registry::ProgressSink {
     }
     bytes_in_flight_ = 0;
     if (!tty_) return;
-    std::fprintf(stderr, "\r%s: %s\033[K\n", ShortDigest(digest).c_str(),
-                 outcome == registry::BlobOutcome::kFetched ? "done" : "already present");
+    PrintToStderr("\r%s: %s\033[K\n", ShortDigest(digest).c_str(),
+                  outcome == registry::BlobOutcome::kFetched ? "done" : "already present");
   }
 
   void Summary() const {
     double seconds = std::chrono::duration<double>(Clock::now() - started_).count();
-    std::fprintf(stderr,
-                 "pulled %s: %d blobs fetched (%s), %d already present, root image ready, %.1f s\n",
-                 reference_.c_str(), fetched_, HumanBytes(bytes_fetched_).c_str(), already_present_,
-                 seconds);
+    PrintToStderr(
+        "pulled %s: %d blobs fetched (%s), %d already present, root image ready, %.1f s\n",
+        reference_.c_str(), fetched_, HumanBytes(bytes_fetched_).c_str(), already_present_,
+        seconds);
   }
 
  private:
@@ -148,7 +160,7 @@ Result<Pulled> PullAndConvert(registry::ImageStore& store, const registry::Refer
 }
 
 int Report(const Error& error) {
-  std::fprintf(stderr, "cella: %s\n", error.message.c_str());
+  PrintToStderr("cella: %s\n", error.message.c_str());
   return kExitCellaError;
 }
 
@@ -249,7 +261,7 @@ Result<std::string> ReadAllBounded(int fd, size_t max_bytes) {
 
 // Reads one line from the terminal without echoing it.
 Result<std::string> PromptHidden(const char* prompt) {
-  std::fprintf(stderr, "%s", prompt);
+  PrintToStderr("%s", prompt);
   termios old_mode{};
   if (::tcgetattr(STDIN_FILENO, &old_mode) != 0) return FailErrno("tcgetattr(stdin)");
   termios quiet = old_mode;
@@ -268,7 +280,7 @@ Result<std::string> PromptHidden(const char* prompt) {
     line += c;
   }
   if (::tcsetattr(STDIN_FILENO, TCSAFLUSH, &old_mode) != 0) return FailErrno("tcsetattr(stdin)");
-  std::fprintf(stderr, "\n");
+  PrintToStderr("\n");
   if (!read_status) return std::unexpected(read_status.error());
   return line;
 }
@@ -279,7 +291,8 @@ Result<void> LoginImpl(const LoginArgs& args) {
   if (username.empty()) return Fail("login: give the user name with -u");
   std::string password;
   if (args.password_stdin) {
-    password = CELLA_TRY_CTX(ReadAllBounded(STDIN_FILENO, 64 * 1024), "read password from stdin");
+    password =
+        CELLA_TRY_CTX(ReadAllBounded(STDIN_FILENO, size_t{64} * 1024), "read password from stdin");
     while (!password.empty() && (password.back() == '\n' || password.back() == '\r'))
       password.pop_back();
   } else if (::isatty(STDIN_FILENO) == 1) {

@@ -135,7 +135,8 @@ int main(int argc, char** argv) {
   try {
     return Main(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "cella: internal error: %s\n", e.what());
+    // Last words on the way out; a failed write to stderr changes nothing.
+    (void)std::fprintf(stderr, "cella: internal error: %s\n", e.what());
     return cella::cli::kExitCellaError;
   }
 }

@@ -255,7 +255,7 @@ struct RegistryClient::State {
 
   // Perform + redirects. The Authorization header goes only to `url`'s origin.
   Result<Response> PerformFollowing(std::string url, std::string_view method,
-                                    std::vector<std::string> headers,
+                                    const std::vector<std::string>& headers,
                                     const std::string& authorization, const BodySink* sink,
                                     size_t max_body) {
     const std::string first_origin = HostOfUrl(url);

@@ -248,19 +248,24 @@ class Applier {
     return {};
   }
 
+  // A directory entry for an existing directory keeps its children and takes
+  // the new entry's metadata (what tar/docker do for a re-listed directory).
+  static void AdoptDirectoryMetadata(Inode& dir, Inode& from) {
+    dir.permissions = from.permissions;
+    dir.uid = from.uid;
+    dir.gid = from.gid;
+    dir.mtime_sec = from.mtime_sec;
+    dir.mtime_nsec = from.mtime_nsec;
+    dir.xattrs = std::move(from.xattrs);
+  }
+
   // Puts `node` at dir/name: a directory over a directory merges (metadata
   // replaced, children kept); anything else replaces the old subtree.
   void Place(Inode& dir, const std::string& name, std::shared_ptr<Inode> node) {
     auto it = dir.children.find(name);
     if (it != dir.children.end() && node->type == InodeType::kDirectory &&
         it->second.inode->type == InodeType::kDirectory) {
-      Inode& old = *it->second.inode;
-      old.permissions = node->permissions;
-      old.uid = node->uid;
-      old.gid = node->gid;
-      old.mtime_sec = node->mtime_sec;
-      old.mtime_nsec = node->mtime_nsec;
-      old.xattrs = std::move(node->xattrs);
+      AdoptDirectoryMetadata(*it->second.inode, *node);
       it->second.layer = layer_;
       return;
     }
@@ -359,13 +364,7 @@ class Applier {
 
     if (parts.empty()) {
       if (node->type != InodeType::kDirectory) return Fail("only a directory can be the root");
-      Inode& root = tree_.root();
-      root.permissions = node->permissions;
-      root.uid = node->uid;
-      root.gid = node->gid;
-      root.mtime_sec = node->mtime_sec;
-      root.mtime_nsec = node->mtime_nsec;
-      root.xattrs = std::move(node->xattrs);
+      AdoptDirectoryMetadata(tree_.root(), *node);
       return {};
     }
     Inode* dir = CELLA_TRY(WalkParent(parts, true));

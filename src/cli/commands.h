@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "base/result.h"
+
 namespace cella::cli {
 
 inline constexpr int kExitCellaError = 125;
@@ -34,9 +36,54 @@ struct RunArgs {
   std::vector<std::string> insecure_registries;
   std::string ca_file;
   int boot_timeout_s = 120;
+  // Lifecycle: -d prints the ID and leaves the sandbox running; foreground
+  // runs are always removed at the end (--rm), detached ones only with --rm.
+  bool detach = false;
+  bool rm = false;
+  bool tty = false;
+  std::string name;
+  std::vector<std::string> publish;  // -p [IP:]HOST:GUEST
+  std::vector<std::string> volumes;  // -v NAME:/path[:ro|rw|overlay]
+  std::string disk_size;             // writable layer size (--disk-size)
 };
 
+struct ExecArgs {
+  std::string sandbox;
+  std::vector<std::string> command;
+  bool interactive = false;
+  bool tty = false;
+  std::vector<std::string> env_items;
+  std::string workdir;
+  std::string user;
+};
+
+struct LogsArgs {
+  std::string sandbox;
+  bool follow = false;
+  int tail = -1;  // -1: everything
+  bool console = false;
+};
+
+enum class ListFormat { kText, kJson };
+
 int RunCommand(const RunArgs& args);
+int ExecCommand(const ExecArgs& args);
+int PsCommand(bool all, ListFormat format);
+int InspectCommand(const std::vector<std::string>& refs);
+int LogsCommand(const LogsArgs& args);
+int StopCommand(const std::vector<std::string>& refs, int grace_seconds);
+int StartCommand(const std::vector<std::string>& refs);
+int KillCommand(const std::vector<std::string>& refs);
+int RmCommand(const std::vector<std::string>& refs, bool force);
+int PruneCommand();
+int CpCommand(const std::string& source, const std::string& destination);
+int PortForwardCommand(const std::string& sandbox, const std::string& mapping);
+int VolumeCreateCommand(const std::string& name, const std::string& size);
+int VolumeLsCommand(ListFormat format);
+int VolumeRmCommand(const std::vector<std::string>& names);
+int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches);
+// cella's own failure: one line on stderr, docker's exit code 125.
+int ReportFailure(const Error& error);
 int DiagnoseCommand(bool json);
 int VersionCommand();
 

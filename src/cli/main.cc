@@ -52,6 +52,17 @@ int Main(int argc, char** argv) {
       "Registry host[:port] reachable over plain HTTP or unverified TLS (repeatable)");
   run_cmd->add_option("--ca-file", run.ca_file,
                       "PEM CA bundle for registry TLS instead of the system CAs");
+  run_cmd->add_flag("-d,--detach", run.detach, "Run in the background and print the sandbox ID");
+  run_cmd->add_flag("--rm", run.rm,
+                    "Remove the sandbox when it ends (always so for foreground runs)");
+  run_cmd->add_flag("-t,--tty", run.tty, "Give the command a pseudo-terminal");
+  run_cmd->add_option("--name", run.name, "Name the sandbox");
+  run_cmd->add_option("-p,--publish", run.publish,
+                      "Publish a guest TCP port: [IP:]HOST:GUEST (IP defaults to 127.0.0.1)");
+  run_cmd->add_option("-v,--volume", run.volumes,
+                      "Attach a named volume: NAME:/path[:ro|rw|overlay] (created when missing)");
+  run_cmd->add_option("--disk-size", run.disk_size,
+                      "Size of the writable layer (sparse; default 8g for -d, RAM otherwise)");
   run_cmd->add_option("command", run.command, "Command and arguments (after --)");
   run_cmd->positionals_at_end(true);
 
@@ -100,6 +111,95 @@ int Main(int argc, char** argv) {
   login_cmd->add_flag("--password-stdin", login.password_stdin, "Read the password from stdin");
   login_cmd->add_option("host", login.host, "Registry host[:port]")->required();
 
+  cella::cli::ExecArgs exec;
+  CLI::App* exec_cmd = app.add_subcommand("exec", "Run a command in a running sandbox");
+  exec_cmd->add_flag("-i,--interactive", exec.interactive, "Forward stdin to the command");
+  exec_cmd->add_flag("-t,--tty", exec.tty, "Give the command a pseudo-terminal");
+  exec_cmd->add_option("-e,--env", exec.env_items, "Set an environment variable (KEY=VALUE)");
+  exec_cmd->add_option("-w,--workdir", exec.workdir, "Working directory");
+  exec_cmd->add_option("-u,--user", exec.user, "User to run as");
+  exec_cmd->add_option("sandbox", exec.sandbox, "Sandbox name, ID or ID prefix")->required();
+  exec_cmd->add_option("command", exec.command, "Command and arguments (after --)");
+  exec_cmd->positionals_at_end(true);
+
+  bool ps_all = false, ps_json = false;
+  CLI::App* ps_cmd = app.add_subcommand("ps", "List sandboxes (running; -a for all)");
+  ps_cmd->alias("ls");
+  ps_cmd->add_flag("-a,--all", ps_all, "Also stopped, exited and failed sandboxes");
+  ps_cmd->add_flag("--json", ps_json, "Machine-readable output");
+
+  std::vector<std::string> inspect_refs;
+  CLI::App* inspect_cmd =
+      app.add_subcommand("inspect", "Show a sandbox's config, state and history (JSON)");
+  inspect_cmd->add_option("sandbox", inspect_refs, "Sandboxes")->required();
+
+  cella::cli::LogsArgs logs;
+  CLI::App* logs_cmd = app.add_subcommand("logs", "Print a sandbox's main process output");
+  logs_cmd->add_flag("-f,--follow", logs.follow, "Keep printing as output arrives");
+  logs_cmd->add_option("-n,--tail", logs.tail, "Only the last N lines");
+  logs_cmd->add_flag("--console", logs.console, "The guest console (kernel and init) instead");
+  logs_cmd->add_option("sandbox", logs.sandbox, "Sandbox")->required();
+
+  int stop_grace = 10;
+  std::vector<std::string> stop_refs;
+  CLI::App* stop_cmd =
+      app.add_subcommand("stop", "Stop sandboxes gracefully (killed after the grace)");
+  stop_cmd->add_option("-t,--time", stop_grace, "Seconds to wait before killing")
+      ->check(CLI::Range(0, 3600));
+  stop_cmd->add_option("sandbox", stop_refs, "Sandboxes")->required();
+
+  std::vector<std::string> start_refs;
+  CLI::App* start_cmd = app.add_subcommand("start", "Boot stopped sandboxes again");
+  start_cmd->add_option("sandbox", start_refs, "Sandboxes")->required();
+
+  std::vector<std::string> kill_refs;
+  CLI::App* kill_cmd = app.add_subcommand("kill", "Kill sandboxes' VMs at once");
+  kill_cmd->add_option("sandbox", kill_refs, "Sandboxes")->required();
+
+  bool rm_force = false;
+  std::vector<std::string> rm_refs;
+  CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
+  rm_cmd->add_flag("-f,--force", rm_force, "Kill running sandboxes first");
+  rm_cmd->add_option("sandbox", rm_refs, "Sandboxes")->required();
+
+  CLI::App* prune_cmd = app.add_subcommand("prune", "Remove every sandbox that is not running");
+
+  std::string cp_src, cp_dst;
+  CLI::App* cp_cmd = app.add_subcommand(
+      "cp", "Copy files/directories between the host and a sandbox (ID:/path on one side)");
+  cp_cmd->add_option("source", cp_src, "Source")->required();
+  cp_cmd->add_option("destination", cp_dst, "Destination")->required();
+
+  std::string pf_sandbox, pf_mapping;
+  CLI::App* pf_cmd = app.add_subcommand(
+      "port-forward", "Forward a host port to a guest TCP port until interrupted");
+  pf_cmd->add_option("sandbox", pf_sandbox, "Sandbox")->required();
+  pf_cmd->add_option("mapping", pf_mapping, "[IP:]HOST:GUEST")->required();
+
+  CLI::App* volume_cmd = app.add_subcommand("volume", "Manage named volumes");
+  volume_cmd->require_subcommand(1);
+  std::string volume_name, volume_size;
+  CLI::App* volume_create_cmd = volume_cmd->add_subcommand("create", "Create a volume");
+  volume_create_cmd->add_option("--size", volume_size, "Size (sparse; default 1g)");
+  volume_create_cmd->add_option("name", volume_name, "Volume name")->required();
+  bool volume_json = false;
+  CLI::App* volume_ls_cmd = volume_cmd->add_subcommand("ls", "List volumes");
+  volume_ls_cmd->add_flag("--json", volume_json, "Machine-readable output");
+  std::vector<std::string> volume_rm_names;
+  CLI::App* volume_rm_cmd =
+      volume_cmd->add_subcommand("rm", "Remove volumes (refused while a sandbox uses them)");
+  volume_rm_cmd->add_option("name", volume_rm_names, "Volume names")->required();
+
+  // The sandbox supervisor: started by cella itself, not by people.
+  std::string supervise_id;
+  int supervise_ready_fd = -1;
+  bool supervise_client_attaches = false;
+  CLI::App* supervise_cmd = app.add_subcommand("__supervise", "");
+  supervise_cmd->group("");
+  supervise_cmd->add_option("id", supervise_id)->required();
+  supervise_cmd->add_option("--ready-fd", supervise_ready_fd);
+  supervise_cmd->add_flag("--client-attaches", supervise_client_attaches);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -118,6 +218,32 @@ int Main(int argc, char** argv) {
   if (import_cmd->parsed()) return cella::cli::ImportCommand(import_path, import_ref);
   if (image_gc_cmd->parsed()) return cella::cli::ImageGcCommand();
   if (login_cmd->parsed()) return cella::cli::LoginCommand(login);
+  using cella::cli::ListFormat;
+  if (exec_cmd->parsed()) {
+    // CLI11 keeps the `--` that separates the sandbox from the command when
+    // a positional precedes it.
+    if (!exec.command.empty() && exec.command.front() == "--") exec.command.erase(exec.command.begin());
+    return cella::cli::ExecCommand(exec);
+  }
+  if (ps_cmd->parsed())
+    return cella::cli::PsCommand(ps_all, ps_json ? ListFormat::kJson : ListFormat::kText);
+  if (inspect_cmd->parsed()) return cella::cli::InspectCommand(inspect_refs);
+  if (logs_cmd->parsed()) return cella::cli::LogsCommand(logs);
+  if (stop_cmd->parsed()) return cella::cli::StopCommand(stop_refs, stop_grace);
+  if (start_cmd->parsed()) return cella::cli::StartCommand(start_refs);
+  if (kill_cmd->parsed()) return cella::cli::KillCommand(kill_refs);
+  if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);
+  if (prune_cmd->parsed()) return cella::cli::PruneCommand();
+  if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst);
+  if (pf_cmd->parsed()) return cella::cli::PortForwardCommand(pf_sandbox, pf_mapping);
+  if (volume_create_cmd->parsed())
+    return cella::cli::VolumeCreateCommand(volume_name, volume_size);
+  if (volume_ls_cmd->parsed())
+    return cella::cli::VolumeLsCommand(volume_json ? ListFormat::kJson : ListFormat::kText);
+  if (volume_rm_cmd->parsed()) return cella::cli::VolumeRmCommand(volume_rm_names);
+  if (supervise_cmd->parsed())
+    return cella::cli::SuperviseCommand(supervise_id, supervise_ready_fd,
+                                        supervise_client_attaches);
   return kExitCellaError;
 }
 

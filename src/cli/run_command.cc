@@ -1,13 +1,10 @@
-// `cella run`: boot a sandbox from an image (or the built-in one), attach to its main
-// process, stream its output, and exit with its code.
-#include <poll.h>
+// `cella run`: create a sandbox from an image (or the built-in one), start its
+// supervisor, and either print its ID (-d) or attach to its main process,
+// stream its output and exit with its code (foreground runs are --rm).
 #include <signal.h>
 #include <sys/random.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
-#include <atomic>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -15,23 +12,31 @@
 
 #include "base/io.h"
 #include "base/log.h"
+#include "cli/attach.h"
 #include "cli/commands.h"
 #include "cli/image_commands.h"
 #include "cli/run_options.h"
-#include "host/sandbox/compose.h"
+#include "cli/sandbox_context.h"
+#include "host/sandbox/control.h"
+#include "host/sandbox/disk_image.h"
+#include "host/sandbox/port_forward.h"
+#include "host/sandbox/spec.h"
+#include "host/sandbox/supervisor.h"
 #include "host/vmm/paths.h"
-#include "host/vmm/qemu_backend.h"
 #include "protocol/config.h"
 
 namespace cella::cli {
 namespace {
 
 constexpr const char* kDefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+// Sparse: a writable layer only takes what the guest writes.
+constexpr uint64_t kDefaultDiskSize = uint64_t{8} << 30;
+constexpr uint64_t kDefaultVolumeSize = uint64_t{1} << 30;
 
 const char* HostEnv(const char* name) { return std::getenv(name); }
 
 Result<std::string> NewSandboxId() {
-  unsigned char bytes[6];
+  unsigned char bytes[16];
   size_t got = 0;
   while (got < sizeof bytes) {
     ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
@@ -50,30 +55,112 @@ Result<std::string> NewSandboxId() {
   return id;
 }
 
+Result<std::string> SelfExecutable() {
+  std::error_code ec;
+  auto path = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return Fail("cannot find the cella executable (/proc/self/exe): " + ec.message());
+  return path.string();
+}
+
+bool ValidVolumeName(std::string_view name) {
+  if (name.empty() || name.size() > 64 || !std::isalnum(static_cast<unsigned char>(name[0])))
+    return false;
+  for (char c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '.' && c != '-')
+      return false;
+  return true;
+}
+
+// -v NAME:/path[:ro|rw|overlay]
+Result<sandbox::VolumeSpec> ParseVolumeFlag(std::string_view text) {
+  sandbox::VolumeSpec v;
+  std::string_view rest = text;
+  auto first = rest.find(':');
+  if (first == std::string_view::npos)
+    return Fail("-v " + std::string(text) + ": want NAME:/path[:ro|rw|overlay]");
+  v.name = std::string(rest.substr(0, first));
+  rest = rest.substr(first + 1);
+  std::string mode = "rw";
+  if (auto second = rest.find(':'); second != std::string_view::npos) {
+    mode = std::string(rest.substr(second + 1));
+    rest = rest.substr(0, second);
+  }
+  v.guest_path = std::string(rest);
+  if (!v.name.empty() && (v.name[0] == '/' || v.name[0] == '.')) {
+    return Fail("-v " + std::string(text) +
+                ": host directories cannot be shared with a VM sandbox; use a named volume "
+                "(cella volume create NAME) and cella cp to fill it");
+  }
+  if (!ValidVolumeName(v.name))
+    return Fail("-v " + std::string(text) + ": volume name \"" + v.name +
+                "\" must be letters, digits, '_', '.', '-' (at most 64)");
+  if (v.guest_path.empty() || v.guest_path[0] != '/')
+    return Fail("-v " + std::string(text) + ": the mount point must be an absolute path");
+  if (mode == "ro") {
+    v.mode = protocol::MountMode::kReadOnly;
+  } else if (mode == "rw") {
+    v.mode = protocol::MountMode::kReadWrite;
+  } else if (mode == "overlay") {
+    v.mode = protocol::MountMode::kOverlay;
+  } else {
+    return Fail("-v " + std::string(text) + ": unknown mode \"" + mode +
+                "\" (want ro, rw or overlay)");
+  }
+  return v;
+}
+
+std::string ModeName(protocol::MountMode mode) {
+  switch (mode) {
+    case protocol::MountMode::kReadOnly:
+      return "ro";
+    case protocol::MountMode::kReadWrite:
+      return "rw";
+    case protocol::MountMode::kOverlay:
+      return "overlay";
+  }
+  return "rw";
+}
+
+// Docker creates a named volume on first use; so do we.
+Result<store::VolumeRecord> EnsureVolume(SandboxContext& ctx, const std::string& name) {
+  auto existing = ctx.store.GetVolume(name);
+  if (existing) return *existing;
+  if (existing.error().errno_value != ENOENT) return std::unexpected(existing.error());
+  CELLA_TRY(CreateVolume(ctx, name, kDefaultVolumeSize));
+  log::Notice("created volume", {{"name", name}});
+  return ctx.store.GetVolume(name);
+}
+
 struct Prepared {
-  protocol::Config guest;
-  vmm::VMConfig vm;
-  vmm::AccelMode accel = vmm::AccelMode::kAuto;
-  std::chrono::milliseconds boot_timeout{120'000};
+  sandbox::SandboxSpec spec;
+  std::vector<store::VolumeUse> volume_uses;
+  std::vector<store::PortPublish> ports;
 };
 
-Result<Prepared> Prepare(const RunArgs& args, const std::string& home, const std::string& id,
-                         const std::string& state_dir) {
+Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::string& cella_home,
+                         const sandbox::SandboxPaths& paths, bool detached) {
   Prepared p;
-  protocol::Config& g = p.guest;
+  sandbox::SandboxSpec& spec = p.spec;
+  protocol::Config& g = spec.guest;
   g.env["PATH"] = kDefaultPath;
   g.env["HOME"] = "/root";
   g.workdir = args.workdir;
   g.user = args.user;
-  std::string root_image_path;  // empty: the built-in image
+  spec.image = args.image;
   if (!args.image.empty()) {
-    RunImage image = CELLA_TRY(
-        PrepareRunImage(home, args.image, args.platform, {args.insecure_registries, args.ca_file}));
-    root_image_path = image.rootfs_path;
+    RunImage image = CELLA_TRY(PrepareRunImage(cella_home, args.image, args.platform,
+                                               {args.insecure_registries, args.ca_file}));
+    spec.root_image_path = image.rootfs_path;
     // Image env lands on top of the defaults and under the user's -e/--env-file.
     CELLA_TRY_CTX(sandbox::ApplyImageDefaults(image.defaults, args.command, g), args.image);
+  } else if (!args.command.empty()) {
+    g.cmd = args.command;
+  } else if (detached) {
+    // `cella run -d` with nothing to run: a sandbox to exec into, up until
+    // stopped.
+    g.keep_alive = true;
   } else {
-    g.cmd = args.command.empty() ? std::vector<std::string>{"sh"} : args.command;
+    g.cmd = {"sh"};
   }
   for (const auto& file : args.env_files) {
     auto text = CELLA_TRY_CTX(ReadFileToString(file, 1 << 20), "--env-file");
@@ -84,197 +171,187 @@ Result<Prepared> Prepare(const RunArgs& args, const std::string& home, const std
   g.privileged = args.privileged;
   g.no_network = args.no_network;
   g.dns_servers = args.dns;
+  g.tty = args.tty;
   if (!args.no_network) g.mtu = args.mtu;
   for (const auto& item : args.add_hosts) {
     HostEntry e = CELLA_TRY(ParseAddHost(item));
     g.extra_hosts.push_back({e.host, e.ip});
   }
-  sandbox::MachineShape shape;
-  if (!args.cpus.empty()) g.cpus = shape.cpus = CELLA_TRY(ParseCpus(args.cpus));
-  if (!args.memory.empty()) shape.memory_mib = CELLA_TRY(ParseMemoryMiB(args.memory));
+  if (!args.cpus.empty()) g.cpus = spec.shape.cpus = CELLA_TRY(ParseCpus(args.cpus));
+  if (!args.memory.empty()) spec.shape.memory_mib = CELLA_TRY(ParseMemoryMiB(args.memory));
+  spec.kernel_path = args.kernel;
+  if (spec.kernel_path.empty())
+    if (const char* from_env = std::getenv("CELLA_KERNEL")) spec.kernel_path = from_env;
+  spec.accel = args.accel;
+  spec.boot_timeout_s = args.boot_timeout_s;
 
-  std::optional<kernel::KernelOverride> kernel_override;
-  std::string kernel_path = args.kernel;
-  if (kernel_path.empty())
-    if (const char* from_env = std::getenv("CELLA_KERNEL")) kernel_path = from_env;
-  if (!kernel_path.empty()) kernel_override = kernel::KernelOverride{kernel_path, ""};
-  std::string bin_dir = CELLA_TRY(sandbox::GuestBinaryDir());
-  sandbox::GuestAssets assets =
-      CELLA_TRY(sandbox::EnsureGuestAssets(home, bin_dir, kernel_override));
-  if (!assets.kernel.notice.empty()) log::Notice(assets.kernel.notice);
-
-  p.vm = CELLA_TRY(sandbox::Compose(assets, g, shape, {}, {}, id, state_dir, root_image_path));
-  CELLA_TRY(sandbox::WriteGuestConfig(g, p.vm));
-  p.accel = CELLA_TRY(vmm::ParseAccelMode(args.accel));
-  p.boot_timeout = std::chrono::seconds(args.boot_timeout_s);
+  for (const std::string& item : args.publish) {
+    sandbox::PortMapping m = CELLA_TRY(sandbox::ParsePortMapping(item));
+    spec.ports.push_back({m.host_ip, m.host_port, m.guest_port});
+    p.ports.push_back({m.host_ip, m.host_port, m.guest_port});
+  }
+  for (const std::string& item : args.volumes) {
+    sandbox::VolumeSpec v = CELLA_TRY(ParseVolumeFlag(item));
+    store::VolumeRecord volume = CELLA_TRY(EnsureVolume(ctx, v.name));
+    v.host_path = volume.path;
+    if (v.mode == protocol::MountMode::kOverlay) {
+      v.overlay_path = paths.OverlayLayer(v.name);
+      CELLA_TRY(sandbox::MakeExt4Image(v.overlay_path, static_cast<uint64_t>(volume.size_bytes),
+                                       "cella-overlay"));
+    }
+    p.volume_uses.push_back({v.name, v.guest_path, ModeName(v.mode)});
+    spec.volumes.push_back(std::move(v));
+  }
+  // Foreground runs are thrown away at the end: a tmpfs upper is enough and
+  // free. Detached sandboxes keep their writable layer across stop/start.
+  if (detached || !args.disk_size.empty()) {
+    uint64_t size =
+        args.disk_size.empty() ? kDefaultDiskSize : CELLA_TRY(sandbox::ParseDiskSize(args.disk_size));
+    spec.upper_image = paths.upper_image;
+    CELLA_TRY(sandbox::MakeExt4Image(spec.upper_image, size, "cella-upper"));
+  }
   return p;
 }
 
-// Forwards SIGINT/SIGTERM/SIGHUP to the guest's main process while it runs.
-// The signals are blocked in every thread and collected here with
-// sigtimedwait, so no handler runs on an arbitrary thread.
-class SignalForwarder {
- public:
-  explicit SignalForwarder(host::ExecSession* session) {
-    sigemptyset(&set_);
-    for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set_, s);
-    thread_ = std::thread([this, session] {
-      timespec tick{0, 200'000'000};
-      while (!done_.load()) {
-        int sig = ::sigtimedwait(&set_, nullptr, &tick);
-        if (sig <= 0) continue;
-        log::Debug("forwarding signal to the guest", {{"signal", sig}});
-        if (auto st = session->Signal(sig); !st)
-          log::Warn("could not forward signal", {{"error", st.error().message}});
-      }
-    });
-  }
-  ~SignalForwarder() {
-    done_.store(true);
-    thread_.join();
-  }
-  static void BlockInThisThread() {
-    sigset_t set;
-    sigemptyset(&set);
-    for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, s);
-    pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  }
-
- private:
-  sigset_t set_{};
-  std::atomic<bool> done_{false};
-  std::thread thread_;
-};
-
-// Copies our stdin to the main process until EOF or until stopped.
-class StdinPump {
- public:
-  explicit StdinPump(host::ExecSession* session) {
-    thread_ = std::thread([this, session] {
-      char buf[65536];
-      while (!done_.load()) {
-        pollfd pfd{STDIN_FILENO, POLLIN, 0};
-        int n = ::poll(&pfd, 1, 200);
-        if (n < 0 && errno != EINTR) break;
-        if (n <= 0) continue;
-        auto got = ReadSome(STDIN_FILENO, std::as_writable_bytes(std::span(buf)));
-        if (!got || *got == 0) break;
-        if (!session->WriteStdin(std::string_view(buf, *got))) return;
-      }
-      if (auto st = session->CloseStdin(); !st)
-        log::Debug("closing guest stdin failed", {{"error", st.error().message}});
-    });
-  }
-  ~StdinPump() {
-    done_.store(true);
-    thread_.join();
-  }
-
- private:
-  std::atomic<bool> done_{false};
-  std::thread thread_;
-};
-
 // A systemd image has no main process to attach to: the VM is the workload.
-// It runs until the guest powers off, or until SIGINT/SIGTERM/SIGHUP asks
-// for a graceful stop (systemd powers off; the VM is killed after the grace).
-Result<int> RunUntilPowerOff(vmm::Machine& machine) {
+// It runs until the guest powers off, or until a signal asks for a graceful
+// stop through the supervisor.
+Result<int> WaitForPowerOff(SandboxContext& ctx, const store::SandboxRecord& record) {
   log::Notice("systemd image: the sandbox runs until it powers off; Ctrl-C stops it");
   sigset_t set;
   sigemptyset(&set);
   for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, s);
+  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
   for (;;) {
-    auto exited = machine.Wait(std::chrono::milliseconds(200));
-    if (exited) return 0;
-    if (exited.error().errno_value != ETIMEDOUT) return std::unexpected(exited.error());
-    timespec no_wait{0, 0};
-    int sig = ::sigtimedwait(&set, nullptr, &no_wait);
+    timespec tick{0, 200'000'000};
+    int sig = ::sigtimedwait(&set, nullptr, &tick);
     if (sig > 0) {
       log::Notice("stopping the sandbox", {{"signal", sig}});
-      CELLA_TRY_CTX(machine.Stop(std::chrono::seconds(30)), "stop");
+      CELLA_TRY_CTX(sandbox::ControlCall(control, {{"op", "stop"}, {"grace_ms", 30'000}},
+                                         std::chrono::minutes(2)),
+                    "stop");
       return 128 + sig;
     }
+    auto now = ctx.store.Get(record.id);
+    if (!now || !store::IsActive(now->state)) return 0;
   }
 }
 
-Result<int> RunInSandbox(const RunArgs& args, const std::string& state_dir) {
-  std::string home = CELLA_TRY(host::CellaHome());
-  std::string id = std::filesystem::path(state_dir).filename().string();
-  Prepared prepared = CELLA_TRY(Prepare(args, home, id, state_dir));
-
-  vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(prepared.accel));
-  options.boot_timeout = prepared.boot_timeout;
-  log::Debug("accelerator", {{"chosen", std::string(vmm::ToString(options.accel.chosen))},
-                             {"reason", options.accel.reason}});
-  vmm::QemuBackend backend(std::move(options));
-  std::unique_ptr<vmm::Machine> machine = CELLA_TRY(backend.Create(prepared.vm));
-  CELLA_TRY_CTX(machine->Start(), "boot");
-  log::Debug("sandbox booted", {{"id", id}, {"boot_ms", machine->BootDuration().count()}});
-  if (prepared.guest.init_mode == protocol::InitMode::kSystemd) {
-    int code = CELLA_TRY(RunUntilPowerOff(*machine));
-    if (auto closed = machine->Close(); !closed)
-      log::Warn("sandbox cleanup failed", {{"error", closed.error().message}});
-    return code;
+// Waits (bounded) for the supervisor to record the end and remove the
+// sandbox, and removes it ourselves if it could not.
+void FinishForegroundRun(SandboxContext& ctx, const std::string& id) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto now = ctx.store.Get(id);
+    if (!now) return;  // removed: done
+    if (!store::IsActive(now->state) && !store::IsAlive(now->supervisor)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-
-  host::ExecCallbacks callbacks;
-  callbacks.on_stdout = [](std::string_view bytes) {
-    if (auto st = WriteAll(STDOUT_FILENO, bytes); !st)
-      log::Debug("stdout write failed", {{"error", st.error().message}});
-  };
-  callbacks.on_stderr = [](std::string_view bytes) {
-    if (auto st = WriteAll(STDERR_FILENO, bytes); !st)
-      log::Debug("stderr write failed", {{"error", st.error().message}});
-  };
-  std::unique_ptr<host::ExecSession> main =
-      CELLA_TRY_CTX(machine->Agent()->AttachMain(std::move(callbacks)), "attach main process");
-  host::ExecStatus status;
-  {
-    SignalForwarder signals(main.get());
-    std::optional<StdinPump> stdin_pump;
-    if (args.interactive) {
-      stdin_pump.emplace(main.get());
-    } else {
-      CELLA_TRY_CTX(main->CloseStdin(), "close guest stdin");
-    }
-    status = CELLA_TRY_CTX(main->Wait(), "main process");
-  }
-  // The guest powers itself off once the main process is gone; give it a
-  // moment to flush and go, then make sure it is gone.
-  if (auto exited = machine->Wait(std::chrono::seconds(10)); !exited)
-    log::Debug("guest did not power off by itself", {{"error", exited.error().message}});
-  if (auto closed = machine->Close(); !closed)
-    log::Warn("sandbox cleanup failed", {{"error", closed.error().message}});
-  if (status.timed_out) log::Notice("main process timed out");
-  return status.ShellCode();
+  auto left = ctx.store.Get(id);
+  if (!left) return;
+  if (auto st = RemoveSandboxCompletely(ctx, *left); !st)
+    log::Warn("could not remove the sandbox", {{"error", st.error().message}});
 }
 
-// cella's own failure: one line on stderr, docker's exit code 125.
+Result<int> Run(const RunArgs& args) {
+  const bool detached = args.detach;
+  if (detached && (args.interactive || args.tty)) {
+    return Fail(
+        "-d cannot be combined with -i or -t: a detached sandbox has no terminal; "
+        "run it with -d, then: cella exec -it ID sh");
+  }
+  SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+  std::string cella_home = CELLA_TRY(host::CellaHome());
+  std::string id = CELLA_TRY(NewSandboxId());
+  sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, id);
+  CELLA_TRY(host::MakeDirs(paths.dir, 0700));
+  auto cleanup_dir = [&] {
+    std::error_code ec;
+    std::filesystem::remove_all(paths.dir, ec);
+  };
+  auto prepared = Prepare(args, ctx, cella_home, paths, detached);
+  if (!prepared) {
+    cleanup_dir();
+    return std::unexpected(prepared.error());
+  }
+  // Like docker: the short ID is the default hostname.
+  if (prepared->spec.guest.hostname.empty()) prepared->spec.guest.hostname = store::ShortId(id);
+  store::SandboxRecord record;
+  record.id = id;
+  record.name = args.name;
+  record.image = args.image;
+  record.command = args.command;
+  record.spec_json = sandbox::EncodeSpec(prepared->spec);
+  record.auto_remove = !detached || args.rm;
+  record.volumes = prepared->volume_uses;
+  record.ports = prepared->ports;
+  if (auto created = ctx.store.Create(record); !created) {
+    cleanup_dir();
+    return std::unexpected(created.error());
+  }
+  std::string self = CELLA_TRY(SelfExecutable());
+  auto spawned = sandbox::SpawnSupervisor(
+      self, id, detached ? sandbox::MainAttach::kBySupervisor : sandbox::MainAttach::kByClient,
+      paths.supervisor_log, std::chrono::seconds(args.boot_timeout_s + 120));
+  if (!spawned) {
+    if (auto left = ctx.store.Get(id); left && left->auto_remove)
+      (void)RemoveSandboxCompletely(ctx, *left);
+    return std::unexpected(spawned.error());
+  }
+  if (detached) {
+    if (auto st = WriteAll(STDOUT_FILENO, id + "\n"); !st) return std::unexpected(st.error());
+    return 0;
+  }
+  record = CELLA_TRY(ctx.store.Get(id));
+  int code = 0;
+  if (prepared->spec.guest.init_mode == protocol::InitMode::kSystemd) {
+    code = CELLA_TRY(WaitForPowerOff(ctx, record));
+  } else {
+    auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+    host::ExecStatus status = CELLA_TRY(AttachToTerminal(
+        [&](host::ExecCallbacks callbacks) { return agent->AttachMain(std::move(callbacks)); },
+        {args.interactive, args.tty}));
+    if (status.timed_out) log::Notice("main process timed out");
+    code = status.ShellCode();
+  }
+  FinishForegroundRun(ctx, id);
+  return code;
+}
+
+}  // namespace
+
+Status CreateVolume(SandboxContext& ctx, const std::string& name, uint64_t size_bytes) {
+  if (!ValidVolumeName(name))
+    return Fail("volume name \"" + name + "\" must be letters, digits, '_', '.', '-' (at most 64)");
+  if (auto existing = ctx.store.GetVolume(name); existing)
+    return Fail("volume \"" + name + "\" already exists");
+  std::string dir = sandbox::VolumesDir(ctx.home) + "/" + name;
+  CELLA_TRY(host::MakeDirs(sandbox::VolumesDir(ctx.home), 0700));
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);  // a leftover of an interrupted create
+  CELLA_TRY(host::MakeDirs(dir, 0700));
+  std::string image = sandbox::VolumeImagePath(ctx.home, name);
+  CELLA_TRY(sandbox::MakeExt4Image(image, size_bytes, name));
+  store::VolumeRecord record{name, image, static_cast<int64_t>(size_bytes), 0};
+  if (auto st = ctx.store.CreateVolume(record); !st) {
+    std::filesystem::remove_all(dir, ec);
+    return st;
+  }
+  return {};
+}
+
+int RunCommand(const RunArgs& args) {
+  BlockForwardedSignals();
+  auto code = Run(args);
+  if (!code) return ReportFailure(code.error());
+  return *code;
+}
+
 int ReportFailure(const Error& error) {
   std::string line = "cella: " + error.message + "\n";
   // Nothing useful is left to do if stderr itself is gone.
   (void)WriteAll(STDERR_FILENO, line);
   return kExitCellaError;
-}
-
-}  // namespace
-
-int RunCommand(const RunArgs& args) {
-  SignalForwarder::BlockInThisThread();
-  auto home = host::CellaHome();
-  if (!home) return ReportFailure(home.error());
-  auto id = NewSandboxId();
-  if (!id) return ReportFailure(id.error());
-  std::string state_dir = *home + "/run/" + *id;
-  if (auto made = host::MakeDirs(state_dir, 0700); !made) return ReportFailure(made.error());
-  auto code = RunInSandbox(args, state_dir);
-  // Foreground runs are --rm: nothing of the sandbox stays behind.
-  std::error_code ec;
-  std::filesystem::remove_all(state_dir, ec);
-  if (ec)
-    log::Warn("could not remove sandbox state", {{"path", state_dir}, {"error", ec.message()}});
-  if (!code) return ReportFailure(code.error());
-  return *code;
 }
 
 }  // namespace cella::cli

@@ -124,6 +124,9 @@ struct Config {
   std::string user;  // "name", "uid", "uid:gid", "name:group"; empty = root
   double cpus = 0;   // fractional CPUs for a cgroup quota; 0 = no limit
   bool keep_alive = false;
+  // The main process gets a pseudo-terminal (`cella run -t`); the host sends
+  // the window size after attaching.
+  bool tty = false;
   std::string agent_port = std::string(kDefaultAgentPort);
 
   bool operator==(const Config&) const = default;

@@ -155,20 +155,23 @@ Result<FileType> ParseFileType(std::string_view name) {
   return Invalid("unknown file type \"" + std::string(name) + "\"");
 }
 
-json FileInfoJson(const FileInfo& info, bool with_owner) {
+json FileInfoJson(const FileInfo& info) {
   json j = {{"name", info.name},
             {"size", info.size},
             {"mode", info.mode},
             {"mtime", info.mtime},
-            {"type", std::string(FileTypeName(info.type))}};
-  if (with_owner) {
-    j["uid"] = info.uid;
-    j["gid"] = info.gid;
-  }
+            {"type", std::string(FileTypeName(info.type))},
+            {"uid", info.uid},
+            {"gid", info.gid}};
+  if (info.link_target) j["link_target"] = *info.link_target;
   return j;
 }
 
-Result<FileInfo> FileInfoFromJson(const json& j, std::string_view what, bool with_owner) {
+// Agents before the owner fields left them out of list entries; stat has
+// always carried them.
+enum class Owner { kRequired, kOptional };
+
+Result<FileInfo> FileInfoFromJson(const json& j, std::string_view what, Owner owner) {
   if (!j.is_object()) return Invalid(std::string(what) + ": expected a JSON object");
   ObjectReader r(j, std::string(what));
   FileInfo info;
@@ -178,13 +181,21 @@ Result<FileInfo> FileInfoFromJson(const json& j, std::string_view what, bool wit
   r.Integer("mode", info.mode, Need::kRequired);
   r.Integer("mtime", info.mtime, Need::kRequired);
   r.Str("type", type, Need::kRequired);
-  if (with_owner) {
-    r.Integer("uid", info.uid, Need::kRequired);
-    r.Integer("gid", info.gid, Need::kRequired);
-  }
+  Need need_owner = owner == Owner::kRequired ? Need::kRequired : Need::kOptional;
+  r.Integer("uid", info.uid, need_owner);
+  r.Integer("gid", info.gid, need_owner);
+  std::string target;
+  if (r.Str("link_target", target, Need::kOptional)) info.link_target = std::move(target);
   CELLA_TRY(r.Finish());
   if (info.mode > 07777) return Invalid(std::string(what) + ": mode has bits beyond 07777");
   info.type = CELLA_TRY_CTX(ParseFileType(type), what);
+  if (info.link_target) {
+    if (info.type != FileType::kSymlink)
+      return Invalid(std::string(what) + ": link_target on a non-symlink");
+    if (info.link_target->empty() || info.link_target->size() > kMaxLinkTarget)
+      return Invalid(std::string(what) + ": link_target must be 1.." +
+                     std::to_string(kMaxLinkTarget) + " bytes");
+  }
   return info;
 }
 
@@ -250,6 +261,8 @@ std::string_view RequestOpName(const Request& request) {
     std::string_view operator()(const PortForwardRequest&) { return "port_forward"; }
     std::string_view operator()(const AttachMainRequest&) { return "attach_main"; }
     std::string_view operator()(const ShutdownRequest&) { return "shutdown"; }
+    std::string_view operator()(const SymlinkRequest&) { return "symlink"; }
+    std::string_view operator()(const SetAttrRequest&) { return "set_attr"; }
   };
   return std::visit(Visitor{}, request);
 }
@@ -274,6 +287,7 @@ std::string EncodeRequest(const Request& request) {
     if (w->uid) j["uid"] = *w->uid;
     if (w->gid) j["gid"] = *w->gid;
     j["mkdirs"] = w->mkdirs;
+    if (w->mtime) j["mtime"] = *w->mtime;
   } else if (auto* rf = std::get_if<ReadFileRequest>(&request)) {
     j["path"] = rf->path;
   } else if (auto* l = std::get_if<ListRequest>(&request)) {
@@ -283,11 +297,28 @@ std::string EncodeRequest(const Request& request) {
   } else if (auto* m = std::get_if<MkdirRequest>(&request)) {
     j["path"] = m->path;
     j["mode"] = m->mode;
+    if (m->uid) j["uid"] = *m->uid;
+    if (m->gid) j["gid"] = *m->gid;
   } else if (auto* rm = std::get_if<RemoveRequest>(&request)) {
     j["path"] = rm->path;
     j["recursive"] = rm->recursive;
   } else if (auto* p = std::get_if<PortForwardRequest>(&request)) {
     j["port"] = p->port;
+  } else if (auto* sd = std::get_if<ShutdownRequest>(&request)) {
+    // Omitted at 0 so an agent that predates the field still accepts it.
+    if (sd->grace_ms != 0) j["grace_ms"] = sd->grace_ms;
+  } else if (auto* ln = std::get_if<SymlinkRequest>(&request)) {
+    j["path"] = ln->path;
+    j["target"] = ln->target;
+    if (ln->uid) j["uid"] = *ln->uid;
+    if (ln->gid) j["gid"] = *ln->gid;
+    if (ln->mtime) j["mtime"] = *ln->mtime;
+  } else if (auto* sa = std::get_if<SetAttrRequest>(&request)) {
+    j["path"] = sa->path;
+    if (sa->mode) j["mode"] = *sa->mode;
+    if (sa->uid) j["uid"] = *sa->uid;
+    if (sa->gid) j["gid"] = *sa->gid;
+    if (sa->mtime) j["mtime"] = *sa->mtime;
   }
   return Dump(j);
 }
@@ -303,6 +334,18 @@ Result<Request> DecodeRequest(std::string_view text) {
     };
     auto check_mode = [&](uint32_t mode) {
       if (mode > 07777) r.Problem("\"mode\" has bits beyond 07777");
+    };
+    // uid/gid -1 means "leave unchanged" to chown(2): refuse it as an id.
+    auto owner = [&](const char* key, std::optional<uint32_t>& out) {
+      uint32_t id = 0;
+      if (!r.Integer(key, id, Need::kOptional)) return;
+      if (id == std::numeric_limits<uint32_t>::max())
+        r.Problem(std::string("\"") + key + "\" is 4294967295, which is not an id");
+      out = id;
+    };
+    auto mtime = [&](std::optional<int64_t>& out) {
+      int64_t seconds = 0;
+      if (r.Integer("mtime", seconds, Need::kOptional)) out = seconds;
     };
     if (op == "exec") {
       ExecRequest e;
@@ -328,10 +371,10 @@ Result<Request> DecodeRequest(std::string_view text) {
       need_path(w.path);
       r.Integer("mode", w.mode, Need::kOptional);
       check_mode(w.mode);
-      uint32_t id = 0;
-      if (r.Integer("uid", id, Need::kOptional)) w.uid = id;
-      if (r.Integer("gid", id, Need::kOptional)) w.gid = id;
+      owner("uid", w.uid);
+      owner("gid", w.gid);
       r.Bool("mkdirs", w.mkdirs);
+      mtime(w.mtime);
       request = std::move(w);
     } else if (op == "read_file") {
       ReadFileRequest rf;
@@ -350,6 +393,8 @@ Result<Request> DecodeRequest(std::string_view text) {
       need_path(m.path);
       r.Integer("mode", m.mode, Need::kOptional);
       check_mode(m.mode);
+      owner("uid", m.uid);
+      owner("gid", m.gid);
       request = std::move(m);
     } else if (op == "remove") {
       RemoveRequest rm;
@@ -363,7 +408,34 @@ Result<Request> DecodeRequest(std::string_view text) {
     } else if (op == "attach_main") {
       request = AttachMainRequest{};
     } else if (op == "shutdown") {
-      request = ShutdownRequest{};
+      ShutdownRequest sd;
+      if (r.Integer("grace_ms", sd.grace_ms, Need::kOptional) && sd.grace_ms > kMaxShutdownGraceMs)
+        r.Problem("\"grace_ms\" is above " + std::to_string(kMaxShutdownGraceMs));
+      request = sd;
+    } else if (op == "symlink") {
+      SymlinkRequest ln;
+      need_path(ln.path);
+      if (r.Str("target", ln.target, Need::kRequired) &&
+          (ln.target.empty() || ln.target.size() > kMaxLinkTarget))
+        r.Problem("\"target\" must be 1.." + std::to_string(kMaxLinkTarget) + " bytes");
+      owner("uid", ln.uid);
+      owner("gid", ln.gid);
+      mtime(ln.mtime);
+      request = std::move(ln);
+    } else if (op == "set_attr") {
+      SetAttrRequest sa;
+      need_path(sa.path);
+      uint32_t mode = 0;
+      if (r.Integer("mode", mode, Need::kOptional)) {
+        check_mode(mode);
+        sa.mode = mode;
+      }
+      owner("uid", sa.uid);
+      owner("gid", sa.gid);
+      mtime(sa.mtime);
+      if (!sa.mode && !sa.uid && !sa.gid && !sa.mtime)
+        r.Problem("set_attr needs at least one of mode, uid, gid, mtime");
+      request = std::move(sa);
     } else {
       return Invalid("request: unknown op \"" + op + "\"");
     }
@@ -441,17 +513,17 @@ Result<uint64_t> DecodeSize(std::string_view text) {
   });
 }
 
-std::string EncodeFileInfo(const FileInfo& info) { return Dump(FileInfoJson(info, true)); }
+std::string EncodeFileInfo(const FileInfo& info) { return Dump(FileInfoJson(info)); }
 
 Result<FileInfo> DecodeFileInfo(std::string_view text) {
   return DecodeWith<FileInfo>(text, "stat result", [](const json& j) -> Result<FileInfo> {
-    return FileInfoFromJson(j, "stat result", true);
+    return FileInfoFromJson(j, "stat result", Owner::kRequired);
   });
 }
 
 std::string EncodeList(const std::vector<FileInfo>& entries) {
   json list = json::array();
-  for (const auto& e : entries) list.push_back(FileInfoJson(e, false));
+  for (const auto& e : entries) list.push_back(FileInfoJson(e));
   return Dump({{"entries", std::move(list)}});
 }
 
@@ -466,7 +538,7 @@ Result<std::vector<FileInfo>> DecodeList(std::string_view text) {
         std::vector<FileInfo> out;
         out.reserve(entries->size());
         for (const auto& e : *entries)
-          out.push_back(CELLA_TRY(FileInfoFromJson(e, "list result entry", false)));
+          out.push_back(CELLA_TRY(FileInfoFromJson(e, "list result entry", Owner::kOptional)));
         return out;
       });
 }

@@ -47,6 +47,7 @@ struct WriteFileRequest {
   std::optional<uint32_t> uid;
   std::optional<uint32_t> gid;
   bool mkdirs = false;
+  std::optional<int64_t> mtime;  // seconds since the epoch; absent: the time of writing
 };
 
 struct ReadFileRequest {
@@ -61,6 +62,10 @@ struct StatRequest {
 struct MkdirRequest {
   std::string path;
   uint32_t mode = 0755;
+  // Owner of the final component, applied only when this request created
+  // it (parents and an existing directory are left as they are).
+  std::optional<uint32_t> uid;
+  std::optional<uint32_t> gid;
 };
 struct RemoveRequest {
   std::string path;
@@ -70,11 +75,43 @@ struct PortForwardRequest {
   uint16_t port = 0;
 };
 struct AttachMainRequest {};
-struct ShutdownRequest {};
+
+// Longest grace a shutdown may ask for; larger values are refused.
+inline constexpr uint32_t kMaxShutdownGraceMs = 10 * 60 * 1000;
+struct ShutdownRequest {
+  // How long the guest's processes get between SIGTERM and SIGKILL before
+  // power-off. 0: the guest's default (1 s).
+  uint32_t grace_ms = 0;
+};
+
+// Longest symlink target (PATH_MAX including the NUL).
+inline constexpr size_t kMaxLinkTarget = 4095;
+
+// Creates a symlink at path pointing to target, replacing an existing
+// non-directory atomically. uid/gid: lchown; mtime: the link's own mtime.
+struct SymlinkRequest {
+  std::string path;
+  std::string target;
+  std::optional<uint32_t> uid;
+  std::optional<uint32_t> gid;
+  std::optional<int64_t> mtime;
+};
+
+// Changes attributes of path without following a final symlink. At least
+// one field is set. Applied as chown, chmod, then mtime (chown clears
+// setuid/setgid; chmod after it restores them). A symlink has no mode of
+// its own: mode on a symlink fails with EOPNOTSUPP.
+struct SetAttrRequest {
+  std::string path;
+  std::optional<uint32_t> mode;
+  std::optional<uint32_t> uid;
+  std::optional<uint32_t> gid;
+  std::optional<int64_t> mtime;
+};
 
 using Request = std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest,
                              StatRequest, MkdirRequest, RemoveRequest, PortForwardRequest,
-                             AttachMainRequest, ShutdownRequest>;
+                             AttachMainRequest, ShutdownRequest, SymlinkRequest, SetAttrRequest>;
 
 enum class FileType { kFile, kDir, kSymlink, kOther };
 std::string_view FileTypeName(FileType type);
@@ -85,8 +122,11 @@ struct FileInfo {
   uint32_t mode = 0;  // permission bits (07777)
   int64_t mtime = 0;  // seconds since the epoch
   FileType type = FileType::kOther;
-  uint32_t uid = 0;  // stat only; list leaves 0
+  uint32_t uid = 0;  // a list from an agent older than this field reports 0
   uint32_t gid = 0;
+  // Symlinks only (stat and list): where the link points, never followed.
+  // Absent when the agent could not read it.
+  std::optional<std::string> link_target;
 };
 
 struct ExecOutcome {
@@ -135,7 +175,8 @@ Result<FileInfo> DecodeFileInfo(std::string_view json);
 std::string EncodeList(const std::vector<FileInfo>& entries);
 Result<std::vector<FileInfo>> DecodeList(std::string_view json);
 
-// "{}" — results of mkdir/remove/port_forward/shutdown. Anything else fails.
+// "{}" — results of mkdir/remove/port_forward/shutdown/symlink/set_attr.
+// Anything else fails.
 std::string EncodeEmpty();
 Status DecodeEmpty(std::string_view json);
 

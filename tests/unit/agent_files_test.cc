@@ -4,7 +4,9 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
+#include <map>
 #include <random>
 
 #include "agent_test_support.h"
@@ -158,6 +160,158 @@ TEST_F(AgentFiles, RemovesFilesAndTrees) {
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/t"));
   EXPECT_TRUE(std::filesystem::exists("/etc/passwd"));  // the symlink was not followed
   EXPECT_EQ(client().Remove(dir_ + "/t").error().errno_value, ENOENT);
+}
+
+struct stat Lstat(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::lstat(path.c_str(), &st), 0) << path << ": " << std::strerror(errno);
+  return st;
+}
+
+std::string ReadLink(const std::string& path) {
+  char buf[4096];
+  ssize_t n = ::readlink(path.c_str(), buf, sizeof(buf));
+  return n < 0 ? std::string("<readlink failed>") : std::string(buf, static_cast<size_t>(n));
+}
+
+constexpr int64_t kPast = 1'000'000'000;  // 2001-09-09
+
+TEST_F(AgentFiles, WriteFileKeepsTheRequestedMtime) {
+  WriteFileOptions opts;
+  opts.mtime = kPast;
+  ASSERT_TRUE(client().WriteFile(dir_ + "/old", "x", opts).has_value());
+  EXPECT_EQ(Lstat(dir_ + "/old").st_mtim.tv_sec, kPast);
+  auto st = client().Stat(dir_ + "/old");
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->mtime, kPast);
+}
+
+TEST_F(AgentFiles, StatAndListReportOwnersAndLinkTargetsWithoutFollowing) {
+  ASSERT_TRUE(client().WriteFile(dir_ + "/owned", "12345").has_value());
+  ASSERT_EQ(::chown((dir_ + "/owned").c_str(), 1234, 5678), 0);
+  ASSERT_EQ(::symlink("/etc/passwd", (dir_ + "/abs").c_str()), 0);
+  ASSERT_EQ(::symlink("owned", (dir_ + "/rel").c_str()), 0);
+  ASSERT_EQ(::lchown((dir_ + "/rel").c_str(), 42, 43), 0);
+
+  auto abs = client().Stat(dir_ + "/abs");
+  ASSERT_TRUE(abs.has_value()) << abs.error().message;
+  EXPECT_EQ(abs->type, host::FileType::kSymlink);
+  EXPECT_EQ(abs->link_target, "/etc/passwd");
+  auto file = client().Stat(dir_ + "/owned");
+  ASSERT_TRUE(file.has_value());
+  EXPECT_FALSE(file->link_target.has_value());
+
+  auto list = client().ListFiles(dir_);
+  ASSERT_TRUE(list.has_value()) << list.error().message;
+  std::map<std::string, host::FileInfo> by_name;
+  for (auto& e : *list) by_name[e.name] = e;
+  ASSERT_EQ(by_name.size(), 3u);
+  EXPECT_EQ(by_name["owned"].uid, 1234u);
+  EXPECT_EQ(by_name["owned"].gid, 5678u);
+  EXPECT_FALSE(by_name["owned"].link_target.has_value());
+  EXPECT_EQ(by_name["rel"].type, host::FileType::kSymlink);
+  EXPECT_EQ(by_name["rel"].link_target, "owned");
+  EXPECT_EQ(by_name["rel"].uid, 42u);
+  EXPECT_EQ(by_name["rel"].gid, 43u);
+  EXPECT_EQ(by_name["abs"].link_target, "/etc/passwd");
+}
+
+TEST_F(AgentFiles, MakesSymlinksWithOwnerAndMtimeReplacingFilesButNotDirectories) {
+  ASSERT_TRUE(
+      client().MakeSymlink(dir_ + "/link", "../somewhere/else", 1234, 5678, kPast).has_value());
+  struct stat st = Lstat(dir_ + "/link");
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+  EXPECT_EQ(ReadLink(dir_ + "/link"), "../somewhere/else");
+  EXPECT_EQ(st.st_uid, 1234u);
+  EXPECT_EQ(st.st_gid, 5678u);
+  EXPECT_EQ(st.st_mtim.tv_sec, kPast);
+
+  ASSERT_TRUE(client().WriteFile(dir_ + "/file", "content").has_value());
+  ASSERT_TRUE(client().MakeSymlink(dir_ + "/file", "/etc").has_value());
+  EXPECT_EQ(ReadLink(dir_ + "/file"), "/etc");
+  ASSERT_TRUE(client().MakeSymlink(dir_ + "/link", "new-target").has_value());
+  EXPECT_EQ(ReadLink(dir_ + "/link"), "new-target");
+
+  ASSERT_TRUE(client().MakeDirs(dir_ + "/dir").has_value());
+  auto onto_dir = client().MakeSymlink(dir_ + "/dir", "x");
+  ASSERT_FALSE(onto_dir.has_value());
+  EXPECT_EQ(onto_dir.error().errno_value, EISDIR);
+  EXPECT_TRUE(S_ISDIR(Lstat(dir_ + "/dir").st_mode));
+  auto no_parent = client().MakeSymlink(dir_ + "/missing/link", "x");
+  ASSERT_FALSE(no_parent.has_value());
+  EXPECT_EQ(no_parent.error().errno_value, ENOENT);
+  // No temp links are left behind by the replacements or the failures.
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir_))
+    names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"dir", "file", "link"}));
+}
+
+TEST_F(AgentFiles, MkdirOwnerAppliesToTheCreatedFinalComponentOnly) {
+  host::MakeDirsOptions opts;
+  opts.mode = 0750;
+  opts.uid = 1234;
+  opts.gid = 5678;
+  ASSERT_TRUE(client().MakeDirs(dir_ + "/p/q/final", opts).has_value());
+  struct stat final_st = Lstat(dir_ + "/p/q/final");
+  EXPECT_EQ(final_st.st_uid, 1234u);
+  EXPECT_EQ(final_st.st_gid, 5678u);
+  EXPECT_EQ(Lstat(dir_ + "/p/q").st_uid, 0u);
+  EXPECT_EQ(Lstat(dir_ + "/p").st_uid, 0u);
+  // An existing directory keeps its owner.
+  opts.uid = 99;
+  opts.gid = 99;
+  ASSERT_TRUE(client().MakeDirs(dir_ + "/p/q/final/", opts).has_value());
+  EXPECT_EQ(Lstat(dir_ + "/p/q/final").st_uid, 1234u);
+}
+
+TEST_F(AgentFiles, SetAttributesAppliesModeAfterOwnerAndNeverFollowsSymlinks) {
+  WriteFileOptions plain;
+  plain.mode = 0644;
+  ASSERT_TRUE(client().WriteFile(dir_ + "/tool", "#!/bin/sh\n", plain).has_value());
+  host::FileAttributes attrs;
+  attrs.mode = 04751;
+  attrs.uid = 1234;
+  attrs.gid = 5678;
+  attrs.mtime = kPast;
+  ASSERT_TRUE(client().SetAttributes(dir_ + "/tool", attrs).has_value());
+  struct stat st = Lstat(dir_ + "/tool");
+  EXPECT_EQ(st.st_mode & 07777, 04751u);  // setuid survives: chmod came after chown
+  EXPECT_EQ(st.st_uid, 1234u);
+  EXPECT_EQ(st.st_gid, 5678u);
+  EXPECT_EQ(st.st_mtim.tv_sec, kPast);
+
+  ASSERT_EQ(::symlink("tool", (dir_ + "/link").c_str()), 0);
+  host::FileAttributes owner_and_time;
+  owner_and_time.uid = 7;
+  owner_and_time.gid = 8;
+  owner_and_time.mtime = kPast + 5;
+  ASSERT_TRUE(client().SetAttributes(dir_ + "/link", owner_and_time).has_value());
+  struct stat link = Lstat(dir_ + "/link");
+  EXPECT_EQ(link.st_uid, 7u);
+  EXPECT_EQ(link.st_mtim.tv_sec, kPast + 5);
+  struct stat target = Lstat(dir_ + "/tool");
+  EXPECT_EQ(target.st_uid, 1234u);
+  EXPECT_EQ(target.st_mtim.tv_sec, kPast);
+
+  host::FileAttributes mode_only;
+  mode_only.mode = 0600;
+  auto on_link = client().SetAttributes(dir_ + "/link", mode_only);
+  ASSERT_FALSE(on_link.has_value());
+  EXPECT_EQ(on_link.error().errno_value, EOPNOTSUPP);
+  EXPECT_EQ(Lstat(dir_ + "/tool").st_mode & 07777, 04751u);
+  EXPECT_EQ(client().SetAttributes(dir_ + "/missing", mode_only).error().errno_value, ENOENT);
+  EXPECT_EQ(client().SetAttributes(dir_ + "/tool", host::FileAttributes{}).error().errno_value,
+            EINVAL);
+}
+
+TEST_F(AgentFiles, ShutdownCarriesItsGraceAndClampsAnOversizedOne) {
+  // The standalone agent accepts the op (its grace applies in the guest
+  // init); an oversized grace is clamped by the client, not refused.
+  EXPECT_TRUE(client().Shutdown(std::chrono::hours(5)).has_value());
+  EXPECT_TRUE(client().Shutdown(std::chrono::milliseconds(2500)).has_value());
+  EXPECT_TRUE(client().Shutdown().has_value());
 }
 
 // A one-connection TCP echo server on 127.0.0.1.

@@ -59,6 +59,7 @@ Config FullConfig() {
   c.user = "nobody:nogroup";
   c.cpus = 1.5;
   c.keep_alive = true;
+  c.tty = true;
   c.agent_port = "custom.port";
   return c;
 }
@@ -166,6 +167,7 @@ TEST(Config, WritesEveryFieldWhenSet) {
                                                   "user",
                                                   "cpus",
                                                   "keep_alive",
+                                                  "tty",
                                                   "agent_port"}));
   auto doc = ordered_json::parse(json);
   // omitempty inside nested objects too.

@@ -564,15 +564,16 @@ struct Agent::Impl {
     if (!request) return QueueError(id, request.error());
     if (auto* e = std::get_if<protocol::ExecRequest>(&*request)) return StartExec(id, *e);
     if (std::holds_alternative<protocol::AttachMainRequest>(*request)) return AttachMain(id);
-    if (std::holds_alternative<protocol::ShutdownRequest>(*request)) {
+    if (auto* sd = std::get_if<protocol::ShutdownRequest>(&*request)) {
       if (!options.on_shutdown) return QueueError(id, ENOSYS, "shutdown is not supported here");
-      options.on_shutdown();
+      options.on_shutdown(*sd);
       return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
     }
     if (auto* w = std::get_if<protocol::WriteFileRequest>(&*request)) {
       auto writer = AtomicFileWriter::Create(
           w->path, w->mode, w->uid, w->gid,
-          w->mkdirs ? AtomicFileWriter::CreateParents::kYes : AtomicFileWriter::CreateParents::kNo);
+          w->mkdirs ? AtomicFileWriter::CreateParents::kYes : AtomicFileWriter::CreateParents::kNo,
+          w->mtime);
       if (!writer) return QueueError(id, writer.error());
       auto s = std::make_unique<Session>();
       s->stream = id;
@@ -597,7 +598,15 @@ struct Agent::Impl {
     if (auto* l = std::get_if<protocol::ListRequest>(&*request)) {
       auto entries = ListDirectory(l->path);
       if (!entries) return QueueError(id, entries.error());
-      return QueueText(id, FrameType::kResult, protocol::EncodeList(*entries));
+      std::string body = protocol::EncodeList(*entries);
+      // The host refuses frames above kMaxPayload and would drop the whole
+      // link; failing this one stream says what went wrong instead.
+      if (body.size() > protocol::kMaxPayload)
+        return QueueError(id, E2BIG,
+                          "list " + l->path + ": " + std::to_string(entries->size()) +
+                              " entries do not fit in one reply of " +
+                              std::to_string(protocol::kMaxPayload) + " bytes");
+      return QueueText(id, FrameType::kResult, body);
     }
     if (auto* st = std::get_if<protocol::StatRequest>(&*request)) {
       auto info = StatPath(st->path);
@@ -605,7 +614,16 @@ struct Agent::Impl {
       return QueueText(id, FrameType::kResult, protocol::EncodeFileInfo(*info));
     }
     if (auto* m = std::get_if<protocol::MkdirRequest>(&*request)) {
-      if (auto ok = MakeDirs(m->path, m->mode); !ok) return QueueError(id, ok.error());
+      if (auto ok = MakeDirs(m->path, m->mode, m->uid, m->gid); !ok)
+        return QueueError(id, ok.error());
+      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+    }
+    if (auto* ln = std::get_if<protocol::SymlinkRequest>(&*request)) {
+      if (auto ok = MakeSymlink(*ln); !ok) return QueueError(id, ok.error());
+      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+    }
+    if (auto* sa = std::get_if<protocol::SetAttrRequest>(&*request)) {
+      if (auto ok = SetAttributes(*sa); !ok) return QueueError(id, ok.error());
       return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
     }
     if (auto* rm = std::get_if<protocol::RemoveRequest>(&*request)) {

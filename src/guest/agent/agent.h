@@ -39,9 +39,9 @@ struct AgentOptions {
   // waitpid status.
   std::optional<protocol::ExecRequest> main_request;
   std::function<void(int wait_status)> on_main_exit;
-  // Op shutdown: called, then Result {} is sent. Without it the op fails
-  // with ENOSYS.
-  std::function<void()> on_shutdown;
+  // Op shutdown: called with the request (its grace), then Result {} is
+  // sent. Without it the op fails with ENOSYS.
+  std::function<void(const protocol::ShutdownRequest&)> on_shutdown;
   // Children are not read while this much is queued toward the host.
   size_t link_soft_cap = 1u << 20;
   // The link is not read while this much is queued toward the host (a host

@@ -16,11 +16,20 @@
 
 namespace cella::agent {
 
-// lstat semantics: a symlink is reported as a symlink.
+// lstat semantics: a symlink is reported as a symlink, with its target.
 Result<protocol::FileInfo> StatPath(const std::string& path);
+// Entries are lstat'ed (owner included); symlinks carry their target.
 Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path);
 // mkdir -p; an existing directory is fine, an existing non-directory is not.
-Status MakeDirs(const std::string& path, mode_t mode);
+// uid/gid are applied (lchown) to the final component only, and only when
+// this call created it.
+Status MakeDirs(const std::string& path, mode_t mode, std::optional<uid_t> uid = std::nullopt,
+                std::optional<gid_t> gid = std::nullopt);
+// A symlink at path -> target, built beside it and renamed over it, so an
+// existing non-directory is replaced atomically (a directory: EISDIR).
+Status MakeSymlink(const protocol::SymlinkRequest& request);
+// chown, chmod, mtime; never follows a final symlink.
+Status SetAttributes(const protocol::SetAttrRequest& request);
 // Never follows symlinks; a non-empty directory needs recursive.
 enum class Recursive { kNo, kYes };
 Status RemovePath(const std::string& path, Recursive recursive);
@@ -39,9 +48,11 @@ Result<OpenedForRead> OpenForRead(const std::string& path);
 class AtomicFileWriter {
  public:
   enum class CreateParents { kNo, kYes };
+  // mtime: seconds since the epoch given to the file before the rename.
   static Result<AtomicFileWriter> Create(const std::string& path, mode_t mode,
                                          std::optional<uid_t> uid, std::optional<gid_t> gid,
-                                         CreateParents parents);
+                                         CreateParents parents,
+                                         std::optional<int64_t> mtime = std::nullopt);
   AtomicFileWriter(AtomicFileWriter&&) noexcept;
   AtomicFileWriter& operator=(AtomicFileWriter&&) = delete;
   AtomicFileWriter(const AtomicFileWriter&) = delete;
@@ -59,6 +70,7 @@ class AtomicFileWriter {
   mode_t mode_ = 0644;
   std::optional<uid_t> uid_;
   std::optional<gid_t> gid_;
+  std::optional<int64_t> mtime_;
   uint64_t written_ = 0;
   bool committed_ = false;
 };

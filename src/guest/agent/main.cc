@@ -171,7 +171,9 @@ void PowerOffThroughInit() {
 int Run(const Args& args) {
   cella::agent::AgentOptions options;
   options.hardening = args.harden ? cella::agent::Hardening::kOn : cella::agent::Hardening::kOff;
-  options.on_shutdown = [action = args.on_shutdown] {
+  // The grace is not used here: in systemd mode systemd's own stop timeouts
+  // apply, and without --on-shutdown poweroff nothing is stopped.
+  options.on_shutdown = [action = args.on_shutdown](const cella::protocol::ShutdownRequest&) {
     ::sync();
     g_shutdown_requested = true;
     if (action == ShutdownAction::kPowerOffThroughInit) PowerOffThroughInit();

@@ -12,6 +12,7 @@
 #include "guest/agent/agent.h"
 #include "guest/init/console.h"
 #include "guest/init/format.h"
+#include "guest/init/workload.h"
 
 namespace cella::init {
 namespace {
@@ -20,6 +21,7 @@ constexpr unsigned kPowerOffGraceSeconds = 2;
 
 bool g_main_exited = false;
 bool g_shutdown_requested = false;
+std::chrono::milliseconds g_shutdown_grace{0};
 
 // SIGALRM: the host did not close the link after the main process's Result.
 // sync and reboot are plain syscalls, safe in a handler.
@@ -89,6 +91,7 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   main.workdir = config.workdir;
   main.user = config.user;
   main.privileged = config.privileged;
+  main.tty = config.tty;
   // The host decides: `cella run -i` streams into it, otherwise it closes
   // stdin right after attaching.
   main.stdin_open = true;
@@ -104,8 +107,9 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
       ArmPowerOffAlarm();  // bounds the flush if the host stops reading
     }
   };
-  options.on_shutdown = [&serving] {
+  options.on_shutdown = [&serving](const protocol::ShutdownRequest& request) {
     g_shutdown_requested = true;
+    g_shutdown_grace = std::chrono::milliseconds(request.grace_ms);
     serving->StopWhenFlushed();
     ArmPowerOffAlarm();
   };
@@ -120,7 +124,11 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
     auto end = (*agent)->Serve(std::move(link));
     if (!end) Debug("agent link ended: " + end.error().message);
     if (g_shutdown_requested) {
+      // The Result has been flushed (or the link is gone): the alarm that
+      // bounded that flush must not cut the workload's grace short.
+      ::alarm(0);
       Say("shutdown requested by the host");
+      StopAllProcesses(g_shutdown_grace);
       PowerOff();
     }
     if (g_main_exited && !keep_alive) PowerOff();

@@ -18,7 +18,8 @@ namespace cella::init {
 Result<std::string> FindVirtioPort(std::string_view name, Deadline deadline);
 
 // Serves links on port_path one after another. Powers off (never returns)
-// when the host asks for shutdown, or when the main process has exited and
+// when the host asks for shutdown (after StopAllProcesses with the request's
+// grace_ms: SIGTERM, the grace, SIGKILL), or when the main process has exited and
 // the config has no keep_alive: once the host has closed the link, or 2 s
 // after the exit at the latest (the agent API offers no "flush then stop").
 // Returns only errors that make serving impossible.

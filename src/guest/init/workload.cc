@@ -8,8 +8,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -83,6 +85,7 @@ Status ReadSignals(int fd, int timeout_ms, std::vector<int>& signals) {
     if (errno == EINTR) return {};
     return FailErrno("poll signalfd");
   }
+  if (fd < 0) return {};  // poll ignored it and just waited: a plain sleep
   for (;;) {
     signalfd_siginfo info{};
     ssize_t n = ::read(fd, &info, sizeof(info));
@@ -96,12 +99,13 @@ Status ReadSignals(int fd, int timeout_ms, std::vector<int>& signals) {
   }
 }
 
-// Everything but PID 1: TERM, up to 1 s for them to go, then KILL.
-void StopEverythingElse(int signal_fd) {
+// Everything but PID 1: TERM, up to `grace` for them to go, then KILL.
+// signal_fd (SIGCHLD) only wakes the wait early; -1 makes it poll.
+void StopEverythingElse(int signal_fd, std::chrono::milliseconds grace) {
   if (::kill(-1, SIGTERM) != 0 && errno != ESRCH)
     SayError(std::string("kill(-1, SIGTERM): ") + std::strerror(errno));
   std::optional<int> ignored;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  auto deadline = std::chrono::steady_clock::now() + grace;
   while (HasChildren() && std::chrono::steady_clock::now() < deadline) {
     // A failing signalfd only shortens the wait; the deadline still holds.
     std::vector<int> unused;
@@ -180,8 +184,25 @@ Result<int> RunMainOnConsole(const protocol::Config& config) {
     }
     ReapAll(pid, main_status);
   }
-  StopEverythingElse(signal_fd.Get());
+  StopEverythingElse(signal_fd.Get(), kDefaultStopGrace);
   return *main_status;
+}
+
+void StopAllProcesses(std::chrono::milliseconds grace) {
+  if (grace <= std::chrono::milliseconds(0)) grace = kDefaultStopGrace;
+  grace = std::min(grace, kMaxStopGrace);
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGCHLD);
+  UniqueFd signal_fd;
+  if (::sigprocmask(SIG_BLOCK, &set, nullptr) != 0) {
+    SayError(std::string("sigprocmask(SIGCHLD): ") + std::strerror(errno));
+  } else {
+    signal_fd.Reset(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+    if (!signal_fd) SayError(std::string("signalfd(SIGCHLD): ") + std::strerror(errno));
+  }
+  // Without a signalfd the wait polls every 50 ms instead; the bound holds.
+  StopEverythingElse(signal_fd.Get(), grace);
 }
 
 Status ExecImageInit() {

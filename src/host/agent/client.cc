@@ -804,6 +804,7 @@ protocol::WriteFileRequest MakeWriteRequest(const std::string& path, const Write
   req.uid = o.uid;
   req.gid = o.gid;
   req.mkdirs = o.parents == WriteFileOptions::Parents::kCreate;
+  req.mtime = o.mtime;
   return req;
 }
 
@@ -862,7 +863,26 @@ Result<FileInfo> AgentClient::Stat(const std::string& path) {
 }
 
 Status AgentClient::MakeDirs(const std::string& path, uint32_t mode) {
-  auto text = CELLA_TRY(Simple(protocol::MkdirRequest{path, mode}));
+  return MakeDirs(path, MakeDirsOptions{.mode = mode, .uid = std::nullopt, .gid = std::nullopt});
+}
+
+Status AgentClient::MakeDirs(const std::string& path, const MakeDirsOptions& options) {
+  protocol::MkdirRequest request{path, options.mode, options.uid, options.gid};
+  auto text = CELLA_TRY(Simple(request));
+  return protocol::DecodeEmpty(text);
+}
+
+Status AgentClient::MakeSymlink(const std::string& path, const std::string& target,
+                                std::optional<uint32_t> uid, std::optional<uint32_t> gid,
+                                std::optional<int64_t> mtime) {
+  auto text = CELLA_TRY(Simple(protocol::SymlinkRequest{path, target, uid, gid, mtime}));
+  return protocol::DecodeEmpty(text);
+}
+
+Status AgentClient::SetAttributes(const std::string& path, const FileAttributes& attributes) {
+  protocol::SetAttrRequest request{path, attributes.mode, attributes.uid, attributes.gid,
+                                   attributes.mtime};
+  auto text = CELLA_TRY(Simple(request));
   return protocol::DecodeEmpty(text);
 }
 
@@ -871,8 +891,12 @@ Status AgentClient::Remove(const std::string& path, RemoveMode mode) {
   return protocol::DecodeEmpty(text);
 }
 
-Status AgentClient::Shutdown() {
-  auto text = CELLA_TRY(Simple(protocol::ShutdownRequest{}));
+Status AgentClient::Shutdown(std::chrono::milliseconds grace) {
+  protocol::ShutdownRequest request;
+  if (grace > std::chrono::milliseconds(0))
+    request.grace_ms = static_cast<uint32_t>(
+        std::min<int64_t>(grace.count(), int64_t{protocol::kMaxShutdownGraceMs}));
+  auto text = CELLA_TRY(Simple(request));
   return protocol::DecodeEmpty(text);
 }
 

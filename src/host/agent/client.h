@@ -131,6 +131,22 @@ struct WriteFileOptions {
   std::optional<uint32_t> uid;
   std::optional<uint32_t> gid;
   enum class Parents { kMustExist, kCreate } parents = Parents::kMustExist;
+  std::optional<int64_t> mtime;  // seconds since the epoch; absent: time of writing
+};
+
+struct MakeDirsOptions {
+  uint32_t mode = 0755;  // every directory created (the agent's umask applies)
+  // Owner of the final component, applied only if this call created it.
+  std::optional<uint32_t> uid;
+  std::optional<uint32_t> gid;
+};
+
+// What SetAttributes changes; unset fields are left alone (at least one set).
+struct FileAttributes {
+  std::optional<uint32_t> mode;  // not on a symlink (EOPNOTSUPP)
+  std::optional<uint32_t> uid;
+  std::optional<uint32_t> gid;
+  std::optional<int64_t> mtime;  // seconds since the epoch
 };
 
 enum class RemoveMode { kSingle, kRecursive };
@@ -165,12 +181,24 @@ class AgentClient {
   Result<std::vector<FileInfo>> ListFiles(const std::string& path);
   Result<FileInfo> Stat(const std::string& path);
   Status MakeDirs(const std::string& path, uint32_t mode = 0755);
+  Status MakeDirs(const std::string& path, const MakeDirsOptions& options);
   Status Remove(const std::string& path, RemoveMode mode = RemoveMode::kSingle);
+  // A symlink at path -> target (never resolved), replacing an existing
+  // non-directory atomically; uid/gid/mtime apply to the link itself.
+  Status MakeSymlink(const std::string& path, const std::string& target,
+                     std::optional<uint32_t> uid = std::nullopt,
+                     std::optional<uint32_t> gid = std::nullopt,
+                     std::optional<int64_t> mtime = std::nullopt);
+  // chown, then chmod, then mtime; a final symlink is not followed.
+  Status SetAttributes(const std::string& path, const FileAttributes& attributes);
 
   Result<std::unique_ptr<PortStream>> OpenPort(uint16_t guest_port);
 
-  // Asks the guest to power off (the agent's on_shutdown).
-  Status Shutdown();
+  // Asks the guest to power off (the agent's on_shutdown). The guest init
+  // sends SIGTERM to every process, waits up to `grace` (0: its default,
+  // 1 s; above protocol::kMaxShutdownGraceMs: that maximum), then SIGKILL.
+  // Returns once the request is accepted, before the grace runs.
+  Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(0));
 
   // Set once the link has failed or closed.
   std::optional<Error> LinkError() const;

@@ -70,7 +70,8 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
                               const std::vector<VolumeAttachment>& volumes,
                               const std::vector<vmm::DiskConfig>& extra_disks,
                               const std::string& id, const std::string& state_dir,
-                              const std::string& root_image_path) {
+                              const std::string& root_image_path,
+                              const std::string& upper_image_path) {
   vmm::VMConfig vm;
   vm.ID = id;
   vm.StateDir = state_dir;
@@ -87,6 +88,11 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
       .upper_device = "",  // tmpfs
       .upper_fstype = "",
   };
+  if (!upper_image_path.empty()) {
+    vm.OverlayUpperPath = upper_image_path;
+    guest.overlay_root->upper_device = vmm::GuestDevicePath(vmm::kUpperSerial);
+    guest.overlay_root->upper_fstype = "ext4";
+  }
 
   guest.volume_mounts.clear();
   for (const VolumeAttachment& v : volumes) {

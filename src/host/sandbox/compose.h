@@ -72,12 +72,15 @@ Status ApplyImageDefaults(const ImageDefaults& image, const std::vector<std::str
 // that attaches exactly those disks. `guest` keeps every other field as the
 // caller set it; the result is validated. `root_image_path` is the erofs
 // image of the root filesystem; empty means the built-in default image.
+// `upper_image_path` is an ext4 image holding the sandbox's writable layer
+// (kept across restarts); empty means a tmpfs upper that dies with the VM.
 Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest,
                               const MachineShape& shape,
                               const std::vector<VolumeAttachment>& volumes,
                               const std::vector<vmm::DiskConfig>& extra_disks,
                               const std::string& id, const std::string& state_dir,
-                              const std::string& root_image_path = {});
+                              const std::string& root_image_path = {},
+                              const std::string& upper_image_path = {});
 
 // Serializes `guest` onto the config disk at <state_dir>/config.img and
 // records it in `vm`.

@@ -304,6 +304,14 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
                       std::string(ToString(options_.accel.chosen)) + ")"));
     }
   }
+  if (options_.wrap_agent_link) {
+    auto wrapped = options_.wrap_agent_link(std::move(agent_fd));
+    if (!wrapped) {
+      return std::unexpected(
+          WithConsole("VM " + config_.ID + ": agent link: " + wrapped.error().message));
+    }
+    agent_fd = std::move(*wrapped);
+  }
   auto agent = host::AgentClient::Connect(std::move(agent_fd), options_.agent_options);
   if (!agent) {
     return std::unexpected(

@@ -8,10 +8,12 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "base/result.h"
+#include "base/unique_fd.h"
 #include "host/agent/client.h"
 #include "host/vmm/accel.h"
 #include "host/vmm/machine.h"
@@ -26,6 +28,11 @@ struct QemuBackendOptions {
   // take a few seconds each; 60 s leaves room for a loaded host.
   std::chrono::milliseconds boot_timeout{60'000};
   host::AgentClientOptions agent_options;
+  // When set, the raw agent link (already saying Hello) is handed to this
+  // function and the Machine's AgentClient connects to the descriptor it
+  // returns instead: the supervisor puts its link router in between so
+  // other processes can share the one virtio-serial link.
+  std::function<Result<UniqueFd>(UniqueFd agent_link)> wrap_agent_link;
 };
 
 // Probes the host: accelerator for `mode` (errors when kvm is forced but

@@ -1,0 +1,513 @@
+// The lifecycle commands that act on existing sandboxes: exec, ps, inspect,
+// logs, stop, start, kill, rm, prune, cp, port-forward, volumes, and the
+// hidden `__supervise` entry point of the supervisor process.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "cli/attach.h"
+#include "cli/commands.h"
+#include "cli/run_options.h"
+#include "cli/sandbox_context.h"
+#include "host/sandbox/control.h"
+#include "host/sandbox/copy.h"
+#include "host/sandbox/disk_image.h"
+#include "host/sandbox/port_forward.h"
+#include "host/sandbox/spec.h"
+#include "host/sandbox/supervisor.h"
+
+namespace cella::cli {
+namespace {
+
+using nlohmann::json;
+
+int Report(const Status& st) { return st ? 0 : ReportFailure(st.error()); }
+
+Status Print(std::string_view text) { return WriteAll(STDOUT_FILENO, text); }
+
+std::string SelfExe() {
+  std::error_code ec;
+  auto path = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string("cella") : path.string();
+}
+
+std::string Joined(const std::vector<std::string>& words) {
+  std::string out;
+  for (const auto& w : words) {
+    if (!out.empty()) out += ' ';
+    out += w;
+  }
+  return out;
+}
+
+std::string Truncated(std::string text, size_t width) {
+  if (text.size() > width) text = text.substr(0, width - 1) + "~";
+  return text;
+}
+
+std::string PortsText(const store::SandboxRecord& r) {
+  std::string out;
+  for (const auto& p : r.ports) {
+    if (!out.empty()) out += ", ";
+    out += (p.host_ip.empty() ? "127.0.0.1" : p.host_ip) + ":" + std::to_string(p.host_port) +
+           "->" + std::to_string(p.guest_port) + "/tcp";
+  }
+  return out;
+}
+
+json RecordJson(const store::SandboxRecord& r) {
+  json ports = json::array();
+  for (const auto& p : r.ports)
+    ports.push_back(
+        {{"host_ip", p.host_ip}, {"host_port", p.host_port}, {"guest_port", p.guest_port}});
+  json volumes = json::array();
+  for (const auto& v : r.volumes)
+    volumes.push_back({{"name", v.volume}, {"path", v.guest_path}, {"mode", v.mode}});
+  json out = {{"id", r.id},
+              {"name", r.name},
+              {"image", r.image},
+              {"command", r.command},
+              {"created_ms", r.created_ms},
+              {"state", store::ToString(r.state)},
+              {"status", DescribeStatus(r, NowMs())},
+              {"ports", ports},
+              {"volumes", volumes},
+              {"auto_remove", r.auto_remove}};
+  if (r.exit_code) out["exit_code"] = *r.exit_code;
+  if (!r.reason.empty()) out["reason"] = r.reason;
+  return out;
+}
+
+// Resolves each ref and runs `action`, docker style: the ref is echoed on
+// success, each failure is reported, and the exit code says if any failed.
+int ForEach(const std::vector<std::string>& refs,
+            const std::function<Status(SandboxContext&, const store::SandboxRecord&)>& action) {
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  int code = 0;
+  for (const std::string& ref : refs) {
+    auto record = ctx->store.Resolve(ref);
+    Status st = record ? action(*ctx, *record) : Status(std::unexpected(record.error()));
+    if (!st) {
+      code = ReportFailure(st.error());
+      continue;
+    }
+    if (auto printed = Print(ref + "\n"); !printed) code = ReportFailure(printed.error());
+  }
+  return code;
+}
+
+Status StopOne(SandboxContext& ctx, const store::SandboxRecord& record, int grace_seconds) {
+  if (!store::IsActive(record.state)) return {};  // already stopped: nothing to do
+  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+  auto grace = std::chrono::seconds(grace_seconds);
+  auto reply = sandbox::ControlCall(
+      control, {{"op", "stop"}, {"grace_ms", grace_seconds * 1000}}, grace + std::chrono::minutes(1));
+  if (!reply) {
+    return Fail("stop " + record.Label() + ": " + reply.error().message +
+                " (if it is stuck: cella rm -f " + record.Label() + ")");
+  }
+  return {};
+}
+
+Status KillOne(SandboxContext& ctx, const store::SandboxRecord& record) {
+  if (!store::IsActive(record.state)) return RequireRunning(record, "kill");
+  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+  auto reply = sandbox::ControlCall(control, {{"op", "kill"}}, std::chrono::seconds(30));
+  if (!reply) return Fail("kill " + record.Label() + ": " + reply.error().message);
+  return {};
+}
+
+Status StartOne(SandboxContext& ctx, const store::SandboxRecord& record) {
+  if (record.state == store::SandboxState::kRunning) return {};
+  CELLA_TRY(ctx.store.Transition(record.id, store::SandboxState::kCreating, "started (cella start)",
+                                 std::nullopt, record.state));
+  sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, record.id);
+  auto spec = sandbox::DecodeSpec(record.spec_json);
+  int boot_timeout = spec ? spec->boot_timeout_s : 120;
+  return sandbox::SpawnSupervisor(SelfExe(), record.id, sandbox::MainAttach::kBySupervisor,
+                                  paths.supervisor_log, std::chrono::seconds(boot_timeout + 120));
+}
+
+Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool force) {
+  if (store::IsActive(record.state)) {
+    if (!force) {
+      return Fail("sandbox " + record.Label() + " is " + std::string(store::ToString(record.state)) +
+                  "; stop it first (cella stop " + record.Label() + ") or use cella rm -f");
+    }
+    // Killing through the supervisor records the end properly; when it does
+    // not answer, the processes are killed directly below.
+    std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+    if (auto reply = sandbox::ControlCall(control, {{"op", "kill"}}, std::chrono::seconds(10));
+        !reply)
+      log::Debug("kill through the supervisor failed", {{"error", reply.error().message}});
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (store::IsAlive(record.supervisor) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return RemoveSandboxCompletely(ctx, record);
+}
+
+// "ID:/path" names a guest path; anything starting with '/' or '.', or with
+// no ':' before the first '/', is a host path (docker's rule).
+struct CpEndpoint {
+  std::string sandbox;  // empty = host
+  std::string path;
+};
+CpEndpoint ParseCpEndpoint(const std::string& text) {
+  if (text.empty() || text[0] == '/' || text[0] == '.') return {"", text};
+  auto colon = text.find(':');
+  auto slash = text.find('/');
+  if (colon == std::string::npos || (slash != std::string::npos && slash < colon))
+    return {"", text};
+  return {text.substr(0, colon), text.substr(colon + 1)};
+}
+
+Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std::string& id,
+                        off_t from) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + path);
+  if (::lseek(fd.Get(), from, SEEK_SET) < 0) return FailErrno("seek " + path);
+  char buf[65536];
+  int idle_checks = 0;
+  for (;;) {
+    auto got = ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf)));
+    if (!got) return std::unexpected(got.error());
+    if (*got > 0) {
+      CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, *got)));
+      continue;
+    }
+    // At the end of what is written so far: stop once the sandbox is no
+    // longer running and nothing more came.
+    if (++idle_checks % 5 == 0) {
+      auto now = ctx.store.Get(id);
+      if (!now || !store::IsActive(now->state)) {
+        auto more = ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf)));
+        if (more && *more > 0) {
+          CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, *more)));
+          continue;
+        }
+        return {};
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+// Offset where the last `lines` lines of the file start.
+Result<off_t> TailOffset(const std::string& path, int lines) {
+  std::string text = CELLA_TRY(ReadFileToString(path, size_t{1} << 30));
+  if (lines < 0) return 0;
+  size_t pos = text.size();
+  if (pos > 0 && text[pos - 1] == '\n') --pos;
+  int seen = 0;
+  while (pos > 0) {
+    if (text[pos - 1] == '\n' && ++seen == lines) break;
+    --pos;
+  }
+  if (lines == 0) return static_cast<off_t>(text.size());
+  return static_cast<off_t>(pos);
+}
+
+}  // namespace
+
+int ExecCommand(const ExecArgs& args) {
+  BlockForwardedSignals();
+  auto run = [&]() -> Result<int> {
+    if (args.command.empty()) return Fail("exec: give a command after the sandbox (ID -- CMD)");
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(args.sandbox));
+    CELLA_TRY(RequireRunning(record, "exec"));
+    sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+    protocol::ExecRequest request;
+    request.argv = args.command;
+    std::map<std::string, std::string> env = spec.guest.env;
+    for (const auto& item : args.env_items)
+      CELLA_TRY(ApplyEnvAssignment(item, [](const char* n) -> const char* { return std::getenv(n); },
+                                   env));
+    for (const auto& [k, v] : env) request.env.push_back(k + "=" + v);
+    request.workdir = args.workdir.empty() ? spec.guest.workdir : args.workdir;
+    request.user = args.user.empty() ? spec.guest.user : args.user;
+    request.privileged = spec.guest.privileged;
+    request.tty = args.tty;
+    request.stdin_open = args.interactive;
+    if (args.tty) {
+      uint16_t rows = 0, cols = 0;
+      if (TerminalSize(rows, cols)) {
+        request.rows = rows;
+        request.cols = cols;
+      }
+    }
+    auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+    host::ExecStatus status = CELLA_TRY(AttachToTerminal(
+        [&](host::ExecCallbacks callbacks) {
+          return agent->StartExec(request, std::move(callbacks));
+        },
+        {args.interactive, args.tty}));
+    return status.ShellCode();
+  };
+  auto code = run();
+  return code ? *code : ReportFailure(code.error());
+}
+
+int PsCommand(bool all, ListFormat format) {
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  auto records = ctx->store.List(all ? store::ListScope::kAll : store::ListScope::kActiveOnly);
+  if (!records) return ReportFailure(records.error());
+  if (format == ListFormat::kJson) {
+    json out = json::array();
+    for (const auto& r : *records) out.push_back(RecordJson(r));
+    return Report(Print(out.dump(2) + "\n"));
+  }
+  int64_t now = NowMs();
+  std::string text;
+  char line[512];
+  std::snprintf(line, sizeof line, "%-14s %-16s %-20s %-22s %-16s %-28s %s\n", "SANDBOX ID", "NAME",
+                "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS");
+  text += line;
+  for (const auto& r : *records) {
+    std::snprintf(line, sizeof line, "%-14s %-16s %-20s %-22s %-16s %-28s %s\n",
+                  store::ShortId(r.id).c_str(), Truncated(r.name, 16).c_str(),
+                  Truncated(r.image.empty() ? "(built-in)" : r.image, 20).c_str(),
+                  Truncated("\"" + Joined(r.command) + "\"", 22).c_str(),
+                  (DescribeAge(r.created_ms, now) + " ago").c_str(),
+                  Truncated(DescribeStatus(r, now), 28).c_str(), PortsText(r).c_str());
+    text += line;
+  }
+  return Report(Print(text));
+}
+
+int InspectCommand(const std::vector<std::string>& refs) {
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  json out = json::array();
+  int code = 0;
+  for (const auto& ref : refs) {
+    auto r = ctx->store.Resolve(ref);
+    if (!r) {
+      code = ReportFailure(r.error());
+      continue;
+    }
+    json item = RecordJson(*r);
+    json spec = json::parse(r->spec_json, nullptr, false);
+    item["config"] = spec.is_discarded() ? json() : spec;
+    json history = json::array();
+    if (auto changes = ctx->store.History(r->id)) {
+      for (const auto& c : *changes)
+        history.push_back(
+            {{"at_ms", c.at_ms}, {"state", store::ToString(c.state)}, {"detail", c.detail}});
+    }
+    item["history"] = history;
+    item["supervisor_pid"] = r->supervisor.pid;
+    item["hypervisor_pid"] = r->hypervisor.pid;
+    sandbox::SandboxPaths paths = sandbox::PathsFor(ctx->home, r->id);
+    item["paths"] = {{"dir", paths.dir},
+                     {"console_log", paths.console_log},
+                     {"output_log", paths.output_log},
+                     {"supervisor_log", paths.supervisor_log}};
+    out.push_back(item);
+  }
+  if (auto st = Print(out.dump(2) + "\n"); !st) return ReportFailure(st.error());
+  return code;
+}
+
+int LogsCommand(const LogsArgs& args) {
+  auto run = [&]() -> Status {
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(args.sandbox));
+    sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, record.id);
+    std::string path = args.console ? paths.console_log : paths.output_log;
+    if (::access(path.c_str(), F_OK) != 0) {
+      // Nothing was written yet (or the sandbox ran no main process).
+      if (!args.follow) return {};
+      UniqueFd made(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+      if (!made) return FailErrno("open " + path);
+    }
+    off_t from = CELLA_TRY(TailOffset(path, args.tail));
+    if (args.follow) return FollowFile(path, ctx, record.id, from);
+    std::string text = CELLA_TRY(ReadFileToString(path, size_t{1} << 30));
+    return Print(std::string_view(text).substr(static_cast<size_t>(from)));
+  };
+  return Report(run());
+}
+
+int StopCommand(const std::vector<std::string>& refs, int grace_seconds) {
+  return ForEach(refs, [&](SandboxContext& ctx, const store::SandboxRecord& r) {
+    return StopOne(ctx, r, grace_seconds);
+  });
+}
+
+int StartCommand(const std::vector<std::string>& refs) { return ForEach(refs, StartOne); }
+
+int KillCommand(const std::vector<std::string>& refs) { return ForEach(refs, KillOne); }
+
+int RmCommand(const std::vector<std::string>& refs, bool force) {
+  return ForEach(refs, [&](SandboxContext& ctx, const store::SandboxRecord& r) {
+    return RemoveOne(ctx, r, force);
+  });
+}
+
+int PruneCommand() {
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  auto records = ctx->store.List(store::ListScope::kAll);
+  if (!records) return ReportFailure(records.error());
+  int code = 0;
+  int removed = 0;
+  for (const auto& r : *records) {
+    if (store::IsActive(r.state)) continue;
+    if (auto st = RemoveSandboxCompletely(*ctx, r); !st) {
+      code = ReportFailure(st.error());
+      continue;
+    }
+    ++removed;
+    if (auto st = Print("Deleted: " + r.id + "\n"); !st) code = ReportFailure(st.error());
+  }
+  if (auto st = Print("Removed " + std::to_string(removed) + " stopped sandbox(es)\n"); !st)
+    code = ReportFailure(st.error());
+  return code;
+}
+
+int CpCommand(const std::string& source, const std::string& destination) {
+  auto run = [&]() -> Status {
+    CpEndpoint src = ParseCpEndpoint(source);
+    CpEndpoint dst = ParseCpEndpoint(destination);
+    if (src.sandbox.empty() == dst.sandbox.empty()) {
+      return Fail(
+          "cp: exactly one side must name a sandbox path (ID:/path), e.g. cella cp ./file "
+          "web:/tmp/ or cella cp web:/etc/hosts .");
+    }
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    const std::string& ref = src.sandbox.empty() ? dst.sandbox : src.sandbox;
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
+    CELLA_TRY(RequireRunning(record, "cp"));
+    auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+    if (dst.sandbox.empty()) {
+      if (src.path.empty() || src.path[0] != '/')
+        return Fail("cp: the sandbox path must be absolute: " + source);
+      CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path));
+    } else {
+      if (dst.path.empty() || dst.path[0] != '/')
+        return Fail("cp: the sandbox path must be absolute: " + destination);
+      CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path));
+    }
+    return {};
+  };
+  return Report(run());
+}
+
+int PortForwardCommand(const std::string& sandbox_ref, const std::string& mapping_text) {
+  BlockForwardedSignals();
+  auto run = [&]() -> Status {
+    sandbox::PortMapping mapping = CELLA_TRY(sandbox::ParsePortMapping(mapping_text));
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(sandbox_ref));
+    CELLA_TRY(RequireRunning(record, "port-forward"));
+    std::shared_ptr<host::AgentClient> agent = CELLA_TRY(ConnectAgent(ctx, record));
+    auto forwarder = CELLA_TRY(sandbox::PortForwarder::Start(
+        mapping.host_ip, mapping.host_port, mapping.guest_port,
+        [agent](uint16_t port) { return agent->OpenPort(port); }));
+    CELLA_TRY(Print("Forwarding " + mapping.host_ip + ":" +
+                    std::to_string(forwarder->BoundPort()) + " -> " + record.Label() + ":" +
+                    std::to_string(mapping.guest_port) + " (Ctrl-C to stop)\n"));
+    sigset_t set;
+    sigemptyset(&set);
+    for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, s);
+    for (;;) {
+      timespec tick{0, 200'000'000};
+      if (::sigtimedwait(&set, nullptr, &tick) > 0) break;
+      if (auto link = agent->LinkError()) {
+        forwarder->Stop();
+        return Fail("port-forward: sandbox " + record.Label() + " went away (" + link->message +
+                    ")");
+      }
+    }
+    forwarder->Stop();
+    return {};
+  };
+  return Report(run());
+}
+
+int VolumeCreateCommand(const std::string& name, const std::string& size) {
+  auto run = [&]() -> Status {
+    uint64_t bytes = size.empty() ? (uint64_t{1} << 30) : CELLA_TRY(sandbox::ParseDiskSize(size));
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    CELLA_TRY(CreateVolume(ctx, name, bytes));
+    return Print(name + "\n");
+  };
+  return Report(run());
+}
+
+int VolumeLsCommand(ListFormat format) {
+  auto run = [&]() -> Status {
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    auto volumes = CELLA_TRY(ctx.store.ListVolumes());
+    json out = json::array();
+    std::string text;
+    char line[512];
+    std::snprintf(line, sizeof line, "%-24s %-10s %s\n", "VOLUME NAME", "SIZE", "USED BY");
+    text += line;
+    for (const auto& v : volumes) {
+      auto users = CELLA_TRY(ctx.store.VolumeUsers(v.name));
+      json used = json::array();
+      std::string used_text;
+      for (const auto& [id, use] : users) {
+        used.push_back({{"sandbox", id}, {"path", use.guest_path}, {"mode", use.mode}});
+        if (!used_text.empty()) used_text += ", ";
+        used_text += store::ShortId(id) + ":" + use.guest_path + ":" + use.mode;
+      }
+      out.push_back({{"name", v.name},
+                     {"path", v.path},
+                     {"size_bytes", v.size_bytes},
+                     {"created_ms", v.created_ms},
+                     {"used_by", used}});
+      std::string size = std::to_string(v.size_bytes >> 20) + "MiB";
+      std::snprintf(line, sizeof line, "%-24s %-10s %s\n", v.name.c_str(), size.c_str(),
+                    used_text.c_str());
+      text += line;
+    }
+    return Print(format == ListFormat::kJson ? out.dump(2) + "\n" : text);
+  };
+  return Report(run());
+}
+
+int VolumeRmCommand(const std::vector<std::string>& names) {
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  int code = 0;
+  for (const auto& name : names) {
+    auto volume = ctx->store.GetVolume(name);
+    Status st = volume ? ctx->store.RemoveVolume(name) : Status(std::unexpected(volume.error()));
+    if (st) {
+      std::error_code ec;
+      std::filesystem::remove_all(sandbox::VolumesDir(ctx->home) + "/" + name, ec);
+      if (ec) st = Fail("remove volume files of " + name + ": " + ec.message());
+    }
+    if (!st) {
+      code = ReportFailure(st.error());
+      continue;
+    }
+    if (auto printed = Print(name + "\n"); !printed) code = ReportFailure(printed.error());
+  }
+  return code;
+}
+
+int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches) {
+  sandbox::SupervisorArgs args;
+  args.id = id;
+  args.ready_fd = ready_fd;
+  args.main_attach =
+      client_attaches ? sandbox::MainAttach::kByClient : sandbox::MainAttach::kBySupervisor;
+  return sandbox::RunSupervisor(args);
+}
+
+}  // namespace cella::cli

@@ -1,0 +1,126 @@
+#include "cli/sandbox_context.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include "base/log.h"
+#include "host/sandbox/control.h"
+#include "host/vmm/paths.h"
+
+namespace cella::cli {
+namespace {
+
+void KillIfAlive(const store::ProcessIdentity& who, std::string_view what) {
+  if (who.pid <= 0 || !store::IsAlive(who)) return;
+  if (::kill(who.pid, SIGKILL) != 0 && errno != ESRCH)
+    log::Warn("could not kill leftover process", {{"what", std::string(what)}, {"pid", who.pid}});
+  // Not our child: wait (bounded) for the kernel to tear it down so its
+  // files are closed before they are removed.
+  for (int i = 0; i < 100 && store::IsAlive(who); ++i) ::usleep(20'000);
+}
+
+void RemoveSockets(const std::string& dir) {
+  for (const char* name : {"agent.sock", "qmp.sock", "mux.sock", "control.sock"}) {
+    std::string path = dir + "/" + name;
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+      log::Warn("could not remove socket", {{"path", path}});
+  }
+}
+
+}  // namespace
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+Result<SandboxContext> OpenSandboxes() {
+  std::string home = CELLA_TRY(sandbox::SandboxHome());
+  CELLA_TRY(host::MakeDirs(home + "/sandboxes", 0700));
+  auto store = CELLA_TRY(store::StateStore::Open(sandbox::StateDbPath(home)));
+  SandboxContext ctx{home, std::move(store)};
+  auto dead = CELLA_TRY(ctx.store.Reconcile(
+      [](const store::ProcessIdentity& who) { return store::IsAlive(who); },
+      std::chrono::seconds(60)));
+  for (const store::SandboxRecord& r : dead) {
+    log::Notice("sandbox supervisor is gone; cleaning up", {{"sandbox", r.Label()}});
+    KillIfAlive(r.hypervisor, "qemu");
+    if (r.auto_remove) {
+      if (auto st = RemoveSandboxCompletely(ctx, r); !st)
+        log::Warn("could not remove sandbox", {{"error", st.error().message}});
+    } else {
+      RemoveSockets(sandbox::PathsFor(home, r.id).dir);
+    }
+  }
+  return ctx;
+}
+
+Status RemoveSandboxCompletely(SandboxContext& ctx, const store::SandboxRecord& record) {
+  KillIfAlive(record.supervisor, "supervisor");
+  KillIfAlive(record.hypervisor, "qemu");
+  std::string dir = sandbox::PathsFor(ctx.home, record.id).dir;
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  if (ec) return Fail("remove " + dir + ": " + ec.message());
+  return ctx.store.Remove(record.id);
+}
+
+Status RequireRunning(const store::SandboxRecord& record, std::string_view for_what) {
+  if (record.state == store::SandboxState::kRunning) return {};
+  std::string state(store::ToString(record.state));
+  if (record.state == store::SandboxState::kExited && record.exit_code)
+    state += " (" + std::to_string(*record.exit_code) + ")";
+  std::string hint = store::IsActive(record.state)
+                         ? "wait for it and try again"
+                         : "start it with: cella start " + record.Label();
+  return Fail("cannot " + std::string(for_what) + ": sandbox " + record.Label() + " is " + state +
+              "; " + hint);
+}
+
+Result<std::unique_ptr<host::AgentClient>> ConnectAgent(const SandboxContext& ctx,
+                                                        const store::SandboxRecord& record) {
+  std::string path = sandbox::PathsFor(ctx.home, record.id).mux_socket;
+  auto fd = sandbox::ConnectUnixSocket(path);
+  if (!fd) {
+    return Fail("cannot reach sandbox " + record.Label() + " (" + fd.error().message +
+                "); is it running? see cella ps -a");
+  }
+  return host::AgentClient::Connect(std::move(*fd));
+}
+
+std::string DescribeAge(int64_t then_ms, int64_t now_ms) {
+  int64_t s = (now_ms - then_ms) / 1000;
+  if (s < 1) return "Less than a second";
+  auto unit = [](int64_t n, const char* one, const char* many) {
+    return std::to_string(n) + " " + (n == 1 ? one : many);
+  };
+  if (s < 60) return unit(s, "second", "seconds");
+  if (s < 3600) return unit(s / 60, "minute", "minutes");
+  if (s < 86400 * 2) return unit(s / 3600, "hour", "hours");
+  return unit(s / 86400, "day", "days");
+}
+
+std::string DescribeStatus(const store::SandboxRecord& r, int64_t now_ms) {
+  switch (r.state) {
+    case store::SandboxState::kCreating:
+      return "Creating";
+    case store::SandboxState::kRunning:
+      return "Up " + DescribeAge(r.updated_ms, now_ms);
+    case store::SandboxState::kStopping:
+      return "Stopping";
+    case store::SandboxState::kStopped:
+      return "Stopped " + DescribeAge(r.updated_ms, now_ms) + " ago";
+    case store::SandboxState::kExited:
+      return "Exited (" + std::to_string(r.exit_code.value_or(-1)) + ") " +
+             DescribeAge(r.updated_ms, now_ms) + " ago";
+    case store::SandboxState::kFailed:
+      return "Failed: " + r.reason;
+  }
+  return "?";
+}
+
+}  // namespace cella::cli

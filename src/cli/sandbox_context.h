@@ -1,0 +1,47 @@
+// What every sandbox command starts with: the sandbox home, the state store
+// reconciled with the processes that really exist, and helpers to find a
+// sandbox and reach its supervisor.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "base/result.h"
+#include "host/agent/client.h"
+#include "host/sandbox/layout.h"
+#include "host/store/state_store.h"
+
+namespace cella::cli {
+
+struct SandboxContext {
+  std::string home;  // sandbox home (host/sandbox/layout.h)
+  store::StateStore store;
+};
+
+// Opens the store and reconciles it: sandboxes whose supervisor is gone are
+// marked failed, their leftover QEMU is killed and their sockets removed;
+// --rm sandboxes among them are removed entirely.
+Result<SandboxContext> OpenSandboxes();
+
+// Kills whatever processes a record names (identity-checked, so a reused pid
+// is never hit) and removes its directory and record.
+Status RemoveSandboxCompletely(SandboxContext& ctx, const store::SandboxRecord& record);
+
+// The record must be running; the error says what state it is in and what
+// to do.
+Status RequireRunning(const store::SandboxRecord& record, std::string_view for_what);
+
+// An agent client through the supervisor's router (mux.sock).
+Result<std::unique_ptr<host::AgentClient>> ConnectAgent(const SandboxContext& ctx,
+                                                        const store::SandboxRecord& record);
+
+// Makes the volume's sparse ext4 image and records it; refuses bad or taken
+// names. (Defined with `run`, which creates volumes on first use.)
+Status CreateVolume(SandboxContext& ctx, const std::string& name, uint64_t size_bytes);
+
+// "Up 3 minutes", "Exited (0) 2 hours ago", "Failed: reason"...
+std::string DescribeStatus(const store::SandboxRecord& record, int64_t now_ms);
+std::string DescribeAge(int64_t then_ms, int64_t now_ms);  // "3 minutes"
+int64_t NowMs();
+
+}  // namespace cella::cli

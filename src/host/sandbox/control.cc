@@ -1,0 +1,150 @@
+#include "host/sandbox/control.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "base/io.h"
+#include "base/log.h"
+
+namespace cella::sandbox {
+namespace {
+
+constexpr size_t kMaxMessage = 64 * 1024;
+using Clock = std::chrono::steady_clock;
+
+Result<sockaddr_un> UnixAddress(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path)
+    return Fail("socket path too long (" + std::to_string(path.size()) + " bytes): " + path);
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  return addr;
+}
+
+int RemainingMs(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  return left.count() < 0 ? 0 : static_cast<int>(left.count());
+}
+
+// Reads one '\n'-terminated line within the deadline.
+Result<std::string> ReadLine(int fd, Clock::time_point deadline) {
+  std::string line;
+  char buf[4096];
+  for (;;) {
+    pollfd pfd{fd, POLLIN, 0};
+    int rc = ::poll(&pfd, 1, RemainingMs(deadline));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) return FailErrno("poll control socket");
+    if (rc == 0) return std::unexpected(Error{"control socket: no reply in time", ETIMEDOUT});
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FailErrno("read control socket");
+    if (n == 0) return Fail("control socket: peer closed before a full line");
+    line.append(buf, static_cast<size_t>(n));
+    if (auto nl = line.find('\n'); nl != std::string::npos) return line.substr(0, nl);
+    if (line.size() > kMaxMessage) return Fail("control socket: message over 64 KiB");
+  }
+}
+
+}  // namespace
+
+Result<UniqueFd> ConnectUnixSocket(const std::string& path) {
+  sockaddr_un addr = CELLA_TRY(UnixAddress(path));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return FailErrno("socket");
+  int rc;
+  do {
+    rc = ::connect(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) return FailErrno("connect " + path);
+  return fd;
+}
+
+Result<UniqueFd> ListenUnixSocket(const std::string& path) {
+  sockaddr_un addr = CELLA_TRY(UnixAddress(path));
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return FailErrno("unlink " + path);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return FailErrno("socket");
+  // Only the owner may connect: the socket's mode is set before anyone can.
+  mode_t old = ::umask(0177);
+  int rc = ::bind(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  ::umask(old);
+  if (rc != 0) return FailErrno("bind " + path);
+  if (::listen(fd.Get(), 64) != 0) return FailErrno("listen " + path);
+  return fd;
+}
+
+Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& path,
+                                                            ControlHandler handler) {
+  std::unique_ptr<ControlServer> server(new ControlServer());
+  server->path_ = path;
+  server->handler_ = std::move(handler);
+  server->listen_fd_ = CELLA_TRY(ListenUnixSocket(path));
+  server->wake_fd_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!server->wake_fd_) return FailErrno("eventfd");
+  server->thread_ = std::thread([s = server.get()] { s->Loop(); });
+  return server;
+}
+
+ControlServer::~ControlServer() { Stop(); }
+
+void ControlServer::Stop() {
+  if (stopping_.exchange(true)) return;
+  uint64_t one = 1;
+  if (::write(wake_fd_.Get(), &one, sizeof one) < 0)
+    log::Warn("control server: wake failed", {{"error", std::strerror(errno)}});
+  if (thread_.joinable()) thread_.join();
+  if (::unlink(path_.c_str()) != 0 && errno != ENOENT)
+    log::Debug("control server: unlink failed", {{"path", path_}});
+}
+
+void ControlServer::Loop() {
+  while (!stopping_.load()) {
+    pollfd fds[2] = {{listen_fd_.Get(), POLLIN, 0}, {wake_fd_.Get(), POLLIN, 0}};
+    int rc = ::poll(fds, 2, -1);
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) {
+      log::Warn("control server: poll failed", {{"error", std::strerror(errno)}});
+      return;
+    }
+    if (fds[1].revents) return;
+    UniqueFd conn(::accept4(listen_fd_.Get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn) continue;
+    auto line = ReadLine(conn.Get(), Clock::now() + std::chrono::seconds(5));
+    nlohmann::json reply;
+    if (!line) {
+      reply = {{"ok", false}, {"error", line.error().message}};
+    } else {
+      nlohmann::json request = nlohmann::json::parse(*line, nullptr, false);
+      if (request.is_discarded() || !request.is_object()) {
+        reply = {{"ok", false}, {"error", "control request is not a JSON object"}};
+      } else {
+        reply = handler_(request);
+      }
+    }
+    // The caller may have given up waiting; its loss, not ours.
+    if (auto st = WriteAll(conn.Get(), reply.dump() + "\n"); !st)
+      log::Debug("control reply not delivered", {{"error", st.error().message}});
+  }
+}
+
+Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
+                                   std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  UniqueFd fd = CELLA_TRY(ConnectUnixSocket(path));
+  CELLA_TRY(WriteAll(fd.Get(), request.dump() + "\n"));
+  std::string line = CELLA_TRY(ReadLine(fd.Get(), deadline));
+  nlohmann::json reply = nlohmann::json::parse(line, nullptr, false);
+  if (reply.is_discarded() || !reply.is_object())
+    return Fail("control socket " + path + ": reply is not a JSON object");
+  if (!reply.value("ok", false)) return Fail(reply.value("error", std::string("request failed")));
+  return reply;
+}
+
+}  // namespace cella::sandbox

@@ -1,0 +1,71 @@
+#include "host/sandbox/disk_image.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cctype>
+#include <charconv>
+#include <cmath>
+
+#include "base/unique_fd.h"
+#include "host/vmm/process.h"
+
+namespace cella::sandbox {
+
+Status MakeExt4Image(const std::string& path, uint64_t size_bytes, const std::string& label) {
+  {
+    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    if (!fd) return FailErrno("create " + path);
+    if (::ftruncate(fd.Get(), static_cast<off_t>(size_bytes)) != 0) {
+      Error e = FailErrno("size " + path).error();
+      (void)::unlink(path.c_str());
+      return std::unexpected(e);
+    }
+  }
+  // The root of a fresh volume is world-writable-free 0755 root; lazy init
+  // defers inode-table zeroing to the guest's first mount.
+  auto made = host::CheckCommand({"mkfs.ext4", "-q", "-F", "-m", "0", "-L", label.substr(0, 16),
+                                  "-E", "lazy_itable_init=1,lazy_journal_init=1", path},
+                                 std::chrono::seconds(60));
+  if (!made) {
+    (void)::unlink(path.c_str());
+    return std::unexpected(std::move(made.error()).WithContext("make ext4 image " + path));
+  }
+  return {};
+}
+
+Result<uint64_t> ParseDiskSize(std::string_view text) {
+  std::string_view s = text;
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  std::string number(s.substr(0, i));
+  std::string unit(s.substr(i));
+  for (char& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (number.empty()) return Fail("size \"" + std::string(text) + "\": want a number like 10G");
+  double value = 0;
+  auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), value);
+  if (ec != std::errc() || end != number.data() + number.size() || !std::isfinite(value))
+    return Fail("size \"" + std::string(text) + "\": not a number");
+  double scale = 1;
+  if (unit.empty() || unit == "b") {
+    scale = 1;
+  } else if (unit == "k" || unit == "kb" || unit == "kib") {
+    scale = 1024.0;
+  } else if (unit == "m" || unit == "mb" || unit == "mib") {
+    scale = 1024.0 * 1024;
+  } else if (unit == "g" || unit == "gb" || unit == "gib") {
+    scale = 1024.0 * 1024 * 1024;
+  } else if (unit == "t" || unit == "tb" || unit == "tib") {
+    scale = 1024.0 * 1024 * 1024 * 1024;
+  } else {
+    return Fail("size \"" + std::string(text) + "\": unknown unit (use k, m, g or t)");
+  }
+  double bytes = value * scale;
+  if (bytes < 16.0 * 1024 * 1024) return Fail("size \"" + std::string(text) + "\": at least 16m");
+  if (bytes > 16.0 * 1024 * 1024 * 1024 * 1024)
+    return Fail("size \"" + std::string(text) + "\": at most 16t");
+  // ext4 and the block layer want whole 4 KiB blocks.
+  return static_cast<uint64_t>(bytes) / 4096 * 4096;
+}
+
+}  // namespace cella::sandbox

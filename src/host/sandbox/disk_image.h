@@ -1,0 +1,19 @@
+// Sparse ext4 images for writable layers and volumes. The file only takes
+// the space the guest writes; mkfs.ext4 with lazy init keeps creation fast.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "base/result.h"
+
+namespace cella::sandbox {
+
+// Creates `path` (must not exist) as a sparse ext4 filesystem of `size_bytes`
+// with the given label. On failure nothing is left at `path`.
+Status MakeExt4Image(const std::string& path, uint64_t size_bytes, const std::string& label);
+
+// "512m", "10G", "1.5g", "4096" (bytes), "100MiB" -> bytes; at least 16 MiB.
+Result<uint64_t> ParseDiskSize(std::string_view text);
+
+}  // namespace cella::sandbox

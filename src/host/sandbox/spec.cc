@@ -1,0 +1,97 @@
+#include "host/sandbox/spec.h"
+
+#include <nlohmann/json.hpp>
+
+namespace cella::sandbox {
+namespace {
+
+using nlohmann::json;
+constexpr int kSpecVersion = 1;
+
+std::string_view ModeName(protocol::MountMode mode) {
+  switch (mode) {
+    case protocol::MountMode::kReadOnly:
+      return "ro";
+    case protocol::MountMode::kReadWrite:
+      return "rw";
+    case protocol::MountMode::kOverlay:
+      return "overlay";
+  }
+  return "rw";
+}
+
+Result<protocol::MountMode> ParseMode(const std::string& name) {
+  if (name == "ro") return protocol::MountMode::kReadOnly;
+  if (name == "rw") return protocol::MountMode::kReadWrite;
+  if (name == "overlay") return protocol::MountMode::kOverlay;
+  return Fail("sandbox spec: unknown volume mode \"" + name + "\"");
+}
+
+}  // namespace
+
+std::string EncodeSpec(const SandboxSpec& spec) {
+  json out;
+  out["version"] = kSpecVersion;
+  out["guest"] = json::parse(protocol::SerializeConfig(spec.guest));
+  out["image"] = spec.image;
+  out["root_image_path"] = spec.root_image_path;
+  out["cpus"] = spec.shape.cpus;
+  out["memory_mib"] = spec.shape.memory_mib;
+  out["volumes"] = json::array();
+  for (const auto& v : spec.volumes) {
+    out["volumes"].push_back({{"name", v.name},
+                              {"host_path", v.host_path},
+                              {"guest_path", v.guest_path},
+                              {"mode", ModeName(v.mode)},
+                              {"overlay_path", v.overlay_path}});
+  }
+  out["ports"] = json::array();
+  for (const auto& p : spec.ports) {
+    out["ports"].push_back(
+        {{"host_ip", p.host_ip}, {"host_port", p.host_port}, {"guest_port", p.guest_port}});
+  }
+  out["kernel_path"] = spec.kernel_path;
+  out["accel"] = spec.accel;
+  out["boot_timeout_s"] = spec.boot_timeout_s;
+  out["upper_image"] = spec.upper_image;
+  return out.dump();
+}
+
+Result<SandboxSpec> DecodeSpec(std::string_view text) {
+  json doc = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded() || !doc.is_object()) return Fail("sandbox spec: not a JSON object");
+  // The spec is written by cella itself, so a type mismatch means a damaged
+  // store: report it rather than guess.
+  try {
+    if (doc.value("version", 0) != kSpecVersion)
+      return Fail("sandbox spec: unsupported version " + doc.value("version", json()).dump());
+    SandboxSpec spec;
+    spec.guest = CELLA_TRY_CTX(protocol::ParseConfig(doc.at("guest").dump()), "sandbox spec");
+    spec.image = doc.at("image").get<std::string>();
+    spec.root_image_path = doc.at("root_image_path").get<std::string>();
+    spec.shape.cpus = doc.at("cpus").get<double>();
+    spec.shape.memory_mib = doc.at("memory_mib").get<int>();
+    for (const auto& v : doc.at("volumes")) {
+      VolumeSpec vol;
+      vol.name = v.at("name").get<std::string>();
+      vol.host_path = v.at("host_path").get<std::string>();
+      vol.guest_path = v.at("guest_path").get<std::string>();
+      vol.mode = CELLA_TRY(ParseMode(v.at("mode").get<std::string>()));
+      vol.overlay_path = v.at("overlay_path").get<std::string>();
+      spec.volumes.push_back(std::move(vol));
+    }
+    for (const auto& p : doc.at("ports")) {
+      spec.ports.push_back({p.at("host_ip").get<std::string>(), p.at("host_port").get<uint16_t>(),
+                            p.at("guest_port").get<uint16_t>()});
+    }
+    spec.kernel_path = doc.at("kernel_path").get<std::string>();
+    spec.accel = doc.at("accel").get<std::string>();
+    spec.boot_timeout_s = doc.at("boot_timeout_s").get<int>();
+    spec.upper_image = doc.at("upper_image").get<std::string>();
+    return spec;
+  } catch (const json::exception& e) {
+    return Fail(std::string("sandbox spec: ") + e.what());
+  }
+}
+
+}  // namespace cella::sandbox

@@ -1,0 +1,394 @@
+#include "host/sandbox/supervisor.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <optional>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "host/agent/router.h"
+#include "host/sandbox/compose.h"
+#include "host/sandbox/control.h"
+#include "host/sandbox/layout.h"
+#include "host/sandbox/port_forward.h"
+#include "host/sandbox/spec.h"
+#include "host/store/state_store.h"
+#include "host/vmm/paths.h"
+#include "host/vmm/qemu_backend.h"
+
+namespace cella::sandbox {
+namespace {
+
+using std::chrono::milliseconds;
+
+// Everything the control thread, the router thread and the main loop share.
+struct Shared {
+  std::mutex mu;
+  std::condition_variable changed;
+  std::optional<milliseconds> stop_grace;  // a stop was asked for
+  bool kill_requested = false;
+  bool finished = false;
+  std::optional<host::ExecStatus> main_status;  // the main process's Result
+};
+
+void SendReady(int& fd, const std::string& line) {
+  if (fd < 0) return;
+  if (auto st = WriteAll(fd, line + "\n"); !st)
+    log::Debug("readiness line not delivered", {{"error", st.error().message}});
+  ::close(fd);
+  fd = -1;
+}
+
+std::string OneLine(std::string text) {
+  for (char& c : text)
+    if (c == '\n') c = ' ';
+  return text;
+}
+
+std::vector<VolumeAttachment> Attachments(const SandboxSpec& spec) {
+  std::vector<VolumeAttachment> out;
+  for (const VolumeSpec& v : spec.volumes)
+    out.push_back({v.host_path, v.guest_path, v.mode, v.overlay_path});
+  return out;
+}
+
+class Supervisor {
+ public:
+  explicit Supervisor(const SupervisorArgs& args) : args_(args), ready_fd_(args.ready_fd) {}
+
+  int Run() {
+    auto ran = Boot();
+    if (!ran) {
+      std::string message = ran.error().message;
+      log::Warn("sandbox failed to start", {{"id", args_.id}, {"error", OneLine(message)}});
+      SendReady(ready_fd_, "error: " + message);
+      TearDown();
+      if (store_) {
+        if (auto st = store_->Transition(args_.id, store::SandboxState::kFailed, OneLine(message));
+            !st)
+          log::Warn("could not record the failure", {{"error", st.error().message}});
+        RemoveIfAuto();
+      }
+      return 1;
+    }
+    SendReady(ready_fd_, "ok");
+    auto [state, detail, code] = Supervise();
+    TearDown();
+    if (auto st = store_->Transition(args_.id, state, detail, code); !st)
+      log::Warn("could not record the sandbox's end", {{"error", st.error().message}});
+    {
+      std::lock_guard lock(shared_.mu);
+      shared_.finished = true;
+    }
+    shared_.changed.notify_all();
+    if (control_) control_->Stop();
+    RemoveIfAuto();
+    return 0;
+  }
+
+ private:
+  Status Boot() {
+    sandbox_home_ = CELLA_TRY(SandboxHome());
+    paths_ = PathsFor(sandbox_home_, args_.id);
+    auto opened = store::StateStore::Open(StateDbPath(sandbox_home_));
+    if (!opened) return std::unexpected(opened.error());
+    store_.emplace(std::move(*opened));
+    store::SandboxRecord record = CELLA_TRY(store_->Get(args_.id));
+    auto_remove_ = record.auto_remove;
+    store::ProcessIdentity self = CELLA_TRY(store::IdentifyProcess(::getpid()));
+    CELLA_TRY(store_->SetSupervisor(args_.id, self));
+    SandboxSpec spec = CELLA_TRY(DecodeSpec(record.spec_json));
+
+    output_log_ = UniqueFd(
+        ::open(paths_.output_log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+    if (!output_log_) return FailErrno("open " + paths_.output_log);
+
+    std::string cella_home = CELLA_TRY(host::CellaHome());
+    std::optional<kernel::KernelOverride> kernel_override;
+    if (!spec.kernel_path.empty()) kernel_override = kernel::KernelOverride{spec.kernel_path, ""};
+    std::string binary_dir = CELLA_TRY(GuestBinaryDir());
+    GuestAssets assets = CELLA_TRY(EnsureGuestAssets(cella_home, binary_dir, kernel_override));
+    protocol::Config guest = spec.guest;
+    vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {},
+                                         args_.id, paths_.dir, spec.root_image_path,
+                                         spec.upper_image));
+    CELLA_TRY(WriteGuestConfig(guest, vm));
+    has_main_ = guest.init_mode == protocol::InitMode::kExec &&
+                !(guest.entrypoint.empty() && guest.cmd.empty());
+
+    vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
+    vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
+    options.boot_timeout = std::chrono::seconds(spec.boot_timeout_s);
+    options.wrap_agent_link = [this](UniqueFd link) -> Result<UniqueFd> {
+      host::RouterHooks hooks;
+      hooks.on_main_output = [this](protocol::Channel, std::span<const std::byte> bytes) {
+        if (auto st = WriteAll(output_log_.Get(), bytes); !st)
+          log::Debug("output log write failed", {{"error", st.error().message}});
+      };
+      hooks.on_main_result = [this](std::string_view json) {
+        auto outcome = protocol::DecodeExecOutcome(json);
+        if (!outcome) return;
+        host::ExecStatus status;
+        status.exit_code = outcome->exit_code;
+        status.signal = outcome->signal;
+        status.timed_out = outcome->timed_out;
+        std::lock_guard lock(shared_.mu);
+        shared_.main_status = status;
+      };
+      router_ = CELLA_TRY(host::Router::Start(std::move(link), std::move(hooks),
+                                              std::chrono::seconds(10)));
+      return router_->ConnectLocal();
+    };
+    vmm::QemuBackend backend(std::move(options));
+    machine_ = CELLA_TRY(backend.Create(vm));
+    CELLA_TRY_CTX(machine_->Start(), "boot");
+    store::ProcessIdentity qemu = CELLA_TRY(store::IdentifyProcess(machine_->PID()));
+    CELLA_TRY(store_->SetHypervisor(args_.id, qemu));
+    CELLA_TRY(router_->Listen(paths_.mux_socket));
+
+    host::AgentClient* agent = machine_->Agent();
+    for (const PortSpec& p : spec.ports) {
+      auto forwarder = PortForwarder::Start(
+          p.host_ip, p.host_port, p.guest_port,
+          [agent](uint16_t port) { return agent->OpenPort(port); });
+      if (!forwarder) return std::unexpected(std::move(forwarder.error()));
+      forwarders_.push_back(std::move(*forwarder));
+    }
+    if (has_main_ && args_.main_attach == MainAttach::kBySupervisor) {
+      main_ = CELLA_TRY_CTX(agent->AttachMain({}), "start the main process");
+      CELLA_TRY_CTX(main_->CloseStdin(), "close the main process's stdin");
+    }
+    control_ = CELLA_TRY(ControlServer::Start(
+        paths_.control_socket, [this](const nlohmann::json& request) { return Handle(request); }));
+    CELLA_TRY(store_->Transition(
+        args_.id, store::SandboxState::kRunning,
+        "booted in " + std::to_string(machine_->BootDuration().count()) + " ms"));
+    return {};
+  }
+
+  nlohmann::json Handle(const nlohmann::json& request) {
+    std::string op = request.value("op", std::string());
+    std::unique_lock lock(shared_.mu);
+    if (op == "status") {
+      return {{"ok", true}, {"finished", shared_.finished}};
+    }
+    if (op == "stop" || op == "kill") {
+      if (op == "kill") {
+        shared_.kill_requested = true;
+      } else {
+        int64_t grace = request.value("grace_ms", int64_t{10'000});
+        if (grace < 0) grace = 0;
+        shared_.stop_grace = milliseconds(grace);
+      }
+      shared_.changed.notify_all();
+      // The main loop records the end before it says finished; give up on
+      // waiting well after any grace so a wedged VM cannot hang the caller.
+      shared_.changed.wait_for(lock, std::chrono::minutes(15), [&] { return shared_.finished; });
+      return {{"ok", shared_.finished}, {"error", "the sandbox did not stop"}};
+    }
+    return {{"ok", false}, {"error", "unknown control op \"" + op + "\""}};
+  }
+
+  struct Outcome {
+    store::SandboxState state;
+    std::string detail;
+    std::optional<int> exit_code;
+  };
+
+  Outcome Supervise() {
+    sigset_t signals;
+    sigemptyset(&signals);
+    for (int s : {SIGTERM, SIGINT}) sigaddset(&signals, s);
+    bool stop_sent = false;
+    bool kill_sent = false;
+    for (;;) {
+      auto exited = machine_->Wait(milliseconds(200));
+      if (exited) return Conclude(*exited);
+      if (exited.error().errno_value != ETIMEDOUT) {
+        return {store::SandboxState::kFailed, "waiting for the VM: " + exited.error().message,
+                std::nullopt};
+      }
+      timespec no_wait{0, 0};
+      if (int sig = ::sigtimedwait(&signals, nullptr, &no_wait); sig > 0) {
+        log::Notice("signal received; stopping the sandbox", {{"signal", sig}});
+        std::lock_guard lock(shared_.mu);
+        if (!shared_.stop_grace) shared_.stop_grace = milliseconds(10'000);
+      }
+      std::optional<milliseconds> grace;
+      bool kill = false;
+      {
+        std::lock_guard lock(shared_.mu);
+        grace = shared_.stop_grace;
+        kill = shared_.kill_requested;
+      }
+      if (kill && !kill_sent) {
+        kill_sent = true;
+        if (int pid = machine_->PID(); pid > 0 && ::kill(pid, SIGKILL) != 0 && errno != ESRCH)
+          log::Warn("kill QEMU failed", {{"error", std::strerror(errno)}});
+      } else if (grace && !stop_sent) {
+        stop_sent = true;
+        // Ends with the VM gone (killed after the grace); the loop then
+        // concludes on the next Wait.
+        if (auto st = machine_->Stop(*grace); !st)
+          log::Warn("graceful stop failed", {{"error", st.error().message}});
+      }
+    }
+  }
+
+  Outcome Conclude(const vmm::VmExit& exit) {
+    std::lock_guard lock(shared_.mu);
+    if (shared_.kill_requested) return {store::SandboxState::kExited, "killed (cella kill)", 137};
+    if (shared_.stop_grace) return {store::SandboxState::kStopped, "stopped (cella stop)", {}};
+    if (shared_.main_status) {
+      int code = shared_.main_status->ShellCode();
+      return {store::SandboxState::kExited, "main process exited with " + std::to_string(code),
+              code};
+    }
+    if (exit.hypervisor.exit_code == 0)
+      return {store::SandboxState::kStopped, "the guest powered off", {}};
+    std::string detail = "the VM ended unexpectedly: QEMU " + exit.hypervisor.Describe();
+    if (!exit.console_tail.empty()) {
+      std::string tail = exit.console_tail;
+      if (tail.size() > 400) tail = tail.substr(tail.size() - 400);
+      detail += "; console: " + OneLine(tail);
+    }
+    return {store::SandboxState::kFailed, detail, {}};
+  }
+
+  void TearDown() {
+    for (auto& f : forwarders_) f->Stop();
+    forwarders_.clear();
+    main_.reset();
+    if (machine_) {
+      if (auto st = machine_->Close(); !st)
+        log::Warn("VM cleanup failed", {{"error", st.error().message}});
+    }
+    if (router_) router_->Stop();
+    for (const std::string& p : {paths_.mux_socket}) {
+      if (!p.empty() && ::unlink(p.c_str()) != 0 && errno != ENOENT)
+        log::Warn("could not remove socket", {{"path", p}, {"error", std::strerror(errno)}});
+    }
+  }
+
+  void RemoveIfAuto() {
+    if (!auto_remove_ || !store_) return;
+    std::error_code ec;
+    std::filesystem::remove_all(paths_.dir, ec);
+    if (ec) log::Warn("could not remove sandbox files", {{"path", paths_.dir}});
+    if (auto st = store_->Remove(args_.id); !st)
+      log::Warn("could not remove the sandbox record", {{"error", st.error().message}});
+  }
+
+  SupervisorArgs args_;
+  int ready_fd_;
+  std::string sandbox_home_;
+  SandboxPaths paths_;
+  std::optional<store::StateStore> store_;
+  bool auto_remove_ = false;
+  bool has_main_ = false;
+  UniqueFd output_log_;
+  Shared shared_;
+  std::unique_ptr<host::Router> router_;
+  std::unique_ptr<vmm::Machine> machine_;
+  std::unique_ptr<host::ExecSession> main_;
+  std::vector<std::unique_ptr<PortForwarder>> forwarders_;
+  std::unique_ptr<ControlServer> control_;
+};
+
+}  // namespace
+
+int RunSupervisor(const SupervisorArgs& args) {
+  // Stop requests by signal are collected by the main loop (sigtimedwait);
+  // threads started later inherit the mask.
+  sigset_t set;
+  sigemptyset(&set);
+  for (int s : {SIGTERM, SIGINT}) sigaddset(&set, s);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  if (::signal(SIGHUP, SIG_IGN) == SIG_ERR) return 1;
+  // QEMU must not inherit the readiness pipe: the CLI reads it to EOF.
+  if (args.ready_fd >= 0 && ::fcntl(args.ready_fd, F_SETFD, FD_CLOEXEC) != 0) return 1;
+  Supervisor supervisor(args);
+  return supervisor.Run();
+}
+
+Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,
+                       const std::string& log_path, std::chrono::milliseconds ready_timeout) {
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return FailErrno("pipe2");
+  UniqueFd read_end(pipe_fds[0]);
+  UniqueFd write_end(pipe_fds[1]);
+  UniqueFd devnull(::open("/dev/null", O_RDWR | O_CLOEXEC));
+  if (!devnull) return FailErrno("open /dev/null");
+  UniqueFd log_fd(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+  if (!log_fd) return FailErrno("open " + log_path);
+  // Everything the child needs is prepared before fork: after it, only
+  // async-signal-safe calls.
+  std::string ready_arg = "--ready-fd=3";
+  std::vector<std::string> argv_storage = {self_exe, "__supervise", id, ready_arg};
+  if (attach == MainAttach::kByClient) argv_storage.push_back("--client-attaches");
+  std::vector<char*> argv;
+  for (auto& a : argv_storage) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  // The supervisor outlives this CLI, so it must not inherit our blocked
+  // signals or die with us.
+  pid_t middle = ::fork();
+  if (middle < 0) return FailErrno("fork");
+  if (middle == 0) {
+    if (::setsid() < 0) ::_exit(120);
+    pid_t child = ::fork();
+    if (child < 0) ::_exit(121);
+    if (child > 0) ::_exit(0);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (::dup2(devnull.Get(), 0) < 0 || ::dup2(devnull.Get(), 1) < 0 ||
+        ::dup2(log_fd.Get(), 2) < 0 || ::dup2(write_end.Get(), 3) < 0)
+      ::_exit(122);
+    // Nothing else of ours (or of whoever ran us, e.g. a pipe a test reads
+    // to EOF) may stay open in a process that lives on.
+    if (::close_range(4, ~0U, 0) != 0) ::_exit(123);
+    ::execv(self_exe.c_str(), argv.data());
+    ::_exit(127);
+  }
+  write_end.Reset();
+  int status = 0;
+  while (::waitpid(middle, &status, 0) < 0) {
+    if (errno != EINTR) return FailErrno("waitpid supervisor launcher");
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    return Fail("could not start the sandbox supervisor (launcher status " +
+                std::to_string(status) + ")");
+  auto deadline = std::chrono::steady_clock::now() + ready_timeout;
+  std::string line;
+  char buf[4096];
+  for (;;) {
+    auto left = std::chrono::duration_cast<milliseconds>(deadline -
+                                                         std::chrono::steady_clock::now());
+    if (left.count() <= 0)
+      return Fail("the sandbox supervisor did not report ready in time; see " + log_path);
+    pollfd pfd{read_end.Get(), POLLIN, 0};
+    int rc = ::poll(&pfd, 1, static_cast<int>(left.count()));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) return FailErrno("poll supervisor readiness");
+    if (rc == 0) continue;
+    ssize_t n = ::read(read_end.Get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FailErrno("read supervisor readiness");
+    if (n == 0) break;  // the supervisor closes it right after its one message
+    if (line.size() < 64 * 1024) line.append(buf, static_cast<size_t>(n));
+  }
+  while (!line.empty() && line.back() == '\n') line.pop_back();
+  if (line == "ok") return {};
+  if (line.starts_with("error: ")) return Fail(line.substr(7));
+  return Fail("the sandbox supervisor exited before it was ready; see " + log_path);
+}
+
+}  // namespace cella::sandbox

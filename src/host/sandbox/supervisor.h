@@ -1,0 +1,43 @@
+// The sandbox supervisor: one process per running sandbox (`cella` re-executed
+// as `cella __supervise ID`, in its own session, detached from the terminal).
+// It owns the sandbox's QEMU (a child that dies with it), the only agent link
+// (behind a router that CLI processes reach at mux.sock), published ports,
+// the main process's output log and the control socket; it records every
+// state change in the state store and exits when the VM is gone, removing
+// the sandbox first when it was started with --rm.
+//
+// Readiness: when `ready_fd` >= 0 the supervisor writes exactly one line to
+// it, "ok\n" once the sandbox is running or "error: <message>\n", then
+// closes it, so the spawning CLI can report boot failures itself.
+#pragma once
+
+#include <chrono>
+#include <string>
+
+#include "base/result.h"
+
+namespace cella::sandbox {
+
+enum class MainAttach {
+  kBySupervisor,  // detached: the supervisor starts the main process (stdin closed)
+  kByClient,      // foreground: the CLI attaches through mux.sock
+};
+
+struct SupervisorArgs {
+  std::string id;
+  int ready_fd = -1;
+  MainAttach main_attach = MainAttach::kBySupervisor;
+};
+
+// Runs until the sandbox's VM is gone. Returns the process exit code (0 when
+// the sandbox ran and its end was recorded, 1 otherwise).
+int RunSupervisor(const SupervisorArgs& args);
+
+// Starts `cella __supervise` (self_exe) for `id` as a daemon: double fork,
+// new session, stdio on /dev/null, stderr appended to `log_path`. Waits up to
+// `ready_timeout` for its readiness line; an "error: ..." line becomes the
+// returned error.
+Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,
+                       const std::string& log_path, std::chrono::milliseconds ready_timeout);
+
+}  // namespace cella::sandbox

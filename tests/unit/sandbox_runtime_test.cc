@@ -1,0 +1,240 @@
+// The pieces of the sandbox supervisor that need no VM: the recorded spec,
+// size and port parsing, disk images, the control socket, and published
+// ports forwarded to a real agent over a socketpair.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <filesystem>
+
+#include "agent_test_support.h"
+#include "host/sandbox/control.h"
+#include "host/sandbox/disk_image.h"
+#include "host/sandbox/port_forward.h"
+#include "host/sandbox/spec.h"
+#include "host/vmm/process.h"
+
+namespace cella::sandbox {
+namespace {
+
+std::string TempDir() {
+  char tmpl[] = "/tmp/cella-sandbox-test-XXXXXX";
+  EXPECT_NE(::mkdtemp(tmpl), nullptr);
+  return tmpl;
+}
+
+TEST(SandboxSpec, RoundTripsEveryField) {
+  SandboxSpec spec;
+  spec.guest.cmd = {"sh", "-c", "echo hi"};
+  spec.guest.env = {{"A", "b"}};
+  spec.guest.keep_alive = true;
+  spec.guest.tty = true;
+  spec.image = "127.0.0.1:5000/app:1";
+  spec.root_image_path = "/var/lib/cella/images/rootfs/x.erofs";
+  spec.shape.cpus = 1.5;
+  spec.shape.memory_mib = 768;
+  spec.volumes.push_back({"data", "/v/data.img", "/data", protocol::MountMode::kOverlay, "/o.img"});
+  spec.ports.push_back({"127.0.0.1", 8080, 80});
+  spec.kernel_path = "/k/vmlinuz";
+  spec.accel = "tcg";
+  spec.boot_timeout_s = 33;
+  spec.upper_image = "/s/upper.img";
+  auto back = DecodeSpec(EncodeSpec(spec));
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(back->guest, spec.guest);
+  EXPECT_EQ(back->image, spec.image);
+  EXPECT_EQ(back->root_image_path, spec.root_image_path);
+  EXPECT_EQ(back->shape.cpus, 1.5);
+  EXPECT_EQ(back->shape.memory_mib, 768);
+  ASSERT_EQ(back->volumes.size(), 1u);
+  EXPECT_EQ(back->volumes[0].mode, protocol::MountMode::kOverlay);
+  EXPECT_EQ(back->volumes[0].overlay_path, "/o.img");
+  ASSERT_EQ(back->ports.size(), 1u);
+  EXPECT_EQ(back->ports[0].host_port, 8080);
+  EXPECT_EQ(back->ports[0].guest_port, 80);
+  EXPECT_EQ(back->kernel_path, "/k/vmlinuz");
+  EXPECT_EQ(back->accel, "tcg");
+  EXPECT_EQ(back->boot_timeout_s, 33);
+  EXPECT_EQ(back->upper_image, "/s/upper.img");
+}
+
+TEST(SandboxSpec, DamagedSpecsAreErrorsNotGuesses) {
+  EXPECT_FALSE(DecodeSpec("not json"));
+  EXPECT_FALSE(DecodeSpec(R"({"version":99})"));
+  auto wrong_type = DecodeSpec(R"({"version":1,"guest":{},"image":5})");
+  ASSERT_FALSE(wrong_type);
+  EXPECT_NE(wrong_type.error().message.find("sandbox spec"), std::string::npos);
+}
+
+TEST(DiskSize, ParsesDockerStyleSizes) {
+  EXPECT_EQ(ParseDiskSize("64m").value(), uint64_t{64} << 20);
+  EXPECT_EQ(ParseDiskSize("10G").value(), uint64_t{10} << 30);
+  EXPECT_EQ(ParseDiskSize("1.5g").value(), uint64_t{3} << 29);
+  EXPECT_EQ(ParseDiskSize("100MiB").value(), uint64_t{100} << 20);
+  EXPECT_FALSE(ParseDiskSize("1m"));  // below the 16 MiB floor
+  EXPECT_FALSE(ParseDiskSize("ten"));
+  EXPECT_FALSE(ParseDiskSize("5q"));
+  EXPECT_FALSE(ParseDiskSize(""));
+}
+
+TEST(PortMapping, ParsesHostGuestAndAddress) {
+  auto plain = ParsePortMapping("8080:80");
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(plain->host_ip, "127.0.0.1");
+  EXPECT_EQ(plain->host_port, 8080);
+  EXPECT_EQ(plain->guest_port, 80);
+  auto any = ParsePortMapping("0.0.0.0:9000:9001/tcp");
+  ASSERT_TRUE(any);
+  EXPECT_EQ(any->host_ip, "0.0.0.0");
+  EXPECT_EQ(any->host_port, 9000);
+  EXPECT_EQ(any->guest_port, 9001);
+  EXPECT_FALSE(ParsePortMapping("80"));
+  EXPECT_FALSE(ParsePortMapping("0:80"));
+  EXPECT_FALSE(ParsePortMapping("8080:70000"));
+  EXPECT_FALSE(ParsePortMapping("8080:80/udp"));
+  EXPECT_FALSE(ParsePortMapping("nothost:8080:80"));
+}
+
+TEST(DiskImage, MakesASparseExt4ImageAndNeverOverwrites) {
+  std::string dir = TempDir();
+  std::string image = dir + "/v.img";
+  ASSERT_TRUE(MakeExt4Image(image, uint64_t{64} << 20, "vol"));
+  struct stat st {};
+  ASSERT_EQ(::stat(image.c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 64 << 20);
+  EXPECT_LT(st.st_blocks * 512, st.st_size / 2);  // sparse
+  auto probe = host::CheckCommand({"dumpe2fs", "-h", image}, std::chrono::seconds(30));
+  ASSERT_TRUE(probe) << probe.error().message;
+  EXPECT_NE(probe->find("Filesystem volume name:   vol"), std::string::npos) << *probe;
+  auto again = MakeExt4Image(image, uint64_t{64} << 20, "vol");
+  EXPECT_FALSE(again);
+  EXPECT_EQ(again.error().errno_value, EEXIST);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ControlSocket, RequestReplyAndErrors) {
+  std::string dir = TempDir();
+  std::string path = dir + "/control.sock";
+  std::atomic<int> calls{0};
+  auto server = ControlServer::Start(path, [&](const nlohmann::json& request) -> nlohmann::json {
+    ++calls;
+    if (request.value("op", "") == "echo") return {{"ok", true}, {"echo", request["value"]}};
+    return {{"ok", false}, {"error", "unknown op"}};
+  });
+  ASSERT_TRUE(server) << server.error().message;
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  auto reply = ControlCall(path, {{"op", "echo"}, {"value", 7}}, std::chrono::seconds(5));
+  ASSERT_TRUE(reply) << reply.error().message;
+  EXPECT_EQ((*reply)["echo"], 7);
+  auto refused = ControlCall(path, {{"op", "nope"}}, std::chrono::seconds(5));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().message, "unknown op");
+  (*server)->Stop();
+  EXPECT_FALSE(ControlCall(path, {{"op", "echo"}}, std::chrono::seconds(1)));
+  EXPECT_EQ(calls.load(), 2);
+  std::filesystem::remove_all(dir);
+}
+
+// A TCP echo server on 127.0.0.1 standing in for a service in the guest.
+class EchoServer {
+ public:
+  EchoServer() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    EXPECT_EQ(::listen(fd_, 8), 0);
+    socklen_t len = sizeof addr;
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] {
+      for (;;) {
+        int c = ::accept(fd_, nullptr, nullptr);
+        if (c < 0) return;
+        char buf[4096];
+        ssize_t n;
+        while ((n = ::read(c, buf, sizeof buf)) > 0) (void)!::write(c, buf, static_cast<size_t>(n));
+        ::close(c);
+      }
+    });
+  }
+  ~EchoServer() {
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+    thread_.join();
+  }
+  uint16_t port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  uint16_t port_ = 0;
+  std::thread thread_;
+};
+
+std::string Exchange(uint16_t port, const std::string& message) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return "connect failed";
+  }
+  (void)!::write(fd, message.data(), message.size());
+  ::shutdown(fd, SHUT_WR);
+  std::string got;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return got;
+}
+
+TEST(PortForwarder, ForwardsConnectionsThroughTheAgent) {
+  EchoServer echo;
+  auto agent = testing::StartAgent();
+  ASSERT_TRUE(agent);
+  host::AgentClient* client = agent->client.get();
+  auto forwarder = PortForwarder::Start("127.0.0.1", 0, echo.port(),
+                                        [client](uint16_t port) { return client->OpenPort(port); });
+  ASSERT_TRUE(forwarder) << forwarder.error().message;
+  uint16_t port = (*forwarder)->BoundPort();
+  ASSERT_NE(port, 0);
+  std::string big(300'000, 'x');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 26);
+  std::vector<std::thread> clients;
+  std::atomic<int> good{0};
+  for (int i = 0; i < 4; ++i) {
+    clients.emplace_back([&] {
+      if (Exchange(port, big) == big) ++good;
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(good.load(), 4);
+  (*forwarder)->Stop();
+  EXPECT_EQ(Exchange(port, "late"), "connect failed");
+}
+
+TEST(PortForwarder, BusyHostPortIsAClearError) {
+  auto first = PortForwarder::Start("127.0.0.1", 0, 1, [](uint16_t) {
+    return Result<std::unique_ptr<host::PortStream>>(Fail("unused"));
+  });
+  ASSERT_TRUE(first);
+  auto second = PortForwarder::Start("127.0.0.1", (*first)->BoundPort(), 1, [](uint16_t) {
+    return Result<std::unique_ptr<host::PortStream>>(Fail("unused"));
+  });
+  ASSERT_FALSE(second);
+  EXPECT_NE(second.error().message.find("another program uses this port"), std::string::npos)
+      << second.error().message;
+}
+
+}  // namespace
+}  // namespace cella::sandbox

@@ -183,10 +183,9 @@ TEST_F(LifecycleTest, PublishedPortAndPortForwardReachAGuestServer) {
       << ps.out;
 
   uint16_t forwarded = FreePort();
-  std::string script = std::string("\"") + CELLA_BINARY + "\" port-forward " + id + " " +
-                       std::to_string(forwarded) + ":7000";
   std::thread forwarder([&] {
-    auto r = RunProcess({"sh", "-c", script}, "", std::chrono::seconds(120));
+    auto r = RunProcess({CELLA_BINARY, "port-forward", id, std::to_string(forwarded) + ":7000"},
+                        "", std::chrono::seconds(120));
     EXPECT_EQ(r.exit_code, 0) << Describe(r);
     EXPECT_NE(r.out.find("Forwarding"), std::string::npos) << r.out;
   });

@@ -189,7 +189,7 @@ TEST_F(LifecycleTest, KilledSupervisorOrQemuIsReportedAndCleanedUp) {
   // kill -9 QEMU: the supervisor records the failure and exits.
   ASSERT_EQ(::kill(b_qemu, SIGKILL), 0);
   ASSERT_TRUE(WaitForState("b", "failed", std::chrono::seconds(30)));
-  EXPECT_NE(Inspect("b").value("reason", std::string()).find("signal 9"), std::string::npos)
+  EXPECT_NE(Inspect("b").value("reason", std::string()).find("killed by signal"), std::string::npos)
       << Inspect("b").dump(2);
   EXPECT_TRUE(WaitGone(b_supervisor));
 

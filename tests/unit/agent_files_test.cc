@@ -306,6 +306,22 @@ TEST_F(AgentFiles, SetAttributesAppliesModeAfterOwnerAndNeverFollowsSymlinks) {
             EINVAL);
 }
 
+TEST_F(AgentFiles, AListingTooLargeForOneReplyFailsItsStreamNotTheLink) {
+  // ~300 bytes of JSON per entry: 4000 entries pass the 1 MiB payload cap.
+  std::string big = dir_ + "/big";
+  ASSERT_EQ(::mkdir(big.c_str(), 0755), 0);
+  for (int i = 0; i < 4000; ++i) {
+    std::string name = big + "/" + std::string(200, 'n') + std::to_string(i);
+    UniqueFd fd(::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd) << name;
+  }
+  auto list = client().ListFiles(big);
+  ASSERT_FALSE(list.has_value());
+  EXPECT_EQ(list.error().errno_value, E2BIG) << list.error().message;
+  EXPECT_FALSE(client().LinkError().has_value());
+  EXPECT_TRUE(client().Stat(big).has_value());
+}
+
 TEST_F(AgentFiles, ShutdownCarriesItsGraceAndClampsAnOversizedOne) {
   // The standalone agent accepts the op (its grace applies in the guest
   // init); an oversized grace is clamped by the client, not refused.

@@ -1,6 +1,7 @@
 #include "guest/init/console.h"
 
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/io.h"
 #include "base/unique_fd.h"
@@ -60,8 +62,48 @@ Status EnsureConsoleStdio() {
   return {};
 }
 
+namespace {
+
+// A filesystem left mounted read-write at power-off keeps its "needs
+// recovery" mark, and the next sandbox that attaches it read-only cannot
+// mount it. Remounting read-only flushes the journal and clears the mark.
+// Best effort: a file still open for writing makes it fail (EBUSY), and
+// then the sync below is what remains.
+void RemountBlockFilesystemsReadOnly() {
+  auto mounts = ReadFileToString("/proc/self/mounts", 1 << 20);
+  if (!mounts) return;
+  std::vector<std::string> targets;
+  size_t pos = 0;
+  while (pos < mounts->size()) {
+    size_t end = mounts->find('\n', pos);
+    if (end == std::string::npos) end = mounts->size();
+    std::string_view line(mounts->data() + pos, end - pos);
+    pos = end + 1;
+    // device target fstype options ...
+    size_t a = line.find(' ');
+    size_t b = a == std::string_view::npos ? a : line.find(' ', a + 1);
+    size_t c = b == std::string_view::npos ? b : line.find(' ', b + 1);
+    if (c == std::string_view::npos) continue;
+    std::string_view target = line.substr(a + 1, b - a - 1);
+    std::string_view fstype = line.substr(b + 1, c - b - 1);
+    std::string_view options = line.substr(c + 1);
+    if (fstype != "ext4" || !options.starts_with("rw")) continue;
+    // Mount points with spaces are escaped (\040); ours have none.
+    if (target.find('\\') != std::string_view::npos) continue;
+    targets.emplace_back(target);
+  }
+  // Innermost first.
+  for (auto it = targets.rbegin(); it != targets.rend(); ++it) {
+    if (::mount(nullptr, it->c_str(), nullptr, MS_REMOUNT | MS_RDONLY, nullptr) != 0)
+      Debug("remount " + *it + " read-only: " + std::strerror(errno));
+  }
+}
+
+}  // namespace
+
 void PowerOff() {
   ::sync();
+  RemountBlockFilesystemsReadOnly();
   ::reboot(RB_POWER_OFF);
   SayError(std::string("reboot(RB_POWER_OFF): ") + std::strerror(errno) + "; trying halt");
   ::reboot(RB_HALT_SYSTEM);

@@ -800,19 +800,21 @@ Status Router::Listen(const std::string& path) {
   if (::chmod(path.c_str(), 0600) != 0) return fail_bound("chmod 0600");
   if (::stat(path.c_str(), &st) != 0) return fail_bound("stat");
   if (::listen(fd.Get(), 64) != 0) return fail_bound("listen");
+  bool handed_over = false;
   {
     std::lock_guard lock(impl_->mu);
-    if (impl_->stop_requested) {
-      errno = ECANCELED;
-      // Falls through to the cleanup below without the lock.
-    } else {
+    if (!impl_->stop_requested) {
       impl_->incoming_listener = std::move(fd);
       impl_->listen_path = path;
       impl_->listen_dev = st.st_dev;
       impl_->listen_ino = st.st_ino;
+      handed_over = true;
     }
   }
-  if (fd) return fail_bound("stopped");
+  if (!handed_over) {
+    errno = ECANCELED;
+    return fail_bound("the router stopped meanwhile");
+  }
   impl_->Wake();
   return {};
 }

@@ -37,8 +37,9 @@
 // one router thread owns every fd (upstream, listener, clients) in a poll
 // loop. AddClient / Listen / ConnectLocal / UpstreamError / Stats / Stop are
 // thread-safe. RouterHooks run on the router thread: they must be quick,
-// must not block on the guest, and must not call Stop() or destroy the
-// Router (that would join the router thread from itself).
+// must not throw, must not block on the guest (every client waits while a
+// hook runs), and must not call Stop() or destroy the Router (that would
+// join the router thread from itself).
 //
 // Lifetime: Stop() (or the destructor) joins the router thread and closes
 // the upstream link (the agent then detaches the main process and kills

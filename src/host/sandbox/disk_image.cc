@@ -1,6 +1,7 @@
 #include "host/sandbox/disk_image.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cctype>
@@ -30,6 +31,22 @@ Status MakeExt4Image(const std::string& path, uint64_t size_bytes, const std::st
   if (!made) {
     (void)::unlink(path.c_str());
     return std::unexpected(std::move(made.error()).WithContext("make ext4 image " + path));
+  }
+  return {};
+}
+
+Status RecoverExt4Image(const std::string& path) {
+  UniqueFd lock(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!lock) return FailErrno("open " + path);
+  while (::flock(lock.Get(), LOCK_EX) != 0) {
+    if (errno != EINTR) return FailErrno("lock " + path);
+  }
+  auto ran = host::RunCommand({"e2fsck", "-p", path}, std::chrono::minutes(5));
+  if (!ran) return std::unexpected(std::move(ran.error()).WithContext("check " + path));
+  // 0: clean; 1: errors fixed; 2: fixed, reboot advised (meaningless here).
+  if (ran->exit_code < 0 || ran->exit_code > 2) {
+    return Fail("volume image " + path + " needs a manual repair (e2fsck -p exit " +
+                std::to_string(ran->exit_code) + "): " + ran->output);
   }
   return {};
 }

@@ -13,6 +13,14 @@ namespace cella::sandbox {
 // with the given label. On failure nothing is left at `path`.
 Status MakeExt4Image(const std::string& path, uint64_t size_bytes, const std::string& label);
 
+// Replays the journal of an ext4 image a crashed VM left behind (e2fsck -p,
+// under an exclusive lock on the image so two sandboxes starting at once do
+// not both repair it). A guest cannot do this for a read-only attachment:
+// the kernel refuses to mount an ext4 that needs recovery from a read-only
+// device. Quick on a clean filesystem. Errors e2fsck cannot fix unattended
+// are reported.
+Status RecoverExt4Image(const std::string& path);
+
 // "512m", "10G", "1.5g", "4096" (bytes), "100MiB" -> bytes; at least 16 MiB.
 Result<uint64_t> ParseDiskSize(std::string_view text);
 

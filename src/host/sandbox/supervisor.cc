@@ -17,6 +17,7 @@
 #include "host/agent/router.h"
 #include "host/sandbox/compose.h"
 #include "host/sandbox/control.h"
+#include "host/sandbox/disk_image.h"
 #include "host/sandbox/layout.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
@@ -49,7 +50,7 @@ void SendReady(int& fd, const std::string& line) {
 
 std::string OneLine(std::string text) {
   for (char& c : text)
-    if (c == '\n') c = ' ';
+    if (c == '\n' || c == '\r') c = ' ';
   return text;
 }
 
@@ -116,6 +117,10 @@ class Supervisor {
     if (!spec.kernel_path.empty()) kernel_override = kernel::KernelOverride{spec.kernel_path, ""};
     std::string binary_dir = CELLA_TRY(GuestBinaryDir());
     GuestAssets assets = CELLA_TRY(EnsureGuestAssets(cella_home, binary_dir, kernel_override));
+    for (const VolumeSpec& v : spec.volumes) {
+      if (v.mode != protocol::MountMode::kReadWrite)
+        CELLA_TRY_CTX(RecoverExt4Image(v.host_path), "volume " + v.name);
+    }
     protocol::Config guest = spec.guest;
     vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {},
                                          args_.id, paths_.dir, spec.root_image_path,

@@ -2,34 +2,61 @@
 
 #include <poll.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/signalfd.h>
 #include <termios.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <optional>
 #include <thread>
 
 #include "base/io.h"
 #include "base/log.h"
+#include "base/unique_fd.h"
 
 namespace cella::cli {
 namespace {
 
 constexpr int kForwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGWINCH};
 
-// Collects the blocked signals with sigtimedwait, so no handler runs on an
-// arbitrary thread: SIGWINCH becomes a resize, the rest go to the guest.
+// An eventfd that wakes a poll loop for good.
+class WakeFd {
+ public:
+  WakeFd() : fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (!fd_) log::Warn("eventfd failed");
+  }
+  int Get() const { return fd_.Get(); }
+  void Wake() {
+    uint64_t one = 1;
+    if (::write(fd_.Get(), &one, sizeof one) < 0) log::Warn("eventfd write failed");
+  }
+
+ private:
+  UniqueFd fd_;
+};
+
+// Collects the blocked signals through a signalfd, so no handler runs on an
+// arbitrary thread: SIGWINCH becomes a resize, the rest go to the guest. An
+// eventfd ends it at once (a polling tick would add its length to every
+// exec's exit).
 class SignalForwarder {
  public:
   explicit SignalForwarder(host::ExecSession* session) {
-    sigemptyset(&set_);
-    for (int s : kForwarded) sigaddset(&set_, s);
+    sigset_t set;
+    sigemptyset(&set);
+    for (int s : kForwarded) sigaddset(&set, s);
+    signal_fd_.Reset(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+    if (!signal_fd_) log::Warn("signalfd failed: signals are not forwarded");
     thread_ = std::thread([this, session] {
-      timespec tick{0, 200'000'000};
-      while (!done_.load()) {
-        int sig = ::sigtimedwait(&set_, nullptr, &tick);
-        if (sig <= 0) continue;
+      for (;;) {
+        pollfd fds[2] = {{wake_.Get(), POLLIN, 0}, {signal_fd_.Get(), POLLIN, 0}};
+        int n = ::poll(fds, signal_fd_ ? 2 : 1, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 || fds[0].revents) return;
+        signalfd_siginfo info{};
+        if (::read(signal_fd_.Get(), &info, sizeof info) != sizeof info) continue;
+        int sig = static_cast<int>(info.ssi_signo);
         if (sig == SIGWINCH) {
           uint16_t rows = 0, cols = 0;
           if (TerminalSize(rows, cols)) {
@@ -45,13 +72,13 @@ class SignalForwarder {
     });
   }
   ~SignalForwarder() {
-    done_.store(true);
+    wake_.Wake();
     thread_.join();
   }
 
  private:
-  sigset_t set_{};
-  std::atomic<bool> done_{false};
+  WakeFd wake_;
+  UniqueFd signal_fd_;
   std::thread thread_;
 };
 
@@ -61,11 +88,11 @@ class StdinPump {
   explicit StdinPump(host::ExecSession* session) {
     thread_ = std::thread([this, session] {
       char buf[65536];
-      while (!done_.load()) {
-        pollfd pfd{STDIN_FILENO, POLLIN, 0};
-        int n = ::poll(&pfd, 1, 200);
-        if (n < 0 && errno != EINTR) break;
-        if (n <= 0) continue;
+      for (;;) {
+        pollfd fds[2] = {{wake_.Get(), POLLIN, 0}, {STDIN_FILENO, POLLIN, 0}};
+        int n = ::poll(fds, 2, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 || fds[0].revents) break;
         auto got = ReadSome(STDIN_FILENO, std::as_writable_bytes(std::span(buf)));
         if (!got || *got == 0) break;
         if (!session->WriteStdin(std::string_view(buf, *got))) return;
@@ -75,12 +102,12 @@ class StdinPump {
     });
   }
   ~StdinPump() {
-    done_.store(true);
+    wake_.Wake();
     thread_.join();
   }
 
  private:
-  std::atomic<bool> done_{false};
+  WakeFd wake_;
   std::thread thread_;
 };
 

@@ -103,6 +103,8 @@ void PortForwarder::Stop() {
   if (::write(wake_fd_.Get(), &one, sizeof one) < 0)
     log::Warn("port forward: wake failed", {{"error", std::strerror(errno)}});
   if (accept_thread_.joinable()) accept_thread_.join();
+  // New connections are refused from here on, not left in the backlog.
+  listen_fd_.Reset();
   std::list<std::shared_ptr<Connection>> live;
   {
     std::lock_guard lock(mu_);

@@ -61,7 +61,8 @@ TEST_F(LifecycleTest, DetachedSandboxLivesThroughExecStopAndStart) {
   ASSERT_FALSE(doc.is_null());
   std::vector<std::string> states;
   for (const auto& h : doc["history"]) states.push_back(h["state"]);
-  std::vector<std::string> want = {"creating", "running", "stopped", "creating", "running"};
+  std::vector<std::string> want = {"creating", "running", "stopping", "stopped", "creating",
+                                   "running"};
   EXPECT_EQ(states, want) << doc.dump(2);
   EXPECT_EQ(doc["config"]["guest"]["cmd"][0], "sh");
   int supervisor = doc.value("supervisor_pid", 0);

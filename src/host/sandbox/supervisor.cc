@@ -240,6 +240,11 @@ class Supervisor {
           log::Warn("kill QEMU failed", {{"error", std::strerror(errno)}});
       } else if (grace && !stop_sent) {
         stop_sent = true;
+        if (auto st = store_->Transition(args_.id, store::SandboxState::kStopping,
+                                         "stopping (grace " + std::to_string(grace->count()) +
+                                             " ms)");
+            !st)
+          log::Warn("could not record stopping", {{"error", st.error().message}});
         // Ends with the VM gone (killed after the grace); the loop then
         // concludes on the next Wait.
         if (auto st = machine_->Stop(*grace); !st)

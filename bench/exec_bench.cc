@@ -106,10 +106,11 @@ int main(int argc, char** argv) {
   // 3. The guest's own fork+exec+wait of `true`.
   // busybox date has no %N: /proc/uptime (10 ms resolution) over 4N runs.
   const std::string guest_runs = std::to_string(runs * 4);
-  std::string guest_ms_text = Shell(
-      "'" + cella + "' exec bench -- sh -c 'read s x < /proc/uptime; i=0; while [ $i -lt " +
-      guest_runs + " ]; do /bin/true; i=$((i+1)); done; read e x < /proc/uptime; " +
-      "awk -v s=$s -v e=$e \"BEGIN { printf \\\"%.3f\\\", (e - s) * 1000 / " + guest_runs + " }\"'");
+  std::string guest_ms_text =
+      Shell("'" + cella + "' exec bench -- sh -c 'read s x < /proc/uptime; i=0; while [ $i -lt " +
+            guest_runs + " ]; do /bin/true; i=$((i+1)); done; read e x < /proc/uptime; " +
+            "awk -v s=$s -v e=$e \"BEGIN { printf \\\"%.3f\\\", (e - s) * 1000 / " + guest_runs +
+            " }\"'");
   double guest_ms = std::atof(guest_ms_text.c_str());
 
   // 4. cp of a file into the guest beside a local cp.
@@ -144,7 +145,8 @@ int main(int argc, char** argv) {
   std::printf("cp of %d MB (guest saw %s bytes)\n", megabytes, guest_size.c_str());
   std::printf("  local cp + sync:               %8.0f ms  %7.1f MB/s\n", local_ms,
               mb / (local_ms / 1000));
-  std::printf("  cella cp host -> guest:        %8.0f ms  %7.1f MB/s\n", cp_ms, mb / (cp_ms / 1000));
+  std::printf("  cella cp host -> guest:        %8.0f ms  %7.1f MB/s\n", cp_ms,
+              mb / (cp_ms / 1000));
   std::printf("  guest writing it to its own disk:%6.0f ms  %7.1f MB/s\n", guest_write_ms,
               mb / (guest_write_ms / 1000));
   std::printf("  ratio (cella cp / local cp throughput): %.2fx\n", local_ms / cp_ms);

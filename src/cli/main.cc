@@ -222,7 +222,8 @@ int Main(int argc, char** argv) {
   if (exec_cmd->parsed()) {
     // CLI11 keeps the `--` that separates the sandbox from the command when
     // a positional precedes it.
-    if (!exec.command.empty() && exec.command.front() == "--") exec.command.erase(exec.command.begin());
+    if (!exec.command.empty() && exec.command.front() == "--")
+      exec.command.erase(exec.command.begin());
     return cella::cli::ExecCommand(exec);
   }
   if (ps_cmd->parsed())
@@ -236,8 +237,7 @@ int Main(int argc, char** argv) {
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
   if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst);
   if (pf_cmd->parsed()) return cella::cli::PortForwardCommand(pf_sandbox, pf_mapping);
-  if (volume_create_cmd->parsed())
-    return cella::cli::VolumeCreateCommand(volume_name, volume_size);
+  if (volume_create_cmd->parsed()) return cella::cli::VolumeCreateCommand(volume_name, volume_size);
   if (volume_ls_cmd->parsed())
     return cella::cli::VolumeLsCommand(volume_json ? ListFormat::kJson : ListFormat::kText);
   if (volume_rm_cmd->parsed()) return cella::cli::VolumeRmCommand(volume_rm_names);

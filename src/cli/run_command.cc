@@ -205,8 +205,8 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
   // free. Detached sandboxes keep their writable layer across stop/start.
   if (detached || !args.disk_size.empty()) {
-    uint64_t size =
-        args.disk_size.empty() ? kDefaultDiskSize : CELLA_TRY(sandbox::ParseDiskSize(args.disk_size));
+    uint64_t size = args.disk_size.empty() ? kDefaultDiskSize
+                                           : CELLA_TRY(sandbox::ParseDiskSize(args.disk_size));
     spec.upper_image = paths.upper_image;
     CELLA_TRY(sandbox::MakeExt4Image(spec.upper_image, size, "cella-upper"));
   }

@@ -109,8 +109,8 @@ Status StopOne(SandboxContext& ctx, const store::SandboxRecord& record, int grac
   if (!store::IsActive(record.state)) return {};  // already stopped: nothing to do
   std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
   auto grace = std::chrono::seconds(grace_seconds);
-  auto reply = sandbox::ControlCall(
-      control, {{"op", "stop"}, {"grace_ms", grace_seconds * 1000}}, grace + std::chrono::minutes(1));
+  auto reply = sandbox::ControlCall(control, {{"op", "stop"}, {"grace_ms", grace_seconds * 1000}},
+                                    grace + std::chrono::minutes(1));
   if (!reply) {
     return Fail("stop " + record.Label() + ": " + reply.error().message +
                 " (if it is stuck: cella rm -f " + record.Label() + ")");
@@ -140,8 +140,9 @@ Status StartOne(SandboxContext& ctx, const store::SandboxRecord& record) {
 Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool force) {
   if (store::IsActive(record.state)) {
     if (!force) {
-      return Fail("sandbox " + record.Label() + " is " + std::string(store::ToString(record.state)) +
-                  "; stop it first (cella stop " + record.Label() + ") or use cella rm -f");
+      return Fail("sandbox " + record.Label() + " is " +
+                  std::string(store::ToString(record.state)) + "; stop it first (cella stop " +
+                  record.Label() + ") or use cella rm -f");
     }
     // Killing through the supervisor records the end properly; when it does
     // not answer, the processes are killed directly below.
@@ -231,8 +232,8 @@ int ExecCommand(const ExecArgs& args) {
     request.argv = args.command;
     std::map<std::string, std::string> env = spec.guest.env;
     for (const auto& item : args.env_items)
-      CELLA_TRY(ApplyEnvAssignment(item, [](const char* n) -> const char* { return std::getenv(n); },
-                                   env));
+      CELLA_TRY(ApplyEnvAssignment(
+          item, [](const char* n) -> const char* { return std::getenv(n); }, env));
     for (const auto& [k, v] : env) request.env.push_back(k + "=" + v);
     request.workdir = args.workdir.empty() ? spec.guest.workdir : args.workdir;
     request.user = args.user.empty() ? spec.guest.user : args.user;
@@ -413,12 +414,12 @@ int PortForwardCommand(const std::string& sandbox_ref, const std::string& mappin
     store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(sandbox_ref));
     CELLA_TRY(RequireRunning(record, "port-forward"));
     std::shared_ptr<host::AgentClient> agent = CELLA_TRY(ConnectAgent(ctx, record));
-    auto forwarder = CELLA_TRY(sandbox::PortForwarder::Start(
-        mapping.host_ip, mapping.host_port, mapping.guest_port,
-        [agent](uint16_t port) { return agent->OpenPort(port); }));
-    CELLA_TRY(Print("Forwarding " + mapping.host_ip + ":" +
-                    std::to_string(forwarder->BoundPort()) + " -> " + record.Label() + ":" +
-                    std::to_string(mapping.guest_port) + " (Ctrl-C to stop)\n"));
+    auto forwarder = CELLA_TRY(
+        sandbox::PortForwarder::Start(mapping.host_ip, mapping.host_port, mapping.guest_port,
+                                      [agent](uint16_t port) { return agent->OpenPort(port); }));
+    CELLA_TRY(Print("Forwarding " + mapping.host_ip + ":" + std::to_string(forwarder->BoundPort()) +
+                    " -> " + record.Label() + ":" + std::to_string(mapping.guest_port) +
+                    " (Ctrl-C to stop)\n"));
     sigset_t set;
     sigemptyset(&set);
     for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, s);

@@ -43,9 +43,9 @@ Result<SandboxContext> OpenSandboxes() {
   CELLA_TRY(host::MakeDirs(home + "/sandboxes", 0700));
   auto store = CELLA_TRY(store::StateStore::Open(sandbox::StateDbPath(home)));
   SandboxContext ctx{home, std::move(store)};
-  auto dead = CELLA_TRY(ctx.store.Reconcile(
-      [](const store::ProcessIdentity& who) { return store::IsAlive(who); },
-      std::chrono::seconds(60)));
+  auto dead = CELLA_TRY(
+      ctx.store.Reconcile([](const store::ProcessIdentity& who) { return store::IsAlive(who); },
+                          std::chrono::seconds(60)));
   for (const store::SandboxRecord& r : dead) {
     log::Notice("sandbox supervisor is gone; cleaning up", {{"sandbox", r.Label()}});
     KillIfAlive(r.hypervisor, "qemu");
@@ -74,9 +74,8 @@ Status RequireRunning(const store::SandboxRecord& record, std::string_view for_w
   std::string state(store::ToString(record.state));
   if (record.state == store::SandboxState::kExited && record.exit_code)
     state += " (" + std::to_string(*record.exit_code) + ")";
-  std::string hint = store::IsActive(record.state)
-                         ? "wait for it and try again"
-                         : "start it with: cella start " + record.Label();
+  std::string hint = store::IsActive(record.state) ? "wait for it and try again"
+                                                   : "start it with: cella start " + record.Label();
   return Fail("cannot " + std::string(for_what) + ": sandbox " + record.Label() + " is " + state +
               "; " + hint);
 }

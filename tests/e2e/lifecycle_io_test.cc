@@ -119,8 +119,8 @@ TEST_F(LifecycleTest, InteractiveTtyThroughARealPty) {
 
   std::string id = RunDetached({"--name", "t"});
   ASSERT_FALSE(id.empty());
-  auto exec = RunOnPty({"exec", "-it", "t", "--", "sh"}, "#",
-                       "echo $((2+3)); stty size; exit 4\r", 30, 90);
+  auto exec =
+      RunOnPty({"exec", "-it", "t", "--", "sh"}, "#", "echo $((2+3)); stty size; exit 4\r", 30, 90);
   EXPECT_EQ(exec.exit_code, 4) << exec.out;
   EXPECT_NE(exec.out.find("5\r\n"), std::string::npos) << exec.out;
   EXPECT_NE(exec.out.find("30 90"), std::string::npos) << exec.out;
@@ -178,14 +178,13 @@ TEST_F(LifecycleTest, PublishedPortAndPortForwardReachAGuestServer) {
   ASSERT_FALSE(id.empty());
   EXPECT_EQ(EchoThrough(published, "ping over -p\n"), "ping over -p\n");
   auto ps = RunCella({"ps"});
-  EXPECT_NE(ps.out.find("127.0.0.1:" + std::to_string(published) + "->7000/tcp"),
-            std::string::npos)
+  EXPECT_NE(ps.out.find("127.0.0.1:" + std::to_string(published) + "->7000/tcp"), std::string::npos)
       << ps.out;
 
   uint16_t forwarded = FreePort();
   std::thread forwarder([&] {
-    auto r = RunProcess({CELLA_BINARY, "port-forward", id, std::to_string(forwarded) + ":7000"},
-                        "", std::chrono::seconds(120));
+    auto r = RunProcess({CELLA_BINARY, "port-forward", id, std::to_string(forwarded) + ":7000"}, "",
+                        std::chrono::seconds(120));
     EXPECT_EQ(r.exit_code, 0) << Describe(r);
     EXPECT_NE(r.out.find("Forwarding"), std::string::npos) << r.out;
   });

@@ -61,8 +61,8 @@ TEST_F(LifecycleTest, DetachedSandboxLivesThroughExecStopAndStart) {
   ASSERT_FALSE(doc.is_null());
   std::vector<std::string> states;
   for (const auto& h : doc["history"]) states.push_back(h["state"]);
-  std::vector<std::string> want = {"creating", "running", "stopping", "stopped", "creating",
-                                   "running"};
+  std::vector<std::string> want = {"creating", "running",  "stopping",
+                                   "stopped",  "creating", "running"};
   EXPECT_EQ(states, want) << doc.dump(2);
   EXPECT_EQ(doc["config"]["guest"]["cmd"][0], "sh");
   int supervisor = doc.value("supervisor_pid", 0);
@@ -109,8 +109,7 @@ TEST_F(LifecycleTest, ExitKillAndPrune) {
   EXPECT_NE(prune.out.find(exits), std::string::npos) << prune.out;
   EXPECT_NE(prune.out.find(idle), std::string::npos) << prune.out;
   auto empty = RunCella({"ps", "-a", "--json"});
-  EXPECT_EQ(nlohmann::json::parse(empty.out, nullptr, false), nlohmann::json::array())
-      << empty.out;
+  EXPECT_EQ(nlohmann::json::parse(empty.out, nullptr, false), nlohmann::json::array()) << empty.out;
   EXPECT_TRUE(std::filesystem::is_empty(home_ + "/sandboxes"));
 
   auto unknown = RunCella({"stop", "nosuch"});
@@ -133,8 +132,9 @@ TEST_F(LifecycleTest, LogsFollowSeesLinesWrittenAfterItStarted) {
   std::string out_path = out_tmpl;
   // `logs -f` in the background; it ends by itself once the sandbox stops.
   std::thread follower([&] {
-    RunProcess({"sh", "-c", std::string("\"") + CELLA_BINARY + "\" logs -f " + id + " > " + out_path},
-               "", std::chrono::seconds(200));
+    RunProcess(
+        {"sh", "-c", std::string("\"") + CELLA_BINARY + "\" logs -f " + id + " > " + out_path}, "",
+        std::chrono::seconds(200));
   });
   auto read_out = [&] {
     std::string text;
@@ -204,8 +204,8 @@ TEST_F(LifecycleTest, FiveSandboxesAtOnceAnd200Execs) {
   std::vector<std::thread> threads;
   for (int i = 0; i < 5; ++i) {
     threads.emplace_back([&, i] {
-      auto r = RunCella({"run", "-d", "--name", "s" + std::to_string(i)}, "",
-                        std::chrono::seconds(400));
+      auto r =
+          RunCella({"run", "-d", "--name", "s" + std::to_string(i)}, "", std::chrono::seconds(400));
       EXPECT_EQ(r.exit_code, 0) << Describe(r);
       ids[i] = r.out;
     });

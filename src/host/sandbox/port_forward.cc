@@ -61,8 +61,7 @@ Result<PortMapping> ParsePortMapping(std::string_view text) {
 }
 
 Result<std::unique_ptr<PortForwarder>> PortForwarder::Start(const std::string& host_ip,
-                                                            uint16_t host_port,
-                                                            uint16_t guest_port,
+                                                            uint16_t host_port, uint16_t guest_port,
                                                             PortOpener opener) {
   std::unique_ptr<PortForwarder> f(new PortForwarder());
   f->guest_port_ = guest_port;

@@ -122,9 +122,8 @@ class Supervisor {
         CELLA_TRY_CTX(RecoverExt4Image(v.host_path), "volume " + v.name);
     }
     protocol::Config guest = spec.guest;
-    vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {},
-                                         args_.id, paths_.dir, spec.root_image_path,
-                                         spec.upper_image));
+    vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {}, args_.id,
+                                         paths_.dir, spec.root_image_path, spec.upper_image));
     CELLA_TRY(WriteGuestConfig(guest, vm));
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());
@@ -148,8 +147,8 @@ class Supervisor {
         std::lock_guard lock(shared_.mu);
         shared_.main_status = status;
       };
-      router_ = CELLA_TRY(host::Router::Start(std::move(link), std::move(hooks),
-                                              std::chrono::seconds(10)));
+      router_ = CELLA_TRY(
+          host::Router::Start(std::move(link), std::move(hooks), std::chrono::seconds(10)));
       return router_->ConnectLocal();
     };
     vmm::QemuBackend backend(std::move(options));
@@ -161,9 +160,9 @@ class Supervisor {
 
     host::AgentClient* agent = machine_->Agent();
     for (const PortSpec& p : spec.ports) {
-      auto forwarder = PortForwarder::Start(
-          p.host_ip, p.host_port, p.guest_port,
-          [agent](uint16_t port) { return agent->OpenPort(port); });
+      auto forwarder =
+          PortForwarder::Start(p.host_ip, p.host_port, p.guest_port,
+                               [agent](uint16_t port) { return agent->OpenPort(port); });
       if (!forwarder) return std::unexpected(std::move(forwarder.error()));
       forwarders_.push_back(std::move(*forwarder));
     }
@@ -240,9 +239,9 @@ class Supervisor {
           log::Warn("kill QEMU failed", {{"error", std::strerror(errno)}});
       } else if (grace && !stop_sent) {
         stop_sent = true;
-        if (auto st = store_->Transition(args_.id, store::SandboxState::kStopping,
-                                         "stopping (grace " + std::to_string(grace->count()) +
-                                             " ms)");
+        if (auto st =
+                store_->Transition(args_.id, store::SandboxState::kStopping,
+                                   "stopping (grace " + std::to_string(grace->count()) + " ms)");
             !st)
           log::Warn("could not record stopping", {{"error", st.error().message}});
         // Ends with the VM gone (killed after the grace); the loop then
@@ -380,8 +379,8 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
   std::string line;
   char buf[4096];
   for (;;) {
-    auto left = std::chrono::duration_cast<milliseconds>(deadline -
-                                                         std::chrono::steady_clock::now());
+    auto left =
+        std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0)
       return Fail("the sandbox supervisor did not report ready in time; see " + log_path);
     pollfd pfd{read_end.Get(), POLLIN, 0};

@@ -45,6 +45,13 @@ struct RunArgs {
   std::vector<std::string> publish;  // -p [IP:]HOST:GUEST
   std::vector<std::string> volumes;  // -v NAME:/path[:ro|rw|overlay]
   std::string disk_size;             // writable layer size (--disk-size)
+  // Egress policy: any of these seals the network (host/sandbox/spec.h).
+  std::vector<std::string> allow_hosts;  // --allow-host (repeatable, comma lists)
+  bool allow_private = false;
+  bool network_intercept = false;
+  std::vector<std::string> secrets;   // --secret NAME@host[,host] | NAME=VALUE@host
+  std::vector<std::string> resolves;  // --resolve NAME:PORT:ADDR[:PORT]
+  std::string upstream_ca;            // --upstream-ca FILE
 };
 
 struct ExecArgs {
@@ -81,6 +88,8 @@ int PortForwardCommand(const std::string& sandbox, const std::string& mapping);
 int VolumeCreateCommand(const std::string& name, const std::string& size);
 int VolumeLsCommand(ListFormat format);
 int VolumeRmCommand(const std::vector<std::string>& names);
+enum class AllowListOp { kAdd, kRemove, kList };
+int AllowListCommand(AllowListOp op, const std::string& sandbox, const std::vector<std::string>& hosts);
 int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches);
 // cella's own failure: one line on stderr, docker's exit code 125.
 int ReportFailure(const Error& error);

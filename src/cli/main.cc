@@ -63,6 +63,19 @@ int Main(int argc, char** argv) {
                       "Attach a named volume: NAME:/path[:ro|rw|overlay] (created when missing)");
   run_cmd->add_option("--disk-size", run.disk_size,
                       "Size of the writable layer (sparse; default 8g for -d, RAM otherwise)");
+  run_cmd->add_option("--allow-host", run.allow_hosts,
+                      "Seal the network and allow this host (repeatable, a,b lists, *.globs, IPs)");
+  run_cmd->add_flag("--allow-private", run.allow_private,
+                    "With a policy: also allow private and special addresses");
+  run_cmd->add_flag("--network-intercept", run.network_intercept,
+                    "Pass all traffic through the TLS-intercepting proxy (no list: all hosts)");
+  run_cmd->add_option("--secret", run.secrets,
+                      "NAME@host[,host] (value from the host env) or NAME=VALUE@host: the guest "
+                      "sees a placeholder, the proxy sends the value to those hosts only");
+  run_cmd->add_option("--resolve", run.resolves,
+                      "Pin an upstream: NAME:PORT:ADDR[:PORT] (like curl --resolve)");
+  run_cmd->add_option("--upstream-ca", run.upstream_ca,
+                      "PEM CA bundle to verify upstream TLS instead of the host's trust store");
   run_cmd->add_option("command", run.command, "Command and arguments (after --)");
   run_cmd->positionals_at_end(true);
 
@@ -190,6 +203,20 @@ int Main(int argc, char** argv) {
       volume_cmd->add_subcommand("rm", "Remove volumes (refused while a sandbox uses them)");
   volume_rm_cmd->add_option("name", volume_rm_names, "Volume names")->required();
 
+  CLI::App* allow_cmd =
+      app.add_subcommand("allow-list", "Change a running sandbox's egress allow-list");
+  allow_cmd->require_subcommand(1);
+  std::string allow_sandbox;
+  std::vector<std::string> allow_hosts;
+  CLI::App* allow_add_cmd = allow_cmd->add_subcommand("add", "Allow hosts (new connections)");
+  allow_add_cmd->add_option("sandbox", allow_sandbox, "Sandbox")->required();
+  allow_add_cmd->add_option("hosts", allow_hosts, "Hosts (a,b lists, *.globs)")->required();
+  CLI::App* allow_rm_cmd = allow_cmd->add_subcommand("rm", "Stop allowing hosts");
+  allow_rm_cmd->add_option("sandbox", allow_sandbox, "Sandbox")->required();
+  allow_rm_cmd->add_option("hosts", allow_hosts, "Hosts")->required();
+  CLI::App* allow_ls_cmd = allow_cmd->add_subcommand("ls", "Print the allow-list");
+  allow_ls_cmd->add_option("sandbox", allow_sandbox, "Sandbox")->required();
+
   // The sandbox supervisor: started by cella itself, not by people.
   std::string supervise_id;
   int supervise_ready_fd = -1;
@@ -241,6 +268,13 @@ int Main(int argc, char** argv) {
   if (volume_ls_cmd->parsed())
     return cella::cli::VolumeLsCommand(volume_json ? ListFormat::kJson : ListFormat::kText);
   if (volume_rm_cmd->parsed()) return cella::cli::VolumeRmCommand(volume_rm_names);
+  using cella::cli::AllowListOp;
+  if (allow_add_cmd->parsed())
+    return cella::cli::AllowListCommand(AllowListOp::kAdd, allow_sandbox, allow_hosts);
+  if (allow_rm_cmd->parsed())
+    return cella::cli::AllowListCommand(AllowListOp::kRemove, allow_sandbox, allow_hosts);
+  if (allow_ls_cmd->parsed())
+    return cella::cli::AllowListCommand(AllowListOp::kList, allow_sandbox, allow_hosts);
   if (supervise_cmd->parsed())
     return cella::cli::SuperviseCommand(supervise_id, supervise_ready_fd,
                                         supervise_client_attaches);

@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "base/io.h"
 #include "base/log.h"
 #include "cli/attach.h"
@@ -131,8 +133,14 @@ Result<store::VolumeRecord> EnsureVolume(SandboxContext& ctx, const std::string&
   return ctx.store.GetVolume(name);
 }
 
+Result<std::string> NewPlaceholder() {
+  std::string hex = CELLA_TRY(NewSandboxId());  // 32 random hex digits
+  return "CELLA_SECRET_" + hex;
+}
+
 struct Prepared {
   sandbox::SandboxSpec spec;
+  nlohmann::json secret_values = nlohmann::json::object();  // name -> value; never stored
   std::vector<store::VolumeUse> volume_uses;
   std::vector<store::PortPublish> ports;
 };
@@ -202,6 +210,35 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     p.volume_uses.push_back({v.name, v.guest_path, ModeName(v.mode)});
     spec.volumes.push_back(std::move(v));
   }
+  sandbox::EgressSpec& egress = spec.egress;
+  egress.allow = CELLA_TRY(SplitHostList(args.allow_hosts));
+  egress.allow_private = args.allow_private;
+  egress.intercept = args.network_intercept || !args.secrets.empty();
+  egress.upstream_ca = args.upstream_ca;
+  if (!egress.upstream_ca.empty()) {
+    std::error_code ec;
+    auto absolute = std::filesystem::absolute(egress.upstream_ca, ec);
+    if (ec || !std::filesystem::is_regular_file(absolute, ec))
+      return Fail("--upstream-ca " + egress.upstream_ca + ": not a readable file");
+    egress.upstream_ca = absolute.string();
+  }
+  for (const std::string& item : args.resolves) {
+    ResolveFlag pin = CELLA_TRY(ParseResolveFlag(item));
+    egress.pins.push_back({pin.name, pin.port, pin.address, pin.address_port});
+  }
+  for (const std::string& item : args.secrets) {
+    SecretFlag secret = CELLA_TRY(ParseSecretFlag(item, &HostEnv));
+    std::string placeholder = CELLA_TRY(NewPlaceholder());
+    g.env[secret.name] = placeholder;
+    p.secret_values[secret.name] = secret.value;
+    egress.secrets.push_back(
+        {secret.name, placeholder, secret.hosts, secret.from_env ? secret.name : std::string()});
+  }
+  egress.enabled = !egress.allow.empty() || egress.allow_private || egress.intercept ||
+                   !egress.pins.empty() || !egress.upstream_ca.empty();
+  if (egress.enabled && args.no_network)
+    return Fail("--no-network cannot be combined with an egress policy (--allow-host, --secret...)");
+
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
   // free. Detached sandboxes keep their writable layer across stop/start.
   if (detached || !args.disk_size.empty()) {
@@ -292,7 +329,8 @@ Result<int> Run(const RunArgs& args) {
   std::string self = CELLA_TRY(SelfExecutable());
   auto spawned = sandbox::SpawnSupervisor(
       self, id, detached ? sandbox::MainAttach::kBySupervisor : sandbox::MainAttach::kByClient,
-      paths.supervisor_log, std::chrono::seconds(args.boot_timeout_s + 120));
+      paths.supervisor_log, std::chrono::seconds(args.boot_timeout_s + 120),
+      prepared->secret_values.dump());
   if (!spawned) {
     if (auto left = ctx.store.Get(id); left && left->auto_remove)
       (void)RemoveSandboxCompletely(ctx, *left);

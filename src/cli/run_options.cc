@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 
+#include <cctype>
 #include <charconv>
 #include <cmath>
 
@@ -111,6 +112,104 @@ Result<HostEntry> ParseAddHost(std::string_view text) {
     if (c == ' ' || c == '\t' || c == '\n' || c == '#')
       return Fail("--add-host \"" + std::string(text) + "\": invalid host name");
   return entry;
+}
+
+namespace {
+
+bool ValidSecretName(std::string_view name) {
+  if (name.empty() || std::isdigit(static_cast<unsigned char>(name[0]))) return false;
+  for (char c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_') return false;
+  return true;
+}
+
+Result<uint16_t> ParsePortNumber(std::string_view text, std::string_view what) {
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || value == 0 || value > 65535)
+    return Fail(std::string(what) + ": port \"" + std::string(text) + "\" is not 1-65535");
+  return static_cast<uint16_t>(value);
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> SplitHostList(const std::vector<std::string>& items) {
+  std::vector<std::string> out;
+  for (const std::string& item : items) {
+    size_t start = 0;
+    while (start <= item.size()) {
+      size_t comma = item.find(',', start);
+      if (comma == std::string::npos) comma = item.size();
+      std::string host = item.substr(start, comma - start);
+      if (host.empty()) return Fail("host list \"" + item + "\": empty entry");
+      if (host.find_first_of(" /@") != std::string::npos)
+        return Fail("host list \"" + item + "\": \"" + host + "\" is not a host name");
+      out.push_back(std::move(host));
+      start = comma + 1;
+    }
+  }
+  return out;
+}
+
+Result<SecretFlag> ParseSecretFlag(std::string_view text, EnvLookup lookup) {
+  SecretFlag flag;
+  auto at = text.rfind('@');
+  if (at == std::string_view::npos)
+    return Fail("--secret: want NAME@host[,host] or NAME=VALUE@host[,host]");
+  std::string_view left = text.substr(0, at);
+  flag.hosts = CELLA_TRY(SplitHostList({std::string(text.substr(at + 1))}));
+  if (auto eq = left.find('='); eq != std::string_view::npos) {
+    flag.name = std::string(left.substr(0, eq));
+    flag.value = std::string(left.substr(eq + 1));
+  } else {
+    flag.name = std::string(left);
+    flag.from_env = true;
+  }
+  if (!ValidSecretName(flag.name))
+    return Fail("--secret: \"" + flag.name + "\" is not an environment variable name");
+  if (flag.from_env) {
+    const char* value = lookup(flag.name.c_str());
+    if (!value)
+      return Fail("--secret " + flag.name + ": the host environment has no " + flag.name +
+                  " (export it, or give NAME=VALUE@host)");
+    flag.value = value;
+  }
+  if (flag.value.empty()) return Fail("--secret " + flag.name + ": the value is empty");
+  return flag;
+}
+
+Result<ResolveFlag> ParseResolveFlag(std::string_view text) {
+  ResolveFlag flag;
+  const std::string what = "--resolve " + std::string(text);
+  auto first = text.find(':');
+  if (first == std::string_view::npos) return Fail(what + ": want NAME:PORT:ADDR[:PORT]");
+  flag.name = std::string(text.substr(0, first));
+  std::string_view rest = text.substr(first + 1);
+  auto second = rest.find(':');
+  if (flag.name.empty() || second == std::string_view::npos)
+    return Fail(what + ": want NAME:PORT:ADDR[:PORT]");
+  flag.port = CELLA_TRY(ParsePortNumber(rest.substr(0, second), what));
+  rest = rest.substr(second + 1);
+  if (!rest.empty() && rest.front() == '[') {
+    auto close = rest.find(']');
+    if (close == std::string_view::npos) return Fail(what + ": unterminated [IPv6 address]");
+    flag.address = std::string(rest.substr(1, close - 1));
+    rest = rest.substr(close + 1);
+    in6_addr probe{};
+    if (::inet_pton(AF_INET6, flag.address.c_str(), &probe) != 1)
+      return Fail(what + ": \"" + flag.address + "\" is not an IPv6 address");
+    if (!rest.empty() && rest.front() != ':') return Fail(what + ": junk after the address");
+    if (!rest.empty()) rest = rest.substr(1);
+  } else {
+    auto colon = rest.find(':');
+    flag.address = std::string(rest.substr(0, colon));
+    rest = colon == std::string_view::npos ? std::string_view() : rest.substr(colon + 1);
+    in_addr probe{};
+    if (::inet_pton(AF_INET, flag.address.c_str(), &probe) != 1)
+      return Fail(what + ": \"" + flag.address + "\" is not an IPv4 address");
+  }
+  flag.address_port = rest.empty() ? flag.port : CELLA_TRY(ParsePortNumber(rest, what));
+  return flag;
 }
 
 }  // namespace cella::cli

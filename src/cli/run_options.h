@@ -32,4 +32,28 @@ struct HostEntry {
 // "name:ip" (docker's --add-host); IPv6 addresses may contain ':' after the first.
 Result<HostEntry> ParseAddHost(std::string_view text);
 
+// "a.test,b.test" and repeated flags -> one list; empty items refused.
+Result<std::vector<std::string>> SplitHostList(const std::vector<std::string>& items);
+
+// --secret NAME@host[,host...] (value from the host environment variable
+// NAME) or NAME=VALUE@host[,host...]. The value may contain '@' (the last
+// '@' starts the hosts). Error messages never include the value.
+struct SecretFlag {
+  std::string name;
+  std::string value;
+  std::vector<std::string> hosts;
+  bool from_env = false;
+};
+Result<SecretFlag> ParseSecretFlag(std::string_view text, EnvLookup lookup);
+
+// --resolve NAME:PORT:ADDR[:PORT] (curl's form, plus an optional upstream
+// port); ADDR is IPv4 or [IPv6].
+struct ResolveFlag {
+  std::string name;
+  uint16_t port = 0;
+  std::string address;
+  uint16_t address_port = 0;
+};
+Result<ResolveFlag> ParseResolveFlag(std::string_view text);
+
 }  // namespace cella::cli

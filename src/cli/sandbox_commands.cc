@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -126,15 +127,39 @@ Status KillOne(SandboxContext& ctx, const store::SandboxRecord& record) {
   return {};
 }
 
+// Secret values are never stored: a restart takes them from this process's
+// environment again (the NAME@host form), or cannot have them.
+Result<std::string> SecretsForRestart(const sandbox::SandboxSpec& spec,
+                                      const store::SandboxRecord& record) {
+  json values = json::object();
+  for (const auto& secret : spec.egress.secrets) {
+    if (secret.from_env.empty()) {
+      return Fail("secret " + secret.name + " of sandbox " + record.Label() +
+                  " was given as NAME=VALUE and cella never stores values; remove the sandbox "
+                  "and run it again (or pass secrets as NAME@host from the environment)");
+    }
+    const char* value = std::getenv(secret.from_env.c_str());
+    if (!value || !*value) {
+      return Fail("secret " + secret.name + " of sandbox " + record.Label() + ": export " +
+                  secret.from_env + " in the environment of cella start");
+    }
+    values[secret.name] = value;
+  }
+  return values.dump();
+}
+
 Status StartOne(SandboxContext& ctx, const store::SandboxRecord& record) {
   if (record.state == store::SandboxState::kRunning) return {};
+  sandbox::SandboxSpec decoded = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+  std::string secrets = CELLA_TRY(SecretsForRestart(decoded, record));
   CELLA_TRY(ctx.store.Transition(record.id, store::SandboxState::kCreating, "started (cella start)",
                                  std::nullopt, record.state));
   sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, record.id);
   auto spec = sandbox::DecodeSpec(record.spec_json);
   int boot_timeout = spec ? spec->boot_timeout_s : 120;
   return sandbox::SpawnSupervisor(SelfExe(), record.id, sandbox::MainAttach::kBySupervisor,
-                                  paths.supervisor_log, std::chrono::seconds(boot_timeout + 120));
+                                  paths.supervisor_log, std::chrono::seconds(boot_timeout + 120),
+                                  secrets);
 }
 
 Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool force) {
@@ -392,15 +417,22 @@ int CpCommand(const std::string& source, const std::string& destination) {
     store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
     CELLA_TRY(RequireRunning(record, "cp"));
     auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+    sandbox::CopyStats stats;
     if (dst.sandbox.empty()) {
       if (src.path.empty() || src.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + source);
-      CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path));
+      stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path));
     } else {
       if (dst.path.empty() || dst.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + destination);
-      CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path));
+      stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path));
     }
+    std::string notes;
+    for (const auto& w : stats.warnings) notes += "cella: cp: " + w + "\n";
+    if (stats.skipped > 0)
+      notes += "cella: cp: skipped " + std::to_string(stats.skipped) +
+               " entries (devices, fifos, sockets or unrepresentable names)\n";
+    if (!notes.empty()) CELLA_TRY(WriteAll(STDERR_FILENO, notes));
     return {};
   };
   return Report(run());
@@ -500,6 +532,44 @@ int VolumeRmCommand(const std::vector<std::string>& names) {
     if (auto printed = Print(name + "\n"); !printed) code = ReportFailure(printed.error());
   }
   return code;
+}
+
+int AllowListCommand(AllowListOp op, const std::string& sandbox_ref,
+                     const std::vector<std::string>& hosts_args) {
+  auto run = [&]() -> Status {
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(sandbox_ref));
+    sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+    if (!spec.egress.enabled) {
+      return Fail("sandbox " + record.Label() +
+                  " has no egress policy: its network is plain NAT (give --allow-host or "
+                  "--network-intercept to cella run)");
+    }
+    std::vector<std::string>& allow = spec.egress.allow;
+    if (op == AllowListOp::kList) {
+      std::string text;
+      for (const auto& h : allow) text += h + "\n";
+      return Print(text);
+    }
+    std::vector<std::string> hosts = CELLA_TRY(SplitHostList(hosts_args));
+    for (const auto& h : hosts) {
+      auto it = std::find(allow.begin(), allow.end(), h);
+      if (op == AllowListOp::kAdd && it == allow.end()) allow.push_back(h);
+      if (op == AllowListOp::kRemove) {
+        if (it == allow.end()) return Fail(h + " is not on the allow-list of " + record.Label());
+        allow.erase(it);
+      }
+    }
+    CELLA_TRY(ctx.store.UpdateSpec(record.id, sandbox::EncodeSpec(spec)));
+    if (record.state == store::SandboxState::kRunning) {
+      std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+      CELLA_TRY_CTX(sandbox::ControlCall(control, {{"op", "allow-list"}, {"allow", allow}},
+                                         std::chrono::seconds(10)),
+                    "update the running sandbox " + record.Label());
+    }
+    return {};
+  };
+  return Report(run());
 }
 
 int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches) {

@@ -226,6 +226,7 @@ Result<Config> Decode(const Json& doc) {
   CELLA_TRY(ReadDouble(doc, "cpus", top, c.cpus));
   CELLA_TRY(ReadBool(doc, "keep_alive", top, c.keep_alive));
   CELLA_TRY(ReadBool(doc, "tty", top, c.tty));
+  CELLA_TRY(ReadString(doc, "ca_certificates", top, c.ca_certificates));
   CELLA_TRY(ReadString(doc, "agent_port", top, c.agent_port));
   if (c.agent_port.empty()) c.agent_port = std::string(kDefaultAgentPort);
   return c;
@@ -564,6 +565,7 @@ std::string SerializeConfig(const Config& c) {
   if (c.cpus != 0) out["cpus"] = c.cpus;
   if (c.keep_alive) out["keep_alive"] = true;
   if (c.tty) out["tty"] = true;
+  if (!c.ca_certificates.empty()) out["ca_certificates"] = c.ca_certificates;
   if (!c.agent_port.empty() && c.agent_port != kDefaultAgentPort) out["agent_port"] = c.agent_port;
   // replace: a Config built in code with invalid UTF-8 must not throw here.
   return out.dump(-1, ' ', false, OrderedJson::error_handler_t::replace);

@@ -127,6 +127,9 @@ struct Config {
   // The main process gets a pseudo-terminal (`cella run -t`); the host sends
   // the window size after attaching.
   bool tty = false;
+  // PEM certificates the guest must trust (the egress proxy's CA when it
+  // intercepts TLS): appended to the distribution's CA bundles at boot.
+  std::string ca_certificates;
   std::string agent_port = std::string(kDefaultAgentPort);
 
   bool operator==(const Config&) const = default;

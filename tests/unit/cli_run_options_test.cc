@@ -73,3 +73,60 @@ TEST(RunOptions, AddHost) {
 
 }  // namespace
 }  // namespace cella::cli
+
+namespace cella::cli {
+namespace {
+
+const char* FakeSecretEnv(const char* name) {
+  return std::string_view(name) == "API_KEY" ? "sk-live-123@x" : nullptr;
+}
+
+TEST(EgressFlags, HostListsSplitOnCommasAndRepeat) {
+  auto hosts = SplitHostList({"a.test,*.b.test", "10.0.0.1"});
+  ASSERT_TRUE(hosts);
+  EXPECT_EQ(*hosts, (std::vector<std::string>{"a.test", "*.b.test", "10.0.0.1"}));
+  EXPECT_FALSE(SplitHostList({"a.test,,b.test"}));
+  EXPECT_FALSE(SplitHostList({"http://a.test"}));
+}
+
+TEST(EgressFlags, SecretFromTheEnvironmentOrLiteral) {
+  auto from_env = ParseSecretFlag("API_KEY@api.test,*.api.test", &FakeSecretEnv);
+  ASSERT_TRUE(from_env) << from_env.error().message;
+  EXPECT_EQ(from_env->name, "API_KEY");
+  EXPECT_EQ(from_env->value, "sk-live-123@x");
+  EXPECT_TRUE(from_env->from_env);
+  EXPECT_EQ(from_env->hosts, (std::vector<std::string>{"api.test", "*.api.test"}));
+  auto literal = ParseSecretFlag("TOKEN=p@ss@word@api.test", &FakeSecretEnv);
+  ASSERT_TRUE(literal) << literal.error().message;
+  EXPECT_EQ(literal->value, "p@ss@word");
+  EXPECT_FALSE(literal->from_env);
+  auto missing = ParseSecretFlag("NOPE@api.test", &FakeSecretEnv);
+  ASSERT_FALSE(missing);
+  EXPECT_NE(missing.error().message.find("export it"), std::string::npos);
+  auto bad = ParseSecretFlag("TOKEN=hunter2", &FakeSecretEnv);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().message.find("hunter2"), std::string::npos);  // never echo a value
+  EXPECT_FALSE(ParseSecretFlag("1BAD=v@h.test", &FakeSecretEnv));
+}
+
+TEST(EgressFlags, ResolvePinsCurlStyle) {
+  auto same = ParseResolveFlag("api.test:443:127.0.0.1");
+  ASSERT_TRUE(same) << same.error().message;
+  EXPECT_EQ(same->name, "api.test");
+  EXPECT_EQ(same->port, 443);
+  EXPECT_EQ(same->address, "127.0.0.1");
+  EXPECT_EQ(same->address_port, 443);
+  auto moved = ParseResolveFlag("api.test:443:127.0.0.1:8443");
+  ASSERT_TRUE(moved);
+  EXPECT_EQ(moved->address_port, 8443);
+  auto v6 = ParseResolveFlag("api.test:80:[::1]:8080");
+  ASSERT_TRUE(v6) << v6.error().message;
+  EXPECT_EQ(v6->address, "::1");
+  EXPECT_EQ(v6->address_port, 8080);
+  EXPECT_FALSE(ParseResolveFlag("api.test:443"));
+  EXPECT_FALSE(ParseResolveFlag("api.test:0:127.0.0.1"));
+  EXPECT_FALSE(ParseResolveFlag("api.test:443:not-an-ip"));
+}
+
+}  // namespace
+}  // namespace cella::cli

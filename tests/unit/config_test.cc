@@ -60,6 +60,7 @@ Config FullConfig() {
   c.cpus = 1.5;
   c.keep_alive = true;
   c.tty = true;
+  c.ca_certificates = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
   c.agent_port = "custom.port";
   return c;
 }
@@ -168,6 +169,7 @@ TEST(Config, WritesEveryFieldWhenSet) {
                                                   "cpus",
                                                   "keep_alive",
                                                   "tty",
+                                                  "ca_certificates",
                                                   "agent_port"}));
   auto doc = ordered_json::parse(json);
   // omitempty inside nested objects too.

@@ -56,6 +56,7 @@ Status Boot() {
 
   CELLA_TRY_CTX(ConfigureNetwork(config, DeviceDeadline()), "network");
   CELLA_TRY_CTX(WriteIdentityFiles(config), "identity files");
+  CELLA_TRY_CTX(InstallTrustedCertificates(config), "CA certificates");
   CELLA_TRY_CTX(ApplyCpuQuota(config.cpus), "cpu quota");
   // Like docker, a missing workdir is created (root-owned) rather than fatal.
   if (!config.workdir.empty()) CELLA_TRY_CTX(OpenDirBeneath("/", config.workdir), "workdir");

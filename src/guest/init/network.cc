@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/io.h"
 #include "base/unique_fd.h"
 #include "guest/init/console.h"
 #include "guest/init/format.h"
@@ -137,6 +138,29 @@ Status WriteIdentityFiles(const protocol::Config& config) {
   auto servers = EffectiveDnsServers(config);
   if (!servers.empty())
     CELLA_TRY(ReplaceFile("/etc/resolv.conf", ResolvConfContent(servers), 0644));
+  return {};
+}
+
+Status InstallTrustedCertificates(const protocol::Config& config) {
+  if (config.ca_certificates.empty()) return {};
+  std::string pem = config.ca_certificates;
+  if (pem.back() != '\n') pem += '\n';
+  CELLA_TRY(MkdirAll("/etc/ssl/certs", 0755));
+  CELLA_TRY(ReplaceFile("/etc/ssl/certs/cella-egress-ca.pem", pem, 0644));
+  // Debian/Ubuntu and Alpine read the first; Alpine's libressl/openssl the
+  // second; Fedora/RHEL the third (only touched when the image has it).
+  for (const char* bundle : {"/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem",
+                             "/etc/pki/tls/certs/ca-bundle.crt"}) {
+    std::string existing;
+    if (::access(bundle, F_OK) == 0) {
+      existing = CELLA_TRY_CTX(ReadFileToString(bundle, size_t{32} << 20), bundle);
+    } else if (std::string_view(bundle).starts_with("/etc/pki")) {
+      continue;
+    }
+    if (existing.find(pem) != std::string::npos) continue;
+    if (!existing.empty() && existing.back() != '\n') existing += '\n';
+    CELLA_TRY(ReplaceFile(bundle, existing + pem, 0644));
+  }
   return {};
 }
 

@@ -17,5 +17,8 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline);
 // /etc/resolv.conf (when there are DNS servers), in the current root. Files
 // are replaced, not edited: the root's writable layer is this sandbox's own.
 Status WriteIdentityFiles(const protocol::Config& config);
+// Appends config.ca_certificates to the image's CA bundles (creating a
+// bundle where the image has none) so TLS clients trust the egress proxy.
+Status InstallTrustedCertificates(const protocol::Config& config);
 
 }  // namespace cella::init

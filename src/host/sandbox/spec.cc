@@ -54,6 +54,24 @@ std::string EncodeSpec(const SandboxSpec& spec) {
   out["accel"] = spec.accel;
   out["boot_timeout_s"] = spec.boot_timeout_s;
   out["upper_image"] = spec.upper_image;
+  const EgressSpec& e = spec.egress;
+  json egress = {{"enabled", e.enabled},       {"allow", e.allow},
+                 {"allow_private", e.allow_private}, {"intercept", e.intercept},
+                 {"upstream_ca", e.upstream_ca},   {"pins", json::array()},
+                 {"secrets", json::array()}};
+  for (const auto& p : e.pins) {
+    egress["pins"].push_back({{"name", p.name},
+                              {"port", p.port},
+                              {"address", p.address},
+                              {"address_port", p.address_port}});
+  }
+  for (const auto& sec : e.secrets) {
+    egress["secrets"].push_back({{"name", sec.name},
+                                 {"placeholder", sec.placeholder},
+                                 {"hosts", sec.hosts},
+                                 {"from_env", sec.from_env}});
+  }
+  out["egress"] = egress;
   return out.dump();
 }
 
@@ -88,6 +106,26 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
     spec.accel = doc.at("accel").get<std::string>();
     spec.boot_timeout_s = doc.at("boot_timeout_s").get<int>();
     spec.upper_image = doc.at("upper_image").get<std::string>();
+    if (doc.contains("egress")) {
+      const json& e = doc.at("egress");
+      EgressSpec& out = spec.egress;
+      out.enabled = e.at("enabled").get<bool>();
+      out.allow = e.at("allow").get<std::vector<std::string>>();
+      out.allow_private = e.at("allow_private").get<bool>();
+      out.intercept = e.at("intercept").get<bool>();
+      out.upstream_ca = e.at("upstream_ca").get<std::string>();
+      for (const auto& p : e.at("pins")) {
+        out.pins.push_back({p.at("name").get<std::string>(), p.at("port").get<uint16_t>(),
+                            p.at("address").get<std::string>(),
+                            p.at("address_port").get<uint16_t>()});
+      }
+      for (const auto& sec : e.at("secrets")) {
+        out.secrets.push_back({sec.at("name").get<std::string>(),
+                               sec.at("placeholder").get<std::string>(),
+                               sec.at("hosts").get<std::vector<std::string>>(),
+                               sec.at("from_env").get<std::string>()});
+      }
+    }
     return spec;
   } catch (const json::exception& e) {
     return Fail(std::string("sandbox spec: ") + e.what());

@@ -28,6 +28,39 @@ struct PortSpec {
   uint16_t guest_port = 0;
 };
 
+// An API key the sandbox uses without holding it: the guest's env has the
+// placeholder; the egress proxy swaps in the value for `hosts` only. The
+// value is never part of the spec (the spec is stored on disk).
+struct SecretSpec {
+  std::string name;
+  std::string placeholder;  // CELLA_SECRET_ + 32 hex
+  std::vector<std::string> hosts;
+  // Host environment variable the value is read from at every (re)start;
+  // empty when it was given literally (NAME=VALUE@host), which a restart
+  // cannot recover.
+  std::string from_env;
+};
+
+// `--resolve NAME:PORT:ADDR[:PORT]`: connections to NAME:PORT go to ADDR:PORT.
+struct PinSpec {
+  std::string name;
+  uint16_t port = 0;
+  std::string address;
+  uint16_t address_port = 0;
+};
+
+// Egress policy. enabled = any policy flag was given: the sandbox gets the
+// sealed network (own namespace, every flow through the supervisor's proxy).
+struct EgressSpec {
+  bool enabled = false;
+  std::vector<std::string> allow;  // names, *.globs, IP literals/CIDRs
+  bool allow_private = false;
+  bool intercept = false;  // terminate TLS with cella's CA (implied by secrets)
+  std::vector<PinSpec> pins;
+  std::string upstream_ca;  // PEM file to verify upstreams; empty = the host's trust store
+  std::vector<SecretSpec> secrets;
+};
+
 struct SandboxSpec {
   // config.json before Compose: command, env, user, workdir, network knobs.
   protocol::Config guest;
@@ -40,6 +73,7 @@ struct SandboxSpec {
   std::string accel = "auto";
   int boot_timeout_s = 120;
   std::string upper_image;  // ext4 writable layer; empty = tmpfs
+  EgressSpec egress;
 };
 
 std::string EncodeSpec(const SandboxSpec& spec);

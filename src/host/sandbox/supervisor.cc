@@ -8,6 +8,7 @@
 
 #include <condition_variable>
 #include <cstring>
+#include <map>
 #include <filesystem>
 #include <mutex>
 #include <optional>
@@ -107,6 +108,11 @@ class Supervisor {
     store::ProcessIdentity self = CELLA_TRY(store::IdentifyProcess(::getpid()));
     CELLA_TRY(store_->SetSupervisor(args_.id, self));
     SandboxSpec spec = CELLA_TRY(DecodeSpec(record.spec_json));
+    CELLA_TRY(ReadSecrets(spec));
+    if (spec.egress.enabled) {
+      // Never fall back to an open network when a policy was asked for.
+      return Fail("egress policies are not wired into the supervisor yet");
+    }
 
     output_log_ = UniqueFd(
         ::open(paths_.output_log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
@@ -175,6 +181,31 @@ class Supervisor {
     CELLA_TRY(store_->Transition(
         args_.id, store::SandboxState::kRunning,
         "booted in " + std::to_string(machine_->BootDuration().count()) + " ms"));
+    return {};
+  }
+
+  // The CLI writes {"NAME":"value"} to our stdin and closes it; the values
+  // live in this process's memory only.
+  Status ReadSecrets(const SandboxSpec& spec) {
+    std::string text;
+    char buf[4096];
+    for (;;) {
+      ssize_t n = ::read(STDIN_FILENO, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return FailErrno("read secrets from stdin");
+      if (n == 0) break;
+      text.append(buf, static_cast<size_t>(n));
+      if (text.size() > (1u << 20)) return Fail("secrets on stdin: more than 1 MiB");
+    }
+    if (text.empty()) text = "{}";
+    nlohmann::json doc = nlohmann::json::parse(text, nullptr, false);
+    if (doc.is_discarded() || !doc.is_object()) return Fail("secrets on stdin: not a JSON object");
+    for (const SecretSpec& secret : spec.egress.secrets) {
+      auto it = doc.find(secret.name);
+      if (it == doc.end() || !it->is_string() || it->get<std::string>().empty())
+        return Fail("secret " + secret.name + ": no value was handed over");
+      secret_values_[secret.name] = it->get<std::string>();
+    }
     return {};
   }
 
@@ -309,6 +340,7 @@ class Supervisor {
   std::unique_ptr<vmm::Machine> machine_;
   std::unique_ptr<host::ExecSession> main_;
   std::vector<std::unique_ptr<PortForwarder>> forwarders_;
+  std::map<std::string, std::string> secret_values_;  // never logged, never written
   std::unique_ptr<ControlServer> control_;
 };
 
@@ -329,7 +361,12 @@ int RunSupervisor(const SupervisorArgs& args) {
 }
 
 Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,
-                       const std::string& log_path, std::chrono::milliseconds ready_timeout) {
+                       const std::string& log_path, std::chrono::milliseconds ready_timeout,
+                       const std::string& secrets_json) {
+  int secret_fds[2];
+  if (::pipe2(secret_fds, O_CLOEXEC) != 0) return FailErrno("pipe2");
+  UniqueFd secrets_read(secret_fds[0]);
+  UniqueFd secrets_write(secret_fds[1]);
   int pipe_fds[2];
   if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return FailErrno("pipe2");
   UniqueFd read_end(pipe_fds[0]);
@@ -358,7 +395,7 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
-    if (::dup2(devnull.Get(), 0) < 0 || ::dup2(devnull.Get(), 1) < 0 ||
+    if (::dup2(secrets_read.Get(), 0) < 0 || ::dup2(devnull.Get(), 1) < 0 ||
         ::dup2(log_fd.Get(), 2) < 0 || ::dup2(write_end.Get(), 3) < 0)
       ::_exit(122);
     // Nothing else of ours (or of whoever ran us, e.g. a pipe a test reads
@@ -368,6 +405,11 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
     ::_exit(127);
   }
   write_end.Reset();
+  secrets_read.Reset();
+  // Small (a pipe buffer holds 64 KiB); the supervisor reads it first thing.
+  if (auto sent = WriteAll(secrets_write.Get(), secrets_json); !sent)
+    return std::unexpected(std::move(sent.error()).WithContext("hand secrets to the supervisor"));
+  secrets_write.Reset();
   int status = 0;
   while (::waitpid(middle, &status, 0) < 0) {
     if (errno != EINTR) return FailErrno("waitpid supervisor launcher");

@@ -37,7 +37,10 @@ int RunSupervisor(const SupervisorArgs& args);
 // new session, stdio on /dev/null, stderr appended to `log_path`. Waits up to
 // `ready_timeout` for its readiness line; an "error: ..." line becomes the
 // returned error.
+// `secrets_json` ({"NAME":"value",...}) reaches the supervisor on its stdin,
+// never through argv, the environment or a file.
 Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,
-                       const std::string& log_path, std::chrono::milliseconds ready_timeout);
+                       const std::string& log_path, std::chrono::milliseconds ready_timeout,
+                       const std::string& secrets_json = {});
 
 }  // namespace cella::sandbox

@@ -579,6 +579,18 @@ Status StateStore::SetHypervisor(const std::string& id, ProcessIdentity identity
                            identity, "hypervisor");
 }
 
+Status StateStore::UpdateSpec(const std::string& id, const std::string& spec_json) {
+  Impl& s = *impl_;
+  CELLA_TRY(CheckId(id));
+  Transaction txn = CELLA_TRY(Transaction::Begin(*s.db, TransactionKind::kWrite));
+  sql::Statement st = CELLA_TRY(
+      s.db->Prepare("UPDATE sandboxes SET spec_json = ?2, updated_ms = ?3 WHERE id = ?1"));
+  CELLA_TRY(st.BindAll(id, spec_json, NowMs()));
+  CELLA_TRY(st.Run());
+  if (s.db->Changes() == 0) return Refuse(ENOENT, NoSandbox(id));
+  return txn.Commit();
+}
+
 Status StateStore::Remove(const std::string& id) {
   Impl& s = *impl_;
   CELLA_TRY(CheckId(id));

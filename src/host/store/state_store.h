@@ -141,6 +141,9 @@ class StateStore {
                     std::optional<SandboxState> expected_from = std::nullopt);
   Status SetSupervisor(const std::string& id, ProcessIdentity identity);
   Status SetHypervisor(const std::string& id, ProcessIdentity identity);
+  // Replaces the recorded spec (e.g. a runtime allow-list change, so a
+  // restart keeps it). Does not touch the state or updated history.
+  Status UpdateSpec(const std::string& id, const std::string& spec_json);
   // Deletes the record, its history and its volume uses, whatever its
   // state: stopping processes first is the caller's job.
   Status Remove(const std::string& id);

@@ -37,11 +37,31 @@ std::vector<char*> CArgv(const std::vector<std::string>& argv) {
   return out;
 }
 
+// Descriptors to place at kFirstInheritedFd.. in the child. `scratch` has
+// one slot per descriptor, allocated before fork (the child must not).
+struct InheritedFds {
+  std::span<const int> fds;
+  int* scratch = nullptr;
+};
+
 // Runs in the forked child: only async-signal-safe calls until exec.
-[[noreturn]] void ExecChild(char* const* argv, int stdout_fd, pid_t parent) {
+[[noreturn]] void ExecChild(char* const* argv, int stdout_fd, pid_t parent,
+                            const InheritedFds& inherited) {
   if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) ::_exit(126);
   // The parent may have died before prctl took effect.
   if (::getppid() != parent) ::_exit(126);
+  // First move every inherited descriptor above the target range, so no
+  // dup2 below overwrites one still to be placed (nor stdout_fd, which is
+  // moved too when it sits in that range).
+  const int first_free = kFirstInheritedFd + static_cast<int>(inherited.fds.size());
+  for (size_t i = 0; i < inherited.fds.size(); ++i) {
+    inherited.scratch[i] = ::fcntl(inherited.fds[i], F_DUPFD_CLOEXEC, first_free);
+    if (inherited.scratch[i] < 0) ::_exit(126);
+  }
+  if (stdout_fd < first_free) {
+    stdout_fd = ::fcntl(stdout_fd, F_DUPFD_CLOEXEC, first_free);
+    if (stdout_fd < 0) ::_exit(126);
+  }
   // Its own process group: a Ctrl-C on the terminal goes to cella, which
   // forwards it to the guest or stops the VM gracefully; QEMU itself must
   // not die of it mid-flight. PDEATHSIG still ties it to us.
@@ -49,6 +69,10 @@ std::vector<char*> CArgv(const std::vector<std::string>& argv) {
   int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (devnull < 0 || ::dup2(devnull, STDIN_FILENO) < 0) ::_exit(126);
   if (::dup2(stdout_fd, STDOUT_FILENO) < 0 || ::dup2(stdout_fd, STDERR_FILENO) < 0) ::_exit(126);
+  // dup2 leaves the new descriptor without close-on-exec: these survive exec.
+  for (size_t i = 0; i < inherited.fds.size(); ++i) {
+    if (::dup2(inherited.scratch[i], kFirstInheritedFd + static_cast<int>(i)) < 0) ::_exit(126);
+  }
   // Signals the parent blocked or ignored must not leak into the child.
   sigset_t none;
   ::sigemptyset(&none);
@@ -61,13 +85,20 @@ std::vector<char*> CArgv(const std::vector<std::string>& argv) {
   ::_exit(127);
 }
 
-Result<SpawnedProcess> Spawn(const std::vector<std::string>& argv, int stdout_fd) {
+Result<SpawnedProcess> Spawn(const std::vector<std::string>& argv, int stdout_fd,
+                             std::span<const int> inherited_fds = {}) {
   if (argv.empty()) return Fail("spawn: empty argv");
+  for (int fd : inherited_fds) {
+    if (::fcntl(fd, F_GETFD) < 0)
+      return FailErrno("descriptor " + std::to_string(fd) + " for " + argv[0]);
+  }
   std::vector<char*> cargv = CArgv(argv);
+  std::vector<int> scratch(inherited_fds.size(), -1);
+  InheritedFds inherited{inherited_fds, scratch.data()};
   pid_t parent = ::getpid();
   pid_t pid = ::fork();
   if (pid < 0) return FailErrno("fork for " + argv[0]);
-  if (pid == 0) ExecChild(cargv.data(), stdout_fd, parent);
+  if (pid == 0) ExecChild(cargv.data(), stdout_fd, parent, inherited);
   // Raw syscall: glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
   int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   if (pidfd < 0) {
@@ -102,10 +133,11 @@ std::string ExitStatus::Describe() const {
 }
 
 Result<SpawnedProcess> SpawnWithOutputFile(const std::vector<std::string>& argv,
-                                           const std::string& output_path) {
+                                           const std::string& output_path,
+                                           std::span<const int> inherited_fds) {
   UniqueFd out(::open(output_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
   if (!out) return FailErrno("open " + output_path);
-  return Spawn(argv, out.Get());
+  return Spawn(argv, out.Get(), inherited_fds);
 }
 
 Result<ExitStatus> WaitForExit(SpawnedProcess& process, std::chrono::milliseconds timeout) {

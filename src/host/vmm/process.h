@@ -11,6 +11,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -43,10 +44,19 @@ struct SpawnedProcess {
   UniqueFd pidfd;
 };
 
+// Where descriptors handed to a child start: inherited_fds[i] is fd
+// kFirstInheritedFd + i in the child (e.g. QEMU's `-netdev tap,fd=3`).
+inline constexpr int kFirstInheritedFd = 3;
+
 // Starts argv with stdin from /dev/null and stdout+stderr appended to
 // `output_path` (created 0600). The child dies when this process dies.
+// `inherited_fds` are passed to the child at kFirstInheritedFd, +1, ...
+// (without close-on-exec); the caller keeps and still owns its copies. No
+// other descriptor of ours reaches the child as long as ours are all
+// close-on-exec, which is the rule in this codebase.
 Result<SpawnedProcess> SpawnWithOutputFile(const std::vector<std::string>& argv,
-                                           const std::string& output_path);
+                                           const std::string& output_path,
+                                           std::span<const int> inherited_fds = {});
 
 struct ExitStatus {
   int exit_code = -1;  // -1 when killed by a signal

@@ -121,6 +121,11 @@ int CountVirtioTransports(const VMConfig& config) {
   return disks + serial + nic;
 }
 
+std::vector<int> QemuChildFds(const VMConfig& config) {
+  if (config.NetworkFD >= 0) return {config.NetworkFD};
+  return {};
+}
+
 Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaunch& launch) {
   if (c.KernelPath.empty()) return Fail("VMConfig.KernelPath: empty");
   if (c.InitramfsPath.empty()) return Fail("VMConfig.InitramfsPath: empty");
@@ -173,7 +178,17 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   add({"-device", "virtserialport,chardev=agent,name=cella.agent"});
   add({"-chardev", "socket,id=qmp,path=" + QemuEscape(launch.qmp_socket) + ",server=on,wait=off",
        "-mon", "chardev=qmp,mode=control"});
-  if (!c.NoNetwork) {
+  if (c.NoNetwork && c.NetworkFD >= 0) {
+    return Fail("VMConfig.NetworkFD: " + std::to_string(c.NetworkFD) +
+                " is set but NoNetwork is true (a TAP needs the NIC)");
+  }
+  if (c.NetworkFD >= 0) {
+    // The TAP descriptor reaches QEMU at a fixed number (see QemuChildFds).
+    // vhost=off: no /dev/vhost-net is assumed, and the TAP may live in a
+    // namespace QEMU is not in, which a plain tap fd does not mind.
+    add({"-netdev", "tap,id=net0,fd=" + std::to_string(kQemuTapChildFd) + ",vhost=off", "-device",
+         "virtio-net-device,netdev=net0"});
+  } else if (!c.NoNetwork) {
     std::string netdev = "user,id=net0,ipv6=off";
     if (c.SubnetCIDR.empty()) {
       netdev += std::string(",net=") + kUserNetSubnet + ",host=" + kUserNetGateway +

@@ -48,7 +48,16 @@ std::string BuildKernelCmdline(const VMConfig& config, uint64_t tsc_khz);
 // How many virtio-mmio transports the VM uses.
 int CountVirtioTransports(const VMConfig& config);
 
+// Descriptors QEMU must inherit, in order: the i-th is fd
+// host::kFirstInheritedFd + i in QEMU (host/vmm/process.h). Today only the
+// TAP (VMConfig.NetworkFD), which BuildQemuArgv names as kQemuTapChildFd.
+inline constexpr int kQemuTapChildFd = 3;  // == host::kFirstInheritedFd
+std::vector<int> QemuChildFds(const VMConfig& config);
+
 // Validates the config (errors name the field) and builds argv[0..].
+// NetworkFD >= 0: `-netdev tap,fd=<kQemuTapChildFd>` (the caller passes
+// QemuChildFds to the child); otherwise QEMU user-mode networking unless
+// NoNetwork.
 Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& config, const QemuLaunch& launch);
 
 // QEMU's option syntax doubles a comma inside a value.

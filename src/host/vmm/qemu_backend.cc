@@ -17,6 +17,7 @@
 
 #include "base/log.h"
 #include "host/vmm/paths.h"
+#include "host/vmm/process.h"
 #include "host/vmm/qemu_argv.h"
 #include "host/vmm/qmp.h"
 #include "host/vmm/tsc.h"
@@ -27,6 +28,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
+
+static_assert(kQemuTapChildFd == host::kFirstInheritedFd,
+              "the TAP is the first descriptor QEMU inherits");
 
 constexpr milliseconds kQmpTimeout{10'000};
 constexpr milliseconds kKillWait{5'000};
@@ -111,6 +115,7 @@ class QemuMachine final : public Machine {
   host::AgentClient* Agent() override { return agent_.get(); }
 
   Result<int> NetworkFD() override {
+    if (config_.NetworkFD >= 0) return config_.NetworkFD;
     return std::unexpected(NotSupported("NetworkFD (QEMU user-mode networking has no host fd)"));
   }
   Result<int> VsockFD() override {
@@ -228,7 +233,9 @@ Status QemuMachine::Start() {
   auto launched = Clock::now();
   {
     std::lock_guard lock(mu_);
-    process_ = CELLA_TRY_CTX(host::SpawnWithOutputFile(argv, paths_.qemu_log), "start QEMU");
+    std::vector<int> child_fds = QemuChildFds(config_);
+    process_ =
+        CELLA_TRY_CTX(host::SpawnWithOutputFile(argv, paths_.qemu_log, child_fds), "start QEMU");
     started_ = true;
     // Reaping closes process_.pidfd; Wait polls this duplicate without the
     // lock, so it must outlive every reap.
@@ -352,8 +359,11 @@ Status QemuMachine::Stop(milliseconds grace) {
   auto deadline = Clock::now() + grace;
   bool asked = false;
   if (agent_ && !agent_->LinkError()) {
-    if (auto st = agent_->Shutdown(); st) {
+    if (auto st = agent_->Shutdown(grace); st) {
       asked = true;
+      // The guest spends up to `grace` on its processes (TERM, then KILL),
+      // then flushes and powers off: leave room for that last part.
+      deadline += std::chrono::seconds(5);
       // The init powers off as soon as the host closes the link (else after
       // a 2 s grace): closing it now saves those seconds.
       agent_.reset();

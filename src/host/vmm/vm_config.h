@@ -36,7 +36,10 @@ struct VMConfig {
   std::string OverlayUpperPath;                  // writable: cella-upper
   double CPUs = 1;
   int MemoryMB = 512;
-  int NetworkFD = -1;                      // seed (TAP/socket backends); QEMU user-net ignores it
+  // seed. >= 0: a TAP descriptor (IFF_TAP|IFF_NO_PI, e.g. net::CreateIsolatedNetwork) QEMU
+  // uses instead of user-mode networking. Owned by the caller, who keeps it open until Start()
+  // returns (QEMU holds its own copy from then on). -1: user-mode networking.
+  int NetworkFD = -1;
   uint32_t VsockCID = 0;                   // seed; unused by QEMU here (no vhost-vsock)
   std::string VsockPath;                   // seed; unused by QEMU here
   std::string SocketPath;                  // agent link Unix socket (default <StateDir>/agent.sock)

@@ -1,0 +1,182 @@
+// The egress policy of one sandbox: which hosts and addresses the guest may
+// reach, whether private networks are open, whether HTTPS is intercepted,
+// which secrets the proxy swaps in, and pinned upstream addresses.
+//
+// Threading: every method of Policy is safe to call from any thread. The
+// allow list changes at runtime (`cella allow-list add|rm`); a change takes
+// effect for every check made after it returns (new connections, new DNS
+// queries, the next request on a kept-alive connection). Secrets, pins and
+// the two flags are fixed when the Policy is created.
+//
+// Secrets: a Secret's `value` never appears in a log line, an error message
+// or a formatted Secret (see FormatRedacted / operator<<).
+#pragma once
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <array>
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <optional>
+#include <shared_mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/result.h"
+
+namespace cella::net {
+
+// An IPv4 or IPv6 address, compared by value. IPv4-mapped IPv6 addresses
+// (::ffff:a.b.c.d) are folded to IPv4 so one rule covers both spellings.
+struct IpAddress {
+  enum class Family : uint8_t { kV4, kV6 };
+  Family family = Family::kV4;
+  // V4 uses the first 4 bytes, network order.
+  std::array<uint8_t, 16> bytes{};
+
+  static IpAddress V4(in_addr address);
+  static IpAddress V6(const in6_addr& address);
+  // Accepts dotted quads and RFC 4291 text (with or without [brackets]).
+  static std::optional<IpAddress> Parse(std::string_view text);
+  static std::optional<IpAddress> FromSockaddr(const sockaddr* address, socklen_t length);
+
+  in_addr ToInAddr() const;  // only for kV4
+  in6_addr ToIn6Addr() const;  // only for kV6
+  std::string ToString() const;
+  bool operator==(const IpAddress&) const = default;
+};
+
+// An address and port to connect to.
+struct Endpoint {
+  IpAddress address;
+  uint16_t port = 0;
+  std::string ToString() const;  // "1.2.3.4:80", "[::1]:443"
+  bool operator==(const Endpoint&) const = default;
+};
+
+// Private networks, loopback, link-local, CGNAT, unique-local, "this network"
+// (0.0.0.0/8), multicast and broadcast: addresses a sandbox must not reach
+// unless the user said so.
+bool IsPrivateOrSpecial(const in_addr& address);
+bool IsPrivateOrSpecial(const in6_addr& address);
+bool IsPrivateOrSpecial(const IpAddress& address);
+// False for non-IP families.
+bool IsPrivateOrSpecial(const sockaddr* address, socklen_t length);
+
+// Lower-cases and drops one trailing dot; nullopt if `host` is not a valid
+// DNS name or IP literal (empty labels, bad characters, too long).
+std::optional<std::string> NormalizeHost(std::string_view host);
+
+// One allow-list entry: "api.example.com", "*.example.com" (any depth of
+// subdomain, never the apex), "203.0.113.7", "2001:db8::1", "10.1.0.0/16".
+class HostPattern {
+ public:
+  static Result<HostPattern> Parse(std::string_view text);
+  // `name` must be normalized (NormalizeHost).
+  bool MatchesName(std::string_view name) const;
+  bool MatchesAddress(const IpAddress& address) const;
+  // Canonical text: what `cella allow-list ls` prints and `rm` matches.
+  const std::string& text() const { return text_; }
+  bool operator==(const HostPattern& other) const { return text_ == other.text_; }
+
+ private:
+  enum class Kind : uint8_t { kExact, kGlob, kNetwork };
+  Kind kind_ = Kind::kExact;
+  std::string text_;
+  std::string suffix_;  // kGlob: ".example.com"
+  IpAddress network_;   // kNetwork
+  int prefix_bits_ = 0;
+};
+
+// A real credential the guest only knows by its placeholder.
+struct Secret {
+  std::string name;         // the environment variable name inside the guest
+  std::string placeholder;  // "CELLA_SECRET_" + 32 hex: what the guest holds
+  std::string value;        // never logged, never sent to the guest
+  std::vector<HostPattern> hosts;  // requests to these hosts get the value
+};
+// "Secret{name=GITHUB_TOKEN placeholder=CELLA_SECRET_ab12… hosts=[api.github.test] value=<redacted>}"
+std::string FormatRedacted(const Secret& secret);
+std::ostream& operator<<(std::ostream& out, const Secret& secret);  // redacted, for gtest
+
+// "CELLA_SECRET_" + 32 lower-case hex digits from getrandom(2).
+Result<std::string> NewPlaceholder();
+
+// name:port → address:port, like curl's --resolve. A pinned address is an
+// explicit choice by whoever started the sandbox, so it is used even when it
+// is private or loopback (that is how tests reach their 127.0.0.1 servers).
+struct Pin {
+  std::string name;  // normalized on Policy creation
+  uint16_t port = 0;
+  Endpoint target;
+};
+
+struct Decision {
+  bool allowed = false;
+  std::string reason;  // why it was blocked (empty when allowed)
+  explicit operator bool() const { return allowed; }
+};
+
+struct PolicyConfig {
+  std::vector<std::string> allow;  // HostPattern texts
+  bool allow_private = false;
+  bool intercept = false;
+  std::vector<Secret> secrets;
+  std::vector<Pin> pins;
+};
+
+class Policy {
+ public:
+  // Validates every entry; errors name the bad entry (never a secret value).
+  static Result<std::shared_ptr<Policy>> Create(PolicyConfig config);
+
+  // Runtime allow-list changes. Add is idempotent; Remove returns whether the
+  // entry (compared in canonical form) was present.
+  Status AddAllowed(std::string_view entry);
+  Result<bool> RemoveAllowed(std::string_view entry);
+  std::vector<std::string> AllowedEntries() const;
+
+  // A name or an IP literal (as in a Host header or SNI, port already
+  // stripped). Names must match an allow entry. IP literals go to
+  // CheckAddress.
+  Decision Check(std::string_view host) const;
+  // A destination address the guest named directly. Allowed when an allow
+  // entry names it (even if private); otherwise a private/special address is
+  // allowed only with allow_private, and a public one never (the guest must
+  // use a name).
+  Decision CheckAddress(const IpAddress& address) const;
+  // Whether an address a (non-pinned) allowed name resolved to may be used as
+  // its upstream: public, or private with allow_private, or named by an entry.
+  bool MayConnectToResolved(const IpAddress& address) const;
+
+  bool allow_private() const { return allow_private_; }
+  bool intercept() const { return intercept_; }
+
+  std::optional<Endpoint> PinFor(std::string_view name, uint16_t port) const;
+  bool HasPin(std::string_view name) const;
+
+  std::span<const Secret> secrets() const { return secrets_; }
+  // `host` must be normalized.
+  static bool SecretAppliesTo(const Secret& secret, std::string_view host);
+
+ private:
+  Policy(bool allow_private, bool intercept, std::vector<Secret> secrets, std::vector<Pin> pins)
+      : allow_private_(allow_private),
+        intercept_(intercept),
+        secrets_(std::move(secrets)),
+        pins_(std::move(pins)) {}
+  bool AddressNamedByEntry(const IpAddress& address) const;
+
+  const bool allow_private_;
+  const bool intercept_;
+  const std::vector<Secret> secrets_;
+  const std::vector<Pin> pins_;
+  mutable std::shared_mutex mutex_;
+  std::vector<HostPattern> allow_;  // guarded by mutex_
+};
+
+}  // namespace cella::net

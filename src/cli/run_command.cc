@@ -236,6 +236,18 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   }
   egress.enabled = !egress.allow.empty() || egress.allow_private || egress.intercept ||
                    !egress.pins.empty() || !egress.upstream_ca.empty();
+  if (egress.intercept) {
+    // Where the usual TLS stacks look for extra trust; the init appends
+    // cella's CA to the bundles these name.
+    for (const auto& [key, value] :
+         std::initializer_list<std::pair<const char*, const char*>>{
+             {"SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"},
+             {"REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"},
+             {"CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"},
+             {"NODE_EXTRA_CA_CERTS", "/etc/ssl/certs/cella-egress-ca.pem"}}) {
+      g.env.try_emplace(key, value);
+    }
+  }
   if (egress.enabled && args.no_network)
     return Fail("--no-network cannot be combined with an egress policy (--allow-host, --secret...)");
 

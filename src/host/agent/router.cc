@@ -277,7 +277,7 @@ struct Router::Impl {
     if (it == clients.end()) return;
     Client& c = *it->second;
     for (auto& [client_stream, up] : c.streams) {
-      (void)up;
+      if (upstream_alive) up_out.Append(up, FrameType::kClose, Channel::kControl, {});
       routes.erase(up);
     }
     log::Debug("agent router: client disconnected",
@@ -387,7 +387,7 @@ struct Router::Impl {
       case FrameType::kData:
         if (f.channel == Channel::kStdin) {
           auto size = static_cast<int64_t>(f.payload.size());
-          if (false && size > r.stdin_credit)
+          if (size > r.stdin_credit)
             return Protocol("stream " + std::to_string(f.stream_id) + " sent more than its window");
           r.stdin_credit -= size;
         }

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <map>
@@ -16,6 +17,11 @@
 #include "base/io.h"
 #include "base/log.h"
 #include "host/agent/router.h"
+#include "host/net/dns.h"
+#include "host/net/netns.h"
+#include "host/net/policy.h"
+#include "host/net/proxy.h"
+#include "host/net/tls.h"
 #include "host/sandbox/compose.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
@@ -109,10 +115,6 @@ class Supervisor {
     CELLA_TRY(store_->SetSupervisor(args_.id, self));
     SandboxSpec spec = CELLA_TRY(DecodeSpec(record.spec_json));
     CELLA_TRY(ReadSecrets(spec));
-    if (spec.egress.enabled) {
-      // Never fall back to an open network when a policy was asked for.
-      return Fail("egress policies are not wired into the supervisor yet");
-    }
 
     output_log_ = UniqueFd(
         ::open(paths_.output_log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
@@ -130,6 +132,7 @@ class Supervisor {
     protocol::Config guest = spec.guest;
     vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {}, args_.id,
                                          paths_.dir, spec.root_image_path, spec.upper_image));
+    if (spec.egress.enabled) CELLA_TRY_CTX(StartEgress(spec, cella_home, guest, vm), "egress");
     CELLA_TRY(WriteGuestConfig(guest, vm));
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());
@@ -184,6 +187,53 @@ class Supervisor {
     return {};
   }
 
+  // The sealed network: a namespace whose only exits are our DNS server and
+  // our proxy, a TAP for QEMU, and the policy both consult.
+  Status StartEgress(const SandboxSpec& spec, const std::string& cella_home,
+                     protocol::Config& guest, vmm::VMConfig& vm) {
+    const EgressSpec& egress = spec.egress;
+    net::PolicyConfig config;
+    config.allow = egress.allow;
+    config.allow_private = egress.allow_private;
+    config.intercept = egress.intercept;
+    for (const SecretSpec& secret : egress.secrets) {
+      net::Secret s;
+      s.name = secret.name;
+      s.placeholder = secret.placeholder;
+      s.value = secret_values_.at(secret.name);
+      for (const std::string& host : secret.hosts)
+        s.hosts.push_back(CELLA_TRY_CTX(net::HostPattern::Parse(host), "secret " + secret.name));
+      config.secrets.push_back(std::move(s));
+    }
+    for (const PinSpec& pin : egress.pins) {
+      auto address = net::IpAddress::Parse(pin.address);
+      if (!address) return Fail("pin " + pin.name + ": bad address " + pin.address);
+      config.pins.push_back({pin.name, pin.port, net::Endpoint{*address, pin.address_port}});
+    }
+    policy_ = CELLA_TRY(net::Policy::Create(std::move(config)));
+    net::IsolatedNetworkOptions options;
+    if (guest.mtu > 0) options.mtu = guest.mtu;
+    net::IsolatedNetwork network = CELLA_TRY(net::CreateIsolatedNetwork(options));
+    auto fake_ips = std::make_shared<net::FakeIpTable>();
+    net::DnsServerOptions dns_options;
+    dns_options.policy = policy_;
+    dns_options.table = fake_ips;
+    dns_ = CELLA_TRY(net::DnsServer::Start(std::move(network.dns_socket), dns_options));
+    net::ProxyOptions proxy_options;
+    proxy_options.policy = policy_;
+    proxy_options.fake_ips = fake_ips;
+    if (egress.intercept) {
+      auto ca = CELLA_TRY(net::CertificateAuthority::LoadOrCreate(cella_home + "/egress-ca"));
+      guest.ca_certificates = ca->CaCertificatePem();
+      proxy_options.tls = net::MakeTlsProvider(ca, egress.upstream_ca);
+    }
+    proxy_ = CELLA_TRY(net::TransparentProxy::Start(std::move(network.proxy_listener),
+                                                    std::move(proxy_options)));
+    tap_ = std::move(network.tap);
+    vm.NetworkFD = tap_.Get();
+    return {};
+  }
+
   // The CLI writes {"NAME":"value"} to our stdin and closes it; the values
   // live in this process's memory only.
   Status ReadSecrets(const SandboxSpec& spec) {
@@ -212,6 +262,28 @@ class Supervisor {
   nlohmann::json Handle(const nlohmann::json& request) {
     std::string op = request.value("op", std::string());
     std::unique_lock lock(shared_.mu);
+    if (op == "allow-list") {
+      if (!policy_) return {{"ok", false}, {"error", "this sandbox has no egress policy"}};
+      if (!request.contains("allow") || !request["allow"].is_array())
+        return {{"ok", false}, {"error", "allow-list: want an \"allow\" array"}};
+      std::vector<std::string> wanted;
+      for (const auto& item : request["allow"]) {
+        if (!item.is_string()) return {{"ok", false}, {"error", "allow-list: entries are strings"}};
+        wanted.push_back(item.get<std::string>());
+      }
+      for (const std::string& current : policy_->AllowedEntries()) {
+        if (std::find(wanted.begin(), wanted.end(), current) == wanted.end()) {
+          if (auto removed = policy_->RemoveAllowed(current); !removed)
+            return {{"ok", false}, {"error", removed.error().message}};
+        }
+      }
+      for (const std::string& entry : wanted) {
+        if (auto added = policy_->AddAllowed(entry); !added)
+          return {{"ok", false}, {"error", added.error().message}};
+      }
+      log::Notice("allow-list changed", {{"entries", std::to_string(wanted.size())}});
+      return {{"ok", true}};
+    }
     if (op == "status") {
       return {{"ok", true}, {"finished", shared_.finished}};
     }
@@ -304,6 +376,8 @@ class Supervisor {
   }
 
   void TearDown() {
+    if (proxy_) proxy_->Stop();
+    if (dns_) dns_->Stop();
     for (auto& f : forwarders_) f->Stop();
     forwarders_.clear();
     main_.reset();
@@ -341,6 +415,10 @@ class Supervisor {
   std::unique_ptr<host::ExecSession> main_;
   std::vector<std::unique_ptr<PortForwarder>> forwarders_;
   std::map<std::string, std::string> secret_values_;  // never logged, never written
+  std::shared_ptr<net::Policy> policy_;
+  std::unique_ptr<net::DnsServer> dns_;
+  std::unique_ptr<net::TransparentProxy> proxy_;
+  UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
   std::unique_ptr<ControlServer> control_;
 };
 

@@ -1,0 +1,212 @@
+#include "host/net/policy.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+
+#include <set>
+#include <sstream>
+
+namespace cella::net {
+namespace {
+
+IpAddress Ip(const char* text) {
+  auto ip = IpAddress::Parse(text);
+  EXPECT_TRUE(ip.has_value()) << text;
+  return ip.value_or(IpAddress{});
+}
+
+std::shared_ptr<Policy> MakePolicy(std::vector<std::string> allow, bool allow_private = false) {
+  PolicyConfig config;
+  config.allow = std::move(allow);
+  config.allow_private = allow_private;
+  auto policy = Policy::Create(std::move(config));
+  EXPECT_TRUE(policy.has_value()) << policy.error().message;
+  return *policy;
+}
+
+TEST(NetPolicy, PrivateAndSpecialRangesAreExactlyTheIssueList) {
+  for (const char* blocked :
+       {"10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.254", "192.168.1.1", "127.0.0.1",
+        "127.255.0.9", "169.254.169.254", "100.64.0.1", "100.127.255.255", "0.0.0.0", "0.1.2.3",
+        "224.0.0.1", "239.255.255.250", "255.255.255.255", "::1", "::", "fc00::1", "fd12:3456::1",
+        "fe80::1", "febf::1", "ff02::1", "::ffff:10.1.2.3", "::ffff:127.0.0.1"}) {
+    EXPECT_TRUE(IsPrivateOrSpecial(Ip(blocked))) << blocked;
+  }
+  for (const char* open : {"9.255.255.255", "11.0.0.1", "172.15.255.255", "172.32.0.1",
+                           "192.167.255.255", "192.169.0.1", "100.63.255.255", "100.128.0.0",
+                           "169.253.255.255", "203.0.113.7", "198.51.100.1", "2001:db8::1",
+                           "fec0::1", "::ffff:203.0.113.7"}) {
+    EXPECT_FALSE(IsPrivateOrSpecial(Ip(open))) << open;
+  }
+}
+
+TEST(NetPolicy, SockaddrOverloadAgrees) {
+  sockaddr_in v4{};
+  v4.sin_family = AF_INET;
+  ASSERT_EQ(inet_pton(AF_INET, "192.168.0.9", &v4.sin_addr), 1);
+  EXPECT_TRUE(IsPrivateOrSpecial(reinterpret_cast<sockaddr*>(&v4), sizeof(v4)));
+  ASSERT_EQ(inet_pton(AF_INET, "203.0.113.7", &v4.sin_addr), 1);
+  EXPECT_FALSE(IsPrivateOrSpecial(reinterpret_cast<sockaddr*>(&v4), sizeof(v4)));
+  sockaddr_in6 v6{};
+  v6.sin6_family = AF_INET6;
+  ASSERT_EQ(inet_pton(AF_INET6, "fe80::2", &v6.sin6_addr), 1);
+  EXPECT_TRUE(IsPrivateOrSpecial(reinterpret_cast<sockaddr*>(&v6), sizeof(v6)));
+}
+
+TEST(NetPolicy, ExactNamesIgnoreCaseAndTrailingDot) {
+  auto policy = MakePolicy({"API.Example.test."});
+  EXPECT_TRUE(policy->Check("api.example.test").allowed);
+  EXPECT_TRUE(policy->Check("API.EXAMPLE.TEST.").allowed);
+  EXPECT_FALSE(policy->Check("sub.api.example.test").allowed);
+  EXPECT_FALSE(policy->Check("example.test").allowed);
+  Decision blocked = policy->Check("other.test");
+  EXPECT_FALSE(blocked.allowed);
+  EXPECT_FALSE(blocked.reason.empty());
+  EXPECT_FALSE(policy->Check("bad name.test").allowed);
+  EXPECT_FALSE(policy->Check("").allowed);
+}
+
+TEST(NetPolicy, GlobMatchesAnyDepthButNotTheApex) {
+  auto policy = MakePolicy({"*.example.test"});
+  EXPECT_TRUE(policy->Check("a.example.test").allowed);
+  EXPECT_TRUE(policy->Check("a.b.c.example.test").allowed);
+  EXPECT_FALSE(policy->Check("example.test").allowed);
+  EXPECT_FALSE(policy->Check("badexample.test").allowed);
+  EXPECT_FALSE(policy->Check("example.test.evil.test").allowed);
+}
+
+TEST(NetPolicy, AddressEntriesAndCidrs) {
+  auto policy = MakePolicy({"203.0.113.7", "198.51.100.0/24", "2001:db8::/32", "10.9.0.0/16"});
+  EXPECT_TRUE(policy->Check("203.0.113.7").allowed);
+  EXPECT_FALSE(policy->Check("203.0.113.8").allowed);
+  EXPECT_TRUE(policy->Check("198.51.100.200").allowed);
+  EXPECT_TRUE(policy->Check("[2001:db8::5]").allowed);
+  EXPECT_FALSE(policy->Check("2001:db9::5").allowed);
+  // A private address named by an entry is allowed without --allow-private.
+  EXPECT_TRUE(policy->CheckAddress(Ip("10.9.1.1")).allowed);
+  EXPECT_FALSE(policy->CheckAddress(Ip("10.8.1.1")).allowed);
+  // Canonical text: host bits cleared.
+  auto pattern = HostPattern::Parse("198.51.100.77/24");
+  ASSERT_TRUE(pattern.has_value());
+  EXPECT_EQ(pattern->text(), "198.51.100.0/24");
+}
+
+TEST(NetPolicy, PrivateLiteralNeedsAllowPrivate) {
+  auto closed = MakePolicy({"api.test"});
+  EXPECT_FALSE(closed->CheckAddress(Ip("127.0.0.1")).allowed);
+  EXPECT_FALSE(closed->CheckAddress(Ip("169.254.169.254")).allowed);
+  // A public literal is not reachable without naming it either.
+  EXPECT_FALSE(closed->CheckAddress(Ip("203.0.113.7")).allowed);
+  EXPECT_FALSE(closed->MayConnectToResolved(Ip("192.168.0.4")));
+  EXPECT_TRUE(closed->MayConnectToResolved(Ip("203.0.113.7")));
+
+  auto open = MakePolicy({"api.test"}, /*allow_private=*/true);
+  EXPECT_TRUE(open->CheckAddress(Ip("127.0.0.1")).allowed);
+  EXPECT_TRUE(open->MayConnectToResolved(Ip("192.168.0.4")));
+  EXPECT_FALSE(open->CheckAddress(Ip("203.0.113.7")).allowed);
+}
+
+TEST(NetPolicy, RuntimeAddAndRemove) {
+  auto policy = MakePolicy({"a.test"});
+  EXPECT_FALSE(policy->Check("b.test").allowed);
+  ASSERT_TRUE(policy->AddAllowed("B.test"));
+  ASSERT_TRUE(policy->AddAllowed("b.test"));  // idempotent
+  EXPECT_TRUE(policy->Check("b.test").allowed);
+  EXPECT_EQ(policy->AllowedEntries(), (std::vector<std::string>{"a.test", "b.test"}));
+  auto removed = policy->RemoveAllowed("b.test.");
+  ASSERT_TRUE(removed.has_value());
+  EXPECT_TRUE(*removed);
+  EXPECT_FALSE(policy->Check("b.test").allowed);
+  auto again = policy->RemoveAllowed("b.test");
+  ASSERT_TRUE(again.has_value());
+  EXPECT_FALSE(*again);
+  EXPECT_FALSE(policy->AddAllowed("not a host").has_value());
+}
+
+TEST(NetPolicy, InvalidEntriesAreRefusedWithTheEntryNamed) {
+  for (const char* bad : {"*", "*.", "a..b", "10.0.0.0/33", "10.0.0.0/x", "host/8", "-", "a b"}) {
+    auto pattern = HostPattern::Parse(bad);
+    EXPECT_FALSE(pattern.has_value()) << bad;
+  }
+  PolicyConfig config;
+  config.allow = {"ok.test", "bad..test"};
+  auto policy = Policy::Create(config);
+  ASSERT_FALSE(policy.has_value());
+  EXPECT_NE(policy.error().message.find("bad..test"), std::string::npos);
+}
+
+TEST(NetPolicy, PlaceholdersAreRandomHex) {
+  std::set<std::string> seen;
+  for (int i = 0; i < 20; ++i) {
+    auto placeholder = NewPlaceholder();
+    ASSERT_TRUE(placeholder.has_value());
+    ASSERT_EQ(placeholder->size(), 13u + 32u);
+    EXPECT_TRUE(placeholder->starts_with("CELLA_SECRET_"));
+    for (char c : placeholder->substr(13)) {
+      EXPECT_TRUE((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')) << *placeholder;
+    }
+    seen.insert(*placeholder);
+  }
+  EXPECT_EQ(seen.size(), 20u);
+}
+
+Secret MakeSecret(std::string name, std::string value, std::vector<std::string> hosts) {
+  Secret secret;
+  secret.name = std::move(name);
+  secret.value = std::move(value);
+  for (const std::string& host : hosts) {
+    auto pattern = HostPattern::Parse(host);
+    EXPECT_TRUE(pattern.has_value());
+    secret.hosts.push_back(*pattern);
+  }
+  return secret;
+}
+
+TEST(NetPolicy, SecretsAreRedactedWhenFormatted) {
+  PolicyConfig config;
+  config.secrets.push_back(MakeSecret("API_TOKEN", "hunter2-real-value", {"*.api.test"}));
+  auto policy = Policy::Create(config);
+  ASSERT_TRUE(policy.has_value()) << policy.error().message;
+  const Secret& secret = (*policy)->secrets()[0];
+  EXPECT_TRUE(secret.placeholder.starts_with("CELLA_SECRET_"));  // generated when empty
+  std::string formatted = FormatRedacted(secret);
+  EXPECT_EQ(formatted.find("hunter2"), std::string::npos);
+  EXPECT_NE(formatted.find("API_TOKEN"), std::string::npos);
+  EXPECT_NE(formatted.find("<redacted>"), std::string::npos);
+  std::ostringstream stream;
+  stream << secret;
+  EXPECT_EQ(stream.str().find("hunter2"), std::string::npos);
+  EXPECT_TRUE(Policy::SecretAppliesTo(secret, "v1.api.test"));
+  EXPECT_FALSE(Policy::SecretAppliesTo(secret, "api.test"));
+}
+
+TEST(NetPolicy, BadSecretErrorsNeverContainTheValue) {
+  PolicyConfig config;
+  config.secrets.push_back(MakeSecret("TOKEN", "line1-hunter2\r\nInjected: x", {"a.test"}));
+  auto policy = Policy::Create(config);
+  ASSERT_FALSE(policy.has_value());
+  EXPECT_EQ(policy.error().message.find("hunter2"), std::string::npos);
+  EXPECT_NE(policy.error().message.find("TOKEN"), std::string::npos);
+
+  PolicyConfig no_hosts;
+  no_hosts.secrets.push_back(MakeSecret("TOKEN", "hunter2", {}));
+  auto refused = Policy::Create(no_hosts);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().message.find("hunter2"), std::string::npos);
+}
+
+TEST(NetPolicy, PinsMatchNameAndPort) {
+  PolicyConfig config;
+  config.pins.push_back(Pin{"API.test.", 443, Endpoint{Ip("127.0.0.1"), 8443}});
+  auto policy = Policy::Create(config);
+  ASSERT_TRUE(policy.has_value()) << policy.error().message;
+  auto pin = (*policy)->PinFor("api.test", 443);
+  ASSERT_TRUE(pin.has_value());
+  EXPECT_EQ(pin->ToString(), "127.0.0.1:8443");
+  EXPECT_FALSE((*policy)->PinFor("api.test", 80).has_value());
+  EXPECT_TRUE((*policy)->HasPin("api.test"));
+  EXPECT_FALSE((*policy)->HasPin("other.test"));
+}
+
+}  // namespace
+}  // namespace cella::net

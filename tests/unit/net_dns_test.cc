@@ -1,5 +1,3 @@
-#include "host/net/dns.h"
-
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <sys/socket.h>
@@ -7,18 +5,31 @@
 #include <atomic>
 #include <cstring>
 
+#include "host/net/dns.h"
+
 namespace cella::net {
 namespace {
 
 // A query packet built by hand, independent of the code under test.
 std::vector<std::byte> Query(uint16_t id, const std::string& name, uint16_t qtype,
                              uint16_t questions = 1) {
-  std::vector<uint8_t> out = {static_cast<uint8_t>(id >> 8), static_cast<uint8_t>(id), 0x01, 0x00,
-                              0, static_cast<uint8_t>(questions), 0, 0, 0, 0, 0, 0};
+  std::vector<uint8_t> out = {static_cast<uint8_t>(id >> 8),
+                              static_cast<uint8_t>(id),
+                              0x01,
+                              0x00,
+                              0,
+                              static_cast<uint8_t>(questions),
+                              0,
+                              0,
+                              0,
+                              0,
+                              0,
+                              0};
   size_t start = 0;
   while (start <= name.size() && !name.empty()) {
     size_t dot = name.find('.', start);
-    std::string label = name.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    std::string label =
+        name.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
     out.push_back(static_cast<uint8_t>(label.size()));
     out.insert(out.end(), label.begin(), label.end());
     if (dot == std::string::npos) break;

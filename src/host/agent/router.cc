@@ -632,8 +632,9 @@ struct Router::Impl {
       if (ready < 0) {
         if (errno == EINTR) continue;
         // EINVAL/ENOMEM: nothing this loop can recover from.
-        FailUpstream(Error::FromErrno("agent router: poll"));
-        log::Error("agent router: poll failed; the router stopped", {{"error", strerror(errno)}});
+        Error error = Error::FromErrno("agent router: poll");
+        log::Error("agent router: poll failed; the router stopped", {{"error", error.message}});
+        FailUpstream(std::move(error));
         break;
       }
       if (fds[0].revents & POLLIN) {

@@ -15,7 +15,7 @@ namespace cella::net {
 namespace {
 
 constexpr uint32_t kVirtualBase = 0xc6120000;  // 198.18.0.0
-constexpr uint32_t kVirtualSize = 1u << 17;     // /15
+constexpr uint32_t kVirtualSize = 1u << 17;    // /15
 constexpr size_t kHeaderSize = 12;
 constexpr size_t kMaxNameWireBytes = 255;
 constexpr uint16_t kFlagResponse = 0x8000;
@@ -158,7 +158,8 @@ Result<DnsQuery> ParseDnsQuery(std::span<const std::byte> packet) {
   if (packet.size() - at < 4) return Fail("dns: question type/class missing");
   query.qtype = Get16(packet, at);
   query.qclass = Get16(packet, at + 2);
-  query.question.assign(packet.begin() + kHeaderSize, packet.begin() + static_cast<ptrdiff_t>(at + 4));
+  query.question.assign(packet.begin() + kHeaderSize,
+                        packet.begin() + static_cast<ptrdiff_t>(at + 4));
   at += 4;
   if (additional == 0 && at != packet.size()) return Fail("dns: trailing bytes after the question");
   return query;
@@ -195,8 +196,7 @@ std::vector<std::byte> BuildHeaderOnlyReply(std::span<const std::byte> packet, D
   return out;
 }
 
-Result<std::unique_ptr<DnsServer>> DnsServer::Start(UniqueFd udp_socket,
-                                                    DnsServerOptions options) {
+Result<std::unique_ptr<DnsServer>> DnsServer::Start(UniqueFd udp_socket, DnsServerOptions options) {
   if (!udp_socket) return Fail("dns server: no socket");
   if (!options.policy || !options.table || !options.resolver) {
     return Fail("dns server: policy, table and resolver are required");
@@ -269,8 +269,9 @@ std::expected<std::vector<IpAddress>, DnsRcode> DnsServer::ResolveOnHost(const s
   if (usable.empty()) {
     log::Notice("egress blocked",
                 {{"host", name},
-                 {"reason", "name resolves only to private or special addresses (DNS rebinding "
-                            "guard; use --allow-private)"},
+                 {"reason",
+                  "name resolves only to private or special addresses (DNS rebinding "
+                  "guard; use --allow-private)"},
                  {"address", (*resolved)[0].ToString()}});
     return std::unexpected(DnsRcode::kRefused);
   }
@@ -289,11 +290,11 @@ std::vector<std::byte> DnsServer::Answer(std::span<const std::byte> packet) {
     return BuildHeaderOnlyReply(packet, DnsRcode::kFormErr);
   }
   if (query->qclass != kClassIn) return BuildDnsResponse(*query, DnsRcode::kNotImp, std::nullopt);
-  Decision decision = query->name.empty() ? Decision{false, "empty name"}
-                                          : options_.policy->Check(query->name);
+  Decision decision =
+      query->name.empty() ? Decision{false, "empty name"} : options_.policy->Check(query->name);
   if (!decision) {
-    log::Notice("egress blocked", {{"host", query->name}, {"reason", decision.reason},
-                                   {"via", "dns"}});
+    log::Notice("egress blocked",
+                {{"host", query->name}, {"reason", decision.reason}, {"via", "dns"}});
     return BuildDnsResponse(*query, DnsRcode::kRefused, std::nullopt);
   }
   // Check() accepted it, so it is a valid name or address literal; keep the

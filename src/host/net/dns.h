@@ -59,8 +59,8 @@ class FakeIpTable {
   void SetResolved(const std::string& name, std::vector<IpAddress> addresses);
   // nullopt if never resolved or resolved longer than `max_age` ago.
   std::optional<std::vector<IpAddress>> Resolved(
-      const std::string& name,
-      std::chrono::steady_clock::duration max_age = std::chrono::steady_clock::duration::max()) const;
+      const std::string& name, std::chrono::steady_clock::duration max_age =
+                                   std::chrono::steady_clock::duration::max()) const;
 
  private:
   mutable std::mutex mutex_;

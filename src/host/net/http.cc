@@ -106,8 +106,8 @@ Result<std::optional<uint64_t>> ContentLength(const std::vector<Header>& headers
 }  // namespace
 
 bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
-  return a.size() == b.size() &&
-         std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) { return Lower(x) == Lower(y); });
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(),
+                                            [](char x, char y) { return Lower(x) == Lower(y); });
 }
 
 std::optional<size_t> FindHeadEnd(std::string_view buffer) {
@@ -227,7 +227,8 @@ Result<HostPort> RequestHost(const RequestHead& head) {
   // Host so the policy and the origin server see the same host.
   std::string_view target = head.target;
   for (std::string_view scheme : {"http://", "https://"}) {
-    if (target.size() >= scheme.size() && EqualsIgnoreCase(target.substr(0, scheme.size()), scheme)) {
+    if (target.size() >= scheme.size() &&
+        EqualsIgnoreCase(target.substr(0, scheme.size()), scheme)) {
       std::string_view authority = target.substr(scheme.size());
       authority = authority.substr(0, authority.find_first_of("/?#"));
       if (!EqualsIgnoreCase(authority, value)) {
@@ -284,8 +285,8 @@ Result<BodyFraming> RequestFraming(const RequestHead& head) {
 }
 
 Result<BodyFraming> ResponseFraming(const ResponseHead& head, std::string_view request_method) {
-  if (request_method == "HEAD" || (head.status >= 100 && head.status < 200) ||
-      head.status == 204 || head.status == 304) {
+  if (request_method == "HEAD" || (head.status >= 100 && head.status < 200) || head.status == 204 ||
+      head.status == 304) {
     return BodyFraming{BodyKind::kNone, 0};
   }
   if (CountHeaders(head.headers, "transfer-encoding") > 0) {
@@ -297,7 +298,8 @@ Result<BodyFraming> ResponseFraming(const ResponseHead& head, std::string_view r
     }
     std::string_view value = last->value;
     size_t comma = value.rfind(',');
-    std::string_view final_coding = TrimOws(comma == std::string_view::npos ? value : value.substr(comma + 1));
+    std::string_view final_coding =
+        TrimOws(comma == std::string_view::npos ? value : value.substr(comma + 1));
     if (EqualsIgnoreCase(final_coding, "chunked")) return BodyFraming{BodyKind::kChunked, 0};
     return BodyFraming{BodyKind::kUntilClose, 0};
   }

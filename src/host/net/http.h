@@ -85,16 +85,16 @@ class ChunkedTracker {
 
  private:
   enum class State : uint8_t {
-    kSize,           // hex digits of a chunk size
-    kExtension,      // ";ext" up to CR
-    kSizeLf,         // LF after the size line
-    kData,           // chunk bytes
-    kDataCr,         // CR after the data
-    kDataLf,         // LF after the data
-    kTrailerStart,   // first byte of a trailer line (CR = end)
-    kTrailer,        // trailer field line up to CR
-    kTrailerLf,      // LF after a trailer line
-    kFinalLf,        // LF of the blank line that ends the message
+    kSize,          // hex digits of a chunk size
+    kExtension,     // ";ext" up to CR
+    kSizeLf,        // LF after the size line
+    kData,          // chunk bytes
+    kDataCr,        // CR after the data
+    kDataLf,        // LF after the data
+    kTrailerStart,  // first byte of a trailer line (CR = end)
+    kTrailer,       // trailer field line up to CR
+    kTrailerLf,     // LF after a trailer line
+    kFinalLf,       // LF of the blank line that ends the message
     kDone,
   };
   State state_ = State::kSize;

@@ -36,6 +36,7 @@ enum class Step : int32_t {
   kDone = 0,
   kDeathSignal,
   kUnshare,
+  kDumpable,
   kDenySetgroups,
   kUidMap,
   kGidMap,
@@ -71,6 +72,8 @@ std::string_view StepName(Step step) {
       return "prctl(PR_SET_PDEATHSIG)";
     case Step::kUnshare:
       return "unshare network namespace";
+    case Step::kDumpable:
+      return "prctl(PR_SET_DUMPABLE)";
     case Step::kDenySetgroups:
       return "write /proc/self/setgroups";
     case Step::kUidMap:
@@ -270,6 +273,11 @@ void LoadRuleset(const ChildPlan& plan, ChildReport& report) {
   int flags = CLONE_NEWNET | (plan.own_user_namespace ? CLONE_NEWUSER : 0);
   if (::unshare(flags) != 0) Report(plan, report, Step::kUnshare, errno);
   if (plan.own_user_namespace) {
+    // A process that changed uid (a daemon that dropped root) is not
+    // dumpable, which leaves its /proc/self files owned by root and the maps
+    // below unwritable. This helper holds nothing worth hiding from its own
+    // uid for its few milliseconds of life.
+    if (::prctl(PR_SET_DUMPABLE, 1) != 0) Report(plan, report, Step::kDumpable, errno);
     // Without "deny" an unprivileged process may not write gid_map.
     if (!WriteWholeFile("/proc/self/setgroups", "deny"))
       Report(plan, report, Step::kDenySetgroups, errno);

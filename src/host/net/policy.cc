@@ -42,16 +42,19 @@ bool IsLabelChar(char c) {
 bool IsValidDnsName(std::string_view name) {
   if (name.empty() || name.size() > 253) return false;
   size_t label = 0;
+  char previous = '.';
   for (char c : name) {
     if (c == '.') {
-      if (label == 0) return false;
+      if (label == 0 || previous == '-') return false;
       label = 0;
+      previous = c;
       continue;
     }
-    if (!IsLabelChar(c)) return false;
+    if (!IsLabelChar(c) || (label == 0 && c == '-')) return false;
     if (++label > 63) return false;
+    previous = c;
   }
-  return label != 0;
+  return label != 0 && previous != '-';
 }
 
 bool IsSecretName(std::string_view name) {
@@ -247,8 +250,7 @@ Result<HostPattern> HostPattern::Parse(std::string_view text) {
   }
   auto name = NormalizeHost(text);
   if (!name) {
-    return Fail("allow entry " + quoted +
-                ": not a host name, *.domain glob, IP address or CIDR");
+    return Fail("allow entry " + quoted + ": not a host name, *.domain glob, IP address or CIDR");
   }
   pattern.kind_ = Kind::kExact;
   pattern.text_ = *name;
@@ -274,8 +276,8 @@ bool HostPattern::MatchesAddress(const IpAddress& address) const {
 }
 
 std::string FormatRedacted(const Secret& secret) {
-  std::string out = "Secret{name=" + secret.name + " placeholder=" + secret.placeholder +
-                    " hosts=[";
+  std::string out =
+      "Secret{name=" + secret.name + " placeholder=" + secret.placeholder + " hosts=[";
   for (size_t i = 0; i < secret.hosts.size(); ++i) {
     if (i > 0) out += ",";
     out += secret.hosts[i].text();
@@ -343,9 +345,8 @@ Result<std::shared_ptr<Policy>> Policy::Create(PolicyConfig config) {
     }
     pin.name = *name;
   }
-  auto policy = std::shared_ptr<Policy>(new Policy(config.allow_private, config.intercept,
-                                                   std::move(config.secrets),
-                                                   std::move(config.pins)));
+  auto policy = std::shared_ptr<Policy>(new Policy(
+      config.allow_private, config.intercept, std::move(config.secrets), std::move(config.pins)));
   policy->allow_ = std::move(allow);
   return policy;
 }
@@ -385,14 +386,14 @@ Decision Policy::Check(std::string_view host) const {
   return {false, "host not in allow list"};
 }
 
-bool Policy::AddressNamedByEntry(const IpAddress& address) const {
+bool Policy::NamesAddress(const IpAddress& address) const {
   std::shared_lock lock(mutex_);
   return std::any_of(allow_.begin(), allow_.end(),
                      [&](const HostPattern& p) { return p.MatchesAddress(address); });
 }
 
 Decision Policy::CheckAddress(const IpAddress& address) const {
-  if (AddressNamedByEntry(address)) return {true, ""};
+  if (NamesAddress(address)) return {true, ""};
   if (IsPrivateOrSpecial(address)) {
     if (allow_private_) return {true, ""};
     return {false, "private or special address (use --allow-private or allow it by address)"};
@@ -401,7 +402,7 @@ Decision Policy::CheckAddress(const IpAddress& address) const {
 }
 
 bool Policy::MayConnectToResolved(const IpAddress& address) const {
-  return !IsPrivateOrSpecial(address) || allow_private_ || AddressNamedByEntry(address);
+  return !IsPrivateOrSpecial(address) || allow_private_ || NamesAddress(address);
 }
 
 std::optional<Endpoint> Policy::PinFor(std::string_view name, uint16_t port) const {

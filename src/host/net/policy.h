@@ -44,7 +44,7 @@ struct IpAddress {
   static std::optional<IpAddress> Parse(std::string_view text);
   static std::optional<IpAddress> FromSockaddr(const sockaddr* address, socklen_t length);
 
-  in_addr ToInAddr() const;  // only for kV4
+  in_addr ToInAddr() const;    // only for kV4
   in6_addr ToIn6Addr() const;  // only for kV6
   std::string ToString() const;
   bool operator==(const IpAddress&) const = default;
@@ -94,12 +94,13 @@ class HostPattern {
 
 // A real credential the guest only knows by its placeholder.
 struct Secret {
-  std::string name;         // the environment variable name inside the guest
-  std::string placeholder;  // "CELLA_SECRET_" + 32 hex: what the guest holds
-  std::string value;        // never logged, never sent to the guest
+  std::string name;                // the environment variable name inside the guest
+  std::string placeholder;         // "CELLA_SECRET_" + 32 hex: what the guest holds
+  std::string value;               // never logged, never sent to the guest
   std::vector<HostPattern> hosts;  // requests to these hosts get the value
 };
-// "Secret{name=GITHUB_TOKEN placeholder=CELLA_SECRET_ab12… hosts=[api.github.test] value=<redacted>}"
+// "Secret{name=GITHUB_TOKEN placeholder=CELLA_SECRET_ab12… hosts=[api.github.test]
+// value=<redacted>}"
 std::string FormatRedacted(const Secret& secret);
 std::ostream& operator<<(std::ostream& out, const Secret& secret);  // redacted, for gtest
 
@@ -152,6 +153,9 @@ class Policy {
   // Whether an address a (non-pinned) allowed name resolved to may be used as
   // its upstream: public, or private with allow_private, or named by an entry.
   bool MayConnectToResolved(const IpAddress& address) const;
+  // Whether an allow entry (address or CIDR) names `address` itself, as
+  // opposed to it passing by --allow-private.
+  bool NamesAddress(const IpAddress& address) const;
 
   bool allow_private() const { return allow_private_; }
   bool intercept() const { return intercept_; }
@@ -169,7 +173,6 @@ class Policy {
         intercept_(intercept),
         secrets_(std::move(secrets)),
         pins_(std::move(pins)) {}
-  bool AddressNamedByEntry(const IpAddress& address) const;
 
   const bool allow_private_;
   const bool intercept_;

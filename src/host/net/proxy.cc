@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -31,10 +32,9 @@ std::span<const std::byte> AsBytes(std::string_view text) {
 
 void LogBlocked(std::string_view host, std::string_view reason, const Endpoint& destination,
                 std::string_view protocol) {
-  log::Notice("egress blocked", {{"host", host},
-                                 {"reason", reason},
-                                 {"dst", destination.ToString()},
-                                 {"proto", protocol}});
+  log::Notice(
+      "egress blocked",
+      {{"host", host}, {"reason", reason}, {"dst", destination.ToString()}, {"proto", protocol}});
 }
 
 std::string BlockedBody(std::string_view reason) {
@@ -64,6 +64,15 @@ Status SetReceiveTimeout(int fd, std::chrono::milliseconds timeout) {
     return FailErrno("setsockopt SO_RCVTIMEO");
   }
   return {};
+}
+
+// Small writes (an SSE event, a request head before its body) must leave
+// at once; Nagle plus delayed ACKs would hold them ~40 ms.
+void DisableNagle(int fd) {
+  int one = 1;
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0) {
+    log::Debug("egress proxy: TCP_NODELAY not set", {{"error", std::strerror(errno)}});
+  }
 }
 
 Result<UniqueFd> ConnectWithTimeout(const Endpoint& endpoint, std::chrono::milliseconds timeout) {
@@ -109,6 +118,7 @@ Result<UniqueFd> ConnectWithTimeout(const Endpoint& endpoint, std::chrono::milli
     }
     if (error != 0) return FailErrno(where, error);
   }
+  DisableNagle(fd.Get());
   int flags = ::fcntl(fd.Get(), F_GETFL);
   if (flags < 0 || ::fcntl(fd.Get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
     return FailErrno(where + ": fcntl");
@@ -247,6 +257,13 @@ void ReplaceAll(std::string& text, std::string_view from, std::string_view to) {
   }
 }
 
+// HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 closes it
+// unless told otherwise.
+bool WantsClose(std::string_view version, const std::vector<http::Header>& headers) {
+  if (http::HeaderHasToken(headers, "connection", "close")) return true;
+  return version == "HTTP/1.0" && !http::HeaderHasToken(headers, "connection", "keep-alive");
+}
+
 bool IsHttpMethodChar(char c) { return c >= 'A' && c <= 'Z'; }
 
 enum class Shape { kNeedMore, kTls, kHttp, kRaw };
@@ -297,16 +314,16 @@ std::optional<std::string> SubstituteSecrets(const Policy& policy, std::string_v
   }
   for (const Secret& secret : policy.secrets()) {
     if (!Policy::SecretAppliesTo(secret, host)) continue;
-    for (http::Header& header : head.headers) ReplaceAll(header.value, secret.placeholder, secret.value);
+    for (http::Header& header : head.headers)
+      ReplaceAll(header.value, secret.placeholder, secret.value);
     size_t query = head.target.find('?');
     if (query != std::string::npos) {
       size_t fragment = head.target.find('#', query);
-      std::string part = head.target.substr(query, fragment == std::string::npos
-                                                       ? std::string::npos
-                                                       : fragment - query);
+      std::string part = head.target.substr(
+          query, fragment == std::string::npos ? std::string::npos : fragment - query);
       ReplaceAll(part, secret.placeholder, PercentEncode(secret.value));
-      head.target.replace(query, fragment == std::string::npos ? std::string::npos : fragment - query,
-                          part);
+      head.target.replace(
+          query, fragment == std::string::npos ? std::string::npos : fragment - query, part);
     }
   }
   return std::nullopt;
@@ -314,7 +331,7 @@ std::optional<std::string> SubstituteSecrets(const Policy& policy, std::string_v
 
 struct TransparentProxy::Connection {
   std::mutex mutex;
-  bool aborted = false;                // guarded by mutex
+  bool aborted = false;                 // guarded by mutex
   std::vector<UniqueFd> abort_handles;  // guarded by mutex: dups of this flow's sockets
   std::atomic<bool> finished{false};
   std::thread thread;
@@ -331,6 +348,13 @@ struct TransparentProxy::Connection {
     std::lock_guard lock(mutex);
     if (aborted) (void)::shutdown(handle.Get(), SHUT_RDWR);
     abort_handles.push_back(std::move(handle));
+  }
+  // Called when the flow is over: the dups would otherwise keep its sockets
+  // open (the peers would not see the close) until the thread is reaped.
+  void Release() {
+    std::lock_guard lock(mutex);
+    aborted = true;
+    abort_handles.clear();
   }
   void Abort() {
     std::lock_guard lock(mutex);
@@ -366,6 +390,7 @@ class HttpSession {
     ItemKind kind = ItemKind::kRequest;
     std::string method;
     bool upgrade = false;
+    bool close_after = false;  // the guest asked to close after this response
     std::string local_response;
   };
   enum class UpgradeState { kPending, kAccepted, kRejected, kGone };
@@ -402,7 +427,7 @@ void HttpSession::Run() {
   }
   // Lets the response thread finish: after the answers still owed (guest
   // sent its last request), or at once when the streams were aborted.
-  Push(Item{ItemKind::kEnd, "", false, ""});
+  Push(Item{ItemKind::kEnd, "", false, false, ""});
   if (response_thread_.joinable()) {
     response_thread_.join();
   } else {
@@ -508,13 +533,15 @@ bool HttpSession::HandleOneRequest() {
     response_thread_ = std::thread([this] { ResponseLoop(); });
   }
   log::Debug("egress allowed", {{"host", *host}, {"method", head->method}, {"proto", protocol_}});
-  Push(Item{ItemKind::kRequest, head->method, upgrade, ""});
+  Push(Item{ItemKind::kRequest, head->method, upgrade, WantsClose(head->version, head->headers),
+            ""});
   if (auto sent = upstream_->Write(http::SerializeRequestHead(*head)); !sent) {
     AbortBoth();
     return false;
   }
   if (auto body = CopyBody(guest_, guest_pending_, *upstream_, *framing); !body) {
-    log::Info("egress proxy: request body failed", {{"host", *host}, {"error", body.error().message}});
+    log::Info("egress proxy: request body failed",
+              {{"host", *host}, {"error", body.error().message}});
     AbortBoth();
     return false;
   }
@@ -609,8 +636,10 @@ bool HttpSession::ForwardOneResponse(const Item& request) {
       return false;
     }
     if (request.upgrade) SetUpgrade(UpgradeState::kRejected);
-    if (framing->kind == http::BodyKind::kUntilClose) {
-      // The body ended with the upstream connection: so does the guest's.
+    if (framing->kind == http::BodyKind::kUntilClose || request.close_after ||
+        WantsClose(head->version, head->headers)) {
+      // The body ended with the upstream connection, or either side said
+      // this was the last exchange: the guest sees the close too.
       (void)guest_.ShutdownWrite();
       return false;
     }
@@ -702,8 +731,8 @@ Result<ConnectionHandler::Prefix> ConnectionHandler::ReadPrefix() {
     if (!CELLA_TRY(WaitReadable(fd, deadline))) {
       // Stalled mid-way: decide on what arrived.
       prefix.shape = static_cast<unsigned char>(prefix.bytes[0]) == 0x16 ? Shape::kTls
-                     : prefix.bytes.find(' ') != std::string::npos ? Shape::kHttp
-                                                                   : Shape::kRaw;
+                     : prefix.bytes.find(' ') != std::string::npos       ? Shape::kHttp
+                                                                         : Shape::kRaw;
       return prefix;
     }
   }
@@ -734,6 +763,9 @@ Result<std::unique_ptr<ByteStream>> ConnectionHandler::ConnectUpstream() {
   std::vector<Endpoint> endpoints;
   if (virtual_name_) {
     endpoints = CELLA_TRY(UpstreamEndpoints(*virtual_name_));
+  } else if (options_.host_gateway && destination_.address == *options_.host_gateway) {
+    // The gateway stands for the host, as in QEMU's user-mode network.
+    endpoints.push_back(Endpoint{*IpAddress::Parse("127.0.0.1"), destination_.port});
   } else {
     endpoints.push_back(destination_);
   }
@@ -766,6 +798,7 @@ void ConnectionHandler::WarnSecretsNeedInterception(const std::string& host) {
 
 void ConnectionHandler::Run() {
   connection_.Watch(guest_fd_.Get());
+  DisableNagle(guest_fd_.Get());
   OriginalDestinationFn original = options_.original_destination;
   if (!original) {
     original = [](int fd) -> Result<Endpoint> {
@@ -792,6 +825,16 @@ void ConnectionHandler::Run() {
       destination_host = *virtual_name_;
       destination_decision = options_.policy->Check(*virtual_name_);
     }
+  } else if (options_.host_gateway && destination_.address == *options_.host_gateway) {
+    // The gateway is the host itself (its loopback): --allow-private alone
+    // does not open it, only an entry naming the gateway address.
+    destination_host = destination_.address.ToString();
+    if (options_.policy->NamesAddress(destination_.address)) {
+      destination_decision = {true, ""};
+    } else {
+      destination_decision = {false, "the gateway is the host itself; allow " + destination_host +
+                                         " explicitly to reach it"};
+    }
   } else {
     destination_host = destination_.address.ToString();
     destination_decision = options_.policy->CheckAddress(destination_.address);
@@ -806,9 +849,9 @@ void ConnectionHandler::Run() {
 
   if (prefix->shape == Shape::kHttp) {
     FdStream guest(std::move(guest_fd_));
-    HttpSession session(options_, guest, std::move(prefix->bytes), destination_,
-                        destination_decision, virtual_name_, [this] { return ConnectUpstream(); },
-                        "http");
+    HttpSession session(
+        options_, guest, std::move(prefix->bytes), destination_, destination_decision,
+        virtual_name_, [this] { return ConnectUpstream(); }, "http");
     session.Run();
     return;
   }
@@ -960,6 +1003,7 @@ void TransparentProxy::AcceptLoop() {
     }
     connection->thread = std::thread([this, connection, fd = guest.Release()]() mutable {
       ConnectionHandler(*this, *connection, UniqueFd(fd)).Run();
+      connection->Release();
       connection->finished.store(true);
     });
   }

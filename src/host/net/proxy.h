@@ -90,6 +90,11 @@ struct ProxyOptions {
   SniParser sni_parser;                        // empty = ParseClientHelloSni
   // Required when policy->intercept(); ignored otherwise.
   std::shared_ptr<TlsProvider> tls;
+  // Flows to this address (allowed only by an allow entry naming it, not by
+  // allow_private: it is the host itself) go to the host's 127.0.0.1 on the
+  // same port, as the gateway of QEMU's user-mode network does. Unset: no
+  // such mapping.
+  std::optional<IpAddress> host_gateway;
   // How long to wait for the guest's first bytes before treating the flow
   // as raw TCP (server-speaks-first protocols send nothing).
   std::chrono::milliseconds first_bytes_wait{1000};

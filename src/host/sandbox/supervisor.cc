@@ -222,6 +222,7 @@ class Supervisor {
     net::ProxyOptions proxy_options;
     proxy_options.policy = policy_;
     proxy_options.fake_ips = fake_ips;
+    proxy_options.host_gateway = net::IpAddress::Parse(net::kGatewayAddress);
     if (egress.intercept) {
       auto ca = CELLA_TRY(net::CertificateAuthority::LoadOrCreate(cella_home + "/egress-ca"));
       guest.ca_certificates = ca->CaCertificatePem();
@@ -230,6 +231,7 @@ class Supervisor {
     proxy_ = CELLA_TRY(net::TransparentProxy::Start(std::move(network.proxy_listener),
                                                     std::move(proxy_options)));
     tap_ = std::move(network.tap);
+    netns_ = std::move(network.netns);  // `nsenter --net=/proc/<pid>/fd/N` for diagnosis
     vm.NetworkFD = tap_.Get();
     return {};
   }
@@ -419,6 +421,7 @@ class Supervisor {
   std::unique_ptr<net::DnsServer> dns_;
   std::unique_ptr<net::TransparentProxy> proxy_;
   UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
+  UniqueFd netns_;
   std::unique_ptr<ControlServer> control_;
 };
 

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -327,7 +328,24 @@ std::string GuestTcpReachesProxy(IsolatedNetwork& network) {
   return "the proxy's answer never reached the guest";
 }
 
-bool NoChildrenLeft() { return ::waitpid(-1, nullptr, WNOHANG) < 0 && errno == ECHILD; }
+// Processes whose parent is this one, zombies included (/proc/<pid>/stat
+// field 4). Reaping nothing: other fixtures may own children of their own.
+std::set<pid_t> ChildPids() {
+  std::set<pid_t> children;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    std::string name = entry.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    auto stat = ReadFileToString(entry.path().string() + "/stat", 4096);
+    if (!stat) continue;  // it exited meanwhile
+    size_t close = stat->rfind(')');
+    if (close == std::string::npos) continue;
+    int ppid = 0;
+    if (std::sscanf(stat->c_str() + close + 1, " %*c %d", &ppid) == 1 && ppid == ::getpid()) {
+      children.insert(static_cast<pid_t>(std::stoi(name)));
+    }
+  }
+  return children;
+}
 
 TEST(IsolatedNetwork, RejectsBadOptions) {
   auto zero = CreateIsolatedNetwork({.proxy_port = 0});
@@ -342,11 +360,13 @@ class IsolatedNetworkAsRoot : public ::testing::Test {
  protected:
   void SetUp() override {
     if (::geteuid() != 0) GTEST_SKIP() << "needs root (the unprivileged path has its own test)";
+    children_before_ = ChildPids();
     auto created = CreateIsolatedNetwork({.proxy_port = 15001});
     ASSERT_TRUE(created) << created.error().message;
     network_ = std::move(*created);
   }
   IsolatedNetwork network_;
+  std::set<pid_t> children_before_;
 };
 
 TEST_F(IsolatedNetworkAsRoot, HandsBackWorkingDescriptorsAndNoHelper) {
@@ -355,7 +375,8 @@ TEST_F(IsolatedNetworkAsRoot, HandsBackWorkingDescriptorsAndNoHelper) {
   EXPECT_TRUE(network_.dns_socket.Valid());
   EXPECT_TRUE(network_.netns.Valid());
   EXPECT_EQ(network_.owner, NamespaceOwner::kHost);
-  EXPECT_TRUE(NoChildrenLeft()) << "the namespace helper (or nft) was left running or unreaped";
+  EXPECT_EQ(ChildPids(), children_before_)
+      << "the namespace helper (or nft) was left running or unreaped";
 
   // Not the host's namespace.
   struct stat ours {

@@ -442,6 +442,32 @@ TEST(NetTlsLeaf, IpLiteralLeafCarriesAnIpSan) {
             X509_V_OK);
 }
 
+TEST(NetTlsLeaf, ConcurrentCallersShareOneLeafPerName) {
+  TempDir dir;
+  auto ca = MakeCa(dir);
+  ASSERT_TRUE(ca);
+  constexpr int kThreads = 4;
+  std::vector<const LeafCert*> shared(kThreads, nullptr);
+  std::vector<std::string> own_names(kThreads);
+  {
+    std::vector<std::jthread> threads;
+    for (int i = 0; i < kThreads; ++i) {
+      threads.emplace_back([&, i] {
+        auto common = ca->LeafFor("api.test");
+        auto own = ca->LeafFor("n" + std::to_string(i) + ".test");
+        if (common) shared[i] = common->get();
+        if (own) own_names[i] = (*own)->name;
+      });
+    }
+  }
+  auto after = ca->LeafFor("api.test");
+  ASSERT_TRUE(after.has_value()) << after.error().message;
+  for (int i = 0; i < kThreads; ++i) {
+    EXPECT_EQ(shared[i], after->get()) << "thread " << i << " got a different leaf";
+    EXPECT_EQ(own_names[i], "n" + std::to_string(i) + ".test");
+  }
+}
+
 TEST(NetTlsLeaf, RefusesNamesThatAreNeitherDnsNorIp) {
   TempDir dir;
   auto ca = MakeCa(dir);

@@ -668,7 +668,7 @@ class ConnectionHandler {
   Result<Prefix> ReadPrefix();
   Shape Classify(std::string_view bytes, std::optional<std::string>& sni) const;
   Result<std::vector<Endpoint>> UpstreamEndpoints(const std::string& name) const;
-  Result<std::unique_ptr<ByteStream>> ConnectUpstream();
+  Result<std::unique_ptr<FdStream>> ConnectUpstream();
   void WarnSecretsNeedInterception(const std::string& host);
 
   TransparentProxy& proxy_;
@@ -759,7 +759,7 @@ Result<std::vector<Endpoint>> ConnectionHandler::UpstreamEndpoints(const std::st
   return endpoints;
 }
 
-Result<std::unique_ptr<ByteStream>> ConnectionHandler::ConnectUpstream() {
+Result<std::unique_ptr<FdStream>> ConnectionHandler::ConnectUpstream() {
   std::vector<Endpoint> endpoints;
   if (virtual_name_) {
     endpoints = CELLA_TRY(UpstreamEndpoints(*virtual_name_));
@@ -774,7 +774,7 @@ Result<std::unique_ptr<ByteStream>> ConnectionHandler::ConnectUpstream() {
     auto fd = ConnectWithTimeout(endpoint, options_.connect_timeout);
     if (fd) {
       connection_.Watch(fd->Get());
-      return std::unique_ptr<ByteStream>(std::make_unique<FdStream>(std::move(*fd)));
+      return std::make_unique<FdStream>(std::move(*fd));
     }
     if (!errors.empty()) errors += "; ";
     errors += fd.error().message;
@@ -851,7 +851,9 @@ void ConnectionHandler::Run() {
     FdStream guest(std::move(guest_fd_));
     HttpSession session(
         options_, guest, std::move(prefix->bytes), destination_, destination_decision,
-        virtual_name_, [this] { return ConnectUpstream(); }, "http");
+        virtual_name_,
+        [this]() -> Result<std::unique_ptr<ByteStream>> { return CELLA_TRY(ConnectUpstream()); },
+        "http");
     session.Run();
     return;
   }
@@ -894,8 +896,13 @@ void ConnectionHandler::Run() {
       return;
     }
     auto connect_tls = [this, host]() -> Result<std::unique_ptr<ByteStream>> {
-      auto raw = CELLA_TRY(ConnectUpstream());
-      return options_.tls->ConnectUpstream(std::move(raw), host);
+      std::unique_ptr<FdStream> raw = CELLA_TRY(ConnectUpstream());
+      // A silent upstream must not hold the handshake forever.
+      const int fd = raw->fd();
+      CELLA_TRY(SetReceiveTimeout(fd, options_.connect_timeout));
+      auto tls = CELLA_TRY(options_.tls->ConnectUpstream(std::move(raw), host));
+      CELLA_TRY(SetReceiveTimeout(fd, std::chrono::milliseconds(0)));
+      return tls;
     };
     HttpSession session(options_, **guest, "", destination_, destination_decision, host,
                         connect_tls, "https");

@@ -212,3 +212,31 @@ TEST(NetPolicy, PinsMatchNameAndPort) {
 
 }  // namespace
 }  // namespace cella::net
+
+namespace cella::net {
+namespace {
+
+TEST(PolicyAllowAll, InterceptionWithoutAListAllowsPublicHostsOnly) {
+  PolicyConfig config;
+  config.intercept = true;
+  auto policy = Policy::Create(config);
+  ASSERT_TRUE(policy) << policy.error().message;
+  EXPECT_TRUE((*policy)->Check("anything.test"));
+  EXPECT_TRUE((*policy)->CheckAddress(*IpAddress::Parse("203.0.113.5")));
+  EXPECT_FALSE((*policy)->CheckAddress(*IpAddress::Parse("10.1.2.3")));  // still private
+  // Asking for a list ends "everything"; emptying it again does not reopen.
+  ASSERT_TRUE((*policy)->AddAllowed("api.test"));
+  EXPECT_FALSE((*policy)->Check("anything.test"));
+  ASSERT_TRUE((*policy)->RemoveAllowed("api.test"));
+  EXPECT_FALSE((*policy)->Check("api.test"));
+}
+
+TEST(PolicyAllowAll, AListWithoutInterceptionIsNeverEverything) {
+  PolicyConfig config;
+  auto policy = Policy::Create(config);
+  ASSERT_TRUE(policy);
+  EXPECT_FALSE((*policy)->Check("anything.test"));
+}
+
+}  // namespace
+}  // namespace cella::net

@@ -347,6 +347,7 @@ Result<std::shared_ptr<Policy>> Policy::Create(PolicyConfig config) {
   }
   auto policy = std::shared_ptr<Policy>(new Policy(
       config.allow_private, config.intercept, std::move(config.secrets), std::move(config.pins)));
+  policy->allow_all_ = allow.empty() && config.intercept;
   policy->allow_ = std::move(allow);
   return policy;
 }
@@ -355,6 +356,7 @@ Status Policy::AddAllowed(std::string_view entry) {
   HostPattern pattern = CELLA_TRY(HostPattern::Parse(entry));
   std::unique_lock lock(mutex_);
   if (std::find(allow_.begin(), allow_.end(), pattern) == allow_.end()) allow_.push_back(pattern);
+  allow_all_ = false;
   return {};
 }
 
@@ -380,6 +382,7 @@ Decision Policy::Check(std::string_view host) const {
   if (!name) return {false, "not a valid host name"};
   if (auto address = IpAddress::Parse(*name)) return CheckAddress(*address);
   std::shared_lock lock(mutex_);
+  if (allow_all_) return {true, ""};
   for (const HostPattern& pattern : allow_) {
     if (pattern.MatchesName(*name)) return {true, ""};
   }
@@ -397,6 +400,10 @@ Decision Policy::CheckAddress(const IpAddress& address) const {
   if (IsPrivateOrSpecial(address)) {
     if (allow_private_) return {true, ""};
     return {false, "private or special address (use --allow-private or allow it by address)"};
+  }
+  {
+    std::shared_lock lock(mutex_);
+    if (allow_all_) return {true, ""};
   }
   return {false, "address not in allow list (connect by an allowed name)"};
 }

@@ -180,6 +180,10 @@ class Policy {
   const std::vector<Pin> pins_;
   mutable std::shared_mutex mutex_;
   std::vector<HostPattern> allow_;  // guarded by mutex_
+  // Interception with no allow-list: every public host is allowed, still
+  // through the proxy. Set at creation only; the first AddAllowed clears it
+  // (a list was asked for), and emptying a list never opens everything.
+  bool allow_all_ = false;  // guarded by mutex_
 };
 
 }  // namespace cella::net

@@ -567,6 +567,22 @@ TEST_F(ProxyTest, PlaceholderSentToAnotherHostIsRefused) {
   EXPECT_EQ(origin.accepts(), 0);
 }
 
+// A guest that dials an address itself and claims the secret's host in the
+// Host header must not get the secret substituted: the proxy would send it
+// to whatever listens at that address.
+TEST_F(ProxyTest, SecretIsNeverSubstitutedTowardsAnAddressTheGuestChose) {
+  Origin origin;
+  const Endpoint literal{Loopback(), origin.port()};
+  StartProxy({.allow = {"api.test"},
+              .allow_private = true,
+              .secrets = {TestSecret("hunter2-value", "api.test")}});
+  const std::string placeholder = policy_->secrets()[0].placeholder;
+  Response spoofed = Get(literal, "api.test", "/echo", "X-Token: " + placeholder + "\r\n");
+  EXPECT_EQ(spoofed.status, 403);
+  EXPECT_EQ(spoofed.body.find("hunter2"), std::string::npos);
+  EXPECT_EQ(origin.accepts(), 0);
+}
+
 TEST_F(ProxyTest, ChunkedBodiesPassBothWaysAndKeepAliveContinues) {
   Origin origin;
   StartProxy({.allow = {"api.test"}, .pins = {PinTo("api.test", 80, origin.port())}});

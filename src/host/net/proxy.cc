@@ -379,6 +379,7 @@ class HttpSession {
         destination_(destination),
         destination_decision_(std::move(destination_decision)),
         required_host_(std::move(required_host)),
+        upstream_by_name_(required_host_.has_value()),
         connect_(std::move(connect)),
         protocol_(std::move(protocol)) {}
 
@@ -410,6 +411,7 @@ class HttpSession {
   const Endpoint destination_;
   const Decision destination_decision_;
   std::optional<std::string> required_host_;  // normalized; set by the first request if empty
+  const bool upstream_by_name_;  // the upstream was chosen by name, not by the guest's address
   Connector connect_;
   const std::string protocol_;
   std::unique_ptr<ByteStream> upstream_;
@@ -504,7 +506,13 @@ bool HttpSession::HandleOneRequest() {
   Decision decision = options_.policy->Check(*host);
   if (!decision) return block(decision.reason);
   if (head->method == "CONNECT") return block("CONNECT is not supported through the egress proxy");
-  if (auto refusal = SubstituteSecrets(*options_.policy, *host, *head)) return block(*refusal);
+  // A secret may only travel to an upstream the proxy reached by that name
+  // (a virtual address's name, or TLS verified for the SNI name). On a
+  // literal address the guest chose, the Host header is the guest's word
+  // only: any placeholder there is refused, never substituted.
+  std::string_view secret_host = upstream_by_name_ ? std::string_view(*host) : std::string_view();
+  if (auto refusal = SubstituteSecrets(*options_.policy, secret_host, *head))
+    return block(*refusal);
   auto framing = http::RequestFraming(*head);
   if (!framing) {
     Refuse(400, "Bad Request", framing.error().message);

@@ -9,8 +9,8 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstring>
-#include <map>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <optional>
 
@@ -78,6 +78,14 @@ class Supervisor {
       std::string message = ran.error().message;
       log::Warn("sandbox failed to start", {{"id", args_.id}, {"error", OneLine(message)}});
       SendReady(ready_fd_, "error: " + message);
+      {
+        // A stop request that raced the failed boot must not wait for an
+        // end that was already reached.
+        std::lock_guard lock(shared_.mu);
+        shared_.finished = true;
+      }
+      shared_.changed.notify_all();
+      if (control_) control_->Stop();
       TearDown();
       if (store_) {
         if (auto st = store_->Transition(args_.id, store::SandboxState::kFailed, OneLine(message));
@@ -228,8 +236,8 @@ class Supervisor {
       guest.ca_certificates = ca->CaCertificatePem();
       proxy_options.tls = net::MakeTlsProvider(ca, egress.upstream_ca);
     }
-    proxy_ = CELLA_TRY(net::TransparentProxy::Start(std::move(network.proxy_listener),
-                                                    std::move(proxy_options)));
+    proxy_ = CELLA_TRY(
+        net::TransparentProxy::Start(std::move(network.proxy_listener), std::move(proxy_options)));
     tap_ = std::move(network.tap);
     netns_ = std::move(network.netns);  // `nsenter --net=/proc/<pid>/fd/N` for diagnosis
     vm.NetworkFD = tap_.Get();
@@ -464,6 +472,27 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
   std::vector<char*> argv;
   for (auto& a : argv_storage) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // The supervisor (and QEMU after it) would otherwise carry a secret taken
+  // from our environment (NAME@host) in its own /proc/<pid>/environ for the
+  // sandbox's life: every variable holding a secret value stays behind.
+  std::vector<std::string> secret_values;
+  if (!secrets_json.empty()) {
+    nlohmann::json doc = nlohmann::json::parse(secrets_json, nullptr, false);
+    if (doc.is_object()) {
+      for (const auto& [name, value] : doc.items())
+        if (value.is_string()) secret_values.push_back(value.get<std::string>());
+    }
+  }
+  std::vector<char*> envp;
+  for (char** e = environ; *e != nullptr; ++e) {
+    std::string_view entry(*e);
+    auto eq = entry.find('=');
+    std::string_view value = eq == std::string_view::npos ? "" : entry.substr(eq + 1);
+    bool holds_secret = std::any_of(secret_values.begin(), secret_values.end(),
+                                    [&](const std::string& v) { return v == value; });
+    if (!holds_secret) envp.push_back(*e);
+  }
+  envp.push_back(nullptr);
   // The supervisor outlives this CLI, so it must not inherit our blocked
   // signals or die with us.
   pid_t middle = ::fork();
@@ -482,19 +511,20 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
     // Nothing else of ours (or of whoever ran us, e.g. a pipe a test reads
     // to EOF) may stay open in a process that lives on.
     if (::close_range(4, ~0U, 0) != 0) ::_exit(123);
-    ::execv(self_exe.c_str(), argv.data());
+    ::execve(self_exe.c_str(), argv.data(), envp.data());
     ::_exit(127);
   }
   write_end.Reset();
   secrets_read.Reset();
   // Small (a pipe buffer holds 64 KiB); the supervisor reads it first thing.
-  if (auto sent = WriteAll(secrets_write.Get(), secrets_json); !sent)
-    return std::unexpected(std::move(sent.error()).WithContext("hand secrets to the supervisor"));
+  auto sent = WriteAll(secrets_write.Get(), secrets_json);
   secrets_write.Reset();
   int status = 0;
   while (::waitpid(middle, &status, 0) < 0) {
     if (errno != EINTR) return FailErrno("waitpid supervisor launcher");
   }
+  if (!sent)
+    return std::unexpected(std::move(sent.error()).WithContext("hand secrets to the supervisor"));
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
     return Fail("could not start the sandbox supervisor (launcher status " +
                 std::to_string(status) + ")");

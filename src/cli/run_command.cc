@@ -8,9 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <thread>
-
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "base/io.h"
 #include "base/log.h"
@@ -111,18 +110,6 @@ Result<sandbox::VolumeSpec> ParseVolumeFlag(std::string_view text) {
   return v;
 }
 
-std::string ModeName(protocol::MountMode mode) {
-  switch (mode) {
-    case protocol::MountMode::kReadOnly:
-      return "ro";
-    case protocol::MountMode::kReadWrite:
-      return "rw";
-    case protocol::MountMode::kOverlay:
-      return "overlay";
-  }
-  return "rw";
-}
-
 // Docker creates a named volume on first use; so do we.
 Result<store::VolumeRecord> EnsureVolume(SandboxContext& ctx, const std::string& name) {
   auto existing = ctx.store.GetVolume(name);
@@ -207,7 +194,7 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
       CELLA_TRY(sandbox::MakeExt4Image(v.overlay_path, static_cast<uint64_t>(volume.size_bytes),
                                        "cella-overlay"));
     }
-    p.volume_uses.push_back({v.name, v.guest_path, ModeName(v.mode)});
+    p.volume_uses.push_back({v.name, v.guest_path, std::string(protocol::ToString(v.mode))});
     spec.volumes.push_back(std::move(v));
   }
   sandbox::EgressSpec& egress = spec.egress;
@@ -239,8 +226,7 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   if (egress.intercept) {
     // Where the usual TLS stacks look for extra trust; the init appends
     // cella's CA to the bundles these name.
-    for (const auto& [key, value] :
-         std::initializer_list<std::pair<const char*, const char*>>{
+    for (const auto& [key, value] : std::initializer_list<std::pair<const char*, const char*>>{
              {"SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"},
              {"REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"},
              {"CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"},
@@ -249,7 +235,8 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     }
   }
   if (egress.enabled && args.no_network)
-    return Fail("--no-network cannot be combined with an egress policy (--allow-host, --secret...)");
+    return Fail(
+        "--no-network cannot be combined with an egress policy (--allow-host, --secret...)");
 
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
   // free. Detached sandboxes keep their writable layer across stop/start.

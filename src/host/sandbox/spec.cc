@@ -8,18 +8,6 @@ namespace {
 using nlohmann::json;
 constexpr int kSpecVersion = 1;
 
-std::string_view ModeName(protocol::MountMode mode) {
-  switch (mode) {
-    case protocol::MountMode::kReadOnly:
-      return "ro";
-    case protocol::MountMode::kReadWrite:
-      return "rw";
-    case protocol::MountMode::kOverlay:
-      return "overlay";
-  }
-  return "rw";
-}
-
 Result<protocol::MountMode> ParseMode(const std::string& name) {
   if (name == "ro") return protocol::MountMode::kReadOnly;
   if (name == "rw") return protocol::MountMode::kReadWrite;
@@ -42,7 +30,7 @@ std::string EncodeSpec(const SandboxSpec& spec) {
     out["volumes"].push_back({{"name", v.name},
                               {"host_path", v.host_path},
                               {"guest_path", v.guest_path},
-                              {"mode", ModeName(v.mode)},
+                              {"mode", protocol::ToString(v.mode)},
                               {"overlay_path", v.overlay_path}});
   }
   out["ports"] = json::array();
@@ -55,9 +43,12 @@ std::string EncodeSpec(const SandboxSpec& spec) {
   out["boot_timeout_s"] = spec.boot_timeout_s;
   out["upper_image"] = spec.upper_image;
   const EgressSpec& e = spec.egress;
-  json egress = {{"enabled", e.enabled},       {"allow", e.allow},
-                 {"allow_private", e.allow_private}, {"intercept", e.intercept},
-                 {"upstream_ca", e.upstream_ca},   {"pins", json::array()},
+  json egress = {{"enabled", e.enabled},
+                 {"allow", e.allow},
+                 {"allow_private", e.allow_private},
+                 {"intercept", e.intercept},
+                 {"upstream_ca", e.upstream_ca},
+                 {"pins", json::array()},
                  {"secrets", json::array()}};
   for (const auto& p : e.pins) {
     egress["pins"].push_back({{"name", p.name},

@@ -2,9 +2,11 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <fstream>
 #include <set>
 #include <thread>
 
+#include "host/registry/archive_extract.h"
 #include "host/registry/blob_store.h"
 #include "host/registry/image_store.h"
 #include "registry_test_support.h"
@@ -331,6 +333,102 @@ TEST_F(RegistryImageStoreTest, EnsureRootfsBuildsOnceAndGcRemovesIt) {
   ASSERT_TRUE(gc.has_value()) << gc.error().message;
   EXPECT_EQ(gc->rootfs_removed, 1u);
   EXPECT_FALSE(PathExists(*path));
+}
+
+}  // namespace
+}  // namespace cella::registry
+
+namespace cella::registry {
+namespace {
+
+using rootfs::testing::Compression;
+
+// A relative symlink followed by entries beneath it used to create files
+// wherever the link pointed (as root: anywhere on the host).
+TEST(RegistryArchiveExtract, EntriesBeneathAPlantedSymlinkAreRefused) {
+  testing::TempDir dir;
+  const std::string outside = dir / "outside";
+  ASSERT_EQ(::mkdir(outside.c_str(), 0755), 0);
+  const std::string dest = dir / "dest";
+  ASSERT_EQ(::mkdir(dest.c_str(), 0755), 0);
+  {
+    TarBuilder tar(dir / "evil.tar");
+    tar.Symlink("x", "../outside");
+    tar.File("x/planted", "owned");
+    tar.Close();
+  }
+  auto r = ExtractImageArchive(dir / "evil.tar", dest);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("symlink"), std::string::npos) << r.error().message;
+  EXPECT_FALSE(PathExists(outside + "/planted"));
+
+  {
+    TarBuilder tar(dir / "evil-dir.tar");
+    tar.Symlink("a/b", "../../outside");
+    tar.Dir("a/b/newdir");
+    tar.File("a/b/newdir/f", "owned");
+    tar.Close();
+  }
+  const std::string dest2 = dir / "dest2";
+  ASSERT_EQ(::mkdir(dest2.c_str(), 0755), 0);
+  EXPECT_FALSE(ExtractImageArchive(dir / "evil-dir.tar", dest2).has_value());
+  EXPECT_FALSE(PathExists(outside + "/newdir"));
+}
+
+TEST(RegistryArchiveExtract, LayerSharingSymlinksStillWork) {
+  testing::TempDir dir;
+  const std::string dest = dir / "dest";
+  ASSERT_EQ(::mkdir(dest.c_str(), 0755), 0);
+  {
+    TarBuilder tar(dir / "saved.tar");
+    tar.File("aaa/layer.tar", "layer");
+    tar.Symlink("bbb/layer.tar", "../aaa/layer.tar");
+    tar.Close();
+  }
+  auto r = ExtractImageArchive(dir / "saved.tar", dest);
+  ASSERT_TRUE(r.has_value()) << r.error().message;
+  auto resolved = ResolveInside(dest, "bbb/layer.tar");
+  ASSERT_TRUE(resolved.has_value()) << resolved.error().message;
+}
+
+TEST(RegistryArchiveExtract, DecompressionBombIsRefusedEarly) {
+  testing::TempDir dir;
+  const std::string dest = dir / "dest";
+  ASSERT_EQ(::mkdir(dest.c_str(), 0755), 0);
+  {
+    TarBuilder tar(dir / "bomb.tar.gz", Compression::kGzip);
+    tar.File("zeros", std::string(size_t{64} << 20, '\0'));
+    tar.Close();
+  }
+  ExtractLimits limits{.max_ratio = 100, .ratio_floor_bytes = 1 << 20};
+  auto r = ExtractImageArchive(dir / "bomb.tar.gz", dest, limits);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("decompression bomb"), std::string::npos) << r.error().message;
+  struct stat archive {};
+  ASSERT_EQ(::stat((dir / "bomb.tar.gz").c_str(), &archive), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat((dest + "/zeros").c_str(), &st), 0);
+  // Stopped at the ratio, far short of the 64 MiB the archive holds.
+  EXPECT_LE(static_cast<uint64_t>(st.st_size), 100 * static_cast<uint64_t>(archive.st_size));
+  EXPECT_LT(static_cast<uint64_t>(st.st_size), uint64_t{16} << 20);
+
+  // The same archive passes under limits that allow its expansion.
+  const std::string dest2 = dir / "dest2";
+  ASSERT_EQ(::mkdir(dest2.c_str(), 0755), 0);
+  EXPECT_TRUE(ExtractImageArchive(dir / "bomb.tar.gz", dest2).has_value());
+}
+
+TEST_F(RegistryImageStoreTest, ImportRefusesManifestSymlinkLeadingOutside) {
+  const std::string secret = work / "secret.json";
+  { std::ofstream(secret) << "[]"; }
+  {
+    TarBuilder tar(work / "link.tar");
+    tar.Symlink("manifest.json", "../../../../../../../../../.." + secret);
+    tar.Close();
+  }
+  auto r = store.Import(work / "link.tar", *ParseReference("link/image"));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("outside"), std::string::npos) << r.error().message;
 }
 
 }  // namespace

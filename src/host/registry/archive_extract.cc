@@ -7,7 +7,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <vector>
@@ -53,52 +55,110 @@ Result<std::string> ResolveInside(const std::string& root, const std::string& re
   return r;
 }
 
-Status ExtractImageArchive(const std::string& archive_path, const std::string& dest_dir) {
+namespace {
+
+// Opens (creating if absent) each directory of rel's parent beneath root_fd
+// without following any symlink: a symlink planted by an earlier entry can
+// never become the parent of a later one (O_NOFOLLOW on every component).
+Result<UniqueFd> OpenParentBeneath(int root_fd, const std::string& rel, const std::string& where) {
+  UniqueFd dir(::fcntl(root_fd, F_DUPFD_CLOEXEC, 0));
+  if (!dir) return FailErrno("dup archive root");
+  size_t start = 0;
+  while (true) {
+    size_t slash = rel.find('/', start);
+    if (slash == std::string::npos) break;
+    std::string component = rel.substr(start, slash - start);
+    if (::mkdirat(dir.Get(), component.c_str(), 0755) != 0 && errno != EEXIST)
+      return FailErrno(where + ": mkdir " + component);
+    UniqueFd next(
+        ::openat(dir.Get(), component.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!next) {
+      if (errno == ELOOP || errno == ENOTDIR)
+        return Fail(where + ": parent \"" + rel.substr(0, slash) +
+                    "\" is a symlink or not a directory");
+      return FailErrno(where + ": open " + rel.substr(0, slash));
+    }
+    dir = std::move(next);
+    start = slash + 1;
+  }
+  return dir;
+}
+
+std::string BaseName(const std::string& rel) {
+  size_t slash = rel.rfind('/');
+  return slash == std::string::npos ? rel : rel.substr(slash + 1);
+}
+
+}  // namespace
+
+Status ExtractImageArchive(const std::string& archive_path, const std::string& dest_dir,
+                           const ExtractLimits& limits) {
   std::unique_ptr<archive, decltype(&archive_read_free)> a(archive_read_new(), &archive_read_free);
   if (!a) return Fail("archive_read_new: out of memory");
   archive_read_support_format_tar(a.get());
   archive_read_support_filter_all(a.get());
+  struct stat archive_stat {};
+  if (::stat(archive_path.c_str(), &archive_stat) != 0) return FailErrno("stat " + archive_path);
+  // A bomb is refused by its expansion, not only its absolute size: past the
+  // floor, the bytes written may not exceed max_ratio times the archive.
+  const uint64_t ratio_cap = std::max<uint64_t>(
+      limits.ratio_floor_bytes, static_cast<uint64_t>(archive_stat.st_size) * limits.max_ratio);
+  const uint64_t byte_cap = std::min(limits.max_bytes, ratio_cap);
   if (archive_read_open_filename(a.get(), archive_path.c_str(), 1 << 20) != ARCHIVE_OK)
     return Fail(archive_path + ": " + archive_error_string(a.get()));
+  UniqueFd root(::open(dest_dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!root) return FailErrno("open " + dest_dir);
   std::vector<char> buf(1 << 20);
+  uint64_t written = 0;
+  uint64_t entries = 0;
   while (true) {
     archive_entry* entry = nullptr;
     int rc = archive_read_next_header(a.get(), &entry);
     if (rc == ARCHIVE_EOF) break;
     if (rc != ARCHIVE_OK && rc != ARCHIVE_WARN)
       return Fail(archive_path + ": " + archive_error_string(a.get()));
+    if (++entries > limits.max_entries)
+      return Fail(archive_path + ": more than " + std::to_string(limits.max_entries) +
+                  " entries; not an image archive");
     const char* raw_name = archive_entry_pathname(entry);
     std::string name = raw_name ? raw_name : "";
     const std::string where = archive_path + ": entry \"" + name + "\"";
     std::string rel = CELLA_TRY_CTX(CleanRelative(name), where);
     if (rel.empty()) continue;
-    std::string out = dest_dir + "/" + rel;
-    std::string parent = out.substr(0, out.rfind('/'));
-    CELLA_TRY(host::MakeDirs(parent, 0755));
     if (archive_entry_hardlink(entry) != nullptr)
       return Fail(where + ": hardlinks are not supported");
+    UniqueFd parent = CELLA_TRY(OpenParentBeneath(root.Get(), rel, where));
+    const std::string leaf = BaseName(rel);
     switch (archive_entry_filetype(entry)) {
       case AE_IFDIR:
-        CELLA_TRY(host::MakeDirs(out, 0755));
+        if (::mkdirat(parent.Get(), leaf.c_str(), 0755) != 0 && errno != EEXIST)
+          return FailErrno(where + ": mkdir");
         break;
       case AE_IFLNK: {
         const char* target = archive_entry_symlink(entry);
         // Older docker save shares layers by relative symlink; anything
-        // else is refused, and ResolveInside re-checks on use.
+        // else is refused, later entries never pass through it
+        // (OpenParentBeneath) and ResolveInside re-checks every use.
         if (target == nullptr || *target == '/') return Fail(where + ": absolute symlink");
-        if (::symlink(target, out.c_str()) != 0) return FailErrno("symlink " + out);
+        if (::symlinkat(target, parent.Get(), leaf.c_str()) != 0)
+          return FailErrno(where + ": symlink");
         break;
       }
       case AE_IFREG: {
-        UniqueFd fd(
-            ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
-        if (!fd) return FailErrno("create " + out);
+        UniqueFd fd(::openat(parent.Get(), leaf.c_str(),
+                             O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
+        if (!fd) return FailErrno(where + ": create");
         while (true) {
           la_ssize_t n = archive_read_data(a.get(), buf.data(), buf.size());
           if (n < 0) return Fail(where + ": " + archive_error_string(a.get()));
           if (n == 0) break;
+          written += static_cast<uint64_t>(n);
+          if (written > byte_cap)
+            return Fail(archive_path + ": expands past " + std::to_string(byte_cap >> 20) +
+                        " MiB (archive is " + std::to_string(archive_stat.st_size >> 20) +
+                        " MiB); refusing a decompression bomb");
           CELLA_TRY_CTX(WriteAll(fd.Get(), std::string_view(buf.data(), static_cast<size_t>(n))),
-                        out);
+                        where);
         }
         break;
       }

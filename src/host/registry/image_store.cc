@@ -280,7 +280,8 @@ struct ImageStore::State {
       if ("sha256:" + host::Sha256Hex(body) != d.digest) return Fail(path + ": digest mismatch");
       return body;
     };
-    std::string index_text = CELLA_TRY(ReadFileToString(dir + "/index.json", kMaxManifestBytes));
+    std::string index_path = CELLA_TRY(ResolveInside(dir, "index.json"));
+    std::string index_text = CELLA_TRY(ReadFileToString(index_path, kMaxManifestBytes));
     ParsedManifest index =
         CELLA_TRY_CTX(ParseManifest(index_text, media::kOciIndex), dir + "/index.json");
     if (index.kind != ManifestKind::kIndex) return Fail(dir + "/index.json: not an image index");
@@ -341,7 +342,8 @@ struct ImageStore::State {
   }
 
   Result<ImageRecord> ImportDockerSave(const std::string& dir, std::optional<Reference> ref) {
-    std::string text = CELLA_TRY(ReadFileToString(dir + "/manifest.json", kMaxManifestBytes));
+    std::string manifest_path = CELLA_TRY(ResolveInside(dir, "manifest.json"));
+    std::string text = CELLA_TRY(ReadFileToString(manifest_path, kMaxManifestBytes));
     Json doc = Json::parse(text, nullptr, false);
     const std::string where = dir + "/manifest.json";
     if (doc.is_discarded() || !doc.is_array() || doc.empty())
@@ -413,7 +415,9 @@ struct ImageStore::State {
     // digests, manifest.json the familiar name.
     std::optional<Reference> saved_name;
     if (Exists(dir + "/manifest.json")) {
-      auto text = ReadFileToString(dir + "/manifest.json", kMaxManifestBytes);
+      auto manifest_path = ResolveInside(dir, "manifest.json");
+      auto text = manifest_path ? ReadFileToString(*manifest_path, kMaxManifestBytes)
+                                : Result<std::string>(std::unexpected(manifest_path.error()));
       if (text) {
         Json doc = Json::parse(*text, nullptr, false);
         if (!doc.is_discarded() && doc.is_array() && doc.size() == 1 && doc[0].is_object()) {

@@ -195,6 +195,22 @@ TEST_F(DnsFixture, RebindingAllowedWithAllowPrivate) {
   EXPECT_TRUE(reply.address.has_value());
 }
 
+// A literal address as a "name" used to get a virtual address, behind which
+// the proxy skipped its address checks and opened the host's loopback.
+TEST_F(DnsFixture, AddressLiteralsAreAnsweredAsThemselvesNeverVirtual) {
+  StartServer({"api.test"}, /*allow_private=*/true);
+  for (const char* literal : {"127.0.0.1", "0.0.0.0", "127.0.0.2", "10.0.2.2"}) {
+    Reply reply = Ask(Query(3, literal, 1));
+    EXPECT_EQ(reply.rcode, 0) << literal;
+    ASSERT_TRUE(reply.address.has_value()) << literal;
+    EXPECT_EQ(*reply.address, literal);
+    in_addr address;
+    ASSERT_EQ(inet_pton(AF_INET, literal, &address), 1);
+    EXPECT_FALSE(server_->NameForVirtualAddress(address).has_value()) << literal;
+  }
+  EXPECT_EQ(resolver_calls_.load(), 0);
+}
+
 TEST_F(DnsFixture, PinnedNameIsAnsweredWithoutHostLookup) {
   StartServer({"pinned.test"}, false,
               {Pin{"pinned.test", 80, Endpoint{*IpAddress::Parse("127.0.0.1"), 8080}}});

@@ -688,6 +688,21 @@ TEST_F(ProxyTest, GatewayReachesHostLoopbackOnlyWhenNamed) {
   EXPECT_EQ(origin.accepts(), 1);
 }
 
+// A network entry that happens to cover the gateway does not name the host.
+TEST_F(ProxyTest, GatewayIsNotOpenedByACoveringNetwork) {
+  Origin origin;
+  const IpAddress gateway = *IpAddress::Parse("10.0.2.2");
+  const Endpoint destination{gateway, origin.port()};
+  const std::string host = "10.0.2.2:" + std::to_string(origin.port());
+  host_gateway_ = gateway;
+  StartProxy({.allow = {"10.0.0.0/8"}});
+  EXPECT_EQ(Get(destination, host, "/echo").status, 403);
+  proxy_.reset();
+  StartProxy({.allow = {"10.0.2.2/32"}});
+  EXPECT_EQ(Get(destination, host, "/echo").status, 200);
+  EXPECT_EQ(origin.accepts(), 1);
+}
+
 TEST_F(ProxyTest, TlsWithoutInterceptionIsSplicedBySni) {
   EchoServer echo;
   StartProxy({.allow = {"tls.test"}, .pins = {PinTo("tls.test", 443, echo.port())}});

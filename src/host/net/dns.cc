@@ -300,7 +300,7 @@ std::vector<std::byte> DnsServer::Answer(std::span<const std::byte> packet) {
   // Check() accepted it, so it is a valid name or address literal; keep the
   // canonical spelling so the proxy's later checks see the same text.
   std::string name = NormalizeHost(query->name).value_or(query->name);
-  if (!options_.policy->HasPin(name)) {
+  if (!options_.policy->HasPin(name) && !IpAddress::Parse(name)) {
     auto resolved = ResolveOnHost(name);
     if (!resolved) return BuildDnsResponse(*query, resolved.error(), std::nullopt);
   }
@@ -308,6 +308,14 @@ std::vector<std::byte> DnsServer::Answer(std::span<const std::byte> packet) {
     // IPv4 only inside: AAAA and everything else get "no records", which
     // makes resolvers fall back to A without an error.
     return BuildDnsResponse(*query, DnsRcode::kNoError, std::nullopt);
+  }
+  // An address literal is its own answer, never a virtual name: the guest
+  // then connects to the address itself and the proxy judges that address
+  // (private ranges, the host gateway) instead of a name standing for it.
+  if (auto literal = IpAddress::Parse(name)) {
+    if (literal->family != IpAddress::Family::kV4)
+      return BuildDnsResponse(*query, DnsRcode::kNoError, std::nullopt);
+    return BuildDnsResponse(*query, DnsRcode::kNoError, literal->ToInAddr());
   }
   auto address = options_.table->AddressFor(name);
   if (!address) {

@@ -163,9 +163,11 @@ bool IsPrivateOrSpecial(const in_addr& address) {
          InV4Net(a, 0x7f000000, 8) ||   // 127/8
          InV4Net(a, 0xa9fe0000, 16) ||  // 169.254/16 link-local, cloud metadata
          InV4Net(a, 0xac100000, 12) ||  // 172.16/12
+         InV4Net(a, 0xc0000000, 24) ||  // 192.0.0/24 IETF protocol assignments
          InV4Net(a, 0xc0a80000, 16) ||  // 192.168/16
+         InV4Net(a, 0xc6120000, 15) ||  // 198.18/15 benchmarking
          InV4Net(a, 0xe0000000, 4) ||   // 224/4 multicast
-         a == 0xffffffff;               // limited broadcast
+         InV4Net(a, 0xf0000000, 4);     // 240/4 reserved, includes 255.255.255.255
 }
 
 bool IsPrivateOrSpecial(const in6_addr& address) {
@@ -180,6 +182,15 @@ bool IsPrivateOrSpecial(const in6_addr& address) {
   if ((b[0] & 0xfe) == 0xfc) return true;                                         // fc00::/7
   if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) return true;                         // fe80::/10
   if (b[0] == 0xff) return true;                                                  // multicast
+  if (b[0] == 0xfe && (b[1] & 0xc0) == 0xc0) return true;  // fec0::/10 site-local
+  // Prefixes that embed an IPv4 address the host would reach: judge that one.
+  static constexpr uint8_t kNat64[12] = {0x00, 0x64, 0xff, 0x9b};  // 64:ff9b::/96
+  if (std::memcmp(b, kNat64, 12) == 0) {
+    in_addr v4;
+    std::memcpy(&v4.s_addr, b + 12, 4);
+    return IsPrivateOrSpecial(v4);
+  }
+  if (b[0] == 0x20 && b[1] == 0x02) return true;  // 2002::/16 6to4: refuse outright
   return false;
 }
 
@@ -268,6 +279,11 @@ bool HostPattern::MatchesName(std::string_view name) const {
       return false;
   }
   return false;
+}
+
+bool HostPattern::IsExactly(const IpAddress& address) const {
+  const int full_bits = address.family == IpAddress::Family::kV4 ? 32 : 128;
+  return kind_ == Kind::kNetwork && prefix_bits_ == full_bits && MatchesAddress(address);
 }
 
 bool HostPattern::MatchesAddress(const IpAddress& address) const {
@@ -387,6 +403,12 @@ Decision Policy::Check(std::string_view host) const {
     if (pattern.MatchesName(*name)) return {true, ""};
   }
   return {false, "host not in allow list"};
+}
+
+bool Policy::NamesExactly(const IpAddress& address) const {
+  std::shared_lock lock(mutex_);
+  return std::any_of(allow_.begin(), allow_.end(),
+                     [&](const HostPattern& p) { return p.IsExactly(address); });
 }
 
 bool Policy::NamesAddress(const IpAddress& address) const {

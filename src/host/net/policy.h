@@ -79,6 +79,9 @@ class HostPattern {
   // `name` must be normalized (NormalizeHost).
   bool MatchesName(std::string_view name) const;
   bool MatchesAddress(const IpAddress& address) const;
+  // True only for a single-address entry ("10.0.2.2", "10.0.2.2/32"): a
+  // wider network that happens to cover the address does not name it.
+  bool IsExactly(const IpAddress& address) const;
   // Canonical text: what `cella allow-list ls` prints and `rm` matches.
   const std::string& text() const { return text_; }
   bool operator==(const HostPattern& other) const { return text_ == other.text_; }
@@ -156,6 +159,9 @@ class Policy {
   // Whether an allow entry (address or CIDR) names `address` itself, as
   // opposed to it passing by --allow-private.
   bool NamesAddress(const IpAddress& address) const;
+  // An entry that is this one address, not a network covering it: the only
+  // way to open the host itself (the gateway).
+  bool NamesExactly(const IpAddress& address) const;
 
   bool allow_private() const { return allow_private_; }
   bool intercept() const { return intercept_; }

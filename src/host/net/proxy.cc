@@ -829,6 +829,11 @@ void ConnectionHandler::Run() {
     if (!virtual_name_) {
       destination_host = destination_.address.ToString();
       destination_decision = {false, "unknown virtual address (not handed out by the sandbox DNS)"};
+    } else if (IpAddress::Parse(*virtual_name_)) {
+      // An address literal must never stand behind a virtual address: that
+      // would skip the address checks (the host's loopback among them).
+      destination_host = *virtual_name_;
+      destination_decision = {false, "address literal behind a virtual address"};
     } else {
       destination_host = *virtual_name_;
       destination_decision = options_.policy->Check(*virtual_name_);
@@ -837,7 +842,7 @@ void ConnectionHandler::Run() {
     // The gateway is the host itself (its loopback): --allow-private alone
     // does not open it, only an entry naming the gateway address.
     destination_host = destination_.address.ToString();
-    if (options_.policy->NamesAddress(destination_.address)) {
+    if (options_.policy->NamesExactly(destination_.address)) {
       destination_decision = {true, ""};
     } else {
       destination_decision = {false, "the gateway is the host itself; allow " + destination_host +

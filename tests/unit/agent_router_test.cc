@@ -2,6 +2,7 @@
 // one link to the real cella-agent binary; misbehaving clients cost only
 // themselves; the guest going away fails everybody promptly.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -653,6 +654,57 @@ TEST_F(AgentRouter, StopDisconnectsClients) {
   ASSERT_TRUE(err.has_value());
   EXPECT_EQ(err->errno_value, ECANCELED);
   EXPECT_FALSE(routed->router->ConnectLocal().has_value());
+}
+
+}  // namespace
+}  // namespace cella::testing
+
+namespace cella::testing {
+namespace {
+
+// A hostile guest sends 1 MiB Pings and never reads the Pongs. The router
+// used to queue every Pong (1.3 GB seen); now it stops reading the guest.
+TEST_F(AgentRouter, GuestPingFloodKeepsTheRouterBounded) {
+  int pair[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd guest(pair[0]);
+  std::vector<std::byte> frame;
+  protocol::EncodeFrame(0, FrameType::kHello, Channel::kControl,
+                        protocol::AsBytes(protocol::EncodeHello(
+                            {protocol::kProtocolVersion, protocol::Role::kAgent})),
+                        frame);
+  ASSERT_EQ(::send(guest.Get(), frame.data(), frame.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(frame.size()));
+  host::RouterOptions options;
+  options.max_upstream_buffer = size_t{4} << 20;
+  auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), options);
+  ASSERT_TRUE(router.has_value()) << router.error().message;
+
+  std::vector<std::byte> ping;
+  protocol::EncodeFrame(0, FrameType::kPing, Channel::kControl,
+                        protocol::AsBytes(std::string(protocol::kMaxPayload, 'p')), ping);
+  ASSERT_EQ(::fcntl(guest.Get(), F_SETFL, O_NONBLOCK), 0);
+  const size_t flood = size_t{256} << 20;  // far more than any bound
+  size_t sent = 0;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (sent < flood && std::chrono::steady_clock::now() < deadline) {
+    size_t off = sent % ping.size();
+    ssize_t n = ::send(guest.Get(), ping.data() + off, ping.size() - off, MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += static_cast<size_t>(n);
+      continue;
+    }
+    ASSERT_TRUE(errno == EAGAIN || errno == EINTR) << std::strerror(errno);
+    pollfd p{guest.Get(), POLLOUT, 0};
+    (void)::poll(&p, 1, 50);
+  }
+  // The router stopped taking the flood long before it was all sent...
+  EXPECT_LT(sent, flood);
+  // ...and what it holds stays within twice the bound plus one read's worth.
+  auto stats = (*router)->Stats();
+  EXPECT_LE(stats.peak_buffered_bytes, 2 * options.max_upstream_buffer + (size_t{2} << 20))
+      << "sent " << sent;
+  EXPECT_FALSE((*router)->UpstreamError().has_value());
 }
 
 }  // namespace

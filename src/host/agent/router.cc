@@ -612,7 +612,10 @@ struct Router::Impl {
       fds.clear();
       owners.clear();
       fds.push_back({wake.Get(), POLLIN, 0});
-      short up_events = POLLIN;
+      // The guest feeds up_out too (a Pong for every Ping): past twice the
+      // clients' threshold, stop reading it until it takes what is queued,
+      // so a flooding guest stalls itself instead of growing the host.
+      short up_events = up_out.Pending() < 2 * options.max_upstream_buffer ? POLLIN : 0;
       if (up_out.Pending() > 0) up_events |= POLLOUT;
       // Negative fds are ignored by poll.
       fds.push_back({upstream_alive ? upstream.Get() : -1, up_events, 0});
@@ -642,7 +645,8 @@ struct Router::Impl {
         if (::read(wake.Get(), &count, sizeof(count)) < 0 && errno != EAGAIN)
           log::Warn("agent router: reading the wake eventfd failed", {{"error", strerror(errno)}});
       }
-      if (upstream_alive && (fds[1].revents & (POLLIN | POLLHUP | POLLERR))) ReadUpstream();
+      if (upstream_alive && (up_events & POLLIN) && (fds[1].revents & (POLLIN | POLLHUP | POLLERR)))
+        ReadUpstream();
       if (fds[2].revents & POLLIN) Accept();
       for (size_t i = 0; i < owners.size(); ++i) {
         short rev = fds[3 + i].revents;

@@ -78,7 +78,9 @@ struct RouterOptions {
   // Bytes queued toward one client; beyond it the client is disconnected.
   size_t max_client_buffer = size_t{64} << 20;
   // Bytes queued toward the guest; beyond it clients are not read until the
-  // guest has taken some (backpressure, nobody is dropped).
+  // guest has taken some (backpressure, nobody is dropped). At twice this the
+  // guest itself is not read either (its Pings queue Pongs), which bounds the
+  // router's memory whatever the guest sends.
   size_t max_upstream_buffer = size_t{16} << 20;
 };
 

@@ -567,6 +567,27 @@ TEST_F(ProxyTest, PlaceholderSentToAnotherHostIsRefused) {
   EXPECT_EQ(origin.accepts(), 0);
 }
 
+// The guest can learn a value from an allowed upstream that echoes it; the
+// value itself must then not travel to a host that is not the secret's.
+TEST_F(ProxyTest, RealSecretValueSentToAnotherHostIsRefused) {
+  Origin origin;
+  StartProxy(
+      {.allow = {"api.test", "other.test"},
+       .secrets = {TestSecret("hunter2 value", "api.test")},
+       .pins = {PinTo("api.test", 80, origin.port()), PinTo("other.test", 80, origin.port())}});
+  Response header =
+      Get(Virtual("other.test", 80), "other.test", "/echo", "X-Token: hunter2 value\r\n");
+  EXPECT_EQ(header.status, 403);
+  EXPECT_NE(header.body.find("API_TOKEN"), std::string::npos) << header.body;
+  EXPECT_EQ(header.body.find("hunter2"), std::string::npos);
+  Response query = Get(Virtual("other.test", 80), "other.test", "/echo?k=hunter2%20value");
+  EXPECT_EQ(query.status, 403);
+  EXPECT_EQ(origin.accepts(), 0);
+  // Toward the secret's own host the value may travel as it is.
+  Response own = Get(Virtual("api.test", 80), "api.test", "/echo", "X-Token: hunter2 value\r\n");
+  EXPECT_EQ(own.status, 200);
+}
+
 // A guest that dials an address itself and claims the secret's host in the
 // Host header must not get the secret substituted: the proxy would send it
 // to whatever listens at that address.

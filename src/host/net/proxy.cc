@@ -296,6 +296,7 @@ std::shared_ptr<TlsProvider> MakeTlsProvider(std::shared_ptr<CertificateAuthorit
 
 std::optional<std::string> SubstituteSecrets(const Policy& policy, std::string_view host,
                                              http::RequestHead& head) {
+  constexpr size_t kMinScannedSecret = 6;
   auto head_contains = [&](std::string_view needle) {
     if (head.method.find(needle) != std::string::npos) return true;
     if (head.target.find(needle) != std::string::npos) return true;
@@ -308,9 +309,15 @@ std::optional<std::string> SubstituteSecrets(const Policy& policy, std::string_v
   // Refusal is decided before anything is replaced, so a refused head is
   // never half-substituted.
   for (const Secret& secret : policy.secrets()) {
-    if (!Policy::SecretAppliesTo(secret, host) && head_contains(secret.placeholder)) {
+    if (Policy::SecretAppliesTo(secret, host)) continue;
+    if (head_contains(secret.placeholder))
       return "secret " + secret.name + " may not be sent to " + std::string(host);
-    }
+    // The real value too: an allowed upstream that echoes its request hands
+    // the guest the value, which must not then walk to another host. Values
+    // shorter than kMinScannedSecret would match ordinary text.
+    if (secret.value.size() >= kMinScannedSecret &&
+        (head_contains(secret.value) || head_contains(PercentEncode(secret.value))))
+      return "the value of secret " + secret.name + " may not be sent to " + std::string(host);
   }
   for (const Secret& secret : policy.secrets()) {
     if (!Policy::SecretAppliesTo(secret, host)) continue;

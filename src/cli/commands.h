@@ -83,13 +83,16 @@ int StartCommand(const std::vector<std::string>& refs);
 int KillCommand(const std::vector<std::string>& refs);
 int RmCommand(const std::vector<std::string>& refs, bool force);
 int PruneCommand();
-int CpCommand(const std::string& source, const std::string& destination);
+// Without `archive`, copied entries belong to the copier (root in the
+// guest, the caller on the host) and lose setuid/setgid bits (docker cp).
+int CpCommand(const std::string& source, const std::string& destination, bool archive);
 int PortForwardCommand(const std::string& sandbox, const std::string& mapping);
 int VolumeCreateCommand(const std::string& name, const std::string& size);
 int VolumeLsCommand(ListFormat format);
 int VolumeRmCommand(const std::vector<std::string>& names);
 enum class AllowListOp { kAdd, kRemove, kList };
-int AllowListCommand(AllowListOp op, const std::string& sandbox, const std::vector<std::string>& hosts);
+int AllowListCommand(AllowListOp op, const std::string& sandbox,
+                     const std::vector<std::string>& hosts);
 int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches);
 // cella's own failure: one line on stderr, docker's exit code 125.
 int ReportFailure(const Error& error);

@@ -182,6 +182,9 @@ int Main(int argc, char** argv) {
       "cp", "Copy files/directories between the host and a sandbox (ID:/path on one side)");
   cp_cmd->add_option("source", cp_src, "Source")->required();
   cp_cmd->add_option("destination", cp_dst, "Destination")->required();
+  bool cp_archive = false;
+  cp_cmd->add_flag("-a,--archive", cp_archive,
+                   "Keep the source's uid/gid (and, as root, setuid/setgid bits)");
 
   std::string pf_sandbox, pf_mapping;
   CLI::App* pf_cmd = app.add_subcommand(
@@ -262,7 +265,7 @@ int Main(int argc, char** argv) {
   if (kill_cmd->parsed()) return cella::cli::KillCommand(kill_refs);
   if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
-  if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst);
+  if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst, cp_archive);
   if (pf_cmd->parsed()) return cella::cli::PortForwardCommand(pf_sandbox, pf_mapping);
   if (volume_create_cmd->parsed()) return cella::cli::VolumeCreateCommand(volume_name, volume_size);
   if (volume_ls_cmd->parsed())

@@ -6,8 +6,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -403,7 +403,7 @@ int PruneCommand() {
   return code;
 }
 
-int CpCommand(const std::string& source, const std::string& destination) {
+int CpCommand(const std::string& source, const std::string& destination, bool archive) {
   auto run = [&]() -> Status {
     CpEndpoint src = ParseCpEndpoint(source);
     CpEndpoint dst = ParseCpEndpoint(destination);
@@ -418,14 +418,17 @@ int CpCommand(const std::string& source, const std::string& destination) {
     CELLA_TRY(RequireRunning(record, "cp"));
     auto agent = CELLA_TRY(ConnectAgent(ctx, record));
     sandbox::CopyStats stats;
+    const sandbox::CopyOptions options{.ownership = archive
+                                                        ? sandbox::Ownership::kFromSource
+                                                        : sandbox::Ownership::kDestinationDefault};
     if (dst.sandbox.empty()) {
       if (src.path.empty() || src.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + source);
-      stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path));
+      stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path, options));
     } else {
       if (dst.path.empty() || dst.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + destination);
-      stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path));
+      stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path, options));
     }
     std::string notes;
     for (const auto& w : stats.warnings) notes += "cella: cp: " + w + "\n";

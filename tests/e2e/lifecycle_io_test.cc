@@ -144,7 +144,8 @@ TEST_F(LifecycleTest, CopyBothWaysKeepsModesOwnersAndContent) {
   ASSERT_EQ(::chmod((src + "/tree/sub").c_str(), 0750), 0);
   ASSERT_EQ(::symlink("hello.txt", (src + "/tree/link").c_str()), 0);
 
-  auto in = RunCella({"cp", src + "/tree", "cp:/root/"});
+  // -a keeps the source's owners both ways (docker cp -a).
+  auto in = RunCella({"cp", "-a", src + "/tree", "cp:/root/"});
   ASSERT_EQ(in.exit_code, 0) << Describe(in);
   auto check = RunCella({"exec", "cp", "--", "sh", "-c",
                          "cd /root/tree && stat -c '%n %a %u %g' hello.txt sub && "
@@ -153,7 +154,7 @@ TEST_F(LifecycleTest, CopyBothWaysKeepsModesOwnersAndContent) {
   auto host_md5 = RunProcess({"sh", "-c", "md5sum " + src + "/tree/sub/big.bin | cut -c1-32"});
   EXPECT_EQ(check.out, "hello.txt 640 1234 5678\nsub 750 0 0\nhello.txt\n" + host_md5.out);
 
-  auto out = RunCella({"cp", "cp:/root/tree", home_ + "/back"});
+  auto out = RunCella({"cp", "-a", "cp:/root/tree", home_ + "/back"});
   ASSERT_EQ(out.exit_code, 0) << Describe(out);
   struct stat st {};
   ASSERT_EQ(::stat((home_ + "/back/hello.txt").c_str(), &st), 0);
@@ -162,6 +163,17 @@ TEST_F(LifecycleTest, CopyBothWaysKeepsModesOwnersAndContent) {
   EXPECT_EQ(st.st_gid, 5678u);
   auto diff = RunProcess({"diff", "-r", src + "/tree", home_ + "/back"});
   EXPECT_EQ(diff.exit_code, 0) << Describe(diff);
+
+  // Without -a, a guest's setuid file lands as the caller's, bits dropped:
+  // the guest must not plant setuid binaries on the host.
+  auto planted = RunCella({"exec", "cp", "--", "sh", "-c",
+                           "echo x > /root/suid && chown 0:0 /root/suid && chmod 6777 /root/suid"});
+  ASSERT_EQ(planted.exit_code, 0) << Describe(planted);
+  auto suid = RunCella({"cp", "cp:/root/suid", home_ + "/suid"});
+  ASSERT_EQ(suid.exit_code, 0) << Describe(suid);
+  ASSERT_EQ(::stat((home_ + "/suid").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0777u);
+  EXPECT_EQ(st.st_uid, ::geteuid());
 
   // A single file out of the guest into an existing directory.
   auto one = RunCella({"cp", "cp:/etc/hostname", home_ + "/"});

@@ -543,3 +543,24 @@ TEST_F(CopyFromLyingGuest, RefusesANameListedTwice) {
 
 }  // namespace
 }  // namespace cella::testing
+
+namespace cella::testing {
+namespace {
+
+// A guest's setuid/setgid bits never reach the host outside archive mode.
+TEST_F(Copy, SetuidBitsFromTheGuestAreDroppedWithoutArchive) {
+  MakeFile(guest_ + "/suid", "#!/bin/sh\n", 06777);
+  MakeDir(guest_ + "/sgid-dir");
+  SetAttrs(guest_ + "/sgid-dir", 02755, std::nullopt, kPast);
+  const sandbox::CopyOptions plain{.ownership = sandbox::Ownership::kDestinationDefault};
+  auto file = CopyFromGuest(agent(), guest_ + "/suid", back_ + "/suid", plain);
+  ASSERT_TRUE(file.has_value()) << file.error().message;
+  EXPECT_EQ(Lstat(back_ + "/suid").st_mode & 07777, 0777u);
+  EXPECT_EQ(Lstat(back_ + "/suid").st_uid, ::geteuid());
+  auto dir = CopyFromGuest(agent(), guest_ + "/sgid-dir", back_ + "/sgid-dir", plain);
+  ASSERT_TRUE(dir.has_value()) << dir.error().message;
+  EXPECT_EQ(Lstat(back_ + "/sgid-dir").st_mode & 07777, 0755u);
+}
+
+}  // namespace
+}  // namespace cella::testing

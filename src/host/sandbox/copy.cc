@@ -360,6 +360,14 @@ class Copier {
 
   // The owner fields of a host entry: errors other than a lack of privilege
   // are reported; that one is silent (docker cp does the same).
+  // The mode a guest entry gets on the host. The guest is untrusted: its
+  // setuid/setgid bits land on the host only in archive mode (-a) by a
+  // root caller, who asked for exactly that (docker cp's rule).
+  mode_t HostMode(uint32_t guest_mode) const {
+    const bool keep_special = KeepOwners() && ::geteuid() == 0;
+    return static_cast<mode_t>(guest_mode & (keep_special ? 07777u : 01777u));
+  }
+
   Status ChownHost(int dirfd, const char* name, const FileInfo& info, int flags,
                    const std::string& where) {
     if (!KeepOwners()) return {};
@@ -392,7 +400,7 @@ class Copier {
     std::string where = host_path;
     CELLA_TRY(ChownHost(fd.Get(), "", info, AT_EMPTY_PATH, where));
     // After chown, which clears setuid/setgid.
-    if (::fchmod(fd.Get(), info.mode) != 0) return FailErrno("chmod " + where);
+    if (::fchmod(fd.Get(), HostMode(info.mode)) != 0) return FailErrno("chmod " + where);
     struct timespec times[2];
     if (::futimens(fd.Get(), MtimeOnly(info.mtime, times)) != 0)
       return FailErrno("set the mtime of " + where);
@@ -466,7 +474,7 @@ class Copier {
 
   Status ApplyDirAttributes(int fd, const FileInfo& info, const std::string& host_path) {
     CELLA_TRY(ChownHost(fd, "", info, AT_EMPTY_PATH, host_path));
-    if (::fchmod(fd, info.mode) != 0) return FailErrno("chmod " + host_path);
+    if (::fchmod(fd, HostMode(info.mode)) != 0) return FailErrno("chmod " + host_path);
     struct timespec times[2];
     if (::futimens(fd, MtimeOnly(info.mtime, times)) != 0)
       return FailErrno("set the mtime of " + host_path);

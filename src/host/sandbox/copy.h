@@ -59,6 +59,8 @@ struct CopyStats {
 enum class Ownership {
   // Numeric uid/gid as in the source (docker cp -a). The host side keeps
   // the caller's ownership, silently, where it may not chown (not root).
+  // Only this mode, and only for a root caller, keeps setuid/setgid bits of
+  // files copied out of a guest; otherwise they are dropped.
   kFromSource,
   // The copier's own: root in the guest, the caller on the host (docker
   // cp without -a).

@@ -280,3 +280,24 @@ TEST_F(RawAgent, VersionMismatchIsAnsweredWithAnError) {
 
 }  // namespace
 }  // namespace cella::testing
+
+namespace cella::testing {
+namespace {
+
+// A stopped or starved agent never accepts the shutdown request; stop used
+// to wait on it forever with QEMU up. Now the caller gets ETIMEDOUT.
+TEST_F(AgentLink, ShutdownThatIsNeverAnsweredTimesOut) {
+  auto p = MakePair();
+  auto fake = FakeAgent(std::move(p.fake), {});
+  {
+    auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
+    ASSERT_TRUE(c.has_value()) << c.error().message;
+    auto st = (*c)->Shutdown(std::chrono::seconds(1), std::chrono::milliseconds(300));
+    ASSERT_FALSE(st.has_value());
+    EXPECT_EQ(st.error().errno_value, ETIMEDOUT) << st.error().message;
+  }
+  fake.join();
+}
+
+}  // namespace
+}  // namespace cella::testing

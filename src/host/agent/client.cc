@@ -123,9 +123,17 @@ class Link {
 
   // Blocks for the stream's next event; after the link failed, pending
   // events are still delivered before the failure.
-  Result<Event> Next(Stream& s) {
+  // Without a deadline this waits as long as the link lives: for requests
+  // whose answer takes as long as the work (exec). Requests the guest must
+  // answer at once pass one, so a stopped agent cannot hold the caller.
+  Result<Event> Next(Stream& s, std::optional<Clock::time_point> deadline = std::nullopt) {
     std::unique_lock lock(s.mu);
-    s.cv.wait(lock, [&] { return !s.events.empty() || s.failure; });
+    auto ready = [&] { return !s.events.empty() || s.failure.has_value(); };
+    if (!deadline) {
+      s.cv.wait(lock, ready);
+    } else if (!s.cv.wait_until(lock, *deadline, ready)) {
+      return std::unexpected(Error{"the guest agent did not answer in time", ETIMEDOUT});
+    }
     if (!s.events.empty()) {
       Event e = std::move(s.events.front());
       s.events.pop_front();
@@ -519,8 +527,9 @@ ExecStatus ToStatus(const protocol::ExecOutcome& o) {
 }
 
 // Waits for Result (returned as text) or Error; nothing else may arrive.
-Result<std::string> AwaitResult(Link& link, Stream& s) {
-  auto e = CELLA_TRY(link.Next(s));
+Result<std::string> AwaitResult(Link& link, Stream& s,
+                                std::optional<Clock::time_point> deadline = std::nullopt) {
+  auto e = CELLA_TRY(link.Next(s, deadline));
   if (e.kind == Event::Kind::kResult) return std::string(e.Text());
   if (e.kind == Event::Kind::kError) return std::unexpected(AgentError(e));
   return std::unexpected(Unexpected(e));
@@ -891,12 +900,15 @@ Status AgentClient::Remove(const std::string& path, RemoveMode mode) {
   return protocol::DecodeEmpty(text);
 }
 
-Status AgentClient::Shutdown(std::chrono::milliseconds grace) {
+Status AgentClient::Shutdown(std::chrono::milliseconds grace,
+                             std::chrono::milliseconds answer_timeout) {
   protocol::ShutdownRequest request;
   if (grace > std::chrono::milliseconds(0))
     request.grace_ms = static_cast<uint32_t>(
         std::min<int64_t>(grace.count(), int64_t{protocol::kMaxShutdownGraceMs}));
-  auto text = CELLA_TRY(Simple(request));
+  const auto deadline = Clock::now() + answer_timeout;
+  StreamGuard s(*link_, CELLA_TRY(link_->Open(request)));
+  auto text = CELLA_TRY_CTX(AwaitResult(*link_, *s, deadline), "shutdown request");
   return protocol::DecodeEmpty(text);
 }
 

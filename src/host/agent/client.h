@@ -197,8 +197,12 @@ class AgentClient {
   // Asks the guest to power off (the agent's on_shutdown). The guest init
   // sends SIGTERM to every process, waits up to `grace` (0: its default,
   // 1 s; above protocol::kMaxShutdownGraceMs: that maximum), then SIGKILL.
-  // Returns once the request is accepted, before the grace runs.
-  Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(0));
+  // Returns once the request is accepted, before the grace runs; an agent
+  // that does not accept it within `answer_timeout` (stopped, hijacked,
+  // starved by a fork bomb) gets ETIMEDOUT, so the caller can power off by
+  // other means instead of hanging.
+  Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(0),
+                  std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(5000));
 
   // Set once the link has failed or closed.
   std::optional<Error> LinkError() const;

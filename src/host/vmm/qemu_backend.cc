@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -359,7 +360,10 @@ Status QemuMachine::Stop(milliseconds grace) {
   auto deadline = Clock::now() + grace;
   bool asked = false;
   if (agent_ && !agent_->LinkError()) {
-    if (auto st = agent_->Shutdown(grace); st) {
+    // A stopped or starved agent must not hold stop: it gets as long to
+    // accept as the grace (1-5 s), then ACPI and finally SIGKILL follow.
+    const auto answer_timeout = std::clamp(grace, milliseconds(1000), milliseconds(5000));
+    if (auto st = agent_->Shutdown(grace, answer_timeout); st) {
       asked = true;
       // The guest spends up to `grace` on its processes (TERM, then KILL),
       // then flushes and powers off: leave room for that last part.

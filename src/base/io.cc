@@ -1,6 +1,7 @@
 #include "base/io.h"
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 namespace cella {
@@ -84,6 +85,18 @@ Status WriteStringToFile(const std::string& path, std::string_view data, mode_t 
   if (!fd) return FailErrno("open " + path);
   CELLA_TRY_CTX(WriteAll(fd.Get(), data), path);
   return {};
+}
+
+Status RequireTrustedPeer(int fd) {
+  ucred cred{};
+  socklen_t length = sizeof cred;
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0)
+    return FailErrno("getsockopt SO_PEERCRED");
+  if (cred.uid == 0 || cred.uid == ::geteuid()) return {};
+  return std::unexpected(Error{"peer uid " + std::to_string(cred.uid) + " (pid " +
+                                   std::to_string(cred.pid) + ") is neither root nor uid " +
+                                   std::to_string(::geteuid()),
+                               EPERM});
 }
 
 }  // namespace cella

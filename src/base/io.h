@@ -26,5 +26,9 @@ Status SetCloexec(int fd, bool on);
 // Reads a whole (small) file, refusing anything larger than max_bytes.
 Result<std::string> ReadFileToString(const std::string& path, size_t max_bytes);
 Status WriteStringToFile(const std::string& path, std::string_view data, mode_t mode);
+// For a connected Unix socket: succeeds only if the peer runs as our
+// effective user or as root (SO_PEERCRED). The socket files are 0600 already;
+// this holds even if a directory's mode is loosened or a file is passed on.
+Status RequireTrustedPeer(int fd);
 
 }  // namespace cella

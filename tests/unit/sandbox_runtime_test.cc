@@ -5,9 +5,14 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <filesystem>
+#include <mutex>
+#include <thread>
 
 #include "agent_test_support.h"
 #include "host/sandbox/control.h"
@@ -136,6 +141,111 @@ TEST(ControlSocket, RequestReplyAndErrors) {
   (*server)->Stop();
   EXPECT_FALSE(ControlCall(path, {{"op", "echo"}}, std::chrono::seconds(1)));
   EXPECT_EQ(calls.load(), 2);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ControlServer, ASilentClientOrALongStopNeverDelaysAKill) {
+  std::string dir = TempDir();
+  std::string path = dir + "/control.sock";
+  std::mutex mu;
+  std::condition_variable cv;
+  bool killed = false;
+  auto server = ControlServer::Start(path, [&](const nlohmann::json& request) -> nlohmann::json {
+    std::unique_lock lock(mu);
+    if (request.value("op", "") == "stop") {
+      // As the supervisor's stop does: wait for the end a kill brings.
+      cv.wait_for(lock, std::chrono::seconds(20), [&] { return killed; });
+      return {{"ok", killed}, {"error", "not killed"}};
+    }
+    killed = true;
+    cv.notify_all();
+    return {{"ok", true}};
+  });
+  ASSERT_TRUE(server) << server.error().message;
+  // A client that connects and says nothing, and one that sends half a line.
+  auto silent = ConnectUnixSocket(path);
+  ASSERT_TRUE(silent);
+  auto partial = ConnectUnixSocket(path);
+  ASSERT_TRUE(partial);
+  ASSERT_TRUE(WriteAll(partial->Get(), std::string_view("{\"op\":")));
+  std::atomic<bool> stop_ok{false};
+  std::thread stopper([&] {
+    stop_ok = ControlCall(path, {{"op", "stop"}}, std::chrono::seconds(30)).has_value();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the stop get in first
+  auto start = std::chrono::steady_clock::now();
+  auto kill = ControlCall(path, {{"op", "kill"}}, std::chrono::seconds(3));
+  auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_TRUE(kill) << kill.error().message;
+  stopper.join();
+  EXPECT_TRUE(stop_ok.load());  // the stop ended because the kill got through
+  EXPECT_LT(took, std::chrono::seconds(3));
+  (*server)->Stop();
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ControlServer, ConnectionsPastTheCapAreRefusedAtOnce) {
+  std::string dir = TempDir();
+  std::string path = dir + "/control.sock";
+  auto server = ControlServer::Start(path, [](const nlohmann::json&) -> nlohmann::json {
+    return {{"ok", true}};
+  });
+  ASSERT_TRUE(server) << server.error().message;
+  std::vector<UniqueFd> silent;
+  for (size_t i = 0; i < ControlServer::kMaxConnections; ++i) {
+    auto fd = ConnectUnixSocket(path);
+    ASSERT_TRUE(fd);
+    silent.push_back(std::move(*fd));
+  }
+  // Wait (bounded) until the server has taken all of them in.
+  auto refused = ControlCall(path, {{"op", "status"}}, std::chrono::seconds(3));
+  for (int i = 0; i < 50 && refused; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    refused = ControlCall(path, {{"op", "status"}}, std::chrono::seconds(3));
+  }
+  ASSERT_FALSE(refused);
+  EXPECT_NE(refused.error().message.find("too many connections"), std::string::npos)
+      << refused.error().message;
+  silent.clear();  // their threads end on EOF; the server serves again
+  bool served = false;
+  for (int i = 0; i < 100 && !served; ++i) {
+    served = ControlCall(path, {{"op", "status"}}, std::chrono::seconds(3)).has_value();
+    if (!served) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(served);
+  (*server)->Stop();
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ControlServer, APeerOfAnotherUserIsRefused) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run a peer as another user";
+  std::string dir = TempDir();
+  std::string path = dir + "/control.sock";
+  std::atomic<int> calls{0};
+  auto server = ControlServer::Start(path, [&](const nlohmann::json&) -> nlohmann::json {
+    ++calls;
+    return {{"ok", true}};
+  });
+  ASSERT_TRUE(server) << server.error().message;
+  // The socket is 0600 and root-owned: let nobody reach the file so that
+  // only the SO_PEERCRED check stands in the way.
+  ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(2);
+    auto reply = ControlCall(path, {{"op", "status"}}, std::chrono::seconds(3));
+    ::_exit(reply ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 1);  // connected, then refused
+  EXPECT_EQ(calls.load(), 0);
+  auto own = ControlCall(path, {{"op", "status"}}, std::chrono::seconds(3));
+  EXPECT_TRUE(own) << own.error().message;
+  (*server)->Stop();
   std::filesystem::remove_all(dir);
 }
 

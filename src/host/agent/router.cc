@@ -436,7 +436,12 @@ struct Router::Impl {
     for (int i = 0; i < kAcceptsPerRound; ++i) {
       int fd = ::accept4(listener.Get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd >= 0) {
-        Admit(UniqueFd(fd));
+        UniqueFd conn(fd);
+        if (auto peer = RequireTrustedPeer(conn.Get()); !peer) {
+          log::Notice("agent router: connection refused", {{"error", peer.error().message}});
+          continue;
+        }
+        Admit(std::move(conn));
         continue;
       }
       if (errno == EINTR || errno == ECONNABORTED) continue;

@@ -32,16 +32,18 @@ int RemainingMs(Clock::time_point deadline) {
   return left.count() < 0 ? 0 : static_cast<int>(left.count());
 }
 
-// Reads one '\n'-terminated line within the deadline.
-Result<std::string> ReadLine(int fd, Clock::time_point deadline) {
+// Reads one '\n'-terminated line within the deadline; `wake_fd` (if not -1)
+// becoming readable abandons the read.
+Result<std::string> ReadLine(int fd, Clock::time_point deadline, int wake_fd = -1) {
   std::string line;
   char buf[4096];
   for (;;) {
-    pollfd pfd{fd, POLLIN, 0};
-    int rc = ::poll(&pfd, 1, RemainingMs(deadline));
+    pollfd pfds[2] = {{fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    int rc = ::poll(pfds, wake_fd < 0 ? 1 : 2, RemainingMs(deadline));
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) return FailErrno("poll control socket");
     if (rc == 0) return std::unexpected(Error{"control socket: no reply in time", ETIMEDOUT});
+    if (wake_fd >= 0 && pfds[1].revents) return Fail("control socket: server stopping");
     ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return FailErrno("read control socket");
@@ -50,6 +52,17 @@ Result<std::string> ReadLine(int fd, Clock::time_point deadline) {
     if (auto nl = line.find('\n'); nl != std::string::npos) return line.substr(0, nl);
     if (line.size() > kMaxMessage) return Fail("control socket: message over 64 KiB");
   }
+}
+
+// A peer that went away is an error value here, never a SIGPIPE.
+Status SendAll(int fd, std::string_view text) {
+  for (size_t done = 0; done < text.size();) {
+    ssize_t n = ::send(fd, text.data() + done, text.size() - done, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FailErrno("write control socket");
+    done += static_cast<size_t>(n);
+  }
+  return {};
 }
 
 }  // namespace
@@ -111,35 +124,83 @@ void ControlServer::Loop() {
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) {
       log::Warn("control server: poll failed", {{"error", std::strerror(errno)}});
-      return;
+      break;
     }
-    if (fds[1].revents) return;
+    if (fds[1].revents) break;
     UniqueFd conn(::accept4(listen_fd_.Get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!conn) continue;
-    auto line = ReadLine(conn.Get(), Clock::now() + std::chrono::seconds(5));
-    nlohmann::json reply;
-    if (!line) {
-      reply = {{"ok", false}, {"error", line.error().message}};
-    } else {
-      nlohmann::json request = nlohmann::json::parse(*line, nullptr, false);
-      if (request.is_discarded() || !request.is_object()) {
-        reply = {{"ok", false}, {"error", "control request is not a JSON object"}};
-      } else {
-        reply = handler_(request);
-      }
+    ReapFinishedWorkers();
+    if (auto peer = RequireTrustedPeer(conn.Get()); !peer) {
+      log::Notice("control connection refused", {{"error", peer.error().message}});
+      continue;
     }
-    // The caller may have given up waiting; its loss, not ours.
-    if (auto st = WriteAll(conn.Get(), reply.dump() + "\n"); !st)
-      log::Debug("control reply not delivered", {{"error", st.error().message}});
+    std::lock_guard lock(workers_mu_);
+    if (workers_.size() >= kMaxConnections) {
+      // Refused at once rather than queued: a crowd of silent clients must
+      // not delay the next stop or kill beyond their own read time-outs.
+      static const std::string busy =
+          nlohmann::json{{"ok", false}, {"error", "control socket: too many connections"}}.dump() +
+          "\n";
+      if (::send(conn.Get(), busy.data(), busy.size(), MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+        log::Debug("control busy reply not delivered", {{"error", std::strerror(errno)}});
+      continue;
+    }
+    auto worker = std::make_unique<Worker>();
+    Worker* raw = worker.get();
+    worker->thread = std::thread([this, raw, fd = conn.Release()] {
+      Serve(UniqueFd(fd));
+      raw->done.store(true);
+    });
+    workers_.push_back(std::move(worker));
   }
+  // Stop wakes every worker still reading (the eventfd stays readable);
+  // handlers return once the supervisor has finished.
+  std::lock_guard lock(workers_mu_);
+  for (auto& w : workers_) w->thread.join();
+  workers_.clear();
+}
+
+void ControlServer::ReapFinishedWorkers() {
+  std::lock_guard lock(workers_mu_);
+  for (auto it = workers_.begin(); it != workers_.end();) {
+    if ((*it)->done.load()) {
+      (*it)->thread.join();
+      it = workers_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void ControlServer::Serve(UniqueFd conn) {
+  auto line = ReadLine(conn.Get(), Clock::now() + kRequestReadTimeout, wake_fd_.Get());
+  nlohmann::json reply;
+  if (!line) {
+    reply = {{"ok", false}, {"error", line.error().message}};
+  } else {
+    nlohmann::json request = nlohmann::json::parse(*line, nullptr, false);
+    if (request.is_discarded() || !request.is_object()) {
+      reply = {{"ok", false}, {"error", "control request is not a JSON object"}};
+    } else {
+      reply = handler_(request);
+    }
+  }
+  // The caller may have given up waiting; its loss, not ours.
+  if (auto st = SendAll(conn.Get(), reply.dump() + "\n"); !st)
+    log::Debug("control reply not delivered", {{"error", st.error().message}});
 }
 
 Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
                                    std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + timeout;
   UniqueFd fd = CELLA_TRY(ConnectUnixSocket(path));
-  CELLA_TRY(WriteAll(fd.Get(), request.dump() + "\n"));
-  std::string line = CELLA_TRY(ReadLine(fd.Get(), deadline));
+  // A server that refuses us (busy, wrong user) may close before we have
+  // written: that is an error value (MSG_NOSIGNAL), and its reply, if it
+  // sent one, says why.
+  Status sent = SendAll(fd.Get(), request.dump() + "\n");
+  auto read = ReadLine(fd.Get(), deadline);
+  if (!read) return std::unexpected(sent ? read.error() : sent.error());
+  std::string line = std::move(*read);
   nlohmann::json reply = nlohmann::json::parse(line, nullptr, false);
   if (reply.is_discarded() || !reply.is_object())
     return Fail("control socket " + path + ": reply is not a JSON object");

@@ -1,21 +1,26 @@
 // The supervisor's control socket: one JSON request line per connection,
 // one JSON reply line. Requests: {"op":"status"}, {"op":"stop","grace_ms":N},
-// {"op":"kill"}. A reply is {"ok":true,...} or {"ok":false,"error":"..."}.
-// Requests and replies are capped at 64 KiB.
+// {"op":"kill"}, {"op":"allow-list","add":[..],"remove":[..]}. A reply is
+// {"ok":true,...} or {"ok":false,"error":"..."}. Requests and replies are
+// capped at 64 KiB; only root or our own user may connect (SO_PEERCRED).
 //
-// Threading: the server runs one accept thread and handles one connection
-// at a time (requests are rare and short; stop blocks until done). The
-// handler runs on that thread. Call Stop (or destroy) before whatever the
-// handler touches goes away.
+// Threading: one accept thread, and one thread per connection (at most
+// kMaxConnections at once; past that a connection is refused at once), so a
+// long stop never delays a kill and a silent client holds only its own
+// thread, for at most kRequestReadTimeout. Handlers run concurrently on
+// those threads. Call Stop (or destroy) before whatever the handler touches
+// goes away; Stop waits for running handlers.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "base/result.h"
 #include "base/unique_fd.h"
@@ -26,6 +31,9 @@ using ControlHandler = std::function<nlohmann::json(const nlohmann::json& reques
 
 class ControlServer {
  public:
+  static constexpr size_t kMaxConnections = 16;
+  static constexpr std::chrono::seconds kRequestReadTimeout{5};
+
   // Binds `path` (mode 0600; a stale socket file is replaced) and starts serving.
   static Result<std::unique_ptr<ControlServer>> Start(const std::string& path,
                                                       ControlHandler handler);
@@ -35,12 +43,20 @@ class ControlServer {
  private:
   ControlServer() = default;
   void Loop();
+  void Serve(UniqueFd conn);
+  void ReapFinishedWorkers();
+  struct Worker {
+    std::thread thread;
+    std::atomic<bool> done{false};
+  };
   std::string path_;
   ControlHandler handler_;
   UniqueFd listen_fd_;
   UniqueFd wake_fd_;  // eventfd: Stop wakes the loop
   std::thread thread_;
   std::atomic<bool> stopping_{false};
+  std::mutex workers_mu_;
+  std::vector<std::unique_ptr<Worker>> workers_;  // guarded by workers_mu_
 };
 
 // Sends one request and waits up to `timeout` for the reply. A reply with

@@ -6,6 +6,8 @@
 #include <charconv>
 #include <cmath>
 
+#include "host/net/policy.h"
+
 namespace cella::cli {
 namespace {
 
@@ -142,9 +144,11 @@ Result<std::vector<std::string>> SplitHostList(const std::vector<std::string>& i
       if (comma == std::string::npos) comma = item.size();
       std::string host = item.substr(start, comma - start);
       if (host.empty()) return Fail("host list \"" + item + "\": empty entry");
-      if (host.find_first_of(" /@") != std::string::npos)
-        return Fail("host list \"" + item + "\": \"" + host + "\" is not a host name");
-      out.push_back(std::move(host));
+      // The one rule the supervisor's policy applies, checked here so a bad
+      // entry is refused before anything is stored.
+      auto pattern = net::HostPattern::Parse(host);
+      if (!pattern) return Fail("host list \"" + item + "\": " + pattern.error().message);
+      out.push_back(pattern->text());
       start = comma + 1;
     }
   }

@@ -542,34 +542,54 @@ int AllowListCommand(AllowListOp op, const std::string& sandbox_ref,
   auto run = [&]() -> Status {
     SandboxContext ctx = CELLA_TRY(OpenSandboxes());
     store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(sandbox_ref));
-    sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
-    if (!spec.egress.enabled) {
+    auto require_egress = [&](const sandbox::SandboxSpec& spec) -> Status {
+      if (spec.egress.enabled) return {};
       return Fail("sandbox " + record.Label() +
                   " has no egress policy: its network is plain NAT (give --allow-host or "
                   "--network-intercept to cella run)");
-    }
-    std::vector<std::string>& allow = spec.egress.allow;
+    };
     if (op == AllowListOp::kList) {
+      sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+      CELLA_TRY(require_egress(spec));
       std::string text;
-      for (const auto& h : allow) text += h + "\n";
+      for (const auto& h : spec.egress.allow) text += h + "\n";
       return Print(text);
     }
+    // Validated and canonical before anything is asked or stored.
     std::vector<std::string> hosts = CELLA_TRY(SplitHostList(hosts_args));
-    for (const auto& h : hosts) {
-      auto it = std::find(allow.begin(), allow.end(), h);
-      if (op == AllowListOp::kAdd && it == allow.end()) allow.push_back(h);
-      if (op == AllowListOp::kRemove) {
-        if (it == allow.end()) return Fail(h + " is not on the allow-list of " + record.Label());
-        allow.erase(it);
+    nlohmann::json hosts_json = hosts;
+    const char* key = op == AllowListOp::kAdd ? "add" : "remove";
+    // A running sandbox's supervisor owns its list: it applies the edit and
+    // stores it in one step. Otherwise the record is edited in one write
+    // transaction, re-checking that no supervisor took over meanwhile.
+    bool running = false;
+    auto edit = [&](const store::SandboxRecord& current) -> Result<std::string> {
+      sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(current.spec_json));
+      CELLA_TRY(require_egress(spec));
+      if (current.state == store::SandboxState::kCreating)
+        return Fail("sandbox " + record.Label() +
+                    " is starting: its allow-list can change once it runs");
+      if (store::IsActive(current.state)) {
+        running = true;
+        return Fail("active");  // rolled back; the supervisor edits instead
       }
-    }
-    CELLA_TRY(ctx.store.UpdateSpec(record.id, sandbox::EncodeSpec(spec)));
-    if (record.state == store::SandboxState::kRunning) {
-      std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
-      CELLA_TRY_CTX(sandbox::ControlCall(control, {{"op", "allow-list"}, {"allow", allow}},
-                                         std::chrono::seconds(10)),
-                    "update the running sandbox " + record.Label());
-    }
+      std::vector<std::string>& allow = spec.egress.allow;
+      for (const auto& h : hosts) {
+        auto it = std::find(allow.begin(), allow.end(), h);
+        if (op == AllowListOp::kAdd && it == allow.end()) allow.push_back(h);
+        if (op == AllowListOp::kRemove) {
+          if (it == allow.end()) return Fail(h + " is not on the allow-list of " + record.Label());
+          allow.erase(it);
+        }
+      }
+      return sandbox::EncodeSpec(spec);
+    };
+    Status edited = ctx.store.EditSpec(record.id, edit);
+    if (!running) return edited;
+    std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+    CELLA_TRY_CTX(sandbox::ControlCall(control, {{"op", "allow-list"}, {key, hosts_json}},
+                                       std::chrono::seconds(10)),
+                  "update the running sandbox " + record.Label());
     return {};
   };
   return Report(run());

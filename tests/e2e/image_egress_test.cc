@@ -164,6 +164,29 @@ TEST_F(Egress, AllowListDecidesHttpHttpsGlobsRuntimeChangesAndRawTcp) {
   ASSERT_EQ(CellaIn(home_, {"allow-list", "rm", id, "other.test"}).exit_code, 0);
   EXPECT_EQ(Status(id, "http://other.test/echo"), "000");
 
+  // 20 edits at once all land (each used to overwrite the others' lists),
+  // and an invalid entry is refused with the list left as it was.
+  std::vector<std::thread> adders;
+  std::vector<int> codes(20, -1);
+  for (int i = 0; i < 20; ++i) {
+    adders.emplace_back([&, i] {
+      codes[i] =
+          CellaIn(home_, {"allow-list", "add", id, "p" + std::to_string(i) + ".test"}).exit_code;
+    });
+  }
+  for (auto& t : adders) t.join();
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(codes[i], 0) << "add p" << i;
+  auto many = CellaIn(home_, {"allow-list", "ls", id});
+  for (int i = 0; i < 20; ++i)
+    EXPECT_NE(many.out.find("p" + std::to_string(i) + ".test\n"), std::string::npos)
+        << "p" << i << " lost: " << many.out;
+  auto bad = CellaIn(home_, {"allow-list", "add", id, "fine.test,bad!name.test"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_EQ(CellaIn(home_, {"allow-list", "ls", id}).out, many.out);
+  auto missing = CellaIn(home_, {"allow-list", "rm", id, "p1.test,never.test"});
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_EQ(CellaIn(home_, {"allow-list", "ls", id}).out, many.out);
+
   // Non-HTTP TCP: to an allowed name's address it passes, elsewhere not.
   auto echo = Exec(id,
                    "python3 -c \"import socket; s=socket.create_connection(('api.test',7000),"

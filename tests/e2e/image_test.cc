@@ -9,6 +9,8 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <thread>
+#include <nlohmann/json.hpp>
 
 #include "image_fixture.h"
 
@@ -63,6 +65,81 @@ TEST_F(Image, DebianImageRunsPython) {
   auto r = Cella({"run", "--image", Plain("debian"), "--", "python3", "-c", "print(6*7)"});
   ASSERT_EQ(r.exit_code, 0) << Describe(r);
   EXPECT_EQ(r.out, "42\n");
+}
+
+// A privileged guest program freezes PID 1 (and with it the agent) with
+// ptrace, then says so on the console. The host must not wait on it.
+class FrozenAgent : public Image {
+ protected:
+  std::string RunFrozen() {
+    auto run = Cella({"run", "-d", "--privileged", "--image", Plain("debian"), "--", "sleep",
+                      "100000"});
+    EXPECT_EQ(run.exit_code, 0) << Describe(run);
+    std::string id = run.out;
+    while (!id.empty() && id.back() == '\n') id.pop_back();
+    if (id.empty()) return id;
+    const char* freeze =
+        "import ctypes, os, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "time.sleep(1)\n"  // let this exec's answer get out first
+        "ok = libc.ptrace(0x4206, 1, 0, 0) == 0 and libc.ptrace(0x4207, 1, 0, 0) == 0\n"
+        "with open('/dev/console', 'w') as c: c.write('cella-test: pid 1 %s\\n' % "
+        "('frozen' if ok else 'not frozen %d' % ctypes.get_errno()))\n"
+        "time.sleep(100000)\n";
+    auto exec = Cella({"exec", id, "--", "sh", "-c",
+                       "cat > /tmp/freeze.py && setsid -f python3 /tmp/freeze.py "
+                       "</dev/null >/dev/null 2>&1"},
+                      freeze);
+    EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
+    std::string console = home_ + "/sandboxes/" + id + "/console.log";
+    for (int i = 0; i < 300; ++i) {  // bounded: 30 s
+      std::ifstream in(console);
+      std::stringstream text;
+      text << in.rdbuf();
+      if (Contains(text.str(), "cella-test: pid 1 frozen")) return id;
+      if (Contains(text.str(), "cella-test: pid 1 not frozen")) {
+        ADD_FAILURE() << "freeze failed: " << text.str();
+        return id;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    ADD_FAILURE() << "the guest never reported pid 1 frozen (" << console << ")";
+    return id;
+  }
+
+  std::string State(const std::string& id) {
+    auto r = Cella({"inspect", id});
+    auto doc = nlohmann::json::parse(r.out, nullptr, false);
+    if (doc.is_array() && !doc.empty()) doc = doc[0];
+    return doc.is_object() ? doc.value("state", std::string()) : r.out;
+  }
+};
+
+TEST_F(FrozenAgent, StopEndsWithinItsGraceAndKillOvertakesALongStop) {
+  std::string short_stop = RunFrozen();
+  ASSERT_FALSE(short_stop.empty());
+  std::string long_stop = RunFrozen();
+  ASSERT_FALSE(long_stop.empty());
+
+  // stop -t 5: the agent never answers; ACPI finds no listener; SIGKILL
+  // ends it within the grace plus a small fixed bound.
+  auto start = std::chrono::steady_clock::now();
+  auto stop = Cella({"stop", "-t", "5", short_stop});
+  auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(stop.exit_code, 0) << Describe(stop);
+  EXPECT_LT(took, std::chrono::seconds(15));
+  EXPECT_EQ(State(short_stop), "stopped");
+
+  // A stop with a long grace is under way; kill wins at once.
+  std::thread stopper([&] { Cella({"stop", "-t", "600", long_stop}); });
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  start = std::chrono::steady_clock::now();
+  auto kill = Cella({"kill", long_stop});
+  took = std::chrono::steady_clock::now() - start;
+  stopper.join();
+  EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
+  EXPECT_LT(took, std::chrono::seconds(15));
+  EXPECT_EQ(State(long_stop), "exited");
 }
 
 TEST_F(Image, ConfigEnvWorkdirUserApplyAndShadowKeepsModeAndOwner) {

@@ -89,6 +89,17 @@ TEST(EgressFlags, HostListsSplitOnCommasAndRepeat) {
   EXPECT_FALSE(SplitHostList({"http://a.test"}));
 }
 
+TEST(EgressFlags, HostListsUseThePolicysOneRuleAndItsCanonicalText) {
+  // What the supervisor's policy would refuse is refused here, before any
+  // record is written (a stored bad entry used to break every later start).
+  for (const char* bad : {"bad!name.test", "a..test", "-a.test", "*.", "10.0.0.0/33", "a b"}) {
+    EXPECT_FALSE(SplitHostList({bad})) << bad;
+  }
+  auto hosts = SplitHostList({"API.Test.,10.1.2.3/16"});
+  ASSERT_TRUE(hosts) << hosts.error().message;
+  EXPECT_EQ(*hosts, (std::vector<std::string>{"api.test", "10.1.0.0/16"}));
+}
+
 TEST(EgressFlags, SecretFromTheEnvironmentOrLiteral) {
   auto from_env = ParseSecretFlag("API_KEY@api.test,*.api.test", &FakeSecretEnv);
   ASSERT_TRUE(from_env) << from_env.error().message;

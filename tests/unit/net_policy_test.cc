@@ -1,8 +1,11 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "host/net/policy.h"
 
@@ -126,6 +129,60 @@ TEST(NetPolicy, RuntimeAddAndRemove) {
   ASSERT_TRUE(again.has_value());
   EXPECT_FALSE(*again);
   EXPECT_FALSE(policy->AddAllowed("not a host").has_value());
+}
+
+TEST(NetPolicy, AnEditIsAllOrNothingAndStoredBeforeItTakesEffect) {
+  auto policy = MakePolicy({"a.test"});
+  std::vector<std::vector<std::string>> stored;
+  auto store = [&](const std::vector<std::string>& entries) -> Status {
+    stored.push_back(entries);
+    return {};
+  };
+  const std::vector<std::string> none;
+  // One bad entry among good ones: nothing is added, nothing stored.
+  std::vector<std::string> mixed = {"b.test", "bad!name.test"};
+  EXPECT_FALSE(policy->EditAllowed(mixed, none, store));
+  // Removing what is not there fails the whole edit too.
+  std::vector<std::string> add_c = {"c.test"};
+  std::vector<std::string> remove_missing = {"zzz.test"};
+  EXPECT_FALSE(policy->EditAllowed(add_c, remove_missing, store));
+  EXPECT_TRUE(stored.empty());
+  EXPECT_EQ(policy->AllowedEntries(), (std::vector<std::string>{"a.test"}));
+  // A store that fails leaves the live list as it was.
+  auto broken = [](const std::vector<std::string>&) -> Status { return Fail("disk full"); };
+  auto failed = policy->EditAllowed(add_c, none, broken);
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.error().message, "disk full");
+  EXPECT_FALSE(policy->Check("c.test").allowed);
+  // A good edit: canonical texts, stored, then in force.
+  std::vector<std::string> add_upper = {"C.Test."};
+  std::vector<std::string> remove_a = {"a.test"};
+  auto done = policy->EditAllowed(add_upper, remove_a, store);
+  ASSERT_TRUE(done) << done.error().message;
+  EXPECT_EQ(*done, (std::vector<std::string>{"c.test"}));
+  ASSERT_EQ(stored.size(), 1u);
+  EXPECT_EQ(stored[0], *done);
+  EXPECT_TRUE(policy->Check("c.test").allowed);
+  EXPECT_FALSE(policy->Check("a.test").allowed);
+}
+
+TEST(NetPolicy, ConcurrentEditsAreAllKept) {
+  auto policy = MakePolicy({});
+  std::vector<std::thread> editors;
+  std::atomic<int> failures{0};
+  for (int i = 0; i < 20; ++i) {
+    editors.emplace_back([&, i] {
+      std::vector<std::string> add = {"host" + std::to_string(i) + ".test"};
+      auto slow_store = [](const std::vector<std::string>&) -> Status {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        return {};
+      };
+      if (!policy->EditAllowed(add, {}, slow_store)) ++failures;
+    });
+  }
+  for (auto& t : editors) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(policy->AllowedEntries().size(), 20u);
 }
 
 TEST(NetPolicy, InvalidEntriesAreRefusedWithTheEntryNamed) {

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -400,6 +401,62 @@ TEST_F(StateStoreTest, SetProcessAndRemoveNeedAnExistingSandbox) {
   auto tr = store().Transition(MakeId(5), kRunning);
   ASSERT_FALSE(tr);
   EXPECT_EQ(tr.error().errno_value, ENOENT);
+}
+
+TEST_F(StateStoreTest, SpecEditsNeitherResetTheAgeNorLoseEachOther) {
+  SandboxRecord r = MakeRecord(MakeId(9));
+  CreateOk(r);
+  MoveOk(r.id, kRunning);
+  auto before = store().Get(r.id);
+  ASSERT_TRUE(before);
+  std::this_thread::sleep_for(5ms);
+  ASSERT_TRUE(store().UpdateSpec(r.id, "[]"));
+  auto after = store().Get(r.id);
+  ASSERT_TRUE(after);
+  EXPECT_EQ(after->updated_ms, before->updated_ms);  // still "Up <since the start>"
+  EXPECT_EQ(after->spec_json, "[]");
+
+  // 20 writers, each on its own connection (as 20 `cella allow-list add`
+  // processes are), append one element by read-modify-write.
+  std::vector<std::thread> writers;
+  std::atomic<int> failures{0};
+  for (int i = 0; i < 20; ++i) {
+    writers.emplace_back([&, i] {
+      auto mine = StateStore::Open(db_path_);
+      if (!mine) {
+        ++failures;
+        return;
+      }
+      auto st = mine->EditSpec(r.id, [&](const SandboxRecord& current) -> Result<std::string> {
+        std::string text = current.spec_json;
+        text.insert(text.size() - 1, (text.size() > 2 ? "," : "") + std::to_string(i));
+        return text;
+      });
+      if (!st) ++failures;
+    });
+  }
+  for (auto& t : writers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  auto edited = store().Get(r.id);
+  ASSERT_TRUE(edited);
+  std::set<std::string> seen;
+  std::string body = edited->spec_json.substr(1, edited->spec_json.size() - 2);
+  for (size_t start = 0; start <= body.size();) {
+    size_t comma = body.find(',', start);
+    if (comma == std::string::npos) comma = body.size();
+    seen.insert(body.substr(start, comma - start));
+    start = comma + 1;
+  }
+  EXPECT_EQ(seen.size(), 20u) << edited->spec_json;
+
+  // A failed edit changes nothing.
+  auto refused = store().EditSpec(
+      r.id, [](const SandboxRecord&) -> Result<std::string> { return Fail("no"); });
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().message, "no");
+  EXPECT_EQ(store().Get(r.id)->spec_json, edited->spec_json);
+  EXPECT_FALSE(store().EditSpec(
+      MakeId(10), [](const SandboxRecord&) -> Result<std::string> { return std::string("{}"); }));
 }
 
 TEST_F(StateStoreTest, RemoveDeletesHistoryAndVolumeUses) {

@@ -385,6 +385,35 @@ Result<bool> Policy::RemoveAllowed(std::string_view entry) {
   return true;
 }
 
+Result<std::vector<std::string>> Policy::EditAllowed(
+    std::span<const std::string> add, std::span<const std::string> remove,
+    const std::function<Status(const std::vector<std::string>& entries)>& persist) {
+  std::lock_guard edit(edit_mutex_);
+  std::vector<HostPattern> next;
+  {
+    std::shared_lock lock(mutex_);
+    next = allow_;
+  }
+  for (const std::string& entry : remove) {
+    HostPattern pattern = CELLA_TRY(HostPattern::Parse(entry));
+    auto it = std::find(next.begin(), next.end(), pattern);
+    if (it == next.end()) return Fail(pattern.text() + " is not on the allow-list");
+    next.erase(it);
+  }
+  for (const std::string& entry : add) {
+    HostPattern pattern = CELLA_TRY(HostPattern::Parse(entry));
+    if (std::find(next.begin(), next.end(), pattern) == next.end()) next.push_back(pattern);
+  }
+  std::vector<std::string> texts;
+  texts.reserve(next.size());
+  for (const HostPattern& pattern : next) texts.push_back(pattern.text());
+  CELLA_TRY(persist(texts));
+  std::unique_lock lock(mutex_);
+  allow_ = std::move(next);
+  if (!add.empty()) allow_all_ = false;
+  return texts;
+}
+
 std::vector<std::string> Policy::AllowedEntries() const {
   std::shared_lock lock(mutex_);
   std::vector<std::string> entries;

@@ -17,8 +17,10 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <shared_mutex>
 #include <span>
@@ -143,6 +145,14 @@ class Policy {
   Status AddAllowed(std::string_view entry);
   Result<bool> RemoveAllowed(std::string_view entry);
   std::vector<std::string> AllowedEntries() const;
+  // One allow-list edit, all or nothing: every entry is validated and every
+  // removal must be present before anything changes; then `persist` is given
+  // the resulting list (canonical texts) and the edit takes effect only if it
+  // succeeds. Edits are serialized, so concurrent ones never lose each other.
+  // Returns the list now in force.
+  Result<std::vector<std::string>> EditAllowed(
+      std::span<const std::string> add, std::span<const std::string> remove,
+      const std::function<Status(const std::vector<std::string>& entries)>& persist);
 
   // A name or an IP literal (as in a Host header or SNI, port already
   // stripped). Names must match an allow entry. IP literals go to
@@ -184,6 +194,7 @@ class Policy {
   const bool intercept_;
   const std::vector<Secret> secrets_;
   const std::vector<Pin> pins_;
+  std::mutex edit_mutex_;  // serializes EditAllowed (held across persist)
   mutable std::shared_mutex mutex_;
   std::vector<HostPattern> allow_;  // guarded by mutex_
   // Interception with no allow-list: every public host is allowed, still

@@ -271,35 +271,18 @@ class Supervisor {
 
   nlohmann::json Handle(const nlohmann::json& request) {
     std::string op = request.value("op", std::string());
+    if (op == "allow-list") return EditAllowList(request);
     std::unique_lock lock(shared_.mu);
-    if (op == "allow-list") {
-      if (!policy_) return {{"ok", false}, {"error", "this sandbox has no egress policy"}};
-      if (!request.contains("allow") || !request["allow"].is_array())
-        return {{"ok", false}, {"error", "allow-list: want an \"allow\" array"}};
-      std::vector<std::string> wanted;
-      for (const auto& item : request["allow"]) {
-        if (!item.is_string()) return {{"ok", false}, {"error", "allow-list: entries are strings"}};
-        wanted.push_back(item.get<std::string>());
-      }
-      for (const std::string& current : policy_->AllowedEntries()) {
-        if (std::find(wanted.begin(), wanted.end(), current) == wanted.end()) {
-          if (auto removed = policy_->RemoveAllowed(current); !removed)
-            return {{"ok", false}, {"error", removed.error().message}};
-        }
-      }
-      for (const std::string& entry : wanted) {
-        if (auto added = policy_->AddAllowed(entry); !added)
-          return {{"ok", false}, {"error", added.error().message}};
-      }
-      log::Notice("allow-list changed", {{"entries", std::to_string(wanted.size())}});
-      return {{"ok", true}};
-    }
     if (op == "status") {
       return {{"ok", true}, {"finished", shared_.finished}};
     }
     if (op == "stop" || op == "kill") {
       if (op == "kill") {
         shared_.kill_requested = true;
+        // At once, not by the main loop: it may be inside a graceful stop
+        // that kill must overtake.
+        if (int pid = machine_->PID(); pid > 0 && ::kill(pid, SIGKILL) != 0 && errno != ESRCH)
+          log::Warn("kill QEMU failed", {{"error", std::strerror(errno)}});
       } else {
         int64_t grace = request.value("grace_ms", int64_t{10'000});
         if (grace < 0) grace = 0;
@@ -308,10 +291,50 @@ class Supervisor {
       shared_.changed.notify_all();
       // The main loop records the end before it says finished; give up on
       // waiting well after any grace so a wedged VM cannot hang the caller.
-      shared_.changed.wait_for(lock, std::chrono::minutes(15), [&] { return shared_.finished; });
+      shared_.changed.wait_for(
+          lock,
+          std::chrono::minutes(2) + (shared_.stop_grace ? *shared_.stop_grace : milliseconds(0)),
+          [&] { return shared_.finished; });
       return {{"ok", shared_.finished}, {"error", "the sandbox did not stop"}};
     }
     return {{"ok", false}, {"error", "unknown control op \"" + op + "\""}};
+  }
+
+  // {"op":"allow-list","add":[...],"remove":[...]}: one atomic edit, stored
+  // before it takes effect, so concurrent edits all land and a failed one
+  // changes nothing. Replies with the list now in force.
+  nlohmann::json EditAllowList(const nlohmann::json& request) {
+    auto fail = [](const std::string& message) {
+      return nlohmann::json{{"ok", false}, {"error", message}};
+    };
+    if (!policy_) return fail("this sandbox has no egress policy");
+    std::vector<std::string> add;
+    std::vector<std::string> remove;
+    for (auto [key, out] : {std::pair{"add", &add}, std::pair{"remove", &remove}}) {
+      if (!request.contains(key)) continue;
+      if (!request[key].is_array())
+        return fail(std::string("allow-list: \"") + key + "\" is not an array");
+      for (const auto& item : request[key]) {
+        if (!item.is_string()) return fail("allow-list: entries are strings");
+        out->push_back(item.get<std::string>());
+      }
+    }
+    // The control thread has its own connection: the main thread's is not
+    // shared across threads.
+    auto store = store::StateStore::Open(StateDbPath(sandbox_home_));
+    if (!store) return fail(store.error().message);
+    auto persist = [&](const std::vector<std::string>& entries) -> Status {
+      return store->EditSpec(args_.id,
+                             [&](const store::SandboxRecord& current) -> Result<std::string> {
+                               SandboxSpec spec = CELLA_TRY(DecodeSpec(current.spec_json));
+                               spec.egress.allow = entries;
+                               return EncodeSpec(spec);
+                             });
+    };
+    auto edited = policy_->EditAllowed(add, remove, persist);
+    if (!edited) return fail(edited.error().message);
+    log::Notice("allow-list changed", {{"entries", std::to_string(edited->size())}});
+    return {{"ok", true}, {"allow", *edited}};
   }
 
   struct Outcome {

@@ -583,11 +583,24 @@ Status StateStore::UpdateSpec(const std::string& id, const std::string& spec_jso
   Impl& s = *impl_;
   CELLA_TRY(CheckId(id));
   Transaction txn = CELLA_TRY(Transaction::Begin(*s.db, TransactionKind::kWrite));
-  sql::Statement st = CELLA_TRY(
-      s.db->Prepare("UPDATE sandboxes SET spec_json = ?2, updated_ms = ?3 WHERE id = ?1"));
-  CELLA_TRY(st.BindAll(id, spec_json, NowMs()));
+  // updated_ms is when the state was entered ("Up 5 minutes"): a spec edit
+  // is not a state change.
+  sql::Statement st = CELLA_TRY(s.db->Prepare("UPDATE sandboxes SET spec_json = ?2 WHERE id = ?1"));
+  CELLA_TRY(st.BindAll(id, spec_json));
   CELLA_TRY(st.Run());
   if (s.db->Changes() == 0) return Refuse(ENOENT, NoSandbox(id));
+  return txn.Commit();
+}
+
+Status StateStore::EditSpec(const std::string& id, const SpecEdit& edit) {
+  Impl& s = *impl_;
+  CELLA_TRY(CheckId(id));
+  Transaction txn = CELLA_TRY(Transaction::Begin(*s.db, TransactionKind::kWrite));
+  SandboxRecord current = CELLA_TRY(s.Require(id));
+  std::string spec_json = CELLA_TRY(edit(current));
+  sql::Statement st = CELLA_TRY(s.db->Prepare("UPDATE sandboxes SET spec_json = ?2 WHERE id = ?1"));
+  CELLA_TRY(st.BindAll(id, spec_json));
+  CELLA_TRY(st.Run());
   return txn.Commit();
 }
 

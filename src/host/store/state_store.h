@@ -142,8 +142,13 @@ class StateStore {
   Status SetSupervisor(const std::string& id, ProcessIdentity identity);
   Status SetHypervisor(const std::string& id, ProcessIdentity identity);
   // Replaces the recorded spec (e.g. a runtime allow-list change, so a
-  // restart keeps it). Does not touch the state or updated history.
+  // restart keeps it). Touches neither the state, its history nor its age.
   Status UpdateSpec(const std::string& id, const std::string& spec_json);
+  // Read-modify-write of the spec in one write transaction: `edit` sees the
+  // record as it is now and returns the new spec, or an error that leaves
+  // the record unchanged. Concurrent edits are serialized, none lost.
+  using SpecEdit = std::function<Result<std::string>(const SandboxRecord& current)>;
+  Status EditSpec(const std::string& id, const SpecEdit& edit);
   // Deletes the record, its history and its volume uses, whatever its
   // state: stopping processes first is the caller's job.
   Status Remove(const std::string& id);

@@ -45,6 +45,7 @@ struct RunArgs {
   std::vector<std::string> publish;  // -p [IP:]HOST:GUEST
   std::vector<std::string> volumes;  // -v NAME:/path[:ro|rw|overlay]
   std::string disk_size;             // writable layer size (--disk-size)
+  std::string log_max_size;          // --log-max-size (each log file's cap)
   // Egress policy: any of these seals the network (host/sandbox/spec.h).
   std::vector<std::string> allow_hosts;  // --allow-host (repeatable, comma lists)
   bool allow_private = false;

@@ -63,6 +63,8 @@ int Main(int argc, char** argv) {
                       "Attach a named volume: NAME:/path[:ro|rw|overlay] (created when missing)");
   run_cmd->add_option("--disk-size", run.disk_size,
                       "Size of the writable layer (sparse; default 8g for -d, RAM otherwise)");
+  run_cmd->add_option("--log-max-size", run.log_max_size,
+                      "Cap on each log file (output, console), one older file kept (default 64m)");
   run_cmd->add_option("--allow-host", run.allow_hosts,
                       "Seal the network and allow this host (repeatable, a,b lists, *.globs, IPs)");
   run_cmd->add_flag("--allow-private", run.allow_private,

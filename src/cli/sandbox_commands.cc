@@ -21,6 +21,7 @@
 #include "host/sandbox/control.h"
 #include "host/sandbox/copy.h"
 #include "host/sandbox/disk_image.h"
+#include "host/sandbox/log_files.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "host/sandbox/supervisor.h"
@@ -33,12 +34,6 @@ using nlohmann::json;
 int Report(const Status& st) { return st ? 0 : ReportFailure(st.error()); }
 
 Status Print(std::string_view text) { return WriteAll(STDOUT_FILENO, text); }
-
-std::string SelfExe() {
-  std::error_code ec;
-  auto path = std::filesystem::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string("cella") : path.string();
-}
 
 std::string Joined(const std::vector<std::string>& words) {
   std::string out;
@@ -157,9 +152,9 @@ Status StartOne(SandboxContext& ctx, const store::SandboxRecord& record) {
   sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, record.id);
   auto spec = sandbox::DecodeSpec(record.spec_json);
   int boot_timeout = spec ? spec->boot_timeout_s : 120;
-  return sandbox::SpawnSupervisor(SelfExe(), record.id, sandbox::MainAttach::kBySupervisor,
-                                  paths.supervisor_log, std::chrono::seconds(boot_timeout + 120),
-                                  secrets);
+  return sandbox::SpawnSupervisor(CELLA_TRY(SelfExecutablePath()), record.id,
+                                  sandbox::MainAttach::kBySupervisor, paths.supervisor_log,
+                                  std::chrono::seconds(boot_timeout + 120), secrets);
 }
 
 Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool force) {
@@ -197,11 +192,16 @@ CpEndpoint ParseCpEndpoint(const std::string& text) {
   return {text.substr(0, colon), text.substr(colon + 1)};
 }
 
+// Prints what is appended to the log at `path` from `from` on, until the
+// sandbox is no longer running and nothing more came. The writer may rotate
+// the file (a new inode at `path`) or truncate it in place (the console):
+// both are followed.
 Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std::string& id,
                         off_t from) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return FailErrno("open " + path);
   if (::lseek(fd.Get(), from, SEEK_SET) < 0) return FailErrno("seek " + path);
+  off_t at = from;
   char buf[65536];
   int idle_checks = 0;
   for (;;) {
@@ -209,16 +209,36 @@ Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std:
     if (!got) return std::unexpected(got.error());
     if (*got > 0) {
       CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, *got)));
+      at += static_cast<off_t>(*got);
+      continue;
+    }
+    struct stat ours {};
+    struct stat now {};
+    if (::fstat(fd.Get(), &ours) != 0) return FailErrno("stat " + path);
+    if (::stat(path.c_str(), &now) == 0 && now.st_ino != ours.st_ino) {
+      // Rotated: what the old file held is read; go on with the new one.
+      UniqueFd next(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+      if (next) {
+        fd = std::move(next);
+        at = 0;
+        continue;
+      }
+    }
+    if (ours.st_size < at) {
+      // Truncated in place: the writer starts again from the top.
+      if (::lseek(fd.Get(), 0, SEEK_SET) < 0) return FailErrno("seek " + path);
+      at = 0;
       continue;
     }
     // At the end of what is written so far: stop once the sandbox is no
     // longer running and nothing more came.
     if (++idle_checks % 5 == 0) {
-      auto now = ctx.store.Get(id);
-      if (!now || !store::IsActive(now->state)) {
+      auto current = ctx.store.Get(id);
+      if (!current || !store::IsActive(current->state)) {
         auto more = ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf)));
         if (more && *more > 0) {
           CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, *more)));
+          at += static_cast<off_t>(*more);
           continue;
         }
         return {};
@@ -226,21 +246,6 @@ Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std:
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-}
-
-// Offset where the last `lines` lines of the file start.
-Result<off_t> TailOffset(const std::string& path, int lines) {
-  std::string text = CELLA_TRY(ReadFileToString(path, size_t{1} << 30));
-  if (lines < 0) return 0;
-  size_t pos = text.size();
-  if (pos > 0 && text[pos - 1] == '\n') --pos;
-  int seen = 0;
-  while (pos > 0) {
-    if (text[pos - 1] == '\n' && ++seen == lines) break;
-    --pos;
-  }
-  if (lines == 0) return static_cast<off_t>(text.size());
-  return static_cast<off_t>(pos);
 }
 
 }  // namespace
@@ -358,10 +363,14 @@ int LogsCommand(const LogsArgs& args) {
       UniqueFd made(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
       if (!made) return FailErrno("open " + path);
     }
-    off_t from = CELLA_TRY(TailOffset(path, args.tail));
-    if (args.follow) return FollowFile(path, ctx, record.id, from);
-    std::string text = CELLA_TRY(ReadFileToString(path, size_t{1} << 30));
-    return Print(std::string_view(text).substr(static_cast<size_t>(from)));
+    // Never the whole file in memory: the tail is found reading backwards
+    // and the rest is streamed (the older generation first, see
+    // host/sandbox/log_files.h).
+    sandbox::LogPosition from = CELLA_TRY(sandbox::TailPosition(path, args.tail));
+    off_t reached = CELLA_TRY(sandbox::CopyLog(
+        path, from, [](std::string_view block) { return WriteAll(STDOUT_FILENO, block); }));
+    if (args.follow) return FollowFile(path, ctx, record.id, reached);
+    return {};
   };
   return Report(run());
 }

@@ -165,6 +165,56 @@ TEST_F(LifecycleTest, LogsFollowSeesLinesWrittenAfterItStarted) {
   ::unlink(out_path.c_str());
 }
 
+// A guest that writes without end fills neither the host's disk nor the
+// memory of `cella logs`: each log keeps at most twice its cap, and --tail
+// reads only the end.
+TEST_F(LifecycleTest, LogFloodsAreCappedAndTailReadsTheEnd) {
+  std::string id =
+      RunDetached({"--log-max-size", "1m", "--", "sh", "-c",
+                   "yes cella-console-flood | head -c 3000000 > /dev/console; echo console-done; "
+                   "yes cella-output-flood"});
+  ASSERT_FALSE(id.empty());
+  auto doc = Inspect(id);
+  ASSERT_TRUE(doc.is_object());
+  std::string output_log = doc["paths"].value("output_log", std::string());
+  std::string console_log = doc["paths"].value("console_log", std::string());
+  ASSERT_FALSE(output_log.empty()) << doc.dump();
+  auto size = [](const std::string& path) -> uint64_t {
+    std::error_code ec;
+    auto n = std::filesystem::file_size(path, ec);
+    return ec ? 0 : n;
+  };
+  constexpr uint64_t kCap = 1 << 20;
+  constexpr uint64_t kSlack = 1 << 20;  // one write past the cap (a frame at most)
+  // Bounded: the output log rotated at least twice (so well over 2 MiB passed).
+  bool rotated = false;
+  uint64_t max_live = 0;
+  uint64_t max_older = 0;
+  for (int i = 0; i < 1200 && !rotated; ++i) {
+    max_live = std::max(max_live, size(output_log));
+    max_older = std::max(max_older, size(output_log + ".1"));
+    auto tail = RunCella({"logs", "--tail", "2", id});
+    rotated = max_older > kCap / 2 && tail.out == "cella-output-flood\ncella-output-flood\n";
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(rotated) << "output.log " << size(output_log) << " bytes, .1 "
+                       << size(output_log + ".1");
+  EXPECT_LE(max_live, kCap + kSlack);
+  EXPECT_LE(max_older, kCap + kSlack);
+  // The console (written by QEMU, trimmed by the supervisor about once a
+  // second) took 3 MB before the output flood began: after a trim, less
+  // than that is kept and the live file is within the cap.
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  EXPECT_LE(size(console_log), kCap);
+  EXPECT_GT(size(console_log + ".1"), 0u);
+  EXPECT_LT(size(console_log) + size(console_log + ".1"), 3'000'000u);
+  auto all = RunCella({"logs", id});
+  EXPECT_EQ(all.exit_code, 0) << all.err;
+  EXPECT_LE(all.out.size(), 2 * (kCap + kSlack));
+  auto kill = RunCella({"kill", id});
+  EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
+}
+
 TEST_F(LifecycleTest, KilledSupervisorOrQemuIsReportedAndCleanedUp) {
   std::string a = RunDetached({"--name", "a"});
   std::string b = RunDetached({"--name", "b"});

@@ -118,7 +118,7 @@ TEST(QemuArgv, AgentPortQmpAndConsole) {
   EXPECT_NE(find("socket,id=agent,")->find("path=/run/cella/vm1/agent.sock,server=on,wait=off"),
             std::string::npos);
   ASSERT_NE(find("socket,id=qmp,"), chardevs.end());
-  ASSERT_NE(find("file,id=console,path=/run/cella/vm1/console.log"), chardevs.end());
+  ASSERT_NE(find("file,id=console,append=on,path=/run/cella/vm1/console.log"), chardevs.end());
   EXPECT_EQ(After(*argv, "-serial"), "chardev:console");
   EXPECT_EQ(After(*argv, "-mon"), "chardev=qmp,mode=control");
   EXPECT_TRUE(Has(*argv, "virtserialport,chardev=agent,name=cella.agent"));

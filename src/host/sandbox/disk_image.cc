@@ -51,7 +51,7 @@ Status RecoverExt4Image(const std::string& path) {
   return {};
 }
 
-Result<uint64_t> ParseDiskSize(std::string_view text) {
+Result<uint64_t> ParseByteSize(std::string_view text) {
   std::string_view s = text;
   size_t i = 0;
   while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
@@ -78,11 +78,16 @@ Result<uint64_t> ParseDiskSize(std::string_view text) {
     return Fail("size \"" + std::string(text) + "\": unknown unit (use k, m, g or t)");
   }
   double bytes = value * scale;
-  if (bytes < 16.0 * 1024 * 1024) return Fail("size \"" + std::string(text) + "\": at least 16m");
   if (bytes > 16.0 * 1024 * 1024 * 1024 * 1024)
     return Fail("size \"" + std::string(text) + "\": at most 16t");
+  return static_cast<uint64_t>(bytes);
+}
+
+Result<uint64_t> ParseDiskSize(std::string_view text) {
+  uint64_t bytes = CELLA_TRY(ParseByteSize(text));
+  if (bytes < (uint64_t{16} << 20)) return Fail("size \"" + std::string(text) + "\": at least 16m");
   // ext4 and the block layer want whole 4 KiB blocks.
-  return static_cast<uint64_t>(bytes) / 4096 * 4096;
+  return bytes / 4096 * 4096;
 }
 
 }  // namespace cella::sandbox

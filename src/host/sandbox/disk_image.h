@@ -21,7 +21,9 @@ Status MakeExt4Image(const std::string& path, uint64_t size_bytes, const std::st
 // are reported.
 Status RecoverExt4Image(const std::string& path);
 
-// "512m", "10G", "1.5g", "4096" (bytes), "100MiB" -> bytes; at least 16 MiB.
+// "512m", "10G", "1.5g", "4096" (bytes), "100MiB" -> bytes (at most 16t).
+Result<uint64_t> ParseByteSize(std::string_view text);
+// As ParseByteSize, at least 16 MiB, rounded down to whole 4 KiB blocks.
 Result<uint64_t> ParseDiskSize(std::string_view text);
 
 }  // namespace cella::sandbox

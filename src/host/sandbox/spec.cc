@@ -42,6 +42,7 @@ std::string EncodeSpec(const SandboxSpec& spec) {
   out["accel"] = spec.accel;
   out["boot_timeout_s"] = spec.boot_timeout_s;
   out["upper_image"] = spec.upper_image;
+  out["log_max_bytes"] = spec.log_max_bytes;
   const EgressSpec& e = spec.egress;
   json egress = {{"enabled", e.enabled},
                  {"allow", e.allow},
@@ -97,6 +98,8 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
     spec.accel = doc.at("accel").get<std::string>();
     spec.boot_timeout_s = doc.at("boot_timeout_s").get<int>();
     spec.upper_image = doc.at("upper_image").get<std::string>();
+    // Absent in specs written before logs were capped.
+    spec.log_max_bytes = doc.value("log_max_bytes", kDefaultLogMaxBytes);
     if (doc.contains("egress")) {
       const json& e = doc.at("egress");
       EgressSpec& out = spec.egress;

@@ -10,6 +10,7 @@
 
 #include "base/result.h"
 #include "host/sandbox/compose.h"
+#include "host/sandbox/log_files.h"
 #include "protocol/config.h"
 
 namespace cella::sandbox {
@@ -72,7 +73,8 @@ struct SandboxSpec {
   std::string kernel_path;  // empty = the cached default kernel
   std::string accel = "auto";
   int boot_timeout_s = 120;
-  std::string upper_image;  // ext4 writable layer; empty = tmpfs
+  std::string upper_image;                       // ext4 writable layer; empty = tmpfs
+  uint64_t log_max_bytes = kDefaultLogMaxBytes;  // per log file, see log_files.h
   EgressSpec egress;
 };
 

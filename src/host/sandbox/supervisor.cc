@@ -26,6 +26,7 @@
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/layout.h"
+#include "host/sandbox/log_files.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
@@ -124,9 +125,8 @@ class Supervisor {
     SandboxSpec spec = CELLA_TRY(DecodeSpec(record.spec_json));
     CELLA_TRY(ReadSecrets(spec));
 
-    output_log_ = UniqueFd(
-        ::open(paths_.output_log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
-    if (!output_log_) return FailErrno("open " + paths_.output_log);
+    log_max_bytes_ = spec.log_max_bytes;
+    output_log_.emplace(CELLA_TRY(CappedLogWriter::Open(paths_.output_log, log_max_bytes_)));
 
     std::string cella_home = CELLA_TRY(host::CellaHome());
     std::optional<kernel::KernelOverride> kernel_override;
@@ -151,7 +151,7 @@ class Supervisor {
     options.wrap_agent_link = [this](UniqueFd link) -> Result<UniqueFd> {
       host::RouterHooks hooks;
       hooks.on_main_output = [this](protocol::Channel, std::span<const std::byte> bytes) {
-        if (auto st = WriteAll(output_log_.Get(), bytes); !st)
+        if (auto st = output_log_->Write(bytes); !st)
           log::Debug("output log write failed", {{"error", st.error().message}});
       };
       hooks.on_main_result = [this](std::string_view json) {
@@ -349,9 +349,11 @@ class Supervisor {
     for (int s : {SIGTERM, SIGINT}) sigaddset(&signals, s);
     bool stop_sent = false;
     bool kill_sent = false;
+    unsigned rounds = 0;
     for (;;) {
       auto exited = machine_->Wait(milliseconds(200));
       if (exited) return Conclude(*exited);
+      if (++rounds % 5 == 0) TrimConsole();
       if (exited.error().errno_value != ETIMEDOUT) {
         return {store::SandboxState::kFailed, "waiting for the VM: " + exited.error().message,
                 std::nullopt};
@@ -386,6 +388,13 @@ class Supervisor {
           log::Warn("graceful stop failed", {{"error", st.error().message}});
       }
     }
+  }
+
+  // QEMU appends the guest console to a file we do not write; the guest
+  // can fill it at will.
+  void TrimConsole() {
+    auto trimmed = TrimAppendedLog(paths_.console_log, log_max_bytes_);
+    if (!trimmed) log::Warn("console log trim failed", {{"error", trimmed.error().message}});
   }
 
   Outcome Conclude(const vmm::VmExit& exit) {
@@ -441,7 +450,8 @@ class Supervisor {
   std::optional<store::StateStore> store_;
   bool auto_remove_ = false;
   bool has_main_ = false;
-  UniqueFd output_log_;
+  uint64_t log_max_bytes_ = kDefaultLogMaxBytes;
+  std::optional<CappedLogWriter> output_log_;  // written by the router thread only
   Shared shared_;
   std::unique_ptr<host::Router> router_;
   std::unique_ptr<vmm::Machine> machine_;

@@ -163,7 +163,7 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   add({"-m", std::to_string(c.MemoryMB) + "M"});
   add({"-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"});
   // Console through a named chardev so the path can be escaped.
-  add({"-chardev", "file,id=console,path=" + QemuEscape(launch.console_log), "-serial",
+  add({"-chardev", "file,id=console,append=on,path=" + QemuEscape(launch.console_log), "-serial",
        "chardev:console"});
   add({"-kernel", c.KernelPath, "-initrd", c.InitramfsPath});
   add({"-append", BuildKernelCmdline(c, launch.tsc_khz)});

@@ -218,7 +218,10 @@ Status QemuMachine::Start() {
     if (started_) return Fail("VM " + config_.ID + " was already started");
   }
   CELLA_TRY(host::MakeDirs(config_.StateDir, 0700));
-  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log}) {
+  // Each boot starts a fresh console (QEMU appends to it: the supervisor
+  // trims it in place, see host/sandbox/log_files.h).
+  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log,
+                               paths_.console_log, paths_.console_log + ".1"}) {
     CELLA_TRY(UnlinkIfPresent(p));
   }
   QemuLaunch launch;
@@ -392,7 +395,10 @@ Status QemuMachine::Close() {
   agent_.reset();
   Status st = KillAndReap();
   qmp_.reset();
-  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log}) {
+  // Each boot starts a fresh console (QEMU appends to it: the supervisor
+  // trims it in place, see host/sandbox/log_files.h).
+  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log,
+                               paths_.console_log, paths_.console_log + ".1"}) {
     if (auto removed = UnlinkIfPresent(p); !removed && st) st = std::move(removed);
   }
   return st;

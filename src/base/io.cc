@@ -1,6 +1,7 @@
 #include "base/io.h"
 
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -97,6 +98,23 @@ Status RequireTrustedPeer(int fd) {
                                    std::to_string(cred.pid) + ") is neither root nor uid " +
                                    std::to_string(::geteuid()),
                                EPERM});
+}
+
+Result<std::string> SelfExecutablePath() {
+  std::string path(PATH_MAX, '\0');
+  ssize_t n = ::readlink("/proc/self/exe", path.data(), path.size());
+  if (n < 0) return FailErrno("cannot find the running program: readlink /proc/self/exe");
+  if (static_cast<size_t>(n) >= path.size())
+    return Fail("cannot find the running program: /proc/self/exe is longer than PATH_MAX");
+  path.resize(static_cast<size_t>(n));
+  return path;
+}
+
+Status FsyncDirectory(const std::string& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + dir);
+  if (::fsync(fd.Get()) != 0) return FailErrno("fsync " + dir);
+  return {};
 }
 
 }  // namespace cella

@@ -30,5 +30,10 @@ Status WriteStringToFile(const std::string& path, std::string_view data, mode_t 
 // effective user or as root (SO_PEERCRED). The socket files are 0600 already;
 // this holds even if a directory's mode is loosened or a file is passed on.
 Status RequireTrustedPeer(int fd);
+// The running program's own path (/proc/self/exe), e.g. to start cella's
+// supervisor or find the guest binaries installed beside it.
+Result<std::string> SelfExecutablePath();
+// fsync of a directory, so a rename or create in it survives a crash.
+Status FsyncDirectory(const std::string& dir);
 
 }  // namespace cella

@@ -56,22 +56,6 @@ Result<std::string> NewSandboxId() {
   return id;
 }
 
-Result<std::string> SelfExecutable() {
-  std::error_code ec;
-  auto path = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (ec) return Fail("cannot find the cella executable (/proc/self/exe): " + ec.message());
-  return path.string();
-}
-
-bool ValidVolumeName(std::string_view name) {
-  if (name.empty() || name.size() > 64 || !std::isalnum(static_cast<unsigned char>(name[0])))
-    return false;
-  for (char c : name)
-    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '.' && c != '-')
-      return false;
-  return true;
-}
-
 // -v NAME:/path[:ro|rw|overlay]
 Result<sandbox::VolumeSpec> ParseVolumeFlag(std::string_view text) {
   sandbox::VolumeSpec v;
@@ -92,9 +76,7 @@ Result<sandbox::VolumeSpec> ParseVolumeFlag(std::string_view text) {
                 ": host directories cannot be shared with a VM sandbox; use a named volume "
                 "(cella volume create NAME) and cella cp to fill it");
   }
-  if (!ValidVolumeName(v.name))
-    return Fail("-v " + std::string(text) + ": volume name \"" + v.name +
-                "\" must be letters, digits, '_', '.', '-' (at most 64)");
+  CELLA_TRY_CTX(store::CheckVolumeName(v.name), "-v " + std::string(text));
   if (v.guest_path.empty() || v.guest_path[0] != '/')
     return Fail("-v " + std::string(text) + ": the mount point must be an absolute path");
   if (mode == "ro") {
@@ -138,7 +120,8 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   sandbox::SandboxSpec& spec = p.spec;
   protocol::Config& g = spec.guest;
   g.env["PATH"] = kDefaultPath;
-  g.env["HOME"] = "/root";
+  // No HOME here: the guest takes it from the user's passwd entry (or the
+  // image's Env), as docker does.
   g.workdir = args.workdir;
   g.user = args.user;
   spec.image = args.image;
@@ -240,6 +223,12 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
 
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
   // free. Detached sandboxes keep their writable layer across stop/start.
+  if (!args.log_max_size.empty()) {
+    uint64_t cap = CELLA_TRY_CTX(sandbox::ParseByteSize(args.log_max_size), "--log-max-size");
+    if (cap < sandbox::kMinLogMaxBytes)
+      return Fail("--log-max-size " + args.log_max_size + ": at least 4k");
+    spec.log_max_bytes = cap;
+  }
   if (detached || !args.disk_size.empty()) {
     uint64_t size = args.disk_size.empty() ? kDefaultDiskSize
                                            : CELLA_TRY(sandbox::ParseDiskSize(args.disk_size));
@@ -325,7 +314,7 @@ Result<int> Run(const RunArgs& args) {
     cleanup_dir();
     return std::unexpected(created.error());
   }
-  std::string self = CELLA_TRY(SelfExecutable());
+  std::string self = CELLA_TRY(SelfExecutablePath());
   auto spawned = sandbox::SpawnSupervisor(
       self, id, detached ? sandbox::MainAttach::kBySupervisor : sandbox::MainAttach::kByClient,
       paths.supervisor_log, std::chrono::seconds(args.boot_timeout_s + 120),
@@ -358,8 +347,7 @@ Result<int> Run(const RunArgs& args) {
 }  // namespace
 
 Status CreateVolume(SandboxContext& ctx, const std::string& name, uint64_t size_bytes) {
-  if (!ValidVolumeName(name))
-    return Fail("volume name \"" + name + "\" must be letters, digits, '_', '.', '-' (at most 64)");
+  CELLA_TRY(store::CheckVolumeName(name));
   if (auto existing = ctx.store.GetVolume(name); existing)
     return Fail("volume \"" + name + "\" already exists");
   std::string dir = sandbox::VolumesDir(ctx.home) + "/" + name;

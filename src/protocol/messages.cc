@@ -574,4 +574,25 @@ Error ErrorFromBody(const ErrorBody& body) {
   return Error{"agent: " + body.message, body.errno_value};
 }
 
+Status CheckAgentHello(const Frame& first) {
+  auto violation = [](std::string message) {
+    return std::unexpected(Error{std::move(message), EPROTO});
+  };
+  if (first.stream_id == 0 && first.type == FrameType::kError) {
+    auto body = DecodeError(first.PayloadText());
+    if (!body) return violation("malformed Error during the handshake");
+    return std::unexpected(ErrorFromBody(*body));
+  }
+  if (first.stream_id != 0 || first.type != FrameType::kHello)
+    return violation("the first frame from the agent is not Hello");
+  auto hello = DecodeHello(first.PayloadText());
+  if (!hello) return violation(hello.error().message);
+  if (hello->role != Role::kAgent) return violation("peer is not an agent");
+  if (hello->version != kProtocolVersion)
+    return std::unexpected(Error{"agent speaks protocol version " + std::to_string(hello->version) +
+                                     ", host speaks " + std::to_string(kProtocolVersion),
+                                 EPROTONOSUPPORT});
+  return {};
+}
+
 }  // namespace cella::protocol

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "base/result.h"
+#include "protocol/wire.h"
 
 namespace cella::protocol {
 
@@ -184,5 +185,10 @@ std::string EncodeError(const ErrorBody& error);
 Result<ErrorBody> DecodeError(std::string_view json);
 // Turns a received Error body into an Error keeping its errno.
 Error ErrorFromBody(const ErrorBody& body);
+
+// The host's check of the agent's first frame on a link: a Hello from an
+// agent speaking our version. Errors: the agent's own (an Error frame, with
+// its errno), EPROTONOSUPPORT for another version, EPROTO for anything else.
+Status CheckAgentHello(const Frame& first);
 
 }  // namespace cella::protocol

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 
+#include "base/check.h"
 #include "base/io.h"
 #include "protocol/wire.h"
 
@@ -195,7 +196,7 @@ class Link {
     } catch (const std::exception&) {
       // Out of memory or a broken mutex: a waiter left asleep here would hang
       // its owner's join forever, so crashing is the only bounded outcome.
-      std::terminate();
+      Die(CELLA_HERE, "cannot wake the waiters of an abandoned agent stream");
     }
   }
 
@@ -304,23 +305,10 @@ class Link {
       auto frame = decoder_.Next();
       if (!frame) return Protocol(frame.error().message);
       if (std::optional<protocol::Frame>& complete = *frame; complete) {
-        protocol::Frame& f = *complete;
-        if (f.stream_id == 0 && f.type == FrameType::kError) {
-          auto body = protocol::DecodeError(f.PayloadText());
-          if (!body) return Protocol("malformed Error during the handshake");
-          return std::unexpected(protocol::ErrorFromBody(*body));
-        }
-        if (f.stream_id != 0 || f.type != FrameType::kHello)
-          return Protocol("the first frame from the agent is not Hello");
-        auto hello = protocol::DecodeHello(f.PayloadText());
-        if (!hello) return Protocol(hello.error().message);
-        if (hello->role != protocol::Role::kAgent) return Protocol("peer is not an agent");
-        if (hello->version != protocol::kProtocolVersion)
-          return std::unexpected(Error{"agent speaks protocol version " +
-                                           std::to_string(hello->version) + ", host speaks " +
-                                           std::to_string(protocol::kProtocolVersion),
-                                       EPROTONOSUPPORT});
-        return {};
+        Status hello = protocol::CheckAgentHello(*complete);
+        if (!hello && hello.error().errno_value == EPROTO)
+          return Protocol(std::move(hello.error().message));
+        return hello;
       }
       CELLA_TRY(WaitFd(fd_.Get(), POLLIN, deadline));
       ssize_t n = ::read(fd_.Get(), buf.data(), buf.size());

@@ -205,23 +205,7 @@ struct Router::Impl {
       auto next = up_decoder.Next();
       if (!next) return Protocol(next.error().message);
       if (std::optional<Frame>& complete = *next; complete) {
-        Frame& f = *complete;
-        if (f.stream_id == 0 && f.type == FrameType::kError) {
-          auto err = protocol::DecodeError(f.PayloadText());
-          if (!err) return Protocol("malformed Error during the handshake");
-          return std::unexpected(protocol::ErrorFromBody(*err));
-        }
-        if (f.stream_id != 0 || f.type != FrameType::kHello)
-          return Protocol("the first frame from the agent is not Hello");
-        auto h = protocol::DecodeHello(f.PayloadText());
-        if (!h) return Protocol(h.error().message);
-        if (h->role != protocol::Role::kAgent) return Protocol("peer is not an agent");
-        if (h->version != protocol::kProtocolVersion)
-          return std::unexpected(Error{"agent speaks protocol version " +
-                                           std::to_string(h->version) + ", host speaks " +
-                                           std::to_string(protocol::kProtocolVersion),
-                                       EPROTONOSUPPORT});
-        return {};
+        return protocol::CheckAgentHello(*complete);
       }
       CELLA_TRY_CTX(WaitFd(upstream.Get(), POLLIN, deadline), "await Hello");
       ssize_t n = ::read(upstream.Get(), buf.data(), buf.size());

@@ -14,13 +14,6 @@
 
 namespace cella::registry {
 
-Status FsyncDir(const std::string& dir) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd) return FailErrno("open " + dir);
-  if (::fsync(fd.Get()) != 0) return FailErrno("fsync " + dir);
-  return {};
-}
-
 std::string BlobStore::PathFor(std::string_view digest) const {
   std::string_view hex = digest.substr(digest.find(':') + 1);
   return Dir() + "/" + std::string(hex);
@@ -123,7 +116,7 @@ Status BlobWriter::Commit() {
     return FailErrno("rename " + partial_path_ + " -> " + final_path_);
   fd_.Reset();
   std::string dir = final_path_.substr(0, final_path_.rfind('/'));
-  CELLA_TRY(FsyncDir(dir));
+  CELLA_TRY(FsyncDirectory(dir));
   return {};
 }
 

@@ -74,7 +74,4 @@ class BlobWriter {
   std::unique_ptr<host::Sha256> hash_;
 };
 
-// fsync of a directory, so a rename inside it is durable.
-Status FsyncDir(const std::string& dir);
-
 }  // namespace cella::registry

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "base/io.h"
 #include "host/image/default_rootfs.h"
 #include "host/kernel/initramfs.h"
 #include "host/vmm/config_disk.h"
@@ -44,10 +45,8 @@ Status ApplyImageDefaults(const ImageDefaults& image, const std::vector<std::str
 
 Result<std::string> GuestBinaryDir() {
   if (const char* dir = std::getenv("CELLA_LIBEXEC_DIR")) return std::string(dir);
-  std::error_code ec;
-  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (ec) return Fail("cannot find the running binary (/proc/self/exe): " + ec.message());
-  return self.parent_path().string();
+  std::string self = CELLA_TRY(SelfExecutablePath());
+  return std::filesystem::path(self).parent_path().string();
 }
 
 Result<GuestAssets> EnsureGuestAssets(

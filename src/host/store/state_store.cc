@@ -112,15 +112,6 @@ Status CheckId(std::string_view id) {
   return {};
 }
 
-Status CheckVolumeName(std::string_view name) {
-  if (!IsValidName(name))
-    return Refuse(EINVAL, "invalid volume name \"" + std::string(name) +
-                              "\": use letters, digits, '_', '.', '-' (starting with a letter or "
-                              "digit), at most " +
-                              std::to_string(kMaxNameLength) + " characters");
-  return {};
-}
-
 Status CheckVolumeUse(const VolumeUse& use) {
   CELLA_TRY(CheckVolumeName(use.volume));
   if (use.mode != "ro" && use.mode != "rw" && use.mode != "overlay")
@@ -188,6 +179,15 @@ Result<SandboxState> ParseSandboxState(std::string_view text) {
   }
   return Refuse(EINVAL, "unknown sandbox state \"" + std::string(text) +
                             "\" (want creating, running, stopping, stopped, exited or failed)");
+}
+
+Status CheckVolumeName(std::string_view name) {
+  if (!IsValidName(name))
+    return Refuse(EINVAL, "invalid volume name \"" + std::string(name) +
+                              "\": use letters, digits, '_', '.', '-' (starting with a letter or "
+                              "digit), at most " +
+                              std::to_string(kMaxNameLength) + " characters");
+  return {};
 }
 
 bool IsActive(SandboxState state) {

@@ -38,6 +38,9 @@ std::string_view ToString(SandboxState state);  // "creating", "running", ...
 Result<SandboxState> ParseSandboxState(std::string_view text);
 // Active = a supervisor is expected to be alive: creating, running, stopping.
 bool IsActive(SandboxState state);
+// Docker's name rule, the one place it lives: letters, digits, '_', '.', '-',
+// starting with a letter or digit, at most 128 characters. EINVAL otherwise.
+Status CheckVolumeName(std::string_view name);
 bool IsTransitionAllowed(SandboxState from, SandboxState to);
 
 // How a sandbox attaches a named volume. mode: "ro" | "rw" | "overlay"

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "base/check.h"
 #include "base/io.h"
 #include "base/unique_fd.h"
 
@@ -14,26 +15,20 @@ namespace cella::host {
 
 namespace {
 EVP_MD_CTX* Ctx(void* p) { return static_cast<EVP_MD_CTX*>(p); }
-
-[[noreturn]] void DieOpenSsl(const char* message) {
-  // About to abort: a failed write to stderr has no better place to go.
-  (void)std::fputs(message, stderr);
-  std::abort();
-}
 }  // namespace
 
 // OpenSSL failing to set up SHA-256 means a broken installation: there is no
 // sensible way to continue without cache keys, so this crashes loudly.
 Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) {
   if (ctx_ == nullptr || EVP_DigestInit_ex(Ctx(ctx_), EVP_sha256(), nullptr) != 1)
-    DieOpenSsl("cella: OpenSSL cannot initialise SHA-256\n");
+    Die(CELLA_HERE, "OpenSSL cannot initialise SHA-256");
 }
 
 Sha256::~Sha256() { EVP_MD_CTX_free(Ctx(ctx_)); }
 
 void Sha256::Update(std::string_view bytes) {
   if (EVP_DigestUpdate(Ctx(ctx_), bytes.data(), bytes.size()) != 1)
-    DieOpenSsl("cella: OpenSSL SHA-256 update failed\n");
+    Die(CELLA_HERE, "OpenSSL SHA-256 update failed");
 }
 
 Status Sha256::UpdateFromFile(const std::string& path) {
@@ -50,8 +45,7 @@ Status Sha256::UpdateFromFile(const std::string& path) {
 std::string Sha256::HexDigest() {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
-  if (EVP_DigestFinal_ex(Ctx(ctx_), md, &len) != 1)
-    DieOpenSsl("cella: OpenSSL SHA-256 final failed\n");
+  if (EVP_DigestFinal_ex(Ctx(ctx_), md, &len) != 1) Die(CELLA_HERE, "OpenSSL SHA-256 final failed");
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
   out.reserve(size_t{len} * 2);

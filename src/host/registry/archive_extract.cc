@@ -57,6 +57,12 @@ Result<std::string> ResolveInside(const std::string& root, const std::string& re
 
 namespace {
 
+// libarchive may have no message at all (NULL): never build a string from it.
+std::string ArchiveError(archive* a) {
+  const char* msg = archive_error_string(a);
+  return msg != nullptr ? msg : "unknown libarchive error";
+}
+
 // Opens (creating if absent) each directory of rel's parent beneath root_fd
 // without following any symlink: a symlink planted by an earlier entry can
 // never become the parent of a later one (O_NOFOLLOW on every component).
@@ -105,7 +111,7 @@ Status ExtractImageArchive(const std::string& archive_path, const std::string& d
       limits.ratio_floor_bytes, static_cast<uint64_t>(archive_stat.st_size) * limits.max_ratio);
   const uint64_t byte_cap = std::min(limits.max_bytes, ratio_cap);
   if (archive_read_open_filename(a.get(), archive_path.c_str(), 1 << 20) != ARCHIVE_OK)
-    return Fail(archive_path + ": " + archive_error_string(a.get()));
+    return Fail(archive_path + ": " + ArchiveError(a.get()));
   UniqueFd root(::open(dest_dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!root) return FailErrno("open " + dest_dir);
   std::vector<char> buf(1 << 20);
@@ -116,7 +122,7 @@ Status ExtractImageArchive(const std::string& archive_path, const std::string& d
     int rc = archive_read_next_header(a.get(), &entry);
     if (rc == ARCHIVE_EOF) break;
     if (rc != ARCHIVE_OK && rc != ARCHIVE_WARN)
-      return Fail(archive_path + ": " + archive_error_string(a.get()));
+      return Fail(archive_path + ": " + ArchiveError(a.get()));
     if (++entries > limits.max_entries)
       return Fail(archive_path + ": more than " + std::to_string(limits.max_entries) +
                   " entries; not an image archive");
@@ -150,7 +156,7 @@ Status ExtractImageArchive(const std::string& archive_path, const std::string& d
         if (!fd) return FailErrno(where + ": create");
         while (true) {
           la_ssize_t n = archive_read_data(a.get(), buf.data(), buf.size());
-          if (n < 0) return Fail(where + ": " + archive_error_string(a.get()));
+          if (n < 0) return Fail(where + ": " + ArchiveError(a.get()));
           if (n == 0) break;
           written += static_cast<uint64_t>(n);
           if (written > byte_cap)

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <thread>
 
 #include "process.h"
@@ -87,10 +88,11 @@ TEST(Run, NetworkIsConfiguredAndNoNetworkMeansOnlyLoopback) {
   EXPECT_EQ(none.out, "lo\n");
 }
 
-// QEMU's user-mode NAT maps 10.0.2.2 to the host's loopback: a server the
-// test runs on 127.0.0.1 is reachable from the guest, and nothing else is
-// contacted.
-TEST(Run, GuestReachesAHostLoopbackServerThroughNat) {
+// The default network is sealed like an egress policy, open to every public
+// host: the host's loopback is closed, through the gateway 10.0.2.2 (which
+// QEMU's user-mode NAT would map to it) or any other way, until
+// --allow-host-loopback opens the gateway.
+TEST(Run, HostLoopbackIsClosedByDefaultAndOpensWithAllowHostLoopback) {
   int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   ASSERT_GE(listener, 0);
   sockaddr_in addr{};
@@ -101,25 +103,38 @@ TEST(Run, GuestReachesAHostLoopbackServerThroughNat) {
   socklen_t len = sizeof addr;
   ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
   int port = ntohs(addr.sin_port);
-  std::thread server([listener] {
-    // One request; the poll bound keeps a broken guest from hanging the test.
-    timeval tv{90, 0};
-    ::setsockopt(listener, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    int conn = ::accept(listener, nullptr, nullptr);
-    if (conn < 0) return;
-    char buf[4096];
-    (void)::recv(conn, buf, sizeof buf, 0);
-    const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
-    (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
-    ::close(conn);
+  std::atomic<int> accepted{0};
+  std::thread server([listener, &accepted] {
+    // Until the listener is shut down; the receive bound keeps a broken
+    // guest from hanging the test.
+    for (;;) {
+      int conn = ::accept(listener, nullptr, nullptr);
+      if (conn < 0) return;
+      ++accepted;
+      timeval tv{30, 0};
+      ::setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      char buf[4096];
+      (void)::recv(conn, buf, sizeof buf, 0);
+      const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
+      (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
+      ::close(conn);
+    }
   });
-  auto r = RunCella(
-      {"run", "--", "wget", "-q", "-O", "-", "http://10.0.2.2:" + std::to_string(port) + "/"});
+  const std::string url = "http://10.0.2.2:" + std::to_string(port) + "/";
+  auto closed = RunCella({"run", "--", "sh", "-c",
+                          "wget -q -O - " + url + " 2>&1; echo rc=$?; nc -w 5 10.0.2.2 " +
+                              std::to_string(port) + " </dev/null; echo nc=$?"});
+  auto open = RunCella({"run", "--allow-host-loopback", "--", "wget", "-q", "-O", "-", url});
   ::shutdown(listener, SHUT_RDWR);
   server.join();
   ::close(listener);
-  ASSERT_EQ(r.exit_code, 0) << Describe(r);
-  EXPECT_EQ(r.out, "hello guest\n");
+  EXPECT_EQ(closed.exit_code, 0) << Describe(closed);
+  EXPECT_NE(closed.out.find("403"), std::string::npos) << Describe(closed);
+  EXPECT_EQ(closed.out.find("rc=0"), std::string::npos) << Describe(closed);
+  EXPECT_EQ(closed.out.find("hello guest"), std::string::npos) << Describe(closed);
+  ASSERT_EQ(open.exit_code, 0) << Describe(open);
+  EXPECT_EQ(open.out, "hello guest\n");
+  EXPECT_EQ(accepted.load(), 1);  // only the --allow-host-loopback run got through
 }
 
 TEST(Run, CpusMemoryAndHardening) {

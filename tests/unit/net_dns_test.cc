@@ -107,6 +107,7 @@ class DnsFixture : public ::testing::Test {
     options.resolver = [this](const std::string& name) -> Result<std::vector<IpAddress>> {
       ++resolver_calls_;
       if (name == "rebind.test") return std::vector{*IpAddress::Parse("127.0.0.1")};
+      if (name == "lan.test") return std::vector{*IpAddress::Parse("192.168.1.20")};
       if (name == "mixed.test") {
         return std::vector{*IpAddress::Parse("10.0.0.1"), *IpAddress::Parse("203.0.113.9")};
       }
@@ -188,11 +189,16 @@ TEST_F(DnsFixture, RebindingToPrivateAddressIsRefused) {
   EXPECT_EQ((*resolved)[0].ToString(), "203.0.113.9");
 }
 
-TEST_F(DnsFixture, RebindingAllowedWithAllowPrivate) {
-  StartServer({"rebind.test"}, /*allow_private=*/true);
-  Reply reply = Ask(Query(1, "rebind.test", 1));
-  EXPECT_EQ(reply.rcode, 0);
-  EXPECT_TRUE(reply.address.has_value());
+// --allow-private opens the LAN, not the host's own loopback: a name that
+// resolves there stays refused (only --allow-host-loopback opens it).
+TEST_F(DnsFixture, RebindingAllowedWithAllowPrivateExceptToTheHostLoopback) {
+  StartServer({"rebind.test", "lan.test"}, /*allow_private=*/true);
+  Reply lan = Ask(Query(1, "lan.test", 1));
+  EXPECT_EQ(lan.rcode, 0);
+  EXPECT_TRUE(lan.address.has_value());
+  Reply loopback = Ask(Query(2, "rebind.test", 1));
+  EXPECT_EQ(loopback.rcode, 5);
+  EXPECT_FALSE(loopback.address.has_value());
 }
 
 // A literal address as a "name" used to get a virtual address, behind which

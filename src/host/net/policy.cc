@@ -194,6 +194,16 @@ bool IsPrivateOrSpecial(const in6_addr& address) {
   return false;
 }
 
+bool IsHostLoopback(const IpAddress& address) {
+  if (address.family == IpAddress::Family::kV4) {
+    uint32_t a = ntohl(address.ToInAddr().s_addr);
+    return InV4Net(a, 0x7f000000, 8) || InV4Net(a, 0x00000000, 8);
+  }
+  const auto& b = address.bytes;
+  return std::all_of(b.begin(), b.begin() + 15, [](uint8_t x) { return x == 0; }) &&
+         (b[15] == 0 || b[15] == 1);
+}
+
 bool IsPrivateOrSpecial(const IpAddress& address) {
   if (address.family == IpAddress::Family::kV4) return IsPrivateOrSpecial(address.ToInAddr());
   return IsPrivateOrSpecial(address.ToIn6Addr());
@@ -361,14 +371,23 @@ Result<std::shared_ptr<Policy>> Policy::Create(PolicyConfig config) {
     }
     pin.name = *name;
   }
-  auto policy = std::shared_ptr<Policy>(new Policy(
-      config.allow_private, config.intercept, std::move(config.secrets), std::move(config.pins)));
-  policy->allow_all_ = allow.empty() && config.intercept;
+  if (config.allow_all_public && !allow.empty())
+    return Fail("policy: an allow-list and allow_all_public exclude each other");
+  auto policy = std::shared_ptr<Policy>(
+      new Policy(config, std::move(config.secrets), std::move(config.pins)));
+  policy->allow_all_ = (allow.empty() && config.intercept) || config.allow_all_public;
   policy->allow_ = std::move(allow);
   return policy;
 }
 
+namespace {
+constexpr const char* kNoListToEdit =
+    "this sandbox has no allow-list: it reaches every public host (the default network); "
+    "start it with --allow-host to restrict it to a list";
+}  // namespace
+
 Status Policy::AddAllowed(std::string_view entry) {
+  if (allow_all_public_) return Fail(kNoListToEdit);
   HostPattern pattern = CELLA_TRY(HostPattern::Parse(entry));
   std::unique_lock lock(mutex_);
   if (std::find(allow_.begin(), allow_.end(), pattern) == allow_.end()) allow_.push_back(pattern);
@@ -377,6 +396,7 @@ Status Policy::AddAllowed(std::string_view entry) {
 }
 
 Result<bool> Policy::RemoveAllowed(std::string_view entry) {
+  if (allow_all_public_) return Fail(kNoListToEdit);
   HostPattern pattern = CELLA_TRY(HostPattern::Parse(entry));
   std::unique_lock lock(mutex_);
   auto it = std::find(allow_.begin(), allow_.end(), pattern);
@@ -388,6 +408,7 @@ Result<bool> Policy::RemoveAllowed(std::string_view entry) {
 Result<std::vector<std::string>> Policy::EditAllowed(
     std::span<const std::string> add, std::span<const std::string> remove,
     const std::function<Status(const std::vector<std::string>& entries)>& persist) {
+  if (allow_all_public_) return Fail(kNoListToEdit);
   std::lock_guard edit(edit_mutex_);
   std::vector<HostPattern> next;
   {
@@ -440,6 +461,10 @@ bool Policy::NamesExactly(const IpAddress& address) const {
                      [&](const HostPattern& p) { return p.IsExactly(address); });
 }
 
+bool Policy::MayReachHostGateway(const IpAddress& gateway) const {
+  return host_loopback_ || NamesExactly(gateway);
+}
+
 bool Policy::NamesAddress(const IpAddress& address) const {
   std::shared_lock lock(mutex_);
   return std::any_of(allow_.begin(), allow_.end(),
@@ -448,6 +473,12 @@ bool Policy::NamesAddress(const IpAddress& address) const {
 
 Decision Policy::CheckAddress(const IpAddress& address) const {
   if (NamesAddress(address)) return {true, ""};
+  if (IsHostLoopback(address)) {
+    if (host_loopback_) return {true, ""};
+    return {false,
+            "the host's loopback (--allow-private does not open it; use "
+            "--allow-host-loopback)"};
+  }
   if (IsPrivateOrSpecial(address)) {
     if (allow_private_) return {true, ""};
     return {false, "private or special address (use --allow-private or allow it by address)"};
@@ -460,7 +491,9 @@ Decision Policy::CheckAddress(const IpAddress& address) const {
 }
 
 bool Policy::MayConnectToResolved(const IpAddress& address) const {
-  return !IsPrivateOrSpecial(address) || allow_private_ || NamesAddress(address);
+  if (NamesAddress(address)) return true;
+  if (IsHostLoopback(address)) return host_loopback_;
+  return !IsPrivateOrSpecial(address) || allow_private_;
 }
 
 std::optional<Endpoint> Policy::PinFor(std::string_view name, uint16_t port) const {

@@ -847,13 +847,16 @@ void ConnectionHandler::Run() {
     }
   } else if (options_.host_gateway && destination_.address == *options_.host_gateway) {
     // The gateway is the host itself (its loopback): --allow-private alone
-    // does not open it, only an entry naming the gateway address.
+    // does not open it, only --allow-host-loopback or an entry naming the
+    // gateway address.
     destination_host = destination_.address.ToString();
-    if (options_.policy->NamesExactly(destination_.address)) {
+    if (options_.policy->MayReachHostGateway(destination_.address)) {
       destination_decision = {true, ""};
     } else {
-      destination_decision = {false, "the gateway is the host itself; allow " + destination_host +
-                                         " explicitly to reach it"};
+      destination_decision = {false,
+                              "the gateway is the host itself; use --allow-host-loopback "
+                              "or allow " +
+                                  destination_host + " explicitly to reach it"};
     }
   } else {
     destination_host = destination_.address.ToString();

@@ -9,6 +9,8 @@
 #include <mutex>
 #include <ostream>
 
+#include "protocol/network.h"
+
 namespace cella::net {
 namespace {
 
@@ -32,29 +34,6 @@ bool PrefixMatches(const uint8_t* a, const uint8_t* b, int bits) {
 bool IsV4Mapped(const in6_addr& a) {
   static constexpr uint8_t kPrefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
   return std::memcmp(a.s6_addr, kPrefix, sizeof(kPrefix)) == 0;
-}
-
-bool IsLabelChar(char c) {
-  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
-}
-
-// `name` is lower-case without a trailing dot.
-bool IsValidDnsName(std::string_view name) {
-  if (name.empty() || name.size() > 253) return false;
-  size_t label = 0;
-  char previous = '.';
-  for (char c : name) {
-    if (c == '.') {
-      if (label == 0 || previous == '-') return false;
-      label = 0;
-      previous = c;
-      continue;
-    }
-    if (!IsLabelChar(c) || (label == 0 && c == '-')) return false;
-    if (++label > 63) return false;
-    previous = c;
-  }
-  return label != 0 && previous != '-';
 }
 
 bool IsSecretName(std::string_view name) {
@@ -221,7 +200,7 @@ std::optional<std::string> NormalizeHost(std::string_view host) {
   std::transform(name.begin(), name.end(), name.begin(), [](char c) {
     return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
   });
-  if (!IsValidDnsName(name)) return std::nullopt;
+  if (!protocol::IsValidHostName(name)) return std::nullopt;
   return name;
 }
 

@@ -22,6 +22,7 @@
 
 #include "base/io.h"
 #include "base/unique_fd.h"
+#include "protocol/network.h"
 
 namespace cella::net {
 
@@ -77,23 +78,8 @@ std::unexpected<Error> FailOpenSsl(std::string_view what) {
 
 // --- names -------------------------------------------------------------
 
-// Letters, digits, '-' and '_' in dot-separated labels of 1..63 bytes,
-// 253 bytes at most, no trailing dot.
-bool IsValidDnsName(std::string_view name) {
-  if (name.empty() || name.size() > 253) return false;
-  size_t label = 0;
-  for (char c : name) {
-    if (c == '.') {
-      if (label == 0) return false;
-      label = 0;
-      continue;
-    }
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '-' || c == '_';
-    if (!ok || ++label > 63) return false;
-  }
-  return label != 0;
-}
+// The project's one host-name rule.
+using protocol::IsValidHostName;
 
 std::string ToLower(std::string_view text) {
   std::string out(text);
@@ -119,7 +105,7 @@ Result<HostName> NormaliseHostName(std::string_view name) {
     }
   }
   if (!text.empty() && text.back() == '.') text.pop_back();
-  if (!IsValidDnsName(text))
+  if (!IsValidHostName(text))
     return Fail("host name '" + std::string(name) +
                 "' is neither an IP address nor a DNS name (letters, digits, '-', '_', labels of "
                 "1-63 bytes, 253 bytes at most)");
@@ -811,7 +797,7 @@ Result<std::string> ParseServerName(std::span<const uint8_t> extension) {
     if (type != kServerNameHostName) continue;  // other name types: not ours to judge
     if (host) return Malformed("more than one host_name in server_name");
     std::string_view text(reinterpret_cast<const char*>(value.data()), value.size());
-    if (!IsValidDnsName(text))
+    if (!IsValidHostName(text))
       return Malformed(
           "server_name host_name is not a DNS name (letters, digits, '-', '_', "
           "labels of 1-63 bytes, 253 bytes at most, no trailing dot)");

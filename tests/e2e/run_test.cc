@@ -1,13 +1,16 @@
 // `cella run` end to end: each test boots a real VM with the real kernel,
 // initramfs, init and agent, under TCG on hosts where KVM cannot run it.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <thread>
 
+#include "host/net/dns.h"
 #include "process.h"
 
 namespace cella::test {
@@ -135,6 +138,63 @@ TEST(Run, HostLoopbackIsClosedByDefaultAndOpensWithAllowHostLoopback) {
   ASSERT_EQ(open.exit_code, 0) << Describe(open);
   EXPECT_EQ(open.out, "hello guest\n");
   EXPECT_EQ(accepted.load(), 1);  // only the --allow-host-loopback run got through
+}
+
+// --dns X: the guest keeps asking cella's DNS (10.0.2.3, the only UDP its
+// sealed network lets out) and cella's resolver asks X. X here is a fake
+// server on a loopback address that knows one name the real world does not.
+TEST(Run, DnsServerIsAskedByCellasResolver) {
+  int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(53);
+  ASSERT_EQ(::inet_pton(AF_INET, "127.0.0.77", &addr.sin_addr), 1);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    GTEST_SKIP() << "cannot bind 127.0.0.77:53 (not root, or port 53 taken)";
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> asked{0};
+  std::thread server([&] {
+    while (!stop) {
+      pollfd pfd{fd, POLLIN, 0};
+      if (::poll(&pfd, 1, 100) <= 0) continue;
+      std::byte buffer[512];
+      sockaddr_in peer{};
+      socklen_t length = sizeof peer;
+      ssize_t n =
+          ::recvfrom(fd, buffer, sizeof buffer, 0, reinterpret_cast<sockaddr*>(&peer), &length);
+      if (n <= 0) continue;
+      auto query = net::ParseDnsQuery(std::span(buffer, static_cast<size_t>(n)));
+      if (!query) continue;
+      std::optional<in_addr> answer;
+      auto rcode = net::DnsRcode::kNxDomain;
+      if (query->name == "only-here.test") {
+        ++asked;
+        rcode = net::DnsRcode::kNoError;
+        if (query->qtype == static_cast<uint16_t>(net::DnsType::kA)) {
+          in_addr a;
+          ::inet_pton(AF_INET, "192.0.2.7", &a);
+          answer = a;
+        }
+      }
+      auto reply = net::BuildDnsResponse(*query, rcode, answer);
+      (void)::sendto(fd, reply.data(), reply.size(), 0, reinterpret_cast<sockaddr*>(&peer), length);
+    }
+  });
+  auto r = RunCella({"run", "--dns", "127.0.0.77", "--", "sh", "-c",
+                     "cat /etc/resolv.conf; nslookup only-here.test 2>&1; echo rc=$?"});
+  stop = true;
+  server.join();
+  ::close(fd);
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("nameserver 10.0.2.3"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("nameserver 127.0.0.77"), std::string::npos) << r.out;
+  // The guest gets a virtual address for the name: it was answered.
+  EXPECT_NE(r.out.find("198.1"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("rc=0"), std::string::npos) << r.out;
+  EXPECT_GE(asked.load(), 1);
 }
 
 TEST(Run, CpusMemoryAndHardening) {

@@ -81,10 +81,11 @@ Reply Decode(const std::vector<std::byte>& packet) {
 class DnsFixture : public ::testing::Test {
  protected:
   void StartServer(std::vector<std::string> allow, bool allow_private = false,
-                   std::vector<Pin> pins = {}) {
+                   std::vector<Pin> pins = {}, bool allow_host_loopback = false) {
     PolicyConfig config;
     config.allow = std::move(allow);
     config.allow_private = allow_private;
+    config.allow_host_loopback = allow_host_loopback;
     config.pins = std::move(pins);
     auto policy = Policy::Create(config);
     ASSERT_TRUE(policy.has_value()) << policy.error().message;
@@ -204,7 +205,9 @@ TEST_F(DnsFixture, RebindingAllowedWithAllowPrivateExceptToTheHostLoopback) {
 // A literal address as a "name" used to get a virtual address, behind which
 // the proxy skipped its address checks and opened the host's loopback.
 TEST_F(DnsFixture, AddressLiteralsAreAnsweredAsThemselvesNeverVirtual) {
-  StartServer({"api.test"}, /*allow_private=*/true);
+  // Loopback literals are the host's own addresses: --allow-private alone
+  // refuses them (checked below), --allow-host-loopback lets them be asked.
+  StartServer({"api.test"}, /*allow_private=*/true, {}, /*allow_host_loopback=*/true);
   for (const char* literal : {"127.0.0.1", "0.0.0.0", "127.0.0.2", "10.0.2.2"}) {
     Reply reply = Ask(Query(3, literal, 1));
     EXPECT_EQ(reply.rcode, 0) << literal;
@@ -214,6 +217,17 @@ TEST_F(DnsFixture, AddressLiteralsAreAnsweredAsThemselvesNeverVirtual) {
     ASSERT_EQ(inet_pton(AF_INET, literal, &address), 1);
     EXPECT_FALSE(server_->NameForVirtualAddress(address).has_value()) << literal;
   }
+  EXPECT_EQ(resolver_calls_.load(), 0);
+}
+
+TEST_F(DnsFixture, LoopbackLiteralsAreRefusedWithoutAllowHostLoopback) {
+  StartServer({"api.test"}, /*allow_private=*/true);
+  for (const char* literal : {"127.0.0.1", "0.0.0.0"}) {
+    Reply reply = Ask(Query(4, literal, 1));
+    EXPECT_EQ(reply.rcode, 5) << literal;
+    EXPECT_FALSE(reply.address.has_value()) << literal;
+  }
+  EXPECT_EQ(Ask(Query(5, "10.0.2.2", 1)).rcode, 0);
   EXPECT_EQ(resolver_calls_.load(), 0);
 }
 

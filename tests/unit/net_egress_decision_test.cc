@@ -99,6 +99,10 @@ const Row kRows[] = {
     {"gateway with --allow-host-loopback", "default+loopback", "gw", Kind::kRaw, "", "", "/", true,
      ""},
     {"gateway named exactly", "list+gateway-entry", "gw", Kind::kRaw, "", "", "/", true, ""},
+    {"HTTP to the gateway with --allow-host-loopback", "default+loopback", "gw", Kind::kHttp,
+     "10.0.2.2", "", "/", true, ""},
+    {"HTTP to the gateway named exactly", "list+gateway-entry", "gw", Kind::kHttp, "10.0.2.2", "",
+     "/", true, ""},
     {"loopback literal not opened by --allow-private", "list+private", "127.0.0.1", Kind::kRaw, "",
      "", "/", false, "loopback"},
     {"default: any public literal", "default", "198.51.100.1", Kind::kRaw, "", "", "/", true, ""},
@@ -204,8 +208,9 @@ TEST(EgressDecision, TableOfFlows) {
       verdict = DecideStream(*policy, judged, sni);
     }
     EXPECT_EQ(verdict.allowed, row.allowed) << verdict.reason;
-    if (!row.allowed)
+    if (!row.allowed) {
       EXPECT_NE(verdict.reason.find(row.reason), std::string::npos) << verdict.reason;
+    }
     EXPECT_EQ(verdict.reason.find(kValue), std::string::npos) << "a reason never holds a value";
   }
 }

@@ -2,6 +2,7 @@
 // tests/fuzz/fuzz_client_hello.cc).
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "host/net/tls.h"
 #include "host/net/tls_internal.h"

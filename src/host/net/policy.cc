@@ -452,6 +452,10 @@ bool Policy::NamesAddress(const IpAddress& address) const {
 
 Decision Policy::CheckAddress(const IpAddress& address) const {
   if (NamesAddress(address)) return {true, ""};
+  // The gateway literal (a Host header naming it, say) is the host itself:
+  // open exactly when the gateway is.
+  static const IpAddress kGateway = *IpAddress::Parse(protocol::kHostGateway);
+  if (host_loopback_ && address == kGateway) return {true, ""};
   if (IsHostLoopback(address)) {
     if (host_loopback_) return {true, ""};
     return {false,

@@ -140,6 +140,23 @@ TEST(Run, HostLoopbackIsClosedByDefaultAndOpensWithAllowHostLoopback) {
   EXPECT_EQ(accepted.load(), 1);  // only the --allow-host-loopback run got through
 }
 
+// A sandbox started without a policy reaches every public host and has no
+// list: allow-list refuses it (a first entry would silently close every
+// other host), and inspect shows what it was given.
+TEST(Run, DefaultSandboxHasNoAllowListAndInspectShowsItsNetwork) {
+  auto run = RunCella({"run", "-d", "--allow-host-loopback"});
+  ASSERT_EQ(run.exit_code, 0) << Describe(run);
+  std::string id = run.out.substr(0, run.out.find('\n'));
+  auto add = RunCella({"allow-list", "add", id, "a.test"});
+  auto inspect = RunCella({"inspect", id});
+  auto removed = RunCella({"rm", "-f", id});
+  EXPECT_NE(add.exit_code, 0) << Describe(add);
+  EXPECT_NE(add.err.find("every public host"), std::string::npos) << Describe(add);
+  EXPECT_NE(inspect.out.find("\"all_public\": true"), std::string::npos) << inspect.out;
+  EXPECT_NE(inspect.out.find("\"host_loopback\": true"), std::string::npos) << inspect.out;
+  EXPECT_EQ(removed.exit_code, 0) << Describe(removed);
+}
+
 // --dns X: the guest keeps asking cella's DNS (10.0.2.3, the only UDP its
 // sealed network lets out) and cella's resolver asks X. X here is a fake
 // server on a loopback address that knows one name the real world does not.

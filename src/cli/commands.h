@@ -46,9 +46,11 @@ struct RunArgs {
   std::vector<std::string> volumes;  // -v NAME:/path[:ro|rw|overlay]
   std::string disk_size;             // writable layer size (--disk-size)
   std::string log_max_size;          // --log-max-size (each log file's cap)
-  // Egress policy: any of these seals the network (host/sandbox/spec.h).
+  // Egress: every sandbox with a network gets the sealed one; these make its
+  // policy (PlanNetwork in cli/run_options.h).
   std::vector<std::string> allow_hosts;  // --allow-host (repeatable, comma lists)
   bool allow_private = false;
+  bool allow_host_loopback = false;  // 10.0.2.2 reaches the host's 127.0.0.1
   bool network_intercept = false;
   std::vector<std::string> secrets;   // --secret NAME@host[,host] | NAME=VALUE@host
   std::vector<std::string> resolves;  // --resolve NAME:PORT:ADDR[:PORT]

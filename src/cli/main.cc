@@ -30,7 +30,8 @@ int Main(int argc, char** argv) {
   run_cmd->add_option("--cpus", run.cpus, "Number of CPUs (fractional allowed, e.g. 1.5)");
   run_cmd->add_option("-m,--memory", run.memory, "Memory (e.g. 512m, 2g)");
   run_cmd->add_option("--hostname", run.hostname, "Guest hostname (default: the sandbox ID)");
-  run_cmd->add_option("--dns", run.dns, "DNS server for the guest (repeatable)");
+  run_cmd->add_option("--dns", run.dns,
+                      "DNS server (IP) cella's resolver asks for the guest (repeatable)");
   run_cmd->add_option("--add-host", run.add_hosts, "Add an /etc/hosts entry (HOST:IP)");
   run_cmd->add_option("--mtu", run.mtu, "Guest interface MTU")->check(CLI::Range(576, 65535));
   run_cmd->add_flag("--no-network", run.no_network, "No network interface at all (only lo)");
@@ -66,9 +67,12 @@ int Main(int argc, char** argv) {
   run_cmd->add_option("--log-max-size", run.log_max_size,
                       "Cap on each log file (output, console), one older file kept (default 64m)");
   run_cmd->add_option("--allow-host", run.allow_hosts,
-                      "Seal the network and allow this host (repeatable, a,b lists, *.globs, IPs)");
+                      "Allow only these hosts (repeatable, a,b lists, *.globs, IPs); default: "
+                      "every public host");
   run_cmd->add_flag("--allow-private", run.allow_private,
-                    "With a policy: also allow private and special addresses");
+                    "Also allow private, link-local and special addresses (the host's LAN)");
+  run_cmd->add_flag("--allow-host-loopback", run.allow_host_loopback,
+                    "Let 10.0.2.2 reach the host's 127.0.0.1 (closed by default)");
   run_cmd->add_flag("--network-intercept", run.network_intercept,
                     "Pass all traffic through the TLS-intercepting proxy (no list: all hosts)");
   run_cmd->add_option("--secret", run.secrets,

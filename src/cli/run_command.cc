@@ -148,7 +148,6 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   g.hostname = args.hostname;
   g.privileged = args.privileged;
   g.no_network = args.no_network;
-  g.dns_servers = args.dns;
   g.tty = args.tty;
   if (!args.no_network) g.mtu = args.mtu;
   for (const auto& item : args.add_hosts) {
@@ -183,6 +182,7 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   sandbox::EgressSpec& egress = spec.egress;
   egress.allow = CELLA_TRY(SplitHostList(args.allow_hosts));
   egress.allow_private = args.allow_private;
+  egress.host_loopback = args.allow_host_loopback;
   egress.intercept = args.network_intercept || !args.secrets.empty();
   egress.upstream_ca = args.upstream_ca;
   if (!egress.upstream_ca.empty()) {
@@ -204,8 +204,7 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     egress.secrets.push_back(
         {secret.name, placeholder, secret.hosts, secret.from_env ? secret.name : std::string()});
   }
-  egress.enabled = !egress.allow.empty() || egress.allow_private || egress.intercept ||
-                   !egress.pins.empty() || !egress.upstream_ca.empty();
+  CELLA_TRY(PlanNetwork(args.no_network, args.dns, egress, g.dns_servers));
   if (egress.intercept) {
     // Where the usual TLS stacks look for extra trust; the init appends
     // cella's CA to the bundles these name.
@@ -217,9 +216,6 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
       g.env.try_emplace(key, value);
     }
   }
-  if (egress.enabled && args.no_network)
-    return Fail(
-        "--no-network cannot be combined with an egress policy (--allow-host, --secret...)");
 
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
   // free. Detached sandboxes keep their writable layer across stop/start.

@@ -2,10 +2,12 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <cmath>
 
+#include "host/net/netns.h"
 #include "host/net/policy.h"
 
 namespace cella::cli {
@@ -214,6 +216,35 @@ Result<ResolveFlag> ParseResolveFlag(std::string_view text) {
   }
   flag.address_port = rest.empty() ? flag.port : CELLA_TRY(ParsePortNumber(rest, what));
   return flag;
+}
+
+Status PlanNetwork(bool no_network, const std::vector<std::string>& dns,
+                   sandbox::EgressSpec& egress, std::vector<std::string>& guest_dns) {
+  const bool explicit_policy = !egress.allow.empty() || egress.intercept || !egress.pins.empty() ||
+                               !egress.upstream_ca.empty() || !egress.secrets.empty();
+  if (no_network) {
+    if (explicit_policy || egress.allow_private || egress.host_loopback)
+      return Fail(
+          "--no-network cannot be combined with network flags (--allow-host, --secret, "
+          "--allow-private, --allow-host-loopback...)");
+    egress.enabled = false;
+    guest_dns = dns;
+    return {};
+  }
+  egress.enabled = true;
+  egress.all_public = !explicit_policy;
+  egress.dns_servers.clear();
+  for (const std::string& server : dns) {
+    if (!ValidIp(server))
+      return Fail("--dns " + server + ": not an IP address (cella's resolver asks it directly)");
+    // The guest's own resolver address already is cella's.
+    if (server == net::kDnsAddress) continue;
+    if (std::find(egress.dns_servers.begin(), egress.dns_servers.end(), server) ==
+        egress.dns_servers.end())
+      egress.dns_servers.push_back(server);
+  }
+  guest_dns.clear();
+  return {};
 }
 
 }  // namespace cella::cli

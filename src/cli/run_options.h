@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "base/result.h"
+#include "host/sandbox/spec.h"
 
 namespace cella::cli {
 
@@ -55,5 +56,23 @@ struct ResolveFlag {
   uint16_t address_port = 0;
 };
 Result<ResolveFlag> ParseResolveFlag(std::string_view text);
+
+// The sandbox's network, decided from the flags already parsed into
+// `egress` (allow list, private, host loopback, interception, pins, CA,
+// secrets) and the rest of the network flags:
+//   --no-network      no NIC; refused together with any egress flag.
+//   a policy flag     (--allow-host, --network-intercept, --secret,
+//                     --resolve, --upstream-ca) the sealed network with that
+//                     policy, as before.
+//   otherwise         the sealed network open to every public host
+//                     (all_public), no TLS interception: the host's
+//                     loopback, LAN and link-local stay closed unless
+//                     --allow-host-loopback / --allow-private.
+// `dns` (--dns) must be IP addresses. Under the sealed network the guest
+// always asks cella's DNS (10.0.2.3: the only UDP the namespace lets out),
+// so the servers become what cella's resolver asks (egress.dns_servers) and
+// `guest_dns` is left empty; with --no-network they go to the guest as given.
+Status PlanNetwork(bool no_network, const std::vector<std::string>& dns,
+                   sandbox::EgressSpec& egress, std::vector<std::string>& guest_dns);
 
 }  // namespace cella::cli

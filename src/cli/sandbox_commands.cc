@@ -551,8 +551,14 @@ int AllowListCommand(AllowListOp op, const std::string& sandbox_ref,
   auto run = [&]() -> Status {
     SandboxContext ctx = CELLA_TRY(OpenSandboxes());
     store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(sandbox_ref));
+    // A default sandbox has no list to edit: a first entry would silently
+    // close every other host it reaches.
     auto require_egress = [&](const sandbox::SandboxSpec& spec) -> Status {
-      if (spec.egress.enabled) return {};
+      if (spec.egress.enabled && !spec.egress.all_public) return {};
+      if (spec.egress.all_public)
+        return Fail("sandbox " + record.Label() +
+                    " has no allow-list: it reaches every public host (the default network); "
+                    "give --allow-host or --network-intercept to cella run for a list");
       return Fail("sandbox " + record.Label() +
                   " has no egress policy: its network is plain NAT (give --allow-host or "
                   "--network-intercept to cella run)");

@@ -8,6 +8,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "protocol/network.h"
+
 namespace cella::protocol {
 namespace {
 
@@ -288,29 +290,17 @@ Status CheckFsType(const std::string& field, const std::string& value) {
   return {};
 }
 
-// RFC 1123 labels joined by dots; what sethostname and /etc/hosts accept
-// without surprises.
+// The project's one host-name rule (protocol/network.h), within the length
+// the field allows (sethostname takes 64).
 Status CheckHostName(const std::string& field, const std::string& value, size_t max_len) {
   if (value.empty()) return Fail(field + ": empty host name");
   if (value.size() > max_len)
     return Fail(field + ": " + Quote(value) + " is longer than " + std::to_string(max_len) +
                 " characters");
-  size_t label_len = 0;
-  for (size_t i = 0; i < value.size(); ++i) {
-    char ch = value[i];
-    bool alnum = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
-    if (ch == '.') {
-      if (label_len == 0) return Fail(field + ": " + Quote(value) + " has an empty label");
-      label_len = 0;
-      continue;
-    }
-    if (!alnum && ch != '-' && ch != '_')
-      return Fail(field + ": " + Quote(value) + " is not a valid host name");
-    if (ch == '-' && label_len == 0)
-      return Fail(field + ": " + Quote(value) + " has a label starting with '-'");
-    ++label_len;
-  }
-  if (label_len == 0) return Fail(field + ": " + Quote(value) + " ends with '.'");
+  if (!IsValidHostName(value))
+    return Fail(field + ": " + Quote(value) +
+                " is not a valid host name (letters, digits, '-', '_' in dot-separated labels of "
+                "1-63, none starting or ending with '-')");
   return {};
 }
 

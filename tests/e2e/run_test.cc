@@ -1,12 +1,16 @@
 // `cella run` end to end: each test boots a real VM with the real kernel,
 // initramfs, init and agent, under TCG on hosts where KVM cannot run it.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <thread>
 
+#include "host/net/dns.h"
 #include "process.h"
 
 namespace cella::test {
@@ -87,10 +91,11 @@ TEST(Run, NetworkIsConfiguredAndNoNetworkMeansOnlyLoopback) {
   EXPECT_EQ(none.out, "lo\n");
 }
 
-// QEMU's user-mode NAT maps 10.0.2.2 to the host's loopback: a server the
-// test runs on 127.0.0.1 is reachable from the guest, and nothing else is
-// contacted.
-TEST(Run, GuestReachesAHostLoopbackServerThroughNat) {
+// The default network is sealed like an egress policy, open to every public
+// host: the host's loopback is closed, through the gateway 10.0.2.2 (which
+// QEMU's user-mode NAT would map to it) or any other way, until
+// --allow-host-loopback opens the gateway.
+TEST(Run, HostLoopbackIsClosedByDefaultAndOpensWithAllowHostLoopback) {
   int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   ASSERT_GE(listener, 0);
   sockaddr_in addr{};
@@ -101,25 +106,112 @@ TEST(Run, GuestReachesAHostLoopbackServerThroughNat) {
   socklen_t len = sizeof addr;
   ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
   int port = ntohs(addr.sin_port);
-  std::thread server([listener] {
-    // One request; the poll bound keeps a broken guest from hanging the test.
-    timeval tv{90, 0};
-    ::setsockopt(listener, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    int conn = ::accept(listener, nullptr, nullptr);
-    if (conn < 0) return;
-    char buf[4096];
-    (void)::recv(conn, buf, sizeof buf, 0);
-    const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
-    (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
-    ::close(conn);
+  std::atomic<int> accepted{0};
+  std::thread server([listener, &accepted] {
+    // Until the listener is shut down; the receive bound keeps a broken
+    // guest from hanging the test.
+    for (;;) {
+      int conn = ::accept(listener, nullptr, nullptr);
+      if (conn < 0) return;
+      ++accepted;
+      timeval tv{30, 0};
+      ::setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      char buf[4096];
+      (void)::recv(conn, buf, sizeof buf, 0);
+      const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
+      (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
+      ::close(conn);
+    }
   });
-  auto r = RunCella(
-      {"run", "--", "wget", "-q", "-O", "-", "http://10.0.2.2:" + std::to_string(port) + "/"});
+  const std::string url = "http://10.0.2.2:" + std::to_string(port) + "/";
+  auto closed = RunCella({"run", "--", "sh", "-c",
+                          "wget -q -O - " + url + " 2>&1; echo rc=$?; nc -w 5 10.0.2.2 " +
+                              std::to_string(port) + " </dev/null; echo nc=$?"});
+  auto open = RunCella({"run", "--allow-host-loopback", "--", "wget", "-q", "-O", "-", url});
   ::shutdown(listener, SHUT_RDWR);
   server.join();
   ::close(listener);
+  EXPECT_EQ(closed.exit_code, 0) << Describe(closed);
+  EXPECT_NE(closed.out.find("403"), std::string::npos) << Describe(closed);
+  EXPECT_EQ(closed.out.find("rc=0"), std::string::npos) << Describe(closed);
+  EXPECT_EQ(closed.out.find("hello guest"), std::string::npos) << Describe(closed);
+  ASSERT_EQ(open.exit_code, 0) << Describe(open);
+  EXPECT_EQ(open.out, "hello guest\n");
+  EXPECT_EQ(accepted.load(), 1);  // only the --allow-host-loopback run got through
+}
+
+// A sandbox started without a policy reaches every public host and has no
+// list: allow-list refuses it (a first entry would silently close every
+// other host), and inspect shows what it was given.
+TEST(Run, DefaultSandboxHasNoAllowListAndInspectShowsItsNetwork) {
+  auto run = RunCella({"run", "-d", "--allow-host-loopback"});
+  ASSERT_EQ(run.exit_code, 0) << Describe(run);
+  std::string id = run.out.substr(0, run.out.find('\n'));
+  auto add = RunCella({"allow-list", "add", id, "a.test"});
+  auto inspect = RunCella({"inspect", id});
+  auto removed = RunCella({"rm", "-f", id});
+  EXPECT_NE(add.exit_code, 0) << Describe(add);
+  EXPECT_NE(add.err.find("every public host"), std::string::npos) << Describe(add);
+  EXPECT_NE(inspect.out.find("\"all_public\": true"), std::string::npos) << inspect.out;
+  EXPECT_NE(inspect.out.find("\"host_loopback\": true"), std::string::npos) << inspect.out;
+  EXPECT_EQ(removed.exit_code, 0) << Describe(removed);
+}
+
+// --dns X: the guest keeps asking cella's DNS (10.0.2.3, the only UDP its
+// sealed network lets out) and cella's resolver asks X. X here is a fake
+// server on a loopback address that knows one name the real world does not.
+TEST(Run, DnsServerIsAskedByCellasResolver) {
+  int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(53);
+  ASSERT_EQ(::inet_pton(AF_INET, "127.0.0.77", &addr.sin_addr), 1);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    GTEST_SKIP() << "cannot bind 127.0.0.77:53 (not root, or port 53 taken)";
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> asked{0};
+  std::thread server([&] {
+    while (!stop) {
+      pollfd pfd{fd, POLLIN, 0};
+      if (::poll(&pfd, 1, 100) <= 0) continue;
+      std::byte buffer[512];
+      sockaddr_in peer{};
+      socklen_t length = sizeof peer;
+      ssize_t n =
+          ::recvfrom(fd, buffer, sizeof buffer, 0, reinterpret_cast<sockaddr*>(&peer), &length);
+      if (n <= 0) continue;
+      auto query = net::ParseDnsQuery(std::span(buffer, static_cast<size_t>(n)));
+      if (!query) continue;
+      std::optional<in_addr> answer;
+      auto rcode = net::DnsRcode::kNxDomain;
+      if (query->name == "only-here.test") {
+        ++asked;
+        rcode = net::DnsRcode::kNoError;
+        if (query->qtype == static_cast<uint16_t>(net::DnsType::kA)) {
+          in_addr a;
+          ::inet_pton(AF_INET, "192.0.2.7", &a);
+          answer = a;
+        }
+      }
+      auto reply = net::BuildDnsResponse(*query, rcode, answer);
+      (void)::sendto(fd, reply.data(), reply.size(), 0, reinterpret_cast<sockaddr*>(&peer), length);
+    }
+  });
+  auto r = RunCella({"run", "--dns", "127.0.0.77", "--", "sh", "-c",
+                     "cat /etc/resolv.conf; nslookup only-here.test 2>&1; echo rc=$?"});
+  stop = true;
+  server.join();
+  ::close(fd);
   ASSERT_EQ(r.exit_code, 0) << Describe(r);
-  EXPECT_EQ(r.out, "hello guest\n");
+  EXPECT_NE(r.out.find("nameserver 10.0.2.3"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("nameserver 127.0.0.77"), std::string::npos) << r.out;
+  // The guest gets a virtual address for the name: it was answered.
+  EXPECT_NE(r.out.find("198.1"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("rc=0"), std::string::npos) << r.out;
+  EXPECT_GE(asked.load(), 1);
 }
 
 TEST(Run, CpusMemoryAndHardening) {

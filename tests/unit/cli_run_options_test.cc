@@ -139,5 +139,88 @@ TEST(EgressFlags, ResolvePinsCurlStyle) {
   EXPECT_FALSE(ParseResolveFlag("api.test:443:not-an-ip"));
 }
 
+// What `cella run` writes into the spec for each combination of network
+// flags.
+TEST(RunOptions, NoPolicyFlagMeansTheSealedNetworkOpenToPublicHosts) {
+  sandbox::EgressSpec egress;
+  std::vector<std::string> guest_dns = {"stale"};
+  ASSERT_TRUE(PlanNetwork(false, {}, egress, guest_dns));
+  EXPECT_TRUE(egress.enabled);
+  EXPECT_TRUE(egress.all_public);
+  EXPECT_FALSE(egress.intercept);
+  EXPECT_FALSE(egress.host_loopback);
+  EXPECT_FALSE(egress.allow_private);
+  EXPECT_TRUE(guest_dns.empty());  // Compose gives the guest 10.0.2.3
+}
+
+TEST(RunOptions, HostLoopbackAndPrivateKeepTheDefaultOpenToPublicHosts) {
+  sandbox::EgressSpec egress;
+  egress.host_loopback = true;
+  egress.allow_private = true;
+  std::vector<std::string> guest_dns;
+  ASSERT_TRUE(PlanNetwork(false, {}, egress, guest_dns));
+  EXPECT_TRUE(egress.enabled);
+  EXPECT_TRUE(egress.all_public);
+  EXPECT_TRUE(egress.host_loopback);
+  EXPECT_TRUE(egress.allow_private);
+}
+
+TEST(RunOptions, AnyPolicyFlagMakesAnExplicitPolicy) {
+  auto plan = [](auto set) {
+    sandbox::EgressSpec egress;
+    set(egress);
+    std::vector<std::string> guest_dns;
+    EXPECT_TRUE(PlanNetwork(false, {}, egress, guest_dns));
+    return egress;
+  };
+  for (const auto& egress :
+       {plan([](sandbox::EgressSpec& e) { e.allow = {"api.test"}; }),
+        plan([](sandbox::EgressSpec& e) { e.intercept = true; }), plan([](sandbox::EgressSpec& e) {
+          e.pins.push_back({"a.test", 443, "127.0.0.1", 8443});
+        }),
+        plan([](sandbox::EgressSpec& e) { e.upstream_ca = "/ca.pem"; }),
+        plan([](sandbox::EgressSpec& e) {
+          e.secrets.push_back({"K", "p", {"a.test"}, ""});
+        })}) {
+    EXPECT_TRUE(egress.enabled);
+    EXPECT_FALSE(egress.all_public);
+  }
+}
+
+TEST(RunOptions, NoNetworkRefusesEveryNetworkFlag) {
+  sandbox::EgressSpec plain;
+  std::vector<std::string> guest_dns;
+  ASSERT_TRUE(PlanNetwork(true, {"192.0.2.1"}, plain, guest_dns));
+  EXPECT_FALSE(plain.enabled);
+  EXPECT_EQ(guest_dns, std::vector<std::string>{"192.0.2.1"});
+  for (auto set : std::vector<void (*)(sandbox::EgressSpec&)>{
+           [](sandbox::EgressSpec& e) { e.allow = {"api.test"}; },
+           [](sandbox::EgressSpec& e) { e.allow_private = true; },
+           [](sandbox::EgressSpec& e) { e.host_loopback = true; },
+           [](sandbox::EgressSpec& e) { e.intercept = true; }}) {
+    sandbox::EgressSpec egress;
+    set(egress);
+    auto refused = PlanNetwork(true, {}, egress, guest_dns);
+    ASSERT_FALSE(refused);
+    EXPECT_NE(refused.error().message.find("--no-network"), std::string::npos);
+  }
+}
+
+// --dns under the sealed network: the guest keeps asking 10.0.2.3 (the only
+// UDP its namespace lets out) and cella's resolver asks the given servers.
+TEST(RunOptions, DnsServersGoToCellasResolverNotTheGuest) {
+  sandbox::EgressSpec egress;
+  egress.allow = {"api.test"};
+  std::vector<std::string> guest_dns;
+  ASSERT_TRUE(PlanNetwork(false, {"192.0.2.53", "10.0.2.3", "2001:db8::53", "192.0.2.53"}, egress,
+                          guest_dns));
+  EXPECT_TRUE(guest_dns.empty());
+  EXPECT_EQ(egress.dns_servers, (std::vector<std::string>{"192.0.2.53", "2001:db8::53"}));
+  sandbox::EgressSpec by_name;
+  auto refused = PlanNetwork(false, {"dns.example"}, by_name, guest_dns);
+  ASSERT_FALSE(refused);
+  EXPECT_NE(refused.error().message.find("not an IP address"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace cella::cli

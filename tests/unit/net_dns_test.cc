@@ -81,10 +81,11 @@ Reply Decode(const std::vector<std::byte>& packet) {
 class DnsFixture : public ::testing::Test {
  protected:
   void StartServer(std::vector<std::string> allow, bool allow_private = false,
-                   std::vector<Pin> pins = {}) {
+                   std::vector<Pin> pins = {}, bool allow_host_loopback = false) {
     PolicyConfig config;
     config.allow = std::move(allow);
     config.allow_private = allow_private;
+    config.allow_host_loopback = allow_host_loopback;
     config.pins = std::move(pins);
     auto policy = Policy::Create(config);
     ASSERT_TRUE(policy.has_value()) << policy.error().message;
@@ -107,6 +108,7 @@ class DnsFixture : public ::testing::Test {
     options.resolver = [this](const std::string& name) -> Result<std::vector<IpAddress>> {
       ++resolver_calls_;
       if (name == "rebind.test") return std::vector{*IpAddress::Parse("127.0.0.1")};
+      if (name == "lan.test") return std::vector{*IpAddress::Parse("192.168.1.20")};
       if (name == "mixed.test") {
         return std::vector{*IpAddress::Parse("10.0.0.1"), *IpAddress::Parse("203.0.113.9")};
       }
@@ -188,17 +190,24 @@ TEST_F(DnsFixture, RebindingToPrivateAddressIsRefused) {
   EXPECT_EQ((*resolved)[0].ToString(), "203.0.113.9");
 }
 
-TEST_F(DnsFixture, RebindingAllowedWithAllowPrivate) {
-  StartServer({"rebind.test"}, /*allow_private=*/true);
-  Reply reply = Ask(Query(1, "rebind.test", 1));
-  EXPECT_EQ(reply.rcode, 0);
-  EXPECT_TRUE(reply.address.has_value());
+// --allow-private opens the LAN, not the host's own loopback: a name that
+// resolves there stays refused (only --allow-host-loopback opens it).
+TEST_F(DnsFixture, RebindingAllowedWithAllowPrivateExceptToTheHostLoopback) {
+  StartServer({"rebind.test", "lan.test"}, /*allow_private=*/true);
+  Reply lan = Ask(Query(1, "lan.test", 1));
+  EXPECT_EQ(lan.rcode, 0);
+  EXPECT_TRUE(lan.address.has_value());
+  Reply loopback = Ask(Query(2, "rebind.test", 1));
+  EXPECT_EQ(loopback.rcode, 5);
+  EXPECT_FALSE(loopback.address.has_value());
 }
 
 // A literal address as a "name" used to get a virtual address, behind which
 // the proxy skipped its address checks and opened the host's loopback.
 TEST_F(DnsFixture, AddressLiteralsAreAnsweredAsThemselvesNeverVirtual) {
-  StartServer({"api.test"}, /*allow_private=*/true);
+  // Loopback literals are the host's own addresses: --allow-private alone
+  // refuses them (checked below), --allow-host-loopback lets them be asked.
+  StartServer({"api.test"}, /*allow_private=*/true, {}, /*allow_host_loopback=*/true);
   for (const char* literal : {"127.0.0.1", "0.0.0.0", "127.0.0.2", "10.0.2.2"}) {
     Reply reply = Ask(Query(3, literal, 1));
     EXPECT_EQ(reply.rcode, 0) << literal;
@@ -208,6 +217,17 @@ TEST_F(DnsFixture, AddressLiteralsAreAnsweredAsThemselvesNeverVirtual) {
     ASSERT_EQ(inet_pton(AF_INET, literal, &address), 1);
     EXPECT_FALSE(server_->NameForVirtualAddress(address).has_value()) << literal;
   }
+  EXPECT_EQ(resolver_calls_.load(), 0);
+}
+
+TEST_F(DnsFixture, LoopbackLiteralsAreRefusedWithoutAllowHostLoopback) {
+  StartServer({"api.test"}, /*allow_private=*/true);
+  for (const char* literal : {"127.0.0.1", "0.0.0.0"}) {
+    Reply reply = Ask(Query(4, literal, 1));
+    EXPECT_EQ(reply.rcode, 5) << literal;
+    EXPECT_FALSE(reply.address.has_value()) << literal;
+  }
+  EXPECT_EQ(Ask(Query(5, "10.0.2.2", 1)).rcode, 0);
   EXPECT_EQ(resolver_calls_.load(), 0);
 }
 

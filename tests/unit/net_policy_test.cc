@@ -109,9 +109,87 @@ TEST(NetPolicy, PrivateLiteralNeedsAllowPrivate) {
   EXPECT_TRUE(closed->MayConnectToResolved(Ip("203.0.113.7")));
 
   auto open = MakePolicy({"api.test"}, /*allow_private=*/true);
-  EXPECT_TRUE(open->CheckAddress(Ip("127.0.0.1")).allowed);
+  EXPECT_TRUE(open->CheckAddress(Ip("169.254.169.254")).allowed);
   EXPECT_TRUE(open->MayConnectToResolved(Ip("192.168.0.4")));
   EXPECT_FALSE(open->CheckAddress(Ip("203.0.113.7")).allowed);
+  // The host's own loopback is not the LAN: --allow-private leaves it shut.
+  EXPECT_FALSE(open->CheckAddress(Ip("127.0.0.1")).allowed);
+  EXPECT_FALSE(open->MayConnectToResolved(Ip("127.0.0.1")));
+  EXPECT_FALSE(open->MayConnectToResolved(Ip("0.0.0.0")));
+  EXPECT_FALSE(open->MayConnectToResolved(Ip("::1")));
+
+  PolicyConfig loopback;
+  loopback.allow = {"api.test"};
+  loopback.allow_host_loopback = true;
+  auto host = Policy::Create(loopback);
+  ASSERT_TRUE(host);
+  EXPECT_TRUE((*host)->CheckAddress(Ip("127.0.0.1")).allowed);
+  EXPECT_TRUE((*host)->MayConnectToResolved(Ip("127.0.0.1")));
+  EXPECT_FALSE((*host)->MayConnectToResolved(Ip("192.168.0.4")));
+  // An entry naming the address opens it too.
+  EXPECT_TRUE(MakePolicy({"127.0.0.1"})->CheckAddress(Ip("127.0.0.1")).allowed);
+}
+
+// The default network (no policy flag): every public host by name or
+// address; private, special and the host's own addresses stay closed.
+TEST(NetPolicy, AllPublicOpensPublicHostsOnly) {
+  PolicyConfig config;
+  config.allow_all_public = true;
+  auto policy = Policy::Create(config);
+  ASSERT_TRUE(policy) << policy.error().message;
+  EXPECT_TRUE((*policy)->Check("anything.example.com").allowed);
+  EXPECT_TRUE((*policy)->CheckAddress(Ip("203.0.113.7")).allowed);
+  EXPECT_TRUE((*policy)->CheckAddress(Ip("2001:db8::1")).allowed);
+  for (const char* closed : {"127.0.0.1", "10.0.2.2", "192.168.1.1", "172.16.0.1", "10.1.2.3",
+                             "169.254.169.254", "100.64.0.1", "fe80::1", "fd00::1", "::1"}) {
+    EXPECT_FALSE((*policy)->CheckAddress(Ip(closed)).allowed) << closed;
+    EXPECT_FALSE((*policy)->MayConnectToResolved(Ip(closed))) << closed;
+  }
+  EXPECT_FALSE((*policy)->MayReachHostGateway(Ip("10.0.2.2")));
+  EXPECT_FALSE((*policy)->intercept());
+
+  config.allow_private = true;
+  auto lan = Policy::Create(config);
+  ASSERT_TRUE(lan);
+  EXPECT_TRUE((*lan)->CheckAddress(Ip("192.168.1.1")).allowed);
+  EXPECT_TRUE((*lan)->CheckAddress(Ip("169.254.169.254")).allowed);
+  // --allow-private is the LAN, not the host itself.
+  EXPECT_FALSE((*lan)->MayReachHostGateway(Ip("10.0.2.2")));
+}
+
+TEST(NetPolicy, HostGatewayOpensOnlyWithTheFlagOrAnExactEntry) {
+  PolicyConfig config;
+  config.allow_all_public = true;
+  config.allow_host_loopback = true;
+  auto policy = Policy::Create(config);
+  ASSERT_TRUE(policy);
+  EXPECT_TRUE((*policy)->MayReachHostGateway(Ip("10.0.2.2")));
+  // The flag is about the gateway only: LAN stays closed.
+  EXPECT_FALSE((*policy)->CheckAddress(Ip("192.168.1.1")).allowed);
+  EXPECT_TRUE(MakePolicy({"10.0.2.2"})->MayReachHostGateway(Ip("10.0.2.2")));
+  EXPECT_FALSE(MakePolicy({"10.0.0.0/8"})->MayReachHostGateway(Ip("10.0.2.2")));
+}
+
+TEST(NetPolicy, AllPublicHasNoListToEdit) {
+  PolicyConfig config;
+  config.allow_all_public = true;
+  auto policy = Policy::Create(config);
+  ASSERT_TRUE(policy);
+  auto added = (*policy)->AddAllowed("a.test");
+  ASSERT_FALSE(added);
+  EXPECT_NE(added.error().message.find("every public host"), std::string::npos);
+  EXPECT_FALSE((*policy)->RemoveAllowed("a.test"));
+  std::vector<std::string> add = {"a.test"};
+  auto edited = (*policy)->EditAllowed(add, {}, [](const std::vector<std::string>&) -> Status {
+    ADD_FAILURE() << "nothing may be stored";
+    return {};
+  });
+  EXPECT_FALSE(edited);
+  // Still open to everything public: a refused edit changed nothing.
+  EXPECT_TRUE((*policy)->Check("b.test").allowed);
+
+  config.allow = {"a.test"};
+  EXPECT_FALSE(Policy::Create(config));
 }
 
 TEST(NetPolicy, RuntimeAddAndRemove) {

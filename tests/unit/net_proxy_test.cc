@@ -596,6 +596,7 @@ TEST_F(ProxyTest, SecretIsNeverSubstitutedTowardsAnAddressTheGuestChose) {
   const Endpoint literal{Loopback(), origin.port()};
   StartProxy({.allow = {"api.test"},
               .allow_private = true,
+              .allow_host_loopback = true,
               .secrets = {TestSecret("hunter2-value", "api.test")}});
   const std::string placeholder = policy_->secrets()[0].placeholder;
   Response spoofed = Get(literal, "api.test", "/echo", "X-Token: " + placeholder + "\r\n");
@@ -689,7 +690,14 @@ TEST_F(ProxyTest, PrivateLiteralBlockedUnlessAllowPrivate) {
   EXPECT_EQ(origin.accepts(), 0);
   proxy_.reset();
 
+  // 127.0.0.1 is the only origin a test can bind: it is the host's
+  // loopback, which --allow-private alone does not open.
   StartProxy({.allow = {"api.test"}, .allow_private = true});
+  EXPECT_EQ(Get(literal, host, "/echo").status, 403);
+  EXPECT_EQ(origin.accepts(), 0);
+  proxy_.reset();
+
+  StartProxy({.allow = {"api.test"}, .allow_private = true, .allow_host_loopback = true});
   EXPECT_EQ(Get(literal, host, "/echo").status, 200);
   EXPECT_EQ(origin.accepts(), 1);
 }
@@ -722,6 +730,37 @@ TEST_F(ProxyTest, GatewayIsNotOpenedByACoveringNetwork) {
   StartProxy({.allow = {"10.0.2.2/32"}});
   EXPECT_EQ(Get(destination, host, "/echo").status, 200);
   EXPECT_EQ(origin.accepts(), 1);
+}
+
+// The default network: the gateway (the host's loopback) is closed, even
+// though every public host is open; --allow-host-loopback opens it.
+TEST_F(ProxyTest, DefaultNetworkClosesTheGatewayUnlessHostLoopbackIsAllowed) {
+  Origin origin;
+  const IpAddress gateway = *IpAddress::Parse("10.0.2.2");
+  const Endpoint destination{gateway, origin.port()};
+  const std::string host = "10.0.2.2:" + std::to_string(origin.port());
+  host_gateway_ = gateway;
+  StartProxy({.allow_private = true, .allow_all_public = true});
+  Response closed = Get(destination, host, "/echo");
+  EXPECT_EQ(closed.status, 403);
+  EXPECT_NE(closed.body.find("--allow-host-loopback"), std::string::npos) << closed.body;
+  EXPECT_EQ(origin.accepts(), 0);
+  proxy_.reset();
+  StartProxy({.allow_all_public = true, .allow_host_loopback = true});
+  EXPECT_EQ(Get(destination, host, "/echo").status, 200);
+  EXPECT_EQ(origin.accepts(), 1);
+}
+
+// Without a list or interception, TLS to any public name is spliced as is.
+TEST_F(ProxyTest, DefaultNetworkSplicesTlsToAnyNameWithoutInterception) {
+  EchoServer echo;
+  StartProxy({.allow_all_public = true, .pins = {PinTo("any.test", 443, echo.port())}});
+  auto client = Connect(Virtual("any.test", 443));
+  const std::string hello = FakeHello("any.test") + "encrypted-bytes";
+  ASSERT_TRUE(client->Write(hello));
+  Reader reader(*client);
+  EXPECT_EQ(reader.Exactly(hello.size()), hello);
+  EXPECT_EQ(echo.accepts(), 1);
 }
 
 TEST_F(ProxyTest, TlsWithoutInterceptionIsSplicedBySni) {

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "agent_test_support.h"
@@ -63,6 +64,33 @@ TEST(SandboxSpec, RoundTripsEveryField) {
   EXPECT_EQ(back->accel, "tcg");
   EXPECT_EQ(back->boot_timeout_s, 33);
   EXPECT_EQ(back->upper_image, "/s/upper.img");
+}
+
+TEST(SandboxSpec, DefaultNetworkFieldsRoundTripAndOldSpecsKeepNat) {
+  SandboxSpec spec;
+  spec.egress.enabled = true;
+  spec.egress.all_public = true;
+  spec.egress.host_loopback = true;
+  spec.egress.allow_private = true;
+  spec.egress.dns_servers = {"192.0.2.53"};
+  auto back = DecodeSpec(EncodeSpec(spec));
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_TRUE(back->egress.enabled);
+  EXPECT_TRUE(back->egress.all_public);
+  EXPECT_TRUE(back->egress.host_loopback);
+  EXPECT_TRUE(back->egress.allow_private);
+  EXPECT_EQ(back->egress.dns_servers, std::vector<std::string>{"192.0.2.53"});
+
+  // A spec stored before the default network: no new fields, NAT kept.
+  nlohmann::json old = nlohmann::json::parse(EncodeSpec(SandboxSpec{}));
+  for (const char* field : {"all_public", "host_loopback", "dns_servers"})
+    old["egress"].erase(field);
+  auto decoded = DecodeSpec(old.dump());
+  ASSERT_TRUE(decoded) << decoded.error().message;
+  EXPECT_FALSE(decoded->egress.enabled);
+  EXPECT_FALSE(decoded->egress.all_public);
+  EXPECT_FALSE(decoded->egress.host_loopback);
+  EXPECT_TRUE(decoded->egress.dns_servers.empty());
 }
 
 TEST(SandboxSpec, DamagedSpecsAreErrorsNotGuesses) {

@@ -89,11 +89,11 @@ std::string_view StepName(Step step) {
     case Step::kCreateTap:
       return "create TAP cella0 (TUNSETIFF)";
     case Step::kTapAddress:
-      return "set cella0 address 10.0.2.2";
+      return "set cella0 address (the gateway)";
     case Step::kTapNetmask:
       return "set cella0 netmask";
     case Step::kDnsAddress:
-      return "add DNS address 10.0.2.3 (cella0:1)";
+      return "add the DNS address (cella0:1)";
     case Step::kDnsNetmask:
       return "set cella0:1 netmask";
     case Step::kTapMtu:
@@ -121,7 +121,7 @@ std::string_view StepName(Step step) {
     case Step::kDnsSocket:
       return "DNS socket";
     case Step::kDnsBind:
-      return "bind DNS socket to 10.0.2.3:53";
+      return "bind DNS socket to the DNS address, port 53";
     case Step::kSendFds:
       return "send descriptors to the parent";
   }
@@ -471,7 +471,7 @@ Result<IsolatedNetwork> CreateIsolatedNetwork(const IsolatedNetworkOptions& opti
   SetName(plan.tap_alias, std::string(kTapName) + ":1");
   plan.gateway = Ipv4(kGatewayAddress, 0);
   plan.dns = Ipv4(kDnsAddress, 0);
-  plan.netmask = Ipv4("255.255.255.0", 0);
+  plan.netmask = Ipv4(protocol::kGuestNetmask, 0);
   plan.proxy = Ipv4(kGatewayAddress, options.proxy_port);
   plan.mtu = options.mtu;
   plan.parent = ::getpid();

@@ -33,14 +33,16 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "protocol/network.h"
 
 namespace cella::net {
 
 inline constexpr const char* kTapName = "cella0";
-inline constexpr const char* kGatewayAddress = "10.0.2.2";  // the TAP; proxy_listener's address
-inline constexpr const char* kDnsAddress = "10.0.2.3";
+// The TAP; proxy_listener's address.
+inline constexpr const char* kGatewayAddress = protocol::kHostGateway;
+inline constexpr const char* kDnsAddress = protocol::kGuestDns;
 inline constexpr uint16_t kDnsPort = 53;
-inline constexpr int kNetworkPrefix = 24;
+inline constexpr int kNetworkPrefix = protocol::kGuestPrefixLength;
 
 struct IsolatedNetworkOptions {
   uint16_t proxy_port = 15001;  // inside the namespace; not reachable from the host

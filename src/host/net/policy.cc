@@ -9,6 +9,8 @@
 #include <mutex>
 #include <ostream>
 
+#include "protocol/network.h"
+
 namespace cella::net {
 namespace {
 
@@ -32,29 +34,6 @@ bool PrefixMatches(const uint8_t* a, const uint8_t* b, int bits) {
 bool IsV4Mapped(const in6_addr& a) {
   static constexpr uint8_t kPrefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
   return std::memcmp(a.s6_addr, kPrefix, sizeof(kPrefix)) == 0;
-}
-
-bool IsLabelChar(char c) {
-  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
-}
-
-// `name` is lower-case without a trailing dot.
-bool IsValidDnsName(std::string_view name) {
-  if (name.empty() || name.size() > 253) return false;
-  size_t label = 0;
-  char previous = '.';
-  for (char c : name) {
-    if (c == '.') {
-      if (label == 0 || previous == '-') return false;
-      label = 0;
-      previous = c;
-      continue;
-    }
-    if (!IsLabelChar(c) || (label == 0 && c == '-')) return false;
-    if (++label > 63) return false;
-    previous = c;
-  }
-  return label != 0 && previous != '-';
 }
 
 bool IsSecretName(std::string_view name) {
@@ -194,6 +173,16 @@ bool IsPrivateOrSpecial(const in6_addr& address) {
   return false;
 }
 
+bool IsHostLoopback(const IpAddress& address) {
+  if (address.family == IpAddress::Family::kV4) {
+    uint32_t a = ntohl(address.ToInAddr().s_addr);
+    return InV4Net(a, 0x7f000000, 8) || InV4Net(a, 0x00000000, 8);
+  }
+  const auto& b = address.bytes;
+  return std::all_of(b.begin(), b.begin() + 15, [](uint8_t x) { return x == 0; }) &&
+         (b[15] == 0 || b[15] == 1);
+}
+
 bool IsPrivateOrSpecial(const IpAddress& address) {
   if (address.family == IpAddress::Family::kV4) return IsPrivateOrSpecial(address.ToInAddr());
   return IsPrivateOrSpecial(address.ToIn6Addr());
@@ -211,7 +200,7 @@ std::optional<std::string> NormalizeHost(std::string_view host) {
   std::transform(name.begin(), name.end(), name.begin(), [](char c) {
     return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
   });
-  if (!IsValidDnsName(name)) return std::nullopt;
+  if (!protocol::IsValidHostName(name)) return std::nullopt;
   return name;
 }
 
@@ -361,14 +350,23 @@ Result<std::shared_ptr<Policy>> Policy::Create(PolicyConfig config) {
     }
     pin.name = *name;
   }
-  auto policy = std::shared_ptr<Policy>(new Policy(
-      config.allow_private, config.intercept, std::move(config.secrets), std::move(config.pins)));
-  policy->allow_all_ = allow.empty() && config.intercept;
+  if (config.allow_all_public && !allow.empty())
+    return Fail("policy: an allow-list and allow_all_public exclude each other");
+  auto policy = std::shared_ptr<Policy>(
+      new Policy(config, std::move(config.secrets), std::move(config.pins)));
+  policy->allow_all_ = (allow.empty() && config.intercept) || config.allow_all_public;
   policy->allow_ = std::move(allow);
   return policy;
 }
 
+namespace {
+constexpr const char* kNoListToEdit =
+    "this sandbox has no allow-list: it reaches every public host (the default network); "
+    "start it with --allow-host to restrict it to a list";
+}  // namespace
+
 Status Policy::AddAllowed(std::string_view entry) {
+  if (allow_all_public_) return Fail(kNoListToEdit);
   HostPattern pattern = CELLA_TRY(HostPattern::Parse(entry));
   std::unique_lock lock(mutex_);
   if (std::find(allow_.begin(), allow_.end(), pattern) == allow_.end()) allow_.push_back(pattern);
@@ -377,6 +375,7 @@ Status Policy::AddAllowed(std::string_view entry) {
 }
 
 Result<bool> Policy::RemoveAllowed(std::string_view entry) {
+  if (allow_all_public_) return Fail(kNoListToEdit);
   HostPattern pattern = CELLA_TRY(HostPattern::Parse(entry));
   std::unique_lock lock(mutex_);
   auto it = std::find(allow_.begin(), allow_.end(), pattern);
@@ -388,6 +387,7 @@ Result<bool> Policy::RemoveAllowed(std::string_view entry) {
 Result<std::vector<std::string>> Policy::EditAllowed(
     std::span<const std::string> add, std::span<const std::string> remove,
     const std::function<Status(const std::vector<std::string>& entries)>& persist) {
+  if (allow_all_public_) return Fail(kNoListToEdit);
   std::lock_guard edit(edit_mutex_);
   std::vector<HostPattern> next;
   {
@@ -440,6 +440,10 @@ bool Policy::NamesExactly(const IpAddress& address) const {
                      [&](const HostPattern& p) { return p.IsExactly(address); });
 }
 
+bool Policy::MayReachHostGateway(const IpAddress& gateway) const {
+  return host_loopback_ || NamesExactly(gateway);
+}
+
 bool Policy::NamesAddress(const IpAddress& address) const {
   std::shared_lock lock(mutex_);
   return std::any_of(allow_.begin(), allow_.end(),
@@ -448,6 +452,16 @@ bool Policy::NamesAddress(const IpAddress& address) const {
 
 Decision Policy::CheckAddress(const IpAddress& address) const {
   if (NamesAddress(address)) return {true, ""};
+  // The gateway literal (a Host header naming it, say) is the host itself:
+  // open exactly when the gateway is.
+  static const IpAddress kGateway = *IpAddress::Parse(protocol::kHostGateway);
+  if (host_loopback_ && address == kGateway) return {true, ""};
+  if (IsHostLoopback(address)) {
+    if (host_loopback_) return {true, ""};
+    return {false,
+            "the host's loopback (--allow-private does not open it; use "
+            "--allow-host-loopback)"};
+  }
   if (IsPrivateOrSpecial(address)) {
     if (allow_private_) return {true, ""};
     return {false, "private or special address (use --allow-private or allow it by address)"};
@@ -460,7 +474,9 @@ Decision Policy::CheckAddress(const IpAddress& address) const {
 }
 
 bool Policy::MayConnectToResolved(const IpAddress& address) const {
-  return !IsPrivateOrSpecial(address) || allow_private_ || NamesAddress(address);
+  if (NamesAddress(address)) return true;
+  if (IsHostLoopback(address)) return host_loopback_;
+  return !IsPrivateOrSpecial(address) || allow_private_;
 }
 
 std::optional<Endpoint> Policy::PinFor(std::string_view name, uint16_t port) const {

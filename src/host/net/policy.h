@@ -69,6 +69,10 @@ bool IsPrivateOrSpecial(const IpAddress& address);
 // False for non-IP families.
 bool IsPrivateOrSpecial(const sockaddr* address, socklen_t length);
 
+// 127.0.0.0/8, 0.0.0.0/8 and ::1, :: : addresses that reach the host itself
+// when the proxy connects to them. A subset of IsPrivateOrSpecial.
+bool IsHostLoopback(const IpAddress& address);
+
 // Lower-cases and drops one trailing dot; nullopt if `host` is not a valid
 // DNS name or IP literal (empty labels, bad characters, too long).
 std::optional<std::string> NormalizeHost(std::string_view host);
@@ -131,6 +135,15 @@ struct PolicyConfig {
   std::vector<std::string> allow;  // HostPattern texts
   bool allow_private = false;
   bool intercept = false;
+  // The default network: every public host, by name or address, without an
+  // allow-list (and so without runtime edits). Private and special addresses
+  // still follow allow_private, the host gateway allow_host_loopback.
+  bool allow_all_public = false;
+  // The host's loopback is open (`--allow-host-loopback`): the gateway
+  // address (mapped to it, as in QEMU's user network) without an entry naming
+  // it, and names resolving to loopback addresses. allow_private does not
+  // open these: it is the LAN, not the host itself.
+  bool allow_host_loopback = false;
   std::vector<Secret> secrets;
   std::vector<Pin> pins;
 };
@@ -141,7 +154,9 @@ class Policy {
   static Result<std::shared_ptr<Policy>> Create(PolicyConfig config);
 
   // Runtime allow-list changes. Add is idempotent; Remove returns whether the
-  // entry (compared in canonical form) was present.
+  // entry (compared in canonical form) was present. Refused under
+  // allow_all_public: there is no list to edit, and a first entry silently
+  // closing every other host would surprise whoever added it.
   Status AddAllowed(std::string_view entry);
   Result<bool> RemoveAllowed(std::string_view entry);
   std::vector<std::string> AllowedEntries() const;
@@ -159,12 +174,14 @@ class Policy {
   // CheckAddress.
   Decision Check(std::string_view host) const;
   // A destination address the guest named directly. Allowed when an allow
-  // entry names it (even if private); otherwise a private/special address is
-  // allowed only with allow_private, and a public one never (the guest must
-  // use a name).
+  // entry names it (even if private); otherwise a loopback address only with
+  // allow_host_loopback, another private/special one only with
+  // allow_private, and a public one only under allow_all (the guest must
+  // otherwise use a name).
   Decision CheckAddress(const IpAddress& address) const;
   // Whether an address a (non-pinned) allowed name resolved to may be used as
-  // its upstream: public, or private with allow_private, or named by an entry.
+  // its upstream: public, or loopback with allow_host_loopback, or other
+  // private with allow_private, or named by an entry.
   bool MayConnectToResolved(const IpAddress& address) const;
   // Whether an allow entry (address or CIDR) names `address` itself, as
   // opposed to it passing by --allow-private.
@@ -175,6 +192,10 @@ class Policy {
 
   bool allow_private() const { return allow_private_; }
   bool intercept() const { return intercept_; }
+  bool allow_all_public() const { return allow_all_public_; }
+  // Whether flows to the host gateway (the host itself) may pass: the flag,
+  // or an entry that is exactly that address.
+  bool MayReachHostGateway(const IpAddress& gateway) const;
 
   std::optional<Endpoint> PinFor(std::string_view name, uint16_t port) const;
   bool HasPin(std::string_view name) const;
@@ -184,14 +205,18 @@ class Policy {
   static bool SecretAppliesTo(const Secret& secret, std::string_view host);
 
  private:
-  Policy(bool allow_private, bool intercept, std::vector<Secret> secrets, std::vector<Pin> pins)
-      : allow_private_(allow_private),
-        intercept_(intercept),
+  Policy(const PolicyConfig& flags, std::vector<Secret> secrets, std::vector<Pin> pins)
+      : allow_private_(flags.allow_private),
+        intercept_(flags.intercept),
+        allow_all_public_(flags.allow_all_public),
+        host_loopback_(flags.allow_host_loopback),
         secrets_(std::move(secrets)),
         pins_(std::move(pins)) {}
 
   const bool allow_private_;
   const bool intercept_;
+  const bool allow_all_public_;
+  const bool host_loopback_;
   const std::vector<Secret> secrets_;
   const std::vector<Pin> pins_;
   std::mutex edit_mutex_;  // serializes EditAllowed (held across persist)

@@ -49,6 +49,7 @@
 #include "host/net/dns.h"
 #include "host/net/http.h"
 #include "host/net/policy.h"
+#include "host/net/secrets.h"  // SubstituteSecrets, used by the tests through this header
 #include "host/net/stream.h"
 
 namespace cella::net {
@@ -132,15 +133,5 @@ class TransparentProxy {
   std::set<std::string> warned_secret_hosts_;           // guarded by mutex_
   friend class ConnectionHandler;
 };
-
-// Swaps every placeholder of a secret valid for `host` (normalized) for its
-// value, in header values and in the request-target's query string (there
-// percent-encoded). Returns the reason to refuse the request when the head
-// contains, anywhere, the placeholder of a secret not valid for `host`, or
-// that secret's real value (6 bytes or longer, plain or percent-encoded: the
-// guest may have learnt it from an upstream that echoed it); the reason names
-// the secret, never its value. Bodies are not scanned. Exposed for tests.
-std::optional<std::string> SubstituteSecrets(const Policy& policy, std::string_view host,
-                                             http::RequestHead& head);
 
 }  // namespace cella::net

@@ -45,9 +45,12 @@ std::string EncodeSpec(const SandboxSpec& spec) {
   out["log_max_bytes"] = spec.log_max_bytes;
   const EgressSpec& e = spec.egress;
   json egress = {{"enabled", e.enabled},
+                 {"all_public", e.all_public},
                  {"allow", e.allow},
                  {"allow_private", e.allow_private},
+                 {"host_loopback", e.host_loopback},
                  {"intercept", e.intercept},
+                 {"dns_servers", e.dns_servers},
                  {"upstream_ca", e.upstream_ca},
                  {"pins", json::array()},
                  {"secrets", json::array()}};
@@ -107,6 +110,10 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
       out.allow = e.at("allow").get<std::vector<std::string>>();
       out.allow_private = e.at("allow_private").get<bool>();
       out.intercept = e.at("intercept").get<bool>();
+      // Absent from specs stored before the default network existed.
+      out.all_public = e.value("all_public", false);
+      out.host_loopback = e.value("host_loopback", false);
+      out.dns_servers = e.value("dns_servers", std::vector<std::string>{});
       out.upstream_ca = e.at("upstream_ca").get<std::string>();
       for (const auto& p : e.at("pins")) {
         out.pins.push_back({p.at("name").get<std::string>(), p.at("port").get<uint16_t>(),

@@ -50,13 +50,22 @@ struct PinSpec {
   uint16_t address_port = 0;
 };
 
-// Egress policy. enabled = any policy flag was given: the sandbox gets the
-// sealed network (own namespace, every flow through the supervisor's proxy).
+// Egress policy. enabled: the sandbox gets the sealed network (own
+// namespace, every flow through the supervisor's proxy and DNS). `cella run`
+// enables it for every sandbox with a network; a spec stored before that
+// (enabled=false) keeps QEMU's user-mode NAT.
 struct EgressSpec {
   bool enabled = false;
+  // No policy flag was given: every public host is reachable (no allow-list,
+  // no interception); private, special and host addresses stay closed.
+  bool all_public = false;
   std::vector<std::string> allow;  // names, *.globs, IP literals/CIDRs
   bool allow_private = false;
-  bool intercept = false;  // terminate TLS with cella's CA (implied by secrets)
+  bool host_loopback = false;  // --allow-host-loopback: 10.0.2.2 is the host's 127.0.0.1
+  bool intercept = false;      // terminate TLS with cella's CA (implied by secrets)
+  // --dns: the servers cella's resolver asks for the guest (which itself
+  // always asks cella's DNS at 10.0.2.3); empty = the host's resolver.
+  std::vector<std::string> dns_servers;
   std::vector<PinSpec> pins;
   std::string upstream_ca;  // PEM file to verify upstreams; empty = the host's trust store
   std::vector<SecretSpec> secrets;

@@ -21,6 +21,7 @@
 #include "host/net/netns.h"
 #include "host/net/policy.h"
 #include "host/net/proxy.h"
+#include "host/net/resolver.h"
 #include "host/net/tls.h"
 #include "host/sandbox/compose.h"
 #include "host/sandbox/control.h"
@@ -204,6 +205,8 @@ class Supervisor {
     config.allow = egress.allow;
     config.allow_private = egress.allow_private;
     config.intercept = egress.intercept;
+    config.allow_all_public = egress.all_public;
+    config.allow_host_loopback = egress.host_loopback;
     for (const SecretSpec& secret : egress.secrets) {
       net::Secret s;
       s.name = secret.name;
@@ -226,10 +229,13 @@ class Supervisor {
     net::DnsServerOptions dns_options;
     dns_options.policy = policy_;
     dns_options.table = fake_ips;
+    if (!egress.dns_servers.empty())
+      dns_options.resolver = CELLA_TRY_CTX(net::UpstreamResolverFor(egress.dns_servers), "--dns");
     dns_ = CELLA_TRY(net::DnsServer::Start(std::move(network.dns_socket), dns_options));
     net::ProxyOptions proxy_options;
     proxy_options.policy = policy_;
     proxy_options.fake_ips = fake_ips;
+    proxy_options.resolver = dns_options.resolver;
     proxy_options.host_gateway = net::IpAddress::Parse(net::kGatewayAddress);
     if (egress.intercept) {
       auto ca = CELLA_TRY(net::CertificateAuthority::LoadOrCreate(cella_home + "/egress-ca"));

@@ -9,6 +9,8 @@
 #include <string_view>
 #include <vector>
 
+#include "protocol/network.h"
+
 namespace cella::vmm {
 
 // seed: vmm.DiskConfig — an additional block device.
@@ -79,11 +81,11 @@ std::string ExtraDiskSerial(size_t index);  // "cella-disk<index>"
 // "/dev/disk/by-id/virtio-<serial>", what config.json should name.
 std::string GuestDevicePath(std::string_view serial);
 
-// QEMU user-mode network as the guest sees it by default.
-inline constexpr const char* kUserNetSubnet = "10.0.2.0/24";
-inline constexpr const char* kUserNetGateway = "10.0.2.2";
-inline constexpr const char* kUserNetDns = "10.0.2.3";
-inline constexpr const char* kUserNetGuestIp = "10.0.2.15";
-inline constexpr int kUserNetPrefix = 24;
+// QEMU user-mode network as the guest sees it (protocol/network.h).
+inline constexpr const char* kUserNetSubnet = protocol::kGuestSubnet;
+inline constexpr const char* kUserNetGateway = protocol::kHostGateway;
+inline constexpr const char* kUserNetDns = protocol::kGuestDns;
+inline constexpr const char* kUserNetGuestIp = protocol::kGuestIp;
+inline constexpr int kUserNetPrefix = protocol::kGuestPrefixLength;
 
 }  // namespace cella::vmm

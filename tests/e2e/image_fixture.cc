@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <thread>
 
 namespace cella::test {
 namespace {
@@ -92,8 +94,15 @@ std::string FreshCellaHome(const std::string& suffix) {
 
 void RemoveCellaHomes() {
   for (const auto& home : HomesMade()) {
+    // A foreground run's supervisor may still be removing its own sandbox
+    // directory after the CLI returned: an entry vanishing under remove_all
+    // is that race, not a failure. Bounded retries.
     std::error_code ec;
-    std::filesystem::remove_all(home, ec);
+    for (int attempt = 0; attempt < 50; ++attempt) {
+      std::filesystem::remove_all(home, ec);
+      if (!ec) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
     if (ec) ADD_FAILURE() << "could not remove " << home << ": " << ec.message();
   }
   HomesMade().clear();

@@ -1,5 +1,6 @@
 #include "base/io.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/socket.h>
@@ -115,6 +116,41 @@ Status FsyncDirectory(const std::string& dir) {
   if (!fd) return FailErrno("open " + dir);
   if (::fsync(fd.Get()) != 0) return FailErrno("fsync " + dir);
   return {};
+}
+
+Result<std::vector<std::string>> ReadDirectoryNames(int dirfd, const std::string& where,
+                                                    size_t max_names) {
+  // fdopendir takes ownership of its fd: give it a duplicate.
+  int dup_fd = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
+  if (dup_fd < 0) return FailErrno("dup " + where);
+  DIR* dir = ::fdopendir(dup_fd);
+  if (!dir) {
+    int err = errno;
+    ::close(dup_fd);
+    return FailErrno("fdopendir " + where, err);
+  }
+  std::vector<std::string> names;
+  int err = 0;
+  for (;;) {
+    errno = 0;
+    struct dirent* ent = ::readdir(dir);
+    if (!ent) {
+      err = errno;
+      break;
+    }
+    std::string_view name = ent->d_name;
+    if (name == "." || name == "..") continue;
+    if (names.size() >= max_names) {
+      err = E2BIG;
+      break;
+    }
+    names.emplace_back(name);
+  }
+  ::closedir(dir);
+  if (err == E2BIG)
+    return FailErrno(where + ": more than " + std::to_string(max_names) + " entries", E2BIG);
+  if (err != 0) return FailErrno("readdir " + where, err);
+  return names;
 }
 
 }  // namespace cella

@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/result.h"
 #include "base/unique_fd.h"
@@ -35,5 +36,10 @@ Status RequireTrustedPeer(int fd);
 Result<std::string> SelfExecutablePath();
 // fsync of a directory, so a rename or create in it survives a crash.
 Status FsyncDirectory(const std::string& dir);
+// Every name in the directory open at `dirfd` except "." and ".." (the
+// caller keeps dirfd); at most `max_names`, else E2BIG. `where` names the
+// directory in errors.
+Result<std::vector<std::string>> ReadDirectoryNames(int dirfd, const std::string& where,
+                                                    size_t max_names);
 
 }  // namespace cella

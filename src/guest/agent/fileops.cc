@@ -135,31 +135,16 @@ Result<protocol::FileInfo> StatPath(const std::string& path) {
 Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path) {
   UniqueFd dirfd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dirfd) return FailErrno("list " + path);
-  int dup_fd = ::fcntl(dirfd.Get(), F_DUPFD_CLOEXEC, 0);
-  if (dup_fd < 0) return FailErrno("dup " + path);
-  DIR* dir = ::fdopendir(dup_fd);
-  if (!dir) {
-    int err = errno;
-    ::close(dup_fd);
-    return FailErrno("fdopendir " + path, err);
-  }
+  std::vector<std::string> names =
+      CELLA_TRY(ReadDirectoryNames(dirfd.Get(), "list " + path, protocol::kMaxListEntries));
   std::vector<protocol::FileInfo> out;
-  Status result;
-  for (;;) {
-    errno = 0;
-    struct dirent* ent = ::readdir(dir);
-    if (!ent) {
-      if (errno != 0) result = FailErrno("readdir " + path);
-      break;
-    }
-    std::string name = ent->d_name;
-    if (name == "." || name == "..") continue;
+  out.reserve(names.size());
+  for (const std::string& name : names) {
     struct stat st {};
     if (::fstatat(dirfd.Get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
       // Deleted between readdir and stat: not an error for a listing.
       if (errno == ENOENT) continue;
-      result = FailErrno(std::string("lstat ").append(path).append("/").append(name));
-      break;
+      return FailErrno(std::string("lstat ").append(path).append("/").append(name));
     }
     auto info = InfoFrom(name, st);
     if (S_ISLNK(st.st_mode)) {
@@ -169,13 +154,7 @@ Result<std::vector<protocol::FileInfo>> ListDirectory(const std::string& path) {
       if (target) info.link_target = std::move(*target);
     }
     out.push_back(std::move(info));
-    if (out.size() > protocol::kMaxListEntries) {
-      result = FailErrno("list " + path + ": too many entries", E2BIG);
-      break;
-    }
   }
-  ::closedir(dir);
-  if (!result) return std::unexpected(result.error());
   return out;
 }
 

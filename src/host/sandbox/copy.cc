@@ -1,3 +1,4 @@
+#include "base/io.h"
 #include "host/sandbox/copy.h"
 
 #include <dirent.h>
@@ -7,6 +8,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <limits>
 #include <optional>
 #include <random>
 #include <set>
@@ -141,30 +143,7 @@ Result<std::string> ReadLinkAt(int dirfd, const std::string& name, const std::st
 
 // Reads every name of a directory (not "." and ".."). The caller keeps dirfd.
 Result<std::vector<std::string>> ReadNames(int dirfd, const std::string& where) {
-  int dup_fd = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
-  if (dup_fd < 0) return FailErrno("dup " + where);
-  DIR* dir = ::fdopendir(dup_fd);
-  if (!dir) {
-    int err = errno;
-    ::close(dup_fd);
-    return FailErrno("fdopendir " + where, err);
-  }
-  std::vector<std::string> names;
-  int err = 0;
-  for (;;) {
-    errno = 0;
-    struct dirent* ent = ::readdir(dir);
-    if (!ent) {
-      err = errno;
-      break;
-    }
-    std::string_view name = ent->d_name;
-    if (name == "." || name == "..") continue;
-    names.emplace_back(name);
-  }
-  ::closedir(dir);
-  if (err != 0) return FailErrno("readdir " + where, err);
-  return names;
+  return ReadDirectoryNames(dirfd, where, std::numeric_limits<size_t>::max());
 }
 
 // A temp entry beside the final name in a directory; unlinked unless

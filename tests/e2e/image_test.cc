@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <thread>
-#include <nlohmann/json.hpp>
 
 #include "image_fixture.h"
 
@@ -72,8 +72,8 @@ TEST_F(Image, DebianImageRunsPython) {
 class FrozenAgent : public Image {
  protected:
   std::string RunFrozen() {
-    auto run = Cella({"run", "-d", "--privileged", "--image", Plain("debian"), "--", "sleep",
-                      "100000"});
+    auto run =
+        Cella({"run", "-d", "--privileged", "--image", Plain("debian"), "--", "sleep", "100000"});
     EXPECT_EQ(run.exit_code, 0) << Describe(run);
     std::string id = run.out;
     while (!id.empty() && id.back() == '\n') id.pop_back();
@@ -140,6 +140,75 @@ TEST_F(FrozenAgent, StopEndsWithinItsGraceAndKillOvertakesALongStop) {
   EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
   EXPECT_LT(took, std::chrono::seconds(15));
   EXPECT_EQ(State(long_stop), "exited");
+}
+
+// A privileged guest program makes PID 1 (where the agent runs) write
+// garbage on the agent link: ptrace injects one write(2) on the port's fd.
+// The host can no longer control that VM: the sandbox must say failed and
+// why, and its VM must be gone, instead of "Up" with exec failing.
+TEST_F(FrozenAgent, GarbageOnTheAgentLinkFailsTheSandboxVisibly) {
+  auto run =
+      Cella({"run", "-d", "--privileged", "--image", Plain("debian"), "--", "sleep", "100000"});
+  ASSERT_EQ(run.exit_code, 0) << Describe(run);
+  std::string id = run.out;
+  while (!id.empty() && id.back() == '\n') id.pop_back();
+  ASSERT_FALSE(id.empty());
+  const char* inject =
+      "import ctypes, os, time\n"
+      "libc = ctypes.CDLL(None, use_errno=True)\n"
+      "libc.ptrace.restype = ctypes.c_long\n"
+      "libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]\n"
+      "names = ('r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs '\n"
+      "         'eflags rsp ss fs_base gs_base ds es fs gs').split()\n"
+      "class Regs(ctypes.Structure):\n"
+      "    _fields_ = [(n, ctypes.c_ulonglong) for n in names]\n"
+      "def say(text):\n"
+      "    with open('/dev/console', 'w') as c: c.write('cella-test: ' + text + '\\n')\n"
+      "time.sleep(1)\n"  // let this exec's answer get out first
+      "port = [int(n) for n in os.listdir('/proc/1/fd')\n"
+      "        if os.readlink('/proc/1/fd/' + n).startswith('/dev/vport')]\n"
+      "if len(port) != 1: say('no single port fd: %r' % port); raise SystemExit\n"
+      "def pt(req, addr=0, data=0):\n"
+      "    r = libc.ptrace(req, 1, addr, data)\n"
+      "    if r == -1 and ctypes.get_errno(): say('ptrace %d: errno %d' % (req, "
+      "ctypes.get_errno()))\n"
+      "    return r\n"
+      "pt(0x4206); pt(0x4207); os.waitpid(1, 0x40000000)\n"  // SEIZE, INTERRUPT, __WALL
+      "saved = Regs(); pt(12, 0, ctypes.addressof(saved))\n"
+      "regs = Regs.from_buffer_copy(saved)\n"
+      "code = pt(1, saved.rip) & 0xffffffffffffffff\n"
+      "buf = (saved.rsp - 512) & ~0xf\n"  // below the red zone, surely mapped
+      "for i in range(8): pt(5, buf + 8 * i, 0xffffffffffffffff)\n"  // POKEDATA garbage
+      "pt(4, saved.rip, (code & ~0xffffff) | 0xcc050f)\n"            // syscall; int3
+      "regs.rax, regs.rdi, regs.rsi, regs.rdx = 1, port[0], buf, 64\n"
+      "regs.orig_rax = 0xffffffffffffffff\n"
+      "pt(13, 0, ctypes.addressof(regs)); pt(7); os.waitpid(1, 0x40000000)\n"
+      "pt(13, 0, ctypes.addressof(saved)); pt(4, saved.rip, code); pt(17)\n"
+      "say('garbage written')\n";
+  auto exec = Cella({"exec", id, "--", "sh", "-c",
+                     "cat > /tmp/inject.py && setsid -f python3 /tmp/inject.py "
+                     "</dev/null >/dev/null 2>&1"},
+                    inject);
+  EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
+  std::string state;
+  for (int i = 0; i < 300; ++i) {  // bounded: 30 s
+    state = State(id);
+    if (state == "failed") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  std::ifstream in(home_ + "/sandboxes/" + id + "/console.log");
+  std::stringstream console;
+  console << in.rdbuf();
+  ASSERT_EQ(state, "failed") << "console:\n" << console.str();
+  auto inspect = Cella({"inspect", id});
+  EXPECT_TRUE(Contains(inspect.out, "the guest agent link failed (guest agent broke the protocol"))
+      << inspect.out;
+  EXPECT_TRUE(Contains(inspect.out, "can no longer be controlled")) << inspect.out;
+  auto ps = Cella({"ps", "-a"});
+  EXPECT_TRUE(Contains(ps.out, "Failed: the guest agent link failed")) << ps.out;
+  auto again = Cella({"exec", id, "--", "true"});
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_TRUE(Contains(again.err, "is failed")) << Describe(again);
 }
 
 TEST_F(Image, ConfigEnvWorkdirUserApplyAndShadowKeepsModeAndOwner) {

@@ -153,40 +153,64 @@ TEST_F(FrozenAgent, GarbageOnTheAgentLinkFailsTheSandboxVisibly) {
   std::string id = run.out;
   while (!id.empty() && id.back() == '\n') id.pop_back();
   ASSERT_FALSE(id.empty());
-  const char* inject =
-      "import ctypes, os, time\n"
-      "libc = ctypes.CDLL(None, use_errno=True)\n"
-      "libc.ptrace.restype = ctypes.c_long\n"
-      "libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]\n"
-      "names = ('r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs '\n"
-      "         'eflags rsp ss fs_base gs_base ds es fs gs').split()\n"
-      "class Regs(ctypes.Structure):\n"
-      "    _fields_ = [(n, ctypes.c_ulonglong) for n in names]\n"
-      "def say(text):\n"
-      "    with open('/dev/console', 'w') as c: c.write('cella-test: ' + text + '\\n')\n"
-      "time.sleep(1)\n"  // let this exec's answer get out first
-      "port = [int(n) for n in os.listdir('/proc/1/fd')\n"
-      "        if os.readlink('/proc/1/fd/' + n).startswith('/dev/vport')]\n"
-      "if len(port) != 1: say('no single port fd: %r' % port); raise SystemExit\n"
-      "def pt(req, addr=0, data=0):\n"
-      "    r = libc.ptrace(req, 1, addr, data)\n"
-      "    if r == -1 and ctypes.get_errno(): say('ptrace %d: errno %d' % (req, "
-      "ctypes.get_errno()))\n"
-      "    return r\n"
-      "pt(0x4206); pt(0x4207); os.waitpid(1, 0x40000000)\n"  // SEIZE, INTERRUPT, __WALL
-      "saved = Regs(); pt(12, 0, ctypes.addressof(saved))\n"
-      "regs = Regs.from_buffer_copy(saved)\n"
-      "code = pt(1, saved.rip) & 0xffffffffffffffff\n"
-      "buf = (saved.rsp - 512) & ~0xf\n"  // below the red zone, surely mapped
-      "for i in range(8): pt(5, buf + 8 * i, 0xffffffffffffffff)\n"  // POKEDATA garbage
-      "pt(4, saved.rip, (code & ~0xffffff) | 0xcc050f)\n"            // syscall; int3
-      "regs.rax, regs.rdi, regs.rsi, regs.rdx = 1, port[0], buf, 64\n"
-      "regs.orig_rax = 0xffffffffffffffff\n"
-      "pt(13, 0, ctypes.addressof(regs)); pt(7); os.waitpid(1, 0x40000000)\n"
-      "pt(13, 0, ctypes.addressof(saved)); pt(4, saved.rip, code); pt(17)\n"
-      "say('garbage written')\n";
-  auto exec = Cella({"exec", id, "--", "sh", "-c",
-                     "cat > /tmp/inject.py && setsid -f python3 /tmp/inject.py "
+  // Stops PID 1 (PTRACE_SEIZE + INTERRUPT), points it at `syscall; int3`
+  // with write(port fd, 64 garbage bytes below its stack pointer), runs
+  // that, restores code and registers and detaches; says what happened on
+  // the console. Perl, whose syscall() needs no libc wrapper: the image's
+  // python3 has no ctypes.
+  const char* inject = R"PL(
+use strict;
+use warnings;
+no warnings "portable";
+sub say_console {
+  open(my $c, '>', '/dev/console') or return;
+  print $c "cella-test: $_[0]\n";
+  close $c;
+}
+my $pid = 1;
+# ptrace(2) without a libc wrapper: PEEKTEXT stores the word at `data`.
+sub pt {
+  my $r = syscall(101, $_[0], $pid, $_[1], $_[2]);
+  die "ptrace $_[0]: $!\n" if $r == -1;
+  return $r;
+}
+eval {
+  sleep 1;  # let this exec's answer get out first
+  my $port;
+  opendir(my $d, "/proc/$pid/fd") or die "opendir: $!\n";
+  for my $n (readdir $d) {
+    my $l = readlink("/proc/$pid/fd/$n");
+    $port = $n + 0 if defined $l && $l =~ m{^/dev/vport};
+  }
+  die "no agent port among pid 1's fds\n" unless defined $port;
+  pt(0x4206, 0, 0);  # SEIZE
+  pt(0x4207, 0, 0);  # INTERRUPT
+  waitpid($pid, 0x40000000) == $pid or die "waitpid: $!\n";
+  my $saved = "\0" x 216;
+  pt(12, 0, $saved);  # GETREGS
+  my @r = unpack('Q<27', $saved);
+  my ($rip, $rsp) = ($r[16], $r[19]);
+  my $word = "\0" x 8;
+  pt(1, $rip, $word);  # PEEKTEXT
+  my $code = unpack('Q<', $word);
+  my $buf = ($rsp - 512) & ~0xf;  # below the red zone, surely mapped
+  pt(5, $buf + 8 * $_, 0x7f7f7f7f7f7f7f7f) for 0 .. 7;  # POKEDATA garbage
+  pt(4, $rip, ($code & ~0xffffff) | 0xcc050f);  # POKETEXT: syscall; int3
+  my @n = @r;
+  @n[10, 14, 13, 12, 15] = (1, $port, $buf, 64, 0xffffffffffffffff);  # write(port, buf, 64)
+  my $regs = pack('Q<27', @n);
+  pt(13, 0, $regs);  # SETREGS
+  pt(7, 0, 0);       # CONT to the int3
+  waitpid($pid, 0x40000000) == $pid or die "waitpid: $!\n";
+  pt(13, 0, $saved);   # restore registers
+  pt(4, $rip, $code);  # and code
+  pt(17, 0, 0);        # DETACH
+  say_console('garbage written');
+};
+say_console("inject failed: $@") if $@;
+)PL";
+  auto exec = Cella({"exec", "-i", id, "--", "sh", "-c",
+                     "cat > /tmp/inject.pl && setsid -f perl /tmp/inject.pl "
                      "</dev/null >/dev/null 2>&1"},
                     inject);
   EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
@@ -204,8 +228,9 @@ TEST_F(FrozenAgent, GarbageOnTheAgentLinkFailsTheSandboxVisibly) {
   EXPECT_TRUE(Contains(inspect.out, "the guest agent link failed (guest agent broke the protocol"))
       << inspect.out;
   EXPECT_TRUE(Contains(inspect.out, "can no longer be controlled")) << inspect.out;
-  auto ps = Cella({"ps", "-a"});
-  EXPECT_TRUE(Contains(ps.out, "Failed: the guest agent link failed")) << ps.out;
+  auto ps = Cella({"ps", "-a", "--json"});
+  EXPECT_TRUE(Contains(ps.out, "the guest agent link failed")) << ps.out;
+  EXPECT_TRUE(Contains(Cella({"ps", "-a"}).out, "Failed: the guest agent lin"));
   auto again = Cella({"exec", id, "--", "true"});
   EXPECT_NE(again.exit_code, 0);
   EXPECT_TRUE(Contains(again.err, "is failed")) << Describe(again);

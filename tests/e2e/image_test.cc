@@ -78,16 +78,20 @@ class FrozenAgent : public Image {
     std::string id = run.out;
     while (!id.empty() && id.back() == '\n') id.pop_back();
     if (id.empty()) return id;
-    const char* freeze =
-        "import ctypes, os, time\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "time.sleep(1)\n"  // let this exec's answer get out first
-        "ok = libc.ptrace(0x4206, 1, 0, 0) == 0 and libc.ptrace(0x4207, 1, 0, 0) == 0\n"
-        "with open('/dev/console', 'w') as c: c.write('cella-test: pid 1 %s\\n' % "
-        "('frozen' if ok else 'not frozen %d' % ctypes.get_errno()))\n"
-        "time.sleep(100000)\n";
-    auto exec = Cella({"exec", id, "--", "sh", "-c",
-                       "cat > /tmp/freeze.py && setsid -f python3 /tmp/freeze.py "
+    // Perl's syscall() needs no libc wrapper (the image's python3 has no
+    // ctypes): PTRACE_SEIZE + PTRACE_INTERRUPT stop PID 1 and leave it so.
+    const char* freeze = R"PL(
+sleep 1;  # let this exec's answer get out first
+my $ok = syscall(101, 0x4206, 1, 0, 0) == 0 && syscall(101, 0x4207, 1, 0, 0) == 0;
+my $why = $ok ? "frozen" : "not frozen " . ($! + 0);
+if (open(my $c, '>', '/dev/console')) {
+  print $c "cella-test: pid 1 $why\n";
+  close $c;
+}
+sleep 100000;
+)PL";
+    auto exec = Cella({"exec", "-i", id, "--", "sh", "-c",
+                       "cat > /tmp/freeze.pl && setsid -f perl /tmp/freeze.pl "
                        "</dev/null >/dev/null 2>&1"},
                       freeze);
     EXPECT_EQ(exec.exit_code, 0) << Describe(exec);

@@ -87,9 +87,6 @@ class Supervisor {
   Status Prepare() {
     sandbox_home_ = CELLA_TRY(SandboxHome());
     paths_ = PathsFor(sandbox_home_, args_.id);
-    // Nothing of the caller's (a directory it may want to unmount) stays
-    // pinned by a process that lives as long as the sandbox.
-    if (::chdir(paths_.dir.c_str()) != 0) return FailErrno("chdir " + paths_.dir);
     auto opened = store::StateStore::Open(StateDbPath(sandbox_home_));
     if (!opened) return std::unexpected(opened.error());
     store_.emplace(std::move(*opened));
@@ -99,6 +96,16 @@ class Supervisor {
     CELLA_TRY(store_->SetSupervisor(args_.id, self));
     SandboxSpec spec = CELLA_TRY(DecodeSpec(record.spec_json));
     CELLA_TRY(ReadSecrets(spec));
+    // A --kernel given relative to the caller's directory means that one.
+    if (!spec.kernel_path.empty()) {
+      std::error_code ec;
+      auto absolute = std::filesystem::absolute(spec.kernel_path, ec);
+      if (ec) return Fail("kernel " + spec.kernel_path + ": " + ec.message());
+      spec.kernel_path = absolute.string();
+    }
+    // From here on nothing of the caller's (a directory it may want to
+    // unmount) stays pinned by a process that lives as long as the sandbox.
+    if (::chdir(paths_.dir.c_str()) != 0) return FailErrno("chdir " + paths_.dir);
 
     output_log_ = UniqueFd(
         ::open(paths_.output_log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));

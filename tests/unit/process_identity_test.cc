@@ -120,6 +120,9 @@ TEST(SignalIfSameTest, SignalsOnlyAVerifiedProcess) {
 TEST(ReconcileTest, CleansUpAfterADeadSupervisor) {
   TempDir home;
   ASSERT_EQ(::setenv("CELLA_SANDBOX_HOME", home.path().c_str(), 1), 0);
+  struct Unset {
+    ~Unset() { ::unsetenv("CELLA_SANDBOX_HOME"); }
+  } unset_at_exit;
   const std::string id = "00000000000000000000000000000abc";
   {
     ASSERT_TRUE(host::MakeDirs(home.path() + "/sandboxes", 0700));
@@ -155,7 +158,6 @@ TEST(ReconcileTest, CleansUpAfterADeadSupervisor) {
   for (const char* name : {"qemu.log", "mux.sock", "control.sock"})
     EXPECT_FALSE(std::filesystem::exists(paths.dir + "/" + name)) << name;
   EXPECT_TRUE(std::filesystem::exists(paths.dir + "/console.log")) << "kept for cella logs";
-  ::unsetenv("CELLA_SANDBOX_HOME");
 }
 
 }  // namespace

@@ -6,18 +6,21 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstring>
+
 namespace cella {
 
-Status WriteAll(int fd, std::span<const std::byte> data) {
+Status WriteAll(Env& env, int fd, std::span<const std::byte> data) {
   while (!data.empty()) {
-    ssize_t n = ::write(fd, data.data(), data.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return FailErrno("write");
-    }
-    data = data.subspan(static_cast<size_t>(n));
+    size_t n = CELLA_TRY(env.Write(fd, data));
+    data = data.subspan(n);
   }
   return {};
+}
+
+Status WriteAll(int fd, std::span<const std::byte> data) {
+  return WriteAll(Env::Current(), fd, data);
 }
 
 Status WriteAll(int fd, std::string_view data) {
@@ -87,6 +90,40 @@ Status WriteStringToFile(const std::string& path, std::string_view data, mode_t 
   if (!fd) return FailErrno("open " + path);
   CELLA_TRY_CTX(WriteAll(fd.Get(), data), path);
   return {};
+}
+
+Status SyncDirectory(const std::string& dir, Env& env) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) return FailErrno("open directory " + dir);
+  return env.Sync(fd.Get(), dir);
+}
+
+Status WriteFileAtomically(const std::string& path, std::string_view data, mode_t mode, Env& env) {
+  static std::atomic<uint64_t> counter{0};
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "."
+                          : slash == 0               ? "/"
+                                                     : path.substr(0, slash);
+  // Unique per process and call, so concurrent writers never share one.
+  const std::string temp = path + ".tmp-" + std::to_string(::getpid()) + "-" +
+                           std::to_string(counter.fetch_add(1, std::memory_order_relaxed));
+  UniqueFd fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode));
+  if (!fd) return FailErrno("create " + temp);
+  auto discard = [&](Error error) -> Status {
+    fd.Reset();
+    if (::unlink(temp.c_str()) != 0 && errno != ENOENT)
+      error.message += " (and removing " + temp + " failed: " + std::strerror(errno) + ")";
+    return std::unexpected(std::move(error));
+  };
+  if (auto st = WriteAll(env, fd.Get(), std::as_bytes(std::span(data.data(), data.size()))); !st)
+    return discard(std::move(st.error()).WithContext(temp));
+  // Durable before it becomes visible: a crash after the rename must not
+  // leave an empty or partial file under the real name.
+  if (auto st = env.Sync(fd.Get(), temp); !st) return discard(std::move(st.error()));
+  if (::close(fd.Release()) != 0) return discard(Error::FromErrno("close " + temp));
+  if (auto st = env.Rename(temp, path); !st) return discard(std::move(st.error()));
+  // The rename itself is durable only once the directory is.
+  return SyncDirectory(dir, env);
 }
 
 Status RequireTrustedPeer(int fd) {

@@ -9,13 +9,16 @@
 #include <string_view>
 #include <vector>
 
+#include "base/env.h"
 #include "base/result.h"
 #include "base/unique_fd.h"
 
 namespace cella {
 
-// Writes all of data, retrying on EINTR and short writes.
+// Writes all of data, retrying on EINTR and short writes (through
+// Env::Current(), or `env`).
 Status WriteAll(int fd, std::span<const std::byte> data);
+Status WriteAll(Env& env, int fd, std::span<const std::byte> data);
 Status WriteAll(int fd, std::string_view data);
 // Reads exactly buf.size() bytes. Returns false (not an error) on EOF before
 // the first byte; an error on EOF in the middle.
@@ -26,7 +29,19 @@ Status SetNonBlocking(int fd, bool on);
 Status SetCloexec(int fd, bool on);
 // Reads a whole (small) file, refusing anything larger than max_bytes.
 Result<std::string> ReadFileToString(const std::string& path, size_t max_bytes);
+// Not atomic: a crash can leave the file empty or partial. For state that
+// must survive a crash use WriteFileAtomically.
 Status WriteStringToFile(const std::string& path, std::string_view data, mode_t mode);
+// Replaces `path` with `data` so that after a crash at any point the file
+// holds either the old or the new content: a unique temporary beside it,
+// written, fsynced, renamed over `path`, then the directory fsynced. On
+// failure the temporary is removed, `path` is untouched (unless only the
+// final directory fsync failed: then the new content may or may not survive
+// a crash), and the error names the step ("fsync <temp>", "rename ...").
+Status WriteFileAtomically(const std::string& path, std::string_view data, mode_t mode,
+                           Env& env = Env::Current());
+// fsync of a directory (makes creations, renames and removals in it durable).
+Status SyncDirectory(const std::string& dir, Env& env = Env::Current());
 // For a connected Unix socket: succeeds only if the peer runs as our
 // effective user or as root (SO_PEERCRED). The socket files are 0600 already;
 // this holds even if a directory's mode is loosened or a file is passed on.

@@ -13,20 +13,30 @@
 namespace cella::cli {
 namespace {
 
+// Only a process proven to be the recorded one is killed: an unreadable
+// /proc or a reused pid leaves it alone (with a warning for the former).
 void KillIfAlive(const store::ProcessIdentity& who, std::string_view what) {
-  if (who.pid <= 0 || !store::IsAlive(who)) return;
-  if (::kill(who.pid, SIGKILL) != 0 && errno != ESRCH)
-    log::Warn("could not kill leftover process", {{"what", std::string(what)}, {"pid", who.pid}});
+  auto sent = store::SignalIfSame(who, SIGKILL);
+  if (!sent) {
+    log::Warn("leftover process not killed",
+              {{"what", std::string(what)}, {"pid", who.pid}, {"error", sent.error().message}});
+    return;
+  }
+  if (!*sent) return;
   // Not our child: wait (bounded) for the kernel to tear it down so its
   // files are closed before they are removed.
-  for (int i = 0; i < 100 && store::IsAlive(who); ++i) ::usleep(20'000);
+  for (int i = 0; i < 100 && store::CheckProcess(who) == store::Liveness::kAlive; ++i)
+    ::usleep(20'000);
 }
 
-void RemoveSockets(const std::string& dir) {
-  for (const char* name : {"agent.sock", "qmp.sock", "mux.sock", "control.sock"}) {
+// What a VM leaves in its directory while it runs; its supervisor removes
+// them, so after a crashed supervisor the CLI does. console.log stays for
+// `cella logs`.
+void RemoveRuntimeFiles(const std::string& dir) {
+  for (const char* name : {"agent.sock", "qmp.sock", "mux.sock", "control.sock", "qemu.log"}) {
     std::string path = dir + "/" + name;
     if (::unlink(path.c_str()) != 0 && errno != ENOENT)
-      log::Warn("could not remove socket", {{"path", path}});
+      log::Warn("could not remove leftover file", {{"path", path}});
   }
 }
 
@@ -53,7 +63,7 @@ Result<SandboxContext> OpenSandboxes() {
       if (auto st = RemoveSandboxCompletely(ctx, r); !st)
         log::Warn("could not remove sandbox", {{"error", st.error().message}});
     } else {
-      RemoveSockets(sandbox::PathsFor(home, r.id).dir);
+      RemoveRuntimeFiles(sandbox::PathsFor(home, r.id).dir);
     }
   }
   return ctx;

@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <thread>
-#include <nlohmann/json.hpp>
 
 #include "image_fixture.h"
 
@@ -72,22 +72,26 @@ TEST_F(Image, DebianImageRunsPython) {
 class FrozenAgent : public Image {
  protected:
   std::string RunFrozen() {
-    auto run = Cella({"run", "-d", "--privileged", "--image", Plain("debian"), "--", "sleep",
-                      "100000"});
+    auto run =
+        Cella({"run", "-d", "--privileged", "--image", Plain("debian"), "--", "sleep", "100000"});
     EXPECT_EQ(run.exit_code, 0) << Describe(run);
     std::string id = run.out;
     while (!id.empty() && id.back() == '\n') id.pop_back();
     if (id.empty()) return id;
-    const char* freeze =
-        "import ctypes, os, time\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "time.sleep(1)\n"  // let this exec's answer get out first
-        "ok = libc.ptrace(0x4206, 1, 0, 0) == 0 and libc.ptrace(0x4207, 1, 0, 0) == 0\n"
-        "with open('/dev/console', 'w') as c: c.write('cella-test: pid 1 %s\\n' % "
-        "('frozen' if ok else 'not frozen %d' % ctypes.get_errno()))\n"
-        "time.sleep(100000)\n";
-    auto exec = Cella({"exec", id, "--", "sh", "-c",
-                       "cat > /tmp/freeze.py && setsid -f python3 /tmp/freeze.py "
+    // Perl's syscall() needs no libc wrapper (the image's python3 has no
+    // ctypes): PTRACE_SEIZE + PTRACE_INTERRUPT stop PID 1 and leave it so.
+    const char* freeze = R"PL(
+sleep 1;  # let this exec's answer get out first
+my $ok = syscall(101, 0x4206, 1, 0, 0) == 0 && syscall(101, 0x4207, 1, 0, 0) == 0;
+my $why = $ok ? "frozen" : "not frozen " . ($! + 0);
+if (open(my $c, '>', '/dev/console')) {
+  print $c "cella-test: pid 1 $why\n";
+  close $c;
+}
+sleep 100000;
+)PL";
+    auto exec = Cella({"exec", "-i", id, "--", "sh", "-c",
+                       "cat > /tmp/freeze.pl && setsid -f perl /tmp/freeze.pl "
                        "</dev/null >/dev/null 2>&1"},
                       freeze);
     EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
@@ -140,6 +144,100 @@ TEST_F(FrozenAgent, StopEndsWithinItsGraceAndKillOvertakesALongStop) {
   EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
   EXPECT_LT(took, std::chrono::seconds(15));
   EXPECT_EQ(State(long_stop), "exited");
+}
+
+// A privileged guest program makes PID 1 (where the agent runs) write
+// garbage on the agent link: ptrace injects one write(2) on the port's fd.
+// The host can no longer control that VM: the sandbox must say failed and
+// why, and its VM must be gone, instead of "Up" with exec failing.
+TEST_F(FrozenAgent, GarbageOnTheAgentLinkFailsTheSandboxVisibly) {
+  auto run =
+      Cella({"run", "-d", "--privileged", "--image", Plain("debian"), "--", "sleep", "100000"});
+  ASSERT_EQ(run.exit_code, 0) << Describe(run);
+  std::string id = run.out;
+  while (!id.empty() && id.back() == '\n') id.pop_back();
+  ASSERT_FALSE(id.empty());
+  // Stops PID 1 (PTRACE_SEIZE + INTERRUPT), points it at `syscall; int3`
+  // with write(port fd, 64 garbage bytes below its stack pointer), runs
+  // that, restores code and registers and detaches; says what happened on
+  // the console. Perl, whose syscall() needs no libc wrapper: the image's
+  // python3 has no ctypes.
+  const char* inject = R"PL(
+use strict;
+use warnings;
+no warnings "portable";
+sub say_console {
+  open(my $c, '>', '/dev/console') or return;
+  print $c "cella-test: $_[0]\n";
+  close $c;
+}
+my $pid = 1;
+# ptrace(2) without a libc wrapper: PEEKTEXT stores the word at `data`.
+sub pt {
+  my $r = syscall(101, $_[0], $pid, $_[1], $_[2]);
+  die "ptrace $_[0]: $!\n" if $r == -1;
+  return $r;
+}
+eval {
+  sleep 1;  # let this exec's answer get out first
+  my $port;
+  opendir(my $d, "/proc/$pid/fd") or die "opendir: $!\n";
+  for my $n (readdir $d) {
+    my $l = readlink("/proc/$pid/fd/$n");
+    $port = $n + 0 if defined $l && $l =~ m{^/dev/vport};
+  }
+  die "no agent port among pid 1's fds\n" unless defined $port;
+  pt(0x4206, 0, 0);  # SEIZE
+  pt(0x4207, 0, 0);  # INTERRUPT
+  waitpid($pid, 0x40000000) == $pid or die "waitpid: $!\n";
+  my $saved = "\0" x 216;
+  pt(12, 0, $saved);  # GETREGS
+  my @r = unpack('Q<27', $saved);
+  my ($rip, $rsp) = ($r[16], $r[19]);
+  my $word = "\0" x 8;
+  pt(1, $rip, $word);  # PEEKTEXT
+  my $code = unpack('Q<', $word);
+  my $buf = ($rsp - 512) & ~0xf;  # below the red zone, surely mapped
+  pt(5, $buf + 8 * $_, 0x7f7f7f7f7f7f7f7f) for 0 .. 7;  # POKEDATA garbage
+  pt(4, $rip, ($code & ~0xffffff) | 0xcc050f);  # POKETEXT: syscall; int3
+  my @n = @r;
+  @n[10, 14, 13, 12, 15] = (1, $port, $buf, 64, 0xffffffffffffffff);  # write(port, buf, 64)
+  my $regs = pack('Q<27', @n);
+  pt(13, 0, $regs);  # SETREGS
+  pt(7, 0, 0);       # CONT to the int3
+  waitpid($pid, 0x40000000) == $pid or die "waitpid: $!\n";
+  pt(13, 0, $saved);   # restore registers
+  pt(4, $rip, $code);  # and code
+  pt(17, 0, 0);        # DETACH
+  say_console('garbage written');
+};
+say_console("inject failed: $@") if $@;
+)PL";
+  auto exec = Cella({"exec", "-i", id, "--", "sh", "-c",
+                     "cat > /tmp/inject.pl && setsid -f perl /tmp/inject.pl "
+                     "</dev/null >/dev/null 2>&1"},
+                    inject);
+  EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
+  std::string state;
+  for (int i = 0; i < 300; ++i) {  // bounded: 30 s
+    state = State(id);
+    if (state == "failed") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  std::ifstream in(home_ + "/sandboxes/" + id + "/console.log");
+  std::stringstream console;
+  console << in.rdbuf();
+  ASSERT_EQ(state, "failed") << "console:\n" << console.str();
+  auto inspect = Cella({"inspect", id});
+  EXPECT_TRUE(Contains(inspect.out, "the guest agent link failed (guest agent broke the protocol"))
+      << inspect.out;
+  EXPECT_TRUE(Contains(inspect.out, "can no longer be controlled")) << inspect.out;
+  auto ps = Cella({"ps", "-a", "--json"});
+  EXPECT_TRUE(Contains(ps.out, "the guest agent link failed")) << ps.out;
+  EXPECT_TRUE(Contains(Cella({"ps", "-a"}).out, "Failed: the guest agent lin"));
+  auto again = Cella({"exec", id, "--", "true"});
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_TRUE(Contains(again.err, "is failed")) << Describe(again);
 }
 
 TEST_F(Image, ConfigEnvWorkdirUserApplyAndShadowKeepsModeAndOwner) {

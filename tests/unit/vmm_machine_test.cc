@@ -2,12 +2,14 @@
 // a hypervisor that dies at once, one that never brings the agent up, and
 // the bounded helper-command runner.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 
 #include <chrono>
 #include <filesystem>
 #include <string>
+#include <thread>
 
 #include "base/io.h"
 #include "host/vmm/process.h"
@@ -80,6 +82,47 @@ TEST_F(FakeQemuMachine, AgentThatNeverComesUpTimesOutAndIsKilled) {
   auto exit = (*machine)->Wait(milliseconds(0));
   ASSERT_TRUE(exit) << exit.error().message;
   EXPECT_EQ(exit->hypervisor.signal, SIGKILL);
+}
+
+// Kill from another thread ends a boot in progress at once (the supervisor's
+// `cella kill` while creating), and Wait then reports the killed QEMU.
+TEST_F(FakeQemuMachine, KillDuringStartEndsTheBootPromptly) {
+  QemuBackendOptions opts;
+  opts.qemu_binary = Script("qemu", "exec sleep 60\n");
+  opts.boot_timeout = milliseconds(30'000);
+  QemuBackend backend(opts);
+  auto machine = backend.Create(config_);
+  ASSERT_TRUE(machine) << machine.error().message;
+  Machine& m = **machine;
+  std::thread killer([&] {
+    std::this_thread::sleep_for(milliseconds(300));
+    EXPECT_TRUE(m.Kill());
+  });
+  auto start = std::chrono::steady_clock::now();
+  auto st = m.Start();
+  killer.join();
+  ASSERT_FALSE(st);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10))
+      << "the boot ran into its timeout: " << st.error().message;
+  EXPECT_EQ(m.PID(), -1);
+  auto exit = m.Wait(milliseconds(0));
+  ASSERT_TRUE(exit) << exit.error().message;
+  EXPECT_EQ(exit->hypervisor.signal, SIGKILL);
+  EXPECT_TRUE(m.Kill()) << "a no-op once the VM ended";
+  EXPECT_TRUE(m.Close());
+}
+
+TEST_F(FakeQemuMachine, KillBeforeStartMakesStartFail) {
+  QemuBackendOptions opts;
+  opts.qemu_binary = Script("qemu", "exec sleep 60\n");
+  QemuBackend backend(opts);
+  auto machine = backend.Create(config_);
+  ASSERT_TRUE(machine) << machine.error().message;
+  EXPECT_TRUE((*machine)->Kill());
+  auto st = (*machine)->Start();
+  ASSERT_FALSE(st);
+  EXPECT_NE(st.error().message.find("killed before it booted"), std::string::npos)
+      << st.error().message;
 }
 
 TEST_F(FakeQemuMachine, OperationsBeforeStartAreErrors) {

@@ -446,7 +446,12 @@ struct Router::Impl {
       std::lock_guard lock(mu);
       if (!failure) failure = error;
     }
-    log::Debug("agent router: upstream ended", {{"error", error.message}});
+    // A guest that breaks the protocol ends the link for good: worth a
+    // warning. A closed link is also how every guest powers off.
+    if (error.errno_value == EPROTO)
+      log::Warn("agent router: upstream failed", {{"error", error.message}});
+    else
+      log::Debug("agent router: upstream ended", {{"error", error.message}});
     upstream.Reset();
     up_out.Clear();
     routes.clear();

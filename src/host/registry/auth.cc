@@ -121,19 +121,9 @@ Status UpdateCredentials(const std::string& home, std::string_view host,
   if (creds) {
     doc["auths"][key] = {{"auth", Base64Encode(creds->username + ":" + creds->password)}};
   }
-  std::string tmp = path + ".tmp";
-  // A leftover temp file could carry a looser mode than O_CREAT's 0600.
-  if (::unlink(tmp.c_str()) != 0 && errno != ENOENT) return FailErrno("unlink " + tmp);
-  CELLA_TRY(WriteStringToFile(tmp, doc.dump(2) + "\n", 0600));
-  // WriteStringToFile may not chmod an existing file; the secret must be 0600.
-  if (::chmod(tmp.c_str(), 0600) != 0) return FailErrno("chmod " + tmp);
-  {
-    UniqueFd fd(::open(tmp.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) return FailErrno("open " + tmp);
-    if (::fsync(fd.Get()) != 0) return FailErrno("fsync " + tmp);
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return FailErrno("rename " + tmp + " -> " + path);
-  return {};
+  // A fresh 0600 temporary (O_EXCL), so a leftover file's looser mode never
+  // reaches the credentials.
+  return WriteFileAtomically(path, doc.dump(2) + "\n", 0600);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -27,6 +28,7 @@
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/layout.h"
+#include "host/sandbox/lifecycle.h"
 #include "host/sandbox/log_files.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
@@ -39,28 +41,12 @@ namespace {
 
 using std::chrono::milliseconds;
 
-// Everything the control thread, the router thread and the main loop share.
-struct Shared {
-  std::mutex mu;
-  std::condition_variable changed;
-  std::optional<milliseconds> stop_grace;  // a stop was asked for
-  bool kill_requested = false;
-  bool finished = false;
-  std::optional<host::ExecStatus> main_status;  // the main process's Result
-};
-
 void SendReady(int& fd, const std::string& line) {
   if (fd < 0) return;
   if (auto st = WriteAll(fd, line + "\n"); !st)
     log::Debug("readiness line not delivered", {{"error", st.error().message}});
   ::close(fd);
   fd = -1;
-}
-
-std::string OneLine(std::string text) {
-  for (char& c : text)
-    if (c == '\n' || c == '\r') c = ' ';
-  return text;
 }
 
 std::vector<VolumeAttachment> Attachments(const SandboxSpec& spec) {
@@ -75,20 +61,14 @@ class Supervisor {
   explicit Supervisor(const SupervisorArgs& args) : args_(args), ready_fd_(args.ready_fd) {}
 
   int Run() {
-    auto ran = Boot();
-    if (!ran) {
-      std::string message = ran.error().message;
+    if (auto prepared = Prepare(); !prepared) {
+      std::string message = prepared.error().message;
       log::Warn("sandbox failed to start", {{"id", args_.id}, {"error", OneLine(message)}});
       SendReady(ready_fd_, "error: " + message);
-      {
-        // A stop request that raced the failed boot must not wait for an
-        // end that was already reached.
-        std::lock_guard lock(shared_.mu);
-        shared_.finished = true;
-      }
-      shared_.changed.notify_all();
       if (control_) control_->Stop();
-      TearDown();
+      lifecycle_.reset();  // closes a machine that was never started
+      BeforeClose();
+      AfterClose();
       if (store_) {
         if (auto st = store_->Transition(args_.id, store::SandboxState::kFailed, OneLine(message));
             !st)
@@ -97,23 +77,16 @@ class Supervisor {
       }
       return 1;
     }
-    SendReady(ready_fd_, "ok");
-    auto [state, detail, code] = Supervise();
-    TearDown();
-    if (auto st = store_->Transition(args_.id, state, detail, code); !st)
-      log::Warn("could not record the sandbox's end", {{"error", st.error().message}});
-    {
-      std::lock_guard lock(shared_.mu);
-      shared_.finished = true;
-    }
-    shared_.changed.notify_all();
+    LifecycleOutcome outcome = lifecycle_->Run();
     if (control_) control_->Stop();
     RemoveIfAuto();
-    return 0;
+    return outcome.booted ? 0 : 1;
   }
 
  private:
-  Status Boot() {
+  // Everything up to a machine that is ready to boot, and the control
+  // socket (so stop and kill reach a sandbox that is still booting).
+  Status Prepare() {
     sandbox_home_ = CELLA_TRY(SandboxHome());
     paths_ = PathsFor(sandbox_home_, args_.id);
     auto opened = store::StateStore::Open(StateDbPath(sandbox_home_));
@@ -125,6 +98,16 @@ class Supervisor {
     CELLA_TRY(store_->SetSupervisor(args_.id, self));
     SandboxSpec spec = CELLA_TRY(DecodeSpec(record.spec_json));
     CELLA_TRY(ReadSecrets(spec));
+    // A --kernel given relative to the caller's directory means that one.
+    if (!spec.kernel_path.empty()) {
+      std::error_code ec;
+      auto absolute = std::filesystem::absolute(spec.kernel_path, ec);
+      if (ec) return Fail("kernel " + spec.kernel_path + ": " + ec.message());
+      spec.kernel_path = absolute.string();
+    }
+    // From here on nothing of the caller's (a directory it may want to
+    // unmount) stays pinned by a process that lives as long as the sandbox.
+    if (::chdir(paths_.dir.c_str()) != 0) return FailErrno("chdir " + paths_.dir);
 
     log_max_bytes_ = spec.log_max_bytes;
     output_log_.emplace(CELLA_TRY(CappedLogWriter::Open(paths_.output_log, log_max_bytes_)));
@@ -145,6 +128,7 @@ class Supervisor {
     CELLA_TRY(WriteGuestConfig(guest, vm));
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());
+    ports_ = spec.ports;
 
     vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
     vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
@@ -162,22 +146,44 @@ class Supervisor {
         status.exit_code = outcome->exit_code;
         status.signal = outcome->signal;
         status.timed_out = outcome->timed_out;
-        std::lock_guard lock(shared_.mu);
-        shared_.main_status = status;
+        lifecycle_->SetMainStatus(status);
       };
-      router_ = CELLA_TRY(
-          host::Router::Start(std::move(link), std::move(hooks), std::chrono::seconds(10)));
+      auto router =
+          host::Router::Start(std::move(link), std::move(hooks), std::chrono::seconds(10));
+      if (!router) return std::unexpected(std::move(router.error()));
+      router_ = std::move(*router);
       return router_->ConnectLocal();
     };
     vmm::QemuBackend backend(std::move(options));
-    machine_ = CELLA_TRY(backend.Create(vm));
-    CELLA_TRY_CTX(machine_->Start(), "boot");
-    store::ProcessIdentity qemu = CELLA_TRY(store::IdentifyProcess(machine_->PID()));
-    CELLA_TRY(store_->SetHypervisor(args_.id, qemu));
-    CELLA_TRY(router_->Listen(paths_.mux_socket));
+    std::unique_ptr<vmm::Machine> machine = CELLA_TRY(backend.Create(vm));
 
-    host::AgentClient* agent = machine_->Agent();
-    for (const PortSpec& p : spec.ports) {
+    LifecycleOptions lifecycle_options;
+    lifecycle_options.id = args_.id;
+    LifecycleHooks hooks;
+    hooks.after_boot = [this] { return AfterBoot(); };
+    hooks.on_boot_result = [this](const Status& st) {
+      SendReady(ready_fd_, st ? std::string("ok") : "error: " + st.error().message);
+    };
+    hooks.before_close = [this] { BeforeClose(); };
+    hooks.after_close = [this] { AfterClose(); };
+    hooks.on_tick = [this] { TrimConsole(); };
+    hooks.link_error = [this]() -> std::optional<Error> {
+      if (!router_) return std::nullopt;
+      return router_->UpstreamError();
+    };
+    lifecycle_ = std::make_unique<SandboxLifecycle>(std::move(lifecycle_options), *store_,
+                                                    std::move(machine), std::move(hooks));
+    control_ = CELLA_TRY(ControlServer::Start(
+        paths_.control_socket, [this](const nlohmann::json& request) { return Handle(request); }));
+    return {};
+  }
+
+  // The VM is up: CLI processes may now reach it.
+  Status AfterBoot() {
+    if (!router_) return Fail("the VM booted without an agent router");
+    CELLA_TRY(router_->Listen(paths_.mux_socket));
+    host::AgentClient* agent = lifecycle_->machine().Agent();
+    for (const PortSpec& p : ports_) {
       auto forwarder =
           PortForwarder::Start(p.host_ip, p.host_port, p.guest_port,
                                [agent](uint16_t port) { return agent->OpenPort(port); });
@@ -188,11 +194,6 @@ class Supervisor {
       main_ = CELLA_TRY_CTX(agent->AttachMain({}), "start the main process");
       CELLA_TRY_CTX(main_->CloseStdin(), "close the main process's stdin");
     }
-    control_ = CELLA_TRY(ControlServer::Start(
-        paths_.control_socket, [this](const nlohmann::json& request) { return Handle(request); }));
-    CELLA_TRY(store_->Transition(
-        args_.id, store::SandboxState::kRunning,
-        "booted in " + std::to_string(machine_->BootDuration().count()) + " ms"));
     return {};
   }
 
@@ -276,34 +277,8 @@ class Supervisor {
   }
 
   nlohmann::json Handle(const nlohmann::json& request) {
-    std::string op = request.value("op", std::string());
-    if (op == "allow-list") return EditAllowList(request);
-    std::unique_lock lock(shared_.mu);
-    if (op == "status") {
-      return {{"ok", true}, {"finished", shared_.finished}};
-    }
-    if (op == "stop" || op == "kill") {
-      if (op == "kill") {
-        shared_.kill_requested = true;
-        // At once, not by the main loop: it may be inside a graceful stop
-        // that kill must overtake.
-        if (int pid = machine_->PID(); pid > 0 && ::kill(pid, SIGKILL) != 0 && errno != ESRCH)
-          log::Warn("kill QEMU failed", {{"error", std::strerror(errno)}});
-      } else {
-        int64_t grace = request.value("grace_ms", int64_t{10'000});
-        if (grace < 0) grace = 0;
-        shared_.stop_grace = milliseconds(grace);
-      }
-      shared_.changed.notify_all();
-      // The main loop records the end before it says finished; give up on
-      // waiting well after any grace so a wedged VM cannot hang the caller.
-      shared_.changed.wait_for(
-          lock,
-          std::chrono::minutes(2) + (shared_.stop_grace ? *shared_.stop_grace : milliseconds(0)),
-          [&] { return shared_.finished; });
-      return {{"ok", shared_.finished}, {"error", "the sandbox did not stop"}};
-    }
-    return {{"ok", false}, {"error", "unknown control op \"" + op + "\""}};
+    if (request.value("op", std::string()) == "allow-list") return EditAllowList(request);
+    return lifecycle_->Handle(request);
   }
 
   // {"op":"allow-list","add":[...],"remove":[...]}: one atomic edit, stored
@@ -343,96 +318,23 @@ class Supervisor {
     return {{"ok", true}, {"allow", *edited}};
   }
 
-  struct Outcome {
-    store::SandboxState state;
-    std::string detail;
-    std::optional<int> exit_code;
-  };
-
-  Outcome Supervise() {
-    sigset_t signals;
-    sigemptyset(&signals);
-    for (int s : {SIGTERM, SIGINT}) sigaddset(&signals, s);
-    bool stop_sent = false;
-    bool kill_sent = false;
-    unsigned rounds = 0;
-    for (;;) {
-      auto exited = machine_->Wait(milliseconds(200));
-      if (exited) return Conclude(*exited);
-      if (++rounds % 5 == 0) TrimConsole();
-      if (exited.error().errno_value != ETIMEDOUT) {
-        return {store::SandboxState::kFailed, "waiting for the VM: " + exited.error().message,
-                std::nullopt};
-      }
-      timespec no_wait{0, 0};
-      if (int sig = ::sigtimedwait(&signals, nullptr, &no_wait); sig > 0) {
-        log::Notice("signal received; stopping the sandbox", {{"signal", sig}});
-        std::lock_guard lock(shared_.mu);
-        if (!shared_.stop_grace) shared_.stop_grace = milliseconds(10'000);
-      }
-      std::optional<milliseconds> grace;
-      bool kill = false;
-      {
-        std::lock_guard lock(shared_.mu);
-        grace = shared_.stop_grace;
-        kill = shared_.kill_requested;
-      }
-      if (kill && !kill_sent) {
-        kill_sent = true;
-        if (int pid = machine_->PID(); pid > 0 && ::kill(pid, SIGKILL) != 0 && errno != ESRCH)
-          log::Warn("kill QEMU failed", {{"error", std::strerror(errno)}});
-      } else if (grace && !stop_sent) {
-        stop_sent = true;
-        if (auto st =
-                store_->Transition(args_.id, store::SandboxState::kStopping,
-                                   "stopping (grace " + std::to_string(grace->count()) + " ms)");
-            !st)
-          log::Warn("could not record stopping", {{"error", st.error().message}});
-        // Ends with the VM gone (killed after the grace); the loop then
-        // concludes on the next Wait.
-        if (auto st = machine_->Stop(*grace); !st)
-          log::Warn("graceful stop failed", {{"error", st.error().message}});
-      }
-    }
-  }
-
   // QEMU appends the guest console to a file we do not write; the guest
-  // can fill it at will.
+  // can fill it at will. Looked at about once a second.
   void TrimConsole() {
+    if (++ticks_ % 5 != 0) return;
     auto trimmed = TrimAppendedLog(paths_.console_log, log_max_bytes_);
     if (!trimmed) log::Warn("console log trim failed", {{"error", trimmed.error().message}});
   }
 
-  Outcome Conclude(const vmm::VmExit& exit) {
-    std::lock_guard lock(shared_.mu);
-    if (shared_.kill_requested) return {store::SandboxState::kExited, "killed (cella kill)", 137};
-    if (shared_.stop_grace) return {store::SandboxState::kStopped, "stopped (cella stop)", {}};
-    if (shared_.main_status) {
-      int code = shared_.main_status->ShellCode();
-      return {store::SandboxState::kExited, "main process exited with " + std::to_string(code),
-              code};
-    }
-    if (exit.hypervisor.exit_code == 0)
-      return {store::SandboxState::kStopped, "the guest powered off", {}};
-    std::string detail = "the VM ended unexpectedly: QEMU " + exit.hypervisor.Describe();
-    if (!exit.console_tail.empty()) {
-      std::string tail = exit.console_tail;
-      if (tail.size() > 400) tail = tail.substr(tail.size() - 400);
-      detail += "; console: " + OneLine(tail);
-    }
-    return {store::SandboxState::kFailed, detail, {}};
-  }
-
-  void TearDown() {
+  void BeforeClose() {
     if (proxy_) proxy_->Stop();
     if (dns_) dns_->Stop();
     for (auto& f : forwarders_) f->Stop();
     forwarders_.clear();
     main_.reset();
-    if (machine_) {
-      if (auto st = machine_->Close(); !st)
-        log::Warn("VM cleanup failed", {{"error", st.error().message}});
-    }
+  }
+
+  void AfterClose() {
     if (router_) router_->Stop();
     for (const std::string& p : {paths_.mux_socket}) {
       if (!p.empty() && ::unlink(p.c_str()) != 0 && errno != ENOENT)
@@ -456,11 +358,11 @@ class Supervisor {
   std::optional<store::StateStore> store_;
   bool auto_remove_ = false;
   bool has_main_ = false;
+  std::vector<PortSpec> ports_;
   uint64_t log_max_bytes_ = kDefaultLogMaxBytes;
   std::optional<CappedLogWriter> output_log_;  // written by the router thread only
-  Shared shared_;
+  unsigned ticks_ = 0;                         // lifecycle thread only
   std::unique_ptr<host::Router> router_;
-  std::unique_ptr<vmm::Machine> machine_;
   std::unique_ptr<host::ExecSession> main_;
   std::vector<std::unique_ptr<PortForwarder>> forwarders_;
   std::map<std::string, std::string> secret_values_;  // never logged, never written
@@ -469,12 +371,20 @@ class Supervisor {
   std::unique_ptr<net::TransparentProxy> proxy_;
   UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
   UniqueFd netns_;
+  std::unique_ptr<SandboxLifecycle> lifecycle_;
   std::unique_ptr<ControlServer> control_;
 };
 
 }  // namespace
 
 int RunSupervisor(const SupervisorArgs& args) {
+  // First, before any secret is read: no core dump, no ptrace attach and no
+  // /proc/<pid>/mem for others of our uid. QEMU is unaffected (execve
+  // resets it).
+  if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+    log::Warn("prctl(PR_SET_DUMPABLE) failed", {{"error", std::strerror(errno)}});
+    return 1;
+  }
   // Stop requests by signal are collected by the main loop (sigtimedwait);
   // threads started later inherit the mask.
   sigset_t set;

@@ -6,6 +6,11 @@
 // state change in the state store and exits when the VM is gone, removing
 // the sandbox first when it was started with --rm.
 //
+// What decides the sandbox's recorded states (boot, stop/kill/status,
+// signals, watching the VM and the agent link, the final record) is
+// SandboxLifecycle (lifecycle.h); this file builds the QEMU machine, the
+// router, ports and egress around it.
+//
 // Readiness: when `ready_fd` >= 0 the supervisor writes exactly one line to
 // it, "ok\n" once the sandbox is running or "error: <message>\n", then
 // closes it, so the spawning CLI can report boot failures itself.

@@ -1,11 +1,15 @@
 #include "host/store/process_identity.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <charconv>
 #include <string_view>
 
 #include "base/io.h"
 #include "base/log.h"
+#include "base/unique_fd.h"
 
 namespace cella::store {
 namespace {
@@ -66,16 +70,47 @@ Result<ProcessIdentity> IdentifyProcess(int pid, const std::string& proc_root) {
   return ProcessIdentity{pid, ticks};
 }
 
-bool IsAlive(const ProcessIdentity& identity, const std::string& proc_root) {
-  if (identity.pid <= 0) return false;
+Liveness CheckProcess(const ProcessIdentity& identity, const std::string& proc_root) {
+  if (identity.pid <= 0) return Liveness::kGone;
   auto now = IdentifyProcess(identity.pid, proc_root);
-  if (now) return now->start_ticks == identity.start_ticks;
-  if (now.error().errno_value == ESRCH) return false;
-  // Unreadable or unparsable /proc: proof of death is missing, and callers
-  // act on "dead" by failing the sandbox and killing its hypervisor, so
-  // the safe answer is "alive" plus a loud warning.
-  log::Warn("cannot tell whether a process is alive; assuming it is",
+  if (now) return now->start_ticks == identity.start_ticks ? Liveness::kAlive : Liveness::kGone;
+  if (now.error().errno_value == ESRCH) return Liveness::kGone;
+  log::Warn("cannot tell whether a process is alive",
             {{"pid", identity.pid}, {"error", now.error().message}});
+  return Liveness::kUnknown;
+}
+
+bool IsAlive(const ProcessIdentity& identity, const std::string& proc_root) {
+  // Unreadable or unparsable /proc: proof of death is missing, and callers
+  // act on "dead" by failing the sandbox and cleaning up, so the safe
+  // answer is "alive".
+  return CheckProcess(identity, proc_root) != Liveness::kGone;
+}
+
+Result<bool> SignalIfSame(const ProcessIdentity& identity, int signal,
+                          const std::string& proc_root) {
+  if (identity.pid <= 0) return false;
+  // Raw syscalls: glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
+  UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, identity.pid, 0)));
+  if (!pidfd) {
+    if (errno == ESRCH) return false;
+    return FailErrno("pidfd_open pid " + std::to_string(identity.pid));
+  }
+  // Checked after the pidfd exists: a match now means the pidfd holds the
+  // recorded process, whatever happens to the pid number afterwards.
+  switch (CheckProcess(identity, proc_root)) {
+    case Liveness::kGone:
+      return false;
+    case Liveness::kUnknown:
+      return Fail("pid " + std::to_string(identity.pid) +
+                  " not signalled: cannot verify it is the recorded process");
+    case Liveness::kAlive:
+      break;
+  }
+  if (::syscall(SYS_pidfd_send_signal, pidfd.Get(), signal, nullptr, 0) != 0) {
+    if (errno == ESRCH) return false;
+    return FailErrno("signal pid " + std::to_string(identity.pid));
+  }
   return true;
 }
 

@@ -29,4 +29,19 @@ Result<ProcessIdentity> IdentifyProcess(int pid, const std::string& proc_root = 
 // warning): callers kill and clean up on "dead", so only proof counts.
 bool IsAlive(const ProcessIdentity& identity, const std::string& proc_root = "/proc");
 
+// What /proc proves about a recorded process: kUnknown when it cannot be
+// read or parsed (neither alive nor dead is proven).
+enum class Liveness { kAlive, kGone, kUnknown };
+Liveness CheckProcess(const ProcessIdentity& identity, const std::string& proc_root = "/proc");
+
+// Sends `signal` to the recorded process only once it is proven to be that
+// process: a pidfd is opened first and the identity checked after, so the
+// signal reaches the process that was verified even if the pid is reused a
+// moment later. Returns true when sent, false when the process is gone (or
+// the pid belongs to another process now). An error, and no signal, when
+// the identity cannot be verified (e.g. /proc unreadable): a process that
+// is not proven ours is never signalled.
+Result<bool> SignalIfSame(const ProcessIdentity& identity, int signal,
+                          const std::string& proc_root = "/proc");
+
 }  // namespace cella::store

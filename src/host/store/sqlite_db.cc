@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "base/log.h"
+#include "host/store/env_vfs.h"
 
 namespace cella::store::sql {
 
@@ -70,8 +71,9 @@ bool Statement::IsNull(int col) const { return sqlite3_column_type(stmt_, col) =
 
 Result<std::unique_ptr<Connection>> Connection::Open(const std::string& path, int busy_timeout_ms) {
   sqlite3* db = nullptr;
-  int rc = sqlite3_open_v2(
-      path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+  int rc = sqlite3_open_v2(path.c_str(), &db,
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                           EnvVfsName());
   if (rc != SQLITE_OK) {
     std::string msg = db ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
     sqlite3_close(db);
@@ -83,7 +85,10 @@ Result<std::unique_ptr<Connection>> Connection::Open(const std::string& path, in
   if (sqlite3_busy_timeout(db, busy_timeout_ms) != SQLITE_OK)
     return std::unexpected(conn->Failure("set busy timeout"));
   CELLA_TRY(conn->EnableWal(busy_timeout_ms));
-  CELLA_TRY(conn->Exec("PRAGMA synchronous=NORMAL"));
+  // FULL: a commit returns once its WAL frames are fsynced, so a recorded
+  // state change survives a crash or power loss (NORMAL may lose the last
+  // ones), and a failed fsync fails the commit instead of going unnoticed.
+  CELLA_TRY(conn->Exec("PRAGMA synchronous=FULL"));
   CELLA_TRY(conn->Exec("PRAGMA foreign_keys=ON"));
   return conn;
 }
@@ -118,7 +123,8 @@ Status Connection::Exec(const char* sql) {
   if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : sqlite3_errmsg(db_);
     sqlite3_free(err);
-    return Fail(path_ + ": " + std::string(std::string_view(sql).substr(0, 60)) + ": " + msg);
+    return Fail(path_ + ": " + std::string(std::string_view(sql).substr(0, 60)) + ": " + msg +
+                IoCause());
   }
   return {};
 }
@@ -132,7 +138,15 @@ Result<Statement> Connection::Prepare(const char* sql) {
 }
 
 Error Connection::Failure(std::string_view what) const {
-  return Error::Msg(path_ + ": " + std::string(what) + ": " + sqlite3_errmsg(db_));
+  return Error::Msg(path_ + ": " + std::string(what) + ": " + sqlite3_errmsg(db_) + IoCause());
+}
+
+// SQLite says only "disk I/O error"; the Env that refused the operation
+// knows which file and which call.
+std::string Connection::IoCause() const {
+  std::optional<Error> cause = TakeEnvVfsError();
+  if (!cause || (sqlite3_extended_errcode(db_) & 0xff) != SQLITE_IOERR) return {};
+  return " (" + cause->message + ")";
 }
 
 Result<Transaction> Transaction::Begin(Connection& conn, TransactionKind kind) {

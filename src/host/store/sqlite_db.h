@@ -95,6 +95,8 @@ class Connection {
 
  private:
   Status EnableWal(int busy_timeout_ms);
+  // " (<the Env's error>)" after an I/O error the Env injected, else "".
+  std::string IoCause() const;
   Connection(std::string path, sqlite3* db) : path_(std::move(path)), db_(db) {}
   std::string path_;
   sqlite3* db_;

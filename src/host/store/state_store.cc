@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <nlohmann/json.hpp>
 
+#include "base/env.h"
 #include "host/store/sqlite_db.h"
 
 namespace cella::store {
@@ -83,11 +84,9 @@ std::unexpected<Error> Refuse(int errno_value, std::string message) {
   return std::unexpected(Error{std::move(message), errno_value});
 }
 
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+// Through the Env so a test can step the clock (history timestamps are
+// clamped against it running backwards).
+int64_t NowMs() { return cella::NowMs(Env::Current()); }
 
 bool IsLowerHex(std::string_view s) {
   return std::all_of(s.begin(), s.end(),

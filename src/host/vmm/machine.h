@@ -3,7 +3,8 @@
 // operations through the guest agent, and is torn down.
 //
 // Threading: Start, Stop, Pause, Resume and Close are called from one
-// controlling thread. After Start returns, Exec/WriteFile/ReadFile/ListFiles
+// controlling thread. Kill and PID may be called from any thread at any
+// time, also while Start or Stop runs. After Start returns, Exec/WriteFile/ReadFile/ListFiles
 // and Agent() may be used from any thread (AgentClient is thread-safe), and
 // Wait may run on another thread concurrently with all of them.
 // Lifetime: destroying a Machine closes it (kills the VM if still running).
@@ -42,6 +43,11 @@ class Machine {
   // Waits for the VM to end (guest poweroff, crash, Stop). An error with
   // errno_value ETIMEDOUT when it is still running after `timeout`.
   virtual Result<VmExit> Wait(std::chrono::milliseconds timeout) = 0;
+  // Ends the VM at once (the hypervisor is killed, nothing is asked of the
+  // guest), overtaking a Start or Stop in progress on another thread: a
+  // Start not yet past launching fails, a running one fails promptly, and
+  // Wait then reports the end. Safe to repeat; a no-op once the VM ended.
+  virtual Status Kill() = 0;
 
   virtual Result<host::ExecResult> Exec(const protocol::ExecRequest& request) = 0;
   virtual Status WriteFile(const std::string& path, std::string_view content, uint32_t mode) = 0;

@@ -98,6 +98,7 @@ class QemuMachine final : public Machine {
   Status Start() override;
   Status Stop(milliseconds grace) override;
   Result<VmExit> Wait(milliseconds timeout) override;
+  Status Kill() override;
 
   Result<host::ExecResult> Exec(const protocol::ExecRequest& request) override {
     return CELLA_TRY(RequireAgent("exec"))->Exec(request);
@@ -166,7 +167,8 @@ class QemuMachine final : public Machine {
   host::SpawnedProcess process_;
   std::optional<host::ExitStatus> exit_;
   bool started_ = false;
-  UniqueFd wait_fd_;  // a pidfd for QEMU that stays open until destruction
+  bool killed_ = false;  // Kill was called: a Start still launching must not boot
+  UniqueFd wait_fd_;     // a pidfd for QEMU that stays open until destruction
 
   std::optional<QmpClient> qmp_;
   std::unique_ptr<host::AgentClient> agent_;
@@ -212,10 +214,21 @@ Status QemuMachine::KillAndReap() {
   return {};
 }
 
+Status QemuMachine::Kill() {
+  std::lock_guard lock(mu_);
+  killed_ = true;
+  if (!started_ || exit_) return {};
+  // Reaping stays with Wait/Close; the pid cannot be reused before it.
+  if (::kill(process_.pid, SIGKILL) != 0 && errno != ESRCH)
+    return FailErrno("kill QEMU pid " + std::to_string(process_.pid));
+  return {};
+}
+
 Status QemuMachine::Start() {
   {
     std::lock_guard lock(mu_);
     if (started_) return Fail("VM " + config_.ID + " was already started");
+    if (killed_) return Fail("VM " + config_.ID + " was killed before it booted");
   }
   CELLA_TRY(host::MakeDirs(config_.StateDir, 0700));
   // Each boot starts a fresh console (QEMU appends to it: the supervisor
@@ -250,6 +263,10 @@ Status QemuMachine::Start() {
       exit_ = host::WaitForExit(process_, kKillWait).value_or(host::ExitStatus{});
       return std::unexpected(std::move(err));
     }
+    // A Kill that came while QEMU was being launched: the boot sequence
+    // below then sees QEMU gone and fails at once.
+    if (killed_ && ::kill(process_.pid, SIGKILL) != 0 && errno != ESRCH)
+      log::Warn("kill QEMU failed", {{"error", std::strerror(errno)}});
   }
   Status st = BootSequence(launched);
   if (!st) {

@@ -1,0 +1,230 @@
+#include "host/sandbox/lifecycle.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "base/log.h"
+
+namespace cella::sandbox {
+
+using std::chrono::milliseconds;
+using Clock = std::chrono::steady_clock;
+
+std::string OneLine(std::string text) {
+  for (char& c : text)
+    if (c == '\n' || c == '\r') c = ' ';
+  return text;
+}
+
+SandboxLifecycle::SandboxLifecycle(LifecycleOptions options, store::StateStore& store,
+                                   std::unique_ptr<vmm::Machine> machine, LifecycleHooks hooks)
+    : options_(std::move(options)),
+      store_(store),
+      machine_(std::move(machine)),
+      hooks_(std::move(hooks)) {}
+
+SandboxLifecycle::~SandboxLifecycle() = default;
+
+LifecycleOutcome SandboxLifecycle::Run() {
+  Status booted = Boot();
+  if (hooks_.on_boot_result) hooks_.on_boot_result(booted);
+  LifecycleOutcome outcome;
+  if (!booted) {
+    log::Warn("sandbox failed to start",
+              {{"id", options_.id}, {"error", OneLine(booted.error().message)}});
+    TearDown();
+    bool killed = false;
+    {
+      std::lock_guard lock(mu_);
+      killed = kill_requested_;
+    }
+    // The store allows no exit code before running: a deliberate kill is a
+    // stop, not a failure the user has to investigate.
+    if (killed) {
+      outcome = {false, store::SandboxState::kStopped, "killed while booting (cella kill)", {}};
+    } else {
+      outcome = {false, store::SandboxState::kFailed, OneLine(booted.error().message), {}};
+    }
+  } else {
+    outcome = Supervise();
+    outcome.booted = true;
+    TearDown();
+  }
+  Record(outcome);
+  Finish();
+  return outcome;
+}
+
+Status SandboxLifecycle::Boot() {
+  CELLA_TRY_CTX(machine_->Start(), "boot");
+  {
+    // A kill that arrived while Start was returning successfully.
+    std::lock_guard lock(mu_);
+    if (kill_requested_) return Fail("the sandbox was killed while booting");
+  }
+  store::ProcessIdentity hypervisor = CELLA_TRY(store::IdentifyProcess(machine_->PID()));
+  CELLA_TRY(store_.SetHypervisor(options_.id, hypervisor));
+  if (hooks_.after_boot) CELLA_TRY(hooks_.after_boot());
+  return store_.Transition(options_.id, store::SandboxState::kRunning,
+                           "booted in " + std::to_string(machine_->BootDuration().count()) + " ms");
+}
+
+LifecycleOutcome SandboxLifecycle::Supervise() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int s : {SIGTERM, SIGINT}) sigaddset(&signals, s);
+  bool stop_sent = false;
+  bool kill_sent = false;
+  std::optional<Clock::time_point> link_lost_at;
+  for (;;) {
+    auto exited = machine_->Wait(options_.tick);
+    if (exited) return Conclude(*exited);
+    if (exited.error().errno_value != ETIMEDOUT) {
+      return {true, store::SandboxState::kFailed, "waiting for the VM: " + exited.error().message,
+              std::nullopt};
+    }
+    if (hooks_.on_tick) hooks_.on_tick();
+    timespec no_wait{0, 0};
+    if (int sig = ::sigtimedwait(&signals, nullptr, &no_wait); sig > 0) {
+      log::Notice("signal received; stopping the sandbox", {{"signal", sig}});
+      std::lock_guard lock(mu_);
+      if (!stop_grace_) stop_grace_ = options_.signal_stop_grace;
+    }
+    std::optional<milliseconds> grace;
+    bool kill = false;
+    {
+      std::lock_guard lock(mu_);
+      grace = stop_grace_;
+      kill = kill_requested_;
+    }
+    if (kill && !kill_sent) {
+      kill_sent = true;
+      // Handle killed already; this covers a kill it could not deliver.
+      if (auto st = machine_->Kill(); !st)
+        log::Warn("kill VM failed", {{"error", st.error().message}});
+    } else if (grace && !stop_sent) {
+      stop_sent = true;
+      if (auto st = store_.Transition(options_.id, store::SandboxState::kStopping,
+                                      "stopping (grace " + std::to_string(grace->count()) + " ms)");
+          !st)
+        log::Warn("could not record stopping", {{"error", st.error().message}});
+      // Ends with the VM gone (killed after the grace, or at once by a kill
+      // request); the loop then concludes on the next Wait.
+      if (auto st = machine_->Stop(*grace); !st)
+        log::Warn("graceful stop failed", {{"error", st.error().message}});
+    } else if (!grace && !kill) {
+      // During a stop the link closes on purpose; only otherwise is a dead
+      // link news.
+      if (auto failed = WatchLink(link_lost_at)) return *failed;
+    }
+  }
+}
+
+// A dead agent link leaves a VM nobody can reach: exec, cp, ports and a
+// graceful stop all go through it, and the router cannot re-handshake with
+// an agent mid-stream. Such a sandbox is failed and its VM torn down, so
+// `ps` says why instead of "Up".
+std::optional<LifecycleOutcome> SandboxLifecycle::WatchLink(
+    std::optional<Clock::time_point>& link_lost_at) {
+  if (!hooks_.link_error) return std::nullopt;
+  std::optional<Error> error = hooks_.link_error();
+  if (!error) return std::nullopt;
+  auto now = Clock::now();
+  if (!link_lost_at) {
+    link_lost_at = now;
+    log::Notice("the guest agent link ended", {{"id", options_.id}, {"error", error->message}});
+  }
+  bool broken = error->errno_value == EPROTO;
+  if (!broken && now - *link_lost_at < options_.closed_link_grace) return std::nullopt;
+  bool main_ended = false;
+  {
+    std::lock_guard lock(mu_);
+    main_ended = main_status_.has_value();
+  }
+  log::Warn("the guest agent link is dead; tearing the VM down",
+            {{"id", options_.id}, {"error", error->message}});
+  if (auto st = machine_->Kill(); !st) log::Warn("kill VM failed", {{"error", st.error().message}});
+  auto exited = machine_->Wait(milliseconds(10'000));
+  // The main process had finished and the guest was on its way down: its
+  // result is the better answer than the link it closed.
+  if (main_ended && !broken && exited) return Conclude(*exited);
+  return LifecycleOutcome{true, store::SandboxState::kFailed,
+                          "the guest agent link failed (" + OneLine(error->message) +
+                              "); the VM was torn down since it can no longer be controlled",
+                          std::nullopt};
+}
+
+LifecycleOutcome SandboxLifecycle::Conclude(const vmm::VmExit& exit) {
+  std::lock_guard lock(mu_);
+  if (kill_requested_) return {true, store::SandboxState::kExited, "killed (cella kill)", 137};
+  if (stop_grace_) return {true, store::SandboxState::kStopped, "stopped (cella stop)", {}};
+  if (main_status_) {
+    int code = main_status_->ShellCode();
+    return {true, store::SandboxState::kExited, "main process exited with " + std::to_string(code),
+            code};
+  }
+  if (exit.hypervisor.exit_code == 0)
+    return {true, store::SandboxState::kStopped, "the guest powered off", {}};
+  std::string detail = "the VM ended unexpectedly: QEMU " + exit.hypervisor.Describe();
+  if (!exit.console_tail.empty()) {
+    std::string tail = exit.console_tail;
+    if (tail.size() > 400) tail = tail.substr(tail.size() - 400);
+    detail += "; console: " + OneLine(tail);
+  }
+  return {true, store::SandboxState::kFailed, detail, {}};
+}
+
+void SandboxLifecycle::TearDown() {
+  if (hooks_.before_close) hooks_.before_close();
+  if (auto st = machine_->Close(); !st)
+    log::Warn("VM cleanup failed", {{"error", st.error().message}});
+  if (hooks_.after_close) hooks_.after_close();
+}
+
+void SandboxLifecycle::Record(const LifecycleOutcome& outcome) {
+  if (auto st = store_.Transition(options_.id, outcome.state, outcome.detail, outcome.exit_code);
+      !st)
+    log::Warn("could not record the sandbox's end", {{"error", st.error().message}});
+}
+
+void SandboxLifecycle::Finish() {
+  {
+    std::lock_guard lock(mu_);
+    finished_ = true;
+  }
+  changed_.notify_all();
+}
+
+nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
+  std::string op = request.value("op", std::string());
+  std::unique_lock lock(mu_);
+  if (op == "status") return {{"ok", true}, {"finished", finished_}};
+  if (op != "stop" && op != "kill")
+    return {{"ok", false}, {"error", "unknown control op \"" + op + "\""}};
+  if (op == "kill") {
+    kill_requested_ = true;
+    // At once, not by the main loop: it may be inside a graceful stop (or a
+    // boot) that kill must overtake.
+    if (auto st = machine_->Kill(); !st)
+      log::Warn("kill VM failed", {{"error", st.error().message}});
+  } else {
+    int64_t grace = request.value("grace_ms", int64_t{10'000});
+    if (grace < 0) grace = 0;
+    stop_grace_ = milliseconds(grace);
+  }
+  changed_.notify_all();
+  // Run records the end before it says finished; give up on waiting well
+  // after any grace so a wedged VM cannot hang the caller.
+  changed_.wait_for(lock, options_.request_wait + stop_grace_.value_or(milliseconds(0)),
+                    [&] { return finished_; });
+  return {{"ok", finished_}, {"error", "the sandbox did not stop"}};
+}
+
+void SandboxLifecycle::SetMainStatus(const host::ExecStatus& status) {
+  std::lock_guard lock(mu_);
+  main_status_ = status;
+}
+
+}  // namespace cella::sandbox

@@ -1,0 +1,129 @@
+// The supervisor's state machine, apart from everything that builds the VM:
+// boots a vmm::Machine, records each state change of the sandbox in the state
+// store, serves the control requests stop / kill / status, watches the VM and
+// the agent link, tears the VM down and records how the sandbox ended — the
+// state, detail and exit code `cella ps` and `cella inspect` show.
+//
+// The machine comes from outside (a vmm::Backend): RunSupervisor hands in a
+// QEMU machine; unit tests hand in a fake one and a temporary store, and
+// drive every transition without a VM (tests/unit/sandbox_lifecycle_test.cc).
+//
+// Threads: Run() on one thread (the supervisor's main thread), which also
+// owns the store connection. Handle() and SetMainStatus() from any thread
+// (control connections, the router thread). Handle() may arrive before,
+// during and after Run(); a stop or kill waits (bounded) until the end is
+// recorded, and returns at once when it already is.
+//
+// Signals: SIGTERM and SIGINT request a graceful stop. Run() collects them
+// with sigtimedwait, so the caller blocks them in every thread beforehand
+// (RunSupervisor does); a thread that has them pending when Run() starts
+// supervising sees the stop on its first tick.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "base/result.h"
+#include "host/store/state_store.h"
+#include "host/vmm/machine.h"
+
+namespace cella::sandbox {
+
+struct LifecycleOptions {
+  std::string id;  // the sandbox's record in the store
+  // How often the VM, the signals and the agent link are looked at.
+  std::chrono::milliseconds tick{200};
+  // A stop asked for by signal; a control stop names its own.
+  std::chrono::milliseconds signal_stop_grace{10'000};
+  // A stop or kill request waits this long beyond its grace for the end to
+  // be recorded, so a wedged VM cannot hang the CLI forever.
+  std::chrono::milliseconds request_wait{std::chrono::minutes(2)};
+  // The agent link closing is also the first sign of a guest powering off:
+  // the VM gets this long to end by itself before the closed link counts as
+  // a failure. A link that broke the protocol fails the sandbox at once.
+  std::chrono::milliseconds closed_link_grace{10'000};
+};
+
+struct LifecycleHooks {
+  // After the machine booted and before the sandbox is recorded running:
+  // publishes what others reach (mux socket, ports, the main process). An
+  // error fails the boot.
+  std::function<Status()> after_boot;
+  // Once, with the boot's result (the readiness line for the spawning CLI).
+  std::function<void(const Status&)> on_boot_result;
+  // Before the machine is closed: stops whatever uses it.
+  std::function<void()> before_close;
+  // After the machine is closed (the router, the mux socket).
+  std::function<void()> after_close;
+  // Why the agent link is gone, when it is (the router's upstream error);
+  // empty while it works. Called on Run()'s thread.
+  std::function<std::optional<Error>()> link_error;
+  // Every tick while the VM runs, on Run()'s thread: housekeeping that must
+  // not wait for the end (the console log's cap). Must be quick.
+  std::function<void()> on_tick;
+};
+
+// What was recorded at the end.
+struct LifecycleOutcome {
+  bool booted = false;
+  store::SandboxState state = store::SandboxState::kFailed;
+  std::string detail;
+  std::optional<int> exit_code;
+};
+
+class SandboxLifecycle {
+ public:
+  // `store` is used from Run()'s thread only and must outlive Run().
+  SandboxLifecycle(LifecycleOptions options, store::StateStore& store,
+                   std::unique_ptr<vmm::Machine> machine, LifecycleHooks hooks = {});
+  ~SandboxLifecycle();
+  SandboxLifecycle(const SandboxLifecycle&) = delete;
+  SandboxLifecycle& operator=(const SandboxLifecycle&) = delete;
+
+  // Boots the machine, records running, supervises until the VM is gone,
+  // tears it down, records the end and wakes every waiting request. Once.
+  LifecycleOutcome Run();
+
+  // {"op":"status"} | {"op":"stop","grace_ms":N} | {"op":"kill"}; the reply
+  // the control socket sends. Other ops: {"ok":false,...}.
+  nlohmann::json Handle(const nlohmann::json& request);
+
+  // The main process's result, from the router's hook.
+  void SetMainStatus(const host::ExecStatus& status);
+
+  vmm::Machine& machine() { return *machine_; }
+
+ private:
+  Status Boot();
+  LifecycleOutcome Supervise();
+  LifecycleOutcome Conclude(const vmm::VmExit& exit);
+  std::optional<LifecycleOutcome> WatchLink(
+      std::optional<std::chrono::steady_clock::time_point>& link_lost_at);
+  void TearDown();
+  void Record(const LifecycleOutcome& outcome);
+  void Finish();
+
+  LifecycleOptions options_;
+  store::StateStore& store_;
+  std::unique_ptr<vmm::Machine> machine_;
+  LifecycleHooks hooks_;
+
+  // Shared with Handle() and SetMainStatus().
+  std::mutex mu_;
+  std::condition_variable changed_;
+  std::optional<std::chrono::milliseconds> stop_grace_;  // a stop was asked for
+  bool kill_requested_ = false;
+  bool finished_ = false;  // the end is recorded
+  std::optional<host::ExecStatus> main_status_;
+};
+
+// Newlines become spaces: a store detail and a log field are one line.
+std::string OneLine(std::string text);
+
+}  // namespace cella::sandbox

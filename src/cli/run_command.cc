@@ -25,6 +25,7 @@
 #include "host/sandbox/supervisor.h"
 #include "host/vmm/paths.h"
 #include "protocol/config.h"
+#include "protocol/network.h"
 
 namespace cella::cli {
 namespace {
@@ -206,15 +207,9 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   }
   CELLA_TRY(PlanNetwork(args.no_network, args.dns, egress, g.dns_servers));
   if (egress.intercept) {
-    // Where the usual TLS stacks look for extra trust; the init appends
-    // cella's CA to the bundles these name.
-    for (const auto& [key, value] : std::initializer_list<std::pair<const char*, const char*>>{
-             {"SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"},
-             {"REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"},
-             {"CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"},
-             {"NODE_EXTRA_CA_CERTS", "/etc/ssl/certs/cella-egress-ca.pem"}}) {
-      g.env.try_emplace(key, value);
-    }
+    // Where the usual TLS stacks look for extra trust (protocol/network.h);
+    // the init appends cella's CA to those bundles.
+    for (const auto& [key, value] : protocol::kTrustEnvironment) g.env.try_emplace(key, value);
   }
 
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
@@ -295,8 +290,15 @@ Result<int> Run(const RunArgs& args) {
     cleanup_dir();
     return std::unexpected(prepared.error());
   }
-  // Like docker: the short ID is the default hostname.
+  // Like docker: the short ID is the default hostname (the only place that
+  // picks one).
   if (prepared->spec.guest.hostname.empty()) prepared->spec.guest.hostname = store::ShortId(id);
+  // Validated at the edge, before anything is recorded or started: a typo in
+  // --hostname or --add-host is the caller's error, said as such.
+  if (auto valid = protocol::ValidateConfig(prepared->spec.guest); !valid) {
+    cleanup_dir();
+    return std::unexpected(std::move(valid.error()).WithContext("invalid sandbox configuration"));
+  }
   store::SandboxRecord record;
   record.id = id;
   record.name = args.name;

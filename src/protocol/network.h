@@ -6,7 +6,9 @@
 // binaries link it too.
 #pragma once
 
+#include <array>
 #include <string_view>
+#include <utility>
 
 namespace cella::protocol {
 
@@ -25,5 +27,21 @@ inline constexpr const char* kGuestIp = "10.0.2.15";
 // '_' is allowed because real names carry it (SRV-style and some CDN
 // hosts); IP literals are not names and are judged by their callers.
 bool IsValidHostName(std::string_view name);
+
+// Trust of cella's egress CA inside the guest (when TLS is intercepted),
+// defined once. The init writes the CA to kEgressCaFile and appends it to
+// every bundle of kTrustBundles present in the image (Debian/Ubuntu and
+// Alpine read the first, Alpine's libressl/openssl the second, Fedora/RHEL
+// the third); the sandbox's environment points the usual TLS stacks at them
+// (kTrustEnvironment), unless the image or the user set those already.
+inline constexpr const char* kEgressCaFile = "/etc/ssl/certs/cella-egress-ca.pem";
+inline constexpr std::array<const char*, 3> kTrustBundles = {
+    "/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem", "/etc/pki/tls/certs/ca-bundle.crt"};
+inline constexpr std::array<std::pair<const char*, const char*>, 4> kTrustEnvironment = {{
+    {"SSL_CERT_FILE", kTrustBundles[0]},
+    {"REQUESTS_CA_BUNDLE", kTrustBundles[0]},
+    {"CURL_CA_BUNDLE", kTrustBundles[0]},
+    {"NODE_EXTRA_CA_CERTS", kEgressCaFile},
+}};
 
 }  // namespace cella::protocol

@@ -215,6 +215,23 @@ TEST_F(LifecycleTest, LogFloodsAreCappedAndTailReadsTheEnd) {
   EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
 }
 
+// A bad value is refused by the CLI before anything is recorded or booted
+// (it used to surface only inside the supervisor, as a failed sandbox).
+TEST_F(LifecycleTest, AnInvalidConfigIsRefusedBeforeAnythingIsRecorded) {
+  auto r = RunCella({"run", "-d", "--hostname", "bad!host", "--", "true"});
+  EXPECT_EQ(r.exit_code, 125) << Describe(r);
+  EXPECT_NE(r.err.find("hostname"), std::string::npos) << Describe(r);
+  auto ps = RunCella({"ps", "-a", "--json"});
+  EXPECT_EQ(ps.exit_code, 0) << Describe(ps);
+  EXPECT_EQ(nlohmann::json::parse(ps.out, nullptr, false), nlohmann::json::array()) << ps.out;
+  std::error_code ec;
+  auto dir = std::filesystem::path(home_) / "sandboxes";
+  size_t left = 0;
+  if (std::filesystem::exists(dir, ec))
+    for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(dir)) ++left;
+  EXPECT_EQ(left, 0u);
+}
+
 TEST_F(LifecycleTest, KilledSupervisorOrQemuIsReportedAndCleanedUp) {
   std::string a = RunDetached({"--name", "a"});
   std::string b = RunDetached({"--name", "b"});

@@ -43,10 +43,11 @@ TEST(Run, MissingCommandIs127AndSignalDeathIs128PlusN) {
 
 TEST(Run, EnvWorkdirUserAndStdin) {
   auto r = RunCella({"run", "-i", "-e", "GREETING=hi there", "-w", "/tmp", "-u", "nobody", "--",
-                     "sh", "-c", "echo \"$GREETING\"; pwd; id -u; cat"},
+                     "sh", "-c", "echo \"$GREETING\"; pwd; id -u; echo \"$HOME\"; cat"},
                     "from stdin\n");
   ASSERT_EQ(r.exit_code, 0) << Describe(r);
-  EXPECT_EQ(r.out, "hi there\n/tmp\n65534\nfrom stdin\n");
+  // HOME is the user's from the image's passwd, as docker sets it.
+  EXPECT_EQ(r.out, "hi there\n/tmp\n65534\n/nonexistent\nfrom stdin\n");
 }
 
 // Ctrl-C on `cella run` reaches the guest's main process (QEMU is not in

@@ -24,7 +24,9 @@ namespace {
 // Leaked on purpose: the atexit cleanup runs after static destructors.
 const std::string& WorkDir() {
   static const std::string* dir = [] {
-    auto* path = new std::string("/tmp/cella-fuzz-archive-XXXXXX");
+    // tmpfs when there is one: every input writes and removes a tree.
+    const char* base = ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+    auto* path = new std::string(std::string(base) + "/cella-fuzz-archive-XXXXXX");
     if (::mkdtemp(path->data()) == nullptr) std::abort();
     std::atexit([] {
       std::error_code ec;

@@ -17,6 +17,7 @@
 #include "guest/agent/agent.h"
 #include "host/agent/router.h"
 #include "protocol/wire.h"
+#include "support/echo_server.h"
 
 namespace cella::testing {
 namespace {
@@ -504,45 +505,7 @@ TEST_F(AgentRouter, ListenRefusesToReplaceANonSocket) {
   std::filesystem::remove(path);
 }
 
-// A one-connection TCP echo server on 127.0.0.1.
-class EchoServer {
- public:
-  EchoServer() {
-    listener_.Reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    if (::bind(listener_.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        ::listen(listener_.Get(), 1) != 0 ||
-        ::getsockname(listener_.Get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-      ADD_FAILURE() << "echo server setup failed";
-      return;
-    }
-    port_ = ntohs(addr.sin_port);
-    thread_ = std::thread([this] {
-      UniqueFd conn(::accept4(listener_.Get(), nullptr, nullptr, SOCK_CLOEXEC));
-      if (!conn) return;
-      char buf[65536];
-      for (;;) {
-        auto n = ReadSome(conn.Get(), std::as_writable_bytes(std::span(buf)));
-        if (!n || *n == 0) break;
-        if (!WriteAll(conn.Get(), std::string_view(buf, *n))) break;
-      }
-      ::shutdown(conn.Get(), SHUT_WR);
-    });
-  }
-  ~EchoServer() {
-    ::shutdown(listener_.Get(), SHUT_RDWR);
-    if (thread_.joinable()) thread_.join();
-  }
-  uint16_t port() const { return port_; }
-
- private:
-  UniqueFd listener_;
-  uint16_t port_ = 0;
-  std::thread thread_;
-};
+using ::cella::testing::EchoServer;
 
 TEST_F(AgentRouter, PortForwardThroughTheRouter) {
   auto routed = StartRouted();

@@ -18,6 +18,7 @@
 
 #include "host/net/proxy.h"
 #include "host/net/tls.h"
+#include "support/echo_server.h"
 
 // The tests spell each PolicyConfig with designated initializers naming only
 // the fields that matter to them; the rest keep their defaults on purpose.
@@ -276,39 +277,7 @@ class Origin {
   bool sse_release_ = false;
 };
 
-// Echoes raw bytes until EOF.
-class EchoServer {
- public:
-  EchoServer() {
-    listener_ = ListenLoopback(port_);
-    thread_ = std::thread([this] {
-      for (;;) {
-        int fd = ::accept4(listener_.Get(), nullptr, nullptr, SOCK_CLOEXEC);
-        if (fd < 0) return;
-        ++accepts_;
-        SetTimeouts(fd);
-        char buffer[4096];
-        for (;;) {
-          ssize_t n = ::recv(fd, buffer, sizeof(buffer), 0);
-          if (n <= 0 || ::send(fd, buffer, static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
-        }
-        ::close(fd);
-      }
-    });
-  }
-  ~EchoServer() {
-    ::shutdown(listener_.Get(), SHUT_RDWR);
-    thread_.join();
-  }
-  uint16_t port() const { return port_; }
-  int accepts() const { return accepts_.load(); }
-
- private:
-  UniqueFd listener_;
-  uint16_t port_ = 0;
-  std::atomic<int> accepts_{0};
-  std::thread thread_;
-};
+using ::cella::testing::EchoServer;
 
 // The fake ClientHello used where real TLS is not the point:
 // 0x16 "SNI=<name>\n". Its parser stands in for ParseClientHelloSni.

@@ -17,28 +17,14 @@
 #include "cli/sandbox_context.h"
 #include "host/sandbox/layout.h"
 #include "host/vmm/paths.h"
+#include "support/temp_dir.h"
 
 namespace cella::store {
 namespace {
 
 using namespace std::chrono_literals;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "cella-pid-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) ADD_FAILURE() << "mkdtemp failed";
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using ::cella::testing::TempDir;
 
 // A child that sleeps until killed (bounded by alarm), reaped by the test.
 class Sleeper {

@@ -18,6 +18,8 @@
 #include <utility>
 #include <vector>
 
+#include "support/temp_dir.h"
+
 namespace cella::rootfs::testing {
 
 enum class Compression { kNone, kGzip, kZstd };
@@ -135,24 +137,7 @@ class TarBuilder {
   archive* a_;
 };
 
-// A temp directory removed (recursively) at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "cella-rootfs-XXXXXX";
-    if (::mkdtemp(tmpl.data()) == nullptr) ADD_FAILURE() << "mkdtemp failed";
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+using ::cella::testing::TempDir;
 
 // Runs a shell command bounded by `timeout`; returns its exit status and
 // combined output.

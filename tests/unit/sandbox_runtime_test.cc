@@ -21,6 +21,7 @@
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "host/vmm/process.h"
+#include "support/echo_server.h"
 
 namespace cella::sandbox {
 namespace {
@@ -277,42 +278,7 @@ TEST(ControlServer, APeerOfAnotherUserIsRefused) {
   std::filesystem::remove_all(dir);
 }
 
-// A TCP echo server on 127.0.0.1 standing in for a service in the guest.
-class EchoServer {
- public:
-  EchoServer() {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    EXPECT_EQ(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-    EXPECT_EQ(::listen(fd_, 8), 0);
-    socklen_t len = sizeof addr;
-    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-    port_ = ntohs(addr.sin_port);
-    thread_ = std::thread([this] {
-      for (;;) {
-        int c = ::accept(fd_, nullptr, nullptr);
-        if (c < 0) return;
-        char buf[4096];
-        ssize_t n;
-        while ((n = ::read(c, buf, sizeof buf)) > 0) (void)!::write(c, buf, static_cast<size_t>(n));
-        ::close(c);
-      }
-    });
-  }
-  ~EchoServer() {
-    ::shutdown(fd_, SHUT_RDWR);
-    ::close(fd_);
-    thread_.join();
-  }
-  uint16_t port() const { return port_; }
-
- private:
-  int fd_ = -1;
-  uint16_t port_ = 0;
-  std::thread thread_;
-};
+using ::cella::testing::EchoServer;
 
 std::string Exchange(uint16_t port, const std::string& message) {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);

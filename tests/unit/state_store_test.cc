@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "base/io.h"
+#include "support/temp_dir.h"
 
 namespace cella::store {
 namespace {
@@ -31,22 +32,7 @@ using enum SandboxState;
 
 constexpr SandboxState kAllStates[] = {kCreating, kRunning, kStopping, kStopped, kExited, kFailed};
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "cella-store-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) ADD_FAILURE() << "mkdtemp failed";
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using ::cella::testing::TempDir;
 
 // A distinct valid id per n, with a chosen prefix when asked.
 std::string MakeId(int n, std::string prefix = "") {

@@ -19,6 +19,7 @@
 #include "guest/init/console.h"
 #include "guest/init/format.h"
 #include "guest/init/fs_util.h"
+#include "protocol/network.h"
 
 namespace cella::init {
 namespace {
@@ -146,11 +147,9 @@ Status InstallTrustedCertificates(const protocol::Config& config) {
   std::string pem = config.ca_certificates;
   if (pem.back() != '\n') pem += '\n';
   CELLA_TRY(MkdirAll("/etc/ssl/certs", 0755));
-  CELLA_TRY(ReplaceFile("/etc/ssl/certs/cella-egress-ca.pem", pem, 0644));
-  // Debian/Ubuntu and Alpine read the first; Alpine's libressl/openssl the
-  // second; Fedora/RHEL the third (only touched when the image has it).
-  for (const char* bundle : {"/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem",
-                             "/etc/pki/tls/certs/ca-bundle.crt"}) {
+  CELLA_TRY(ReplaceFile(protocol::kEgressCaFile, pem, 0644));
+  // The Fedora/RHEL bundle is only touched when the image has it.
+  for (const char* bundle : protocol::kTrustBundles) {
     std::string existing;
     if (::access(bundle, F_OK) == 0) {
       existing = CELLA_TRY_CTX(ReadFileToString(bundle, size_t{32} << 20), bundle);

@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -201,8 +200,7 @@ Result<std::unique_ptr<DnsServer>> DnsServer::Start(UniqueFd udp_socket, DnsServ
   if (!options.policy || !options.table || !options.resolver) {
     return Fail("dns server: policy, table and resolver are required");
   }
-  UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!wake) return FailErrno("dns server: eventfd");
+  WakeFd wake = CELLA_TRY(WakeFd::Create("dns server"));
   auto server = std::unique_ptr<DnsServer>(
       new DnsServer(std::move(udp_socket), std::move(wake), std::move(options)));
   server->thread_ = std::thread([raw = server.get()] { raw->Serve(); });
@@ -213,12 +211,7 @@ DnsServer::~DnsServer() { Stop(); }
 
 void DnsServer::Stop() {
   if (stopped_.exchange(true)) return;
-  uint64_t one = 1;
-  if (::write(wake_.Get(), &one, sizeof(one)) != sizeof(one)) {
-    // Cannot happen for a fresh eventfd; without the wake-up the join below
-    // would hang, so say so loudly.
-    log::Error("dns server: eventfd write failed", {{"error", std::strerror(errno)}});
-  }
+  wake_.Signal();
   if (thread_.joinable()) thread_.join();
 }
 

@@ -31,6 +31,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "base/wake_fd.h"
 #include "host/net/policy.h"
 
 namespace cella::net {
@@ -140,7 +141,7 @@ class DnsServer {
   std::vector<std::byte> Answer(std::span<const std::byte> packet);
 
  private:
-  DnsServer(UniqueFd socket, UniqueFd wake, DnsServerOptions options)
+  DnsServer(UniqueFd socket, WakeFd wake, DnsServerOptions options)
       : socket_(std::move(socket)), wake_(std::move(wake)), options_(std::move(options)) {}
   void Serve();
   // Addresses the host resolved for `name`, filtered; the rcode to send when
@@ -148,7 +149,7 @@ class DnsServer {
   std::expected<std::vector<IpAddress>, DnsRcode> ResolveOnHost(const std::string& name);
 
   UniqueFd socket_;
-  UniqueFd wake_;  // eventfd: Stop() wakes the poll
+  WakeFd wake_;  // Stop() wakes the poll
   DnsServerOptions options_;
   std::thread thread_;
   std::atomic<bool> stopped_{false};

@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 
 #include <cstring>
@@ -341,8 +340,7 @@ Result<std::unique_ptr<TransparentProxy>> TransparentProxy::Start(UniqueFd liste
   if (options.policy->intercept() && !options.tls) {
     return Fail("egress proxy: interception requested but no TLS provider (CA) configured");
   }
-  UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!wake) return FailErrno("egress proxy: eventfd");
+  WakeFd wake = CELLA_TRY(WakeFd::Create("egress proxy"));
   auto proxy = std::unique_ptr<TransparentProxy>(
       new TransparentProxy(std::move(listener), std::move(wake), std::move(options)));
   proxy->accept_thread_ = std::thread([raw = proxy.get()] { raw->AcceptLoop(); });
@@ -353,10 +351,7 @@ TransparentProxy::~TransparentProxy() { Stop(); }
 
 void TransparentProxy::Stop() {
   if (stopped_.exchange(true)) return;
-  uint64_t one = 1;
-  if (::write(wake_.Get(), &one, sizeof(one)) != sizeof(one)) {
-    log::Error("egress proxy: eventfd write failed", {{"error", std::strerror(errno)}});
-  }
+  wake_.Signal();
   if (accept_thread_.joinable()) accept_thread_.join();
   std::list<std::shared_ptr<Connection>> connections;
   {

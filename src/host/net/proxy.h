@@ -46,6 +46,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "base/wake_fd.h"
 #include "host/net/dns.h"
 #include "host/net/http.h"
 #include "host/net/policy.h"
@@ -118,13 +119,13 @@ class TransparentProxy {
   struct Connection;
 
  private:
-  TransparentProxy(UniqueFd listener, UniqueFd wake, ProxyOptions options)
+  TransparentProxy(UniqueFd listener, WakeFd wake, ProxyOptions options)
       : listener_(std::move(listener)), wake_(std::move(wake)), options_(std::move(options)) {}
   void AcceptLoop();
   void ReapFinished();
 
   UniqueFd listener_;
-  UniqueFd wake_;  // eventfd: Stop() wakes the accept poll
+  WakeFd wake_;  // Stop() wakes the accept poll
   ProxyOptions options_;
   std::thread accept_thread_;
   std::atomic<bool> stopped_{false};

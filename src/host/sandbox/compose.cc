@@ -125,7 +125,8 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
     guest.guest_dns = vmm::kUserNetDns;
     if (guest.dns_servers.empty()) guest.dns_servers = {vmm::kUserNetDns};
   }
-  if (guest.hostname.empty()) guest.hostname = id;
+  // The default hostname is the CLI's to choose (docker's short ID), once:
+  // an empty one here leaves the guest's own default.
   vm.GuestIP = guest.guest_ip;
   vm.GatewayIP = guest.guest_gw;
   vm.Hostname = guest.hostname;

@@ -1,7 +1,6 @@
 #include "host/sandbox/control.h"
 
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -99,8 +98,7 @@ Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& p
   server->path_ = path;
   server->handler_ = std::move(handler);
   server->listen_fd_ = CELLA_TRY(ListenUnixSocket(path));
-  server->wake_fd_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!server->wake_fd_) return FailErrno("eventfd");
+  server->wake_fd_ = CELLA_TRY(WakeFd::Create("control server"));
   server->thread_ = std::thread([s = server.get()] { s->Loop(); });
   return server;
 }
@@ -109,9 +107,7 @@ ControlServer::~ControlServer() { Stop(); }
 
 void ControlServer::Stop() {
   if (stopping_.exchange(true)) return;
-  uint64_t one = 1;
-  if (::write(wake_fd_.Get(), &one, sizeof one) < 0)
-    log::Warn("control server: wake failed", {{"error", std::strerror(errno)}});
+  wake_fd_.Signal();
   if (thread_.joinable()) thread_.join();
   if (::unlink(path_.c_str()) != 0 && errno != ENOENT)
     log::Debug("control server: unlink failed", {{"path", path_}});

@@ -24,6 +24,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "base/wake_fd.h"
 
 namespace cella::sandbox {
 
@@ -52,7 +53,7 @@ class ControlServer {
   std::string path_;
   ControlHandler handler_;
   UniqueFd listen_fd_;
-  UniqueFd wake_fd_;  // eventfd: Stop wakes the loop
+  WakeFd wake_fd_;  // Stop wakes the loop and every worker
   std::thread thread_;
   std::atomic<bool> stopping_{false};
   std::mutex workers_mu_;

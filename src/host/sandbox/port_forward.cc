@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -88,8 +87,7 @@ Result<std::unique_ptr<PortForwarder>> PortForwarder::Start(const std::string& h
   if (::getsockname(f->listen_fd_.Get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
     return FailErrno("getsockname " + where);
   f->bound_port_ = ntohs(addr.sin_port);
-  f->wake_fd_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!f->wake_fd_) return FailErrno("eventfd");
+  f->wake_fd_ = CELLA_TRY(WakeFd::Create("port forward"));
   f->accept_thread_ = std::thread([p = f.get()] { p->AcceptLoop(); });
   return f;
 }
@@ -98,9 +96,7 @@ PortForwarder::~PortForwarder() { Stop(); }
 
 void PortForwarder::Stop() {
   if (stopping_.exchange(true)) return;
-  uint64_t one = 1;
-  if (::write(wake_fd_.Get(), &one, sizeof one) < 0)
-    log::Warn("port forward: wake failed", {{"error", std::strerror(errno)}});
+  wake_fd_.Signal();
   if (accept_thread_.joinable()) accept_thread_.join();
   // New connections are refused from here on, not left in the backlog.
   listen_fd_.Reset();

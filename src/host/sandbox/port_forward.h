@@ -19,6 +19,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "base/wake_fd.h"
 #include "host/agent/client.h"
 
 namespace cella::sandbox {
@@ -46,7 +47,7 @@ class PortForwarder {
   uint16_t bound_port_ = 0;
   PortOpener opener_;
   UniqueFd listen_fd_;
-  UniqueFd wake_fd_;
+  WakeFd wake_fd_;
   std::thread accept_thread_;
   std::atomic<bool> stopping_{false};
   std::mutex mu_;

@@ -226,6 +226,11 @@ int Main(int argc, char** argv) {
   CLI::App* allow_ls_cmd = allow_cmd->add_subcommand("ls", "Print the allow-list");
   allow_ls_cmd->add_option("sandbox", allow_sandbox, "Sandbox")->required();
 
+  CLI::App* rpc_cmd = app.add_subcommand(
+      "rpc", "Serve matchlock's JSON-RPC 2.0 on stdin/stdout (one sandbox, removed at the end)");
+  CLI::App* rpc_reaper_cmd = app.add_subcommand("__rpc-reaper", "");
+  rpc_reaper_cmd->group("");
+
   // The sandbox supervisor: started by cella itself, not by people.
   std::string supervise_id;
   int supervise_ready_fd = -1;
@@ -273,6 +278,8 @@ int Main(int argc, char** argv) {
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
   if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst, cp_archive);
   if (pf_cmd->parsed()) return cella::cli::PortForwardCommand(pf_sandbox, pf_mapping);
+  if (rpc_cmd->parsed()) return cella::cli::RpcCommand();
+  if (rpc_reaper_cmd->parsed()) return cella::cli::RpcReaperCommand();
   if (volume_create_cmd->parsed()) return cella::cli::VolumeCreateCommand(volume_name, volume_size);
   if (volume_ls_cmd->parsed())
     return cella::cli::VolumeLsCommand(volume_json ? ListFormat::kJson : ListFormat::kText);

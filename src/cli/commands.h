@@ -95,7 +95,9 @@ int PruneCommand();
 // guest, the caller on the host) and lose setuid/setgid bits (docker cp).
 int CpCommand(const std::string& source, const std::string& destination, bool archive);
 int PortForwardCommand(const std::string& sandbox, const std::string& mapping);
-int VolumeCreateCommand(const std::string& name, const std::string& size);
+// A bare number for `size` is MB (matchlock's CLI); --json prints
+// {"name","size","path"} with size as "N.0 MB", as matchlock's SDKs parse.
+int VolumeCreateCommand(const std::string& name, const std::string& size, ListFormat format);
 int VolumeLsCommand(ListFormat format);
 int VolumeRmCommand(const std::vector<std::string>& names);
 enum class AllowListOp { kAdd, kRemove, kList };

@@ -202,9 +202,11 @@ int Main(int argc, char** argv) {
   volume_cmd->require_subcommand(1);
   std::string volume_name, volume_size;
   CLI::App* volume_create_cmd = volume_cmd->add_subcommand("create", "Create a volume");
-  volume_create_cmd->add_option("--size", volume_size, "Size (sparse; default 1g)");
+  volume_create_cmd->add_option("--size", volume_size,
+                                "Size (sparse; default 1g; a bare number is MB)");
   volume_create_cmd->add_option("name", volume_name, "Volume name")->required();
   bool volume_json = false;
+  volume_create_cmd->add_flag("--json", volume_json, "Print {name, size, path} as JSON");
   CLI::App* volume_ls_cmd = volume_cmd->add_subcommand("ls", "List volumes");
   volume_ls_cmd->add_flag("--json", volume_json, "Machine-readable output");
   std::vector<std::string> volume_rm_names;
@@ -280,7 +282,9 @@ int Main(int argc, char** argv) {
   if (pf_cmd->parsed()) return cella::cli::PortForwardCommand(pf_sandbox, pf_mapping);
   if (rpc_cmd->parsed()) return cella::cli::RpcCommand();
   if (rpc_reaper_cmd->parsed()) return cella::cli::RpcReaperCommand();
-  if (volume_create_cmd->parsed()) return cella::cli::VolumeCreateCommand(volume_name, volume_size);
+  if (volume_create_cmd->parsed())
+    return cella::cli::VolumeCreateCommand(volume_name, volume_size,
+                                           volume_json ? ListFormat::kJson : ListFormat::kText);
   if (volume_ls_cmd->parsed())
     return cella::cli::VolumeLsCommand(volume_json ? ListFormat::kJson : ListFormat::kText);
   if (volume_rm_cmd->parsed()) return cella::cli::VolumeRmCommand(volume_rm_names);

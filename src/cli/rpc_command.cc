@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -127,7 +128,28 @@ class OwnedSandbox : public rpc::Sandbox {
   host::AgentClient& agent() override { return *agent_; }
   host::ExecRequest ExecDefaults() const override { return defaults_; }
 
+  Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
+                                        const std::vector<std::string>& remove) override {
+    // One edit at a time: the list before is read from the store, and the
+    // store's connection is not shared across threads.
+    std::lock_guard lock(edit_mu_);
+    AllowListChange change;
+    store::SandboxRecord record = CELLA_TRY(ctx_.store.Get(id_));
+    sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+    change.before = spec.egress.allow;
+    std::string control = sandbox::PathsFor(ctx_.home, id_).control_socket;
+    nlohmann::json reply = CELLA_TRY(
+        sandbox::ControlCall(control, {{"op", "allow-list"}, {"add", add}, {"remove", remove}},
+                             std::chrono::seconds(10)));
+    if (!reply.contains("allow") || !reply["allow"].is_array())
+      return Fail("the supervisor did not report the allow-list");
+    for (const auto& h : reply["allow"])
+      if (h.is_string()) change.after.push_back(h.get<std::string>());
+    return change;
+  }
+
   Status Close(std::chrono::milliseconds grace) override {
+    std::lock_guard lock(edit_mu_);
     if (closed_) return {};
     closed_ = true;
     StopAndRemove(ctx_, id_, grace);
@@ -150,7 +172,8 @@ class OwnedSandbox : public rpc::Sandbox {
   std::unique_ptr<host::AgentClient> agent_;
   host::ExecRequest defaults_;
   Reaper reaper_;
-  bool closed_ = false;  // Close runs on the server's reader thread only
+  std::mutex edit_mu_;   // serializes the users of ctx_.store
+  bool closed_ = false;  // guarded by edit_mu_
 };
 
 std::string FormatCpus(double cpus) {

@@ -102,6 +102,15 @@ def cella_json(*args):
     return json.loads(out.stdout or b"null")
 
 
+# The CLI shapes matchlock's SDKs parse (no VM needed).
+made = cella_json("volume", "create", "rpcvol", "--size", "16", "--json")
+check(made["name"] == "rpcvol" and made["size"] == "16.0 MB" and made["path"], f"volume create {made}")
+listed = [v for v in cella_json("volume", "ls", "--json") if v["name"] == "rpcvol"]
+check(len(listed) == 1 and listed[0]["size"] == "16.0 MB" and listed[0]["path"] == made["path"],
+      f"volume ls {listed}")
+check(subprocess.run([CELLA, "volume", "rm", "rpcvol"], capture_output=True).returncode == 0,
+      "volume rm")
+
 rpc = Rpc()
 
 # Errors before a sandbox exists: the server keeps serving through them.
@@ -122,7 +131,8 @@ check(error_code(rpc.call(6, "write_file", {"path": "/x", "content": "!!"})) in 
 
 # create: a normal cella sandbox.
 r = rpc.call(10, "create", {"image": IMAGE, "resources": {"cpus": 1, "memory_mb": 512},
-                            "env": {"GREETING": "hello from rpc"}})
+                            "env": {"GREETING": "hello from rpc"},
+                            "network": {"allowed_hosts": ["first.test"]}})
 sandbox_id = result(r, "create")["id"]
 check(len(sandbox_id) == 32, f"sandbox id {sandbox_id}")
 listed = [s.get("id") for s in cella_json("ps", "--json")]
@@ -185,6 +195,14 @@ for _ in range(20):
         break
     time.sleep(0.5)
 check(count == b"0", f"the cancelled sleep still runs ({count})")
+
+# The egress allow-list, changed while the sandbox runs.
+r = result(rpc.call(50, "allow_list_add", {"hosts": ["second.test", "first.test"]}), "allow add")
+check(r["added"] == ["second.test"] and sorted(r["allowed_hosts"]) == ["first.test", "second.test"],
+      f"allow_list_add {r}")
+r = result(rpc.call(51, "allow_list_delete", {"hosts": ["first.test"]}), "allow delete")
+check(r["removed"] == ["first.test"] and r["allowed_hosts"] == ["second.test"], f"delete {r}")
+check(error_code(rpc.call(52, "allow_list_add", {"hosts": []})) == -32602, "empty hosts")
 
 # The owner dies hard: the sandbox must go too.
 rpc.proc.send_signal(signal.SIGKILL)

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 
@@ -52,8 +53,7 @@ std::string OptionalString(const json& params, const char* key) {
 // Methods matchlock has that this server does not implement yet: answered
 // with an error naming them rather than "Method not found".
 bool NotYetSupported(const std::string& method) {
-  for (const char* m : {"exec_pipe", "exec_tty", "log", "log_stream", "allow_list_add",
-                        "allow_list_delete", "port_forward"})
+  for (const char* m : {"exec_pipe", "exec_tty", "log", "log_stream", "port_forward"})
     if (method == m) return true;
   return false;
 }
@@ -200,7 +200,8 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
     return;
   }
   if (method != "exec" && method != "exec_stream" && method != "write_file" &&
-      method != "read_file" && method != "list_files") {
+      method != "read_file" && method != "list_files" && method != "allow_list_add" &&
+      method != "allow_list_delete") {
     AnswerError(*call, kMethodNotFound, "Method not found: " + method);
     return;
   }
@@ -245,6 +246,10 @@ void Server::RunWorker(std::shared_ptr<Call> call, const std::string& method, js
       DoReadFile(*call, params);
     } else if (method == "list_files") {
       DoListFiles(*call, params);
+    } else if (method == "allow_list_add") {
+      DoAllowList(*call, params, /*add=*/true);
+    } else if (method == "allow_list_delete") {
+      DoAllowList(*call, params, /*add=*/false);
     }
   } catch (const ParamError& e) {
     AnswerError(*call, kInvalidParams, "Invalid params: " + e.message);
@@ -478,6 +483,35 @@ void Server::DoListFiles(Call& call, const json& params) {
     files.push_back({{"name", e.name}, {"size", e.size}, {"mode", mode}, {"is_dir", is_dir}});
   }
   Answer(call, {{"files", std::move(files)}});
+}
+
+void Server::DoAllowList(Call& call, const json& params, bool add) {
+  auto it = RequireObject(params).find("hosts");
+  if (it == params.end() || !it->is_array() || it->empty())
+    throw ParamError{"hosts: want a non-empty array of host names"};
+  std::vector<std::string> hosts;
+  for (const auto& h : *it) {
+    if (!h.is_string() || h.get<std::string>().empty())
+      throw ParamError{"hosts: want a non-empty array of host names"};
+    hosts.push_back(h.get<std::string>());
+  }
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  auto changed = add ? sandbox->EditAllowList(hosts, {}) : sandbox->EditAllowList({}, hosts);
+  if (!changed) return AnswerError(call, kVmFailed, changed.error().message);
+  auto minus = [](const std::vector<std::string>& a, const std::vector<std::string>& b) {
+    json out = json::array();
+    for (const auto& x : a)
+      if (std::find(b.begin(), b.end(), x) == b.end()) out.push_back(x);
+    return out;
+  };
+  json result = {{"allowed_hosts", changed->after}};
+  if (add) {
+    result["added"] = minus(changed->after, changed->before);
+  } else {
+    result["removed"] = minus(changed->before, changed->after);
+  }
+  Answer(call, std::move(result));
 }
 
 void Server::CancelAll() {

@@ -58,6 +58,14 @@ class Sandbox {
   // argv-less defaults every exec starts from: the sandbox's env, workdir,
   // user and privilege, as `cella exec` uses them.
   virtual host::ExecRequest ExecDefaults() const = 0;
+  // Edits the egress allow-list of the running sandbox in one step; returns
+  // the list before and the list now in force.
+  struct AllowListChange {
+    std::vector<std::string> before;
+    std::vector<std::string> after;
+  };
+  virtual Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
+                                                const std::vector<std::string>& remove) = 0;
   // Stops the VM (guest processes get `grace` to exit) and removes the
   // sandbox; bounded.
   virtual Status Close(std::chrono::milliseconds grace) = 0;
@@ -106,6 +114,7 @@ class Server {
   void DoWriteFile(Call& call, const json& params);
   void DoReadFile(Call& call, const json& params);
   void DoListFiles(Call& call, const json& params);
+  void DoAllowList(Call& call, const json& params, bool add);
 
   std::shared_ptr<Sandbox> CurrentSandbox();
   void CancelAll();

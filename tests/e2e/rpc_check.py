@@ -120,8 +120,8 @@ rpc.send_raw('{"jsonrpc":"2.0","method":"exec"' + ' ' * 100)  # truncated object
 untagged = rpc.wait_untagged(2)
 check(all(error_code(u) == -32700 for u in untagged), f"parse errors: {untagged}")
 check(error_code(rpc.call(2, "no_such_method")) == -32601, "unknown method")
-r = rpc.call(3, "exec_tty", {"command": "sh"})
-check(error_code(r) == -32601 and "exec_tty" in r["error"]["message"], f"exec_tty: {r}")
+r = rpc.call(3, "port_forward", {"local_port": 1, "remote_port": 2})
+check(error_code(r) == -32601 and "port_forward" in r["error"]["message"], f"port_forward: {r}")
 r = rpc.call(4, "create", {"image": IMAGE, "vfs": {"workspace": "/workspace"}})
 check(error_code(r) == -32602 and "vfs" in r["error"]["message"], f"create with vfs: {r}")
 r = rpc.call(5, "create", {"image": IMAGE, "resources": {"cpus": "many"}})
@@ -195,6 +195,43 @@ for _ in range(20):
         break
     time.sleep(0.5)
 check(count == b"0", f"the cancelled sleep still runs ({count})")
+
+# exec_pipe: ready first, then stdin from notifications, output streamed.
+def notif(rid, method):
+    with rpc.cv:
+        return [n for n in rpc.notifications if n["method"] == method and n["params"].get("id") == rid]
+
+
+def wait_notif(rid, method, timeout=60):
+    with rpc.cv:
+        if not rpc.cv.wait_for(lambda: any(n["method"] == method and n["params"].get("id") == rid
+                                           for n in rpc.notifications), timeout):
+            fail(f"no {method} for {rid}")
+
+
+rpc.send(60, "exec_pipe", {"command": "tr a-z A-Z; echo done >&2"})
+wait_notif(60, "exec_pipe.ready")
+for chunk in (b"hello ", b"pipe\n"):
+    rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_pipe.stdin",
+                             "params": {"id": 60, "data": b64(chunk)}}))
+rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_pipe.stdin_eof", "params": {"id": 60}}))
+r = result(rpc.wait(60, 60), "exec_pipe")
+out = b"".join(unb64(n["params"]["data"]) for n in notif(60, "exec_pipe.stdout"))
+err = b"".join(unb64(n["params"]["data"]) for n in notif(60, "exec_pipe.stderr"))
+check(r["exit_code"] == 0 and out == b"HELLO PIPE\n" and err == b"done\n", f"pipe {r} {out} {err}")
+
+# exec_tty: a terminal of the asked size, resized on request.
+rpc.send(61, "exec_tty", {"command": "stty size; read x; stty size", "rows": 30, "cols": 100})
+wait_notif(61, "exec_tty.ready")
+time.sleep(0.5)
+rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_tty.resize",
+                         "params": {"id": 61, "rows": 40, "cols": 120}}))
+time.sleep(0.5)
+rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_tty.stdin",
+                         "params": {"id": 61, "data": b64(b"go\r")}}))
+r = result(rpc.wait(61, 60), "exec_tty")
+out = b"".join(unb64(n["params"]["data"]) for n in notif(61, "exec_tty.stdout"))
+check(r["exit_code"] == 0 and b"30 100" in out and b"40 120" in out, f"tty {r} {out!r}")
 
 # The egress allow-list, changed while the sandbox runs.
 r = result(rpc.call(50, "allow_list_add", {"hosts": ["second.test", "first.test"]}), "allow add")

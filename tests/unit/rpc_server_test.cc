@@ -72,7 +72,7 @@ TEST(RpcServer, MalformedInputGetsTheMatchingErrorAndServingGoesOn) {
       "{\"jsonrpc\":\"2.0\",\"method\":\"nope\",\"id\":2}\n"
       "{\"jsonrpc\":\"2.0\",\"method\":\"exec\",\"id\":3,\"params\":{\"command\":\"true\"}}\n"
       "{\"jsonrpc\":\"2.0\",\"method\":\"exec\",\"id\":4,\"params\":{\"command\":5}}\n"
-      "{\"jsonrpc\":\"2.0\",\"method\":\"exec_pipe\",\"id\":5}\n" +
+      "{\"jsonrpc\":\"2.0\",\"method\":\"log_stream\",\"id\":5}\n" +
       big + "\n" +
       "{\"jsonrpc\":\"2.0\",\"method\":\"read_file\",\"id\":6,\"params\":{\"path\":\"/x\"}}\n");
   ASSERT_EQ(lines.size(), 9u);

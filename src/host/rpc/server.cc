@@ -22,6 +22,9 @@ struct Server::Call {
   std::mutex mu;
   bool cancelled = false;           // guarded by mu
   std::function<void()> on_cancel;  // guarded by mu; kills what the call started
+  // exec_pipe / exec_tty: the running process, for the client's stdin and
+  // resize notifications; set once it started.
+  std::shared_ptr<host::ExecSession> session;  // guarded by mu
 };
 
 namespace {
@@ -53,7 +56,7 @@ std::string OptionalString(const json& params, const char* key) {
 // Methods matchlock has that this server does not implement yet: answered
 // with an error naming them rather than "Method not found".
 bool NotYetSupported(const std::string& method) {
-  for (const char* m : {"exec_pipe", "exec_tty", "log", "log_stream", "port_forward"})
+  for (const char* m : {"log", "log_stream", "port_forward"})
     if (method == m) return true;
   return false;
 }
@@ -162,8 +165,8 @@ void Server::HandleLine(std::string_view line) {
   json params = json::object();
   if (auto it = message.find("params"); it != message.end() && !it->is_null()) params = *it;
   if (!has_id) {
-    // A notification: never answered. The pipe/tty ones are not served yet.
-    log::Debug("rpc: notification ignored", {{"method", method->get<std::string>()}});
+    // A notification: never answered, handled here in arrival order.
+    HandleExecInput(method->get<std::string>(), params);
     return;
   }
   HandleRequest(std::move(id), method->get<std::string>(), std::move(params));
@@ -199,9 +202,9 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
                 "Method not found: " + method + " is not supported by cella rpc yet");
     return;
   }
-  if (method != "exec" && method != "exec_stream" && method != "write_file" &&
-      method != "read_file" && method != "list_files" && method != "allow_list_add" &&
-      method != "allow_list_delete") {
+  if (method != "exec" && method != "exec_stream" && method != "exec_pipe" &&
+      method != "exec_tty" && method != "write_file" && method != "read_file" &&
+      method != "list_files" && method != "allow_list_add" && method != "allow_list_delete") {
     AnswerError(*call, kMethodNotFound, "Method not found: " + method);
     return;
   }
@@ -237,9 +240,13 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
 void Server::RunWorker(std::shared_ptr<Call> call, const std::string& method, json params) {
   try {
     if (method == "exec") {
-      DoExec(*call, params, /*stream=*/false);
+      DoExec(*call, params, ExecMode::kCollect);
     } else if (method == "exec_stream") {
-      DoExec(*call, params, /*stream=*/true);
+      DoExec(*call, params, ExecMode::kStream);
+    } else if (method == "exec_pipe") {
+      DoExec(*call, params, ExecMode::kPipe);
+    } else if (method == "exec_tty") {
+      DoExec(*call, params, ExecMode::kTty);
     } else if (method == "write_file") {
       DoWriteFile(*call, params);
     } else if (method == "read_file") {
@@ -370,15 +377,35 @@ void Server::DoCancel(Call& call, const json& params) {
   Answer(call, {{"cancelled", cancelled}});
 }
 
-void Server::DoExec(Call& call, const json& params, bool stream) {
+void Server::DoExec(Call& call, const json& params, ExecMode mode) {
   std::string command = RequireString(params, "command");
   std::string working_dir = OptionalString(params, "working_dir");
+  const bool stream = mode != ExecMode::kCollect;
+  const char* prefix = mode == ExecMode::kStream ? "exec_stream"
+                       : mode == ExecMode::kPipe ? "exec_pipe"
+                                                 : "exec_tty";
+  uint16_t rows = 24, cols = 80;
+  if (mode == ExecMode::kTty) {
+    for (auto [key, into] : {std::pair{"rows", &rows}, std::pair{"cols", &cols}}) {
+      auto it = params.find(key);
+      if (it == params.end() || it->is_null()) continue;
+      if (!it->is_number_unsigned() || it->get<uint64_t>() == 0 || it->get<uint64_t>() > 4096)
+        throw ParamError{std::string(key) + ": want 1..4096"};
+      *into = static_cast<uint16_t>(it->get<uint64_t>());
+    }
+  }
   auto sandbox = CurrentSandbox();
   if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
   host::ExecRequest request = sandbox->ExecDefaults();
   // matchlock's exec takes one shell command line.
   request.argv = {"/bin/sh", "-c", command};
   if (!working_dir.empty()) request.workdir = working_dir;
+  request.stdin_open = mode == ExecMode::kPipe || mode == ExecMode::kTty;
+  if (mode == ExecMode::kTty) {
+    request.tty = true;
+    request.rows = rows;
+    request.cols = cols;
+  }
 
   struct Collected {
     std::mutex mu;
@@ -387,12 +414,12 @@ void Server::DoExec(Call& call, const json& params, bool stream) {
   };
   auto collected = std::make_shared<Collected>();
   const size_t cap = options_.max_exec_output;
-  auto sink = [this, &call, collected, cap, stream](bool is_stdout) {
-    return [this, &call, collected, cap, stream, is_stdout](std::string_view bytes) {
+  auto sink = [this, &call, collected, cap, stream, prefix](bool is_stdout) {
+    return [this, &call, collected, cap, stream, prefix, is_stdout](std::string_view bytes) {
       if (call.answered.load()) return;  // cancelled: the client stopped listening
       if (stream) {
         Send({{"jsonrpc", "2.0"},
-              {"method", is_stdout ? "exec_stream.stdout" : "exec_stream.stderr"},
+              {"method", std::string(prefix) + (is_stdout ? ".stdout" : ".stderr")},
               {"params", {{"id", call.id}, {"data", Base64Encode(bytes)}}}});
         return;
       }
@@ -417,12 +444,20 @@ void Server::DoExec(Call& call, const json& params, bool stream) {
       kill();
     } else {
       call.on_cancel = kill;
+      if (request.stdin_open) call.session = session;
     }
   }
+  // The client may send stdin from now on (matchlock's order: no stdin
+  // before ready).
+  if (request.stdin_open)
+    Send({{"jsonrpc", "2.0"},
+          {"method", std::string(prefix) + ".ready"},
+          {"params", {{"id", call.id}}}});
   auto status = session->Wait();
   {
     std::lock_guard lock(call.mu);
     call.on_cancel = nullptr;
+    call.session.reset();
   }
   if (!status) return AnswerError(call, kExecFailed, status.error().message);
   json result = {{"exit_code", status->ShellCode()}, {"duration_ms", MillisSince(start)}};
@@ -434,6 +469,55 @@ void Server::DoExec(Call& call, const json& params, bool stream) {
     result["stderr"] = Base64Encode(collected->err);
   }
   Answer(call, std::move(result));
+}
+
+void Server::HandleExecInput(const std::string& method, const json& params) {
+  const bool pipe = method.starts_with("exec_pipe.");
+  const bool tty = method.starts_with("exec_tty.");
+  if (!pipe && !tty) {
+    log::Debug("rpc: notification ignored", {{"method", method}});
+    return;
+  }
+  // Notifications get no answer, not even an error: a bad one is dropped.
+  if (!params.is_object()) return;
+  auto id = params.find("id");
+  if (id == params.end()) return;
+  std::shared_ptr<Call> call;
+  {
+    std::lock_guard lock(mu_);
+    if (auto found = in_flight_.find(id->dump()); found != in_flight_.end()) call = found->second;
+  }
+  if (!call) return;
+  std::shared_ptr<host::ExecSession> session;
+  {
+    std::lock_guard lock(call->mu);
+    session = call->session;
+  }
+  if (!session) return;  // not ready yet, or over: dropped, as matchlock does
+  const std::string what = method.substr(method.find('.') + 1);
+  Status st;
+  if (what == "stdin") {
+    auto data = params.find("data");
+    if (data == params.end() || !data->is_string()) return;
+    auto bytes = Base64Decode(data->get<std::string>());
+    if (!bytes) return;
+    // Blocks while the guest has no credit for this stdin: input stays in
+    // order, and memory bounded, at the price of holding later lines.
+    st = session->WriteStdin(*bytes);
+  } else if (what == "stdin_eof") {
+    st = session->CloseStdin();
+  } else if (what == "resize" && tty) {
+    auto rows = params.find("rows");
+    auto cols = params.find("cols");
+    if (rows == params.end() || cols == params.end() || !rows->is_number_unsigned() ||
+        !cols->is_number_unsigned() || rows->get<uint64_t>() == 0 || rows->get<uint64_t>() > 4096 ||
+        cols->get<uint64_t>() == 0 || cols->get<uint64_t>() > 4096)
+      return;
+    st = session->Resize(static_cast<uint16_t>(rows->get<uint64_t>()),
+                         static_cast<uint16_t>(cols->get<uint64_t>()));
+  }
+  if (!st)
+    log::Debug("rpc: exec input failed", {{"method", method}, {"error", st.error().message}});
 }
 
 void Server::DoWriteFile(Call& call, const json& params) {

@@ -110,7 +110,13 @@ class Server {
   json DoCreate(Call& call, const json& params);
   json DoClose(Call& call, const json& params);
   void DoCancel(Call& call, const json& params);
-  void DoExec(Call& call, const json& params, bool stream);
+  // How an exec's output and input travel: collected into the result
+  // (exec), streamed as notifications (exec_stream), or streamed with stdin
+  // from the client's notifications (exec_pipe), on a terminal (exec_tty).
+  enum class ExecMode { kCollect, kStream, kPipe, kTty };
+  void DoExec(Call& call, const json& params, ExecMode mode);
+  // exec_pipe.stdin / .stdin_eof, exec_tty.stdin / .stdin_eof / .resize.
+  void HandleExecInput(const std::string& method, const json& params);
   void DoWriteFile(Call& call, const json& params);
   void DoReadFile(Call& call, const json& params);
   void DoListFiles(Call& call, const json& params);

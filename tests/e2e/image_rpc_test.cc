@@ -1,7 +1,8 @@
 // `cella rpc` end to end: a JSON-RPC client written here (tests/e2e/
 // rpc_check.py, plain python3) drives one sandbox of the Debian fixture
 // image through every implemented method, the error codes, cancel, and the
-// owner being killed; then cella's Python SDK (sdk/python) drives another.
+// owner being killed; then cella's Python SDK (sdk/python) drives another
+// (closed), and a third whose client ends without close (stdin EOF).
 #include <gtest/gtest.h>
 
 #include <string>

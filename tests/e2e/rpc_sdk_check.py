@@ -71,4 +71,12 @@ deadline = time.time() + 60
 while sandbox_id in ps_ids() and time.time() < deadline:
     time.sleep(0.5)
 check(sandbox_id not in ps_ids(), "close left the sandbox behind")
+
+# A client that goes away without close: `cella rpc` sees its stdin end and
+# removes the sandbox itself.
+sb = Sandbox.create(IMAGE, cella_bin=CELLA)
+eof_id = sb.id
+check(eof_id in ps_ids(), "second sandbox not listed")
+sb._conn.shutdown(60)  # closes stdin only; waits for cella rpc to exit
+check(eof_id not in ps_ids(), "stdin EOF left the sandbox behind")
 print("OK", flush=True)

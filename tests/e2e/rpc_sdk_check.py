@@ -35,7 +35,8 @@ try:
 except RpcError as e:
     check(e.code == -32602 and "resources.cpus" in e.message, f"bad cpus: {e}")
 
-with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=512) as sb:
+with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=512,
+                    allow_hosts=["a.test"]) as sb:
     check(sb.id in ps_ids(), "cella ps does not list the SDK's sandbox")
     r = sb.exec("echo $GREETING")
     check(r.ok and r.stdout_text == "hi\n", f"exec: {r}")
@@ -65,6 +66,14 @@ with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=51
     check(time.monotonic() - start < 30, "timeout took too long")
     r = sb.exec("echo still here")
     check(r.stdout_text == "still here\n", f"after a timeout: {r}")
+    p = sb.process("tr a-z A-Z")
+    p.write("piped ")
+    p.write(b"input\n")
+    p.close_stdin()
+    piped = b"".join(d for s, d in p if s == "stdout")
+    check(piped == b"PIPED INPUT\n" and p.wait(30) == 0, f"process: {piped}")
+    check(sorted(sb.allow_hosts.add("b.test")) == ["a.test", "b.test"], "allow_hosts.add")
+    check(sb.allow_hosts.remove("a.test") == ["b.test"], "allow_hosts.remove")
     sandbox_id = sb.id
 
 deadline = time.time() + 60

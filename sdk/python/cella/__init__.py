@@ -9,22 +9,26 @@ Only the standard library is used. See README.md.
 """
 
 from ._client import (
+    AllowHosts,
     CellaError,
     ExecResult,
     ExecStream,
     FileInfo,
     Files,
+    Process,
     RpcError,
     Sandbox,
     Secret,
 )
 
 __all__ = [
+    "AllowHosts",
     "CellaError",
     "ExecResult",
     "ExecStream",
     "FileInfo",
     "Files",
+    "Process",
     "RpcError",
     "Sandbox",
     "Secret",

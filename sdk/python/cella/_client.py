@@ -87,7 +87,7 @@ def _command_line(cmd: str | Sequence[str]) -> str:
 
 
 class _Pending:
-    __slots__ = ("done", "result", "error", "notifications")
+    __slots__ = ("done", "result", "error", "notifications", "ready")
 
     def __init__(self, streaming: bool) -> None:
         self.done = threading.Event()
@@ -96,6 +96,7 @@ class _Pending:
         self.notifications: queue.Queue[tuple[str, bytes] | None] | None = (
             queue.Queue() if streaming else None
         )
+        self.ready: threading.Event | None = None
 
 
 class _Connection:
@@ -130,7 +131,11 @@ class _Connection:
                     pending = self._pending.get(params.get("id"))
                 if pending is not None and pending.notifications is not None:
                     stream = msg["method"].rsplit(".", 1)[-1]
-                    pending.notifications.put((stream, base64.b64decode(params.get("data", ""))))
+                    if stream == "ready":
+                        if pending.ready is not None:
+                            pending.ready.set()
+                    else:
+                        pending.notifications.put((stream, base64.b64decode(params.get("data", ""))))
                 continue
             with self._lock:
                 pending = self._pending.pop(msg.get("id"), None)
@@ -141,17 +146,19 @@ class _Connection:
                 pending.error = RpcError(int(err.get("code", INTERNAL_ERROR)), str(err.get("message")))
             else:
                 pending.result = msg.get("result")
+            # done before the end marker: an iterator that sees the marker
+            # finds the result there.
+            pending.done.set()
             if pending.notifications is not None:
                 pending.notifications.put(None)
-            pending.done.set()
         # The process ended: fail whatever still waits.
         with self._lock:
             left, self._pending = self._pending, {}
         for pending in left.values():
             pending.error = CellaError("cella rpc ended unexpectedly")
+            pending.done.set()
             if pending.notifications is not None:
                 pending.notifications.put(None)
-            pending.done.set()
 
     def start(self, method: str, params: Mapping[str, Any] | None, streaming: bool = False) -> tuple[int, _Pending]:
         pending = _Pending(streaming)
@@ -231,6 +238,62 @@ class ExecStream:
         result = self._conn.finish(self._rid, self._pending, 0, "exec_stream")
         self.exit_code = int(result["exit_code"])
         self.duration_ms = int(result.get("duration_ms", 0))
+
+
+class Process:
+    """A command started with `Sandbox.process` (pipe mode): feed its stdin
+    with `write`/`close_stdin`, iterate its output as `(stream, bytes)`
+    pairs, `wait()` for its exit code."""
+
+    def __init__(self, conn: _Connection, rid: int, pending: _Pending, ready: threading.Event) -> None:
+        self._conn = conn
+        self._rid = rid
+        self._pending = pending
+        self._ready = ready
+        self._stream = ExecStream(conn, rid, pending, None)
+
+    def _notify(self, method: str, params: dict[str, Any], timeout: float) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the process did not start in time")
+        msg = {"jsonrpc": "2.0", "method": "exec_pipe." + method, "params": {"id": self._rid, **params}}
+        with self._conn._write_lock:
+            assert self._conn._proc.stdin is not None
+            self._conn._proc.stdin.write((json.dumps(msg) + "\n").encode())
+
+    def write(self, data: bytes | str, timeout: float = 60) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self._notify("stdin", {"data": base64.b64encode(data).decode("ascii")}, timeout)
+
+    def close_stdin(self, timeout: float = 60) -> None:
+        self._notify("stdin_eof", {}, timeout)
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        return iter(self._stream)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Drains the output (discarding what was not iterated) and returns
+        the exit code; on `timeout` the process is killed."""
+        result = self._conn.finish(self._rid, self._pending, timeout, "exec_pipe")
+        return int(result["exit_code"])
+
+    def kill(self) -> None:
+        self._conn.cancel(self._rid)
+
+
+class AllowHosts:
+    """The running sandbox's egress allow-list (`sb.allow_hosts`); the
+    sandbox must have been created with `allow_hosts`."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def add(self, *hosts: str) -> list[str]:
+        """Allows `hosts` for new connections; returns the list in force."""
+        return list(self._conn.call("allow_list_add", {"hosts": list(hosts)}, 60)["allowed_hosts"])
+
+    def remove(self, *hosts: str) -> list[str]:
+        return list(self._conn.call("allow_list_delete", {"hosts": list(hosts)}, 60)["allowed_hosts"])
 
 
 class Files:
@@ -321,6 +384,7 @@ class Sandbox:
         self._conn = conn
         self.id = sandbox_id
         self.files = Files(conn)
+        self.allow_hosts = AllowHosts(conn)
         self._closed = False
 
     @classmethod
@@ -385,6 +449,24 @@ class Sandbox:
             params["working_dir"] = workdir
         rid, pending = self._conn.start("exec_stream", params, streaming=True)
         return ExecStream(self._conn, rid, pending, timeout)
+
+    def process(self, cmd: str | Sequence[str], *, workdir: str | None = None) -> Process:
+        """Starts `cmd` with its stdin open (pipe mode) and returns at once."""
+        params: dict[str, Any] = {"command": _command_line(cmd)}
+        if workdir:
+            params["working_dir"] = workdir
+        ready = threading.Event()
+        pending = _Pending(streaming=True)
+        pending.ready = ready
+        with self._conn._lock:
+            self._conn._next_id += 1
+            rid = self._conn._next_id
+            self._conn._pending[rid] = pending
+        msg = {"jsonrpc": "2.0", "method": "exec_pipe", "id": rid, "params": params}
+        with self._conn._write_lock:
+            assert self._conn._proc.stdin is not None
+            self._conn._proc.stdin.write((json.dumps(msg) + "\n").encode())
+        return Process(self._conn, rid, pending, ready)
 
     def close(self, timeout: float = 10) -> None:
         """Stops and removes the sandbox (guest processes get a short grace)."""

@@ -113,6 +113,34 @@ void StopAndRemove(SandboxContext& ctx, const std::string& id, std::chrono::mill
   FinishForegroundRun(ctx, id);
 }
 
+// The list before is read from the store; the supervisor applies the edit
+// and answers with the list in force.
+Result<rpc::Sandbox::AllowListChange> EditAllowListOf(SandboxContext& ctx, const std::string& id,
+                                                      const std::vector<std::string>& add,
+                                                      const std::vector<std::string>& remove) {
+  rpc::Sandbox::AllowListChange change;
+  store::SandboxRecord record = CELLA_TRY(ctx.store.Get(id));
+  sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+  change.before = spec.egress.allow;
+  std::string control = sandbox::PathsFor(ctx.home, id).control_socket;
+  nlohmann::json reply = CELLA_TRY(sandbox::ControlCall(
+      control, {{"op", "allow-list"}, {"add", add}, {"remove", remove}}, std::chrono::seconds(10)));
+  if (!reply.contains("allow") || !reply["allow"].is_array())
+    return Fail("the supervisor did not report the allow-list");
+  for (const auto& h : reply["allow"])
+    if (h.is_string()) change.after.push_back(h.get<std::string>());
+  return change;
+}
+
+host::ExecRequest ExecDefaultsOf(const sandbox::SandboxSpec& spec) {
+  host::ExecRequest defaults;
+  for (const auto& [k, v] : spec.guest.env) defaults.env.push_back(k + "=" + v);
+  defaults.workdir = spec.guest.workdir;
+  defaults.user = spec.guest.user;
+  defaults.privileged = spec.guest.privileged;
+  return defaults;
+}
+
 class OwnedSandbox : public rpc::Sandbox {
  public:
   OwnedSandbox(SandboxContext ctx, std::string id, std::unique_ptr<host::AgentClient> agent,
@@ -130,22 +158,9 @@ class OwnedSandbox : public rpc::Sandbox {
 
   Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
                                         const std::vector<std::string>& remove) override {
-    // One edit at a time: the list before is read from the store, and the
-    // store's connection is not shared across threads.
+    // One edit at a time: the store's connection is not shared across threads.
     std::lock_guard lock(edit_mu_);
-    AllowListChange change;
-    store::SandboxRecord record = CELLA_TRY(ctx_.store.Get(id_));
-    sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
-    change.before = spec.egress.allow;
-    std::string control = sandbox::PathsFor(ctx_.home, id_).control_socket;
-    nlohmann::json reply = CELLA_TRY(
-        sandbox::ControlCall(control, {{"op", "allow-list"}, {"add", add}, {"remove", remove}},
-                             std::chrono::seconds(10)));
-    if (!reply.contains("allow") || !reply["allow"].is_array())
-      return Fail("the supervisor did not report the allow-list");
-    for (const auto& h : reply["allow"])
-      if (h.is_string()) change.after.push_back(h.get<std::string>());
-    return change;
+    return EditAllowListOf(ctx_, id_, add, remove);
   }
 
   Status Close(std::chrono::milliseconds grace) override {
@@ -174,6 +189,35 @@ class OwnedSandbox : public rpc::Sandbox {
   Reaper reaper_;
   std::mutex edit_mu_;   // serializes the users of ctx_.store
   bool closed_ = false;  // guarded by edit_mu_
+};
+
+// A sandbox someone else owns (`cella.attach`): driven through the router
+// like `cella exec`; Close lets go and leaves it running.
+class AttachedSandbox : public rpc::Sandbox {
+ public:
+  AttachedSandbox(SandboxContext ctx, std::string id, std::unique_ptr<host::AgentClient> agent,
+                  host::ExecRequest defaults)
+      : ctx_(std::move(ctx)),
+        id_(std::move(id)),
+        agent_(std::move(agent)),
+        defaults_(std::move(defaults)) {}
+
+  const std::string& id() const override { return id_; }
+  host::AgentClient& agent() override { return *agent_; }
+  host::ExecRequest ExecDefaults() const override { return defaults_; }
+  Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
+                                        const std::vector<std::string>& remove) override {
+    std::lock_guard lock(mu_);
+    return EditAllowListOf(ctx_, id_, add, remove);
+  }
+  Status Close(std::chrono::milliseconds) override { return {}; }
+
+ private:
+  std::mutex mu_;  // serializes the users of ctx_.store
+  SandboxContext ctx_;
+  std::string id_;
+  std::unique_ptr<host::AgentClient> agent_;
+  host::ExecRequest defaults_;
 };
 
 std::string FormatCpus(double cpus) {
@@ -237,15 +281,21 @@ Result<std::unique_ptr<rpc::Sandbox>> CreateOwnedSandbox(const rpc::CreateParams
   if (!record) return fail(record.error());
   auto spec = sandbox::DecodeSpec(record->spec_json);
   if (!spec) return fail(spec.error());
-  host::ExecRequest defaults;
-  for (const auto& [k, v] : spec->guest.env) defaults.env.push_back(k + "=" + v);
-  defaults.workdir = spec->guest.workdir;
-  defaults.user = spec->guest.user;
-  defaults.privileged = spec->guest.privileged;
+  host::ExecRequest defaults = ExecDefaultsOf(*spec);
   auto agent = ConnectAgent(ctx, *record);
   if (!agent) return fail(agent.error());
   return std::make_unique<OwnedSandbox>(std::move(ctx), id, std::move(*agent), std::move(defaults),
                                         std::move(reaper));
+}
+
+Result<std::unique_ptr<rpc::Sandbox>> AttachSandbox(const std::string& ref) {
+  SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+  store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
+  CELLA_TRY(RequireRunning(record, "cella.attach"));
+  sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+  auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+  return std::make_unique<AttachedSandbox>(std::move(ctx), record.id, std::move(agent),
+                                           ExecDefaultsOf(spec));
 }
 
 // Reads the sandbox ID line from the lifeline (fd 3); "" when the owner
@@ -265,7 +315,7 @@ std::string ReadOwnedId(int fd) {
 }  // namespace
 
 int RpcCommand() {
-  rpc::Server server(&CreateOwnedSandbox, STDIN_FILENO, STDOUT_FILENO);
+  rpc::Server server(&CreateOwnedSandbox, STDIN_FILENO, STDOUT_FILENO, {}, &AttachSandbox);
   if (auto st = server.Serve(); !st) return ReportFailure(st.error());
   return 0;
 }

@@ -241,6 +241,20 @@ r = result(rpc.call(51, "allow_list_delete", {"hosts": ["first.test"]}), "allow 
 check(r["removed"] == ["first.test"] and r["allowed_hosts"] == ["second.test"], f"delete {r}")
 check(error_code(rpc.call(52, "allow_list_add", {"hosts": []})) == -32602, "empty hosts")
 
+# cella.attach: a second rpc process drives the same sandbox without owning
+# it; its close leaves the sandbox running.
+other = Rpc()
+r = result(other.call(1, "cella.attach", {"id": sandbox_id}), "cella.attach")
+check(r["id"] == sandbox_id, f"attach {r}")
+r = result(other.call(2, "exec", {"command": "echo $GREETING"}), "exec through attach")
+check(unb64(r["stdout"]) == b"hello from rpc\n", f"attached exec {r}")
+check(error_code(other.call(3, "create", {"image": IMAGE})) == -32000, "create after attach")
+result(other.call(4, "close", {}), "close of an attached sandbox")
+other.proc.wait(30)
+r = result(rpc.call(70, "exec", {"command": "echo alive"}), "exec after the attacher closed")
+check(unb64(r["stdout"]) == b"alive\n", f"owner's sandbox after attach/close {r}")
+check(error_code(Rpc().call(1, "cella.attach", {"id": "no-such-sandbox"})) == -32000, "attach unknown")
+
 # The owner dies hard: the sandbox must go too.
 rpc.proc.send_signal(signal.SIGKILL)
 rpc.proc.wait(10)

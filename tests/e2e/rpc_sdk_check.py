@@ -74,6 +74,9 @@ with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=51
     check(piped == b"PIPED INPUT\n" and p.wait(30) == 0, f"process: {piped}")
     check(sorted(sb.allow_hosts.add("b.test")) == ["a.test", "b.test"], "allow_hosts.add")
     check(sb.allow_hosts.remove("a.test") == ["b.test"], "allow_hosts.remove")
+    with Sandbox.attach(sb.id, cella_bin=CELLA) as other:
+        check(other.exec("echo $GREETING").stdout_text == "hi\n", "attached exec")
+    check(sb.exec("true").ok, "the sandbox survives its attacher's close")
     sandbox_id = sb.id
 
 deadline = time.time() + 60

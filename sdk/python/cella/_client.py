@@ -421,6 +421,18 @@ class Sandbox:
             raise
         return cls(conn, str(result["id"]))
 
+    @classmethod
+    def attach(cls, name_or_id: str, *, cella_bin: str | None = None, timeout: float | None = 60) -> "Sandbox":
+        """Drives an existing running sandbox (e.g. from `cella run -d`)
+        without owning it: `close()` lets go and leaves it running."""
+        conn = _Connection(cella_bin or os.environ.get("CELLA_BIN", "cella"))
+        try:
+            result = conn.call("cella.attach", {"id": name_or_id}, timeout)
+        except BaseException:
+            conn.shutdown(30)
+            raise
+        return cls(conn, str(result["id"]))
+
     def __enter__(self) -> "Sandbox":
         return self
 

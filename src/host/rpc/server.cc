@@ -69,8 +69,13 @@ int64_t MillisSince(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-Server::Server(SandboxFactory factory, int in_fd, int out_fd, ServerOptions options)
-    : factory_(std::move(factory)), in_fd_(in_fd), out_fd_(out_fd), options_(options) {}
+Server::Server(SandboxFactory factory, int in_fd, int out_fd, ServerOptions options,
+               SandboxAttacher attacher)
+    : factory_(std::move(factory)),
+      attacher_(std::move(attacher)),
+      in_fd_(in_fd),
+      out_fd_(out_fd),
+      options_(options) {}
 
 Server::~Server() { Teardown(); }
 
@@ -180,6 +185,11 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
     if (method == "create") {
       WaitIdle(options_.drain_timeout);
       Answer(*call, DoCreate(*call, params));
+      return;
+    }
+    if (method == "cella.attach") {
+      WaitIdle(options_.drain_timeout);
+      Answer(*call, DoAttach(*call, params));
       return;
     }
     if (method == "close") {
@@ -313,6 +323,29 @@ json Server::DoCreate(Call& call, const json& params) {
     return nullptr;
   }
   std::shared_ptr<Sandbox> sandbox(std::move(*made));
+  {
+    std::lock_guard lock(mu_);
+    sandbox_ = sandbox;
+  }
+  return {{"id", sandbox->id()}};
+}
+
+json Server::DoAttach(Call& call, const json& params) {
+  std::string ref = RequireString(params, "id");
+  if (!attacher_) {
+    AnswerError(call, kMethodNotFound, "Method not found: cella.attach");
+    return nullptr;
+  }
+  if (CurrentSandbox()) {
+    AnswerError(call, kVmFailed, "VM already created: one sandbox per rpc process");
+    return nullptr;
+  }
+  auto attached = attacher_(ref);
+  if (!attached) {
+    AnswerError(call, kVmFailed, attached.error().message);
+    return nullptr;
+  }
+  std::shared_ptr<Sandbox> sandbox(std::move(*attached));
   {
     std::lock_guard lock(mu_);
     sandbox_ = sandbox;

@@ -73,6 +73,9 @@ class Sandbox {
 
 // Fails with a message for the client (a −32000 answer).
 using SandboxFactory = std::function<Result<std::unique_ptr<Sandbox>>(const CreateParams&)>;
+// `cella.attach {id}`: an existing sandbox (a name or ID), driven but not
+// owned: its Close only lets go of it.
+using SandboxAttacher = std::function<Result<std::unique_ptr<Sandbox>>(const std::string&)>;
 
 struct ServerOptions {
   size_t max_line_bytes = size_t{10} << 20;   // matchlock's cap
@@ -85,7 +88,8 @@ struct ServerOptions {
 
 class Server {
  public:
-  Server(SandboxFactory factory, int in_fd, int out_fd, ServerOptions options = {});
+  Server(SandboxFactory factory, int in_fd, int out_fd, ServerOptions options = {},
+         SandboxAttacher attacher = nullptr);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -108,6 +112,7 @@ class Server {
   void Send(const json& message);
 
   json DoCreate(Call& call, const json& params);
+  json DoAttach(Call& call, const json& params);
   json DoClose(Call& call, const json& params);
   void DoCancel(Call& call, const json& params);
   // How an exec's output and input travel: collected into the result
@@ -130,6 +135,7 @@ class Server {
   void Teardown();
 
   SandboxFactory factory_;
+  SandboxAttacher attacher_;
   int in_fd_;
   int out_fd_;
   ServerOptions options_;

@@ -77,6 +77,18 @@ with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=51
     with Sandbox.attach(sb.id, cella_bin=CELLA) as other:
         check(other.exec("echo $GREETING").stdout_text == "hi\n", "attached exec")
     check(sb.exec("true").ok, "the sandbox survives its attacher's close")
+    async def together():
+        import asyncio
+        results = await asyncio.gather(*(sb.exec_async(f"sleep 1; echo {i}") for i in range(4)))
+        await sb.files.write_async("/tmp/sdk/async.txt", b"async")
+        return results, await sb.files.read_async("/tmp/sdk/async.txt")
+
+    import asyncio
+    start = time.monotonic()
+    results, data = asyncio.run(together())
+    check([r.stdout_text for r in results] == ["0\n", "1\n", "2\n", "3\n"] and data == b"async",
+          f"async: {results} {data}")
+    check(time.monotonic() - start < 20, "async execs did not run concurrently")
     sandbox_id = sb.id
 
 deadline = time.time() + 60

@@ -4,6 +4,7 @@ documented in src/host/rpc/README.md of the cella repository)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -315,6 +316,17 @@ class Files:
         result = self._conn.call("read_file", {"path": path}, timeout)
         return base64.b64decode(result["content"])
 
+    # asyncio variants: the same calls on a worker thread, so an event loop
+    # keeps running while the guest works.
+    async def write_async(self, path: str, data: bytes | str, mode: int = 0o644, timeout: float | None = None) -> None:
+        await asyncio.to_thread(self.write, path, data, mode, timeout)
+
+    async def read_async(self, path: str, timeout: float | None = None) -> bytes:
+        return await asyncio.to_thread(self.read, path, timeout)
+
+    async def list_async(self, path: str, timeout: float | None = None) -> list[FileInfo]:
+        return await asyncio.to_thread(self.list, path, timeout)
+
     def read_text(self, path: str, timeout: float | None = None) -> str:
         return self.read(path, timeout).decode("utf-8", errors="replace")
 
@@ -452,6 +464,10 @@ class Sandbox:
             stderr=base64.b64decode(r.get("stderr", "")),
             duration_ms=int(r.get("duration_ms", 0)),
         )
+
+    async def exec_async(self, cmd: str | Sequence[str], *, workdir: str | None = None, timeout: float | None = None) -> ExecResult:
+        """`exec` for asyncio: many may run at once on one sandbox."""
+        return await asyncio.to_thread(lambda: self.exec(cmd, workdir=workdir, timeout=timeout))
 
     def exec_stream(self, cmd: str | Sequence[str], *, workdir: str | None = None, timeout: float | None = None) -> ExecStream:
         """Starts `cmd` and returns an iterator over its output as it arrives

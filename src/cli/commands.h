@@ -55,6 +55,11 @@ struct RunArgs {
   std::vector<std::string> secrets;   // --secret NAME@host[,host] | NAME=VALUE@host
   std::vector<std::string> resolves;  // --resolve NAME:PORT:ADDR[:PORT]
   std::string upstream_ca;            // --upstream-ca FILE
+  // Set by `cella rpc`, not by flags: no_main runs no main process (the
+  // image's entrypoint included) and keeps the VM up for exec; keep_alive
+  // keeps it up after the main process ends.
+  bool no_main = false;
+  bool keep_alive = false;
 };
 
 struct ExecArgs {
@@ -90,12 +95,18 @@ int PruneCommand();
 // guest, the caller on the host) and lose setuid/setgid bits (docker cp).
 int CpCommand(const std::string& source, const std::string& destination, bool archive);
 int PortForwardCommand(const std::string& sandbox, const std::string& mapping);
-int VolumeCreateCommand(const std::string& name, const std::string& size);
+// A bare number for `size` is MB (matchlock's CLI); --json prints
+// {"name","size","path"} with size as "N.0 MB", as matchlock's SDKs parse.
+int VolumeCreateCommand(const std::string& name, const std::string& size, ListFormat format);
 int VolumeLsCommand(ListFormat format);
 int VolumeRmCommand(const std::vector<std::string>& names);
 enum class AllowListOp { kAdd, kRemove, kList };
 int AllowListCommand(AllowListOp op, const std::string& sandbox,
                      const std::vector<std::string>& hosts);
+// matchlock's JSON-RPC on stdin/stdout, one sandbox owned by this process.
+int RpcCommand();
+// Removes an rpc process's sandbox once that process is gone (rpc_command.cc).
+int RpcReaperCommand();
 int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches);
 // cella's own failure: one line on stderr, docker's exit code 125.
 int ReportFailure(const Error& error);

@@ -202,9 +202,11 @@ int Main(int argc, char** argv) {
   volume_cmd->require_subcommand(1);
   std::string volume_name, volume_size;
   CLI::App* volume_create_cmd = volume_cmd->add_subcommand("create", "Create a volume");
-  volume_create_cmd->add_option("--size", volume_size, "Size (sparse; default 1g)");
+  volume_create_cmd->add_option("--size", volume_size,
+                                "Size (sparse; default 1g; a bare number is MB)");
   volume_create_cmd->add_option("name", volume_name, "Volume name")->required();
   bool volume_json = false;
+  volume_create_cmd->add_flag("--json", volume_json, "Print {name, size, path} as JSON");
   CLI::App* volume_ls_cmd = volume_cmd->add_subcommand("ls", "List volumes");
   volume_ls_cmd->add_flag("--json", volume_json, "Machine-readable output");
   std::vector<std::string> volume_rm_names;
@@ -225,6 +227,11 @@ int Main(int argc, char** argv) {
   allow_rm_cmd->add_option("hosts", allow_hosts, "Hosts")->required();
   CLI::App* allow_ls_cmd = allow_cmd->add_subcommand("ls", "Print the allow-list");
   allow_ls_cmd->add_option("sandbox", allow_sandbox, "Sandbox")->required();
+
+  CLI::App* rpc_cmd = app.add_subcommand(
+      "rpc", "Serve matchlock's JSON-RPC 2.0 on stdin/stdout (one sandbox, removed at the end)");
+  CLI::App* rpc_reaper_cmd = app.add_subcommand("__rpc-reaper", "");
+  rpc_reaper_cmd->group("");
 
   // The sandbox supervisor: started by cella itself, not by people.
   std::string supervise_id;
@@ -273,7 +280,11 @@ int Main(int argc, char** argv) {
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
   if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst, cp_archive);
   if (pf_cmd->parsed()) return cella::cli::PortForwardCommand(pf_sandbox, pf_mapping);
-  if (volume_create_cmd->parsed()) return cella::cli::VolumeCreateCommand(volume_name, volume_size);
+  if (rpc_cmd->parsed()) return cella::cli::RpcCommand();
+  if (rpc_reaper_cmd->parsed()) return cella::cli::RpcReaperCommand();
+  if (volume_create_cmd->parsed())
+    return cella::cli::VolumeCreateCommand(volume_name, volume_size,
+                                           volume_json ? ListFormat::kJson : ListFormat::kText);
   if (volume_ls_cmd->parsed())
     return cella::cli::VolumeLsCommand(volume_json ? ListFormat::kJson : ListFormat::kText);
   if (volume_rm_cmd->parsed()) return cella::cli::VolumeRmCommand(volume_rm_names);

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -131,10 +132,20 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
                                                {args.insecure_registries, args.ca_file}));
     spec.root_image_path = image.rootfs_path;
     // Image env lands on top of the defaults and under the user's -e/--env-file.
-    CELLA_TRY_CTX(sandbox::ApplyImageDefaults(image.defaults, args.command, g), args.image);
+    if (args.no_main) {
+      // The image's env, workdir and user still apply; its entrypoint does
+      // not run (a placeholder command satisfies ApplyImageDefaults).
+      CELLA_TRY_CTX(sandbox::ApplyImageDefaults(image.defaults, {"true"}, g), args.image);
+      g.cmd.clear();
+      g.keep_alive = true;
+    } else {
+      CELLA_TRY_CTX(sandbox::ApplyImageDefaults(image.defaults, args.command, g), args.image);
+      // `cella rpc` with launch_entrypoint: the VM outlives the entrypoint.
+      if (args.keep_alive) g.keep_alive = true;
+    }
   } else if (!args.command.empty()) {
     g.cmd = args.command;
-  } else if (detached) {
+  } else if (detached || args.no_main) {
     // `cella run -d` with nothing to run: a sandbox to exec into, up until
     // stopped.
     g.keep_alive = true;
@@ -253,30 +264,13 @@ Result<int> WaitForPowerOff(SandboxContext& ctx, const store::SandboxRecord& rec
   }
 }
 
-// Waits (bounded) for the supervisor to record the end and remove the
-// sandbox, and removes it ourselves if it could not.
-void FinishForegroundRun(SandboxContext& ctx, const std::string& id) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (std::chrono::steady_clock::now() < deadline) {
-    auto now = ctx.store.Get(id);
-    if (!now) return;  // removed: done
-    if (!store::IsActive(now->state) && !store::IsAlive(now->supervisor)) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  auto left = ctx.store.Get(id);
-  if (!left) return;
-  if (auto st = RemoveSandboxCompletely(ctx, *left); !st)
-    log::Warn("could not remove the sandbox", {{"error", st.error().message}});
-}
-
-Result<int> Run(const RunArgs& args) {
-  const bool detached = args.detach;
-  if (detached && (args.interactive || args.tty)) {
-    return Fail(
-        "-d cannot be combined with -i or -t: a detached sandbox has no terminal; "
-        "run it with -d, then: cella exec -it ID sh");
-  }
-  SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+// Makes the sandbox (directory, record, disks) and starts its supervisor.
+// `persistent` sandboxes get a writable layer on disk (detached runs);
+// others keep it in guest RAM unless --disk-size asks for one.
+Result<std::string> CreateAndSpawn(const RunArgs& args, SandboxContext& ctx,
+                                   sandbox::MainAttach attach, bool persistent,
+                                   Prepared* prepared_out,
+                                   const std::function<Status(const std::string&)>& on_record) {
   std::string cella_home = CELLA_TRY(host::CellaHome());
   std::string id = CELLA_TRY(NewSandboxId());
   sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, id);
@@ -285,7 +279,7 @@ Result<int> Run(const RunArgs& args) {
     std::error_code ec;
     std::filesystem::remove_all(paths.dir, ec);
   };
-  auto prepared = Prepare(args, ctx, cella_home, paths, detached);
+  auto prepared = Prepare(args, ctx, cella_home, paths, persistent);
   if (!prepared) {
     cleanup_dir();
     return std::unexpected(prepared.error());
@@ -305,30 +299,52 @@ Result<int> Run(const RunArgs& args) {
   record.image = args.image;
   record.command = args.command;
   record.spec_json = sandbox::EncodeSpec(prepared->spec);
-  record.auto_remove = !detached || args.rm;
+  record.auto_remove = !args.detach || args.rm;
   record.volumes = prepared->volume_uses;
   record.ports = prepared->ports;
   if (auto created = ctx.store.Create(record); !created) {
     cleanup_dir();
     return std::unexpected(created.error());
   }
+  if (on_record) {
+    if (auto st = on_record(id); !st) {
+      if (auto left = ctx.store.Get(id); left) (void)RemoveSandboxCompletely(ctx, *left);
+      return std::unexpected(st.error());
+    }
+  }
   std::string self = CELLA_TRY(SelfExecutablePath());
-  auto spawned = sandbox::SpawnSupervisor(
-      self, id, detached ? sandbox::MainAttach::kBySupervisor : sandbox::MainAttach::kByClient,
-      paths.supervisor_log, std::chrono::seconds(args.boot_timeout_s + 120),
-      prepared->secret_values.dump());
+  auto spawned = sandbox::SpawnSupervisor(self, id, attach, paths.supervisor_log,
+                                          std::chrono::seconds(args.boot_timeout_s + 120),
+                                          prepared->secret_values.dump());
   if (!spawned) {
     if (auto left = ctx.store.Get(id); left && left->auto_remove)
       (void)RemoveSandboxCompletely(ctx, *left);
     return std::unexpected(spawned.error());
   }
+  if (prepared_out) *prepared_out = std::move(*prepared);
+  return id;
+}
+
+Result<int> Run(const RunArgs& args) {
+  const bool detached = args.detach;
+  if (detached && (args.interactive || args.tty)) {
+    return Fail(
+        "-d cannot be combined with -i or -t: a detached sandbox has no terminal; "
+        "run it with -d, then: cella exec -it ID sh");
+  }
+  SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+  Prepared prepared;
+  std::string id = CELLA_TRY(CreateAndSpawn(
+      args, ctx, detached ? sandbox::MainAttach::kBySupervisor : sandbox::MainAttach::kByClient,
+      detached, &prepared, nullptr));
   if (detached) {
     if (auto st = WriteAll(STDOUT_FILENO, id + "\n"); !st) return std::unexpected(st.error());
     return 0;
   }
+  store::SandboxRecord record;
   record = CELLA_TRY(ctx.store.Get(id));
   int code = 0;
-  if (prepared->spec.guest.init_mode == protocol::InitMode::kSystemd) {
+  if (prepared.spec.guest.init_mode == protocol::InitMode::kSystemd) {
     code = CELLA_TRY(WaitForPowerOff(ctx, record));
   } else {
     auto agent = CELLA_TRY(ConnectAgent(ctx, record));
@@ -343,6 +359,28 @@ Result<int> Run(const RunArgs& args) {
 }
 
 }  // namespace
+
+void FinishForegroundRun(SandboxContext& ctx, const std::string& id) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto now = ctx.store.Get(id);
+    if (!now) return;  // removed: done
+    if (!store::IsActive(now->state) && !store::IsAlive(now->supervisor)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  auto left = ctx.store.Get(id);
+  if (!left) return;
+  if (auto st = RemoveSandboxCompletely(ctx, *left); !st)
+    log::Warn("could not remove the sandbox", {{"error", st.error().message}});
+}
+
+Result<std::string> StartOwnedSandbox(const RunArgs& args, SandboxContext& ctx,
+                                      const std::function<Status(const std::string&)>& on_record) {
+  RunArgs owned = args;
+  owned.detach = false;  // removed when it stops, as a foreground run
+  return CreateAndSpawn(owned, ctx, sandbox::MainAttach::kBySupervisor, /*persistent=*/false,
+                        nullptr, on_record);
+}
 
 Status CreateVolume(SandboxContext& ctx, const std::string& name, uint64_t size_bytes) {
   CELLA_TRY(store::CheckVolumeName(name));

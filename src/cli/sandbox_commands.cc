@@ -482,11 +482,28 @@ int PortForwardCommand(const std::string& sandbox_ref, const std::string& mappin
   return Report(run());
 }
 
-int VolumeCreateCommand(const std::string& name, const std::string& size) {
+// matchlock's volume size text ("1024.0 MB"), which its SDKs parse.
+static std::string MegabytesText(int64_t bytes) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.1f MB", static_cast<double>(bytes) / (1 << 20));
+  return text;
+}
+
+int VolumeCreateCommand(const std::string& name, const std::string& size, ListFormat format) {
   auto run = [&]() -> Status {
-    uint64_t bytes = size.empty() ? (uint64_t{1} << 30) : CELLA_TRY(sandbox::ParseDiskSize(size));
+    const bool bare_number =
+        !size.empty() && size.find_first_not_of("0123456789") == std::string::npos;
+    uint64_t bytes = size.empty()  ? (uint64_t{1} << 30)
+                     : bare_number ? CELLA_TRY(sandbox::ParseDiskSize(size + "m"))
+                                   : CELLA_TRY(sandbox::ParseDiskSize(size));
     SandboxContext ctx = CELLA_TRY(OpenSandboxes());
     CELLA_TRY(CreateVolume(ctx, name, bytes));
+    if (format == ListFormat::kJson) {
+      store::VolumeRecord v = CELLA_TRY(ctx.store.GetVolume(name));
+      return Print(
+          json{{"name", v.name}, {"size", MegabytesText(v.size_bytes)}, {"path", v.path}}.dump() +
+          "\n");
+    }
     return Print(name + "\n");
   };
   return Report(run());
@@ -511,6 +528,7 @@ int VolumeLsCommand(ListFormat format) {
         used_text += store::ShortId(id) + ":" + use.guest_path + ":" + use.mode;
       }
       out.push_back({{"name", v.name},
+                     {"size", MegabytesText(v.size_bytes)},
                      {"path", v.path},
                      {"size_bytes", v.size_bytes},
                      {"created_ms", v.created_ms},

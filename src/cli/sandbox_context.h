@@ -3,6 +3,7 @@
 // sandbox and reach its supervisor.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -34,6 +35,22 @@ Status RequireRunning(const store::SandboxRecord& record, std::string_view for_w
 // An agent client through the supervisor's router (mux.sock).
 Result<std::unique_ptr<host::AgentClient>> ConnectAgent(const SandboxContext& ctx,
                                                         const store::SandboxRecord& record);
+
+// Creates a sandbox from `args` as `run` does, with its main process (if
+// any) started by the supervisor, and returns its ID once it is running.
+// It is removed when it stops (a foreground run's lifecycle) but nobody
+// attaches: `cella rpc` owns it and stops it. (Defined with `run`.)
+// `on_record` runs once the sandbox has an ID and a record, before its
+// supervisor starts (so an owner can arrange its removal first); its error
+// removes the sandbox and is returned.
+struct RunArgs;
+Result<std::string> StartOwnedSandbox(
+    const RunArgs& args, SandboxContext& ctx,
+    const std::function<Status(const std::string&)>& on_record = nullptr);
+
+// Waits (bounded) for the supervisor to record the end and remove an
+// auto-removed sandbox, and removes it itself if the supervisor could not.
+void FinishForegroundRun(SandboxContext& ctx, const std::string& id);
 
 // Makes the volume's sparse ext4 image and records it; refuses bad or taken
 // names. (Defined with `run`, which creates volumes on first use.)

@@ -1,0 +1,509 @@
+"""The SDK's implementation: one `cella rpc` child process per Sandbox,
+newline-delimited JSON-RPC 2.0 over its stdin/stdout (the protocol is
+documented in src/host/rpc/README.md of the cella repository)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import queue
+import shlex
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+# JSON-RPC error codes cella answers with.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+VM_FAILED = -32000
+EXEC_FAILED = -32001
+FILE_FAILED = -32002
+CANCELLED = -32003
+
+
+class CellaError(Exception):
+    """Anything that went wrong driving a sandbox."""
+
+
+class RpcError(CellaError):
+    """An error answer from `cella rpc`: `code` is the JSON-RPC error code
+    (e.g. -32602 invalid params, -32001 exec failed, -32002 file failed)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{message} (code {code})")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret the guest sees only as a placeholder; cella substitutes the
+    value in requests to `hosts` (which must be allowed)."""
+
+    name: str
+    value: str
+    hosts: Sequence[str]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration_ms: int
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    size: int
+    mode: int
+    is_dir: bool
+
+
+def _command_line(cmd: str | Sequence[str]) -> str:
+    # The protocol takes one shell line; a list is quoted so each item stays
+    # one argument.
+    if isinstance(cmd, str):
+        return cmd
+    return shlex.join(list(cmd))
+
+
+class _Pending:
+    __slots__ = ("done", "result", "error", "notifications", "ready")
+
+    def __init__(self, streaming: bool) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.notifications: queue.Queue[tuple[str, bytes] | None] | None = (
+            queue.Queue() if streaming else None
+        )
+        self.ready: threading.Event | None = None
+
+
+class _Connection:
+    """One `cella rpc` process. Thread-safe: requests may be sent from many
+    threads; one reader thread routes answers and notifications."""
+
+    def __init__(self, binary: str) -> None:
+        self._proc = subprocess.Popen(
+            [binary, "rpc"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._next_id = 0
+        self._pending: dict[int, _Pending] = {}
+        self._reader = threading.Thread(target=self._read_loop, name="cella-rpc", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "method" in msg:
+                params = msg.get("params") or {}
+                with self._lock:
+                    pending = self._pending.get(params.get("id"))
+                if pending is not None and pending.notifications is not None:
+                    stream = msg["method"].rsplit(".", 1)[-1]
+                    if stream == "ready":
+                        if pending.ready is not None:
+                            pending.ready.set()
+                    else:
+                        pending.notifications.put((stream, base64.b64decode(params.get("data", ""))))
+                continue
+            with self._lock:
+                pending = self._pending.pop(msg.get("id"), None)
+            if pending is None:
+                continue
+            if msg.get("error"):
+                err = msg["error"]
+                pending.error = RpcError(int(err.get("code", INTERNAL_ERROR)), str(err.get("message")))
+            else:
+                pending.result = msg.get("result")
+            # done before the end marker: an iterator that sees the marker
+            # finds the result there.
+            pending.done.set()
+            if pending.notifications is not None:
+                pending.notifications.put(None)
+        # The process ended: fail whatever still waits.
+        with self._lock:
+            left, self._pending = self._pending, {}
+        for pending in left.values():
+            pending.error = CellaError("cella rpc ended unexpectedly")
+            pending.done.set()
+            if pending.notifications is not None:
+                pending.notifications.put(None)
+
+    def start(self, method: str, params: Mapping[str, Any] | None, streaming: bool = False) -> tuple[int, _Pending]:
+        pending = _Pending(streaming)
+        with self._lock:
+            self._next_id += 1
+            rid = self._next_id
+            self._pending[rid] = pending
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
+        if params is not None:
+            msg["params"] = dict(params)
+        data = (json.dumps(msg) + "\n").encode()
+        try:
+            with self._write_lock:
+                assert self._proc.stdin is not None
+                self._proc.stdin.write(data)
+        except (BrokenPipeError, OSError) as e:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise CellaError(f"cella rpc is not running: {e}") from e
+        return rid, pending
+
+    def finish(self, rid: int, pending: _Pending, timeout: float | None, method: str) -> Any:
+        if not pending.done.wait(timeout):
+            self.cancel(rid)
+            raise TimeoutError(f"{method} (id {rid}) timed out after {timeout}s; cancelled")
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def call(self, method: str, params: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
+        rid, pending = self.start(method, params)
+        return self.finish(rid, pending, timeout, method)
+
+    def cancel(self, rid: int) -> None:
+        try:
+            self.start("cancel", {"id": rid})  # fire and forget
+        except CellaError:
+            pass
+
+    def shutdown(self, timeout: float) -> None:
+        try:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+
+
+class ExecStream:
+    """Output of `Sandbox.exec_stream` as it arrives: iterate for
+    `(stream, bytes)` pairs (`stream` is "stdout" or "stderr"); afterwards
+    `exit_code` and `duration_ms` are set."""
+
+    def __init__(self, conn: _Connection, rid: int, pending: _Pending, timeout: float | None) -> None:
+        self._conn = conn
+        self._rid = rid
+        self._pending = pending
+        self._timeout = timeout
+        self.exit_code: int | None = None
+        self.duration_ms: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        assert self._pending.notifications is not None
+        while True:
+            try:
+                item = self._pending.notifications.get(timeout=self._timeout)
+            except queue.Empty:
+                self._conn.cancel(self._rid)
+                raise TimeoutError(f"exec_stream (id {self._rid}): no output for {self._timeout}s; cancelled")
+            if item is None:
+                break
+            yield item
+        result = self._conn.finish(self._rid, self._pending, 0, "exec_stream")
+        self.exit_code = int(result["exit_code"])
+        self.duration_ms = int(result.get("duration_ms", 0))
+
+
+class Process:
+    """A command started with `Sandbox.process` (pipe mode): feed its stdin
+    with `write`/`close_stdin`, iterate its output as `(stream, bytes)`
+    pairs, `wait()` for its exit code."""
+
+    def __init__(self, conn: _Connection, rid: int, pending: _Pending, ready: threading.Event) -> None:
+        self._conn = conn
+        self._rid = rid
+        self._pending = pending
+        self._ready = ready
+        self._stream = ExecStream(conn, rid, pending, None)
+
+    def _notify(self, method: str, params: dict[str, Any], timeout: float) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the process did not start in time")
+        msg = {"jsonrpc": "2.0", "method": "exec_pipe." + method, "params": {"id": self._rid, **params}}
+        with self._conn._write_lock:
+            assert self._conn._proc.stdin is not None
+            self._conn._proc.stdin.write((json.dumps(msg) + "\n").encode())
+
+    def write(self, data: bytes | str, timeout: float = 60) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self._notify("stdin", {"data": base64.b64encode(data).decode("ascii")}, timeout)
+
+    def close_stdin(self, timeout: float = 60) -> None:
+        self._notify("stdin_eof", {}, timeout)
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        return iter(self._stream)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Drains the output (discarding what was not iterated) and returns
+        the exit code; on `timeout` the process is killed."""
+        result = self._conn.finish(self._rid, self._pending, timeout, "exec_pipe")
+        return int(result["exit_code"])
+
+    def kill(self) -> None:
+        self._conn.cancel(self._rid)
+
+
+class AllowHosts:
+    """The running sandbox's egress allow-list (`sb.allow_hosts`); the
+    sandbox must have been created with `allow_hosts`."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def add(self, *hosts: str) -> list[str]:
+        """Allows `hosts` for new connections; returns the list in force."""
+        return list(self._conn.call("allow_list_add", {"hosts": list(hosts)}, 60)["allowed_hosts"])
+
+    def remove(self, *hosts: str) -> list[str]:
+        return list(self._conn.call("allow_list_delete", {"hosts": list(hosts)}, 60)["allowed_hosts"])
+
+
+class Files:
+    """File access inside a sandbox (`sb.files`)."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644, timeout: float | None = None) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self._conn.call(
+            "write_file",
+            {"path": path, "content": base64.b64encode(data).decode("ascii"), "mode": mode},
+            timeout,
+        )
+
+    def read(self, path: str, timeout: float | None = None) -> bytes:
+        result = self._conn.call("read_file", {"path": path}, timeout)
+        return base64.b64decode(result["content"])
+
+    # asyncio variants: the same calls on a worker thread, so an event loop
+    # keeps running while the guest works.
+    async def write_async(self, path: str, data: bytes | str, mode: int = 0o644, timeout: float | None = None) -> None:
+        await asyncio.to_thread(self.write, path, data, mode, timeout)
+
+    async def read_async(self, path: str, timeout: float | None = None) -> bytes:
+        return await asyncio.to_thread(self.read, path, timeout)
+
+    async def list_async(self, path: str, timeout: float | None = None) -> list[FileInfo]:
+        return await asyncio.to_thread(self.list, path, timeout)
+
+    def read_text(self, path: str, timeout: float | None = None) -> str:
+        return self.read(path, timeout).decode("utf-8", errors="replace")
+
+    def list(self, path: str, timeout: float | None = None) -> list[FileInfo]:
+        result = self._conn.call("list_files", {"path": path}, timeout)
+        return [
+            FileInfo(name=f["name"], size=int(f["size"]), mode=int(f["mode"]) & 0o7777, is_dir=bool(f["is_dir"]))
+            for f in result.get("files", [])
+        ]
+
+
+@dataclass
+class _Options:
+    image: str
+    cpus: float | None = None
+    memory_mb: int | None = None
+    disk_size_mb: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    allow_hosts: Sequence[str] = ()
+    secrets: Sequence[Secret] = ()
+    no_network: bool = False
+    hostname: str | None = None
+    workdir: str | None = None
+    user: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"image": self.image}
+        resources: dict[str, Any] = {}
+        if self.cpus:
+            resources["cpus"] = self.cpus
+        if self.memory_mb:
+            resources["memory_mb"] = self.memory_mb
+        if self.disk_size_mb:
+            resources["disk_size_mb"] = self.disk_size_mb
+        if resources:
+            p["resources"] = resources
+        network: dict[str, Any] = {}
+        if self.allow_hosts:
+            network["allowed_hosts"] = list(self.allow_hosts)
+        if self.secrets:
+            network["secrets"] = {s.name: {"value": s.value, "hosts": list(s.hosts)} for s in self.secrets}
+        if self.no_network:
+            network["no_network"] = True
+        if self.hostname:
+            network["hostname"] = self.hostname
+        if network:
+            p["network"] = network
+        if self.env:
+            p["env"] = dict(self.env)
+        image_config: dict[str, Any] = {}
+        if self.workdir:
+            image_config["working_dir"] = self.workdir
+        if self.user:
+            image_config["user"] = self.user
+        if image_config:
+            p["image_config"] = image_config
+        return p
+
+
+class Sandbox:
+    """A cella sandbox owned by this Python process: removed by `close()`,
+    at the end of a `with` block, or when this process exits (the `cella
+    rpc` child sees its stdin close; if it is killed, its reaper removes
+    the sandbox)."""
+
+    def __init__(self, conn: _Connection, sandbox_id: str) -> None:
+        self._conn = conn
+        self.id = sandbox_id
+        self.files = Files(conn)
+        self.allow_hosts = AllowHosts(conn)
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        image: str,
+        *,
+        cpus: float | None = None,
+        memory_mb: int | None = None,
+        disk_size_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        allow_hosts: Sequence[str] = (),
+        secrets: Sequence[Secret] = (),
+        no_network: bool = False,
+        hostname: str | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        cella_bin: str | None = None,
+        timeout: float | None = 600,
+    ) -> "Sandbox":
+        """Boots a sandbox from `image` (pulled when missing, names as
+        `docker run` takes them). `cella_bin` defaults to $CELLA_BIN, then
+        `cella` on PATH."""
+        options = _Options(
+            image=image, cpus=cpus, memory_mb=memory_mb, disk_size_mb=disk_size_mb,
+            env=env or {}, allow_hosts=allow_hosts, secrets=secrets, no_network=no_network,
+            hostname=hostname, workdir=workdir, user=user,
+        )
+        conn = _Connection(cella_bin or os.environ.get("CELLA_BIN", "cella"))
+        try:
+            result = conn.call("create", options.params(), timeout)
+        except BaseException:
+            conn.shutdown(30)
+            raise
+        return cls(conn, str(result["id"]))
+
+    @classmethod
+    def attach(cls, name_or_id: str, *, cella_bin: str | None = None, timeout: float | None = 60) -> "Sandbox":
+        """Drives an existing running sandbox (e.g. from `cella run -d`)
+        without owning it: `close()` lets go and leaves it running."""
+        conn = _Connection(cella_bin or os.environ.get("CELLA_BIN", "cella"))
+        try:
+            result = conn.call("cella.attach", {"id": name_or_id}, timeout)
+        except BaseException:
+            conn.shutdown(30)
+            raise
+        return cls(conn, str(result["id"]))
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exec(self, cmd: str | Sequence[str], *, workdir: str | None = None, timeout: float | None = None) -> ExecResult:
+        """Runs `cmd` (a shell line, or an argv list quoted for you) to
+        completion. On `timeout` the command is killed and TimeoutError raised."""
+        params: dict[str, Any] = {"command": _command_line(cmd)}
+        if workdir:
+            params["working_dir"] = workdir
+        r = self._conn.call("exec", params, timeout)
+        return ExecResult(
+            exit_code=int(r["exit_code"]),
+            stdout=base64.b64decode(r.get("stdout", "")),
+            stderr=base64.b64decode(r.get("stderr", "")),
+            duration_ms=int(r.get("duration_ms", 0)),
+        )
+
+    async def exec_async(self, cmd: str | Sequence[str], *, workdir: str | None = None, timeout: float | None = None) -> ExecResult:
+        """`exec` for asyncio: many may run at once on one sandbox."""
+        return await asyncio.to_thread(lambda: self.exec(cmd, workdir=workdir, timeout=timeout))
+
+    def exec_stream(self, cmd: str | Sequence[str], *, workdir: str | None = None, timeout: float | None = None) -> ExecStream:
+        """Starts `cmd` and returns an iterator over its output as it arrives
+        (`timeout`: the longest wait for the next piece)."""
+        params: dict[str, Any] = {"command": _command_line(cmd)}
+        if workdir:
+            params["working_dir"] = workdir
+        rid, pending = self._conn.start("exec_stream", params, streaming=True)
+        return ExecStream(self._conn, rid, pending, timeout)
+
+    def process(self, cmd: str | Sequence[str], *, workdir: str | None = None) -> Process:
+        """Starts `cmd` with its stdin open (pipe mode) and returns at once."""
+        params: dict[str, Any] = {"command": _command_line(cmd)}
+        if workdir:
+            params["working_dir"] = workdir
+        ready = threading.Event()
+        pending = _Pending(streaming=True)
+        pending.ready = ready
+        with self._conn._lock:
+            self._conn._next_id += 1
+            rid = self._conn._next_id
+            self._conn._pending[rid] = pending
+        msg = {"jsonrpc": "2.0", "method": "exec_pipe", "id": rid, "params": params}
+        with self._conn._write_lock:
+            assert self._conn._proc.stdin is not None
+            self._conn._proc.stdin.write((json.dumps(msg) + "\n").encode())
+        return Process(self._conn, rid, pending, ready)
+
+    def close(self, timeout: float = 10) -> None:
+        """Stops and removes the sandbox (guest processes get a short grace)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.call("close", {"timeout_seconds": 2}, timeout + 30)
+        except (CellaError, TimeoutError):
+            pass  # the rpc process removes the sandbox when its stdin ends
+        finally:
+            self._conn.shutdown(timeout + 30)

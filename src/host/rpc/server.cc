@@ -1,0 +1,700 @@
+#include "host/rpc/server.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "host/rpc/base64.h"
+
+namespace cella::rpc {
+
+using nlohmann::json;
+
+struct Server::Call {
+  json id;
+  std::string key;  // id.dump(): the in-flight map's key
+  std::atomic<bool> answered{false};
+  std::mutex mu;
+  bool cancelled = false;           // guarded by mu
+  std::function<void()> on_cancel;  // guarded by mu; kills what the call started
+  // exec_pipe / exec_tty: the running process, for the client's stdin and
+  // resize notifications; set once it started.
+  std::shared_ptr<host::ExecSession> session;  // guarded by mu
+};
+
+namespace {
+
+// A request's params failed validation: answered −32602.
+struct ParamError {
+  std::string message;
+};
+
+const json& RequireObject(const json& params) {
+  if (!params.is_object()) throw ParamError{"params: want an object"};
+  return params;
+}
+
+std::string RequireString(const json& params, const char* key) {
+  auto it = RequireObject(params).find(key);
+  if (it == params.end() || !it->is_string())
+    throw ParamError{std::string(key) + ": want a string"};
+  return it->get<std::string>();
+}
+
+std::string OptionalString(const json& params, const char* key) {
+  auto it = RequireObject(params).find(key);
+  if (it == params.end() || it->is_null()) return {};
+  if (!it->is_string()) throw ParamError{std::string(key) + ": want a string"};
+  return it->get<std::string>();
+}
+
+// Methods matchlock has that this server does not implement yet: answered
+// with an error naming them rather than "Method not found".
+bool NotYetSupported(const std::string& method) {
+  for (const char* m : {"log", "log_stream", "port_forward"})
+    if (method == m) return true;
+  return false;
+}
+
+int64_t MillisSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                               start)
+      .count();
+}
+
+}  // namespace
+
+Server::Server(SandboxFactory factory, int in_fd, int out_fd, ServerOptions options,
+               SandboxAttacher attacher)
+    : factory_(std::move(factory)),
+      attacher_(std::move(attacher)),
+      in_fd_(in_fd),
+      out_fd_(out_fd),
+      options_(options) {}
+
+Server::~Server() { Teardown(); }
+
+Status Server::Serve() {
+  std::string buffer;
+  size_t scanned = 0;       // bytes of buffer known to hold no '\n'
+  bool discarding = false;  // inside an oversized line: drop up to its '\n'
+  std::vector<std::byte> chunk(64 << 10);
+  Status outcome;
+  while (!closed_) {
+    ReapFinished();
+    // No time-out: the client decides when to send; its EOF ends the server.
+    auto got = ReadSome(in_fd_, chunk);
+    if (!got) {
+      outcome = std::unexpected(got.error());
+      break;
+    }
+    if (*got == 0) {
+      if (!discarding && !buffer.empty()) HandleLine(buffer);  // a last line without '\n'
+      break;
+    }
+    buffer.append(reinterpret_cast<const char*>(chunk.data()), *got);
+    for (;;) {
+      size_t nl = buffer.find('\n', scanned);
+      if (nl == std::string::npos) {
+        scanned = buffer.size();
+        break;
+      }
+      if (discarding) {
+        // the tail of an oversized line, answered already
+      } else if (nl > options_.max_line_bytes) {
+        SendError(nullptr, kInvalidRequest,
+                  "Invalid Request: line longer than " + std::to_string(options_.max_line_bytes) +
+                      " bytes");
+      } else {
+        HandleLine(std::string_view(buffer).substr(0, nl));
+      }
+      discarding = false;
+      buffer.erase(0, nl + 1);
+      scanned = 0;
+      if (closed_) break;
+    }
+    if (buffer.size() > options_.max_line_bytes) {
+      if (!discarding)
+        SendError(nullptr, kInvalidRequest,
+                  "Invalid Request: line longer than " + std::to_string(options_.max_line_bytes) +
+                      " bytes");
+      discarding = true;
+      buffer.clear();
+      scanned = 0;
+    }
+  }
+  Teardown();
+  return outcome;
+}
+
+void Server::HandleLine(std::string_view line) {
+  while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t'))
+    line.remove_suffix(1);
+  if (line.empty()) return;
+  json message;
+  try {
+    message = json::parse(line);
+  } catch (const json::exception& e) {
+    SendError(nullptr, kParseError, std::string("Parse error: ") + e.what());
+    return;
+  }
+  if (!message.is_object()) {
+    SendError(nullptr, kInvalidRequest, "Invalid Request: want a JSON object");
+    return;
+  }
+  json id = nullptr;
+  bool has_id = false;
+  if (auto it = message.find("id"); it != message.end()) {
+    if (!it->is_number_integer() && !it->is_number_unsigned() && !it->is_string()) {
+      SendError(nullptr, kInvalidRequest, "Invalid Request: id must be an integer or a string");
+      return;
+    }
+    id = *it;
+    has_id = true;
+  }
+  auto version = message.find("jsonrpc");
+  if (version == message.end() || *version != "2.0") {
+    SendError(id, kInvalidRequest, "Invalid Request: jsonrpc must be \"2.0\"");
+    return;
+  }
+  auto method = message.find("method");
+  if (method == message.end() || !method->is_string()) {
+    SendError(id, kInvalidRequest, "Invalid Request: method must be a string");
+    return;
+  }
+  json params = json::object();
+  if (auto it = message.find("params"); it != message.end() && !it->is_null()) params = *it;
+  if (!has_id) {
+    // A notification: never answered, handled here in arrival order.
+    HandleExecInput(method->get<std::string>(), params);
+    return;
+  }
+  HandleRequest(std::move(id), method->get<std::string>(), std::move(params));
+}
+
+void Server::HandleRequest(json id, const std::string& method, json params) {
+  auto call = std::make_shared<Call>();
+  call->id = id;
+  call->key = id.dump();
+  try {
+    if (method == "create") {
+      WaitIdle(options_.drain_timeout);
+      Answer(*call, DoCreate(*call, params));
+      return;
+    }
+    if (method == "cella.attach") {
+      WaitIdle(options_.drain_timeout);
+      Answer(*call, DoAttach(*call, params));
+      return;
+    }
+    if (method == "close") {
+      Answer(*call, DoClose(*call, params));
+      return;
+    }
+    if (method == "cancel") {
+      DoCancel(*call, params);
+      return;
+    }
+  } catch (const ParamError& e) {
+    AnswerError(*call, kInvalidParams, "Invalid params: " + e.message);
+    return;
+  } catch (const std::exception& e) {
+    AnswerError(*call, kInternalError, std::string("Internal error: ") + e.what());
+    return;
+  }
+  if (NotYetSupported(method)) {
+    AnswerError(*call, kMethodNotFound,
+                "Method not found: " + method + " is not supported by cella rpc yet");
+    return;
+  }
+  if (method != "exec" && method != "exec_stream" && method != "exec_pipe" &&
+      method != "exec_tty" && method != "write_file" && method != "read_file" &&
+      method != "list_files" && method != "allow_list_add" && method != "allow_list_delete") {
+    AnswerError(*call, kMethodNotFound, "Method not found: " + method);
+    return;
+  }
+  std::lock_guard lock(mu_);
+  if (in_flight_.size() >= options_.max_in_flight) {
+    AnswerError(*call, kInternalError,
+                "Internal error: too many requests in flight (" +
+                    std::to_string(options_.max_in_flight) + ")");
+    return;
+  }
+  if (in_flight_.contains(call->key)) {
+    AnswerError(*call, kInvalidRequest,
+                "Invalid Request: id " + call->key + " is already in flight");
+    return;
+  }
+  in_flight_[call->key] = call;
+  uint64_t serial = next_worker_++;
+  try {
+    workers_[serial] = std::thread([this, call, method, params = std::move(params), serial] {
+      RunWorker(call, method, params);
+      std::lock_guard done_lock(mu_);
+      if (auto it = in_flight_.find(call->key); it != in_flight_.end() && it->second == call)
+        in_flight_.erase(it);
+      finished_.push_back(serial);
+      idle_cv_.notify_all();
+    });
+  } catch (const std::system_error& e) {
+    in_flight_.erase(call->key);
+    AnswerError(*call, kInternalError, std::string("Internal error: no thread: ") + e.what());
+  }
+}
+
+void Server::RunWorker(std::shared_ptr<Call> call, const std::string& method, json params) {
+  try {
+    if (method == "exec") {
+      DoExec(*call, params, ExecMode::kCollect);
+    } else if (method == "exec_stream") {
+      DoExec(*call, params, ExecMode::kStream);
+    } else if (method == "exec_pipe") {
+      DoExec(*call, params, ExecMode::kPipe);
+    } else if (method == "exec_tty") {
+      DoExec(*call, params, ExecMode::kTty);
+    } else if (method == "write_file") {
+      DoWriteFile(*call, params);
+    } else if (method == "read_file") {
+      DoReadFile(*call, params);
+    } else if (method == "list_files") {
+      DoListFiles(*call, params);
+    } else if (method == "allow_list_add") {
+      DoAllowList(*call, params, /*add=*/true);
+    } else if (method == "allow_list_delete") {
+      DoAllowList(*call, params, /*add=*/false);
+    }
+  } catch (const ParamError& e) {
+    AnswerError(*call, kInvalidParams, "Invalid params: " + e.message);
+  } catch (const std::exception& e) {
+    AnswerError(*call, kInternalError, std::string("Internal error: ") + e.what());
+  }
+}
+
+void Server::Answer(Call& call, json result) {
+  if (call.answered.exchange(true)) return;
+  Send({{"jsonrpc", "2.0"}, {"id", call.id}, {"result", std::move(result)}});
+}
+
+void Server::AnswerError(Call& call, int code, const std::string& message) {
+  if (call.answered.exchange(true)) return;
+  SendError(call.id, code, message);
+}
+
+void Server::SendError(const json& id, int code, const std::string& message) {
+  Send({{"jsonrpc", "2.0"}, {"id", id}, {"error", {{"code", code}, {"message", message}}}});
+}
+
+void Server::Send(const json& message) {
+  // Guest output and error text may hold any bytes: never throw on them.
+  std::string text = message.dump(-1, ' ', false, json::error_handler_t::replace);
+  text += '\n';
+  std::lock_guard lock(out_mu_);
+  if (out_broken_) return;
+  if (auto st = WriteAll(out_fd_, text); !st) {
+    // The client is gone; its stdin's EOF will end the server.
+    log::Debug("rpc: cannot write to the client", {{"error", st.error().message}});
+    out_broken_ = true;
+  }
+}
+
+std::shared_ptr<Sandbox> Server::CurrentSandbox() {
+  std::lock_guard lock(mu_);
+  return sandbox_;
+}
+
+json Server::DoCreate(Call& call, const json& params) {
+  if (CurrentSandbox()) {
+    AnswerError(call, kVmFailed, "VM already created: one sandbox per rpc process");
+    return nullptr;
+  }
+  auto parsed = ParseCreateParams(params);
+  if (!parsed) {
+    AnswerError(call, kInvalidParams, "Invalid params: " + parsed.error().message);
+    return nullptr;
+  }
+  auto made = factory_(*parsed);
+  if (!made) {
+    AnswerError(call, kVmFailed, made.error().message);
+    return nullptr;
+  }
+  std::shared_ptr<Sandbox> sandbox(std::move(*made));
+  {
+    std::lock_guard lock(mu_);
+    sandbox_ = sandbox;
+  }
+  return {{"id", sandbox->id()}};
+}
+
+json Server::DoAttach(Call& call, const json& params) {
+  std::string ref = RequireString(params, "id");
+  if (!attacher_) {
+    AnswerError(call, kMethodNotFound, "Method not found: cella.attach");
+    return nullptr;
+  }
+  if (CurrentSandbox()) {
+    AnswerError(call, kVmFailed, "VM already created: one sandbox per rpc process");
+    return nullptr;
+  }
+  auto attached = attacher_(ref);
+  if (!attached) {
+    AnswerError(call, kVmFailed, attached.error().message);
+    return nullptr;
+  }
+  std::shared_ptr<Sandbox> sandbox(std::move(*attached));
+  {
+    std::lock_guard lock(mu_);
+    sandbox_ = sandbox;
+  }
+  return {{"id", sandbox->id()}};
+}
+
+json Server::DoClose(Call& call, const json& params) {
+  closed_ = true;  // matchlock's rule: nothing is read after close
+  std::chrono::milliseconds grace = options_.close_grace;
+  if (params.is_object()) {
+    if (auto it = params.find("timeout_seconds"); it != params.end() && !it->is_null()) {
+      if (!it->is_number() || !std::isfinite(it->get<double>()) || it->get<double>() < 0) {
+        AnswerError(call, kInvalidParams, "Invalid params: timeout_seconds: want a number >= 0");
+        closed_ = false;
+        return nullptr;
+      }
+      double seconds = std::min(it->get<double>(), 300.0);
+      if (seconds > 0) grace = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+    }
+  }
+  // In-flight requests get the grace to finish, then are cancelled.
+  WaitIdle(grace);
+  CancelAll();
+  WaitIdle(options_.drain_timeout);
+  std::shared_ptr<Sandbox> sandbox;
+  {
+    std::lock_guard lock(mu_);
+    sandbox = std::move(sandbox_);
+  }
+  if (sandbox) {
+    if (auto st = sandbox->Close(grace); !st) {
+      AnswerError(call, kVmFailed, "close: " + st.error().message);
+      return nullptr;
+    }
+  }
+  return json::object();
+}
+
+void Server::DoCancel(Call& call, const json& params) {
+  auto it = RequireObject(params).find("id");
+  if (it == params.end() ||
+      !(it->is_number_integer() || it->is_number_unsigned() || it->is_string()))
+    throw ParamError{"id: want the id of a request in flight"};
+  std::shared_ptr<Call> target;
+  {
+    std::lock_guard lock(mu_);
+    if (auto found = in_flight_.find(it->dump()); found != in_flight_.end()) target = found->second;
+  }
+  bool cancelled = false;
+  if (target) {
+    std::function<void()> hook;
+    {
+      std::lock_guard lock(target->mu);
+      target->cancelled = true;
+      hook = target->on_cancel;
+    }
+    cancelled = !target->answered.load();
+    AnswerError(*target, kCancelled, "request cancelled");
+    if (hook) hook();
+  }
+  Answer(call, {{"cancelled", cancelled}});
+}
+
+void Server::DoExec(Call& call, const json& params, ExecMode mode) {
+  std::string command = RequireString(params, "command");
+  std::string working_dir = OptionalString(params, "working_dir");
+  const bool stream = mode != ExecMode::kCollect;
+  const char* prefix = mode == ExecMode::kStream ? "exec_stream"
+                       : mode == ExecMode::kPipe ? "exec_pipe"
+                                                 : "exec_tty";
+  uint16_t rows = 24, cols = 80;
+  if (mode == ExecMode::kTty) {
+    for (auto [key, into] : {std::pair{"rows", &rows}, std::pair{"cols", &cols}}) {
+      auto it = params.find(key);
+      if (it == params.end() || it->is_null()) continue;
+      if (!it->is_number_unsigned() || it->get<uint64_t>() == 0 || it->get<uint64_t>() > 4096)
+        throw ParamError{std::string(key) + ": want 1..4096"};
+      *into = static_cast<uint16_t>(it->get<uint64_t>());
+    }
+  }
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  host::ExecRequest request = sandbox->ExecDefaults();
+  // matchlock's exec takes one shell command line.
+  request.argv = {"/bin/sh", "-c", command};
+  if (!working_dir.empty()) request.workdir = working_dir;
+  request.stdin_open = mode == ExecMode::kPipe || mode == ExecMode::kTty;
+  if (mode == ExecMode::kTty) {
+    request.tty = true;
+    request.rows = rows;
+    request.cols = cols;
+  }
+
+  struct Collected {
+    std::mutex mu;
+    std::string out, err;  // guarded by mu
+    bool truncated = false;
+  };
+  auto collected = std::make_shared<Collected>();
+  const size_t cap = options_.max_exec_output;
+  auto sink = [this, &call, collected, cap, stream, prefix](bool is_stdout) {
+    return [this, &call, collected, cap, stream, prefix, is_stdout](std::string_view bytes) {
+      if (call.answered.load()) return;  // cancelled: the client stopped listening
+      if (stream) {
+        Send({{"jsonrpc", "2.0"},
+              {"method", std::string(prefix) + (is_stdout ? ".stdout" : ".stderr")},
+              {"params", {{"id", call.id}, {"data", Base64Encode(bytes)}}}});
+        return;
+      }
+      std::lock_guard lock(collected->mu);
+      std::string& into = is_stdout ? collected->out : collected->err;
+      size_t room = cap - std::min(cap, collected->out.size() + collected->err.size());
+      if (bytes.size() > room) collected->truncated = true;
+      into.append(bytes.substr(0, room));
+    };
+  };
+  auto start = std::chrono::steady_clock::now();
+  auto started = sandbox->agent().StartExec(request, {sink(true), sink(false)});
+  if (!started) return AnswerError(call, kExecFailed, started.error().message);
+  std::shared_ptr<host::ExecSession> session(std::move(*started));
+  auto kill = [session] {
+    // Best effort: the process may have exited already.
+    (void)session->Signal(SIGKILL);
+  };
+  {
+    std::lock_guard lock(call.mu);
+    if (call.cancelled) {
+      kill();
+    } else {
+      call.on_cancel = kill;
+      if (request.stdin_open) call.session = session;
+    }
+  }
+  // The client may send stdin from now on (matchlock's order: no stdin
+  // before ready).
+  if (request.stdin_open)
+    Send({{"jsonrpc", "2.0"},
+          {"method", std::string(prefix) + ".ready"},
+          {"params", {{"id", call.id}}}});
+  auto status = session->Wait();
+  {
+    std::lock_guard lock(call.mu);
+    call.on_cancel = nullptr;
+    call.session.reset();
+  }
+  if (!status) return AnswerError(call, kExecFailed, status.error().message);
+  json result = {{"exit_code", status->ShellCode()}, {"duration_ms", MillisSince(start)}};
+  if (!stream) {
+    std::lock_guard lock(collected->mu);
+    if (collected->truncated)
+      log::Notice("rpc: exec output truncated", {{"cap_bytes", static_cast<int64_t>(cap)}});
+    result["stdout"] = Base64Encode(collected->out);
+    result["stderr"] = Base64Encode(collected->err);
+  }
+  Answer(call, std::move(result));
+}
+
+void Server::HandleExecInput(const std::string& method, const json& params) {
+  const bool pipe = method.starts_with("exec_pipe.");
+  const bool tty = method.starts_with("exec_tty.");
+  if (!pipe && !tty) {
+    log::Debug("rpc: notification ignored", {{"method", method}});
+    return;
+  }
+  // Notifications get no answer, not even an error: a bad one is dropped.
+  if (!params.is_object()) return;
+  auto id = params.find("id");
+  if (id == params.end()) return;
+  std::shared_ptr<Call> call;
+  {
+    std::lock_guard lock(mu_);
+    if (auto found = in_flight_.find(id->dump()); found != in_flight_.end()) call = found->second;
+  }
+  if (!call) return;
+  std::shared_ptr<host::ExecSession> session;
+  {
+    std::lock_guard lock(call->mu);
+    session = call->session;
+  }
+  if (!session) return;  // not ready yet, or over: dropped, as matchlock does
+  const std::string what = method.substr(method.find('.') + 1);
+  Status st;
+  if (what == "stdin") {
+    auto data = params.find("data");
+    if (data == params.end() || !data->is_string()) return;
+    auto bytes = Base64Decode(data->get<std::string>());
+    if (!bytes) return;
+    // Blocks while the guest has no credit for this stdin: input stays in
+    // order, and memory bounded, at the price of holding later lines.
+    st = session->WriteStdin(*bytes);
+  } else if (what == "stdin_eof") {
+    st = session->CloseStdin();
+  } else if (what == "resize" && tty) {
+    auto rows = params.find("rows");
+    auto cols = params.find("cols");
+    if (rows == params.end() || cols == params.end() || !rows->is_number_unsigned() ||
+        !cols->is_number_unsigned() || rows->get<uint64_t>() == 0 || rows->get<uint64_t>() > 4096 ||
+        cols->get<uint64_t>() == 0 || cols->get<uint64_t>() > 4096)
+      return;
+    st = session->Resize(static_cast<uint16_t>(rows->get<uint64_t>()),
+                         static_cast<uint16_t>(cols->get<uint64_t>()));
+  }
+  if (!st)
+    log::Debug("rpc: exec input failed", {{"method", method}, {"error", st.error().message}});
+}
+
+void Server::DoWriteFile(Call& call, const json& params) {
+  std::string path = RequireString(params, "path");
+  std::string encoded = OptionalString(params, "content");
+  uint32_t mode = 0644;
+  if (auto it = params.find("mode"); it != params.end() && !it->is_null()) {
+    if (!it->is_number_unsigned() && !it->is_number_integer())
+      throw ParamError{"mode: want a whole number"};
+    int64_t m = it->get<int64_t>();
+    if (m < 0 || m > 07777) throw ParamError{"mode: want permission bits (0..07777)"};
+    if (m != 0) mode = static_cast<uint32_t>(m);
+  }
+  auto bytes = Base64Decode(encoded);
+  if (!bytes)
+    return AnswerError(call, kInvalidParams, "Invalid params: content: " + bytes.error().message);
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  host::WriteFileOptions options;
+  options.mode = mode;
+  options.parents = host::WriteFileOptions::Parents::kCreate;
+  if (auto st = sandbox->agent().WriteFile(path, *bytes, options); !st)
+    return AnswerError(call, kFileFailed, st.error().message);
+  Answer(call, json::object());
+}
+
+void Server::DoReadFile(Call& call, const json& params) {
+  std::string path = RequireString(params, "path");
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  auto bytes = sandbox->agent().ReadFile(path);
+  if (!bytes) return AnswerError(call, kFileFailed, bytes.error().message);
+  Answer(call, {{"content", Base64Encode(*bytes)}});
+}
+
+void Server::DoListFiles(Call& call, const json& params) {
+  std::string path = RequireString(params, "path");
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  auto entries = sandbox->agent().ListFiles(path);
+  if (!entries) return AnswerError(call, kFileFailed, entries.error().message);
+  json files = json::array();
+  for (const auto& e : *entries) {
+    const bool is_dir = e.type == protocol::FileType::kDir;
+    // Go's os.FileMode, which matchlock reports: the directory bit is 1<<31.
+    uint32_t mode = e.mode | (is_dir ? 0x80000000u : 0u);
+    files.push_back({{"name", e.name}, {"size", e.size}, {"mode", mode}, {"is_dir", is_dir}});
+  }
+  Answer(call, {{"files", std::move(files)}});
+}
+
+void Server::DoAllowList(Call& call, const json& params, bool add) {
+  auto it = RequireObject(params).find("hosts");
+  if (it == params.end() || !it->is_array() || it->empty())
+    throw ParamError{"hosts: want a non-empty array of host names"};
+  std::vector<std::string> hosts;
+  for (const auto& h : *it) {
+    if (!h.is_string() || h.get<std::string>().empty())
+      throw ParamError{"hosts: want a non-empty array of host names"};
+    hosts.push_back(h.get<std::string>());
+  }
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  auto changed = add ? sandbox->EditAllowList(hosts, {}) : sandbox->EditAllowList({}, hosts);
+  if (!changed) return AnswerError(call, kVmFailed, changed.error().message);
+  auto minus = [](const std::vector<std::string>& a, const std::vector<std::string>& b) {
+    json out = json::array();
+    for (const auto& x : a)
+      if (std::find(b.begin(), b.end(), x) == b.end()) out.push_back(x);
+    return out;
+  };
+  json result = {{"allowed_hosts", changed->after}};
+  if (add) {
+    result["added"] = minus(changed->after, changed->before);
+  } else {
+    result["removed"] = minus(changed->before, changed->after);
+  }
+  Answer(call, std::move(result));
+}
+
+void Server::CancelAll() {
+  std::vector<std::shared_ptr<Call>> calls;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [key, call] : in_flight_) calls.push_back(call);
+  }
+  for (auto& call : calls) {
+    std::function<void()> hook;
+    {
+      std::lock_guard lock(call->mu);
+      call->cancelled = true;
+      hook = call->on_cancel;
+    }
+    AnswerError(*call, kCancelled, "request cancelled");
+    if (hook) hook();
+  }
+}
+
+void Server::WaitIdle(std::chrono::milliseconds timeout) {
+  {
+    std::unique_lock lock(mu_);
+    idle_cv_.wait_for(lock, timeout, [&] { return in_flight_.empty(); });
+  }
+  ReapFinished();
+}
+
+void Server::ReapFinished() {
+  std::vector<std::thread> done;
+  {
+    std::lock_guard lock(mu_);
+    for (uint64_t serial : finished_) {
+      if (auto it = workers_.find(serial); it != workers_.end()) {
+        done.push_back(std::move(it->second));
+        workers_.erase(it);
+      }
+    }
+    finished_.clear();
+  }
+  for (auto& t : done) t.join();
+}
+
+void Server::Teardown() {
+  // With a sandbox, work still running belongs to a client that is gone:
+  // cancel it. Without one every request is answered at once: let them be.
+  if (CurrentSandbox()) CancelAll();
+  WaitIdle(options_.drain_timeout);
+  std::shared_ptr<Sandbox> sandbox;
+  {
+    std::lock_guard lock(mu_);
+    sandbox = std::move(sandbox_);
+  }
+  if (sandbox) {
+    if (auto st = sandbox->Close(options_.close_grace); !st)
+      log::Warn("rpc: could not close the sandbox", {{"error", st.error().message}});
+  }
+  // Closing the sandbox failed any call still waiting on the guest; their
+  // threads end now.
+  std::map<uint64_t, std::thread> rest;
+  {
+    std::lock_guard lock(mu_);
+    rest.swap(workers_);
+    finished_.clear();
+  }
+  for (auto& [serial, t] : rest) t.join();
+}
+
+}  // namespace cella::rpc

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Drives `cella rpc` over raw newline-delimited JSON-RPC, as matchlock's SDKs
+do, and checks every answer. One sandbox for everything; at the end the rpc
+process is SIGKILLed and its sandbox must vanish (no orphan VM).
+
+Usage: rpc_check.py CELLA_BINARY IMAGE   (CELLA_HOME from the environment)
+Exits non-zero with a message on the first failed check."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+CELLA, IMAGE = sys.argv[1], sys.argv[2]
+TIMEOUT = 300
+
+
+def fail(message):
+    print("FAIL: " + message, flush=True)
+    sys.exit(1)
+
+
+def check(condition, message):
+    if not condition:
+        fail(message)
+
+
+class Rpc:
+    def __init__(self):
+        self.proc = subprocess.Popen([CELLA, "rpc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=sys.stderr, bufsize=0)
+        self.cv = threading.Condition()
+        self.responses = {}
+        self.untagged = []  # responses with a null id
+        self.notifications = []
+        self.order = []  # ids in answer order
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self.cv:
+                if "method" in msg:
+                    self.notifications.append(msg)
+                elif msg.get("id") is None:
+                    self.untagged.append(msg)
+                else:
+                    self.responses[msg["id"]] = msg
+                    self.order.append(msg["id"])
+                self.cv.notify_all()
+
+    def send_raw(self, text):
+        self.proc.stdin.write(text.encode() + b"\n")
+
+    def send(self, rid, method, params=None):
+        msg = {"jsonrpc": "2.0", "method": method, "id": rid}
+        if params is not None:
+            msg["params"] = params
+        self.send_raw(json.dumps(msg))
+
+    def wait(self, rid, timeout=TIMEOUT):
+        with self.cv:
+            if not self.cv.wait_for(lambda: rid in self.responses, timeout):
+                fail(f"no answer to request {rid} within {timeout}s")
+            return self.responses[rid]
+
+    def call(self, rid, method, params=None, timeout=TIMEOUT):
+        self.send(rid, method, params)
+        return self.wait(rid, timeout)
+
+    def wait_untagged(self, count, timeout=30):
+        with self.cv:
+            if not self.cv.wait_for(lambda: len(self.untagged) >= count, timeout):
+                fail(f"expected {count} id-less errors, got {self.untagged}")
+            return list(self.untagged)
+
+
+def error_code(resp):
+    return resp.get("error", {}).get("code")
+
+
+def result(resp, what):
+    check("result" in resp, f"{what}: want a result, got {resp}")
+    return resp["result"]
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def unb64(text):
+    return base64.b64decode(text)
+
+
+def cella_json(*args):
+    out = subprocess.run([CELLA, *args], capture_output=True, timeout=60)
+    check(out.returncode == 0, f"cella {' '.join(args)}: {out.stderr.decode()}")
+    return json.loads(out.stdout or b"null")
+
+
+# The CLI shapes matchlock's SDKs parse (no VM needed).
+made = cella_json("volume", "create", "rpcvol", "--size", "16", "--json")
+check(made["name"] == "rpcvol" and made["size"] == "16.0 MB" and made["path"], f"volume create {made}")
+listed = [v for v in cella_json("volume", "ls", "--json") if v["name"] == "rpcvol"]
+check(len(listed) == 1 and listed[0]["size"] == "16.0 MB" and listed[0]["path"] == made["path"],
+      f"volume ls {listed}")
+check(subprocess.run([CELLA, "volume", "rm", "rpcvol"], capture_output=True).returncode == 0,
+      "volume rm")
+
+rpc = Rpc()
+
+# Errors before a sandbox exists: the server keeps serving through them.
+check(error_code(rpc.call(1, "exec", {"command": "true"})) == -32000, "exec before create")
+rpc.send_raw("{this is not json")
+rpc.send_raw('{"jsonrpc":"2.0","method":"exec"' + ' ' * 100)  # truncated object
+untagged = rpc.wait_untagged(2)
+check(all(error_code(u) == -32700 for u in untagged), f"parse errors: {untagged}")
+check(error_code(rpc.call(2, "no_such_method")) == -32601, "unknown method")
+r = rpc.call(3, "port_forward", {"local_port": 1, "remote_port": 2})
+check(error_code(r) == -32601 and "port_forward" in r["error"]["message"], f"port_forward: {r}")
+r = rpc.call(4, "create", {"image": IMAGE, "vfs": {"workspace": "/workspace"}})
+check(error_code(r) == -32602 and "vfs" in r["error"]["message"], f"create with vfs: {r}")
+r = rpc.call(5, "create", {"image": IMAGE, "resources": {"cpus": "many"}})
+check(error_code(r) == -32602 and "resources.cpus" in r["error"]["message"], f"bad cpus: {r}")
+check(error_code(rpc.call(6, "write_file", {"path": "/x", "content": "!!"})) in (-32602, -32000),
+      "write_file before create")
+
+# create: a normal cella sandbox.
+r = rpc.call(10, "create", {"image": IMAGE, "resources": {"cpus": 1, "memory_mb": 512},
+                            "env": {"GREETING": "hello from rpc"},
+                            "network": {"allowed_hosts": ["first.test"]}})
+sandbox_id = result(r, "create")["id"]
+check(len(sandbox_id) == 32, f"sandbox id {sandbox_id}")
+listed = [s.get("id") for s in cella_json("ps", "--json")]
+check(sandbox_id in listed, f"cella ps does not list {sandbox_id}: {listed}")
+check(error_code(rpc.call(11, "create", {"image": IMAGE})) == -32000, "second create")
+
+# exec: base64 output, exit code, env, working_dir.
+r = result(rpc.call(12, "exec", {"command": "echo $GREETING; echo oops >&2; exit 3"}), "exec")
+check(unb64(r["stdout"]) == b"hello from rpc\n", f"stdout {r}")
+check(unb64(r["stderr"]) == b"oops\n", f"stderr {r}")
+check(r["exit_code"] == 3 and isinstance(r["duration_ms"], int), f"exit code {r}")
+r = result(rpc.call(13, "exec", {"command": "pwd", "working_dir": "/tmp"}), "exec wd")
+check(unb64(r["stdout"]) == b"/tmp\n", f"working_dir {r}")
+check(error_code(rpc.call(14, "exec", {"command": 42})) == -32602, "exec with a number")
+
+# exec_stream: output as notifications tagged with the request id.
+r = result(rpc.call(20, "exec_stream",
+                    {"command": "for i in 1 2 3; do echo line$i; done; echo err >&2; exit 5"}),
+           "exec_stream")
+check(r["exit_code"] == 5 and "stdout" not in r, f"exec_stream result {r}")
+with rpc.cv:
+    mine = [n for n in rpc.notifications if n["params"].get("id") == 20]
+out = b"".join(unb64(n["params"]["data"]) for n in mine if n["method"] == "exec_stream.stdout")
+err = b"".join(unb64(n["params"]["data"]) for n in mine if n["method"] == "exec_stream.stderr")
+check(out == b"line1\nline2\nline3\n" and err == b"err\n", f"stream out={out} err={err}")
+
+# Files: binary content, mode, parents, listing, errors.
+blob = bytes(range(256)) * 40
+result(rpc.call(30, "write_file", {"path": "/tmp/rpc/dir/blob.bin", "content": b64(blob),
+                                   "mode": 0o600}), "write_file")
+r = result(rpc.call(31, "read_file", {"path": "/tmp/rpc/dir/blob.bin"}), "read_file")
+check(unb64(r["content"]) == blob, "read_file content differs")
+r = result(rpc.call(32, "exec", {"command": "stat -c %a /tmp/rpc/dir/blob.bin"}), "stat")
+check(unb64(r["stdout"]) == b"600\n", f"mode {r}")
+r = result(rpc.call(33, "list_files", {"path": "/tmp/rpc"}), "list_files")
+check([(f["name"], f["is_dir"]) for f in r["files"]] == [("dir", True)], f"list {r}")
+r = result(rpc.call(34, "list_files", {"path": "/tmp/rpc/dir"}), "list_files dir")
+check(r["files"][0]["name"] == "blob.bin" and r["files"][0]["size"] == len(blob), f"list {r}")
+check(error_code(rpc.call(35, "read_file", {"path": "/no/such/file"})) == -32002, "missing file")
+check(error_code(rpc.call(36, "write_file", {"path": "/tmp/a", "content": "%%%"})) == -32602,
+      "bad base64")
+
+# Concurrency and cancel: a slow exec does not hold up a fast one; cancel
+# answers it -32003 and kills its process.
+rpc.send(40, "exec", {"command": "sleep 300"})
+time.sleep(1)
+result(rpc.call(41, "exec", {"command": "echo fast"}), "fast exec beside a slow one")
+with rpc.cv:
+    check(40 not in rpc.responses, "the slow exec finished early")
+r = result(rpc.call(42, "cancel", {"id": 40}), "cancel")
+check(r.get("cancelled") is True, f"cancel result {r}")
+check(error_code(rpc.wait(40, 30)) == -32003, f"cancelled exec: {rpc.responses[40]}")
+count = None
+for _ in range(20):
+    r = result(rpc.call(43 + 1000 * _, "exec", {"command":
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | tr -s ' ' '\\n' | grep -c '^300$' || true"}),
+        "look for sleep")
+    count = unb64(r["stdout"]).strip()
+    if count == b"0":
+        break
+    time.sleep(0.5)
+check(count == b"0", f"the cancelled sleep still runs ({count})")
+
+# exec_pipe: ready first, then stdin from notifications, output streamed.
+def notif(rid, method):
+    with rpc.cv:
+        return [n for n in rpc.notifications if n["method"] == method and n["params"].get("id") == rid]
+
+
+def wait_notif(rid, method, timeout=60):
+    with rpc.cv:
+        if not rpc.cv.wait_for(lambda: any(n["method"] == method and n["params"].get("id") == rid
+                                           for n in rpc.notifications), timeout):
+            fail(f"no {method} for {rid}")
+
+
+rpc.send(60, "exec_pipe", {"command": "tr a-z A-Z; echo done >&2"})
+wait_notif(60, "exec_pipe.ready")
+for chunk in (b"hello ", b"pipe\n"):
+    rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_pipe.stdin",
+                             "params": {"id": 60, "data": b64(chunk)}}))
+rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_pipe.stdin_eof", "params": {"id": 60}}))
+r = result(rpc.wait(60, 60), "exec_pipe")
+out = b"".join(unb64(n["params"]["data"]) for n in notif(60, "exec_pipe.stdout"))
+err = b"".join(unb64(n["params"]["data"]) for n in notif(60, "exec_pipe.stderr"))
+check(r["exit_code"] == 0 and out == b"HELLO PIPE\n" and err == b"done\n", f"pipe {r} {out} {err}")
+
+# exec_tty: a terminal of the asked size, resized on request.
+rpc.send(61, "exec_tty", {"command": "stty size; read x; stty size", "rows": 30, "cols": 100})
+wait_notif(61, "exec_tty.ready")
+time.sleep(0.5)
+rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_tty.resize",
+                         "params": {"id": 61, "rows": 40, "cols": 120}}))
+time.sleep(0.5)
+rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_tty.stdin",
+                         "params": {"id": 61, "data": b64(b"go\r")}}))
+r = result(rpc.wait(61, 60), "exec_tty")
+out = b"".join(unb64(n["params"]["data"]) for n in notif(61, "exec_tty.stdout"))
+check(r["exit_code"] == 0 and b"30 100" in out and b"40 120" in out, f"tty {r} {out!r}")
+
+# The egress allow-list, changed while the sandbox runs.
+r = result(rpc.call(50, "allow_list_add", {"hosts": ["second.test", "first.test"]}), "allow add")
+check(r["added"] == ["second.test"] and sorted(r["allowed_hosts"]) == ["first.test", "second.test"],
+      f"allow_list_add {r}")
+r = result(rpc.call(51, "allow_list_delete", {"hosts": ["first.test"]}), "allow delete")
+check(r["removed"] == ["first.test"] and r["allowed_hosts"] == ["second.test"], f"delete {r}")
+check(error_code(rpc.call(52, "allow_list_add", {"hosts": []})) == -32602, "empty hosts")
+
+# cella.attach: a second rpc process drives the same sandbox without owning
+# it; its close leaves the sandbox running.
+other = Rpc()
+r = result(other.call(1, "cella.attach", {"id": sandbox_id}), "cella.attach")
+check(r["id"] == sandbox_id, f"attach {r}")
+r = result(other.call(2, "exec", {"command": "echo $GREETING"}), "exec through attach")
+check(unb64(r["stdout"]) == b"hello from rpc\n", f"attached exec {r}")
+check(error_code(other.call(3, "create", {"image": IMAGE})) == -32000, "create after attach")
+result(other.call(4, "close", {}), "close of an attached sandbox")
+other.proc.wait(30)
+r = result(rpc.call(70, "exec", {"command": "echo alive"}), "exec after the attacher closed")
+check(unb64(r["stdout"]) == b"alive\n", f"owner's sandbox after attach/close {r}")
+check(error_code(Rpc().call(1, "cella.attach", {"id": "no-such-sandbox"})) == -32000, "attach unknown")
+
+# The owner dies hard: the sandbox must go too.
+rpc.proc.send_signal(signal.SIGKILL)
+rpc.proc.wait(10)
+deadline = time.time() + 60
+while time.time() < deadline:
+    listed = [s.get("id") for s in cella_json("ps", "-a", "--json")]
+    if sandbox_id not in listed:
+        break
+    time.sleep(0.5)
+else:
+    fail(f"sandbox {sandbox_id} outlived its killed rpc process")
+for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+        continue
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        continue
+    if sandbox_id.encode() in cmdline and (b"qemu" in cmdline or b"__supervise" in cmdline):
+        fail(f"process {pid} of the removed sandbox still runs: {cmdline!r}")
+print("OK", flush=True)

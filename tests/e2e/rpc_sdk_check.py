@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""cella's Python SDK (sdk/python) against a real VM: create, exec, streaming,
+files, timeouts that cancel, error codes, and close removing the sandbox.
+
+Usage: rpc_sdk_check.py CELLA_BINARY IMAGE  (CELLA_HOME from the environment)"""
+
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "sdk", "python"))
+
+from cella import RpcError, Sandbox  # noqa: E402
+
+CELLA, IMAGE = sys.argv[1], sys.argv[2]
+
+
+def check(condition, message):
+    if not condition:
+        print("FAIL: " + message, flush=True)
+        sys.exit(1)
+
+
+def ps_ids():
+    out = subprocess.run([CELLA, "ps", "-a", "--json"], capture_output=True, check=True)
+    import json
+    return [s["id"] for s in json.loads(out.stdout)]
+
+
+try:
+    Sandbox.create(IMAGE, cella_bin=CELLA, env={"X": "1"}, cpus=-1)
+    check(False, "negative cpus accepted")
+except RpcError as e:
+    check(e.code == -32602 and "resources.cpus" in e.message, f"bad cpus: {e}")
+
+with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=512,
+                    allow_hosts=["a.test"]) as sb:
+    check(sb.id in ps_ids(), "cella ps does not list the SDK's sandbox")
+    r = sb.exec("echo $GREETING")
+    check(r.ok and r.stdout_text == "hi\n", f"exec: {r}")
+    r = sb.exec(["sh", "-c", "echo 'a b'; exit 7"])
+    check(r.exit_code == 7 and r.stdout_text == "a b\n", f"argv exec: {r}")
+    stream = sb.exec_stream("for i in 1 2 3; do echo $i; sleep 0.2; done; echo bye >&2")
+    chunks = list(stream)
+    out = b"".join(d for s, d in chunks if s == "stdout")
+    err = b"".join(d for s, d in chunks if s == "stderr")
+    check(out == b"1\n2\n3\n" and err == b"bye\n" and stream.exit_code == 0,
+          f"stream: {chunks} {stream.exit_code}")
+    sb.files.write("/tmp/sdk/hello.txt", "hello sdk\n")
+    check(sb.files.read_text("/tmp/sdk/hello.txt") == "hello sdk\n", "files.read")
+    names = [(f.name, f.size, f.mode, f.is_dir) for f in sb.files.list("/tmp/sdk")]
+    check(names == [("hello.txt", 10, 0o644, False)], f"files.list: {names}")
+    try:
+        sb.files.read("/nope")
+        check(False, "reading a missing file succeeded")
+    except RpcError as e:
+        check(e.code == -32002, f"missing file: {e}")
+    start = time.monotonic()
+    try:
+        sb.exec("sleep 120", timeout=2)
+        check(False, "timeout did not fire")
+    except TimeoutError:
+        pass
+    check(time.monotonic() - start < 30, "timeout took too long")
+    r = sb.exec("echo still here")
+    check(r.stdout_text == "still here\n", f"after a timeout: {r}")
+    p = sb.process("tr a-z A-Z")
+    p.write("piped ")
+    p.write(b"input\n")
+    p.close_stdin()
+    piped = b"".join(d for s, d in p if s == "stdout")
+    check(piped == b"PIPED INPUT\n" and p.wait(30) == 0, f"process: {piped}")
+    check(sorted(sb.allow_hosts.add("b.test")) == ["a.test", "b.test"], "allow_hosts.add")
+    check(sb.allow_hosts.remove("a.test") == ["b.test"], "allow_hosts.remove")
+    with Sandbox.attach(sb.id, cella_bin=CELLA) as other:
+        check(other.exec("echo $GREETING").stdout_text == "hi\n", "attached exec")
+    check(sb.exec("true").ok, "the sandbox survives its attacher's close")
+    async def together():
+        import asyncio
+        results = await asyncio.gather(*(sb.exec_async(f"sleep 1; echo {i}") for i in range(4)))
+        await sb.files.write_async("/tmp/sdk/async.txt", b"async")
+        return results, await sb.files.read_async("/tmp/sdk/async.txt")
+
+    import asyncio
+    start = time.monotonic()
+    results, data = asyncio.run(together())
+    check([r.stdout_text for r in results] == ["0\n", "1\n", "2\n", "3\n"] and data == b"async",
+          f"async: {results} {data}")
+    check(time.monotonic() - start < 20, "async execs did not run concurrently")
+    sandbox_id = sb.id
+
+deadline = time.time() + 60
+while sandbox_id in ps_ids() and time.time() < deadline:
+    time.sleep(0.5)
+check(sandbox_id not in ps_ids(), "close left the sandbox behind")
+
+# A client that goes away without close: `cella rpc` sees its stdin end and
+# removes the sandbox itself.
+sb = Sandbox.create(IMAGE, cella_bin=CELLA)
+eof_id = sb.id
+check(eof_id in ps_ids(), "second sandbox not listed")
+sb._conn.shutdown(60)  # closes stdin only; waits for cella rpc to exit
+check(eof_id not in ps_ids(), "stdin EOF left the sandbox behind")
+print("OK", flush=True)

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <limits>
 #include <random>
 
 #include "base/io.h"
@@ -76,50 +77,28 @@ std::string DirName(const std::string& path) {
 
 // Removes everything inside the directory dirfd (not following symlinks).
 Status RemoveContents(int dirfd, const std::string& where) {
-  int dup_fd = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
-  if (dup_fd < 0) return FailErrno("dup " + where);
-  DIR* dir = ::fdopendir(dup_fd);
-  if (!dir) {
-    int err = errno;
-    ::close(dup_fd);
-    return FailErrno("fdopendir " + where, err);
-  }
-  Status result;
+  // All names first: removing while readdir walks the same directory may
+  // skip entries.
+  std::vector<std::string> names =
+      CELLA_TRY(ReadDirectoryNames(dirfd, where, std::numeric_limits<size_t>::max()));
   const std::string where_prefix = where + "/";
-  for (;;) {
-    errno = 0;
-    struct dirent* ent = ::readdir(dir);
-    if (!ent) {
-      if (errno != 0) result = FailErrno("readdir " + where);
-      break;
-    }
-    std::string name = ent->d_name;
-    if (name == "." || name == "..") continue;
+  for (const std::string& name : names) {
     std::string child = where_prefix + name;
     struct stat st {};
     if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
-      result = FailErrno("lstat " + child);
-      break;
+      if (errno == ENOENT) continue;  // removed meanwhile: that is the goal
+      return FailErrno("lstat " + child);
     }
     if (S_ISDIR(st.st_mode)) {
       UniqueFd sub(::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-      if (!sub) {
-        result = FailErrno("open " + child);
-        break;
-      }
-      result = RemoveContents(sub.Get(), child);
-      if (!result) break;
-      if (::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0) {
-        result = FailErrno("rmdir " + child);
-        break;
-      }
+      if (!sub) return FailErrno("open " + child);
+      CELLA_TRY(RemoveContents(sub.Get(), child));
+      if (::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0) return FailErrno("rmdir " + child);
     } else if (::unlinkat(dirfd, name.c_str(), 0) != 0) {
-      result = FailErrno("unlink " + child);
-      break;
+      return FailErrno("unlink " + child);
     }
   }
-  ::closedir(dir);
-  return result;
+  return {};
 }
 
 }  // namespace

@@ -1,3 +1,7 @@
+// One piece (~860 lines) on purpose: the router is a single poll loop whose
+// state (clients, stream routes, credit windows, buffers) is owned by one
+// thread; splitting it would scatter that ownership across files. The
+// contract is in router.h.
 #include "host/agent/router.h"
 
 #include <fcntl.h>

@@ -1,3 +1,6 @@
+// One piece (~670 lines) on purpose: pull, import, the image index and gc
+// all change the same store under the same lock and SQL; they are kept
+// together so their invariants are checked in one file.
 #include "host/registry/image_store.h"
 
 #include <dirent.h>

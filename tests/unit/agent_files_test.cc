@@ -110,6 +110,21 @@ TEST_F(AgentFiles, StreamsThroughDescriptors) {
   EXPECT_EQ(ReadFileToString(back, 10'000'000).value_or(""), content);
 }
 
+// cp out of a guest caps each file at its listed size: whatever more the
+// guest sends never reaches the host file, and the link stays usable.
+TEST_F(AgentFiles, ReadFileToStopsAtItsCapWithExactlyThatManyBytes) {
+  std::string content = RandomBytes(700'000, 9);
+  std::string src = dir_ + "/big", back = dir_ + "/capped";
+  ASSERT_TRUE(WriteStringToFile(src, content, 0644).has_value());
+  UniqueFd out(::open(back.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  ASSERT_TRUE(out);
+  auto n = client().ReadFileTo(src, out.Get(), 100'000);
+  ASSERT_FALSE(n.has_value());
+  EXPECT_EQ(n.error().errno_value, EFBIG) << n.error().message;
+  EXPECT_EQ(ReadFileToString(back, 10'000'000).value_or(""), content.substr(0, 100'000));
+  EXPECT_EQ(client().ReadFile(dir_ + "/big").value_or("").size(), content.size());
+}
+
 TEST_F(AgentFiles, ListsAndStatsWithLstatSemantics) {
   ASSERT_TRUE(client().MakeDirs(dir_ + "/sub/deeper", 0700).has_value());
   ASSERT_TRUE(client().WriteFile(dir_ + "/file", "12345").has_value());

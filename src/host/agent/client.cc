@@ -384,9 +384,18 @@ Result<std::string> AgentClient::ReadFile(const std::string& path) {
   return out;
 }
 
-Result<uint64_t> AgentClient::ReadFileTo(const std::string& path, int dest_fd) {
+Result<uint64_t> AgentClient::ReadFileTo(const std::string& path, int dest_fd, uint64_t max_bytes) {
   StreamGuard s(*link_, CELLA_TRY(link_->Open(protocol::ReadFileRequest{path})));
+  uint64_t written = 0;
   return ReceiveFile(*link_, *s, [&](std::span<const std::byte> bytes) -> Status {
+    if (bytes.size() > max_bytes - written) {
+      CELLA_TRY(WriteAll(dest_fd, bytes.first(static_cast<size_t>(max_bytes - written))));
+      written = max_bytes;
+      return std::unexpected(Error{"read_file " + path + ": the guest sent more than " +
+                                       std::to_string(max_bytes) + " bytes",
+                                   EFBIG});
+    }
+    written += bytes.size();
     return WriteAll(dest_fd, bytes);
   });
 }

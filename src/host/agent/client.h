@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -177,7 +178,11 @@ class AgentClient {
   Status WriteFileFrom(const std::string& path, int source_fd, WriteFileOptions options = {});
   Result<std::string> ReadFile(const std::string& path);
   // Streams into dest_fd (blocking) with bounded memory; returns the size.
-  Result<uint64_t> ReadFileTo(const std::string& path, int dest_fd);
+  // At most max_bytes reach dest_fd: past them the transfer is abandoned with
+  // EFBIG (dest_fd then holds exactly max_bytes), so a guest cannot feed a
+  // host file without end.
+  Result<uint64_t> ReadFileTo(const std::string& path, int dest_fd,
+                              uint64_t max_bytes = std::numeric_limits<uint64_t>::max());
   Result<std::vector<FileInfo>> ListFiles(const std::string& path);
   Result<FileInfo> Stat(const std::string& path);
   Status MakeDirs(const std::string& path, uint32_t mode = 0755);

@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -370,7 +371,20 @@ class Copier {
           return fd.Valid();
         },
         host_path));
-    auto size = agent_.ReadFileTo(guest_path, fd.Get());
+    // The guest listed the size; it may not send more, nor more than the
+    // host has room for: a hijacked agent cannot feed the host's disk.
+    struct statvfs space {};
+    if (::fstatvfs(fd.Get(), &space) != 0) return FailErrno("statfs " + host_path);
+    uint64_t room = static_cast<uint64_t>(space.f_bavail) * space.f_frsize;
+    if (info.size > room)
+      return FailErrno("copy " + guest_path + " to " + host_path + ": " +
+                           std::to_string(info.size) + " bytes do not fit (" +
+                           std::to_string(room) + " free)",
+                       ENOSPC);
+    // As docker's tar does, the copy is the file as listed: bytes it gained
+    // meanwhile (a growing log, a /proc file listed as empty) are left out.
+    auto size = agent_.ReadFileTo(guest_path, fd.Get(), info.size);
+    if (!size && size.error().errno_value == EFBIG) size = info.size;
     if (!size) {
       if (size.error().errno_value == ENOENT) {
         Skip(guest_path, "vanished while copying");
@@ -481,6 +495,10 @@ class Copier {
     }
     std::set<std::string, std::less<>> seen;
     for (const FileInfo& entry : *entries) {
+      if (++entries_seen_ > kMaxCopyEntries)
+        return FailErrno(
+            "copy " + guest_path + ": more than " + std::to_string(kMaxCopyEntries) + " entries",
+            E2BIG);
       // The guest is untrusted: a name must be one component, listed once.
       if (!IsSingleComponent(entry.name))
         return FailErrno("copy " + guest_path + ": the guest listed an invalid name \"" +
@@ -496,6 +514,7 @@ class Copier {
   }
 
  private:
+  uint64_t entries_seen_ = 0;  // across the whole copy (kMaxCopyEntries)
   std::optional<uint32_t> Owner(uint32_t id) const {
     return KeepOwners() ? std::optional<uint32_t>(id) : std::nullopt;
   }

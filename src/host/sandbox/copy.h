@@ -44,6 +44,9 @@
 namespace cella::sandbox {
 
 inline constexpr int kMaxCopyDepth = 256;
+// Entries one copy out of a guest may create on the host (a hijacked agent
+// must not be able to list without end).
+inline constexpr uint64_t kMaxCopyEntries = 1'000'000;
 inline constexpr size_t kMaxCopyWarnings = 100;
 
 struct CopyStats {

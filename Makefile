@@ -6,7 +6,7 @@ FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 FUZZ_SECONDS ?= 20
 
-.PHONY: deps build demo test unit-test asan-test fuzz-test e2e-test format lint clean
+.PHONY: deps build install demo test unit-test asan-test fuzz-test e2e-test format lint clean
 
 deps:
 	@scripts/install-deps.sh
@@ -15,6 +15,14 @@ deps:
 build: deps
 	@cmake -S . -B $(BUILD) -G Ninja -DCELLA_WERROR=ON >/dev/null
 	@cmake --build $(BUILD) -j $(JOBS)
+
+# PREFIX=/usr/local by default; DESTDIR stages the tree for packaging. Builds
+# without re-running deps (the build tree must exist: `make build` first).
+PREFIX ?= /usr/local
+install:
+	@cmake -S . -B $(BUILD) -G Ninja -DCELLA_WERROR=ON >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS) --target cella cella-init cella-agent
+	@DESTDIR=$(DESTDIR) cmake --install $(BUILD) --prefix $(PREFIX)
 
 demo: build
 	@scripts/demo.sh $(BUILD)

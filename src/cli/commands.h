@@ -12,9 +12,16 @@
 namespace cella::cli {
 
 inline constexpr int kExitCellaError = 125;
+// The name users type for the built-in busybox image (`cella run @builtin sh`).
+// A registry reference cannot start with '@', so no image can ever take it.
+inline constexpr const char* kBuiltinImage = "@builtin";
 
 struct RunArgs {
-  std::vector<std::string> command;  // after `--`; empty = the image's default
+  std::vector<std::string> command;  // empty = the image's default
+  // What the parser collected: IMAGE [COMMAND [ARG...]], split by main.cc.
+  std::vector<std::string> words;
+  // --entrypoint: replaces the image's ENTRYPOINT and clears its CMD; "" = none.
+  std::optional<std::string> entrypoint;
   std::vector<std::string> env_items;
   std::vector<std::string> env_files;
   std::string workdir;
@@ -79,11 +86,15 @@ struct LogsArgs {
   bool console = false;
 };
 
-enum class ListFormat { kText, kJson };
+// kQuiet: one short ID a line, for `cella rm -f $(cella ps -aq)`.
+enum class ListFormat { kText, kJson, kQuiet };
 
 int RunCommand(const RunArgs& args);
 int ExecCommand(const ExecArgs& args);
 int PsCommand(bool all, ListFormat format);
+// docker wait: blocks until each sandbox ends, prints its exit code (0 when
+// it stopped without one).
+int WaitCommand(const std::vector<std::string>& refs);
 int InspectCommand(const std::vector<std::string>& refs);
 int LogsCommand(const LogsArgs& args);
 int StopCommand(const std::vector<std::string>& refs, int grace_seconds);

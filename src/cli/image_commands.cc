@@ -8,15 +8,20 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string_view>
 
 #include "base/io.h"
 #include "cli/commands.h"
+#include "cli/sandbox_context.h"
 #include "host/registry/auth.h"
 #include "host/registry/image_store.h"
 #include "host/registry/reference.h"
+#include "host/sandbox/spec.h"
 #include "host/vmm/paths.h"
 
 namespace cella::cli {
@@ -207,6 +212,10 @@ Result<void> ImagesImpl(OutputFormat format) {
     std::printf("%s\n", out.dump(2).c_str());
     return {};
   }
+  if (format == OutputFormat::kQuiet) {
+    for (const auto& image : images) std::printf("%s\n", image.reference.c_str());
+    return {};
+  }
   std::printf("%-48s %-16s %-14s %-12s %10s  %s\n", "REPOSITORY", "TAG", "DIGEST", "PLATFORM",
               "SIZE", "ADDED");
   for (const auto& image : images) {
@@ -218,9 +227,34 @@ Result<void> ImagesImpl(OutputFormat format) {
   return {};
 }
 
-Result<void> RmiImpl(const std::string& text) {
+// Root images ("<hex>.erofs") sandboxes boot from, each with one sandbox
+// that uses it: whatever their state, they need it to start again.
+Result<std::map<std::string, std::string>> RootImagesInUse() {
+  SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+  std::map<std::string, std::string> in_use;
+  for (const store::SandboxRecord& r : CELLA_TRY(ctx.store.List(store::ListScope::kAll))) {
+    auto spec = sandbox::DecodeSpec(r.spec_json);
+    if (!spec) return Fail("sandbox " + r.Label() + ": " + spec.error().message);
+    if (spec->root_image_path.empty()) continue;
+    in_use.try_emplace(std::filesystem::path(spec->root_image_path).filename().string(), r.Label());
+  }
+  return in_use;
+}
+
+Result<void> RmiImpl(const std::string& text, bool force) {
   registry::Reference ref = CELLA_TRY_CTX(registry::ParseReference(text), "reference");
   registry::ImageStore store = CELLA_TRY(OpenStore({}));
+  // docker's rule: an image a sandbox uses stays unless forced, and forced
+  // only loses its name (gc keeps what a sandbox uses).
+  if (auto found = store.Find(ref); found && !force) {
+    auto in_use = CELLA_TRY(RootImagesInUse());
+    std::string hex = found->manifest_digest.substr(found->manifest_digest.find(':') + 1);
+    if (auto it = in_use.find(hex + ".erofs"); it != in_use.end()) {
+      return Fail("image " + ref.String() + " is used by sandbox " + it->second +
+                  "; remove the sandbox first (cella rm " + it->second +
+                  "), or untag it with cella rmi -f");
+    }
+  }
   if (auto removed = store.Remove(ref); !removed) {
     if (removed.error().errno_value == ENOENT)
       return Fail("no such image: " + ref.String() + " (see `cella images`)");
@@ -241,7 +275,9 @@ Result<void> ImportImpl(const std::string& path, const std::string& reference) {
 
 Result<void> GcImpl() {
   registry::ImageStore store = CELLA_TRY(OpenStore({}));
-  registry::GcStats stats = CELLA_TRY(store.Gc());
+  std::set<std::string> keep;
+  for (const auto& [name, sandbox] : CELLA_TRY(RootImagesInUse())) keep.insert(name);
+  registry::GcStats stats = CELLA_TRY(store.Gc(keep));
   std::printf("removed %zu blobs and %zu root images, freed %s\n", stats.blobs_removed,
               stats.rootfs_removed, HumanBytes(stats.bytes_freed).c_str());
   return {};
@@ -313,10 +349,10 @@ Result<void> LoginImpl(const LoginArgs& args) {
 
 int PullCommand(const PullArgs& args) { return ReportOr(PullImpl(args)); }
 int ImagesCommand(OutputFormat format) { return ReportOr(ImagesImpl(format)); }
-int RmiCommand(const std::vector<std::string>& references) {
+int RmiCommand(const std::vector<std::string>& references, bool force) {
   int code = 0;
   for (const auto& ref : references) {
-    if (auto removed = RmiImpl(ref); !removed) code = Report(removed.error());
+    if (auto removed = RmiImpl(ref, force); !removed) code = Report(removed.error());
   }
   return code;
 }

@@ -19,7 +19,8 @@ struct RegistryFlags {
   std::string ca_file;
 };
 
-enum class OutputFormat { kText, kJson };
+// kQuiet: one reference a line (what rmi takes).
+enum class OutputFormat { kText, kJson, kQuiet };
 
 struct PullArgs {
   std::string reference;
@@ -35,7 +36,7 @@ struct LoginArgs {
 
 int PullCommand(const PullArgs& args);
 int ImagesCommand(OutputFormat format);
-int RmiCommand(const std::vector<std::string>& references);
+int RmiCommand(const std::vector<std::string>& references, bool force);
 int ImportCommand(const std::string& path, const std::string& reference);
 int ImageGcCommand();
 int LoginCommand(const LoginArgs& args);

@@ -131,6 +131,13 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     RunImage image = CELLA_TRY(PrepareRunImage(cella_home, args.image, args.platform,
                                                {args.insecure_registries, args.ca_file}));
     spec.root_image_path = image.rootfs_path;
+    if (args.entrypoint) {
+      // docker's --entrypoint: replaces the image's ENTRYPOINT ("" removes
+      // it) and drops its CMD, so only the words after the image follow.
+      image.defaults.entrypoint.clear();
+      if (!args.entrypoint->empty()) image.defaults.entrypoint.push_back(*args.entrypoint);
+      image.defaults.cmd.clear();
+    }
     // Image env lands on top of the defaults and under the user's -e/--env-file.
     if (args.no_main) {
       // The image's env, workdir and user still apply; its entrypoint does
@@ -143,6 +150,9 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
       // `cella rpc` with launch_entrypoint: the VM outlives the entrypoint.
       if (args.keep_alive) g.keep_alive = true;
     }
+  } else if (args.entrypoint && !args.entrypoint->empty()) {
+    g.cmd = {*args.entrypoint};
+    g.cmd.insert(g.cmd.end(), args.command.begin(), args.command.end());
   } else if (!args.command.empty()) {
     g.cmd = args.command;
   } else if (detached || args.no_main) {
@@ -152,6 +162,8 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   } else {
     g.cmd = {"sh"};
   }
+  // docker gives a terminal a TERM (-e TERM=... still wins).
+  if (args.tty) g.env["TERM"] = "xterm";
   for (const auto& file : args.env_files) {
     auto text = CELLA_TRY_CTX(ReadFileToString(file, 1 << 20), "--env-file");
     CELLA_TRY(ApplyEnvFile(text, file, &HostEnv, g.env));
@@ -166,7 +178,15 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     HostEntry e = CELLA_TRY(ParseAddHost(item));
     g.extra_hosts.push_back({e.host, e.ip});
   }
-  if (!args.cpus.empty()) g.cpus = spec.shape.cpus = CELLA_TRY(ParseCpus(args.cpus));
+  if (!args.cpus.empty()) {
+    g.cpus = spec.shape.cpus = CELLA_TRY(ParseCpus(args.cpus));
+    // docker's rule: a VM cannot be given CPUs the host does not have.
+    unsigned host_cpus = std::thread::hardware_concurrency();
+    if (host_cpus > 0 && g.cpus > host_cpus) {
+      return Fail("--cpus " + args.cpus + ": this host has only " + std::to_string(host_cpus) +
+                  " CPUs (use at most " + std::to_string(host_cpus) + ")");
+    }
+  }
   if (!args.memory.empty()) spec.shape.memory_mib = CELLA_TRY(ParseMemoryMiB(args.memory));
   spec.kernel_path = args.kernel;
   if (spec.kernel_path.empty())
@@ -325,6 +345,20 @@ Result<std::string> CreateAndSpawn(const RunArgs& args, SandboxContext& ctx,
   return id;
 }
 
+// Attaches to a foreground run's main process (or waits for a systemd
+// guest to power off) and returns the exit code to report.
+Result<int> AttachForeground(SandboxContext& ctx, const std::string& id,
+                             protocol::InitMode init_mode, const RunArgs& args) {
+  store::SandboxRecord record = CELLA_TRY(ctx.store.Get(id));
+  if (init_mode == protocol::InitMode::kSystemd) return WaitForPowerOff(ctx, record);
+  auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+  host::ExecStatus status = CELLA_TRY(AttachToTerminal(
+      [&](host::ExecCallbacks callbacks) { return agent->AttachMain(std::move(callbacks)); },
+      {args.interactive, args.tty}));
+  if (status.timed_out) log::Notice("main process timed out");
+  return status.ShellCode();
+}
+
 Result<int> Run(const RunArgs& args) {
   const bool detached = args.detach;
   if (detached && (args.interactive || args.tty)) {
@@ -341,18 +375,15 @@ Result<int> Run(const RunArgs& args) {
     if (auto st = WriteAll(STDOUT_FILENO, id + "\n"); !st) return std::unexpected(st.error());
     return 0;
   }
-  store::SandboxRecord record;
-  record = CELLA_TRY(ctx.store.Get(id));
-  int code = 0;
-  if (prepared.spec.guest.init_mode == protocol::InitMode::kSystemd) {
-    code = CELLA_TRY(WaitForPowerOff(ctx, record));
-  } else {
-    auto agent = CELLA_TRY(ConnectAgent(ctx, record));
-    host::ExecStatus status = CELLA_TRY(AttachToTerminal(
-        [&](host::ExecCallbacks callbacks) { return agent->AttachMain(std::move(callbacks)); },
-        {args.interactive, args.tty}));
-    if (status.timed_out) log::Notice("main process timed out");
-    code = status.ShellCode();
+  auto code = AttachForeground(ctx, id, prepared.spec.guest.init_mode, args);
+  if (!code) {
+    // The main process never ran (a user the image lacks, an agent that
+    // refused): nothing will end this VM, so end it here rather than leave
+    // a sandbox up that no one asked to keep.
+    std::string control = sandbox::PathsFor(ctx.home, id).control_socket;
+    if (auto reply = sandbox::ControlCall(control, {{"op", "kill"}}, std::chrono::seconds(10));
+        !reply)
+      log::Debug("kill through the supervisor failed", {{"error", reply.error().message}});
   }
   FinishForegroundRun(ctx, id);
   return code;

@@ -261,6 +261,7 @@ int ExecCommand(const ExecArgs& args) {
     protocol::ExecRequest request;
     request.argv = args.command;
     std::map<std::string, std::string> env = spec.guest.env;
+    if (args.tty) env.try_emplace("TERM", "xterm");  // as docker; -e TERM=... still wins
     for (const auto& item : args.env_items)
       CELLA_TRY(ApplyEnvAssignment(
           item, [](const char* n) -> const char* { return std::getenv(n); }, env));
@@ -289,6 +290,32 @@ int ExecCommand(const ExecArgs& args) {
   return code ? *code : ReportFailure(code.error());
 }
 
+int WaitCommand(const std::vector<std::string>& refs) {
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  int code = 0;
+  for (const std::string& ref : refs) {
+    auto record = ctx->store.Resolve(ref);
+    if (!record) {
+      code = ReportFailure(record.error());
+      continue;
+    }
+    // Unbounded on purpose, like docker wait: the user asked to wait for
+    // the end, however far; Ctrl-C ends it.
+    while (record && store::IsActive(record->state)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      record = ctx->store.Get(record->id);
+    }
+    if (!record) {
+      code = ReportFailure(Error{"sandbox " + ref + " was removed before its end could be read"});
+      continue;
+    }
+    if (auto printed = Print(std::to_string(record->exit_code.value_or(0)) + "\n"); !printed)
+      code = ReportFailure(printed.error());
+  }
+  return code;
+}
+
 int PsCommand(bool all, ListFormat format) {
   auto ctx = OpenSandboxes();
   if (!ctx) return ReportFailure(ctx.error());
@@ -299,6 +326,11 @@ int PsCommand(bool all, ListFormat format) {
     for (const auto& r : *records) out.push_back(RecordJson(r));
     return Report(Print(out.dump(2) + "\n"));
   }
+  if (format == ListFormat::kQuiet) {
+    std::string ids;
+    for (const auto& r : *records) ids += store::ShortId(r.id) + "\n";
+    return Report(Print(ids));
+  }
   int64_t now = NowMs();
   std::string text;
   char line[512];
@@ -308,7 +340,7 @@ int PsCommand(bool all, ListFormat format) {
   for (const auto& r : *records) {
     std::snprintf(line, sizeof line, "%-14s %-16s %-20s %-22s %-16s %-28s %s\n",
                   store::ShortId(r.id).c_str(), Truncated(r.name, 16).c_str(),
-                  Truncated(r.image.empty() ? "(built-in)" : r.image, 20).c_str(),
+                  Truncated(r.image.empty() ? kBuiltinImage : r.image, 20).c_str(),
                   Truncated("\"" + Joined(r.command) + "\"", 22).c_str(),
                   (DescribeAge(r.created_ms, now) + " ago").c_str(),
                   Truncated(DescribeStatus(r, now), 28).c_str(), PortsText(r).c_str());
@@ -386,9 +418,28 @@ int StartCommand(const std::vector<std::string>& refs) { return ForEach(refs, St
 int KillCommand(const std::vector<std::string>& refs) { return ForEach(refs, KillOne); }
 
 int RmCommand(const std::vector<std::string>& refs, bool force) {
-  return ForEach(refs, [&](SandboxContext& ctx, const store::SandboxRecord& r) {
-    return RemoveOne(ctx, r, force);
-  });
+  if (!force)
+    return ForEach(refs, [&](SandboxContext& ctx, const store::SandboxRecord& r) {
+      return RemoveOne(ctx, r, false);
+    });
+  // docker's `rm -f`: what is already gone (never existed, or a --rm
+  // sandbox whose supervisor removed it meanwhile) is what was asked for.
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  int code = 0;
+  for (const std::string& ref : refs) {
+    auto record = ctx->store.Resolve(ref);
+    if (!record && record.error().errno_value == ENOENT) continue;
+    Status st = record ? RemoveOne(*ctx, *record, true) : Status(std::unexpected(record.error()));
+    // Its supervisor (a --rm sandbox's) removed the record meanwhile: removed.
+    if (!st && st.error().errno_value == ENOENT && !ctx->store.Resolve(record->id)) st = {};
+    if (!st) {
+      code = ReportFailure(st.error());
+      continue;
+    }
+    if (auto printed = Print(ref + "\n"); !printed) code = ReportFailure(printed.error());
+  }
+  return code;
 }
 
 int PruneCommand() {

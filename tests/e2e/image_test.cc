@@ -253,6 +253,31 @@ TEST_F(Image, ImageCmdRunsWhenNoCommandIsGiven) {
   EXPECT_EQ(r.out, "from-image\n");
 }
 
+// The docker form: IMAGE is the first word, the command follows; rmi of an
+// image a sandbox uses is refused, rmi -f only untags it, and gc keeps what
+// the sandbox boots from, so it starts again (issue 17, items 2 and 4).
+TEST_F(Image, ImageIsPositionalAndRmiGcKeepWhatASandboxUses) {
+  auto run = Cella({"run", "-d", "--name", "u", Plain("busybox"), "sleep", "1000"});
+  ASSERT_EQ(run.exit_code, 0) << Describe(run);
+  auto ps = Cella({"ps", "--json"});
+  EXPECT_TRUE(Contains(ps.out, "sleep")) << Describe(ps);
+  auto stop = Cella({"stop", "-t", "0", "u"});
+  ASSERT_EQ(stop.exit_code, 0) << Describe(stop);
+  auto refused = Cella({"rmi", Plain("busybox")});
+  EXPECT_EQ(refused.exit_code, 125) << Describe(refused);
+  EXPECT_TRUE(Contains(refused.err, "is used by sandbox u")) << Describe(refused);
+  auto forced = Cella({"rmi", "-f", Plain("busybox")});
+  EXPECT_EQ(forced.exit_code, 0) << Describe(forced);
+  auto gc = Cella({"image", "gc"});
+  EXPECT_EQ(gc.exit_code, 0) << Describe(gc);
+  auto start = Cella({"start", "u"});
+  ASSERT_EQ(start.exit_code, 0) << Describe(start);
+  auto exec = Cella({"exec", "u", "echo", "back"});
+  EXPECT_EQ(exec.out, "back\n") << Describe(exec);
+  auto rm = Cella({"rm", "-f", "u"});
+  EXPECT_EQ(rm.exit_code, 0) << Describe(rm);
+}
+
 TEST_F(Image, UserFlagsOverrideTheImageConfig) {
   auto r = Cella({"run", "--image", Plain("busybox"), "-u", "0", "-w", "/tmp", "-e",
                   "GREETING=from-user", "--", "sh", "-c", "echo \"$GREETING\"; pwd; id -u"});

@@ -99,3 +99,10 @@ TEST(RegistryReference, LoopbackHosts) {
 
 }  // namespace
 }  // namespace cella::registry
+
+// `cella run @builtin` names the built-in image: no registry reference may
+// ever parse to that name, with or without a tag.
+TEST(RegistryReference, TheBuiltinImageNameIsNeverAReference) {
+  for (const char* text : {"@builtin", "@builtin:latest", "@builtin/x"})
+    EXPECT_FALSE(cella::registry::ParseReference(text)) << text;
+}

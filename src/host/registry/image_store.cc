@@ -587,11 +587,11 @@ Status ImageStore::Remove(const Reference& ref) {
   return {};
 }
 
-Result<GcStats> ImageStore::Gc() {
+Result<GcStats> ImageStore::Gc(const std::set<std::string>& in_use) {
   State& s = *state_;
   UniqueFd lock = CELLA_TRY(LockFile(s.LockPath(), LockKind::kExclusive));
-  std::set<std::string> keep_blobs;   // hex
-  std::set<std::string> keep_rootfs;  // "<hex>.erofs"
+  std::set<std::string> keep_blobs;            // hex
+  std::set<std::string> keep_rootfs = in_use;  // "<hex>.erofs"
   for (const ImageRecord& r : CELLA_TRY(List())) {
     std::string hex = r.manifest_digest.substr(7);
     keep_blobs.insert(hex);

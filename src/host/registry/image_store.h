@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -81,8 +82,10 @@ class ImageStore {
   Result<ImageRecord> Find(const Reference& ref);
   // Removes the reference (not the blobs: see Gc). ENOENT when absent.
   Status Remove(const Reference& ref);
-  // Deletes blobs and rootfs images no record references.
-  Result<GcStats> Gc();
+  // Deletes blobs and rootfs images no record references. Root images named
+  // in `in_use` ("<hex>.erofs": what sandboxes boot from, whether or not an
+  // image still names them) are kept too.
+  Result<GcStats> Gc(const std::set<std::string>& in_use = {});
   Result<ImageConfig> Config(const ImageRecord& image);
   // <home>/images/rootfs/<manifest hex>.erofs, built from the layers on first use.
   Result<std::string> EnsureRootfs(const ImageRecord& image);

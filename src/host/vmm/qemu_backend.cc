@@ -178,6 +178,10 @@ class QemuMachine final : public Machine {
 Error QemuMachine::WithConsole(std::string message) {
   std::string qemu_tail = FileTail(paths_.qemu_log, 1500);
   std::string console_tail = FileTail(paths_.console_log, kTailBytes);
+  // The guest's reason first: what the host saw (a broken pipe, a dead
+  // QEMU) is only the consequence of the guest giving up.
+  if (std::string reason = GuestBootError(console_tail); !reason.empty())
+    message = "VM " + config_.ID + ": " + reason + "\n(" + message + ")";
   if (!qemu_tail.empty()) message += "\nQEMU said:\n" + qemu_tail;
   message += console_tail.empty()
                  ? "\n(guest console is empty: " + paths_.console_log + ")"
@@ -422,6 +426,24 @@ Status QemuMachine::Close() {
 }
 
 }  // namespace
+
+std::string GuestBootError(std::string_view console) {
+  std::string found;
+  size_t start = 0;
+  while (start < console.size()) {
+    size_t end = console.find('\n', start);
+    if (end == std::string_view::npos) end = console.size();
+    std::string_view line = console.substr(start, end - start);
+    start = end + 1;
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.remove_suffix(1);
+    constexpr std::string_view kPrefix = "cella-init: error: ";
+    if (size_t at = line.find(kPrefix); at != std::string_view::npos) {
+      std::string_view reason = line.substr(at + kPrefix.size());
+      if (!reason.empty()) found = std::string(reason);
+    }
+  }
+  return found;
+}
 
 Result<QemuBackendOptions> DetectQemuHost(AccelMode mode, const std::string& host_root) {
   QemuBackendOptions options;

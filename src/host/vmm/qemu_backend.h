@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "base/result.h"
 #include "base/unique_fd.h"
@@ -34,6 +35,11 @@ struct QemuBackendOptions {
   // other processes can share the one virtio-serial link.
   std::function<Result<UniqueFd>(UniqueFd agent_link)> wrap_agent_link;
 };
+
+// The guest's own account of a failed boot: the last "cella-init: error: ..."
+// line of a console log, without the prefix; empty when the init said none.
+// Kernel noise around it is ignored.
+std::string GuestBootError(std::string_view console);
 
 // Probes the host: accelerator for `mode` (errors when kvm is forced but
 // unusable) and the TSC frequency (0 with a warning when unknown).

@@ -1,0 +1,131 @@
+// Docker habits typed as docker users type them (issue 17): options take one
+// value each and never the words after them, the image is the first word,
+// nothing after it is cella's, failures leave nothing running, `rm -f` of
+// what is gone succeeds, parser messages name the flag or command.
+// Boots are few: each VM test shares one sandbox across its checks.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+
+#include "lifecycle_fixture.h"
+
+namespace cella::test {
+namespace {
+
+bool Contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+class DockerHabits : public LifecycleTest {
+ protected:
+  size_t CountSandboxes() {
+    auto ps = RunCella({"ps", "-a", "--json"});
+    auto list = nlohmann::json::parse(ps.out, nullptr, false);
+    return list.is_array() ? list.size() : size_t{999};
+  }
+};
+
+// No VM: what the parser says before anything boots.
+TEST_F(DockerHabits, ParserMessagesNameTheFlagOrCommandAndVersionWorks) {
+  auto unknown_flag = RunCella({"run", "--foo", "@builtin", "true"});
+  EXPECT_EQ(unknown_flag.exit_code, 125) << Describe(unknown_flag);
+  EXPECT_TRUE(Contains(unknown_flag.err, "unknown flag --foo (see cella run --help)"))
+      << Describe(unknown_flag);
+
+  auto unknown_command = RunCella({"frobnicate"});
+  EXPECT_EQ(unknown_command.exit_code, 125) << Describe(unknown_command);
+  EXPECT_TRUE(Contains(unknown_command.err, "unknown command frobnicate"))
+      << Describe(unknown_command);
+
+  auto version = RunCella({"--version"});
+  EXPECT_EQ(version.exit_code, 0) << Describe(version);
+  EXPECT_TRUE(version.out.starts_with("cella ")) << Describe(version);
+
+  // More CPUs than the host has: refused before anything boots.
+  std::string too_many = std::to_string(std::thread::hardware_concurrency() + 1);
+  auto cpus = RunCella({"run", "--cpus", too_many, "@builtin", "true"});
+  EXPECT_EQ(cpus.exit_code, 125) << Describe(cpus);
+  EXPECT_TRUE(Contains(cpus.err, "this host has only")) << Describe(cpus);
+
+  // docker's rm -f: what is not there is already what was asked for.
+  auto gone = RunCella({"rm", "-f", "no-such-sandbox"});
+  EXPECT_EQ(gone.exit_code, 0) << Describe(gone);
+  auto not_forced = RunCella({"rm", "no-such-sandbox"});
+  EXPECT_EQ(not_forced.exit_code, 125) << Describe(not_forced);
+}
+
+// One foreground boot: repeatable options take one value each, the built-in
+// image is named as the first word, and words after it (even `-e`, `-v`,
+// `--name`) are the command's.
+TEST_F(DockerHabits, OptionsTakeOneValueAndEverythingAfterTheImageIsTheCommand) {
+  auto r = RunCella({"run",
+                     "-e",
+                     "FOO=bar",
+                     "-e",
+                     "B=2",
+                     "-v",
+                     "vol1:/d",
+                     "--add-host",
+                     "db.test:10.9.8.7",
+                     "--dns",
+                     "10.0.2.3",
+                     "--network",
+                     "none",
+                     "@builtin",
+                     "sh",
+                     "-c",
+                     "echo \"$FOO$B\"; grep -c db.test /etc/hosts; echo \"$0 $1 $2\"; "
+                     "touch /d/ok && echo vol; ls /sys/class/net",
+                     "-v",
+                     "--name",
+                     "-e"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "bar2\n1\n-v --name -e\nvol\nlo\n");
+}
+
+// One detached boot: --entrypoint runs that program with the words after
+// the image; exec's -e takes one value; rm -f twice succeeds twice.
+TEST_F(DockerHabits, EntrypointExecEnvAndRmForceOfAGoneSandbox) {
+  std::string id = RunDetached({"--name", "box", "--entrypoint", "sleep", "@builtin", "1000"});
+  ASSERT_FALSE(id.empty());
+  auto main = RunCella({"exec", "box", "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"});
+  EXPECT_TRUE(Contains(main.out, "sleep 1000")) << Describe(main);
+  auto exec = RunCella({"exec", "-e", "A=1", "box", "sh", "-c", "echo $A"});
+  EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
+  EXPECT_EQ(exec.out, "1\n");
+  auto quiet = RunCella({"ps", "-q"});
+  EXPECT_EQ(quiet.exit_code, 0) << Describe(quiet);
+  ASSERT_GT(quiet.out.size(), 8u) << Describe(quiet);
+  EXPECT_TRUE(id.starts_with(quiet.out.substr(0, quiet.out.size() - 1))) << Describe(quiet);
+  auto kill = RunCella({"kill", "box"});
+  EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
+  auto wait = RunCella({"wait", "box"});
+  EXPECT_EQ(wait.exit_code, 0) << Describe(wait);
+  EXPECT_EQ(wait.out, "137\n");
+  auto first = RunCella({"rm", "-f", "box"});
+  EXPECT_EQ(first.exit_code, 0) << Describe(first);
+  auto again = RunCella({"rm", "-f", id});
+  EXPECT_EQ(again.exit_code, 0) << Describe(again);
+  EXPECT_EQ(CountSandboxes(), 0u);
+}
+
+// A foreground run that fails after boot tears its sandbox down.
+TEST_F(DockerHabits, FailedForegroundRunLeavesNoSandboxRunning) {
+  auto r = RunCella({"run", "-u", "nosuchuser", "--", "true"}, "", std::chrono::seconds(300));
+  EXPECT_EQ(r.exit_code, 125) << Describe(r);
+  EXPECT_EQ(CountSandboxes(), 0u);
+
+  // A boot the guest gives up on says the guest's reason on its first line.
+  auto workdir = RunCella({"run", "-w", "/etc/passwd", "@builtin", "true"}, "",
+                          std::chrono::seconds(300));
+  EXPECT_EQ(workdir.exit_code, 125) << Describe(workdir);
+  std::string first_line = workdir.err.substr(0, workdir.err.find('\n'));
+  EXPECT_TRUE(Contains(first_line, "workdir")) << Describe(workdir);
+  EXPECT_FALSE(Contains(first_line, "Broken pipe")) << Describe(workdir);
+  EXPECT_EQ(CountSandboxes(), 0u);
+}
+
+}  // namespace
+}  // namespace cella::test

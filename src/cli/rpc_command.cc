@@ -155,6 +155,9 @@ class OwnedSandbox : public rpc::Sandbox {
   const std::string& id() const override { return id_; }
   host::AgentClient& agent() override { return *agent_; }
   host::ExecRequest ExecDefaults() const override { return defaults_; }
+  std::string ConsoleLogPath() const override {
+    return sandbox::PathsFor(ctx_.home, id_).console_log;
+  }
 
   Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
                                         const std::vector<std::string>& remove) override {
@@ -205,6 +208,9 @@ class AttachedSandbox : public rpc::Sandbox {
   const std::string& id() const override { return id_; }
   host::AgentClient& agent() override { return *agent_; }
   host::ExecRequest ExecDefaults() const override { return defaults_; }
+  std::string ConsoleLogPath() const override {
+    return sandbox::PathsFor(ctx_.home, id_).console_log;
+  }
   Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
                                         const std::vector<std::string>& remove) override {
     std::lock_guard lock(mu_);

@@ -241,6 +241,27 @@ r = result(rpc.call(51, "allow_list_delete", {"hosts": ["first.test"]}), "allow 
 check(r["removed"] == ["first.test"] and r["allowed_hosts"] == ["second.test"], f"delete {r}")
 check(error_code(rpc.call(52, "allow_list_add", {"hosts": []})) == -32602, "empty hosts")
 
+# log: the console log so far (base64); log_stream: the same as
+# log_stream.data notifications, then what is appended, until cancelled.
+r = result(rpc.call(80, "log"), "log")
+check(b"cella-init: agent serving" in unb64(r["content"]), f"log content {r}")
+rpc.send(81, "log_stream")
+with rpc.cv:
+    if not rpc.cv.wait_for(lambda: b"cella-init: agent serving" in b"".join(
+            unb64(n["params"]["data"]) for n in rpc.notifications
+            if n["method"] == "log_stream.data" and n["params"].get("id") == 81), 30):
+        fail("log_stream did not send the log so far")
+wrote = result(rpc.call(82, "exec", {"command": "echo rpc-follow-marker >/dev/console"}), "console")
+if wrote["exit_code"] == 0:
+    with rpc.cv:
+        if not rpc.cv.wait_for(lambda: b"rpc-follow-marker" in b"".join(
+                unb64(n["params"]["data"]) for n in rpc.notifications
+                if n["method"] == "log_stream.data" and n["params"].get("id") == 81), 30):
+            fail("log_stream did not follow an appended line")
+r = result(rpc.call(83, "cancel", {"id": 81}), "cancel log_stream")
+check(r.get("cancelled") is True, f"cancel log_stream {r}")
+check(error_code(rpc.wait(81, 30)) == -32003, f"cancelled log_stream: {rpc.responses[81]}")
+
 # cella.attach: a second rpc process drives the same sandbox without owning
 # it; its close leaves the sandbox running.
 other = Rpc()

@@ -72,10 +72,11 @@ TEST(RpcServer, MalformedInputGetsTheMatchingErrorAndServingGoesOn) {
       "{\"jsonrpc\":\"2.0\",\"method\":\"nope\",\"id\":2}\n"
       "{\"jsonrpc\":\"2.0\",\"method\":\"exec\",\"id\":3,\"params\":{\"command\":\"true\"}}\n"
       "{\"jsonrpc\":\"2.0\",\"method\":\"exec\",\"id\":4,\"params\":{\"command\":5}}\n"
-      "{\"jsonrpc\":\"2.0\",\"method\":\"log_stream\",\"id\":5}\n" +
+      "{\"jsonrpc\":\"2.0\",\"method\":\"port_forward\",\"id\":5}\n" +
       big + "\n" +
-      "{\"jsonrpc\":\"2.0\",\"method\":\"read_file\",\"id\":6,\"params\":{\"path\":\"/x\"}}\n");
-  ASSERT_EQ(lines.size(), 9u);
+      "{\"jsonrpc\":\"2.0\",\"method\":\"read_file\",\"id\":6,\"params\":{\"path\":\"/x\"}}\n"
+      "{\"jsonrpc\":\"2.0\",\"method\":\"log_stream\",\"id\":7}\n");
+  ASSERT_EQ(lines.size(), 10u);
   std::map<std::string, int> by_id;
   std::vector<int> null_ids;
   for (const auto& l : lines) {
@@ -93,6 +94,7 @@ TEST(RpcServer, MalformedInputGetsTheMatchingErrorAndServingGoesOn) {
   EXPECT_EQ(by_id["4"], kInvalidParams);
   EXPECT_EQ(by_id["5"], kMethodNotFound);
   EXPECT_EQ(by_id["6"], kVmFailed);
+  EXPECT_EQ(by_id["7"], kVmFailed);  // log_stream: no sandbox yet
 }
 
 TEST(RpcServer, CreateRefusesUnsupportedFieldsByNameAndReportsFactoryFailures) {

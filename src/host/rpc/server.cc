@@ -3,7 +3,9 @@
 // concurrent) and the in-flight table they share belong to one reader.
 #include "host/rpc/server.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 
 #include "base/io.h"
 #include "base/log.h"
+#include "base/unique_fd.h"
 #include "host/rpc/base64.h"
 
 namespace cella::rpc {
@@ -59,7 +62,7 @@ std::string OptionalString(const json& params, const char* key) {
 // Methods matchlock has that this server does not implement yet: answered
 // with an error naming them rather than "Method not found".
 bool NotYetSupported(const std::string& method) {
-  for (const char* m : {"log", "log_stream", "port_forward"})
+  for (const char* m : {"port_forward"})
     if (method == m) return true;
   return false;
 }
@@ -217,7 +220,8 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
   }
   if (method != "exec" && method != "exec_stream" && method != "exec_pipe" &&
       method != "exec_tty" && method != "write_file" && method != "read_file" &&
-      method != "list_files" && method != "allow_list_add" && method != "allow_list_delete") {
+      method != "list_files" && method != "allow_list_add" && method != "allow_list_delete" &&
+      method != "log" && method != "log_stream") {
     AnswerError(*call, kMethodNotFound, "Method not found: " + method);
     return;
   }
@@ -270,6 +274,10 @@ void Server::RunWorker(std::shared_ptr<Call> call, const std::string& method, js
       DoAllowList(*call, params, /*add=*/true);
     } else if (method == "allow_list_delete") {
       DoAllowList(*call, params, /*add=*/false);
+    } else if (method == "log") {
+      DoLog(*call, /*follow=*/false);
+    } else if (method == "log_stream") {
+      DoLog(*call, /*follow=*/true);
     }
   } catch (const ParamError& e) {
     AnswerError(*call, kInvalidParams, "Invalid params: " + e.message);
@@ -632,6 +640,82 @@ void Server::DoAllowList(Call& call, const json& params, bool add) {
     result["removed"] = minus(changed->before, changed->after);
   }
   Answer(call, std::move(result));
+}
+
+void Server::DoLog(Call& call, bool follow) {
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  const std::string path = sandbox->ConsoleLogPath();
+  if (path.empty()) return AnswerError(call, kVmFailed, "this sandbox has no log");
+  std::vector<std::byte> chunk(64 << 10);
+  // `log`: PATH.1 then PATH, keeping at most the last max_exec_output bytes.
+  // `log_stream`: each block goes out as it is read.
+  std::string collected;
+  auto emit = [&](std::string_view bytes) {
+    if (follow) {
+      Send({{"jsonrpc", "2.0"},
+            {"method", "log_stream.data"},
+            {"params", {{"id", call.id}, {"data", Base64Encode(bytes)}}}});
+      return;
+    }
+    collected.append(bytes);
+    // Trimmed once it holds twice the cap, so each byte is moved at most once.
+    if (collected.size() > 2 * options_.max_exec_output)
+      collected.erase(0, collected.size() - options_.max_exec_output);
+  };
+  // Reads fd to its current end; returns the bytes read.
+  auto drain = [&](int fd) -> Result<off_t> {
+    off_t total = 0;
+    for (;;) {
+      if (call.answered.load()) return total;
+      size_t got = CELLA_TRY(ReadSome(fd, chunk));
+      if (got == 0) return total;
+      emit(std::string_view(reinterpret_cast<const char*>(chunk.data()), got));
+      total += static_cast<off_t>(got);
+    }
+  };
+  auto open_log = [](const std::string& p) {
+    return UniqueFd(::open(p.c_str(), O_RDONLY | O_CLOEXEC));
+  };
+  if (UniqueFd older = open_log(path + ".1"); older) {
+    if (auto st = drain(older.Get()); !st) return AnswerError(call, kVmFailed, st.error().message);
+  }
+  UniqueFd fd = open_log(path);
+  off_t at = 0;
+  if (fd) {
+    auto got = drain(fd.Get());
+    if (!got) return AnswerError(call, kVmFailed, got.error().message);
+    at = *got;
+  }
+  if (!follow) {
+    if (collected.size() > options_.max_exec_output)
+      collected.erase(0, collected.size() - options_.max_exec_output);
+    return Answer(call, {{"content", Base64Encode(collected)}});
+  }
+  // Follow until cancelled (`cancel`, `close`, the end of input answer the
+  // call): poll the file, reopening it when it was rotated or truncated.
+  while (!call.answered.load()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (!fd) {
+      fd = open_log(path);
+      at = 0;
+      if (!fd) continue;
+    }
+    auto got = drain(fd.Get());
+    if (!got) return AnswerError(call, kVmFailed, got.error().message);
+    at += *got;
+    if (*got > 0) continue;
+    struct stat ours {};
+    struct stat now {};
+    if (::fstat(fd.Get(), &ours) != 0) return AnswerError(call, kVmFailed, "stat " + path);
+    if (::stat(path.c_str(), &now) == 0 && now.st_ino != ours.st_ino) {
+      fd = open_log(path);  // rotated: go on with the new file
+      at = 0;
+    } else if (ours.st_size < at) {
+      if (::lseek(fd.Get(), 0, SEEK_SET) < 0) return AnswerError(call, kVmFailed, "seek " + path);
+      at = 0;  // truncated in place: the writer starts again from the top
+    }
+  }
 }
 
 void Server::CancelAll() {

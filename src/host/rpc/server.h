@@ -66,6 +66,11 @@ class Sandbox {
   };
   virtual Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
                                                 const std::vector<std::string>& remove) = 0;
+  // The sandbox's console log (kernel and guest output, `cella logs
+  // --console`): the live file; its older generation is PATH.1
+  // (host/sandbox/log_files.h). Empty when there is none (`log` answers
+  // −32000).
+  virtual std::string ConsoleLogPath() const { return {}; }
   // Stops the VM (guest processes get `grace` to exit) and removes the
   // sandbox; bounded.
   virtual Status Close(std::chrono::milliseconds grace) = 0;
@@ -126,6 +131,9 @@ class Server {
   void DoReadFile(Call& call, const json& params);
   void DoListFiles(Call& call, const json& params);
   void DoAllowList(Call& call, const json& params, bool add);
+  // `log`: the console log so far; `log_stream`: the same as
+  // `log_stream.data` notifications, then what is appended, until cancelled.
+  void DoLog(Call& call, bool follow);
 
   std::shared_ptr<Sandbox> CurrentSandbox();
   void CancelAll();

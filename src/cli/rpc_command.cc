@@ -332,6 +332,7 @@ int RpcReaperCommand() {
   if (id.empty()) return 0;
   // Wait for the owner to end: EOF (or an error) on the lifeline. Polled in
   // ticks so a sandbox removed by other means (cella rm -f) ends the wait.
+  unsigned ticks = 0;
   for (;;) {
     pollfd p{kLifeline, POLLIN, 0};
     int r = ::poll(&p, 1, 1000);
@@ -342,8 +343,14 @@ int RpcReaperCommand() {
       if (n <= 0 && !(n < 0 && errno == EINTR)) break;
       continue;  // the owner writes nothing more; ignore stray bytes
     }
+    // Only a sandbox known to be gone ends the watch: a busy or failing
+    // store must not leave the VM without its reaper. Every 5 s, since each
+    // look reconciles the store.
+    if (++ticks % 5 != 0) continue;
     auto ctx = OpenSandboxes();
-    if (ctx && !ctx->store.Get(id)) return 0;
+    if (!ctx) continue;
+    auto record = ctx->store.Get(id);
+    if (!record && record.error().errno_value == ENOENT) return 0;
   }
   auto ctx = OpenSandboxes();
   if (!ctx) return 1;

@@ -216,9 +216,16 @@ Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std:
     struct stat now {};
     if (::fstat(fd.Get(), &ours) != 0) return FailErrno("stat " + path);
     if (::stat(path.c_str(), &now) == 0 && now.st_ino != ours.st_ino) {
-      // Rotated: what the old file held is read; go on with the new one.
+      // Rotated: the writer renamed the old file before opening the new
+      // one, so whatever reached the old file is there now: read it out,
+      // then go on with the new one.
       UniqueFd next(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
       if (next) {
+        for (;;) {
+          size_t rest = CELLA_TRY(ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf))));
+          if (rest == 0) break;
+          CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, rest)));
+        }
         fd = std::move(next);
         at = 0;
         continue;

@@ -223,10 +223,15 @@ check(r["exit_code"] == 0 and out == b"HELLO PIPE\n" and err == b"done\n", f"pip
 # exec_tty: a terminal of the asked size, resized on request.
 rpc.send(61, "exec_tty", {"command": "stty size; read x; stty size", "rows": 30, "cols": 100})
 wait_notif(61, "exec_tty.ready")
-time.sleep(0.5)
+# Resize only once the first size was printed (bounded), so a slow guest
+# cannot see the new size first.
+with rpc.cv:
+    if not rpc.cv.wait_for(lambda: b"30 100" in b"".join(
+            unb64(n["params"]["data"]) for n in rpc.notifications
+            if n["method"] == "exec_tty.stdout" and n["params"].get("id") == 61), 60):
+        fail("exec_tty: the first size never came")
 rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_tty.resize",
                          "params": {"id": 61, "rows": 40, "cols": 120}}))
-time.sleep(0.5)
 rpc.send_raw(json.dumps({"jsonrpc": "2.0", "method": "exec_tty.stdin",
                          "params": {"id": 61, "data": b64(b"go\r")}}))
 r = result(rpc.wait(61, 60), "exec_tty")
@@ -287,14 +292,25 @@ while time.time() < deadline:
     time.sleep(0.5)
 else:
     fail(f"sandbox {sandbox_id} outlived its killed rpc process")
-for pid in os.listdir("/proc"):
-    if not pid.isdigit():
-        continue
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        continue
-    if sandbox_id.encode() in cmdline and (b"qemu" in cmdline or b"__supervise" in cmdline):
-        fail(f"process {pid} of the removed sandbox still runs: {cmdline!r}")
+def leftovers():
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if sandbox_id.encode() in cmdline and (b"qemu" in cmdline or b"__supervise" in cmdline):
+            found.append((pid, cmdline))
+    return found
+
+
+# The record goes first; the supervisor and QEMU exit right after (bounded).
+deadline = time.time() + 30
+while leftovers() and time.time() < deadline:
+    time.sleep(0.2)
+if leftovers():
+    fail(f"processes of the removed sandbox still run: {leftovers()!r}")
 print("OK", flush=True)

@@ -167,9 +167,16 @@ TEST(ControlSocket, RequestReplyAndErrors) {
   auto refused = ControlCall(path, {{"op", "nope"}}, std::chrono::seconds(5));
   ASSERT_FALSE(refused);
   EXPECT_EQ(refused.error().message, "unknown op");
+  // A field of the wrong type throws inside the handler: an error reply,
+  // never the end of the process, and the server goes on serving.
+  auto mistyped = ControlCall(path, {{"op", 1}}, std::chrono::seconds(5));
+  ASSERT_FALSE(mistyped);
+  EXPECT_NE(mistyped.error().message.find("bad control request"), std::string::npos)
+      << mistyped.error().message;
+  EXPECT_TRUE(ControlCall(path, {{"op", "echo"}, {"value", 8}}, std::chrono::seconds(5)));
   (*server)->Stop();
   EXPECT_FALSE(ControlCall(path, {{"op", "echo"}}, std::chrono::seconds(1)));
-  EXPECT_EQ(calls.load(), 2);
+  EXPECT_EQ(calls.load(), 4);
   std::filesystem::remove_all(dir);
 }
 

@@ -178,7 +178,13 @@ void ControlServer::Serve(UniqueFd conn) {
     if (request.is_discarded() || !request.is_object()) {
       reply = {{"ok", false}, {"error", "control request is not a JSON object"}};
     } else {
-      reply = handler_(request);
+      // A field of the wrong type makes nlohmann::json throw; on this
+      // thread that would end the supervisor (and its VM) by terminate.
+      try {
+        reply = handler_(request);
+      } catch (const std::exception& e) {
+        reply = {{"ok", false}, {"error", std::string("bad control request: ") + e.what()}};
+      }
     }
   }
   // The caller may have given up waiting; its loss, not ours.

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "base/log.h"
@@ -211,7 +212,8 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
       log::Warn("kill VM failed", {{"error", st.error().message}});
   } else {
     int64_t grace = request.value("grace_ms", int64_t{10'000});
-    if (grace < 0) grace = 0;
+    // Bounded so the waits computed from it cannot overflow.
+    grace = std::clamp<int64_t>(grace, 0, int64_t{24} * 3600 * 1000);
     stop_grace_ = milliseconds(grace);
   }
   changed_.notify_all();

@@ -71,8 +71,10 @@ Status ScanBackwards(const std::string& path, off_t end, int wanted, bool skip_l
   return {};
 }
 
+// Copies path's bytes from `from` to `until` (-1: to the end as it grows).
 Status CopyRange(const std::string& path, off_t from,
-                 const std::function<Status(std::string_view)>& sink, off_t* reached) {
+                 const std::function<Status(std::string_view)>& sink, off_t* reached,
+                 off_t until = -1) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) {
     if (errno == ENOENT) return {};
@@ -82,7 +84,12 @@ Status CopyRange(const std::string& path, off_t from,
   off_t at = from;
   std::vector<char> buf(kBlock);
   for (;;) {
-    size_t got = CELLA_TRY(ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf))));
+    size_t want = buf.size();
+    if (until >= 0) {
+      if (at >= until) break;
+      want = std::min(want, static_cast<size_t>(until - at));
+    }
+    size_t got = CELLA_TRY(ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf).first(want))));
     if (got == 0) break;
     CELLA_TRY(sink(std::string_view(buf.data(), got)));
     at += static_cast<off_t>(got);
@@ -120,14 +127,19 @@ Status CappedLogWriter::Write(std::span<const std::byte> bytes) {
 
 Result<bool> TrimAppendedLog(const std::string& path, uint64_t max_bytes) {
   off_t size = CELLA_TRY(SizeOrZero(path));
-  if (static_cast<uint64_t>(size) <= std::max(max_bytes, kMinLogMaxBytes)) return false;
+  const uint64_t cap = std::max(max_bytes, kMinLogMaxBytes);
+  if (static_cast<uint64_t>(size) <= cap) return false;
+  // Only the newest `cap` bytes as measured now: a writer racing ahead
+  // cannot make this copy (or PATH.1) grow past the cap.
+  const off_t keep_from = size - static_cast<off_t>(cap);
   std::string older = OlderGeneration(path);
   std::string temp = older + ".tmp";
   {
     UniqueFd out(::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
     if (!out) return FailErrno("open " + temp);
     auto copied = CopyRange(
-        path, 0, [&](std::string_view block) { return WriteAll(out.Get(), block); }, nullptr);
+        path, keep_from, [&](std::string_view block) { return WriteAll(out.Get(), block); },
+        nullptr, size);
     if (!copied) {
       ::unlink(temp.c_str());
       return std::unexpected(copied.error());

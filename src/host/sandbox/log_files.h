@@ -46,8 +46,8 @@ class CappedLogWriter {
 };
 
 // For a log another process appends to (QEMU's console chardev, opened with
-// append=on): once PATH passes the cap, its bytes are copied to PATH.1 and
-// PATH is truncated, so the writer's next append starts it again. A few
+// append=on): once PATH passes the cap, its newest `cap` bytes are copied to
+// PATH.1 and PATH is truncated, so the writer's next append starts it again. A few
 // bytes written between the copy and the truncation can be lost: acceptable
 // for a console, and the price of not owning the writer. Returns whether it
 // rotated.

@@ -416,10 +416,8 @@ Status QemuMachine::Close() {
   agent_.reset();
   Status st = KillAndReap();
   qmp_.reset();
-  // Each boot starts a fresh console (QEMU appends to it: the supervisor
-  // trims it in place, see host/sandbox/log_files.h).
-  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log,
-                               paths_.console_log, paths_.console_log + ".1"}) {
+  // The console stays for `cella logs --console` and post-mortems.
+  for (const std::string& p : {paths_.agent_socket, paths_.qmp_socket, paths_.qemu_log}) {
     if (auto removed = UnlinkIfPresent(p); !removed && st) st = std::move(removed);
   }
   return st;

@@ -7,8 +7,8 @@
 #include "cli/commands.h"
 #include "host/kernel/kernel.h"
 #include "host/vmm/accel.h"
-#include "host/vmm/paths.h"
-#include "host/vmm/process.h"
+#include "host/os/paths.h"
+#include "host/os/process.h"
 #include "host/vmm/tsc.h"
 
 namespace cella::cli {

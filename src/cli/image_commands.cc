@@ -22,7 +22,7 @@
 #include "host/registry/image_store.h"
 #include "host/registry/reference.h"
 #include "host/sandbox/spec.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::cli {
 namespace {

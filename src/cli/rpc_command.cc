@@ -32,7 +32,7 @@
 #include "host/rpc/server.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/spec.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 extern char** environ;
 

@@ -24,14 +24,13 @@
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "host/sandbox/supervisor.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 #include "protocol/config.h"
 #include "protocol/network.h"
 
 namespace cella::cli {
 namespace {
 
-constexpr const char* kDefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 // Sparse: a writable layer only takes what the guest writes.
 constexpr uint64_t kDefaultDiskSize = uint64_t{8} << 30;
 constexpr uint64_t kDefaultVolumeSize = uint64_t{1} << 30;
@@ -121,7 +120,7 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   Prepared p;
   sandbox::SandboxSpec& spec = p.spec;
   protocol::Config& g = spec.guest;
-  g.env["PATH"] = kDefaultPath;
+  g.env["PATH"] = protocol::kDefaultPath;
   // No HOME here: the guest takes it from the user's passwd entry (or the
   // image's Env), as docker does.
   g.workdir = args.workdir;

@@ -8,7 +8,7 @@
 
 #include "base/log.h"
 #include "host/sandbox/control.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::cli {
 namespace {

@@ -22,6 +22,9 @@ namespace cella::protocol {
 
 inline constexpr std::string_view kDefaultAgentPort = "cella.agent";
 // Largest config.json either side accepts; a real one is a few KiB.
+// PATH for a process whose environment names none (docker's default).
+inline constexpr const char* kDefaultPath =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 inline constexpr size_t kMaxConfigBytes = 1u << 20;
 inline constexpr int kMinMtu = 68;  // IPv4 minimum (RFC 791)
 inline constexpr int kMaxMtu = 65535;

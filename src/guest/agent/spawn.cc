@@ -18,6 +18,7 @@
 #include "base/io.h"
 #include "guest/agent/hardening.h"
 #include "guest/agent/user.h"
+#include "protocol/config.h"
 
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -26,7 +27,6 @@
 namespace cella::agent {
 namespace {
 
-constexpr const char* kDefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 // What the child reports through the status pipe when setup fails.
 enum class Stage : int { kSession, kTty, kStdio, kCaps, kUser, kWorkdir, kSeccomp, kSignals };
@@ -86,7 +86,7 @@ bool HasEnv(const std::vector<std::string>& env, std::string_view name) {
 std::vector<std::string> Candidates(const std::string& program,
                                     const std::vector<std::string>& env) {
   if (program.find('/') != std::string::npos) return {program};
-  std::string path = HasEnv(env, "PATH") ? EnvValue(env, "PATH") : kDefaultPath;
+  std::string path = HasEnv(env, "PATH") ? EnvValue(env, "PATH") : protocol::kDefaultPath;
   std::vector<std::string> out;
   size_t start = 0;
   for (;;) {

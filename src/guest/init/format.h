@@ -16,8 +16,7 @@
 
 namespace cella::init {
 
-inline constexpr std::string_view kDefaultPath =
-    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+using protocol::kDefaultPath;
 // cgroup v2 cpu.max period: the kernel default, 100 ms.
 inline constexpr int64_t kCpuPeriodUs = 100000;
 

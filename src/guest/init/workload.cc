@@ -212,8 +212,9 @@ Status ExecImageInit() {
   std::string tried;
   for (const char* path : {"/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd"}) {
     char* argv[] = {const_cast<char*>(path), nullptr};
+    std::string path_env = std::string("PATH=") + protocol::kDefaultPath;
     char* envp[] = {
-        const_cast<char*>("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        path_env.data(),
         nullptr};
     ::execve(path, argv, envp);
     tried += std::string(tried.empty() ? "" : "; ") + path + ": " + std::strerror(errno);

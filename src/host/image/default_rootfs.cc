@@ -15,9 +15,9 @@
 
 #include "base/io.h"
 #include "base/unique_fd.h"
-#include "host/vmm/digest.h"
-#include "host/vmm/paths.h"
-#include "host/vmm/process.h"
+#include "host/os/digest.h"
+#include "host/os/paths.h"
+#include "host/os/process.h"
 
 namespace cella::image {
 

@@ -14,8 +14,8 @@
 
 #include "base/io.h"
 #include "base/unique_fd.h"
-#include "host/vmm/digest.h"
-#include "host/vmm/paths.h"
+#include "host/os/digest.h"
+#include "host/os/paths.h"
 
 namespace cella::kernel {
 

@@ -5,7 +5,7 @@
 #include <map>
 
 #include "base/io.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::kernel {
 

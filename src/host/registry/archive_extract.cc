@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "base/io.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::registry {
 namespace {

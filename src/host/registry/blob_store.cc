@@ -10,7 +10,7 @@
 
 #include "base/io.h"
 #include "host/registry/reference.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::registry {
 

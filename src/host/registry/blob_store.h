@@ -15,7 +15,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
-#include "host/vmm/digest.h"
+#include "host/os/digest.h"
 
 namespace cella::registry {
 

@@ -6,7 +6,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 
-#include "host/vmm/digest.h"
+#include "host/os/digest.h"
 
 namespace cella::registry {
 namespace {

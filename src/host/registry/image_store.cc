@@ -20,8 +20,8 @@
 #include "base/io.h"
 #include "host/registry/archive_extract.h"
 #include "host/rootfs/rootfs.h"
-#include "host/vmm/digest.h"
-#include "host/vmm/paths.h"
+#include "host/os/digest.h"
+#include "host/os/paths.h"
 
 namespace cella::registry {
 namespace {

@@ -9,7 +9,7 @@
 #include <cmath>
 
 #include "base/unique_fd.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 
 namespace cella::sandbox {
 

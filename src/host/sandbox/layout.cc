@@ -2,7 +2,7 @@
 
 #include <cstdlib>
 
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::sandbox {
 

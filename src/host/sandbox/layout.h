@@ -13,7 +13,7 @@
 //   <sandbox home>/volumes/<name>/volume.img
 //
 // sandbox home = $CELLA_SANDBOX_HOME when set (tests isolate themselves
-// with it), else the cella home (host/vmm/paths.h). Pure functions.
+// with it), else the cella home (host/os/paths.h). Pure functions.
 #pragma once
 
 #include <string>

@@ -33,7 +33,7 @@
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace cella::sandbox {

@@ -7,7 +7,7 @@
 #include <cstdlib>
 
 #include "base/io.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 
 namespace cella::vmm {
 

@@ -19,7 +19,7 @@
 
 #include "base/result.h"
 #include "host/agent/client.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 #include "host/vmm/vm_config.h"
 
 namespace cella::vmm {

@@ -49,7 +49,7 @@ std::string BuildKernelCmdline(const VMConfig& config, uint64_t tsc_khz);
 int CountVirtioTransports(const VMConfig& config);
 
 // Descriptors QEMU must inherit, in order: the i-th is fd
-// host::kFirstInheritedFd + i in QEMU (host/vmm/process.h). Today only the
+// host::kFirstInheritedFd + i in QEMU (host/os/process.h). Today only the
 // TAP (VMConfig.NetworkFD), which BuildQemuArgv names as kQemuTapChildFd.
 inline constexpr int kQemuTapChildFd = 3;  // == host::kFirstInheritedFd
 std::vector<int> QemuChildFds(const VMConfig& config);

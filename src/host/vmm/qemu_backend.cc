@@ -17,8 +17,8 @@
 #include <thread>
 
 #include "base/log.h"
-#include "host/vmm/paths.h"
-#include "host/vmm/process.h"
+#include "host/os/paths.h"
+#include "host/os/process.h"
 #include "host/vmm/qemu_argv.h"
 #include "host/vmm/qmp.h"
 #include "host/vmm/tsc.h"

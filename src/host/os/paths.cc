@@ -1,4 +1,4 @@
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 #include <sys/stat.h>
 #include <unistd.h>

@@ -1,4 +1,4 @@
-#include "host/vmm/digest.h"
+#include "host/os/digest.h"
 
 #include <fcntl.h>
 #include <openssl/evp.h>

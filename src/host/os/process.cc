@@ -1,4 +1,4 @@
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 
 #include <fcntl.h>
 #include <poll.h>

@@ -29,7 +29,7 @@
 #include "base/unique_fd.h"
 #include "host/net/netns.h"
 #include "host/sandbox/compose.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace {

@@ -9,8 +9,8 @@
 #include <fstream>
 
 #include "host/sandbox/compose.h"
-#include "host/vmm/paths.h"
-#include "host/vmm/process.h"
+#include "host/os/paths.h"
+#include "host/os/process.h"
 #include "host/vmm/qemu_backend.h"
 #include "process.h"
 #include "vm_test_base.h"

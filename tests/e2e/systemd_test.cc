@@ -14,8 +14,8 @@
 
 #include "host/rootfs/rootfs.h"
 #include "host/sandbox/compose.h"
-#include "host/vmm/paths.h"
-#include "host/vmm/process.h"
+#include "host/os/paths.h"
+#include "host/os/process.h"
 #include "host/vmm/qemu_backend.h"
 #include "vm_test_base.h"
 

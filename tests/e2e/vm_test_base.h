@@ -12,7 +12,7 @@
 
 #include "host/sandbox/compose.h"
 #include "host/vmm/machine.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::test {
 

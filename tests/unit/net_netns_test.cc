@@ -32,7 +32,7 @@
 
 #include "base/io.h"
 #include "host/net/netns.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 #include "host/vmm/qemu_argv.h"
 
 namespace cella::net {

@@ -16,7 +16,7 @@
 #include "base/io.h"
 #include "cli/sandbox_context.h"
 #include "host/sandbox/layout.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 #include "support/temp_dir.h"
 
 namespace cella::store {

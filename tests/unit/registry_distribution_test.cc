@@ -11,7 +11,7 @@
 #include <optional>
 
 #include "host/registry/image_store.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 #include "registry_test_support.h"
 
 namespace cella::registry {

@@ -10,8 +10,8 @@
 
 #include "base/io.h"
 #include "host/registry/manifest.h"
-#include "host/vmm/digest.h"
-#include "host/vmm/paths.h"
+#include "host/os/digest.h"
+#include "host/os/paths.h"
 #include "rootfs_test_layers.h"
 
 namespace cella::registry::testing {

@@ -20,7 +20,7 @@
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 #include "support/echo_server.h"
 
 namespace cella::sandbox {

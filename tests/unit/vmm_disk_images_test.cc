@@ -11,7 +11,7 @@
 #include "base/io.h"
 #include "host/image/default_rootfs.h"
 #include "host/vmm/config_disk.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 
 namespace cella {
 namespace {

@@ -11,7 +11,7 @@
 
 #include "base/io.h"
 #include "host/vmm/accel.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 #include "host/vmm/tsc.h"
 
 namespace cella::vmm {

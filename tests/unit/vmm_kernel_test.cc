@@ -14,7 +14,7 @@
 #include "host/kernel/initramfs.h"
 #include "host/kernel/kernel.h"
 #include "host/kernel/modules.h"
-#include "host/vmm/paths.h"
+#include "host/os/paths.h"
 
 namespace cella::kernel {
 namespace {

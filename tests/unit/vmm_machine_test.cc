@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "base/io.h"
-#include "host/vmm/process.h"
+#include "host/os/process.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace cella::vmm {

@@ -1,25 +1,48 @@
 #!/usr/bin/env bash
-# Runs every libFuzzer target in BUILD/tests/fuzz for SECONDS each, starting
-# from the committed seed corpus (copied, so CI never writes into the tree).
+# Runs every libFuzzer target in BUILD/tests/fuzz for SECONDS each, JOBS at a
+# time, starting from the committed seed corpus (copied, so CI never writes
+# into the tree). Any crash, leak or time-out fails the run with its log.
 set -euo pipefail
 build=${1:?build dir}
 seconds=${2:-20}
+jobs=${3:-1}
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 shopt -s nullglob
-ran=0
-for fuzzer in "$build"/tests/fuzz/fuzz_*; do
-  [ -x "$fuzzer" ] || continue
+
+run_one() {
+  local fuzzer=$1 name
   name=$(basename "$fuzzer")
-  mkdir -p "$work/$name"
+  mkdir -p "$work/$name" "$work/$name.artifacts"
   if [ -d "$root/tests/fuzz/corpus/$name" ]; then cp -r "$root/tests/fuzz/corpus/$name/." "$work/$name/"; fi
-  echo "fuzz: $name for ${seconds}s"
-  "$fuzzer" -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 \
-    -artifact_prefix="$work/" "$work/$name" 2>"$work/$name.log" || {
-    tail -n 40 "$work/$name.log"; echo "fuzz: $name FAILED"; exit 1; }
-  grep -E "^Done|#[0-9]+.*DONE" "$work/$name.log" | tail -n 1 || true
-  ran=$((ran + 1))
+  if "$fuzzer" -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 \
+    -artifact_prefix="$work/$name.artifacts/" "$work/$name" 2>"$work/$name.log"; then
+    echo "fuzz: $name ran ${seconds}s: $(grep -E '^Done|#[0-9]+.*DONE' "$work/$name.log" | tail -n 1)"
+  else
+    tail -n 40 "$work/$name.log"
+    echo "fuzz: $name FAILED"
+    return 1
+  fi
+}
+
+fuzzers=()
+for fuzzer in "$build"/tests/fuzz/fuzz_*; do
+  [ -x "$fuzzer" ] && fuzzers+=("$fuzzer")
 done
-if [ "$ran" -eq 0 ]; then echo "fuzz: no fuzzers found in $build/tests/fuzz" >&2; exit 1; fi
-echo "fuzz: $ran fuzzers ran clean"
+if [ "${#fuzzers[@]}" -eq 0 ]; then echo "fuzz: no fuzzers found in $build/tests/fuzz" >&2; exit 1; fi
+
+# At most `jobs` running at once; every failure is reported, then the run fails.
+failed=0
+running=()
+for fuzzer in "${fuzzers[@]}"; do
+  run_one "$fuzzer" &
+  running+=("$!")
+  if [ "${#running[@]}" -ge "$jobs" ]; then
+    wait "${running[0]}" || failed=1
+    running=("${running[@]:1}")
+  fi
+done
+for pid in "${running[@]}"; do wait "$pid" || failed=1; done
+if [ "$failed" -ne 0 ]; then echo "fuzz: a fuzzer failed (see above)" >&2; exit 1; fi
+echo "fuzz: ${#fuzzers[@]} fuzzers ran clean"

@@ -32,6 +32,9 @@ inline constexpr uint32_t kDataChunk = 64u * 1024;
 // Initial per-stream, per-channel send credit (bytes). Receivers return
 // credit with kWindow frames as they consume, so memory stays bounded.
 inline constexpr uint32_t kInitialWindow = 256u * 1024;
+// Credit granted by a peer accumulates up to this ceiling, never beyond: a
+// peer sending endless WindowUpdates cannot overflow the sender's count.
+inline constexpr int64_t kMaxCredit = int64_t{1} << 40;
 
 enum class FrameType : uint8_t {
   kHello = 1,  // stream 0, JSON {"version":N,"role":"host"|"agent"}

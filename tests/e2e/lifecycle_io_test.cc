@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 
 #include <fstream>
+#include <thread>
 
 #include "lifecycle_fixture.h"
 
@@ -129,7 +130,7 @@ TEST_F(LifecycleTest, InteractiveTtyThroughARealPty) {
   EXPECT_EQ(piped.out, "SHOUT\n") << Describe(piped);
 }
 
-TEST_F(LifecycleTest, CopyBothWaysKeepsModesOwnersAndContent) {
+TEST_F(LifecycleTest, CopyBothWaysKeepsModesOwnersContentAndLeavesNoTemp) {
   std::string id = RunDetached({"--name", "cp"});
   ASSERT_FALSE(id.empty());
   std::string src = home_ + "/src";
@@ -181,6 +182,34 @@ TEST_F(LifecycleTest, CopyBothWaysKeepsModesOwnersAndContent) {
   EXPECT_TRUE(std::filesystem::exists(home_ + "/hostname"));
   auto no_side = RunCella({"cp", src, home_ + "/x"});
   EXPECT_EQ(no_side.exit_code, 125);
+
+  // A copy in cut short by the VM's death leaves no temp file behind once
+  // the sandbox boots again. The temp is synced to the disk before the kill,
+  // so only the guest's clean-up at boot can make it disappear.
+  {
+    std::ofstream huge(src + "/huge.bin", std::ios::binary);
+    huge.seekp((std::streamoff{512} << 20) - 1);
+    huge.put('\0');
+  }
+  std::thread copier([&] {
+    (void)RunCella({"cp", src + "/huge.bin", "cp:/root/huge.bin"}, "", std::chrono::seconds(120));
+  });
+  bool seen = false;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!seen && std::chrono::steady_clock::now() < deadline) {
+    auto ls = RunCella({"exec", "cp", "--", "sh", "-c", "ls -a /root | grep -c 'cella-' && sync"});
+    seen = ls.exit_code == 0 && ls.out.rfind("1\n", 0) == 0;
+  }
+  auto kill = RunCella({"kill", "cp"});
+  copier.join();
+  ASSERT_TRUE(seen) << "the upload's temp file never appeared in /root";
+  ASSERT_EQ(kill.exit_code, 0) << Describe(kill);
+  auto start = RunCella({"start", "cp"}, "", std::chrono::seconds(300));
+  ASSERT_EQ(start.exit_code, 0) << Describe(start);
+  auto after = RunCella({"exec", "cp", "--", "ls", "-a", "/root"});
+  ASSERT_EQ(after.exit_code, 0) << Describe(after);
+  EXPECT_EQ(after.out.find("cella-"), std::string::npos) << after.out;
+  EXPECT_NE(after.out.find("tree"), std::string::npos) << after.out;
 }
 
 TEST_F(LifecycleTest, PublishedPortAndPortForwardReachAGuestServer) {

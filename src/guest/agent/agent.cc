@@ -721,7 +721,7 @@ struct Agent::Impl {
           return FailStream(s->stream,
                             Error{"Window from the host must be for stdout/stderr", EPROTO});
         int64_t& credit = s->out[frame.channel == Channel::kStdout ? 0 : 1].credit;
-        credit = std::min<int64_t>(credit + *inc, int64_t{1} << 40);
+        credit = std::min<int64_t>(credit + *inc, protocol::kMaxCredit);
         return;
       }
       case FrameType::kResize: {

@@ -177,8 +177,10 @@ Status MakeSymlink(const protocol::SymlinkRequest& request) {
   const std::string temp_prefix = DirName(path) + "/.cella-ln-";
   std::random_device rd;
   std::string temp;
+  UploadJournal::Entry journal;
   for (int attempt = 0; attempt < 16 && temp.empty(); ++attempt) {
     std::string candidate = temp_prefix + CELLA_TRY(RandomSuffix(rd));
+    CELLA_TRY(journal.Record(candidate));
     if (::symlink(request.target.c_str(), candidate.c_str()) == 0) {
       temp = candidate;
     } else if (errno != EEXIST) {
@@ -275,10 +277,12 @@ Result<AtomicFileWriter> AtomicFileWriter::Create(const std::string& path, mode_
   w.uid_ = uid;
   w.gid_ = gid;
   w.mtime_ = mtime;
+  w.journal_.emplace();
   std::random_device rd;
   const std::string temp_prefix = dir + "/." + base + ".cella-";
   for (int attempt = 0; attempt < 16; ++attempt) {
     std::string temp = temp_prefix + CELLA_TRY_CTX(RandomSuffix(rd), path);
+    CELLA_TRY_CTX(w.journal_->Record(temp), path);
     w.fd_.Reset(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
     if (w.fd_) {
       w.temp_path_ = temp;
@@ -298,7 +302,8 @@ AtomicFileWriter::AtomicFileWriter(AtomicFileWriter&& other) noexcept
       gid_(other.gid_),
       mtime_(other.mtime_),
       written_(other.written_),
-      committed_(other.committed_) {
+      committed_(other.committed_),
+      journal_(std::move(other.journal_)) {
   other.temp_path_.clear();
 }
 

@@ -12,6 +12,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "guest/agent/upload_journal.h"
 #include "protocol/messages.h"
 
 namespace cella::agent {
@@ -73,6 +74,8 @@ class AtomicFileWriter {
   std::optional<int64_t> mtime_;
   uint64_t written_ = 0;
   bool committed_ = false;
+  // Declared last: destroyed after the destructor removed an abandoned temp.
+  std::optional<UploadJournal::Entry> journal_;
 };
 
 }  // namespace cella::agent

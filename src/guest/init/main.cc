@@ -45,6 +45,8 @@ Status Boot() {
 
   CELLA_TRY_CTX(AssembleRoot(config, DeviceDeadline()), "root filesystem");
   CELLA_TRY_CTX(MountVolumes(config, DeviceDeadline()), "volumes");
+  if (config.init_mode == protocol::InitMode::kExec)
+    CELLA_TRY_CTX(RecoverInterruptedUploads(config), "interrupted uploads");
   if (config.init_mode == protocol::InitMode::kSystemd)
     CELLA_TRY_CTX(PrepareSystemd(config, KernelConsoleTtys(*cmdline)), "systemd mode");
   // The agent port must be found while /sys is where we know it is; it is

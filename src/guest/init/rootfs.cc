@@ -1,5 +1,6 @@
 #include "guest/init/rootfs.h"
 
+#include <fcntl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -7,6 +8,7 @@
 #include <vector>
 
 #include "base/io.h"
+#include "guest/agent/upload_journal.h"
 #include "guest/init/console.h"
 #include "guest/init/format.h"
 #include "guest/init/fs_util.h"
@@ -61,6 +63,34 @@ Status MountOverlayRoot(const protocol::OverlayRoot& root, Deadline deadline) {
   CELLA_TRY(Mount("overlay", kNewRoot, "overlay", 0, options));
   return {};
 }
+
+}  // namespace
+
+Status RecoverInterruptedUploads(const Config& config) {
+  if (!config.overlay_root || config.overlay_root->upper_device.empty()) return {};
+  // Beside upper/ and work/ on the layer's disk: outside the sandbox's tree.
+  const std::string path = std::string(kScratch) + "/upper/upload-journal";
+  UniqueFd journal(
+      ::open(path.c_str(), O_RDWR | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!journal) return FailErrno("open " + path);
+  // As many lines as uploads were in flight; more means damage: read a cap.
+  constexpr size_t kMaxJournalBytes = size_t{1} << 20;
+  std::string text(kMaxJournalBytes, '\0');
+  ssize_t n = ::pread(journal.Get(), text.data(), text.size(), 0);
+  if (n < 0) return FailErrno("read " + path);
+  text.resize(static_cast<size_t>(n));
+  if (!text.empty()) {
+    UniqueFd root(::open(kNewRoot, O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!root) return FailErrno(std::string("open ") + kNewRoot);
+    size_t removed = CELLA_TRY(agent::RemoveJournaledTemps(root.Get(), text));
+    Debug("removed " + std::to_string(removed) + " temp files of interrupted uploads");
+    if (::ftruncate(journal.Get(), 0) != 0) return FailErrno("truncate " + path);
+  }
+  agent::UploadJournal::Install(std::move(journal));
+  return {};
+}
+
+namespace {
 
 Status MountPlainRoot(const Config& config, Deadline deadline) {
   std::string device = config.root_device.empty() ? kDefaultRootDevice : config.root_device;

@@ -39,6 +39,12 @@ Status AssembleRoot(const protocol::Config& config, Deadline deadline);
 // points are created beneath the new root without following symlinks.
 Status MountVolumes(const protocol::Config& config, Deadline deadline);
 
+// Removes the temp files of uploads a previous boot left in flight (the
+// journal on the writable layer's disk, see guest/agent/upload_journal.h),
+// then installs the journal for this boot's agent. Exec mode with a
+// persistent writable layer only; needs the root and volumes mounted.
+Status RecoverInterruptedUploads(const protocol::Config& config);
+
 // Systemd mode preparation inside kNewRoot: a tmpfs on /run holding the agent
 // binary (copied from the initramfs), plus runtime units in
 // /run/systemd/system (nothing is written into the image): cella-agent.service,

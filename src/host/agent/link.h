@@ -45,8 +45,7 @@ using protocol::Channel;
 using protocol::FrameType;
 using protocol::kDataChunk;
 using protocol::kInitialWindow;
-
-constexpr int64_t kMaxCredit = int64_t{1} << 40;
+using protocol::kMaxCredit;
 
 inline int Index(Channel channel) { return static_cast<int>(channel); }
 

@@ -32,8 +32,8 @@ using protocol::Channel;
 using protocol::Frame;
 using protocol::FrameType;
 using protocol::kInitialWindow;
+using protocol::kMaxCredit;
 
-constexpr int64_t kMaxCredit = int64_t{1} << 40;
 // Every client Ping is forwarded with this many bytes of client id in front.
 constexpr size_t kPingTagSize = 8;
 // A client being disconnected with an explanation gets this long to read it.

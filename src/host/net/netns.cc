@@ -139,6 +139,28 @@ struct ChildReport {
 
 constexpr int kFdCount = 4;  // tap, proxy listener, DNS socket, netns
 
+// The one message of the child: its report, with the descriptors attached
+// as SCM_RIGHTS on success. The same layout is sent and received; it lives
+// on the stack (the child must not allocate).
+struct ReportMessage {
+  iovec iov{};
+  msghdr message{};
+  // Last: cmsghdr ends in a flexible array member.
+  union {
+    char buffer[CMSG_SPACE(sizeof(int) * kFdCount)];
+    cmsghdr align;
+  } control{};
+
+  explicit ReportMessage(ChildReport* report) : iov{report, sizeof(*report)} {
+    message.msg_iov = &iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.buffer;
+    message.msg_controllen = sizeof(control.buffer);
+  }
+  ReportMessage(const ReportMessage&) = delete;
+  ReportMessage& operator=(const ReportMessage&) = delete;
+};
+
 // Everything the child needs, prepared before fork(): the child of a
 // multi-threaded process must not allocate, so it only reads this.
 struct ChildPlan {
@@ -336,16 +358,8 @@ void LoadRuleset(const ChildPlan& plan, ChildReport& report) {
     Report(plan, report, Step::kDnsBind, errno);
 
   int fds[kFdCount] = {tap_fd, proxy_fd, dns_fd, netns_fd};
-  union {
-    char buffer[CMSG_SPACE(sizeof(fds))];
-    cmsghdr align;
-  } control{};
-  iovec iov{&report, sizeof(report)};
-  msghdr message{};
-  message.msg_iov = &iov;
-  message.msg_iovlen = 1;
-  message.msg_control = control.buffer;
-  message.msg_controllen = sizeof(control.buffer);
+  ReportMessage out(&report);
+  msghdr& message = out.message;
   cmsghdr* header = CMSG_FIRSTHDR(&message);
   header->cmsg_level = SOL_SOCKET;
   header->cmsg_type = SCM_RIGHTS;
@@ -510,16 +524,8 @@ Result<IsolatedNetwork> CreateIsolatedNetwork(const IsolatedNetworkOptions& opti
                                        std::to_string(kBuildTimeout.count()) + " ms; killed",
                                    ETIMEDOUT});
     }
-    union {
-      char buffer[CMSG_SPACE(sizeof(fds))];
-      cmsghdr align;
-    } control{};
-    iovec iov{&report, sizeof(report)};
-    msghdr message{};
-    message.msg_iov = &iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.buffer;
-    message.msg_controllen = sizeof(control.buffer);
+    ReportMessage in(&report);
+    msghdr& message = in.message;
     received = ::recvmsg(parent_end.Get(), &message, MSG_CMSG_CLOEXEC);
     if (received < 0 && errno == EINTR) continue;
     if (received < 0) {

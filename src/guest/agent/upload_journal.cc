@@ -1,0 +1,154 @@
+#include "guest/agent/upload_journal.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <mutex>
+#include <vector>
+
+#include "base/io.h"
+
+namespace cella::agent {
+namespace {
+
+constexpr size_t kSuffixDigits = 16;
+
+struct JournalState {
+  std::mutex mutex;
+  UniqueFd fd;
+  dev_t device = 0;
+  int in_flight = 0;
+};
+
+JournalState& State() {
+  static JournalState* state = new JournalState();  // leaked: used until exit
+  return *state;
+}
+
+bool IsLowerHex(std::string_view text) {
+  for (char c : text) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+std::string_view ParentOf(std::string_view path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string_view::npos || slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+// The directory `dir` (absolute) beneath root_fd, one component at a time:
+// no symlink, no "." or "..", nothing created.
+Result<UniqueFd> OpenParentBeneath(int root_fd, std::string_view dir) {
+  UniqueFd current(::openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!current) return FailErrno("open the root");
+  size_t pos = 1;
+  while (pos < dir.size()) {
+    size_t next = dir.find('/', pos);
+    if (next == std::string_view::npos) next = dir.size();
+    std::string part(dir.substr(pos, next - pos));
+    pos = next + 1;
+    if (part.empty()) continue;
+    if (part == "." || part == "..") return Fail(std::string(dir) + ": '.' or '..' component");
+    UniqueFd child(
+        ::openat(current.Get(), part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!child) return FailErrno("open " + std::string(dir));
+    current = std::move(child);
+  }
+  return current;
+}
+
+}  // namespace
+
+bool IsUploadTempName(std::string_view name) {
+  if (name.size() <= kSuffixDigits || !IsLowerHex(name.substr(name.size() - kSuffixDigits)))
+    return false;
+  std::string_view head = name.substr(0, name.size() - kSuffixDigits);
+  if (head == ".cella-ln-") return true;
+  // "." + base + ".cella-", base not empty.
+  constexpr std::string_view kTail = ".cella-";
+  return head.size() > kTail.size() + 1 && head.front() == '.' && head.ends_with(kTail);
+}
+
+void UploadJournal::Install(UniqueFd fd) {
+  JournalState& state = State();
+  std::lock_guard lock(state.mutex);
+  if (!fd) {
+    state.fd.Reset();
+    return;
+  }
+  struct stat st {};
+  // Without its device the journal cannot order itself against temps on
+  // other disks; run without it rather than with a weaker promise.
+  if (::fstat(fd.Get(), &st) != 0) return;
+  state.fd = std::move(fd);
+  state.device = st.st_dev;
+}
+
+UploadJournal::Entry::Entry() {
+  JournalState& state = State();
+  std::lock_guard lock(state.mutex);
+  ++state.in_flight;
+}
+
+UploadJournal::Entry::Entry(Entry&& other) noexcept : active_(other.active_) {
+  other.active_ = false;
+}
+
+UploadJournal::Entry::~Entry() {
+  if (!active_) return;
+  JournalState& state = State();
+  std::lock_guard lock(state.mutex);
+  if (--state.in_flight == 0 && state.fd) {
+    // Nothing in flight: every listed temp is renamed or removed by now. A
+    // failed truncate only leaves stale lines, which the next boot ignores
+    // (their paths no longer name temps, or name ones that are also stale).
+    (void)::ftruncate(state.fd.Get(), 0);
+  }
+}
+
+Status UploadJournal::Entry::Record(const std::string& temp_path) {
+  JournalState& state = State();
+  std::lock_guard lock(state.mutex);
+  if (!state.fd) return {};
+  CELLA_TRY_CTX(WriteAll(state.fd.Get(), temp_path + "\n"), "upload journal");
+  struct stat dir {};
+  std::string parent(ParentOf(temp_path));
+  if (::stat(parent.c_str(), &dir) != 0) return FailErrno("stat " + parent);
+  if (dir.st_dev != state.device && ::fdatasync(state.fd.Get()) != 0)
+    return FailErrno("upload journal: fdatasync");
+  return {};
+}
+
+Result<size_t> RemoveJournaledTemps(int root_fd, std::string_view journal) {
+  size_t removed = 0;
+  size_t pos = 0;
+  while (pos < journal.size()) {
+    size_t end = journal.find('\n', pos);
+    if (end == std::string_view::npos) end = journal.size();
+    std::string_view path = journal.substr(pos, end - pos);
+    pos = end + 1;
+    if (!path.starts_with('/') || path.find('\0') != std::string_view::npos) continue;
+    std::string name(path.substr(path.rfind('/') + 1));
+    if (!IsUploadTempName(name)) continue;
+    auto dir = OpenParentBeneath(root_fd, ParentOf(path));
+    if (!dir) continue;  // gone, or not a plain directory path: nothing of ours
+    struct stat st {};
+    if (::fstatat(dir->Get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+      if (errno == ENOENT) continue;
+      return FailErrno("stat " + std::string(path));
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) continue;
+    if (::unlinkat(dir->Get(), name.c_str(), 0) != 0) {
+      if (errno == ENOENT) continue;
+      return FailErrno("remove " + std::string(path));
+    }
+    ++removed;
+  }
+  return removed;
+}
+
+}  // namespace cella::agent

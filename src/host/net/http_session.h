@@ -18,7 +18,7 @@
 #include "host/net/http.h"
 #include "host/net/policy.h"
 #include "host/net/proxy.h"
-#include "host/net/stream.h"
+#include "base/byte_stream.h"
 
 namespace cella::net {
 

@@ -51,7 +51,7 @@
 #include "host/net/http.h"
 #include "host/net/policy.h"
 #include "host/net/secrets.h"  // SubstituteSecrets, used by the tests through this header
-#include "host/net/stream.h"
+#include "base/byte_stream.h"
 
 namespace cella::net {
 

@@ -121,11 +121,7 @@ Result<UniqueFd> ConnectWithTimeout(const Endpoint& endpoint, std::chrono::milli
 // Copies until EOF, then half-closes `to`.
 Status Pump(ByteStream& from, ByteStream& to) {
   std::vector<std::byte> buffer(kBufferBytes);
-  for (;;) {
-    size_t n = CELLA_TRY(from.Read(buffer));
-    if (n == 0) return to.ShutdownWrite();
-    CELLA_TRY(to.Write(std::span<const std::byte>(buffer.data(), n)));
-  }
+  return cella::Pump(from, to, buffer);
 }
 
 // Both directions until both ended; an error in one aborts both.

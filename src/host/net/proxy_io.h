@@ -13,7 +13,7 @@
 #include "base/result.h"
 #include "base/unique_fd.h"
 #include "host/net/policy.h"
-#include "host/net/stream.h"
+#include "base/byte_stream.h"
 
 namespace cella::net {
 

@@ -24,7 +24,7 @@
 #include <string_view>
 
 #include "base/result.h"
-#include "host/net/stream.h"
+#include "base/byte_stream.h"
 
 // OpenSSL's types, declared here so users of this header need not include
 // OpenSSL's headers.

@@ -9,13 +9,15 @@
 #include <charconv>
 #include <cstring>
 
+#include "base/byte_stream.h"
 #include "base/io.h"
 #include "base/log.h"
 
 namespace cella::sandbox {
 
 struct PortForwarder::Connection {
-  UniqueFd socket;
+  explicit Connection(UniqueFd fd) : socket(std::move(fd)) {}
+  FdStream socket;
   std::unique_ptr<host::PortStream> stream;
   std::thread to_guest;
   std::thread to_host;
@@ -107,7 +109,7 @@ void PortForwarder::Stop() {
   }
   for (auto& c : live) {
     // Unblocks the host->guest pump, which half-closes the guest side.
-    (void)::shutdown(c->socket.Get(), SHUT_RDWR);
+    c->socket.Abort();
     if (c->to_guest.joinable()) c->to_guest.join();
     // The guest->host pump ends when the guest closes its side; a guest
     // that never does cannot be interrupted mid-read, so after a grace the
@@ -157,8 +159,7 @@ void PortForwarder::AcceptLoop() {
                   {{"guest_port", guest_port_}, {"error", stream.error().message}});
       continue;
     }
-    auto conn = std::make_shared<Connection>();
-    conn->socket = std::move(socket);
+    auto conn = std::make_shared<Connection>(std::move(socket));
     conn->stream = std::move(*stream);
     Serve(conn);
     std::lock_guard lock(mu_);
@@ -170,25 +171,22 @@ void PortForwarder::Serve(const std::shared_ptr<Connection>& conn) {
   // The pumps hold the connection alive: a detached one (see Stop) may
   // outlive the forwarder.
   Connection* c = conn.get();
+  // An error ends a direction; the guest side still gets its EOF (and the
+  // host socket its FIN) so the peer does not wait on a dead direction.
   c->to_guest = std::thread([c, conn] {
-    char buf[64 * 1024];
-    for (;;) {
-      auto got = ReadSome(c->socket.Get(), std::as_writable_bytes(std::span(buf)));
-      if (!got || *got == 0) break;
-      if (!c->stream->Write(std::string_view(buf, *got))) break;
+    std::byte buf[64 * 1024];
+    if (auto st = Pump(c->socket, *c->stream, buf); !st) {
+      log::Debug("port forward: host to guest ended", {{"error", st.error().message}});
+      (void)c->stream->ShutdownWrite();  // may fail again: the link is gone
     }
-    if (auto st = c->stream->ShutdownWrite(); !st)
-      log::Debug("port forward: half-close failed", {{"error", st.error().message}});
     c->finished.fetch_add(1);
   });
   c->to_host = std::thread([c, conn] {
     std::byte buf[64 * 1024];
-    for (;;) {
-      auto got = c->stream->Read(buf);
-      if (!got || *got == 0) break;
-      if (!WriteAll(c->socket.Get(), std::span<const std::byte>(buf, *got))) break;
+    if (auto st = Pump(*c->stream, c->socket, buf); !st) {
+      log::Debug("port forward: guest to host ended", {{"error", st.error().message}});
+      (void)c->socket.ShutdownWrite();  // best effort: the socket may be gone too
     }
-    (void)::shutdown(c->socket.Get(), SHUT_WR);
     c->finished.fetch_add(1);
   });
 }

@@ -1,11 +1,11 @@
-#include "host/net/stream.h"
+#include "base/byte_stream.h"
 
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "base/io.h"
 
-namespace cella::net {
+namespace cella {
 
 Result<size_t> FdStream::Read(std::span<std::byte> buffer) {
   for (;;) {
@@ -39,4 +39,4 @@ void FdStream::Abort() {
   (void)::shutdown(fd_.Get(), SHUT_RDWR);
 }
 
-}  // namespace cella::net
+}  // namespace cella

@@ -1,5 +1,7 @@
-// A bidirectional byte stream the egress proxy reads and writes without
-// caring whether it is a plain TCP socket or TLS on top of one.
+// A bidirectional byte stream read and written without caring what is under
+// it: a plain socket, TLS on top of one (the egress proxy), and the one
+// copy loop (`Pump`) every forwarder uses, for these and for any type with
+// the same three calls (the agent's PortStream).
 //
 // Threading: Read may run on one thread while Write/ShutdownWrite run on
 // another (the proxy pumps each direction on its own thread); no two
@@ -14,7 +16,7 @@
 #include "base/result.h"
 #include "base/unique_fd.h"
 
-namespace cella::net {
+namespace cella {
 
 class ByteStream {
  public:
@@ -46,4 +48,16 @@ class FdStream final : public ByteStream {
   UniqueFd fd_;
 };
 
-}  // namespace cella::net
+// Copies from `from` to `to` until `from` ends, then half-closes `to`.
+// Any error (either side) ends the copy and is returned; the caller decides
+// whether to abort the other direction.
+template <typename From, typename To>
+Status Pump(From& from, To& to, std::span<std::byte> buffer) {
+  for (;;) {
+    size_t n = CELLA_TRY(from.Read(buffer));
+    if (n == 0) return to.ShutdownWrite();
+    CELLA_TRY(to.Write(std::span<const std::byte>(buffer.data(), n)));
+  }
+}
+
+}  // namespace cella

@@ -33,13 +33,7 @@ using protocol::FrameType;
 struct RoutedAgent {
   ~RoutedAgent() {
     router.reset();  // closes the link: the agent sees EOF and exits
-    if (pid <= 0) return;
-    for (int i = 0; i < 500; ++i) {
-      if (::waitpid(pid, nullptr, WNOHANG) != 0) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
+    testing::ReapAgent(pid);
   }
   pid_t pid = -1;
   std::unique_ptr<Router> router;

@@ -19,16 +19,22 @@
 
 namespace cella::testing {
 
+// Waits up to 5 s for an agent that saw its link close to exit, then kills it.
+inline void ReapAgent(pid_t pid) {
+  if (pid <= 0) return;
+  for (int i = 0; i < 500; ++i) {
+    if (::waitpid(pid, nullptr, WNOHANG) != 0) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+}
+
 class AgentProcess {
  public:
   ~AgentProcess() {
     client.reset();  // the agent sees EOF and exits
-    for (int i = 0; i < 500; ++i) {
-      if (::waitpid(pid, nullptr, WNOHANG) != 0) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
+    ReapAgent(pid);
   }
   pid_t pid = -1;
   std::unique_ptr<host::AgentClient> client;

@@ -234,7 +234,8 @@ std::string FormatCpus(double cpus) {
 
 Result<RunArgs> ToRunArgs(const rpc::CreateParams& p) {
   RunArgs args;
-  args.image = p.image;
+  // "@builtin" names the built-in image here too, as on the command line.
+  args.image = p.image == kBuiltinImage ? "" : p.image;
   args.privileged = p.privileged;
   args.cpus = FormatCpus(p.cpus);
   args.memory = std::to_string(p.memory_mb) + "m";

@@ -4,14 +4,18 @@ files, timeouts that cancel, error codes, and close removing the sandbox.
 
 Usage: rpc_sdk_check.py CELLA_BINARY IMAGE  (CELLA_HOME from the environment)"""
 
+import hashlib
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "sdk", "python"))
 
+import cella  # noqa: E402
 from cella import RpcError, Sandbox  # noqa: E402
 
 CELLA, IMAGE = sys.argv[1], sys.argv[2]
@@ -77,6 +81,58 @@ with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=51
     with Sandbox.attach(sb.id, cella_bin=CELLA) as other:
         check(other.exec("echo $GREETING").stdout_text == "hi\n", "attached exec")
     check(sb.exec("true").ok, "the sandbox survives its attacher's close")
+    # stat/exists, a tree up and back down (modes kept, setuid dropped,
+    # symlinks and empty directories recreated).
+    info = sb.files.stat("/tmp/sdk/hello.txt")
+    check((info.name, info.size, info.is_dir) == ("hello.txt", 10, False), f"stat: {info}")
+    check(sb.files.stat("/tmp/sdk").is_dir and not sb.files.exists("/tmp/sdk/nope"), "stat dir/exists")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "src")
+        os.makedirs(os.path.join(src, "sub", "deeper"))
+        os.makedirs(os.path.join(src, "empty"))
+        with open(os.path.join(src, "a.txt"), "w") as f:
+            f.write("alpha\n")
+        with open(os.path.join(src, "sub", "deeper", "b.bin"), "wb") as f:
+            f.write(bytes(range(256)) * 300)
+        os.chmod(os.path.join(src, "a.txt"), 0o640)
+        os.symlink("a.txt", os.path.join(src, "link"))
+        check(sb.upload(src, "/srv/tree") == 2, "upload count")
+        r = sb.exec("cd /srv/tree && stat -c '%a' a.txt && readlink link && ls -d empty && "
+                    "md5sum sub/deeper/b.bin | cut -c1-32")
+        want_md5 = hashlib.md5(bytes(range(256)) * 300).hexdigest()
+        check(r.ok and r.stdout_text == f"640\na.txt\nempty\n{want_md5}\n", f"uploaded tree: {r}")
+        sb.exec("chmod 4755 /srv/tree/sub/deeper/b.bin")
+        back = os.path.join(tmp, "back")
+        check(sb.download("/srv/tree/sub", back) == 1, "download count")
+        with open(os.path.join(back, "deeper", "b.bin"), "rb") as f:
+            check(f.read() == bytes(range(256)) * 300, "downloaded content")
+        mode = os.stat(os.path.join(back, "deeper", "b.bin")).st_mode & 0o7777
+        check(mode == 0o755, f"downloaded mode {oct(mode)} (setuid must be dropped)")
+    # The console log, and a published port reaching a guest server.
+    check(isinstance(sb.logs(), bytes), "logs")
+    server = sb.process(
+        "exec python3 -c \"import socket\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('127.0.0.1', 8000)); s.listen()\n"
+        "while True:\n"
+        "    c, _ = s.accept(); c.sendall(b'hello from the guest'); c.close()\"")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host_port = probe.getsockname()[1]
+    with sb.port_forward(host_port, 8000):
+        body = b""
+        deadline = time.time() + 60
+        while time.time() < deadline and body != b"hello from the guest":
+            try:
+                with socket.create_connection(("127.0.0.1", host_port), timeout=10) as conn:
+                    body = b"".join(iter(lambda: conn.recv(4096), b""))
+            except OSError:
+                pass
+            if body != b"hello from the guest":
+                time.sleep(0.3)  # the guest server may still be starting
+        check(body == b"hello from the guest", f"port_forward: {body[:200]!r}")
+    server.kill()
+
     async def together():
         import asyncio
         results = await asyncio.gather(*(sb.exec_async(f"sleep 1; echo {i}") for i in range(4)))
@@ -103,4 +159,13 @@ eof_id = sb.id
 check(eof_id in ps_ids(), "second sandbox not listed")
 sb._conn.shutdown(60)  # closes stdin only; waits for cella rpc to exit
 check(eof_id not in ps_ids(), "stdin EOF left the sandbox behind")
+# Volumes through the SDK, in the shapes matchlock's SDKs read.
+vol = cella.volumes.create("sdkvol", 16, cella_bin=CELLA)
+check(vol.name == "sdkvol" and vol.size == "16.0 MB" and os.path.exists(vol.path), f"volume: {vol}")
+check([(v.name, v.size_bytes) for v in cella.volumes.list(cella_bin=CELLA)] == [("sdkvol", 16 << 20)],
+      "volumes.list")
+cella.volumes.remove("sdkvol", cella_bin=CELLA)
+check("sdkvol" not in [v.name for v in cella.volumes.list(cella_bin=CELLA)], "volumes.remove")
+check(any(i.reference.endswith("/test/debian:latest") or "/test/debian" in i.reference
+          for i in cella.images.list(cella_bin=CELLA)), "images.list")
 print("OK", flush=True)

@@ -8,6 +8,8 @@
 Only the standard library is used. See README.md.
 """
 
+from . import _cli
+from ._cli import Image, Volume
 from ._client import (
     AllowHosts,
     CellaError,
@@ -15,13 +17,22 @@ from ._client import (
     ExecStream,
     FileInfo,
     Files,
+    PortForward,
     Process,
     RpcError,
     Sandbox,
     Secret,
 )
 
+images = _cli.images
+volumes = _cli.volumes
+
 __all__ = [
+    "Image",
+    "PortForward",
+    "Volume",
+    "images",
+    "volumes",
     "AllowHosts",
     "CellaError",
     "ExecResult",

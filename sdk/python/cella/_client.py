@@ -8,10 +8,13 @@ import asyncio
 import base64
 import json
 import os
+import posixpath
 import queue
 import shlex
+import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -105,6 +108,7 @@ class _Connection:
     threads; one reader thread routes answers and notifications."""
 
     def __init__(self, binary: str) -> None:
+        self.binary = binary
         self._proc = subprocess.Popen(
             [binary, "rpc"],
             stdin=subprocess.PIPE,
@@ -282,6 +286,48 @@ class Process:
         self._conn.cancel(self._rid)
 
 
+class PortForward:
+    """A running `cella port-forward` (see `Sandbox.port_forward`)."""
+
+    def __init__(self, binary: str, sandbox_id: str, host_ip: str, host_port: int,
+                 guest_port: int, timeout: float) -> None:
+        self.host_ip, self.host_port, self.guest_port = host_ip, host_port, guest_port
+        self._proc = subprocess.Popen(
+            [binary, "port-forward", sandbox_id, f"{host_ip}:{host_port}:{guest_port}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise CellaError(f"port_forward {host_port}:{guest_port}: {err.strip()}")
+            try:
+                with socket.create_connection((host_ip, host_port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError(f"port_forward {host_port}:{guest_port}: not listening")
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stderr:
+            self._proc.stderr.close()
+
+    def __enter__(self) -> "PortForward":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class AllowHosts:
     """The running sandbox's egress allow-list (`sb.allow_hosts`); the
     sandbox must have been created with `allow_hosts`."""
@@ -336,6 +382,27 @@ class Files:
             FileInfo(name=f["name"], size=int(f["size"]), mode=int(f["mode"]) & 0o7777, is_dir=bool(f["is_dir"]))
             for f in result.get("files", [])
         ]
+
+    def stat(self, path: str, timeout: float | None = None) -> FileInfo:
+        """What `list` says of `path` itself (found in its parent's listing).
+        A missing path raises RpcError with FILE_FAILED, as `read` does."""
+        path = posixpath.normpath(path)
+        if path == "/":
+            return FileInfo(name="/", size=0, mode=0o755, is_dir=True)
+        parent, name = posixpath.split(path)
+        for info in self.list(parent, timeout):
+            if info.name == name:
+                return info
+        raise RpcError(FILE_FAILED, f"{path}: no such file or directory")
+
+    def exists(self, path: str, timeout: float | None = None) -> bool:
+        try:
+            self.stat(path, timeout)
+            return True
+        except RpcError as e:
+            if e.code == FILE_FAILED:
+                return False
+            raise
 
 
 @dataclass
@@ -495,6 +562,100 @@ class Sandbox:
             assert self._conn._proc.stdin is not None
             self._conn._proc.stdin.write((json.dumps(msg) + "\n").encode())
         return Process(self._conn, rid, pending, ready)
+
+    def upload(self, local_path: str, remote_path: str, timeout: float | None = None) -> int:
+        """Copies a host file or directory tree into the guest at
+        `remote_path` (created, parents too), keeping permission bits (not
+        setuid/setgid). Symlinks are recreated as symlinks. Returns the
+        number of files written."""
+        if os.path.isfile(local_path) and not os.path.islink(local_path):
+            self._upload_file(local_path, remote_path, timeout)
+            return 1
+        if not os.path.isdir(local_path):
+            raise CellaError(f"upload: {local_path}: not a file or directory")
+        written = 0
+        empty_dirs: list[str] = []
+        links: list[tuple[str, str]] = []
+        for root, dirs, files in os.walk(local_path):
+            rel = os.path.relpath(root, local_path)
+            target = remote_path if rel == "." else posixpath.join(remote_path, *rel.split(os.sep))
+            for name in list(dirs):
+                if os.path.islink(os.path.join(root, name)):
+                    dirs.remove(name)  # a link to a directory: recreated, not followed
+                    files.append(name)
+            if not dirs and not files:
+                empty_dirs.append(target)
+            for name in files:
+                src = os.path.join(root, name)
+                if os.path.islink(src):
+                    links.append((os.readlink(src), posixpath.join(target, name)))
+                elif os.path.isfile(src):
+                    self._upload_file(src, posixpath.join(target, name), timeout)
+                    written += 1
+        for d in empty_dirs:
+            self._must(self.exec(["mkdir", "-p", d], timeout=timeout), "mkdir " + d)
+        for link_target, at in links:
+            self._must(self.exec(["ln", "-sfn", link_target, at], timeout=timeout), "symlink " + at)
+        return written
+
+    def download(self, remote_path: str, local_path: str, timeout: float | None = None) -> int:
+        """Copies a guest file or directory tree to `local_path` on the host.
+        Files land as the calling user with permission bits kept but never
+        setuid/setgid (as `cella cp` does). Returns the number of files."""
+        info = self.files.stat(remote_path, timeout)
+        if not info.is_dir:
+            self._download_file(remote_path, info, local_path, timeout)
+            return 1
+        written = 0
+        pending = [(remote_path, local_path)]
+        while pending:
+            remote_dir, local_dir = pending.pop()
+            os.makedirs(local_dir, exist_ok=True)
+            for entry in self.files.list(remote_dir, timeout):
+                if entry.name in (".", "..") or "/" in entry.name:
+                    continue  # the guest names its entries; only plain names are taken
+                remote = posixpath.join(remote_dir, entry.name)
+                local = os.path.join(local_dir, entry.name)
+                if entry.is_dir:
+                    pending.append((remote, local))
+                else:
+                    self._download_file(remote, entry, local, timeout)
+                    written += 1
+            os.chmod(local_dir, 0o755)
+        return written
+
+    def logs(self, *, follow: bool = False, timeout: float | None = None) -> bytes | Iterator[bytes]:
+        """The sandbox's console log: all of it (`follow=False`), or an
+        iterator that yields new output as it is written until the sandbox
+        ends or the iterator is closed (`follow=True`)."""
+        if not follow:
+            return base64.b64decode(self._conn.call("log", {}, timeout).get("content", ""))
+        rid, pending = self._conn.start("log_stream", {}, streaming=True)
+        stream = ExecStream(self._conn, rid, pending, timeout)
+        return (data for _, data in stream)
+
+    def port_forward(self, host_port: int, guest_port: int, *, host_ip: str = "127.0.0.1",
+                     timeout: float = 30) -> "PortForward":
+        """Forwards host_ip:host_port to the guest's 127.0.0.1:guest_port
+        until `close()` (a `with` block) or this sandbox closes."""
+        return PortForward(self._conn.binary, self.id, host_ip, host_port, guest_port, timeout)
+
+    def _upload_file(self, src: str, dest: str, timeout: float | None) -> None:
+        with open(src, "rb") as f:
+            data = f.read()
+        self.files.write(dest, data, os.stat(src).st_mode & 0o777, timeout)
+
+    def _download_file(self, remote: str, info: FileInfo, local: str, timeout: float | None) -> None:
+        data = self.files.read(remote, timeout)
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(local, info.mode & 0o777)
+
+    @staticmethod
+    def _must(result: ExecResult, what: str) -> None:
+        if not result.ok:
+            raise CellaError(f"{what}: {result.stderr_text.strip() or 'exit ' + str(result.exit_code)}")
 
     def close(self, timeout: float = 10) -> None:
         """Stops and removes the sandbox (guest processes get a short grace)."""

@@ -6,12 +6,13 @@
 
 #include <chrono>
 #include <filesystem>
+#include <map>
 #include <string>
 
 #include "base/io.h"
 #include "host/image/default_rootfs.h"
-#include "host/vmm/config_disk.h"
 #include "host/os/process.h"
+#include "host/vmm/config_disk.h"
 
 namespace cella {
 namespace {
@@ -48,6 +49,52 @@ TEST_F(DiskImages, ConfigDiskHoldsConfigJson) {
   cat = host::CheckCommand({"debugfs", "-R", "cat /config.json", *path}, seconds(30));
   ASSERT_TRUE(cat);
   EXPECT_NE(cat->find(R"({"cmd":["true"]})"), std::string::npos);
+}
+
+// The seed's VMConfig fields are what the guest gets: a VMConfig edited
+// after the guest config was composed still means what it says.
+TEST_F(DiskImages, GuestConfigDiskTakesTheSeedFieldsFromVMConfig) {
+  protocol::Config guest;
+  guest.cmd = {"true"};
+  guest.hostname = "from-guest";
+  guest.network_enabled = true;
+  guest.guest_ip = "10.0.2.15";
+  guest.guest_cidr = 24;
+  guest.guest_gw = "10.0.2.2";
+  guest.dns_servers = {"10.0.2.3"};
+  guest.env = {{"KEEP", "1"}, {"OVERRIDE", "guest"}};
+  guest.privileged = true;
+  vmm::VMConfig vm;
+  vm.ID = "vm1";
+  vm.StateDir = dir_;
+  vm.Hostname = "from-vm";
+  vm.DNSServers = {"10.0.2.3", "192.0.2.53"};
+  vm.MTU = 1400;
+  vm.Privileged = false;
+  vm.Env = {{"OVERRIDE", "vm"}, {"ADDED", "2"}};
+  vm.AddHosts = {{"db.internal", "10.0.2.50"}};
+  ASSERT_TRUE(vmm::WriteGuestConfigDisk(guest, vm));
+  ASSERT_EQ(vm.ConfigDiskPath, dir_ + "/config.img");
+  auto cat =
+      host::CheckCommand({"debugfs", "-R", "cat /config.json", vm.ConfigDiskPath}, seconds(30));
+  ASSERT_TRUE(cat) << cat.error().message;
+  auto written = protocol::ParseConfig(cat->substr(cat->find('{')));
+  ASSERT_TRUE(written) << written.error().message << "\n" << *cat;
+  EXPECT_EQ(written->hostname, "from-vm");
+  EXPECT_EQ(written->dns_servers, vm.DNSServers);
+  EXPECT_EQ(written->mtu, 1400);
+  EXPECT_FALSE(written->privileged);
+  EXPECT_EQ(written->env, (std::map<std::string, std::string>{
+                              {"ADDED", "2"}, {"KEEP", "1"}, {"OVERRIDE", "vm"}}));
+  ASSERT_EQ(written->extra_hosts.size(), 1u);
+  EXPECT_EQ(written->extra_hosts[0].host, "db.internal");
+  EXPECT_EQ(written->guest_ip, "10.0.2.15");  // empty in the VMConfig: the guest's stays
+
+  // A VMConfig value the guest config cannot hold is refused, naming the VM.
+  vm.Hostname = "bad name!";
+  auto bad = vmm::WriteGuestConfigDisk(guest, vm);
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().message.find("vm1"), std::string::npos) << bad.error().message;
 }
 
 TEST_F(DiskImages, ConfigDiskFitsLargeConfig) {

@@ -140,9 +140,7 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
 }
 
 Status WriteGuestConfig(const protocol::Config& guest, vmm::VMConfig& vm) {
-  vm.ConfigDiskPath = CELLA_TRY(
-      vmm::WriteConfigDisk(protocol::SerializeConfig(guest), vm.StateDir + "/config.img"));
-  return {};
+  return vmm::WriteGuestConfigDisk(guest, vm);
 }
 
 }  // namespace cella::sandbox

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 
@@ -10,6 +11,31 @@
 #include "host/os/process.h"
 
 namespace cella::vmm {
+
+Status WriteGuestConfigDisk(protocol::Config guest, VMConfig& vm) {
+  if (vm.StateDir.empty()) return Fail("config disk: VMConfig.StateDir is empty");
+  if (!vm.Hostname.empty()) guest.hostname = vm.Hostname;
+  if (!vm.DNSServers.empty()) guest.dns_servers = vm.DNSServers;
+  if (!vm.GuestIP.empty()) guest.guest_ip = vm.GuestIP;
+  if (!vm.GatewayIP.empty()) guest.guest_gw = vm.GatewayIP;
+  if (vm.MTU != 0) guest.mtu = vm.MTU;
+  guest.privileged = vm.Privileged;
+  for (const auto& [key, value] : vm.Env) guest.env[key] = value;
+  for (const HostIPMapping& h : vm.AddHosts) {
+    protocol::HostEntry entry{h.Host, h.IP};
+    if (std::find(guest.extra_hosts.begin(), guest.extra_hosts.end(), entry) ==
+        guest.extra_hosts.end())
+      guest.extra_hosts.push_back(std::move(entry));
+  }
+  if (vm.NoNetwork) {
+    guest.no_network = true;
+    guest.network_enabled = false;
+  }
+  CELLA_TRY_CTX(protocol::ValidateConfig(guest), "guest config for " + vm.ID);
+  vm.ConfigDiskPath =
+      CELLA_TRY(WriteConfigDisk(protocol::SerializeConfig(guest), vm.StateDir + "/config.img"));
+  return {};
+}
 
 Result<std::string> WriteConfigDisk(const std::string& json, const std::string& out_path) {
   if (out_path.empty()) return Fail("WriteConfigDisk: empty output path");

@@ -6,11 +6,23 @@
 #include <string>
 
 #include "base/result.h"
+#include "host/vmm/vm_config.h"
+#include "protocol/config.h"
 
 namespace cella::vmm {
 
 // Writes an ext4 image at out_path containing /config.json = json (mode
 // 0644). Returns out_path. The image is sized to fit (min 1 MiB).
 Result<std::string> WriteConfigDisk(const std::string& json, const std::string& out_path);
+
+// The guest's config.json for `vm`, on its config disk: the seed's
+// guest-facing VMConfig fields (Hostname, DNSServers, GuestIP, GatewayIP,
+// MTU, Privileged, Env, AddHosts, NoNetwork) are what the guest gets,
+// overriding `guest`'s copies of them, so a VMConfig edited after it was
+// composed still means what it says. Privileged always comes from `vm`;
+// NoNetwork can only turn the network off; Env and AddHosts add to (and Env
+// overrides) `guest`'s; empty/zero values of the others leave `guest`'s. The result is validated,
+// then written to <StateDir>/config.img and recorded in vm.ConfigDiskPath.
+Status WriteGuestConfigDisk(protocol::Config guest, VMConfig& vm);
 
 }  // namespace cella::vmm

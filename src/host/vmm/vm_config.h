@@ -47,17 +47,17 @@ struct VMConfig {
   std::string SocketPath;                  // agent link Unix socket (default <StateDir>/agent.sock)
   std::string LogPath;                     // guest console log (default <StateDir>/console.log)
   std::string KernelArgs;                  // appended to cella's kernel command line
-  std::map<std::string, std::string> Env;  // carried for config.json; not on the cmdline
+  std::map<std::string, std::string> Env;  // into config.json (WriteGuestConfigDisk); not on the cmdline
   std::string GatewayIP;                   // user-net host address (default 10.0.2.2)
-  std::string GuestIP;                     // carried for config.json (default 10.0.2.15)
+  std::string GuestIP;                     // into config.json (default 10.0.2.15)
   std::string SubnetCIDR;                  // user-net network (default 10.0.2.0/24)
   std::string Workspace;                   // carried (guest VFS mount point)
   bool UseInterception = false;            // carried (egress proxy; later issue)
-  bool Privileged = false;                 // carried for config.json
-  std::vector<std::string> DNSServers;     // carried for config.json
-  std::string Hostname;                    // carried for config.json
-  std::vector<HostIPMapping> AddHosts;     // carried for config.json
-  int MTU = 0;                             // carried for config.json (0 = default)
+  bool Privileged = false;                 // into config.json (WriteGuestConfigDisk)
+  std::vector<std::string> DNSServers;     // into config.json (WriteGuestConfigDisk)
+  std::string Hostname;                    // into config.json (WriteGuestConfigDisk)
+  std::vector<HostIPMapping> AddHosts;     // into config.json (WriteGuestConfigDisk)
+  int MTU = 0;                             // into config.json (0 = the guest config's)
   bool NoNetwork = false;                  // no NIC at all
   std::string PrebuiltRootfs;          // seed; when set it is the root disk instead of RootfsPath
   std::vector<DiskConfig> ExtraDisks;  // cella-disk<N>

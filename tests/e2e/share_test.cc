@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -171,8 +172,9 @@ TEST_F(ShareTest, HostileGuestStaysInsideTheShare) {
   ASSERT_EQ(r.exit_code, 0) << Describe(r);
   for (const char* node : {"mem", "disk"}) {
     struct stat st {};
-    if (::lstat((share + "/" + node).c_str(), &st) == 0)
+    if (::lstat((share + "/" + node).c_str(), &st) == 0) {
       EXPECT_FALSE(S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) << node;
+    }
   }
   for (const char* file : {"su", "sg", "bb"}) {
     struct stat st {};

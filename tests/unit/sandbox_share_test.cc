@@ -8,8 +8,10 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "cli/run_options.h"
+#include "host/rpc/params.h"
 #include "host/sandbox/compose.h"
 #include "host/sandbox/share.h"
 #include "host/sandbox/spec.h"
@@ -46,7 +48,7 @@ TEST(MountFlag, HostPathsNamedVolumesAndModes) {
   EXPECT_EQ(rel->host_path, dir / "src/sub");
   EXPECT_EQ(rel->mode, MountMode::kReadOnly);
   auto dotdot = cli::ParseMountFlag(
-      "../" + std::filesystem::path(dir.path()).filename().string() + "/link:/w/:overlay",
+      "../../" + std::filesystem::path(dir.path()).filename().string() + "/link:/w/:overlay",
       dir / "src");
   ASSERT_TRUE(dotdot) << dotdot.error().message;
   EXPECT_EQ(dotdot->host_path, dir / "src");
@@ -168,6 +170,46 @@ TEST(HostShares, VirtiofsdIsConfinedAndBounded) {
   EXPECT_TRUE(Contains(argv, "no_xattr"));
   EXPECT_TRUE(Contains(argv, "cache=auto"));
   EXPECT_TRUE(Contains(argv, "--rlimit-nofile=" + std::to_string(sandbox::kShareMaxFds)));
+}
+
+TEST(HostShares, MatchlockVfsBecomesShares) {
+  auto parsed = rpc::ParseCreateParams(nlohmann::json::parse(R"({
+    "image": "alpine",
+    "vfs": {
+      "workspace": "/workspace",
+      "mounts": {
+        "/workspace": {"type": "host_fs", "host_path": "/home/u/proj"},
+        "/workspace/ref": {"type": "host_fs", "host_path": "/home/u/ref", "readonly": true},
+        "/workspace/scratch": {"type": "overlay", "lower": {"type": "host_fs", "host_path": "/d"},
+                               "upper": {"type": "memory"}}
+      },
+      "direct_mounts": {"/etc/app.toml": {"host_path": "/home/u/app.toml", "readonly": true}}
+    }})"));
+  ASSERT_TRUE(parsed) << parsed.error().message;
+  std::vector<std::string> got;
+  for (const auto& s : parsed->shares)
+    got.push_back(s.host_path + ":" + s.guest_path + ":" + s.mode);
+  std::sort(got.begin(), got.end());
+  EXPECT_EQ(got, (std::vector<std::string>{
+                     "/d:/workspace/scratch:overlay", "/home/u/app.toml:/etc/app.toml:ro",
+                     "/home/u/proj:/workspace:rw", "/home/u/ref:/workspace/ref:ro"}));
+
+  auto refused = [](const char* vfs) {
+    auto r = rpc::ParseCreateParams(
+        nlohmann::json::parse(std::string(R"({"image":"alpine","vfs":)") + vfs + "}"));
+    return r ? std::string() : r.error().message;
+  };
+  EXPECT_NE(refused(R"({"workspace":"/w","mounts":{"/w":{"type":"memory"}}})").find("memory"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"workspace":"/w","mounts":{"/x":{"type":"host_fs","host_path":"/h"}}})")
+                .find("under vfs.workspace"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"mounts":{"/x":{"type":"host_fs","host_path":"/h"}}})").find("workspace"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"direct_mounts":{"/x":{"host_path":"/a:b"}}})").find("':'"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"interception":{"rules":[1]}})").find("vfs.interception"),
+            std::string::npos);
 }
 
 }  // namespace

@@ -248,13 +248,14 @@ Result<std::unique_ptr<ShareDaemon>> ShareDaemon::Start(const ShareDaemonOptions
 ShareDaemon::~ShareDaemon() { Stop(); }
 
 std::optional<std::string> ShareDaemon::Exited() {
-  if (pid_ <= 0) return std::nullopt;
+  if (exit_ || pid_ <= 0) return exit_;
   int status = 0;
   pid_t done = ::waitpid(pid_, &status, WNOHANG);
   if (done != pid_) return std::nullopt;
   pid_ = -1;
-  if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
-  return "exit status " + std::to_string(WEXITSTATUS(status));
+  exit_ = WIFSIGNALED(status) ? "killed by signal " + std::to_string(WTERMSIG(status))
+                              : "exit status " + std::to_string(WEXITSTATUS(status));
+  return exit_;
 }
 
 void ShareDaemon::Stop() {

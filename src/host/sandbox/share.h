@@ -70,14 +70,15 @@ class ShareDaemon {
 
   // Kills the daemon (it serves nothing once QEMU is gone) and reaps it.
   void Stop();
-  // Non-empty once the daemon has exited by itself (reaped here): the
-  // guest's requests to that share would now wait forever.
+  // Non-empty (and stays so) once the daemon has exited by itself (reaped
+  // here): the guest's requests to that share would now wait forever.
   std::optional<std::string> Exited();
   pid_t pid() const { return pid_; }
 
  private:
   explicit ShareDaemon(pid_t pid) : pid_(pid) {}
   pid_t pid_;
+  std::optional<std::string> exit_;  // set once it exited by itself
 };
 
 }  // namespace cella::sandbox

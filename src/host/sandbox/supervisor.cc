@@ -172,12 +172,13 @@ class Supervisor {
     hooks.on_tick = [this] { TrimConsole(); };
     hooks.link_error = [this]() -> std::optional<Error> {
       // A share whose daemon died leaves the guest's file calls hanging:
-      // the sandbox fails at once, saying which share (EPROTO: no grace).
+      // treated as a closed link (the sandbox fails unless the VM ends by
+      // itself within the grace: virtiofsd also ends when QEMU does).
       for (size_t i = 0; i < shares_.size(); ++i) {
         if (auto how = shares_[i]->Exited())
           return Error{"virtiofsd for share " + std::to_string(i) + " ended (" + *how +
                            "); see virtiofsd" + std::to_string(i) + ".log",
-                       EPROTO};
+                       ECONNRESET};
       }
       if (!router_) return std::nullopt;
       return router_->UpstreamError();

@@ -4,10 +4,12 @@
 // the escape attempts of a hostile guest in another, and a missing share
 // refused before anything boots.
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -33,6 +35,8 @@ std::string ReadFile(const std::string& path) {
 // pivoted into it: its / is not the host's), as a sorted list of names.
 std::vector<std::string> ShareRootEntries(const std::string& stage) {
   for (const auto& proc : fs::directory_iterator("/proc")) {
+    std::string name = proc.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
     std::string cmdline = ReadFile(proc.path().string() + "/cmdline");
     if (cmdline.find("virtiofsd") == std::string::npos ||
         cmdline.find("source=" + stage + std::string(1, '\0')) == std::string::npos)
@@ -45,6 +49,25 @@ std::vector<std::string> ShareRootEntries(const std::string& stage) {
     if (!ec && std::find(names.begin(), names.end(), "proc") == names.end()) return names;
   }
   return {"(no virtiofsd found for " + stage + ")"};
+}
+
+// The pid of the supervisor's virtiofsd child serving `stage`; 0 if none.
+int ChildServing(int supervisor, const std::string& stage) {
+  for (const auto& proc : fs::directory_iterator("/proc")) {
+    std::string name = proc.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string stat = ReadFile(proc.path().string() + "/stat");
+    auto paren = stat.rfind(')');
+    if (paren == std::string::npos) continue;
+    int ppid = 0;
+    char state = 0;
+    if (std::sscanf(stat.c_str() + paren + 1, " %c %d", &state, &ppid) != 2) continue;
+    std::string cmdline = ReadFile(proc.path().string() + "/cmdline");
+    if (ppid == supervisor &&
+        cmdline.find("source=" + stage + std::string(1, '\0')) != std::string::npos)
+      return std::stoi(proc.path().filename());
+  }
+  return 0;
 }
 
 class ShareTest : public LifecycleTest {
@@ -207,6 +230,16 @@ TEST_F(ShareTest, HostileGuestStaysInsideTheShare) {
   for (const auto& e : fs::directory_iterator(host_)) outside.push_back(e.path().filename());
   std::sort(outside.begin(), outside.end());
   EXPECT_EQ(outside, (std::vector<std::string>{"secret", "share"}));
+
+  // A share whose daemon dies would leave the guest's file calls hanging:
+  // the sandbox fails, saying why.
+  int supervisor = Inspect(id).value("supervisor_pid", 0);
+  int daemon = ChildServing(supervisor, home_ + "/sandboxes/" + id + "/share0");
+  ASSERT_GT(daemon, 0);
+  ASSERT_EQ(::kill(daemon, SIGKILL), 0);
+  ASSERT_TRUE(WaitForState(id, "failed", std::chrono::seconds(60)));
+  EXPECT_NE(Inspect(id).value("reason", "").find("virtiofsd"), std::string::npos)
+      << Inspect(id).dump();
 }
 
 TEST_F(ShareTest, MissingHostPathIsRefusedBeforeBoot) {

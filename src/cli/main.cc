@@ -178,8 +178,11 @@ int Main(int argc, char** argv) {
   run_cmd->add_option("--name", run.name, "Name the sandbox");
   run_cmd->add_option("-p,--publish", run.publish,
                       "Publish a guest TCP port: [IP:]HOST:GUEST (IP defaults to 127.0.0.1)");
-  run_cmd->add_option("-v,--volume", run.volumes,
-                      "Attach a named volume: NAME:/path[:ro|rw|overlay] (created when missing)");
+  run_cmd->add_option(
+      "-v,--volume", run.volumes,
+      "Attach a named volume NAME:/path or a host directory or file /host/path:/path "
+      "(relative: ./dir), then :ro, :rw (default) or :overlay; volumes are "
+      "created when missing");
   run_cmd->add_option("--disk-size", run.disk_size,
                       "Size of the writable layer (sparse; default 8g for -d, RAM otherwise)");
   run_cmd->add_option("--log-max-size", run.log_max_size,

@@ -29,10 +29,10 @@
 #include "base/unique_fd.h"
 #include "cli/commands.h"
 #include "cli/sandbox_context.h"
+#include "host/os/paths.h"
 #include "host/rpc/server.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/spec.h"
-#include "host/os/paths.h"
 
 extern char** environ;
 
@@ -257,6 +257,8 @@ Result<RunArgs> ToRunArgs(const rpc::CreateParams& p) {
   // image_config's env under the request's own env.
   for (const auto& [k, v] : p.image_env) args.env_items.push_back(k + "=" + v);
   for (const auto& [k, v] : p.env) args.env_items.push_back(k + "=" + v);
+  for (const auto& s : p.shares)
+    args.volumes.push_back(s.host_path + ":" + s.guest_path + ":" + s.mode);
   args.user = p.user;
   args.workdir = p.working_dir;
   if (p.launch_entrypoint) {

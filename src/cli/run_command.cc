@@ -19,12 +19,12 @@
 #include "cli/image_commands.h"
 #include "cli/run_options.h"
 #include "cli/sandbox_context.h"
+#include "host/os/paths.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "host/sandbox/supervisor.h"
-#include "host/os/paths.h"
 #include "protocol/config.h"
 #include "protocol/network.h"
 
@@ -55,42 +55,6 @@ Result<std::string> NewSandboxId() {
     id += kHex[b & 0xf];
   }
   return id;
-}
-
-// -v NAME:/path[:ro|rw|overlay]
-Result<sandbox::VolumeSpec> ParseVolumeFlag(std::string_view text) {
-  sandbox::VolumeSpec v;
-  std::string_view rest = text;
-  auto first = rest.find(':');
-  if (first == std::string_view::npos)
-    return Fail("-v " + std::string(text) + ": want NAME:/path[:ro|rw|overlay]");
-  v.name = std::string(rest.substr(0, first));
-  rest = rest.substr(first + 1);
-  std::string mode = "rw";
-  if (auto second = rest.find(':'); second != std::string_view::npos) {
-    mode = std::string(rest.substr(second + 1));
-    rest = rest.substr(0, second);
-  }
-  v.guest_path = std::string(rest);
-  if (!v.name.empty() && (v.name[0] == '/' || v.name[0] == '.')) {
-    return Fail("-v " + std::string(text) +
-                ": host directories cannot be shared with a VM sandbox; use a named volume "
-                "(cella volume create NAME) and cella cp to fill it");
-  }
-  CELLA_TRY_CTX(store::CheckVolumeName(v.name), "-v " + std::string(text));
-  if (v.guest_path.empty() || v.guest_path[0] != '/')
-    return Fail("-v " + std::string(text) + ": the mount point must be an absolute path");
-  if (mode == "ro") {
-    v.mode = protocol::MountMode::kReadOnly;
-  } else if (mode == "rw") {
-    v.mode = protocol::MountMode::kReadWrite;
-  } else if (mode == "overlay") {
-    v.mode = protocol::MountMode::kOverlay;
-  } else {
-    return Fail("-v " + std::string(text) + ": unknown mode \"" + mode +
-                "\" (want ro, rw or overlay)");
-  }
-  return v;
 }
 
 // Docker creates a named volume on first use; so do we.
@@ -198,8 +162,20 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     spec.ports.push_back({m.host_ip, m.host_port, m.guest_port});
     p.ports.push_back({m.host_ip, m.host_port, m.guest_port});
   }
+  std::error_code cwd_error;
+  std::string cwd = std::filesystem::current_path(cwd_error).string();
   for (const std::string& item : args.volumes) {
-    sandbox::VolumeSpec v = CELLA_TRY(ParseVolumeFlag(item));
+    MountFlag flag = CELLA_TRY(ParseMountFlag(item, cwd));
+    if (flag.is_host) {
+      // Served while the sandbox runs (virtiofsd, host/sandbox/share.h);
+      // the host path is checked again at every start.
+      spec.shares.push_back({flag.host_path, flag.guest_path, flag.mode, flag.is_file});
+      continue;
+    }
+    sandbox::VolumeSpec v;
+    v.name = flag.name;
+    v.guest_path = flag.guest_path;
+    v.mode = flag.mode;
     store::VolumeRecord volume = CELLA_TRY(EnsureVolume(ctx, v.name));
     v.host_path = volume.path;
     if (v.mode == protocol::MountMode::kOverlay) {

@@ -6,9 +6,11 @@
 #include <cctype>
 #include <charconv>
 #include <cmath>
+#include <filesystem>
 
 #include "host/net/netns.h"
 #include "host/net/policy.h"
+#include "host/store/state_store.h"
 
 namespace cella::cli {
 namespace {
@@ -245,6 +247,63 @@ Status PlanNetwork(bool no_network, const std::vector<std::string>& dns,
   }
   guest_dns.clear();
   return {};
+}
+
+Result<MountFlag> ParseMountFlag(std::string_view text, const std::string& cwd) {
+  const std::string flag = "-v " + std::string(text);
+  MountFlag m;
+  std::string_view rest = text;
+  auto first = rest.find(':');
+  if (first == std::string_view::npos)
+    return Fail(flag +
+                ": want NAME:/path or /host/path:/path, then optionally :ro, :rw or :overlay");
+  std::string source(rest.substr(0, first));
+  rest = rest.substr(first + 1);
+  std::string mode = "rw";
+  if (auto second = rest.find(':'); second != std::string_view::npos) {
+    mode = std::string(rest.substr(second + 1));
+    rest = rest.substr(0, second);
+  }
+  m.guest_path = std::string(rest);
+  if (m.guest_path.empty() || m.guest_path[0] != '/')
+    return Fail(flag + ": the mount point must be an absolute path");
+  auto normal = protocol::NormalizeGuestPath(m.guest_path);
+  if (!normal) return Fail(flag + ": " + normal.error().message);
+  if (*normal == "/") return Fail(flag + ": cannot mount over the guest's root directory");
+  m.guest_path = *normal;
+  if (mode == "ro") {
+    m.mode = protocol::MountMode::kReadOnly;
+  } else if (mode == "rw") {
+    m.mode = protocol::MountMode::kReadWrite;
+  } else if (mode == "overlay") {
+    m.mode = protocol::MountMode::kOverlay;
+  } else {
+    return Fail(flag + ": unknown mode \"" + mode + "\" (want ro, rw or overlay)");
+  }
+  m.is_host = source.find('/') != std::string::npos || source.starts_with('.');
+  if (!m.is_host) {
+    CELLA_TRY_CTX(store::CheckVolumeName(source), flag);
+    m.name = source;
+    return m;
+  }
+  std::filesystem::path path(source);
+  if (path.is_relative()) path = std::filesystem::path(cwd) / path;
+  std::error_code ec;
+  std::filesystem::path resolved = std::filesystem::canonical(path, ec);
+  if (ec)
+    return Fail(flag + ": host path " + path.lexically_normal().string() + " " +
+                (ec == std::errc::no_such_file_or_directory ? std::string("does not exist")
+                                                            : ec.message()));
+  auto status = std::filesystem::status(resolved, ec);
+  if (ec) return Fail(flag + ": host path " + resolved.string() + ": " + ec.message());
+  if (std::filesystem::is_regular_file(status)) {
+    m.is_file = true;
+  } else if (!std::filesystem::is_directory(status)) {
+    return Fail(flag + ": host path " + resolved.string() +
+                " is neither a directory nor a regular file");
+  }
+  m.host_path = resolved.string();
+  return m;
 }
 
 }  // namespace cella::cli

@@ -57,6 +57,20 @@ struct ResolveFlag {
 };
 Result<ResolveFlag> ParseResolveFlag(std::string_view text);
 
+// -v SOURCE:/guest/path[:ro|rw|overlay] (default rw). SOURCE with a '/' or
+// starting with '.' (docker's rule) is a host path: relative ones resolve
+// against `cwd`, symlinks are resolved, and it must exist now, as a
+// directory or a regular file. Anything else is a named volume.
+struct MountFlag {
+  bool is_host = false;
+  std::string name;       // named volume
+  std::string host_path;  // host share: absolute, resolved
+  bool is_file = false;   // host share of one regular file
+  std::string guest_path;
+  protocol::MountMode mode = protocol::MountMode::kReadWrite;
+};
+Result<MountFlag> ParseMountFlag(std::string_view text, const std::string& cwd);
+
 // The sandbox's network, decided from the flags already parsed into
 // `egress` (allow list, private, host loopback, interception, pins, CA,
 // secrets) and the rest of the network flags:

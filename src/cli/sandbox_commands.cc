@@ -77,6 +77,17 @@ json RecordJson(const store::SandboxRecord& r) {
               {"ports", ports},
               {"volumes", volumes},
               {"auto_remove", r.auto_remove}};
+  // Host shares live in the spec (they need no store bookkeeping: no
+  // exclusivity, nothing to remove with the sandbox).
+  json shares = json::array();
+  if (auto spec = sandbox::DecodeSpec(r.spec_json); spec) {
+    for (const auto& s : spec->shares)
+      shares.push_back({{"source", s.host_path},
+                        {"path", s.guest_path},
+                        {"mode", protocol::ToString(s.mode)},
+                        {"type", s.is_file ? "file" : "directory"}});
+  }
+  out["shares"] = shares;
   if (r.exit_code) out["exit_code"] = *r.exit_code;
   if (!r.reason.empty()) out["reason"] = r.reason;
   return out;

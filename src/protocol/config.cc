@@ -156,6 +156,24 @@ Status ReadVolumeMount(const Json& obj, const std::string& where, VolumeMount& o
   return {};
 }
 
+Status ReadHostShare(const Json& obj, const std::string& where, HostShare& out) {
+  CELLA_TRY(ReadString(obj, "tag", where, out.tag));
+  CELLA_TRY(ReadString(obj, "path", where, out.path));
+  std::string mode;
+  CELLA_TRY(ReadString(obj, "mode", where, mode));
+  if (mode == "ro") {
+    out.mode = MountMode::kReadOnly;
+  } else if (mode == "rw") {
+    out.mode = MountMode::kReadWrite;
+  } else if (mode == "overlay") {
+    out.mode = MountMode::kOverlay;
+  } else {
+    return Fail(where + ".mode: unknown mode " + Quote(mode) + " (want ro, rw or overlay)");
+  }
+  CELLA_TRY(ReadString(obj, "file", where, out.file));
+  return {};
+}
+
 Status ReadHostEntry(const Json& obj, const std::string& where, HostEntry& out) {
   CELLA_TRY(ReadString(obj, "host", where, out.host));
   CELLA_TRY(ReadString(obj, "ip", where, out.ip));
@@ -224,6 +242,7 @@ Result<Config> Decode(const Json& doc) {
   CELLA_TRY(ReadString(doc, "root_device", top, c.root_device));
   CELLA_TRY(ReadString(doc, "root_fstype", top, c.root_fstype));
   CELLA_TRY(ReadObjectList(doc, "disks", top, c.disks, ReadDisk));
+  CELLA_TRY(ReadObjectList(doc, "host_shares", top, c.host_shares, ReadHostShare));
   CELLA_TRY(ReadString(doc, "user", top, c.user));
   CELLA_TRY(ReadDouble(doc, "cpus", top, c.cpus));
   CELLA_TRY(ReadBool(doc, "keep_alive", top, c.keep_alive));
@@ -405,6 +424,23 @@ Status ValidateConfig(const Config& c) {
     CELLA_TRY(CheckDevice(where + ".device", c.disks[i].device));
     CELLA_TRY(CheckMountPath(where + ".path", c.disks[i].path, mount_paths));
   }
+  std::map<std::string, std::string> tags;
+  for (size_t i = 0; i < c.host_shares.size(); ++i) {
+    const HostShare& share = c.host_shares[i];
+    std::string where = Index("host_shares", i);
+    // The tag reaches the guest kernel's mount(2) as the source: keep it plain.
+    if (share.tag.empty() || share.tag.size() > 36 ||
+        share.tag.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                    "0123456789._-") != std::string::npos)
+      return Fail(where + ".tag: " + Quote(share.tag) + " is not 1..36 of [A-Za-z0-9._-]");
+    if (auto [it, inserted] = tags.emplace(share.tag, where); !inserted)
+      return Fail(where + ".tag: " + Quote(share.tag) + " is already used by " + it->second);
+    CELLA_TRY(CheckMountPath(where + ".path", share.path, mount_paths));
+    if (!share.file.empty() &&
+        (share.file == "." || share.file == ".." ||
+         share.file.find_first_of(std::string_view("/\0", 2)) != std::string::npos))
+      return Fail(where + ".file: " + Quote(share.file) + " is not a plain file name");
+  }
 
   if (!c.hostname.empty()) CELLA_TRY(CheckHostName("hostname", c.hostname, 64));
   for (size_t i = 0; i < c.dns_servers.size(); ++i)
@@ -550,6 +586,18 @@ std::string SerializeConfig(const Config& c) {
       disks.push_back(std::move(j));
     }
     out["disks"] = std::move(disks);
+  }
+  if (!c.host_shares.empty()) {
+    OrderedJson shares = OrderedJson::array();
+    for (const HostShare& share : c.host_shares) {
+      OrderedJson j = OrderedJson::object();
+      j["tag"] = share.tag;
+      j["path"] = share.path;
+      j["mode"] = ToString(share.mode);
+      if (!share.file.empty()) j["file"] = share.file;
+      shares.push_back(std::move(j));
+    }
+    out["host_shares"] = std::move(shares);
   }
   if (!c.user.empty()) out["user"] = c.user;
   if (c.cpus != 0) out["cpus"] = c.cpus;

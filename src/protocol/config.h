@@ -54,6 +54,22 @@ struct VolumeMount {
   bool operator==(const VolumeMount&) const = default;
 };
 
+// A host directory (or one host file) shared over virtiofs (`-v /host:/guest`).
+// The host runs one virtiofsd per share and enforces `mode` itself (ro and
+// overlay shares are exported read-only); the guest mounts the tag at `path`.
+// kOverlay: the guest keeps its writes in an overlayfs layer on its own
+// writable storage, so the host tree is never modified.
+struct HostShare {
+  std::string tag;   // virtiofs tag: [A-Za-z0-9._-], 1..36 bytes
+  std::string path;  // absolute mount point inside the guest root
+  MountMode mode = MountMode::kReadOnly;
+  // Non-empty: the share is one file, exported as the only entry (this name)
+  // of a private directory; the guest binds it onto `path` (a file).
+  std::string file;
+
+  bool operator==(const HostShare&) const = default;
+};
+
 // One /etc/hosts line the host asks for (docker --add-host).
 struct HostEntry {
   std::string host;
@@ -124,6 +140,7 @@ struct Config {
   std::string root_device;
   std::string root_fstype;
   std::vector<Disk> disks;
+  std::vector<HostShare> host_shares;
   std::string user;  // "name", "uid", "uid:gid", "name:group"; empty = root
   double cpus = 0;   // fractional CPUs for a cgroup quota; 0 = no limit
   bool keep_alive = false;

@@ -130,14 +130,36 @@ check(error_code(rpc.call(6, "write_file", {"path": "/x", "content": "!!"})) in 
       "write_file before create")
 
 # create: a normal cella sandbox.
+# matchlock's vfs: a host_fs workspace and a read-only direct mount become
+# host shares (virtiofs).
+import atexit
+import shutil
+import tempfile
+share_dir = tempfile.mkdtemp(prefix="cella-rpc-share-")
+atexit.register(shutil.rmtree, share_dir, True)
+os.makedirs(share_dir + "/ws")
+os.makedirs(share_dir + "/ro")
+with open(share_dir + "/ws/in.txt", "w") as f:
+    f.write("from host\n")
 r = rpc.call(10, "create", {"image": IMAGE, "resources": {"cpus": 1, "memory_mb": 512},
                             "env": {"GREETING": "hello from rpc"},
-                            "network": {"allowed_hosts": ["first.test"]}})
+                            "network": {"allowed_hosts": ["first.test"]},
+                            "vfs": {"workspace": "/workspace",
+                                    "mounts": {"/workspace": {"type": "host_fs",
+                                                              "host_path": share_dir + "/ws"}},
+                                    "direct_mounts": {"/mnt/ro": {"host_path": share_dir + "/ro",
+                                                                  "readonly": True}}}})
 sandbox_id = result(r, "create")["id"]
 check(len(sandbox_id) == 32, f"sandbox id {sandbox_id}")
 listed = [s.get("id") for s in cella_json("ps", "--json")]
 check(sandbox_id in listed, f"cella ps does not list {sandbox_id}: {listed}")
 check(error_code(rpc.call(11, "create", {"image": IMAGE})) == -32000, "second create")
+
+r = result(rpc.call(15, "exec", {"command": "cat /workspace/in.txt; echo out > /workspace/out.txt;"
+                                           " echo x > /mnt/ro/x || echo refused"}), "vfs exec")
+check(unb64(r["stdout"]) == b"from host\nrefused\n", f"vfs shares {r}")
+check(open(share_dir + "/ws/out.txt").read() == "out\n", "guest write not on the host")
+check(os.listdir(share_dir + "/ro") == [], "a read-only direct mount was written")
 
 # exec: base64 output, exit code, env, working_dir.
 r = result(rpc.call(12, "exec", {"command": "echo $GREETING; echo oops >&2; exit 3"}), "exec")

@@ -117,6 +117,56 @@ Status MountPlainRoot(const Config& config, Deadline deadline) {
   return {};
 }
 
+// Opens (creating an empty one if missing) the regular file `guest_path`
+// beneath root, refusing symlinks on the way and at the end: a mount point for
+// a single-file share.
+Result<UniqueFd> OpenFileBeneath(const std::string& root, const std::string& guest_path) {
+  auto slash = guest_path.rfind('/');
+  std::string parent = slash == 0 ? "/" : guest_path.substr(0, slash);
+  std::string name = guest_path.substr(slash + 1);
+  UniqueFd dir = CELLA_TRY(OpenDirBeneath(root, parent));
+  UniqueFd fd(::openat(dir.Get(), name.c_str(), O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644));
+  if (!fd) return FailErrno("open " + guest_path + " (a file share's mount point)");
+  struct stat st {};
+  if (::fstat(fd.Get(), &st) != 0) return FailErrno("fstat " + guest_path);
+  if (!S_ISREG(st.st_mode))
+    return Fail(guest_path + ": a file share needs a file here, not a directory");
+  return fd;
+}
+
+// One host share: the virtiofs tag is mounted in scratch (read-only for ro
+// and overlay: the host exports those read-only anyway), an overlay joins it
+// with a private layer for overlay mode, and the result (or its single file)
+// is bound onto the guest path.
+Status MountHostShare(const protocol::HostShare& share, size_t index) {
+  std::string base = std::string(kScratch) + "/share" + std::to_string(index);
+  std::string fs = base + "/fs";
+  CELLA_TRY(MkdirAll(fs, 0755));
+  unsigned long flags = share.mode == MountMode::kReadWrite ? 0 : MS_RDONLY;
+  CELLA_TRY(Mount(share.tag, fs, "virtiofs", flags));
+  std::string view = fs;
+  if (share.mode == MountMode::kOverlay) {
+    // The layer lives beside the root's own writable layer (an ext4 that
+    // survives stop/start for detached sandboxes, else tmpfs), so it is kept
+    // and discarded with the sandbox.
+    std::string layer = std::string(kScratch) + "/upper/cella-shares/" + std::to_string(index);
+    CELLA_TRY(MkdirAll(layer + "/upper", 0755));
+    CELLA_TRY(MkdirAll(layer + "/work", 0755));
+    view = base + "/merged";
+    CELLA_TRY(MkdirAll(view, 0755));
+    std::string options = CELLA_TRY(OverlayMountOptions({fs}, layer + "/upper", layer + "/work"));
+    CELLA_TRY(Mount("overlay", view, "overlay", 0, options));
+  }
+  if (share.file.empty()) {
+    UniqueFd target = CELLA_TRY(OpenDirBeneath(kNewRoot, share.path));
+    CELLA_TRY(Mount(view, FdPath(target.Get()), "", MS_BIND));
+  } else {
+    UniqueFd target = CELLA_TRY(OpenFileBeneath(kNewRoot, share.path));
+    CELLA_TRY(Mount(view + "/" + share.file, FdPath(target.Get()), "", MS_BIND));
+  }
+  return {};
+}
+
 }  // namespace
 
 Status MountEarly() {
@@ -205,6 +255,11 @@ Status MountVolumes(const Config& config, Deadline deadline) {
     } else {
       CELLA_TRY_CTX(Mount(disk.device, FdPath(target.Get()), "ext4", MS_NOATIME), where);
     }
+  }
+  for (size_t i = 0; i < config.host_shares.size(); ++i) {
+    const auto& share = config.host_shares[i];
+    CELLA_TRY_CTX(MountHostShare(share, i),
+                  "host_shares[" + std::to_string(i) + "] (" + share.path + ")");
   }
   return {};
 }

@@ -101,12 +101,19 @@ Result<ModuleIndex> LoadModuleIndex(const std::string& modules_dir) {
 
 std::vector<WantedModule> DefaultGuestModules() {
   return {
-      {"virtio_ring", Need::kRequired}, {"virtio", Need::kRequired},
-      {"virtio_mmio", Need::kRequired}, {"virtio_pci", Need::kIfModular},
-      {"virtio_blk", Need::kRequired},  {"virtio_console", Need::kRequired},
-      {"virtio_net", Need::kRequired},  {"vmw_vsock_virtio_transport", Need::kIfModular},
-      {"erofs", Need::kRequired},       {"overlay", Need::kRequired},
+      {"virtio_ring", Need::kRequired},
+      {"virtio", Need::kRequired},
+      {"virtio_mmio", Need::kRequired},
+      {"virtio_pci", Need::kIfModular},
+      {"virtio_blk", Need::kRequired},
+      {"virtio_console", Need::kRequired},
+      {"virtio_net", Need::kRequired},
+      {"vmw_vsock_virtio_transport", Need::kIfModular},
+      {"erofs", Need::kRequired},
+      {"overlay", Need::kRequired},
       {"ext4", Need::kRequired},
+      // Host directory shares (-v /host:/guest); pulls in fuse.
+      {"virtiofs", Need::kIfModular},
   };
 }
 

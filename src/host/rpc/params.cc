@@ -160,16 +160,90 @@ Status ParseImageConfig(const json& c, CreateParams& p) {
   return {};
 }
 
+Result<std::string> MountHostPath(const json& m, const std::string& where) {
+  std::string host = CELLA_TRY(GetString(m, where, "host_path"));
+  if (host.empty()) return Fail(where + ".host_path: required");
+  // The path travels as `-v HOST:GUEST:MODE`.
+  if (host.find(':') != std::string::npos) return Fail(where + ".host_path: may not contain ':'");
+  return host;
+}
+
+// matchlock's VFS, mapped onto cella's host shares (virtiofs): what cella
+// cannot serve (a memory mount, interception hooks) is refused by name.
+Status ParseVfs(const json& v, CreateParams& p) {
+  CELLA_TRY(CheckKeys(v, "vfs", {"workspace", "direct_mounts", "mounts"}, {"interception"}));
+  std::string workspace = CELLA_TRY(GetString(v, "vfs", "workspace"));
+  while (workspace.size() > 1 && workspace.back() == '/') workspace.pop_back();
+  auto check_guest = [](const std::string& where, const std::string& guest) -> Status {
+    if (guest.empty() || guest[0] != '/' || guest.find(':') != std::string::npos)
+      return Fail(where + ": want an absolute guest path without ':'");
+    return {};
+  };
+  if (auto it = v.find("mounts"); it != v.end() && !it->is_null()) {
+    if (!it->is_object()) return Fail("vfs.mounts: want an object GUEST_PATH: {type, ...}");
+    if (!it->empty() && workspace.empty())
+      return Fail("vfs.workspace: required when vfs.mounts is set");
+    for (const auto& [guest, m] : it->items()) {
+      const std::string where = "vfs.mounts." + guest;
+      CELLA_TRY(check_guest(where, guest));
+      if (guest != workspace && !guest.starts_with(workspace + "/"))
+        return Fail(where + ": must be under vfs.workspace (" + workspace + ")");
+      CELLA_TRY(CheckKeys(m, where, {"type", "host_path", "readonly", "upper", "lower"}));
+      std::string type = CELLA_TRY(GetString(m, where, "type"));
+      ShareParam share{"", guest, ""};
+      if (type == "host_fs") {
+        share.host_path = CELLA_TRY(MountHostPath(m, where));
+        share.mode = CELLA_TRY(GetBool(m, where, "readonly")) ? "ro" : "rw";
+      } else if (type == "overlay") {
+        auto lower = m.find("lower");
+        if (lower == m.end() || !lower->is_object() || lower->value("type", "") != "host_fs")
+          return Fail(where + ".lower: cella's overlay needs a host_fs lower");
+        CELLA_TRY(CheckKeys(*lower, where + ".lower", {"type", "host_path", "readonly"}));
+        share.host_path = CELLA_TRY(MountHostPath(*lower, where + ".lower"));
+        if (auto upper = m.find("upper"); upper != m.end() && !upper->is_null()) {
+          if (!upper->is_object() || upper->value("type", "") != "memory")
+            return Fail(where +
+                        ".upper: cella's overlay keeps its writes in the sandbox "
+                        "(type memory, or leave it out)");
+          CELLA_TRY(CheckKeys(*upper, where + ".upper", {"type"}));
+        }
+        share.mode = "overlay";
+      } else if (type == "memory") {
+        return Fail(where + ": type memory is not supported by cella yet");
+      } else {
+        return Fail(where + ".type: unknown type \"" + type +
+                    "\" (want host_fs, overlay or memory)");
+      }
+      p.shares.push_back(std::move(share));
+    }
+  } else if (!workspace.empty()) {
+    return Fail("vfs.workspace: requires at least one vfs.mounts entry");
+  }
+  if (auto it = v.find("direct_mounts"); it != v.end() && !it->is_null()) {
+    if (!it->is_object())
+      return Fail("vfs.direct_mounts: want an object GUEST_PATH: {host_path, readonly}");
+    for (const auto& [guest, m] : it->items()) {
+      const std::string where = "vfs.direct_mounts." + guest;
+      CELLA_TRY(check_guest(where, guest));
+      CELLA_TRY(CheckKeys(m, where, {"host_path", "readonly"}));
+      ShareParam share{CELLA_TRY(MountHostPath(m, where)), guest, ""};
+      share.mode = CELLA_TRY(GetBool(m, where, "readonly")) ? "ro" : "rw";
+      p.shares.push_back(std::move(share));
+    }
+  }
+  return {};
+}
+
 }  // namespace
 
 Result<CreateParams> ParseCreateParams(const json& params) {
   CreateParams p;
   if (params.is_null()) return Fail("image is required (e.g., alpine:latest)");
   // "id" names the VM in matchlock; cella makes its own IDs.
-  CELLA_TRY(CheckKeys(
-      params, "",
-      {"image", "privileged", "launch_entrypoint", "resources", "network", "env", "image_config"},
-      {"id", "vfs", "extra_disks"}));
+  CELLA_TRY(CheckKeys(params, "",
+                      {"image", "privileged", "launch_entrypoint", "resources", "network", "env",
+                       "image_config", "vfs"},
+                      {"id", "extra_disks"}));
   p.image = CELLA_TRY(GetString(params, "", "image"));
   if (p.image.empty()) return Fail("image is required (e.g., alpine:latest)");
   p.privileged = CELLA_TRY(GetBool(params, "", "privileged"));
@@ -181,6 +255,8 @@ Result<CreateParams> ParseCreateParams(const json& params) {
   p.env = CELLA_TRY(GetStringMap(params, "", "env"));
   if (auto it = params.find("image_config"); it != params.end() && !it->is_null())
     CELLA_TRY(ParseImageConfig(*it, p));
+  if (auto it = params.find("vfs"); it != params.end() && !it->is_null())
+    CELLA_TRY(ParseVfs(*it, p));
   if (!p.launch_entrypoint && (!p.entrypoint.empty() || !p.cmd.empty()))
     return Fail("image_config.entrypoint/cmd: only used with launch_entrypoint");
   return p;

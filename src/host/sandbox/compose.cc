@@ -139,6 +139,19 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
   return vm;
 }
 
+Status AttachShares(const std::vector<ShareAttachment>& shares, protocol::Config& guest,
+                    vmm::VMConfig& vm) {
+  guest.host_shares.clear();
+  vm.Shares.clear();
+  for (size_t i = 0; i < shares.size(); ++i) {
+    std::string tag = "cella-share" + std::to_string(i);
+    vm.Shares.push_back({shares[i].socket_path, tag});
+    guest.host_shares.push_back({tag, shares[i].guest_path, shares[i].mode, shares[i].file});
+  }
+  CELLA_TRY_CTX(protocol::ValidateConfig(guest), "guest config");
+  return {};
+}
+
 Status WriteGuestConfig(const protocol::Config& guest, vmm::VMConfig& vm) {
   return vmm::WriteGuestConfigDisk(guest, vm);
 }

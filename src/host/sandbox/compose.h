@@ -82,6 +82,20 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
                               const std::string& root_image_path = {},
                               const std::string& upper_image_path = {});
 
+// A host share whose daemon is running (share.h): both halves of it.
+struct ShareAttachment {
+  std::string socket_path;  // the daemon's vhost-user socket
+  std::string guest_path;
+  protocol::MountMode mode = protocol::MountMode::kReadOnly;
+  std::string file;  // non-empty: a single-file share of this name
+};
+
+// Adds each share to `vm` (a vhost-user-fs device, tag cella-share<N>) and to
+// `guest` (host_shares, the same tag), then validates `guest`. Call after
+// Compose, before WriteGuestConfig.
+Status AttachShares(const std::vector<ShareAttachment>& shares, protocol::Config& guest,
+                    vmm::VMConfig& vm);
+
 // Serializes `guest` onto the config disk at <state_dir>/config.img and
 // records it in `vm`.
 Status WriteGuestConfig(const protocol::Config& guest, vmm::VMConfig& vm);

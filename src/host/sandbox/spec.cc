@@ -33,6 +33,13 @@ std::string EncodeSpec(const SandboxSpec& spec) {
                               {"mode", protocol::ToString(v.mode)},
                               {"overlay_path", v.overlay_path}});
   }
+  out["shares"] = json::array();
+  for (const auto& s : spec.shares) {
+    out["shares"].push_back({{"host_path", s.host_path},
+                             {"guest_path", s.guest_path},
+                             {"mode", protocol::ToString(s.mode)},
+                             {"is_file", s.is_file}});
+  }
   out["ports"] = json::array();
   for (const auto& p : spec.ports) {
     out["ports"].push_back(
@@ -92,6 +99,17 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
       vol.mode = CELLA_TRY(ParseMode(v.at("mode").get<std::string>()));
       vol.overlay_path = v.at("overlay_path").get<std::string>();
       spec.volumes.push_back(std::move(vol));
+    }
+    // Absent in specs written before host shares existed.
+    if (doc.contains("shares")) {
+      for (const auto& s : doc.at("shares")) {
+        ShareSpec share;
+        share.host_path = s.at("host_path").get<std::string>();
+        share.guest_path = s.at("guest_path").get<std::string>();
+        share.mode = CELLA_TRY(ParseMode(s.at("mode").get<std::string>()));
+        share.is_file = s.at("is_file").get<bool>();
+        spec.shares.push_back(std::move(share));
+      }
     }
     for (const auto& p : doc.at("ports")) {
       spec.ports.push_back({p.at("host_ip").get<std::string>(), p.at("host_port").get<uint16_t>(),

@@ -23,6 +23,15 @@ struct VolumeSpec {
   std::string overlay_path;  // kOverlay: this sandbox's private layer
 };
 
+// `-v /host/path:/guest/path[:mode]`: a host directory or file, served by
+// virtiofsd (share.h) while the sandbox runs.
+struct ShareSpec {
+  std::string host_path;  // absolute, symlinks resolved when the sandbox was created
+  std::string guest_path;
+  protocol::MountMode mode = protocol::MountMode::kReadWrite;
+  bool is_file = false;
+};
+
 struct PortSpec {
   std::string host_ip = "127.0.0.1";
   uint16_t host_port = 0;
@@ -78,6 +87,7 @@ struct SandboxSpec {
   std::string root_image_path;  // erofs; empty = the built-in image
   MachineShape shape;
   std::vector<VolumeSpec> volumes;
+  std::vector<ShareSpec> shares;
   std::vector<PortSpec> ports;
   std::string kernel_path;  // empty = the cached default kernel
   std::string accel = "auto";

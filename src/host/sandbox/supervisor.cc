@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -24,6 +25,7 @@
 #include "host/net/proxy.h"
 #include "host/net/resolver.h"
 #include "host/net/tls.h"
+#include "host/os/paths.h"
 #include "host/sandbox/compose.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
@@ -31,9 +33,9 @@
 #include "host/sandbox/lifecycle.h"
 #include "host/sandbox/log_files.h"
 #include "host/sandbox/port_forward.h"
+#include "host/sandbox/share.h"
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
-#include "host/os/paths.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace cella::sandbox {
@@ -124,6 +126,7 @@ class Supervisor {
     protocol::Config guest = spec.guest;
     vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {}, args_.id,
                                          paths_.dir, spec.root_image_path, spec.upper_image));
+    if (!spec.shares.empty()) CELLA_TRY(StartShares(spec, guest, vm));
     if (spec.egress.enabled) CELLA_TRY_CTX(StartEgress(spec, cella_home, guest, vm), "egress");
     CELLA_TRY(WriteGuestConfig(guest, vm));
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
@@ -168,6 +171,15 @@ class Supervisor {
     hooks.after_close = [this] { AfterClose(); };
     hooks.on_tick = [this] { TrimConsole(); };
     hooks.link_error = [this]() -> std::optional<Error> {
+      // A share whose daemon died leaves the guest's file calls hanging:
+      // treated as a closed link (the sandbox fails unless the VM ends by
+      // itself within the grace: virtiofsd also ends when QEMU does).
+      for (size_t i = 0; i < shares_.size(); ++i) {
+        if (auto how = shares_[i]->Exited())
+          return Error{"virtiofsd for share " + std::to_string(i) + " ended (" + *how +
+                           "); see virtiofsd" + std::to_string(i) + ".log",
+                       ECONNRESET};
+      }
       if (!router_) return std::nullopt;
       return router_->UpstreamError();
     };
@@ -195,6 +207,44 @@ class Supervisor {
       CELLA_TRY_CTX(main_->CloseStdin(), "close the main process's stdin");
     }
     return {};
+  }
+
+  // One virtiofsd per host share, children of this process (they die with
+  // it), started before QEMU so their sockets exist when it connects.
+  Status StartShares(const SandboxSpec& spec, protocol::Config& guest, vmm::VMConfig& vm) {
+    // QEMU 7.2's virtiofsd needs CAP_SYS_ADMIN for its namespace sandbox,
+    // and creates files as the guest's uid/gid (only root may do that).
+    if (::geteuid() != 0)
+      return Fail(
+          "host directory shares (-v /host/path:...) need cella to run as root; use a named "
+          "volume and cella cp instead");
+    std::string virtiofsd = CELLA_TRY(ResolveVirtiofsd());
+    std::vector<ShareAttachment> attachments;
+    for (size_t i = 0; i < spec.shares.size(); ++i) {
+      const ShareSpec& s = spec.shares[i];
+      struct stat st {};
+      if (::stat(s.host_path.c_str(), &st) != 0)
+        return FailErrno("share " + s.host_path + " (for " + s.guest_path + ")");
+      if (s.is_file ? !S_ISREG(st.st_mode) : !S_ISDIR(st.st_mode))
+        return Fail("share " + s.host_path + ": was a " + (s.is_file ? "file" : "directory") +
+                    " when the sandbox was created, and is not any more");
+      ShareDaemonOptions options;
+      options.virtiofsd = virtiofsd;
+      options.host_path = s.host_path;
+      options.is_file = s.is_file;
+      options.mode = s.mode;
+      std::string n = std::to_string(i);
+      options.stage_dir = paths_.dir + "/share" + n;
+      options.socket_path = paths_.dir + "/fs" + n + ".sock";
+      options.log_path = paths_.dir + "/virtiofsd" + n + ".log";
+      CELLA_TRY(host::MakeDirs(options.stage_dir, 0700));
+      share_logs_.push_back(options.log_path);
+      shares_.push_back(CELLA_TRY(ShareDaemon::Start(options)));
+      std::string file;
+      if (s.is_file) file = s.host_path.substr(s.host_path.rfind('/') + 1);
+      attachments.push_back({options.socket_path, s.guest_path, s.mode, file});
+    }
+    return AttachShares(attachments, guest, vm);
   }
 
   // The sealed network: a namespace whose only exits are our DNS server and
@@ -324,6 +374,11 @@ class Supervisor {
     if (++ticks_ % 5 != 0) return;
     auto trimmed = TrimAppendedLog(paths_.console_log, log_max_bytes_);
     if (!trimmed) log::Warn("console log trim failed", {{"error", trimmed.error().message}});
+    // virtiofsd logs what the guest makes it warn about: capped the same way.
+    for (const std::string& log : share_logs_) {
+      if (auto t = TrimAppendedLog(log, log_max_bytes_); !t)
+        log::Warn("share log trim failed", {{"error", t.error().message}});
+    }
   }
 
   void BeforeClose() {
@@ -336,6 +391,7 @@ class Supervisor {
 
   void AfterClose() {
     if (router_) router_->Stop();
+    shares_.clear();  // QEMU is gone: nothing is served any more
     for (const std::string& p : {paths_.mux_socket}) {
       if (!p.empty() && ::unlink(p.c_str()) != 0 && errno != ENOENT)
         log::Warn("could not remove socket", {{"path", p}, {"error", std::strerror(errno)}});
@@ -371,6 +427,8 @@ class Supervisor {
   std::unique_ptr<net::TransparentProxy> proxy_;
   UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
   UniqueFd netns_;
+  std::vector<std::unique_ptr<ShareDaemon>> shares_;  // main thread only
+  std::vector<std::string> share_logs_;
   std::unique_ptr<SandboxLifecycle> lifecycle_;
   std::unique_ptr<ControlServer> control_;
 };

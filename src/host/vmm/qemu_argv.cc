@@ -116,6 +116,7 @@ int CountVirtioTransports(const VMConfig& config) {
   }
   disks += config.ConfigDiskPath.empty() ? 0 : 1;
   disks += static_cast<int>(config.Volumes.size() + config.ExtraDisks.size());
+  disks += static_cast<int>(config.Shares.size());  // one vhost-user-fs device each
   int serial = 1;
   int nic = config.NoNetwork ? 0 : 1;
   return disks + serial + nic;
@@ -153,7 +154,16 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   auto add = [&a](std::initializer_list<std::string> items) {
     a.insert(a.end(), items.begin(), items.end());
   };
-  add({"-M", "microvm"});
+  if (c.Shares.empty()) {
+    add({"-M", "microvm"});
+  } else {
+    // vhost-user: virtiofsd maps guest RAM to read and write request buffers
+    // in place, so RAM must be a shareable memfd rather than anonymous memory.
+    // virtiofsd's libvhost-user serves modern virtio only; microvm's
+    // virtio-mmio transports are legacy unless told otherwise.
+    add({"-object", "memory-backend-memfd,id=mem,share=on,size=" + std::to_string(c.MemoryMB) + "M",
+         "-M", "microvm,memory-backend=mem", "-global", "virtio-mmio.force-legacy=false"});
+  }
   if (launch.accel == Accel::kKvm) {
     add({"-accel", "kvm", "-cpu", "host"});
   } else {
@@ -171,6 +181,16 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
     add({"-drive", "id=" + d.id + ",file=" + QemuEscape(d.path) + ",format=raw,if=none" +
                        (d.read_only ? ",readonly=on" : "")});
     add({"-device", "virtio-blk-device,drive=" + d.id + ",serial=" + d.serial});
+  }
+  for (size_t i = 0; i < c.Shares.size(); ++i) {
+    const ShareConfig& share = c.Shares[i];
+    if (share.SocketPath.empty() || share.SocketPath[0] != '/')
+      return Fail("VMConfig.Shares[" + std::to_string(i) + "]: needs an absolute socket path");
+    if (share.Tag.empty() || share.Tag.find_first_of(",=") != std::string::npos)
+      return Fail("VMConfig.Shares[" + std::to_string(i) + "]: bad tag \"" + share.Tag + "\"");
+    std::string id = "fs" + std::to_string(i);
+    add({"-chardev", "socket,id=" + id + ",path=" + QemuEscape(share.SocketPath), "-device",
+         "vhost-user-fs-device,chardev=" + id + ",tag=" + share.Tag});
   }
   add({"-device", "virtio-serial-device,max_ports=2"});
   add({"-chardev",

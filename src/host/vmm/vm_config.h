@@ -20,6 +20,13 @@ struct DiskConfig {
   bool ReadOnly = false;
 };
 
+// extension: a vhost-user-fs device (virtiofs) served by a daemon the caller
+// started (host/sandbox/share.h). Its presence makes guest RAM a shared memfd.
+struct ShareConfig {
+  std::string SocketPath;  // the daemon's vhost-user socket
+  std::string Tag;         // what the guest mounts (mount -t virtiofs TAG)
+};
+
 // seed: api.HostIPMapping — one extra /etc/hosts line.
 struct HostIPMapping {
   std::string Host;
@@ -66,6 +73,10 @@ struct VMConfig {
   std::string StateDir;             // per-VM runtime dir (sockets, logs); required
   std::string ConfigDiskPath;       // ext4 image with /config.json (WriteConfigDisk): cella-config
   std::vector<DiskConfig> Volumes;  // named volumes: cella-vol<N>
+  // Host directory shares. Non-empty: guest RAM is memory-backend-memfd with
+  // share=on (vhost-user needs the daemon to map it), so such a VM cannot use
+  // copy-on-write template memory.
+  std::vector<ShareConfig> Shares;
 };
 
 // Disk serials the guest init finds as /dev/disk/by-id/virtio-<serial>.

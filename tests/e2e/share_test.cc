@@ -1,0 +1,258 @@
+// Host directories and files in the sandbox (-v /host:/guest[:ro|rw|overlay]),
+// served by virtiofsd: every mode in one boot (with live visibility both
+// ways, ownership and modes, a single file, a relative path, stop/start),
+// the escape attempts of a hostile guest in another, and a missing share
+// refused before anything boots.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "lifecycle_fixture.h"
+
+namespace cella::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+void WriteFile(const std::string& path, const std::string& text, mode_t mode = 0644) {
+  std::ofstream(path) << text;
+  ASSERT_EQ(::chmod(path.c_str(), mode), 0) << path;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// The root directory of the virtiofsd serving `stage` (the process that
+// pivoted into it: its / is not the host's), as a sorted list of names.
+std::vector<std::string> ShareRootEntries(const std::string& stage) {
+  for (const auto& proc : fs::directory_iterator("/proc")) {
+    std::string name = proc.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string cmdline = ReadFile(proc.path().string() + "/cmdline");
+    if (cmdline.find("virtiofsd") == std::string::npos ||
+        cmdline.find("source=" + stage + std::string(1, '\0')) == std::string::npos)
+      continue;
+    std::error_code ec;
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(proc.path() / "root", ec))
+      names.push_back(e.path().filename());
+    std::sort(names.begin(), names.end());
+    if (!ec && std::find(names.begin(), names.end(), "proc") == names.end()) return names;
+  }
+  return {"(no virtiofsd found for " + stage + ")"};
+}
+
+// The pid of the supervisor's virtiofsd child serving `stage`; 0 if none.
+int ChildServing(int supervisor, const std::string& stage) {
+  for (const auto& proc : fs::directory_iterator("/proc")) {
+    std::string name = proc.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string stat = ReadFile(proc.path().string() + "/stat");
+    auto paren = stat.rfind(')');
+    if (paren == std::string::npos) continue;
+    int ppid = 0;
+    char state = 0;
+    if (std::sscanf(stat.c_str() + paren + 1, " %c %d", &state, &ppid) != 2) continue;
+    std::string cmdline = ReadFile(proc.path().string() + "/cmdline");
+    if (ppid == supervisor &&
+        cmdline.find("source=" + stage + std::string(1, '\0')) != std::string::npos)
+      return std::stoi(proc.path().filename());
+  }
+  return 0;
+}
+
+class ShareTest : public LifecycleTest {
+ protected:
+  void SetUp() override {
+    LifecycleTest::SetUp();
+    host_ = home_ + "/host";
+    ASSERT_TRUE(fs::create_directories(host_));
+  }
+
+  // `cella exec ID -- sh -c SCRIPT`
+  ProcessResult Sh(const std::string& id, const std::string& script,
+                   const std::vector<std::string>& exec_flags = {}) {
+    std::vector<std::string> argv = {"exec"};
+    argv.insert(argv.end(), exec_flags.begin(), exec_flags.end());
+    argv.insert(argv.end(), {id, "--", "sh", "-c", script});
+    return RunCella(argv);
+  }
+
+  std::string host_;
+};
+
+TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
+  for (const char* d : {"rw", "ro", "ov", "rel"}) fs::create_directories(host_ + "/" + d);
+  WriteFile(host_ + "/rw/a.txt", "hello\n", 0640);
+  WriteFile(host_ + "/ro/r.txt", "read me\n");
+  WriteFile(host_ + "/ov/o.txt", "original\n");
+  WriteFile(host_ + "/rel/x.txt", "relative\n");
+  WriteFile(host_ + "/single.txt", "one file\n", 0600);
+  WriteFile(host_ + "/sibling.txt", "never visible\n");
+
+  // A relative host path resolves against the caller's directory.
+  fs::path saved = fs::current_path();
+  fs::current_path(host_);
+  std::string id = RunDetached({"-v", host_ + "/rw:/mnt/rw", "-v", host_ + "/ro:/mnt/ro:ro", "-v",
+                                host_ + "/ov:/mnt/ov:overlay", "-v",
+                                host_ + "/single.txt:/etc/single.txt", "-v", "./rel:/mnt/rel:ro"});
+  fs::current_path(saved);
+  ASSERT_FALSE(id.empty());
+
+  // rw: modes kept, guest writes land on the host at once, owned by the
+  // guest user (cella runs as root here, so the uid passes through).
+  auto r = Sh(id, "stat -c '%a' /mnt/rw/a.txt; cat /mnt/rw/a.txt; cat /mnt/rel/x.txt");
+  EXPECT_EQ(r.out, "640\nhello\nrelative\n") << Describe(r);
+  r = Sh(id, "echo from-guest > /mnt/rw/b.txt && chmod 751 /mnt/rw/b.txt");
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(ReadFile(host_ + "/rw/b.txt"), "from-guest\n");
+  struct stat st {};
+  ASSERT_EQ(::stat((host_ + "/rw/b.txt").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0751u);
+  EXPECT_EQ(st.st_uid, 0u);
+  r = Sh(id, "echo user > /mnt/rw/u.txt", {"-u", "1234:2345"});
+  // The directory is root's 0755 on the host: the guest user is refused, as
+  // it would be on the host.
+  EXPECT_NE(r.exit_code, 0) << Describe(r);
+  ASSERT_EQ(::chmod((host_ + "/rw").c_str(), 0777), 0);
+  r = Sh(id,
+         "for i in $(seq 50); do echo user > /mnt/rw/u.txt 2>/dev/null && exit 0; sleep 0.1; done; "
+         "exit 1",
+         {"-u", "1234:2345"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  ASSERT_EQ(::stat((host_ + "/rw/u.txt").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 1234u);
+  EXPECT_EQ(st.st_gid, 2345u);
+  // Host writes show up in the guest (bounded wait: attributes are cached
+  // for up to a second).
+  WriteFile(host_ + "/rw/a.txt", "changed on host\n", 0640);
+  WriteFile(host_ + "/rw/new.txt", "new on host\n");
+  r = Sh(id,
+         "for i in $(seq 50); do grep -q changed /mnt/rw/a.txt && test -e /mnt/rw/new.txt && "
+         "cat /mnt/rw/new.txt && exit 0; sleep 0.1; done; exit 1");
+  EXPECT_EQ(r.out, "new on host\n") << Describe(r);
+
+  // ro: readable; not writable, even after the guest remounts it rw (the
+  // host exports it read-only).
+  r = Sh(id, "cat /mnt/ro/r.txt; echo x > /mnt/ro/n.txt");
+  EXPECT_EQ(r.out, "read me\n");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Read-only"), std::string::npos) << Describe(r);
+  r = Sh(id, "mount -o remount,rw /mnt/ro; echo x > /mnt/ro/n.txt || echo refused");
+  EXPECT_NE(r.out.find("refused"), std::string::npos) << Describe(r);
+  EXPECT_FALSE(fs::exists(host_ + "/ro/n.txt"));
+  EXPECT_EQ(ReadFile(host_ + "/ro/r.txt"), "read me\n");
+
+  // overlay: the guest writes freely; the host tree never changes.
+  r = Sh(id, "echo mine > /mnt/ov/o.txt && echo more > /mnt/ov/p.txt && cat /mnt/ov/o.txt");
+  EXPECT_EQ(r.out, "mine\n") << Describe(r);
+  EXPECT_EQ(ReadFile(host_ + "/ov/o.txt"), "original\n");
+  EXPECT_FALSE(fs::exists(host_ + "/ov/p.txt"));
+
+  // A single file: its content and mode, writes both ways, no sibling.
+  r = Sh(id,
+         "stat -c '%a' /etc/single.txt; cat /etc/single.txt; echo guest-edit >> /etc/single.txt");
+  EXPECT_EQ(r.out, "600\none file\n") << Describe(r);
+  EXPECT_EQ(ReadFile(host_ + "/single.txt"), "one file\nguest-edit\n");
+  // What the guest can reach through that share is what its virtiofsd sees
+  // as "/" after pivoting into it: the one file, no sibling.
+  EXPECT_EQ(ShareRootEntries(home_ + "/sandboxes/" + id + "/share3"),
+            std::vector<std::string>{"single.txt"});
+
+  // inspect shows the shares; they come back after stop/start, the overlay
+  // layer with them (it is discarded with the sandbox, not with the VM).
+  auto doc = Inspect(id);
+  ASSERT_FALSE(doc.is_null());
+  ASSERT_TRUE(doc.contains("shares")) << doc.dump();
+  EXPECT_EQ(doc["shares"].size(), 5u) << doc.dump();
+  EXPECT_EQ(doc["shares"][1].value("mode", ""), "ro") << doc.dump();
+  EXPECT_EQ(doc["shares"][4].value("source", ""), host_ + "/rel") << doc.dump();
+  ASSERT_EQ(RunCella({"stop", id}).exit_code, 0);
+  ASSERT_EQ(RunCella({"start", id}, "", std::chrono::seconds(300)).exit_code, 0);
+  r = Sh(id, "cat /mnt/rw/b.txt /mnt/ov/o.txt /mnt/ro/r.txt /etc/single.txt");
+  EXPECT_EQ(r.out, "from-guest\nmine\nread me\none file\nguest-edit\n") << Describe(r);
+  ASSERT_EQ(RunCella({"rm", "-f", id}).exit_code, 0);
+  EXPECT_EQ(ReadFile(host_ + "/ov/o.txt"), "original\n");
+}
+
+TEST_F(ShareTest, HostileGuestStaysInsideTheShare) {
+  std::string share = host_ + "/share";
+  fs::create_directories(share);
+  WriteFile(host_ + "/secret", "host secret\n", 0644);
+  // Planted on the host: links that point out of the share.
+  fs::create_symlink(host_ + "/secret", share + "/abs-link");
+  fs::create_symlink("../secret", share + "/rel-link");
+  std::string id = RunDetached({"-v", share + ":/mnt/s"});
+  ASSERT_FALSE(id.empty());
+
+  // The guest follows links in its own namespace: nothing of the host's.
+  auto r = Sh(id, "cat /mnt/s/abs-link /mnt/s/rel-link /mnt/s/../secret /mnt/s/../../secret 2>&1");
+  EXPECT_EQ(r.out.find("host secret"), std::string::npos) << Describe(r);
+  // Links the guest makes point into the guest too.
+  r = Sh(id,
+         "ln -s ../secret /mnt/s/g-link; ln -s /etc/shadow /mnt/s/g-shadow; "
+         "cat /mnt/s/g-link 2>&1; head -c 5 /mnt/s/g-shadow; echo");
+  EXPECT_EQ(r.out.find("host secret"), std::string::npos) << Describe(r);
+  // A hardlink to a file outside the share cannot be made.
+  r = Sh(id, "ln /etc/hostname /mnt/s/hard 2>&1 && echo linked");
+  EXPECT_EQ(r.out.find("linked"), std::string::npos) << Describe(r);
+  EXPECT_FALSE(fs::exists(share + "/hard"));
+
+  // Device nodes and setuid/setgid bits never reach the host.
+  r = Sh(id,
+         "mknod /mnt/s/mem c 1 1; mknod /mnt/s/disk b 8 0; touch /mnt/s/su /mnt/s/sg; "
+         "chmod 4755 /mnt/s/su; chmod 2755 /mnt/s/sg; chmod u+s /mnt/s/sg; "
+         "cp /bin/busybox /mnt/s/bb && chmod 6755 /mnt/s/bb; true");
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  for (const char* node : {"mem", "disk"}) {
+    struct stat st {};
+    if (::lstat((share + "/" + node).c_str(), &st) == 0) {
+      EXPECT_FALSE(S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) << node;
+    }
+  }
+  for (const char* file : {"su", "sg", "bb"}) {
+    struct stat st {};
+    ASSERT_EQ(::stat((share + "/" + file).c_str(), &st), 0) << file;
+    EXPECT_EQ(st.st_mode & (S_ISUID | S_ISGID), 0u) << file;
+  }
+  // The host secret and the rest of the host tree are untouched.
+  EXPECT_EQ(ReadFile(host_ + "/secret"), "host secret\n");
+  std::vector<std::string> outside;
+  for (const auto& e : fs::directory_iterator(host_)) outside.push_back(e.path().filename());
+  std::sort(outside.begin(), outside.end());
+  EXPECT_EQ(outside, (std::vector<std::string>{"secret", "share"}));
+
+  // A share whose daemon dies would leave the guest's file calls hanging:
+  // the sandbox fails, saying why.
+  int supervisor = Inspect(id).value("supervisor_pid", 0);
+  int daemon = ChildServing(supervisor, home_ + "/sandboxes/" + id + "/share0");
+  ASSERT_GT(daemon, 0);
+  ASSERT_EQ(::kill(daemon, SIGKILL), 0);
+  ASSERT_TRUE(WaitForState(id, "failed", std::chrono::seconds(60)));
+  EXPECT_NE(Inspect(id).value("reason", "").find("virtiofsd"), std::string::npos)
+      << Inspect(id).dump();
+}
+
+TEST_F(ShareTest, MissingHostPathIsRefusedBeforeBoot) {
+  auto r = RunCella({"run", "-v", host_ + "/nope:/data", "--", "true"});
+  EXPECT_EQ(r.exit_code, 125) << Describe(r);
+  EXPECT_NE(r.err.find(host_ + "/nope does not exist"), std::string::npos) << Describe(r);
+  auto rel = RunCella({"run", "-v", "./surely-missing-dir:/data:ro", "--", "true"});
+  EXPECT_EQ(rel.exit_code, 125) << Describe(rel);
+  EXPECT_NE(rel.err.find("surely-missing-dir does not exist"), std::string::npos) << Describe(rel);
+  // Nothing was recorded.
+  auto ps = RunCella({"ps", "-a", "-q"});
+  EXPECT_EQ(ps.out, "") << Describe(ps);
+}
+
+}  // namespace
+}  // namespace cella::test

@@ -1,0 +1,216 @@
+// Host shares without a VM: -v parsing (host path or named volume, relative
+// paths, files, missing paths), the spec and config.json round trips, the
+// QEMU devices and shared memory, and virtiofsd's argv. The daemon itself is
+// exercised end to end in tests/e2e/share_test.cc.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "cli/run_options.h"
+#include "host/rpc/params.h"
+#include "host/sandbox/compose.h"
+#include "host/sandbox/share.h"
+#include "host/sandbox/spec.h"
+#include "host/vmm/qemu_argv.h"
+#include "protocol/config.h"
+#include "support/temp_dir.h"
+
+namespace cella {
+namespace {
+
+using protocol::MountMode;
+
+bool Contains(const std::vector<std::string>& v, const std::string& item) {
+  return std::find(v.begin(), v.end(), item) != v.end();
+}
+
+TEST(MountFlag, HostPathsNamedVolumesAndModes) {
+  testing::TempDir dir;
+  std::filesystem::create_directories(dir / "src/sub");
+  std::ofstream(dir / "file.txt") << "x";
+  std::filesystem::create_symlink(dir / "src", dir / "link");
+
+  auto abs = cli::ParseMountFlag(dir / "src:/work", "/");
+  ASSERT_TRUE(abs) << abs.error().message;
+  EXPECT_TRUE(abs->is_host);
+  EXPECT_FALSE(abs->is_file);
+  EXPECT_EQ(abs->host_path, dir / "src");
+  EXPECT_EQ(abs->guest_path, "/work");
+  EXPECT_EQ(abs->mode, MountMode::kReadWrite);
+
+  // Relative to the caller's directory, as docker; symlinks resolved.
+  auto rel = cli::ParseMountFlag("./src/sub:/w:ro", dir.path());
+  ASSERT_TRUE(rel) << rel.error().message;
+  EXPECT_EQ(rel->host_path, dir / "src/sub");
+  EXPECT_EQ(rel->mode, MountMode::kReadOnly);
+  auto dotdot = cli::ParseMountFlag(
+      "../../" + std::filesystem::path(dir.path()).filename().string() + "/link:/w/:overlay",
+      dir / "src");
+  ASSERT_TRUE(dotdot) << dotdot.error().message;
+  EXPECT_EQ(dotdot->host_path, dir / "src");
+  EXPECT_EQ(dotdot->guest_path, "/w");
+  EXPECT_EQ(dotdot->mode, MountMode::kOverlay);
+  auto dot = cli::ParseMountFlag(".:/w", dir.path());
+  ASSERT_TRUE(dot) << dot.error().message;
+  EXPECT_EQ(dot->host_path, dir.path());
+
+  auto file = cli::ParseMountFlag(dir / "file.txt:/etc/app.conf:ro", "/");
+  ASSERT_TRUE(file) << file.error().message;
+  EXPECT_TRUE(file->is_file);
+
+  // No slash: a named volume, as before.
+  auto named = cli::ParseMountFlag("data:/data:overlay", dir.path());
+  ASSERT_TRUE(named) << named.error().message;
+  EXPECT_FALSE(named->is_host);
+  EXPECT_EQ(named->name, "data");
+  EXPECT_EQ(named->mode, MountMode::kOverlay);
+}
+
+TEST(MountFlag, MistakesAreNamedBeforeAnythingBoots) {
+  testing::TempDir dir;
+  auto missing = cli::ParseMountFlag("./nope:/w", dir.path());
+  ASSERT_FALSE(missing);
+  EXPECT_NE(missing.error().message.find(dir / "nope does not exist"), std::string::npos)
+      << missing.error().message;
+  EXPECT_FALSE(cli::ParseMountFlag(dir.path() + ":relative", "/"));
+  EXPECT_FALSE(cli::ParseMountFlag(dir.path() + ":/", "/"));
+  EXPECT_FALSE(cli::ParseMountFlag(dir.path() + ":/w/../x", "/"));
+  auto mode = cli::ParseMountFlag(dir.path() + ":/w:rx", "/");
+  ASSERT_FALSE(mode);
+  EXPECT_NE(mode.error().message.find("unknown mode"), std::string::npos);
+  EXPECT_FALSE(cli::ParseMountFlag(dir.path(), "/"));
+  auto device = cli::ParseMountFlag("/dev/null:/n", "/");
+  ASSERT_FALSE(device);
+  EXPECT_NE(device.error().message.find("neither a directory nor a regular file"),
+            std::string::npos);
+}
+
+TEST(HostShares, SpecAndConfigRoundTrip) {
+  sandbox::SandboxSpec spec;
+  spec.shares.push_back({"/home/u/src", "/work", MountMode::kOverlay, false});
+  spec.shares.push_back({"/home/u/app.conf", "/etc/app.conf", MountMode::kReadOnly, true});
+  auto back = sandbox::DecodeSpec(sandbox::EncodeSpec(spec));
+  ASSERT_TRUE(back) << back.error().message;
+  ASSERT_EQ(back->shares.size(), 2u);
+  EXPECT_EQ(back->shares[0].host_path, "/home/u/src");
+  EXPECT_EQ(back->shares[0].mode, MountMode::kOverlay);
+  EXPECT_TRUE(back->shares[1].is_file);
+
+  // Both halves from one call: device tags and config.json entries agree.
+  protocol::Config guest;
+  vmm::VMConfig vm;
+  ASSERT_TRUE(
+      sandbox::AttachShares({{"/s/fs0.sock", "/work", MountMode::kReadWrite, ""},
+                             {"/s/fs1.sock", "/etc/app.conf", MountMode::kReadOnly, "app.conf"}},
+                            guest, vm));
+  ASSERT_EQ(vm.Shares.size(), 2u);
+  ASSERT_EQ(guest.host_shares.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) EXPECT_EQ(vm.Shares[i].Tag, guest.host_shares[i].tag);
+  EXPECT_EQ(guest.host_shares[1].file, "app.conf");
+  auto parsed = protocol::ParseConfig(protocol::SerializeConfig(guest));
+  ASSERT_TRUE(parsed) << parsed.error().message;
+  EXPECT_EQ(parsed->host_shares, guest.host_shares);
+
+  // The guest is told nothing it could misuse as a mount source or path.
+  protocol::Config bad = guest;
+  bad.host_shares[0].tag = "a,b";
+  EXPECT_FALSE(protocol::ValidateConfig(bad));
+  bad = guest;
+  bad.host_shares[1].file = "../x";
+  EXPECT_FALSE(protocol::ValidateConfig(bad));
+  bad = guest;
+  bad.host_shares[1].path = "/work";  // two mounts on one path
+  EXPECT_FALSE(protocol::ValidateConfig(bad));
+}
+
+TEST(HostShares, QemuSharesGuestMemoryOnlyWithShares) {
+  vmm::VMConfig c;
+  c.KernelPath = "/k/vmlinuz";
+  c.InitramfsPath = "/k/initrd";
+  c.RootfsPath = "/r.erofs";
+  c.MemoryMB = 256;
+  c.StateDir = "/s";
+  vmm::QemuLaunch l;
+  l.agent_socket = "/s/a.sock";
+  l.qmp_socket = "/s/q.sock";
+  l.console_log = "/s/c.log";
+  auto plain = vmm::BuildQemuArgv(c, l);
+  ASSERT_TRUE(plain) << plain.error().message;
+  EXPECT_TRUE(Contains(*plain, "microvm"));
+  EXPECT_FALSE(Contains(*plain, "-object"));
+
+  int transports = vmm::CountVirtioTransports(c);
+  c.Shares.push_back({"/s/fs0.sock", "cella-share0"});
+  EXPECT_EQ(vmm::CountVirtioTransports(c), transports + 1);
+  auto shared = vmm::BuildQemuArgv(c, l);
+  ASSERT_TRUE(shared) << shared.error().message;
+  EXPECT_TRUE(Contains(*shared, "memory-backend-memfd,id=mem,share=on,size=256M"));
+  EXPECT_TRUE(Contains(*shared, "microvm,memory-backend=mem"));
+  EXPECT_TRUE(Contains(*shared, "socket,id=fs0,path=/s/fs0.sock"));
+  EXPECT_TRUE(Contains(*shared, "vhost-user-fs-device,chardev=fs0,tag=cella-share0"));
+
+  c.Shares[0].SocketPath = "relative.sock";
+  EXPECT_FALSE(vmm::BuildQemuArgv(c, l));
+}
+
+TEST(HostShares, VirtiofsdIsConfinedAndBounded) {
+  sandbox::ShareDaemonOptions o;
+  o.stage_dir = "/s/share0";
+  o.socket_path = "/s/fs0.sock";
+  auto argv = sandbox::VirtiofsdArgv(o);
+  EXPECT_EQ(argv[0], sandbox::kDefaultVirtiofsd);
+  EXPECT_TRUE(Contains(argv, "source=/s/share0"));
+  EXPECT_TRUE(Contains(argv, "--socket-path=/s/fs0.sock"));
+  EXPECT_TRUE(Contains(argv, "sandbox=namespace"));
+  EXPECT_TRUE(Contains(argv, "modcaps=-mknod:-setfcap"));
+  EXPECT_TRUE(Contains(argv, "no_xattr"));
+  EXPECT_TRUE(Contains(argv, "cache=auto"));
+  EXPECT_TRUE(Contains(argv, "--rlimit-nofile=" + std::to_string(sandbox::kShareMaxFds)));
+}
+
+TEST(HostShares, MatchlockVfsBecomesShares) {
+  auto parsed = rpc::ParseCreateParams(nlohmann::json::parse(R"({
+    "image": "alpine",
+    "vfs": {
+      "workspace": "/workspace",
+      "mounts": {
+        "/workspace": {"type": "host_fs", "host_path": "/home/u/proj"},
+        "/workspace/ref": {"type": "host_fs", "host_path": "/home/u/ref", "readonly": true},
+        "/workspace/scratch": {"type": "overlay", "lower": {"type": "host_fs", "host_path": "/d"},
+                               "upper": {"type": "memory"}}
+      },
+      "direct_mounts": {"/etc/app.toml": {"host_path": "/home/u/app.toml", "readonly": true}}
+    }})"));
+  ASSERT_TRUE(parsed) << parsed.error().message;
+  std::vector<std::string> got;
+  for (const auto& s : parsed->shares)
+    got.push_back(s.host_path + ":" + s.guest_path + ":" + s.mode);
+  std::sort(got.begin(), got.end());
+  EXPECT_EQ(got, (std::vector<std::string>{
+                     "/d:/workspace/scratch:overlay", "/home/u/app.toml:/etc/app.toml:ro",
+                     "/home/u/proj:/workspace:rw", "/home/u/ref:/workspace/ref:ro"}));
+
+  auto refused = [](const char* vfs) {
+    auto r = rpc::ParseCreateParams(
+        nlohmann::json::parse(std::string(R"({"image":"alpine","vfs":)") + vfs + "}"));
+    return r ? std::string() : r.error().message;
+  };
+  EXPECT_NE(refused(R"({"workspace":"/w","mounts":{"/w":{"type":"memory"}}})").find("memory"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"workspace":"/w","mounts":{"/x":{"type":"host_fs","host_path":"/h"}}})")
+                .find("under vfs.workspace"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"mounts":{"/x":{"type":"host_fs","host_path":"/h"}}})").find("workspace"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"direct_mounts":{"/x":{"host_path":"/a:b"}}})").find("':'"),
+            std::string::npos);
+  EXPECT_NE(refused(R"({"interception":{"rules":[1]}})").find("vfs.interception"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace cella

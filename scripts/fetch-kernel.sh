@@ -6,7 +6,7 @@
 # Idempotent: exits at once when the manifest names an existing kernel.
 #
 # Home: $CELLA_HOME, else /var/lib/cella as root, else
-# ${XDG_DATA_HOME:-~/.local/share}/cella (same rule as src/host/vmm/paths.h).
+# ${XDG_DATA_HOME:-~/.local/share}/cella (same rule as src/host/os/paths.h).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -5,6 +5,8 @@ ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 FUZZ_SECONDS ?= 20
+# Fuzzers running at once (each may use 2 GiB): not nproc on a big machine.
+FUZZ_JOBS ?= 2
 
 .PHONY: deps build install demo test unit-test asan-test fuzz-test e2e-test format lint clean
 
@@ -49,7 +51,7 @@ fuzz-test: deps
 	@CC=clang-16 CXX=clang++-16 cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCELLA_WERROR=ON -DCELLA_FUZZ=ON \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzzers
-	@scripts/run-fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(JOBS)
+	@scripts/run-fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_JOBS)
 
 format:
 	@git ls-files '*.cc' '*.h' | xargs clang-format -i

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs every libFuzzer target in BUILD/tests/fuzz for SECONDS each, JOBS at a
 # time, starting from the committed seed corpus (copied, so CI never writes
-# into the tree). Any crash, leak or time-out fails the run with its log.
+# into the tree). Any crash, leak or time-out fails the run with its log;
+# the input that caused it is kept in BUILD/fuzz-artifacts/NAME/.
 set -euo pipefail
 build=${1:?build dir}
 seconds=${2:-20}
 jobs=${3:-1}
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# An interrupted run takes its fuzzers with it.
+trap 'jobs -p | xargs -r kill 2>/dev/null; rm -rf "$work"' EXIT
 shopt -s nullglob
 
 run_one() {
@@ -21,7 +23,9 @@ run_one() {
     echo "fuzz: $name ran ${seconds}s: $(grep -E '^Done|#[0-9]+.*DONE' "$work/$name.log" | tail -n 1)"
   else
     tail -n 40 "$work/$name.log"
-    echo "fuzz: $name FAILED"
+    mkdir -p "$build/fuzz-artifacts/$name"
+    cp -r "$work/$name.artifacts/." "$build/fuzz-artifacts/$name/" 2>/dev/null || true
+    echo "fuzz: $name FAILED (inputs kept in $build/fuzz-artifacts/$name/)"
     return 1
   fi
 }

@@ -101,13 +101,18 @@ with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=51
                     "md5sum sub/deeper/b.bin | cut -c1-32")
         want_md5 = hashlib.md5(bytes(range(256)) * 300).hexdigest()
         check(r.ok and r.stdout_text == f"640\na.txt\nempty\n{want_md5}\n", f"uploaded tree: {r}")
-        sb.exec("chmod 4755 /srv/tree/sub/deeper/b.bin")
+        sb.exec("chmod 4755 /srv/tree/sub/deeper/b.bin && ln -s deeper/b.bin /srv/tree/sub/alias")
         back = os.path.join(tmp, "back")
         check(sb.download("/srv/tree/sub", back) == 1, "download count")
         with open(os.path.join(back, "deeper", "b.bin"), "rb") as f:
             check(f.read() == bytes(range(256)) * 300, "downloaded content")
         mode = os.stat(os.path.join(back, "deeper", "b.bin")).st_mode & 0o7777
         check(mode == 0o755, f"downloaded mode {oct(mode)} (setuid must be dropped)")
+        check(os.readlink(os.path.join(back, "alias")) == "deeper/b.bin", "downloaded symlink")
+        follow = sb.logs(follow=True)
+        check(isinstance(next(follow), bytes), "logs(follow=True)")
+        follow.close()  # cancels the stream; the connection keeps serving
+        check(sb.exec("true").ok, "exec after closing a followed log")
     # The console log, and a published port reaching a guest server.
     check(isinstance(sb.logs(), bytes), "logs")
     server = sb.process(

@@ -150,6 +150,41 @@ TEST_F(UploadJournalTest, AnInterruptedUploadIsCleanedFromItsJournal) {
   EXPECT_EQ(root.Entries(), 0u);
 }
 
+// Uploads through a symlinked directory (a merged-/usr image's /bin) are
+// listed by their real directory: the boot-time walk follows no symlink.
+TEST_F(UploadJournalTest, ListsTheRealDirectoryOfATempBehindASymlink) {
+  std::string journal = InstallJournal();
+  TempDir dest("cella-dest");
+  fs::create_directory(dest / "real");
+  fs::create_directory_symlink(dest / "real", dest / "link");
+  auto writer = AtomicFileWriter::Create(dest / "link/tool", 0755, std::nullopt, std::nullopt,
+                                         AtomicFileWriter::CreateParents::kNo);
+  ASSERT_TRUE(writer) << writer.error().message;
+  std::string listed = Slurp(journal);
+  std::string real = fs::canonical(dest / "real").string() + "/.tool.cella-";
+  EXPECT_EQ(listed.rfind(real, 0), 0u) << listed;
+  EXPECT_TRUE(fs::exists(listed.substr(0, listed.find('\n')))) << listed;
+}
+
+// A long upload keeps the journal from emptying; finished ones are dropped
+// from it once it passes its compaction size, so it stays small.
+TEST_F(UploadJournalTest, StaysSmallWhileOneUploadNeverEnds) {
+  std::string journal = InstallJournal();
+  TempDir dest("cella-dest");
+  auto long_one = AtomicFileWriter::Create(dest / "long", 0644, std::nullopt, std::nullopt,
+                                           AtomicFileWriter::CreateParents::kNo);
+  ASSERT_TRUE(long_one) << long_one.error().message;
+  for (int i = 0; i < 2000; ++i) {
+    auto w = AtomicFileWriter::Create(dest / ("f" + std::to_string(i)), 0644, std::nullopt,
+                                      std::nullopt, AtomicFileWriter::CreateParents::kNo);
+    ASSERT_TRUE(w) << w.error().message;
+    ASSERT_TRUE(w->Commit());
+  }
+  std::string listed = Slurp(journal);
+  EXPECT_LE(listed.size(), UploadJournal::kCompactBytes + 4096);
+  EXPECT_NE(listed.find(".long.cella-"), std::string::npos) << "the live upload was dropped";
+}
+
 TEST_F(UploadJournalTest, WithoutAJournalUploadsStillWork) {
   TempDir dest("cella-dest");
   auto writer = AtomicFileWriter::Create(dest / "f", 0600, std::nullopt, std::nullopt,

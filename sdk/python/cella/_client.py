@@ -10,11 +10,11 @@ import json
 import os
 import posixpath
 import queue
+import re
 import shlex
-import socket
+import tempfile
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -28,6 +28,9 @@ VM_FAILED = -32000
 EXEC_FAILED = -32001
 FILE_FAILED = -32002
 CANCELLED = -32003
+
+# list_files reports Go's os.FileMode (as matchlock does).
+_GO_MODE_SYMLINK = 1 << 27
 
 
 class CellaError(Exception):
@@ -80,6 +83,7 @@ class FileInfo:
     size: int
     mode: int
     is_dir: bool
+    is_symlink: bool = False
 
 
 def _command_line(cmd: str | Sequence[str]) -> str:
@@ -291,24 +295,29 @@ class PortForward:
 
     def __init__(self, binary: str, sandbox_id: str, host_ip: str, host_port: int,
                  guest_port: int, timeout: float) -> None:
-        self.host_ip, self.host_port, self.guest_port = host_ip, host_port, guest_port
+        self.host_ip, self.guest_port = host_ip, guest_port
+        # The child's own line says it listens, and on which port (host_port 0
+        # picks a free one); its log goes to a file nobody has to drain.
+        self._errors = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [binary, "port-forward", sandbox_id, f"{host_ip}:{host_port}:{guest_port}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._errors,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise CellaError(f"port_forward {host_port}:{guest_port}: {err.strip()}")
-            try:
-                with socket.create_connection((host_ip, host_port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise TimeoutError(f"port_forward {host_port}:{guest_port}: not listening")
-                time.sleep(0.05)
+        assert self._proc.stdout is not None
+        ready: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=lambda: ready.put(self._proc.stdout.readline()), daemon=True).start()
+        try:
+            line = ready.get(timeout=timeout).decode(errors="replace")
+        except queue.Empty:
+            self.close()
+            raise TimeoutError(f"port_forward {host_port}:{guest_port}: not listening after {timeout} s")
+        match = re.match(r"Forwarding \S+:(\d+) ->", line)
+        if not match:
+            self.close()
+            self._errors.seek(0)
+            err = self._errors.read().decode(errors="replace").strip()
+            raise CellaError(f"port_forward {host_port}:{guest_port}: {err or line.strip() or 'exited'}")
+        self.host_port = int(match.group(1))
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -318,8 +327,9 @@ class PortForward:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        if self._proc.stderr:
-            self._proc.stderr.close()
+        if self._proc.stdout:
+            self._proc.stdout.close()
+        self._errors.close()
 
     def __enter__(self) -> "PortForward":
         return self
@@ -379,7 +389,8 @@ class Files:
     def list(self, path: str, timeout: float | None = None) -> list[FileInfo]:
         result = self._conn.call("list_files", {"path": path}, timeout)
         return [
-            FileInfo(name=f["name"], size=int(f["size"]), mode=int(f["mode"]) & 0o7777, is_dir=bool(f["is_dir"]))
+            FileInfo(name=f["name"], size=int(f["size"]), mode=int(f["mode"]) & 0o7777,
+                     is_dir=bool(f["is_dir"]), is_symlink=bool(int(f["mode"]) & _GO_MODE_SYMLINK))
             for f in result.get("files", [])
         ]
 
@@ -464,6 +475,7 @@ class Sandbox:
         self.id = sandbox_id
         self.files = Files(conn)
         self.allow_hosts = AllowHosts(conn)
+        self._forwards: list[PortForward] = []
         self._closed = False
 
     @classmethod
@@ -568,7 +580,7 @@ class Sandbox:
         `remote_path` (created, parents too), keeping permission bits (not
         setuid/setgid). Symlinks are recreated as symlinks. Returns the
         number of files written."""
-        if os.path.isfile(local_path) and not os.path.islink(local_path):
+        if os.path.isfile(local_path):  # a top-level link is followed, as `cp` does
             self._upload_file(local_path, remote_path, timeout)
             return 1
         if not os.path.isdir(local_path):
@@ -576,7 +588,10 @@ class Sandbox:
         written = 0
         empty_dirs: list[str] = []
         links: list[tuple[str, str]] = []
-        for root, dirs, files in os.walk(local_path):
+        def unreadable(error: OSError) -> None:
+            raise CellaError(f"upload: {error}")
+
+        for root, dirs, files in os.walk(local_path, onerror=unreadable):
             rel = os.path.relpath(root, local_path)
             target = remote_path if rel == "." else posixpath.join(remote_path, *rel.split(os.sep))
             for name in list(dirs):
@@ -593,9 +608,11 @@ class Sandbox:
                     self._upload_file(src, posixpath.join(target, name), timeout)
                     written += 1
         for d in empty_dirs:
-            self._must(self.exec(["mkdir", "-p", d], timeout=timeout), "mkdir " + d)
+            self._must(self.exec(["mkdir", "-p", "--", d], timeout=timeout), "mkdir " + d)
         for link_target, at in links:
-            self._must(self.exec(["ln", "-sfn", link_target, at], timeout=timeout), "symlink " + at)
+            self._must(self.exec(["mkdir", "-p", "--", posixpath.dirname(at)], timeout=timeout),
+                       "mkdir " + posixpath.dirname(at))
+            self._must(self.exec(["ln", "-sfn", "--", link_target, at], timeout=timeout), "symlink " + at)
         return written
 
     def download(self, remote_path: str, local_path: str, timeout: float | None = None) -> int:
@@ -610,18 +627,25 @@ class Sandbox:
         pending = [(remote_path, local_path)]
         while pending:
             remote_dir, local_dir = pending.pop()
-            os.makedirs(local_dir, exist_ok=True)
+            if not os.path.isdir(local_dir):
+                os.makedirs(local_dir, mode=0o755)  # existing directories keep their modes
             for entry in self.files.list(remote_dir, timeout):
-                if entry.name in (".", "..") or "/" in entry.name:
+                if entry.name in (".", "..") or "/" in entry.name or "\0" in entry.name:
                     continue  # the guest names its entries; only plain names are taken
                 remote = posixpath.join(remote_dir, entry.name)
                 local = os.path.join(local_dir, entry.name)
-                if entry.is_dir:
+                if entry.is_symlink:
+                    # Recreated as a link (as `cella cp` does), never followed.
+                    target = self.exec(["readlink", "--", remote], timeout=timeout)
+                    self._must(target, "readlink " + remote)
+                    if os.path.lexists(local):
+                        os.unlink(local)
+                    os.symlink(target.stdout_text.rstrip("\n"), local)
+                elif entry.is_dir:
                     pending.append((remote, local))
                 else:
                     self._download_file(remote, entry, local, timeout)
                     written += 1
-            os.chmod(local_dir, 0o755)
         return written
 
     def logs(self, *, follow: bool = False, timeout: float | None = None) -> bytes | Iterator[bytes]:
@@ -631,14 +655,27 @@ class Sandbox:
         if not follow:
             return base64.b64decode(self._conn.call("log", {}, timeout).get("content", ""))
         rid, pending = self._conn.start("log_stream", {}, streaming=True)
-        stream = ExecStream(self._conn, rid, pending, timeout)
-        return (data for _, data in stream)
+        return self._follow(rid, pending)
+
+    def _follow(self, rid: int, pending: _Pending) -> Iterator[bytes]:
+        assert pending.notifications is not None
+        try:
+            while True:
+                item = pending.notifications.get()
+                if item is None:
+                    return
+                yield item[1]
+        finally:
+            if not pending.done.is_set():
+                self._conn.cancel(rid)  # the caller stopped reading: end the stream
 
     def port_forward(self, host_port: int, guest_port: int, *, host_ip: str = "127.0.0.1",
                      timeout: float = 30) -> "PortForward":
         """Forwards host_ip:host_port to the guest's 127.0.0.1:guest_port
         until `close()` (a `with` block) or this sandbox closes."""
-        return PortForward(self._conn.binary, self.id, host_ip, host_port, guest_port, timeout)
+        forward = PortForward(self._conn.binary, self.id, host_ip, host_port, guest_port, timeout)
+        self._forwards.append(forward)
+        return forward
 
     def _upload_file(self, src: str, dest: str, timeout: float | None) -> None:
         with open(src, "rb") as f:
@@ -662,6 +699,8 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
+        for forward in self._forwards:
+            forward.close()
         try:
             self._conn.call("close", {"timeout_seconds": 2}, timeout + 30)
         except (CellaError, TimeoutError):

@@ -5,7 +5,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
+#include <climits>
+#include <cstdlib>
 #include <mutex>
+#include <set>
 #include <vector>
 
 #include "base/io.h"
@@ -18,8 +22,9 @@ constexpr size_t kSuffixDigits = 16;
 struct JournalState {
   std::mutex mutex;
   UniqueFd fd;
-  dev_t device = 0;
   int in_flight = 0;
+  size_t bytes = 0;                 // written since the journal was last emptied
+  std::multiset<std::string> live;  // lines of the uploads in flight
 };
 
 JournalState& State() {
@@ -76,16 +81,8 @@ bool IsUploadTempName(std::string_view name) {
 void UploadJournal::Install(UniqueFd fd) {
   JournalState& state = State();
   std::lock_guard lock(state.mutex);
-  if (!fd) {
-    state.fd.Reset();
-    return;
-  }
-  struct stat st {};
-  // Without its device the journal cannot order itself against temps on
-  // other disks; run without it rather than with a weaker promise.
-  if (::fstat(fd.Get(), &st) != 0) return;
   state.fd = std::move(fd);
-  state.device = st.st_dev;
+  state.bytes = 0;
 }
 
 UploadJournal::Entry::Entry() {
@@ -94,7 +91,8 @@ UploadJournal::Entry::Entry() {
   ++state.in_flight;
 }
 
-UploadJournal::Entry::Entry(Entry&& other) noexcept : active_(other.active_) {
+UploadJournal::Entry::Entry(Entry&& other) noexcept
+    : active_(other.active_), recorded_(std::move(other.recorded_)) {
   other.active_ = false;
 }
 
@@ -102,29 +100,50 @@ UploadJournal::Entry::~Entry() {
   if (!active_) return;
   JournalState& state = State();
   std::lock_guard lock(state.mutex);
-  if (--state.in_flight == 0 && state.fd) {
-    // Nothing in flight: every listed temp is renamed or removed by now. A
-    // failed truncate only leaves stale lines, which the next boot ignores
-    // (their paths no longer name temps, or name ones that are also stale).
-    (void)::ftruncate(state.fd.Get(), 0);
+  for (const std::string& line : recorded_) {
+    if (auto it = state.live.find(line); it != state.live.end()) state.live.erase(it);
+  }
+  --state.in_flight;
+  if (!state.fd) return;
+  // Failures below only leave stale lines, which the next boot ignores
+  // (their paths no longer name temps, or name ones that are stale too).
+  if (state.in_flight == 0) {
+    if (::ftruncate(state.fd.Get(), 0) == 0) state.bytes = 0;
+  } else if (state.bytes > kCompactBytes) {
+    // Long-running uploads keep the journal from emptying: keep only theirs.
+    std::string lines;
+    for (const std::string& line : state.live) lines += line;
+    if (::ftruncate(state.fd.Get(), 0) == 0 && WriteAll(state.fd.Get(), lines) &&
+        ::fdatasync(state.fd.Get()) == 0)
+      state.bytes = lines.size();
   }
 }
 
 Status UploadJournal::Entry::Record(const std::string& temp_path) {
+  if (temp_path.find('\n') != std::string::npos || !temp_path.starts_with('/'))
+    return Fail("upload journal: temp path " + temp_path + " is not one line");
   JournalState& state = State();
   std::lock_guard lock(state.mutex);
   if (!state.fd) return {};
-  CELLA_TRY_CTX(WriteAll(state.fd.Get(), temp_path + "\n"), "upload journal");
-  struct stat dir {};
+  // The directory as the init will walk it: no symlink on the way (a
+  // merged-/usr image's /bin, a /var/run link) or it could not be cleaned.
   std::string parent(ParentOf(temp_path));
-  if (::stat(parent.c_str(), &dir) != 0) return FailErrno("stat " + parent);
-  if (dir.st_dev != state.device && ::fdatasync(state.fd.Get()) != 0)
-    return FailErrno("upload journal: fdatasync");
+  char resolved[PATH_MAX];
+  if (::realpath(parent.c_str(), resolved) == nullptr) return FailErrno("realpath " + parent);
+  std::string dir = resolved;
+  std::string line = (dir == "/" ? "" : dir) + temp_path.substr(temp_path.rfind('/')) + "\n";
+  if (line.find('\n') != line.size() - 1) return Fail("upload journal: " + dir + " has a newline");
+  CELLA_TRY_CTX(WriteAll(state.fd.Get(), line), "upload journal");
+  if (::fdatasync(state.fd.Get()) != 0) return FailErrno("upload journal: fdatasync");
+  state.bytes += line.size();
+  state.live.insert(line);
+  recorded_.push_back(std::move(line));
   return {};
 }
 
 Result<size_t> RemoveJournaledTemps(int root_fd, std::string_view journal) {
   size_t removed = 0;
+  std::string failures;  // every entry is tried; the failures are reported at the end
   size_t pos = 0;
   while (pos < journal.size()) {
     size_t end = journal.find('\n', pos);
@@ -138,16 +157,18 @@ Result<size_t> RemoveJournaledTemps(int root_fd, std::string_view journal) {
     if (!dir) continue;  // gone, or not a plain directory path: nothing of ours
     struct stat st {};
     if (::fstatat(dir->Get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
-      if (errno == ENOENT) continue;
-      return FailErrno("stat " + std::string(path));
+      if (errno != ENOENT) failures += "; stat " + std::string(path) + ": " + std::strerror(errno);
+      continue;
     }
     if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) continue;
     if (::unlinkat(dir->Get(), name.c_str(), 0) != 0) {
-      if (errno == ENOENT) continue;
-      return FailErrno("remove " + std::string(path));
+      if (errno != ENOENT) failures += "; remove " + std::string(path) + ": " + std::strerror(errno);
+      continue;
     }
     ++removed;
   }
+  if (!failures.empty())
+    return Fail("removed " + std::to_string(removed) + " temps" + failures);
   return removed;
 }
 

@@ -6,14 +6,16 @@
 // overlay's upper/ and work/ (never visible in the sandbox's tree). The
 // init opens it before the switch of root, removes whatever temps it lists
 // (RemoveJournaledTemps), empties it, and installs it for the agent, which
-// runs in the same process (PID 1). Each temp's path is appended before the
-// temp is created; the journal is emptied whenever no upload is in flight,
-// so it stays as small as the number of concurrent uploads.
+// runs in the same process (PID 1). Each temp's path (its directory with
+// symlinks resolved, so the init can walk to it without following any) is
+// appended and synced before the temp is created. The journal is emptied
+// whenever no upload is in flight, and rewritten with only the live entries
+// once it grows past kCompactBytes, so it stays about as small as the
+// number of concurrent uploads.
 //
-// Crash ordering: the append and the temp's creation are on the same ext4
-// (data=ordered) when the temp is on the root, so the entry reaches the disk
-// no later than the temp's name does. A temp on another disk (a volume)
-// gets an fdatasync of the journal first.
+// Crash ordering: the entry is fdatasync'ed before the temp exists, so a
+// temp that survives a crash is always listed (ext4's delayed allocation
+// gives no ordering between the two files otherwise).
 //
 // Threading: the agent's loop is single-threaded; the state is guarded all
 // the same so a future second thread cannot corrupt the count.
@@ -25,6 +27,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/result.h"
 #include "base/unique_fd.h"
@@ -37,6 +40,8 @@ bool IsUploadTempName(std::string_view name);
 
 class UploadJournal {
  public:
+  static constexpr size_t kCompactBytes = 64 * 1024;
+
   // Installs the process-wide journal (fd: read-write, O_APPEND); an empty
   // fd removes it.
   static void Install(UniqueFd fd);
@@ -51,11 +56,12 @@ class UploadJournal {
     Entry(const Entry&) = delete;
     Entry& operator=(const Entry&) = delete;
 
-    // Records `temp_path` (absolute) before the caller creates it.
+    // Records `temp_path` (absolute, no newline) before the caller creates it.
     Status Record(const std::string& temp_path);
 
    private:
     bool active_ = true;
+    std::vector<std::string> recorded_;  // as written to the journal
   };
 };
 
@@ -63,7 +69,8 @@ class UploadJournal {
 // that still names an upload temp (a regular file or a symlink), never
 // following a symlink or ".." on the way to it. Other lines are ignored: the
 // journal is the guest's own and may be damaged. Returns how many were
-// removed.
+// removed; an entry that cannot be stat'ed or removed does not stop the
+// others, and all such failures are reported together afterwards.
 Result<size_t> RemoveJournaledTemps(int root_fd, std::string_view journal);
 
 }  // namespace cella::agent

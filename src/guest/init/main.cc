@@ -45,8 +45,11 @@ Status Boot() {
 
   CELLA_TRY_CTX(AssembleRoot(config, DeviceDeadline()), "root filesystem");
   CELLA_TRY_CTX(MountVolumes(config, DeviceDeadline()), "volumes");
-  if (config.init_mode == protocol::InitMode::kExec)
-    CELLA_TRY_CTX(RecoverInterruptedUploads(config), "interrupted uploads");
+  // Tidying up after a crash must never keep the sandbox from booting.
+  if (config.init_mode == protocol::InitMode::kExec) {
+    if (auto st = RecoverInterruptedUploads(config); !st)
+      Say("warning: upload journal: " + st.error().message + " (continuing without it)");
+  }
   if (config.init_mode == protocol::InitMode::kSystemd)
     CELLA_TRY_CTX(PrepareSystemd(config, KernelConsoleTtys(*cmdline)), "systemd mode");
   // The agent port must be found while /sys is where we know it is; it is

@@ -82,8 +82,12 @@ Status RecoverInterruptedUploads(const Config& config) {
   if (!text.empty()) {
     UniqueFd root(::open(kNewRoot, O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     if (!root) return FailErrno(std::string("open ") + kNewRoot);
-    size_t removed = CELLA_TRY(agent::RemoveJournaledTemps(root.Get(), text));
-    Debug("removed " + std::to_string(removed) + " temp files of interrupted uploads");
+    auto removed = agent::RemoveJournaledTemps(root.Get(), text);
+    if (removed) {
+      Debug("removed " + std::to_string(*removed) + " temp files of interrupted uploads");
+    } else {
+      Say("warning: removing temp files of interrupted uploads: " + removed.error().message);
+    }
     if (::ftruncate(journal.Get(), 0) != 0) return FailErrno("truncate " + path);
   }
   agent::UploadJournal::Install(std::move(journal));

@@ -606,8 +606,10 @@ void Server::DoListFiles(Call& call, const json& params) {
   json files = json::array();
   for (const auto& e : *entries) {
     const bool is_dir = e.type == protocol::FileType::kDir;
-    // Go's os.FileMode, which matchlock reports: the directory bit is 1<<31.
-    uint32_t mode = e.mode | (is_dir ? 0x80000000u : 0u);
+    // Go's os.FileMode, which matchlock reports: ModeDir is 1<<31,
+    // ModeSymlink 1<<27 (so a client can tell a link from its target).
+    uint32_t mode = e.mode | (is_dir ? 0x80000000u : 0u) |
+                    (e.type == protocol::FileType::kSymlink ? 0x8000000u : 0u);
     files.push_back({{"name", e.name}, {"size", e.size}, {"mode", mode}, {"is_dir", is_dir}});
   }
   Answer(call, {{"files", std::move(files)}});

@@ -23,6 +23,9 @@ Result<std::string> WriteConfigDisk(const std::string& json, const std::string& 
 // NoNetwork can only turn the network off; Env and AddHosts add to (and Env
 // overrides) `guest`'s; empty/zero values of the others leave `guest`'s. The result is validated,
 // then written to <StateDir>/config.img and recorded in vm.ConfigDiskPath.
+// So code that changes one of these fields after sandbox::Compose copied
+// them into the VMConfig changes the VMConfig's copy (the guest config's is
+// overwritten).
 Status WriteGuestConfigDisk(protocol::Config guest, VMConfig& vm);
 
 }  // namespace cella::vmm

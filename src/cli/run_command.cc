@@ -19,12 +19,12 @@
 #include "cli/image_commands.h"
 #include "cli/run_options.h"
 #include "cli/sandbox_context.h"
+#include "host/os/paths.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "host/sandbox/supervisor.h"
-#include "host/os/paths.h"
 #include "protocol/config.h"
 #include "protocol/network.h"
 
@@ -244,6 +244,12 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
 
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
   // free. Detached sandboxes keep their writable layer across stop/start.
+  for (const std::string& label : args.labels) {
+    size_t eq = label.find('=');
+    std::string key = label.substr(0, eq);
+    if (key.empty()) return Fail("--label " + label + ": want KEY=VALUE (or KEY)");
+    spec.labels[key] = eq == std::string::npos ? std::string() : label.substr(eq + 1);
+  }
   if (!args.log_max_size.empty()) {
     uint64_t cap = CELLA_TRY_CTX(sandbox::ParseByteSize(args.log_max_size), "--log-max-size");
     if (cap < sandbox::kMinLogMaxBytes)

@@ -54,6 +54,8 @@ struct RunArgs {
   std::string disk_size;             // writable layer size (--disk-size)
   std::string log_max_size;          // --log-max-size (each log file's cap)
   std::vector<std::string> labels;   // --label K[=V]
+  bool read_only = false;            // --read-only: no writable layer
+  std::vector<std::string> tmpfs;    // --tmpfs PATH[:size=N]
   // Egress: every sandbox with a network gets the sealed one; these make its
   // policy (PlanNetwork in cli/run_options.h).
   std::vector<std::string> allow_hosts;  // --allow-host (repeatable, comma lists)

@@ -182,6 +182,9 @@ int Main(int argc, char** argv) {
                       "Attach a named volume: NAME:/path[:ro|rw|overlay] (created when missing)");
   run_cmd->add_option("--disk-size", run.disk_size,
                       "Size of the writable layer (sparse; default 8g for -d, RAM otherwise)");
+  run_cmd->add_flag("--read-only", run.read_only,
+                    "Read-only root filesystem (no writable layer; /tmp and /run are tmpfs)");
+  run_cmd->add_option("--tmpfs", run.tmpfs, "Mount a tmpfs: PATH[:size=N] (noexec, nosuid)");
   run_cmd->add_option("--label", run.labels, "Label the sandbox: KEY[=VALUE] (ps --filter label=)");
   run_cmd->add_option("--log-max-size", run.log_max_size,
                       "Cap on each log file (output, console), one older file kept (default 64m)");

@@ -173,6 +173,21 @@ TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
   EXPECT_EQ(RunCella({"rm", "trap"}).exit_code, 0);
 }
 
+// --read-only: no writable layer and a read-only root; /tmp is still
+// writable, and --tmpfs mounts a sized tmpfs anywhere.
+TEST_F(DockerHabits, ReadOnlyRootKeepsTmpAndTmpfsWritable) {
+  auto r = RunCella({"run", "--read-only", "--tmpfs", "/scratch:size=1m", "@builtin", "sh", "-c",
+                     "touch /etc/x 2>/dev/null && echo root-rw || echo root-ro; "
+                     "touch /tmp/a && echo tmp; touch /scratch/b && echo scratch; "
+                     "df -k /scratch | tail -1 | awk '{print $2}'"},
+                    "", std::chrono::seconds(300));
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "root-ro\ntmp\nscratch\n1024\n") << Describe(r);
+  auto bad = RunCella({"run", "--tmpfs", "relative", "@builtin", "true"});
+  EXPECT_EQ(bad.exit_code, 125) << Describe(bad);
+  EXPECT_EQ(CountSandboxes(), 0u);
+}
+
 // A foreground run that fails after boot tears its sandbox down.
 TEST_F(DockerHabits, FailedForegroundRunLeavesNoSandboxRunning) {
   auto r = RunCella({"run", "-u", "nosuchuser", "--", "true"}, "", std::chrono::seconds(300));

@@ -53,6 +53,9 @@ struct RunArgs {
   std::vector<std::string> volumes;  // -v NAME:/path[:ro|rw|overlay]
   std::string disk_size;             // writable layer size (--disk-size)
   std::string log_max_size;          // --log-max-size (each log file's cap)
+  std::vector<std::string> labels;   // --label K[=V]
+  bool read_only = false;            // --read-only: no writable layer
+  std::vector<std::string> tmpfs;    // --tmpfs PATH[:size=N]
   // Egress: every sandbox with a network gets the sealed one; these make its
   // policy (PlanNetwork in cli/run_options.h).
   std::vector<std::string> allow_hosts;  // --allow-host (repeatable, comma lists)
@@ -74,6 +77,7 @@ struct ExecArgs {
   std::vector<std::string> command;
   bool interactive = false;
   bool tty = false;
+  bool detach = false;  // -d: start it and return; its output is discarded
   std::vector<std::string> env_items;
   std::string workdir;
   std::string user;
@@ -91,11 +95,21 @@ enum class ListFormat { kText, kJson, kQuiet };
 
 int RunCommand(const RunArgs& args);
 int ExecCommand(const ExecArgs& args);
-int PsCommand(bool all, ListFormat format);
+// `filters`: docker's --filter KEY=VALUE, KEY one of label (KEY or KEY=VALUE;
+// several must all match), name (substring), id (prefix), status (a state;
+// lists stopped ones too); values of one key are alternatives.
+int PsCommand(bool all, ListFormat format, const std::vector<std::string>& filters = {});
+// ps --format TEMPLATE (cli/format_template.h): docker's fields .ID .Names
+// .Image .Command .CreatedAt .RunningFor .Ports .State .Status, and more.
+int PsFormatCommand(bool all, const std::string& format,
+                    const std::vector<std::string>& filters = {});
 // docker wait: blocks until each sandbox ends, prints its exit code (0 when
 // it stopped without one).
 int WaitCommand(const std::vector<std::string>& refs);
-int InspectCommand(const std::vector<std::string>& refs);
+// `format` empty: the JSON array; else one rendered line per sandbox, with
+// docker's .Id .Name .State.Status .State.ExitCode .Config.Image ... beside
+// cella's own fields.
+int InspectCommand(const std::vector<std::string>& refs, const std::string& format = {});
 int LogsCommand(const LogsArgs& args);
 int StopCommand(const std::vector<std::string>& refs, int grace_seconds);
 int StartCommand(const std::vector<std::string>& refs);

@@ -185,6 +185,10 @@ int Main(int argc, char** argv) {
       "created when missing");
   run_cmd->add_option("--disk-size", run.disk_size,
                       "Size of the writable layer (sparse; default 8g for -d, RAM otherwise)");
+  run_cmd->add_flag("--read-only", run.read_only,
+                    "Read-only root filesystem (no writable layer; /tmp and /run are tmpfs)");
+  run_cmd->add_option("--tmpfs", run.tmpfs, "Mount a tmpfs: PATH[:size=N] (noexec, nosuid)");
+  run_cmd->add_option("--label", run.labels, "Label the sandbox: KEY[=VALUE] (ps --filter label=)");
   run_cmd->add_option("--log-max-size", run.log_max_size,
                       "Cap on each log file (output, console), one older file kept (default 64m)");
   run_cmd->add_option("--allow-host", run.allow_hosts,
@@ -263,6 +267,8 @@ int Main(int argc, char** argv) {
   CLI::App* exec_cmd = app.add_subcommand("exec", "Run a command in a running sandbox");
   exec_cmd->add_flag("-i,--interactive", exec.interactive, "Forward stdin to the command");
   exec_cmd->add_flag("-t,--tty", exec.tty, "Give the command a pseudo-terminal");
+  exec_cmd->add_flag("-d,--detach", exec.detach,
+                     "Start the command and return at once (its output is discarded)");
   exec_cmd->add_option("-e,--env", exec.env_items, "Set an environment variable (KEY=VALUE)");
   exec_cmd->add_option("-w,--workdir", exec.workdir, "Working directory");
   exec_cmd->add_option("-u,--user", exec.user, "User to run as");
@@ -276,11 +282,21 @@ int Main(int argc, char** argv) {
   ps_cmd->add_flag("-a,--all", ps_all, "Also stopped, exited and failed sandboxes");
   ps_cmd->add_flag("--json", ps_json, "Machine-readable output");
   ps_cmd->add_flag("-q,--quiet", ps_quiet, "Only IDs, one a line");
+  std::string ps_format;
+  std::vector<std::string> ps_filters;
+  ps_cmd->add_option("-f,--filter", ps_filters,
+                     "Only these: label=KEY[=VALUE], name=TEXT, id=PREFIX, status=STATE");
+  ps_cmd->add_option("--format", ps_format,
+                     "Go-template subset: '{{.ID}} {{.Names}}', 'table {{.ID}}\t{{.Status}}', "
+                     "'{{json .}}' (see docs/cli-format.md)");
 
   std::vector<std::string> inspect_refs;
   CLI::App* inspect_cmd =
       app.add_subcommand("inspect", "Show a sandbox's config, state and history (JSON)");
   inspect_cmd->add_option("sandbox", inspect_refs, "Sandboxes")->required();
+  std::string inspect_format;
+  inspect_cmd->add_option("-f,--format", inspect_format,
+                          "Go-template subset, e.g. '{{.State.Status}}' (see docs/cli-format.md)");
 
   cella::cli::LogsArgs logs;
   CLI::App* logs_cmd = app.add_subcommand("logs", "Print a sandbox's main process output");
@@ -465,11 +481,15 @@ int Main(int argc, char** argv) {
       exec.command.erase(exec.command.begin());
     return cella::cli::ExecCommand(exec);
   }
+  if (ps_cmd->parsed() && !ps_format.empty())
+    return cella::cli::PsFormatCommand(ps_all, ps_format, ps_filters);
   if (ps_cmd->parsed())
-    return cella::cli::PsCommand(ps_all, ps_json    ? ListFormat::kJson
-                                         : ps_quiet ? ListFormat::kQuiet
-                                                    : ListFormat::kText);
-  if (inspect_cmd->parsed()) return cella::cli::InspectCommand(inspect_refs);
+    return cella::cli::PsCommand(ps_all,
+                                 ps_json    ? ListFormat::kJson
+                                 : ps_quiet ? ListFormat::kQuiet
+                                            : ListFormat::kText,
+                                 ps_filters);
+  if (inspect_cmd->parsed()) return cella::cli::InspectCommand(inspect_refs, inspect_format);
   if (logs_cmd->parsed()) return cella::cli::LogsCommand(logs);
   if (stop_cmd->parsed()) return cella::cli::StopCommand(stop_refs, stop_grace);
   if (start_cmd->parsed()) return cella::cli::StartCommand(start_refs);

@@ -102,6 +102,8 @@ Result<Reaper> SpawnReaper() {
 void StopAndRemove(SandboxContext& ctx, const std::string& id, std::chrono::milliseconds grace) {
   auto record = ctx.store.Get(id);
   if (!record) return;  // already gone
+  // Before it goes: a client that sees it gone may run `rm ID` at once.
+  RecordRpcRemoval(ctx, id);
   std::string control = sandbox::PathsFor(ctx.home, id).control_socket;
   if (store::IsActive(record->state)) {
     auto stopped = sandbox::ControlCall(control, {{"op", "stop"}, {"grace_ms", grace.count()}},

@@ -220,13 +220,37 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
 
   // Foreground runs are thrown away at the end: a tmpfs upper is enough and
   // free. Detached sandboxes keep their writable layer across stop/start.
+  g.read_only_root = args.read_only;
+  for (const std::string& item : args.tmpfs) {
+    // docker's PATH[:OPTIONS]; cella takes size= (bytes, k, m, g) only.
+    size_t colon = item.find(':');
+    protocol::TmpfsMount mount{item.substr(0, colon), 0};
+    if (mount.path.empty() || mount.path.front() != '/')
+      return Fail("--tmpfs " + item + ": want an absolute PATH[:size=N]");
+    if (colon != std::string::npos) {
+      std::string option = item.substr(colon + 1);
+      if (!option.starts_with("size="))
+        return Fail("--tmpfs " + item + ": only size=N is supported after the path");
+      uint64_t bytes = CELLA_TRY_CTX(sandbox::ParseByteSize(option.substr(5)), "--tmpfs " + item);
+      mount.size_mib = static_cast<int>(std::min<uint64_t>((bytes + (1 << 20) - 1) >> 20, 1 << 20));
+    }
+    g.tmpfs.push_back(std::move(mount));
+  }
+  for (const std::string& label : args.labels) {
+    size_t eq = label.find('=');
+    std::string key = label.substr(0, eq);
+    if (key.empty()) return Fail("--label " + label + ": want KEY=VALUE (or KEY)");
+    spec.labels[key] = eq == std::string::npos ? std::string() : label.substr(eq + 1);
+  }
   if (!args.log_max_size.empty()) {
     uint64_t cap = CELLA_TRY_CTX(sandbox::ParseByteSize(args.log_max_size), "--log-max-size");
     if (cap < sandbox::kMinLogMaxBytes)
       return Fail("--log-max-size " + args.log_max_size + ": at least 4k");
     spec.log_max_bytes = cap;
   }
-  if (detached || !args.disk_size.empty()) {
+  if (args.read_only && !args.disk_size.empty())
+    return Fail("--read-only has no writable layer: --disk-size does not apply");
+  if ((detached && !args.read_only) || !args.disk_size.empty()) {
     uint64_t size = args.disk_size.empty() ? kDefaultDiskSize
                                            : CELLA_TRY(sandbox::ParseDiskSize(args.disk_size));
     spec.upper_image = paths.upper_image;

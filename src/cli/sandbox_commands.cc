@@ -8,14 +8,18 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "base/io.h"
 #include "base/log.h"
 #include "cli/attach.h"
 #include "cli/commands.h"
+#include "cli/format_template.h"
 #include "cli/run_options.h"
 #include "cli/sandbox_context.h"
 #include "host/sandbox/control.h"
@@ -34,6 +38,68 @@ using nlohmann::json;
 int Report(const Status& st) { return st ? 0 : ReportFailure(st.error()); }
 
 Status Print(std::string_view text) { return WriteAll(STDOUT_FILENO, text); }
+
+std::map<std::string, std::string> LabelsOf(const store::SandboxRecord& r) {
+  auto spec = sandbox::DecodeSpec(r.spec_json);
+  return spec ? spec->labels : std::map<std::string, std::string>{};
+}
+
+std::string LabelsText(const std::map<std::string, std::string>& labels) {
+  std::string out;
+  for (const auto& [k, v] : labels) out += (out.empty() ? "" : ",") + k + "=" + v;
+  return out;
+}
+
+// ps --filter, docker's keys (commands.h).
+Result<std::vector<store::SandboxRecord>> ListFiltered(SandboxContext& ctx, bool all,
+                                                       const std::vector<std::string>& filters) {
+  std::map<std::string, std::vector<std::string>> by_key;
+  for (const std::string& f : filters) {
+    size_t eq = f.find('=');
+    std::string key = f.substr(0, eq);
+    if (eq == std::string::npos ||
+        (key != "label" && key != "name" && key != "id" && key != "status"))
+      return Fail("ps --filter " + f + ": want label=KEY[=VALUE], name=TEXT, id=PREFIX or " +
+                  "status=STATE");
+    by_key[key].push_back(f.substr(eq + 1));
+  }
+  if (by_key.contains("status")) all = true;
+  auto records =
+      CELLA_TRY(ctx.store.List(all ? store::ListScope::kAll : store::ListScope::kActiveOnly));
+  std::vector<store::SandboxRecord> kept;
+  auto any_of = [&](const std::string& key, auto&& match) {
+    auto it = by_key.find(key);
+    return it == by_key.end() || std::ranges::any_of(it->second, match);
+  };
+  for (auto& r : records) {
+    bool ok =
+        any_of("name", [&](const std::string& v) { return r.name.find(v) != std::string::npos; }) &&
+        any_of("id", [&](const std::string& v) { return r.id.starts_with(v); }) &&
+        any_of("status", [&](const std::string& v) { return store::ToString(r.state) == v; });
+    if (ok && by_key.contains("label")) {
+      auto labels = LabelsOf(r);
+      for (const std::string& want : by_key["label"]) {
+        size_t eq = want.find('=');
+        auto it = labels.find(want.substr(0, eq));
+        if (it == labels.end() || (eq != std::string::npos && it->second != want.substr(eq + 1)))
+          ok = false;
+      }
+    }
+    if (ok) kept.push_back(std::move(r));
+  }
+  return kept;
+}
+
+// docker's CreatedAt: "2026-12-06 12:53:45 +0000 UTC".
+std::string FormatUtc(int64_t ms) {
+  time_t t = static_cast<time_t>(ms / 1000);
+  struct tm tm {};
+  char buf[64];
+  if (::gmtime_r(&t, &tm) == nullptr ||
+      std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S +0000 UTC", &tm) == 0)
+    return "-";
+  return buf;
+}
 
 std::string Joined(const std::vector<std::string>& words) {
   std::string out;
@@ -272,6 +338,8 @@ int ExecCommand(const ExecArgs& args) {
   BlockForwardedSignals();
   auto run = [&]() -> Result<int> {
     if (args.command.empty()) return Fail("exec: give a command after the sandbox (ID -- CMD)");
+    if (args.detach && (args.interactive || args.tty))
+      return Fail("exec: -d goes with neither -i nor -t (a detached command has no terminal)");
     SandboxContext ctx = CELLA_TRY(OpenSandboxes());
     store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(args.sandbox));
     CELLA_TRY(RequireRunning(record, "exec"));
@@ -296,7 +364,13 @@ int ExecCommand(const ExecArgs& args) {
         request.cols = cols;
       }
     }
+    request.detach = args.detach;
     auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+    if (args.detach) {
+      // The guest answers once the process started (or could not start).
+      CELLA_TRY(agent->Exec(request));
+      return 0;
+    }
     host::ExecStatus status = CELLA_TRY(AttachToTerminal(
         [&](host::ExecCallbacks callbacks) {
           return agent->StartExec(request, std::move(callbacks));
@@ -334,10 +408,10 @@ int WaitCommand(const std::vector<std::string>& refs) {
   return code;
 }
 
-int PsCommand(bool all, ListFormat format) {
+int PsCommand(bool all, ListFormat format, const std::vector<std::string>& filters) {
   auto ctx = OpenSandboxes();
   if (!ctx) return ReportFailure(ctx.error());
-  auto records = ctx->store.List(all ? store::ListScope::kAll : store::ListScope::kActiveOnly);
+  auto records = ListFiltered(*ctx, all, filters);
   if (!records) return ReportFailure(records.error());
   if (format == ListFormat::kJson) {
     json out = json::array();
@@ -367,7 +441,51 @@ int PsCommand(bool all, ListFormat format) {
   return Report(Print(text));
 }
 
-int InspectCommand(const std::vector<std::string>& refs) {
+int PsFormatCommand(bool all, const std::string& format_text,
+                    const std::vector<std::string>& filters) {
+  auto format = FormatTemplate::Parse(format_text);
+  if (!format) return ReportFailure(format.error());
+  auto ctx = OpenSandboxes();
+  if (!ctx) return ReportFailure(ctx.error());
+  auto records = ListFiltered(*ctx, all, filters);
+  if (!records) return ReportFailure(records.error());
+  int64_t now = NowMs();
+  std::vector<json> rows;
+  for (const auto& r : *records) {
+    // docker's ContainerContext names, plus cella's.
+    json row = {{"ID", store::ShortId(r.id)},
+                {"FullID", r.id},
+                {"Names", r.name},
+                {"Name", r.name},
+                {"Image", r.image.empty() ? std::string(kBuiltinImage) : r.image},
+                {"Command", "\"" + Joined(r.command) + "\""},
+                {"CreatedAt", FormatUtc(r.created_ms)},
+                {"RunningFor", DescribeAge(r.created_ms, now) + " ago"},
+                {"Ports", PortsText(r)},
+                {"State", store::ToString(r.state)},
+                {"Status", DescribeStatus(r, now)},
+                {"Labels", LabelsText(LabelsOf(r))}};
+    if (r.exit_code) row["ExitCode"] = *r.exit_code;
+    rows.push_back(std::move(row));
+  }
+  static const std::map<std::string, std::string> kHeaders = {
+      {"ID", "SANDBOX ID"},        {"FullID", "SANDBOX ID"},
+      {"Names", "NAMES"},          {"Name", "NAME"},
+      {"Image", "IMAGE"},          {"Command", "COMMAND"},
+      {"CreatedAt", "CREATED AT"}, {"RunningFor", "CREATED"},
+      {"Ports", "PORTS"},          {"State", "STATE"},
+      {"Status", "STATUS"},        {"ExitCode", "EXIT CODE"},
+      {"Labels", "LABELS"}};
+  return Report(Print(RenderAll(*format, rows, kHeaders)));
+}
+
+int InspectCommand(const std::vector<std::string>& refs, const std::string& format_text) {
+  std::optional<FormatTemplate> format;
+  if (!format_text.empty()) {
+    auto parsed = FormatTemplate::Parse(format_text);
+    if (!parsed) return ReportFailure(parsed.error());
+    format = std::move(*parsed);
+  }
   auto ctx = OpenSandboxes();
   if (!ctx) return ReportFailure(ctx.error());
   json out = json::array();
@@ -396,6 +514,38 @@ int InspectCommand(const std::vector<std::string>& refs) {
                      {"output_log", paths.output_log},
                      {"supervisor_log", paths.supervisor_log}};
     out.push_back(item);
+  }
+  if (format) {
+    std::vector<json> views;
+    for (const json& item : out) {
+      // docker inspect's names beside cella's own (exact names win, so
+      // .State is docker's object and .state cella's string).
+      json v = item;
+      v["Id"] = item["id"];
+      v["Name"] = item["name"];
+      v["Image"] = item["image"];
+      v["Created"] = FormatUtc(item.value("created_ms", int64_t{0}));
+      const std::string state = item.value("state", std::string());
+      v["State"] = {{"Status", state},
+                    {"Running", state == "running"},
+                    {"ExitCode", item.value("exit_code", 0)},
+                    {"Pid", item.value("hypervisor_pid", 0)},
+                    {"Error", item.value("reason", std::string())}};
+      const json& guest = item["config"].is_object() && item["config"].contains("guest")
+                              ? item["config"]["guest"]
+                              : json::object();
+      v["Config"] = {
+          {"Image", item["image"]},
+          {"Cmd", item["command"]},
+          {"Env", guest.value("env", json::object())},
+          {"WorkingDir", guest.value("workdir", std::string())},
+          {"User", guest.value("user", std::string())},
+          {"Labels", item["config"].is_object() ? item["config"].value("labels", json::object())
+                                                : json::object()}};
+      views.push_back(std::move(v));
+    }
+    if (auto st = Print(RenderAll(*format, views)); !st) return ReportFailure(st.error());
+    return code;
   }
   if (auto st = Print(out.dump(2) + "\n"); !st) return ReportFailure(st.error());
   return code;
@@ -436,10 +586,27 @@ int StartCommand(const std::vector<std::string>& refs) { return ForEach(refs, St
 int KillCommand(const std::vector<std::string>& refs) { return ForEach(refs, KillOne); }
 
 int RmCommand(const std::vector<std::string>& refs, bool force) {
-  if (!force)
-    return ForEach(refs, [&](SandboxContext& ctx, const store::SandboxRecord& r) {
-      return RemoveOne(ctx, r, false);
+  if (!force) {
+    // `rm ID` of a sandbox `cella rpc` already removed on close is done,
+    // not an error: matchlock's SDKs remove after closing. Anything else
+    // missing is docker's "No such container" error.
+    auto ctx = OpenSandboxes();
+    if (!ctx) return ReportFailure(ctx.error());
+    std::vector<std::string> rest;
+    int code = 0;
+    for (const std::string& ref : refs) {
+      if (!ctx->store.Resolve(ref) && ForgetRpcRemoval(*ctx, ref)) {
+        if (auto printed = Print(ref + "\n"); !printed) code = ReportFailure(printed.error());
+        continue;
+      }
+      rest.push_back(ref);
+    }
+    if (rest.empty()) return code;
+    int others = ForEach(rest, [&](SandboxContext& c, const store::SandboxRecord& r) {
+      return RemoveOne(c, r, false);
     });
+    return code != 0 ? code : others;
+  }
   // docker's `rm -f`: what is already gone (never existed, or a --rm
   // sandbox whose supervisor removed it meanwhile) is what was asked for.
   auto ctx = OpenSandboxes();

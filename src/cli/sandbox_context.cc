@@ -1,14 +1,19 @@
 #include "cli/sandbox_context.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 
 #include "base/log.h"
-#include "host/sandbox/control.h"
+#include "base/unique_fd.h"
 #include "host/os/paths.h"
+#include "host/sandbox/control.h"
 
 namespace cella::cli {
 namespace {
@@ -130,6 +135,45 @@ std::string DescribeStatus(const store::SandboxRecord& r, int64_t now_ms) {
       return "Failed: " + r.reason;
   }
   return "?";
+}
+
+namespace {
+
+std::string RpcRemovedDir(const SandboxContext& ctx) { return ctx.home + "/rpc-removed"; }
+
+bool IsFullId(std::string_view ref) {
+  return ref.size() == 32 && std::ranges::all_of(ref, [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
+}  // namespace
+
+void RecordRpcRemoval(const SandboxContext& ctx, const std::string& id) {
+  if (!IsFullId(id)) return;
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const std::string dir = RpcRemovedDir(ctx);
+  fs::create_directories(dir, ec);
+  if (ec) {
+    log::Debug("rpc: no removal marker", {{"dir", dir}, {"error", ec.message()}});
+    return;
+  }
+  // Old markers go first, so the directory stays as small as a day's use.
+  auto cutoff = fs::file_time_type::clock::now() - std::chrono::hours(24);
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    std::error_code stat_ec;
+    auto written = it->last_write_time(stat_ec);
+    if (!stat_ec && written < cutoff) fs::remove(it->path(), stat_ec);
+  }
+  UniqueFd marker(::open((dir + "/" + id).c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+  if (!marker) log::Debug("rpc: no removal marker", {{"id", id}, {"error", strerror(errno)}});
+}
+
+bool ForgetRpcRemoval(const SandboxContext& ctx, const std::string& ref) {
+  if (!IsFullId(ref)) return false;
+  return ::unlink((RpcRemovedDir(ctx) + "/" + ref).c_str()) == 0;
 }
 
 }  // namespace cella::cli

@@ -56,6 +56,15 @@ void FinishForegroundRun(SandboxContext& ctx, const std::string& id);
 // names. (Defined with `run`, which creates volumes on first use.)
 Status CreateVolume(SandboxContext& ctx, const std::string& name, uint64_t size_bytes);
 
+// A sandbox `cella rpc` removed on `close` (or at the end of its stdin)
+// leaves a marker under <home>/rpc-removed/ so that a later `cella rm ID` by
+// its full ID succeeds: matchlock's SDKs call `rm ID` after `close`, as
+// matchlock keeps a closed VM until then, and fail when it does. Markers
+// older than a day are dropped whenever a new one is written.
+void RecordRpcRemoval(const SandboxContext& ctx, const std::string& id);
+// True (and the marker is gone) when `ref` is the full ID of such a sandbox.
+bool ForgetRpcRemoval(const SandboxContext& ctx, const std::string& ref);
+
 // "Up 3 minutes", "Exited (0) 2 hours ago", "Failed: reason"...
 std::string DescribeStatus(const store::SandboxRecord& record, int64_t now_ms);
 std::string DescribeAge(int64_t then_ms, int64_t now_ms);  // "3 minutes"

@@ -193,6 +193,12 @@ Status ReadDisk(const Json& obj, const std::string& where, Disk& out) {
   return {};
 }
 
+Status ReadTmpfs(const Json& obj, const std::string& where, TmpfsMount& out) {
+  CELLA_TRY(ReadString(obj, "path", where, out.path));
+  CELLA_TRY(ReadInt(obj, "size_mib", where, out.size_mib));
+  return {};
+}
+
 Status ReadOverlayRoot(const Json& obj, std::optional<OverlayRoot>& out) {
   const Json* v = Member(obj, "overlay_root");
   if (v == nullptr) return {};
@@ -249,6 +255,8 @@ Result<Config> Decode(const Json& doc) {
   CELLA_TRY(ReadBool(doc, "tty", top, c.tty));
   CELLA_TRY(ReadString(doc, "ca_certificates", top, c.ca_certificates));
   CELLA_TRY(ReadString(doc, "agent_port", top, c.agent_port));
+  CELLA_TRY(ReadBool(doc, "read_only_root", top, c.read_only_root));
+  CELLA_TRY(ReadObjectList(doc, "tmpfs", top, c.tmpfs, ReadTmpfs));
   if (c.agent_port.empty()) c.agent_port = std::string(kDefaultAgentPort);
   return c;
 }
@@ -441,6 +449,11 @@ Status ValidateConfig(const Config& c) {
          share.file.find_first_of(std::string_view("/\0", 2)) != std::string::npos))
       return Fail(where + ".file: " + Quote(share.file) + " is not a plain file name");
   }
+  for (size_t i = 0; i < c.tmpfs.size(); ++i) {
+    std::string where = Index("tmpfs", i);
+    CELLA_TRY(CheckMountPath(where + ".path", c.tmpfs[i].path, mount_paths));
+    if (c.tmpfs[i].size_mib < 0) return Fail(where + ".size_mib: negative");
+  }
 
   if (!c.hostname.empty()) CELLA_TRY(CheckHostName("hostname", c.hostname, 64));
   for (size_t i = 0; i < c.dns_servers.size(); ++i)
@@ -605,6 +618,17 @@ std::string SerializeConfig(const Config& c) {
   if (c.tty) out["tty"] = true;
   if (!c.ca_certificates.empty()) out["ca_certificates"] = c.ca_certificates;
   if (!c.agent_port.empty() && c.agent_port != kDefaultAgentPort) out["agent_port"] = c.agent_port;
+  if (c.read_only_root) out["read_only_root"] = true;
+  if (!c.tmpfs.empty()) {
+    OrderedJson mounts = OrderedJson::array();
+    for (const TmpfsMount& t : c.tmpfs) {
+      OrderedJson j = OrderedJson::object();
+      j["path"] = t.path;
+      if (t.size_mib != 0) j["size_mib"] = t.size_mib;
+      mounts.push_back(std::move(j));
+    }
+    out["tmpfs"] = std::move(mounts);
+  }
   // replace: a Config built in code with invalid UTF-8 must not throw here.
   return out.dump(-1, ' ', false, OrderedJson::error_handler_t::replace);
 }

@@ -97,6 +97,14 @@ struct OverlayRoot {
 };
 
 // An extra block device mounted as-is (VMConfig.ExtraDisks).
+// `run --tmpfs PATH[:size=N]`: a tmpfs (nosuid, nodev, noexec, mode 1777 as
+// docker's) mounted at path after the root is assembled.
+struct TmpfsMount {
+  std::string path;
+  int size_mib = 0;  // 0 = the kernel's default (half the RAM)
+  bool operator==(const TmpfsMount&) const = default;
+};
+
 struct Disk {
   std::string device;
   std::string path;
@@ -151,6 +159,10 @@ struct Config {
   // intercepts TLS): appended to the distribution's CA bundles at boot.
   std::string ca_certificates;
   std::string agent_port = std::string(kDefaultAgentPort);
+  // `run --read-only`: the root is remounted read-only once the init has
+  // written what it writes (/etc/hosts, ...); /tmp and /run get a tmpfs.
+  bool read_only_root = false;
+  std::vector<TmpfsMount> tmpfs;
 
   bool operator==(const Config&) const = default;
 };

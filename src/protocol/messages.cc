@@ -281,6 +281,7 @@ std::string EncodeRequest(const Request& request) {
     j["timeout_ms"] = e->timeout_ms;
     j["kill_grace_ms"] = e->kill_grace_ms;
     if (e->privileged) j["privileged"] = true;
+    if (e->detach) j["detach"] = true;
   } else if (auto* w = std::get_if<WriteFileRequest>(&request)) {
     j["path"] = w->path;
     j["mode"] = w->mode;
@@ -365,6 +366,8 @@ Result<Request> DecodeRequest(std::string_view text) {
       r.Integer("timeout_ms", e.timeout_ms, Need::kOptional);
       r.Integer("kill_grace_ms", e.kill_grace_ms, Need::kOptional);
       r.Bool("privileged", e.privileged);
+      r.Bool("detach", e.detach);
+      if (e.detach && (e.tty || e.stdin_open)) r.Problem("detach goes with neither tty nor stdin");
       request = std::move(e);
     } else if (op == "write_file") {
       WriteFileRequest w;

@@ -40,6 +40,10 @@ struct ExecRequest {
   uint32_t kill_grace_ms = 2000;
   // Skips the agent's hardening (no_new_privs, capability drop, seccomp).
   bool privileged = false;
+  // `exec -d`: the child gets /dev/null for stdin, stdout and stderr and is
+  // not tracked; the agent answers Opened {pid} then Result {exit_code 0}
+  // at once and reaps it silently later. Not with tty or stdin.
+  bool detach = false;
 };
 
 struct WriteFileRequest {

@@ -111,6 +111,83 @@ TEST_F(DockerHabits, EntrypointExecEnvAndRmForceOfAGoneSandbox) {
   EXPECT_EQ(CountSandboxes(), 0u);
 }
 
+// docker stop (issue 17, item 6): the main process gets SIGTERM while the
+// guest still serves, so what it prints on the way out reaches `logs` and
+// its exit code is how the sandbox ended.
+TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
+  std::string id = RunDetached({"--name", "trap", "--label", "team=infra", "@builtin", "sh", "-c",
+                                "trap 'echo bye; exit 3' TERM; echo up; "
+                                "while :; do sleep 1; done"});
+  ASSERT_FALSE(id.empty());
+
+  // exec -d returns at once, prints nothing, and the process outlives the
+  // CLI that started it.
+  auto detached = RunCella(
+      {"exec", "-d", "trap", "sh", "-c", "echo $$ > /tmp/bg.pid; echo lost; exec sleep 1000"});
+  EXPECT_EQ(detached.exit_code, 0) << Describe(detached);
+  EXPECT_EQ(detached.out, "") << Describe(detached);
+  std::string alive;
+  for (int i = 0; i < 100 && alive != "alive\n"; ++i) {
+    alive = RunCella({"exec", "trap", "sh", "-c",
+                      "test -s /tmp/bg.pid && kill -0 $(cat /tmp/bg.pid) && echo alive"})
+                .out;
+    if (alive != "alive\n") std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(alive, "alive\n");
+  auto refused = RunCella({"exec", "-d", "-t", "trap", "true"});
+  EXPECT_EQ(refused.exit_code, 125) << Describe(refused);
+
+  // Scripting: --format, inspect -f, --filter label=.
+  auto status = RunCella({"inspect", "-f", "{{.State.Status}} {{.Name}}", "trap"});
+  EXPECT_EQ(status.out, "running trap\n") << Describe(status);
+  auto formatted = RunCella({"ps", "--format", "{{.ID}}|{{.Names}}|{{.Labels}}"});
+  EXPECT_EQ(formatted.out, id.substr(0, 12) + "|trap|team=infra\n") << Describe(formatted);
+  auto table = RunCella({"ps", "--format", "table {{.Names}}\\t{{.State}}"});
+  EXPECT_EQ(table.out, "NAMES     STATE\ntrap      running\n") << Describe(table);
+  auto labelled = RunCella({"ps", "-q", "--filter", "label=team=infra"});
+  EXPECT_EQ(labelled.out, id.substr(0, 12) + "\n") << Describe(labelled);
+  auto other = RunCella({"ps", "-q", "--filter", "label=team=web"});
+  EXPECT_EQ(other.exit_code, 0) << Describe(other);
+  EXPECT_EQ(other.out, "") << Describe(other);
+  auto bad = RunCella({"inspect", "-f", "{{range .history}}x{{end}}", "trap"});
+  EXPECT_EQ(bad.exit_code, 125) << Describe(bad);
+
+  auto stop = RunCella({"stop", "-t", "30", "trap"});
+  ASSERT_EQ(stop.exit_code, 0) << Describe(stop);
+  auto logs = RunCella({"logs", "trap"});
+  // (busybox sh may also report its `sleep` child as "Terminated", on
+  // stderr, which logs merges in whatever order it came.)
+  EXPECT_TRUE(logs.out.starts_with("up\n") && Contains(logs.out, "bye\n")) << Describe(logs);
+  auto ps = RunCella({"ps", "-a"});
+  EXPECT_TRUE(Contains(ps.out, "Exited (3)")) << Describe(ps);
+  auto doc = Inspect("trap");
+  ASSERT_TRUE(doc.is_object()) << doc.dump();
+  EXPECT_EQ(doc.value("state", std::string()), "exited") << doc.dump(2);
+  EXPECT_EQ(doc.value("exit_code", -1), 3) << doc.dump(2);
+  auto wait = RunCella({"wait", "trap"});
+  EXPECT_EQ(wait.out, "3\n") << Describe(wait);
+  auto ended = RunCella({"inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", "trap"});
+  EXPECT_EQ(ended.out, "exited 3\n") << Describe(ended);
+  auto exited = RunCella({"ps", "-q", "--filter", "status=exited"});
+  EXPECT_EQ(exited.out, id.substr(0, 12) + "\n") << Describe(exited);
+  EXPECT_EQ(RunCella({"rm", "trap"}).exit_code, 0);
+}
+
+// --read-only: no writable layer and a read-only root; /tmp is still
+// writable, and --tmpfs mounts a sized tmpfs anywhere.
+TEST_F(DockerHabits, ReadOnlyRootKeepsTmpAndTmpfsWritable) {
+  auto r = RunCella({"run", "--read-only", "--tmpfs", "/scratch:size=1m", "@builtin", "sh", "-c",
+                     "touch /etc/x 2>/dev/null && echo root-rw || echo root-ro; "
+                     "touch /tmp/a && echo tmp; touch /scratch/b && echo scratch; "
+                     "df -k /scratch | tail -1 | awk '{print $2}'"},
+                    "", std::chrono::seconds(300));
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "root-ro\ntmp\nscratch\n1024\n") << Describe(r);
+  auto bad = RunCella({"run", "--tmpfs", "relative", "@builtin", "true"});
+  EXPECT_EQ(bad.exit_code, 125) << Describe(bad);
+  EXPECT_EQ(CountSandboxes(), 0u);
+}
+
 // A foreground run that fails after boot tears its sandbox down.
 TEST_F(DockerHabits, FailedForegroundRunLeavesNoSandboxRunning) {
   auto r = RunCella({"run", "-u", "nosuchuser", "--", "true"}, "", std::chrono::seconds(300));
@@ -118,8 +195,8 @@ TEST_F(DockerHabits, FailedForegroundRunLeavesNoSandboxRunning) {
   EXPECT_EQ(CountSandboxes(), 0u);
 
   // A boot the guest gives up on says the guest's reason on its first line.
-  auto workdir = RunCella({"run", "-w", "/etc/passwd", "@builtin", "true"}, "",
-                          std::chrono::seconds(300));
+  auto workdir =
+      RunCella({"run", "-w", "/etc/passwd", "@builtin", "true"}, "", std::chrono::seconds(300));
   EXPECT_EQ(workdir.exit_code, 125) << Describe(workdir);
   std::string first_line = workdir.err.substr(0, workdir.err.find('\n'));
   EXPECT_TRUE(Contains(first_line, "workdir")) << Describe(workdir);

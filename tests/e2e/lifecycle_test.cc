@@ -35,17 +35,19 @@ TEST_F(LifecycleTest, DetachedSandboxLivesThroughExecStopAndStart) {
   auto logs = RunCella({"logs", "web"});
   EXPECT_EQ(logs.out, "started\n") << Describe(logs);
 
+  // docker stop: the main process (sh) dies of the SIGTERM, and that is
+  // how the sandbox ended.
   auto stop = RunCella({"stop", "-t", "5", "web"});
   ASSERT_EQ(stop.exit_code, 0) << Describe(stop);
-  EXPECT_EQ(State("web"), "stopped");
+  EXPECT_EQ(State("web"), "exited");
   auto ps_running = RunCella({"ps"});
   EXPECT_EQ(ps_running.out.find("web"), std::string::npos) << ps_running.out;
   auto ps_all = RunCella({"ps", "-a"});
-  EXPECT_NE(ps_all.out.find("Stopped"), std::string::npos) << ps_all.out;
+  EXPECT_NE(ps_all.out.find("Exited (143)"), std::string::npos) << ps_all.out;
 
   auto exec_stopped = RunCella({"exec", "web", "--", "true"});
   EXPECT_EQ(exec_stopped.exit_code, 125);
-  EXPECT_NE(exec_stopped.err.find("is stopped"), std::string::npos) << exec_stopped.err;
+  EXPECT_NE(exec_stopped.err.find("is exited (143)"), std::string::npos) << exec_stopped.err;
   EXPECT_NE(exec_stopped.err.find("cella start web"), std::string::npos) << exec_stopped.err;
 
   auto start = RunCella({"start", "web"}, "", std::chrono::seconds(300));
@@ -62,7 +64,7 @@ TEST_F(LifecycleTest, DetachedSandboxLivesThroughExecStopAndStart) {
   std::vector<std::string> states;
   for (const auto& h : doc["history"]) states.push_back(h["state"]);
   std::vector<std::string> want = {"creating", "running",  "stopping",
-                                   "stopped",  "creating", "running"};
+                                   "exited",   "creating", "running"};
   EXPECT_EQ(states, want) << doc.dump(2);
   EXPECT_EQ(doc["config"]["guest"]["cmd"][0], "sh");
   int supervisor = doc.value("supervisor_pid", 0);

@@ -335,4 +335,9 @@ while leftovers() and time.time() < deadline:
     time.sleep(0.2)
 if leftovers():
     fail(f"processes of the removed sandbox still run: {leftovers()!r}")
+# The reaper's removal, like close's, lets matchlock's SDK `rm ID` succeed.
+rm = subprocess.run([CELLA, "rm", sandbox_id], capture_output=True, timeout=60)
+check(rm.returncode == 0, f"rm of the reaped sandbox: {rm}")
+rm = subprocess.run([CELLA, "rm", "0" * 32], capture_output=True, timeout=60)
+check(rm.returncode == 125, f"rm of an ID that never existed: {rm}")
 print("OK", flush=True)

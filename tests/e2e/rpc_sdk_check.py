@@ -156,6 +156,13 @@ deadline = time.time() + 60
 while sandbox_id in ps_ids() and time.time() < deadline:
     time.sleep(0.5)
 check(sandbox_id not in ps_ids(), "close left the sandbox behind")
+# matchlock's SDKs run `rm ID` after close: that succeeds (once), quietly;
+# docker's "no such sandbox" error stays for everything else.
+rm = subprocess.run([CELLA, "rm", sandbox_id], capture_output=True, text=True, timeout=60)
+check(rm.returncode == 0 and rm.stdout == sandbox_id + "\n" and rm.stderr == "",
+      f"rm after close: {rm}")
+rm = subprocess.run([CELLA, "rm", sandbox_id], capture_output=True, text=True, timeout=60)
+check(rm.returncode == 125 and "no sandbox" in rm.stderr, f"second rm after close: {rm}")
 
 # A client that goes away without close: `cella rpc` sees its stdin end and
 # removes the sandbox itself.

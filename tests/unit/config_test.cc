@@ -179,6 +179,19 @@ TEST(Config, WritesEveryFieldWhenSet) {
   EXPECT_EQ(doc["cpus"], 1.5);
 }
 
+TEST(Config, ReadOnlyRootAndTmpfsRoundTripAndTmpfsPathsAreChecked) {
+  Config c;
+  c.read_only_root = true;
+  c.tmpfs = {{"/cache", 64}, {"/scratch", 0}};
+  auto back = ParseConfig(SerializeConfig(c));
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(*back, c);
+  c.tmpfs = {{"relative", 0}};
+  auto bad = ParseConfig(SerializeConfig(c));
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().message.find("tmpfs[0].path"), std::string::npos) << bad.error().message;
+}
+
 TEST(Config, DefaultAgentPortIsNotWritten) {
   Config c;
   c.agent_port = std::string(kDefaultAgentPort);

@@ -2,9 +2,15 @@
 // refuses, pipes for stdin/stdout.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -13,6 +19,8 @@
 #include "host/rpc/base64.h"
 #include "host/rpc/params.h"
 #include "host/rpc/server.h"
+#include "protocol/messages.h"
+#include "protocol/wire.h"
 
 namespace cella::rpc {
 namespace {
@@ -132,6 +140,165 @@ TEST(RpcServer, CancelOfAnUnknownRequestSaysSo) {
       Serve("{\"jsonrpc\":\"2.0\",\"method\":\"cancel\",\"id\":1,\"params\":{\"id\":9}}\n");
   ASSERT_EQ(lines.size(), 1u);
   EXPECT_EQ(lines[0]["result"]["cancelled"], false);
+}
+
+// A guest that starts every exec and then never grants stdin credit: it
+// reads (and discards) what the host sends, and ends an exec only when the
+// host signals it.
+class CreditlessGuest {
+ public:
+  explicit CreditlessGuest(UniqueFd fd) : fd_(std::move(fd)) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~CreditlessGuest() {
+    ::shutdown(fd_.Get(), SHUT_RDWR);
+    thread_.join();
+  }
+  std::atomic<int> signals{0};
+
+ private:
+  void SendFrame(uint32_t stream, protocol::FrameType type, protocol::Channel channel,
+                 std::string_view body) {
+    std::vector<std::byte> out;
+    protocol::EncodeFrame(stream, type, channel, protocol::AsBytes(body), out);
+    (void)WriteAll(fd_.Get(), std::span<const std::byte>(out));
+  }
+  void Run() {
+    using protocol::Channel;
+    using protocol::FrameType;
+    SendFrame(0, FrameType::kHello, Channel::kControl, R"({"version":1,"role":"agent"})");
+    protocol::FrameDecoder decoder;
+    std::vector<std::byte> buf(65536);
+    for (;;) {
+      auto n = ReadSome(fd_.Get(), buf);
+      if (!n || *n == 0) return;
+      decoder.Feed(std::span(buf.data(), *n));
+      for (;;) {
+        auto f = decoder.Next();
+        if (!f || !f->has_value()) break;
+        const protocol::Frame& frame = **f;
+        if (frame.type == FrameType::kOpen) {
+          SendFrame(frame.stream_id, FrameType::kOpened, Channel::kControl,
+                    protocol::EncodePid(4242));
+        } else if (frame.type == FrameType::kSignal) {
+          ++signals;
+          SendFrame(frame.stream_id, FrameType::kEof, Channel::kStdout, "");
+          SendFrame(frame.stream_id, FrameType::kEof, Channel::kStderr, "");
+          protocol::ExecOutcome outcome;
+          outcome.signal = SIGKILL;
+          SendFrame(frame.stream_id, FrameType::kResult, Channel::kControl,
+                    protocol::EncodeExecOutcome(outcome));
+        }
+      }
+    }
+  }
+  UniqueFd fd_;
+  std::thread thread_;
+};
+
+class FakeSandbox final : public Sandbox {
+ public:
+  explicit FakeSandbox(std::unique_ptr<host::AgentClient> agent) : agent_(std::move(agent)) {}
+  const std::string& id() const override { return id_; }
+  host::AgentClient& agent() override { return *agent_; }
+  host::ExecRequest ExecDefaults() const override { return {}; }
+  Result<AllowListChange> EditAllowList(const std::vector<std::string>&,
+                                        const std::vector<std::string>&) override {
+    return Fail("fake");
+  }
+  Status Close(std::chrono::milliseconds) override { return {}; }
+
+ private:
+  std::string id_ = "0123456789abcdef0123456789abcdef";
+  std::unique_ptr<host::AgentClient> agent_;
+};
+
+bool IdIs(const json& line, int id) {
+  auto it = line.find("id");
+  return it != line.end() && it->is_number_integer() && it->get<int>() == id;
+}
+
+// Reads lines from fd until one satisfies pred (bounded by a poll time-out).
+std::optional<json> AwaitLine(int fd, std::string& pending,
+                              const std::function<bool(const json&)>& pred) {
+  for (;;) {
+    for (size_t nl; (nl = pending.find('\n')) != std::string::npos;) {
+      json line = json::parse(pending.substr(0, nl));
+      pending.erase(0, nl + 1);
+      if (pred(line)) return line;
+    }
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 20'000) != 1) return std::nullopt;
+    char buffer[4096];
+    ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n <= 0) return std::nullopt;
+    pending.append(buffer, static_cast<size_t>(n));
+  }
+}
+
+// A guest that never grants stdin credit must not wedge the server: stdin
+// queues (bounded) for its exec while other requests are answered, and a
+// queue that makes no progress ends that exec with −32001.
+TEST(RpcServer, AGuestThatGrantsNoStdinCreditCannotWedgeTheServer) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  CreditlessGuest guest{UniqueFd(sv[1])};
+  auto client = host::AgentClient::Connect(UniqueFd(sv[0]));
+  ASSERT_TRUE(client) << client.error().message;
+  std::unique_ptr<host::AgentClient> agent = std::move(*client);
+
+  int in[2], out[2];
+  ASSERT_EQ(::pipe2(in, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  ServerOptions options;
+  options.max_stdin_queue = 64 * 1024;
+  options.stdin_stall = std::chrono::milliseconds(300);
+  std::unique_ptr<Sandbox> sandbox = std::make_unique<FakeSandbox>(std::move(agent));
+  auto server = std::make_unique<Server>(
+      [&](const CreateParams&) -> Result<std::unique_ptr<Sandbox>> {
+        if (!sandbox) return Fail("one sandbox only");
+        return std::move(sandbox);
+      },
+      in[0], out[1], options);
+  std::thread serving([&] { EXPECT_TRUE(server->Serve()); });
+  auto send = [&](const std::string& line) { ASSERT_TRUE(WriteAll(in[1], line + "\n")); };
+  std::string pending;
+  send(R"({"jsonrpc":"2.0","method":"create","id":1,"params":{"image":"x"}})");
+  auto created = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 1); });
+  ASSERT_TRUE(created && created->contains("result")) << (created ? created->dump() : "");
+
+  send(R"({"jsonrpc":"2.0","method":"exec_pipe","id":2,"params":{"command":"cat"}})");
+  auto ready = AwaitLine(out[0], pending,
+                         [](const json& l) { return l.value("method", "") == "exec_pipe.ready"; });
+  ASSERT_TRUE(ready);
+  // 256 KiB of initial credit, then a 64 KiB queue, then nowhere to go.
+  std::string chunk = Base64Encode(std::string(48 * 1024, 'a'));
+  for (int i = 0; i < 12; ++i)
+    send(R"({"jsonrpc":"2.0","method":"exec_pipe.stdin","params":{"id":2,"data":")" + chunk +
+         "\"}}");
+  // The reader thread is not held: a later request is answered.
+  send(R"({"jsonrpc":"2.0","method":"cancel","id":3,"params":{"id":99}})");
+  std::optional<json> ended, cancel;
+  auto both = AwaitLine(out[0], pending, [&](const json& l) {
+    if (IdIs(l, 2)) ended = l;
+    if (IdIs(l, 3)) cancel = l;
+    return ended && cancel;
+  });
+  ASSERT_TRUE(both) << "the server stopped answering";
+  EXPECT_EQ((*cancel)["result"]["cancelled"], false);
+  EXPECT_EQ((*ended)["error"]["code"], kExecFailed) << ended->dump();
+  EXPECT_NE((*ended)["error"]["message"].get<std::string>().find("stdin"), std::string::npos);
+  EXPECT_GE(guest.signals.load(), 1);  // the stalled process was killed
+
+  send(R"({"jsonrpc":"2.0","method":"close","id":4})");
+  auto closed = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 4); });
+  EXPECT_TRUE(closed && closed->contains("result"));
+  ::close(in[1]);
+  serving.join();
+  server.reset();
+  ::close(in[0]);
+  ::close(out[0]);
+  ::close(out[1]);
 }
 
 TEST(RpcParams, MatchlockConfigMapsOntoCella) {

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <mutex>
 #include <thread>
@@ -43,6 +44,9 @@ struct FakeVm {
   bool obey_stop = true;  // Stop powers off at once; else waits its grace, then kills
   std::optional<Error> wait_error;
   std::string console_tail;
+  // Called by Stop before the VM powers off, outside the lock: the guest's
+  // last words (the main process's status) on the way down.
+  std::function<void()> on_stop;
   // Observations.
   bool start_entered = false;
   std::optional<host::ExitStatus> exit;  // the VM ended
@@ -86,6 +90,7 @@ class FakeMachine final : public vmm::Machine {
     return {};
   }
   Status Stop(milliseconds grace) override {
+    if (vm_->on_stop) vm_->on_stop();
     std::unique_lock lock(vm_->mu);
     ++vm_->stops;
     if (vm_->exit) return {};
@@ -328,6 +333,64 @@ TEST_F(SandboxLifecycleTest, StopRecordsStoppingThenStopped) {
   auto history = store_->History(kId);
   ASSERT_TRUE(history);
   EXPECT_EQ((*history)[2].detail, "stopping (grace 3000 ms)");
+}
+
+// docker stop: the guest sends SIGTERM to the main process and reports how
+// it ended; that is the sandbox's exit code, not a bare "stopped".
+TEST_F(SandboxLifecycleTest, StopKeepsTheMainProcessesExitCode) {
+  for (int code : {0, 143}) {
+    if (code != 0) {  // the second round is a `cella start` of the first's end
+      vm_ = std::make_shared<FakeVm>();
+      ASSERT_TRUE(store_->Transition(kId, kCreating, "started (cella start)"));
+    }
+    Make();
+    vm_->on_stop = [&] {
+      host::ExecStatus status;
+      if (code == 143) {
+        status.signal = SIGTERM;
+      } else {
+        status.exit_code = 0;  // it trapped TERM and exited cleanly
+      }
+      lifecycle_->SetMainStatus(status);
+    };
+    auto run = RunAsync();
+    ASSERT_TRUE(AwaitState(kRunning));
+    EXPECT_EQ(lifecycle_->Handle({{"op", "stop"}, {"grace_ms", 3000}})["ok"], true);
+    run.get();
+    store::SandboxRecord r = Record();
+    EXPECT_EQ(r.state, kExited) << code;
+    EXPECT_EQ(r.exit_code, code);
+    EXPECT_EQ(r.reason, "main process exited with " + std::to_string(code) + " (cella stop)");
+    auto states = States();
+    ASSERT_GE(states.size(), 2u);
+    EXPECT_EQ(states[states.size() - 2], kStopping);
+  }
+}
+
+// The guest writes the main process's Result and powers off at once: the VM
+// can be seen gone before the router has handed the Result in. The end is
+// decided only once the link has been read to its end.
+TEST_F(SandboxLifecycleTest, AMainStatusStillOnTheLinkWhenTheVmEndsIsKept) {
+  std::atomic<bool> delivered{false};
+  LifecycleHooks hooks;
+  hooks.link_error = [&]() -> std::optional<Error> {
+    if (!vm_->Ended()) return std::nullopt;
+    if (!delivered.exchange(true)) {
+      // The router reads the last frames only now, after the VM ended.
+      host::ExecStatus status;
+      status.exit_code = 7;
+      lifecycle_->SetMainStatus(status);
+      return std::nullopt;
+    }
+    return Error{"guest agent link closed", EPIPE};
+  };
+  Make(std::move(hooks));
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  EXPECT_EQ(lifecycle_->Handle({{"op", "stop"}, {"grace_ms", 1000}})["ok"], true);
+  run.get();
+  EXPECT_EQ(Record().state, kExited);
+  EXPECT_EQ(Record().exit_code, 7);
 }
 
 TEST_F(SandboxLifecycleTest, StopRacingTheGuestsOwnPowerOffIsStopped) {

@@ -75,6 +75,7 @@ struct Session {
   bool reaped = false;
   int wait_status = 0;
   bool timed_out = false;
+  bool stopping = false;  // TerminateMain: the group goes with its leader
   std::optional<Clock::time_point> deadline;
   std::optional<Clock::time_point> kill_deadline;
   uint32_t kill_grace_ms = 2000;
@@ -380,8 +381,9 @@ struct Agent::Impl {
     if (Session* s = FindByPid(pid)) {
       s->reaped = true;
       s->wait_status = status;
-      // A timed-out tree gets no further grace once its leader is gone.
-      if (s->timed_out) KillGroup(pid, SIGKILL);
+      // A timed-out or stopped tree gets no further grace once its leader
+      // is gone: a child holding the pipes would hold back the Result.
+      if (s->timed_out || s->stopping) KillGroup(pid, SIGKILL);
       return;
     }
     auto it = std::find(abandoned.begin(), abandoned.end(), pid);
@@ -464,6 +466,23 @@ struct Agent::Impl {
     return static_cast<int>(std::min<int64_t>(ms, 60'000));
   }
 
+  bool TerminateMain(std::chrono::milliseconds grace) {
+    Session* main = nullptr;
+    for (auto& [id, s] : sessions)
+      if (s->is_main && s->kind == Kind::kExec) main = s.get();
+    if (main == nullptr) return false;
+    if (main->reaped) {
+      // Its Result waits for pipes a leftover child holds open.
+      KillGroup(main->pid, SIGKILL);
+      return true;
+    }
+    main->stopping = true;
+    KillGroup(main->pid, SIGTERM);
+    auto kill_at = Clock::now() + grace;
+    if (!main->kill_deadline || kill_at < *main->kill_deadline) main->kill_deadline = kill_at;
+    return true;
+  }
+
   // ---- requests ----------------------------------------------------------
 
   std::unique_ptr<Session> SessionFromChild(uint32_t stream, SpawnedChild child,
@@ -487,6 +506,16 @@ struct Agent::Impl {
     auto child = Spawn(req, options.hardening);
     if (!child) return QueueError(stream, child.error());
     pid_t pid = child->pid;
+    if (req.detach) {
+      // exec -d: no session, no output; reaped silently like an abandoned
+      // child, and (in its own process group) out of reach of a link's end.
+      abandoned.push_back(pid);
+      QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+      protocol::ExecOutcome started;
+      started.exit_code = 0;
+      QueueText(stream, FrameType::kResult, protocol::EncodeExecOutcome(started));
+      return;
+    }
     sessions[stream] = SessionFromChild(stream, std::move(*child), req);
     QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
   }
@@ -924,5 +953,6 @@ Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {
 
 Result<LinkEnd> Agent::Serve(UniqueFd link) { return impl_->Serve(std::move(link)); }
 void Agent::StopWhenFlushed() { impl_->stop_when_flushed = true; }
+bool Agent::TerminateMain(std::chrono::milliseconds grace) { return impl_->TerminateMain(grace); }
 
 }  // namespace cella::agent

@@ -15,6 +15,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -70,6 +71,16 @@ class Agent {
   // link: PID 1 powers off after the main process's Result, and must not
   // lose it. Call from a callback (same thread as Serve).
   void StopWhenFlushed();
+
+  // The first half of a graceful stop (docker stop): SIGTERM to the main
+  // process's group now, SIGKILL once `grace` has passed if it still runs,
+  // and SIGKILL to what is left of its group once the leader is gone (its
+  // pipes must close for the Result to be sent). True when the main process
+  // is attached to a stream, so its output, its Result and on_main_exit
+  // follow while Serve() keeps serving; false when there is nothing to wait
+  // for (no main process, already reported, or detached between links).
+  // Call from a callback (same thread as Serve).
+  bool TerminateMain(std::chrono::milliseconds grace);
 
  private:
   struct Impl;

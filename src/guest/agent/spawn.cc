@@ -27,7 +27,6 @@
 namespace cella::agent {
 namespace {
 
-
 // What the child reports through the status pipe when setup fails.
 enum class Stage : int { kSession, kTty, kStdio, kCaps, kUser, kWorkdir, kSeccomp, kSignals };
 
@@ -166,6 +165,14 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
     child.stdout_fd.Reset(::fcntl(master.Get(), F_DUPFD_CLOEXEC, 0));
     if (!child.stdout_fd) return FailErrno("dup pty master");
     child.pty_master = std::move(master);
+  } else if (request.detach) {
+    // Nobody reads its output: /dev/null, so it never blocks on a full pipe
+    // nor dies of SIGPIPE.
+    child_in.Reset(::open("/dev/null", O_RDWR | O_CLOEXEC));
+    if (!child_in) return FailErrno("open /dev/null");
+    child_out.Reset(::fcntl(child_in.Get(), F_DUPFD_CLOEXEC, 0));
+    child_err.Reset(::fcntl(child_in.Get(), F_DUPFD_CLOEXEC, 0));
+    if (!child_out || !child_err) return FailErrno("dup /dev/null");
   } else {
     Pipe in = CELLA_TRY(MakePipe());
     Pipe out = CELLA_TRY(MakePipe());

@@ -65,6 +65,7 @@ Status Boot() {
   CELLA_TRY_CTX(ApplyCpuQuota(config.cpus), "cpu quota");
   // Like docker, a missing workdir is created (root-owned) rather than fatal.
   if (!config.workdir.empty()) CELLA_TRY_CTX(OpenDirBeneath("/", config.workdir), "workdir");
+  CELLA_TRY_CTX(MountTmpfsAndSealRoot(config), "read-only root and tmpfs");
 
   if (config.init_mode == protocol::InitMode::kSystemd) {
     Say("handing over to the image's init (systemd mode)");

@@ -306,4 +306,29 @@ Status SwitchRoot() {
   return {};
 }
 
+Status MountTmpfsAndSealRoot(const Config& config) {
+  auto mount_tmpfs = [](const std::string& path, int size_mib, unsigned long flags,
+                        const std::string& mode) -> Status {
+    UniqueFd target = CELLA_TRY(OpenDirBeneath("/", path));
+    std::string options = "mode=" + mode;
+    if (size_mib > 0) options += ",size=" + std::to_string(size_mib) + "m";
+    return Mount("tmpfs", FdPath(target.Get()), "tmpfs", flags, options);
+  };
+  bool tmp_given = false, run_given = false;
+  for (const auto& t : config.tmpfs) {
+    // docker's --tmpfs defaults: noexec, nosuid, nodev, world-writable.
+    CELLA_TRY_CTX(mount_tmpfs(t.path, t.size_mib, MS_NOSUID | MS_NODEV | MS_NOEXEC, "1777"),
+                  "tmpfs " + t.path);
+    tmp_given = tmp_given || t.path == "/tmp";
+    run_given = run_given || t.path == "/run";
+  }
+  if (!config.read_only_root) return {};
+  if (!tmp_given) CELLA_TRY_CTX(mount_tmpfs("/tmp", 0, MS_NOSUID | MS_NODEV, "1777"), "/tmp");
+  if (!run_given) CELLA_TRY_CTX(mount_tmpfs("/run", 0, MS_NOSUID | MS_NODEV, "0755"), "/run");
+  // The root mount only: what is mounted beneath it keeps its own flags.
+  if (::mount(nullptr, "/", nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY, nullptr) != 0)
+    return FailErrno("remount / read-only");
+  return {};
+}
+
 }  // namespace cella::init

@@ -57,4 +57,9 @@ Status PrepareSystemd(const protocol::Config& config, const std::vector<std::str
 // chroot: the initramfs is rootfs, which pivot_root refuses).
 Status SwitchRoot();
 
+// After the switch and once the init has written its files: `--tmpfs`
+// mounts, then for `--read-only` a tmpfs on /tmp and /run (unless given) and
+// the root remounted read-only (volumes and tmpfs stay writable).
+Status MountTmpfsAndSealRoot(const protocol::Config& config);
+
 }  // namespace cella::init

@@ -6,6 +6,8 @@
 #include <sys/reboot.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <thread>
 
 #include "base/io.h"
@@ -22,6 +24,7 @@ constexpr unsigned kPowerOffGraceSeconds = 2;
 bool g_main_exited = false;
 bool g_shutdown_requested = false;
 std::chrono::milliseconds g_shutdown_grace{0};
+std::chrono::steady_clock::time_point g_shutdown_deadline;
 
 // SIGALRM: the host did not close the link after the main process's Result.
 // sync and reboot are plain syscalls, safe in a handler.
@@ -102,7 +105,9 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   options.on_main_exit = [keep_alive, &serving](int wait_status) {
     Say(MainExitLine(wait_status));
     g_main_exited = true;
-    if (!keep_alive) {
+    // During a stop the main process's end is what the guest waited for,
+    // keep-alive or not.
+    if (!keep_alive || g_shutdown_requested) {
       serving->StopWhenFlushed();
       ArmPowerOffAlarm();  // bounds the flush if the host stops reading
     }
@@ -110,6 +115,12 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   options.on_shutdown = [&serving](const protocol::ShutdownRequest& request) {
     g_shutdown_requested = true;
     g_shutdown_grace = std::chrono::milliseconds(request.grace_ms);
+    g_shutdown_deadline = std::chrono::steady_clock::now() + g_shutdown_grace;
+    // docker stop: the main process gets SIGTERM while the agent still
+    // serves, so what it prints on the way out and its exit status reach
+    // the host; on_main_exit then ends serving. SIGKILL after the grace
+    // bounds the wait, and the host bounds it again (grace + 5 s).
+    if (serving->TerminateMain(g_shutdown_grace)) return;
     serving->StopWhenFlushed();
     ArmPowerOffAlarm();
   };
@@ -128,7 +139,11 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
       // bounded that flush must not cut the workload's grace short.
       ::alarm(0);
       Say("shutdown requested by the host");
-      StopAllProcesses(g_shutdown_grace);
+      // What the main process left behind gets the rest of the grace (at
+      // least a moment to take its SIGTERM).
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          g_shutdown_deadline - std::chrono::steady_clock::now());
+      StopAllProcesses(std::max(left, std::chrono::milliseconds(200)));
       PowerOff();
     }
     if (g_main_exited && !keep_alive) PowerOff();

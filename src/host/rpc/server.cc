@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <deque>
 
 #include "base/io.h"
 #include "base/log.h"
@@ -28,9 +29,19 @@ struct Server::Call {
   std::mutex mu;
   bool cancelled = false;           // guarded by mu
   std::function<void()> on_cancel;  // guarded by mu; kills what the call started
-  // exec_pipe / exec_tty: the running process, for the client's stdin and
-  // resize notifications; set once it started.
-  std::shared_ptr<host::ExecSession> session;  // guarded by mu
+  // exec_pipe / exec_tty: the client's stdin and resize notifications, in
+  // arrival order, for PumpInput. Accepted once the process started
+  // (input_open) until it ended or stalled.
+  struct Input {
+    enum class Kind { kData, kEof, kResize } kind = Kind::kData;
+    std::string bytes;
+    uint16_t rows = 0, cols = 0;
+  };
+  bool input_open = false;           // guarded by mu
+  std::deque<Input> input;           // guarded by mu
+  size_t input_bytes = 0;            // guarded by mu
+  uint64_t input_taken = 0;          // guarded by mu; items the guest took
+  std::condition_variable input_cv;  // input added or taken, or input_open cleared
 };
 
 namespace {
@@ -482,13 +493,23 @@ void Server::DoExec(Call& call, const json& params, ExecMode mode) {
     // Best effort: the process may have exited already.
     (void)session->Signal(SIGKILL);
   };
+  std::thread input_pump;
   {
     std::lock_guard lock(call.mu);
     if (call.cancelled) {
       kill();
     } else {
       call.on_cancel = kill;
-      if (request.stdin_open) call.session = session;
+      if (request.stdin_open) {
+        call.input_open = true;
+        try {
+          input_pump = std::thread([&call, session] { PumpInput(call, *session); });
+        } catch (const std::system_error& e) {
+          call.input_open = false;
+          kill();
+          log::Warn("rpc: no thread for the exec's input", {{"error", e.what()}});
+        }
+      }
     }
   }
   // The client may send stdin from now on (matchlock's order: no stdin
@@ -501,8 +522,13 @@ void Server::DoExec(Call& call, const json& params, ExecMode mode) {
   {
     std::lock_guard lock(call.mu);
     call.on_cancel = nullptr;
-    call.session.reset();
+    call.input_open = false;
+    call.input.clear();
+    call.input_bytes = 0;
   }
+  call.input_cv.notify_all();
+  // The stream has ended, so a write waiting on credit has returned.
+  if (input_pump.joinable()) input_pump.join();
   if (!status) return AnswerError(call, kExecFailed, status.error().message);
   json result = {{"exit_code", status->ShellCode()}, {"duration_ms", MillisSince(start)}};
   if (!stream) {
@@ -532,24 +558,16 @@ void Server::HandleExecInput(const std::string& method, const json& params) {
     if (auto found = in_flight_.find(id->dump()); found != in_flight_.end()) call = found->second;
   }
   if (!call) return;
-  std::shared_ptr<host::ExecSession> session;
-  {
-    std::lock_guard lock(call->mu);
-    session = call->session;
-  }
-  if (!session) return;  // not ready yet, or over: dropped, as matchlock does
   const std::string what = method.substr(method.find('.') + 1);
-  Status st;
+  Call::Input input;
   if (what == "stdin") {
     auto data = params.find("data");
     if (data == params.end() || !data->is_string()) return;
     auto bytes = Base64Decode(data->get<std::string>());
     if (!bytes) return;
-    // Blocks while the guest has no credit for this stdin: input stays in
-    // order, and memory bounded, at the price of holding later lines.
-    st = session->WriteStdin(*bytes);
+    input.bytes = std::move(*bytes);
   } else if (what == "stdin_eof") {
-    st = session->CloseStdin();
+    input.kind = Call::Input::Kind::kEof;
   } else if (what == "resize" && tty) {
     auto rows = params.find("rows");
     auto cols = params.find("cols");
@@ -557,11 +575,94 @@ void Server::HandleExecInput(const std::string& method, const json& params) {
         !cols->is_number_unsigned() || rows->get<uint64_t>() == 0 || rows->get<uint64_t>() > 4096 ||
         cols->get<uint64_t>() == 0 || cols->get<uint64_t>() > 4096)
       return;
-    st = session->Resize(static_cast<uint16_t>(rows->get<uint64_t>()),
-                         static_cast<uint16_t>(cols->get<uint64_t>()));
+    input.kind = Call::Input::Kind::kResize;
+    input.rows = static_cast<uint16_t>(rows->get<uint64_t>());
+    input.cols = static_cast<uint16_t>(cols->get<uint64_t>());
+  } else {
+    return;
   }
-  if (!st)
-    log::Debug("rpc: exec input failed", {{"method", method}, {"error", st.error().message}});
+  const size_t size = input.bytes.size();
+  std::unique_lock lock(call->mu);
+  // Not ready yet, or over: dropped, as matchlock does.
+  if (!call->input_open) return;
+  // Queued input keeps its order and the reader keeps serving; only a full
+  // queue makes it wait, and only while the guest keeps taking input: a
+  // stall_ms without progress ends the exec.
+  auto fits = [&] {
+    return !call->input_open || size == 0 || call->input.empty() ||
+           call->input_bytes + size <= options_.max_stdin_queue;
+  };
+  bool room = true;
+  while (room && !fits()) {
+    uint64_t taken = call->input_taken;
+    room = call->input_cv.wait_for(lock, options_.stdin_stall,
+                                   [&] { return fits() || call->input_taken != taken; });
+  }
+  if (!call->input_open) return;
+  if (!room) {
+    call->input_open = false;
+    call->input.clear();
+    call->input_bytes = 0;
+    std::function<void()> kill = call->on_cancel;
+    lock.unlock();
+    call->input_cv.notify_all();
+    log::Notice("rpc: an exec did not take its input; ending it",
+                {{"queued_bytes", static_cast<int64_t>(options_.max_stdin_queue)}});
+    AnswerError(*call, kExecFailed,
+                "stdin: the process took none of its queued input for " +
+                    std::to_string(options_.stdin_stall.count()) +
+                    " ms (is it reading?); the exec was ended");
+    if (kill) kill();
+    return;
+  }
+  call->input_bytes += size;
+  call->input.push_back(std::move(input));
+  lock.unlock();
+  call->input_cv.notify_all();
+}
+
+void Server::PumpInput(Call& call, host::ExecSession& session) {
+  for (;;) {
+    Call::Input input;
+    {
+      std::unique_lock lock(call.mu);
+      call.input_cv.wait(lock, [&] { return !call.input_open || !call.input.empty(); });
+      if (!call.input_open) return;
+      input = std::move(call.input.front());
+      call.input.pop_front();
+    }
+    // Waits on the guest's credit here, off the reader thread. The bytes
+    // leave the queue's count only once the guest has taken them, so the
+    // queue bounds what is held for this exec.
+    Status st;
+    switch (input.kind) {
+      case Call::Input::Kind::kData:
+        st = session.WriteStdin(input.bytes);
+        break;
+      case Call::Input::Kind::kEof:
+        st = session.CloseStdin();
+        break;
+      case Call::Input::Kind::kResize:
+        st = session.Resize(input.rows, input.cols);
+        break;
+    }
+    {
+      std::lock_guard lock(call.mu);
+      call.input_bytes -= std::min(call.input_bytes, input.bytes.size());
+      ++call.input_taken;
+      if (!st) {
+        // The process is gone (or the link): what is queued can go nowhere.
+        call.input_open = false;
+        call.input.clear();
+        call.input_bytes = 0;
+      }
+    }
+    call.input_cv.notify_all();
+    if (!st) {
+      log::Debug("rpc: exec input failed", {{"error", st.error().message}});
+      return;
+    }
+  }
 }
 
 void Server::DoWriteFile(Call& call, const json& params) {

@@ -89,6 +89,14 @@ struct ServerOptions {
   std::chrono::milliseconds close_grace{2000};
   // How long teardown waits for cancelled work before closing regardless.
   std::chrono::milliseconds drain_timeout{10'000};
+  // exec_pipe / exec_tty input queued for the guest (which takes it as it
+  // grants credit), per exec. The reader thread never waits on the guest
+  // while the queue has room; with it full it waits at most `stdin_stall`,
+  // then ends that exec (−32001), so a process (or guest) that never reads
+  // cannot hold every later request. One notification always fits an empty
+  // queue.
+  size_t max_stdin_queue = size_t{16} << 20;
+  std::chrono::milliseconds stdin_stall{30'000};
 };
 
 class Server {
@@ -125,8 +133,11 @@ class Server {
   // from the client's notifications (exec_pipe), on a terminal (exec_tty).
   enum class ExecMode { kCollect, kStream, kPipe, kTty };
   void DoExec(Call& call, const json& params, ExecMode mode);
-  // exec_pipe.stdin / .stdin_eof, exec_tty.stdin / .stdin_eof / .resize.
+  // exec_pipe.stdin / .stdin_eof, exec_tty.stdin / .stdin_eof / .resize:
+  // queued on the call in arrival order (bounded, see ServerOptions).
   void HandleExecInput(const std::string& method, const json& params);
+  // The exec's input thread: hands the queued input to the guest.
+  static void PumpInput(Call& call, host::ExecSession& session);
   void DoWriteFile(Call& call, const json& params);
   void DoReadFile(Call& call, const json& params);
   void DoListFiles(Call& call, const json& params);

@@ -11,6 +11,7 @@
 //       console.log      guest console; output.log: the main process's output
 //       supervisor.log   the supervisor's own log lines
 //   <sandbox home>/volumes/<name>/volume.img
+//   <sandbox home>/rpc-removed/<id>      `cella rpc` closed it; `rm ID` succeeds once
 //
 // sandbox home = $CELLA_SANDBOX_HOME when set (tests isolate themselves
 // with it), else the cella home (host/os/paths.h). Pure functions.

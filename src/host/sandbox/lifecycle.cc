@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <thread>
 
 #include "base/log.h"
 
@@ -81,7 +82,10 @@ LifecycleOutcome SandboxLifecycle::Supervise() {
   std::optional<Clock::time_point> link_lost_at;
   for (;;) {
     auto exited = machine_->Wait(options_.tick);
-    if (exited) return Conclude(*exited);
+    if (exited) {
+      AwaitLinkDrained();
+      return Conclude(*exited);
+    }
     if (exited.error().errno_value != ETIMEDOUT) {
       return {true, store::SandboxState::kFailed, "waiting for the VM: " + exited.error().message,
               std::nullopt};
@@ -157,10 +161,35 @@ std::optional<LifecycleOutcome> SandboxLifecycle::WatchLink(
                           std::nullopt};
 }
 
+void SandboxLifecycle::AwaitLinkDrained() {
+  if (!hooks_.link_error) return;
+  auto until = Clock::now() + options_.link_drain_wait;
+  for (;;) {
+    {
+      std::lock_guard lock(mu_);
+      if (main_status_ || kill_requested_) return;
+    }
+    // Once the router saw the link end, every frame before it was handed in.
+    if (hooks_.link_error() || Clock::now() >= until) return;
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+}
+
 LifecycleOutcome SandboxLifecycle::Conclude(const vmm::VmExit& exit) {
   std::lock_guard lock(mu_);
   if (kill_requested_) return {true, store::SandboxState::kExited, "killed (cella kill)", 137};
-  if (stop_grace_) return {true, store::SandboxState::kStopped, "stopped (cella stop)", {}};
+  if (stop_grace_) {
+    // docker stop: the guest sent the main process SIGTERM and waited for
+    // it, so its status is how the sandbox ended (143, or 0 if it trapped
+    // TERM and exited cleanly, 137 if the grace ran out). Without one (no
+    // main process, or a guest that did not answer) the sandbox is stopped.
+    if (main_status_) {
+      int code = main_status_->ShellCode();
+      return {true, store::SandboxState::kExited,
+              "main process exited with " + std::to_string(code) + " (cella stop)", code};
+    }
+    return {true, store::SandboxState::kStopped, "stopped (cella stop)", {}};
+  }
   if (main_status_) {
     int code = main_status_->ShellCode();
     return {true, store::SandboxState::kExited, "main process exited with " + std::to_string(code),

@@ -48,6 +48,11 @@ struct LifecycleOptions {
   // the VM gets this long to end by itself before the closed link counts as
   // a failure. A link that broke the protocol fails the sandbox at once.
   std::chrono::milliseconds closed_link_grace{10'000};
+  // The guest sends the main process's Result and then powers off, so the VM
+  // can be seen gone before the router thread has read the last frames. At
+  // the end, the main status is awaited this long for the link to be read to
+  // its end (link_error set) before the sandbox's end is decided.
+  std::chrono::milliseconds link_drain_wait{2'000};
 };
 
 struct LifecycleHooks {
@@ -105,6 +110,7 @@ class SandboxLifecycle {
   LifecycleOutcome Conclude(const vmm::VmExit& exit);
   std::optional<LifecycleOutcome> WatchLink(
       std::optional<std::chrono::steady_clock::time_point>& link_lost_at);
+  void AwaitLinkDrained();
   void TearDown();
   void Record(const LifecycleOutcome& outcome);
   void Finish();

@@ -50,6 +50,7 @@ std::string EncodeSpec(const SandboxSpec& spec) {
   out["boot_timeout_s"] = spec.boot_timeout_s;
   out["upper_image"] = spec.upper_image;
   out["log_max_bytes"] = spec.log_max_bytes;
+  if (!spec.labels.empty()) out["labels"] = spec.labels;
   const EgressSpec& e = spec.egress;
   json egress = {{"enabled", e.enabled},
                  {"all_public", e.all_public},
@@ -121,6 +122,8 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
     spec.upper_image = doc.at("upper_image").get<std::string>();
     // Absent in specs written before logs were capped.
     spec.log_max_bytes = doc.value("log_max_bytes", kDefaultLogMaxBytes);
+    if (doc.contains("labels"))
+      spec.labels = doc.at("labels").get<std::map<std::string, std::string>>();
     if (doc.contains("egress")) {
       const json& e = doc.at("egress");
       EgressSpec& out = spec.egress;

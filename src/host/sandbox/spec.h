@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -95,6 +96,7 @@ struct SandboxSpec {
   std::string upper_image;                       // ext4 writable layer; empty = tmpfs
   uint64_t log_max_bytes = kDefaultLogMaxBytes;  // per log file, see log_files.h
   EgressSpec egress;
+  std::map<std::string, std::string> labels;  // --label K=V (ps --filter label=K=V)
 };
 
 std::string EncodeSpec(const SandboxSpec& spec);

@@ -392,9 +392,10 @@ Status QemuMachine::Stop(milliseconds grace) {
       // The guest spends up to `grace` on its processes (TERM, then KILL),
       // then flushes and powers off: leave room for that last part.
       deadline += std::chrono::seconds(5);
-      // The init powers off as soon as the host closes the link (else after
-      // a 2 s grace): closing it now saves those seconds.
-      agent_.reset();
+      // The link stays open: the main process's last output and its Result
+      // still travel on it (the supervisor's attach of it is a stream of
+      // this client), and the guest powers off once they are flushed.
+      // Close() drops it.
     } else {
       log::Debug("agent shutdown failed; trying ACPI", {{"error", st.error().message}});
     }

@@ -307,6 +307,22 @@ int Main(int argc, char** argv) {
   CLI::App* kill_cmd = app.add_subcommand("kill", "Kill sandboxes' VMs at once");
   kill_cmd->add_option("sandbox", kill_refs, "Sandboxes")->required();
 
+  std::vector<std::string> pause_refs;
+  CLI::App* pause_cmd =
+      app.add_subcommand("pause", "Freeze sandboxes' vCPUs (memory stays; unpause thaws)");
+  pause_cmd->add_option("sandbox", pause_refs, "Sandboxes")->required();
+  std::vector<std::string> unpause_refs;
+  CLI::App* unpause_cmd = app.add_subcommand("unpause", "Thaw paused sandboxes");
+  unpause_cmd->add_option("sandbox", unpause_refs, "Sandboxes")->required();
+  std::vector<std::string> standby_refs;
+  CLI::App* standby_cmd = app.add_subcommand(
+      "standby", "Put sandboxes to sleep: the whole machine to disk, its memory freed");
+  standby_cmd->add_option("sandbox", standby_refs, "Sandboxes")->required();
+  std::vector<std::string> resume_refs;
+  CLI::App* resume_cmd =
+      app.add_subcommand("resume", "Wake standby sandboxes where they were (also: start)");
+  resume_cmd->add_option("sandbox", resume_refs, "Sandboxes")->required();
+
   bool rm_force = false;
   std::vector<std::string> rm_refs;
   CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
@@ -380,6 +396,8 @@ int Main(int argc, char** argv) {
   supervise_cmd->add_option("id", supervise_id)->required();
   supervise_cmd->add_option("--ready-fd", supervise_ready_fd);
   supervise_cmd->add_flag("--client-attaches", supervise_client_attaches);
+  bool supervise_resume = false;
+  supervise_cmd->add_flag("--resume", supervise_resume);
 
   // Docker's rule: an option takes one value per occurrence (`-e A=1 -e B=2`),
   // never the words after it; CLI11 lets a list option eat every word that
@@ -472,6 +490,10 @@ int Main(int argc, char** argv) {
   if (start_cmd->parsed()) return cella::cli::StartCommand(start_refs);
   if (wait_cmd->parsed()) return cella::cli::WaitCommand(wait_refs);
   if (kill_cmd->parsed()) return cella::cli::KillCommand(kill_refs);
+  if (pause_cmd->parsed()) return cella::cli::PauseCommand(pause_refs);
+  if (unpause_cmd->parsed()) return cella::cli::UnpauseCommand(unpause_refs);
+  if (standby_cmd->parsed()) return cella::cli::StandbyCommand(standby_refs);
+  if (resume_cmd->parsed()) return cella::cli::ResumeCommand(resume_refs);
   if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
   if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst, cp_archive);
@@ -497,8 +519,8 @@ int Main(int argc, char** argv) {
                                                                                  : kExitCellaError;
   }
   if (supervise_cmd->parsed())
-    return cella::cli::SuperviseCommand(supervise_id, supervise_ready_fd,
-                                        supervise_client_attaches);
+    return cella::cli::SuperviseCommand(supervise_id, supervise_ready_fd, supervise_client_attaches,
+                                        supervise_resume);
   return kExitCellaError;
 }
 

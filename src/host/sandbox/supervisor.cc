@@ -4,6 +4,8 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -24,6 +26,8 @@
 #include "host/net/proxy.h"
 #include "host/net/resolver.h"
 #include "host/net/tls.h"
+#include "host/os/paths.h"
+#include "host/os/process.h"
 #include "host/sandbox/compose.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
@@ -31,9 +35,9 @@
 #include "host/sandbox/lifecycle.h"
 #include "host/sandbox/log_files.h"
 #include "host/sandbox/port_forward.h"
+#include "host/sandbox/snapshot.h"
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
-#include "host/os/paths.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace cella::sandbox {
@@ -54,6 +58,15 @@ std::vector<VolumeAttachment> Attachments(const SandboxSpec& spec) {
   for (const VolumeSpec& v : spec.volumes)
     out.push_back({v.host_path, v.guest_path, v.mode, v.overlay_path});
   return out;
+}
+
+SnapshotCompression DefaultCompression() {
+  const char* chosen = std::getenv("CELLA_SNAPSHOT_COMPRESSION");
+  if (chosen && *chosen) {
+    if (auto parsed = ParseSnapshotCompression(chosen)) return *parsed;
+    log::Warn("ignoring CELLA_SNAPSHOT_COMPRESSION", {{"value", chosen}});
+  }
+  return SnapshotCompression::kZstd;
 }
 
 class Supervisor {
@@ -124,15 +137,28 @@ class Supervisor {
     protocol::Config guest = spec.guest;
     vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {}, args_.id,
                                          paths_.dir, spec.root_image_path, spec.upper_image));
+    vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
+    vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
+    options.boot_timeout = std::chrono::seconds(spec.boot_timeout_s);
+    has_volumes_ = !spec.volumes.empty();
+    memory_mib_ = spec.shape.memory_mib;
+    compat_ = CELLA_TRY(CurrentCompat(vm, options, spec, assets));
+    standby_dir_ = paths_.dir + "/standby";
+    if (args_.resume) {
+      CELLA_TRY_CTX(PrepareResume(vm), "resume");
+    } else {
+      // A boot changes the disks under any snapshot of the sandbox's past.
+      CELLA_TRY(RemoveSnapshot(standby_dir_));
+    }
+
     if (spec.egress.enabled) CELLA_TRY_CTX(StartEgress(spec, cella_home, guest, vm), "egress");
-    CELLA_TRY(WriteGuestConfig(guest, vm));
+    // A restored guest has its configuration mounted already: the disk
+    // stays exactly as it was.
+    if (!args_.resume) CELLA_TRY(WriteGuestConfig(guest, vm));
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());
     ports_ = spec.ports;
 
-    vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
-    vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
-    options.boot_timeout = std::chrono::seconds(spec.boot_timeout_s);
     options.wrap_agent_link = [this](UniqueFd link) -> Result<UniqueFd> {
       host::RouterHooks hooks;
       hooks.on_main_output = [this](protocol::Channel, std::span<const std::byte> bytes) {
@@ -167,6 +193,7 @@ class Supervisor {
     hooks.before_close = [this] { BeforeClose(); };
     hooks.after_close = [this] { AfterClose(); };
     hooks.on_tick = [this] { TrimConsole(); };
+    hooks.standby = [this] { return Standby(); };
     hooks.link_error = [this]() -> std::optional<Error> {
       if (!router_) return std::nullopt;
       return router_->UpstreamError();
@@ -181,8 +208,18 @@ class Supervisor {
   // The VM is up: CLI processes may now reach it.
   Status AfterBoot() {
     if (!router_) return Fail("the VM booted without an agent router");
-    CELLA_TRY(router_->Listen(paths_.mux_socket));
     host::AgentClient* agent = lifecycle_->machine().Agent();
+    if (args_.resume && !resume_announced_) {
+      // Before anyone else reaches the guest: its clock stood still while
+      // it slept, and its programs may want to know they were asleep.
+      resume_announced_ = true;
+      auto count = agent->Resumed(std::chrono::system_clock::now());
+      if (!count)
+        return std::unexpected(std::move(count.error()).WithContext("set the guest clock"));
+      log::Notice("resumed from the standby snapshot",
+                  {{"id", args_.id}, {"resume_count", std::to_string(*count)}});
+    }
+    CELLA_TRY(router_->Listen(paths_.mux_socket));
     for (const PortSpec& p : ports_) {
       auto forwarder =
           PortForwarder::Start(p.host_ip, p.host_port, p.guest_port,
@@ -195,6 +232,108 @@ class Supervisor {
       CELLA_TRY_CTX(main_->CloseStdin(), "close the main process's stdin");
     }
     return {};
+  }
+
+  Result<SnapshotCompat> CurrentCompat(const vmm::VMConfig& vm,
+                                       const vmm::QemuBackendOptions& options,
+                                       const SandboxSpec& spec, const GuestAssets& assets) {
+    SnapshotCompat c;
+    std::string version = CELLA_TRY_CTX(
+        host::CheckCommand({options.qemu_binary, "--version"}, std::chrono::seconds(30)),
+        "QEMU version");
+    c.qemu_version = version.substr(0, version.find('\n'));
+    c.kernel = CELLA_TRY(FileIdentity(vm.KernelPath));
+    c.initramfs = CELLA_TRY(FileIdentity(vm.InitramfsPath));
+    c.memory_mb = vm.MemoryMB;
+    c.cpus = vm.CPUs;
+    c.accel = std::string(vmm::ToString(options.accel.chosen));
+    c.root_image = spec.root_image_path.empty()
+                       ? "built-in " + CELLA_TRY(FileIdentity(assets.default_rootfs_path))
+                       : spec.root_image_path;
+    return c;
+  }
+
+  // The VM comes from the standby snapshot, checked before QEMU reads it.
+  Status PrepareResume(vmm::VMConfig& vm) {
+    SnapshotManifest manifest = CELLA_TRY(VerifySnapshot(standby_dir_));
+    if (std::string mismatch = CompatMismatch(manifest.compat, compat_); !mismatch.empty())
+      return Fail("the standby snapshot cannot be restored here: " + mismatch +
+                  "; start it cold instead (cella stop, then cella start: its memory is lost, "
+                  "its disks are kept)");
+    vm.ConfigDiskPath = vm.StateDir + "/config.img";
+    if (::access(vm.ConfigDiskPath.c_str(), R_OK) != 0)
+      return FailErrno("the config disk of the snapshot " + vm.ConfigDiskPath);
+    vm.IncomingMigration = LoadUri(standby_dir_, manifest);
+    return {};
+  }
+
+  // cella standby, on the lifecycle's thread (see LifecycleHooks::standby).
+  Status Standby() {
+    if (auto_remove_ || args_.main_attach == MainAttach::kByClient)
+      return Fail(
+          "standby needs a sandbox that outlives its supervisor; this one ends with its "
+          "foreground run or was started with --rm (use cella run -d)");
+    if (has_volumes_)
+      return Fail(
+          "standby of a sandbox with volumes is not supported: another sandbox could change a "
+          "volume while this one sleeps");
+    // The stream holds at most the guest's RAM and a little device state.
+    uint64_t need = (uint64_t(memory_mib_) + 64) << 20;
+    struct statvfs fs {};
+    if (::statvfs(paths_.dir.c_str(), &fs) != 0) return FailErrno("statvfs " + paths_.dir);
+    if (uint64_t(fs.f_bavail) * fs.f_frsize < need)
+      return Fail("not enough free space in " + paths_.dir + " for the snapshot (up to " +
+                  std::to_string(need >> 20) + " MiB)");
+    CELLA_TRY(RemoveSnapshot(standby_dir_));
+    if (::mkdir(standby_dir_.c_str(), 0700) != 0) return FailErrno("mkdir " + standby_dir_);
+
+    SnapshotManifest manifest;
+    manifest.compression = compression_;
+    manifest.state_file =
+        compression_ == SnapshotCompression::kZstd ? "machine.state.zst" : "machine.state";
+    manifest.created_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                              std::chrono::system_clock::now().time_since_epoch())
+                              .count();
+    manifest.memory_bytes = uint64_t(memory_mib_) << 20;
+    manifest.compat = compat_;
+
+    // Everything that uses the link goes first; the router's end closing
+    // is what tells the guest agent to let go of its link (the main process
+    // keeps running, detached, and is attached again after the resume).
+    for (auto& f : forwarders_) f->Stop();
+    forwarders_.clear();
+    if (router_) router_->Stop();
+    main_.reset();
+    vmm::Machine& machine = lifecycle_->machine();
+    auto started = std::chrono::steady_clock::now();
+    Status saved = [&]() -> Status {
+      CELLA_TRY(machine.ReleaseAgent(std::chrono::seconds(15)));
+      CELLA_TRY(machine.SaveState(SaveUri(standby_dir_, manifest), std::chrono::minutes(10)));
+      manifest = CELLA_TRY(CommitSnapshot(standby_dir_, manifest));
+      return {};
+    }();
+    if (saved) {
+      log::Notice("standby snapshot committed",
+                  {{"id", args_.id},
+                   {"bytes", std::to_string(manifest.size_bytes)},
+                   {"compression", std::string(ToString(manifest.compression))},
+                   {"ms", std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                             std::chrono::steady_clock::now() - started)
+                                             .count())}});
+      return {};
+    }
+    log::Warn("standby failed; resuming the VM", {{"error", OneLine(saved.error().message)}});
+    if (auto st = RemoveSnapshot(standby_dir_); !st)
+      log::Warn("could not remove the partial snapshot", {{"error", st.error().message}});
+    Status back = [&]() -> Status {
+      CELLA_TRY(machine.ReconnectAgent());
+      return AfterBoot();
+    }();
+    if (!back)
+      return std::unexpected(Error{
+          saved.error().message + "; and the VM could not be resumed: " + back.error().message,
+          EIO});
+    return saved;
   }
 
   // The sealed network: a namespace whose only exits are our DNS server and
@@ -358,6 +497,13 @@ class Supervisor {
   std::optional<store::StateStore> store_;
   bool auto_remove_ = false;
   bool has_main_ = false;
+  bool has_volumes_ = false;
+  int memory_mib_ = 0;
+  SnapshotCompat compat_;
+  std::string standby_dir_;
+  bool resume_announced_ = false;
+  // $CELLA_SNAPSHOT_COMPRESSION (none|zstd) picks it for measurements.
+  SnapshotCompression compression_ = DefaultCompression();
   std::vector<PortSpec> ports_;
   uint64_t log_max_bytes_ = kDefaultLogMaxBytes;
   std::optional<CappedLogWriter> output_log_;  // written by the router thread only
@@ -400,7 +546,7 @@ int RunSupervisor(const SupervisorArgs& args) {
 
 Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,
                        const std::string& log_path, std::chrono::milliseconds ready_timeout,
-                       const std::string& secrets_json) {
+                       const std::string& secrets_json, bool resume) {
   int secret_fds[2];
   if (::pipe2(secret_fds, O_CLOEXEC) != 0) return FailErrno("pipe2");
   UniqueFd secrets_read(secret_fds[0]);
@@ -418,6 +564,7 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
   std::string ready_arg = "--ready-fd=3";
   std::vector<std::string> argv_storage = {self_exe, "__supervise", id, ready_arg};
   if (attach == MainAttach::kByClient) argv_storage.push_back("--client-attaches");
+  if (resume) argv_storage.push_back("--resume");
   std::vector<char*> argv;
   for (auto& a : argv_storage) argv.push_back(a.data());
   argv.push_back(nullptr);

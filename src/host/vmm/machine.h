@@ -70,6 +70,29 @@ class Machine {
   virtual Status Pause() = 0;
   virtual Status Resume() = 0;
 
+  // Snapshots, from the controlling thread. Backends without them (and
+  // test fakes) fail with ENOTSUP.
+  //
+  // Lets go of the agent link before a snapshot: the caller has closed the
+  // link's far end (the supervisor's router); this drops Agent() and waits
+  // (bounded) until the guest has closed its end of the port, so a guest
+  // restored later starts a fresh link instead of continuing a dead one.
+  virtual Status ReleaseAgent(std::chrono::milliseconds /*timeout*/) {
+    return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
+  }
+  // Freezes the vCPUs and writes the whole machine (memory, devices; disks
+  // are flushed, their content is not included) to `uri`, a QEMU migration
+  // URI ("exec:CMD" writes the stream to CMD's stdin). The VM stays frozen:
+  // Resume() thaws it, Close() ends it.
+  virtual Status SaveState(const std::string& /*uri*/, std::chrono::milliseconds /*timeout*/) {
+    return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
+  }
+  // After ReleaseAgent: thaws the VM and connects to the agent again as
+  // Start does (a snapshot that did not go through).
+  virtual Status ReconnectAgent() {
+    return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
+  }
+
   virtual const VMConfig& Config() const = 0;
   // Wall time from launching the hypervisor to the agent's Hello.
   virtual std::chrono::milliseconds BootDuration() const = 0;

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -48,6 +49,16 @@ class QmpClient {
   // Asks QEMU to exit. QEMU may close the socket before replying; that
   // counts as success.
   Status Quit();
+
+  // Waits for an event named `name` whose "data" satisfies `match` (one kept
+  // from earlier commands counts, and is consumed). ETIMEDOUT after timeout.
+  Result<nlohmann::json> WaitEvent(std::string_view name,
+                                   const std::function<bool(const nlohmann::json&)>& match,
+                                   Duration timeout);
+  // Runs a migration that was started (migrate / migrate-incoming) until
+  // query-migrate says "completed"; an error with QEMU's reason when it
+  // says "failed" or "cancelled", ETIMEDOUT after timeout.
+  Status AwaitMigration(Duration timeout);
 
   // Most recent events (oldest first), at most kMaxEvents.
   static constexpr size_t kMaxEvents = 64;

@@ -66,6 +66,11 @@ struct VMConfig {
   std::string StateDir;             // per-VM runtime dir (sockets, logs); required
   std::string ConfigDiskPath;       // ext4 image with /config.json (WriteConfigDisk): cella-config
   std::vector<DiskConfig> Volumes;  // named volumes: cella-vol<N>
+  // Set: the VM does not boot but is restored from a snapshot: QEMU starts
+  // with `-incoming defer` and is fed this migration URI (e.g. "exec:cat
+  // FILE") with migrate-incoming. Every other field must be what the
+  // snapshot was taken with (the device set must match).
+  std::string IncomingMigration;
 };
 
 // Disk serials the guest init finds as /dev/disk/by-id/virtio-<serial>.

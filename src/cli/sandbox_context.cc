@@ -134,7 +134,7 @@ std::string DescribeStatus(const store::SandboxRecord& r, int64_t now_ms) {
     case store::SandboxState::kFailed:
       return "Failed: " + r.reason;
     case store::SandboxState::kPaused:
-      return "Up " + DescribeAge(r.updated_ms, now_ms) + " (Paused)";
+      return "Paused " + DescribeAge(r.updated_ms, now_ms);
     case store::SandboxState::kStandby:
       return "Standby " + DescribeAge(r.updated_ms, now_ms);
   }

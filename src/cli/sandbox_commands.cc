@@ -518,7 +518,8 @@ int PruneCommand() {
   int code = 0;
   int removed = 0;
   for (const auto& r : *records) {
-    if (store::IsActive(r.state)) continue;
+    // A standby sandbox is asleep, not stopped: its snapshot is kept.
+    if (store::IsActive(r.state) || r.state == store::SandboxState::kStandby) continue;
     if (auto st = RemoveSandboxCompletely(*ctx, r); !st) {
       code = ReportFailure(st.error());
       continue;

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "base/io.h"
@@ -133,7 +135,7 @@ class SnapshotFilesTest : public ::testing::TestWithParam<SnapshotCompression> {
     snap_ = dir_.path() + "/it's here";
     ASSERT_EQ(::mkdir(snap_.c_str(), 0700), 0);
   }
-  TempDir dir_;
+  testing::TempDir dir_;
   std::string snap_;
 };
 
@@ -184,7 +186,9 @@ TEST_P(SnapshotFilesTest, AnInterruptedWriteLeavesNoSnapshot) {
 
 INSTANTIATE_TEST_SUITE_P(Codecs, SnapshotFilesTest,
                          ::testing::Values(SnapshotCompression::kNone, SnapshotCompression::kZstd),
-                         [](const auto& info) { return std::string(ToString(info.param)); });
+                         [](const auto& param_info) {
+                           return std::string(ToString(param_info.param));
+                         });
 
 }  // namespace
 }  // namespace cella::sandbox

@@ -108,6 +108,12 @@ int UnpauseCommand(const std::vector<std::string>& refs);
 // supervisor exit. `resume` (or `start`) brings it back where it was.
 int StandbyCommand(const std::vector<std::string>& refs);
 int ResumeCommand(const std::vector<std::string>& refs);
+// Named snapshots (snapshot_commands.cc): create from a running sandbox
+// (frozen only while saved), list, remove, restore into a new sandbox.
+int SnapshotCreateCommand(const std::string& sandbox_ref, const std::string& name);
+int SnapshotLsCommand(ListFormat format);
+int SnapshotRmCommand(const std::vector<std::string>& names);
+int SnapshotRestoreCommand(const std::string& snapshot, const std::string& new_name);
 int RmCommand(const std::vector<std::string>& refs, bool force);
 int PruneCommand();
 // Without `archive`, copied entries belong to the copier (root in the

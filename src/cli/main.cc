@@ -323,6 +323,25 @@ int Main(int argc, char** argv) {
       app.add_subcommand("resume", "Wake standby sandboxes where they were (also: start)");
   resume_cmd->add_option("sandbox", resume_refs, "Sandboxes")->required();
 
+  CLI::App* snapshot_cmd = app.add_subcommand("snapshot", "Named snapshots of sandboxes");
+  snapshot_cmd->require_subcommand(1);
+  std::string snap_sandbox, snap_name;
+  CLI::App* snap_create = snapshot_cmd->add_subcommand(
+      "create", "Snapshot a running sandbox (frozen only while it is saved)");
+  snap_create->add_option("sandbox", snap_sandbox, "Sandbox")->required();
+  snap_create->add_option("name", snap_name, "Snapshot name (default: sandbox-time)");
+  bool snap_ls_json = false;
+  CLI::App* snap_ls = snapshot_cmd->add_subcommand("ls", "List snapshots with their sizes");
+  snap_ls->add_flag("--json", snap_ls_json, "JSON output");
+  std::vector<std::string> snap_rm_names;
+  CLI::App* snap_rm = snapshot_cmd->add_subcommand("rm", "Remove snapshots");
+  snap_rm->add_option("name", snap_rm_names, "Snapshots")->required();
+  std::string snap_restore_name, snap_restore_as;
+  CLI::App* snap_restore = snapshot_cmd->add_subcommand(
+      "restore", "Restore a snapshot into a new sandbox (prints its ID)");
+  snap_restore->add_option("name", snap_restore_name, "Snapshot")->required();
+  snap_restore->add_option("--name", snap_restore_as, "Name of the new sandbox");
+
   bool rm_force = false;
   std::vector<std::string> rm_refs;
   CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
@@ -494,6 +513,12 @@ int Main(int argc, char** argv) {
   if (unpause_cmd->parsed()) return cella::cli::UnpauseCommand(unpause_refs);
   if (standby_cmd->parsed()) return cella::cli::StandbyCommand(standby_refs);
   if (resume_cmd->parsed()) return cella::cli::ResumeCommand(resume_refs);
+  if (snap_create->parsed()) return cella::cli::SnapshotCreateCommand(snap_sandbox, snap_name);
+  if (snap_ls->parsed())
+    return cella::cli::SnapshotLsCommand(snap_ls_json ? ListFormat::kJson : ListFormat::kText);
+  if (snap_rm->parsed()) return cella::cli::SnapshotRmCommand(snap_rm_names);
+  if (snap_restore->parsed())
+    return cella::cli::SnapshotRestoreCommand(snap_restore_name, snap_restore_as);
   if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
   if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst, cp_archive);

@@ -178,6 +178,28 @@ std::optional<LifecycleOutcome> SandboxLifecycle::RunPendingOp(bool& paused) {
       finish(std::move(recorded));
       return std::nullopt;
     }
+    case VmOp::kSnapshot: {
+      if (paused) {
+        finish(Fail("the sandbox is paused; unpause it before taking a snapshot"));
+        return std::nullopt;
+      }
+      if (!hooks_.snapshot) {
+        finish(Fail("this sandbox cannot be snapshotted"));
+        return std::nullopt;
+      }
+      Status saved = hooks_.snapshot(op->dir);
+      finish(saved);
+      if (!saved && saved.error().errno_value == EIO) {
+        if (auto st = machine_->Kill(); !st)
+          log::Warn("kill VM failed", {{"error", st.error().message}});
+        return LifecycleOutcome{
+            true,
+            SandboxState::kFailed,
+            "snapshot failed and the VM could not be resumed: " + OneLine(saved.error().message),
+            {}};
+      }
+      return std::nullopt;
+    }
     case VmOp::kStandby: {
       if (!hooks_.standby) {
         finish(Fail("this sandbox cannot go to standby"));
@@ -298,14 +320,22 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
   std::string op = request.value("op", std::string());
   std::unique_lock lock(mu_);
   if (op == "status") return {{"ok", true}, {"finished", finished_}};
-  if (op == "pause" || op == "unpause" || op == "standby") {
+  if (op == "pause" || op == "unpause" || op == "standby" || op == "snapshot") {
     if (finished_) return {{"ok", false}, {"error", "the sandbox has ended"}};
     if (stop_grace_ || kill_requested_)
       return {{"ok", false}, {"error", "the sandbox is stopping"}};
     if (pending_op_ && !pending_op_->result)
       return {{"ok", false}, {"error", "another pause, unpause or standby is in progress"}};
     auto pending = std::make_shared<PendingOp>();
-    pending->op = op == "pause" ? VmOp::kPause : op == "unpause" ? VmOp::kUnpause : VmOp::kStandby;
+    pending->op = op == "pause"     ? VmOp::kPause
+                  : op == "unpause" ? VmOp::kUnpause
+                  : op == "standby" ? VmOp::kStandby
+                                    : VmOp::kSnapshot;
+    if (pending->op == VmOp::kSnapshot) {
+      pending->dir = request.value("dir", std::string());
+      if (pending->dir.empty() || pending->dir[0] != '/')
+        return {{"ok", false}, {"error", "snapshot: \"dir\" must be an absolute path"}};
+    }
     pending_op_ = pending;
     changed_.notify_all();
     // A standby's reply waits for the end (the caller then sees QEMU gone).

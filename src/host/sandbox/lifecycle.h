@@ -75,6 +75,10 @@ struct LifecycleHooks {
   // errno_value EIO when it could not (the sandbox is then failed). Unset:
   // standby is refused.
   std::function<Status()> standby;
+  // `cella snapshot create`, on Run()'s thread: saves the machine into the
+  // directory named, then lets it run on. Errors as for standby (EIO: the
+  // VM could not be brought back, the sandbox is failed). Unset: refused.
+  std::function<Status(const std::string& dir)> snapshot;
 };
 
 // What was recorded at the end.
@@ -99,7 +103,8 @@ class SandboxLifecycle {
   LifecycleOutcome Run();
 
   // {"op":"status"} | {"op":"stop","grace_ms":N} | {"op":"kill"} |
-  // {"op":"pause"} | {"op":"unpause"} | {"op":"standby"}; the reply the
+  // {"op":"pause"} | {"op":"unpause"} | {"op":"standby"} |
+  // {"op":"snapshot","dir":PATH} (running only); the reply the
   // control socket sends. Other ops: {"ok":false,...}. pause/unpause reply
   // once the vCPUs stopped (started) and the state is recorded; standby once
   // the snapshot is committed and the supervisor has finished. A paused
@@ -126,9 +131,10 @@ class SandboxLifecycle {
   // the sandbox ended by it (a committed standby).
   std::optional<LifecycleOutcome> RunPendingOp(bool& paused);
 
-  enum class VmOp { kPause, kUnpause, kStandby };
+  enum class VmOp { kPause, kUnpause, kStandby, kSnapshot };
   struct PendingOp {
     VmOp op;
+    std::string dir;               // kSnapshot
     std::optional<Status> result;  // set by Run()'s thread
   };
 

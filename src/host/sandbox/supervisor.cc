@@ -141,6 +141,7 @@ class Supervisor {
     vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
     options.boot_timeout = std::chrono::seconds(spec.boot_timeout_s);
     has_volumes_ = !spec.volumes.empty();
+    spec_upper_image_ = spec.upper_image;
     memory_mib_ = spec.shape.memory_mib;
     compat_ = CELLA_TRY(CurrentCompat(vm, options, spec, assets));
     standby_dir_ = paths_.dir + "/standby";
@@ -194,6 +195,7 @@ class Supervisor {
     hooks.after_close = [this] { AfterClose(); };
     hooks.on_tick = [this] { TrimConsole(); };
     hooks.standby = [this] { return Standby(); };
+    hooks.snapshot = [this](const std::string& dir) { return Snapshot(dir); };
     hooks.link_error = [this]() -> std::optional<Error> {
       if (!router_) return std::nullopt;
       return router_->UpstreamError();
@@ -269,14 +271,55 @@ class Supervisor {
 
   // cella standby, on the lifecycle's thread (see LifecycleHooks::standby).
   Status Standby() {
+    CELLA_TRY(CheckSnapshottable("standby"));
+    CELLA_TRY(RemoveSnapshot(standby_dir_));
+    return SaveMachine(standby_dir_, AfterSave::kStayFrozen, nullptr);
+  }
+
+  // cella snapshot create: the machine into `dir` (with copies of the
+  // writable layer and the config disk, taken while it is frozen, and the
+  // record it can be restored from), then running again.
+  Status Snapshot(const std::string& dir) {
+    CELLA_TRY(CheckSnapshottable("snapshot"));
+    if (spec_upper_image_.empty())
+      return Fail("snapshot: this sandbox has no writable layer on disk to copy");
+    if (::access(dir.c_str(), F_OK) == 0) return Fail("snapshot " + dir + " exists already");
+    std::string partial = dir + ".partial";
+    CELLA_TRY(RemoveSnapshot(partial));
+    store::SandboxRecord record = CELLA_TRY(store_->Get(args_.id));
+    auto copy_disks = [&](const std::string& into) -> Status {
+      const std::pair<std::string, std::string> disks[] = {
+          {spec_upper_image_, "upper.img"}, {paths_.dir + "/config.img", "config.img"}};
+      for (const auto& [from, name] : disks) {
+        CELLA_TRY(host::CheckCommand(
+            std::vector<std::string>{"cp", "--sparse=always", from, into + "/" + name},
+            std::chrono::minutes(10)));
+      }
+      nlohmann::json meta = {{"source_id", record.id},
+                             {"source_name", record.name},
+                             {"image", record.image},
+                             {"command", record.command},
+                             {"spec_json", record.spec_json}};
+      return WriteStringToFile(into + "/sandbox.json", meta.dump(2) + "\n", 0600);
+    };
+    CELLA_TRY(SaveMachine(partial, AfterSave::kRunAgain, copy_disks));
+    if (::rename(partial.c_str(), dir.c_str()) != 0) {
+      Error err = Error::FromErrno("rename " + partial);
+      (void)RemoveSnapshot(partial);  // best effort: the error above is what counts
+      return std::unexpected(std::move(err));
+    }
+    return {};
+  }
+
+  Status CheckSnapshottable(std::string_view what) {
     if (auto_remove_ || args_.main_attach == MainAttach::kByClient)
-      return Fail(
-          "standby needs a sandbox that outlives its supervisor; this one ends with its "
-          "foreground run or was started with --rm (use cella run -d)");
+      return Fail(std::string(what) +
+                  " needs a sandbox that outlives its supervisor; this one ends with its "
+                  "foreground run or was started with --rm (use cella run -d)");
     if (has_volumes_)
-      return Fail(
-          "standby of a sandbox with volumes is not supported: another sandbox could change a "
-          "volume while this one sleeps");
+      return Fail(std::string(what) +
+                  " of a sandbox with volumes is not supported: a volume can change while the "
+                  "snapshot waits");
     // The stream holds at most the guest's RAM and a little device state.
     uint64_t need = (uint64_t(memory_mib_) + 64) << 20;
     struct statvfs fs {};
@@ -284,9 +327,18 @@ class Supervisor {
     if (uint64_t(fs.f_bavail) * fs.f_frsize < need)
       return Fail("not enough free space in " + paths_.dir + " for the snapshot (up to " +
                   std::to_string(need >> 20) + " MiB)");
-    CELLA_TRY(RemoveSnapshot(standby_dir_));
-    if (::mkdir(standby_dir_.c_str(), 0700) != 0) return FailErrno("mkdir " + standby_dir_);
+    return {};
+  }
 
+  enum class AfterSave { kStayFrozen, kRunAgain };
+
+  // Saves the machine into `dir` (created here) and commits it. With
+  // kRunAgain, and whenever the save fails, the VM runs on afterwards and
+  // its agent link, forwards and main process are back; when that fails
+  // too the error has errno_value EIO.
+  Status SaveMachine(const std::string& dir, AfterSave after,
+                     const std::function<Status(const std::string&)>& while_frozen) {
+    if (::mkdir(dir.c_str(), 0700) != 0) return FailErrno("mkdir " + dir);
     SnapshotManifest manifest;
     manifest.compression = compression_;
     manifest.state_file =
@@ -299,7 +351,7 @@ class Supervisor {
 
     // Everything that uses the link goes first; the router's end closing
     // is what tells the guest agent to let go of its link (the main process
-    // keeps running, detached, and is attached again after the resume).
+    // keeps running, detached, and is attached again afterwards).
     for (auto& f : forwarders_) f->Stop();
     forwarders_.clear();
     if (router_) router_->Stop();
@@ -308,31 +360,35 @@ class Supervisor {
     auto started = std::chrono::steady_clock::now();
     Status saved = [&]() -> Status {
       CELLA_TRY(machine.ReleaseAgent(std::chrono::seconds(15)));
-      CELLA_TRY(machine.SaveState(SaveUri(standby_dir_, manifest), std::chrono::minutes(10)));
-      manifest = CELLA_TRY(CommitSnapshot(standby_dir_, manifest));
+      CELLA_TRY(machine.SaveState(SaveUri(dir, manifest), std::chrono::minutes(10)));
+      if (while_frozen) CELLA_TRY(while_frozen(dir));
+      manifest = CELLA_TRY(CommitSnapshot(dir, manifest));
       return {};
     }();
     if (saved) {
-      log::Notice("standby snapshot committed",
+      log::Notice("snapshot committed",
                   {{"id", args_.id},
+                   {"dir", dir},
                    {"bytes", std::to_string(manifest.size_bytes)},
                    {"compression", std::string(ToString(manifest.compression))},
                    {"ms", std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
                                              std::chrono::steady_clock::now() - started)
                                              .count())}});
-      return {};
+      if (after == AfterSave::kStayFrozen) return {};
+    } else {
+      log::Warn("snapshot failed; resuming the VM", {{"error", OneLine(saved.error().message)}});
+      if (auto st = RemoveSnapshot(dir); !st)
+        log::Warn("could not remove the partial snapshot", {{"error", st.error().message}});
     }
-    log::Warn("standby failed; resuming the VM", {{"error", OneLine(saved.error().message)}});
-    if (auto st = RemoveSnapshot(standby_dir_); !st)
-      log::Warn("could not remove the partial snapshot", {{"error", st.error().message}});
     Status back = [&]() -> Status {
       CELLA_TRY(machine.ReconnectAgent());
       return AfterBoot();
     }();
-    if (!back)
-      return std::unexpected(Error{
-          saved.error().message + "; and the VM could not be resumed: " + back.error().message,
-          EIO});
+    if (!back) {
+      std::string why = saved ? "the snapshot was saved" : saved.error().message;
+      return std::unexpected(
+          Error{why + "; and the VM could not be resumed: " + back.error().message, EIO});
+    }
     return saved;
   }
 
@@ -498,6 +554,7 @@ class Supervisor {
   bool auto_remove_ = false;
   bool has_main_ = false;
   bool has_volumes_ = false;
+  std::string spec_upper_image_;
   int memory_mib_ = 0;
   SnapshotCompat compat_;
   std::string standby_dir_;

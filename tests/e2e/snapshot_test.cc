@@ -45,7 +45,7 @@ class SnapshotTest : public LifecycleTest {
 TEST_F(SnapshotTest, PauseUnpauseStandbyResumeContinueWhereTheSandboxWas) {
   std::string id = RunDetached(kCounter);
   ASSERT_FALSE(id.empty());
-  Exec(id, "echo kept-bytes > /root/data; sync");
+  Exec(id, "echo kept-bytes > /root/data; sync; echo ram > /dev/shm/in-memory");
   // The loop has started counting.
   auto deadline = std::chrono::steady_clock::now() + seconds(60);
   while (Count(id) < 3 && std::chrono::steady_clock::now() < deadline)
@@ -103,6 +103,8 @@ TEST_F(SnapshotTest, PauseUnpauseStandbyResumeContinueWhereTheSandboxWas) {
   }
   EXPECT_GT(later, after) << "the counter keeps counting after the resume";
   EXPECT_EQ(Exec(id, "cat /root/data"), "kept-bytes");
+  EXPECT_EQ(Exec(id, "cat /dev/shm/in-memory"), "ram")
+      << "tmpfs lives in RAM: only a resume keeps it";
   EXPECT_EQ(Exec(id, "cat /run/cella/resume-count"), "1");
   // The guest's wall clock was set on resume: within a few seconds of the
   // host's (without it, it would lag by the whole sleep and more).
@@ -146,6 +148,59 @@ TEST_F(SnapshotTest, ACorruptSnapshotFailsTheResumeAndKeepsTheDisks) {
   ASSERT_EQ(started.exit_code, 0) << Describe(started);
   EXPECT_EQ(Exec(id, "cat /root/note"), "survives");
   EXPECT_FALSE(Exists(dir + "/standby")) << "a cold boot drops the stale snapshot";
+}
+
+TEST_F(SnapshotTest, NamedSnapshotRestoresIntoANewSandboxAndLeavesTheSourceRunning) {
+  std::string src =
+      RunDetached({"--name", "src", kCounter[0], kCounter[1], kCounter[2], kCounter[3]});
+  ASSERT_FALSE(src.empty());
+  Exec("src", "echo original > /root/data; sync; echo ram > /dev/shm/in-memory");
+  auto deadline = std::chrono::steady_clock::now() + seconds(60);
+  while (Count("src") < 3 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const std::string pid = Exec("src", "cat /root/pid");
+  auto created = RunCella({"snapshot", "create", "src", "snap1"}, "", seconds(600));
+  ASSERT_EQ(created.exit_code, 0) << Describe(created);
+  const long at_snapshot = Count("src");
+  EXPECT_EQ(State("src"), "running") << "the source runs on";
+
+  auto ls = RunCella({"snapshot", "ls", "--json"});
+  auto list = nlohmann::json::parse(ls.out, nullptr, false);
+  ASSERT_TRUE(list.is_array() && list.size() == 1) << ls.out;
+  EXPECT_EQ(list[0].value("name", std::string()), "snap1");
+  EXPECT_EQ(list[0].value("source", std::string()), "src");
+  EXPECT_GT(list[0].value("size_bytes", 0), 0);
+
+  auto restored = RunCella({"snapshot", "restore", "snap1", "--name", "copy"}, "", seconds(600));
+  ASSERT_EQ(restored.exit_code, 0) << Describe(restored);
+  std::string copy_id = restored.out.substr(0, restored.out.find('\n'));
+  EXPECT_NE(copy_id, src);
+  EXPECT_EQ(State("copy"), "running");
+  // The same process, from the snapshot's memory, in a sandbox of its own.
+  EXPECT_EQ(Exec("copy", "cat /root/pid"), pid);
+  EXPECT_GE(at_snapshot, 3);
+  // Only memory holds this (a tmpfs): a cold boot would not have it.
+  EXPECT_EQ(Exec("copy", "cat /dev/shm/in-memory"), "ram");
+  EXPECT_EQ(Exec("copy", "cat /root/data"), "original");
+  EXPECT_EQ(Exec("copy", "cat /run/cella/resume-count"), "1");
+  Exec("copy", "echo changed > /root/data; sync");
+  EXPECT_EQ(Exec("src", "cat /root/data"), "original") << "its own writable layer";
+  EXPECT_NE(Dir("copy"), Dir("src"));
+
+  // A snapshot made for another machine shape is refused, naming the part.
+  const std::string manifest_path = home_ + "/snapshots/snap1/manifest.json";
+  auto manifest = nlohmann::json::parse(std::ifstream(manifest_path), nullptr, false);
+  ASSERT_FALSE(manifest.is_discarded());
+  manifest["compat"]["memory_mb"] = 4096;
+  std::ofstream(manifest_path) << manifest.dump();
+  auto refused = RunCella({"snapshot", "restore", "snap1", "--name", "bad"}, "", seconds(600));
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.err.find("the memory size differs"), std::string::npos) << Describe(refused);
+
+  auto rm = RunCella({"snapshot", "rm", "snap1"});
+  ASSERT_EQ(rm.exit_code, 0) << Describe(rm);
+  EXPECT_FALSE(Exists(home_ + "/snapshots/snap1"));
+  EXPECT_EQ(RunCella({"snapshot", "ls", "--json"}).out, "[]\n");
 }
 
 }  // namespace

@@ -259,7 +259,7 @@ class Supervisor {
   Status PrepareResume(vmm::VMConfig& vm) {
     SnapshotManifest manifest = CELLA_TRY(VerifySnapshot(standby_dir_));
     if (std::string mismatch = CompatMismatch(manifest.compat, compat_); !mismatch.empty())
-      return Fail("the standby snapshot cannot be restored here: " + mismatch +
+      return Fail("the snapshot cannot be restored here: " + mismatch +
                   "; start it cold instead (cella stop, then cella start: its memory is lost, "
                   "its disks are kept)");
     vm.ConfigDiskPath = vm.StateDir + "/config.img";

@@ -31,9 +31,11 @@ if [[ -n "${SOAK:-}" ]]; then
     flushed=$("$cella" exec "$id" -- sh -c 'wc -l < /root/lines')
     "$cella" standby "$id" >/dev/null
     "$cella" resume "$id" >/dev/null
-    now=$("$cella" exec "$id" -- sh -c 'wc -l < /root/lines; tail -n1 /root/lines')
-    lines=$(echo "$now" | head -1); last=$(echo "$now" | tail -1)
-    [[ "$lines" -ge "$flushed" && "$last" == "$lines" ]] || { echo "cycle $i: lost lines ($flushed flushed, now $lines, last $last)"; exit 1; }
+    # One read of the file: its lines must be 1..N with no gap, N >= what was flushed before.
+    "$cella" exec "$id" -- cat /root/lines > "$CELLA_SANDBOX_HOME/lines"
+    lines=$(wc -l < "$CELLA_SANDBOX_HOME/lines")
+    seq 1 "$lines" | cmp -s - "$CELLA_SANDBOX_HOME/lines" && [[ "$lines" -ge "$flushed" ]] ||
+      { echo "cycle $i: lost lines ($flushed flushed before, now $lines lines, not 1..$lines)"; exit 1; }
   done
   count=$("$cella" exec "$id" -- cat /run/cella/resume-count)
   qemus=$(pgrep -fc "qemu-system.*$id" || true)

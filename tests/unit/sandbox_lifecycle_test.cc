@@ -673,8 +673,10 @@ TEST_F(SandboxLifecycleTest, KillOfAPausedSandboxIsExited137) {
 TEST_F(SandboxLifecycleTest, ACommittedStandbyIsRecordedBeforeTheVmCloses) {
   LifecycleHooks hooks;
   int closes_at_commit = -1;
+  bool frozen_during_save = true;
   hooks.standby = [&]() -> Status {
     closes_at_commit = vm_->closes;
+    frozen_during_save = vm_->frozen;
     return {};
   };
   Make(std::move(hooks));
@@ -686,6 +688,7 @@ TEST_F(SandboxLifecycleTest, ACommittedStandbyIsRecordedBeforeTheVmCloses) {
   LifecycleOutcome outcome = run.get();
   EXPECT_EQ(outcome.state, kStandby);
   EXPECT_EQ(closes_at_commit, 0);
+  EXPECT_FALSE(frozen_during_save) << "the guest must be able to let go of its link";
   EXPECT_EQ(vm_->closes, 1);
   EXPECT_EQ(Record().state, kStandby);
   EXPECT_EQ(States(), (std::vector{kCreating, kRunning, kPaused, kStandby}));

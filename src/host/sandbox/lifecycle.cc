@@ -205,6 +205,15 @@ std::optional<LifecycleOutcome> SandboxLifecycle::RunPendingOp(bool& paused) {
         finish(Fail("this sandbox cannot go to standby"));
         return std::nullopt;
       }
+      // The guest must let go of its agent link before the save, which a
+      // frozen guest cannot: a paused sandbox is thawed for the moment the
+      // standby takes (it is saved stopped either way).
+      if (paused) {
+        if (auto st = machine_->Resume(); !st) {
+          finish(std::unexpected(st.error()));
+          return std::nullopt;
+        }
+      }
       Status saved = hooks_.standby();
       if (saved) {
         // Committed: the snapshot is the sandbox now. Recorded before the

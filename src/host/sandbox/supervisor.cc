@@ -358,12 +358,15 @@ class Supervisor {
     // keeps running, detached, and is attached again afterwards).
     for (auto& f : forwarders_) f->Stop();
     forwarders_.clear();
-    if (router_) router_->Stop();
-    main_.reset();
     vmm::Machine& machine = lifecycle_->machine();
     auto started = std::chrono::steady_clock::now();
     Status saved = [&]() -> Status {
-      CELLA_TRY(machine.ReleaseAgent(std::chrono::seconds(15)));
+      CELLA_TRY(machine.ReleaseAgent(
+          [this] {
+            if (router_) router_->Stop();
+            main_.reset();  // its Close goes nowhere: the link is already down
+          },
+          std::chrono::seconds(15)));
       CELLA_TRY(machine.SaveState(SaveUri(dir, manifest), std::chrono::minutes(10)));
       if (while_frozen) CELLA_TRY(while_frozen(dir));
       manifest = CELLA_TRY(CommitSnapshot(dir, manifest));

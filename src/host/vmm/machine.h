@@ -12,6 +12,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -73,11 +74,13 @@ class Machine {
   // Snapshots, from the controlling thread. Backends without them (and
   // test fakes) fail with ENOTSUP.
   //
-  // Lets go of the agent link before a snapshot: the caller has closed the
-  // link's far end (the supervisor's router); this drops Agent() and waits
-  // (bounded) until the guest has closed its end of the port, so a guest
-  // restored later starts a fresh link instead of continuing a dead one.
-  virtual Status ReleaseAgent(std::chrono::milliseconds /*timeout*/) {
+  // Lets go of the agent link before a snapshot: drops Agent(), calls
+  // `close_link` (which closes the link's far end: the supervisor's router)
+  // and waits (bounded) until the guest has closed its end of the port, so a
+  // guest restored later starts a fresh link instead of continuing a dead
+  // one. Only a port close that follows close_link counts.
+  virtual Status ReleaseAgent(const std::function<void()>& /*close_link*/,
+                              std::chrono::milliseconds /*timeout*/) {
     return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
   }
   // Freezes the vCPUs and writes the whole machine (memory, devices; disks

@@ -134,7 +134,7 @@ class QemuMachine final : public Machine {
     return config_.OverlayLowerPaths.empty() ? std::string() : config_.OverlayLowerPaths.front();
   }
   Status Pause() override { return CELLA_TRY(RequireQmp("pause"))->Stop(); }
-  Status ReleaseAgent(milliseconds timeout) override;
+  Status ReleaseAgent(const std::function<void()>& close_link, milliseconds timeout) override;
   Status SaveState(const std::string& uri, milliseconds timeout) override;
   Status ReconnectAgent() override;
   Status Resume() override { return CELLA_TRY(RequireQmp("resume"))->Cont(); }
@@ -444,9 +444,16 @@ Status QemuMachine::Stop(milliseconds grace) {
   return KillAndReap();
 }
 
-Status QemuMachine::ReleaseAgent(milliseconds timeout) {
+Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, milliseconds timeout) {
   QmpClient* qmp = CELLA_TRY(RequireQmp("release the agent"));
+  // Port events from before (the guest opening and closing the port while
+  // it waited for a host at boot or after a restore) must not be mistaken
+  // for the close we are about to cause: a reply comes after every event
+  // QEMU emitted before it.
+  CELLA_TRY(qmp->Execute("query-status"));
+  qmp->ClearEvents();
   agent_.reset();
+  if (close_link) close_link();
   // The guest agent sees the host side hang up, ends its link and closes
   // the port (it opens it again after 200 ms, to wait for the next host).
   auto closed = qmp->WaitEvent(

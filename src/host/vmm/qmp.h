@@ -63,6 +63,7 @@ class QmpClient {
   // Most recent events (oldest first), at most kMaxEvents.
   static constexpr size_t kMaxEvents = 64;
   const std::deque<nlohmann::json>& Events() const { return events_; }
+  void ClearEvents() { events_.clear(); }
 
  private:
   explicit QmpClient(UniqueFd fd) : fd_(std::move(fd)) {}

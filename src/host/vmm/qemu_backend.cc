@@ -452,8 +452,11 @@ Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, millis
   // QEMU emitted before it.
   CELLA_TRY(qmp->Execute("query-status"));
   qmp->ClearEvents();
-  agent_.reset();
+  // The far end first: a client of the router that goes away first would
+  // have its streams closed, and the agent kills a main process whose
+  // stream is closed.
   if (close_link) close_link();
+  agent_.reset();
   // The guest agent sees the host side hang up, ends its link and closes
   // the port (it opens it again after 200 ms, to wait for the next host).
   auto closed = qmp->WaitEvent(

@@ -106,6 +106,7 @@ TEST_F(SnapshotTest, PauseUnpauseStandbyResumeContinueWhereTheSandboxWas) {
   EXPECT_EQ(Exec(id, "cat /dev/shm/in-memory"), "ram")
       << "tmpfs lives in RAM: only a resume keeps it";
   EXPECT_EQ(Exec(id, "cat /run/cella/resume-count"), "1");
+  EXPECT_FALSE(Exists(dir + "/standby")) << "a used snapshot is gone";
   // The guest's wall clock was set on resume: within a few seconds of the
   // host's (without it, it would lag by the whole sleep and more).
   const long guest_now = std::stol(Exec(id, "date +%s"));

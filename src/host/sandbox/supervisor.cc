@@ -222,6 +222,10 @@ class Supervisor {
       auto count = agent->Resumed(std::chrono::system_clock::now());
       if (!count)
         return std::unexpected(std::move(count.error()).WithContext("set the guest clock"));
+      // The guest ran on from it and its disks change from here: the
+      // snapshot can never be resumed from again.
+      if (auto st = RemoveSnapshot(standby_dir_); !st)
+        log::Warn("could not remove the used snapshot", {{"error", st.error().message}});
       log::Notice("resumed from the standby snapshot",
                   {{"id", args_.id}, {"resume_count", std::to_string(*count)}});
     }

@@ -114,6 +114,20 @@ int LogsCommand(const LogsArgs& args);
 int StopCommand(const std::vector<std::string>& refs, int grace_seconds);
 int StartCommand(const std::vector<std::string>& refs);
 int KillCommand(const std::vector<std::string>& refs);
+// Freeze / thaw the vCPUs of running sandboxes (memory stays; exec and cp
+// are refused while paused).
+int PauseCommand(const std::vector<std::string>& refs);
+int UnpauseCommand(const std::vector<std::string>& refs);
+// The whole machine to a snapshot in the sandbox's directory; QEMU and the
+// supervisor exit. `resume` (or `start`) brings it back where it was.
+int StandbyCommand(const std::vector<std::string>& refs);
+int ResumeCommand(const std::vector<std::string>& refs);
+// Named snapshots (snapshot_commands.cc): create from a running sandbox
+// (frozen only while saved), list, remove, restore into a new sandbox.
+int SnapshotCreateCommand(const std::string& sandbox_ref, const std::string& name);
+int SnapshotLsCommand(ListFormat format);
+int SnapshotRmCommand(const std::vector<std::string>& names);
+int SnapshotRestoreCommand(const std::string& snapshot, const std::string& new_name);
 int RmCommand(const std::vector<std::string>& refs, bool force);
 int PruneCommand();
 // Without `archive`, copied entries belong to the copier (root in the
@@ -132,7 +146,7 @@ int AllowListCommand(AllowListOp op, const std::string& sandbox,
 int RpcCommand();
 // Removes an rpc process's sandbox once that process is gone (rpc_command.cc).
 int RpcReaperCommand();
-int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches);
+int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches, bool resume);
 // cella's own failure: one line on stderr, docker's exit code 125.
 int ReportFailure(const Error& error);
 int DiagnoseCommand(bool json);

@@ -326,6 +326,41 @@ int Main(int argc, char** argv) {
   CLI::App* kill_cmd = app.add_subcommand("kill", "Kill sandboxes' VMs at once");
   kill_cmd->add_option("sandbox", kill_refs, "Sandboxes")->required();
 
+  std::vector<std::string> pause_refs;
+  CLI::App* pause_cmd =
+      app.add_subcommand("pause", "Freeze sandboxes' vCPUs (memory stays; unpause thaws)");
+  pause_cmd->add_option("sandbox", pause_refs, "Sandboxes")->required();
+  std::vector<std::string> unpause_refs;
+  CLI::App* unpause_cmd = app.add_subcommand("unpause", "Thaw paused sandboxes");
+  unpause_cmd->add_option("sandbox", unpause_refs, "Sandboxes")->required();
+  std::vector<std::string> standby_refs;
+  CLI::App* standby_cmd = app.add_subcommand(
+      "standby", "Put sandboxes to sleep: the whole machine to disk, its memory freed");
+  standby_cmd->add_option("sandbox", standby_refs, "Sandboxes")->required();
+  std::vector<std::string> resume_refs;
+  CLI::App* resume_cmd =
+      app.add_subcommand("resume", "Wake standby sandboxes where they were (also: start)");
+  resume_cmd->add_option("sandbox", resume_refs, "Sandboxes")->required();
+
+  CLI::App* snapshot_cmd = app.add_subcommand("snapshot", "Named snapshots of sandboxes");
+  snapshot_cmd->require_subcommand(1);
+  std::string snap_sandbox, snap_name;
+  CLI::App* snap_create = snapshot_cmd->add_subcommand(
+      "create", "Snapshot a running sandbox (frozen only while it is saved)");
+  snap_create->add_option("sandbox", snap_sandbox, "Sandbox")->required();
+  snap_create->add_option("name", snap_name, "Snapshot name (default: sandbox-time)");
+  bool snap_ls_json = false;
+  CLI::App* snap_ls = snapshot_cmd->add_subcommand("ls", "List snapshots with their sizes");
+  snap_ls->add_flag("--json", snap_ls_json, "JSON output");
+  std::vector<std::string> snap_rm_names;
+  CLI::App* snap_rm = snapshot_cmd->add_subcommand("rm", "Remove snapshots");
+  snap_rm->add_option("name", snap_rm_names, "Snapshots")->required();
+  std::string snap_restore_name, snap_restore_as;
+  CLI::App* snap_restore = snapshot_cmd->add_subcommand(
+      "restore", "Restore a snapshot into a new sandbox (prints its ID)");
+  snap_restore->add_option("name", snap_restore_name, "Snapshot")->required();
+  snap_restore->add_option("--name", snap_restore_as, "Name of the new sandbox");
+
   bool rm_force = false;
   std::vector<std::string> rm_refs;
   CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
@@ -399,6 +434,8 @@ int Main(int argc, char** argv) {
   supervise_cmd->add_option("id", supervise_id)->required();
   supervise_cmd->add_option("--ready-fd", supervise_ready_fd);
   supervise_cmd->add_flag("--client-attaches", supervise_client_attaches);
+  bool supervise_resume = false;
+  supervise_cmd->add_flag("--resume", supervise_resume);
 
   // Docker's rule: an option takes one value per occurrence (`-e A=1 -e B=2`),
   // never the words after it; CLI11 lets a list option eat every word that
@@ -495,6 +532,16 @@ int Main(int argc, char** argv) {
   if (start_cmd->parsed()) return cella::cli::StartCommand(start_refs);
   if (wait_cmd->parsed()) return cella::cli::WaitCommand(wait_refs);
   if (kill_cmd->parsed()) return cella::cli::KillCommand(kill_refs);
+  if (pause_cmd->parsed()) return cella::cli::PauseCommand(pause_refs);
+  if (unpause_cmd->parsed()) return cella::cli::UnpauseCommand(unpause_refs);
+  if (standby_cmd->parsed()) return cella::cli::StandbyCommand(standby_refs);
+  if (resume_cmd->parsed()) return cella::cli::ResumeCommand(resume_refs);
+  if (snap_create->parsed()) return cella::cli::SnapshotCreateCommand(snap_sandbox, snap_name);
+  if (snap_ls->parsed())
+    return cella::cli::SnapshotLsCommand(snap_ls_json ? ListFormat::kJson : ListFormat::kText);
+  if (snap_rm->parsed()) return cella::cli::SnapshotRmCommand(snap_rm_names);
+  if (snap_restore->parsed())
+    return cella::cli::SnapshotRestoreCommand(snap_restore_name, snap_restore_as);
   if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
   if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst, cp_archive);
@@ -520,8 +567,8 @@ int Main(int argc, char** argv) {
                                                                                  : kExitCellaError;
   }
   if (supervise_cmd->parsed())
-    return cella::cli::SuperviseCommand(supervise_id, supervise_ready_fd,
-                                        supervise_client_attaches);
+    return cella::cli::SuperviseCommand(supervise_id, supervise_ready_fd, supervise_client_attaches,
+                                        supervise_resume);
   return kExitCellaError;
 }
 

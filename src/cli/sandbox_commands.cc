@@ -1,6 +1,9 @@
 // The lifecycle commands that act on existing sandboxes: exec, ps, inspect,
-// logs, stop, start, kill, rm, prune, cp, port-forward, volumes, and the
-// hidden `__supervise` entry point of the supervisor process.
+// logs, stop, start, kill, rm, prune, pause, unpause, standby, resume, cp,
+// port-forward, volumes, and the hidden `__supervise` entry point of the
+// supervisor process. One piece (~760 lines): they share the small helpers
+// above (ForEach, StopOne, StartOne) and the rules of which state allows
+// what; the named snapshots have their own file.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -27,6 +30,7 @@
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/log_files.h"
 #include "host/sandbox/port_forward.h"
+#include "host/sandbox/snapshot.h"
 #include "host/sandbox/spec.h"
 #include "host/sandbox/supervisor.h"
 
@@ -179,6 +183,13 @@ int ForEach(const std::vector<std::string>& refs,
 }
 
 Status StopOne(SandboxContext& ctx, const store::SandboxRecord& record, int grace_seconds) {
+  if (record.state == store::SandboxState::kStandby) {
+    // Powered off, disks kept: the memory in the snapshot is let go.
+    CELLA_TRY(ctx.store.Transition(record.id, store::SandboxState::kStopped,
+                                   "stopped (cella stop; the standby snapshot was discarded)",
+                                   std::nullopt, store::SandboxState::kStandby));
+    return sandbox::RemoveSnapshot(sandbox::PathsFor(ctx.home, record.id).dir + "/standby");
+  }
   if (!store::IsActive(record.state)) return {};  // already stopped: nothing to do
   std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
   auto grace = std::chrono::seconds(grace_seconds);
@@ -196,6 +207,22 @@ Status KillOne(SandboxContext& ctx, const store::SandboxRecord& record) {
   std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
   auto reply = sandbox::ControlCall(control, {{"op", "kill"}}, std::chrono::seconds(30));
   if (!reply) return Fail("kill " + record.Label() + ": " + reply.error().message);
+  return {};
+}
+
+// pause / unpause / standby go to the supervisor, which performs them on its
+// main thread and records the state.
+Status ControlOp(SandboxContext& ctx, const store::SandboxRecord& record, const std::string& op,
+                 std::chrono::milliseconds timeout) {
+  using enum store::SandboxState;
+  if (op == "unpause" && record.state != kPaused)
+    return Fail("cannot unpause: sandbox " + record.Label() + " is " +
+                std::string(store::ToString(record.state)) + ", not paused");
+  if (op != "unpause" && record.state != kRunning && !(op == "standby" && record.state == kPaused))
+    return RequireRunning(record, op);
+  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+  auto reply = sandbox::ControlCall(control, {{"op", op}}, timeout);
+  if (!reply) return Fail(op + " " + record.Label() + ": " + reply.error().message);
   return {};
 }
 
@@ -222,16 +249,25 @@ Result<std::string> SecretsForRestart(const sandbox::SandboxSpec& spec,
 
 Status StartOne(SandboxContext& ctx, const store::SandboxRecord& record) {
   if (record.state == store::SandboxState::kRunning) return {};
+  const bool resume = record.state == store::SandboxState::kStandby;
   sandbox::SandboxSpec decoded = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
   std::string secrets = CELLA_TRY(SecretsForRestart(decoded, record));
-  CELLA_TRY(ctx.store.Transition(record.id, store::SandboxState::kCreating, "started (cella start)",
+  if (resume) {
+    // The supervisor that wrote the snapshot records standby just before it
+    // closes QEMU; its sockets must be gone before a new one binds them.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (store::IsAlive(record.supervisor) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CELLA_TRY(ctx.store.Transition(record.id, store::SandboxState::kCreating,
+                                 resume ? "resuming (cella resume)" : "started (cella start)",
                                  std::nullopt, record.state));
   sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, record.id);
   auto spec = sandbox::DecodeSpec(record.spec_json);
   int boot_timeout = spec ? spec->boot_timeout_s : 120;
   return sandbox::SpawnSupervisor(CELLA_TRY(SelfExecutablePath()), record.id,
                                   sandbox::MainAttach::kBySupervisor, paths.supervisor_log,
-                                  std::chrono::seconds(boot_timeout + 120), secrets);
+                                  std::chrono::seconds(boot_timeout + 120), secrets, resume);
 }
 
 Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool force) {
@@ -585,6 +621,34 @@ int StartCommand(const std::vector<std::string>& refs) { return ForEach(refs, St
 
 int KillCommand(const std::vector<std::string>& refs) { return ForEach(refs, KillOne); }
 
+int PauseCommand(const std::vector<std::string>& refs) {
+  return ForEach(refs, [](SandboxContext& ctx, const store::SandboxRecord& r) {
+    return ControlOp(ctx, r, "pause", std::chrono::seconds(30));
+  });
+}
+
+int StandbyCommand(const std::vector<std::string>& refs) {
+  return ForEach(refs, [](SandboxContext& ctx, const store::SandboxRecord& r) {
+    return ControlOp(ctx, r, "standby", std::chrono::minutes(15));
+  });
+}
+
+int ResumeCommand(const std::vector<std::string>& refs) {
+  return ForEach(refs, [](SandboxContext& ctx, const store::SandboxRecord& r) -> Status {
+    if (r.state != store::SandboxState::kStandby)
+      return Fail("cannot resume: sandbox " + r.Label() + " is " +
+                  std::string(store::ToString(r.state)) + ", not in standby" +
+                  (store::IsActive(r.state) ? "" : " (cella start boots it)"));
+    return StartOne(ctx, r);
+  });
+}
+
+int UnpauseCommand(const std::vector<std::string>& refs) {
+  return ForEach(refs, [](SandboxContext& ctx, const store::SandboxRecord& r) {
+    return ControlOp(ctx, r, "unpause", std::chrono::seconds(30));
+  });
+}
+
 int RmCommand(const std::vector<std::string>& refs, bool force) {
   if (!force) {
     // `rm ID` of a sandbox `cella rpc` already removed on close is done,
@@ -635,7 +699,8 @@ int PruneCommand() {
   int code = 0;
   int removed = 0;
   for (const auto& r : *records) {
-    if (store::IsActive(r.state)) continue;
+    // A standby sandbox is asleep, not stopped: its snapshot is kept.
+    if (store::IsActive(r.state) || r.state == store::SandboxState::kStandby) continue;
     if (auto st = RemoveSandboxCompletely(*ctx, r); !st) {
       code = ReportFailure(st.error());
       continue;
@@ -864,8 +929,9 @@ int AllowListCommand(AllowListOp op, const std::string& sandbox_ref,
   return Report(run());
 }
 
-int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches) {
+int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches, bool resume) {
   sandbox::SupervisorArgs args;
+  args.resume = resume;
   args.id = id;
   args.ready_fd = ready_fd;
   args.main_attach =

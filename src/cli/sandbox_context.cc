@@ -89,8 +89,13 @@ Status RequireRunning(const store::SandboxRecord& record, std::string_view for_w
   std::string state(store::ToString(record.state));
   if (record.state == store::SandboxState::kExited && record.exit_code)
     state += " (" + std::to_string(*record.exit_code) + ")";
-  std::string hint = store::IsActive(record.state) ? "wait for it and try again"
-                                                   : "start it with: cella start " + record.Label();
+  std::string hint = record.state == store::SandboxState::kPaused
+                         ? "unpause it with: cella unpause " + record.Label()
+                     : record.state == store::SandboxState::kStandby
+                         ? "resume it with: cella resume " + record.Label()
+                     : store::IsActive(record.state)
+                         ? "wait for it and try again"
+                         : "start it with: cella start " + record.Label();
   return Fail("cannot " + std::string(for_what) + ": sandbox " + record.Label() + " is " + state +
               "; " + hint);
 }
@@ -133,6 +138,10 @@ std::string DescribeStatus(const store::SandboxRecord& r, int64_t now_ms) {
              DescribeAge(r.updated_ms, now_ms) + " ago";
     case store::SandboxState::kFailed:
       return "Failed: " + r.reason;
+    case store::SandboxState::kPaused:
+      return "Paused " + DescribeAge(r.updated_ms, now_ms);
+    case store::SandboxState::kStandby:
+      return "Standby " + DescribeAge(r.updated_ms, now_ms);
   }
   return "?";
 }

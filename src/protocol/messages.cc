@@ -263,6 +263,7 @@ std::string_view RequestOpName(const Request& request) {
     std::string_view operator()(const ShutdownRequest&) { return "shutdown"; }
     std::string_view operator()(const SymlinkRequest&) { return "symlink"; }
     std::string_view operator()(const SetAttrRequest&) { return "set_attr"; }
+    std::string_view operator()(const ResumedRequest&) { return "resumed"; }
   };
   return std::visit(Visitor{}, request);
 }
@@ -308,6 +309,8 @@ std::string EncodeRequest(const Request& request) {
   } else if (auto* sd = std::get_if<ShutdownRequest>(&request)) {
     // Omitted at 0 so an agent that predates the field still accepts it.
     if (sd->grace_ms != 0) j["grace_ms"] = sd->grace_ms;
+  } else if (auto* rs = std::get_if<ResumedRequest>(&request)) {
+    j["realtime_ns"] = rs->realtime_ns;
   } else if (auto* ln = std::get_if<SymlinkRequest>(&request)) {
     j["path"] = ln->path;
     j["target"] = ln->target;
@@ -415,6 +418,11 @@ Result<Request> DecodeRequest(std::string_view text) {
       if (r.Integer("grace_ms", sd.grace_ms, Need::kOptional) && sd.grace_ms > kMaxShutdownGraceMs)
         r.Problem("\"grace_ms\" is above " + std::to_string(kMaxShutdownGraceMs));
       request = sd;
+    } else if (op == "resumed") {
+      ResumedRequest rs;
+      if (r.Integer("realtime_ns", rs.realtime_ns, Need::kRequired) && rs.realtime_ns <= 0)
+        r.Problem("\"realtime_ns\" must be positive");
+      request = rs;
     } else if (op == "symlink") {
       SymlinkRequest ln;
       need_path(ln.path);

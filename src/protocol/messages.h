@@ -89,6 +89,15 @@ struct ShutdownRequest {
   uint32_t grace_ms = 0;
 };
 
+// The host woke the VM from a snapshot (cella resume / snapshot restore):
+// the guest's wall clock stood still while it slept, so the agent sets
+// CLOCK_REALTIME to realtime_ns (the host's, nanoseconds since the epoch)
+// and counts the resume (/run/cella/resume-count). Result:
+// {"resume_count":N}.
+struct ResumedRequest {
+  int64_t realtime_ns = 0;
+};
+
 // Longest symlink target (PATH_MAX including the NUL).
 inline constexpr size_t kMaxLinkTarget = 4095;
 
@@ -114,9 +123,10 @@ struct SetAttrRequest {
   std::optional<int64_t> mtime;
 };
 
-using Request = std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest,
-                             StatRequest, MkdirRequest, RemoveRequest, PortForwardRequest,
-                             AttachMainRequest, ShutdownRequest, SymlinkRequest, SetAttrRequest>;
+using Request =
+    std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest, StatRequest,
+                 MkdirRequest, RemoveRequest, PortForwardRequest, AttachMainRequest,
+                 ShutdownRequest, SymlinkRequest, SetAttrRequest, ResumedRequest>;
 
 enum class FileType { kFile, kDir, kSymlink, kOther };
 std::string_view FileTypeName(FileType type);

@@ -94,6 +94,22 @@ TEST(AgentMessages, SymlinkAndSetAttrDecodeStrictly) {
   EXPECT_EQ(DecodeErrno(R"({"op":"set_attr","path":"","uid":1})"), EINVAL);
 }
 
+TEST(AgentMessages, ResumedCarriesTheHostsClockAndNothingElse) {
+  ResumedRequest resumed;
+  resumed.realtime_ns = 1'796'563'535'123'456'789;
+  json r = Parsed(EncodeRequest(resumed));
+  EXPECT_EQ(r, json({{"op", "resumed"}, {"realtime_ns", 1'796'563'535'123'456'789}}));
+  auto back = DecodeRequest(r.dump());
+  ASSERT_TRUE(back) << back.error().message;
+  ASSERT_TRUE(std::holds_alternative<ResumedRequest>(*back));
+  EXPECT_EQ(std::get<ResumedRequest>(*back).realtime_ns, resumed.realtime_ns);
+  EXPECT_EQ(DecodeErrno(R"({"op":"resumed"})"), EINVAL);
+  EXPECT_EQ(DecodeErrno(R"({"op":"resumed","realtime_ns":0})"), EINVAL);
+  EXPECT_EQ(DecodeErrno(R"({"op":"resumed","realtime_ns":-5})"), EINVAL);
+  EXPECT_EQ(DecodeErrno(R"({"op":"resumed","realtime_ns":1.5})"), EINVAL);
+  EXPECT_EQ(DecodeErrno(R"({"op":"resumed","realtime_ns":1,"extra":1})"), EINVAL);
+}
+
 TEST(AgentMessages, FileInfoCarriesLinkTargetsAndListOwners) {
   FileInfo link;
   link.name = "l";

@@ -53,6 +53,8 @@ struct FakeVm {
   int stops = 0;
   int kills = 0;
   int closes = 0;
+  bool frozen = false;  // Pause without Resume
+  bool stopped_while_frozen = false;
 
   void End(host::ExitStatus status) {
     std::lock_guard lock(mu);
@@ -93,6 +95,7 @@ class FakeMachine final : public vmm::Machine {
     if (vm_->on_stop) vm_->on_stop();
     std::unique_lock lock(vm_->mu);
     ++vm_->stops;
+    if (vm_->frozen) vm_->stopped_while_frozen = true;
     if (vm_->exit) return {};
     if (vm_->obey_stop) {
       vm_->exit = host::ExitStatus{0, 0};
@@ -138,8 +141,16 @@ class FakeMachine final : public vmm::Machine {
     return {};
   }
   std::string RootfsPath() const override { return {}; }
-  Status Pause() override { return {}; }
-  Status Resume() override { return {}; }
+  Status Pause() override {
+    std::lock_guard lock(vm_->mu);
+    vm_->frozen = true;
+    return {};
+  }
+  Status Resume() override {
+    std::lock_guard lock(vm_->mu);
+    vm_->frozen = false;
+    return {};
+  }
   const vmm::VMConfig& Config() const override { return config_; }
   milliseconds BootDuration() const override { return 7ms; }
 
@@ -676,6 +687,106 @@ TEST_F(SandboxLifecycleTest, AStopClosesTheLinkWithoutFailingTheSandbox) {
   run.get();
   EXPECT_EQ(Record().state, kStopped);
   EXPECT_EQ(Record().reason, "stopped (cella stop)");
+}
+
+}  // namespace
+}  // namespace cella::sandbox
+
+namespace cella::sandbox {
+namespace {
+
+TEST_F(SandboxLifecycleTest, PauseAndUnpauseAreRecordedAndAStopThawsAPausedGuestFirst) {
+  Make();
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  EXPECT_EQ(lifecycle_->Handle({{"op", "unpause"}})["ok"], false) << "not paused";
+  nlohmann::json paused = lifecycle_->Handle({{"op", "pause"}});
+  EXPECT_EQ(paused["ok"], true) << paused.dump();
+  EXPECT_TRUE(vm_->frozen);
+  EXPECT_EQ(Record().state, kPaused);
+  nlohmann::json again = lifecycle_->Handle({{"op", "pause"}});
+  EXPECT_EQ(again["ok"], false);
+  EXPECT_EQ(again["error"], "sandbox is already paused");
+  EXPECT_EQ(lifecycle_->Handle({{"op", "unpause"}})["ok"], true);
+  EXPECT_FALSE(vm_->frozen);
+  EXPECT_EQ(Record().state, kRunning);
+  ASSERT_EQ(lifecycle_->Handle({{"op", "pause"}})["ok"], true);
+  // A frozen guest could not power off: stop thaws it, then stops it.
+  EXPECT_EQ(lifecycle_->Handle({{"op", "stop"}, {"grace_ms", 1000}})["ok"], true);
+  run.get();
+  EXPECT_FALSE(vm_->stopped_while_frozen);
+  EXPECT_EQ(Record().state, kStopped);
+  EXPECT_EQ(States(),
+            (std::vector{kCreating, kRunning, kPaused, kRunning, kPaused, kStopping, kStopped}));
+  EXPECT_EQ(lifecycle_->Handle({{"op", "pause"}})["ok"], false) << "ended";
+}
+
+TEST_F(SandboxLifecycleTest, KillOfAPausedSandboxIsExited137) {
+  Make();
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  ASSERT_EQ(lifecycle_->Handle({{"op", "pause"}})["ok"], true);
+  EXPECT_EQ(lifecycle_->Handle({{"op", "kill"}})["ok"], true);
+  run.get();
+  store::SandboxRecord r = Record();
+  EXPECT_EQ(r.state, kExited);
+  EXPECT_EQ(r.exit_code, 137);
+}
+
+TEST_F(SandboxLifecycleTest, ACommittedStandbyIsRecordedBeforeTheVmCloses) {
+  LifecycleHooks hooks;
+  int closes_at_commit = -1;
+  bool frozen_during_save = true;
+  hooks.standby = [&]() -> Status {
+    closes_at_commit = vm_->closes;
+    frozen_during_save = vm_->frozen;
+    return {};
+  };
+  Make(std::move(hooks));
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  ASSERT_EQ(lifecycle_->Handle({{"op", "pause"}})["ok"], true);
+  nlohmann::json reply = lifecycle_->Handle({{"op", "standby"}});
+  EXPECT_EQ(reply["ok"], true) << reply.dump();
+  LifecycleOutcome outcome = run.get();
+  EXPECT_EQ(outcome.state, kStandby);
+  EXPECT_EQ(closes_at_commit, 0);
+  EXPECT_FALSE(frozen_during_save) << "the guest must be able to let go of its link";
+  EXPECT_EQ(vm_->closes, 1);
+  EXPECT_EQ(Record().state, kStandby);
+  EXPECT_EQ(States(), (std::vector{kCreating, kRunning, kPaused, kStandby}));
+}
+
+TEST_F(SandboxLifecycleTest, AFailedStandbyKeepsTheSandboxRunningOrFailsItWhenUnreachable) {
+  LifecycleHooks hooks;
+  int calls = 0;
+  hooks.standby = [&]() -> Status {
+    if (++calls == 1) return Fail("no room for the snapshot");
+    return std::unexpected(Error{"the guest did not come back", EIO});
+  };
+  Make(std::move(hooks));
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  nlohmann::json first = lifecycle_->Handle({{"op", "standby"}});
+  EXPECT_EQ(first["ok"], false);
+  EXPECT_EQ(first["error"], "no room for the snapshot");
+  EXPECT_EQ(Record().state, kRunning);
+  EXPECT_FALSE(vm_->Ended());
+  EXPECT_EQ(lifecycle_->Handle({{"op", "standby"}})["ok"], false);
+  run.get();
+  store::SandboxRecord r = Record();
+  EXPECT_EQ(r.state, kFailed);
+  EXPECT_NE(r.reason.find("the guest did not come back"), std::string::npos) << r.reason;
+}
+
+TEST_F(SandboxLifecycleTest, StandbyWithoutAHookIsRefused) {
+  Make();
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  EXPECT_EQ(lifecycle_->Handle({{"op", "standby"}})["ok"], false);
+  EXPECT_EQ(lifecycle_->Handle({{"op", "stop"}})["ok"], true);
+  run.get();
+  EXPECT_EQ(Record().state, kStopped);
 }
 
 }  // namespace

@@ -30,7 +30,8 @@ namespace {
 using namespace std::chrono_literals;
 using enum SandboxState;
 
-constexpr SandboxState kAllStates[] = {kCreating, kRunning, kStopping, kStopped, kExited, kFailed};
+constexpr SandboxState kAllStates[] = {kCreating, kRunning, kStopping, kStopped,
+                                       kExited,   kFailed,  kPaused,   kStandby};
 
 using ::cella::testing::TempDir;
 
@@ -90,6 +91,12 @@ class StateStoreTest : public ::testing::Test {
         return MoveOk(id, kExited, 0);
       case kFailed:
         return MoveOk(id, kFailed);
+      case kPaused:
+        MoveOk(id, kRunning);
+        return MoveOk(id, kPaused);
+      case kStandby:
+        MoveOk(id, kRunning);
+        return MoveOk(id, kStandby);
     }
   }
 
@@ -119,6 +126,9 @@ TEST(SandboxStateNames, RoundTripAndRejectUnknown) {
   EXPECT_FALSE(IsActive(kStopped));
   EXPECT_FALSE(IsActive(kExited));
   EXPECT_FALSE(IsActive(kFailed));
+  // A paused sandbox keeps its supervisor; a standby one has none.
+  EXPECT_TRUE(IsActive(kPaused));
+  EXPECT_FALSE(IsActive(kStandby));
 }
 
 TEST_F(StateStoreTest, CreateGetListKeepEveryField) {
@@ -264,10 +274,31 @@ TEST_F(StateStoreTest, ExactNameBeatsIdPrefixAndFullIdBeatsName) {
 
 TEST_F(StateStoreTest, EveryTransitionFollowsTheLifecycleTable) {
   const std::set<std::pair<SandboxState, SandboxState>> allowed = {
-      {kCreating, kRunning}, {kCreating, kFailed}, {kCreating, kStopped}, {kRunning, kStopping},
-      {kRunning, kExited},   {kRunning, kFailed},  {kRunning, kStopped},  {kStopping, kStopped},
-      {kStopping, kExited},  {kStopping, kFailed}, {kStopped, kCreating}, {kExited, kCreating},
+      {kCreating, kRunning},
+      {kCreating, kFailed},
+      {kCreating, kStopped},
+      {kRunning, kStopping},
+      {kRunning, kExited},
+      {kRunning, kFailed},
+      {kRunning, kStopped},
+      {kStopping, kStopped},
+      {kStopping, kExited},
+      {kStopping, kFailed},
+      {kStopped, kCreating},
+      {kExited, kCreating},
       {kFailed, kCreating},
+      // pause / unpause, standby from either, and stop or kill of a paused one
+      {kRunning, kPaused},
+      {kPaused, kRunning},
+      {kPaused, kStopping},
+      {kPaused, kExited},
+      {kPaused, kFailed},
+      {kPaused, kStopped},
+      {kRunning, kStandby},
+      {kPaused, kStandby},
+      // resume, or stop (the snapshot discarded)
+      {kStandby, kCreating},
+      {kStandby, kStopped},
   };
   int n = 0;
   for (SandboxState from : kAllStates) {

@@ -121,7 +121,8 @@ TEST(QemuArgv, AgentPortQmpAndConsole) {
   ASSERT_NE(find("file,id=console,append=on,path=/run/cella/vm1/console.log"), chardevs.end());
   EXPECT_EQ(After(*argv, "-serial"), "chardev:console");
   EXPECT_EQ(After(*argv, "-mon"), "chardev=qmp,mode=control");
-  EXPECT_TRUE(Has(*argv, "virtserialport,chardev=agent,name=cella.agent"));
+  EXPECT_TRUE(Has(*argv, "virtserialport,chardev=agent,name=cella.agent,id=agentport"));
+  EXPECT_FALSE(Has(*argv, "-incoming")) << "only a restore waits for migration";
 }
 
 TEST(QemuArgv, UserNetworkUnlessNoNetwork) {

@@ -602,6 +602,12 @@ struct Agent::Impl {
       options.on_shutdown(*sd);
       return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
     }
+    if (auto* rs = std::get_if<protocol::ResumedRequest>(&*request)) {
+      if (!options.on_resumed) return QueueError(id, ENOSYS, "resumed is not supported here");
+      auto count = options.on_resumed(*rs);
+      if (!count) return QueueError(id, count.error());
+      return QueueText(id, FrameType::kResult, "{\"resume_count\":" + std::to_string(*count) + "}");
+    }
     if (auto* w = std::get_if<protocol::WriteFileRequest>(&*request)) {
       auto writer = AtomicFileWriter::Create(
           w->path, w->mode, w->uid, w->gid,

@@ -43,6 +43,10 @@ struct AgentOptions {
   // Op shutdown: called with the request (its grace), then Result {} is
   // sent. Without it the op fails with ENOSYS.
   std::function<void(const protocol::ShutdownRequest&)> on_shutdown;
+  // Op resumed (the VM woke from a snapshot): sets the clock and counts the
+  // resume (guest/agent/resume.h), returning the count. Without it the op
+  // fails with ENOSYS.
+  std::function<Result<uint64_t>(const protocol::ResumedRequest&)> on_resumed;
   // Children are not read while this much is queued toward the host.
   size_t link_soft_cap = 1u << 20;
   // The link is not read while this much is queued toward the host (a host

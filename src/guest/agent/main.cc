@@ -22,6 +22,7 @@
 #include "base/io.h"
 #include "base/log.h"
 #include "guest/agent/agent.h"
+#include "guest/agent/resume.h"
 
 namespace {
 
@@ -177,6 +178,9 @@ int Run(const Args& args) {
     ::sync();
     g_shutdown_requested = true;
     if (action == ShutdownAction::kPowerOffThroughInit) PowerOffThroughInit();
+  };
+  options.on_resumed = [](const cella::protocol::ResumedRequest& request) {
+    return cella::agent::ApplyResume(request);
   };
   auto agent = Agent::Create(std::move(options));
   if (!agent) {

@@ -12,6 +12,7 @@
 
 #include "base/io.h"
 #include "guest/agent/agent.h"
+#include "guest/agent/resume.h"
 #include "guest/init/console.h"
 #include "guest/init/format.h"
 #include "guest/init/workload.h"
@@ -123,6 +124,11 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
     if (serving->TerminateMain(g_shutdown_grace)) return;
     serving->StopWhenFlushed();
     ArmPowerOffAlarm();
+  };
+  options.on_resumed = [](const protocol::ResumedRequest& request) -> Result<uint64_t> {
+    auto count = agent::ApplyResume(request);
+    if (count) Say("resumed from a snapshot (resume " + std::to_string(*count) + ")");
+    return count;
   };
   auto agent = agent::Agent::Create(std::move(options));
   if (!agent) return std::unexpected(std::move(agent.error()).WithContext("agent"));

@@ -14,6 +14,7 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
 
 #include "base/check.h"
@@ -449,6 +450,21 @@ Status AgentClient::Shutdown(std::chrono::milliseconds grace,
   StreamGuard s(*link_, CELLA_TRY(link_->Open(request)));
   auto text = CELLA_TRY_CTX(AwaitResult(*link_, *s, deadline), "shutdown request");
   return protocol::DecodeEmpty(text);
+}
+
+Result<uint64_t> AgentClient::Resumed(std::chrono::system_clock::time_point realtime,
+                                      std::chrono::milliseconds answer_timeout) {
+  protocol::ResumedRequest request;
+  request.realtime_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(realtime.time_since_epoch()).count();
+  const auto deadline = Clock::now() + answer_timeout;
+  StreamGuard s(*link_, CELLA_TRY(link_->Open(request)));
+  auto text = CELLA_TRY_CTX(AwaitResult(*link_, *s, deadline), "resumed notice");
+  nlohmann::json reply = nlohmann::json::parse(text, nullptr, false);
+  if (!reply.is_object() || !reply.contains("resume_count") ||
+      !reply["resume_count"].is_number_unsigned())
+    return Fail("resumed notice: the guest's reply has no resume_count");
+  return reply["resume_count"].get<uint64_t>();
 }
 
 Result<std::unique_ptr<PortStream>> AgentClient::OpenPort(uint16_t guest_port) {

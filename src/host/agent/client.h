@@ -209,6 +209,13 @@ class AgentClient {
   Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(0),
                   std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(5000));
 
+  // Tells the guest it woke from a snapshot (protocol op `resumed`): it sets
+  // its wall clock to `realtime` and counts the resume. Returns the guest's
+  // resume count. Bounded by `answer_timeout` like Shutdown.
+  Result<uint64_t> Resumed(
+      std::chrono::system_clock::time_point realtime,
+      std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(10'000));
+
   // Set once the link has failed or closed.
   std::optional<Error> LinkError() const;
 

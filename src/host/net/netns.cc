@@ -5,6 +5,7 @@
 #include <linux/if_tun.h>
 #include <linux/netfilter_ipv4.h>
 #include <net/if.h>
+#include <net/if_arp.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -49,6 +50,7 @@ enum class Step : int32_t {
   kDnsAddress,
   kDnsNetmask,
   kTapMtu,
+  kTapMac,
   kTapUp,
   kNftPipes,
   kNftFork,
@@ -98,6 +100,8 @@ std::string_view StepName(Step step) {
       return "set cella0:1 netmask";
     case Step::kTapMtu:
       return "set cella0 MTU";
+    case Step::kTapMac:
+      return "set cella0 MAC address";
     case Step::kTapUp:
       return "bring cella0 up";
     case Step::kNftPipes:
@@ -332,6 +336,16 @@ void LoadRuleset(const ChildPlan& plan, ChildReport& report) {
   ifreq mtu_request = plan.tap;
   mtu_request.ifr_mtu = plan.mtu;
   if (::ioctl(ioctl_fd, SIOCSIFMTU, &mtu_request) != 0) Report(plan, report, Step::kTapMtu, errno);
+  // The same gateway MAC in every namespace: a guest restored from a
+  // snapshot keeps its ARP entry for 10.0.2.2, and a new random MAC would
+  // leave it talking to nobody until that entry expires. Locally
+  // administered, and private to the namespace.
+  ifreq mac_request = plan.tap;
+  mac_request.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+  const unsigned char kGatewayMac[6] = {0x02, 0x63, 0x65, 0x6c, 0x6c, 0x61};
+  std::memcpy(mac_request.ifr_hwaddr.sa_data, kGatewayMac, sizeof kGatewayMac);
+  if (::ioctl(ioctl_fd, SIOCSIFHWADDR, &mac_request) != 0)
+    Report(plan, report, Step::kTapMac, errno);
   if (!BringUp(ioctl_fd, plan.tap)) Report(plan, report, Step::kTapUp, errno);
   ::close(ioctl_fd);
 

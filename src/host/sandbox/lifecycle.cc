@@ -79,6 +79,7 @@ LifecycleOutcome SandboxLifecycle::Supervise() {
   for (int s : {SIGTERM, SIGINT}) sigaddset(&signals, s);
   bool stop_sent = false;
   bool kill_sent = false;
+  bool paused = false;
   std::optional<Clock::time_point> link_lost_at;
   for (;;) {
     auto exited = machine_->Wait(options_.tick);
@@ -111,6 +112,12 @@ LifecycleOutcome SandboxLifecycle::Supervise() {
         log::Warn("kill VM failed", {{"error", st.error().message}});
     } else if (grace && !stop_sent) {
       stop_sent = true;
+      // A frozen guest cannot power off gracefully: thaw it first.
+      if (paused) {
+        if (auto st = machine_->Resume(); !st)
+          log::Warn("unpause before stop failed", {{"error", st.error().message}});
+        paused = false;
+      }
       if (auto st = store_.Transition(options_.id, store::SandboxState::kStopping,
                                       "stopping (grace " + std::to_string(grace->count()) + " ms)");
           !st)
@@ -120,11 +127,130 @@ LifecycleOutcome SandboxLifecycle::Supervise() {
       if (auto st = machine_->Stop(*grace); !st)
         log::Warn("graceful stop failed", {{"error", st.error().message}});
     } else if (!grace && !kill) {
+      if (auto ended = RunPendingOp(paused)) return *ended;
       // During a stop the link closes on purpose; only otherwise is a dead
-      // link news.
-      if (auto failed = WatchLink(link_lost_at)) return *failed;
+      // link news. A paused guest answers nothing, which is not news either.
+      if (!paused)
+        if (auto failed = WatchLink(link_lost_at)) return *failed;
     }
   }
+}
+
+std::optional<LifecycleOutcome> SandboxLifecycle::RunPendingOp(bool& paused) {
+  std::shared_ptr<PendingOp> op;
+  {
+    std::lock_guard lock(mu_);
+    if (!pending_op_ || pending_op_->result) return std::nullopt;
+    op = pending_op_;
+  }
+  auto finish = [&](Status st) {
+    std::lock_guard lock(mu_);
+    op->result = std::move(st);
+    changed_.notify_all();
+  };
+  using store::SandboxState;
+  switch (op->op) {
+    case VmOp::kPause: {
+      if (paused) {
+        finish(Fail("sandbox is already paused"));
+        return std::nullopt;
+      }
+      if (auto st = machine_->Pause(); !st) {
+        finish(std::unexpected(st.error()));
+        return std::nullopt;
+      }
+      paused = true;
+      Status recorded =
+          store_.Transition(options_.id, SandboxState::kPaused, "paused (cella pause)");
+      if (!recorded) log::Warn("could not record paused", {{"error", recorded.error().message}});
+      finish(std::move(recorded));
+      return std::nullopt;
+    }
+    case VmOp::kUnpause: {
+      if (!paused) {
+        finish(Fail("sandbox is not paused"));
+        return std::nullopt;
+      }
+      if (auto st = machine_->Resume(); !st) {
+        finish(std::unexpected(st.error()));
+        return std::nullopt;
+      }
+      paused = false;
+      Status recorded =
+          store_.Transition(options_.id, SandboxState::kRunning, "unpaused (cella unpause)");
+      if (!recorded) log::Warn("could not record running", {{"error", recorded.error().message}});
+      finish(std::move(recorded));
+      return std::nullopt;
+    }
+    case VmOp::kSnapshot: {
+      if (paused) {
+        finish(Fail("the sandbox is paused; unpause it before taking a snapshot"));
+        return std::nullopt;
+      }
+      if (!hooks_.snapshot) {
+        finish(Fail("this sandbox cannot be snapshotted"));
+        return std::nullopt;
+      }
+      Status saved = hooks_.snapshot(op->dir);
+      finish(saved);
+      if (!saved && saved.error().errno_value == EIO) {
+        if (auto st = machine_->Kill(); !st)
+          log::Warn("kill VM failed", {{"error", st.error().message}});
+        return LifecycleOutcome{
+            true,
+            SandboxState::kFailed,
+            "snapshot failed and the VM could not be resumed: " + OneLine(saved.error().message),
+            {}};
+      }
+      return std::nullopt;
+    }
+    case VmOp::kStandby: {
+      if (!hooks_.standby) {
+        finish(Fail("this sandbox cannot go to standby"));
+        return std::nullopt;
+      }
+      // The guest must let go of its agent link before the save, which a
+      // frozen guest cannot: a paused sandbox is thawed for the moment the
+      // standby takes (it is saved stopped either way).
+      if (paused) {
+        if (auto st = machine_->Resume(); !st) {
+          finish(std::unexpected(st.error()));
+          return std::nullopt;
+        }
+      }
+      Status saved = hooks_.standby();
+      if (saved) {
+        // Committed: the snapshot is the sandbox now. Recorded before the
+        // VM is closed, so a supervisor killed from here on leaves a
+        // standby sandbox, never a failed one with a good snapshot.
+        LifecycleOutcome outcome{true, SandboxState::kStandby, "standby (cella standby)", {}};
+        Record(outcome);
+        recorded_early_ = true;
+        finish({});
+        return outcome;
+      }
+      finish(std::unexpected(saved.error()));
+      if (saved.error().errno_value == EIO) {
+        if (auto st = machine_->Kill(); !st)
+          log::Warn("kill VM failed", {{"error", st.error().message}});
+        return LifecycleOutcome{
+            true,
+            SandboxState::kFailed,
+            "standby failed and the VM could not be resumed: " + OneLine(saved.error().message),
+            {}};
+      }
+      // Still running (the hook resumed it); a paused VM was thawed too.
+      if (paused) {
+        paused = false;
+        if (auto st = store_.Transition(options_.id, SandboxState::kRunning,
+                                        "running again after a failed standby");
+            !st)
+          log::Warn("could not record running", {{"error", st.error().message}});
+      }
+      return std::nullopt;
+    }
+  }
+  return std::nullopt;
 }
 
 // A dead agent link leaves a VM nobody can reach: exec, cp, ports and a
@@ -214,6 +340,7 @@ void SandboxLifecycle::TearDown() {
 }
 
 void SandboxLifecycle::Record(const LifecycleOutcome& outcome) {
+  if (recorded_early_) return;
   if (auto st = store_.Transition(options_.id, outcome.state, outcome.detail, outcome.exit_code);
       !st)
     log::Warn("could not record the sandbox's end", {{"error", st.error().message}});
@@ -231,6 +358,36 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
   std::string op = request.value("op", std::string());
   std::unique_lock lock(mu_);
   if (op == "status") return {{"ok", true}, {"finished", finished_}};
+  if (op == "pause" || op == "unpause" || op == "standby" || op == "snapshot") {
+    if (finished_) return {{"ok", false}, {"error", "the sandbox has ended"}};
+    if (stop_grace_ || kill_requested_)
+      return {{"ok", false}, {"error", "the sandbox is stopping"}};
+    if (pending_op_ && !pending_op_->result)
+      return {{"ok", false}, {"error", "another pause, unpause or standby is in progress"}};
+    auto pending = std::make_shared<PendingOp>();
+    pending->op = op == "pause"     ? VmOp::kPause
+                  : op == "unpause" ? VmOp::kUnpause
+                  : op == "standby" ? VmOp::kStandby
+                                    : VmOp::kSnapshot;
+    if (pending->op == VmOp::kSnapshot) {
+      pending->dir = request.value("dir", std::string());
+      if (pending->dir.empty() || pending->dir[0] != '/')
+        return {{"ok", false}, {"error", "snapshot: \"dir\" must be an absolute path"}};
+    }
+    pending_op_ = pending;
+    changed_.notify_all();
+    // A standby's reply waits for the end (the caller then sees QEMU gone).
+    changed_.wait_for(lock, options_.request_wait, [&] {
+      if (finished_) return true;
+      return pending->result.has_value() && (pending->op != VmOp::kStandby || !*pending->result);
+    });
+    if (!pending->result) {
+      return {{"ok", false},
+              {"error", op + (finished_ ? ": the sandbox ended first" : ": no answer in time")}};
+    }
+    if (!*pending->result) return {{"ok", false}, {"error", pending->result->error().message}};
+    return {{"ok", true}};
+  }
   if (op != "stop" && op != "kill")
     return {{"ok", false}, {"error", "unknown control op \"" + op + "\""}};
   if (op == "kill") {

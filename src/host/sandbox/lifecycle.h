@@ -72,6 +72,18 @@ struct LifecycleHooks {
   // Every tick while the VM runs, on Run()'s thread: housekeeping that must
   // not wait for the end (the console log's cap). Must be quick.
   std::function<void()> on_tick;
+  // `cella standby`, on Run()'s thread: saves the whole machine and commits
+  // the snapshot (after which the sandbox is recorded standby and the VM is
+  // closed). An error means no snapshot was committed: the hook leaves the
+  // VM running and reachable again when it can (then the sandbox stays
+  // running and the caller gets the error), or returns the error with
+  // errno_value EIO when it could not (the sandbox is then failed). Unset:
+  // standby is refused.
+  std::function<Status()> standby;
+  // `cella snapshot create`, on Run()'s thread: saves the machine into the
+  // directory named, then lets it run on. Errors as for standby (EIO: the
+  // VM could not be brought back, the sandbox is failed). Unset: refused.
+  std::function<Status(const std::string& dir)> snapshot;
 };
 
 // What was recorded at the end.
@@ -95,8 +107,15 @@ class SandboxLifecycle {
   // tears it down, records the end and wakes every waiting request. Once.
   LifecycleOutcome Run();
 
-  // {"op":"status"} | {"op":"stop","grace_ms":N} | {"op":"kill"}; the reply
-  // the control socket sends. Other ops: {"ok":false,...}.
+  // {"op":"status"} | {"op":"stop","grace_ms":N} | {"op":"kill"} |
+  // {"op":"pause"} | {"op":"unpause"} | {"op":"standby"} |
+  // {"op":"snapshot","dir":PATH} (running only); the reply the
+  // control socket sends. Other ops: {"ok":false,...}. pause/unpause reply
+  // once the vCPUs stopped (started) and the state is recorded; standby once
+  // the snapshot is committed and the supervisor has finished. A paused
+  // sandbox refuses a second pause, a running one an unpause (EINVAL-like
+  // {"ok":false}). Stop of a paused sandbox unpauses it first, so the guest
+  // can power off gracefully; kill needs no guest.
   nlohmann::json Handle(const nlohmann::json& request);
 
   // The main process's result, from the router's hook.
@@ -114,6 +133,16 @@ class SandboxLifecycle {
   void TearDown();
   void Record(const LifecycleOutcome& outcome);
   void Finish();
+  // Runs a pending pause/unpause/standby on Run()'s thread; an outcome when
+  // the sandbox ended by it (a committed standby).
+  std::optional<LifecycleOutcome> RunPendingOp(bool& paused);
+
+  enum class VmOp { kPause, kUnpause, kStandby, kSnapshot };
+  struct PendingOp {
+    VmOp op;
+    std::string dir;               // kSnapshot
+    std::optional<Status> result;  // set by Run()'s thread
+  };
 
   LifecycleOptions options_;
   store::StateStore& store_;
@@ -127,6 +156,8 @@ class SandboxLifecycle {
   bool kill_requested_ = false;
   bool finished_ = false;  // the end is recorded
   std::optional<host::ExecStatus> main_status_;
+  std::shared_ptr<PendingOp> pending_op_;  // at most one at a time
+  bool recorded_early_ = false;            // Run()'s thread: a standby recorded its end
 };
 
 // Newlines become spaces: a store detail and a log field are one line.

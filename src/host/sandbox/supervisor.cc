@@ -1,3 +1,7 @@
+// One piece (~700 lines) on purpose: the Supervisor class owns every
+// resource of one running sandbox (store, egress, router, ports, main
+// process, machine, snapshots) and the order they are made and released in;
+// split, that order would be spread over files that must change together.
 #include "host/sandbox/supervisor.h"
 
 #include <fcntl.h>
@@ -5,6 +9,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +19,7 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <functional>
 #include <optional>
 
 #include "base/io.h"
@@ -26,6 +32,7 @@
 #include "host/net/resolver.h"
 #include "host/net/tls.h"
 #include "host/os/paths.h"
+#include "host/os/process.h"
 #include "host/sandbox/compose.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
@@ -34,6 +41,7 @@
 #include "host/sandbox/log_files.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/share.h"
+#include "host/sandbox/snapshot.h"
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
 #include "host/vmm/qemu_backend.h"
@@ -56,6 +64,15 @@ std::vector<VolumeAttachment> Attachments(const SandboxSpec& spec) {
   for (const VolumeSpec& v : spec.volumes)
     out.push_back({v.host_path, v.guest_path, v.mode, v.overlay_path});
   return out;
+}
+
+SnapshotCompression DefaultCompression() {
+  const char* chosen = std::getenv("CELLA_SNAPSHOT_COMPRESSION");
+  if (chosen && *chosen) {
+    if (auto parsed = ParseSnapshotCompression(chosen)) return *parsed;
+    log::Warn("ignoring CELLA_SNAPSHOT_COMPRESSION", {{"value", chosen}});
+  }
+  return SnapshotCompression::kZstd;
 }
 
 class Supervisor {
@@ -127,15 +144,33 @@ class Supervisor {
     vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {}, args_.id,
                                          paths_.dir, spec.root_image_path, spec.upper_image));
     if (!spec.shares.empty()) CELLA_TRY(StartShares(spec, guest, vm));
+    vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
+    vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
+    options.boot_timeout = std::chrono::seconds(spec.boot_timeout_s);
+    has_volumes_ = !spec.volumes.empty();
+    spec_upper_image_ = spec.upper_image;
+    memory_mib_ = spec.shape.memory_mib;
+    // Only a snapshot needs it (QEMU's version costs a process spawn): a
+    // cold boot does not pay for it.
+    compat_inputs_ = [this, vm, options, spec, assets] {
+      return CurrentCompat(vm, options, spec, assets);
+    };
+    standby_dir_ = paths_.dir + "/standby";
+    if (args_.resume) {
+      CELLA_TRY_CTX(PrepareResume(vm), "resume");
+    } else {
+      // A boot changes the disks under any snapshot of the sandbox's past.
+      CELLA_TRY(RemoveSnapshot(standby_dir_));
+    }
+
     if (spec.egress.enabled) CELLA_TRY_CTX(StartEgress(spec, cella_home, guest, vm), "egress");
-    CELLA_TRY(WriteGuestConfig(guest, vm));
+    // A restored guest has its configuration mounted already: the disk
+    // stays exactly as it was.
+    if (!args_.resume) CELLA_TRY(WriteGuestConfig(guest, vm));
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());
     ports_ = spec.ports;
 
-    vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
-    vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
-    options.boot_timeout = std::chrono::seconds(spec.boot_timeout_s);
     options.wrap_agent_link = [this](UniqueFd link) -> Result<UniqueFd> {
       host::RouterHooks hooks;
       hooks.on_main_output = [this](protocol::Channel, std::span<const std::byte> bytes) {
@@ -170,6 +205,8 @@ class Supervisor {
     hooks.before_close = [this] { BeforeClose(); };
     hooks.after_close = [this] { AfterClose(); };
     hooks.on_tick = [this] { TrimConsole(); };
+    hooks.standby = [this] { return Standby(); };
+    hooks.snapshot = [this](const std::string& dir) { return Snapshot(dir); };
     hooks.link_error = [this]() -> std::optional<Error> {
       // A share whose daemon died leaves the guest's file calls hanging:
       // treated as a closed link (the sandbox fails unless the VM ends by
@@ -193,8 +230,22 @@ class Supervisor {
   // The VM is up: CLI processes may now reach it.
   Status AfterBoot() {
     if (!router_) return Fail("the VM booted without an agent router");
-    CELLA_TRY(router_->Listen(paths_.mux_socket));
     host::AgentClient* agent = lifecycle_->machine().Agent();
+    if (args_.resume && !resume_announced_) {
+      // Before anyone else reaches the guest: its clock stood still while
+      // it slept, and its programs may want to know they were asleep.
+      resume_announced_ = true;
+      auto count = agent->Resumed(std::chrono::system_clock::now());
+      if (!count)
+        return std::unexpected(std::move(count.error()).WithContext("set the guest clock"));
+      // The guest ran on from it and its disks change from here: the
+      // snapshot can never be resumed from again.
+      if (auto st = RemoveSnapshot(standby_dir_); !st)
+        log::Warn("could not remove the used snapshot", {{"error", st.error().message}});
+      log::Notice("resumed from the standby snapshot",
+                  {{"id", args_.id}, {"resume_count", std::to_string(*count)}});
+    }
+    CELLA_TRY(router_->Listen(paths_.mux_socket));
     for (const PortSpec& p : ports_) {
       auto forwarder =
           PortForwarder::Start(p.host_ip, p.host_port, p.guest_port,
@@ -245,6 +296,176 @@ class Supervisor {
       attachments.push_back({options.socket_path, s.guest_path, s.mode, file});
     }
     return AttachShares(attachments, guest, vm);
+  }
+
+  // What a snapshot of this machine must match, computed once on first use.
+  Result<SnapshotCompat> Compat() {
+    if (!compat_) compat_ = CELLA_TRY(compat_inputs_());
+    return *compat_;
+  }
+
+  Result<SnapshotCompat> CurrentCompat(const vmm::VMConfig& vm,
+                                       const vmm::QemuBackendOptions& options,
+                                       const SandboxSpec& spec, const GuestAssets& assets) {
+    SnapshotCompat c;
+    std::string version = CELLA_TRY_CTX(
+        host::CheckCommand({options.qemu_binary, "--version"}, std::chrono::seconds(30)),
+        "QEMU version");
+    c.qemu_version = version.substr(0, version.find('\n'));
+    c.kernel = CELLA_TRY(FileIdentity(vm.KernelPath));
+    c.initramfs = CELLA_TRY(FileIdentity(vm.InitramfsPath));
+    c.memory_mb = vm.MemoryMB;
+    c.cpus = vm.CPUs;
+    c.accel = std::string(vmm::ToString(options.accel.chosen));
+    c.root_image = spec.root_image_path.empty()
+                       ? "built-in " + CELLA_TRY(FileIdentity(assets.default_rootfs_path))
+                       : spec.root_image_path;
+    return c;
+  }
+
+  // The VM comes from the standby snapshot, checked before QEMU reads it.
+  Status PrepareResume(vmm::VMConfig& vm) {
+    SnapshotManifest manifest = CELLA_TRY(VerifySnapshot(standby_dir_));
+    SnapshotCompat compat = CELLA_TRY(Compat());
+    if (std::string mismatch = CompatMismatch(manifest.compat, compat); !mismatch.empty())
+      return Fail("the snapshot cannot be restored here: " + mismatch +
+                  "; start it cold instead (cella stop, then cella start: its memory is lost, "
+                  "its disks are kept)");
+    vm.ConfigDiskPath = vm.StateDir + "/config.img";
+    if (::access(vm.ConfigDiskPath.c_str(), R_OK) != 0)
+      return FailErrno("the config disk of the snapshot " + vm.ConfigDiskPath);
+    vm.IncomingMigration = LoadUri(standby_dir_, manifest);
+    return {};
+  }
+
+  // cella standby, on the lifecycle's thread (see LifecycleHooks::standby).
+  Status Standby() {
+    CELLA_TRY(CheckSnapshottable("standby"));
+    CELLA_TRY(RemoveSnapshot(standby_dir_));
+    return SaveMachine(standby_dir_, AfterSave::kStayFrozen, nullptr);
+  }
+
+  // cella snapshot create: the machine into `dir` (with copies of the
+  // writable layer and the config disk, taken while it is frozen, and the
+  // record it can be restored from), then running again.
+  Status Snapshot(const std::string& dir) {
+    CELLA_TRY(CheckSnapshottable("snapshot"));
+    if (spec_upper_image_.empty())
+      return Fail("snapshot: this sandbox has no writable layer on disk to copy");
+    if (::access(dir.c_str(), F_OK) == 0) return Fail("snapshot " + dir + " exists already");
+    std::string partial = dir + ".partial";
+    CELLA_TRY(RemoveSnapshot(partial));
+    store::SandboxRecord record = CELLA_TRY(store_->Get(args_.id));
+    auto copy_disks = [&](const std::string& into) -> Status {
+      const std::pair<std::string, std::string> disks[] = {
+          {spec_upper_image_, "upper.img"}, {paths_.dir + "/config.img", "config.img"}};
+      for (const auto& [from, name] : disks) {
+        CELLA_TRY(host::CheckCommand(
+            std::vector<std::string>{"cp", "--sparse=always", from, into + "/" + name},
+            std::chrono::minutes(10)));
+      }
+      nlohmann::json meta = {{"source_id", record.id},
+                             {"source_name", record.name},
+                             {"image", record.image},
+                             {"command", record.command},
+                             {"spec_json", record.spec_json}};
+      return WriteStringToFile(into + "/sandbox.json", meta.dump(2) + "\n", 0600);
+    };
+    CELLA_TRY(SaveMachine(partial, AfterSave::kRunAgain, copy_disks));
+    if (::rename(partial.c_str(), dir.c_str()) != 0) {
+      Error err = Error::FromErrno("rename " + partial);
+      (void)RemoveSnapshot(partial);  // best effort: the error above is what counts
+      return std::unexpected(std::move(err));
+    }
+    return {};
+  }
+
+  Status CheckSnapshottable(std::string_view what) {
+    if (auto_remove_ || args_.main_attach == MainAttach::kByClient)
+      return Fail(std::string(what) +
+                  " needs a sandbox that outlives its supervisor; this one ends with its "
+                  "foreground run or was started with --rm (use cella run -d)");
+    if (!shares_.empty())
+      return Fail(std::string(what) +
+                  " of a sandbox with host directories (-v /host:/guest) is not supported: "
+                  "QEMU cannot save a virtiofs device, and the host tree can change meanwhile");
+    if (has_volumes_)
+      return Fail(std::string(what) +
+                  " of a sandbox with volumes is not supported: a volume can change while the "
+                  "snapshot waits");
+    // The stream holds at most the guest's RAM and a little device state.
+    uint64_t need = (uint64_t(memory_mib_) + 64) << 20;
+    struct statvfs fs {};
+    if (::statvfs(paths_.dir.c_str(), &fs) != 0) return FailErrno("statvfs " + paths_.dir);
+    if (uint64_t(fs.f_bavail) * fs.f_frsize < need)
+      return Fail("not enough free space in " + paths_.dir + " for the snapshot (up to " +
+                  std::to_string(need >> 20) + " MiB)");
+    return {};
+  }
+
+  enum class AfterSave { kStayFrozen, kRunAgain };
+
+  // Saves the machine into `dir` (created here) and commits it. With
+  // kRunAgain, and whenever the save fails, the VM runs on afterwards and
+  // its agent link, forwards and main process are back; when that fails
+  // too the error has errno_value EIO.
+  Status SaveMachine(const std::string& dir, AfterSave after,
+                     const std::function<Status(const std::string&)>& while_frozen) {
+    if (::mkdir(dir.c_str(), 0700) != 0) return FailErrno("mkdir " + dir);
+    SnapshotManifest manifest;
+    manifest.compression = compression_;
+    manifest.state_file =
+        compression_ == SnapshotCompression::kZstd ? "machine.state.zst" : "machine.state";
+    manifest.created_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                              std::chrono::system_clock::now().time_since_epoch())
+                              .count();
+    manifest.memory_bytes = uint64_t(memory_mib_) << 20;
+    manifest.compat = CELLA_TRY(Compat());
+
+    // Everything that uses the link goes first; the router's end closing
+    // is what tells the guest agent to let go of its link (the main process
+    // keeps running, detached, and is attached again afterwards).
+    for (auto& f : forwarders_) f->Stop();
+    forwarders_.clear();
+    vmm::Machine& machine = lifecycle_->machine();
+    auto started = std::chrono::steady_clock::now();
+    Status saved = [&]() -> Status {
+      CELLA_TRY(machine.ReleaseAgent(
+          [this] {
+            if (router_) router_->Stop();
+            main_.reset();  // its Close goes nowhere: the link is already down
+          },
+          std::chrono::seconds(15)));
+      CELLA_TRY(machine.SaveState(SaveUri(dir, manifest), std::chrono::minutes(10)));
+      if (while_frozen) CELLA_TRY(while_frozen(dir));
+      manifest = CELLA_TRY(CommitSnapshot(dir, manifest));
+      return {};
+    }();
+    if (saved) {
+      log::Notice("snapshot committed",
+                  {{"id", args_.id},
+                   {"dir", dir},
+                   {"bytes", std::to_string(manifest.size_bytes)},
+                   {"compression", std::string(ToString(manifest.compression))},
+                   {"ms", std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                             std::chrono::steady_clock::now() - started)
+                                             .count())}});
+      if (after == AfterSave::kStayFrozen) return {};
+    } else {
+      log::Warn("snapshot failed; resuming the VM", {{"error", OneLine(saved.error().message)}});
+      if (auto st = RemoveSnapshot(dir); !st)
+        log::Warn("could not remove the partial snapshot", {{"error", st.error().message}});
+    }
+    Status back = [&]() -> Status {
+      CELLA_TRY(machine.ReconnectAgent());
+      return AfterBoot();
+    }();
+    if (!back) {
+      std::string why = saved ? "the snapshot was saved" : saved.error().message;
+      return std::unexpected(
+          Error{why + "; and the VM could not be resumed: " + back.error().message, EIO});
+    }
+    return saved;
   }
 
   // The sealed network: a namespace whose only exits are our DNS server and
@@ -414,6 +635,15 @@ class Supervisor {
   std::optional<store::StateStore> store_;
   bool auto_remove_ = false;
   bool has_main_ = false;
+  bool has_volumes_ = false;
+  std::string spec_upper_image_;
+  int memory_mib_ = 0;
+  std::function<Result<SnapshotCompat>()> compat_inputs_;
+  std::optional<SnapshotCompat> compat_;
+  std::string standby_dir_;
+  bool resume_announced_ = false;
+  // $CELLA_SNAPSHOT_COMPRESSION (none|zstd) picks it for measurements.
+  SnapshotCompression compression_ = DefaultCompression();
   std::vector<PortSpec> ports_;
   uint64_t log_max_bytes_ = kDefaultLogMaxBytes;
   std::optional<CappedLogWriter> output_log_;  // written by the router thread only
@@ -458,7 +688,7 @@ int RunSupervisor(const SupervisorArgs& args) {
 
 Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,
                        const std::string& log_path, std::chrono::milliseconds ready_timeout,
-                       const std::string& secrets_json) {
+                       const std::string& secrets_json, bool resume) {
   int secret_fds[2];
   if (::pipe2(secret_fds, O_CLOEXEC) != 0) return FailErrno("pipe2");
   UniqueFd secrets_read(secret_fds[0]);
@@ -476,6 +706,7 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
   std::string ready_arg = "--ready-fd=3";
   std::vector<std::string> argv_storage = {self_exe, "__supervise", id, ready_arg};
   if (attach == MainAttach::kByClient) argv_storage.push_back("--client-attaches");
+  if (resume) argv_storage.push_back("--resume");
   std::vector<char*> argv;
   for (auto& a : argv_storage) argv.push_back(a.data());
   argv.push_back(nullptr);

@@ -32,6 +32,10 @@ struct SupervisorArgs {
   std::string id;
   int ready_fd = -1;
   MainAttach main_attach = MainAttach::kBySupervisor;
+  // Wake the sandbox from its standby snapshot (cella resume) instead of
+  // booting it: a snapshot that is missing, corrupt or made for another
+  // kernel/QEMU/shape fails the start with that reason (disks kept).
+  bool resume = false;
 };
 
 // Runs until the sandbox's VM is gone. Returns the process exit code (0 when
@@ -46,6 +50,6 @@ int RunSupervisor(const SupervisorArgs& args);
 // never through argv, the environment or a file.
 Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,
                        const std::string& log_path, std::chrono::milliseconds ready_timeout,
-                       const std::string& secrets_json = {});
+                       const std::string& secrets_json = {}, bool resume = false);
 
 }  // namespace cella::sandbox

@@ -81,7 +81,7 @@ constexpr const char* kSandboxColumns =
     "SELECT id, name, created_ms, image, command_json, spec_json, state, exit_code, reason, "
     "auto_remove, supervisor_pid, supervisor_start_ticks, hypervisor_pid, "
     "hypervisor_start_ticks, ports_json, updated_ms FROM sandboxes ";
-constexpr const char* kActiveStatesSql = "('creating', 'running', 'stopping')";
+constexpr const char* kActiveStatesSql = "('creating', 'running', 'paused', 'stopping')";
 
 std::unexpected<Error> Refuse(int errno_value, std::string message) {
   return std::unexpected(Error{std::move(message), errno_value});
@@ -170,17 +170,24 @@ std::string_view ToString(SandboxState state) {
       return "exited";
     case SandboxState::kFailed:
       return "failed";
+    case SandboxState::kPaused:
+      return "paused";
+    case SandboxState::kStandby:
+      return "standby";
   }
   return "unknown";
 }
 
 Result<SandboxState> ParseSandboxState(std::string_view text) {
   for (SandboxState s : {SandboxState::kCreating, SandboxState::kRunning, SandboxState::kStopping,
-                         SandboxState::kStopped, SandboxState::kExited, SandboxState::kFailed}) {
+                         SandboxState::kStopped, SandboxState::kExited, SandboxState::kFailed,
+                         SandboxState::kPaused, SandboxState::kStandby}) {
     if (ToString(s) == text) return s;
   }
-  return Refuse(EINVAL, "unknown sandbox state \"" + std::string(text) +
-                            "\" (want creating, running, stopping, stopped, exited or failed)");
+  return Refuse(EINVAL,
+                "unknown sandbox state \"" + std::string(text) +
+                    "\" (want creating, running, paused, stopping, stopped, exited, failed or "
+                    "standby)");
 }
 
 Status CheckVolumeName(std::string_view name) {
@@ -194,7 +201,7 @@ Status CheckVolumeName(std::string_view name) {
 
 bool IsActive(SandboxState state) {
   return state == SandboxState::kCreating || state == SandboxState::kRunning ||
-         state == SandboxState::kStopping;
+         state == SandboxState::kPaused || state == SandboxState::kStopping;
 }
 
 bool IsTransitionAllowed(SandboxState from, SandboxState to) {
@@ -203,7 +210,13 @@ bool IsTransitionAllowed(SandboxState from, SandboxState to) {
     case kCreating:
       return to == kRunning || to == kFailed || to == kStopped;
     case kRunning:
-      return to == kStopping || to == kExited || to == kFailed || to == kStopped;
+      return to == kStopping || to == kExited || to == kFailed || to == kStopped || to == kPaused ||
+             to == kStandby;
+    case kPaused:
+      return to == kRunning || to == kStopping || to == kExited || to == kFailed ||
+             to == kStopped || to == kStandby;
+    case kStandby:
+      return to == kCreating || to == kStopped;
     case kStopping:
       return to == kStopped || to == kExited || to == kFailed;
     case kStopped:

@@ -29,14 +29,29 @@ namespace cella::store {
 
 // Lifecycle:
 //   creating -> running | failed | stopped
-//   running  -> stopping | exited | failed | stopped
+//   running  -> stopping | exited | failed | stopped | paused | standby
+//   paused   -> running | stopping | exited | failed | stopped | standby
 //   stopping -> stopped | exited | failed
 //   stopped | exited | failed -> creating   (a restart)
-enum class SandboxState { kCreating, kRunning, kStopping, kStopped, kExited, kFailed };
+//   standby  -> creating (a resume) | stopped (its snapshot discarded)
+// paused: the vCPUs are frozen, the supervisor and QEMU live on (active).
+// standby: the whole machine is in a snapshot in the sandbox's directory;
+// no process runs (not active).
+enum class SandboxState {
+  kCreating,
+  kRunning,
+  kStopping,
+  kStopped,
+  kExited,
+  kFailed,
+  kPaused,
+  kStandby
+};
 
 std::string_view ToString(SandboxState state);  // "creating", "running", ...
 Result<SandboxState> ParseSandboxState(std::string_view text);
-// Active = a supervisor is expected to be alive: creating, running, stopping.
+// Active = a supervisor is expected to be alive: creating, running, paused,
+// stopping.
 bool IsActive(SandboxState state);
 // Docker's name rule, the one place it lives: letters, digits, '_', '.', '-',
 // starting with a letter or digit, at most 128 characters. EINVAL otherwise.

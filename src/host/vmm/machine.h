@@ -12,6 +12,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -69,6 +70,31 @@ class Machine {
   // Freeze / unfreeze the vCPUs.
   virtual Status Pause() = 0;
   virtual Status Resume() = 0;
+
+  // Snapshots, from the controlling thread. Backends without them (and
+  // test fakes) fail with ENOTSUP.
+  //
+  // Lets go of the agent link before a snapshot: drops Agent(), calls
+  // `close_link` (which closes the link's far end: the supervisor's router)
+  // and waits (bounded) until the guest has closed its end of the port, so a
+  // guest restored later starts a fresh link instead of continuing a dead
+  // one. Only a port close that follows close_link counts.
+  virtual Status ReleaseAgent(const std::function<void()>& /*close_link*/,
+                              std::chrono::milliseconds /*timeout*/) {
+    return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
+  }
+  // Freezes the vCPUs and writes the whole machine (memory, devices; disks
+  // are flushed, their content is not included) to `uri`, a QEMU migration
+  // URI ("exec:CMD" writes the stream to CMD's stdin). The VM stays frozen:
+  // Resume() thaws it, Close() ends it.
+  virtual Status SaveState(const std::string& /*uri*/, std::chrono::milliseconds /*timeout*/) {
+    return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
+  }
+  // After ReleaseAgent: thaws the VM and connects to the agent again as
+  // Start does (a snapshot that did not go through).
+  virtual Status ReconnectAgent() {
+    return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
+  }
 
   virtual const VMConfig& Config() const = 0;
   // Wall time from launching the hypervisor to the agent's Hello.

@@ -195,7 +195,9 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   add({"-device", "virtio-serial-device,max_ports=2"});
   add({"-chardev",
        "socket,id=agent,path=" + QemuEscape(launch.agent_socket) + ",server=on,wait=off"});
-  add({"-device", "virtserialport,chardev=agent,name=cella.agent"});
+  // The id names the port in QMP's VSERPORT_CHANGE events (standby waits for
+  // the guest to let go of it).
+  add({"-device", std::string("virtserialport,chardev=agent,name=cella.agent,id=") + kAgentPortId});
   add({"-chardev", "socket,id=qmp,path=" + QemuEscape(launch.qmp_socket) + ",server=on,wait=off",
        "-mon", "chardev=qmp,mode=control"});
   if (c.NoNetwork && c.NetworkFD >= 0) {
@@ -219,6 +221,8 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
     }
     add({"-netdev", netdev, "-device", "virtio-net-device,netdev=net0"});
   }
+  // -S: after the restore nothing runs until the restorer says cont.
+  if (!c.IncomingMigration.empty()) add({"-S", "-incoming", "defer"});
   return a;
 }
 

@@ -19,6 +19,9 @@
 
 namespace cella::vmm {
 
+// QEMU device id of the agent's virtio-serial port.
+inline constexpr const char* kAgentPortId = "agentport";
+
 inline constexpr int kMicrovmVirtioTransports = 24;
 // sockaddr_un.sun_path holds 107 characters plus the NUL.
 inline constexpr size_t kMaxUnixSocketPath = 107;

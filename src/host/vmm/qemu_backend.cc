@@ -134,6 +134,9 @@ class QemuMachine final : public Machine {
     return config_.OverlayLowerPaths.empty() ? std::string() : config_.OverlayLowerPaths.front();
   }
   Status Pause() override { return CELLA_TRY(RequireQmp("pause"))->Stop(); }
+  Status ReleaseAgent(const std::function<void()>& close_link, milliseconds timeout) override;
+  Status SaveState(const std::string& uri, milliseconds timeout) override;
+  Status ReconnectAgent() override;
   Status Resume() override { return CELLA_TRY(RequireQmp("resume"))->Cont(); }
   const VMConfig& Config() const override { return config_; }
   milliseconds BootDuration() const override { return boot_duration_; }
@@ -158,6 +161,12 @@ class QemuMachine final : public Machine {
   Error DiedDuringBoot(std::string_view stage);
   Error WithConsole(std::string message);
   Status BootSequence(Clock::time_point launched);
+  // Waits for the agent's first byte on agent_fd (watching QEMU), then
+  // wraps the link and runs the handshake: agent_ is set.
+  Status ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline);
+  // A restore: feeds the snapshot to QEMU waiting with -incoming defer, then
+  // lets the vCPUs run.
+  Status RestoreState(Clock::time_point deadline);
 
   VMConfig config_;
   QemuBackendOptions options_;
@@ -309,7 +318,30 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
   }
   qmp_.emplace(
       CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout), "VM " + config_.ID));
+  if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
+  return ConnectAgent(std::move(agent_fd), deadline);
+}
 
+Status QemuMachine::RestoreState(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+  auto restored = [&]() -> Status {
+    CELLA_TRY(qmp_->Execute("migrate-incoming", {{"uri", config_.IncomingMigration}}));
+    CELLA_TRY(qmp_->AwaitMigration(left));
+    // -S: nothing ran yet; the guest runs from where it was saved now.
+    std::string status = CELLA_TRY(qmp_->QueryStatus());
+    if (status != "paused" && status != "prelaunch")
+      return Fail("restored VM is " + status + ", not paused");
+    return qmp_->Cont();
+  }();
+  if (!restored) {
+    CELLA_TRY(ReapIfExited());
+    return std::unexpected(WithConsole(
+        "VM " + config_.ID + ": restoring the snapshot failed: " + restored.error().message));
+  }
+  return {};
+}
+
+Status QemuMachine::ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline) {
   // The agent says Hello once the guest has booted; wait for its first byte
   // while watching QEMU, then let AgentClient run the handshake.
   while (true) {
@@ -411,6 +443,67 @@ Status QemuMachine::Stop(milliseconds grace) {
   log::Notice("VM did not power off in time; killing it",
               {{"id", config_.ID}, {"grace_ms", grace.count()}});
   return KillAndReap();
+}
+
+Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, milliseconds timeout) {
+  QmpClient* qmp = CELLA_TRY(RequireQmp("release the agent"));
+  // Port events from before (the guest opening and closing the port while
+  // it waited for a host at boot or after a restore) must not be mistaken
+  // for the close we are about to cause: a reply comes after every event
+  // QEMU emitted before it.
+  CELLA_TRY(qmp->Execute("query-status"));
+  qmp->ClearEvents();
+  // The far end first: a client of the router that goes away first would
+  // have its streams closed, and the agent kills a main process whose
+  // stream is closed.
+  if (close_link) close_link();
+  agent_.reset();
+  // The guest agent sees the host side hang up, ends its link and closes
+  // the port (it opens it again after 200 ms, to wait for the next host).
+  auto closed = qmp->WaitEvent(
+      "VSERPORT_CHANGE",
+      [](const nlohmann::json& data) {
+        return data.value("id", std::string()) == kAgentPortId && !data.value("open", true);
+      },
+      timeout);
+  if (!closed) return std::unexpected(std::move(closed.error()).WithContext("VM " + config_.ID));
+  return {};
+}
+
+Status QemuMachine::SaveState(const std::string& uri, milliseconds timeout) {
+  QmpClient* qmp = CELLA_TRY(RequireQmp("save state"));
+  CELLA_TRY(qmp->Stop());
+  Status saved = [&]() -> Status {
+    // QEMU throttles migration to 128 MiB/s by default (meant for a live
+    // VM sharing a network link); a stopped VM going to a local file should
+    // go as fast as the disk takes it.
+    CELLA_TRY(qmp->Execute("migrate-set-parameters", {{"max-bandwidth", int64_t{1} << 40}}));
+    CELLA_TRY(qmp->Execute("migrate", {{"uri", uri}}));
+    return qmp->AwaitMigration(timeout);
+  }();
+  if (!saved) {
+    // Stop a migration still writing, so a Resume() does not race it.
+    if (auto cancelled = qmp->Execute("migrate_cancel"); !cancelled)
+      log::Debug("migrate_cancel failed", {{"error", cancelled.error().message}});
+    return std::unexpected(std::move(saved.error()).WithContext("VM " + config_.ID + ": save"));
+  }
+  return {};
+}
+
+Status QemuMachine::ReconnectAgent() {
+  QmpClient* qmp = CELLA_TRY(RequireQmp("reconnect the agent"));
+  auto deadline = Clock::now() + options_.boot_timeout;
+  UniqueFd agent_fd;
+  // The guest closed the port when the last link ended; a new connection
+  // is what it waits for.
+  while (!agent_fd) {
+    if (auto fd = ConnectUnix(paths_.agent_socket)) agent_fd = std::move(*fd);
+    if (agent_fd) break;
+    if (Clock::now() >= deadline) return Fail("VM " + config_.ID + ": agent socket unreachable");
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  CELLA_TRY(qmp->Cont());
+  return ConnectAgent(std::move(agent_fd), deadline);
 }
 
 Status QemuMachine::Close() {

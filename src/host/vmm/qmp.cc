@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -164,6 +165,60 @@ Status QmpClient::Cont() {
 Status QmpClient::SystemPowerdown() {
   CELLA_TRY(Execute("system_powerdown"));
   return {};
+}
+
+Result<nlohmann::json> QmpClient::WaitEvent(std::string_view name,
+                                            const std::function<bool(const nlohmann::json&)>& match,
+                                            Duration timeout) {
+  auto matches = [&](const nlohmann::json& msg) {
+    auto event = msg.find("event");
+    if (event == msg.end() || !event->is_string() || *event != name) return false;
+    auto data = msg.find("data");
+    return match(data == msg.end() ? nlohmann::json::object() : *data);
+  };
+  for (auto it = events_.begin(); it != events_.end(); ++it) {
+    if (matches(*it)) {
+      nlohmann::json found = std::move(*it);
+      events_.erase(it);
+      return found;
+    }
+  }
+  auto deadline = Clock::now() + timeout;
+  while (true) {
+    auto msg = ReadMessage(deadline);
+    if (!msg) {
+      if (msg.error().errno_value == ETIMEDOUT)
+        return std::unexpected(Error{"QMP: no " + std::string(name) + " event within " +
+                                         std::to_string(timeout.count()) + " ms",
+                                     ETIMEDOUT});
+      return std::unexpected(msg.error());
+    }
+    if (!msg->contains("event")) continue;  // a late reply to an abandoned command
+    if (matches(*msg)) return *msg;
+    if (events_.size() == kMaxEvents) events_.pop_front();
+    events_.push_back(std::move(*msg));
+  }
+}
+
+Status QmpClient::AwaitMigration(Duration timeout) {
+  auto deadline = Clock::now() + timeout;
+  auto pause = std::chrono::milliseconds(2);
+  while (true) {
+    nlohmann::json info = CELLA_TRY(Execute("query-migrate"));
+    std::string status = info.is_object() ? info.value("status", std::string()) : std::string();
+    if (status == "completed") return {};
+    if (status == "failed" || status == "cancelled") {
+      std::string why = info.value("error-desc", std::string("no reason given"));
+      return Fail("migration " + status + ": " + why);
+    }
+    if (Clock::now() >= deadline)
+      return std::unexpected(Error{"migration not completed within " +
+                                       std::to_string(timeout.count()) + " ms (status " +
+                                       (status.empty() ? "none" : status) + ")",
+                                   ETIMEDOUT});
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::milliseconds(50));
+  }
 }
 
 Status QmpClient::Quit() {

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -49,9 +50,20 @@ class QmpClient {
   // counts as success.
   Status Quit();
 
+  // Waits for an event named `name` whose "data" satisfies `match` (one kept
+  // from earlier commands counts, and is consumed). ETIMEDOUT after timeout.
+  Result<nlohmann::json> WaitEvent(std::string_view name,
+                                   const std::function<bool(const nlohmann::json&)>& match,
+                                   Duration timeout);
+  // Runs a migration that was started (migrate / migrate-incoming) until
+  // query-migrate says "completed"; an error with QEMU's reason when it
+  // says "failed" or "cancelled", ETIMEDOUT after timeout.
+  Status AwaitMigration(Duration timeout);
+
   // Most recent events (oldest first), at most kMaxEvents.
   static constexpr size_t kMaxEvents = 64;
   const std::deque<nlohmann::json>& Events() const { return events_; }
+  void ClearEvents() { events_.clear(); }
 
  private:
   explicit QmpClient(UniqueFd fd) : fd_(std::move(fd)) {}

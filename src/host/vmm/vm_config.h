@@ -77,6 +77,11 @@ struct VMConfig {
   // share=on (vhost-user needs the daemon to map it), so such a VM cannot use
   // copy-on-write template memory.
   std::vector<ShareConfig> Shares;
+  // Set: the VM does not boot but is restored from a snapshot: QEMU starts
+  // with `-incoming defer` and is fed this migration URI (e.g. "exec:cat
+  // FILE") with migrate-incoming. Every other field must be what the
+  // snapshot was taken with (the device set must match).
+  std::string IncomingMigration;
 };
 
 // Disk serials the guest init finds as /dev/disk/by-id/virtio-<serial>.

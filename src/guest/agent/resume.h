@@ -1,0 +1,26 @@
+// What the guest does when the host says it woke the VM from a snapshot
+// (protocol op `resumed`): the wall clock is set to the host's (it stood
+// still while the VM slept), and a resume counter that guest programs can
+// read goes up by one, so they can re-check their time-outs.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "base/result.h"
+#include "protocol/messages.h"
+
+namespace cella::agent {
+
+// Where the count lives: one decimal number and a newline, replaced
+// atomically. /run is a tmpfs, so it restarts at 0 on a cold boot.
+inline constexpr const char* kResumeCountPath = "/run/cella/resume-count";
+
+// Sets CLOCK_REALTIME to request.realtime_ns, then increments the number in
+// `count_path` (missing or unreadable = 0; the directory is created).
+// Returns the new count. A clock that cannot be set is an error (the count
+// is left alone: a program must not believe its clock is right).
+Result<uint64_t> ApplyResume(const protocol::ResumedRequest& request,
+                             const std::string& count_path = kResumeCountPath);
+
+}  // namespace cella::agent

@@ -1,0 +1,220 @@
+#include "host/sandbox/snapshot.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "base/io.h"
+#include "base/unique_fd.h"
+#include "host/os/digest.h"
+
+namespace cella::sandbox {
+namespace {
+
+using nlohmann::json;
+
+constexpr size_t kMaxManifest = 64 * 1024;
+
+Status FsyncPath(const std::string& path, int flags) {
+  UniqueFd fd(::open(path.c_str(), flags | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + path);
+  if (::fsync(fd.Get()) != 0) return FailErrno("fsync " + path);
+  return {};
+}
+
+bool IsPlainName(std::string_view name) {
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string_view::npos &&
+         name.find('\0') == std::string_view::npos && name.size() <= 255;
+}
+
+bool IsSha256Hex(std::string_view text) {
+  if (text.size() != 64) return false;
+  for (char c : text)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+}  // namespace
+
+std::string_view ToString(SnapshotCompression compression) {
+  return compression == SnapshotCompression::kZstd ? "zstd" : "none";
+}
+
+Result<SnapshotCompression> ParseSnapshotCompression(std::string_view text) {
+  if (text == "zstd") return SnapshotCompression::kZstd;
+  if (text == "none") return SnapshotCompression::kNone;
+  return Fail("unknown snapshot compression \"" + std::string(text) + "\" (want zstd or none)");
+}
+
+Result<std::string> FileIdentity(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
+  return path + " " + std::to_string(st.st_size) + " " +
+         std::to_string(int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec);
+}
+
+std::string CompatMismatch(const SnapshotCompat& saved, const SnapshotCompat& now) {
+  auto differs = [](std::string_view part, const std::string& a, const std::string& b) {
+    return "the " + std::string(part) + " differs (snapshot: " + a + ", now: " + b + ")";
+  };
+  if (saved.qemu_version != now.qemu_version)
+    return differs("QEMU version", saved.qemu_version, now.qemu_version);
+  if (saved.kernel != now.kernel) return differs("guest kernel", saved.kernel, now.kernel);
+  if (saved.initramfs != now.initramfs)
+    return differs("initramfs (cella's guest init and agent)", saved.initramfs, now.initramfs);
+  if (saved.memory_mb != now.memory_mb)
+    return differs("memory size", std::to_string(saved.memory_mb) + " MiB",
+                   std::to_string(now.memory_mb) + " MiB");
+  if (saved.cpus != now.cpus)
+    return differs("CPU count", std::to_string(saved.cpus), std::to_string(now.cpus));
+  if (saved.accel != now.accel) return differs("accelerator", saved.accel, now.accel);
+  if (saved.root_image != now.root_image)
+    return differs("root image", saved.root_image, now.root_image);
+  return {};
+}
+
+std::string EncodeManifest(const SnapshotManifest& m) {
+  json j = {{"version", m.version},
+            {"state_file", m.state_file},
+            {"compression", std::string(ToString(m.compression))},
+            {"size_bytes", m.size_bytes},
+            {"sha256", m.sha256},
+            {"created_ms", m.created_ms},
+            {"memory_bytes", m.memory_bytes},
+            {"compat",
+             {{"qemu_version", m.compat.qemu_version},
+              {"kernel", m.compat.kernel},
+              {"initramfs", m.compat.initramfs},
+              {"memory_mb", m.compat.memory_mb},
+              {"cpus", m.compat.cpus},
+              {"accel", m.compat.accel},
+              {"root_image", m.compat.root_image}}}};
+  return j.dump(2) + "\n";
+}
+
+Result<SnapshotManifest> DecodeManifest(std::string_view text) {
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return Fail("snapshot manifest: not a JSON object");
+  SnapshotManifest m;
+  // nlohmann throws on a wrong type; turned into an error naming the field.
+  std::string field;
+  try {
+    auto take = [&](const json& obj, const char* key, auto& out) {
+      field = key;
+      if (!obj.contains(key)) throw std::runtime_error("missing");
+      obj.at(key).get_to(out);
+    };
+    take(j, "version", m.version);
+    if (m.version != kSnapshotFormatVersion)
+      return Fail("snapshot manifest: format version " + std::to_string(m.version) +
+                  " is not the one this cella reads (" + std::to_string(kSnapshotFormatVersion) +
+                  ")");
+    take(j, "state_file", m.state_file);
+    std::string compression;
+    take(j, "compression", compression);
+    m.compression = CELLA_TRY_CTX(ParseSnapshotCompression(compression), "snapshot manifest");
+    take(j, "size_bytes", m.size_bytes);
+    take(j, "sha256", m.sha256);
+    take(j, "created_ms", m.created_ms);
+    take(j, "memory_bytes", m.memory_bytes);
+    field = "compat";
+    const json& c = j.at("compat");
+    if (!c.is_object()) throw std::runtime_error("not an object");
+    take(c, "qemu_version", m.compat.qemu_version);
+    take(c, "kernel", m.compat.kernel);
+    take(c, "initramfs", m.compat.initramfs);
+    take(c, "memory_mb", m.compat.memory_mb);
+    take(c, "cpus", m.compat.cpus);
+    take(c, "accel", m.compat.accel);
+    take(c, "root_image", m.compat.root_image);
+  } catch (const std::exception& e) {
+    return Fail("snapshot manifest: field \"" + field + "\": " + e.what());
+  }
+  if (!IsPlainName(m.state_file) || m.state_file == kManifestName)
+    return Fail("snapshot manifest: state_file \"" + m.state_file + "\" is not a plain file name");
+  if (!IsSha256Hex(m.sha256)) return Fail("snapshot manifest: sha256 is not 64 hex digits");
+  if (m.size_bytes == 0) return Fail("snapshot manifest: size_bytes is 0");
+  return m;
+}
+
+std::string ShellQuote(std::string_view text) {
+  std::string out = "'";
+  for (char c : text) {
+    if (c == '\'')
+      out += "'\\''";
+    else
+      out += c;
+  }
+  return out + "'";
+}
+
+std::string SaveUri(const std::string& dir, const SnapshotManifest& m) {
+  std::string tmp = ShellQuote(dir + "/" + m.state_file + ".tmp");
+  // -1: the fastest level; the stream is mostly page data and zero flags.
+  if (m.compression == SnapshotCompression::kZstd) return "exec:zstd -q -1 -T1 -c > " + tmp;
+  return "exec:cat > " + tmp;
+}
+
+std::string LoadUri(const std::string& dir, const SnapshotManifest& m) {
+  std::string file = ShellQuote(dir + "/" + m.state_file);
+  if (m.compression == SnapshotCompression::kZstd) return "exec:zstd -q -d -c " + file;
+  return "exec:cat " + file;
+}
+
+Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest m) {
+  if (!IsPlainName(m.state_file)) return Fail("snapshot: bad state file name " + m.state_file);
+  std::string tmp = dir + "/" + m.state_file + ".tmp";
+  std::string final_path = dir + "/" + m.state_file;
+  CELLA_TRY(FsyncPath(tmp, O_RDONLY));
+  struct stat st {};
+  if (::stat(tmp.c_str(), &st) != 0) return FailErrno("stat " + tmp);
+  if (st.st_size <= 0) return Fail("snapshot: QEMU wrote nothing to " + tmp);
+  m.size_bytes = static_cast<uint64_t>(st.st_size);
+  m.sha256 = CELLA_TRY(host::Sha256OfFile(tmp));
+  if (::rename(tmp.c_str(), final_path.c_str()) != 0) return FailErrno("rename " + tmp);
+  std::string manifest_path = dir + "/" + kManifestName;
+  std::string manifest_tmp = manifest_path + ".tmp";
+  CELLA_TRY(WriteStringToFile(manifest_tmp, EncodeManifest(m), 0600));
+  CELLA_TRY(FsyncPath(manifest_tmp, O_RDONLY));
+  if (::rename(manifest_tmp.c_str(), manifest_path.c_str()) != 0)
+    return FailErrno("rename " + manifest_tmp);
+  CELLA_TRY(FsyncPath(dir, O_RDONLY | O_DIRECTORY));
+  return m;
+}
+
+Result<SnapshotManifest> VerifySnapshot(const std::string& dir) {
+  std::string manifest_path = dir + "/" + kManifestName;
+  if (::access(manifest_path.c_str(), F_OK) != 0) {
+    if (errno == ENOENT)
+      return std::unexpected(
+          Error{"no snapshot in " + dir + " (no " + kManifestName + ")", ENOENT});
+    return FailErrno("access " + manifest_path);
+  }
+  std::string text = CELLA_TRY(ReadFileToString(manifest_path, kMaxManifest));
+  SnapshotManifest m = CELLA_TRY_CTX(DecodeManifest(text), manifest_path);
+  std::string state = dir + "/" + m.state_file;
+  struct stat st {};
+  if (::stat(state.c_str(), &st) != 0) return FailErrno("snapshot state " + state);
+  if (static_cast<uint64_t>(st.st_size) != m.size_bytes)
+    return Fail("snapshot " + state + " is corrupt: " + std::to_string(st.st_size) +
+                " bytes, the manifest recorded " + std::to_string(m.size_bytes) +
+                (static_cast<uint64_t>(st.st_size) < m.size_bytes ? " (truncated)" : ""));
+  std::string sum = CELLA_TRY(host::Sha256OfFile(state));
+  if (sum != m.sha256)
+    return Fail("snapshot " + state + " is corrupt: checksum mismatch (sha256 " +
+                sum.substr(0, 12) + ", the manifest recorded " + m.sha256.substr(0, 12) + ")");
+  return m;
+}
+
+Status RemoveSnapshot(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  if (ec) return Fail("remove snapshot " + dir + ": " + ec.message());
+  return {};
+}
+
+}  // namespace cella::sandbox

@@ -1,0 +1,93 @@
+// A machine snapshot on disk: QEMU's migration stream of a stopped VM (its
+// memory and device state; zero pages are sent as a flag, not stored) in one
+// file, optionally zstd-compressed, beside a manifest that says what the
+// stream is only valid with. Used by `cella standby` (the sandbox's own
+// `standby/` directory).
+//
+// Crash safety: QEMU writes the stream to a temporary name; CommitSnapshot
+// fsyncs it, records its size and SHA-256, renames it, then writes the
+// manifest to a temporary name, fsyncs and renames that, and fsyncs the
+// directory. The manifest's rename is the commit point: a directory without
+// manifest.json holds no snapshot, whatever else is in it, and a resume
+// checks size and checksum before QEMU reads a byte (VerifySnapshot). So a
+// writer killed at any moment leaves garbage that is never trusted.
+//
+// Threads: free functions, no shared state.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "base/result.h"
+
+namespace cella::sandbox {
+
+inline constexpr int kSnapshotFormatVersion = 1;
+inline constexpr const char* kManifestName = "manifest.json";
+
+enum class SnapshotCompression { kNone, kZstd };
+std::string_view ToString(SnapshotCompression compression);  // "none" | "zstd"
+Result<SnapshotCompression> ParseSnapshotCompression(std::string_view text);
+
+// What the saved machine is only valid with. A restore on anything else is
+// refused, naming the part (a different kernel or QEMU cannot load the
+// state; a different memory size or device set would not match it).
+struct SnapshotCompat {
+  std::string qemu_version;  // first line of `qemu-system-x86_64 --version`
+  std::string kernel;        // the guest kernel: "path size mtime" (FileIdentity)
+  std::string initramfs;     // cella's initramfs (init + agent + modules), likewise
+  int memory_mb = 0;
+  double cpus = 0;
+  std::string accel;       // "tcg" | "kvm"
+  std::string root_image;  // the image the root was built from (erofs path, content-addressed)
+  bool operator==(const SnapshotCompat&) const = default;
+};
+
+// "PATH SIZE MTIME_NS" of a file: cheap (no hashing on the resume path) and
+// changed by any rewrite of the file.
+Result<std::string> FileIdentity(const std::string& path);
+
+// Empty when they match; else "the <part> differs (snapshot: A, now: B)"
+// for the first part that differs.
+std::string CompatMismatch(const SnapshotCompat& saved, const SnapshotCompat& now);
+
+struct SnapshotManifest {
+  int version = kSnapshotFormatVersion;
+  std::string state_file;  // a plain file name in the same directory
+  SnapshotCompression compression = SnapshotCompression::kZstd;
+  uint64_t size_bytes = 0;  // of state_file as stored
+  std::string sha256;       // of state_file as stored, lowercase hex
+  int64_t created_ms = 0;
+  uint64_t memory_bytes = 0;  // guest RAM the stream describes (for sizes in ls)
+  SnapshotCompat compat;
+};
+
+std::string EncodeManifest(const SnapshotManifest& manifest);
+// Strict: wrong types, a state_file that is not a plain name, an unknown
+// compression or version, a malformed checksum fail with the field named.
+Result<SnapshotManifest> DecodeManifest(std::string_view json);
+
+// The migration URI QEMU writes the stream to: "exec:" + a shell pipeline
+// into `<dir>/<state_file>.tmp` (paths are single-quoted).
+std::string SaveUri(const std::string& dir, const SnapshotManifest& manifest);
+// The URI a restoring QEMU reads it from.
+std::string LoadUri(const std::string& dir, const SnapshotManifest& manifest);
+
+// After QEMU completed the migration: fsync, size and hash the temporary
+// file, rename it, write the manifest (filling size_bytes and sha256), and
+// fsync the directory. Returns the manifest as written.
+Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest manifest);
+
+// Reads the manifest and checks that the state file is there with the
+// recorded size and checksum. ENOENT when there is no (committed) snapshot;
+// any other error names what is wrong ("truncated", "checksum mismatch").
+Result<SnapshotManifest> VerifySnapshot(const std::string& dir);
+
+// Removes the directory and everything in it; a missing one is fine.
+Status RemoveSnapshot(const std::string& dir);
+
+// Single-quotes `text` for /bin/sh.
+std::string ShellQuote(std::string_view text);
+
+}  // namespace cella::sandbox

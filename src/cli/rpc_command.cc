@@ -143,65 +143,12 @@ host::ExecRequest ExecDefaultsOf(const sandbox::SandboxSpec& spec) {
   return defaults;
 }
 
-class OwnedSandbox : public rpc::Sandbox {
+// What every sandbox the rpc server drives has: its store, its agent
+// through the router, the exec defaults of its spec, and allow-list edits.
+class CliSandbox : public rpc::Sandbox {
  public:
-  OwnedSandbox(SandboxContext ctx, std::string id, std::unique_ptr<host::AgentClient> agent,
-               host::ExecRequest defaults, Reaper reaper)
-      : ctx_(std::move(ctx)),
-        id_(std::move(id)),
-        agent_(std::move(agent)),
-        defaults_(std::move(defaults)),
-        reaper_(std::move(reaper)) {}
-  ~OwnedSandbox() override { (void)Close(kStopGrace); }
-
-  const std::string& id() const override { return id_; }
-  host::AgentClient& agent() override { return *agent_; }
-  host::ExecRequest ExecDefaults() const override { return defaults_; }
-  std::string ConsoleLogPath() const override {
-    return sandbox::PathsFor(ctx_.home, id_).console_log;
-  }
-
-  Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
-                                        const std::vector<std::string>& remove) override {
-    // One edit at a time: the store's connection is not shared across threads.
-    std::lock_guard lock(edit_mu_);
-    return EditAllowListOf(ctx_, id_, add, remove);
-  }
-
-  Status Close(std::chrono::milliseconds grace) override {
-    std::lock_guard lock(edit_mu_);
-    if (closed_) return {};
-    closed_ = true;
-    StopAndRemove(ctx_, id_, grace);
-    // agent_ stays: a worker the server gave up waiting for may still hold
-    // it; its calls fail now that the VM is gone.
-    // The reaper sees EOF, finds the sandbox gone and exits.
-    reaper_.lifeline.Reset();
-    for (int i = 0; i < 50 && reaper_.pid > 0; ++i) {
-      pid_t r = ::waitpid(reaper_.pid, nullptr, WNOHANG);
-      if (r == reaper_.pid || (r < 0 && errno != EINTR)) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    if (ctx_.store.Get(id_)) return Fail("sandbox " + id_ + " could not be removed");
-    return {};
-  }
-
- private:
-  SandboxContext ctx_;
-  std::string id_;
-  std::unique_ptr<host::AgentClient> agent_;
-  host::ExecRequest defaults_;
-  Reaper reaper_;
-  std::mutex edit_mu_;   // serializes the users of ctx_.store
-  bool closed_ = false;  // guarded by edit_mu_
-};
-
-// A sandbox someone else owns (`cella.attach`): driven through the router
-// like `cella exec`; Close lets go and leaves it running.
-class AttachedSandbox : public rpc::Sandbox {
- public:
-  AttachedSandbox(SandboxContext ctx, std::string id, std::unique_ptr<host::AgentClient> agent,
-                  host::ExecRequest defaults)
+  CliSandbox(SandboxContext ctx, std::string id, std::unique_ptr<host::AgentClient> agent,
+             host::ExecRequest defaults)
       : ctx_(std::move(ctx)),
         id_(std::move(id)),
         agent_(std::move(agent)),
@@ -215,17 +162,57 @@ class AttachedSandbox : public rpc::Sandbox {
   }
   Result<AllowListChange> EditAllowList(const std::vector<std::string>& add,
                                         const std::vector<std::string>& remove) override {
-    std::lock_guard lock(mu_);
+    // One edit at a time: the store's connection is not shared across threads.
+    std::lock_guard lock(store_mu_);
     return EditAllowListOf(ctx_, id_, add, remove);
   }
-  Status Close(std::chrono::milliseconds) override { return {}; }
 
- private:
-  std::mutex mu_;  // serializes the users of ctx_.store
+ protected:
   SandboxContext ctx_;
   std::string id_;
+  // agent_ outlives Close: a worker the server gave up waiting for may still
+  // hold it; its calls fail once the VM is gone.
   std::unique_ptr<host::AgentClient> agent_;
   host::ExecRequest defaults_;
+  std::mutex store_mu_;  // serializes the users of ctx_.store
+};
+
+// A sandbox this rpc process created and owns: Close stops and removes it.
+class OwnedSandbox : public CliSandbox {
+ public:
+  OwnedSandbox(SandboxContext ctx, std::string id, std::unique_ptr<host::AgentClient> agent,
+               host::ExecRequest defaults, Reaper reaper)
+      : CliSandbox(std::move(ctx), std::move(id), std::move(agent), std::move(defaults)),
+        reaper_(std::move(reaper)) {}
+  ~OwnedSandbox() override { (void)Close(kStopGrace); }
+
+  Status Close(std::chrono::milliseconds grace) override {
+    std::lock_guard lock(store_mu_);
+    if (closed_) return {};
+    closed_ = true;
+    StopAndRemove(ctx_, id_, grace);
+    // The reaper sees EOF, finds the sandbox gone and exits.
+    reaper_.lifeline.Reset();
+    for (int i = 0; i < 50 && reaper_.pid > 0; ++i) {
+      pid_t r = ::waitpid(reaper_.pid, nullptr, WNOHANG);
+      if (r == reaper_.pid || (r < 0 && errno != EINTR)) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (ctx_.store.Get(id_)) return Fail("sandbox " + id_ + " could not be removed");
+    return {};
+  }
+
+ private:
+  Reaper reaper_;
+  bool closed_ = false;  // guarded by store_mu_
+};
+
+// A sandbox someone else owns (`cella.attach`): driven through the router
+// like `cella exec`; Close lets go and leaves it running.
+class AttachedSandbox : public CliSandbox {
+ public:
+  using CliSandbox::CliSandbox;
+  Status Close(std::chrono::milliseconds) override { return {}; }
 };
 
 std::string FormatCpus(double cpus) {

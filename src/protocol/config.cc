@@ -138,20 +138,26 @@ Status ReadObjectList(const Json& obj, std::string_view key, const std::string& 
   return {};
 }
 
-Status ReadVolumeMount(const Json& obj, const std::string& where, VolumeMount& out) {
-  CELLA_TRY(ReadString(obj, "device", where, out.device));
-  CELLA_TRY(ReadString(obj, "path", where, out.path));
+// "mode": "ro" | "rw" | "overlay" (volumes and host shares alike).
+Status ReadMountMode(const Json& obj, const std::string& where, MountMode& out) {
   std::string mode;
   CELLA_TRY(ReadString(obj, "mode", where, mode));
   if (mode == "ro") {
-    out.mode = MountMode::kReadOnly;
+    out = MountMode::kReadOnly;
   } else if (mode == "rw") {
-    out.mode = MountMode::kReadWrite;
+    out = MountMode::kReadWrite;
   } else if (mode == "overlay") {
-    out.mode = MountMode::kOverlay;
+    out = MountMode::kOverlay;
   } else {
     return Fail(where + ".mode: unknown mode " + Quote(mode) + " (want ro, rw or overlay)");
   }
+  return {};
+}
+
+Status ReadVolumeMount(const Json& obj, const std::string& where, VolumeMount& out) {
+  CELLA_TRY(ReadString(obj, "device", where, out.device));
+  CELLA_TRY(ReadString(obj, "path", where, out.path));
+  CELLA_TRY(ReadMountMode(obj, where, out.mode));
   CELLA_TRY(ReadString(obj, "overlay_device", where, out.overlay_device));
   return {};
 }
@@ -159,17 +165,7 @@ Status ReadVolumeMount(const Json& obj, const std::string& where, VolumeMount& o
 Status ReadHostShare(const Json& obj, const std::string& where, HostShare& out) {
   CELLA_TRY(ReadString(obj, "tag", where, out.tag));
   CELLA_TRY(ReadString(obj, "path", where, out.path));
-  std::string mode;
-  CELLA_TRY(ReadString(obj, "mode", where, mode));
-  if (mode == "ro") {
-    out.mode = MountMode::kReadOnly;
-  } else if (mode == "rw") {
-    out.mode = MountMode::kReadWrite;
-  } else if (mode == "overlay") {
-    out.mode = MountMode::kOverlay;
-  } else {
-    return Fail(where + ".mode: unknown mode " + Quote(mode) + " (want ro, rw or overlay)");
-  }
+  CELLA_TRY(ReadMountMode(obj, where, out.mode));
   CELLA_TRY(ReadString(obj, "file", where, out.file));
   return {};
 }

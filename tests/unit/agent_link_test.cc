@@ -2,6 +2,8 @@
 // directions. Fake agents are a thread on the other end of a socket pair.
 #include <sys/socket.h>
 
+#include <atomic>
+
 #include "agent_test_support.h"
 #include "protocol/wire.h"
 
@@ -156,6 +158,51 @@ TEST_F(AgentLink, DataBeyondTheWindowFailsTheLink) {
   auto status = (*session)->Wait();
   ASSERT_FALSE(status.has_value());
   EXPECT_NE(status.error().message.find("window"), std::string::npos) << status.error().message;
+  session->reset();
+  c->reset();
+  fake.join();
+}
+
+// A peer that stopped reading (a guest powering off after a short `cella
+// run`) while its Result is still on the way: the host's write finds it
+// gone (EPIPE) but that must not throw away what the peer still sends.
+TEST_F(AgentLink, AWriteToAPeerThatStoppedReadingKeepsItsResult) {
+  auto p = MakePair();
+  std::atomic<bool> host_wrote{false};
+  std::thread fake([fd = std::move(p.fake), &host_wrote]() mutable {
+    if (!WriteAll(fd.Get(), AgentHello())) return;
+    protocol::FrameDecoder decoder;
+    ReadUntil(fd.Get(), decoder,
+              [](const protocol::Frame& f) { return f.type == FrameType::kOpen; });
+    auto opened = FrameBytes(1, FrameType::kOpened, Channel::kControl, R"({"pid":5})");
+    if (!WriteAll(fd.Get(), opened)) return;
+    (void)::shutdown(fd.Get(), SHUT_RD);  // from here the host's writes fail
+    while (!host_wrote) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    std::vector<std::byte> rest;
+    for (auto frame :
+         {FrameBytes(1, FrameType::kData, Channel::kStdout, "lo\n"),
+          FrameBytes(1, FrameType::kEof, Channel::kStdout, ""),
+          FrameBytes(1, FrameType::kEof, Channel::kStderr, ""),
+          FrameBytes(1, FrameType::kResult, Channel::kControl,
+                     protocol::EncodeExecOutcome({.exit_code = 0, .signal = std::nullopt}))})
+      rest.insert(rest.end(), frame.begin(), frame.end());
+    (void)WriteAll(fd.Get(), rest);
+  });
+  auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
+  ASSERT_TRUE(c.has_value()) << c.error().message;
+  std::string out;
+  host::ExecCallbacks cb;
+  cb.on_stdout = [&](std::string_view data) { out.append(data); };
+  auto session = (*c)->StartExec(Sh("ls"), cb);
+  ASSERT_TRUE(session.has_value()) << session.error().message;
+  // What `cella run` without -i does first: close the guest's stdin.
+  auto closed = (*session)->CloseStdin();
+  EXPECT_FALSE(closed.has_value()) << "the write should have found the peer gone";
+  host_wrote = true;
+  auto status = (*session)->Wait();
+  ASSERT_TRUE(status.has_value()) << status.error().message;
+  EXPECT_EQ(status->exit_code, 0);
+  EXPECT_EQ(out, "lo\n");
   session->reset();
   c->reset();
   fake.join();

@@ -177,7 +177,8 @@ class Link {
       if (s.finished || s.failure) return;
       s.recv_window[Index(channel)] += static_cast<int64_t>(amount);
     }
-    // A failure here fails the link, which every waiter then sees.
+    // A failure here fails the link (or, with the peer gone, leaves that
+    // to the reader: see SendLocked), which every waiter then sees.
     (void)Send(s.id, FrameType::kWindow, channel,
                protocol::U32Payload(static_cast<uint32_t>(amount)));
   }
@@ -293,7 +294,12 @@ class Link {
       if (errno == EINTR) continue;
       if (errno != EAGAIN) {
         Error e = Error::FromErrno("agent link: write");
-        FailLink(e);
+        // A peer that stopped reading (a guest powering off right after its
+        // main process ended) may still have sent what matters, e.g. that
+        // process's Result: failing the link here would shut our reading
+        // side before it is read. The caller gets the error; the reader
+        // fails the link at the EOF that follows.
+        if (errno != EPIPE && errno != ECONNRESET) FailLink(e);
         return std::unexpected(e);
       }
       CELLA_TRY(WaitFd(fd_.Get(), POLLOUT, deadline));

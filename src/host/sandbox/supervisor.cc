@@ -17,9 +17,9 @@
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <mutex>
-#include <functional>
 #include <optional>
 
 #include "base/io.h"

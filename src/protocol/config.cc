@@ -450,6 +450,29 @@ Status ValidateConfig(const Config& c) {
     CELLA_TRY(CheckMountPath(where + ".path", c.tmpfs[i].path, mount_paths));
     if (c.tmpfs[i].size_mib < 0) return Fail(where + ".size_mib: negative");
   }
+  // The tmpfs mounts come last (after the switch of root), so one above a
+  // volume, share or disk would hide it: refuse rather than lose it.
+  std::vector<std::string> tmpfs_paths;
+  for (const TmpfsMount& t : c.tmpfs) tmpfs_paths.push_back(t.path);
+  if (c.read_only_root) {
+    tmpfs_paths.push_back("/tmp");
+    tmpfs_paths.push_back("/run");
+  }
+  auto beneath_tmpfs = [&](const std::string& what, const std::string& path) -> Status {
+    for (const std::string& t : tmpfs_paths) {
+      std::string prefix = t.ends_with('/') ? t : t + "/";
+      if (path.starts_with(prefix))
+        return Fail(what + ": " + Quote(path) + " is inside the tmpfs at " + Quote(t) +
+                    ", which would hide it; mount it elsewhere");
+    }
+    return {};
+  };
+  for (size_t i = 0; i < c.volume_mounts.size(); ++i)
+    CELLA_TRY(beneath_tmpfs(Index("volume_mounts", i) + ".path", c.volume_mounts[i].path));
+  for (size_t i = 0; i < c.host_shares.size(); ++i)
+    CELLA_TRY(beneath_tmpfs(Index("host_shares", i) + ".path", c.host_shares[i].path));
+  for (size_t i = 0; i < c.disks.size(); ++i)
+    CELLA_TRY(beneath_tmpfs(Index("disks", i) + ".path", c.disks[i].path));
 
   if (!c.hostname.empty()) CELLA_TRY(CheckHostName("hostname", c.hostname, 64));
   for (size_t i = 0; i < c.dns_servers.size(); ++i)

@@ -190,6 +190,22 @@ TEST(Config, ReadOnlyRootAndTmpfsRoundTripAndTmpfsPathsAreChecked) {
   auto bad = ParseConfig(SerializeConfig(c));
   ASSERT_FALSE(bad);
   EXPECT_NE(bad.error().message.find("tmpfs[0].path"), std::string::npos) << bad.error().message;
+
+  // A tmpfs is mounted last: one above a share or volume would hide it.
+  c.tmpfs = {{"/data", 0}};
+  c.host_shares = {{"share0", "/data/in", MountMode::kReadWrite, ""}};
+  auto hidden = ValidateConfig(c);
+  ASSERT_FALSE(hidden);
+  EXPECT_NE(hidden.error().message.find("host_shares[0].path"), std::string::npos)
+      << hidden.error().message;
+  c.host_shares = {{"share0", "/database", MountMode::kReadWrite, ""}};  // beside, not inside
+  EXPECT_TRUE(ValidateConfig(c)) << ValidateConfig(c).error().message;
+  c.tmpfs.clear();
+  c.host_shares.clear();
+  c.volume_mounts = {{"/dev/vdb", "/tmp/cache", MountMode::kReadWrite, ""}};
+  hidden = ValidateConfig(c);  // --read-only's own /tmp
+  ASSERT_FALSE(hidden);
+  EXPECT_NE(hidden.error().message.find("/tmp"), std::string::npos) << hidden.error().message;
 }
 
 TEST(Config, DefaultAgentPortIsNotWritten) {

@@ -166,10 +166,43 @@ TEST(HostShares, VirtiofsdIsConfinedAndBounded) {
   EXPECT_TRUE(Contains(argv, "source=/s/share0"));
   EXPECT_TRUE(Contains(argv, "--socket-path=/s/fs0.sock"));
   EXPECT_TRUE(Contains(argv, "sandbox=namespace"));
-  EXPECT_TRUE(Contains(argv, "modcaps=-mknod:-setfcap"));
+  EXPECT_TRUE(Contains(argv, "modcaps=-mknod:-setfcap:-fsetid"));
   EXPECT_TRUE(Contains(argv, "no_xattr"));
   EXPECT_TRUE(Contains(argv, "cache=auto"));
   EXPECT_TRUE(Contains(argv, "--rlimit-nofile=" + std::to_string(sandbox::kShareMaxFds)));
+}
+
+// A shared path whose component became a symlink since the sandbox was
+// created (a guest with another rw share can do that) is refused before
+// any daemon starts: the bind must never follow it out.
+TEST(HostShares, APathThatGrewASymlinkIsRefusedAtStart) {
+  testing::TempDir dir("cella-share");
+  std::filesystem::create_directories(dir / "data/sub");
+  std::filesystem::create_directories(dir / "secret");
+  sandbox::ShareDaemonOptions options;
+  options.virtiofsd = "/bin/false";  // never reached
+  options.stage_dir = dir / "stage";
+  options.socket_path = dir / "fs.sock";
+  options.log_path = dir / "virtiofsd.log";
+  std::filesystem::create_directories(options.stage_dir);
+  // The guest swaps data/sub for a symlink to somewhere else on the host.
+  std::filesystem::remove(dir / "data/sub");
+  std::filesystem::create_directory_symlink(dir / "secret", dir / "data/sub");
+  options.host_path = dir / "data/sub";
+  auto daemon = sandbox::ShareDaemon::Start(options);
+  ASSERT_FALSE(daemon.has_value());
+  EXPECT_NE(daemon.error().message.find("is now a symlink"), std::string::npos)
+      << daemon.error().message;
+  // A file share whose file became a symlink (to /etc/shadow, say) too.
+  std::ofstream(dir / "data/f") << "x";
+  std::filesystem::remove(dir / "data/f");
+  std::filesystem::create_symlink("/etc/shadow", dir / "data/f");
+  options.host_path = dir / "data/f";
+  options.is_file = true;
+  daemon = sandbox::ShareDaemon::Start(options);
+  ASSERT_FALSE(daemon.has_value());
+  EXPECT_NE(daemon.error().message.find("is now a symlink"), std::string::npos)
+      << daemon.error().message;
 }
 
 TEST(HostShares, MatchlockVfsBecomesShares) {

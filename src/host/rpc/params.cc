@@ -163,6 +163,9 @@ Status ParseImageConfig(const json& c, CreateParams& p) {
 Result<std::string> MountHostPath(const json& m, const std::string& where) {
   std::string host = CELLA_TRY(GetString(m, where, "host_path"));
   if (host.empty()) return Fail(where + ".host_path: required");
+  // Absolute only: a relative one would name the rpc process's cwd, and a
+  // bare name would turn into a named volume on the way through `-v`.
+  if (!host.starts_with('/')) return Fail(where + ".host_path: want an absolute path");
   // The path travels as `-v HOST:GUEST:MODE`.
   if (host.find(':') != std::string::npos) return Fail(where + ".host_path: may not contain ':'");
   return host;

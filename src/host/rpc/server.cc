@@ -588,9 +588,13 @@ void Server::HandleExecInput(const std::string& method, const json& params) {
   // Queued input keeps its order and the reader keeps serving; only a full
   // queue makes it wait, and only while the guest keeps taking input: a
   // stall_ms without progress ends the exec.
+  // Items count too (an empty write or a resize carries no bytes), so a
+  // client cannot queue them without bound either.
+  constexpr size_t kMaxQueuedItems = 4096;
   auto fits = [&] {
-    return !call->input_open || size == 0 || call->input.empty() ||
-           call->input_bytes + size <= options_.max_stdin_queue;
+    if (!call->input_open || call->input.empty()) return true;
+    if (call->input.size() >= kMaxQueuedItems) return false;
+    return size == 0 || call->input_bytes + size <= options_.max_stdin_queue;
   };
   bool room = true;
   while (room && !fits()) {

@@ -296,7 +296,8 @@ void SandboxLifecycle::AwaitLinkDrained() {
       if (main_status_ || kill_requested_) return;
     }
     // Once the router saw the link end, every frame before it was handed in.
-    if (hooks_.link_error() || Clock::now() >= until) return;
+    bool drained = hooks_.link_drained ? hooks_.link_drained() : hooks_.link_error().has_value();
+    if (drained || Clock::now() >= until) return;
     std::this_thread::sleep_for(milliseconds(10));
   }
 }
@@ -377,7 +378,8 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
     pending_op_ = pending;
     changed_.notify_all();
     // A standby's reply waits for the end (the caller then sees QEMU gone).
-    changed_.wait_for(lock, options_.request_wait, [&] {
+    const bool saving = pending->op == VmOp::kStandby || pending->op == VmOp::kSnapshot;
+    changed_.wait_for(lock, saving ? options_.save_wait : options_.request_wait, [&] {
       if (finished_) return true;
       return pending->result.has_value() && (pending->op != VmOp::kStandby || !*pending->result);
     });

@@ -44,6 +44,11 @@ struct LifecycleOptions {
   // A stop or kill request waits this long beyond its grace for the end to
   // be recorded, so a wedged VM cannot hang the CLI forever.
   std::chrono::milliseconds request_wait{std::chrono::minutes(2)};
+  // A standby or snapshot request waits this long for the save (a large
+  // guest on a loaded host is slow): just under the CLI's own 15 minutes, so
+  // the reply says how it ended rather than "no answer in time" while the
+  // save goes on.
+  std::chrono::milliseconds save_wait{std::chrono::minutes(14)};
   // The agent link closing is also the first sign of a guest powering off:
   // the VM gets this long to end by itself before the closed link counts as
   // a failure. A link that broke the protocol fails the sandbox at once.
@@ -69,6 +74,11 @@ struct LifecycleHooks {
   // Why the agent link is gone, when it is (the router's upstream error);
   // empty while it works. Called on Run()'s thread.
   std::function<std::optional<Error>()> link_error;
+  // Whether the agent link itself has been read to its end, for the wait
+  // after the VM ended (link_error may also report other failures, such as
+  // a share daemon that ends with QEMU, which say nothing about the link).
+  // Unset: link_error is used.
+  std::function<bool()> link_drained;
   // Every tick while the VM runs, on Run()'s thread: housekeeping that must
   // not wait for the end (the console log's cap). Must be quick.
   std::function<void()> on_tick;

@@ -56,8 +56,11 @@ uint32_t ArgLow(int index) {
 // that this glibc never calls (fchmodat2) get ENOSYS, so nothing bypasses it.
 std::vector<sock_filter> PrivilegeFilter() {
   std::vector<ModeRule> rules = {
-      {SYS_fchmod, 1, false}, {SYS_fchmodat, 2, false},
-      {SYS_openat, 3, false}, {SYS_mknodat, 2, true},
+      {SYS_fchmod, 1, false}, {SYS_fchmodat, 2, false}, {SYS_openat, 3, false},
+      {SYS_mknodat, 2, true}, {SYS_mkdirat, 2, false},
+#ifdef SYS_mkdir
+      {SYS_mkdir, 1, false},
+#endif
 #ifdef SYS_chmod
       {SYS_chmod, 1, false},
 #endif
@@ -128,6 +131,33 @@ Result<std::string> LogTail(const std::string& path) {
   return text;
 }
 
+// Opens `path` (absolute) one component at a time, refusing a symlink at
+// any of them (O_PATH: nothing is read, a FIFO does not block).
+Result<UniqueFd> OpenWithoutSymlinks(const std::string& path) {
+  if (!path.starts_with('/')) return Fail("share " + path + ": not an absolute path");
+  UniqueFd current(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!current) return FailErrno("open /");
+  size_t pos = 1;
+  while (pos < path.size()) {
+    size_t next = path.find('/', pos);
+    if (next == std::string::npos) next = path.size();
+    std::string part = path.substr(pos, next - pos);
+    pos = next + 1;
+    if (part.empty() || part == ".") continue;
+    if (part == "..") return Fail("share " + path + ": has a '..' component");
+    UniqueFd child(::openat(current.Get(), part.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    if (!child) return FailErrno("share " + path + ": open " + part);
+    struct stat st {};
+    if (::fstat(child.Get(), &st) != 0) return FailErrno("share " + path + ": fstat " + part);
+    if (S_ISLNK(st.st_mode))
+      return Fail("share " + path + ": " + part +
+                  " is now a symlink; a shared path must not change under cella (recreate the "
+                  "sandbox to share what it points to)");
+    current = std::move(child);
+  }
+  return current;
+}
+
 }  // namespace
 
 std::vector<std::string> VirtiofsdArgv(const ShareDaemonOptions& o) {
@@ -135,20 +165,11 @@ std::vector<std::string> VirtiofsdArgv(const ShareDaemonOptions& o) {
   // revalidated on open, so a host edit shows in the guest within a second.
   // No xattr (security.capability would be a privilege), no flock/posix locks
   // held on the host for the guest.
-  return {o.virtiofsd,
-          "--socket-path=" + o.socket_path,
-          "-o",
-          "source=" + o.stage_dir,
-          "-o",
-          "cache=auto",
-          "-o",
-          "sandbox=namespace",
-          "-o",
-          "no_xattr",
-          "-o",
-          "modcaps=-mknod:-setfcap",
-          "-o",
-          "log_level=warn",
+  return {o.virtiofsd, "--socket-path=" + o.socket_path, "-o", "source=" + o.stage_dir, "-o",
+          "cache=auto", "-o", "sandbox=namespace", "-o", "no_xattr", "-o",
+          // -fsetid: a guest write to an existing setuid/setgid file clears
+          // those bits (the kernel keeps them only for CAP_FSETID holders).
+          "modcaps=-mknod:-setfcap:-fsetid", "-o", "log_level=warn",
           "--rlimit-nofile=" + std::to_string(kShareMaxFds)};
 }
 
@@ -174,6 +195,27 @@ Result<std::unique_ptr<ShareDaemon>> ShareDaemon::Start(const ShareDaemonOptions
     auto slash = o.host_path.rfind('/');
     file_target = o.stage_dir + "/" + o.host_path.substr(slash + 1);
   }
+  // The shared path was made canonical when the sandbox was created; a
+  // symlink anywhere on it now was put there since (by this guest through
+  // another share, say) to redirect the bind: refuse it, here with a clear
+  // message, and again in the child, which walks the path the same way in
+  // its own mount namespace (a bind's source must be in it) and binds
+  // exactly what it opened, not whatever the path names a moment later.
+  UniqueFd source = CELLA_TRY(OpenWithoutSymlinks(o.host_path));
+  struct stat source_st {};
+  if (::fstat(source.Get(), &source_st) != 0) return FailErrno("fstat " + o.host_path);
+  if (o.is_file ? !S_ISREG(source_st.st_mode) : !S_ISDIR(source_st.st_mode))
+    return Fail("share " + o.host_path + ": is no longer a " +
+                (o.is_file ? "regular file" : "directory"));
+  std::vector<std::string> components;
+  for (size_t pos = 1; pos < o.host_path.size();) {
+    size_t next = o.host_path.find('/', pos);
+    if (next == std::string::npos) next = o.host_path.size();
+    if (next > pos) components.push_back(o.host_path.substr(pos, next - pos));
+    pos = next + 1;
+  }
+  constexpr int kSourceFd = 100;  // where the child keeps what it opened
+  const std::string source_path = "/proc/self/fd/" + std::to_string(kSourceFd);
   if (::unlink(o.socket_path.c_str()) != 0 && errno != ENOENT)
     return FailErrno("unlink " + o.socket_path);
   UniqueFd log_fd(::open(o.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
@@ -192,7 +234,6 @@ Result<std::unique_ptr<ShareDaemon>> ShareDaemon::Start(const ShareDaemonOptions
     if (::getppid() != parent) ::_exit(125);
     if (::dup2(devnull.Get(), 0) < 0 || ::dup2(log_fd.Get(), 1) < 0 || ::dup2(log_fd.Get(), 2) < 0)
       ChildFail("dup2");
-    if (::close_range(3, ~0U, 0) != 0) ChildFail("close_range");
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
@@ -200,6 +241,23 @@ Result<std::unique_ptr<ShareDaemon>> ShareDaemon::Start(const ShareDaemonOptions
     if (::unshare(CLONE_NEWNS) != 0) ChildFail("unshare(CLONE_NEWNS)");
     if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0)
       ChildFail("make / private");
+    {
+      int at = ::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+      if (at < 0) ChildFail("open /");
+      for (const std::string& part : components) {
+        int next = ::openat(at, part.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (next < 0) ChildFail("open the shared path");
+        struct stat st {};
+        if (::fstat(next, &st) != 0) ChildFail("fstat the shared path");
+        if (S_ISLNK(st.st_mode)) {
+          errno = ELOOP;
+          ChildFail("the shared path has a symlink on it");
+        }
+        ::close(at);
+        at = next;
+      }
+      if (at != kSourceFd && ::dup2(at, kSourceFd) < 0) ChildFail("dup2 the shared path");
+    }
     if (o.is_file) {
       // A directory with one entry: the file. The tmpfs is read-only once
       // the bind is in place, so the guest cannot add siblings either.
@@ -209,14 +267,16 @@ Result<std::unique_ptr<ShareDaemon>> ShareDaemon::Start(const ShareDaemonOptions
       int fd = ::open(file_target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
       if (fd < 0) ChildFail("create the file mount point");
       ::close(fd);
-      if (::mount(o.host_path.c_str(), file_target.c_str(), nullptr, MS_BIND, nullptr) != 0)
+      if (::mount(source_path.c_str(), file_target.c_str(), nullptr, MS_BIND, nullptr) != 0)
         ChildFail("bind the shared file");
       if (MountSetattr(o.stage_dir.c_str(), 0, MOUNT_ATTR_RDONLY) != 0)
         ChildFail("make the stage read-only");
-    } else if (::mount(o.host_path.c_str(), o.stage_dir.c_str(), nullptr, MS_BIND | MS_REC,
+    } else if (::mount(source_path.c_str(), o.stage_dir.c_str(), nullptr, MS_BIND | MS_REC,
                        nullptr) != 0) {
       ChildFail("bind the shared directory");
     }
+    // After the binds: the source fd was needed until now.
+    if (::close_range(3, ~0U, 0) != 0) ChildFail("close_range");
     // Recursive: directories mounted inside the share get the same flags.
     if (MountSetattr(o.stage_dir.c_str(), AT_RECURSIVE, attrs) != 0)
       ChildFail("mount_setattr on the share");

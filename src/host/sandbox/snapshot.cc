@@ -176,6 +176,8 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
   m.size_bytes = static_cast<uint64_t>(st.st_size);
   m.sha256 = CELLA_TRY(host::Sha256OfFile(tmp));
   if (::rename(tmp.c_str(), final_path.c_str()) != 0) return FailErrno("rename " + tmp);
+  // The state file's name is durable before the manifest (the commit) is.
+  CELLA_TRY(FsyncPath(dir, O_RDONLY | O_DIRECTORY));
   std::string manifest_path = dir + "/" + kManifestName;
   std::string manifest_tmp = manifest_path + ".tmp";
   CELLA_TRY(WriteStringToFile(manifest_tmp, EncodeManifest(m), 0600));

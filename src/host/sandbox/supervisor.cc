@@ -207,6 +207,7 @@ class Supervisor {
     hooks.on_tick = [this] { TrimConsole(); };
     hooks.standby = [this] { return Standby(); };
     hooks.snapshot = [this](const std::string& dir) { return Snapshot(dir); };
+    hooks.link_drained = [this] { return router_ && router_->UpstreamError().has_value(); };
     hooks.link_error = [this]() -> std::optional<Error> {
       // A share whose daemon died leaves the guest's file calls hanging:
       // treated as a closed link (the sandbox fails unless the VM ends by
@@ -377,7 +378,8 @@ class Supervisor {
       (void)RemoveSnapshot(partial);  // best effort: the error above is what counts
       return std::unexpected(std::move(err));
     }
-    return {};
+    // The name is the commit of a named snapshot: make it durable.
+    return FsyncDirectory(dir.substr(0, dir.rfind('/')));
   }
 
   Status CheckSnapshottable(std::string_view what) {

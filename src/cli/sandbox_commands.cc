@@ -1,7 +1,7 @@
 // The lifecycle commands that act on existing sandboxes: exec, ps, inspect,
 // logs, stop, start, kill, rm, prune, pause, unpause, standby, resume, cp,
 // port-forward, volumes, and the hidden `__supervise` entry point of the
-// supervisor process. One piece (~760 lines): they share the small helpers
+// supervisor process. One piece (~940 lines): they share the small helpers
 // above (ForEach, StopOne, StartOne) and the rules of which state allows
 // what; the named snapshots have their own file.
 #include <fcntl.h>

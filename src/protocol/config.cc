@@ -1,3 +1,6 @@
+// One piece (~650 lines) on purpose: config.json's reader, writer and the
+// semantic checks the host runs at the edge and the guest runs at boot are
+// one schema; apart, they would drift.
 #include "protocol/config.h"
 
 #include <arpa/inet.h>

@@ -1,4 +1,4 @@
-// One piece (~920 lines) on purpose: the agent's single event loop and the
+// One piece (~960 lines) on purpose: the agent's single event loop and the
 // per-stream state it owns (exec sessions, file transfers, port forwards,
 // credit) read as one state machine; the I/O helpers it calls live beside
 // it (spawn.cc, fileops.cc, user.cc).

@@ -1,3 +1,6 @@
+// One piece (~600 lines) on purpose: the sealed network is built by a
+// forked helper that may not allocate, so the plan it reads, the steps it
+// runs and the parent that collects its report share one set of types.
 #include "host/net/netns.h"
 
 #include <arpa/inet.h>

@@ -1,4 +1,4 @@
-// One piece (~700 lines) on purpose: the JSON-RPC dispatch, its ordering
+// One piece (~900 lines) on purpose: the JSON-RPC dispatch, its ordering
 // rules (create/close/cancel and notifications in arrival order, the rest
 // concurrent) and the in-flight table they share belong to one reader.
 #include "host/rpc/server.h"

@@ -1,4 +1,4 @@
-// One piece (~700 lines) on purpose: the Supervisor class owns every
+// One piece (~800 lines) on purpose: the Supervisor class owns every
 // resource of one running sandbox (store, egress, router, ports, main
 // process, machine, snapshots) and the order they are made and released in;
 // split, that order would be spread over files that must change together.

@@ -191,7 +191,7 @@ TEST(HostShares, APathThatGrewASymlinkIsRefusedAtStart) {
   options.host_path = dir / "data/sub";
   auto daemon = sandbox::ShareDaemon::Start(options);
   ASSERT_FALSE(daemon.has_value());
-  EXPECT_NE(daemon.error().message.find("is now a symlink"), std::string::npos)
+  EXPECT_NE(daemon.error().message.find("is a symlink"), std::string::npos)
       << daemon.error().message;
   // A file share whose file became a symlink (to /etc/shadow, say) too.
   std::ofstream(dir / "data/f") << "x";
@@ -201,7 +201,7 @@ TEST(HostShares, APathThatGrewASymlinkIsRefusedAtStart) {
   options.is_file = true;
   daemon = sandbox::ShareDaemon::Start(options);
   ASSERT_FALSE(daemon.has_value());
-  EXPECT_NE(daemon.error().message.find("is now a symlink"), std::string::npos)
+  EXPECT_NE(daemon.error().message.find("is a symlink"), std::string::npos)
       << daemon.error().message;
 }
 

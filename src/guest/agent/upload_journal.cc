@@ -5,13 +5,14 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstring>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <set>
 #include <vector>
 
+#include "base/beneath.h"
 #include "base/io.h"
 
 namespace cella::agent {
@@ -45,25 +46,10 @@ std::string_view ParentOf(std::string_view path) {
   return path.substr(0, slash);
 }
 
-// The directory `dir` (absolute) beneath root_fd, one component at a time:
-// no symlink, no "." or "..", nothing created.
+// The directory `dir` (absolute) beneath root_fd: no symlink, no "..",
+// nothing created.
 Result<UniqueFd> OpenParentBeneath(int root_fd, std::string_view dir) {
-  UniqueFd current(::openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!current) return FailErrno("open the root");
-  size_t pos = 1;
-  while (pos < dir.size()) {
-    size_t next = dir.find('/', pos);
-    if (next == std::string_view::npos) next = dir.size();
-    std::string part(dir.substr(pos, next - pos));
-    pos = next + 1;
-    if (part.empty()) continue;
-    if (part == "." || part == "..") return Fail(std::string(dir) + ": '.' or '..' component");
-    UniqueFd child(
-        ::openat(current.Get(), part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    if (!child) return FailErrno("open " + std::string(dir));
-    current = std::move(child);
-  }
-  return current;
+  return OpenDirBeneath(root_fd, dir, MissingDirs::kFail, "upload journal");
 }
 
 }  // namespace
@@ -162,13 +148,13 @@ Result<size_t> RemoveJournaledTemps(int root_fd, std::string_view journal) {
     }
     if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) continue;
     if (::unlinkat(dir->Get(), name.c_str(), 0) != 0) {
-      if (errno != ENOENT) failures += "; remove " + std::string(path) + ": " + std::strerror(errno);
+      if (errno != ENOENT)
+        failures += "; remove " + std::string(path) + ": " + std::strerror(errno);
       continue;
     }
     ++removed;
   }
-  if (!failures.empty())
-    return Fail("removed " + std::to_string(removed) + " temps" + failures);
+  if (!failures.empty()) return Fail("removed " + std::to_string(removed) + " temps" + failures);
   return removed;
 }
 

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/beneath.h"
 #include "base/io.h"
 #include "protocol/config.h"
 
@@ -52,27 +53,7 @@ Result<UniqueFd> OpenDirBeneath(const std::string& root, std::string_view guest_
   if (!normal) return std::unexpected(std::move(normal.error()));
   UniqueFd dir(::open(root.c_str(), O_DIRECTORY | O_RDONLY | O_CLOEXEC));
   if (!dir) return FailErrno("open " + root);
-  std::string_view rest = *normal;
-  std::string walked = root;
-  while (!rest.empty()) {
-    rest.remove_prefix(1);  // the '/'
-    size_t end = rest.find('/');
-    std::string part(rest.substr(0, end));
-    rest = end == std::string_view::npos ? std::string_view{} : rest.substr(end);
-    if (part.empty()) continue;
-    walked += "/" + part;
-    if (::mkdirat(dir.Get(), part.c_str(), 0755) != 0 && errno != EEXIST)
-      return FailErrno("mkdir " + walked);
-    UniqueFd next(
-        ::openat(dir.Get(), part.c_str(), O_DIRECTORY | O_NOFOLLOW | O_RDONLY | O_CLOEXEC));
-    if (!next) {
-      if (errno == ELOOP || errno == ENOTDIR)
-        return FailErrno(walked + ": is a symlink or not a directory (refusing to follow)", errno);
-      return FailErrno("open " + walked);
-    }
-    dir = std::move(next);
-  }
-  return dir;
+  return cella::OpenDirBeneath(dir.Get(), *normal, MissingDirs::kCreate, root);
 }
 
 std::string FdPath(int fd) { return "/proc/self/fd/" + std::to_string(fd); }

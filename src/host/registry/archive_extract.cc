@@ -14,6 +14,7 @@
 #include <memory>
 #include <vector>
 
+#include "base/beneath.h"
 #include "base/io.h"
 #include "host/os/paths.h"
 
@@ -65,29 +66,12 @@ std::string ArchiveError(archive* a) {
 
 // Opens (creating if absent) each directory of rel's parent beneath root_fd
 // without following any symlink: a symlink planted by an earlier entry can
-// never become the parent of a later one (O_NOFOLLOW on every component).
+// never become the parent of a later one.
 Result<UniqueFd> OpenParentBeneath(int root_fd, const std::string& rel, const std::string& where) {
-  UniqueFd dir(::fcntl(root_fd, F_DUPFD_CLOEXEC, 0));
-  if (!dir) return FailErrno("dup archive root");
-  size_t start = 0;
-  while (true) {
-    size_t slash = rel.find('/', start);
-    if (slash == std::string::npos) break;
-    std::string component = rel.substr(start, slash - start);
-    if (::mkdirat(dir.Get(), component.c_str(), 0755) != 0 && errno != EEXIST)
-      return FailErrno(where + ": mkdir " + component);
-    UniqueFd next(
-        ::openat(dir.Get(), component.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    if (!next) {
-      if (errno == ELOOP || errno == ENOTDIR)
-        return Fail(where + ": parent \"" + rel.substr(0, slash) +
-                    "\" is a symlink or not a directory");
-      return FailErrno(where + ": open " + rel.substr(0, slash));
-    }
-    dir = std::move(next);
-    start = slash + 1;
-  }
-  return dir;
+  size_t slash = rel.rfind('/');
+  std::string_view parent =
+      slash == std::string::npos ? std::string_view{} : std::string_view(rel).substr(0, slash);
+  return OpenDirBeneath(root_fd, parent, MissingDirs::kCreate, where);
 }
 
 std::string BaseName(const std::string& rel) {

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <thread>
 
+#include "base/beneath.h"
 #include "base/io.h"
 #include "base/log.h"
 #include "base/unique_fd.h"
@@ -132,30 +133,18 @@ Result<std::string> LogTail(const std::string& path) {
 }
 
 // Opens `path` (absolute) one component at a time, refusing a symlink at
-// any of them (O_PATH: nothing is read, a FIFO does not block).
+// any of them (see base/beneath.h).
 Result<UniqueFd> OpenWithoutSymlinks(const std::string& path) {
   if (!path.starts_with('/')) return Fail("share " + path + ": not an absolute path");
-  UniqueFd current(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
-  if (!current) return FailErrno("open /");
-  size_t pos = 1;
-  while (pos < path.size()) {
-    size_t next = path.find('/', pos);
-    if (next == std::string::npos) next = path.size();
-    std::string part = path.substr(pos, next - pos);
-    pos = next + 1;
-    if (part.empty() || part == ".") continue;
-    if (part == "..") return Fail("share " + path + ": has a '..' component");
-    UniqueFd child(::openat(current.Get(), part.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
-    if (!child) return FailErrno("share " + path + ": open " + part);
-    struct stat st {};
-    if (::fstat(child.Get(), &st) != 0) return FailErrno("share " + path + ": fstat " + part);
-    if (S_ISLNK(st.st_mode))
-      return Fail("share " + path + ": " + part +
-                  " is now a symlink; a shared path must not change under cella (recreate the "
-                  "sandbox to share what it points to)");
-    current = std::move(child);
+  UniqueFd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!root) return FailErrno("open /");
+  auto opened = OpenPathBeneath(root.Get(), path, "share " + path);
+  if (!opened) {
+    return Fail(opened.error().message +
+                "; a shared path must not change under cella (recreate the sandbox to share what "
+                "it now points to)");
   }
-  return current;
+  return std::move(*opened);
 }
 
 }  // namespace

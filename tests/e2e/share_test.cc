@@ -97,14 +97,16 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   WriteFile(host_ + "/ov/o.txt", "original\n");
   WriteFile(host_ + "/rel/x.txt", "relative\n");
   WriteFile(host_ + "/single.txt", "one file\n", 0600);
+  WriteFile(host_ + "/ov-single.txt", "host copy\n", 0644);
   WriteFile(host_ + "/sibling.txt", "never visible\n");
 
   // A relative host path resolves against the caller's directory.
   fs::path saved = fs::current_path();
   fs::current_path(host_);
-  std::string id = RunDetached({"-v", host_ + "/rw:/mnt/rw", "-v", host_ + "/ro:/mnt/ro:ro", "-v",
-                                host_ + "/ov:/mnt/ov:overlay", "-v",
-                                host_ + "/single.txt:/etc/single.txt", "-v", "./rel:/mnt/rel:ro"});
+  std::string id =
+      RunDetached({"-v", host_ + "/rw:/mnt/rw", "-v", host_ + "/ro:/mnt/ro:ro", "-v",
+                   host_ + "/ov:/mnt/ov:overlay", "-v", host_ + "/single.txt:/etc/single.txt", "-v",
+                   "./rel:/mnt/rel:ro", "-v", host_ + "/ov-single.txt:/etc/ov-single.txt:overlay"});
   fs::current_path(saved);
   ASSERT_FALSE(id.empty());
 
@@ -168,12 +170,18 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   EXPECT_EQ(ShareRootEntries(home_ + "/sandboxes/" + id + "/share3"),
             std::vector<std::string>{"single.txt"});
 
+  // A single file in overlay mode: the guest may change it; the host's copy
+  // stays as it was.
+  r = Sh(id, "echo guest > /etc/ov-single.txt && cat /etc/ov-single.txt");
+  EXPECT_EQ(r.out, "guest\n") << Describe(r);
+  EXPECT_EQ(ReadFile(host_ + "/ov-single.txt"), "host copy\n");
+
   // inspect shows the shares; they come back after stop/start, the overlay
   // layer with them (it is discarded with the sandbox, not with the VM).
   auto doc = Inspect(id);
   ASSERT_FALSE(doc.is_null());
   ASSERT_TRUE(doc.contains("shares")) << doc.dump();
-  EXPECT_EQ(doc["shares"].size(), 5u) << doc.dump();
+  EXPECT_EQ(doc["shares"].size(), 6u) << doc.dump();
   EXPECT_EQ(doc["shares"][1].value("mode", ""), "ro") << doc.dump();
   EXPECT_EQ(doc["shares"][4].value("source", ""), host_ + "/rel") << doc.dump();
   ASSERT_EQ(RunCella({"stop", id}).exit_code, 0);
@@ -182,6 +190,7 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   EXPECT_EQ(r.out, "from-guest\nmine\nread me\none file\nguest-edit\n") << Describe(r);
   ASSERT_EQ(RunCella({"rm", "-f", id}).exit_code, 0);
   EXPECT_EQ(ReadFile(host_ + "/ov/o.txt"), "original\n");
+  EXPECT_EQ(ReadFile(host_ + "/ov-single.txt"), "host copy\n");
 }
 
 TEST_F(ShareTest, HostileGuestStaysInsideTheShare) {
@@ -202,6 +211,18 @@ TEST_F(ShareTest, HostileGuestStaysInsideTheShare) {
          "ln -s ../secret /mnt/s/g-link; ln -s /etc/shadow /mnt/s/g-shadow; "
          "cat /mnt/s/g-link 2>&1; head -c 5 /mnt/s/g-shadow; echo");
   EXPECT_EQ(r.out.find("host secret"), std::string::npos) << Describe(r);
+  // Renames racing path walks (a directory moved up and back while other
+  // walks climb out of it with "..") never reach a host file: the guest
+  // resolves ".." in its own tree, and the daemon sees only the share.
+  r = Sh(id,
+         "mkdir -p /mnt/s/a/b/c; end=$(( $(date +%s) + 3 )); "
+         "( while [ $(date +%s) -lt $end ]; do mv /mnt/s/a/b /mnt/s/b2; mv /mnt/s/b2 /mnt/s/a/b; "
+         "done ) & "
+         "n=0; while [ $(date +%s) -lt $end ]; do n=$((n+1)); "
+         "cat /mnt/s/a/b/c/../../../../secret /mnt/s/b2/c/../../../secret "
+         "/mnt/s/a/b/../../../secret 2>/dev/null; done; wait; echo walks=$n");
+  EXPECT_EQ(r.out.find("host secret"), std::string::npos) << Describe(r);
+  EXPECT_NE(r.out.find("walks="), std::string::npos) << Describe(r);
   // A hardlink to a file outside the share cannot be made.
   r = Sh(id, "ln /etc/hostname /mnt/s/hard 2>&1 && echo linked");
   EXPECT_EQ(r.out.find("linked"), std::string::npos) << Describe(r);

@@ -98,6 +98,7 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   WriteFile(host_ + "/rel/x.txt", "relative\n");
   WriteFile(host_ + "/single.txt", "one file\n", 0600);
   WriteFile(host_ + "/ov-single.txt", "host copy\n", 0644);
+  WriteFile(host_ + "/ro-single.txt", "look only\n", 0666);
   WriteFile(host_ + "/sibling.txt", "never visible\n");
 
   // A relative host path resolves against the caller's directory.
@@ -106,7 +107,8 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   std::string id =
       RunDetached({"-v", host_ + "/rw:/mnt/rw", "-v", host_ + "/ro:/mnt/ro:ro", "-v",
                    host_ + "/ov:/mnt/ov:overlay", "-v", host_ + "/single.txt:/etc/single.txt", "-v",
-                   "./rel:/mnt/rel:ro", "-v", host_ + "/ov-single.txt:/etc/ov-single.txt:overlay"});
+                   "./rel:/mnt/rel:ro", "-v", host_ + "/ov-single.txt:/etc/ov-single.txt:overlay",
+                   "-v", host_ + "/ro-single.txt:/etc/ro-single.txt:ro"});
   fs::current_path(saved);
   ASSERT_FALSE(id.empty());
 
@@ -176,12 +178,18 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   EXPECT_EQ(r.out, "guest\n") << Describe(r);
   EXPECT_EQ(ReadFile(host_ + "/ov-single.txt"), "host copy\n");
 
+  // A single file read-only: readable, and not writable even with mode 0666.
+  r = Sh(id, "cat /etc/ro-single.txt; echo x >> /etc/ro-single.txt");
+  EXPECT_EQ(r.out, "look only\n") << Describe(r);
+  EXPECT_NE(r.exit_code, 0) << Describe(r);
+  EXPECT_EQ(ReadFile(host_ + "/ro-single.txt"), "look only\n");
+
   // inspect shows the shares; they come back after stop/start, the overlay
   // layer with them (it is discarded with the sandbox, not with the VM).
   auto doc = Inspect(id);
   ASSERT_FALSE(doc.is_null());
   ASSERT_TRUE(doc.contains("shares")) << doc.dump();
-  EXPECT_EQ(doc["shares"].size(), 6u) << doc.dump();
+  EXPECT_EQ(doc["shares"].size(), 7u) << doc.dump();
   EXPECT_EQ(doc["shares"][1].value("mode", ""), "ro") << doc.dump();
   EXPECT_EQ(doc["shares"][4].value("source", ""), host_ + "/rel") << doc.dump();
   ASSERT_EQ(RunCella({"stop", id}).exit_code, 0);

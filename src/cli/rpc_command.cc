@@ -246,6 +246,7 @@ Result<RunArgs> ToRunArgs(const rpc::CreateParams& p) {
   // image_config's env under the request's own env.
   for (const auto& [k, v] : p.image_env) args.env_items.push_back(k + "=" + v);
   for (const auto& [k, v] : p.env) args.env_items.push_back(k + "=" + v);
+  args.tmpfs.insert(args.tmpfs.end(), p.memory_mounts.begin(), p.memory_mounts.end());
   for (const auto& s : p.shares)
     args.volumes.push_back(s.host_path + ":" + s.guest_path + ":" + s.mode);
   args.user = p.user;

@@ -146,7 +146,8 @@ r = rpc.call(10, "create", {"image": IMAGE, "resources": {"cpus": 1, "memory_mb"
                             "network": {"allowed_hosts": ["first.test"]},
                             "vfs": {"workspace": "/workspace",
                                     "mounts": {"/workspace": {"type": "host_fs",
-                                                              "host_path": share_dir + "/ws"}},
+                                                              "host_path": share_dir + "/ws"},
+                                               "/workspace/scratch": {"type": "memory"}},
                                     "direct_mounts": {"/mnt/ro": {"host_path": share_dir + "/ro",
                                                                   "readonly": True}}}})
 sandbox_id = result(r, "create")["id"]
@@ -160,6 +161,13 @@ r = result(rpc.call(15, "exec", {"command": "cat /workspace/in.txt; echo out > /
 check(unb64(r["stdout"]) == b"from host\nrefused\n", f"vfs shares {r}")
 check(open(share_dir + "/ws/out.txt").read() == "out\n", "guest write not on the host")
 check(os.listdir(share_dir + "/ro") == [], "a read-only direct mount was written")
+# A memory mount is a tmpfs in the guest: what is written there never
+# reaches the host workspace beneath it.
+r = result(rpc.call(16, "exec", {"command": "echo m > /workspace/scratch/m && "
+                                           "grep -c ' /workspace/scratch tmpfs ' /proc/mounts"}),
+           "memory mount")
+check(unb64(r["stdout"]) == b"1\n", f"memory mount {r}")
+check(not os.path.exists(share_dir + "/ws/scratch/m"), "a memory mount wrote to the host")
 
 # exec: base64 output, exit code, env, working_dir.
 r = result(rpc.call(12, "exec", {"command": "echo $GREETING; echo oops >&2; exit 3"}), "exec")

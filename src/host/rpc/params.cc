@@ -171,8 +171,9 @@ Result<std::string> MountHostPath(const json& m, const std::string& where) {
   return host;
 }
 
-// matchlock's VFS, mapped onto cella's host shares (virtiofs): what cella
-// cannot serve (a memory mount, interception hooks) is refused by name.
+// matchlock's VFS, mapped onto cella's host shares (virtiofs) and tmpfs
+// mounts (type memory): what cella cannot serve (interception hooks) is
+// refused by name.
 Status ParseVfs(const json& v, CreateParams& p) {
   CELLA_TRY(CheckKeys(v, "vfs", {"workspace", "direct_mounts", "mounts"}, {"interception"}));
   std::string workspace = CELLA_TRY(GetString(v, "vfs", "workspace"));
@@ -212,7 +213,10 @@ Status ParseVfs(const json& v, CreateParams& p) {
         }
         share.mode = "overlay";
       } else if (type == "memory") {
-        return Fail(where + ": type memory is not supported by cella yet");
+        // A tmpfs in the guest; one above a share is refused by the guest
+        // config check (it would hide the share).
+        p.memory_mounts.push_back(guest);
+        continue;
       } else {
         return Fail(where + ".type: unknown type \"" + type +
                     "\" (want host_fs, overlay or memory)");

@@ -89,6 +89,16 @@ void RemoveTree(const std::string& path) {
   if (ec) log::Warn("could not remove " + path, {{"error", ec.message()}});
 }
 
+// A builder that is gone or a zombie (a killed supervisor whose reaper has
+// not run yet) builds nothing any more.
+bool ProcessGone(long pid) {
+  if (pid <= 0) return true;
+  auto stat = ReadFileToString("/proc/" + std::to_string(pid) + "/stat", 4096);
+  if (!stat) return stat.error().errno_value == ENOENT;
+  size_t paren = stat->rfind(')');
+  return paren != std::string::npos && paren + 2 < stat->size() && (*stat)[paren + 2] == 'Z';
+}
+
 // .partial.<pid> directories whose builder is gone (killed, crashed).
 void RemoveStalePartials(const std::string& dir) {
   DIR* d = ::opendir(dir.c_str());
@@ -99,8 +109,7 @@ void RemoveStalePartials(const std::string& dir) {
     size_t at = name.find(".partial.");
     if (at == std::string::npos) continue;
     long pid = std::strtol(name.c_str() + at + 9, nullptr, 10);
-    if (pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH))
-      stale.push_back(dir + "/" + name);
+    if (ProcessGone(pid)) stale.push_back(dir + "/" + name);
   }
   ::closedir(d);
   for (const std::string& path : stale) RemoveTree(path);

@@ -569,6 +569,13 @@ Status QemuMachine::SaveState(const std::string& uri, milliseconds timeout) {
     // VM sharing a network link); a stopped VM going to a local file should
     // go as fast as the disk takes it.
     CELLA_TRY(qmp->Execute("migrate-set-parameters", {{"max-bandwidth", int64_t{1} << 40}}));
+    // A template clone was restored with x-ignore-shared on; its snapshot
+    // carries all of its (private) RAM and must restore into a plain boot,
+    // which expects the capability off.
+    if (config_.Template == TemplateRole::kClone)
+      CELLA_TRY(qmp->Execute(
+          "migrate-set-capabilities",
+          {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", false}}}}}));
     CELLA_TRY(qmp->Execute("migrate", {{"uri", uri}}));
     return qmp->AwaitMigration(timeout);
   }();

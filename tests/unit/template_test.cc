@@ -4,7 +4,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -179,6 +181,39 @@ TEST_F(TemplateKeyTest, CaptureAndCloneArgvMatchButForRam) {
   vmm::VMConfig with_share = capture;
   with_share.Shares.push_back({"/s/fs0.sock", "cella-share0"});
   EXPECT_FALSE(vmm::BuildQemuArgv(with_share, l));
+}
+
+// A committed template (made by hand here) is listed until its image file
+// is gone; then RemoveOrphans (what rmi and image gc call) removes it.
+TEST_F(TemplateKeyTest, TemplatesOfRemovedImagesAreRemoved) {
+  std::string home = dir_.path() + "/home";
+  std::string shape = "format 1\nmemory_mb 1\n";
+  std::string key = warm::KeyOf(shape);
+  std::string tdir = home + "/templates/" + key;
+  std::filesystem::create_directories(tdir);
+  std::filesystem::resize_file((std::ofstream(tdir + "/memory"), tdir + "/memory"), 1024 * 1024);
+  std::ofstream(tdir + "/state") << "0123456789";
+  std::string image = dir_.path() + "/image.erofs";
+  std::ofstream(image) << "image";
+  nlohmann::json manifest = {
+      {"format", 1},      {"key", key},  {"shape", shape}, {"image", image},
+      {"memory_mb", 1},   {"cpus", 1.0}, {"created", 1},   {"memory_bytes", 1 << 20},
+      {"state_bytes", 10}};
+  std::ofstream(tdir + "/manifest.json") << manifest.dump();
+  auto found = warm::Find(home, key);
+  ASSERT_TRUE(found) << found.error().message;
+  ASSERT_TRUE(found->has_value());
+  EXPECT_EQ((*found)->image, image);
+  auto kept = warm::RemoveOrphans(home);
+  ASSERT_TRUE(kept);
+  EXPECT_EQ(*kept, 0);
+  std::filesystem::remove(image);
+  auto removed = warm::RemoveOrphans(home);
+  ASSERT_TRUE(removed) << removed.error().message;
+  EXPECT_EQ(*removed, 1);
+  auto listed = warm::List(home);
+  ASSERT_TRUE(listed);
+  EXPECT_TRUE(listed->empty());
 }
 
 }  // namespace

@@ -26,6 +26,7 @@ struct RunArgs {
   std::vector<std::string> env_files;
   std::string workdir;
   std::string user;
+  bool cold = false;   // --cold: no warm start from a template
   std::string cpus;    // raw text, parsed by ParseCpus
   std::string memory;  // raw text, parsed by ParseMemoryMiB
   std::string hostname;
@@ -128,6 +129,11 @@ int SnapshotCreateCommand(const std::string& sandbox_ref, const std::string& nam
 int SnapshotLsCommand(ListFormat format);
 int SnapshotRmCommand(const std::vector<std::string>& names);
 int SnapshotRestoreCommand(const std::string& snapshot, const std::string& new_name);
+// Memory templates (template_commands.cc): list, remove, build ahead of
+// time (the shape of a foreground `cella run` with the same flags).
+int TemplateLsCommand(ListFormat format);
+int TemplateRmCommand(const std::vector<std::string>& keys, bool all);
+int TemplateCreateCommand(RunArgs args);
 int RmCommand(const std::vector<std::string>& refs, bool force);
 int PruneCommand();
 // Without `archive`, copied entries belong to the copier (root in the

@@ -16,13 +16,15 @@
 #include <string_view>
 
 #include "base/io.h"
+#include "base/log.h"
 #include "cli/commands.h"
 #include "cli/sandbox_context.h"
+#include "host/os/paths.h"
 #include "host/registry/auth.h"
 #include "host/registry/image_store.h"
 #include "host/registry/reference.h"
 #include "host/sandbox/spec.h"
-#include "host/os/paths.h"
+#include "host/template/template_store.h"
 
 namespace cella::cli {
 namespace {
@@ -241,6 +243,18 @@ Result<std::map<std::string, std::string>> RootImagesInUse() {
   return in_use;
 }
 
+// Memory templates of root images that are gone can never be used again.
+void RemoveOrphanTemplates() {
+  auto home = host::CellaHome();
+  if (!home) return;
+  auto removed = warm::RemoveOrphans(*home);
+  if (!removed)
+    log::Warn("could not remove the templates of removed images",
+              {{"error", removed.error().message}});
+  else if (*removed > 0)
+    std::printf("removed %d memory templates of removed images\n", *removed);
+}
+
 Result<void> RmiImpl(const std::string& text, bool force) {
   registry::Reference ref = CELLA_TRY_CTX(registry::ParseReference(text), "reference");
   registry::ImageStore store = CELLA_TRY(OpenStore({}));
@@ -261,6 +275,7 @@ Result<void> RmiImpl(const std::string& text, bool force) {
     return std::unexpected(removed.error());
   }
   std::printf("removed %s\n", ref.String().c_str());
+  RemoveOrphanTemplates();
   return {};
 }
 
@@ -280,6 +295,7 @@ Result<void> GcImpl() {
   registry::GcStats stats = CELLA_TRY(store.Gc(keep));
   std::printf("removed %zu blobs and %zu root images, freed %s\n", stats.blobs_removed,
               stats.rootfs_removed, HumanBytes(stats.bytes_freed).c_str());
+  RemoveOrphanTemplates();
   return {};
 }
 

@@ -172,6 +172,9 @@ int Main(int argc, char** argv) {
   run_cmd->add_option("--ca-file", run.ca_file,
                       "PEM CA bundle for registry TLS instead of the system CAs");
   run_cmd->add_flag("-d,--detach", run.detach, "Run in the background and print the sandbox ID");
+  run_cmd->add_flag("--cold", run.cold,
+                    "Boot the kernel instead of starting from a memory template (also: "
+                    "CELLA_COLD=1)");
   run_cmd->add_flag("--rm", run.rm,
                     "Remove the sandbox when it ends (always so for foreground runs)");
   run_cmd->add_flag("-t,--tty", run.tty, "Give the command a pseudo-terminal");
@@ -361,6 +364,30 @@ int Main(int argc, char** argv) {
   snap_restore->add_option("name", snap_restore_name, "Snapshot")->required();
   snap_restore->add_option("--name", snap_restore_as, "Name of the new sandbox");
 
+  CLI::App* template_cmd =
+      app.add_subcommand("template", "Memory templates that sandboxes start warm from");
+  template_cmd->require_subcommand(1);
+  bool tmpl_ls_json = false;
+  CLI::App* tmpl_ls = template_cmd->add_subcommand("ls", "List templates");
+  tmpl_ls->add_flag("--json", tmpl_ls_json, "JSON output");
+  std::vector<std::string> tmpl_rm_keys;
+  bool tmpl_rm_all = false;
+  CLI::App* tmpl_rm = template_cmd->add_subcommand("rm", "Remove templates");
+  tmpl_rm->add_option("key", tmpl_rm_keys, "Template keys");
+  tmpl_rm->add_flag("--all", tmpl_rm_all, "Remove every template");
+  cella::cli::RunArgs tmpl_run;
+  CLI::App* tmpl_create = template_cmd->add_subcommand(
+      "create", "Build the template of a foreground `cella run` with these flags now");
+  tmpl_create->add_option("--image", tmpl_run.image, "Image (default: the built-in one)");
+  tmpl_create->add_option("--cpus", tmpl_run.cpus, "Number of CPUs");
+  tmpl_create->add_option("-m,--memory", tmpl_run.memory, "Memory (e.g. 256m, 1g)");
+  tmpl_create->add_flag("--no-network", tmpl_run.no_network, "A machine without a NIC");
+  tmpl_create->add_option("--kernel", tmpl_run.kernel, "Kernel image");
+  tmpl_create->add_option("--accel", tmpl_run.accel, "Accelerator: auto, kvm or tcg")
+      ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
+  tmpl_create->add_option("--insecure-registry", tmpl_run.insecure_registries,
+                          "Registry host[:port] over plain HTTP (repeatable)");
+
   bool rm_force = false;
   std::vector<std::string> rm_refs;
   CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
@@ -540,6 +567,10 @@ int Main(int argc, char** argv) {
   if (snap_ls->parsed())
     return cella::cli::SnapshotLsCommand(snap_ls_json ? ListFormat::kJson : ListFormat::kText);
   if (snap_rm->parsed()) return cella::cli::SnapshotRmCommand(snap_rm_names);
+  if (tmpl_ls->parsed())
+    return cella::cli::TemplateLsCommand(tmpl_ls_json ? ListFormat::kJson : ListFormat::kText);
+  if (tmpl_rm->parsed()) return cella::cli::TemplateRmCommand(tmpl_rm_keys, tmpl_rm_all);
+  if (tmpl_create->parsed()) return cella::cli::TemplateCreateCommand(tmpl_run);
   if (snap_restore->parsed())
     return cella::cli::SnapshotRestoreCommand(snap_restore_name, snap_restore_as);
   if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);

@@ -156,6 +156,9 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     if (const char* from_env = std::getenv("CELLA_KERNEL")) spec.kernel_path = from_env;
   spec.accel = args.accel;
   spec.boot_timeout_s = args.boot_timeout_s;
+  // CELLA_COLD=1 lets a whole test suite (or a user) run cold without flags.
+  const char* cold_env = std::getenv("CELLA_COLD");
+  spec.cold = args.cold || (cold_env != nullptr && std::string_view(cold_env) == "1");
 
   for (const std::string& item : args.publish) {
     sandbox::PortMapping m = CELLA_TRY(sandbox::ParsePortMapping(item));

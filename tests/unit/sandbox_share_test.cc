@@ -140,8 +140,8 @@ TEST(HostShares, QemuSharesGuestMemoryOnlyWithShares) {
   l.console_log = "/s/c.log";
   auto plain = vmm::BuildQemuArgv(c, l);
   ASSERT_TRUE(plain) << plain.error().message;
-  EXPECT_TRUE(Contains(*plain, "microvm"));
-  EXPECT_FALSE(Contains(*plain, "-object"));
+  EXPECT_TRUE(Contains(*plain, "microvm,memory-backend=mem"));
+  EXPECT_TRUE(Contains(*plain, "memory-backend-ram,id=mem,size=256M"));
 
   int transports = vmm::CountVirtioTransports(c);
   c.Shares.push_back({"/s/fs0.sock", "cella-share0"});

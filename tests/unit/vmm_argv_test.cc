@@ -54,7 +54,8 @@ TEST(QemuArgv, MicrovmTcgBasics) {
   auto argv = BuildQemuArgv(BaseConfig(), Launch());
   ASSERT_TRUE(argv) << argv.error().message;
   EXPECT_EQ((*argv)[0], "qemu-system-x86_64");
-  EXPECT_EQ(After(*argv, "-M"), "microvm");
+  EXPECT_EQ(After(*argv, "-M"), "microvm,memory-backend=mem");
+  EXPECT_EQ(After(*argv, "-object"), "memory-backend-ram,id=mem,size=256M");
   EXPECT_EQ(After(*argv, "-accel"), "tcg");
   EXPECT_EQ(After(*argv, "-cpu"), "max");
   EXPECT_EQ(After(*argv, "-smp"), "2");  // ceil(1.5)

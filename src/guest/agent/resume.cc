@@ -1,16 +1,40 @@
 #include "guest/agent/resume.h"
 
 #include <fcntl.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <charconv>
+#include <cstring>
+#include <vector>
 
 #include "base/io.h"
+#include "base/unique_fd.h"
 
 namespace cella::agent {
+
+Status ReseedKernelRng(std::span<const uint8_t> seed) {
+  constexpr size_t kMaxSeed = 512;
+  if (seed.empty()) return Fail("rng reseed: empty seed");
+  if (seed.size() > kMaxSeed) return Fail("rng reseed: seed above 512 bytes");
+  UniqueFd fd(::open("/dev/urandom", O_RDWR | O_CLOEXEC));
+  if (!fd) return FailErrno("rng reseed: open /dev/urandom");
+  // struct rand_pool_info ends in a flexible array: built in a buffer of
+  // whole u32s so the header and the bytes are both aligned.
+  std::vector<uint32_t> buffer(2 + (seed.size() + 3) / 4, 0);
+  auto* info = reinterpret_cast<rand_pool_info*>(buffer.data());
+  info->entropy_count = static_cast<int>(seed.size() * 8);
+  info->buf_size = static_cast<int>(seed.size());
+  std::memcpy(info->buf, seed.data(), seed.size());
+  if (::ioctl(fd.Get(), RNDADDENTROPY, info) != 0)
+    return FailErrno("rng reseed: ioctl RNDADDENTROPY");
+  if (::ioctl(fd.Get(), RNDRESEEDCRNG) != 0) return FailErrno("rng reseed: ioctl RNDRESEEDCRNG");
+  return {};
+}
 
 Result<uint64_t> ApplyResume(const protocol::ResumedRequest& request,
                              const std::string& count_path) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "base/result.h"
@@ -15,6 +16,14 @@ namespace cella::agent {
 // Where the count lives: one decimal number and a newline, replaced
 // atomically. /run is a tmpfs, so it restarts at 0 on a cold boot.
 inline constexpr const char* kResumeCountPath = "/run/cella/resume-count";
+
+// Mixes `seed` into the kernel's entropy pool (ioctl RNDADDENTROPY on
+// /dev/urandom, crediting its bits: they come from the host's getrandom) and
+// then forces the CRNG to reseed from the pool at once (RNDRESEEDCRNG), so
+// every read of /dev/urandom or getrandom() after it depends on the seed.
+// Clones of one template (or snapshot) would otherwise serve the same bytes.
+// Needs CAP_SYS_ADMIN. An empty seed or one above 512 bytes is refused.
+Status ReseedKernelRng(std::span<const uint8_t> seed);
 
 // Sets CLOCK_REALTIME to request.realtime_ns, then increments the number in
 // `count_path` (missing or unreadable = 0; the directory is created).

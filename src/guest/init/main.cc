@@ -18,7 +18,9 @@
 #include "guest/init/network.h"
 #include "guest/init/rootfs.h"
 #include "guest/init/serve_agent.h"
+#include "guest/init/template_point.h"
 #include "guest/init/workload.h"
+#include "protocol/warm.h"
 
 namespace cella::init {
 namespace {
@@ -39,6 +41,10 @@ Status Boot() {
 
   int loaded = CELLA_TRY_CTX(LoadModules(kModuleOrderPath), "modules");
   Debug("loaded " + std::to_string(loaded) + " modules");
+  // A template boot stops here (nothing of the sandbox read yet); its clones
+  // continue from here with their own disks, clock and RNG.
+  const bool warm = protocol::CmdlineWantsTemplate(*cmdline);
+  if (warm) CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline()), "template point");
   std::string config_device = CELLA_TRY(FindConfigDevice(DeviceDeadline()));
   protocol::Config config = CELLA_TRY(ReadConfigDisk(config_device));
   Debug("config from " + config_device + ": " + protocol::SerializeConfig(config));
@@ -66,6 +72,7 @@ Status Boot() {
   // Like docker, a missing workdir is created (root-owned) rather than fatal.
   if (!config.workdir.empty()) CELLA_TRY_CTX(OpenDirBeneath("/", config.workdir), "workdir");
   CELLA_TRY_CTX(MountTmpfsAndSealRoot(config), "read-only root and tmpfs");
+  CELLA_TRY_CTX(RecordStartKind(warm), "start marker");
 
   if (config.init_mode == protocol::InitMode::kSystemd) {
     Say("handing over to the image's init (systemd mode)");

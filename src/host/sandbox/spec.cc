@@ -51,6 +51,7 @@ std::string EncodeSpec(const SandboxSpec& spec) {
   out["upper_image"] = spec.upper_image;
   out["log_max_bytes"] = spec.log_max_bytes;
   if (!spec.labels.empty()) out["labels"] = spec.labels;
+  if (spec.cold) out["cold"] = true;
   const EgressSpec& e = spec.egress;
   json egress = {{"enabled", e.enabled},
                  {"all_public", e.all_public},
@@ -122,6 +123,7 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
     spec.upper_image = doc.at("upper_image").get<std::string>();
     // Absent in specs written before logs were capped.
     spec.log_max_bytes = doc.value("log_max_bytes", kDefaultLogMaxBytes);
+    spec.cold = doc.value("cold", false);  // absent before warm starts
     if (doc.contains("labels"))
       spec.labels = doc.at("labels").get<std::map<std::string, std::string>>();
     if (doc.contains("egress")) {

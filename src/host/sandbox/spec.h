@@ -97,6 +97,9 @@ struct SandboxSpec {
   uint64_t log_max_bytes = kDefaultLogMaxBytes;  // per log file, see log_files.h
   EgressSpec egress;
   std::map<std::string, std::string> labels;  // --label K=V (ps --filter label=K=V)
+  // --cold (or CELLA_COLD=1 in the CLI's environment): never start from a
+  // memory template (host/template), boot the kernel.
+  bool cold = false;
 };
 
 std::string EncodeSpec(const SandboxSpec& spec);

@@ -44,6 +44,7 @@
 #include "host/sandbox/snapshot.h"
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
+#include "host/template/template_store.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace cella::sandbox {
@@ -167,6 +168,7 @@ class Supervisor {
     // A restored guest has its configuration mounted already: the disk
     // stays exactly as it was.
     if (!args_.resume) CELLA_TRY(WriteGuestConfig(guest, vm));
+    if (!args_.resume && !spec.cold) PrepareWarmStart(cella_home, guest, options, vm);
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());
     ports_ = spec.ports;
@@ -226,6 +228,34 @@ class Supervisor {
     control_ = CELLA_TRY(ControlServer::Start(
         paths_.control_socket, [this](const nlohmann::json& request) { return Handle(request); }));
     return {};
+  }
+
+  // Makes `vm` a clone of the memory template of its shape, building the
+  // template first when there is none (the first run of a shape pays one
+  // boot to the template point plus the save, then starts warm like every
+  // later run). Anything in the way only costs the warm start: the
+  // sandbox boots cold, with a notice saying why.
+  void PrepareWarmStart(const std::string& cella_home, const protocol::Config& guest,
+                        const vmm::QemuBackendOptions& options, vmm::VMConfig& vm) {
+    std::string why = warm::WhyCold(vm, guest.init_mode == protocol::InitMode::kSystemd);
+    if (!why.empty()) {
+      log::Debug("booting cold: " + why, {{"id", args_.id}});
+      return;
+    }
+    auto chosen = [&]() -> Result<warm::TemplateInfo> {
+      std::string shape = CELLA_TRY(warm::ShapeText(vm, options));
+      std::string key = warm::KeyOf(shape);
+      if (auto found = CELLA_TRY(warm::Find(cella_home, key))) return std::move(*found);
+      log::Debug("building the memory template of this machine shape", {{"key", key}});
+      return warm::Create(cella_home, vm, options);
+    }();
+    if (!chosen) {
+      log::Notice("booting cold: no memory template: " + chosen.error().message,
+                  {{"id", args_.id}});
+      return;
+    }
+    warm::MakeClone(*chosen, vm);
+    log::Debug("starting from memory template", {{"id", args_.id}, {"key", chosen->key}});
   }
 
   // The VM is up: CLI processes may now reach it.

@@ -47,6 +47,8 @@ std::string BuildKernelCmdline(const VMConfig& config, uint64_t tsc_khz) {
   std::string cmdline = "console=ttyS0 panic=-1 quiet";
   if (tsc_khz != 0) cmdline += " tsc_early_khz=" + std::to_string(tsc_khz);
   cmdline += " no_timer_check pci=off";
+  // On clones too: their argv must match the template's.
+  if (config.Template != TemplateRole::kNone) cmdline += " cella.template=1";
   if (!config.KernelArgs.empty()) cmdline += " " + config.KernelArgs;
   return cmdline;
 }
@@ -154,8 +156,28 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   auto add = [&a](std::initializer_list<std::string> items) {
     a.insert(a.end(), items.begin(), items.end());
   };
-  if (c.Shares.empty()) {
-    add({"-M", "microvm"});
+  if (c.Template != TemplateRole::kNone) {
+    if (!c.Shares.empty()) return Fail("VMConfig: a template VM cannot have host shares");
+    if (c.TemplateMemoryPath.empty() || c.TemplateMemoryPath[0] != '/')
+      return Fail("VMConfig.TemplateMemoryPath: needs an absolute path");
+    if (c.Template == TemplateRole::kCapture && c.TemplateSaveUri.empty())
+      return Fail("VMConfig.TemplateSaveUri: a template capture needs it");
+    if (c.Template == TemplateRole::kClone && c.IncomingMigration.empty())
+      return Fail("VMConfig.IncomingMigration: a template clone needs the template's state");
+    // The capture writes guest RAM into the file (share=on); a clone maps it
+    // privately, so pages it never writes stay shared with every other clone
+    // through the page cache.
+    const bool capture = c.Template == TemplateRole::kCapture;
+    add({"-object",
+         "memory-backend-file,id=mem,share=" + std::string(capture ? "on" : "off") + ",mem-path=" +
+             QemuEscape(c.TemplateMemoryPath) + ",size=" + std::to_string(c.MemoryMB) + "M",
+         "-M", "microvm,memory-backend=mem"});
+  } else if (c.Shares.empty()) {
+    // RAM named "mem" like a template clone's, so a warm-started sandbox's
+    // standby snapshot (its RAM is private, so in the stream) restores into
+    // an ordinary boot's RAM block.
+    add({"-object", "memory-backend-ram,id=mem,size=" + std::to_string(c.MemoryMB) + "M", "-M",
+         "microvm,memory-backend=mem"});
   } else {
     // vhost-user: virtiofsd maps guest RAM to read and write request buffers
     // in place, so RAM must be a shareable memfd rather than anonymous memory.
@@ -210,6 +232,11 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
     // namespace QEMU is not in, which a plain tap fd does not mind.
     add({"-netdev", "tap,id=net0,fd=" + std::to_string(kQemuTapChildFd) + ",vhost=off", "-device",
          "virtio-net-device,netdev=net0"});
+  } else if (!c.NoNetwork && c.Template == TemplateRole::kCapture) {
+    // The NIC a clone will have, on a backend without migration state (user
+    // networking saves slirp's, which a clone on a TAP could not load); the
+    // guest sends nothing before the template point.
+    add({"-netdev", "hubport,id=net0,hubid=0", "-device", "virtio-net-device,netdev=net0"});
   } else if (!c.NoNetwork) {
     std::string netdev = "user,id=net0,ipv6=off";
     if (c.SubnetCIDR.empty()) {

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -22,6 +23,7 @@
 #include "host/vmm/qemu_argv.h"
 #include "host/vmm/qmp.h"
 #include "host/vmm/tsc.h"
+#include "protocol/warm.h"
 
 namespace cella::vmm {
 
@@ -167,6 +169,11 @@ class QemuMachine final : public Machine {
   // A restore: feeds the snapshot to QEMU waiting with -incoming defer, then
   // lets the vCPUs run.
   Status RestoreState(Clock::time_point deadline);
+  // kCapture: waits for the guest's template-point line, then freezes the
+  // VM and saves its device state (RAM stays in the template's file).
+  Status CaptureTemplate(UniqueFd agent_fd, Clock::time_point deadline);
+  // kClone: the go line (clock, RNG seed) that lets the restored guest on.
+  Status SendWarmGo(int agent_fd);
 
   VMConfig config_;
   QemuBackendOptions options_;
@@ -318,13 +325,97 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
   }
   qmp_.emplace(
       CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout), "VM " + config_.ID));
+  if (config_.Template == TemplateRole::kCapture)
+    return CaptureTemplate(std::move(agent_fd), deadline);
   if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
+  if (config_.Template == TemplateRole::kClone) CELLA_TRY(SendWarmGo(agent_fd.Get()));
   return ConnectAgent(std::move(agent_fd), deadline);
+}
+
+Status QemuMachine::CaptureTemplate(UniqueFd agent_fd, Clock::time_point deadline) {
+  // The guest writes one bounded line and then waits; anything else is a
+  // guest we do not understand, and is not saved.
+  std::string line;
+  while (line.size() < protocol::kTemplatePointLine.size()) {
+    pollfd fds[2] = {{agent_fd.Get(), POLLIN, 0}, {wait_fd_.Get(), POLLIN, 0}};
+    int rc = ::poll(fds, 2, std::min(RemainingMs(deadline), 1000));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) return FailErrno("poll agent socket");
+    if (fds[1].revents != 0 || CELLA_TRY(ReapIfExited())) {
+      CELLA_TRY(ReapIfExited());
+      return std::unexpected(DiedDuringBoot("booting to the template point"));
+    }
+    if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      char buf[64];
+      size_t want = std::min(sizeof buf, protocol::kTemplatePointLine.size() - line.size());
+      ssize_t n = ::read(agent_fd.Get(), buf, want);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return FailErrno("read agent socket");
+      if (n == 0) return std::unexpected(WithConsole("VM " + config_.ID + ": agent link closed"));
+      line.append(buf, static_cast<size_t>(n));
+      if (!protocol::kTemplatePointLine.starts_with(line))
+        return std::unexpected(WithConsole("VM " + config_.ID +
+                                           ": the guest did not stop at the template point "
+                                           "(is its initramfs older than this cella?)"));
+    }
+    if (Clock::now() >= deadline)
+      return std::unexpected(WithConsole("VM " + config_.ID +
+                                         ": the guest did not reach the template point within " +
+                                         std::to_string(options_.boot_timeout.count()) + " ms"));
+  }
+  QmpClient* qmp = &*qmp_;
+  CELLA_TRY(qmp->Stop());
+  Status saved = [&]() -> Status {
+    CELLA_TRY(
+        qmp->Execute("migrate-set-capabilities",
+                     {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
+    CELLA_TRY(qmp->Execute("migrate-set-parameters", {{"max-bandwidth", int64_t{1} << 40}}));
+    CELLA_TRY(qmp->Execute("migrate", {{"uri", config_.TemplateSaveUri}}));
+    auto left = std::max(milliseconds(1000),
+                         std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
+    return qmp->AwaitMigration(left);
+  }();
+  if (!saved)
+    return std::unexpected(
+        std::move(saved.error()).WithContext("VM " + config_.ID + ": save the template"));
+  return {};
+}
+
+Status QemuMachine::SendWarmGo(int agent_fd) {
+  protocol::WarmGo go;
+  go.realtime_ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                             std::chrono::system_clock::now().time_since_epoch())
+                                             .count());
+  go.seed.resize(protocol::kWarmSeedBytes);
+  size_t filled = 0;
+  while (filled < go.seed.size()) {
+    ssize_t n = ::getrandom(go.seed.data() + filled, go.seed.size() - filled, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FailErrno("getrandom for the clone's RNG seed");
+    filled += static_cast<size_t>(n);
+  }
+  std::string line = protocol::FormatWarmGo(go);
+  size_t sent = 0;
+  while (sent < line.size()) {
+    ssize_t n = ::send(agent_fd, line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0)
+      return std::unexpected(
+          WithConsole("VM " + config_.ID + ": send the warm go line: " + std::strerror(errno)));
+    sent += static_cast<size_t>(n);
+  }
+  return {};
 }
 
 Status QemuMachine::RestoreState(Clock::time_point deadline) {
   auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
   auto restored = [&]() -> Status {
+    // The template's RAM is not in the stream: it is the file this QEMU
+    // mapped; the capability must match the one it was saved with.
+    if (config_.Template == TemplateRole::kClone)
+      CELLA_TRY(qmp_->Execute(
+          "migrate-set-capabilities",
+          {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
     CELLA_TRY(qmp_->Execute("migrate-incoming", {{"uri", config_.IncomingMigration}}));
     CELLA_TRY(qmp_->AwaitMigration(left));
     // -S: nothing ran yet; the guest runs from where it was saved now.
@@ -478,6 +569,13 @@ Status QemuMachine::SaveState(const std::string& uri, milliseconds timeout) {
     // VM sharing a network link); a stopped VM going to a local file should
     // go as fast as the disk takes it.
     CELLA_TRY(qmp->Execute("migrate-set-parameters", {{"max-bandwidth", int64_t{1} << 40}}));
+    // A template clone was restored with x-ignore-shared on; its snapshot
+    // carries all of its (private) RAM and must restore into a plain boot,
+    // which expects the capability off.
+    if (config_.Template == TemplateRole::kClone)
+      CELLA_TRY(qmp->Execute(
+          "migrate-set-capabilities",
+          {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", false}}}}}));
     CELLA_TRY(qmp->Execute("migrate", {{"uri", uri}}));
     return qmp->AwaitMigration(timeout);
   }();

@@ -27,6 +27,13 @@ struct ShareConfig {
   std::string Tag;         // what the guest mounts (mount -t virtiofs TAG)
 };
 
+// extension: the VM's part in a warm start (host/template/README.md).
+enum class TemplateRole {
+  kNone,     // an ordinary boot (or a snapshot restore)
+  kCapture,  // boots to the template point and saves itself as a template
+  kClone,    // restored from a template, then told to go on
+};
+
 // seed: api.HostIPMapping — one extra /etc/hosts line.
 struct HostIPMapping {
   std::string Host;
@@ -49,25 +56,26 @@ struct VMConfig {
   // uses instead of user-mode networking. Owned by the caller, who keeps it open until Start()
   // returns (QEMU holds its own copy from then on). -1: user-mode networking.
   int NetworkFD = -1;
-  uint32_t VsockCID = 0;                   // seed; unused by QEMU here (no vhost-vsock)
-  std::string VsockPath;                   // seed; unused by QEMU here
-  std::string SocketPath;                  // agent link Unix socket (default <StateDir>/agent.sock)
-  std::string LogPath;                     // guest console log (default <StateDir>/console.log)
-  std::string KernelArgs;                  // appended to cella's kernel command line
-  std::map<std::string, std::string> Env;  // into config.json (WriteGuestConfigDisk); not on the cmdline
-  std::string GatewayIP;                   // user-net host address (default 10.0.2.2)
-  std::string GuestIP;                     // into config.json (default 10.0.2.15)
-  std::string SubnetCIDR;                  // user-net network (default 10.0.2.0/24)
-  std::string Workspace;                   // carried (guest VFS mount point)
-  bool UseInterception = false;            // carried (egress proxy; later issue)
-  bool Privileged = false;                 // into config.json (WriteGuestConfigDisk)
-  std::vector<std::string> DNSServers;     // into config.json (WriteGuestConfigDisk)
-  std::string Hostname;                    // into config.json (WriteGuestConfigDisk)
-  std::vector<HostIPMapping> AddHosts;     // into config.json (WriteGuestConfigDisk)
-  int MTU = 0;                             // into config.json (0 = the guest config's)
-  bool NoNetwork = false;                  // no NIC at all
-  std::string PrebuiltRootfs;          // seed; when set it is the root disk instead of RootfsPath
-  std::vector<DiskConfig> ExtraDisks;  // cella-disk<N>
+  uint32_t VsockCID = 0;   // seed; unused by QEMU here (no vhost-vsock)
+  std::string VsockPath;   // seed; unused by QEMU here
+  std::string SocketPath;  // agent link Unix socket (default <StateDir>/agent.sock)
+  std::string LogPath;     // guest console log (default <StateDir>/console.log)
+  std::string KernelArgs;  // appended to cella's kernel command line
+  std::map<std::string, std::string>
+      Env;                       // into config.json (WriteGuestConfigDisk); not on the cmdline
+  std::string GatewayIP;         // user-net host address (default 10.0.2.2)
+  std::string GuestIP;           // into config.json (default 10.0.2.15)
+  std::string SubnetCIDR;        // user-net network (default 10.0.2.0/24)
+  std::string Workspace;         // carried (guest VFS mount point)
+  bool UseInterception = false;  // carried (egress proxy; later issue)
+  bool Privileged = false;       // into config.json (WriteGuestConfigDisk)
+  std::vector<std::string> DNSServers;  // into config.json (WriteGuestConfigDisk)
+  std::string Hostname;                 // into config.json (WriteGuestConfigDisk)
+  std::vector<HostIPMapping> AddHosts;  // into config.json (WriteGuestConfigDisk)
+  int MTU = 0;                          // into config.json (0 = the guest config's)
+  bool NoNetwork = false;               // no NIC at all
+  std::string PrebuiltRootfs;           // seed; when set it is the root disk instead of RootfsPath
+  std::vector<DiskConfig> ExtraDisks;   // cella-disk<N>
 
   // --- cella extensions ---
   std::string StateDir;             // per-VM runtime dir (sockets, logs); required
@@ -82,6 +90,20 @@ struct VMConfig {
   // FILE") with migrate-incoming. Every other field must be what the
   // snapshot was taken with (the device set must match).
   std::string IncomingMigration;
+  // Warm starts. kCapture: guest RAM is TemplateMemoryPath mapped shared
+  // (the file is the template's memory), the kernel command line carries
+  // cella.template=1, and Start() returns once the guest reached the
+  // template point and its device state went to TemplateSaveUri (migration
+  // with x-ignore-shared, so RAM stays in the file); the VM stays frozen,
+  // Close() ends it; Agent() stays null. kClone: guest RAM is a private
+  // copy-on-write mapping of TemplateMemoryPath, IncomingMigration feeds the
+  // template's device state, and Start() sends the go line
+  // (protocol/warm.h: clock and RNG seed) before waiting for the agent as a
+  // cold boot does. Both: every other field must describe the same devices
+  // as the template's (host/template computes the key from them); no Shares.
+  TemplateRole Template = TemplateRole::kNone;
+  std::string TemplateMemoryPath;
+  std::string TemplateSaveUri;
 };
 
 // Disk serials the guest init finds as /dev/disk/by-id/virtio-<serial>.

@@ -1,0 +1,130 @@
+// cella template ls | rm | create: the memory templates warm starts come
+// from (host/template/template_store.h).
+#include <unistd.h>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "base/io.h"
+#include "cli/commands.h"
+#include "cli/sandbox_context.h"
+#include "host/os/paths.h"
+#include "host/template/template_store.h"
+
+namespace cella::cli {
+namespace {
+
+using nlohmann::json;
+
+Status Print(std::string_view text) { return WriteAll(STDOUT_FILENO, text); }
+
+// The shape lines a user cares about, from ShapeText.
+std::string ShapePart(const std::string& shape, std::string_view part) {
+  size_t at = 0;
+  while (at < shape.size()) {
+    size_t end = shape.find('\n', at);
+    if (end == std::string::npos) end = shape.size();
+    std::string_view line(shape.data() + at, end - at);
+    if (line.starts_with(part) && line.size() > part.size() && line[part.size()] == ' ')
+      return std::string(line.substr(part.size() + 1));
+    at = end + 1;
+  }
+  return {};
+}
+
+// "<path> <size> <mtime>" -> path.
+std::string PathOf(const std::string& identity) { return identity.substr(0, identity.find(' ')); }
+
+}  // namespace
+
+int TemplateLsCommand(ListFormat format) {
+  auto run = [&]() -> Status {
+    std::string home = CELLA_TRY(host::CellaHome());
+    auto templates = CELLA_TRY(warm::List(home));
+    json out = json::array();
+    std::string text;
+    char line[1024];
+    std::snprintf(line, sizeof line, "%-16s %-5s %-7s %-6s %-9s %-12s %s\n", "KEY", "CPUS",
+                  "MEMORY", "DISKS", "SIZE", "CREATED", "IMAGE");
+    text += line;
+    for (const warm::TemplateInfo& t : templates) {
+      int disks = 0;
+      for (size_t at = t.shape.find("disk "); at != std::string::npos;
+           at = t.shape.find("\ndisk ", at + 1))
+        ++disks;
+      json parts = {{"kernel", PathOf(ShapePart(t.shape, "kernel"))},
+                    {"initramfs", PathOf(ShapePart(t.shape, "initramfs"))},
+                    {"accel", ShapePart(t.shape, "accel")},
+                    {"nic", ShapePart(t.shape, "nic")},
+                    {"disks", disks}};
+      out.push_back({{"key", t.key},
+                     {"image", t.image},
+                     {"cpus", t.cpus},
+                     {"memory_mb", t.memory_mb},
+                     {"parts", parts},
+                     {"shape", t.shape},
+                     {"size_bytes", t.disk_bytes},
+                     {"created", t.created}});
+      std::snprintf(line, sizeof line, "%-16s %-5g %-7s %-6d %-9s %-12s %s\n", t.key.c_str(),
+                    t.cpus, (std::to_string(t.memory_mb) + "MiB").c_str(), disks,
+                    (std::to_string(t.disk_bytes >> 20) + "MiB").c_str(),
+                    (DescribeAge(t.created * 1000, NowMs()) + " ago").c_str(), t.image.c_str());
+      text += line;
+    }
+    return Print(format == ListFormat::kJson ? out.dump(2) + "\n" : text);
+  };
+  auto st = run();
+  return st ? 0 : ReportFailure(st.error());
+}
+
+int TemplateRmCommand(const std::vector<std::string>& keys, bool all) {
+  auto home = host::CellaHome();
+  if (!home) return ReportFailure(home.error());
+  std::vector<std::string> targets = keys;
+  if (all) {
+    auto listed = warm::List(*home);
+    if (!listed) return ReportFailure(listed.error());
+    for (const auto& t : *listed) targets.push_back(t.key);
+  } else if (keys.empty()) {
+    return ReportFailure(Error::Msg("template rm: name a KEY (see cella template ls) or --all"));
+  }
+  int code = 0;
+  for (const std::string& key : targets) {
+    Status st = warm::Remove(*home, key);
+    if (st) st = Print(key + "\n");
+    if (!st) code = ReportFailure(st.error());
+  }
+  return code;
+}
+
+int TemplateCreateCommand(RunArgs args) {
+  auto home = host::CellaHome();
+  if (!home) return ReportFailure(home.error());
+  auto before = warm::List(*home);
+  if (!before) return ReportFailure(before.error());
+  std::set<std::string> had;
+  for (const auto& t : *before) had.insert(t.key);
+  // The template of a foreground `cella run` of this shape is made by
+  // running one: the same composition, so the same key.
+  args.command = {"true"};
+  args.entrypoint = std::string();
+  args.cold = false;
+  args.rm = true;
+  if (int code = RunCommand(args); code != 0) return code;
+  auto after = warm::List(*home);
+  if (!after) return ReportFailure(after.error());
+  std::string made;
+  for (const auto& t : *after)
+    if (!had.contains(t.key)) made = t.key;
+  if (made.empty()) {
+    // Already there (or the shape boots cold): say which keys exist.
+    return ReportFailure(
+        Error::Msg("no new template: this shape had one already, or cannot have one (host shares, "
+                   "systemd images); see cella template ls"));
+  }
+  auto st = Print(made + "\n");
+  return st ? 0 : ReportFailure(st.error());
+}
+
+}  // namespace cella::cli

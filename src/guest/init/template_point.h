@@ -1,0 +1,33 @@
+// Warm starts, guest side (protocol/warm.h has the handshake). A guest booted
+// with cella.template=1 stops at the template point: kernel, init and
+// modules are up, and nothing of the sandbox has been read. The host saves
+// it there (a template) and kills it; every clone restored from the template
+// continues inside AwaitWarmStart, which then makes it a fresh machine.
+#pragma once
+
+#include "base/result.h"
+#include "guest/init/devices.h"
+
+namespace cella::init {
+
+// At the template point, in order:
+//  1. the per-sandbox virtio-blk devices (every disk but the image's
+//     cella-lower<N>/cella-root, which are part of the template's key) are
+//     unbound from the driver, so no block, partition table or capacity of
+//     the template's placeholder disks stays cached in the kernel;
+//  2. the template-point line goes to the host on the agent port, and the
+//     init blocks until the go line comes back (the template itself never
+//     gets one; a clone gets it right after its restore);
+//  3. the kernel CRNG is reseeded from the go line's seed and the wall clock
+//     set, before anything else runs;
+//  4. the unbound devices are bound again: the driver probes the clone's own
+//     disk files afresh.
+// The port is closed again; the agent opens it later as on a cold boot.
+Status AwaitWarmStart(Deadline port_deadline);
+
+// Where guest programs (and tests) read how this machine started: "warm\n"
+// (a template clone) or "cold\n". Written once /run is mounted.
+inline constexpr const char* kStartKindPath = "/run/cella/start";
+Status RecordStartKind(bool warm);
+
+}  // namespace cella::init

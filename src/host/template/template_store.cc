@@ -1,0 +1,382 @@
+#include "host/template/template_store.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "base/unique_fd.h"
+#include "host/os/digest.h"
+#include "host/os/paths.h"
+#include "host/vmm/qemu_argv.h"
+
+namespace cella::warm {
+namespace {
+
+using nlohmann::json;
+
+constexpr int kFormat = 1;
+constexpr uint64_t kPlaceholderBytes = 1 << 20;
+constexpr auto kStateFileWait = std::chrono::seconds(10);
+
+Result<std::string> FileIdentity(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
+  return path + " " + std::to_string(st.st_size) + " " +
+         std::to_string(int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec);
+}
+
+Result<std::string> ResolveBinary(const std::string& name) {
+  if (name.find('/') != std::string::npos) return name;
+  const char* path = std::getenv("PATH");
+  std::string_view dirs = path != nullptr ? path : "/usr/local/bin:/usr/bin:/bin";
+  while (!dirs.empty()) {
+    size_t colon = dirs.find(':');
+    std::string dir(dirs.substr(0, colon));
+    dirs = colon == std::string_view::npos ? std::string_view{} : dirs.substr(colon + 1);
+    if (dir.empty()) continue;
+    std::string candidate = dir + "/" + name;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return Fail(name + " not found in PATH");
+}
+
+std::string ShellQuote(std::string_view text) {
+  std::string out = "'";
+  for (char c : text) {
+    if (c == '\'')
+      out += "'\\''";
+    else
+      out += c;
+  }
+  return out + "'";
+}
+
+bool IsKey(std::string_view s) {
+  if (s.size() != 16) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+Status FsyncPath(const std::string& path, bool directory) {
+  UniqueFd fd(::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + path);
+  if (::fsync(fd.Get()) != 0) return FailErrno("fsync " + path);
+  return {};
+}
+
+Status MakePlaceholder(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!fd) return FailErrno("create " + path);
+  if (::ftruncate(fd.Get(), kPlaceholderBytes) != 0) return FailErrno("ftruncate " + path);
+  return {};
+}
+
+void RemoveTree(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
+  if (ec) log::Warn("could not remove " + path, {{"error", ec.message()}});
+}
+
+// A builder that is gone or a zombie (a killed supervisor whose reaper has
+// not run yet) builds nothing any more.
+bool ProcessGone(long pid) {
+  if (pid <= 0) return true;
+  auto stat = ReadFileToString("/proc/" + std::to_string(pid) + "/stat", 4096);
+  if (!stat) return stat.error().errno_value == ENOENT;
+  size_t paren = stat->rfind(')');
+  return paren != std::string::npos && paren + 2 < stat->size() && (*stat)[paren + 2] == 'Z';
+}
+
+// .partial.<pid> directories whose builder is gone (killed, crashed).
+void RemoveStalePartials(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return;
+  std::vector<std::string> stale;
+  while (dirent* entry = ::readdir(d)) {
+    std::string name = entry->d_name;
+    size_t at = name.find(".partial.");
+    if (at == std::string::npos) continue;
+    long pid = std::strtol(name.c_str() + at + 9, nullptr, 10);
+    if (ProcessGone(pid)) stale.push_back(dir + "/" + name);
+  }
+  ::closedir(d);
+  for (const std::string& path : stale) RemoveTree(path);
+}
+
+uint64_t AllocatedBytes(const std::string& dir) {
+  uint64_t total = 0;
+  for (const char* name : {"memory", "state", "manifest.json"}) {
+    struct stat st {};
+    if (::stat((dir + "/" + name).c_str(), &st) == 0) total += uint64_t(st.st_blocks) * 512;
+  }
+  return total;
+}
+
+Result<TemplateInfo> ReadTemplate(const std::string& dir, const std::string& key) {
+  std::string text = CELLA_TRY(ReadFileToString(dir + "/manifest.json", 1 << 20));
+  TemplateInfo t;
+  try {
+    json doc = json::parse(text);
+    if (doc.at("format").get<int>() != kFormat) return Fail("unknown template format");
+    t.key = doc.at("key").get<std::string>();
+    t.shape = doc.at("shape").get<std::string>();
+    t.image = doc.at("image").get<std::string>();
+    t.memory_mb = doc.at("memory_mb").get<int>();
+    t.cpus = doc.at("cpus").get<double>();
+    t.created = doc.at("created").get<int64_t>();
+    t.memory_bytes = doc.at("memory_bytes").get<uint64_t>();
+    t.state_bytes = doc.at("state_bytes").get<uint64_t>();
+  } catch (const json::exception& e) {
+    return Fail(std::string("manifest: ") + e.what());
+  }
+  if (t.key != key || KeyOf(t.shape) != key) return Fail("manifest names another key");
+  t.dir = dir;
+  struct stat mem {};
+  struct stat state {};
+  if (::stat((dir + "/memory").c_str(), &mem) != 0) return FailErrno("stat memory");
+  if (::stat((dir + "/state").c_str(), &state) != 0) return FailErrno("stat state");
+  if (uint64_t(mem.st_size) != t.memory_bytes ||
+      t.memory_bytes != uint64_t(t.memory_mb) * 1024 * 1024)
+    return Fail("memory file has the wrong size");
+  if (uint64_t(state.st_size) != t.state_bytes || t.state_bytes == 0)
+    return Fail("state file has the wrong size");
+  t.disk_bytes = AllocatedBytes(dir);
+  return t;
+}
+
+}  // namespace
+
+std::string TemplatesDir(const std::string& home) { return home + "/templates"; }
+
+std::string WhyCold(const vmm::VMConfig& vm, bool systemd_mode) {
+  if (!vm.Shares.empty()) return "host directory shares need guest RAM shared with virtiofsd";
+  if (systemd_mode) return "systemd-mode guests boot cold";
+  if (!vm.IncomingMigration.empty()) return "restored from a snapshot";
+  if (!vm.PrebuiltRootfs.empty() || (!vm.OverlayEnabled && !vm.RootfsReadOnly))
+    return "a writable root disk";
+  return {};
+}
+
+Result<std::string> ShapeText(const vmm::VMConfig& vm, const vmm::QemuBackendOptions& options) {
+  std::string text;
+  auto line = [&text](std::string_view part, std::string_view value) {
+    text.append(part).append(" ").append(value).append("\n");
+  };
+  line("format", std::to_string(kFormat));
+  std::string qemu = CELLA_TRY(ResolveBinary(options.qemu_binary));
+  line("qemu", CELLA_TRY(FileIdentity(qemu)));
+  line("kernel", CELLA_TRY(FileIdentity(vm.KernelPath)));
+  line("initramfs", CELLA_TRY(FileIdentity(vm.InitramfsPath)));
+  vmm::VMConfig as_template = vm;
+  as_template.Template = vmm::TemplateRole::kCapture;
+  line("cmdline", vmm::BuildKernelCmdline(as_template, options.tsc_khz));
+  line("cpus", std::to_string(static_cast<int>(std::ceil(vm.CPUs))));
+  line("memory_mb", std::to_string(vm.MemoryMB));
+  line("accel", vmm::ToString(options.accel.chosen));
+  auto ro = [](bool read_only) { return read_only ? "ro" : "rw"; };
+  if (vm.OverlayEnabled) {
+    for (size_t i = 0; i < vm.OverlayLowerPaths.size(); ++i) {
+      std::string fstype = i < vm.OverlayLowerFSTypes.size() ? vm.OverlayLowerFSTypes[i] : "";
+      line("disk lower" + std::to_string(i),
+           CELLA_TRY(FileIdentity(vm.OverlayLowerPaths[i])) + " " + fstype);
+    }
+    if (!vm.OverlayUpperPath.empty()) line("disk upper", "rw");
+  } else {
+    line("disk root", CELLA_TRY(FileIdentity(vm.RootfsPath)) + " " + ro(vm.RootfsReadOnly));
+  }
+  if (!vm.ConfigDiskPath.empty()) line("disk config", "ro");
+  for (size_t i = 0; i < vm.Volumes.size(); ++i)
+    line("disk vol" + std::to_string(i), ro(vm.Volumes[i].ReadOnly));
+  for (size_t i = 0; i < vm.ExtraDisks.size(); ++i)
+    line("disk disk" + std::to_string(i), ro(vm.ExtraDisks[i].ReadOnly));
+  line("nic", vm.NoNetwork ? "none" : "virtio-net");
+  return text;
+}
+
+std::string KeyOf(const std::string& shape_text) {
+  return host::Sha256Hex(shape_text).substr(0, 16);
+}
+
+Result<std::optional<TemplateInfo>> Find(const std::string& home, const std::string& key) {
+  if (!IsKey(key)) return Fail("not a template key: " + key);
+  std::string dir = TemplatesDir(home) + "/" + key;
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    if (errno == ENOENT) return std::nullopt;
+    return FailErrno("stat " + dir);
+  }
+  auto t = ReadTemplate(dir, key);
+  if (!t) {
+    // A committed template is complete unless its files were tampered with
+    // or the disk lost them: never restore from it.
+    log::Warn("removing a damaged template", {{"key", key}, {"error", t.error().message}});
+    RemoveTree(dir);
+    return std::nullopt;
+  }
+  return std::optional<TemplateInfo>(std::move(*t));
+}
+
+Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
+                            const vmm::QemuBackendOptions& options) {
+  if (std::string why = WhyCold(vm, false); !why.empty())
+    return Fail("this machine cannot have a template: " + why);
+  std::string shape = CELLA_TRY(ShapeText(vm, options));
+  std::string key = KeyOf(shape);
+  std::string dir = TemplatesDir(home);
+  CELLA_TRY(host::MakeDirs(dir, 0700));
+  RemoveStalePartials(dir);
+  std::string partial = dir + "/" + key + ".partial." + std::to_string(::getpid());
+  RemoveTree(partial);
+  if (::mkdir(partial.c_str(), 0700) != 0) return FailErrno("mkdir " + partial);
+  auto built = [&]() -> Status {
+    vmm::VMConfig c = vm;
+    c.ID = "template-" + key;
+    c.StateDir = partial;
+    c.SocketPath.clear();
+    c.LogPath.clear();
+    c.NetworkFD = -1;  // user-mode NIC: the same virtio-net device, no traffic
+    c.SubnetCIDR.clear();
+    c.GatewayIP.clear();
+    // The sandbox's own disks are never read by a template: placeholders of
+    // the same roles (the guest unbinds them before the template point).
+    if (!c.OverlayUpperPath.empty()) {
+      c.OverlayUpperPath = partial + "/upper.img";
+      CELLA_TRY(MakePlaceholder(c.OverlayUpperPath));
+    }
+    if (!c.ConfigDiskPath.empty()) {
+      c.ConfigDiskPath = partial + "/config.img";
+      CELLA_TRY(MakePlaceholder(c.ConfigDiskPath));
+    }
+    for (size_t i = 0; i < c.Volumes.size(); ++i) {
+      c.Volumes[i].HostPath = partial + "/vol" + std::to_string(i) + ".img";
+      CELLA_TRY(MakePlaceholder(c.Volumes[i].HostPath));
+    }
+    for (size_t i = 0; i < c.ExtraDisks.size(); ++i) {
+      c.ExtraDisks[i].HostPath = partial + "/disk" + std::to_string(i) + ".img";
+      CELLA_TRY(MakePlaceholder(c.ExtraDisks[i].HostPath));
+    }
+    c.Template = vmm::TemplateRole::kCapture;
+    c.TemplateMemoryPath = partial + "/memory";
+    // mv after cat: "state" exists only once the whole stream is on disk.
+    c.TemplateSaveUri = "exec:cat > " + ShellQuote(partial + "/state.tmp") + " && mv " +
+                        ShellQuote(partial + "/state.tmp") + " " + ShellQuote(partial + "/state");
+    vmm::QemuBackendOptions capture_options = options;
+    capture_options.wrap_agent_link = nullptr;
+    vmm::QemuBackend backend(capture_options);
+    auto machine = CELLA_TRY(backend.Create(c));
+    Status started = machine->Start();
+    Status closed = machine->Close();
+    if (!started) return started;
+    if (!closed) return closed;
+    auto deadline = std::chrono::steady_clock::now() + kStateFileWait;
+    while (::access((partial + "/state").c_str(), F_OK) != 0) {
+      if (std::chrono::steady_clock::now() >= deadline)
+        return Fail("the template's device state was not written");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    for (const char* name : {"upper.img", "config.img", "console.log", "qemu.log"})
+      if (::unlink((partial + "/" + name).c_str()) != 0 && errno != ENOENT)
+        return FailErrno(std::string("unlink ") + name);
+    for (size_t i = 0; i < c.Volumes.size(); ++i)
+      ::unlink((partial + "/vol" + std::to_string(i) + ".img").c_str());
+    for (size_t i = 0; i < c.ExtraDisks.size(); ++i)
+      ::unlink((partial + "/disk" + std::to_string(i) + ".img").c_str());
+    CELLA_TRY(FsyncPath(partial + "/memory", false));
+    CELLA_TRY(FsyncPath(partial + "/state", false));
+    struct stat mem {};
+    struct stat state {};
+    if (::stat((partial + "/memory").c_str(), &mem) != 0) return FailErrno("stat memory");
+    if (::stat((partial + "/state").c_str(), &state) != 0) return FailErrno("stat state");
+    std::string image = vm.OverlayEnabled ? vm.OverlayLowerPaths.front() : vm.RootfsPath;
+    json manifest = {{"format", kFormat},
+                     {"key", key},
+                     {"shape", shape},
+                     {"image", image},
+                     {"memory_mb", vm.MemoryMB},
+                     {"cpus", vm.CPUs},
+                     {"created", static_cast<int64_t>(std::time(nullptr))},
+                     {"memory_bytes", static_cast<uint64_t>(mem.st_size)},
+                     {"state_bytes", static_cast<uint64_t>(state.st_size)}};
+    std::string tmp = partial + "/manifest.json.tmp";
+    CELLA_TRY(WriteStringToFile(tmp, manifest.dump(2) + "\n", 0600));
+    CELLA_TRY(FsyncPath(tmp, false));
+    if (::rename(tmp.c_str(), (partial + "/manifest.json").c_str()) != 0)
+      return FailErrno("rename " + tmp);
+    CELLA_TRY(FsyncPath(partial, true));
+    // The commit point.
+    std::string final_dir = dir + "/" + key;
+    if (::rename(partial.c_str(), final_dir.c_str()) != 0) {
+      if (errno != ENOTEMPTY && errno != EEXIST) return FailErrno("rename " + partial);
+      RemoveTree(partial);  // another process committed this key first
+    }
+    return FsyncPath(dir, true);
+  }();
+  if (!built) {
+    RemoveTree(partial);
+    return std::unexpected(std::move(built.error()).WithContext("template " + key));
+  }
+  auto found = CELLA_TRY(Find(home, key));
+  if (!found) return Fail("template " + key + " vanished right after it was made");
+  return std::move(*found);
+}
+
+void MakeClone(const TemplateInfo& t, vmm::VMConfig& vm) {
+  vm.Template = vmm::TemplateRole::kClone;
+  vm.TemplateMemoryPath = t.dir + "/memory";
+  vm.IncomingMigration = "exec:cat " + ShellQuote(t.dir + "/state");
+}
+
+Result<std::vector<TemplateInfo>> List(const std::string& home) {
+  std::vector<TemplateInfo> out;
+  std::string dir = TemplatesDir(home);
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) {
+    if (errno == ENOENT) return out;
+    return FailErrno("opendir " + dir);
+  }
+  std::vector<std::string> keys;
+  while (dirent* entry = ::readdir(d))
+    if (IsKey(entry->d_name)) keys.emplace_back(entry->d_name);
+  ::closedir(d);
+  for (const std::string& key : keys) {
+    auto t = ReadTemplate(dir + "/" + key, key);
+    if (t) out.push_back(std::move(*t));
+  }
+  std::sort(out.begin(), out.end(),
+            [](const TemplateInfo& a, const TemplateInfo& b) { return a.created < b.created; });
+  return out;
+}
+
+Status Remove(const std::string& home, const std::string& key) {
+  if (!IsKey(key)) return std::unexpected(Error{"no template " + key, ENOENT});
+  std::string dir = TemplatesDir(home) + "/" + key;
+  if (::access(dir.c_str(), F_OK) != 0) return std::unexpected(Error{"no template " + key, ENOENT});
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  if (ec) return Fail("remove " + dir + ": " + ec.message());
+  return {};
+}
+
+Result<int> RemoveOrphans(const std::string& home) {
+  int removed = 0;
+  for (const TemplateInfo& t : CELLA_TRY(List(home))) {
+    if (t.image.empty() || ::access(t.image.c_str(), F_OK) == 0 || errno != ENOENT) continue;
+    CELLA_TRY(Remove(home, t.key));
+    ++removed;
+  }
+  return removed;
+}
+
+}  // namespace cella::warm

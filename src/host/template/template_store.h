@@ -1,0 +1,82 @@
+// Memory templates for warm starts: a guest saved at its template point
+// (protocol/warm.h) once per machine shape, restored copy-on-write by every
+// later sandbox of that shape. Layout, shared by every sandbox home of one
+// cella home (like the image store):
+//
+//   <home>/templates/<key>/manifest.json   key parts, sizes, created (written last)
+//   <home>/templates/<key>/memory          guest RAM (sparse; clones map it privately)
+//   <home>/templates/<key>/state           QEMU device state (x-ignore-shared: no RAM)
+//   <home>/templates/<key>.partial.<pid>   a template being built; never read
+//
+// A template is built in its .partial directory and committed by renaming
+// the directory (after fsync of every file and of the directory): a process
+// killed at any moment leaves a .partial that nothing trusts and the next
+// build removes. Find() also checks the manifest against the files.
+//
+// Thread-safe (no shared state); processes race only on the final rename,
+// which one wins and the others drop their build.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/result.h"
+#include "host/vmm/qemu_backend.h"
+#include "host/vmm/vm_config.h"
+
+namespace cella::warm {
+
+std::string TemplatesDir(const std::string& home);  // <home>/templates
+
+// Why `vm` cannot start from a template (empty: it can). Host shares need
+// guest RAM shared with virtiofsd; systemd-mode guests hand PID 1 over.
+std::string WhyCold(const vmm::VMConfig& vm, bool systemd_mode);
+
+// The machine shape a template stands for, one "part value" per line:
+// QEMU binary, kernel, initramfs (path size mtime), the full kernel command
+// line, cpus, memory, accelerator, each disk in attach order (the image's
+// lower disks by identity, every other disk by role and read-only flag
+// only), and NIC or none. Key = the first 16 hex digits of its SHA-256.
+Result<std::string> ShapeText(const vmm::VMConfig& vm, const vmm::QemuBackendOptions& options);
+std::string KeyOf(const std::string& shape_text);
+
+struct TemplateInfo {
+  std::string key;
+  std::string dir;
+  std::string shape;  // ShapeText
+  std::string image;  // the first lower (or root) disk: what rmi/gc look for
+  int memory_mb = 0;
+  double cpus = 0;
+  int64_t created = 0;        // unix seconds
+  uint64_t disk_bytes = 0;    // allocated bytes of its files
+  uint64_t memory_bytes = 0;  // apparent size of the memory file
+  uint64_t state_bytes = 0;
+};
+
+// The committed template for `key`, checked (manifest parses and names the
+// key, memory and state files have the recorded sizes); nullopt when there
+// is none (or it fails the check: it is then removed).
+Result<std::optional<TemplateInfo>> Find(const std::string& home, const std::string& key);
+
+// Boots a capture VM of `vm`'s shape (its own disks replaced by small
+// placeholders, user-mode NIC if any, no sandbox file touched), saves it at
+// the template point and commits it. When another process commits the same
+// key first, that one is returned.
+Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
+                            const vmm::QemuBackendOptions& options);
+
+// Makes `vm` a clone of `t` (role, memory file, incoming state).
+void MakeClone(const TemplateInfo& t, vmm::VMConfig& vm);
+
+// Every committed template, oldest first; unreadable ones are skipped.
+Result<std::vector<TemplateInfo>> List(const std::string& home);
+// Removes one (a template in use keeps its clones running: they map the
+// unlinked file). ENOENT when there is no such key.
+Status Remove(const std::string& home, const std::string& key);
+// Removes the templates whose image file is gone (after rmi / image gc);
+// returns how many.
+Result<int> RemoveOrphans(const std::string& home);
+
+}  // namespace cella::warm

@@ -1,0 +1,46 @@
+// The warm-start handshake (host/template, guest/init/template_point.h): two
+// text lines on the agent's virtio-serial port, before the agent protocol
+// starts on it.
+//
+//   guest -> host  "cella-template-point\n"   the guest (booted with
+//                  cella.template=1 on its kernel command line) has its
+//                  kernel, init and modules up and has read nothing of the
+//                  sandbox; it now blocks on the port.
+//   host -> guest  "cella-go <realtime_ns> <seed hex>\n"   sent to the
+//                  template's clone (never to the template itself, which is
+//                  saved and killed while it waits): the wall clock to set and
+//                  kWarmSeedBytes of host randomness for the kernel CRNG.
+//
+// After the go line the guest closes the port and boots on exactly as a
+// cold boot does from reading its config disk; the agent then opens the
+// port again and says Hello. Pure functions; thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/result.h"
+
+namespace cella::protocol {
+
+inline constexpr std::string_view kTemplatePointLine = "cella-template-point\n";
+inline constexpr std::string_view kTemplateCmdlineFlag = "cella.template=1";
+inline constexpr size_t kWarmSeedBytes = 64;
+// Bound for either line (a longer one is refused, not waited for).
+inline constexpr size_t kMaxWarmLine = 512;
+
+struct WarmGo {
+  uint64_t realtime_ns = 0;
+  std::vector<uint8_t> seed;  // exactly kWarmSeedBytes
+};
+
+std::string FormatWarmGo(const WarmGo& go);
+// Parses one line (with or without its '\n'); errors say what is wrong.
+Result<WarmGo> ParseWarmGo(std::string_view line);
+
+// True when the kernel command line carries kTemplateCmdlineFlag as a word.
+bool CmdlineWantsTemplate(std::string_view cmdline);
+
+}  // namespace cella::protocol

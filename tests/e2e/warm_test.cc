@@ -1,0 +1,266 @@
+// Warm starts end to end: sandboxes started from a memory template behave
+// as cold ones (every flag), clones are independent (RNG, clock, disks read
+// fresh), --cold and CELLA_COLD bypass templates, a changed key part makes a
+// new template, and a template build killed half-way is never trusted.
+//
+// Templates live in the shared cella home; each test uses a memory size no
+// other test uses, so its templates are its own.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "lifecycle_fixture.h"
+
+namespace cella::test {
+namespace {
+
+std::string Trim(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+std::string TemplatesDir() {
+  const char* home = std::getenv("CELLA_HOME");
+  return std::string(home != nullptr && *home ? home : "/var/lib/cella") + "/templates";
+}
+
+class WarmTest : public LifecycleTest {
+ protected:
+  // Keys of the committed templates of `memory_mb`.
+  std::vector<std::string> TemplatesOf(int memory_mb) {
+    auto r = RunCella({"template", "ls", "--json"});
+    EXPECT_EQ(r.exit_code, 0) << Describe(r);
+    std::vector<std::string> keys;
+    auto doc = nlohmann::json::parse(r.out, nullptr, false);
+    if (!doc.is_array()) return keys;
+    for (const auto& t : doc)
+      if (t.value("memory_mb", 0) == memory_mb) keys.push_back(t.value("key", std::string()));
+    return keys;
+  }
+  void RemoveTemplatesOf(int memory_mb) {
+    for (const std::string& key : TemplatesOf(memory_mb)) RunCella({"template", "rm", key});
+  }
+  std::string Exec(const std::string& id, const std::string& script) {
+    auto r = RunCella({"exec", id, "--", "sh", "-c", script});
+    EXPECT_EQ(r.exit_code, 0) << script << "\n" << Describe(r);
+    return Trim(r.out);
+  }
+};
+
+uint16_t FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string EchoThrough(uint16_t port, const std::string& message) {
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    timeval tv{20, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      ::close(fd);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      continue;
+    }
+    (void)::write(fd, message.data(), message.size());
+    ::shutdown(fd, SHUT_WR);
+    std::string got;
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
+    ::close(fd);
+    if (!got.empty()) return got;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return "";
+}
+
+TEST_F(WarmTest, WarmSandboxesHonourEveryFlagAndAreIndependent) {
+  constexpr int kMemory = 304;
+  const std::string memory = std::to_string(kMemory) + "m";
+  RemoveTemplatesOf(kMemory);
+  ASSERT_EQ(RunCella({"volume", "create", "--size", "48m", "warmvol"}).exit_code, 0);
+
+  // A host server on the host's loopback: closed to the sandbox unless
+  // --allow-host-loopback, on the warm path as on the cold one.
+  int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(listener, 4), 0);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string url = "http://10.0.2.2:" + std::to_string(ntohs(addr.sin_port)) + "/";
+  std::atomic<int> accepted{0};
+  std::thread server([listener, &accepted] {
+    for (;;) {
+      int conn = ::accept(listener, nullptr, nullptr);
+      if (conn < 0) return;
+      ++accepted;
+      timeval tv{30, 0};
+      ::setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      char buf[4096];
+      (void)::recv(conn, buf, sizeof buf, 0);
+      const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
+      (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
+      ::close(conn);
+    }
+  });
+
+  // The first run of the shape builds its template and starts from it.
+  std::string first = RunDetached({"--memory", memory, "-v", "warmvol:/data", "--", "sh", "-c",
+                                   "echo fresh-volume > /data/f; sync; exec sleep 3600"});
+  ASSERT_FALSE(first.empty());
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 1u);
+  EXPECT_EQ(Exec(first, "cat /run/cella/start"), "warm");
+  std::string closed = Exec(first, "wget -q -O - " + url + " 2>&1; echo rc=$?");
+  EXPECT_NE(closed.find("403"), std::string::npos) << closed;
+  EXPECT_EQ(closed.find("hello guest"), std::string::npos) << closed;
+  std::string first_random = Exec(first, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'");
+  ASSERT_EQ(RunCella({"rm", "-f", first}).exit_code, 0);  // frees the rw volume
+
+  // A warm clone with every kind of flag.
+  uint16_t published = FreePort();
+  std::string id = RunDetached(
+      {"--memory", memory, "-v", "warmvol:/data", "-p", std::to_string(published) + ":7000",
+       "--hostname", "warmbox", "-e", "GREETING=hello warm", "-w", "/srv/wd", "-u", "nobody",
+       "--allow-host-loopback", "--", "sh", "-c",
+       "hostname; echo \"$GREETING\"; pwd; id -un; exec busybox nc -ll -p 7000 -e cat"});
+  ASSERT_FALSE(id.empty());
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 1u) << "the second run must reuse the template";
+  EXPECT_EQ(Exec(id, "cat /run/cella/start"), "warm");
+  EXPECT_EQ(EchoThrough(published, "ping warm\n"), "ping warm\n");
+  auto logs = RunCella({"logs", id});
+  EXPECT_EQ(logs.out, "warmbox\nhello warm\n/srv/wd\nnobody\n") << Describe(logs);
+  // The volume is this sandbox's file, not the template's 1 MiB placeholder.
+  EXPECT_EQ(Exec(id, "cat /data/f"), "fresh-volume");
+  long kib = std::atol(Exec(id, "df -Pk /data | tail -1 | awk '{print $2}'").c_str());
+  EXPECT_GT(kib, 20 * 1024) << "the volume's size must be read afresh";
+  EXPECT_EQ(Exec(id, "wget -q -O - " + url), "hello guest");
+  // Its own RNG and the host's clock; it was never resumed.
+  std::string random = Exec(id, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'");
+  EXPECT_EQ(random.size(), 64u);
+  EXPECT_NE(random, first_random) << "two clones of one template read the same random bytes";
+  long guest_now = std::atol(Exec(id, "date +%s").c_str());
+  long host_now = static_cast<long>(std::time(nullptr));
+  EXPECT_LE(std::labs(host_now - guest_now), 5) << "guest " << guest_now << " host " << host_now;
+  EXPECT_EQ(Exec(id, "cat /run/cella/resume-count 2>/dev/null || echo 0"), "0");
+  ASSERT_EQ(RunCella({"rm", "-f", id}).exit_code, 0);
+  ::shutdown(listener, SHUT_RDWR);
+  server.join();
+  ::close(listener);
+  EXPECT_EQ(accepted.load(), 1) << "only the --allow-host-loopback clone got through";
+
+  // --cold and CELLA_COLD=1 boot the kernel.
+  auto cold = RunCella({"run", "--memory", memory, "--cold", "--", "cat", "/run/cella/start"});
+  EXPECT_EQ(cold.exit_code, 0) << Describe(cold);
+  EXPECT_EQ(cold.out, "cold\n");
+  auto env_cold =
+      RunProcess({CELLA_BINARY, "run", "--memory", memory, "--", "cat", "/run/cella/start"}, "",
+                 std::chrono::seconds(300), {{"CELLA_COLD", "1"}});
+  EXPECT_EQ(env_cold.exit_code, 0) << Describe(env_cold);
+  EXPECT_EQ(env_cold.out, "cold\n");
+  RemoveTemplatesOf(kMemory);
+}
+
+TEST_F(WarmTest, KilledTemplateBuildIsNeverTrustedAndNewKeyPartsMakeNewTemplates) {
+  constexpr int kMemory = 312;
+  const std::string memory = std::to_string(kMemory) + "m";
+  RemoveTemplatesOf(kMemory);
+
+  // Kill -9 the supervisor while it builds the template (its .partial
+  // directory carries its pid; ours is the one with this test's home).
+  std::atomic<bool> done{false};
+  ProcessResult killed_run;
+  std::thread runner([&] {
+    killed_run = RunCella({"run", "--memory", memory, "--", "true"}, "", std::chrono::seconds(300));
+    done = true;
+  });
+  pid_t builder = 0;
+  std::string partial;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(240);
+  while (builder == 0 && !done && std::chrono::steady_clock::now() < deadline) {
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(TemplatesDir(), ec)) {
+      std::string name = entry.path().filename().string();
+      size_t at = name.find(".partial.");
+      if (at == std::string::npos) continue;
+      pid_t pid = static_cast<pid_t>(std::atol(name.c_str() + at + 9));
+      std::ifstream environ("/proc/" + std::to_string(pid) + "/environ");
+      std::stringstream text;
+      text << environ.rdbuf();
+      if (text.str().find("CELLA_SANDBOX_HOME=" + home_ + '\0') == std::string::npos) continue;
+      // Wait until QEMU has started writing the memory file.
+      if (!std::filesystem::exists(entry.path() / "memory")) continue;
+      builder = pid;
+      partial = entry.path().string();
+    }
+    if (builder == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_NE(builder, 0) << "never saw this test's template being built";
+  ASSERT_EQ(::kill(builder, SIGKILL), 0);
+  runner.join();
+  EXPECT_NE(killed_run.exit_code, 0) << Describe(killed_run);
+  EXPECT_TRUE(TemplatesOf(kMemory).empty()) << "a killed build must leave no template";
+
+  // The next run builds a good one (removing the dead builder's leftovers).
+  auto next = RunCella({"run", "--memory", memory, "--", "cat", "/run/cella/start"}, "",
+                       std::chrono::seconds(300));
+  EXPECT_EQ(next.exit_code, 0) << Describe(next);
+  EXPECT_EQ(next.out, "warm\n");
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 1u);
+  EXPECT_FALSE(std::filesystem::exists(partial)) << partial;
+
+  // A rebuilt cella guest (init and agent: a new initramfs) is a new key,
+  // and so is rebuilding it again.
+  std::string libexec = home_ + "/libexec";
+  std::filesystem::create_directory(libexec);
+  std::string built = std::filesystem::path(CELLA_BINARY).parent_path().string();
+  for (const char* name : {"cella-init", "cella-agent"})
+    std::filesystem::copy_file(built + "/" + name, libexec + "/" + name);
+  // Bytes after the end of a static ELF change its content, not its code.
+  auto rebuild = [&](const std::string& mark) {
+    std::ofstream(libexec + "/cella-init", std::ios::app) << mark;
+  };
+  auto run_with = [&]() {
+    return RunProcess({CELLA_BINARY, "run", "--memory", memory, "--", "cat", "/run/cella/start"},
+                      "", std::chrono::seconds(300), {{"CELLA_LIBEXEC_DIR", libexec}});
+  };
+  rebuild("rebuild-1");
+  auto other = run_with();
+  EXPECT_EQ(other.exit_code, 0) << Describe(other);
+  EXPECT_EQ(other.out, "warm\n");
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 2u);
+  rebuild("rebuild-2");
+  auto rebuilt = run_with();
+  EXPECT_EQ(rebuilt.exit_code, 0) << Describe(rebuilt);
+  EXPECT_EQ(rebuilt.out, "warm\n");
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 3u);
+  RemoveTemplatesOf(kMemory);
+  EXPECT_TRUE(TemplatesOf(kMemory).empty());
+}
+
+}  // namespace
+}  // namespace cella::test

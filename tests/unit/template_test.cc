@@ -1,0 +1,220 @@
+// Warm starts without a VM: the handshake lines, the template key, and the
+// QEMU command lines of a template capture and of its clone.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "host/template/template_store.h"
+#include "host/vmm/qemu_argv.h"
+#include "protocol/warm.h"
+#include "support/temp_dir.h"
+
+namespace cella {
+namespace {
+
+TEST(WarmGo, RoundTripsClockAndSeed) {
+  protocol::WarmGo go;
+  go.realtime_ns = 1'765'000'000'123'456'789ull;
+  for (size_t i = 0; i < protocol::kWarmSeedBytes; ++i) go.seed.push_back(uint8_t(i * 7 + 3));
+  std::string line = protocol::FormatWarmGo(go);
+  ASSERT_EQ(line.back(), '\n');
+  EXPECT_LE(line.size(), protocol::kMaxWarmLine);
+  auto parsed = protocol::ParseWarmGo(line);
+  ASSERT_TRUE(parsed) << parsed.error().message;
+  EXPECT_EQ(parsed->realtime_ns, go.realtime_ns);
+  EXPECT_EQ(parsed->seed, go.seed);
+}
+
+TEST(WarmGo, RefusesMalformedLines) {
+  std::string seed(2 * protocol::kWarmSeedBytes, 'a');
+  EXPECT_TRUE(protocol::ParseWarmGo("cella-go 5 " + seed + "\n"));
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go 5 " + seed.substr(2)));  // short seed
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go 5 " + seed + "ab"));     // long seed
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go x5 " + seed));           // bad clock
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go 0 " + seed));            // no clock
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go 5 " + std::string(128, 'G')));
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-gone 5 " + seed));
+  EXPECT_FALSE(protocol::ParseWarmGo(std::string(600, 'x')));
+}
+
+TEST(WarmGo, CmdlineFlagIsAWholeWord) {
+  EXPECT_TRUE(protocol::CmdlineWantsTemplate("console=ttyS0 cella.template=1 quiet"));
+  EXPECT_TRUE(protocol::CmdlineWantsTemplate("cella.template=1"));
+  EXPECT_FALSE(protocol::CmdlineWantsTemplate("console=ttyS0 xcella.template=1"));
+  EXPECT_FALSE(protocol::CmdlineWantsTemplate("cella.template=10"));
+}
+
+class TemplateKeyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (const char* name : {"vmlinuz", "initrd", "lower0.erofs", "other.erofs", "vol.img"})
+      std::ofstream(dir_.path() + "/" + name) << name;
+    vm_.ID = "sb1";
+    vm_.KernelPath = dir_.path() + "/vmlinuz";
+    vm_.InitramfsPath = dir_.path() + "/initrd";
+    vm_.OverlayEnabled = true;
+    vm_.OverlayLowerPaths = {dir_.path() + "/lower0.erofs"};
+    vm_.OverlayLowerFSTypes = {"erofs"};
+    vm_.OverlayUpperPath = dir_.path() + "/upper.img";
+    vm_.ConfigDiskPath = dir_.path() + "/config.img";
+    vm_.MemoryMB = 256;
+    vm_.StateDir = dir_.path();
+    options_.qemu_binary = "/bin/sh";  // any file: the key takes its identity
+    options_.tsc_khz = 1000;
+  }
+  std::string Key(const vmm::VMConfig& vm) {
+    auto shape = warm::ShapeText(vm, options_);
+    EXPECT_TRUE(shape) << shape.error().message;
+    return shape ? warm::KeyOf(*shape) : "";
+  }
+  testing::TempDir dir_;
+  vmm::VMConfig vm_;
+  vmm::QemuBackendOptions options_;
+};
+
+TEST_F(TemplateKeyTest, SandboxFilesDoNotChangeTheKeyButTheShapeDoes) {
+  std::string key = Key(vm_);
+  EXPECT_EQ(key.size(), 16u);
+  vmm::VMConfig other = vm_;
+  other.ID = "sb2";
+  other.StateDir = "/elsewhere";
+  other.OverlayUpperPath = "/elsewhere/upper.img";
+  other.ConfigDiskPath = "/elsewhere/config.img";
+  other.Hostname = "another";
+  other.NetworkFD = 7;
+  EXPECT_EQ(Key(other), key) << "a sandbox's own files and identity are not part of the key";
+
+  auto changed = [&](auto&& mutate) {
+    vmm::VMConfig v = vm_;
+    mutate(v);
+    return Key(v);
+  };
+  EXPECT_NE(changed([](vmm::VMConfig& v) { v.MemoryMB = 512; }), key);
+  EXPECT_NE(changed([](vmm::VMConfig& v) { v.CPUs = 2; }), key);
+  EXPECT_NE(changed([](vmm::VMConfig& v) { v.NoNetwork = true; }), key);
+  EXPECT_NE(changed([](vmm::VMConfig& v) { v.OverlayUpperPath.clear(); }), key);
+  EXPECT_NE(changed([&](vmm::VMConfig& v) {
+              v.Volumes.push_back({dir_.path() + "/vol.img", "/d", false});
+            }),
+            key);
+  EXPECT_NE(
+      changed([&](vmm::VMConfig& v) { v.OverlayLowerPaths = {dir_.path() + "/other.erofs"}; }), key)
+      << "another image";
+  EXPECT_NE(changed([](vmm::VMConfig& v) { v.KernelArgs = "cella.debug=1"; }), key);
+  // A rebuilt kernel (same path, new content) is a new key.
+  std::ofstream(vm_.KernelPath) << "a rebuilt kernel";
+  EXPECT_NE(Key(vm_), key);
+}
+
+TEST_F(TemplateKeyTest, SharesAndSystemdBootCold) {
+  EXPECT_EQ(warm::WhyCold(vm_, false), "");
+  EXPECT_NE(warm::WhyCold(vm_, true), "");
+  vmm::VMConfig shared = vm_;
+  shared.Shares.push_back({"/s/fs0.sock", "cella-share0"});
+  EXPECT_NE(warm::WhyCold(shared, false), "");
+}
+
+TEST_F(TemplateKeyTest, NoTemplateUntilCommitted) {
+  std::string key = Key(vm_);
+  std::string home = dir_.path() + "/home";
+  auto none = warm::Find(home, key);
+  ASSERT_TRUE(none) << none.error().message;
+  EXPECT_FALSE(none->has_value());
+  // A half-built template (a killed builder) is never found or listed.
+  ASSERT_EQ(::system(("mkdir -p " + home + "/templates/" + key + ".partial.1 && touch " + home +
+                      "/templates/" + key + ".partial.1/memory")
+                         .c_str()),
+            0);
+  auto still_none = warm::Find(home, key);
+  ASSERT_TRUE(still_none);
+  EXPECT_FALSE(still_none->has_value());
+  auto listed = warm::List(home);
+  ASSERT_TRUE(listed);
+  EXPECT_TRUE(listed->empty());
+  // A committed directory whose files do not match its manifest is removed.
+  ASSERT_EQ(::system(("mkdir -p " + home + "/templates/" + key + " && echo '{}' > " + home +
+                      "/templates/" + key + "/manifest.json")
+                         .c_str()),
+            0);
+  auto damaged = warm::Find(home, key);
+  ASSERT_TRUE(damaged);
+  EXPECT_FALSE(damaged->has_value());
+  EXPECT_NE(::access((home + "/templates/" + key).c_str(), F_OK), 0);
+  EXPECT_FALSE(warm::Find(home, "../../etc"));
+}
+
+TEST_F(TemplateKeyTest, CaptureAndCloneArgvMatchButForRam) {
+  vmm::QemuLaunch l;
+  l.agent_socket = "/s/a.sock";
+  l.qmp_socket = "/s/q.sock";
+  l.console_log = "/s/c.log";
+  vmm::VMConfig capture = vm_;
+  capture.Template = vmm::TemplateRole::kCapture;
+  capture.TemplateMemoryPath = "/t/memory";
+  capture.TemplateSaveUri = "exec:cat > /t/state";
+  auto a = vmm::BuildQemuArgv(capture, l);
+  ASSERT_TRUE(a) << a.error().message;
+  warm::TemplateInfo t;
+  t.dir = "/t";
+  vmm::VMConfig clone = vm_;
+  warm::MakeClone(t, clone);
+  auto b = vmm::BuildQemuArgv(clone, l);
+  ASSERT_TRUE(b) << b.error().message;
+  auto find = [](const std::vector<std::string>& v, const std::string& s) {
+    return std::find(v.begin(), v.end(), s) != v.end();
+  };
+  EXPECT_TRUE(find(*a, "memory-backend-file,id=mem,share=on,mem-path=/t/memory,size=256M"));
+  EXPECT_TRUE(find(*b, "memory-backend-file,id=mem,share=off,mem-path=/t/memory,size=256M"));
+  EXPECT_TRUE(find(*b, "-incoming"));
+  EXPECT_FALSE(find(*a, "-incoming"));
+  auto append = [](const std::vector<std::string>& v) {
+    return *(std::find(v.begin(), v.end(), "-append") + 1);
+  };
+  EXPECT_NE(append(*a).find("cella.template=1"), std::string::npos);
+  EXPECT_EQ(append(*a), append(*b));
+  vmm::VMConfig with_share = capture;
+  with_share.Shares.push_back({"/s/fs0.sock", "cella-share0"});
+  EXPECT_FALSE(vmm::BuildQemuArgv(with_share, l));
+}
+
+// A committed template (made by hand here) is listed until its image file
+// is gone; then RemoveOrphans (what rmi and image gc call) removes it.
+TEST_F(TemplateKeyTest, TemplatesOfRemovedImagesAreRemoved) {
+  std::string home = dir_.path() + "/home";
+  std::string shape = "format 1\nmemory_mb 1\n";
+  std::string key = warm::KeyOf(shape);
+  std::string tdir = home + "/templates/" + key;
+  std::filesystem::create_directories(tdir);
+  std::filesystem::resize_file((std::ofstream(tdir + "/memory"), tdir + "/memory"), 1024 * 1024);
+  std::ofstream(tdir + "/state") << "0123456789";
+  std::string image = dir_.path() + "/image.erofs";
+  std::ofstream(image) << "image";
+  nlohmann::json manifest = {
+      {"format", 1},      {"key", key},  {"shape", shape}, {"image", image},
+      {"memory_mb", 1},   {"cpus", 1.0}, {"created", 1},   {"memory_bytes", 1 << 20},
+      {"state_bytes", 10}};
+  std::ofstream(tdir + "/manifest.json") << manifest.dump();
+  auto found = warm::Find(home, key);
+  ASSERT_TRUE(found) << found.error().message;
+  ASSERT_TRUE(found->has_value());
+  EXPECT_EQ((*found)->image, image);
+  auto kept = warm::RemoveOrphans(home);
+  ASSERT_TRUE(kept);
+  EXPECT_EQ(*kept, 0);
+  std::filesystem::remove(image);
+  auto removed = warm::RemoveOrphans(home);
+  ASSERT_TRUE(removed) << removed.error().message;
+  EXPECT_EQ(*removed, 1);
+  auto listed = warm::List(home);
+  ASSERT_TRUE(listed);
+  EXPECT_TRUE(listed->empty());
+}
+
+}  // namespace
+}  // namespace cella

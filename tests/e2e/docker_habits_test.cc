@@ -199,8 +199,9 @@ TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
   EXPECT_GT(sample.value("memory_bytes", uint64_t{0}), uint64_t{1} << 20) << stats.out;
   EXPECT_GE(sample.value("memory_limit_bytes", uint64_t{0}), uint64_t{64} << 20) << stats.out;
   EXPECT_GE(sample.value("cpu_percent", -1.0), 0.0) << stats.out;
-  auto table = RunCella({"stats", "--no-stream"});
-  EXPECT_TRUE(table.out.starts_with("SANDBOX ID") && Contains(table.out, "trap")) << table.out;
+  auto stats_table = RunCella({"stats", "--no-stream"});
+  EXPECT_TRUE(stats_table.out.starts_with("SANDBOX ID") && Contains(stats_table.out, "trap"))
+      << stats_table.out;
 
   // rename: the new name resolves, the old one no longer; a taken name is refused.
   ASSERT_EQ(RunCella({"rename", "trap", "trap2"}).exit_code, 0);

@@ -589,10 +589,14 @@ class Sandbox:
         return cls(conn, str(result["id"]))
 
     @classmethod
-    def attach(cls, name_or_id: str, *, cella_bin: str | None = None, timeout: float | None = 60) -> "Sandbox":
+    def attach(cls, name_or_id: str, *, on_event: Callable[[Event], None] | None = None,
+               cella_bin: str | None = None, timeout: float | None = 60) -> "Sandbox":
         """Drives an existing running sandbox (e.g. from `cella run -d`)
-        without owning it: `close()` lets go and leaves it running."""
+        without owning it: `close()` lets go and leaves it running. Its
+        events reach `on_event` from the attach on."""
         conn = _Connection(cella_bin or os.environ.get("CELLA_BIN", "cella"))
+        if on_event is not None:
+            conn.add_event_handler(on_event)
         try:
             result = conn.call("cella.attach", {"id": name_or_id}, timeout)
         except BaseException:

@@ -22,6 +22,7 @@
 #include "base/log.h"
 #include "cli/attach.h"
 #include "cli/commands.h"
+#include "cli/cp_stream.h"
 #include "cli/format_template.h"
 #include "cli/run_options.h"
 #include "cli/sandbox_context.h"
@@ -807,14 +808,47 @@ int CpCommand(const std::string& source, const std::string& destination, bool ar
     const sandbox::CopyOptions options{.ownership = archive
                                                         ? sandbox::Ownership::kFromSource
                                                         : sandbox::Ownership::kDestinationDefault};
+    // docker's `-`: a tar stream on stdout/stdin, through a private host
+    // directory that the copy engine fills (or reads) as for any host path.
+    std::string staging;
+    struct Cleanup {
+      std::string* dir;
+      ~Cleanup() {
+        std::error_code ignored;
+        if (!dir->empty()) std::filesystem::remove_all(*dir, ignored);
+      }
+    } cleanup{&staging};
+    auto make_staging = [&]() -> Status {
+      std::string pattern = (std::filesystem::temp_directory_path() / "cella-cp-XXXXXX").string();
+      if (::mkdtemp(pattern.data()) == nullptr) return FailErrno("cp: mkdtemp " + pattern);
+      staging = pattern;
+      return {};
+    };
     if (dst.sandbox.empty()) {
       if (src.path.empty() || src.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + source);
-      stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path, options));
+      if (dst.path == "-") {
+        std::filesystem::path from(src.path);
+        std::string entry = from.filename().string();
+        if (entry.empty() || entry == ".") entry = from.parent_path().filename().string();
+        if (entry.empty() || entry == "..")
+          return Fail("cp: name a file or directory to stream, not " + src.path);
+        CELLA_TRY(make_staging());
+        stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, staging + "/" + entry, options));
+        CELLA_TRY(WriteTarOf(staging, entry, STDOUT_FILENO));
+      } else {
+        stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path, options));
+      }
     } else {
       if (dst.path.empty() || dst.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + destination);
-      stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path, options));
+      if (src.path == "-") {
+        CELLA_TRY(make_staging());
+        CELLA_TRY(ExtractTarInto(STDIN_FILENO, staging));
+        stats = CELLA_TRY(sandbox::CopyToGuest(*agent, staging + "/.", dst.path, options));
+      } else {
+        stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path, options));
+      }
     }
     std::string notes;
     for (const auto& w : stats.warnings) notes += "cella: cp: " + w + "\n";

@@ -136,6 +136,36 @@ TEST_F(DockerHabits, EntrypointExecEnvAndRmForceOfAGoneSandbox) {
   EXPECT_EQ(quiet.exit_code, 0) << Describe(quiet);
   ASSERT_GT(quiet.out.size(), 8u) << Describe(quiet);
   EXPECT_TRUE(id.starts_with(quiet.out.substr(0, quiet.out.size() - 1))) << Describe(quiet);
+  // docker cp with `-`: a tar stream out of the sandbox on stdout, and one
+  // into it from stdin; a hostile member ("../x") is refused, nothing lands.
+  ASSERT_EQ(RunCella({"exec", "box", "sh", "-c", "mkdir -p /tmp/out/d && echo hi > /tmp/out/d/f"})
+                .exit_code,
+            0);
+  auto out = RunCella({"cp", "box:/tmp/out", "-"});
+  ASSERT_EQ(out.exit_code, 0) << Describe(out);
+  auto listed = RunProcess({"tar", "-tf", "-"}, out.out, std::chrono::seconds(30));
+  EXPECT_EQ(listed.exit_code, 0) << Describe(listed);
+  EXPECT_TRUE(Contains(listed.out, "out/d/f")) << listed.out;
+  const std::string make_tar =
+      "import io, sys, tarfile\n"
+      "b = io.BytesIO()\n"
+      "with tarfile.open(fileobj=b, mode='w') as t:\n"
+      "    for name, data in ((sys.argv[1], b'in tar\\n'),):\n"
+      "        i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))\n"
+      "sys.stdout.buffer.write(b.getvalue())\n";
+  auto tar_in = RunProcess({"python3", "-c", make_tar, "sub/a.txt"}, "", std::chrono::seconds(30));
+  ASSERT_EQ(tar_in.exit_code, 0) << Describe(tar_in);
+  auto in = RunCella({"cp", "-", "box:/tmp/in"}, tar_in.out);
+  EXPECT_EQ(in.exit_code, 0) << Describe(in);
+  EXPECT_EQ(RunCella({"exec", "box", "cat", "/tmp/in/sub/a.txt"}).out, "in tar\n");
+  auto evil =
+      RunProcess({"python3", "-c", make_tar, "../escaped.txt"}, "", std::chrono::seconds(30));
+  ASSERT_EQ(evil.exit_code, 0) << Describe(evil);
+  auto refused = RunCella({"cp", "-", "box:/tmp/in2"}, evil.out);
+  EXPECT_EQ(refused.exit_code, 125) << Describe(refused);
+  EXPECT_NE(RunCella({"exec", "box", "ls", "/tmp/escaped.txt"}).exit_code, 0);
+  EXPECT_FALSE(std::filesystem::exists(std::filesystem::temp_directory_path() / "escaped.txt"));
+
   auto kill = RunCella({"kill", "box"});
   EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
   auto wait = RunCella({"wait", "box"});

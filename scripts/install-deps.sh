@@ -11,6 +11,7 @@ PACKAGES=(
   libsqlite3-dev libseccomp-dev nftables iproute2
   qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio kmod
   docker-registry skopeo umoci mmdebstrap apache2-utils python3 curl openssl file
+  help2man zsh
 )
 
 missing=()

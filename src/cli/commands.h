@@ -41,6 +41,7 @@ struct RunArgs {
   // --image: an image reference (pulled when missing); empty = built-in image.
   std::string image;
   std::string platform;
+  std::string pull = "missing";  // --pull always|missing|never (docker's)
   std::vector<std::string> insecure_registries;
   std::string ca_file;
   int boot_timeout_s = 120;
@@ -107,6 +108,24 @@ int PsFormatCommand(bool all, const std::string& format,
 // docker wait: blocks until each sandbox ends, prints its exit code (0 when
 // it stopped without one).
 int WaitCommand(const std::vector<std::string>& refs);
+// `cella stats [--no-stream] [--json] [SANDBOX...]`: CPU, memory and block
+// I/O of running sandboxes from the host side (stats_command.cc says what
+// each number means); every running one when none is named.
+int StatsCommand(const std::vector<std::string>& refs, bool no_stream, bool json);
+// `cella events [--since WHEN] [--until WHEN]`: state changes of every
+// sandbox as JSON lines {time_ms,id,name,image,state,detail} (state
+// "removed" when a record goes); WHEN is a duration before now (10m, 30s,
+// 2h) or Unix seconds. Without --until it follows until interrupted.
+int EventsCommand(const std::string& since, const std::string& until);
+// `cella attach SANDBOX`: follows a running sandbox's main process output
+// from now on until the sandbox ends, then exits with its exit code (stdin
+// is not forwarded: docker's attach --no-stdin).
+int AttachCommand(const std::string& ref);
+// `cella rename SANDBOX NEW_NAME`, in any state (docker's).
+int RenameCommand(const std::string& ref, const std::string& new_name);
+// `cella top SANDBOX [ps OPTIONS]`: the guest's `ps -ef` (or ps with the
+// given options), run as root in the guest.
+int TopCommand(const std::string& ref, const std::vector<std::string>& ps_args);
 // `format` empty: the JSON array; else one rendered line per sandbox, with
 // docker's .Id .Name .State.Status .State.ExitCode .Config.Image ... beside
 // cella's own fields.

@@ -3,6 +3,8 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
@@ -255,7 +257,55 @@ void RemoveOrphanTemplates() {
     std::printf("removed %d memory templates of removed images\n", *removed);
 }
 
+// `rmi ID`: the references whose manifest digest (the ID `cella images`
+// shows) starts with `text` ("sha256:" optional, at least 4 hex digits).
+// Empty when `text` is not ID-shaped or matches nothing; an error when it
+// matches more than one image.
+Result<std::vector<std::string>> ReferencesById(registry::ImageStore& store,
+                                                const std::string& text) {
+  std::string hex = text.starts_with("sha256:") ? text.substr(7) : text;
+  if (hex.size() < 4 || hex.size() > 64 || !std::ranges::all_of(hex, [](char c) {
+        return std::isxdigit(static_cast<unsigned char>(c)) &&
+               !std::isupper(static_cast<unsigned char>(c));
+      }))
+    return std::vector<std::string>{};
+  std::set<std::string> digests;
+  std::vector<std::string> references;
+  for (const registry::ImageRecord& image : CELLA_TRY(store.List())) {
+    std::string digest = image.manifest_digest.substr(image.manifest_digest.find(':') + 1);
+    if (!digest.starts_with(hex)) continue;
+    digests.insert(image.manifest_digest);
+    references.push_back(image.reference);
+  }
+  if (digests.size() > 1)
+    return Fail("image ID prefix " + text + " is ambiguous: it matches " +
+                std::to_string(digests.size()) + " images; give more of it");
+  return references;
+}
+
+Result<void> RmiOne(const std::string& text, bool force);
+
 Result<void> RmiImpl(const std::string& text, bool force) {
+  {
+    registry::ImageStore store = CELLA_TRY(OpenStore({}));
+    // A name first (as docker); an ID or ID prefix when no image has that name.
+    auto ref = registry::ParseReference(text);
+    bool named = ref && store.Find(*ref).has_value();
+    if (!named) {
+      std::vector<std::string> by_id = CELLA_TRY(ReferencesById(store, text));
+      if (by_id.size() > 1 && !force)
+        return Fail("image " + text + " has " + std::to_string(by_id.size()) +
+                    " names; remove them by name, or all at once with cella rmi -f");
+      if (!by_id.empty()) {
+        for (const std::string& reference : by_id) CELLA_TRY(RmiOne(reference, force));
+        return {};
+      }
+    }
+  }
+  return RmiOne(text, force);
+}
+
+Result<void> RmiOne(const std::string& text, bool force) {
   registry::Reference ref = CELLA_TRY_CTX(registry::ParseReference(text), "reference");
   registry::ImageStore store = CELLA_TRY(OpenStore({}));
   // docker's rule: an image a sandbox uses stays unless forced, and forced
@@ -379,16 +429,28 @@ int ImageGcCommand() { return ReportOr(GcImpl()); }
 int LoginCommand(const LoginArgs& args) { return ReportOr(LoginImpl(args)); }
 
 Result<RunImage> PrepareRunImage(const std::string& home, const std::string& reference,
-                                 const std::string& platform_text, const RegistryFlags& flags) {
+                                 const std::string& platform_text, const RegistryFlags& flags,
+                                 const std::string& pull) {
   registry::Reference ref = CELLA_TRY_CTX(registry::ParseReference(reference), "--image");
   registry::Platform platform = CELLA_TRY(PlatformFrom(platform_text));
   registry::ImageStore store = CELLA_TRY(registry::ImageStore::Open(home, StoreOptionsFrom(flags)));
   Pulled pulled;
-  if (auto found = store.Find(ref)) {
+  auto found = pull == "always"
+                   ? Result<registry::ImageRecord>(std::unexpected(Error{"--pull always", ENOENT}))
+                   : store.Find(ref);
+  if (pull == "always") {
+    pulled = CELLA_TRY(PullAndConvert(store, ref, platform));
+  } else if (found) {
     pulled.record = std::move(*found);
     pulled.rootfs_path = CELLA_TRY_CTX(store.EnsureRootfs(pulled.record),
                                        "root image of " + pulled.record.reference);
   } else if (found.error().errno_value == ENOENT) {
+    if (pull == "never")
+      return std::unexpected(Error{"image " + ref.String() +
+                                       " is not in the store and --pull never forbids pulling "
+                                       "it (cella pull " +
+                                       ref.String() + ")",
+                                   ENOENT});
     pulled = CELLA_TRY(PullAndConvert(store, ref, platform));
   } else {
     return std::unexpected(std::move(found.error()).WithContext("image store"));

@@ -46,9 +46,12 @@ struct RunImage {
   sandbox::ImageDefaults defaults;
 };
 
-// Finds `reference` in the store (pulling it when missing) and builds its
-// root image if not built yet.
+// Finds `reference` in the store and builds its root image if not built
+// yet. `pull` is docker's run --pull: "missing" pulls only when the store
+// has no such image, "always" pulls first (a newer image replaces the name),
+// "never" fails when it is not in the store.
 Result<RunImage> PrepareRunImage(const std::string& home, const std::string& reference,
-                                 const std::string& platform, const RegistryFlags& registry);
+                                 const std::string& platform, const RegistryFlags& registry,
+                                 const std::string& pull = "missing");
 
 }  // namespace cella::cli

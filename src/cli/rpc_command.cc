@@ -32,6 +32,8 @@
 #include "host/os/paths.h"
 #include "host/rpc/server.h"
 #include "host/sandbox/control.h"
+#include "host/sandbox/layout.h"
+#include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 
 extern char** environ;
@@ -166,8 +168,47 @@ class CliSandbox : public rpc::Sandbox {
     std::lock_guard lock(store_mu_);
     return EditAllowListOf(ctx_, id_, add, remove);
   }
+  // Long-polls the supervisor's event ring ({"op":"events"}, supervisor.cc).
+  Result<EventBatch> PollEvents(std::optional<uint64_t> from,
+                                std::chrono::milliseconds wait) override {
+    nlohmann::json request = {{"op", "events"}, {"wait_ms", wait.count()}};
+    if (from) request["from"] = *from;
+    nlohmann::json reply =
+        CELLA_TRY(sandbox::ControlCall(control_socket_, request, wait + std::chrono::seconds(10)));
+    EventBatch batch;
+    if (!reply.contains("next") || !reply["next"].is_number_unsigned() ||
+        !reply.contains("events") || !reply["events"].is_array())
+      return Fail("the supervisor's events reply is malformed");
+    batch.next = reply["next"].get<uint64_t>();
+    if (reply.contains("dropped") && reply["dropped"].is_number_unsigned())
+      batch.dropped = reply["dropped"].get<uint64_t>();
+    for (auto& event : reply["events"])
+      if (event.is_object()) batch.events.push_back(std::move(event));
+    return batch;
+  }
+  Result<PortBinding> ForwardPort(const std::string& address, uint16_t local_port,
+                                  uint16_t remote_port) override {
+    host::AgentClient* agent = agent_.get();
+    auto forwarder = CELLA_TRY(
+        sandbox::PortForwarder::Start(address, local_port, remote_port,
+                                      [agent](uint16_t port) { return agent->OpenPort(port); }));
+    PortBinding binding{address, forwarder->BoundPort(), remote_port};
+    std::lock_guard lock(forwards_mu_);
+    forwards_.push_back(std::move(forwarder));
+    return binding;
+  }
 
  protected:
+  // Before the agent goes: every forwarder's connections use it.
+  void StopForwards() {
+    std::vector<std::unique_ptr<sandbox::PortForwarder>> forwards;
+    {
+      std::lock_guard lock(forwards_mu_);
+      forwards.swap(forwards_);
+    }
+    for (auto& f : forwards) f->Stop();
+  }
+
   SandboxContext ctx_;
   std::string id_;
   // agent_ outlives Close: a worker the server gave up waiting for may still
@@ -175,6 +216,9 @@ class CliSandbox : public rpc::Sandbox {
   std::unique_ptr<host::AgentClient> agent_;
   host::ExecRequest defaults_;
   std::mutex store_mu_;  // serializes the users of ctx_.store
+  std::string control_socket_ = sandbox::PathsFor(ctx_.home, id_).control_socket;
+  std::mutex forwards_mu_;
+  std::vector<std::unique_ptr<sandbox::PortForwarder>> forwards_;  // guarded by forwards_mu_
 };
 
 // A sandbox this rpc process created and owns: Close stops and removes it.
@@ -187,6 +231,7 @@ class OwnedSandbox : public CliSandbox {
   ~OwnedSandbox() override { (void)Close(kStopGrace); }
 
   Status Close(std::chrono::milliseconds grace) override {
+    StopForwards();
     std::lock_guard lock(store_mu_);
     if (closed_) return {};
     closed_ = true;
@@ -212,7 +257,12 @@ class OwnedSandbox : public CliSandbox {
 class AttachedSandbox : public CliSandbox {
  public:
   using CliSandbox::CliSandbox;
-  Status Close(std::chrono::milliseconds) override { return {}; }
+  ~AttachedSandbox() override { StopForwards(); }
+  // The forwards this client made end with it; the sandbox stays.
+  Status Close(std::chrono::milliseconds) override {
+    StopForwards();
+    return {};
+  }
 };
 
 std::string FormatCpus(double cpus) {

@@ -91,8 +91,9 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   g.user = args.user;
   spec.image = args.image;
   if (!args.image.empty()) {
-    RunImage image = CELLA_TRY(PrepareRunImage(cella_home, args.image, args.platform,
-                                               {args.insecure_registries, args.ca_file}));
+    RunImage image =
+        CELLA_TRY(PrepareRunImage(cella_home, args.image, args.platform,
+                                  {args.insecure_registries, args.ca_file}, args.pull));
     spec.root_image_path = image.rootfs_path;
     if (args.entrypoint) {
       // docker's --entrypoint: replaces the image's ENTRYPOINT ("" removes

@@ -22,6 +22,7 @@
 #include "base/log.h"
 #include "cli/attach.h"
 #include "cli/commands.h"
+#include "cli/cp_stream.h"
 #include "cli/format_template.h"
 #include "cli/run_options.h"
 #include "cli/sandbox_context.h"
@@ -403,9 +404,12 @@ int ExecCommand(const ExecArgs& args) {
     request.detach = args.detach;
     auto agent = CELLA_TRY(ConnectAgent(ctx, record));
     if (args.detach) {
-      // The guest answers once the process started (or could not start).
-      CELLA_TRY(agent->Exec(request));
-      return 0;
+      // The guest answers once the process started, or with 127/126 and
+      // the reason when the program could not be executed (as docker).
+      host::ExecResult started = CELLA_TRY(agent->Exec(request));
+      int code = started.status.ShellCode();
+      if (code != 0) (void)WriteAll(STDERR_FILENO, started.stderr_data);
+      return code;
     }
     host::ExecStatus status = CELLA_TRY(AttachToTerminal(
         [&](host::ExecCallbacks callbacks) {
@@ -413,6 +417,79 @@ int ExecCommand(const ExecArgs& args) {
         },
         {args.interactive, args.tty}));
     return status.ShellCode();
+  };
+  auto code = run();
+  return code ? *code : ReportFailure(code.error());
+}
+
+int RenameCommand(const std::string& ref, const std::string& new_name) {
+  auto run = [&]() -> Status {
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
+    return ctx.store.Rename(record.id, new_name);
+  };
+  return Report(run());
+}
+
+int TopCommand(const std::string& ref, const std::vector<std::string>& ps_args) {
+  auto run = [&]() -> Result<int> {
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
+    CELLA_TRY(RequireRunning(record, "top"));
+    sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+    // docker runs ps on the host over the container's PIDs; a guest's
+    // processes are only visible inside it: the guest's own ps, as root
+    // and outside the workload's working directory and hardening.
+    protocol::ExecRequest request;
+    request.argv = {"ps"};
+    if (ps_args.empty()) request.argv.push_back("-ef");
+    request.argv.insert(request.argv.end(), ps_args.begin(), ps_args.end());
+    for (const auto& [k, v] : spec.guest.env) request.env.push_back(k + "=" + v);
+    request.workdir = "/";
+    request.user = "0";
+    request.privileged = spec.guest.privileged;
+    auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+    host::ExecResult result = CELLA_TRY(agent->Exec(request));
+    CELLA_TRY(WriteAll(STDOUT_FILENO, result.stdout_data));
+    (void)WriteAll(STDERR_FILENO, result.stderr_data);
+    int code = result.status.ShellCode();
+    if (code == 127)
+      return Fail("top: the image has no ps (its processes are visible with cella exec " +
+                  record.Label() + " ls /proc)");
+    return code;
+  };
+  auto code = run();
+  return code ? *code : ReportFailure(code.error());
+}
+
+int AttachCommand(const std::string& ref) {
+  auto run = [&]() -> Result<int> {
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
+    CELLA_TRY(RequireRunning(record, "attach"));
+    // The supervisor holds a detached sandbox's main process and writes its
+    // output to output.log: attaching follows that from now on, until the
+    // sandbox ends, and exits with the main process's code (docker attach
+    // without stdin).
+    std::string path = sandbox::PathsFor(ctx.home, record.id).output_log;
+    if (::access(path.c_str(), F_OK) != 0) {
+      UniqueFd made(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+      if (!made) return FailErrno("open " + path);
+    }
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
+    CELLA_TRY(FollowFile(path, ctx, record.id, st.st_size));
+    std::optional<store::SandboxRecord> ended;
+    for (;;) {  // the log is drained; the record's end may land a moment later
+      auto now = ctx.store.Get(record.id);
+      if (!now) return 0;  // removed (--rm): its code went with it
+      if (!store::IsActive(now->state)) {
+        ended = *now;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return ended->exit_code.value_or(0);
   };
   auto code = run();
   return code ? *code : ReportFailure(code.error());
@@ -731,14 +808,47 @@ int CpCommand(const std::string& source, const std::string& destination, bool ar
     const sandbox::CopyOptions options{.ownership = archive
                                                         ? sandbox::Ownership::kFromSource
                                                         : sandbox::Ownership::kDestinationDefault};
+    // docker's `-`: a tar stream on stdout/stdin, through a private host
+    // directory that the copy engine fills (or reads) as for any host path.
+    std::string staging;
+    struct Cleanup {
+      std::string* dir;
+      ~Cleanup() {
+        std::error_code ignored;
+        if (!dir->empty()) std::filesystem::remove_all(*dir, ignored);
+      }
+    } cleanup{&staging};
+    auto make_staging = [&]() -> Status {
+      std::string pattern = (std::filesystem::temp_directory_path() / "cella-cp-XXXXXX").string();
+      if (::mkdtemp(pattern.data()) == nullptr) return FailErrno("cp: mkdtemp " + pattern);
+      staging = pattern;
+      return {};
+    };
     if (dst.sandbox.empty()) {
       if (src.path.empty() || src.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + source);
-      stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path, options));
+      if (dst.path == "-") {
+        std::filesystem::path from(src.path);
+        std::string entry = from.filename().string();
+        if (entry.empty() || entry == ".") entry = from.parent_path().filename().string();
+        if (entry.empty() || entry == "..")
+          return Fail("cp: name a file or directory to stream, not " + src.path);
+        CELLA_TRY(make_staging());
+        stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, staging + "/" + entry, options));
+        CELLA_TRY(WriteTarOf(staging, entry, STDOUT_FILENO));
+      } else {
+        stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, dst.path, options));
+      }
     } else {
       if (dst.path.empty() || dst.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + destination);
-      stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path, options));
+      if (src.path == "-") {
+        CELLA_TRY(make_staging());
+        CELLA_TRY(ExtractTarInto(STDIN_FILENO, staging));
+        stats = CELLA_TRY(sandbox::CopyToGuest(*agent, staging + "/.", dst.path, options));
+      } else {
+        stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path, options));
+      }
     }
     std::string notes;
     for (const auto& w : stats.warnings) notes += "cella: cp: " + w + "\n";

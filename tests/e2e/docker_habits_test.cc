@@ -5,6 +5,8 @@
 // Boots are few: each VM test shares one sandbox across its checks.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -20,6 +22,30 @@ bool Contains(const std::string& haystack, const std::string& needle) {
 
 class DockerHabits : public LifecycleTest {
  protected:
+  // Whether a process whose argv contains `words` (consecutively) has a
+  // file whose path ends in `suffix` open.
+  static bool AProcessHoldsOpen(const std::vector<std::string>& words, const std::string& suffix) {
+    std::string needle;
+    for (const auto& w : words) needle += w + std::string(1, '\0');
+    for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+      std::string pid = entry.path().filename();
+      if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+      std::string cmdline;
+      if (FILE* f = std::fopen(("/proc/" + pid + "/cmdline").c_str(), "r")) {
+        char buf[4096];
+        size_t n = std::fread(buf, 1, sizeof buf, f);
+        std::fclose(f);
+        cmdline.assign(buf, n);
+      }
+      if (cmdline.find(needle) == std::string::npos) continue;
+      std::error_code ec;
+      for (const auto& fd : std::filesystem::directory_iterator("/proc/" + pid + "/fd", ec)) {
+        std::string target = std::filesystem::read_symlink(fd.path(), ec).string();
+        if (!ec && target.ends_with(suffix)) return true;
+      }
+    }
+    return false;
+  }
   size_t CountSandboxes() {
     auto ps = RunCella({"ps", "-a", "--json"});
     auto list = nlohmann::json::parse(ps.out, nullptr, false);
@@ -54,6 +80,17 @@ TEST_F(DockerHabits, ParserMessagesNameTheFlagOrCommandAndVersionWorks) {
   EXPECT_EQ(gone.exit_code, 0) << Describe(gone);
   auto not_forced = RunCella({"rm", "no-such-sandbox"});
   EXPECT_EQ(not_forced.exit_code, 125) << Describe(not_forced);
+
+  // zsh completion from the CLI definition: valid zsh, every command and
+  // its flags with their help texts.
+  auto zsh = RunCella({"completion", "zsh"});
+  ASSERT_EQ(zsh.exit_code, 0) << Describe(zsh);
+  EXPECT_TRUE(zsh.out.starts_with("#compdef cella\n")) << zsh.out.substr(0, 200);
+  EXPECT_TRUE(Contains(zsh.out, "'rename:Rename a sandbox'")) << zsh.out;
+  EXPECT_TRUE(Contains(zsh.out, "'--entrypoint:")) << zsh.out;
+  EXPECT_FALSE(Contains(zsh.out, "__supervise")) << zsh.out;
+  auto parsed = RunProcess({"zsh", "-n", "-c", zsh.out}, "", std::chrono::seconds(30));
+  EXPECT_EQ(parsed.exit_code, 0) << Describe(parsed);
 }
 
 // One foreground boot: repeatable options take one value each, the built-in
@@ -99,6 +136,36 @@ TEST_F(DockerHabits, EntrypointExecEnvAndRmForceOfAGoneSandbox) {
   EXPECT_EQ(quiet.exit_code, 0) << Describe(quiet);
   ASSERT_GT(quiet.out.size(), 8u) << Describe(quiet);
   EXPECT_TRUE(id.starts_with(quiet.out.substr(0, quiet.out.size() - 1))) << Describe(quiet);
+  // docker cp with `-`: a tar stream out of the sandbox on stdout, and one
+  // into it from stdin; a hostile member ("../x") is refused, nothing lands.
+  ASSERT_EQ(RunCella({"exec", "box", "sh", "-c", "mkdir -p /tmp/out/d && echo hi > /tmp/out/d/f"})
+                .exit_code,
+            0);
+  auto out = RunCella({"cp", "box:/tmp/out", "-"});
+  ASSERT_EQ(out.exit_code, 0) << Describe(out);
+  auto listed = RunProcess({"tar", "-tf", "-"}, out.out, std::chrono::seconds(30));
+  EXPECT_EQ(listed.exit_code, 0) << Describe(listed);
+  EXPECT_TRUE(Contains(listed.out, "out/d/f")) << listed.out;
+  const std::string make_tar =
+      "import io, sys, tarfile\n"
+      "b = io.BytesIO()\n"
+      "with tarfile.open(fileobj=b, mode='w') as t:\n"
+      "    for name, data in ((sys.argv[1], b'in tar\\n'),):\n"
+      "        i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))\n"
+      "sys.stdout.buffer.write(b.getvalue())\n";
+  auto tar_in = RunProcess({"python3", "-c", make_tar, "sub/a.txt"}, "", std::chrono::seconds(30));
+  ASSERT_EQ(tar_in.exit_code, 0) << Describe(tar_in);
+  auto in = RunCella({"cp", "-", "box:/tmp/in"}, tar_in.out);
+  EXPECT_EQ(in.exit_code, 0) << Describe(in);
+  EXPECT_EQ(RunCella({"exec", "box", "cat", "/tmp/in/sub/a.txt"}).out, "in tar\n");
+  auto evil =
+      RunProcess({"python3", "-c", make_tar, "../escaped.txt"}, "", std::chrono::seconds(30));
+  ASSERT_EQ(evil.exit_code, 0) << Describe(evil);
+  auto refused = RunCella({"cp", "-", "box:/tmp/in2"}, evil.out);
+  EXPECT_EQ(refused.exit_code, 125) << Describe(refused);
+  EXPECT_NE(RunCella({"exec", "box", "ls", "/tmp/escaped.txt"}).exit_code, 0);
+  EXPECT_FALSE(std::filesystem::exists(std::filesystem::temp_directory_path() / "escaped.txt"));
+
   auto kill = RunCella({"kill", "box"});
   EXPECT_EQ(kill.exit_code, 0) << Describe(kill);
   auto wait = RunCella({"wait", "box"});
@@ -136,6 +203,43 @@ TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
   EXPECT_EQ(alive, "alive\n");
   auto refused = RunCella({"exec", "-d", "-t", "trap", "true"});
   EXPECT_EQ(refused.exit_code, 125) << Describe(refused);
+  // docker's codes for a detached program that cannot start: 127 when it
+  // is missing, 126 when it cannot be executed, and the reason on stderr.
+  auto missing = RunCella({"exec", "-d", "trap", "no-such-program", "x"});
+  EXPECT_EQ(missing.exit_code, 127) << Describe(missing);
+  EXPECT_TRUE(Contains(missing.err, "no-such-program")) << Describe(missing);
+  auto not_runnable = RunCella({"exec", "-d", "trap", "/etc/passwd"});
+  EXPECT_EQ(not_runnable.exit_code, 126) << Describe(not_runnable);
+
+  // top: the guest's processes (ps -ef by default, or the options given).
+  auto top = RunCella({"top", "trap"});
+  EXPECT_EQ(top.exit_code, 0) << Describe(top);
+  EXPECT_TRUE(Contains(top.out, "PID") && Contains(top.out, "sleep 1000")) << Describe(top);
+  auto top_o = RunCella({"top", "trap", "-o", "pid,comm"});
+  EXPECT_EQ(top_o.exit_code, 0) << Describe(top_o);
+  EXPECT_TRUE(Contains(top_o.out, "COMMAND") && !Contains(top_o.out, "sleep 1000"))
+      << Describe(top_o);
+
+  // stats --no-stream: one sample of the running sandbox, from the host.
+  auto stats = RunCella({"stats", "--no-stream", "--json", "trap"});
+  ASSERT_EQ(stats.exit_code, 0) << Describe(stats);
+  auto sample = nlohmann::json::parse(stats.out, nullptr, false);
+  ASSERT_TRUE(sample.is_object()) << Describe(stats);
+  EXPECT_EQ(sample.value("name", ""), "trap") << stats.out;
+  EXPECT_GT(sample.value("memory_bytes", uint64_t{0}), uint64_t{1} << 20) << stats.out;
+  EXPECT_GE(sample.value("memory_limit_bytes", uint64_t{0}), uint64_t{64} << 20) << stats.out;
+  EXPECT_GE(sample.value("cpu_percent", -1.0), 0.0) << stats.out;
+  auto stats_table = RunCella({"stats", "--no-stream"});
+  EXPECT_TRUE(stats_table.out.starts_with("SANDBOX ID") && Contains(stats_table.out, "trap"))
+      << stats_table.out;
+
+  // rename: the new name resolves, the old one no longer; a taken name is refused.
+  ASSERT_EQ(RunCella({"rename", "trap", "trap2"}).exit_code, 0);
+  EXPECT_EQ(RunCella({"inspect", "-f", "{{.Name}}", "trap2"}).out, "trap2\n");
+  EXPECT_EQ(RunCella({"inspect", "trap"}).exit_code, 125);
+  ASSERT_EQ(RunCella({"rename", id, "trap"}).exit_code, 0);
+  auto bad_name = RunCella({"rename", "trap", "no/slashes"});
+  EXPECT_EQ(bad_name.exit_code, 125) << Describe(bad_name);
 
   // Scripting: --format, inspect -f, --filter label=.
   auto status = RunCella({"inspect", "-f", "{{.State.Status}} {{.Name}}", "trap"});
@@ -152,8 +256,26 @@ TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
   auto bad = RunCella({"inspect", "-f", "{{range .history}}x{{end}}", "trap"});
   EXPECT_EQ(bad.exit_code, 125) << Describe(bad);
 
+  // attach follows the main process's output from now on and exits with
+  // its code. It is started first and known to be following (it holds
+  // output.log open) before the stop makes the main process speak.
+  ProcessResult attached;
+  std::thread attacher([&] {
+    attached = RunCella({"attach", "trap"}, "", std::chrono::seconds(120));
+  });
+  bool following = false;
+  for (int i = 0; i < 600 && !following; ++i) {
+    following = AProcessHoldsOpen({"attach", "trap"}, "/output.log");
+    if (!following) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(following) << "cella attach never opened the output log";
+
   auto stop = RunCella({"stop", "-t", "30", "trap"});
+  attacher.join();
   ASSERT_EQ(stop.exit_code, 0) << Describe(stop);
+  EXPECT_EQ(attached.exit_code, 3) << Describe(attached);
+  EXPECT_TRUE(Contains(attached.out, "bye\n") && !Contains(attached.out, "up\n"))
+      << Describe(attached);
   auto logs = RunCella({"logs", "trap"});
   // (busybox sh may also report its `sleep` child as "Terminated", on
   // stderr, which logs merges in whatever order it came.)
@@ -170,6 +292,18 @@ TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
   EXPECT_EQ(ended.out, "exited 3\n") << Describe(ended);
   auto exited = RunCella({"ps", "-q", "--filter", "status=exited"});
   EXPECT_EQ(exited.out, id.substr(0, 12) + "\n") << Describe(exited);
+  // events: the state changes, as JSON lines, from the history (--until 0s:
+  // the past only, then exit).
+  auto events = RunCella({"events", "--since", "1h", "--until", "0s"});
+  ASSERT_EQ(events.exit_code, 0) << Describe(events);
+  std::vector<std::string> states;
+  for (size_t at = 0, nl; (nl = events.out.find('\n', at)) != std::string::npos; at = nl + 1) {
+    auto line = nlohmann::json::parse(events.out.substr(at, nl - at), nullptr, false);
+    ASSERT_TRUE(line.is_object()) << events.out;
+    if (line.value("id", "") == id) states.push_back(line.value("state", ""));
+  }
+  EXPECT_EQ(states, (std::vector<std::string>{"creating", "running", "stopping", "exited"}))
+      << events.out;
   EXPECT_EQ(RunCella({"rm", "trap"}).exit_code, 0);
 }
 

@@ -2,7 +2,8 @@
 // rpc_check.py, plain python3) drives one sandbox of the Debian fixture
 // image through every implemented method, the error codes, cancel, and the
 // owner being killed; then cella's Python SDK (sdk/python) drives another
-// (closed), and a third whose client ends without close (stdin EOF).
+// (closed), and a third whose client ends without close (stdin EOF); and
+// eight rpc processes create their sandboxes at the same moment.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -43,6 +44,13 @@ TEST_F(Rpc, ProtocolMethodsErrorsCancelAndNoOrphanAfterKill) {
 TEST_F(Rpc, PythonSdkDrivesASandboxAndCloseRemovesIt) {
   auto r =
       Python({std::string(CELLA_SOURCE_DIR) + "/tests/e2e/rpc_sdk_check.py", CELLA_BINARY, image_});
+  EXPECT_EQ(r.exit_code, 0) << Describe(r);
+}
+
+// Issue 13: "8 rpc processes started at once each get their own sandbox"
+// (the built-in image, small memory: eight TCG guests at once).
+TEST_F(Rpc, EightRpcProcessesStartedAtOnceEachGetTheirOwnSandbox) {
+  auto r = Python({std::string(CELLA_SOURCE_DIR) + "/tests/e2e/rpc_many_check.py", CELLA_BINARY});
   EXPECT_EQ(r.exit_code, 0) << Describe(r);
 }
 

@@ -293,6 +293,12 @@ TEST_F(Image, WhiteoutsDeleteAndOpaqueDirsHideLowerContent) {
 }
 
 TEST_F(Image, PullPrintsDigestAndImagesRmiGcManageTheStore) {
+  // docker's run --pull never: an image not in the store is an error, and
+  // nothing is pulled (nor booted).
+  auto never = Cella({"run", "--pull", "never", Plain("busybox"), "true"});
+  EXPECT_EQ(never.exit_code, 125) << Describe(never);
+  EXPECT_TRUE(Contains(never.err, "--pull never")) << Describe(never);
+  EXPECT_EQ(Cella({"run", "--pull", "sometimes", Plain("busybox"), "true"}).exit_code, 125);
   auto pull = Cella({"pull", Plain("busybox")});
   ASSERT_EQ(pull.exit_code, 0) << Describe(pull);
   EXPECT_EQ(pull.out, fixture().Value("BUSYBOX_MANIFEST_DIGEST") + "\n");
@@ -304,8 +310,14 @@ TEST_F(Image, PullPrintsDigestAndImagesRmiGcManageTheStore) {
   EXPECT_TRUE(Contains(listed.out, fixture().Value("BUSYBOX_MANIFEST_DIGEST"))) << listed.out;
   EXPECT_TRUE(Contains(listed.out, Plain("busybox"))) << listed.out;
 
-  auto rmi = Cella({"rmi", Plain("busybox")});
+  // docker's `rmi ID`: by the digest `images` shows, or an unambiguous
+  // prefix of it (with or without sha256:).
+  std::string digest = fixture().Value("BUSYBOX_MANIFEST_DIGEST");  // sha256:...
+  auto no_match = Cella({"rmi", "0000ffff"});
+  EXPECT_EQ(no_match.exit_code, 125) << Describe(no_match);
+  auto rmi = Cella({"rmi", digest.substr(7, 12)});
   ASSERT_EQ(rmi.exit_code, 0) << Describe(rmi);
+  EXPECT_TRUE(Contains(rmi.out, Plain("busybox"))) << Describe(rmi);
   auto after = Cella({"images", "--json"});
   EXPECT_FALSE(Contains(after.out, Plain("busybox"))) << after.out;
   auto again = Cella({"rmi", Plain("busybox")});

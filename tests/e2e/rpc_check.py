@@ -120,8 +120,8 @@ rpc.send_raw('{"jsonrpc":"2.0","method":"exec"' + ' ' * 100)  # truncated object
 untagged = rpc.wait_untagged(2)
 check(all(error_code(u) == -32700 for u in untagged), f"parse errors: {untagged}")
 check(error_code(rpc.call(2, "no_such_method")) == -32601, "unknown method")
-r = rpc.call(3, "port_forward", {"local_port": 1, "remote_port": 2})
-check(error_code(r) == -32601 and "port_forward" in r["error"]["message"], f"port_forward: {r}")
+r = rpc.call(3, "port_forward", {"local_port": 1, "remote_port": 2})  # not matchlock's shape
+check(error_code(r) == -32602 and "forwards" in r["error"]["message"], f"port_forward: {r}")
 r = rpc.call(4, "create", {"image": IMAGE, "vfs": {"workspace": "/workspace"}})
 check(error_code(r) == -32602 and "vfs" in r["error"]["message"], f"create with vfs: {r}")
 r = rpc.call(5, "create", {"image": IMAGE, "resources": {"cpus": "many"}})
@@ -275,6 +275,84 @@ check(r["added"] == ["second.test"] and sorted(r["allowed_hosts"]) == ["first.te
 r = result(rpc.call(51, "allow_list_delete", {"hosts": ["first.test"]}), "allow delete")
 check(r["removed"] == ["first.test"] and r["allowed_hosts"] == ["second.test"], f"delete {r}")
 check(error_code(rpc.call(52, "allow_list_add", {"hosts": []})) == -32602, "empty hosts")
+
+# `event` notifications: the egress proxy's decisions (a blocked and an
+# allowed request to the host's registry through the gateway 10.0.2.2) and
+# finished execs, in matchlock's Event shape.
+registry_port = IMAGE.split("/", 1)[0].rsplit(":", 1)[1]
+fetch = f"curl -s -o /dev/null -w '%{{http_code}}' -m 20 http://10.0.2.2:{registry_port}/v2/"
+r = result(rpc.call(53, "exec", {"command": fetch}), "blocked fetch")
+check(unb64(r["stdout"]) == b"403", f"a request to a host not allowed: {r}")
+result(rpc.call(54, "allow_list_add", {"hosts": ["10.0.2.2"]}), "allow the gateway")
+r = result(rpc.call(55, "exec", {"command": fetch + "; exit 7"}), "allowed fetch")
+allowed_status = int(unb64(r["stdout"]) or b"0")
+check(allowed_status in (200, 401), f"the registry through the gateway: {r}")
+result(rpc.call(56, "allow_list_delete", {"hosts": ["10.0.2.2"]}), "disallow the gateway")
+
+
+def events_where(predicate, what, timeout=30):
+    deadline = time.time() + timeout
+    with rpc.cv:
+        while True:
+            found = [n["params"] for n in rpc.notifications
+                     if n.get("method") == "event" and predicate(n.get("params") or {})]
+            if found:
+                return found
+            left = deadline - time.time()
+            if left <= 0:
+                events = [n["params"] for n in rpc.notifications if n.get("method") == "event"]
+                fail(f"no event {what}; events: {events}")
+            rpc.cv.wait(left)
+
+
+def network(blocked):
+    return lambda p: (p.get("type") == "network" and p["network"]["blocked"] == blocked
+                      and p["network"]["url"].endswith(f":{registry_port}/v2/"))
+
+
+blocked = events_where(network(True), "for the blocked request")[0]
+check(blocked["network"]["method"] == "GET" and blocked["network"]["status_code"] == 403
+      and blocked["network"]["block_reason"] and blocked["network"]["request_bytes"] > 0
+      and isinstance(blocked["timestamp"], int) and blocked["timestamp"] > 0,
+      f"blocked event {blocked}")
+allowed = events_where(network(False), "for the allowed request")[0]["network"]
+check(allowed["method"] == "GET" and allowed["status_code"] == allowed_status
+      and allowed["url"] == f"http://10.0.2.2:{registry_port}/v2/" and allowed["host"]
+      and allowed["request_bytes"] > 0 and allowed["response_bytes"] > 0
+      and isinstance(allowed["duration_ms"], int) and "block_reason" not in allowed,
+      f"allowed event {allowed}")
+ran = events_where(lambda p: p.get("type") == "exec" and p["exec"]["command"] == fetch + "; exit 7",
+                   "for the exec")[0]
+check(ran["exec"]["exit_code"] == 7, f"exec event {ran}")
+
+# port_forward (matchlock's shape): a host port reaching a guest server.
+rpc.send(90, "exec_pipe", {"command": "exec python3 -c \"import socket\n"
+                                      "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                                      "s.bind(('127.0.0.1', 8001)); s.listen()\n"
+                                      "while True:\n"
+                                      "    c, _ = s.accept(); c.sendall(b'forwarded'); c.close()\""})
+r = result(rpc.call(91, "port_forward", {"forwards": [{"local_port": 0, "remote_port": 8001}]}),
+           "port_forward")
+binding = r["bindings"][0] if len(r.get("bindings", [])) == 1 else fail(f"bindings {r}")
+check(binding["address"] == "127.0.0.1" and binding["remote_port"] == 8001
+      and binding["local_port"] > 0, f"binding {binding}")
+import socket
+body, deadline = b"", time.time() + 60
+while body != b"forwarded" and time.time() < deadline:
+    try:
+        with socket.create_connection(("127.0.0.1", binding["local_port"]), timeout=10) as conn:
+            body = b"".join(iter(lambda: conn.recv(4096), b""))
+    except OSError:
+        pass
+    if body != b"forwarded":
+        time.sleep(0.3)  # the guest server may still be starting
+check(body == b"forwarded", f"through the forward: {body!r}")
+check(error_code(rpc.call(92, "port_forward", {"forwards": [{"local_port": 0, "remote_port": 0}]}))
+      == -32602, "remote port 0")
+check(error_code(rpc.call(93, "port_forward", {"forwards": [{"local_port": binding["local_port"],
+                                                              "remote_port": 8001}]})) == -32000,
+      "a host port already bound")
+result(rpc.call(94, "cancel", {"id": 90}), "cancel the guest server")
 
 # log: the console log so far (base64); log_stream: the same as
 # log_stream.data notifications, then what is appended, until cancelled.

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,13 +40,35 @@ try:
 except RpcError as e:
     check(e.code == -32602 and "resources.cpus" in e.message, f"bad cpus: {e}")
 
+seen_events = []
+seen_cv = threading.Condition()
+
+
+def on_event(event):
+    with seen_cv:
+        seen_events.append(event)
+        seen_cv.notify_all()
+
+
 with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=512,
-                    allow_hosts=["a.test"]) as sb:
+                    allow_hosts=["a.test"], on_event=on_event) as sb:
     check(sb.id in ps_ids(), "cella ps does not list the SDK's sandbox")
     r = sb.exec("echo $GREETING")
     check(r.ok and r.stdout_text == "hi\n", f"exec: {r}")
     r = sb.exec(["sh", "-c", "echo 'a b'; exit 7"])
     check(r.exit_code == 7 and r.stdout_text == "a b\n", f"argv exec: {r}")
+    # on_event: the exec's event, and a blocked request's (a.test only).
+    sb.exec("curl -s -m 20 -o /dev/null -H 'Host: b.test' http://10.0.2.2/denied")
+    def both():
+        return ([e for e in seen_events if e.exec and e.exec.exit_code == 7 and "a b" in e.exec.command],
+                [e for e in seen_events if e.network and e.network.blocked and e.network.host == "b.test"])
+    with seen_cv:
+        seen_cv.wait_for(lambda: all(both()), 30)
+        got_exec, got_blocked = both()
+    check(got_exec and got_exec[0].type == "exec", f"on_event exec: {seen_events}")
+    check(got_blocked and got_blocked[0].network.url == "http://b.test/denied"
+          and got_blocked[0].network.status_code == 403, f"on_event blocked: {seen_events}")
+    check(sb.events_dropped == 0, "events dropped")
     stream = sb.exec_stream("for i in 1 2 3; do echo $i; sleep 0.2; done; echo bye >&2")
     chunks = list(stream)
     out = b"".join(d for s, d in chunks if s == "stdout")

@@ -333,6 +333,12 @@ class PlainTextTls final : public TlsProvider {
 
 class ProxyTest : public ::testing::Test {
  protected:
+  // The proxy's threads call back into this fixture (on_event at a
+  // connection's end): stop them before the members they use go.
+  void TearDown() override {
+    if (proxy_) proxy_->Stop();
+  }
+
   void StartProxy(PolicyConfig config, std::shared_ptr<TlsProvider> tls = nullptr,
                   SniParser sni_parser = ParseFakeHello) {
     auto policy = Policy::Create(std::move(config));
@@ -362,6 +368,11 @@ class ProxyTest : public ::testing::Test {
     options.sni_parser = std::move(sni_parser);
     options.tls = std::move(tls);
     options.host_gateway = host_gateway_;
+    options.on_event = [this](EgressEvent event) {
+      std::lock_guard lock(mutex_);
+      events_.push_back(std::move(event));
+      events_cv_.notify_all();
+    };
     auto proxy = TransparentProxy::Start(std::move(listener), std::move(options));
     ASSERT_TRUE(proxy.has_value()) << proxy.error().message;
     proxy_ = std::move(*proxy);
@@ -413,6 +424,14 @@ class ProxyTest : public ::testing::Test {
   uint16_t proxy_port_ = 0;
   std::mutex mutex_;
   std::map<uint16_t, Endpoint> destinations_;
+  std::vector<EgressEvent> events_;  // guarded by mutex_
+  std::condition_variable events_cv_;
+  // Waits (bounded) until `count` events arrived; returns them.
+  std::vector<EgressEvent> EventsWhenAtLeast(size_t count) {
+    std::unique_lock lock(mutex_);
+    events_cv_.wait_for(lock, std::chrono::seconds(10), [&] { return events_.size() >= count; });
+    return events_;
+  }
   std::atomic<int> resolver_calls_{0};
   std::optional<IpAddress> host_gateway_;
 };
@@ -572,6 +591,39 @@ TEST_F(ProxyTest, SecretIsNeverSubstitutedTowardsAnAddressTheGuestChose) {
   EXPECT_EQ(spoofed.status, 403);
   EXPECT_EQ(spoofed.body.find("hunter2"), std::string::npos);
   EXPECT_EQ(origin.accepts(), 0);
+}
+
+// The decisions reach on_event in matchlock's NetworkEvent shape: the
+// allowed request with its status, URL (as the guest sent it, before any
+// secret was substituted) and byte counts; the blocked one with its reason.
+TEST_F(ProxyTest, DecisionsAreReportedAsEvents) {
+  Origin origin;
+  StartProxy({.allow = {"api.test"},
+              .secrets = {TestSecret("real-value", "api.test")},
+              .pins = {PinTo("api.test", 80, origin.port())}});
+  const std::string placeholder = policy_->secrets()[0].placeholder;
+  Response ok = Get(Virtual("api.test", 80), "api.test:80", "/echo?k=" + placeholder);
+  EXPECT_NE(ok.body.find("real-value"), std::string::npos) << ok.body;  // it was substituted
+  ASSERT_EQ(ok.status, 200);
+  Response refused = Get(Endpoint{*IpAddress::Parse("203.0.113.9"), 80}, "evil.test", "/x");
+  ASSERT_EQ(refused.status, 403);
+  auto events = EventsWhenAtLeast(2);
+  ASSERT_EQ(events.size(), 2u);
+  const EgressEvent* allowed = events[0].blocked ? &events[1] : &events[0];
+  const EgressEvent* blocked = events[0].blocked ? &events[0] : &events[1];
+  EXPECT_FALSE(allowed->blocked);
+  EXPECT_EQ(allowed->method, "GET");
+  EXPECT_EQ(allowed->host, "api.test");
+  EXPECT_EQ(allowed->url, "http://api.test:80/echo?k=" + placeholder);
+  EXPECT_EQ(allowed->status_code, 200);
+  EXPECT_GT(allowed->request_bytes, 0u);
+  EXPECT_GT(allowed->response_bytes, 0u);
+  EXPECT_TRUE(allowed->block_reason.empty());
+  EXPECT_TRUE(blocked->blocked);
+  EXPECT_EQ(blocked->host, "evil.test");
+  EXPECT_EQ(blocked->status_code, 403);
+  EXPECT_EQ(blocked->url, "http://evil.test/x");
+  EXPECT_FALSE(blocked->block_reason.empty());
 }
 
 TEST_F(ProxyTest, ChunkedBodiesPassBothWaysAndKeepAliveContinues) {

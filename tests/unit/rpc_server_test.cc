@@ -100,7 +100,7 @@ TEST(RpcServer, MalformedInputGetsTheMatchingErrorAndServingGoesOn) {
   EXPECT_EQ(by_id["2"], kMethodNotFound);
   EXPECT_EQ(by_id["3"], kVmFailed);  // no sandbox yet
   EXPECT_EQ(by_id["4"], kInvalidParams);
-  EXPECT_EQ(by_id["5"], kMethodNotFound);
+  EXPECT_EQ(by_id["5"], kInvalidParams);  // port_forward without its forwards
   EXPECT_EQ(by_id["6"], kVmFailed);
   EXPECT_EQ(by_id["7"], kVmFailed);  // log_stream: no sandbox yet
 }
@@ -292,6 +292,94 @@ TEST(RpcServer, AGuestThatGrantsNoStdinCreditCannotWedgeTheServer) {
 
   send(R"({"jsonrpc":"2.0","method":"close","id":4})");
   auto closed = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 4); });
+  EXPECT_TRUE(closed && closed->contains("result"));
+  ::close(in[1]);
+  serving.join();
+  server.reset();
+  ::close(in[0]);
+  ::close(out[0]);
+  ::close(out[1]);
+}
+
+// A sandbox without a guest: its events and port forwards are scripted.
+class EventfulSandbox final : public Sandbox {
+ public:
+  const std::string& id() const override { return id_; }
+  host::AgentClient& agent() override { std::abort(); }  // never asked in this test
+  host::ExecRequest ExecDefaults() const override { return {}; }
+  Result<AllowListChange> EditAllowList(const std::vector<std::string>&,
+                                        const std::vector<std::string>&) override {
+    return Fail("fake");
+  }
+  Result<EventBatch> PollEvents(std::optional<uint64_t> from,
+                                std::chrono::milliseconds wait) override {
+    EventBatch batch;
+    if (from == std::optional<uint64_t>(0)) {  // the first poll of a creator
+      batch.dropped = 2;
+      batch.events.push_back({{"type", "network"}, {"network", {{"host", "a.test"}}}});
+      batch.next = 3;
+      return batch;
+    }
+    std::this_thread::sleep_for(std::min(wait, std::chrono::milliseconds(20)));
+    batch.next = from.value_or(3);
+    return batch;
+  }
+  Result<PortBinding> ForwardPort(const std::string& address, uint16_t local,
+                                  uint16_t remote) override {
+    if (local == 1) return Fail("address in use");
+    return PortBinding{address, static_cast<uint16_t>(local == 0 ? 40000 : local), remote};
+  }
+  Status Close(std::chrono::milliseconds) override { return {}; }
+
+ private:
+  std::string id_ = "0123456789abcdef0123456789abcdef";
+};
+
+TEST(RpcServer, EventsArePassedOnAndPortForwardAnswersInMatchlocksShape) {
+  int in[2], out[2];
+  ASSERT_EQ(::pipe2(in, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  auto server = std::make_unique<Server>(
+      [&](const CreateParams&) -> Result<std::unique_ptr<Sandbox>> {
+        return std::make_unique<EventfulSandbox>();
+      },
+      in[0], out[1]);
+  std::thread serving([&] { EXPECT_TRUE(server->Serve()); });
+  auto send = [&](const std::string& line) { ASSERT_TRUE(WriteAll(in[1], line + "\n")); };
+  std::string pending;
+  send(R"({"jsonrpc":"2.0","method":"create","id":1,"params":{"image":"x"}})");
+  std::optional<json> event, dropped;
+  auto both = AwaitLine(out[0], pending, [&](const json& l) {
+    if (l.value("method", "") == "event") event = l;
+    if (l.value("method", "") == "cella.events_dropped") dropped = l;
+    return event && dropped;
+  });
+  ASSERT_TRUE(both) << "no event notification";
+  EXPECT_EQ((*event)["params"]["network"]["host"], "a.test");
+  EXPECT_EQ((*dropped)["params"]["dropped"], 2);
+
+  send(
+      R"({"jsonrpc":"2.0","method":"port_forward","id":2,"params":{"forwards":[{"local_port":0,"remote_port":80}],"addresses":["127.0.0.1","127.0.0.2"]}})");
+  auto forwarded = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 2); });
+  ASSERT_TRUE(forwarded && forwarded->contains("result")) << (forwarded ? forwarded->dump() : "");
+  EXPECT_EQ((*forwarded)["result"]["bindings"],
+            json::parse(R"([{"address":"127.0.0.1","local_port":40000,"remote_port":80},
+                            {"address":"127.0.0.2","local_port":40000,"remote_port":80}])"));
+  send(
+      R"({"jsonrpc":"2.0","method":"port_forward","id":3,"params":{"forwards":[{"local_port":8080,"remote_port":70000}]}})");
+  auto bad = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 3); });
+  ASSERT_TRUE(bad);
+  EXPECT_EQ((*bad)["error"]["code"], kInvalidParams);
+  send(
+      R"({"jsonrpc":"2.0","method":"port_forward","id":4,"params":{"forwards":[{"local_port":1,"remote_port":80}]}})");
+  auto busy = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 4); });
+  ASSERT_TRUE(busy);
+  EXPECT_EQ((*busy)["error"]["code"], kVmFailed);
+  EXPECT_NE((*busy)["error"]["message"].get<std::string>().find("address in use"),
+            std::string::npos);
+
+  send(R"({"jsonrpc":"2.0","method":"close","id":5})");
+  auto closed = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 5); });
   EXPECT_TRUE(closed && closed->contains("result"));
   ::close(in[1]);
   serving.join();

@@ -10,13 +10,11 @@ import json
 import os
 import posixpath
 import queue
-import re
 import shlex
-import tempfile
 import subprocess
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 # JSON-RPC error codes cella answers with.
 PARSE_ERROR = -32700
@@ -86,6 +84,59 @@ class FileInfo:
     is_symlink: bool = False
 
 
+@dataclass(frozen=True)
+class NetworkEvent:
+    """One egress decision: an HTTP request answered (or refused), or a
+    TLS/TCP stream allowed (when it ended) or refused."""
+    method: str
+    url: str
+    host: str
+    status_code: int
+    request_bytes: int
+    response_bytes: int
+    duration_ms: int
+    blocked: bool
+    block_reason: str = ""
+    protocol: str = ""
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """An exec of this client's that finished."""
+    command: str
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """An `event` notification of `cella rpc` (matchlock's shape): `type` is
+    "network" or "exec"; `timestamp` is Unix time in nanoseconds."""
+    type: str
+    timestamp: int
+    network: NetworkEvent | None = None
+    exec: ExecEvent | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def from_params(params: Mapping[str, Any]) -> "Event":
+        net = params.get("network")
+        ex = params.get("exec")
+        network = None
+        if isinstance(net, dict):
+            network = NetworkEvent(
+                method=str(net.get("method", "")), url=str(net.get("url", "")),
+                host=str(net.get("host", "")), status_code=int(net.get("status_code") or 0),
+                request_bytes=int(net.get("request_bytes") or 0),
+                response_bytes=int(net.get("response_bytes") or 0),
+                duration_ms=int(net.get("duration_ms") or 0), blocked=bool(net.get("blocked")),
+                block_reason=str(net.get("block_reason", "")), protocol=str(net.get("protocol", "")))
+        execution = None
+        if isinstance(ex, dict):
+            execution = ExecEvent(command=str(ex.get("command", "")), exit_code=int(ex.get("exit_code") or 0))
+        return Event(type=str(params.get("type", "")), timestamp=int(params.get("timestamp") or 0),
+                     network=network, exec=execution, raw=dict(params))
+
+
 def _command_line(cmd: str | Sequence[str]) -> str:
     # The protocol takes one shell line; a list is quoted so each item stays
     # one argument.
@@ -124,8 +175,47 @@ class _Connection:
         self._write_lock = threading.Lock()
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
+        # `event` notifications go to the callbacks on a thread of their own,
+        # through a bounded queue: a slow callback never stalls the answers
+        # (when it falls this far behind, events are dropped and counted).
+        self._event_handlers: list[Callable[[Event], None]] = []
+        self._events: queue.Queue[Event | None] = queue.Queue(maxsize=10000)
+        self.events_dropped = 0
+        self._event_thread: threading.Thread | None = None
         self._reader = threading.Thread(target=self._read_loop, name="cella-rpc", daemon=True)
         self._reader.start()
+
+    def add_event_handler(self, handler: Callable[[Event], None]) -> None:
+        with self._lock:
+            self._event_handlers.append(handler)
+            if self._event_thread is None:
+                self._event_thread = threading.Thread(target=self._event_loop, name="cella-rpc-events",
+                                                      daemon=True)
+                self._event_thread.start()
+
+    def _event_loop(self) -> None:
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            with self._lock:
+                handlers = list(self._event_handlers)
+            for handler in handlers:
+                try:
+                    handler(event)
+                except Exception:  # a callback's bug must not end the delivery
+                    pass
+
+    def _deliver_event(self, params: Mapping[str, Any]) -> None:
+        with self._lock:
+            if not self._event_handlers:
+                return
+        try:
+            self._events.put_nowait(Event.from_params(params))
+        except queue.Full:
+            self.events_dropped += 1
+        except (TypeError, ValueError):
+            pass  # not an event this SDK understands
 
     def _read_loop(self) -> None:
         assert self._proc.stdout is not None
@@ -136,6 +226,14 @@ class _Connection:
                 continue
             if "method" in msg:
                 params = msg.get("params") or {}
+                if msg["method"] == "event":
+                    if isinstance(params, dict):
+                        self._deliver_event(params)
+                    continue
+                if msg["method"] == "cella.events_dropped":
+                    with self._lock:
+                        self.events_dropped += int(params.get("dropped") or 0)
+                    continue
                 with self._lock:
                     pending = self._pending.get(params.get("id"))
                 if pending is not None and pending.notifications is not None:
@@ -161,6 +259,10 @@ class _Connection:
             if pending.notifications is not None:
                 pending.notifications.put(None)
         # The process ended: fail whatever still waits.
+        try:
+            self._events.put_nowait(None)
+        except queue.Full:
+            pass
         with self._lock:
             left, self._pending = self._pending, {}
         for pending in left.values():
@@ -290,46 +392,18 @@ class Process:
         self._conn.cancel(self._rid)
 
 
+@dataclass(frozen=True)
 class PortForward:
-    """A running `cella port-forward` (see `Sandbox.port_forward`)."""
-
-    def __init__(self, binary: str, sandbox_id: str, host_ip: str, host_port: int,
-                 guest_port: int, timeout: float) -> None:
-        self.host_ip, self.guest_port = host_ip, guest_port
-        # The child's own line says it listens, and on which port (host_port 0
-        # picks a free one); its log goes to a file nobody has to drain.
-        self._errors = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            [binary, "port-forward", sandbox_id, f"{host_ip}:{host_port}:{guest_port}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._errors,
-        )
-        assert self._proc.stdout is not None
-        ready: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=lambda: ready.put(self._proc.stdout.readline()), daemon=True).start()
-        try:
-            line = ready.get(timeout=timeout).decode(errors="replace")
-        except queue.Empty:
-            self.close()
-            raise TimeoutError(f"port_forward {host_port}:{guest_port}: not listening after {timeout} s")
-        match = re.match(r"Forwarding \S+:(\d+) ->", line)
-        if not match:
-            self.close()
-            self._errors.seek(0)
-            err = self._errors.read().decode(errors="replace").strip()
-            raise CellaError(f"port_forward {host_port}:{guest_port}: {err or line.strip() or 'exited'}")
-        self.host_port = int(match.group(1))
+    """A forward made by `Sandbox.port_forward` (the rpc `port_forward`
+    method): host_ip:host_port on the host reaches the guest's
+    127.0.0.1:guest_port until the sandbox closes. Usable in a `with`
+    block for symmetry; the forward itself ends with the sandbox."""
+    host_ip: str
+    host_port: int
+    guest_port: int
 
     def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc.stdout:
-            self._proc.stdout.close()
-        self._errors.close()
+        """Nothing to do: forwards end when the sandbox is closed."""
 
     def __enter__(self) -> "PortForward":
         return self
@@ -475,7 +549,6 @@ class Sandbox:
         self.id = sandbox_id
         self.files = Files(conn)
         self.allow_hosts = AllowHosts(conn)
-        self._forwards: list[PortForward] = []
         self._closed = False
 
     @classmethod
@@ -493,6 +566,7 @@ class Sandbox:
         hostname: str | None = None,
         workdir: str | None = None,
         user: str | None = None,
+        on_event: Callable[[Event], None] | None = None,
         cella_bin: str | None = None,
         timeout: float | None = 600,
     ) -> "Sandbox":
@@ -505,6 +579,8 @@ class Sandbox:
             hostname=hostname, workdir=workdir, user=user,
         )
         conn = _Connection(cella_bin or os.environ.get("CELLA_BIN", "cella"))
+        if on_event is not None:  # before create: no event of the sandbox is missed
+            conn.add_event_handler(on_event)
         try:
             result = conn.call("create", options.params(), timeout)
         except BaseException:
@@ -513,10 +589,14 @@ class Sandbox:
         return cls(conn, str(result["id"]))
 
     @classmethod
-    def attach(cls, name_or_id: str, *, cella_bin: str | None = None, timeout: float | None = 60) -> "Sandbox":
+    def attach(cls, name_or_id: str, *, on_event: Callable[[Event], None] | None = None,
+               cella_bin: str | None = None, timeout: float | None = 60) -> "Sandbox":
         """Drives an existing running sandbox (e.g. from `cella run -d`)
-        without owning it: `close()` lets go and leaves it running."""
+        without owning it: `close()` lets go and leaves it running. Its
+        events reach `on_event` from the attach on."""
         conn = _Connection(cella_bin or os.environ.get("CELLA_BIN", "cella"))
+        if on_event is not None:
+            conn.add_event_handler(on_event)
         try:
             result = conn.call("cella.attach", {"id": name_or_id}, timeout)
         except BaseException:
@@ -671,11 +751,27 @@ class Sandbox:
 
     def port_forward(self, host_port: int, guest_port: int, *, host_ip: str = "127.0.0.1",
                      timeout: float = 30) -> "PortForward":
-        """Forwards host_ip:host_port to the guest's 127.0.0.1:guest_port
-        until `close()` (a `with` block) or this sandbox closes."""
-        forward = PortForward(self._conn.binary, self.id, host_ip, host_port, guest_port, timeout)
-        self._forwards.append(forward)
-        return forward
+        """Forwards host_ip:host_port (0: a free port, see `.host_port`) to
+        the guest's 127.0.0.1:guest_port until this sandbox closes; listening
+        when the call returns."""
+        result = self._conn.call("port_forward", {
+            "forwards": [{"local_port": host_port, "remote_port": guest_port}],
+            "addresses": [host_ip]}, timeout)
+        binding = result["bindings"][0]
+        return PortForward(str(binding["address"]), int(binding["local_port"]), int(binding["remote_port"]))
+
+    def on_event(self, handler: Callable[[Event], None]) -> None:
+        """Calls `handler(Event)` for each `event` notification from now on:
+        egress decisions (`event.network`) and finished execs (`event.exec`).
+        Handlers run on one thread of their own, in order; events that find
+        10000 undelivered ones waiting are dropped (`sb.events_dropped`)."""
+        self._conn.add_event_handler(handler)
+
+    @property
+    def events_dropped(self) -> int:
+        """Events lost: by this SDK (handlers too slow) or by cella (the
+        sandbox's bounded event ring overflowed before they were read)."""
+        return self._conn.events_dropped
 
     def _upload_file(self, src: str, dest: str, timeout: float | None) -> None:
         with open(src, "rb") as f:
@@ -699,8 +795,6 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        for forward in self._forwards:
-            forward.close()
         try:
             self._conn.call("close", {"timeout_seconds": 2}, timeout + 30)
         except (CellaError, TimeoutError):

@@ -509,10 +509,20 @@ struct Agent::Impl {
     if (req.detach) {
       // exec -d: no session, no output; reaped silently like an abandoned
       // child, and (in its own process group) out of reach of a link's end.
-      abandoned.push_back(pid);
+      // A program that could not be executed is answered as a shell would
+      // (127 not found, 126 not runnable, the reason on stderr), so that the
+      // caller can report it as `docker exec -d` does.
       QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
       protocol::ExecOutcome started;
       started.exit_code = 0;
+      if (child->exec_errno != 0) {
+        std::string why = "cella-agent: " + (req.argv.empty() ? std::string() : req.argv[0]) +
+                          ": " + std::strerror(child->exec_errno) + "\n";
+        Queue(stream, FrameType::kData, Channel::kStderr, protocol::AsBytes(why));
+        started.exit_code = child->exec_errno == ENOENT ? 127 : 126;
+      } else {
+        abandoned.push_back(pid);
+      }
       QueueText(stream, FrameType::kResult, protocol::EncodeExecOutcome(started));
       return;
     }

@@ -28,12 +28,24 @@ namespace cella::agent {
 namespace {
 
 // What the child reports through the status pipe when setup fails.
-enum class Stage : int { kSession, kTty, kStdio, kCaps, kUser, kWorkdir, kSeccomp, kSignals };
+enum class Stage : int {
+  kSession,
+  kTty,
+  kStdio,
+  kCaps,
+  kUser,
+  kWorkdir,
+  kSeccomp,
+  kSignals,
+  kExec,  // detached requests only: execve failed (see SpawnedChild::exec_errno)
+};
 
 const char* StageName(Stage stage) {
   switch (stage) {
     case Stage::kSession:
       return "setsid";
+    case Stage::kExec:
+      return "execute the program";
     case Stage::kTty:
       return "open the terminal";
     case Stage::kStdio:
@@ -241,6 +253,8 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
       }
     }
     if (saw_eacces && exec_err == ENOENT) exec_err = EACCES;
+    // Nobody sees a detached child's stderr: tell the parent instead.
+    if (request.detach) ChildFail(sfd, Stage::kExec, exec_err);
     ChildWriteStderr(request.argv[0], exec_err);
     _exit(exec_err == ENOENT ? 127 : 126);
   }
@@ -269,6 +283,11 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   if (got == sizeof(record)) {
     int wstatus = 0;
     while (::waitpid(pid, &wstatus, 0) < 0 && errno == EINTR) {
+    }
+    if (record.stage == Stage::kExec) {
+      child.pid = pid;
+      child.exec_errno = record.err != 0 ? record.err : ENOENT;
+      return child;
     }
     std::string what = std::string("exec: ") + StageName(record.stage);
     if (record.stage == Stage::kWorkdir) what += " " + workdir;

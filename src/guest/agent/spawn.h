@@ -18,12 +18,17 @@ struct SpawnedChild {
   UniqueFd stdout_fd;   // read end (the pty master in tty mode)
   UniqueFd stderr_fd;   // read end; invalid in tty mode (merged into the pty)
   UniqueFd pty_master;  // tty mode only: for TIOCSWINSZ
+  // Detached requests only: the program could not be executed (errno:
+  // ENOENT not found, else cannot run); the child has exited and been reaped.
+  // Nobody reads a detached child's stderr, so its caller reports this.
+  int exec_errno = 0;
 };
 
 // All returned descriptors are non-blocking and close-on-exec. Failures
 // before exec (user lookup, workdir, hardening) come back as errors with
 // errno; a missing or non-executable binary is not an error: the child
-// writes a shell-like message on its stderr and exits 127 or 126.
+// writes a shell-like message on its stderr and exits 127 or 126 (for a
+// detached request, exec_errno says so instead).
 Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening hardening);
 
 }  // namespace cella::agent

@@ -48,7 +48,10 @@ Result<std::optional<std::string>> ReadHead(ByteStream& stream, std::string& pen
 // Passes one message body from `from` to `to`, following `framing`; bytes
 // already read from `from` come first out of `pending`, and bytes read past
 // the end of the body are left there.
-Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::BodyFraming framing) {
+Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::BodyFraming framing,
+                uint64_t* copied) {
+  uint64_t ignored = 0;
+  uint64_t& total = copied != nullptr ? *copied : ignored;
   std::vector<std::byte> buffer(kBufferBytes);
   switch (framing.kind) {
     case http::BodyKind::kNone:
@@ -58,6 +61,7 @@ Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::Bo
       size_t from_pending = static_cast<size_t>(std::min<uint64_t>(remaining, pending.size()));
       if (from_pending > 0) {
         CELLA_TRY(to.Write(std::string_view(pending).substr(0, from_pending)));
+        total += from_pending;
         pending.erase(0, from_pending);
         remaining -= from_pending;
       }
@@ -66,6 +70,7 @@ Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::Bo
         size_t n = CELLA_TRY(from.Read(std::span(buffer.data(), want)));
         if (n == 0) return Fail("http: peer closed before the end of the body");
         CELLA_TRY(to.Write(std::span<const std::byte>(buffer.data(), n)));
+        total += n;
         remaining -= n;
       }
       return {};
@@ -75,6 +80,7 @@ Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::Bo
       if (!pending.empty()) {
         size_t used = CELLA_TRY(tracker.Feed(pending));
         CELLA_TRY(to.Write(std::string_view(pending).substr(0, used)));
+        total += used;
         pending.erase(0, used);
       }
       while (!tracker.Done()) {
@@ -83,6 +89,7 @@ Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::Bo
         std::string_view got = AsText(std::span(buffer.data(), n));
         size_t used = CELLA_TRY(tracker.Feed(got));
         CELLA_TRY(to.Write(got.substr(0, used)));
+        total += used;
         pending.append(got.substr(used));
       }
       return {};
@@ -90,12 +97,14 @@ Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::Bo
     case http::BodyKind::kUntilClose: {
       if (!pending.empty()) {
         CELLA_TRY(to.Write(pending));
+        total += pending.size();
         pending.clear();
       }
       for (;;) {
         size_t n = CELLA_TRY(from.Read(buffer));
         if (n == 0) return {};
         CELLA_TRY(to.Write(std::span<const std::byte>(buffer.data(), n)));
+        total += n;
       }
     }
   }
@@ -107,7 +116,7 @@ void HttpSession::Run() {
   }
   // Lets the response thread finish: after the answers still owed (guest
   // sent its last request), or at once when the streams were aborted.
-  Push(Item{ItemKind::kEnd, "", false, false, ""});
+  Push(Item{ItemKind::kEnd, "", false, false, "", "", {}, nullptr});
   if (response_thread_.joinable()) {
     response_thread_.join();
   } else {
@@ -168,10 +177,29 @@ bool HttpSession::HandleOneRequest() {
     Refuse(400, "Bad Request", host_port.error().message);
     return false;
   }
+  const auto start = std::chrono::steady_clock::now();
+  // Before DecideHttpRequest substitutes secrets into the head.
+  const std::string method = head->method;
+  const std::string target = head->target;
+  const uint16_t port = host_port->port;
+  auto url_for = [&](const std::string& host) {
+    if (target.empty() || target[0] != '/') return target;  // absolute form (or '*')
+    return protocol_ + "://" + host + (port != 0 ? ":" + std::to_string(port) : "") + target;
+  };
   Verdict verdict = DecideHttpRequest(*options_.policy, destination_decision_,
                                       {host_port->host, required_host_, upstream_by_name_}, *head);
   if (!verdict) {
     LogBlocked(verdict.host, verdict.reason, destination_, protocol_);
+    EgressEvent event;
+    event.method = method;
+    event.url = url_for(verdict.host);
+    event.host = verdict.host;
+    event.protocol = protocol_;
+    event.status_code = 403;
+    event.request_bytes = raw_head->value().size();
+    event.blocked = true;
+    event.block_reason = verdict.reason;
+    Emit(std::move(event));
     Refuse(403, "Forbidden", verdict.reason);
     return false;
   }
@@ -204,13 +232,18 @@ bool HttpSession::HandleOneRequest() {
     response_thread_ = std::thread([this] { ResponseLoop(); });
   }
   log::Debug("egress allowed", {{"host", host}, {"method", head->method}, {"proto", protocol_}});
-  Push(Item{ItemKind::kRequest, head->method, upgrade, WantsClose(head->version, head->headers),
-            ""});
-  if (auto sent = upstream_->Write(http::SerializeRequestHead(*head)); !sent) {
+  std::string serialized = http::SerializeRequestHead(*head);
+  auto request_bytes = std::make_shared<std::atomic<uint64_t>>(serialized.size());
+  Push(Item{ItemKind::kRequest, head->method, upgrade, WantsClose(head->version, head->headers), "",
+            url_for(host), start, request_bytes});
+  if (auto sent = upstream_->Write(serialized); !sent) {
     AbortBoth();
     return false;
   }
-  if (auto body = CopyBody(guest_, guest_pending_, *upstream_, *framing); !body) {
+  uint64_t body_bytes = 0;
+  auto body = CopyBody(guest_, guest_pending_, *upstream_, *framing, &body_bytes);
+  *request_bytes += body_bytes;
+  if (!body) {
     log::Info("egress proxy: request body failed",
               {{"host", host}, {"error", body.error().message}});
     AbortBoth();
@@ -265,6 +298,21 @@ void HttpSession::ResponseLoop() {
   }
 }
 
+void HttpSession::EmitAnswered(const Item& request, int status, uint64_t response_bytes) {
+  if (!options_.on_event) return;
+  auto elapsed = std::chrono::steady_clock::now() - request.start;
+  EgressEvent event;
+  event.method = request.method;
+  event.url = request.url;
+  event.host = required_host_.value_or("");
+  event.protocol = protocol_;
+  event.status_code = status;
+  event.request_bytes = request.request_bytes ? request.request_bytes->load() : 0;
+  event.response_bytes = response_bytes;
+  event.duration_ms = std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count();
+  Emit(std::move(event));
+}
+
 bool HttpSession::ForwardOneResponse(const Item& request) {
   for (;;) {
     auto raw_head = ReadHead(*upstream_, upstream_pending_, /*skip_leading_blank_lines=*/false);
@@ -286,6 +334,7 @@ bool HttpSession::ForwardOneResponse(const Item& request) {
       if (!upstream_pending_.empty() && !guest_.Write(upstream_pending_)) return false;
       upstream_pending_.clear();
       SetUpgrade(UpgradeState::kAccepted);
+      EmitAnswered(request, 101, raw_head->value().size());
       if (!Pump(*upstream_, guest_)) return false;
       // The other direction ends the conversation when it sees EOF.
       return true;
@@ -301,7 +350,10 @@ bool HttpSession::ForwardOneResponse(const Item& request) {
       return false;
     }
     if (!guest_.Write(**raw_head)) return false;
-    if (auto body = CopyBody(*upstream_, upstream_pending_, guest_, *framing); !body) {
+    uint64_t response_bytes = raw_head->value().size();
+    auto body = CopyBody(*upstream_, upstream_pending_, guest_, *framing, &response_bytes);
+    EmitAnswered(request, head->status, response_bytes);
+    if (!body) {
       log::Info("egress proxy: response body failed",
                 {{"host", required_host_.value_or("")}, {"error", body.error().message}});
       return false;

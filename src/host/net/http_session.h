@@ -5,6 +5,8 @@
 // src/host/net: the proxy's connection handler runs one per HTTP flow.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -14,11 +16,11 @@
 #include <string>
 #include <thread>
 
+#include "base/byte_stream.h"
 #include "base/result.h"
 #include "host/net/http.h"
 #include "host/net/policy.h"
 #include "host/net/proxy.h"
-#include "base/byte_stream.h"
 
 namespace cella::net {
 
@@ -30,7 +32,9 @@ Result<std::optional<std::string>> ReadHead(ByteStream& stream, std::string& pen
 // Passes one message body from `from` to `to`, following `framing`; bytes
 // already read from `from` come first out of `pending`, and bytes read past
 // the end of the body are left there.
-Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::BodyFraming framing);
+// `copied` (when given) grows by the body bytes passed.
+Status CopyBody(ByteStream& from, std::string& pending, ByteStream& to, http::BodyFraming framing,
+                uint64_t* copied = nullptr);
 
 // One HTTP/1.x conversation between the guest and one upstream: requests
 // are handled on the calling thread, responses on a second thread.
@@ -60,6 +64,10 @@ class HttpSession {
     bool upgrade = false;
     bool close_after = false;  // the guest asked to close after this response
     std::string local_response;
+    // For the request's EgressEvent (kRequest only).
+    std::string url;
+    std::chrono::steady_clock::time_point start{};
+    std::shared_ptr<std::atomic<uint64_t>> request_bytes;
   };
   enum class UpgradeState { kPending, kAccepted, kRejected, kGone };
 
@@ -69,6 +77,11 @@ class HttpSession {
   void Push(Item item);
   void ResponseLoop();
   bool ForwardOneResponse(const Item& request);
+  // The event of a request the upstream answered.
+  void EmitAnswered(const Item& request, int status, uint64_t response_bytes);
+  void Emit(EgressEvent event) const {
+    if (options_.on_event) options_.on_event(std::move(event));
+  }
   void AbortBoth();
   void SetUpgrade(UpgradeState state);
 

@@ -283,7 +283,18 @@ void ConnectionHandler::Run() {
   const std::string protocol = prefix->shape == Shape::kTls ? "tls" : "tcp";
   const Verdict stream = DecideStream(*options_.policy, judged, prefix->sni);
   const std::string& host = stream.host;
-  if (!stream) return LogBlocked(host, stream.reason, destination_, protocol);
+  if (!stream) {
+    LogBlocked(host, stream.reason, destination_, protocol);
+    if (options_.on_event) {
+      EgressEvent event;
+      event.host = host;
+      event.protocol = protocol;
+      event.blocked = true;
+      event.block_reason = stream.reason;
+      options_.on_event(std::move(event));
+    }
+    return;
+  }
 
   if (prefix->shape == Shape::kTls && options_.policy->intercept()) {
     // Interception needs a name for the leaf: the SNI, else what the
@@ -328,8 +339,17 @@ void ConnectionHandler::Run() {
     return;
   }
   log::Debug("egress allowed", {{"host", host}, {"proto", protocol}});
+  const auto start = std::chrono::steady_clock::now();
   if (!prefix->bytes.empty() && !(*upstream)->Write(prefix->bytes)) return;
   Splice(guest, **upstream);
+  if (options_.on_event) {
+    auto elapsed = std::chrono::steady_clock::now() - start;
+    EgressEvent event;
+    event.host = host;
+    event.protocol = protocol;
+    event.duration_ms = std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count();
+    options_.on_event(std::move(event));
+  }
 }
 
 Result<std::unique_ptr<TransparentProxy>> TransparentProxy::Start(UniqueFd listener,

@@ -19,6 +19,7 @@
 //                allowed address literal.
 // Blocked flows get `403 Forbidden` with the reason (HTTP) or are closed
 // (TLS, raw TCP), and always a `level=notice msg="egress blocked"` log line.
+// Every decision is also handed to ProxyOptions::on_event (EgressEvent).
 //
 // Upstream address for a name: the pin for name:port if one exists (used
 // even when private or loopback: pins are an explicit choice), else the
@@ -44,6 +45,7 @@
 #include <string_view>
 #include <thread>
 
+#include "base/byte_stream.h"
 #include "base/result.h"
 #include "base/unique_fd.h"
 #include "base/wake_fd.h"
@@ -51,7 +53,6 @@
 #include "host/net/http.h"
 #include "host/net/policy.h"
 #include "host/net/secrets.h"  // SubstituteSecrets, used by the tests through this header
-#include "base/byte_stream.h"
 
 namespace cella::net {
 
@@ -84,8 +85,31 @@ using OriginalDestinationFn = std::function<Result<Endpoint>(int accepted_fd)>;
 // default): nullopt = need more bytes, error = no usable SNI.
 using SniParser = std::function<Result<std::optional<std::string>>(std::span<const std::byte>)>;
 
+// One egress decision, in the shape of matchlock's NetworkEvent: a blocked
+// flow or request, an answered HTTP request (plain or intercepted), or an
+// allowed TLS/TCP stream when it ends. Byte counts are what crossed the
+// proxy (heads and bodies for HTTP; 0 for spliced streams, which are not
+// counted). `url` is built from the request as the guest sent it, before
+// secrets were substituted, so it never carries a secret's value.
+struct EgressEvent {
+  std::string method;  // HTTP method; empty for TLS/TCP streams
+  std::string url;     // http(s)://host/target; empty for TLS/TCP streams
+  std::string host;
+  std::string protocol;  // http, https, tls, tcp
+  int status_code = 0;   // the upstream's (or the proxy's own 403); 0 for streams
+  uint64_t request_bytes = 0;
+  uint64_t response_bytes = 0;
+  int64_t duration_ms = 0;
+  bool blocked = false;
+  std::string block_reason;
+};
+// Called on the connection's thread; must not block (the supervisor's sink
+// is a bounded ring that drops the oldest).
+using EgressEventSink = std::function<void(EgressEvent)>;
+
 struct ProxyOptions {
   std::shared_ptr<Policy> policy;
+  EgressEventSink on_event;  // empty: decisions are only logged
   std::shared_ptr<FakeIpTable> fake_ips;
   OriginalDestinationFn original_destination;  // empty = SO_ORIGINAL_DST
   HostResolver resolver = SystemResolve;       // names the DNS cache does not know

@@ -70,12 +70,20 @@ std::string OptionalString(const json& params, const char* key) {
   return it->get<std::string>();
 }
 
-// Methods matchlock has that this server does not implement yet: answered
-// with an error naming them rather than "Method not found".
-bool NotYetSupported(const std::string& method) {
-  for (const char* m : {"port_forward"})
-    if (method == m) return true;
-  return false;
+int64_t UnixNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// A TCP port from params: an integer in [min, 65535].
+uint16_t RequirePort(const json& object, const char* key, int min) {
+  auto it = object.find(key);
+  if (it == object.end() || !it->is_number_integer() || it->get<int64_t>() < min ||
+      it->get<int64_t>() > 65535)
+    throw ParamError{std::string("forwards[].") + key + ": want a port number (" +
+                     std::to_string(min) + "-65535)"};
+  return static_cast<uint16_t>(it->get<int64_t>());
 }
 
 int64_t MillisSince(std::chrono::steady_clock::time_point start) {
@@ -224,15 +232,10 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
     AnswerError(*call, kInternalError, std::string("Internal error: ") + e.what());
     return;
   }
-  if (NotYetSupported(method)) {
-    AnswerError(*call, kMethodNotFound,
-                "Method not found: " + method + " is not supported by cella rpc yet");
-    return;
-  }
   if (method != "exec" && method != "exec_stream" && method != "exec_pipe" &&
       method != "exec_tty" && method != "write_file" && method != "read_file" &&
       method != "list_files" && method != "allow_list_add" && method != "allow_list_delete" &&
-      method != "log" && method != "log_stream") {
+      method != "log" && method != "log_stream" && method != "port_forward") {
     AnswerError(*call, kMethodNotFound, "Method not found: " + method);
     return;
   }
@@ -289,6 +292,8 @@ void Server::RunWorker(std::shared_ptr<Call> call, const std::string& method, js
       DoLog(*call, /*follow=*/false);
     } else if (method == "log_stream") {
       DoLog(*call, /*follow=*/true);
+    } else if (method == "port_forward") {
+      DoPortForward(*call, params);
     }
   } catch (const ParamError& e) {
     AnswerError(*call, kInvalidParams, "Invalid params: " + e.message);
@@ -349,6 +354,7 @@ json Server::DoCreate(Call& call, const json& params) {
     std::lock_guard lock(mu_);
     sandbox_ = sandbox;
   }
+  StartEvents(sandbox, /*from_start=*/true);  // everything since boot is this client's
   return {{"id", sandbox->id()}};
 }
 
@@ -372,6 +378,7 @@ json Server::DoAttach(Call& call, const json& params) {
     std::lock_guard lock(mu_);
     sandbox_ = sandbox;
   }
+  StartEvents(sandbox, /*from_start=*/false);  // what happened before is not ours
   return {{"id", sandbox->id()}};
 }
 
@@ -399,7 +406,9 @@ json Server::DoClose(Call& call, const json& params) {
     sandbox = std::move(sandbox_);
   }
   if (sandbox) {
-    if (auto st = sandbox->Close(grace); !st) {
+    auto st = sandbox->Close(grace);
+    StopEvents();  // after Close: a poll waiting on the supervisor ends with it
+    if (!st) {
       AnswerError(call, kVmFailed, "close: " + st.error().message);
       return nullptr;
     }
@@ -530,6 +539,10 @@ void Server::DoExec(Call& call, const json& params, ExecMode mode) {
   // The stream has ended, so a write waiting on credit has returned.
   if (input_pump.joinable()) input_pump.join();
   if (!status) return AnswerError(call, kExecFailed, status.error().message);
+  // Before the answer, so a client holding the result has seen its event.
+  SendEvent({{"type", "exec"},
+             {"timestamp", UnixNanos()},
+             {"exec", {{"command", command}, {"exit_code", status->ShellCode()}}}});
   json result = {{"exit_code", status->ShellCode()}, {"duration_ms", MillisSince(start)}};
   if (!stream) {
     std::lock_guard lock(collected->mu);
@@ -825,6 +838,98 @@ void Server::DoLog(Call& call, bool follow) {
   }
 }
 
+void Server::DoPortForward(Call& call, const json& params) {
+  RequireObject(params);
+  auto forwards = params.find("forwards");
+  if (forwards == params.end() || !forwards->is_array() || forwards->empty())
+    throw ParamError{"forwards: want a non-empty array of {local_port, remote_port}"};
+  if (forwards->size() > 64) throw ParamError{"forwards: at most 64 at once"};
+  std::vector<std::pair<uint16_t, uint16_t>> wanted;
+  for (const json& f : *forwards) {
+    if (!f.is_object()) throw ParamError{"forwards[]: want an object"};
+    wanted.emplace_back(RequirePort(f, "local_port", 0), RequirePort(f, "remote_port", 1));
+  }
+  std::vector<std::string> addresses;
+  if (auto a = params.find("addresses"); a != params.end() && !a->is_null()) {
+    if (!a->is_array() || a->size() > 8) throw ParamError{"addresses: want up to 8 strings"};
+    for (const json& item : *a) {
+      if (!item.is_string()) throw ParamError{"addresses[]: want a string"};
+      addresses.push_back(item.get<std::string>());
+    }
+  }
+  if (addresses.empty()) addresses.push_back("127.0.0.1");  // matchlock's default
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  json bindings = json::array();
+  for (const std::string& address : addresses) {
+    for (auto [local, remote] : wanted) {
+      auto bound = sandbox->ForwardPort(address, local, remote);
+      if (!bound)
+        return AnswerError(call, kVmFailed,
+                           "port_forward " + address + ":" + std::to_string(local) + " -> " +
+                               std::to_string(remote) + ": " + bound.error().message);
+      bindings.push_back({{"address", bound->address},
+                          {"local_port", bound->local_port},
+                          {"remote_port", bound->remote_port}});
+    }
+  }
+  Answer(call, {{"bindings", std::move(bindings)}});
+}
+
+void Server::SendEvent(json event) {
+  Send({{"jsonrpc", "2.0"}, {"method", "event"}, {"params", std::move(event)}});
+}
+
+void Server::StartEvents(std::shared_ptr<Sandbox> sandbox, bool from_start) {
+  StopEvents();
+  {
+    std::lock_guard lock(events_mu_);
+    events_stop_ = false;
+  }
+  auto run = [this, sandbox = std::move(sandbox), from_start] {
+    std::optional<uint64_t> next;
+    if (from_start) next = 0;
+    auto stopping = [&](std::chrono::milliseconds pause) {
+      std::unique_lock lock(events_mu_);
+      return events_cv_.wait_for(lock, pause, [&] { return events_stop_; });
+    };
+    while (!stopping(std::chrono::milliseconds(0))) {
+      // A long poll: the supervisor answers as soon as there is news, or
+      // after a second with none; one poll at a time keeps it bounded.
+      auto batch = sandbox->PollEvents(next, std::chrono::milliseconds(1000));
+      if (!batch) {
+        // The supervisor may be going (close) or briefly busy: try again
+        // after a pause, unless told to stop.
+        if (stopping(std::chrono::milliseconds(500))) return;
+        continue;
+      }
+      if (batch->dropped > 0) {
+        log::Notice("rpc: events dropped (the client fell behind)",
+                    {{"dropped", static_cast<int64_t>(batch->dropped)}});
+        Send({{"jsonrpc", "2.0"},
+              {"method", "cella.events_dropped"},
+              {"params", {{"dropped", batch->dropped}}}});
+      }
+      for (json& event : batch->events) SendEvent(std::move(event));
+      next = batch->next;
+    }
+  };
+  try {
+    events_thread_ = std::thread(std::move(run));
+  } catch (const std::system_error& e) {
+    log::Warn("rpc: no event thread; events will not be sent", {{"error", e.what()}});
+  }
+}
+
+void Server::StopEvents() {
+  {
+    std::lock_guard lock(events_mu_);
+    events_stop_ = true;
+  }
+  events_cv_.notify_all();
+  if (events_thread_.joinable()) events_thread_.join();
+}
+
 void Server::CancelAll() {
   std::vector<std::shared_ptr<Call>> calls;
   {
@@ -880,6 +985,7 @@ void Server::Teardown() {
     if (auto st = sandbox->Close(options_.close_grace); !st)
       log::Warn("rpc: could not close the sandbox", {{"error", st.error().message}});
   }
+  StopEvents();
   // Closing the sandbox failed any call still waiting on the guest; their
   // threads end now.
   std::map<uint64_t, std::thread> rest;

@@ -27,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -71,6 +72,36 @@ class Sandbox {
   // (host/sandbox/log_files.h). Empty when there is none (`log` answers
   // −32000).
   virtual std::string ConsoleLogPath() const { return {}; }
+  // The sandbox's recent events (matchlock's Event objects; the egress
+  // proxy's decisions), numbered: those from `from` on (nullopt: from now
+  // on), waiting up to `wait` for one. Bounded at the source: a reader that
+  // falls behind finds `dropped` > 0, never a blocked proxy.
+  struct EventBatch {
+    uint64_t next = 0;
+    uint64_t dropped = 0;
+    std::vector<nlohmann::json> events;
+  };
+  virtual Result<EventBatch> PollEvents(std::optional<uint64_t> from,
+                                        std::chrono::milliseconds wait) {
+    (void)from;
+    (void)wait;
+    return Fail("this sandbox reports no events");
+  }
+  // `port_forward`: listens on address:local_port (0 picks a free port)
+  // and passes each connection to the guest's 127.0.0.1:remote_port, until
+  // Close.
+  struct PortBinding {
+    std::string address;
+    uint16_t local_port = 0;
+    uint16_t remote_port = 0;
+  };
+  virtual Result<PortBinding> ForwardPort(const std::string& address, uint16_t local_port,
+                                          uint16_t remote_port) {
+    (void)address;
+    (void)local_port;
+    (void)remote_port;
+    return Fail("this sandbox cannot forward ports");
+  }
   // Stops the VM (guest processes get `grace` to exit) and removes the
   // sandbox; bounded.
   virtual Status Close(std::chrono::milliseconds grace) = 0;
@@ -145,6 +176,14 @@ class Server {
   // `log`: the console log so far; `log_stream`: the same as
   // `log_stream.data` notifications, then what is appended, until cancelled.
   void DoLog(Call& call, bool follow);
+  // `port_forward {forwards:[{local_port,remote_port}], addresses:[ip]}`.
+  void DoPortForward(Call& call, const json& params);
+
+  // `event` notifications: a thread per sandbox polls it (PollEvents) and
+  // sends what it reports; exec events are sent by the exec itself.
+  void StartEvents(std::shared_ptr<Sandbox> sandbox, bool from_start);
+  void StopEvents();
+  void SendEvent(json event);
 
   std::shared_ptr<Sandbox> CurrentSandbox();
   void CancelAll();
@@ -170,6 +209,11 @@ class Server {
   std::vector<uint64_t> finished_;                          // guarded by mu_
   uint64_t next_worker_ = 0;                                // guarded by mu_
   bool closed_ = false;                                     // reader thread only
+
+  std::thread events_thread_;  // reader thread starts and joins it
+  std::mutex events_mu_;
+  std::condition_variable events_cv_;
+  bool events_stop_ = false;  // guarded by events_mu_
 };
 
 }  // namespace cella::rpc

@@ -1,6 +1,7 @@
 // The supervisor's control socket: one JSON request line per connection,
 // one JSON reply line. Requests: {"op":"status"}, {"op":"stop","grace_ms":N},
-// {"op":"kill"}, {"op":"allow-list","add":[..],"remove":[..]}. A reply is
+// {"op":"kill"}, {"op":"allow-list","add":[..],"remove":[..]},
+// {"op":"events","from":N,"wait_ms":M} (event_ring.h; a long poll). A reply is
 // {"ok":true,...} or {"ok":false,"error":"..."}. Requests and replies are
 // capped at 64 KiB; only root or our own user may connect (SO_PEERCRED).
 //

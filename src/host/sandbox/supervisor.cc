@@ -18,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -36,6 +37,7 @@
 #include "host/sandbox/compose.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
+#include "host/sandbox/event_ring.h"
 #include "host/sandbox/layout.h"
 #include "host/sandbox/lifecycle.h"
 #include "host/sandbox/log_files.h"
@@ -541,6 +543,9 @@ class Supervisor {
     proxy_options.fake_ips = fake_ips;
     proxy_options.resolver = dns_options.resolver;
     proxy_options.host_gateway = net::IpAddress::Parse(net::kGatewayAddress);
+    proxy_options.on_event = [events = events_](net::EgressEvent event) {
+      events->Push(NetworkEventJson(event));
+    };
     if (egress.intercept) {
       auto ca = CELLA_TRY(net::CertificateAuthority::LoadOrCreate(cella_home + "/egress-ca"));
       guest.ca_certificates = ca->CaCertificatePem();
@@ -581,7 +586,27 @@ class Supervisor {
 
   nlohmann::json Handle(const nlohmann::json& request) {
     if (request.value("op", std::string()) == "allow-list") return EditAllowList(request);
+    if (request.value("op", std::string()) == "events") return ReadEvents(request);
     return lifecycle_->Handle(request);
+  }
+
+  // {"op":"events","from":N,"wait_ms":M}: the events numbered N and later
+  // (event_ring.h), waiting at most M ms (capped at 2 s, well inside the
+  // caller's time-out) for one. A negative or absent `from` means "from
+  // now on". Replies {"ok":true,"next","dropped","events":[...]}.
+  nlohmann::json ReadEvents(const nlohmann::json& request) {
+    uint64_t from = std::numeric_limits<uint64_t>::max();
+    auto f = request.find("from");
+    if (f != request.end() && f->is_number_unsigned()) from = f->get<uint64_t>();
+    int64_t wait_ms = 0;
+    auto w = request.find("wait_ms");
+    if (w != request.end() && w->is_number_integer())
+      wait_ms = std::clamp<int64_t>(w->get<int64_t>(), 0, 2000);
+    EventRing::Batch batch = events_->Read(from, std::chrono::milliseconds(wait_ms));
+    return {{"ok", true},
+            {"next", batch.next},
+            {"dropped", batch.dropped},
+            {"events", std::move(batch.events)}};
   }
 
   // {"op":"allow-list","add":[...],"remove":[...]}: one atomic edit, stored
@@ -636,6 +661,7 @@ class Supervisor {
 
   void BeforeClose() {
     if (proxy_) proxy_->Stop();
+    events_->Close();  // a reader waiting for events learns at once
     if (dns_) dns_->Stop();
     for (auto& f : forwarders_) f->Stop();
     forwarders_.clear();
@@ -687,6 +713,8 @@ class Supervisor {
   std::shared_ptr<net::Policy> policy_;
   std::unique_ptr<net::DnsServer> dns_;
   std::unique_ptr<net::TransparentProxy> proxy_;
+  // The proxy's decisions for `cella rpc` (shared: the proxy's sink holds it).
+  std::shared_ptr<EventRing> events_ = std::make_shared<EventRing>();
   UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
   UniqueFd netns_;
   std::vector<std::unique_ptr<ShareDaemon>> shares_;  // main thread only

@@ -607,6 +607,28 @@ Status StateStore::UpdateSpec(const std::string& id, const std::string& spec_jso
   return txn.Commit();
 }
 
+Status StateStore::Rename(const std::string& id, const std::string& name) {
+  Impl& s = *impl_;
+  CELLA_TRY(CheckId(id));
+  if (!IsValidName(name))
+    return Refuse(EINVAL, "invalid sandbox name \"" + name +
+                              "\": use letters, digits, '_', '.', '-' (starting with a letter or "
+                              "digit), at most " +
+                              std::to_string(kMaxNameLength) + " characters");
+  Transaction txn = CELLA_TRY(Transaction::Begin(*s.db, TransactionKind::kWrite));
+  SandboxRecord current = CELLA_TRY(s.Require(id));
+  if (current.name == name) return txn.Commit();
+  std::optional<SandboxRecord> holder = CELLA_TRY(s.FindBy("WHERE name = ?1", name));
+  if (holder)
+    return Refuse(EEXIST,
+                  "name \"" + name + "\" is already in use by sandbox " + ShortId(holder->id));
+  // Like a spec edit, not a state change: updated_ms stays.
+  sql::Statement st = CELLA_TRY(s.db->Prepare("UPDATE sandboxes SET name = ?2 WHERE id = ?1"));
+  CELLA_TRY(st.BindAll(id, name));
+  CELLA_TRY(st.Run());
+  return txn.Commit();
+}
+
 Status StateStore::EditSpec(const std::string& id, const SpecEdit& edit) {
   Impl& s = *impl_;
   CELLA_TRY(CheckId(id));

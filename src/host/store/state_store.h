@@ -166,6 +166,9 @@ class StateStore {
   // record as it is now and returns the new spec, or an error that leaves
   // the record unchanged. Concurrent edits are serialized, none lost.
   using SpecEdit = std::function<Result<std::string>(const SandboxRecord& current)>;
+  // `cella rename`: a new (valid, untaken) name, in any state; refuses a
+  // name another sandbox holds (EEXIST).
+  Status Rename(const std::string& id, const std::string& name);
   Status EditSpec(const std::string& id, const SpecEdit& edit);
   // Deletes the record, its history and its volume uses, whatever its
   // state: stopping processes first is the caller's job.

@@ -128,6 +128,10 @@ int SnapshotCreateCommand(const std::string& sandbox_ref, const std::string& nam
 int SnapshotLsCommand(ListFormat format);
 int SnapshotRmCommand(const std::vector<std::string>& names);
 int SnapshotRestoreCommand(const std::string& snapshot, const std::string& new_name);
+// cella fork ID [--count N] [--name PREFIX] [--json]: prints the new IDs,
+// one per line, or {"ids":[...]}.
+int ForkCommand(const std::string& sandbox_ref, int count, const std::string& name_prefix,
+                bool json_output);
 int RmCommand(const std::vector<std::string>& refs, bool force);
 int PruneCommand();
 // Without `archive`, copied entries belong to the copier (root in the

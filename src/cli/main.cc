@@ -361,6 +361,16 @@ int Main(int argc, char** argv) {
   snap_restore->add_option("name", snap_restore_name, "Snapshot")->required();
   snap_restore->add_option("--name", snap_restore_as, "Name of the new sandbox");
 
+  std::string fork_ref, fork_name;
+  int fork_count = 1;
+  bool fork_json = false;
+  CLI::App* fork_cmd = app.add_subcommand(
+      "fork", "Copy a running sandbox into new ones that continue from its state (prints IDs)");
+  fork_cmd->add_option("sandbox", fork_ref, "Sandbox")->required();
+  fork_cmd->add_option("--count", fork_count, "How many copies (default 1)");
+  fork_cmd->add_option("--name", fork_name, "Name the copies PREFIX-1..N");
+  fork_cmd->add_flag("--json", fork_json, "Print {\"ids\":[...]}");
+
   bool rm_force = false;
   std::vector<std::string> rm_refs;
   CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
@@ -540,6 +550,8 @@ int Main(int argc, char** argv) {
   if (snap_ls->parsed())
     return cella::cli::SnapshotLsCommand(snap_ls_json ? ListFormat::kJson : ListFormat::kText);
   if (snap_rm->parsed()) return cella::cli::SnapshotRmCommand(snap_rm_names);
+  if (fork_cmd->parsed())
+    return cella::cli::ForkCommand(fork_ref, fork_count, fork_name, fork_json);
   if (snap_restore->parsed())
     return cella::cli::SnapshotRestoreCommand(snap_restore_name, snap_restore_as);
   if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);

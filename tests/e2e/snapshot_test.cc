@@ -211,9 +211,10 @@ TEST_F(SnapshotTest, NamedSnapshotRestoresIntoANewSandboxAndLeavesTheSourceRunni
 }
 
 TEST_F(SnapshotTest, AStandbyWhoseQemuIsKilledMidSaveLeavesNoSnapshotButTheDisks) {
-  // 128 MiB of random bytes in RAM: a save long enough to be caught mid-way.
-  std::string id = RunDetached({"--memory", "1g", "@builtin", "sh", "-c",
-                                "head -c 134217728 /dev/urandom > /dev/shm/blob; "
+  // 32 MiB of random bytes in RAM: a save long enough (a second or more
+  // here) to be caught mid-way by a poll every 5 ms.
+  std::string id = RunDetached({"@builtin", "sh", "-c",
+                                "head -c 33554432 /dev/urandom > /dev/shm/blob; "
                                 "echo ready > /root/ready; sleep 100000"});
   ASSERT_FALSE(id.empty());
   Exec(id, "echo survives > /root/note; sync");

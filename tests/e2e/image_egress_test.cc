@@ -348,11 +348,23 @@ TEST_F(Egress, StandbyResumeAndForkKeepPolicySecretsNamesAndForwards) {
       "curl -s -o /dev/null -m 20 -w '%{http_code}' --resolve api.test:80:$(cat /root/ip) "
       "http://api.test/echo";
   ASSERT_EQ(Exec(id, by_kept_ip).out, "200");
+  // A tiny server in the guest (the image's python3 is minimal: no http.server).
+  auto server = CellaIn(
+      home_, {"exec", "-d", id, "--", "python3", "-c",
+              "import socket\n"
+              "s = socket.socket()\n"
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "s.bind(('0.0.0.0', 8080))\n"
+              "s.listen(8)\n"
+              "while True:\n"
+              "    c, _ = s.accept()\n"
+              "    c.recv(4096)\n"
+              "    c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 10\\r\\n\\r\\nforwarded\\n')\n"
+              "    c.close()\n"});
+  ASSERT_EQ(server.exit_code, 0) << Describe(server);
   auto served = Exec(id,
-                     "echo forwarded > /root/page; cd /root && "
-                     "(setsid python3 -m http.server 8080 >/dev/null 2>&1 &) ; "
-                     "for i in $(seq 100); do curl -s -m 2 http://127.0.0.1:8080/page && break; "
-                     "sleep 0.2; done");
+                     "for i in $(seq 120); do curl -s -m 2 http://127.0.0.1:8080/page && break; "
+                     "sleep 1; done");
   ASSERT_EQ(served.out, "forwarded\n") << Describe(served);
   const std::string page = "http://127.0.0.1:" + std::to_string(host_port) + "/page";
   EXPECT_EQ(RunProcess({"curl", "-s", "-m", "20", page}).out, "forwarded\n");

@@ -153,6 +153,10 @@ int SnapshotRestoreCommand(const std::string& snapshot, const std::string& new_n
 int TemplateLsCommand(ListFormat format);
 int TemplateRmCommand(const std::vector<std::string>& keys, bool all);
 int TemplateCreateCommand(RunArgs args);
+// cella fork ID [--count N] [--name PREFIX] [--json]: prints the new IDs,
+// one per line, or {"ids":[...]}.
+int ForkCommand(const std::string& sandbox_ref, int count, const std::string& name_prefix,
+                bool json_output);
 int RmCommand(const std::vector<std::string>& refs, bool force);
 int PruneCommand();
 // Without `archive`, copied entries belong to the copier (root in the

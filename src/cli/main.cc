@@ -484,6 +484,16 @@ int Main(int argc, char** argv) {
   tmpl_create->add_option("--insecure-registry", tmpl_run.insecure_registries,
                           "Registry host[:port] over plain HTTP (repeatable)");
 
+  std::string fork_ref, fork_name;
+  int fork_count = 1;
+  bool fork_json = false;
+  CLI::App* fork_cmd = app.add_subcommand(
+      "fork", "Copy a running sandbox into new ones that continue from its state (prints IDs)");
+  fork_cmd->add_option("sandbox", fork_ref, "Sandbox")->required();
+  fork_cmd->add_option("--count", fork_count, "How many copies (default 1)");
+  fork_cmd->add_option("--name", fork_name, "Name the copies PREFIX-1..N");
+  fork_cmd->add_flag("--json", fork_json, "Print {\"ids\":[...]}");
+
   bool rm_force = false;
   std::vector<std::string> rm_refs;
   CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
@@ -672,6 +682,8 @@ int Main(int argc, char** argv) {
     return cella::cli::TemplateLsCommand(tmpl_ls_json ? ListFormat::kJson : ListFormat::kText);
   if (tmpl_rm->parsed()) return cella::cli::TemplateRmCommand(tmpl_rm_keys, tmpl_rm_all);
   if (tmpl_create->parsed()) return cella::cli::TemplateCreateCommand(tmpl_run);
+  if (fork_cmd->parsed())
+    return cella::cli::ForkCommand(fork_ref, fork_count, fork_name, fork_json);
   if (snap_restore->parsed())
     return cella::cli::SnapshotRestoreCommand(snap_restore_name, snap_restore_as);
   if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);

@@ -364,7 +364,9 @@ std::string ReadOwnedId(int fd) {
 }  // namespace
 
 int RpcCommand() {
-  rpc::Server server(&CreateOwnedSandbox, STDIN_FILENO, STDOUT_FILENO, {}, &AttachSandbox);
+  rpc::ServerOptions options;
+  options.fork = &ForkSandbox;  // copies are ordinary sandboxes, not owned by this server
+  rpc::Server server(&CreateOwnedSandbox, STDIN_FILENO, STDOUT_FILENO, options, &AttachSandbox);
   if (auto st = server.Serve(); !st) return ReportFailure(st.error());
   return 0;
 }

@@ -227,27 +227,6 @@ Status ControlOp(SandboxContext& ctx, const store::SandboxRecord& record, const 
   return {};
 }
 
-// Secret values are never stored: a restart takes them from this process's
-// environment again (the NAME@host form), or cannot have them.
-Result<std::string> SecretsForRestart(const sandbox::SandboxSpec& spec,
-                                      const store::SandboxRecord& record) {
-  json values = json::object();
-  for (const auto& secret : spec.egress.secrets) {
-    if (secret.from_env.empty()) {
-      return Fail("secret " + secret.name + " of sandbox " + record.Label() +
-                  " was given as NAME=VALUE and cella never stores values; remove the sandbox "
-                  "and run it again (or pass secrets as NAME@host from the environment)");
-    }
-    const char* value = std::getenv(secret.from_env.c_str());
-    if (!value || !*value) {
-      return Fail("secret " + secret.name + " of sandbox " + record.Label() + ": export " +
-                  secret.from_env + " in the environment of cella start");
-    }
-    values[secret.name] = value;
-  }
-  return values.dump();
-}
-
 Status StartOne(SandboxContext& ctx, const store::SandboxRecord& record) {
   if (record.state == store::SandboxState::kRunning) return {};
   const bool resume = record.state == store::SandboxState::kStandby;
@@ -370,6 +349,27 @@ Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std:
 }
 
 }  // namespace
+
+// Secret values are never stored: a restart takes them from this process's
+// environment again (the NAME@host form), or cannot have them.
+Result<std::string> SecretsForRestart(const sandbox::SandboxSpec& spec,
+                                      const store::SandboxRecord& record) {
+  json values = json::object();
+  for (const auto& secret : spec.egress.secrets) {
+    if (secret.from_env.empty()) {
+      return Fail("secret " + secret.name + " of sandbox " + record.Label() +
+                  " was given as NAME=VALUE and cella never stores values; remove the sandbox "
+                  "and run it again (or pass secrets as NAME@host from the environment)");
+    }
+    const char* value = std::getenv(secret.from_env.c_str());
+    if (!value || !*value) {
+      return Fail("secret " + secret.name + " of sandbox " + record.Label() + ": export " +
+                  secret.from_env + " in the environment of cella start");
+    }
+    values[secret.name] = value;
+  }
+  return values.dump();
+}
 
 int ExecCommand(const ExecArgs& args) {
   BlockForwardedSignals();

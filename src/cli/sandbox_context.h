@@ -6,10 +6,12 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "base/result.h"
 #include "host/agent/client.h"
 #include "host/sandbox/layout.h"
+#include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
 
 namespace cella::cli {
@@ -31,6 +33,22 @@ Status RemoveSandboxCompletely(SandboxContext& ctx, const store::SandboxRecord& 
 // The record must be running; the error says what state it is in and what
 // to do.
 Status RequireRunning(const store::SandboxRecord& record, std::string_view for_what);
+
+// The secret values a restart (start, resume, fork) hands its supervisor,
+// as JSON {NAME: value}: never stored, so taken from this process's
+// environment (secrets given as NAME@host); a secret given as NAME=VALUE
+// cannot be had again and is an error naming it.
+Result<std::string> SecretsForRestart(const sandbox::SandboxSpec& spec,
+                                      const store::SandboxRecord& record);
+
+// Forks a running sandbox (snapshot_commands.cc): its state is saved (the
+// source frozen only for that and the copy of its disks, then running on)
+// and `count` new sandboxes resume from it in parallel, each with its own
+// ID, name (`name_prefix`-1..N, or none), copies of the disks, network and
+// the source's egress policy. Returns their IDs once all are running.
+inline constexpr int kMaxForkCount = 32;
+Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int count,
+                                             const std::string& name_prefix);
 
 // An agent client through the supervisor's router (mux.sock).
 Result<std::unique_ptr<host::AgentClient>> ConnectAgent(const SandboxContext& ctx,

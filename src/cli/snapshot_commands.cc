@@ -4,6 +4,8 @@
 // taken while the VM was frozen, and sandbox.json (the record it came from).
 // restore makes a new sandbox (own ID, name, copies of the disks, its own
 // sealed network) and resumes it from the snapshot; the source is untouched.
+// `cella fork` is a snapshot into a hidden directory (snapshots/.fork-*)
+// followed by N such restores in parallel.
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "base/io.h"
 #include "cli/commands.h"
@@ -20,6 +23,7 @@
 #include "host/os/process.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/layout.h"
+#include "host/sandbox/lifecycle.h"
 #include "host/sandbox/snapshot.h"
 #include "host/sandbox/spec.h"
 #include "host/sandbox/supervisor.h"
@@ -68,8 +72,94 @@ uint64_t AllocatedBytes(const std::string& dir) {
 }
 
 Status CopySparse(const std::string& from, const std::string& to) {
-  CELLA_TRY(host::CheckCommand({"cp", "--sparse=always", from, to}, std::chrono::minutes(10)));
+  CELLA_TRY(sandbox::CloneOrCopySparse(from, to));
   return {};
+}
+
+// A committed snapshot directory's contents as a restore needs them.
+struct SnapshotSource {
+  std::string dir;
+  sandbox::SnapshotManifest manifest;
+  json meta;  // sandbox.json
+  sandbox::SandboxSpec spec;
+};
+
+Result<SnapshotSource> LoadSnapshotSource(const std::string& dir, const std::string& label,
+                                          bool verify) {
+  SnapshotSource src;
+  src.dir = dir;
+  if (verify) {
+    src.manifest = CELLA_TRY_CTX(sandbox::VerifySnapshot(dir), "snapshot " + label);
+  } else {
+    // A fork's own fresh snapshot: the supervisor that resumes each copy
+    // verifies size and checksum before QEMU reads a byte anyway.
+    std::string text = CELLA_TRY(ReadFileToString(dir + "/" + sandbox::kManifestName, 64 * 1024));
+    src.manifest = CELLA_TRY_CTX(sandbox::DecodeManifest(text), "snapshot " + label);
+  }
+  src.meta =
+      json::parse(CELLA_TRY(ReadFileToString(dir + "/sandbox.json", 1 << 20)), nullptr, false);
+  if (!src.meta.is_object() || !src.meta.contains("spec_json") ||
+      !src.meta["spec_json"].is_string())
+    return Fail("snapshot " + label + ": sandbox.json is damaged");
+  src.spec = CELLA_TRY(sandbox::DecodeSpec(src.meta["spec_json"].get<std::string>()));
+  return src;
+}
+
+// Makes a new sandbox record from a snapshot: a new ID and directory, its
+// own copies of the disks, the state file linked into its standby/ (the
+// supervisor resumes from there and deletes it after). Returns the ID; on
+// failure nothing of it is left.
+Result<std::string> CreateFromSnapshot(SandboxContext& ctx, const SnapshotSource& src,
+                                       const std::string& new_name) {
+  std::string id = CELLA_TRY(RandomId());
+  sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, id);
+  CELLA_TRY(host::MakeDirs(paths.dir + "/standby", 0700));
+  auto build = [&]() -> Status {
+    CELLA_TRY(CopySparse(src.dir + "/upper.img", paths.upper_image));
+    CELLA_TRY(CopySparse(src.dir + "/config.img", paths.dir + "/config.img"));
+    for (const std::string& f : {src.manifest.state_file, std::string(sandbox::kManifestName)}) {
+      std::string from = src.dir + "/" + f, to = paths.dir + "/standby/" + f;
+      if (::link(from.c_str(), to.c_str()) != 0) CELLA_TRY(CopySparse(from, to));
+    }
+    // The DNS names the guest has cached (only with egress control).
+    std::string names = src.dir + "/" + sandbox::kDnsNamesFile;
+    if (::access(names.c_str(), F_OK) == 0)
+      CELLA_TRY(CopySparse(names, paths.dir + "/standby/" + sandbox::kDnsNamesFile));
+    // Its own writable layer; published ports would collide with the
+    // source's, so the new sandbox has none.
+    sandbox::SandboxSpec spec = src.spec;
+    spec.upper_image = paths.upper_image;
+    spec.ports.clear();
+    store::SandboxRecord record;
+    record.id = id;
+    record.name = new_name;
+    record.image = src.meta.value("image", std::string());
+    if (src.meta.contains("command") && src.meta["command"].is_array())
+      for (const auto& w : src.meta["command"])
+        if (w.is_string()) record.command.push_back(w.get<std::string>());
+    record.spec_json = sandbox::EncodeSpec(spec);
+    CELLA_TRY(ctx.store.Create(record));
+    return {};
+  };
+  if (auto st = build(); !st) {
+    std::error_code ec;
+    std::filesystem::remove_all(paths.dir, ec);
+    return std::unexpected(st.error());
+  }
+  return id;
+}
+
+// Starts the supervisor that resumes a sandbox made by CreateFromSnapshot.
+// It checks the snapshot against this host (kernel, QEMU, shape) and
+// refuses a mismatch naming the part; the record then says failed and
+// `cella rm` removes it.
+Status SpawnRestored(const std::string& home, const std::string& id,
+                     const sandbox::SandboxSpec& spec, const std::string& secrets_json) {
+  std::string self = CELLA_TRY(SelfExecutablePath());
+  return sandbox::SpawnSupervisor(self, id, sandbox::MainAttach::kBySupervisor,
+                                  sandbox::PathsFor(home, id).supervisor_log,
+                                  std::chrono::seconds(spec.boot_timeout_s + 120), secrets_json,
+                                  /*resume=*/true);
 }
 
 Status Print(std::string_view text) { return WriteAll(STDOUT_FILENO, text); }
@@ -105,7 +195,8 @@ int SnapshotLsCommand(ListFormat format) {
     std::vector<std::string> names;
     std::error_code ec;
     for (const auto& entry : std::filesystem::directory_iterator(SnapshotsDir(ctx.home), ec))
-      if (entry.is_directory() && entry.path().extension() != ".partial")
+      if (entry.is_directory() && entry.path().extension() != ".partial" &&
+          entry.path().filename().string()[0] != '.')  // a fork's own, in progress
         names.push_back(entry.path().filename().string());
     std::sort(names.begin(), names.end());
     json out = json::array();
@@ -166,57 +257,108 @@ int SnapshotRestoreCommand(const std::string& snapshot, const std::string& new_n
     SandboxContext ctx = CELLA_TRY(OpenSandboxes());
     std::string from = SnapshotsDir(ctx.home) + "/" + snapshot;
     if (::access(from.c_str(), F_OK) != 0) return Fail("no snapshot \"" + snapshot + "\"");
-    sandbox::SnapshotManifest manifest =
-        CELLA_TRY_CTX(sandbox::VerifySnapshot(from), "snapshot " + snapshot);
-    json meta =
-        json::parse(CELLA_TRY(ReadFileToString(from + "/sandbox.json", 1 << 20)), nullptr, false);
-    if (!meta.is_object() || !meta.contains("spec_json") || !meta["spec_json"].is_string())
-      return Fail("snapshot " + snapshot + ": sandbox.json is damaged");
-    sandbox::SandboxSpec spec =
-        CELLA_TRY(sandbox::DecodeSpec(meta["spec_json"].get<std::string>()));
-    std::string id = CELLA_TRY(RandomId());
-    sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, id);
-    CELLA_TRY(host::MakeDirs(paths.dir + "/standby", 0700));
-    auto build = [&]() -> Status {
-      CELLA_TRY(CopySparse(from + "/upper.img", paths.upper_image));
-      CELLA_TRY(CopySparse(from + "/config.img", paths.dir + "/config.img"));
-      for (const std::string& f : {manifest.state_file, std::string(sandbox::kManifestName)}) {
-        std::string src = from + "/" + f, dst = paths.dir + "/standby/" + f;
-        if (::link(src.c_str(), dst.c_str()) != 0) CELLA_TRY(CopySparse(src, dst));
-      }
-      // Its own writable layer; published ports would collide with the
-      // source's, so the restored sandbox has none.
-      spec.upper_image = paths.upper_image;
-      spec.ports.clear();
-      store::SandboxRecord record;
-      record.id = id;
-      record.name = new_name;
-      record.image = meta.value("image", std::string());
-      if (meta.contains("command") && meta["command"].is_array())
-        for (const auto& w : meta["command"])
-          if (w.is_string()) record.command.push_back(w.get<std::string>());
-      record.spec_json = sandbox::EncodeSpec(spec);
-      CELLA_TRY(ctx.store.Create(record));
-      return {};
-    };
-    if (auto st = build(); !st) {
-      std::error_code ec;
-      std::filesystem::remove_all(paths.dir, ec);
-      return std::unexpected(st.error());
-    }
-    // The supervisor checks the snapshot against this host (kernel, QEMU,
-    // shape) and refuses a mismatch naming the part; the record then says
-    // failed and `cella rm` removes it.
-    std::string self = CELLA_TRY(SelfExecutablePath());
-    CELLA_TRY(sandbox::SpawnSupervisor(self, id, sandbox::MainAttach::kBySupervisor,
-                                       paths.supervisor_log,
-                                       std::chrono::seconds(spec.boot_timeout_s + 120), "{}",
-                                       /*resume=*/true));
+    SnapshotSource src = CELLA_TRY(LoadSnapshotSource(from, snapshot, /*verify=*/true));
+    std::string id = CELLA_TRY(CreateFromSnapshot(ctx, src, new_name));
+    CELLA_TRY(SpawnRestored(ctx.home, id, src.spec, "{}"));
     return id;
   };
   auto id = run();
   if (!id) return ReportFailure(id.error());
   return Print(*id + "\n") ? 0 : 1;
+}
+
+Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int count,
+                                             const std::string& name_prefix) {
+  if (count < 1 || count > kMaxForkCount)
+    return Fail("fork: --count must be 1.." + std::to_string(kMaxForkCount));
+  SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+  store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(sandbox_ref));
+  CELLA_TRY(RequireRunning(record, "fork"));
+  sandbox::SandboxSpec spec = CELLA_TRY(sandbox::DecodeSpec(record.spec_json));
+  // What a snapshot cannot hold, refused before the source is touched.
+  if (record.auto_remove)
+    return Fail("fork " + record.Label() +
+                ": it was started with --rm, so nothing of it may outlive its supervisor; "
+                "fork a sandbox started with cella run -d");
+  if (!spec.volumes.empty())
+    return Fail("fork " + record.Label() +
+                ": it has volumes, which the copies would share with it and each other (a "
+                "fork copies only the writable layer); fork a sandbox without volumes");
+  if (!spec.shares.empty())
+    return Fail("fork " + record.Label() +
+                ": it has host directories (-v /host:/guest); QEMU cannot save a virtiofs "
+                "device, and the host tree is not the copies' to keep");
+  std::vector<std::string> names;
+  for (int i = 1; i <= count; ++i) {
+    if (name_prefix.empty()) {
+      names.emplace_back();
+      continue;
+    }
+    std::string name = name_prefix + "-" + std::to_string(i);
+    if (auto st = store::CheckVolumeName(name); !st)
+      return Fail("fork: --name " + name_prefix + ": " + st.error().message);
+    if (ctx.store.Resolve(name)) return Fail("fork: a sandbox named " + name + " exists already");
+    names.push_back(std::move(name));
+  }
+  // Secret values are never stored: the copies get them from this process's
+  // environment, as `cella start` does.
+  std::string secrets = CELLA_TRY(SecretsForRestart(spec, record));
+
+  // The source is frozen only while its state is saved and its disks are
+  // copied; it runs on after.
+  std::string root = SnapshotsDir(ctx.home);
+  if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return FailErrno("mkdir " + root);
+  std::string dir = root + "/" + sandbox::kForkDirPrefix + CELLA_TRY(RandomId()).substr(0, 12);
+  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+  auto reply =
+      sandbox::ControlCall(control, {{"op", "snapshot"}, {"dir", dir}}, std::chrono::minutes(15));
+  if (!reply) {
+    std::string why = reply.error().message;
+    // The supervisor's refusals speak of "snapshot": the same reasons.
+    return Fail("fork " + record.Label() + ": " + why);
+  }
+  // The state file and copies stay reachable through the copies' links;
+  // the fork's own directory goes whatever happens next.
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() { (void)sandbox::RemoveSnapshot(dir); }
+  } cleanup{dir};
+  SnapshotSource src = CELLA_TRY(LoadSnapshotSource(dir, record.Label(), /*verify=*/false));
+
+  std::vector<std::string> ids;
+  for (const std::string& name : names)
+    ids.push_back(CELLA_TRY(CreateFromSnapshot(ctx, src, name)));
+  // The copies resume in parallel: each supervisor builds its own network
+  // and QEMU, and the wait is for the slowest, not the sum.
+  std::vector<Status> started(ids.size());
+  {
+    std::vector<std::jthread> threads;
+    for (size_t i = 0; i < ids.size(); ++i)
+      threads.emplace_back(
+          [&, i] { started[i] = SpawnRestored(ctx.home, ids[i], src.spec, secrets); });
+  }
+  std::string failures;
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (!started[i])
+      failures += (failures.empty() ? "" : "; ") + store::ShortId(ids[i]) + ": " +
+                  sandbox::OneLine(started[i].error().message);
+  if (!failures.empty())
+    return Fail("fork " + record.Label() + ": not every copy started (" + failures +
+                "); the failed ones are kept for cella logs and cella rm");
+  return ids;
+}
+
+int ForkCommand(const std::string& sandbox_ref, int count, const std::string& name_prefix,
+                bool json_output) {
+  auto ids = ForkSandbox(sandbox_ref, count, name_prefix);
+  if (!ids) return ReportFailure(ids.error());
+  std::string text;
+  if (json_output) {
+    text = json{{"ids", *ids}}.dump(2) + "\n";
+  } else {
+    for (const auto& id : *ids) text += id + "\n";
+  }
+  return Print(text) ? 0 : 1;
 }
 
 }  // namespace cella::cli

@@ -314,6 +314,16 @@ std::string EncodeRequest(const Request& request) {
     if (sd->grace_ms != 0) j["grace_ms"] = sd->grace_ms;
   } else if (auto* rs = std::get_if<ResumedRequest>(&request)) {
     j["realtime_ns"] = rs->realtime_ns;
+    if (!rs->rng_seed.empty()) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      std::string hex;
+      hex.reserve(rs->rng_seed.size() * 2);
+      for (uint8_t b : rs->rng_seed) {
+        hex += kHex[b >> 4];
+        hex += kHex[b & 15];
+      }
+      j["rng_seed"] = hex;
+    }
   } else if (auto* ln = std::get_if<SymlinkRequest>(&request)) {
     j["path"] = ln->path;
     j["target"] = ln->target;
@@ -425,6 +435,26 @@ Result<Request> DecodeRequest(std::string_view text) {
       ResumedRequest rs;
       if (r.Integer("realtime_ns", rs.realtime_ns, Need::kRequired) && rs.realtime_ns <= 0)
         r.Problem("\"realtime_ns\" must be positive");
+      std::string hex;
+      if (r.Str("rng_seed", hex, Need::kOptional)) {
+        auto nibble = [](char c) -> int {
+          if (c >= '0' && c <= '9') return c - '0';
+          if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+          return -1;
+        };
+        bool ok =
+            hex.size() % 2 == 0 && hex.size() / 2 >= kMinRngSeed && hex.size() / 2 <= kMaxRngSeed;
+        for (size_t i = 0; ok && i < hex.size(); i += 2) {
+          int hi = nibble(hex[i]), lo = nibble(hex[i + 1]);
+          if (hi < 0 || lo < 0)
+            ok = false;
+          else
+            rs.rng_seed.push_back(static_cast<uint8_t>(hi << 4 | lo));
+        }
+        if (!ok)
+          r.Problem("\"rng_seed\" must be " + std::to_string(kMinRngSeed) + ".." +
+                    std::to_string(kMaxRngSeed) + " bytes in lowercase hex");
+      }
       request = rs;
     } else if (op == "symlink") {
       SymlinkRequest ln;

@@ -93,9 +93,15 @@ struct ShutdownRequest {
 // the guest's wall clock stood still while it slept, so the agent sets
 // CLOCK_REALTIME to realtime_ns (the host's, nanoseconds since the epoch)
 // and counts the resume (/run/cella/resume-count). Result:
-// {"resume_count":N}.
+// {"resume_count":N}. With `rng_seed` (fresh host random bytes, sent as
+// lowercase hex, kMinRngSeed..kMaxRngSeed bytes) the agent also mixes them
+// into the kernel's RNG and forces a reseed, so copies of one snapshot do
+// not go on with the same random state. Absent = no reseed (an older host).
+inline constexpr size_t kMinRngSeed = 16;
+inline constexpr size_t kMaxRngSeed = 512;
 struct ResumedRequest {
   int64_t realtime_ns = 0;
+  std::vector<uint8_t> rng_seed;
 };
 
 // Longest symlink target (PATH_MAX including the NUL).

@@ -4,8 +4,11 @@
 // CA made per test by egress_certs.sh) and are reached only through `.test`
 // names pinned with --resolve; nothing here resolves or contacts a public
 // name or address.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,7 +33,8 @@ class Egress : public ::testing::Test {
     ASSERT_TRUE(ImageFixture::Get().ok()) << "image fixtures unavailable";
     home_ = FreshCellaHome();
     certs_ = home_ + "/origin-certs";
-    auto made = RunProcess({std::string(CELLA_SOURCE_DIR) + "/tests/fixtures/egress_certs.sh", certs_});
+    auto made =
+        RunProcess({std::string(CELLA_SOURCE_DIR) + "/tests/fixtures/egress_certs.sh", certs_});
     ASSERT_EQ(made.exit_code, 0) << Describe(made);
     StartOrigin();
     ASSERT_FALSE(ports_.empty());
@@ -101,6 +105,22 @@ class Egress : public ::testing::Test {
 
   ProcessResult Exec(const std::string& id, const std::string& script) {
     return CellaIn(home_, {"exec", id, "--", "sh", "-c", script});
+  }
+
+  // A TCP port on 127.0.0.1 that nothing listens on right now.
+  static int FreePort() {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    int port = -1;
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
+      port = ntohs(addr.sin_port);
+    ::close(fd);
+    return port;
   }
 
   // HTTP status curl saw (000 when the connection failed).
@@ -215,8 +235,8 @@ TEST_F(Egress, AllowListDecidesHttpHttpsGlobsRuntimeChangesAndRawTcp) {
 
 TEST_F(Egress, SecretsReachOnlyTheirHostAndNeverTheGuestOrDisk) {
   ASSERT_EQ(::setenv("API_KEY", kSecretValue, 1), 0);
-  std::string id = RunDetached({"--allow-host", "api.test,secret.test", "--secret",
-                                "API_KEY@secret.test"});
+  std::string id =
+      RunDetached({"--allow-host", "api.test,secret.test", "--secret", "API_KEY@secret.test"});
   ASSERT_FALSE(id.empty());
 
   auto placeholder = Exec(id, "echo $API_KEY");
@@ -253,12 +273,17 @@ TEST_F(Egress, SecretsReachOnlyTheirHostAndNeverTheGuestOrDisk) {
 
   // Two sandboxes, one name, two values: each gets its own.
   auto other = CellaIn(home_, [&] {
-    std::vector<std::string> args = {"run", "--image", image_, "--allow-host", "secret.test",
-                                     "--secret", "API_KEY=second-value@secret.test"};
+    std::vector<std::string> args = {"run",
+                                     "--image",
+                                     image_,
+                                     "--allow-host",
+                                     "secret.test",
+                                     "--secret",
+                                     "API_KEY=second-value@secret.test"};
     auto pins = Pins();
     args.insert(args.end(), pins.begin(), pins.end());
-    args.insert(args.end(), {"--", "sh", "-c",
-                             "curl -s -m 20 -H \"X: $API_KEY\" https://secret.test/echo"});
+    args.insert(args.end(),
+                {"--", "sh", "-c", "curl -s -m 20 -H \"X: $API_KEY\" https://secret.test/echo"});
     return args;
   }());
   ASSERT_EQ(other.exit_code, 0) << Describe(other);
@@ -284,20 +309,91 @@ TEST_F(Egress, StreamingAndUpgradesPassWithoutBuffering) {
                       "printf 'hello chunks' | curl -s -m 20 -H 'Transfer-Encoding: chunked' "
                       "--data-binary @- https://api.test/upload");
   EXPECT_NE(chunked.out.find("\"body\": \"hello chunks\""), std::string::npos) << Describe(chunked);
-  auto ws = Exec(id,
-                 "python3 - <<'PY'\n"
-                 "import socket, ssl\n"
-                 "s = ssl.create_default_context().wrap_socket(\n"
-                 "    socket.create_connection(('api.test', 443), timeout=20), server_hostname='api.test')\n"
-                 "s.sendall(b'GET /ws HTTP/1.1\\r\\nHost: api.test\\r\\nUpgrade: websocket\\r\\n'\n"
-                 "          b'Connection: Upgrade\\r\\nSec-WebSocket-Key: x\\r\\n\\r\\n')\n"
-                 "head = b''\n"
-                 "while b'\\r\\n\\r\\n' not in head: head += s.recv(1)\n"
-                 "print(head.split(b'\\r\\n')[0].decode())\n"
-                 "s.sendall(b'ping-frame')\n"
-                 "print(s.recv(100).decode())\n"
-                 "PY");
+  auto ws = Exec(
+      id,
+      "python3 - <<'PY'\n"
+      "import socket, ssl\n"
+      "s = ssl.create_default_context().wrap_socket(\n"
+      "    socket.create_connection(('api.test', 443), timeout=20), server_hostname='api.test')\n"
+      "s.sendall(b'GET /ws HTTP/1.1\\r\\nHost: api.test\\r\\nUpgrade: websocket\\r\\n'\n"
+      "          b'Connection: Upgrade\\r\\nSec-WebSocket-Key: x\\r\\n\\r\\n')\n"
+      "head = b''\n"
+      "while b'\\r\\n\\r\\n' not in head: head += s.recv(1)\n"
+      "print(head.split(b'\\r\\n')[0].decode())\n"
+      "s.sendall(b'ping-frame')\n"
+      "print(s.recv(100).decode())\n"
+      "PY");
   EXPECT_EQ(ws.out, "HTTP/1.1 101 Switching Protocols\nping-frame\n") << Describe(ws);
+}
+
+// After standby + resume the policy is the same (allowed host reachable,
+// others blocked, the secret substituted), the -p forward serves again, and
+// a name the guest resolved before the standby still reaches its host by
+// the virtual address the guest kept, without resolving again (the DNS
+// server's table is saved with the snapshot). A fork of the resumed
+// sandbox has the same policy and names in its own network.
+TEST_F(Egress, StandbyResumeAndForkKeepPolicySecretsNamesAndForwards) {
+  ASSERT_EQ(::setenv("API_KEY", kSecretValue, 1), 0);
+  const int host_port = FreePort();
+  ASSERT_GT(host_port, 0);
+  std::string id =
+      RunDetached({"--allow-host", "api.test,secret.test", "--secret", "API_KEY@secret.test", "-p",
+                   "127.0.0.1:" + std::to_string(host_port) + ":8080"});
+  ASSERT_FALSE(id.empty());
+  // Resolved once, before the standby; the address kept in a file.
+  auto resolved = Exec(id, "getent hosts api.test | cut -d' ' -f1 > /root/ip; cat /root/ip");
+  ASSERT_EQ(resolved.exit_code, 0) << Describe(resolved);
+  ASSERT_TRUE(resolved.out.starts_with("198.1")) << "a virtual address: " << resolved.out;
+  const std::string by_kept_ip =
+      "curl -s -o /dev/null -m 20 -w '%{http_code}' --resolve api.test:80:$(cat /root/ip) "
+      "http://api.test/echo";
+  ASSERT_EQ(Exec(id, by_kept_ip).out, "200");
+  // A tiny server in the guest (the image's python3 is minimal: no http.server).
+  auto server = CellaIn(
+      home_, {"exec", "-d", id, "--", "python3", "-c",
+              "import socket\n"
+              "s = socket.socket()\n"
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "s.bind(('0.0.0.0', 8080))\n"
+              "s.listen(8)\n"
+              "while True:\n"
+              "    c, _ = s.accept()\n"
+              "    c.recv(4096)\n"
+              "    c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 10\\r\\n\\r\\nforwarded\\n')\n"
+              "    c.close()\n"});
+  ASSERT_EQ(server.exit_code, 0) << Describe(server);
+  auto served = Exec(id,
+                     "for i in $(seq 120); do curl -s -m 2 http://127.0.0.1:8080/page && break; "
+                     "sleep 1; done");
+  ASSERT_EQ(served.out, "forwarded\n") << Describe(served);
+  const std::string page = "http://127.0.0.1:" + std::to_string(host_port) + "/page";
+  EXPECT_EQ(RunProcess({"curl", "-s", "-m", "20", page}).out, "forwarded\n");
+
+  ASSERT_EQ(CellaIn(home_, {"standby", id}, "", std::chrono::seconds(600)).exit_code, 0);
+  auto resumed = CellaIn(home_, {"resume", id}, "", std::chrono::seconds(600));
+  ASSERT_EQ(resumed.exit_code, 0) << Describe(resumed);
+
+  auto check_policy = [&](const std::string& sandbox) {
+    SCOPED_TRACE(sandbox);
+    EXPECT_EQ(Exec(sandbox, by_kept_ip).out, "200") << "the kept virtual address still works";
+    EXPECT_EQ(Status(sandbox, "http://api.test/echo"), "200");
+    EXPECT_EQ(Status(sandbox, "http://other.test/"), "000") << "still blocked";
+    auto sent = Exec(sandbox, "curl -s -m 20 -H \"X-Key: $API_KEY\" https://secret.test/echo");
+    auto doc = nlohmann::json::parse(sent.out, nullptr, false);
+    ASSERT_TRUE(doc.is_object()) << Describe(sent);
+    EXPECT_EQ(doc["headers"]["X-Key"], kSecretValue) << "the secret is substituted";
+  };
+  check_policy(id);
+  EXPECT_EQ(RunProcess({"curl", "-s", "-m", "20", page}).out, "forwarded\n")
+      << "the -p forward serves again";
+
+  auto forked = CellaIn(home_, {"fork", id}, "", std::chrono::seconds(600));
+  ASSERT_EQ(forked.exit_code, 0) << Describe(forked);
+  std::string copy = forked.out.substr(0, forked.out.find('\n'));
+  sandboxes_.push_back(copy);
+  check_policy(copy);
+  check_policy(id);
+  ::unsetenv("API_KEY");
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // `cella standby` + `cella resume` is that the sandbox continues where it
 // was (a process's memory, its files, exec), with the right wall clock, and
 // that a snapshot that is not intact is never resumed from.
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -207,6 +208,47 @@ TEST_F(SnapshotTest, NamedSnapshotRestoresIntoANewSandboxAndLeavesTheSourceRunni
   ASSERT_EQ(rm.exit_code, 0) << Describe(rm);
   EXPECT_FALSE(Exists(home_ + "/snapshots/snap1"));
   EXPECT_EQ(RunCella({"snapshot", "ls", "--json"}).out, "[]\n");
+}
+
+TEST_F(SnapshotTest, AStandbyWhoseQemuIsKilledMidSaveLeavesNoSnapshotButTheDisks) {
+  // 32 MiB of random bytes in RAM: a save long enough (a second or more
+  // here) to be caught mid-way by a poll every 5 ms.
+  std::string id = RunDetached({"@builtin", "sh", "-c",
+                                "head -c 33554432 /dev/urandom > /dev/shm/blob; "
+                                "echo ready > /root/ready; sleep 100000"});
+  ASSERT_FALSE(id.empty());
+  Exec(id, "echo survives > /root/note; sync");
+  auto deadline = std::chrono::steady_clock::now() + seconds(300);
+  while (Exec(id, "cat /root/ready 2>/dev/null || true") != "ready" &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const std::string dir = Dir(id);
+  const int qemu_pid = Inspect(id).value("hypervisor_pid", 0);
+  ASSERT_GT(qemu_pid, 0);
+
+  ProcessResult standby;
+  std::thread saver([&] { standby = RunCella({"standby", id}, "", seconds(600)); });
+  // QEMU has started writing the stream: kill it there.
+  const std::string tmp = dir + "/standby/machine.state.zst.tmp";
+  deadline = std::chrono::steady_clock::now() + seconds(120);
+  struct stat st {};
+  while (!(::stat(tmp.c_str(), &st) == 0 && st.st_size > 0) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const bool caught = !Exists(dir + "/standby/manifest.json");
+  ASSERT_EQ(::kill(qemu_pid, SIGKILL), 0);
+  saver.join();
+  ASSERT_TRUE(caught) << "the save finished before QEMU could be killed during it";
+  EXPECT_NE(standby.exit_code, 0) << Describe(standby);
+  EXPECT_FALSE(Exists(dir + "/standby/manifest.json")) << "a half-written snapshot was committed";
+  EXPECT_TRUE(WaitForState(id, "failed")) << State(id);
+  auto resumed = RunCella({"resume", id}, "", seconds(120));
+  EXPECT_NE(resumed.exit_code, 0) << "nothing to resume from: " << Describe(resumed);
+  // The disks are kept: a cold start has what was written before.
+  auto started = RunCella({"start", id}, "", seconds(600));
+  ASSERT_EQ(started.exit_code, 0) << Describe(started);
+  EXPECT_EQ(Exec(id, "cat /root/note"), "survives");
+  EXPECT_FALSE(Exists(dir + "/standby")) << "a cold boot drops the leftovers";
 }
 
 }  // namespace

@@ -110,6 +110,27 @@ TEST(AgentMessages, ResumedCarriesTheHostsClockAndNothingElse) {
   EXPECT_EQ(DecodeErrno(R"({"op":"resumed","realtime_ns":1,"extra":1})"), EINVAL);
 }
 
+TEST(AgentMessages, ResumedCarriesAnRngSeedAsBoundedHex) {
+  ResumedRequest resumed;
+  resumed.realtime_ns = 5;
+  for (int i = 0; i < 16; ++i) resumed.rng_seed.push_back(static_cast<uint8_t>(i * 17));
+  json r = Parsed(EncodeRequest(resumed));
+  EXPECT_EQ(r.value("rng_seed", std::string()), "00112233445566778899aabbccddeeff");
+  auto back = DecodeRequest(r.dump());
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(std::get<ResumedRequest>(*back).rng_seed, resumed.rng_seed);
+  auto with_seed = [](const std::string& hex) {
+    return DecodeErrno(R"({"op":"resumed","realtime_ns":1,"rng_seed":")" + hex + "\"}");
+  };
+  EXPECT_EQ(with_seed(std::string(32, 'a')), 0);
+  EXPECT_EQ(with_seed(std::string(30, 'a')), EINVAL) << "below the minimum";
+  EXPECT_EQ(with_seed(std::string(2 * kMaxRngSeed + 2, 'a')), EINVAL) << "above the maximum";
+  EXPECT_EQ(with_seed(std::string(33, 'a')), EINVAL) << "odd length";
+  EXPECT_EQ(with_seed(std::string(31, 'a') + "g"), EINVAL) << "not hex";
+  EXPECT_EQ(with_seed(std::string(31, 'a') + "A"), EINVAL) << "not lowercase";
+  EXPECT_EQ(DecodeErrno(R"({"op":"resumed","realtime_ns":1,"rng_seed":5})"), EINVAL);
+}
+
 TEST(AgentMessages, FileInfoCarriesLinkTargetsAndListOwners) {
   FileInfo link;
   link.name = "l";

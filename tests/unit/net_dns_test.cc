@@ -291,5 +291,54 @@ TEST(NetDns, VirtualAddressesStayInsideTheBlock) {
   EXPECT_FALSE(table.NameFor(outside).has_value());  // never handed out
 }
 
+TEST(NetDns, FakeIpTableSurvivesExportAndRefusesWhatItCannotTrust) {
+  FakeIpTable table;
+  auto a = table.AddressFor("a.test");
+  auto b = table.AddressFor("b.example.com");
+  ASSERT_TRUE(a && b);
+  FakeIpTable restored;
+  ASSERT_TRUE(restored.Import(table.Export()));
+  // The guest's cached answers still point at the same names.
+  EXPECT_EQ(restored.NameFor(*a), "a.test");
+  EXPECT_EQ(restored.NameFor(*b), "b.example.com");
+  auto again = restored.AddressFor("a.test");
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->s_addr, a->s_addr);
+  // A new name never takes an address a restored one holds.
+  auto c = restored.AddressFor("c.test");
+  ASSERT_TRUE(c);
+  EXPECT_NE(c->s_addr, a->s_addr);
+  EXPECT_NE(c->s_addr, b->s_addr);
+  EXPECT_FALSE(restored.Import(table.Export())) << "a table in use is not overwritten";
+
+  auto refused = [](const std::string& text) {
+    FakeIpTable t;
+    return !t.Import(text);
+  };
+  EXPECT_FALSE(refused("cella-fake-ips 1\n"));
+  EXPECT_FALSE(refused("cella-fake-ips 1\n5 a.test\n9 b.test\n"));
+  EXPECT_TRUE(refused("")) << "no header";
+  EXPECT_TRUE(refused("cella-fake-ips 2\n1 a.test\n")) << "another version";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n1 a.test")) << "unterminated";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n0 a.test\n")) << "offset 0";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n131071 a.test\n")) << "outside the block";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n1 a.test\n1 b.test\n")) << "offset twice";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n1 a.test\n2 a.test\n")) << "name twice";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n1 a test\n")) << "space in a name";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n1 \n")) << "empty name";
+  EXPECT_TRUE(refused("cella-fake-ips 1\nx a.test\n")) << "not a number";
+  EXPECT_TRUE(refused("cella-fake-ips 1\n1 " + std::string(256, 'a') + "\n")) << "too long";
+
+  // A failed import leaves the table empty: the first name gets the first
+  // address, as in a fresh table.
+  FakeIpTable after_fault;
+  ASSERT_FALSE(after_fault.Import("cella-fake-ips 1\n7 a.test\n7 b.test\n"));
+  FakeIpTable fresh;
+  auto want = fresh.AddressFor("z.test");
+  auto got = after_fault.AddressFor("z.test");
+  ASSERT_TRUE(want && got);
+  EXPECT_EQ(got->s_addr, want->s_addr);
+}
+
 }  // namespace
 }  // namespace cella::net

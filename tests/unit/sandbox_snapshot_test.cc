@@ -3,6 +3,7 @@
 // size and checksum match, and the exec: pipelines QEMU runs write and read
 // the same bytes (run here through /bin/sh, as QEMU does).
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -182,6 +183,37 @@ TEST_P(SnapshotFilesTest, AnInterruptedWriteLeavesNoSnapshot) {
   ASSERT_TRUE(RemoveSnapshot(snap_));
   EXPECT_EQ(::access(snap_.c_str(), F_OK), -1);
   EXPECT_TRUE(RemoveSnapshot(snap_)) << "removing what is gone is fine";
+}
+
+TEST(SnapshotDisks, ACopyHasTheSameBytesAndStaysSparse) {
+  testing::TempDir dir;
+  const std::string from = dir.path() + "/upper.img", to = dir.path() + "/copy.img";
+  const off_t size = 64 << 20;
+  {
+    int fd = ::open(from.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::ftruncate(fd, size), 0);
+    std::string block(8192, 'a');
+    ASSERT_EQ(::pwrite(fd, block.data(), block.size(), 0), ssize_t(block.size()));
+    block.assign(12345, 'b');
+    ASSERT_EQ(::pwrite(fd, block.data(), block.size(), 20 << 20), ssize_t(block.size()));
+    block.assign(100, 'c');  // the very end
+    ASSERT_EQ(::pwrite(fd, block.data(), block.size(), size - 100), ssize_t(block.size()));
+    ASSERT_EQ(::close(fd), 0);
+  }
+  auto copied = CloneOrCopySparse(from, to);
+  ASSERT_TRUE(copied) << copied.error().message;
+  EXPECT_EQ(Slurp(to), Slurp(from));
+  struct stat st {};
+  ASSERT_EQ(::stat(to.c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, size);
+  EXPECT_LT(uint64_t(st.st_blocks) * 512, uint64_t(size) / 4) << "the holes were written out";
+  // An existing target is never overwritten; a failed copy leaves nothing.
+  auto again = CloneOrCopySparse(from, to);
+  EXPECT_FALSE(again);
+  auto missing = CloneOrCopySparse(dir.path() + "/none", dir.path() + "/out");
+  EXPECT_FALSE(missing);
+  EXPECT_EQ(::access((dir.path() + "/out").c_str(), F_OK), -1);
 }
 
 INSTANTIATE_TEST_SUITE_P(Codecs, SnapshotFilesTest,

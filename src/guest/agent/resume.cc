@@ -17,12 +17,13 @@
 
 namespace cella::agent {
 
-Status ReseedKernelRng(std::span<const uint8_t> seed) {
-  constexpr size_t kMaxSeed = 512;
+Status ReseedKernelRngAt(const std::string& device, std::span<const uint8_t> seed) {
   if (seed.empty()) return Fail("rng reseed: empty seed");
-  if (seed.size() > kMaxSeed) return Fail("rng reseed: seed above 512 bytes");
-  UniqueFd fd(::open("/dev/urandom", O_RDWR | O_CLOEXEC));
-  if (!fd) return FailErrno("rng reseed: open /dev/urandom");
+  if (seed.size() > protocol::kMaxRngSeed)
+    return Fail("rng reseed: seed of " + std::to_string(seed.size()) + " bytes is above " +
+                std::to_string(protocol::kMaxRngSeed));
+  UniqueFd fd(::open(device.c_str(), O_RDWR | O_CLOEXEC));
+  if (!fd) return FailErrno("rng reseed: open " + device);
   // struct rand_pool_info ends in a flexible array: built in a buffer of
   // whole u32s so the header and the bytes are both aligned.
   std::vector<uint32_t> buffer(2 + (seed.size() + 3) / 4, 0);
@@ -31,9 +32,14 @@ Status ReseedKernelRng(std::span<const uint8_t> seed) {
   info->buf_size = static_cast<int>(seed.size());
   std::memcpy(info->buf, seed.data(), seed.size());
   if (::ioctl(fd.Get(), RNDADDENTROPY, info) != 0)
-    return FailErrno("rng reseed: ioctl RNDADDENTROPY");
-  if (::ioctl(fd.Get(), RNDRESEEDCRNG) != 0) return FailErrno("rng reseed: ioctl RNDRESEEDCRNG");
+    return FailErrno("rng reseed: ioctl RNDADDENTROPY on " + device);
+  if (::ioctl(fd.Get(), RNDRESEEDCRNG) != 0)
+    return FailErrno("rng reseed: ioctl RNDRESEEDCRNG on " + device);
   return {};
+}
+
+Status ReseedKernelRng(std::span<const uint8_t> seed) {
+  return ReseedKernelRngAt("/dev/urandom", seed);
 }
 
 Result<uint64_t> ApplyResume(const protocol::ResumedRequest& request,
@@ -42,6 +48,7 @@ Result<uint64_t> ApplyResume(const protocol::ResumedRequest& request,
   now.tv_sec = static_cast<time_t>(request.realtime_ns / 1'000'000'000);
   now.tv_nsec = static_cast<long>(request.realtime_ns % 1'000'000'000);
   if (::clock_settime(CLOCK_REALTIME, &now) != 0) return FailErrno("clock_settime");
+  if (!request.rng_seed.empty()) CELLA_TRY(ReseedKernelRng(request.rng_seed));
 
   uint64_t count = 0;
   if (auto text = ReadFileToString(count_path, 64)) {

@@ -453,8 +453,10 @@ Status AgentClient::Shutdown(std::chrono::milliseconds grace,
 }
 
 Result<uint64_t> AgentClient::Resumed(std::chrono::system_clock::time_point realtime,
+                                      std::span<const uint8_t> rng_seed,
                                       std::chrono::milliseconds answer_timeout) {
   protocol::ResumedRequest request;
+  request.rng_seed.assign(rng_seed.begin(), rng_seed.end());
   request.realtime_ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(realtime.time_since_epoch()).count();
   const auto deadline = Clock::now() + answer_timeout;

@@ -211,9 +211,12 @@ class AgentClient {
 
   // Tells the guest it woke from a snapshot (protocol op `resumed`): it sets
   // its wall clock to `realtime` and counts the resume. Returns the guest's
-  // resume count. Bounded by `answer_timeout` like Shutdown.
+  // resume count. With `rng_seed` (fresh host random bytes,
+  // protocol::kMinRngSeed..kMaxRngSeed) the guest reseeds its kernel RNG
+  // from it, and fails the request when it cannot. Bounded by
+  // `answer_timeout` like Shutdown.
   Result<uint64_t> Resumed(
-      std::chrono::system_clock::time_point realtime,
+      std::chrono::system_clock::time_point realtime, std::span<const uint8_t> rng_seed = {},
       std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(10'000));
 
   // Set once the link has failed or closed.

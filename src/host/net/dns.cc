@@ -105,6 +105,57 @@ std::optional<std::string> FakeIpTable::NameFor(in_addr address) const {
   return it->second;
 }
 
+std::string FakeIpTable::Export() const {
+  std::lock_guard lock(mutex_);
+  std::string out = "cella-fake-ips 1\n";
+  for (const auto& [offset, name] : by_offset_) out += std::to_string(offset) + " " + name + "\n";
+  return out;
+}
+
+Status FakeIpTable::Import(std::string_view text) {
+  if (text.size() > kMaxExportBytes) return Fail("fake-ip table: larger than the limit");
+  constexpr std::string_view kHeader = "cella-fake-ips 1\n";
+  if (!text.starts_with(kHeader)) return Fail("fake-ip table: not a cella-fake-ips 1 file");
+  text.remove_prefix(kHeader.size());
+  std::map<std::string, uint32_t> by_name;
+  std::map<uint32_t, std::string> by_offset;
+  uint32_t highest = 0;
+  size_t line_no = 1;
+  while (!text.empty()) {
+    ++line_no;
+    size_t end = text.find('\n');
+    if (end == std::string_view::npos)
+      return Fail("fake-ip table: line " + std::to_string(line_no) + " is not terminated");
+    std::string_view line = text.substr(0, end);
+    text.remove_prefix(end + 1);
+    size_t space = line.find(' ');
+    auto bad = [&](std::string_view why) {
+      return Fail("fake-ip table: line " + std::to_string(line_no) + ": " + std::string(why));
+    };
+    if (space == std::string_view::npos || space == 0 || space > 6) return bad("no offset");
+    uint32_t offset = 0;
+    for (char c : line.substr(0, space)) {
+      if (c < '0' || c > '9') return bad("offset is not a number");
+      offset = offset * 10 + uint32_t(c - '0');
+    }
+    // The same range AddressFor hands out.
+    if (offset < 1 || offset >= kVirtualSize - 1) return bad("offset outside the block");
+    std::string_view name = line.substr(space + 1);
+    if (name.empty() || name.size() > 255) return bad("name of a wrong length");
+    for (char c : name)
+      if (c <= ' ' || c > '~') return bad("name has a byte outside printable ASCII");
+    if (!by_offset.emplace(offset, std::string(name)).second) return bad("offset used twice");
+    if (!by_name.emplace(std::string(name), offset).second) return bad("name used twice");
+    highest = std::max(highest, offset);
+  }
+  std::lock_guard lock(mutex_);
+  if (!by_name_.empty()) return Fail("fake-ip table: import into a table in use");
+  by_name_ = std::move(by_name);
+  by_offset_ = std::move(by_offset);
+  next_offset_ = highest + 1;
+  return {};
+}
+
 void FakeIpTable::SetResolved(const std::string& name, std::vector<IpAddress> addresses) {
   std::lock_guard lock(mutex_);
   resolved_[name] = ResolvedEntry{std::move(addresses), std::chrono::steady_clock::now()};

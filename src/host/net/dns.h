@@ -56,6 +56,19 @@ class FakeIpTable {
   Result<in_addr> AddressFor(const std::string& name);
   std::optional<std::string> NameFor(in_addr address) const;
 
+  // The name <-> address pairs as text, to outlive a standby or be handed to
+  // a fork's copies (the guest keeps using the addresses it was answered):
+  // "cella-fake-ips 1\n" then "OFFSET NAME\n" per name. Resolved host
+  // addresses are not kept (they age; the proxy resolves again).
+  std::string Export() const;
+  // Loads an Export() into this table, which must be empty. Strict: the
+  // header, every offset inside the block and used once, every name 1..255
+  // printable non-space bytes and used once, at most the block's size, the
+  // text at most kMaxExportBytes; any fault fails it and leaves it empty.
+  // Later names get addresses after the highest one loaded.
+  static constexpr size_t kMaxExportBytes = size_t{40} << 20;
+  Status Import(std::string_view text);
+
   // Host addresses an allowed name resolved to (already filtered by policy).
   void SetResolved(const std::string& name, std::vector<IpAddress> addresses);
   // nullopt if never resolved or resolved longer than `max_age` ago.

@@ -235,7 +235,8 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
   if (method != "exec" && method != "exec_stream" && method != "exec_pipe" &&
       method != "exec_tty" && method != "write_file" && method != "read_file" &&
       method != "list_files" && method != "allow_list_add" && method != "allow_list_delete" &&
-      method != "log" && method != "log_stream" && method != "port_forward") {
+      method != "log" && method != "log_stream" && method != "port_forward" &&
+      method != "cella.fork") {
     AnswerError(*call, kMethodNotFound, "Method not found: " + method);
     return;
   }
@@ -294,12 +295,39 @@ void Server::RunWorker(std::shared_ptr<Call> call, const std::string& method, js
       DoLog(*call, /*follow=*/true);
     } else if (method == "port_forward") {
       DoPortForward(*call, params);
+    } else if (method == "cella.fork") {
+      DoFork(*call, params);
     }
   } catch (const ParamError& e) {
     AnswerError(*call, kInvalidParams, "Invalid params: " + e.message);
   } catch (const std::exception& e) {
     AnswerError(*call, kInternalError, std::string("Internal error: ") + e.what());
   }
+}
+
+void Server::DoFork(Call& call, const json& params) {
+  if (!options_.fork) {
+    AnswerError(call, kMethodNotFound, "Method not found: cella.fork");
+    return;
+  }
+  std::string ref = OptionalString(params, "id");
+  if (ref.empty()) {
+    auto sandbox = CurrentSandbox();
+    if (!sandbox) throw ParamError{"id: want a string (no sandbox was created or attached)"};
+    ref = sandbox->id();
+  }
+  int count = 1;
+  if (auto it = params.find("count"); it != params.end() && !it->is_null()) {
+    if (!it->is_number_integer() || it->get<int64_t>() < 1 || it->get<int64_t>() > 1000)
+      throw ParamError{"count: want a positive integer"};
+    count = static_cast<int>(it->get<int64_t>());
+  }
+  auto ids = options_.fork(ref, count, OptionalString(params, "name"));
+  if (!ids) {
+    AnswerError(call, kVmFailed, ids.error().message);
+    return;
+  }
+  Answer(call, {{"ids", *ids}});
 }
 
 void Server::Answer(Call& call, json result) {

@@ -128,6 +128,12 @@ struct ServerOptions {
   // queue.
   size_t max_stdin_queue = size_t{16} << 20;
   std::chrono::milliseconds stdin_stall{30'000};
+  // `cella.fork` {id?, count, name}: forks a running sandbox (by default the
+  // one this server drives) into `count` new ones and returns their IDs.
+  // Unset: the method is answered "Method not found".
+  std::function<Result<std::vector<std::string>>(const std::string& id, int count,
+                                                 const std::string& name)>
+      fork;
 };
 
 class Server {
@@ -184,6 +190,7 @@ class Server {
   void StartEvents(std::shared_ptr<Sandbox> sandbox, bool from_start);
   void StopEvents();
   void SendEvent(json event);
+  void DoFork(Call& call, const json& params);
 
   std::shared_ptr<Sandbox> CurrentSandbox();
   void CancelAll();

@@ -1,9 +1,13 @@
 #include "host/sandbox/snapshot.h"
 
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -211,6 +215,98 @@ Result<SnapshotManifest> VerifySnapshot(const std::string& dir) {
                 sum.substr(0, 12) + ", the manifest recorded " + m.sha256.substr(0, 12) + ")");
   return m;
 }
+
+namespace {
+
+Status PwriteAll(int fd, std::string_view bytes, off_t offset, const std::string& what) {
+  while (!bytes.empty()) {
+    ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), offset);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FailErrno("write " + what);
+    bytes.remove_prefix(size_t(n));
+    offset += n;
+  }
+  return {};
+}
+
+// Copies [offset, offset+length) of `in` to the same place in `out`.
+Status CopyRange(int in, int out, off_t offset, off_t length, const std::string& what) {
+  off_t in_off = offset, out_off = offset;
+  while (length > 0) {
+    ssize_t n = ::copy_file_range(in, &in_off, out, &out_off, static_cast<size_t>(length), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP)) {
+      // No in-kernel copy between these files: through a buffer.
+      std::vector<char> buf(1 << 20);
+      while (length > 0) {
+        size_t want = static_cast<size_t>(std::min<off_t>(length, off_t(buf.size())));
+        ssize_t r = ::pread(in, buf.data(), want, in_off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return FailErrno("read " + what);
+        if (r == 0) return Fail("copy " + what + ": it shrank while being copied");
+        CELLA_TRY(PwriteAll(out, std::string_view(buf.data(), size_t(r)), out_off, what));
+        in_off += r;
+        out_off += r;
+        length -= r;
+      }
+      return {};
+    }
+    if (n < 0) return FailErrno("copy_file_range " + what);
+    if (n == 0) return Fail("copy " + what + ": it shrank while being copied");
+    length -= n;
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<bool> CloneOrCopySparse(const std::string& from, const std::string& to) {
+  UniqueFd in(::open(from.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!in) return FailErrno("open " + from);
+  struct stat st {};
+  if (::fstat(in.Get(), &st) != 0) return FailErrno("stat " + from);
+  if (!S_ISREG(st.st_mode)) return Fail(from + " is not a regular file");
+  UniqueFd out(::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!out) return FailErrno("create " + to);
+  auto fail = [&](Error e) -> Result<bool> {
+    out.Reset();
+    ::unlink(to.c_str());
+    return std::unexpected(std::move(e));
+  };
+  if (::ioctl(out.Get(), FICLONE, in.Get()) == 0) return true;
+  if (errno != EOPNOTSUPP && errno != EXDEV && errno != EINVAL && errno != ENOTTY &&
+      errno != ENOSYS)
+    return fail(Error::FromErrno("clone " + from));
+  if (::ftruncate(out.Get(), st.st_size) != 0) return fail(Error::FromErrno("truncate " + to));
+  off_t offset = 0;
+  while (offset < st.st_size) {
+    off_t data = ::lseek(in.Get(), offset, SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;  // only a hole is left
+    if (data < 0) return fail(Error::FromErrno("seek data in " + from));
+    off_t hole = ::lseek(in.Get(), data, SEEK_HOLE);
+    if (hole < 0) return fail(Error::FromErrno("seek hole in " + from));
+    hole = std::min<off_t>(hole, st.st_size);
+    if (auto copied = CopyRange(in.Get(), out.Get(), data, hole - data, from + " to " + to);
+        !copied)
+      return fail(copied.error());
+    offset = hole;
+  }
+  return false;
+}
+
+Result<std::vector<uint8_t>> FreshRngSeed() {
+  std::vector<uint8_t> seed(kRngSeedBytes);
+  size_t got = 0;
+  while (got < seed.size()) {
+    ssize_t n = ::getrandom(seed.data() + got, seed.size() - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FailErrno("getrandom");
+    got += static_cast<size_t>(n);
+  }
+  return seed;
+}
+
+Status FsyncFile(const std::string& path) { return FsyncPath(path, O_RDONLY); }
 
 Status RemoveSnapshot(const std::string& dir) {
   std::error_code ec;

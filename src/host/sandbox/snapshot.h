@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/result.h"
 
@@ -25,6 +26,13 @@ namespace cella::sandbox {
 
 inline constexpr int kSnapshotFormatVersion = 1;
 inline constexpr const char* kManifestName = "manifest.json";
+// A snapshot directory whose name starts with this is a fork's, transient:
+// its copies read it right away and it is removed after; its stream is
+// stored raw (no compression).
+inline constexpr const char* kForkDirPrefix = ".fork-";
+// Beside the state when the sandbox had egress control: its DNS server's
+// name <-> virtual address table (net::FakeIpTable::Export).
+inline constexpr const char* kDnsNamesFile = "dns-names";
 
 enum class SnapshotCompression { kNone, kZstd };
 std::string_view ToString(SnapshotCompression compression);  // "none" | "zstd"
@@ -86,6 +94,21 @@ Result<SnapshotManifest> VerifySnapshot(const std::string& dir);
 
 // Removes the directory and everything in it; a missing one is fine.
 Status RemoveSnapshot(const std::string& dir);
+
+// Copies a disk image for a snapshot or a fork copy: a copy-on-write clone
+// (ioctl FICLONE) where the filesystem has them (btrfs, xfs), else a sparse
+// copy that moves only the data extents (SEEK_DATA/SEEK_HOLE, then
+// copy_file_range). `to` must not exist (created 0600). Not fsynced: the
+// callers commit by a later rename. Returns whether it was a clone.
+Result<bool> CloneOrCopySparse(const std::string& from, const std::string& to);
+
+// Fresh bytes from the host's getrandom() for the guest's RNG reseed on a
+// restore (protocol op `resumed`): every copy of a snapshot gets its own.
+inline constexpr size_t kRngSeedBytes = 64;
+Result<std::vector<uint8_t>> FreshRngSeed();
+
+// fsync(2) of a file by path.
+Status FsyncFile(const std::string& path);
 
 // Single-quotes `text` for /bin/sh.
 std::string ShellQuote(std::string_view text);

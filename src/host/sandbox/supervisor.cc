@@ -266,11 +266,15 @@ class Supervisor {
     host::AgentClient* agent = lifecycle_->machine().Agent();
     if (args_.resume && !resume_announced_) {
       // Before anyone else reaches the guest: its clock stood still while
-      // it slept, and its programs may want to know they were asleep.
+      // it slept, and its programs may want to know they were asleep. Its
+      // RNG is reseeded from fresh host bytes: another copy of the same
+      // snapshot (fork, restore) must not draw the same numbers.
       resume_announced_ = true;
-      auto count = agent->Resumed(std::chrono::system_clock::now());
+      std::vector<uint8_t> seed = CELLA_TRY(FreshRngSeed());
+      auto count = agent->Resumed(std::chrono::system_clock::now(), seed);
       if (!count)
-        return std::unexpected(std::move(count.error()).WithContext("set the guest clock"));
+        return std::unexpected(
+            std::move(count.error()).WithContext("set the guest clock and reseed its RNG"));
       // The guest ran on from it and its disks change from here: the
       // snapshot can never be resumed from again.
       if (auto st = RemoveSnapshot(standby_dir_); !st)
@@ -368,6 +372,11 @@ class Supervisor {
     if (::access(vm.ConfigDiskPath.c_str(), R_OK) != 0)
       return FailErrno("the config disk of the snapshot " + vm.ConfigDiskPath);
     vm.IncomingMigration = LoadUri(standby_dir_, manifest);
+    // Written before the manifest's commit, so present whenever the
+    // snapshot had a DNS server; checked strictly when loaded.
+    std::string names = standby_dir_ + "/" + kDnsNamesFile;
+    if (::access(names.c_str(), F_OK) == 0)
+      restored_dns_names_ = CELLA_TRY(ReadFileToString(names, net::FakeIpTable::kMaxExportBytes));
     return {};
   }
 
@@ -392,11 +401,9 @@ class Supervisor {
     auto copy_disks = [&](const std::string& into) -> Status {
       const std::pair<std::string, std::string> disks[] = {
           {spec_upper_image_, "upper.img"}, {paths_.dir + "/config.img", "config.img"}};
-      for (const auto& [from, name] : disks) {
-        CELLA_TRY(host::CheckCommand(
-            std::vector<std::string>{"cp", "--sparse=always", from, into + "/" + name},
-            std::chrono::minutes(10)));
-      }
+      // While the VM is frozen: a clone where the filesystem can, else
+      // only the data extents are copied.
+      for (const auto& [from, name] : disks) CELLA_TRY(CloneOrCopySparse(from, into + "/" + name));
       nlohmann::json meta = {{"source_id", record.id},
                              {"source_name", record.name},
                              {"image", record.image},
@@ -447,9 +454,13 @@ class Supervisor {
                      const std::function<Status(const std::string&)>& while_frozen) {
     if (::mkdir(dir.c_str(), 0700) != 0) return FailErrno("mkdir " + dir);
     SnapshotManifest manifest;
-    manifest.compression = compression_;
+    // A fork's snapshot is read once, at once, by its copies: compressing
+    // it would only add time on both sides while the source is frozen.
+    const std::string base = dir.substr(dir.rfind('/') + 1);
+    manifest.compression =
+        base.starts_with(kForkDirPrefix) ? SnapshotCompression::kNone : compression_;
     manifest.state_file =
-        compression_ == SnapshotCompression::kZstd ? "machine.state.zst" : "machine.state";
+        manifest.compression == SnapshotCompression::kZstd ? "machine.state.zst" : "machine.state";
     manifest.created_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                               std::chrono::system_clock::now().time_since_epoch())
                               .count();
@@ -471,6 +482,13 @@ class Supervisor {
           },
           std::chrono::seconds(15)));
       CELLA_TRY(machine.SaveState(SaveUri(dir, manifest), std::chrono::minutes(10)));
+      // Host state the guest relies on: the names behind the virtual
+      // addresses it has cached (durable before the manifest commits).
+      if (fake_ips_) {
+        std::string names = dir + "/" + kDnsNamesFile;
+        CELLA_TRY(WriteStringToFile(names, fake_ips_->Export(), 0600));
+        CELLA_TRY(FsyncFile(names));
+      }
       if (while_frozen) CELLA_TRY(while_frozen(dir));
       manifest = CELLA_TRY(CommitSnapshot(dir, manifest));
       return {};
@@ -532,6 +550,11 @@ class Supervisor {
     if (guest.mtu > 0) options.mtu = guest.mtu;
     net::IsolatedNetwork network = CELLA_TRY(net::CreateIsolatedNetwork(options));
     auto fake_ips = std::make_shared<net::FakeIpTable>();
+    // A resumed guest still holds the virtual addresses it was answered
+    // before the snapshot: the same names must stand behind them.
+    if (!restored_dns_names_.empty())
+      CELLA_TRY_CTX(fake_ips->Import(restored_dns_names_), "the snapshot's DNS names");
+    fake_ips_ = fake_ips;
     net::DnsServerOptions dns_options;
     dns_options.policy = policy_;
     dns_options.table = fake_ips;
@@ -696,6 +719,8 @@ class Supervisor {
   bool has_volumes_ = false;
   std::string spec_upper_image_;
   int memory_mib_ = 0;
+  std::shared_ptr<net::FakeIpTable> fake_ips_;
+  std::string restored_dns_names_;  // from the snapshot being resumed
   std::function<Result<SnapshotCompat>()> compat_inputs_;
   std::optional<SnapshotCompat> compat_;
   std::string standby_dir_;

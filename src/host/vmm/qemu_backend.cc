@@ -597,6 +597,9 @@ Status QemuMachine::ReconnectAgent() {
   while (!agent_fd) {
     if (auto fd = ConnectUnix(paths_.agent_socket)) agent_fd = std::move(*fd);
     if (agent_fd) break;
+    // A QEMU that died (killed during a save) never brings the socket
+    // back: said at once instead of after the whole boot time-out.
+    if (CELLA_TRY(ReapIfExited())) return std::unexpected(DiedDuringBoot("reconnecting the agent"));
     if (Clock::now() >= deadline) return Fail("VM " + config_.ID + ": agent socket unreachable");
     std::this_thread::sleep_for(milliseconds(5));
   }

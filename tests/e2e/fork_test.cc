@@ -1,0 +1,127 @@
+// `cella fork` of real VMs (TCG): what a user relies on is that every copy
+// continues from the source's state at the fork (a process with its memory,
+// the files), that the copies and the source then go their own ways (their
+// own counters, writable layers, random numbers), and that the source keeps
+// running. One source boot; its four copies are resumed at once.
+#include <unistd.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "lifecycle_fixture.h"
+
+namespace cella::test {
+namespace {
+
+using std::chrono::seconds;
+
+// A counter held in a shell variable (memory only a copy of the running VM
+// has: a cold boot would start again at 1), written out every tenth of a
+// second.
+const std::vector<std::string> kCounter = {
+    "@builtin", "sh", "-c",
+    "echo $$ > /root/pid; n=0; while :; do n=$((n+1)); echo $n > /root/count.new; "
+    "mv /root/count.new /root/count; sleep 0.1; done"};
+
+class ForkTest : public LifecycleTest {
+ protected:
+  std::string Exec(const std::string& id, const std::string& script) {
+    auto r = RunCella({"exec", id, "--", "sh", "-c", script}, "", seconds(120));
+    EXPECT_EQ(r.exit_code, 0) << id << ": " << script << "\n" << Describe(r);
+    std::string out = r.out;
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    return out;
+  }
+  long Count(const std::string& id) { return std::stol("0" + Exec(id, "cat /root/count")); }
+  // Waits (bounded) until the counter of `id` is above `than`.
+  long CountAbove(const std::string& id, long than) {
+    auto deadline = std::chrono::steady_clock::now() + seconds(60);
+    long n = Count(id);
+    while (n <= than && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      n = Count(id);
+    }
+    return n;
+  }
+};
+
+TEST_F(ForkTest, FourCopiesContinueFromTheForkPointIndependentlyAndTheSourceRunsOn) {
+  std::string src =
+      RunDetached({"--name", "src", kCounter[0], kCounter[1], kCounter[2], kCounter[3]});
+  ASSERT_FALSE(src.empty());
+  Exec("src", "echo original > /root/data; sync; echo ram > /dev/shm/in-memory");
+  EXPECT_GE(CountAbove("src", 2), 3);
+  const std::string pid = Exec("src", "cat /root/pid");
+  const std::string hostname = Exec("src", "hostname");
+  const long before = Count("src");
+
+  auto forked =
+      RunCella({"fork", "src", "--count", "4", "--name", "cp", "--json"}, "", seconds(900));
+  ASSERT_EQ(forked.exit_code, 0) << Describe(forked);
+  const long after_fork = Count("src");
+  auto doc = nlohmann::json::parse(forked.out, nullptr, false);
+  ASSERT_TRUE(doc.is_object() && doc.contains("ids") && doc["ids"].is_array()) << forked.out;
+  ASSERT_EQ(doc["ids"].size(), 4u) << forked.out;
+  std::set<std::string> ids;
+  for (const auto& id : doc["ids"]) ids.insert(id.get<std::string>());
+  EXPECT_EQ(ids.size(), 4u) << "each copy has its own ID";
+  EXPECT_FALSE(ids.contains(src));
+
+  // The source runs on, untouched.
+  EXPECT_EQ(State("src"), "running");
+  EXPECT_GT(CountAbove("src", after_fork), after_fork) << "the source keeps counting";
+  EXPECT_EQ(Exec("src", "cat /run/cella/resume-count 2>/dev/null || echo 0"), "0");
+
+  std::set<std::string> random;
+  for (int i = 1; i <= 4; ++i) {
+    const std::string name = "cp-" + std::to_string(i);
+    SCOPED_TRACE(name);
+    EXPECT_EQ(State(name), "running");
+    EXPECT_TRUE(ids.contains(Inspect(name).value("id", std::string())));
+    // The same process with its memory: its counter started from the fork
+    // point (not from 1) and keeps counting on its own.
+    EXPECT_EQ(Exec(name, "cat /root/pid"), pid);
+    const long at = Count(name);
+    EXPECT_GE(at, before);
+    EXPECT_GT(CountAbove(name, at), at);
+    EXPECT_EQ(Exec(name, "cat /dev/shm/in-memory"), "ram") << "a tmpfs: only memory holds it";
+    EXPECT_EQ(Exec(name, "cat /root/data"), "original");
+    EXPECT_EQ(Exec(name, "cat /run/cella/resume-count"), "1");
+    EXPECT_EQ(Exec(name, "hostname"), hostname) << "a copy keeps the source's hostname";
+    // Random numbers of its own: the guest RNG was reseeded from the host.
+    random.insert(Exec(name, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"));
+  }
+  EXPECT_EQ(random.size(), 4u) << "two copies drew the same bytes from /dev/urandom";
+
+  // Their own writable layers.
+  Exec("cp-1", "echo changed > /root/data; sync");
+  EXPECT_EQ(Exec("cp-2", "cat /root/data"), "original");
+  EXPECT_EQ(Exec("src", "cat /root/data"), "original");
+
+  // The fork's own snapshot is gone; nothing shows in snapshot ls.
+  EXPECT_EQ(RunCella({"snapshot", "ls", "--json"}).out, "[]\n");
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(home_ + "/snapshots", ec))
+    ADD_FAILURE() << "left behind: " << entry.path();
+
+  // Refusals, each naming why, none touching the source.
+  auto taken = RunCella({"fork", "src", "--name", "cp", "--count", "2"});
+  EXPECT_NE(taken.exit_code, 0);
+  EXPECT_NE(taken.err.find("cp-1 exists already"), std::string::npos) << Describe(taken);
+  auto zero = RunCella({"fork", "src", "--count", "0"});
+  EXPECT_NE(zero.exit_code, 0);
+  EXPECT_NE(zero.err.find("--count"), std::string::npos) << Describe(zero);
+  auto missing = RunCella({"fork", "no-such-sandbox"});
+  EXPECT_NE(missing.exit_code, 0);
+  ASSERT_EQ(RunCella({"stop", "cp-4"}, "", seconds(120)).exit_code, 0);
+  auto stopped = RunCella({"fork", "cp-4"});
+  EXPECT_NE(stopped.exit_code, 0);
+  EXPECT_NE(stopped.err.find("fork"), std::string::npos) << Describe(stopped);
+  EXPECT_EQ(State("src"), "running");
+}
+
+}  // namespace
+}  // namespace cella::test

@@ -448,6 +448,8 @@ int TopCommand(const std::string& ref, const std::vector<std::string>& ps_args) 
     request.workdir = "/";
     request.user = "0";
     request.privileged = spec.guest.privileged;
+    // The image's ps is the guest's: a wait on it is bounded.
+    request.timeout_ms = 30000;
     auto agent = CELLA_TRY(ConnectAgent(ctx, record));
     host::ExecResult result = CELLA_TRY(agent->Exec(request));
     CELLA_TRY(WriteAll(STDOUT_FILENO, result.stdout_data));

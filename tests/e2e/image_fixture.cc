@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <string_view>
 #include <thread>
 
 namespace cella::test {
@@ -16,6 +17,15 @@ namespace {
 
 // Set by ctest (the fixture tests start and stop the registries there).
 bool ManagedByCtest() { return std::getenv("CELLA_IMAGE_FIXTURES_MANAGED") != nullptr; }
+
+// The cold pass of the suite (ctest's ".cold" entries) comes as the value
+// "cold": gtest_discover_tests keeps only one ENVIRONMENT entry, so the
+// CELLA_COLD=1 every cella this process starts inherits is set here.
+[[maybe_unused]] const bool kColdPass = [] {
+  const char* managed = std::getenv("CELLA_IMAGE_FIXTURES_MANAGED");
+  if (managed == nullptr || std::string_view(managed) != "cold") return false;
+  return ::setenv("CELLA_COLD", "1", 1) == 0;
+}();
 
 // Stops the registries at exit when this process started them itself.
 class StopRegistriesAtExit : public ::testing::Environment {

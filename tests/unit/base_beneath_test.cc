@@ -70,6 +70,13 @@ TEST_F(Beneath, DotDotIsRefusedEvenWhenItWouldStayInside) {
   EXPECT_NE(leaf.error().message.find("'..'"), std::string::npos) << leaf.error().message;
 }
 
+TEST_F(Beneath, ANulByteInAComponentIsRefused) {
+  using namespace std::string_view_literals;
+  EXPECT_FALSE(OpenDirBeneath(root_.Get(), "a/..\0x"sv, MissingDirs::kCreate, "test"));
+  EXPECT_FALSE(OpenPathBeneath(root_.Get(), "a/b\0/file"sv, "test"));
+  EXPECT_FALSE(OpenPathBeneath(root_.Get(), "a/..\0"sv, "test"));
+}
+
 TEST_F(Beneath, MissingDirectoriesAreCreatedOnlyWhenAsked) {
   auto refused = OpenDirBeneath(root_.Get(), "x/y", MissingDirs::kFail, "test");
   ASSERT_FALSE(refused);

@@ -49,14 +49,14 @@ TEST(EventRing, AWaitingReaderWakesForNewsAndForClose) {
     std::this_thread::sleep_for(milliseconds(50));
     ring.Push({{"late", 1}});
   });
-  auto batch = ring.Read(0, std::chrono::seconds(30));
+  auto batch = ring.Read(0, std::chrono::hours(1));
   pusher.join();
   ASSERT_EQ(batch.events.size(), 1u);
   std::thread closer([&] {
     std::this_thread::sleep_for(milliseconds(50));
     ring.Close();
   });
-  auto closed = ring.Read(batch.next, std::chrono::seconds(30));
+  auto closed = ring.Read(batch.next, std::chrono::hours(1));
   closer.join();
   EXPECT_TRUE(closed.events.empty());
 }

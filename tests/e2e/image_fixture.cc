@@ -88,6 +88,10 @@ std::string FreshCellaHome(const std::string& suffix) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
   std::string name = info ? std::string(info->test_suite_name()) + "." + info->name() : "adhoc";
   name += suffix;
+  // The suite's cold pass runs the same test beside the warm one.
+  if (const char* cold = std::getenv("CELLA_COLD");
+      cold != nullptr && std::string_view(cold) == "1")
+    name += ".cold";
   // Short and under /tmp: the sandbox's Unix socket paths live in the home
   // and must fit in 107 bytes. Keyed by the fixture dir so build dirs differ.
   char key[17];

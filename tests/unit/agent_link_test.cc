@@ -216,6 +216,30 @@ TEST_F(AgentLink, FrameForAStreamNeverOpenedFailsTheLink) {
   EXPECT_EQ(r.error().errno_value, EPROTO);
 }
 
+// A restored snapshot's agent may have written a Hello per link attempt
+// while no host was connected; QEMU delivers them all when one connects.
+TEST_F(AgentLink, LeftoverHellosBeforeAnythingElseAreDroppedButNotLaterOnes) {
+  auto append = [](std::vector<std::byte>& out, const std::vector<std::byte>& more) {
+    out.insert(out.end(), more.begin(), more.end());
+  };
+  const auto result = FrameBytes(1, FrameType::kResult, Channel::kControl, R"({"exit_code":0})");
+  std::vector<std::byte> leftovers = AgentHello();
+  append(leftovers, AgentHello());
+  append(leftovers, result);
+  std::optional<Error> link_error;
+  auto r = ExecAgainst(leftovers, &link_error);
+  ASSERT_TRUE(r.has_value()) << r.error().message;
+  EXPECT_EQ(r->status.ShellCode(), 0);
+  EXPECT_FALSE(link_error.has_value());
+
+  std::vector<std::byte> late = FrameBytes(1, FrameType::kData, Channel::kStdout, "x");
+  append(late, AgentHello());
+  append(late, result);
+  auto refused = ExecAgainst(late, &link_error);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().errno_value, EPROTO) << refused.error().message;
+}
+
 TEST_F(AgentLink, MalformedResultJsonFailsOnlyThatCall) {
   for (std::string body : {"{not json", R"({"exit_code":"zero"})", R"({"exit_code":1,"signal":2})",
                            R"({"exit_code":0,"extra":1})", "[1,2,3]", R"({"exit_code":1e400})"}) {

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <filesystem>
 #include <mutex>
+#include <thread>
 
 #include "agent_test_support.h"
 #include "guest/agent/agent.h"
@@ -662,6 +663,58 @@ TEST_F(AgentRouter, GuestPingFloodKeepsTheRouterBounded) {
   EXPECT_LE(stats.peak_buffered_bytes, 2 * options.max_upstream_buffer + (size_t{2} << 20))
       << "sent " << sent;
   EXPECT_FALSE((*router)->UpstreamError().has_value());
+}
+
+// A restored snapshot's agent may have written a Hello per link attempt
+// while no host was connected (QEMU delivers them all once one connects):
+// those are dropped; a Hello after anything else still ends the link.
+TEST_F(AgentRouter, LeftoverGuestHellosAreDroppedUntilTheGuestSaysSomethingElse) {
+  int pair[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd guest(pair[0]);
+  auto frame = [](FrameType type, std::string_view body) {
+    std::vector<std::byte> out;
+    protocol::EncodeFrame(0, type, Channel::kControl, protocol::AsBytes(body), out);
+    return out;
+  };
+  const auto hello =
+      frame(FrameType::kHello,
+            protocol::EncodeHello({protocol::kProtocolVersion, protocol::Role::kAgent}));
+  auto send = [&](const std::vector<std::byte>& bytes) {
+    return ::send(guest.Get(), bytes.data(), bytes.size(), MSG_NOSIGNAL) ==
+           static_cast<ssize_t>(bytes.size());
+  };
+  ASSERT_TRUE(send(hello));
+  auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), {});
+  ASSERT_TRUE(router.has_value()) << router.error().message;
+  ASSERT_TRUE(send(hello));
+  ASSERT_TRUE(send(hello));
+  // A guest Ping is answered: the link is alive after the leftovers.
+  ASSERT_TRUE(send(frame(FrameType::kPing, "tag")));
+  protocol::FrameDecoder decoder;
+  std::vector<std::byte> buf(4096);
+  bool pong = false;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!pong && std::chrono::steady_clock::now() < deadline) {
+    pollfd p{guest.Get(), POLLIN, 0};
+    if (::poll(&p, 1, 100) <= 0) continue;
+    ssize_t n = ::read(guest.Get(), buf.data(), buf.size());
+    ASSERT_GT(n, 0);
+    decoder.Feed(std::span(buf).first(static_cast<size_t>(n)));
+    for (;;) {
+      auto f = decoder.Next();
+      if (!f || !f->has_value()) break;
+      if ((*f)->type == FrameType::kPong) pong = true;
+    }
+  }
+  EXPECT_TRUE(pong);
+  EXPECT_FALSE((*router)->UpstreamError().has_value());
+  ASSERT_TRUE(send(hello));
+  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!(*router)->UpstreamError() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_TRUE((*router)->UpstreamError().has_value());
+  EXPECT_EQ((*router)->UpstreamError()->errno_value, EPROTO);
 }
 
 }  // namespace

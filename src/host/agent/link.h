@@ -432,6 +432,13 @@ class Link {
   }
 
   void Dispatch(protocol::Frame f) {
+    // Hellos of earlier link attempts may come first: while no host was
+    // connected, QEMU held what the guest agent wrote (a Hello per attempt)
+    // and delivers it all once a host connects, which a restored snapshot's
+    // agent hits (fork copies). Only before the agent says anything else;
+    // each is dropped, so a guest repeating them gains nothing.
+    if (f.stream_id == 0 && f.type == FrameType::kHello && !agent_spoke_) return;
+    agent_spoke_ = true;
     if (f.stream_id == 0) return DispatchControl(f);
     std::shared_ptr<Stream> s;
     bool already_ended = false;
@@ -497,6 +504,7 @@ class Link {
     s->cv.notify_all();
   }
 
+  bool agent_spoke_ = false;  // reader thread only: see Dispatch
   UniqueFd fd_;
   UniqueFd wake_read_;
   UniqueFd wake_write_;

@@ -178,6 +178,7 @@ struct Router::Impl {
   bool upstream_alive = true;
   Error upstream_error{"guest agent link closed", EPIPE};
   uint32_t next_up_stream = 1;
+  bool agent_spoke = false;  // a frame other than a leftover Hello came up
   std::map<uint32_t, Route> routes;
   std::map<uint64_t, std::unique_ptr<Client>> clients;
   uint64_t next_client = 1;
@@ -498,6 +499,13 @@ struct Router::Impl {
   }
 
   void DispatchUpstream(Frame f) {
+    // Hellos of earlier link attempts may come first: while no host was
+    // connected, QEMU held what the guest agent wrote (a Hello per attempt)
+    // and delivers it all once a host connects, which a restored snapshot's
+    // agent hits (fork copies). Only before the agent says anything else;
+    // each is dropped, so a guest repeating them gains nothing.
+    if (f.stream_id == 0 && f.type == FrameType::kHello && !agent_spoke) return;
+    agent_spoke = true;
     if (f.stream_id == 0) return DispatchControl(f);
     auto it = routes.find(f.stream_id);
     if (it == routes.end()) {

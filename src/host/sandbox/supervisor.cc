@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
@@ -625,7 +626,18 @@ class Supervisor {
     auto w = request.find("wait_ms");
     if (w != request.end() && w->is_number_integer())
       wait_ms = std::clamp<int64_t>(w->get<int64_t>(), 0, 2000);
+    // A waiting reader holds one of the control server's connection slots
+    // for up to 2 s: at most half of them may wait, so stop and kill always
+    // find one however many rpc clients follow this sandbox's events. The
+    // others are told "busy" at once (rpc retries after a pause).
+    if (wait_ms > 0) {
+      if (event_waiters_.fetch_add(1) >= kMaxEventWaiters) {
+        event_waiters_.fetch_sub(1);
+        return {{"ok", false}, {"error", "busy: too many readers are waiting for events"}};
+      }
+    }
     EventRing::Batch batch = events_->Read(from, std::chrono::milliseconds(wait_ms));
+    if (wait_ms > 0) event_waiters_.fetch_sub(1);
     return {{"ok", true},
             {"next", batch.next},
             {"dropped", batch.dropped},
@@ -740,6 +752,8 @@ class Supervisor {
   std::unique_ptr<net::TransparentProxy> proxy_;
   // The proxy's decisions for `cella rpc` (shared: the proxy's sink holds it).
   std::shared_ptr<EventRing> events_ = std::make_shared<EventRing>();
+  static constexpr int kMaxEventWaiters = static_cast<int>(ControlServer::kMaxConnections / 2);
+  std::atomic<int> event_waiters_{0};
   UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
   UniqueFd netns_;
   std::vector<std::unique_ptr<ShareDaemon>> shares_;  // main thread only

@@ -892,10 +892,20 @@ void Server::DoPortForward(Call& call, const json& params) {
   for (const std::string& address : addresses) {
     for (auto [local, remote] : wanted) {
       auto bound = sandbox->ForwardPort(address, local, remote);
-      if (!bound)
-        return AnswerError(call, kVmFailed,
-                           "port_forward " + address + ":" + std::to_string(local) + " -> " +
-                               std::to_string(remote) + ": " + bound.error().message);
+      if (!bound) {
+        // Forwards cannot be stopped one by one yet: the ones this call
+        // made stay until close, and the error says which they are.
+        std::string made;
+        for (const json& b : bindings)
+          made += (made.empty() ? "" : ", ") + b["address"].get<std::string>() + ":" +
+                  std::to_string(b["local_port"].get<int>()) + "->" +
+                  std::to_string(b["remote_port"].get<int>());
+        return AnswerError(
+            call, kVmFailed,
+            "port_forward " + address + ":" + std::to_string(local) + " -> " +
+                std::to_string(remote) + ": " + bound.error().message +
+                (made.empty() ? "" : " (already forwarding until close: " + made + ")"));
+      }
       bindings.push_back({{"address", bound->address},
                           {"local_port", bound->local_port},
                           {"remote_port", bound->remote_port}});

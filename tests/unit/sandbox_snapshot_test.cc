@@ -2,8 +2,8 @@
 // strictly, a snapshot is trusted only once committed and only while its
 // size and checksum match, and the exec: pipelines QEMU runs write and read
 // the same bytes (run here through /bin/sh, as QEMU does).
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "base/io.h"
+#include "host/os/process.h"
 #include "host/sandbox/snapshot.h"
 #include "support/temp_dir.h"
 
@@ -49,8 +50,8 @@ void RunShell(const std::string& uri, const std::string& input_file,
               const std::string& output_file) {
   ASSERT_TRUE(uri.starts_with("exec:")) << uri;
   std::string cmd = uri.substr(5);
-  if (!input_file.empty()) cmd = "(" + cmd + ") < " + ShellQuote(input_file);
-  if (!output_file.empty()) cmd = "(" + cmd + ") > " + ShellQuote(output_file);
+  if (!input_file.empty()) cmd = "(" + cmd + ") < " + host::ShellQuote(input_file);
+  if (!output_file.empty()) cmd = "(" + cmd + ") > " + host::ShellQuote(output_file);
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
 }
 

@@ -234,4 +234,15 @@ Result<std::string> CheckCommand(const std::vector<std::string>& argv,
   return Fail(JoinArgv(argv) + ": " + status.Describe() + (tail.empty() ? "" : ": " + tail));
 }
 
+std::string ShellQuote(std::string_view text) {
+  std::string out = "'";
+  for (char c : text) {
+    if (c == '\'')
+      out += "'\\''";
+    else
+      out += c;
+  }
+  return out + "'";
+}
+
 }  // namespace cella::host

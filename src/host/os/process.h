@@ -13,6 +13,7 @@
 #include <chrono>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/result.h"
@@ -69,5 +70,8 @@ struct ExitStatus {
 Result<ExitStatus> WaitForExit(SpawnedProcess& process, std::chrono::milliseconds timeout);
 // True when the child has exited (without reaping it).
 Result<bool> HasExited(const SpawnedProcess& process);
+
+// Single-quotes `text` for /bin/sh (QEMU's exec: migration URIs).
+std::string ShellQuote(std::string_view text);
 
 }  // namespace cella::host

@@ -15,6 +15,7 @@
 #include "base/io.h"
 #include "base/unique_fd.h"
 #include "host/os/digest.h"
+#include "host/os/process.h"
 
 namespace cella::sandbox {
 namespace {
@@ -145,26 +146,15 @@ Result<SnapshotManifest> DecodeManifest(std::string_view text) {
   return m;
 }
 
-std::string ShellQuote(std::string_view text) {
-  std::string out = "'";
-  for (char c : text) {
-    if (c == '\'')
-      out += "'\\''";
-    else
-      out += c;
-  }
-  return out + "'";
-}
-
 std::string SaveUri(const std::string& dir, const SnapshotManifest& m) {
-  std::string tmp = ShellQuote(dir + "/" + m.state_file + ".tmp");
+  std::string tmp = host::ShellQuote(dir + "/" + m.state_file + ".tmp");
   // -1: the fastest level; the stream is mostly page data and zero flags.
   if (m.compression == SnapshotCompression::kZstd) return "exec:zstd -q -1 -T1 -c > " + tmp;
   return "exec:cat > " + tmp;
 }
 
 std::string LoadUri(const std::string& dir, const SnapshotManifest& m) {
-  std::string file = ShellQuote(dir + "/" + m.state_file);
+  std::string file = host::ShellQuote(dir + "/" + m.state_file);
   if (m.compression == SnapshotCompression::kZstd) return "exec:zstd -q -d -c " + file;
   return "exec:cat " + file;
 }

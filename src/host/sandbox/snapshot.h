@@ -110,7 +110,4 @@ Result<std::vector<uint8_t>> FreshRngSeed();
 // fsync(2) of a file by path.
 Status FsyncFile(const std::string& path);
 
-// Single-quotes `text` for /bin/sh.
-std::string ShellQuote(std::string_view text);
-
 }  // namespace cella::sandbox

@@ -18,6 +18,7 @@
 #include "base/unique_fd.h"
 #include "host/os/digest.h"
 #include "host/os/paths.h"
+#include "host/os/process.h"
 #include "host/vmm/qemu_argv.h"
 
 namespace cella::warm {
@@ -49,17 +50,6 @@ Result<std::string> ResolveBinary(const std::string& name) {
     if (::access(candidate.c_str(), X_OK) == 0) return candidate;
   }
   return Fail(name + " not found in PATH");
-}
-
-std::string ShellQuote(std::string_view text) {
-  std::string out = "'";
-  for (char c : text) {
-    if (c == '\'')
-      out += "'\\''";
-    else
-      out += c;
-  }
-  return out + "'";
 }
 
 bool IsKey(std::string_view s) {
@@ -270,8 +260,9 @@ Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
     c.Template = vmm::TemplateRole::kCapture;
     c.TemplateMemoryPath = partial + "/memory";
     // mv after cat: "state" exists only once the whole stream is on disk.
-    c.TemplateSaveUri = "exec:cat > " + ShellQuote(partial + "/state.tmp") + " && mv " +
-                        ShellQuote(partial + "/state.tmp") + " " + ShellQuote(partial + "/state");
+    c.TemplateSaveUri = "exec:cat > " + host::ShellQuote(partial + "/state.tmp") + " && mv " +
+                        host::ShellQuote(partial + "/state.tmp") + " " +
+                        host::ShellQuote(partial + "/state");
     vmm::QemuBackendOptions capture_options = options;
     capture_options.wrap_agent_link = nullptr;
     vmm::QemuBackend backend(capture_options);
@@ -335,7 +326,7 @@ Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
 void MakeClone(const TemplateInfo& t, vmm::VMConfig& vm) {
   vm.Template = vmm::TemplateRole::kClone;
   vm.TemplateMemoryPath = t.dir + "/memory";
-  vm.IncomingMigration = "exec:cat " + ShellQuote(t.dir + "/state");
+  vm.IncomingMigration = "exec:cat " + host::ShellQuote(t.dir + "/state");
 }
 
 Result<std::vector<TemplateInfo>> List(const std::string& home) {

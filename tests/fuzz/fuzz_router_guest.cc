@@ -46,7 +46,9 @@ void SendFrame(int fd, uint32_t stream, FrameType type, std::string_view body) {
 // Reads frames from `fd` until one of `type` arrives (bounded).
 void AwaitFrame(int fd, FrameType type) {
   protocol::FrameDecoder decoder;
-  std::vector<std::byte> buf(65536);
+  // One buffer for every call: zero-filling 64 KiB per wait was most of an
+  // input's cost (page faults), not the router's work.
+  static std::byte buf[65536];
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   for (;;) {
     auto frame = decoder.Next();
@@ -58,15 +60,15 @@ void AwaitFrame(int fd, FrameType type) {
     if (std::chrono::steady_clock::now() > deadline) Die("router silent");
     pollfd p{fd, POLLIN, 0};
     if (::poll(&p, 1, 100) <= 0) continue;
-    ssize_t n = ::read(fd, buf.data(), buf.size());
+    ssize_t n = ::read(fd, buf, sizeof buf);
     if (n <= 0) Die("router hung up during set-up");
-    decoder.Feed(std::span(buf).first(static_cast<size_t>(n)));
+    decoder.Feed(std::span(buf, static_cast<size_t>(n)));
   }
 }
 
 // Reads and drops whatever arrives, so a client never stalls the router.
 void Drain(int fd) {
-  char buf[65536];
+  static char buf[65536];  // not on the stack: ASan's fake stack would fault it in per call
   while (::recv(fd, buf, sizeof buf, MSG_DONTWAIT) > 0) {
   }
 }

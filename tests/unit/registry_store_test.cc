@@ -1,8 +1,11 @@
+#include <archive.h>
+#include <archive_entry.h>
 #include <dirent.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
 #include <fstream>
+#include <memory>
 #include <set>
 #include <thread>
 
@@ -445,6 +448,51 @@ TEST(RegistryArchiveExtract, DecompressionBombIsRefusedEarly) {
   const std::string dest2 = dir / "dest2";
   ASSERT_EQ(::mkdir(dest2.c_str(), 0755), 0);
   EXPECT_TRUE(ExtractImageArchive(dir / "bomb.tar.gz", dest2).has_value());
+}
+
+// A one-file tar through libarchive's write filter `filter` (ARCHIVE_FILTER_*).
+void WriteCompressedTar(const std::string& path, int filter, const std::string& body) {
+  std::unique_ptr<archive, decltype(&archive_write_free)> a(archive_write_new(),
+                                                            &archive_write_free);
+  ASSERT_EQ(archive_write_set_format_pax_restricted(a.get()), ARCHIVE_OK);
+  ASSERT_GE(archive_write_add_filter(a.get(), filter), ARCHIVE_WARN)
+      << archive_error_string(a.get());
+  ASSERT_EQ(archive_write_open_filename(a.get(), path.c_str()), ARCHIVE_OK);
+  std::unique_ptr<archive_entry, decltype(&archive_entry_free)> e(archive_entry_new(),
+                                                                  &archive_entry_free);
+  archive_entry_set_pathname(e.get(), "manifest.json");
+  archive_entry_set_filetype(e.get(), AE_IFREG);
+  archive_entry_set_perm(e.get(), 0644);
+  archive_entry_set_size(e.get(), static_cast<la_int64_t>(body.size()));
+  ASSERT_EQ(archive_write_header(a.get(), e.get()), ARCHIVE_OK);
+  ASSERT_EQ(archive_write_data(a.get(), body.data(), body.size()),
+            static_cast<la_ssize_t>(body.size()));
+  ASSERT_EQ(archive_write_close(a.get()), ARCHIVE_OK);
+}
+
+// `docker save | xz` and `| bzip2` import; a compression nobody saves images
+// with (lzma-alone here) is refused rather than handed to one more parser.
+TEST(RegistryArchiveExtract, TarIsReadPlainOrThroughTheCommonCompressorsOnly) {
+  testing::TempDir dir;
+  const std::string body = "[]";
+  struct Case {
+    const char* name;
+    int filter;
+    bool accepted;
+  };
+  for (const Case& c :
+       {Case{"plain", ARCHIVE_FILTER_NONE, true}, Case{"xz", ARCHIVE_FILTER_XZ, true},
+        Case{"bzip2", ARCHIVE_FILTER_BZIP2, true}, Case{"lzma", ARCHIVE_FILTER_LZMA, false}}) {
+    SCOPED_TRACE(c.name);
+    const std::string archive_path = dir / (std::string(c.name) + ".tar");
+    WriteCompressedTar(archive_path, c.filter, body);
+    const std::string dest = dir / (std::string(c.name) + "-dest");
+    ASSERT_EQ(::mkdir(dest.c_str(), 0755), 0);
+    auto r = ExtractImageArchive(archive_path, dest);
+    EXPECT_EQ(r.has_value(), c.accepted) << (r ? std::string("extracted") : r.error().message);
+    struct stat st {};
+    EXPECT_EQ(::stat((dest + "/manifest.json").c_str(), &st) == 0, c.accepted);
+  }
 }
 
 TEST_F(RegistryImageStoreTest, ImportRefusesManifestSymlinkLeadingOutside) {

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <variant>
@@ -184,7 +185,9 @@ struct Router::Impl {
   uint64_t next_client = 1;
   UniqueFd listener;
   Clock::time_point accept_resume{};
-  std::vector<std::byte> read_buf;
+  // Not zero-filled: a read touches only the pages it fills (a router per
+  // sandbox and per fork copy; the fuzzer makes one per input).
+  std::unique_ptr<std::byte[]> read_buf = std::make_unique_for_overwrite<std::byte[]>(kReadChunk);
   size_t peak_buffered = 0;
 
   void Wake() {
@@ -205,7 +208,7 @@ struct Router::Impl {
       if (hello.Pending() > 0)
         CELLA_TRY_CTX(WaitFd(upstream.Get(), POLLOUT, deadline), "send Hello");
     }
-    std::vector<std::byte> buf(size_t{64} * 1024);
+    // The router thread has not started: its read buffer is free to use.
     for (;;) {
       auto next = up_decoder.Next();
       if (!next) return Protocol(next.error().message);
@@ -213,13 +216,13 @@ struct Router::Impl {
         return protocol::CheckAgentHello(*complete);
       }
       CELLA_TRY_CTX(WaitFd(upstream.Get(), POLLIN, deadline), "await Hello");
-      ssize_t n = ::read(upstream.Get(), buf.data(), buf.size());
+      ssize_t n = ::read(upstream.Get(), read_buf.get(), kReadChunk);
       if (n < 0) {
         if (errno == EINTR || errno == EAGAIN) continue;
         return FailErrno("read");
       }
       if (n == 0) return FailErrno("closed before Hello", EPIPE);
-      up_decoder.Feed(std::span(buf.data(), static_cast<size_t>(n)));
+      up_decoder.Feed(std::span(read_buf.get(), static_cast<size_t>(n)));
     }
   }
 
@@ -404,14 +407,14 @@ struct Router::Impl {
     if (!c) return;
     ssize_t n;
     do {
-      n = ::read(c->fd.Get(), read_buf.data(), read_buf.size());
+      n = ::read(c->fd.Get(), read_buf.get(), kReadChunk);
     } while (n < 0 && errno == EINTR);
     if (n < 0) {
       if (errno == EAGAIN) return;
       return DropClient(id, std::string("read: ") + strerror(errno));
     }
     if (n == 0) return DropClient(id, "closed by the client");
-    c->decoder.Feed(std::span(read_buf.data(), static_cast<size_t>(n)));
+    c->decoder.Feed(std::span(read_buf.get(), static_cast<size_t>(n)));
     while (c->state != Client::State::kClosing && !c->doomed) {
       auto next = c->decoder.Next();
       if (!next) return DropClient(id, "bad framing: " + next.error().message);
@@ -555,21 +558,21 @@ struct Router::Impl {
     for (int round = 0; round < kUpstreamReadsPerRound && upstream_alive; ++round) {
       ssize_t n;
       do {
-        n = ::read(upstream.Get(), read_buf.data(), read_buf.size());
+        n = ::read(upstream.Get(), read_buf.get(), kReadChunk);
       } while (n < 0 && errno == EINTR);
       if (n < 0) {
         if (errno == EAGAIN) return;
         return FailUpstream(Error::FromErrno("guest agent link: read"));
       }
       if (n == 0) return FailUpstream(Error{"the guest agent closed the link", EPIPE});
-      up_decoder.Feed(std::span(read_buf.data(), static_cast<size_t>(n)));
+      up_decoder.Feed(std::span(read_buf.get(), static_cast<size_t>(n)));
       while (upstream_alive) {
         auto next = up_decoder.Next();
         if (!next) return Violation(next.error().message);
         if (!next->has_value()) break;
         DispatchUpstream(std::move(**next));
       }
-      if (static_cast<size_t>(n) < read_buf.size()) return;
+      if (static_cast<size_t>(n) < kReadChunk) return;
     }
   }
 
@@ -610,7 +613,6 @@ struct Router::Impl {
   }
 
   void Run() {
-    read_buf.resize(kReadChunk);
     std::vector<pollfd> fds;
     std::vector<uint64_t> owners;
     while (TakeCommands()) {

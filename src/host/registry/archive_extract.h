@@ -1,5 +1,5 @@
 // Unpacks an image archive (`docker save` tarball or OCI layout tarball,
-// optionally gzip/zstd compressed) into a fresh directory, refusing entries
+// plain or gzip/zstd/xz/bzip2 compressed) into a fresh directory, refusing entries
 // that could land outside it. Thread-safe (no shared state).
 #pragma once
 

@@ -1,8 +1,9 @@
 # The two set-up commands (see README): `make demo` and `make test`.
 # Both install their own Debian dependencies first.
 BUILD ?= build
-ASAN_BUILD ?= build-asan
-FUZZ_BUILD ?= build-fuzz
+# The sanitizer tree: clang, ASan+UBSan and libFuzzer instrumentation, shared
+# by the unit tests under sanitizers and the fuzzers (scripts/san-build.sh).
+SAN_BUILD ?= build-san
 JOBS ?= $(shell nproc)
 FUZZ_SECONDS ?= 20
 # Fuzzers running at once (each may use 2 GiB): not nproc on a big machine.
@@ -14,9 +15,13 @@ deps:
 	@scripts/install-deps.sh
 	@scripts/fetch-kernel.sh
 
-build: deps
+define compile
 	@cmake -S . -B $(BUILD) -G Ninja -DCELLA_WERROR=ON >/dev/null
 	@cmake --build $(BUILD) -j $(JOBS)
+endef
+
+build: deps
+	$(compile)
 
 # PREFIX=/usr/local by default; DESTDIR stages the tree for packaging. Builds
 # without re-running deps (the build tree must exist: `make build` first).
@@ -30,10 +35,13 @@ demo: build
 	@scripts/demo.sh $(BUILD)
 
 # Every test: the normal build (unit + e2e), the unit tests under ASan/UBSan,
-# and a short run of each fuzzer.
-test: build
-	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
-	$(MAKE) asan-test fuzz-test
+# and a short run of each fuzzer. The sanitizer tree compiles in the
+# background, at the lowest priority, while the e2e tests run.
+# The e2e fixtures' Debian rootfs download starts first, beside the compile.
+test: deps
+	@mkdir -p $(BUILD) && (tests/fixtures/fill_cache.sh >$(BUILD)/fixture-cache.log 2>&1 &)
+	$(compile)
+	@scripts/test-all.sh $(BUILD) $(SAN_BUILD) $(JOBS) $(FUZZ_SECONDS) $(FUZZ_JOBS)
 
 unit-test: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS) -L unit
@@ -42,16 +50,12 @@ e2e-test: build
 	ctest --test-dir $(BUILD) --output-on-failure -L e2e
 
 asan-test: deps
-	@cmake -S . -B $(ASAN_BUILD) -G Ninja -DCELLA_WERROR=ON -DCELLA_SANITIZE=ON \
-	  -DCMAKE_BUILD_TYPE=Debug >/dev/null
-	@cmake --build $(ASAN_BUILD) -j $(JOBS) --target cella_unit_tests
-	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS) -L unit
+	@scripts/san-build.sh $(SAN_BUILD) $(JOBS)
+	ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(JOBS) -L unit
 
 fuzz-test: deps
-	@CC=clang-16 CXX=clang++-16 cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCELLA_WERROR=ON -DCELLA_FUZZ=ON \
-	  -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzzers
-	@scripts/run-fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_JOBS)
+	@scripts/san-build.sh $(SAN_BUILD) $(JOBS)
+	@scripts/run-fuzzers.sh $(SAN_BUILD) $(FUZZ_SECONDS) $(FUZZ_JOBS)
 
 format:
 	@git ls-files '*.cc' '*.h' | xargs clang-format -i
@@ -65,4 +69,4 @@ lint: build
 	@git ls-files 'src/*.cc' | xargs -P $(JOBS) -n 4 clang-tidy-16 -p $(BUILD) $(TIDY_ARGS)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD)

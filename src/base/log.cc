@@ -1,8 +1,10 @@
 #include "base/log.h"
 
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 
 namespace cella::log {
 namespace {
@@ -90,6 +92,18 @@ std::string Format(Level level, std::string_view msg, std::initializer_list<Fiel
 void Write(Level level, std::string_view msg, std::initializer_list<Field> fields) {
   if (!Enabled(level)) return;
   std::string line = Format(level, msg, fields);
+  // Debug logs are read as timelines (docs/performance.md): wall-clock
+  // milliseconds, comparable with a warm guest's debug lines (its clock is
+  // set from the host's on restore).
+  if (g_level.load() == Level::kDebug) {
+    timespec now{};
+    if (::clock_gettime(CLOCK_REALTIME, &now) == 0) {
+      char stamp[40];
+      int n = std::snprintf(stamp, sizeof stamp, "t=%lld.%03ld ",
+                            static_cast<long long>(now.tv_sec), now.tv_nsec / 1'000'000);
+      if (n > 0) line.insert(0, stamp, static_cast<size_t>(n));
+    }
+  }
   // A log line that cannot be written has nowhere else to go; dropping it
   // is the only option, so the result is deliberately ignored.
   ssize_t ignored = ::write(STDERR_FILENO, line.data(), line.size());

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <string>
 #include <string_view>
@@ -609,7 +610,14 @@ int Main(int argc, char** argv) {
     int code = app.exit(e);
     return code == 0 ? 0 : kExitCellaError;
   }
-  if (debug) cella::log::SetLevel(cella::log::Level::kDebug);
+  // --debug reaches the sandbox's supervisor (its own process, logging to
+  // supervisor.log) and, through it, the guest init (cella.debug=1).
+  if (const char* env = std::getenv("CELLA_DEBUG"); env != nullptr && std::string_view(env) == "1")
+    debug = true;
+  if (debug) {
+    cella::log::SetLevel(cella::log::Level::kDebug);
+    if (::setenv("CELLA_DEBUG", "1", 1) != 0) std::perror("cella: setenv CELLA_DEBUG");
+  }
   if (version) return cella::cli::VersionCommand();
   if (app.get_subcommands().empty()) {
     (void)std::fprintf(stderr, "cella: a command is required (see cella --help)\n");

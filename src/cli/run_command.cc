@@ -369,6 +369,7 @@ Result<int> Run(const RunArgs& args) {
         "-d cannot be combined with -i or -t: a detached sandbox has no terminal; "
         "run it with -d, then: cella exec -it ID sh");
   }
+  log::Debug("run: start");
   SandboxContext ctx = CELLA_TRY(OpenSandboxes());
   Prepared prepared;
   std::string id = CELLA_TRY(CreateAndSpawn(
@@ -378,7 +379,9 @@ Result<int> Run(const RunArgs& args) {
     if (auto st = WriteAll(STDOUT_FILENO, id + "\n"); !st) return std::unexpected(st.error());
     return 0;
   }
+  log::Debug("run: supervisor ready", {{"id", id}});
   auto code = AttachForeground(ctx, id, prepared.spec.guest.init_mode, args);
+  log::Debug("run: main process ended", {{"id", id}});
   if (!code) {
     // The main process never ran (a user the image lacks, an agent that
     // refused): nothing will end this VM, so end it here rather than leave
@@ -389,6 +392,7 @@ Result<int> Run(const RunArgs& args) {
       log::Debug("kill through the supervisor failed", {{"error", reply.error().message}});
   }
   FinishForegroundRun(ctx, id);
+  log::Debug("run: sandbox removed", {{"id", id}});
   return code;
 }
 

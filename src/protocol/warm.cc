@@ -2,6 +2,8 @@
 
 #include <charconv>
 
+#include "protocol/config.h"
+
 namespace cella::protocol {
 namespace {
 
@@ -24,7 +26,12 @@ std::string FormatWarmGo(const WarmGo& go) {
     line += kHex[b >> 4];
     line += kHex[b & 0xf];
   }
+  if (!go.config_json.empty()) {
+    line += ' ';
+    line += std::to_string(go.config_json.size());
+  }
   line += '\n';
+  line += go.config_json;
   return line;
 }
 
@@ -41,6 +48,15 @@ Result<WarmGo> ParseWarmGo(std::string_view line) {
   if (ec != std::errc() || end != clock.data() + clock.size() || go.realtime_ns == 0)
     return Fail("warm go line: bad clock \"" + std::string(clock) + "\"");
   std::string_view hex = line.substr(space + 1);
+  if (size_t next = hex.find(' '); next != std::string_view::npos) {
+    std::string_view bytes = hex.substr(next + 1);
+    hex = hex.substr(0, next);
+    auto [bytes_end, bytes_ec] =
+        std::from_chars(bytes.data(), bytes.data() + bytes.size(), go.config_bytes);
+    if (bytes_ec != std::errc() || bytes_end != bytes.data() + bytes.size() || bytes.empty() ||
+        go.config_bytes > kMaxConfigBytes)
+      return Fail("warm go line: bad config size \"" + std::string(bytes) + "\"");
+  }
   if (hex.size() != 2 * kWarmSeedBytes)
     return Fail("warm go line: seed of " + std::to_string(hex.size()) + " hex digits, want " +
                 std::to_string(2 * kWarmSeedBytes));

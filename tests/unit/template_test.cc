@@ -31,6 +31,31 @@ TEST(WarmGo, RoundTripsClockAndSeed) {
   EXPECT_EQ(parsed->seed, go.seed);
 }
 
+TEST(WarmGo, CarriesTheConfigAfterTheLine) {
+  protocol::WarmGo go;
+  go.realtime_ns = 42;
+  go.seed.assign(protocol::kWarmSeedBytes, 0xab);
+  go.config_json = "{\"cmd\":[\"true\"],\n\"x\":1}";
+  std::string text = protocol::FormatWarmGo(go);
+  size_t nl = text.find('\n');
+  ASSERT_NE(nl, std::string::npos);
+  EXPECT_LE(nl + 1, protocol::kMaxWarmLine);
+  EXPECT_EQ(text.substr(nl + 1), go.config_json);
+  auto parsed = protocol::ParseWarmGo(text.substr(0, nl + 1));
+  ASSERT_TRUE(parsed) << parsed.error().message;
+  EXPECT_EQ(parsed->config_bytes, go.config_json.size());
+  EXPECT_EQ(parsed->seed, go.seed);
+  // Without a config the line has no size field, and means "none".
+  go.config_json.clear();
+  auto plain = protocol::ParseWarmGo(protocol::FormatWarmGo(go));
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(plain->config_bytes, 0u);
+  std::string seed(2 * protocol::kWarmSeedBytes, 'a');
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go 5 " + seed + " "));         // empty size
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go 5 " + seed + " 12x"));      // not a number
+  EXPECT_FALSE(protocol::ParseWarmGo("cella-go 5 " + seed + " 9999999"));  // over the bound
+}
+
 TEST(WarmGo, RefusesMalformedLines) {
   std::string seed(2 * protocol::kWarmSeedBytes, 'a');
   EXPECT_TRUE(protocol::ParseWarmGo("cella-go 5 " + seed + "\n"));

@@ -14,6 +14,7 @@
 #include "host/kernel/initramfs.h"
 #include "host/kernel/kernel.h"
 #include "host/kernel/modules.h"
+#include "host/os/digest.h"
 #include "host/os/paths.h"
 
 namespace cella::kernel {
@@ -274,6 +275,37 @@ TEST_F(Initramfs, ReproducibleAndCachedByContent) {
   EXPECT_TRUE(rebuilt->built);
   EXPECT_NE(rebuilt->path, first->path);
   EXPECT_EQ(ReadCpio(rebuilt->path)["init"].content, "INIT-v2");
+}
+
+// The initramfs key hashes its inputs through this cache on every run.
+TEST_F(TempDir, CachedDigestIsNeverStale) {
+  std::string cache = dir_ + "/digests";
+  std::string file = dir_ + "/input";
+  Write("input", "first content");
+  auto first = host::CachedSha256OfFile(file, cache);
+  ASSERT_TRUE(first) << first.error().message;
+  EXPECT_EQ(*first, host::Sha256Hex("first content"));
+  // Same size, rewritten at once: the new content's digest, not a cached one.
+  Write("input", "other content");
+  auto second = host::CachedSha256OfFile(file, cache);
+  ASSERT_TRUE(second) << second.error().message;
+  EXPECT_EQ(*second, host::Sha256Hex("other content"));
+  EXPECT_FALSE(host::CachedSha256OfFile(dir_ + "/missing", cache));
+
+  // A file that has not changed for long (a system binary) is remembered,
+  // and the remembered digest is its content's.
+  const std::string settled = "/bin/sh";
+  auto direct = host::Sha256OfFile(settled);
+  ASSERT_TRUE(direct) << direct.error().message;
+  auto cached = host::CachedSha256OfFile(settled, cache);
+  ASSERT_TRUE(cached) << cached.error().message;
+  EXPECT_EQ(*cached, *direct);
+  size_t entries = 0;
+  for (const auto& e : std::filesystem::directory_iterator(cache)) entries += e.is_regular_file();
+  EXPECT_EQ(entries, 1u);
+  auto again = host::CachedSha256OfFile(settled, cache);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, *direct);
 }
 
 TEST_F(Initramfs, UncompressedIsPlainNewc) {

@@ -4,9 +4,11 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <array>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -37,7 +39,20 @@ bool DebugEnabled() { return g_verbosity == Verbosity::kDebug; }
 void Say(std::string_view text) { WriteLine("cella-init: ", text); }
 
 void Debug(std::string_view text) {
-  if (DebugEnabled()) WriteLine("cella-init: debug: ", text);
+  if (!DebugEnabled()) return;
+  // Boot timelines (docs/performance.md): wall clock (the host's on a warm
+  // start, set by the go line) and time since the kernel started.
+  timespec wall{};
+  timespec up{};
+  (void)::clock_gettime(CLOCK_REALTIME, &wall);
+  (void)::clock_gettime(CLOCK_MONOTONIC, &up);
+  char stamp[64];
+  int n = std::snprintf(stamp, sizeof stamp, "t=%lld.%03ld up=%lld.%03ld ",
+                        static_cast<long long>(wall.tv_sec), wall.tv_nsec / 1'000'000,
+                        static_cast<long long>(up.tv_sec), up.tv_nsec / 1'000'000);
+  std::string prefix = "cella-init: debug: ";
+  if (n > 0) prefix.append(stamp, static_cast<size_t>(n));
+  WriteLine(prefix, text);
 }
 
 void SayError(std::string_view message) { WriteLine("cella-init: error: ", message); }

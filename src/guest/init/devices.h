@@ -11,6 +11,7 @@
 namespace cella::init {
 
 inline constexpr const char* kModuleOrderPath = "/lib/modules/cella.order";
+inline constexpr const char* kConfigDiskSerial = "cella-config";
 inline constexpr const char* kConfigDiskLink = "/dev/disk/by-id/virtio-cella-config";
 // The seed's fixed config disk position, used when disks have no serials.
 inline constexpr const char* kConfigDiskFallback = "/dev/vdc";

@@ -8,6 +8,8 @@
 
 #include <chrono>
 #include <exception>
+#include <optional>
+#include <string>
 
 #include "base/io.h"
 #include "guest/init/cgroup.h"
@@ -20,6 +22,7 @@
 #include "guest/init/serve_agent.h"
 #include "guest/init/template_point.h"
 #include "guest/init/workload.h"
+#include "protocol/config.h"
 #include "protocol/warm.h"
 
 namespace cella::init {
@@ -44,12 +47,26 @@ Status Boot() {
   // A template boot stops here (nothing of the sandbox read yet); its clones
   // continue from here with their own disks, clock and RNG.
   const bool warm = protocol::CmdlineWantsTemplate(*cmdline);
-  if (warm) CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline()), "template point");
-  std::string config_device = CELLA_TRY(FindConfigDevice(DeviceDeadline()));
-  protocol::Config config = CELLA_TRY(ReadConfigDisk(config_device));
-  Debug("config from " + config_device + ": " + protocol::SerializeConfig(config));
+  std::optional<std::string> go_config;
+  if (warm) go_config = CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline()), "template point");
+  protocol::Config config;
+  if (go_config) {
+    // A warm clone's config came with its go line (the same bytes as on its
+    // config disk, parsed as strictly).
+    auto parsed = protocol::ParseConfig(*go_config);
+    if (!parsed) return std::unexpected(std::move(parsed.error()).WithContext("go line config"));
+    config = std::move(*parsed);
+    Debug("config from the go line (" + std::to_string(go_config->size()) + " bytes)");
+  } else {
+    std::string config_device = CELLA_TRY(FindConfigDevice(DeviceDeadline()));
+    config = CELLA_TRY(ReadConfigDisk(config_device));
+    // Only its size: a long console line costs ~0.1 s under TCG.
+    Debug("config from " + config_device + " (" +
+          std::to_string(protocol::SerializeConfig(config).size()) + " bytes)");
+  }
 
   CELLA_TRY_CTX(AssembleRoot(config, DeviceDeadline()), "root filesystem");
+  Debug("root assembled");
   CELLA_TRY_CTX(MountVolumes(config, DeviceDeadline()), "volumes");
   // Tidying up after a crash must never keep the sandbox from booting.
   if (config.init_mode == protocol::InitMode::kExec) {
@@ -64,8 +81,10 @@ Status Boot() {
   if (config.init_mode == protocol::InitMode::kExec && !config.skip_guest_agent)
     agent_port = CELLA_TRY(FindVirtioPort(config.agent_port, DeviceDeadline()));
   CELLA_TRY_CTX(SwitchRoot(), "switch root");
+  Debug("switched root");
 
   CELLA_TRY_CTX(ConfigureNetwork(config, DeviceDeadline()), "network");
+  Debug("network up");
   CELLA_TRY_CTX(WriteIdentityFiles(config), "identity files");
   CELLA_TRY_CTX(InstallTrustedCertificates(config), "CA certificates");
   CELLA_TRY_CTX(ApplyCpuQuota(config.cpus), "cpu quota");
@@ -73,6 +92,7 @@ Status Boot() {
   if (!config.workdir.empty()) CELLA_TRY_CTX(OpenDirBeneath("/", config.workdir), "workdir");
   CELLA_TRY_CTX(MountTmpfsAndSealRoot(config), "read-only root and tmpfs");
   CELLA_TRY_CTX(RecordStartKind(warm), "start marker");
+  Debug("sandbox set up");
 
   if (config.init_mode == protocol::InitMode::kSystemd) {
     Say("handing over to the image's init (systemd mode)");

@@ -135,11 +135,13 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   serving = agent->get();
 
   Say("agent serving on " + port_path);
+  Debug("agent starts serving");
   for (;;) {
     UniqueFd link(::open(port_path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
     if (!link) return FailErrno("open agent port " + port_path);
     auto end = (*agent)->Serve(std::move(link));
     if (!end) Debug("agent link ended: " + end.error().message);
+    if (end) Debug("agent link ended (" + std::to_string(static_cast<int>(*end)) + ")");
     if (g_shutdown_requested) {
       // The Result has been flushed (or the link is gone): the alarm that
       // bounded that flush must not cut the workload's grace short.

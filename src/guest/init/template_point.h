@@ -5,6 +5,9 @@
 // continues inside AwaitWarmStart, which then makes it a fresh machine.
 #pragma once
 
+#include <optional>
+#include <string>
+
 #include "base/result.h"
 #include "guest/init/devices.h"
 
@@ -21,9 +24,11 @@ namespace cella::init {
 //  3. the kernel CRNG is reseeded from the go line's seed and the wall clock
 //     set, before anything else runs;
 //  4. the unbound devices are bound again: the driver probes the clone's own
-//     disk files afresh.
+//     disk files afresh; when the go line carried the config.json (the host
+//     always sends it), the config disk stays unbound and the config is
+//     returned instead (nullopt: read the config disk as a cold boot does).
 // The port is closed again; the agent opens it later as on a cold boot.
-Status AwaitWarmStart(Deadline port_deadline);
+Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline);
 
 // Where guest programs (and tests) read how this machine started: "warm\n"
 // (a template clone) or "cold\n". Written once /run is mounted.

@@ -141,13 +141,16 @@ void RemoveTree(const std::string& path) {
 
 Result<DefaultRootfs> EnsureDefaultRootfs(const std::string& home, const std::string& busybox) {
   CELLA_TRY(RequireStaticElf(busybox));
-  host::Sha256 h;
-  h.Update(kLayoutVersion);
-  CELLA_TRY(h.UpdateFromFile(busybox));
-  std::string hash = h.HexDigest();
-
   std::string dir = host::DefaultImageDir(home);
   CELLA_TRY(host::MakeDirs(dir, 0755));
+  // busybox's digest is remembered by file identity: not re-read every run.
+  std::string digests = host::DigestCacheDir(home);
+  CELLA_TRY(host::MakeDirs(digests, 0755));
+  host::Sha256 h;
+  h.Update(kLayoutVersion);
+  h.Update(CELLA_TRY(host::CachedSha256OfFile(busybox, digests)));
+  std::string hash = h.HexDigest();
+
   std::string path = dir + "/" + hash + ".erofs";
   if (::access(path.c_str(), R_OK) == 0) return DefaultRootfs{path, false};
   if (errno != ENOENT) return FailErrno("access " + path);

@@ -101,7 +101,11 @@ Result<Plan> MakePlan(const InitramfsSpec& spec) {
   return plan;
 }
 
-Result<std::string> PlanHash(const Plan& plan, InitramfsCompression compression) {
+// File contents enter as their digests, remembered by file identity in
+// `digest_cache` (host/os/digest.h): an unchanged input is not read again,
+// which took ~0.1 s of every run.
+Result<std::string> PlanHash(const Plan& plan, InitramfsCompression compression,
+                             const std::string& digest_cache) {
   host::Sha256 h;
   h.Update(kLayoutVersion);
   h.Update(compression == InitramfsCompression::kGzip ? "|compression=gzip|"
@@ -115,7 +119,7 @@ Result<std::string> PlanHash(const Plan& plan, InitramfsCompression compression)
     if (entry.host_path.empty()) {
       h.Update(entry.content);
     } else {
-      CELLA_TRY(h.UpdateFromFile(entry.host_path));
+      h.Update(CELLA_TRY(host::CachedSha256OfFile(entry.host_path, digest_cache)));
     }
   }
   return h.HexDigest();
@@ -243,9 +247,12 @@ Result<InitramfsFile> WriteInitramfs(const InitramfsSpec& spec, const std::strin
 
 Result<InitramfsFile> EnsureInitramfs(const std::string& home, const InitramfsSpec& spec) {
   Plan plan = CELLA_TRY(MakePlan(spec));
-  std::string hash = CELLA_TRY_CTX(PlanHash(plan, spec.compression), "initramfs cache key");
   std::string dir = host::InitramfsCacheDir(home);
   CELLA_TRY(host::MakeDirs(dir, 0755));
+  std::string digests = host::DigestCacheDir(home);
+  CELLA_TRY(host::MakeDirs(digests, 0755));
+  std::string hash =
+      CELLA_TRY_CTX(PlanHash(plan, spec.compression, digests), "initramfs cache key");
   std::string suffix = spec.compression == InitramfsCompression::kGzip ? ".cpio.gz" : ".cpio";
   std::string path = dir + "/" + hash + suffix;
   if (::access(path.c_str(), R_OK) == 0) {

@@ -2,10 +2,15 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <array>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "base/check.h"
 #include "base/io.h"
@@ -66,6 +71,69 @@ Result<std::string> Sha256OfFile(const std::string& path) {
   Sha256 h;
   CELLA_TRY(h.UpdateFromFile(path));
   return h.HexDigest();
+}
+
+namespace {
+
+// Everything that changes when the file's content can have changed.
+std::string IdentityOf(const std::string& path, const struct stat& st) {
+  auto ns = [](const timespec& t) {
+    return std::to_string(t.tv_sec) + "." + std::to_string(t.tv_nsec);
+  };
+  return path + '\0' + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + ":" +
+         std::to_string(st.st_size) + ":" + ns(st.st_mtim) + ":" + ns(st.st_ctim);
+}
+
+constexpr time_t kSettledSeconds = 2;
+
+bool IsHexDigest(std::string_view s) {
+  if (s.size() != 64) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+// Best effort: a digest that cannot be stored is computed again next time.
+void Remember(const std::string& cache_dir, const std::string& entry, const std::string& digest) {
+  if (::mkdir(cache_dir.c_str(), 0755) != 0 && errno != EEXIST) return;
+  std::string tmp = entry + ".tmp." + std::to_string(::getpid());
+  if (!WriteStringToFile(tmp, digest + "\n", 0644)) return;
+  if (::rename(tmp.c_str(), entry.c_str()) != 0) ::unlink(tmp.c_str());
+}
+
+}  // namespace
+
+Result<std::string> CachedSha256OfFile(const std::string& path, const std::string& cache_dir) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + path);
+  struct stat before {};
+  if (::fstat(fd.Get(), &before) != 0) return FailErrno("stat " + path);
+  std::string identity = IdentityOf(path, before);
+  std::string entry = cache_dir + "/" + Sha256Hex(identity);
+  if (auto known = ReadFileToString(entry, 128); known) {
+    std::string_view digest = *known;
+    if (!digest.empty() && digest.back() == '\n') digest.remove_suffix(1);
+    if (IsHexDigest(digest)) return std::string(digest);
+  }
+  Sha256 h;
+  std::array<std::byte, size_t{64} * 1024> buf;
+  while (true) {
+    size_t n = CELLA_TRY_CTX(ReadSome(fd.Get(), buf), "read " + path);
+    if (n == 0) break;
+    h.Update({reinterpret_cast<const char*>(buf.data()), n});
+  }
+  std::string digest = h.HexDigest();
+  struct stat after {};
+  // A file changed within the filesystem's timestamp granularity of the
+  // hash could be changed again with the same identity (git's "racily
+  // clean" case): only files that have been quiet for a while are stored.
+  timespec now{};
+  bool settled = ::clock_gettime(CLOCK_REALTIME, &now) == 0 &&
+                 before.st_ctim.tv_sec + kSettledSeconds < now.tv_sec &&
+                 before.st_mtim.tv_sec + kSettledSeconds < now.tv_sec;
+  if (settled && ::stat(path.c_str(), &after) == 0 && IdentityOf(path, after) == identity)
+    Remember(cache_dir, entry, digest);
+  return digest;
 }
 
 }  // namespace cella::host

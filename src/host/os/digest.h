@@ -28,4 +28,17 @@ class Sha256 {
 std::string Sha256Hex(std::string_view bytes);
 Result<std::string> Sha256OfFile(const std::string& path);
 
+// Sha256OfFile, remembered in `cache_dir` (created if missing) under the
+// file's identity: path, device, inode, size, mtime and ctime (in ns). An
+// unchanged file is not read again; any write to it (or a replacement, or
+// even a chmod) changes its ctime and so misses the cache. A digest is only
+// stored when the file's identity was the same before and after hashing,
+// so a file changed while being read is never remembered, and only once
+// it has been unchanged for a few seconds (a write within the timestamp
+// granularity could otherwise keep the identity). Failing to store
+// costs only the next call's time, never a wrong answer or an error.
+// Use for inputs that are hashed on every run but rarely change (the guest
+// binaries and kernel modules behind the initramfs cache key).
+Result<std::string> CachedSha256OfFile(const std::string& path, const std::string& cache_dir);
+
 }  // namespace cella::host

@@ -33,6 +33,7 @@ Result<std::string> CellaHome() {
 std::string KernelDir(const std::string& home) { return home + "/kernel"; }
 std::string KernelManifestPath(const std::string& home) { return home + "/kernel/manifest"; }
 std::string InitramfsCacheDir(const std::string& home) { return home + "/cache/initramfs"; }
+std::string DigestCacheDir(const std::string& home) { return home + "/cache/digests"; }
 std::string DefaultImageDir(const std::string& home) { return home + "/images/default"; }
 
 Status MakeDirs(const std::string& path, mode_t mode) {

@@ -29,6 +29,7 @@ Result<std::string> CellaHome();
 std::string KernelDir(const std::string& home);           // <home>/kernel
 std::string KernelManifestPath(const std::string& home);  // <home>/kernel/manifest
 std::string InitramfsCacheDir(const std::string& home);   // <home>/cache/initramfs
+std::string DigestCacheDir(const std::string& home);      // <home>/cache/digests
 std::string DefaultImageDir(const std::string& home);     // <home>/images/default
 
 // mkdir -p with the given mode for directories it creates.

@@ -50,10 +50,13 @@ LifecycleOutcome SandboxLifecycle::Run() {
       outcome = {false, store::SandboxState::kFailed, OneLine(booted.error().message), {}};
     }
   } else {
+    log::Debug("sandbox booted", {{"id", options_.id}});
     outcome = Supervise();
     outcome.booted = true;
+    log::Debug("sandbox ended; tearing down", {{"id", options_.id}});
     TearDown();
   }
+  log::Debug("torn down", {{"id", options_.id}});
   Record(outcome);
   Finish();
   return outcome;

@@ -139,7 +139,9 @@ class Supervisor {
     std::optional<kernel::KernelOverride> kernel_override;
     if (!spec.kernel_path.empty()) kernel_override = kernel::KernelOverride{spec.kernel_path, ""};
     std::string binary_dir = CELLA_TRY(GuestBinaryDir());
+    log::Debug("supervisor: record read", {{"id", args_.id}});
     GuestAssets assets = CELLA_TRY(EnsureGuestAssets(cella_home, binary_dir, kernel_override));
+    log::Debug("supervisor: guest assets checked", {{"id", args_.id}});
     for (const VolumeSpec& v : spec.volumes) {
       if (v.mode != protocol::MountMode::kReadWrite)
         CELLA_TRY_CTX(RecoverExt4Image(v.host_path), "volume " + v.name);
@@ -147,6 +149,10 @@ class Supervisor {
     protocol::Config guest = spec.guest;
     vmm::VMConfig vm = CELLA_TRY(Compose(assets, guest, spec.shape, Attachments(spec), {}, args_.id,
                                          paths_.dir, spec.root_image_path, spec.upper_image));
+    // A debug supervisor (cella --debug / CELLA_DEBUG=1) boots a guest that
+    // logs its steps with timestamps on the console (its own template key).
+    if (log::CurrentLevel() == log::Level::kDebug)
+      vm.KernelArgs += vm.KernelArgs.empty() ? "cella.debug=1" : " cella.debug=1";
     if (!spec.shares.empty()) CELLA_TRY(StartShares(spec, guest, vm));
     vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
     vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
@@ -168,9 +174,11 @@ class Supervisor {
     }
 
     if (spec.egress.enabled) CELLA_TRY_CTX(StartEgress(spec, cella_home, guest, vm), "egress");
+    log::Debug("supervisor: network ready", {{"id", args_.id}});
     // A restored guest has its configuration mounted already: the disk
     // stays exactly as it was.
     if (!args_.resume) CELLA_TRY(WriteGuestConfig(guest, vm));
+    log::Debug("supervisor: config disk written", {{"id", args_.id}});
     if (!args_.resume && !spec.cold) PrepareWarmStart(cella_home, guest, options, vm);
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());

@@ -32,8 +32,8 @@ Status WriteGuestConfigDisk(protocol::Config guest, VMConfig& vm) {
     guest.network_enabled = false;
   }
   CELLA_TRY_CTX(protocol::ValidateConfig(guest), "guest config for " + vm.ID);
-  vm.ConfigDiskPath =
-      CELLA_TRY(WriteConfigDisk(protocol::SerializeConfig(guest), vm.StateDir + "/config.img"));
+  vm.GuestConfigJson = protocol::SerializeConfig(guest);
+  vm.ConfigDiskPath = CELLA_TRY(WriteConfigDisk(vm.GuestConfigJson, vm.StateDir + "/config.img"));
   return {};
 }
 

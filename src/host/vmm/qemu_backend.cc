@@ -323,11 +323,13 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
     }
     std::this_thread::sleep_for(milliseconds(5));
   }
+  log::Debug("QEMU sockets open", {{"id", config_.ID}});
   qmp_.emplace(
       CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout), "VM " + config_.ID));
   if (config_.Template == TemplateRole::kCapture)
     return CaptureTemplate(std::move(agent_fd), deadline);
   if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
+  if (!config_.IncomingMigration.empty()) log::Debug("VM state restored", {{"id", config_.ID}});
   if (config_.Template == TemplateRole::kClone) CELLA_TRY(SendWarmGo(agent_fd.Get()));
   return ConnectAgent(std::move(agent_fd), deadline);
 }
@@ -394,6 +396,8 @@ Status QemuMachine::SendWarmGo(int agent_fd) {
     if (n < 0) return FailErrno("getrandom for the clone's RNG seed");
     filled += static_cast<size_t>(n);
   }
+  // The guest then need not probe and mount its config disk (see warm.h).
+  go.config_json = config_.GuestConfigJson;
   std::string line = protocol::FormatWarmGo(go);
   size_t sent = 0;
   while (sent < line.size()) {
@@ -467,12 +471,14 @@ Status QemuMachine::ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline) 
     }
     agent_fd = std::move(*wrapped);
   }
+  log::Debug("guest agent link has data", {{"id", config_.ID}});
   auto agent = host::AgentClient::Connect(std::move(agent_fd), options_.agent_options);
   if (!agent) {
     return std::unexpected(
         WithConsole("VM " + config_.ID + ": agent handshake failed: " + agent.error().message));
   }
   agent_ = std::move(*agent);
+  log::Debug("guest agent handshake done", {{"id", config_.ID}});
   return {};
 }
 

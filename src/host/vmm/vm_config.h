@@ -78,8 +78,11 @@ struct VMConfig {
   std::vector<DiskConfig> ExtraDisks;   // cella-disk<N>
 
   // --- cella extensions ---
-  std::string StateDir;             // per-VM runtime dir (sockets, logs); required
-  std::string ConfigDiskPath;       // ext4 image with /config.json (WriteConfigDisk): cella-config
+  std::string StateDir;        // per-VM runtime dir (sockets, logs); required
+  std::string ConfigDiskPath;  // ext4 image with /config.json (WriteConfigDisk): cella-config
+  // The config.json on that disk (WriteGuestConfigDisk sets it): a warm
+  // clone gets it with its go line instead of mounting the disk.
+  std::string GuestConfigJson;
   std::vector<DiskConfig> Volumes;  // named volumes: cella-vol<N>
   // Host directory shares. Non-empty: guest RAM is memory-backend-memfd with
   // share=on (vhost-user needs the daemon to map it), so such a VM cannot use

@@ -132,6 +132,7 @@ TEST_F(ForkTest, FourCopiesContinueFromTheForkPointIndependentlyAndTheSourceRuns
 // next fork removes.
 TEST_F(ForkTest, AFailedOrInterruptedForkLeavesNothingAndTheSourceRunsOn) {
   ASSERT_FALSE(RunDetached({"--name", "src", "@builtin", "sh", "-c", kCounter[3]}).empty());
+  Exec("src", "while [ ! -f /root/count ]; do sleep 0.1; done");
   const long before = CountAbove("src", 2);
   const std::string snapshots = home_ + "/snapshots";
   std::filesystem::create_directories(snapshots + "/.fork-killedearlier");

@@ -14,6 +14,7 @@
 #include "base/unique_fd.h"
 #include "host/os/paths.h"
 #include "host/sandbox/control.h"
+#include "host/sandbox/snapshot.h"
 
 namespace cella::cli {
 namespace {
@@ -58,9 +59,16 @@ Result<SandboxContext> OpenSandboxes() {
   CELLA_TRY(host::MakeDirs(home + "/sandboxes", 0700));
   auto store = CELLA_TRY(store::StateStore::Open(sandbox::StateDbPath(home)));
   SandboxContext ctx{home, std::move(store)};
+  // The manifest's rename is a standby snapshot's commit point (snapshot.h):
+  // with it there, the sandbox is resumable whatever happened to its
+  // supervisor after; without it, anything in standby/ is never trusted.
+  auto committed_standby = [&home](const store::SandboxRecord& r) {
+    std::string manifest = sandbox::PathsFor(home, r.id).dir + "/standby/" + sandbox::kManifestName;
+    return ::access(manifest.c_str(), F_OK) == 0;
+  };
   auto dead = CELLA_TRY(
       ctx.store.Reconcile([](const store::ProcessIdentity& who) { return store::IsAlive(who); },
-                          std::chrono::seconds(60)));
+                          std::chrono::seconds(60), committed_standby));
   for (const store::SandboxRecord& r : dead) {
     log::Notice("sandbox supervisor is gone; cleaning up", {{"sandbox", r.Label()}});
     KillIfAlive(r.hypervisor, "qemu");

@@ -45,7 +45,9 @@ Result<std::string> SecretsForRestart(const sandbox::SandboxSpec& spec,
 // source frozen only for that and the copy of its disks, then running on)
 // and `count` new sandboxes resume from it in parallel, each with its own
 // ID, name (`name_prefix`-1..N, or none), copies of the disks, network and
-// the source's egress policy. Returns their IDs once all are running.
+// the source's egress policy. Returns their IDs once all are running; on
+// any failure (or SIGINT/SIGTERM/SIGHUP, held back meanwhile) removes every
+// copy it made and its snapshot, and returns the error.
 inline constexpr int kMaxForkCount = 32;
 Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int count,
                                              const std::string& name_prefix);

@@ -6,17 +6,23 @@
 // sealed network) and resumes it from the snapshot; the source is untouched.
 // `cella fork` is a snapshot into a hidden directory (snapshots/.fork-*)
 // followed by N such restores in parallel.
+#include <pthread.h>
+#include <signal.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "base/io.h"
+#include "base/log.h"
+#include "base/unique_fd.h"
 #include "cli/commands.h"
 #include "cli/sandbox_context.h"
 #include "host/os/paths.h"
@@ -164,6 +170,91 @@ Status SpawnRestored(const std::string& home, const std::string& id,
 
 Status Print(std::string_view text) { return WriteAll(STDOUT_FILENO, text); }
 
+// Blocks SIGINT, SIGTERM and SIGHUP for its lifetime (a fork must not die
+// between making something and removing it); Check() fails once one came.
+// Threads started meanwhile inherit the mask; the supervisors spawned
+// reset it.
+class InterruptHold {
+ public:
+  InterruptHold() {
+    sigemptyset(&set_);
+    for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set_, s);
+    ::pthread_sigmask(SIG_BLOCK, &set_, &old_);
+  }
+  ~InterruptHold() {
+    // A signal that came stays pending and acts as usual once unblocked:
+    // the fork has cleaned up by then, and the CLI dies of it as it would.
+    ::pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  InterruptHold(const InterruptHold&) = delete;
+  InterruptHold& operator=(const InterruptHold&) = delete;
+  Status Check() const {
+    sigset_t pending;
+    if (::sigpending(&pending) != 0) return FailErrno("sigpending");
+    for (int s : {SIGINT, SIGTERM, SIGHUP})
+      if (sigismember(&pending, s) == 1)
+        return std::unexpected(Error{std::string("interrupted (") + ::strsignal(s) + ")", EINTR});
+    return {};
+  }
+
+ private:
+  sigset_t set_{};
+  sigset_t old_{};
+};
+
+// Every running fork holds `path` (<home>/fork.lock) shared; a fork that
+// gets it exclusively first knows no other is running, so every `.fork-*`
+// directory is a leftover of one that was killed (kill -9 leaves no time to
+// clean up) and removes them. The lock file is never removed.
+Result<UniqueFd> LockForks(const std::string& root, const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd) return FailErrno("open " + path);
+  auto lock = [&](int how) -> Status {
+    while (::flock(fd.Get(), how) != 0)
+      if (errno != EINTR) return FailErrno("flock " + path);
+    return {};
+  };
+  if (::flock(fd.Get(), LOCK_EX | LOCK_NB) == 0) {
+    std::error_code ec;
+    std::vector<std::string> stale;
+    for (const auto& entry : std::filesystem::directory_iterator(root, ec)) {
+      std::string name = entry.path().filename().string();
+      if (name.starts_with(sandbox::kForkDirPrefix)) stale.push_back(entry.path().string());
+    }
+    for (const std::string& leftover : stale) {
+      log::Debug("removing a killed fork's snapshot", {{"dir", leftover}});
+      if (auto st = sandbox::RemoveSnapshot(leftover); !st)
+        log::Warn("could not remove a leftover fork snapshot", {{"error", st.error().message}});
+    }
+  } else if (errno != EWOULDBLOCK) {
+    return FailErrno("flock " + path);
+  }
+  CELLA_TRY(lock(LOCK_SH));  // from exclusive: a conversion
+  return fd;
+}
+
+// Removes a copy a failed fork made: killed through its supervisor when it
+// has one (which records the end), its processes killed directly when that
+// does not answer, then its record and directory.
+void DiscardCopy(SandboxContext& ctx, const std::string& id) {
+  auto record = ctx.store.Get(id);
+  if (!record) {
+    log::Warn("a failed fork's copy not found", {{"id", id}, {"error", record.error().message}});
+    return;
+  }
+  if (record->supervisor.pid != 0) {
+    std::string control = sandbox::PathsFor(ctx.home, id).control_socket;
+    if (auto reply = sandbox::ControlCall(control, {{"op", "kill"}}, std::chrono::seconds(10));
+        !reply)
+      log::Debug("kill through the supervisor failed", {{"error", reply.error().message}});
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (store::IsAlive(record->supervisor) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (auto st = RemoveSandboxCompletely(ctx, *record); !st)
+    log::Warn("could not remove a failed fork's copy", {{"id", id}, {"error", st.error().message}});
+}
+
 }  // namespace
 
 int SnapshotCreateCommand(const std::string& sandbox_ref, const std::string& name_arg) {
@@ -304,47 +395,59 @@ Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int
   // environment, as `cella start` does.
   std::string secrets = CELLA_TRY(SecretsForRestart(spec, record));
 
-  // The source is frozen only while its state is saved and its disks are
-  // copied; it runs on after.
+  // From here on every way out removes what this fork made: Ctrl-C, SIGTERM
+  // and SIGHUP are held back and looked at between the steps (the source's
+  // save itself is not cut short: the source runs on after it either way).
+  InterruptHold interrupts;
   std::string root = SnapshotsDir(ctx.home);
   if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return FailErrno("mkdir " + root);
+  UniqueFd fork_lock = CELLA_TRY(LockForks(root, ctx.home + "/fork.lock"));
   std::string dir = root + "/" + sandbox::kForkDirPrefix + CELLA_TRY(RandomId()).substr(0, 12);
-  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
-  auto reply =
-      sandbox::ControlCall(control, {{"op", "snapshot"}, {"dir", dir}}, std::chrono::minutes(15));
-  if (!reply) {
-    std::string why = reply.error().message;
-    // The supervisor's refusals speak of "snapshot": the same reasons.
-    return Fail("fork " + record.Label() + ": " + why);
-  }
-  // The state file and copies stay reachable through the copies' links;
-  // the fork's own directory goes whatever happens next.
+  // The state file and disk copies stay reachable through the copies' own
+  // links and copies; the fork's directory goes whatever happens next (also
+  // when the source's supervisor died mid-save and left it half written).
   struct Cleanup {
     std::string dir;
     ~Cleanup() { (void)sandbox::RemoveSnapshot(dir); }
   } cleanup{dir};
-  SnapshotSource src = CELLA_TRY(LoadSnapshotSource(dir, record.Label(), /*verify=*/false));
-
   std::vector<std::string> ids;
-  for (const std::string& name : names)
-    ids.push_back(CELLA_TRY(CreateFromSnapshot(ctx, src, name)));
-  // The copies resume in parallel: each supervisor builds its own network
-  // and QEMU, and the wait is for the slowest, not the sum.
-  std::vector<Status> started(ids.size());
-  {
-    std::vector<std::jthread> threads;
+  // All or nothing: a fork that fails partway removes every copy it made,
+  // started or not (their supervisors are killed), and says why each
+  // failed one did; the source is never touched.
+  auto made = [&]() -> Status {
+    std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+    auto reply =
+        sandbox::ControlCall(control, {{"op", "snapshot"}, {"dir", dir}}, std::chrono::minutes(15));
+    // The supervisor's refusals speak of "snapshot": the same reasons.
+    if (!reply) return Fail(reply.error().message);
+    CELLA_TRY(interrupts.Check());
+    SnapshotSource src = CELLA_TRY(LoadSnapshotSource(dir, record.Label(), /*verify=*/false));
+    for (const std::string& name : names) {
+      ids.push_back(CELLA_TRY(CreateFromSnapshot(ctx, src, name)));
+      CELLA_TRY(interrupts.Check());
+    }
+    // The copies resume in parallel: each supervisor builds its own network
+    // and QEMU, and the wait is for the slowest, not the sum.
+    std::vector<Status> started(ids.size());
+    {
+      std::vector<std::jthread> threads;
+      for (size_t i = 0; i < ids.size(); ++i)
+        threads.emplace_back(
+            [&, i] { started[i] = SpawnRestored(ctx.home, ids[i], src.spec, secrets); });
+    }
+    std::string failures;
     for (size_t i = 0; i < ids.size(); ++i)
-      threads.emplace_back(
-          [&, i] { started[i] = SpawnRestored(ctx.home, ids[i], src.spec, secrets); });
+      if (!started[i])
+        failures += (failures.empty() ? "" : "; ") + store::ShortId(ids[i]) + ": " +
+                    sandbox::OneLine(started[i].error().message);
+    if (!failures.empty())
+      return Fail("not every copy started (" + failures + "); no copy is kept");
+    return interrupts.Check();
+  }();
+  if (!made) {
+    for (const std::string& id : ids) DiscardCopy(ctx, id);
+    return Fail("fork " + record.Label() + ": " + made.error().message);
   }
-  std::string failures;
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (!started[i])
-      failures += (failures.empty() ? "" : "; ") + store::ShortId(ids[i]) + ": " +
-                  sandbox::OneLine(started[i].error().message);
-  if (!failures.empty())
-    return Fail("fork " + record.Label() + ": not every copy started (" + failures +
-                "); the failed ones are kept for cella logs and cella rm");
   return ids;
 }
 

@@ -3,9 +3,12 @@
 // the files), that the copies and the source then go their own ways (their
 // own counters, writable layers, random numbers), and that the source keeps
 // running. One source boot; its four copies are resumed at once.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
@@ -121,6 +124,68 @@ TEST_F(ForkTest, FourCopiesContinueFromTheForkPointIndependentlyAndTheSourceRuns
   EXPECT_NE(stopped.exit_code, 0);
   EXPECT_NE(stopped.err.find("fork"), std::string::npos) << Describe(stopped);
   EXPECT_EQ(State("src"), "running");
+}
+
+// A fork that fails partway, or is interrupted, removes everything it made
+// (its snapshot, every copy, started or not) and the source runs on; a fork
+// killed outright (kill -9: no time to clean) leaves a snapshot that the
+// next fork removes.
+TEST_F(ForkTest, AFailedOrInterruptedForkLeavesNothingAndTheSourceRunsOn) {
+  ASSERT_FALSE(RunDetached({"--name", "src", "@builtin", "sh", "-c", kCounter[3]}).empty());
+  Exec("src", "while [ ! -f /root/count ]; do sleep 0.1; done");
+  const long before = CountAbove("src", 2);
+  const std::string snapshots = home_ + "/snapshots";
+  std::filesystem::create_directories(snapshots + "/.fork-killedearlier");
+  std::ofstream(snapshots + "/.fork-killedearlier/machine.state") << "half";
+  auto leftovers = [&] {
+    std::vector<std::string> found;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(snapshots, ec))
+      found.push_back(entry.path().filename().string());
+    return found;
+  };
+  auto sandboxes = [&] {
+    auto doc = nlohmann::json::parse(RunCella({"ps", "-a", "--json"}).out, nullptr, false);
+    return doc.is_array() ? doc.size() : size_t{0};
+  };
+
+  // The copies' supervisors cannot start QEMU (nor the shell that reads the
+  // state): their PATH has neither. Every copy fails; none is kept.
+  auto failed = RunProcess({CELLA_BINARY, "fork", "src", "--count", "2", "--name", "bad"}, "",
+                           seconds(600), {{"PATH", "/nonexistent"}});
+  EXPECT_NE(failed.exit_code, 0) << Describe(failed);
+  EXPECT_NE(failed.err.find("not every copy started"), std::string::npos) << Describe(failed);
+  EXPECT_NE(failed.err.find("no copy is kept"), std::string::npos) << Describe(failed);
+  EXPECT_EQ(sandboxes(), 1u) << RunCella({"ps", "-a"}).out;
+  EXPECT_EQ(leftovers(), std::vector<std::string>{}) << "the fork's and a killed fork's snapshot";
+  EXPECT_EQ(State("src"), "running");
+  EXPECT_GT(CountAbove("src", before), before) << "the source keeps counting";
+
+  // Ctrl-C while the source's state is being saved: the fork finishes the
+  // step it is in, removes what it made and ends; the source runs on.
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::execl(CELLA_BINARY, CELLA_BINARY, "fork", "src", "--count", "2", "--name", "int",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  auto deadline = std::chrono::steady_clock::now() + seconds(300);
+  bool seen = false;
+  while (!seen && std::chrono::steady_clock::now() < deadline) {
+    for (const std::string& name : leftovers()) seen = seen || name.starts_with(".fork-");
+    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ASSERT_EQ(::kill(child, SIGINT), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(seen) << "the fork's snapshot never appeared";
+  EXPECT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "an interrupted fork failed";
+  EXPECT_EQ(sandboxes(), 1u) << RunCella({"ps", "-a"}).out;
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  EXPECT_EQ(State("src"), "running");
+  const long later = Count("src");
+  EXPECT_GT(CountAbove("src", later), later) << "the source keeps counting";
 }
 
 }  // namespace

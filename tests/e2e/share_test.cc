@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -104,13 +105,27 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   // A relative host path resolves against the caller's directory.
   fs::path saved = fs::current_path();
   fs::current_path(host_);
-  std::string id =
-      RunDetached({"-v", host_ + "/rw:/mnt/rw", "-v", host_ + "/ro:/mnt/ro:ro", "-v",
-                   host_ + "/ov:/mnt/ov:overlay", "-v", host_ + "/single.txt:/etc/single.txt", "-v",
-                   "./rel:/mnt/rel:ro", "-v", host_ + "/ov-single.txt:/etc/ov-single.txt:overlay",
-                   "-v", host_ + "/ro-single.txt:/etc/ro-single.txt:ro"});
+  auto started =
+      RunCella({"run", "-d", "-v", host_ + "/rw:/mnt/rw", "-v", host_ + "/ro:/mnt/ro:ro", "-v",
+                host_ + "/ov:/mnt/ov:overlay", "-v", host_ + "/single.txt:/etc/single.txt", "-v",
+                "./rel:/mnt/rel:ro", "-v", host_ + "/ov-single.txt:/etc/ov-single.txt:overlay",
+                "-v", host_ + "/ro-single.txt:/etc/ro-single.txt:ro"},
+               "", std::chrono::seconds(300));
   fs::current_path(saved);
+  ASSERT_EQ(started.exit_code, 0) << Describe(started);
+  std::string id = started.out.substr(0, started.out.find('\n'));
   ASSERT_FALSE(id.empty());
+  // Shares keep a sandbox from starting warm: said once, on stderr (not
+  // when the user chose cold: CELLA_COLD=1, the suite's cold pass).
+  const char* cold = std::getenv("CELLA_COLD");
+  if (cold == nullptr || std::string(cold) != "1") {
+    EXPECT_NE(started.err.find("sandbox boots cold (no warm start): host directory shares"),
+              std::string::npos)
+        << Describe(started);
+    EXPECT_EQ(std::count(started.err.begin(), started.err.end(), '\n'), 1) << started.err;
+  } else {
+    EXPECT_EQ(started.err, "");
+  }
 
   // rw: modes kept, guest writes land on the host at once, owned by the
   // guest user (cella runs as root here, so the uid passes through).
@@ -208,7 +223,12 @@ TEST_F(ShareTest, HostileGuestStaysInsideTheShare) {
   // Planted on the host: links that point out of the share.
   fs::create_symlink(host_ + "/secret", share + "/abs-link");
   fs::create_symlink("../secret", share + "/rel-link");
-  std::string id = RunDetached({"-v", share + ":/mnt/s"});
+  // --cold: the user chose the cold boot, so nothing is said about it.
+  auto started =
+      RunCella({"run", "-d", "--cold", "-v", share + ":/mnt/s"}, "", std::chrono::seconds(300));
+  ASSERT_EQ(started.exit_code, 0) << Describe(started);
+  EXPECT_EQ(started.err, "");
+  std::string id = started.out.substr(0, started.out.find('\n'));
   ASSERT_FALSE(id.empty());
 
   // The guest follows links in its own namespace: nothing of the host's.

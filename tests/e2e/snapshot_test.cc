@@ -210,7 +210,7 @@ TEST_F(SnapshotTest, NamedSnapshotRestoresIntoANewSandboxAndLeavesTheSourceRunni
   EXPECT_EQ(RunCella({"snapshot", "ls", "--json"}).out, "[]\n");
 }
 
-TEST_F(SnapshotTest, AStandbyWhoseQemuIsKilledMidSaveLeavesNoSnapshotButTheDisks) {
+TEST_F(SnapshotTest, AStandbyWhoseQemuOrSupervisorIsKilledMidSaveLeavesNoSnapshotButTheDisks) {
   // 32 MiB of random bytes in RAM: a save long enough (a second or more
   // here) to be caught mid-way by a poll every 5 ms.
   std::string id = RunDetached({"@builtin", "sh", "-c",
@@ -248,6 +248,39 @@ TEST_F(SnapshotTest, AStandbyWhoseQemuIsKilledMidSaveLeavesNoSnapshotButTheDisks
   auto started = RunCella({"start", id}, "", seconds(600));
   ASSERT_EQ(started.exit_code, 0) << Describe(started);
   EXPECT_EQ(Exec(id, "cat /root/note"), "survives");
+  EXPECT_FALSE(Exists(dir + "/standby")) << "a cold boot drops the leftovers";
+
+  // Now kill -9 the supervisor mid-save. QEMU is its child and dies with it
+  // (PDEATHSIG): the memory is lost, so the truthful state is failed with
+  // the disks kept; nothing half-written is resumable.
+  Exec(id, "head -c 33554432 /dev/urandom > /dev/shm/blob; echo again > /root/note2; sync");
+  auto doc = Inspect(id);
+  const int supervisor_pid = doc.value("supervisor_pid", 0);
+  const int qemu_pid2 = doc.value("hypervisor_pid", 0);
+  ASSERT_GT(supervisor_pid, 0);
+  ASSERT_GT(qemu_pid2, 0);
+  ProcessResult standby2;
+  std::thread saver2([&] { standby2 = RunCella({"standby", id}, "", seconds(600)); });
+  deadline = std::chrono::steady_clock::now() + seconds(120);
+  while (!(::stat(tmp.c_str(), &st) == 0 && st.st_size > 0) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const bool caught2 = !Exists(dir + "/standby/manifest.json");
+  ASSERT_EQ(::kill(supervisor_pid, SIGKILL), 0);
+  saver2.join();
+  ASSERT_TRUE(caught2) << "the save finished before the supervisor could be killed during it";
+  EXPECT_NE(standby2.exit_code, 0) << Describe(standby2);
+  EXPECT_TRUE(WaitGone(qemu_pid2)) << "QEMU outlived its supervisor";
+  EXPECT_FALSE(Exists(dir + "/standby/manifest.json")) << "a half-written snapshot was committed";
+  auto ps = RunCella({"ps", "-a"});
+  EXPECT_NE(ps.out.find("supervisor"), std::string::npos) << ps.out;
+  EXPECT_EQ(State(id), "failed");
+  auto resumed2 = RunCella({"resume", id}, "", seconds(120));
+  EXPECT_NE(resumed2.exit_code, 0) << "nothing to resume from: " << Describe(resumed2);
+  EXPECT_NE(resumed2.err.find("not in standby"), std::string::npos) << Describe(resumed2);
+  auto started2 = RunCella({"start", id}, "", seconds(600));
+  ASSERT_EQ(started2.exit_code, 0) << Describe(started2);
+  EXPECT_EQ(Exec(id, "cat /root/note /root/note2"), "survives\nagain");
   EXPECT_FALSE(Exists(dir + "/standby")) << "a cold boot drops the leftovers";
 }
 

@@ -11,9 +11,11 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -260,6 +262,39 @@ TEST_F(WarmTest, KilledTemplateBuildIsNeverTrustedAndNewKeyPartsMakeNewTemplates
   EXPECT_EQ(TemplatesOf(kMemory).size(), 3u);
   RemoveTemplatesOf(kMemory);
   EXPECT_TRUE(TemplatesOf(kMemory).empty());
+}
+
+// A template whose state QEMU refuses (damaged in a way its manifest's
+// sizes cannot show) costs one cold boot, said in one notice: the run
+// succeeds, the template is dropped, and the next run builds a good one.
+TEST_F(WarmTest, ATemplateThatCannotBeRestoredIsDroppedAndTheRunBootsCold) {
+  constexpr int kMemory = 316;
+  const std::string memory = std::to_string(kMemory) + "m";
+  RemoveTemplatesOf(kMemory);
+  auto first = RunCella({"run", "--memory", memory, "--", "true"}, "", std::chrono::seconds(300));
+  ASSERT_EQ(first.exit_code, 0) << Describe(first);
+  auto keys = TemplatesOf(kMemory);
+  ASSERT_EQ(keys.size(), 1u);
+  const std::string state = TemplatesDir() + "/" + keys[0] + "/state";
+  const auto size = std::filesystem::file_size(state);
+  std::ofstream(state, std::ios::binary | std::ios::trunc) << std::string(size, 'x');
+  ASSERT_EQ(std::filesystem::file_size(state), size);
+
+  auto run = RunCella({"run", "--memory", memory, "--", "cat", "/run/cella/start"}, "",
+                      std::chrono::seconds(300));
+  ASSERT_EQ(run.exit_code, 0) << Describe(run);
+  EXPECT_EQ(run.out, "cold\n");
+  EXPECT_NE(run.err.find("could not be restored and was removed"), std::string::npos)
+      << Describe(run);
+  EXPECT_EQ(std::count(run.err.begin(), run.err.end(), '\n'), 1) << "one line: " << run.err;
+  EXPECT_TRUE(TemplatesOf(kMemory).empty()) << "the damaged template is dropped";
+
+  auto next = RunCella({"run", "--memory", memory, "--", "cat", "/run/cella/start"}, "",
+                       std::chrono::seconds(300));
+  EXPECT_EQ(next.exit_code, 0) << Describe(next);
+  EXPECT_EQ(next.out, "warm\n");
+  EXPECT_TRUE(next.err.empty()) << next.err;
+  RemoveTemplatesOf(kMemory);
 }
 
 }  // namespace

@@ -271,6 +271,40 @@ TEST_F(SandboxLifecycleTest, BootFailureIsFailedWithTheConsoleTail) {
   EXPECT_EQ(States(), (std::vector{kCreating, kFailed}));
 }
 
+// A warm clone whose restore fails: the supervisor hands in a cold machine,
+// which boots, and the sandbox runs (the failed machine is closed first).
+TEST_F(SandboxLifecycleTest, AFailedBootCanBeRetriedOnAnotherMachine) {
+  vm_->start_error = Error::Msg("VM x: QEMU refused the incoming state");
+  auto cold = std::make_shared<FakeVm>();
+  std::optional<std::string> retried_after;
+  std::optional<Status> ready;
+  LifecycleHooks hooks;
+  hooks.retry_boot = [&](const Error& e) -> std::unique_ptr<vmm::Machine> {
+    retried_after = e.message;
+    return std::make_unique<FakeMachine>(cold);
+  };
+  hooks.on_boot_result = [&](const Status& st) { ready = st; };
+  Make(std::move(hooks));
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  ASSERT_TRUE(retried_after.has_value());
+  EXPECT_EQ(*retried_after, "VM x: QEMU refused the incoming state");
+  EXPECT_EQ(vm_->closes, 1) << "the failed machine is closed";
+  ASSERT_TRUE(ready.has_value());
+  EXPECT_TRUE(*ready);
+  cold->PowerOff();
+  EXPECT_TRUE(run.get().booted);
+  EXPECT_EQ(Record().state, kStopped);
+  // Without a machine to retry on, the failure stands.
+  vm_ = std::make_shared<FakeVm>();
+  vm_->start_error = Error::Msg("no kernel");
+  ASSERT_TRUE(store_->Transition(kId, kCreating, "again"));
+  LifecycleHooks none;
+  none.retry_boot = [](const Error&) { return std::unique_ptr<vmm::Machine>(); };
+  EXPECT_FALSE(Make(std::move(none)).Run().booted);
+  EXPECT_EQ(Record().state, kFailed);
+}
+
 TEST_F(SandboxLifecycleTest, GuestPoweringOffByItselfIsStopped) {
   Make();
   auto run = RunAsync();

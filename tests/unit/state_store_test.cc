@@ -546,6 +546,35 @@ TEST_F(StateStoreTest, ReconcileFailsSandboxesWhoseSupervisorDied) {
   EXPECT_TRUE(again->empty());
 }
 
+// A supervisor killed after it committed a standby snapshot but before it
+// recorded standby: the sandbox is standby (resumable), not failed; one
+// without a committed snapshot, or not running, fails as before.
+TEST_F(StateStoreTest, ReconcileKeepsACommittedStandbyResumable) {
+  const std::string saved_id = MakeId(1);
+  const std::string unsaved_id = MakeId(2);
+  const std::string stopping_id = MakeId(3);
+  for (const auto& id : {saved_id, unsaved_id, stopping_id}) {
+    CreateOk(MakeRecord(id));
+    MoveOk(id, kRunning);
+    ASSERT_TRUE(store().SetSupervisor(id, {200, 2}));
+  }
+  MoveOk(stopping_id, kStopping);
+  auto dead = store().Reconcile([](const ProcessIdentity&) { return false; }, 1h,
+                                [&](const SandboxRecord& r) { return r.id != unsaved_id; });
+  ASSERT_TRUE(dead) << dead.error().message;
+  EXPECT_EQ(dead->size(), 3u);
+  auto saved = store().Get(saved_id);
+  ASSERT_TRUE(saved);
+  EXPECT_EQ(saved->state, kStandby);
+  EXPECT_NE(saved->reason.find("after the snapshot was committed"), std::string::npos)
+      << saved->reason;
+  EXPECT_EQ(store().History(saved_id)->back().state, kStandby);
+  EXPECT_EQ(store().Get(unsaved_id)->state, kFailed);
+  EXPECT_EQ(store().Get(stopping_id)->state, kFailed);
+  // A standby sandbox can be resumed from there.
+  EXPECT_TRUE(store().Transition(saved_id, kCreating, "resuming"));
+}
+
 TEST_F(StateStoreTest, ReconcileFailsCreatingSandboxPastItsGraceWithoutSupervisor) {
   const std::string id = MakeId(1);
   CreateOk(MakeRecord(id));

@@ -1,6 +1,9 @@
 // Warm starts without a VM: the handshake lines, the template key, and the
 // QEMU command lines of a template capture and of its clone.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -239,6 +242,76 @@ TEST_F(TemplateKeyTest, TemplatesOfRemovedImagesAreRemoved) {
   auto listed = warm::List(home);
   ASSERT_TRUE(listed);
   EXPECT_TRUE(listed->empty());
+}
+
+// A partial is stale when its key's build lock is free, whatever its pid
+// says: here the pid is this (live) test process, as after a pid reuse.
+TEST_F(TemplateKeyTest, StalePartialsAreFoundByTheLockNotByThePid) {
+  std::string home = dir_.path() + "/home";
+  std::string dir = home + "/templates";
+  std::string key = "0123456789abcdef";
+  std::string partial = dir + "/" + key + ".partial." + std::to_string(::getpid());
+  std::filesystem::create_directories(partial);
+  std::ofstream(partial + "/memory") << "half";
+  // A builder holding the lock: its partial stays.
+  int held = ::open((dir + "/" + key + ".lock").c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0600);
+  ASSERT_GE(held, 0);
+  ASSERT_EQ(::flock(held, LOCK_EX | LOCK_NB), 0);
+  warm::RemoveStalePartials(home);
+  EXPECT_TRUE(std::filesystem::exists(partial));
+  // The builder is gone (its lock released with it): the partial goes.
+  ::close(held);
+  warm::RemoveStalePartials(home);
+  EXPECT_FALSE(std::filesystem::exists(partial));
+  auto listed = warm::List(home);
+  ASSERT_TRUE(listed);
+  EXPECT_TRUE(listed->empty());
+}
+
+// Only a template proven bad is removed: one that cannot be read (here its
+// manifest is a directory: EISDIR, standing for EIO, EMFILE...) is an
+// error and stays.
+TEST_F(TemplateKeyTest, FindKeepsATemplateItCannotRead) {
+  std::string home = dir_.path() + "/home";
+  std::string key = "fedcba9876543210";
+  std::string tdir = home + "/templates/" + key;
+  std::filesystem::create_directories(tdir + "/manifest.json");
+  auto found = warm::Find(home, key);
+  EXPECT_FALSE(found);
+  EXPECT_TRUE(std::filesystem::exists(tdir));
+  // Proven bad (no manifest in a committed directory): removed.
+  std::filesystem::remove(tdir + "/manifest.json");
+  auto damaged = warm::Find(home, key);
+  ASSERT_TRUE(damaged) << damaged.error().message;
+  EXPECT_FALSE(damaged->has_value());
+  EXPECT_FALSE(std::filesystem::exists(tdir));
+}
+
+// Under KVM a template is only loadable on the host kernel and CPU it was
+// made on; under TCG neither is part of the key (QEMU's own CPU model).
+TEST_F(TemplateKeyTest, KvmKeysNameTheHostKernelAndCpu) {
+  auto tcg = warm::ShapeText(vm_, options_);
+  ASSERT_TRUE(tcg) << tcg.error().message;
+  EXPECT_EQ(tcg->find("host_kernel "), std::string::npos);
+  EXPECT_EQ(tcg->find("host_cpu "), std::string::npos);
+  vmm::QemuBackendOptions kvm = options_;
+  kvm.accel.chosen = vmm::Accel::kKvm;
+  auto k = warm::ShapeText(vm_, kvm);
+  ASSERT_TRUE(k) << k.error().message;
+  utsname u{};
+  ASSERT_EQ(::uname(&u), 0);
+  EXPECT_NE(k->find("host_kernel " + std::string(u.release) + "\n"), std::string::npos) << *k;
+  EXPECT_NE(k->find("host_cpu "), std::string::npos);
+  EXPECT_NE(warm::KeyOf(*k), warm::KeyOf(*tcg));
+
+  std::string a =
+      "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon X\n"
+      "flags\t\t: fpu sse avx2\n\nprocessor\t: 1\nflags\t\t: other\n";
+  std::string b = a;
+  b.replace(b.find("avx2"), 4, "avx5");
+  EXPECT_EQ(warm::HostCpuIdentity(a).substr(0, 24), "GenuineIntel | Xeon X | ");
+  EXPECT_NE(warm::HostCpuIdentity(a), warm::HostCpuIdentity(b));  // a flag differs
+  EXPECT_EQ(warm::HostCpuIdentity(a), warm::HostCpuIdentity(a + "junk\n"));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <thread>
+#include <utility>
 
 #include "base/log.h"
 
@@ -63,7 +64,29 @@ LifecycleOutcome SandboxLifecycle::Run() {
 }
 
 Status SandboxLifecycle::Boot() {
-  CELLA_TRY_CTX(machine_->Start(), "boot");
+  Status started = machine_->Start();
+  bool killed = false;
+  {
+    std::lock_guard lock(mu_);
+    killed = kill_requested_;
+  }
+  // A boot ended by `cella kill` is not retried (nor its failure blamed on
+  // the machine).
+  if (!started && !killed && hooks_.retry_boot) {
+    if (std::unique_ptr<vmm::Machine> next = hooks_.retry_boot(started.error())) {
+      std::unique_ptr<vmm::Machine> failed;
+      {
+        // Handle() kills through machine_ from other threads.
+        std::lock_guard lock(mu_);
+        if (kill_requested_) return Fail("the sandbox was killed while booting");
+        failed = std::exchange(machine_, std::move(next));
+      }
+      if (auto st = failed->Close(); !st)
+        log::Warn("closing the failed machine", {{"error", st.error().message}});
+      started = machine_->Start();
+    }
+  }
+  CELLA_TRY_CTX(started, "boot");
   {
     // A kill that arrived while Start was returning successfully.
     std::lock_guard lock(mu_);

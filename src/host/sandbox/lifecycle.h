@@ -79,6 +79,11 @@ struct LifecycleHooks {
   // a share daemon that ends with QEMU, which say nothing about the link).
   // Unset: link_error is used.
   std::function<bool()> link_drained;
+  // When the machine fails to start: another machine to boot instead (the
+  // supervisor's cold boot after a warm restore failed), or null to let the
+  // failure stand. Called at most once, on Run()'s thread, before
+  // on_boot_result.
+  std::function<std::unique_ptr<vmm::Machine>(const Error&)> retry_boot;
   // Every tick while the VM runs, on Run()'s thread: housekeeping that must
   // not wait for the end (the console log's cap). Must be quick.
   std::function<void()> on_tick;

@@ -63,6 +63,15 @@ void SendReady(int& fd, const std::string& line) {
   fd = -1;
 }
 
+// A line for the user before the readiness line (SpawnSupervisor prints
+// it): something worth knowing that does not stop the start.
+void SendNotice(int fd, const std::string& text) {
+  log::Notice(text);
+  if (fd < 0) return;
+  if (auto st = WriteAll(fd, "notice: " + OneLine(text) + "\n"); !st)
+    log::Debug("notice not delivered", {{"error", st.error().message}});
+}
+
 std::vector<VolumeAttachment> Attachments(const SandboxSpec& spec) {
   std::vector<VolumeAttachment> out;
   for (const VolumeSpec& v : spec.volumes)
@@ -205,6 +214,8 @@ class Supervisor {
       router_ = std::move(*router);
       return router_->ConnectLocal();
     };
+    cella_home_ = cella_home;
+    if (warm_template_) cold_options_ = options;
     vmm::QemuBackend backend(std::move(options));
     std::unique_ptr<vmm::Machine> machine = CELLA_TRY(backend.Create(vm));
 
@@ -218,6 +229,7 @@ class Supervisor {
     hooks.before_close = [this] { BeforeClose(); };
     hooks.after_close = [this] { AfterClose(); };
     hooks.on_tick = [this] { TrimConsole(); };
+    hooks.retry_boot = [this](const Error& error) { return ColdAfterWarmFailure(error); };
     hooks.standby = [this] { return Standby(); };
     hooks.snapshot = [this](const std::string& dir) { return Snapshot(dir); };
     hooks.link_drained = [this] { return router_ && router_->UpstreamError().has_value(); };
@@ -250,7 +262,13 @@ class Supervisor {
                         const vmm::QemuBackendOptions& options, vmm::VMConfig& vm) {
     std::string why = warm::WhyCold(vm, guest.init_mode == protocol::InitMode::kSystemd);
     if (!why.empty()) {
-      log::Debug("booting cold: " + why, {{"id", args_.id}});
+      // Host shares are the one case a user did not choose knowingly (the
+      // others are --cold-like choices: systemd, a writable root, a
+      // resume): said once, on stderr, like docker's warnings.
+      if (!vm.Shares.empty())
+        SendNotice(ready_fd_, "sandbox boots cold (no warm start): " + why);
+      else
+        log::Debug("booting cold: " + why, {{"id", args_.id}});
       return;
     }
     auto chosen = [&]() -> Result<warm::TemplateInfo> {
@@ -261,12 +279,39 @@ class Supervisor {
       return warm::Create(cella_home, vm, options);
     }();
     if (!chosen) {
-      log::Notice("booting cold: no memory template: " + chosen.error().message,
-                  {{"id", args_.id}});
+      if (chosen.error().errno_value == EWOULDBLOCK)  // a parallel first run builds it
+        log::Debug("booting cold: " + chosen.error().message, {{"id", args_.id}});
+      else
+        SendNotice(ready_fd_, "sandbox boots cold: no memory template: " + chosen.error().message);
       return;
     }
+    cold_vm_ = vm;
+    warm_template_ = *chosen;
     warm::MakeClone(*chosen, vm);
     log::Debug("starting from memory template", {{"id", args_.id}, {"key", chosen->key}});
+  }
+
+  // The clone's restore failed (a template file unreadable or damaged in a
+  // way its manifest cannot see, QEMU refusing the state): the template is
+  // dropped, so no later run trusts it, and this sandbox boots cold. Null
+  // when the failed boot was not a warm one (the failure stands).
+  std::unique_ptr<vmm::Machine> ColdAfterWarmFailure(const Error& error) {
+    if (!warm_template_ || !cold_options_) return nullptr;
+    warm::TemplateInfo t = std::move(*warm_template_);
+    warm_template_.reset();
+    SendNotice(ready_fd_, "sandbox boots cold: memory template " + t.key +
+                              " could not be restored and was removed (" + OneLine(error.message) +
+                              ")");
+    if (auto st = warm::Remove(cella_home_, t.key); !st && st.error().errno_value != ENOENT)
+      log::Warn("could not remove the template", {{"error", st.error().message}});
+    router_.reset();  // the failed clone's, if its link came up at all
+    vmm::QemuBackend backend(*cold_options_);
+    auto machine = backend.Create(cold_vm_);
+    if (!machine) {
+      log::Warn("cold machine not made", {{"error", machine.error().message}});
+      return nullptr;
+    }
+    return std::move(*machine);
   }
 
   // The VM is up: CLI processes may now reach it.
@@ -285,7 +330,14 @@ class Supervisor {
         return std::unexpected(
             std::move(count.error()).WithContext("set the guest clock and reseed its RNG"));
       // The guest ran on from it and its disks change from here: the
-      // snapshot can never be resumed from again.
+      // snapshot can never be resumed from again. Its manifest (the commit)
+      // goes first and for sure: a supervisor that dies later must not leave
+      // a snapshot that looks resumable (see Reconcile).
+      std::string manifest = standby_dir_ + "/" + kManifestName;
+      if (::unlink(manifest.c_str()) != 0 && errno != ENOENT)
+        return FailErrno("remove the used snapshot's " + manifest);
+      if (auto st = FsyncDirectory(standby_dir_); !st)
+        return std::unexpected(std::move(st.error()).WithContext("the used snapshot"));
       if (auto st = RemoveSnapshot(standby_dir_); !st)
         log::Warn("could not remove the used snapshot", {{"error", st.error().message}});
       log::Notice("resumed from the standby snapshot",
@@ -745,6 +797,12 @@ class Supervisor {
   std::optional<SnapshotCompat> compat_;
   std::string standby_dir_;
   bool resume_announced_ = false;
+  std::string cella_home_;
+  // A warm start's template, and what the cold boot after a failed restore
+  // uses instead (the VM as it was before it became a clone).
+  std::optional<warm::TemplateInfo> warm_template_;
+  vmm::VMConfig cold_vm_;
+  std::optional<vmm::QemuBackendOptions> cold_options_;
   // $CELLA_SNAPSHOT_COMPRESSION (none|zstd) picks it for measurements.
   SnapshotCompression compression_ = DefaultCompression();
   std::vector<PortSpec> ports_;
@@ -892,9 +950,22 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
     if (n == 0) break;  // the supervisor closes it right after its one message
     if (line.size() < 64 * 1024) line.append(buf, static_cast<size_t>(n));
   }
-  while (!line.empty() && line.back() == '\n') line.pop_back();
-  if (line == "ok") return {};
-  if (line.starts_with("error: ")) return Fail(line.substr(7));
+  // Zero or more "notice: ..." lines (shown here, where a user sees them),
+  // then the one "ok" or "error: ...".
+  std::string last;
+  std::string_view rest = line;
+  while (!rest.empty()) {
+    size_t nl = rest.find('\n');
+    std::string_view one = rest.substr(0, nl);
+    rest = nl == std::string_view::npos ? std::string_view{} : rest.substr(nl + 1);
+    if (one.starts_with("notice: ")) {
+      log::Notice(one.substr(8));
+      continue;
+    }
+    if (!one.empty()) last = one;
+  }
+  if (last == "ok") return {};
+  if (last.starts_with("error: ")) return Fail(last.substr(7));
   return Fail("the sandbox supervisor exited before it was ready; see " + log_path);
 }
 

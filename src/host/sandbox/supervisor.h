@@ -11,9 +11,12 @@
 // SandboxLifecycle (lifecycle.h); this file builds the QEMU machine, the
 // router, ports and egress around it.
 //
-// Readiness: when `ready_fd` >= 0 the supervisor writes exactly one line to
-// it, "ok\n" once the sandbox is running or "error: <message>\n", then
-// closes it, so the spawning CLI can report boot failures itself.
+// Readiness: when `ready_fd` >= 0 the supervisor writes zero or more
+// "notice: <text>\n" lines to it (a sandbox that boots cold when it would
+// have started warm, and why; SpawnSupervisor prints them as notices on
+// stderr), then exactly one line, "ok\n" once the sandbox is running or
+// "error: <message>\n", and closes it, so the spawning CLI can report boot
+// failures itself.
 #pragma once
 
 #include <chrono>
@@ -45,7 +48,7 @@ int RunSupervisor(const SupervisorArgs& args);
 // Starts `cella __supervise` (self_exe) for `id` as a daemon: double fork,
 // new session, stdio on /dev/null, stderr appended to `log_path`. Waits up to
 // `ready_timeout` for its readiness line; an "error: ..." line becomes the
-// returned error.
+// returned error, "notice: ..." lines go to log::Notice (stderr).
 // `secrets_json` ({"NAME":"value",...}) reaches the supervisor on its stdin,
 // never through argv, the environment or a file.
 Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainAttach attach,

@@ -655,7 +655,8 @@ Status StateStore::Remove(const std::string& id) {
 
 Result<std::vector<SandboxRecord>> StateStore::Reconcile(
     const std::function<bool(const ProcessIdentity&)>& alive,
-    std::chrono::milliseconds creating_grace) {
+    std::chrono::milliseconds creating_grace,
+    const std::function<bool(const SandboxRecord&)>& committed_standby) {
   Impl& s = *impl_;
   Transaction txn = CELLA_TRY(Transaction::Begin(*s.db, TransactionKind::kWrite));
   std::vector<SandboxRecord> active = CELLA_TRY(s.SelectActive());
@@ -675,12 +676,21 @@ Result<std::vector<SandboxRecord>> StateStore::Reconcile(
     } else {
       reason = "no supervisor recorded for a " + std::string(ToString(r.state)) + " sandbox";
     }
+    // A supervisor killed between committing a standby snapshot and
+    // recording it: the snapshot is the sandbox (its VM was frozen from the
+    // save on, so the disks match it).
+    SandboxState to = SandboxState::kFailed;
+    if ((r.state == SandboxState::kRunning || r.state == SandboxState::kPaused) &&
+        committed_standby && committed_standby(r)) {
+      to = SandboxState::kStandby;
+      reason = "standby (" + reason + " after the snapshot was committed)";
+    }
     sql::Statement st = CELLA_TRY(s.db->Prepare(
-        "UPDATE sandboxes SET state = 'failed', exit_code = NULL, reason = ?2, updated_ms = ?3 "
+        "UPDATE sandboxes SET state = ?4, exit_code = NULL, reason = ?2, updated_ms = ?3 "
         "WHERE id = ?1"));
-    CELLA_TRY(st.BindAll(r.id, reason, now));
+    CELLA_TRY(st.BindAll(r.id, reason, now, std::string(ToString(to))));
     CELLA_TRY(st.Run());
-    CELLA_TRY(s.AppendHistory(r.id, now, SandboxState::kFailed, reason));
+    CELLA_TRY(s.AppendHistory(r.id, now, to, reason));
     dead.push_back(std::move(r));
   }
   CELLA_TRY(txn.Commit());

@@ -182,9 +182,15 @@ class StateStore {
   // than `creating_grace` (the CLI died before spawning one); a running or
   // stopping one with none counts as dead at once. `alive` runs inside the
   // write transaction: keep it quick, and it must not use this store.
+  // A running or paused one whose `committed_standby` says its standby
+  // snapshot was committed (its supervisor died between the commit and
+  // recording standby) becomes standby instead, resumable; it is still
+  // returned, as it was (its leftover processes and files need the same
+  // cleanup). `committed_standby` also runs inside the transaction.
   Result<std::vector<SandboxRecord>> Reconcile(
       const std::function<bool(const ProcessIdentity&)>& alive,
-      std::chrono::milliseconds creating_grace);
+      std::chrono::milliseconds creating_grace,
+      const std::function<bool(const SandboxRecord&)>& committed_standby = {});
 
   Status CreateVolume(const VolumeRecord& volume);
   Result<VolumeRecord> GetVolume(const std::string& name);

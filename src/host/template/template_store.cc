@@ -2,8 +2,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -52,6 +53,14 @@ Result<std::string> ResolveBinary(const std::string& name) {
   return Fail(name + " not found in PATH");
 }
 
+constexpr const char* kMicrovmFirmware = "/usr/share/qemu/qboot.rom";
+
+Result<std::string> HostKernelRelease() {
+  utsname u{};
+  if (::uname(&u) != 0) return FailErrno("uname");
+  return std::string(u.release);
+}
+
 bool IsKey(std::string_view s) {
   if (s.size() != 16) return false;
   for (char c : s)
@@ -79,30 +88,64 @@ void RemoveTree(const std::string& path) {
   if (ec) log::Warn("could not remove " + path, {{"error", ec.message()}});
 }
 
-// A builder that is gone or a zombie (a killed supervisor whose reaper has
-// not run yet) builds nothing any more.
-bool ProcessGone(long pid) {
-  if (pid <= 0) return true;
-  auto stat = ReadFileToString("/proc/" + std::to_string(pid) + "/stat", 4096);
-  if (!stat) return stat.error().errno_value == ENOENT;
-  size_t paren = stat->rfind(')');
-  return paren != std::string::npos && paren + 2 < stat->size() && (*stat)[paren + 2] == 'Z';
+// The builders' lock of one key: `<key>.lock`, held (flock, exclusive) by
+// the process building that key for the whole of the build, released by the
+// kernel when that process dies however it dies. A lock file is never
+// removed (unlinking it would let two builders hold "the" lock at once).
+std::string LockPath(const std::string& dir, const std::string& key) {
+  return dir + "/" + key + ".lock";
 }
 
-// .partial.<pid> directories whose builder is gone (killed, crashed).
-void RemoveStalePartials(const std::string& dir) {
+// Takes the key's build lock without waiting. EWOULDBLOCK: another process
+// is building this key right now.
+Result<UniqueFd> LockKey(const std::string& dir, const std::string& key) {
+  std::string path = LockPath(dir, key);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd) return FailErrno("open " + path);
+  while (::flock(fd.Get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK)
+      return std::unexpected(
+          Error{"template " + key + " is being built by another process", EWOULDBLOCK});
+    return FailErrno("flock " + path);
+  }
+  return fd;
+}
+
+// `<key>.partial.<pid>` directories nobody is building: the key's lock is
+// free, so their builder is gone (killed, crashed) whatever its pid names
+// now. A partial whose key is locked is left alone.
+// Every `<key>.partial.*` of one key; the caller holds the key's lock.
+void RemovePartialsOf(const std::string& dir, const std::string& key) {
   DIR* d = ::opendir(dir.c_str());
   if (d == nullptr) return;
-  std::vector<std::string> stale;
+  std::vector<std::string> partials;
+  while (dirent* entry = ::readdir(d))
+    if (std::string_view(entry->d_name).starts_with(key + ".partial."))
+      partials.push_back(dir + "/" + entry->d_name);
+  ::closedir(d);
+  for (const std::string& path : partials) RemoveTree(path);
+}
+
+void SweepPartials(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return;
+  std::vector<std::string> partials;
   while (dirent* entry = ::readdir(d)) {
     std::string name = entry->d_name;
     size_t at = name.find(".partial.");
-    if (at == std::string::npos) continue;
-    long pid = std::strtol(name.c_str() + at + 9, nullptr, 10);
-    if (ProcessGone(pid)) stale.push_back(dir + "/" + name);
+    if (at != std::string::npos && IsKey(name.substr(0, at))) partials.push_back(name);
   }
   ::closedir(d);
-  for (const std::string& path : stale) RemoveTree(path);
+  for (const std::string& name : partials) {
+    auto lock = LockKey(dir, name.substr(0, name.find(".partial.")));
+    if (!lock) {
+      if (lock.error().errno_value != EWOULDBLOCK)
+        log::Warn("could not check a partial template", {{"error", lock.error().message}});
+      continue;
+    }
+    RemoveTree(dir + "/" + name);
+  }
 }
 
 uint64_t AllocatedBytes(const std::string& dir) {
@@ -114,12 +157,29 @@ uint64_t AllocatedBytes(const std::string& dir) {
   return total;
 }
 
+// A template proven bad: its own files say so (a manifest that does not
+// parse or names another key, files missing from a committed directory or
+// of the wrong size). Only these are removed; an error reading them (EIO,
+// EMFILE, EACCES...) says nothing about the template and is returned.
+Error Damaged(std::string message) { return Error{std::move(message), EBADMSG}; }
+
+Status StatExpecting(const std::string& path, struct stat& st) {
+  if (::stat(path.c_str(), &st) == 0) return {};
+  if (errno == ENOENT) return std::unexpected(Damaged(path + " is missing"));
+  return FailErrno("stat " + path);
+}
+
 Result<TemplateInfo> ReadTemplate(const std::string& dir, const std::string& key) {
-  std::string text = CELLA_TRY(ReadFileToString(dir + "/manifest.json", 1 << 20));
+  auto text = ReadFileToString(dir + "/manifest.json", 1 << 20);
+  if (!text) {
+    if (text.error().errno_value == ENOENT) return std::unexpected(Damaged("no manifest"));
+    return std::unexpected(std::move(text.error()));
+  }
   TemplateInfo t;
   try {
-    json doc = json::parse(text);
-    if (doc.at("format").get<int>() != kFormat) return Fail("unknown template format");
+    json doc = json::parse(*text);
+    if (doc.at("format").get<int>() != kFormat)
+      return std::unexpected(Damaged("unknown template format"));
     t.key = doc.at("key").get<std::string>();
     t.shape = doc.at("shape").get<std::string>();
     t.image = doc.at("image").get<std::string>();
@@ -129,19 +189,20 @@ Result<TemplateInfo> ReadTemplate(const std::string& dir, const std::string& key
     t.memory_bytes = doc.at("memory_bytes").get<uint64_t>();
     t.state_bytes = doc.at("state_bytes").get<uint64_t>();
   } catch (const json::exception& e) {
-    return Fail(std::string("manifest: ") + e.what());
+    return std::unexpected(Damaged(std::string("manifest: ") + e.what()));
   }
-  if (t.key != key || KeyOf(t.shape) != key) return Fail("manifest names another key");
+  if (t.key != key || KeyOf(t.shape) != key)
+    return std::unexpected(Damaged("manifest names another key"));
   t.dir = dir;
   struct stat mem {};
   struct stat state {};
-  if (::stat((dir + "/memory").c_str(), &mem) != 0) return FailErrno("stat memory");
-  if (::stat((dir + "/state").c_str(), &state) != 0) return FailErrno("stat state");
+  CELLA_TRY(StatExpecting(dir + "/memory", mem));
+  CELLA_TRY(StatExpecting(dir + "/state", state));
   if (uint64_t(mem.st_size) != t.memory_bytes ||
       t.memory_bytes != uint64_t(t.memory_mb) * 1024 * 1024)
-    return Fail("memory file has the wrong size");
+    return std::unexpected(Damaged("memory file has the wrong size"));
   if (uint64_t(state.st_size) != t.state_bytes || t.state_bytes == 0)
-    return Fail("state file has the wrong size");
+    return std::unexpected(Damaged("state file has the wrong size"));
   t.disk_bytes = AllocatedBytes(dir);
   return t;
 }
@@ -175,6 +236,19 @@ Result<std::string> ShapeText(const vmm::VMConfig& vm, const vmm::QemuBackendOpt
   line("cpus", std::to_string(static_cast<int>(std::ceil(vm.CPUs))));
   line("memory_mb", std::to_string(vm.MemoryMB));
   line("accel", vmm::ToString(options.accel.chosen));
+  // microvm's firmware is migrated with the device state (a ROM region): a
+  // firmware package update changes what the state must match.
+  if (::access(kMicrovmFirmware, F_OK) == 0)
+    line("firmware", CELLA_TRY(FileIdentity(kMicrovmFirmware)));
+  if (options.accel.chosen == vmm::Accel::kKvm) {
+    // Under KVM (-cpu host) the saved vCPU state holds the host's CPU model
+    // and feature set, and the host kernel's KVM decides which of them a
+    // restore can load: a template is only good on the host kernel and CPU
+    // it was made on. Under TCG the vCPU is QEMU's own `max` model, so the
+    // QEMU binary above (any upgrade changes its identity) covers it.
+    line("host_kernel", CELLA_TRY(HostKernelRelease()));
+    line("host_cpu", HostCpuIdentity(CELLA_TRY(ReadFileToString("/proc/cpuinfo", 8 << 20))));
+  }
   auto ro = [](bool read_only) { return read_only ? "ro" : "rw"; };
   if (vm.OverlayEnabled) {
     for (size_t i = 0; i < vm.OverlayLowerPaths.size(); ++i) {
@@ -195,6 +269,28 @@ Result<std::string> ShapeText(const vmm::VMConfig& vm, const vmm::QemuBackendOpt
   return text;
 }
 
+std::string HostCpuIdentity(std::string_view cpuinfo) {
+  // The first processor's block: every core of one host has the same model
+  // and flags (a hybrid CPU's cores differ in neither here).
+  std::string vendor, model, flags;
+  while (!cpuinfo.empty()) {
+    size_t nl = cpuinfo.find('\n');
+    std::string_view row = cpuinfo.substr(0, nl);
+    cpuinfo = nl == std::string_view::npos ? std::string_view{} : cpuinfo.substr(nl + 1);
+    if (row.empty()) break;  // end of the first block
+    size_t colon = row.find(':');
+    if (colon == std::string_view::npos) continue;
+    std::string_view name = row.substr(0, colon);
+    while (!name.empty() && (name.back() == ' ' || name.back() == '\t')) name.remove_suffix(1);
+    std::string_view value = row.substr(colon + 1);
+    if (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+    if (name == "vendor_id") vendor = value;
+    if (name == "model name") model = value;
+    if (name == "flags") flags = value;
+  }
+  return vendor + " | " + model + " | flags " + host::Sha256Hex(flags).substr(0, 16);
+}
+
 std::string KeyOf(const std::string& shape_text) {
   return host::Sha256Hex(shape_text).substr(0, 16);
 }
@@ -209,6 +305,8 @@ Result<std::optional<TemplateInfo>> Find(const std::string& home, const std::str
   }
   auto t = ReadTemplate(dir, key);
   if (!t) {
+    if (t.error().errno_value != EBADMSG)
+      return std::unexpected(std::move(t.error()).WithContext("template " + key));
     // A committed template is complete unless its files were tampered with
     // or the disk lost them: never restore from it.
     log::Warn("removing a damaged template", {{"key", key}, {"error", t.error().message}});
@@ -226,9 +324,15 @@ Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
   std::string key = KeyOf(shape);
   std::string dir = TemplatesDir(home);
   CELLA_TRY(host::MakeDirs(dir, 0700));
-  RemoveStalePartials(dir);
+  // Held until this function returns (the build, the commit, the check):
+  // whoever sees a partial of this key while we hold it leaves it alone,
+  // and no second process builds the same key at the same time.
+  UniqueFd lock = CELLA_TRY(LockKey(dir, key));
+  // Another process may have committed it while we waited for nothing.
+  if (auto found = CELLA_TRY(Find(home, key))) return std::move(*found);
+  SweepPartials(dir);          // other keys' (ours is locked: skipped there)
+  RemovePartialsOf(dir, key);  // ours: we hold the lock, so all are stale
   std::string partial = dir + "/" + key + ".partial." + std::to_string(::getpid());
-  RemoveTree(partial);
   if (::mkdir(partial.c_str(), 0700) != 0) return FailErrno("mkdir " + partial);
   auto built = [&]() -> Status {
     vmm::VMConfig c = vm;
@@ -328,6 +432,8 @@ void MakeClone(const TemplateInfo& t, vmm::VMConfig& vm) {
   vm.TemplateMemoryPath = t.dir + "/memory";
   vm.IncomingMigration = "exec:cat " + host::ShellQuote(t.dir + "/state");
 }
+
+void RemoveStalePartials(const std::string& home) { SweepPartials(TemplatesDir(home)); }
 
 Result<std::vector<TemplateInfo>> List(const std::string& home) {
   std::vector<TemplateInfo> out;

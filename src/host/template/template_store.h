@@ -7,19 +7,24 @@
 //   <home>/templates/<key>/memory          guest RAM (sparse; clones map it privately)
 //   <home>/templates/<key>/state           QEMU device state (x-ignore-shared: no RAM)
 //   <home>/templates/<key>.partial.<pid>   a template being built; never read
+//   <home>/templates/<key>.lock            flock'd by the builder of <key>
 //
 // A template is built in its .partial directory and committed by renaming
 // the directory (after fsync of every file and of the directory): a process
-// killed at any moment leaves a .partial that nothing trusts and the next
-// build removes. Find() also checks the manifest against the files.
+// killed at any moment leaves a .partial that nothing trusts. The builder
+// holds an exclusive flock on <key>.lock for the whole build, so a partial
+// whose key is not locked is stale (its builder is gone, whatever process
+// has its pid now) and the next build removes it. Find() also checks the
+// manifest against the files.
 //
-// Thread-safe (no shared state); processes race only on the final rename,
-// which one wins and the others drop their build.
+// Thread-safe (no shared state); across processes, one builds a key at a
+// time (the lock) and the others boot cold meanwhile.
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/result.h"
@@ -38,9 +43,14 @@ std::string WhyCold(const vmm::VMConfig& vm, bool systemd_mode);
 // QEMU binary, kernel, initramfs (path size mtime), the full kernel command
 // line, cpus, memory, accelerator, each disk in attach order (the image's
 // lower disks by identity, every other disk by role and read-only flag
-// only), and NIC or none. Key = the first 16 hex digits of its SHA-256.
+// only), NIC or none, the microvm firmware file; under KVM also the host
+// kernel release and the host CPU (HostCpuIdentity), which a saved vCPU
+// state is only loadable with. Key = the first 16 hex digits of its SHA-256.
 Result<std::string> ShapeText(const vmm::VMConfig& vm, const vmm::QemuBackendOptions& options);
 std::string KeyOf(const std::string& shape_text);
+// "vendor | model name | flags <hash>" of the first processor in a
+// /proc/cpuinfo text.
+std::string HostCpuIdentity(std::string_view cpuinfo);
 
 struct TemplateInfo {
   std::string key;
@@ -56,19 +66,26 @@ struct TemplateInfo {
 };
 
 // The committed template for `key`, checked (manifest parses and names the
-// key, memory and state files have the recorded sizes); nullopt when there
-// is none (or it fails the check: it is then removed).
+// key, memory and state files are there with the recorded sizes); nullopt
+// when there is none, or when it is proven bad by that check (it is then
+// removed). An error reading it (EIO, EMFILE, EACCES...) is returned and
+// the template left alone.
 Result<std::optional<TemplateInfo>> Find(const std::string& home, const std::string& key);
 
 // Boots a capture VM of `vm`'s shape (its own disks replaced by small
 // placeholders, user-mode NIC if any, no sandbox file touched), saves it at
-// the template point and commits it. When another process commits the same
-// key first, that one is returned.
+// the template point and commits it, holding the key's build lock all the
+// while. EWOULDBLOCK when another process is building the same key now;
+// when one committed it meanwhile, that one is returned.
 Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
                             const vmm::QemuBackendOptions& options);
 
 // Makes `vm` a clone of `t` (role, memory file, incoming state).
 void MakeClone(const TemplateInfo& t, vmm::VMConfig& vm);
+
+// Removes the `<key>.partial.*` directories whose key's build lock is free
+// (their builder is gone); Create does this before every build.
+void RemoveStalePartials(const std::string& home);
 
 // Every committed template, oldest first; unreadable ones are skipped.
 Result<std::vector<TemplateInfo>> List(const std::string& home);

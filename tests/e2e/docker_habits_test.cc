@@ -450,7 +450,7 @@ TEST_F(DockerHabits, RestartPolicyLogsStreamsAndAnonymousVolumes) {
   EXPECT_EQ(RunCella({"logs", "--until", times[1], "flaky"}).out, "out 1\nout 2\n");
   // --tail counts lines of both streams: the last two are "out 3", "err 3".
   EXPECT_EQ(RunCella({"logs", "--since", "1h", "--tail", "2", "flaky"}).out, "out 3\n");
-  EXPECT_EQ(RunCella({"logs", "--since", "2999-01-01", "flaky"}).out, "");
+  EXPECT_EQ(RunCella({"logs", "--since", "2200-01-01", "flaky"}).out, "");
   auto bad_time = RunCella({"logs", "--since", "yesterday", "flaky"});
   EXPECT_EQ(bad_time.exit_code, 125) << Describe(bad_time);
 

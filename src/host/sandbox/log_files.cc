@@ -423,6 +423,10 @@ Result<int64_t> ParseLogTime(std::string_view text, int64_t now_nanos) {
   } else {
     return bad();
   }
+  // Nanoseconds since 1970 in 64 bits end in 2262.
+  if (secs < 0 ||
+      static_cast<int64_t>(secs) > std::numeric_limits<int64_t>::max() / kNanosPerSecond - 1)
+    return Fail("time \"" + shown + "\" is out of range (1970 to 2262)");
   return static_cast<int64_t>(secs) * kNanosPerSecond + frac;
 }
 

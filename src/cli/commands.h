@@ -49,6 +49,9 @@ struct RunArgs {
   // runs are always removed at the end (--rm), detached ones only with --rm.
   bool detach = false;
   bool rm = false;
+  // --restart no|on-failure[:N]|always|unless-stopped (sandbox/spec.h
+  // RestartPolicy); needs -d and excludes --rm, as docker's excludes --rm.
+  std::string restart = "no";
   bool tty = false;
   std::string name;
   std::vector<std::string> publish;  // -p [IP:]HOST:GUEST
@@ -90,6 +93,9 @@ struct LogsArgs {
   bool follow = false;
   int tail = -1;  // -1: everything
   bool console = false;
+  std::string since;  // docker's forms: RFC 3339, a date, Unix seconds, a duration (10m)
+  std::string until;
+  bool timestamps = false;  // -t: each line prefixed with its RFC 3339 nano time
 };
 
 // kQuiet: one short ID a line, for `cella rm -f $(cella ps -aq)`.
@@ -157,7 +163,8 @@ int TemplateCreateCommand(RunArgs args);
 // one per line, or {"ids":[...]}.
 int ForkCommand(const std::string& sandbox_ref, int count, const std::string& name_prefix,
                 bool json_output);
-int RmCommand(const std::vector<std::string>& refs, bool force);
+// `volumes` (-v): the sandbox's anonymous volumes go with it, as docker's.
+int RmCommand(const std::vector<std::string>& refs, bool force, bool volumes);
 int PruneCommand();
 // Without `archive`, copied entries belong to the copier (root in the
 // guest, the caller on the host) and lose setuid/setgid bits (docker cp).
@@ -175,7 +182,8 @@ int AllowListCommand(AllowListOp op, const std::string& sandbox,
 int RpcCommand();
 // Removes an rpc process's sandbox once that process is gone (rpc_command.cc).
 int RpcReaperCommand();
-int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches, bool resume);
+int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches, bool resume,
+                     bool restarted);
 // cella's own failure: one line on stderr, docker's exit code 125.
 int ReportFailure(const Error& error);
 int DiagnoseCommand(bool json);

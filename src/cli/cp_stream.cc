@@ -2,10 +2,18 @@
 
 #include <archive.h>
 #include <archive_entry.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <filesystem>
 #include <memory>
 #include <string>
+
+#include "base/beneath.h"
+#include "base/unique_fd.h"
 
 namespace cella::cli {
 namespace {
@@ -73,7 +81,75 @@ Status WriteTarOf(const std::string& dir, const std::string& entry, int fd) {
   return {};
 }
 
-Status ExtractTarInto(int fd, const std::string& dir) {
+namespace {
+
+// `name` hard-linked to `target` (both member names) beneath root_fd: the
+// target is walked without following any symlink and must be a regular
+// file; the new name's parent must exist (tar lists directories first).
+Status MakeHardLink(int root_fd, const std::string& name, const std::string& target) {
+  for (const std::string& path : {name, target}) {
+    if (path.empty() || path.front() == '/')
+      return Fail("cp: tar member " + name + ": absolute link names are refused");
+    for (const auto& part : std::filesystem::path(path))
+      if (part == "..") return Fail("cp: tar member " + name + ": \"..\" is refused");
+  }
+  UniqueFd source = CELLA_TRY(OpenPathBeneath(root_fd, target, "cp: hard link target"));
+  struct stat st {};
+  if (::fstat(source.Get(), &st) != 0) return FailErrno("cp: stat " + target);
+  if (!S_ISREG(st.st_mode))
+    return Fail("cp: tar member " + name + ": links to " + target + ", not a regular file");
+  std::filesystem::path where(name);
+  std::string leaf = where.filename().string();
+  if (leaf.empty() || leaf == ".") return Fail("cp: tar member " + name + ": no file name");
+  UniqueFd parent = CELLA_TRY(
+      OpenDirBeneath(root_fd, where.parent_path().string(), MissingDirs::kFail, "cp: hard link"));
+  // linkat of an O_PATH descriptor through /proc needs no privilege
+  // (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+  const std::string proc = "/proc/self/fd/" + std::to_string(source.Get());
+  (void)::unlinkat(parent.Get(), leaf.c_str(), 0);  // a later member replaces, as tar does
+  if (::linkat(AT_FDCWD, proc.c_str(), parent.Get(), leaf.c_str(), AT_SYMLINK_FOLLOW) != 0)
+    return FailErrno("cp: link " + name + " to " + target);
+  return {};
+}
+
+}  // namespace
+
+Status RemoveWhenProcessEnds(const std::string& dir) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return FailErrno("cp: pipe2");
+  UniqueFd read_end(fds[0]);
+  UniqueFd write_end(fds[1]);
+  pid_t child = ::fork();
+  if (child < 0) return FailErrno("cp: fork");
+  if (child == 0) {
+    // Ctrl-C reaches the whole process group, and a closed terminal sends
+    // SIGHUP: this one must outlive both to do its job.
+    ::signal(SIGINT, SIG_IGN);
+    ::signal(SIGHUP, SIG_IGN);
+    ::signal(SIGTERM, SIG_IGN);
+    ::signal(SIGPIPE, SIG_IGN);
+    const int keep = read_end.Get();
+    // Holding nothing else of ours: a pipe on our stdout must see EOF when
+    // we end, not when this one does.
+    if (keep > 0) (void)::close_range(0, static_cast<unsigned>(keep) - 1, 0);
+    (void)::close_range(static_cast<unsigned>(keep) + 1, ~0U, 0);
+    char byte = 0;
+    for (;;) {
+      ssize_t n = ::read(keep, &byte, 1);
+      if (n < 0 && errno == EINTR) continue;
+      break;  // EOF: every holder of the write end (the CLI) is gone
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+    ::_exit(0);
+  }
+  // The write end stays open in this process until it ends (never closed):
+  // released on purpose, CLOEXEC so that nothing we exec holds it.
+  (void)write_end.Release();
+  return {};
+}
+
+Result<int> ExtractTarInto(int fd, const std::string& dir) {
   Reader in(archive_read_new());
   if (!in) return Fail("cp: out of memory for the tar stream");
   if (archive_read_support_format_tar(in.get()) != ARCHIVE_OK ||
@@ -89,14 +165,22 @@ Status ExtractTarInto(int fd, const std::string& dir) {
                     ARCHIVE_EXTRACT_PERM | ARCHIVE_EXTRACT_TIME;
   if (archive_write_disk_set_options(disk.get(), flags) != ARCHIVE_OK)
     return ArchiveError(disk.get(), "cp: extract");
+  UniqueFd root(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!root) return FailErrno("cp: open " + dir);
+  int links = 0;
   for (;;) {
     archive_entry* e = nullptr;
     int r = archive_read_next_header(in.get(), &e);
     if (r == ARCHIVE_EOF) break;
     if (r != ARCHIVE_OK && r != ARCHIVE_WARN) return ArchiveError(in.get(), "cp: tar from stdin");
+    if (const char* target = archive_entry_hardlink(e); target != nullptr) {
+      const char* member = archive_entry_pathname(e);
+      CELLA_TRY(MakeHardLink(root.Get(), member != nullptr ? member : "", target));
+      ++links;
+      continue;
+    }
     const mode_t type = archive_entry_filetype(e);
     if (type != AE_IFREG && type != AE_IFDIR && type != AE_IFLNK) continue;  // devices, fifos
-    if (archive_entry_hardlink(e) != nullptr) continue;  // hard links: not supported here
     std::string name = archive_entry_pathname(e);
     if (name.empty() || name.front() == '/')
       return Fail("cp: tar member " + name + ": absolute names are refused");
@@ -120,7 +204,7 @@ Status ExtractTarInto(int fd, const std::string& dir) {
       return ArchiveError(disk.get(), "cp: extract " + name);
   }
   if (archive_write_close(disk.get()) != ARCHIVE_OK) return ArchiveError(disk.get(), "cp: extract");
-  return {};
+  return links;
 }
 
 }  // namespace cella::cli

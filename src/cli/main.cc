@@ -240,6 +240,9 @@ int Main(int argc, char** argv) {
                     "CELLA_COLD=1)");
   run_cmd->add_flag("--rm", run.rm,
                     "Remove the sandbox when it ends (always so for foreground runs)");
+  run_cmd->add_option("--restart", run.restart,
+                      "Restart the sandbox when it ends by itself: no (default), on-failure[:N], "
+                      "always or unless-stopped (with -d; never after cella stop)");
   run_cmd->add_flag("-t,--tty", run.tty, "Give the command a pseudo-terminal");
   run_cmd->add_option("--name", run.name, "Name the sandbox");
   run_cmd->add_option("-p,--publish", run.publish,
@@ -369,6 +372,12 @@ int Main(int argc, char** argv) {
   logs_cmd->add_flag("-f,--follow", logs.follow, "Keep printing as output arrives");
   logs_cmd->add_option("-n,--tail", logs.tail, "Only the last N lines");
   logs_cmd->add_flag("--console", logs.console, "The guest console (kernel and init) instead");
+  logs_cmd->add_option("--since", logs.since,
+                       "Only lines from this time on (2026-01-02T15:04:05Z, a date, Unix seconds, "
+                       "or a duration before now: 10m, 1h30m)");
+  logs_cmd->add_option("--until", logs.until, "Only lines up to this time (same forms as --since)");
+  logs_cmd->add_flag("-t,--timestamps", logs.timestamps,
+                     "Prefix each line with its time (RFC 3339, nanoseconds)");
   logs_cmd->add_option("sandbox", logs.sandbox, "Sandbox")->required();
 
   int stop_grace = 10;
@@ -496,9 +505,11 @@ int Main(int argc, char** argv) {
   fork_cmd->add_flag("--json", fork_json, "Print {\"ids\":[...]}");
 
   bool rm_force = false;
+  bool rm_volumes = false;
   std::vector<std::string> rm_refs;
   CLI::App* rm_cmd = app.add_subcommand("rm", "Remove sandboxes and their files");
   rm_cmd->add_flag("-f,--force", rm_force, "Kill running sandboxes first");
+  rm_cmd->add_flag("-v,--volumes", rm_volumes, "Remove the sandboxes' anonymous volumes too");
   rm_cmd->add_option("sandbox", rm_refs, "Sandboxes")->required();
 
   CLI::App* prune_cmd = app.add_subcommand("prune", "Remove every sandbox that is not running");
@@ -570,6 +581,8 @@ int Main(int argc, char** argv) {
   supervise_cmd->add_flag("--client-attaches", supervise_client_attaches);
   bool supervise_resume = false;
   supervise_cmd->add_flag("--resume", supervise_resume);
+  bool supervise_restarted = false;
+  supervise_cmd->add_flag("--restarted", supervise_restarted);
 
   // Docker's rule: an option takes one value per occurrence (`-e A=1 -e B=2`),
   // never the words after it; CLI11 lets a list option eat every word that
@@ -694,7 +707,7 @@ int Main(int argc, char** argv) {
     return cella::cli::ForkCommand(fork_ref, fork_count, fork_name, fork_json);
   if (snap_restore->parsed())
     return cella::cli::SnapshotRestoreCommand(snap_restore_name, snap_restore_as);
-  if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force);
+  if (rm_cmd->parsed()) return cella::cli::RmCommand(rm_refs, rm_force, rm_volumes);
   if (prune_cmd->parsed()) return cella::cli::PruneCommand();
   if (cp_cmd->parsed()) return cella::cli::CpCommand(cp_src, cp_dst, cp_archive);
   if (pf_cmd->parsed()) return cella::cli::PortForwardCommand(pf_sandbox, pf_mapping);
@@ -720,7 +733,7 @@ int Main(int argc, char** argv) {
   }
   if (supervise_cmd->parsed())
     return cella::cli::SuperviseCommand(supervise_id, supervise_ready_fd, supervise_client_attaches,
-                                        supervise_resume);
+                                        supervise_resume, supervise_restarted);
   return kExitCellaError;
 }
 

@@ -194,19 +194,45 @@ class CliSandbox : public rpc::Sandbox {
                                       [agent](uint16_t port) { return agent->OpenPort(port); }));
     PortBinding binding{address, forwarder->BoundPort(), remote_port};
     std::lock_guard lock(forwards_mu_);
-    forwards_.push_back(std::move(forwarder));
+    forwards_.push_back({binding, std::move(forwarder)});
     return binding;
+  }
+
+  Result<std::vector<PortBinding>> StopForward(const std::string& address,
+                                               uint16_t local_port) override {
+    std::vector<Forward> stopping;
+    {
+      std::lock_guard lock(forwards_mu_);
+      auto matches = [&](const Forward& f) {
+        return f.binding.local_port == local_port &&
+               (address.empty() || f.binding.address == address);
+      };
+      for (auto& f : forwards_)
+        if (matches(f)) stopping.push_back(std::move(f));
+      std::erase_if(forwards_, [](const Forward& f) { return !f.forwarder; });
+    }
+    if (stopping.empty())
+      return std::unexpected(Error{"no port forward listens on " +
+                                       (address.empty() ? std::string("*") : address) + ":" +
+                                       std::to_string(local_port),
+                                   ENOENT});
+    std::vector<PortBinding> stopped;
+    for (auto& f : stopping) {
+      f.forwarder->Stop();  // outside the lock: it waits for its connections
+      stopped.push_back(f.binding);
+    }
+    return stopped;
   }
 
  protected:
   // Before the agent goes: every forwarder's connections use it.
   void StopForwards() {
-    std::vector<std::unique_ptr<sandbox::PortForwarder>> forwards;
+    std::vector<Forward> forwards;
     {
       std::lock_guard lock(forwards_mu_);
       forwards.swap(forwards_);
     }
-    for (auto& f : forwards) f->Stop();
+    for (auto& f : forwards) f.forwarder->Stop();
   }
 
   SandboxContext ctx_;
@@ -217,8 +243,12 @@ class CliSandbox : public rpc::Sandbox {
   host::ExecRequest defaults_;
   std::mutex store_mu_;  // serializes the users of ctx_.store
   std::string control_socket_ = sandbox::PathsFor(ctx_.home, id_).control_socket;
+  struct Forward {
+    PortBinding binding;
+    std::unique_ptr<sandbox::PortForwarder> forwarder;
+  };
   std::mutex forwards_mu_;
-  std::vector<std::unique_ptr<sandbox::PortForwarder>> forwards_;  // guarded by forwards_mu_
+  std::vector<Forward> forwards_;  // guarded by forwards_mu_
 };
 
 // A sandbox this rpc process created and owns: Close stops and removes it.

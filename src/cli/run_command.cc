@@ -79,8 +79,11 @@ struct Prepared {
   std::vector<store::PortPublish> ports;
 };
 
+// Anonymous volumes it makes are added to `anonymous_made` as they are
+// made, so that a caller whose run fails later can remove them.
 Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::string& cella_home,
-                         const sandbox::SandboxPaths& paths, bool detached) {
+                         const sandbox::SandboxPaths& paths, bool detached,
+                         std::vector<std::string>& anonymous_made) {
   Prepared p;
   sandbox::SandboxSpec& spec = p.spec;
   protocol::Config& g = spec.guest;
@@ -152,6 +155,12 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     }
   }
   if (!args.memory.empty()) spec.shape.memory_mib = CELLA_TRY(ParseMemoryMiB(args.memory));
+  spec.restart = CELLA_TRY(sandbox::ParseRestartPolicy(args.restart));
+  if (spec.restart.kind != sandbox::RestartPolicy::Kind::kNo) {
+    if (args.rm) return Fail("--restart and --rm conflict (docker's rule): choose one");
+    // A foreground run is removed when its process ends: nothing to restart.
+    if (!detached) return Fail("--restart needs -d (a foreground run ends with its process)");
+  }
   spec.kernel_path = args.kernel;
   if (spec.kernel_path.empty())
     if (const char* from_env = std::getenv("CELLA_KERNEL")) spec.kernel_path = from_env;
@@ -180,6 +189,14 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
     v.name = flag.name;
     v.guest_path = flag.guest_path;
     v.mode = flag.mode;
+    if (flag.anonymous) {
+      // docker's anonymous volume: a fresh one under 64 random hex digits,
+      // removed with the sandbox by `rm -v` and by any automatic removal.
+      v.name = CELLA_TRY(NewSandboxId()) + CELLA_TRY(NewSandboxId());
+      v.anonymous = true;
+      CELLA_TRY(CreateVolume(ctx, v.name, kDefaultVolumeSize));
+      anonymous_made.push_back(v.name);
+    }
     store::VolumeRecord volume = CELLA_TRY(EnsureVolume(ctx, v.name));
     v.host_path = volume.path;
     if (v.mode == protocol::MountMode::kOverlay) {
@@ -298,11 +315,17 @@ Result<std::string> CreateAndSpawn(const RunArgs& args, SandboxContext& ctx,
   std::string id = CELLA_TRY(NewSandboxId());
   sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, id);
   CELLA_TRY(host::MakeDirs(paths.dir, 0700));
+  std::vector<std::string> anonymous_made;
   auto cleanup_dir = [&] {
     std::error_code ec;
     std::filesystem::remove_all(paths.dir, ec);
+    for (const std::string& name : anonymous_made) {
+      if (auto st = ctx.store.RemoveVolume(name); !st)
+        log::Warn("could not remove an anonymous volume", {{"error", st.error().message}});
+      std::filesystem::remove_all(sandbox::VolumesDir(ctx.home) + "/" + name, ec);
+    }
   };
-  auto prepared = Prepare(args, ctx, cella_home, paths, persistent);
+  auto prepared = Prepare(args, ctx, cella_home, paths, persistent, anonymous_made);
   if (!prepared) {
     cleanup_dir();
     return std::unexpected(prepared.error());

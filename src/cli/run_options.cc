@@ -254,9 +254,19 @@ Result<MountFlag> ParseMountFlag(std::string_view text, const std::string& cwd) 
   MountFlag m;
   std::string_view rest = text;
   auto first = rest.find(':');
+  if (first == std::string_view::npos && text.starts_with('/')) {
+    // docker's anonymous volume: `-v /data`.
+    auto normal = protocol::NormalizeGuestPath(std::string(text));
+    if (!normal) return Fail(flag + ": " + normal.error().message);
+    if (*normal == "/") return Fail(flag + ": cannot mount over the guest's root directory");
+    m.anonymous = true;
+    m.guest_path = *normal;
+    return m;
+  }
   if (first == std::string_view::npos)
     return Fail(flag +
-                ": want NAME:/path or /host/path:/path, then optionally :ro, :rw or :overlay");
+                ": want NAME:/path or /host/path:/path, then optionally :ro, :rw or :overlay (or "
+                "/path alone for an anonymous volume)");
   std::string source(rest.substr(0, first));
   rest = rest.substr(first + 1);
   std::string mode = "rw";

@@ -60,9 +60,12 @@ Result<ResolveFlag> ParseResolveFlag(std::string_view text);
 // -v SOURCE:/guest/path[:ro|rw|overlay] (default rw). SOURCE with a '/' or
 // starting with '.' (docker's rule) is a host path: relative ones resolve
 // against `cwd`, symlinks are resolved, and it must exist now, as a
-// directory or a regular file. Anything else is a named volume.
+// directory or a regular file. Anything else is a named volume. A bare
+// /guest/path (no ':') is an anonymous volume: `name` is left empty for the
+// caller to generate.
 struct MountFlag {
   bool is_host = false;
+  bool anonymous = false;
   std::string name;       // named volume
   std::string host_path;  // host share: absolute, resolved
   bool is_file = false;   // host share of one regular file

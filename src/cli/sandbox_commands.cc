@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -183,7 +184,39 @@ int ForEach(const std::vector<std::string>& refs,
   return code;
 }
 
-Status StopOne(SandboxContext& ctx, const store::SandboxRecord& record, int grace_seconds) {
+// A supervisor whose --restart policy starts the sandbox again records the
+// end first and `creating` a moment later, and between two boots it has no
+// control socket for a moment (the next boot's is not up yet). A stop or
+// kill that lands in either gap waits it out (bounded) instead of being
+// lost: the restart would otherwise undo it.
+Result<store::SandboxRecord> SettleRestart(SandboxContext& ctx, store::SandboxRecord record) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!store::IsActive(record.state) && record.state != store::SandboxState::kStandby &&
+         store::IsAlive(record.supervisor) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    record = CELLA_TRY(ctx.store.Get(record.id));
+  }
+  return record;
+}
+
+// ControlCall, asked again while the sandbox is `creating` and its
+// supervisor has no control socket yet (a boot, or a restart, under way).
+Result<json> CallSupervisor(SandboxContext& ctx, const std::string& id, const json& request,
+                            std::chrono::milliseconds timeout) {
+  const std::string control = sandbox::PathsFor(ctx.home, id).control_socket;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (;;) {
+    auto reply = sandbox::ControlCall(control, request, timeout);
+    if (reply || std::chrono::steady_clock::now() >= deadline) return reply;
+    auto now = ctx.store.Get(id);
+    if (!now || now->state != store::SandboxState::kCreating || !store::IsAlive(now->supervisor))
+      return reply;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+Status StopOne(SandboxContext& ctx, const store::SandboxRecord& given, int grace_seconds) {
+  const store::SandboxRecord record = CELLA_TRY(SettleRestart(ctx, given));
   if (record.state == store::SandboxState::kStandby) {
     // Powered off, disks kept: the memory in the snapshot is let go.
     CELLA_TRY(ctx.store.Transition(record.id, store::SandboxState::kStopped,
@@ -192,10 +225,9 @@ Status StopOne(SandboxContext& ctx, const store::SandboxRecord& record, int grac
     return sandbox::RemoveSnapshot(sandbox::PathsFor(ctx.home, record.id).dir + "/standby");
   }
   if (!store::IsActive(record.state)) return {};  // already stopped: nothing to do
-  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
   auto grace = std::chrono::seconds(grace_seconds);
-  auto reply = sandbox::ControlCall(control, {{"op", "stop"}, {"grace_ms", grace_seconds * 1000}},
-                                    grace + std::chrono::minutes(1));
+  auto reply = CallSupervisor(ctx, record.id, {{"op", "stop"}, {"grace_ms", grace_seconds * 1000}},
+                              grace + std::chrono::minutes(1));
   if (!reply) {
     return Fail("stop " + record.Label() + ": " + reply.error().message +
                 " (if it is stuck: cella rm -f " + record.Label() + ")");
@@ -203,10 +235,10 @@ Status StopOne(SandboxContext& ctx, const store::SandboxRecord& record, int grac
   return {};
 }
 
-Status KillOne(SandboxContext& ctx, const store::SandboxRecord& record) {
+Status KillOne(SandboxContext& ctx, const store::SandboxRecord& given) {
+  const store::SandboxRecord record = CELLA_TRY(SettleRestart(ctx, given));
   if (!store::IsActive(record.state)) return RequireRunning(record, "kill");
-  std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
-  auto reply = sandbox::ControlCall(control, {{"op", "kill"}}, std::chrono::seconds(30));
+  auto reply = CallSupervisor(ctx, record.id, {{"op", "kill"}}, std::chrono::seconds(30));
   if (!reply) return Fail("kill " + record.Label() + ": " + reply.error().message);
   return {};
 }
@@ -250,7 +282,8 @@ Status StartOne(SandboxContext& ctx, const store::SandboxRecord& record) {
                                   std::chrono::seconds(boot_timeout + 120), secrets, resume);
 }
 
-Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool force) {
+Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool force,
+                 bool volumes) {
   if (store::IsActive(record.state)) {
     if (!force) {
       return Fail("sandbox " + record.Label() + " is " +
@@ -267,7 +300,7 @@ Status RemoveOne(SandboxContext& ctx, const store::SandboxRecord& record, bool f
     while (store::IsAlive(record.supervisor) && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  return RemoveSandboxCompletely(ctx, record);
+  return RemoveSandboxCompletely(ctx, record, volumes);
 }
 
 // "ID:/path" names a guest path; anything starting with '/' or '.', or with
@@ -285,12 +318,65 @@ CpEndpoint ParseCpEndpoint(const std::string& text) {
   return {text.substr(0, colon), text.substr(colon + 1)};
 }
 
+int64_t NowNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Turns output.rec bytes back into the process's output: stdout records to
+// stdout, stderr records to stderr (docker's `logs`), only those within
+// [since, until], each line prefixed with its time for `-t`.
+class RecordPrinter {
+ public:
+  RecordPrinter(bool timestamps, std::optional<int64_t> since, std::optional<int64_t> until)
+      : timestamps_(timestamps), since_(since), until_(until) {}
+
+  Status Feed(std::string_view bytes) {
+    return decoder_.Feed(bytes, [this](const sandbox::LogRecord& r) { return Print(r); });
+  }
+  bool PastUntil() const { return until_ && NowNanos() > *until_; }
+
+ private:
+  Status Print(const sandbox::LogRecord& r) {
+    if (since_ && r.unix_nanos < *since_) return {};
+    if (until_ && r.unix_nanos > *until_) return {};
+    const int fd = r.is_stderr ? STDERR_FILENO : STDOUT_FILENO;
+    bool& at_line_start = r.is_stderr ? err_line_start_ : out_line_start_;
+    std::string text;
+    if (timestamps_ && at_line_start) {
+      text = sandbox::FormatRfc3339Nano(r.unix_nanos);
+      text += ' ';
+    }
+    text.append(r.payload);
+    if (r.line_end) text += '\n';
+    at_line_start = r.line_end;
+    return WriteAll(fd, text);
+  }
+
+  bool timestamps_;
+  std::optional<int64_t> since_;
+  std::optional<int64_t> until_;
+  sandbox::LogRecordDecoder decoder_;
+  bool out_line_start_ = true;
+  bool err_line_start_ = true;
+};
+
+bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+
 // Prints what is appended to the log at `path` from `from` on, until the
 // sandbox is no longer running and nothing more came. The writer may rotate
 // the file (a new inode at `path`) or truncate it in place (the console):
 // both are followed.
+using LogSink = std::function<Status(std::string_view)>;
+
+Status WriteStdout(std::string_view bytes) { return WriteAll(STDOUT_FILENO, bytes); }
+
+// `done` (optional) is asked at each idle check: true ends the follow early
+// (`logs -f --until`).
 Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std::string& id,
-                        off_t from) {
+                        off_t from, const LogSink& sink = WriteStdout,
+                        const std::function<bool()>& done = {}) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return FailErrno("open " + path);
   if (::lseek(fd.Get(), from, SEEK_SET) < 0) return FailErrno("seek " + path);
@@ -301,7 +387,7 @@ Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std:
     auto got = ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf)));
     if (!got) return std::unexpected(got.error());
     if (*got > 0) {
-      CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, *got)));
+      CELLA_TRY(sink(std::string_view(buf, *got)));
       at += static_cast<off_t>(*got);
       continue;
     }
@@ -317,7 +403,7 @@ Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std:
         for (;;) {
           size_t rest = CELLA_TRY(ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf))));
           if (rest == 0) break;
-          CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, rest)));
+          CELLA_TRY(sink(std::string_view(buf, rest)));
         }
         fd = std::move(next);
         at = 0;
@@ -333,11 +419,12 @@ Result<void> FollowFile(const std::string& path, SandboxContext& ctx, const std:
     // At the end of what is written so far: stop once the sandbox is no
     // longer running and nothing more came.
     if (++idle_checks % 5 == 0) {
+      if (done && done()) return {};
       auto current = ctx.store.Get(id);
       if (!current || !store::IsActive(current->state)) {
         auto more = ReadSome(fd.Get(), std::as_writable_bytes(std::span(buf)));
         if (more && *more > 0) {
-          CELLA_TRY(WriteAll(STDOUT_FILENO, std::string_view(buf, *more)));
+          CELLA_TRY(sink(std::string_view(buf, *more)));
           at += static_cast<off_t>(*more);
           continue;
         }
@@ -480,7 +567,10 @@ int AttachCommand(const std::string& ref) {
     }
     struct stat st {};
     if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
-    CELLA_TRY(FollowFile(path, ctx, record.id, st.st_size));
+    // Records: stdout to stdout, stderr to stderr, as the process wrote them.
+    RecordPrinter printer(false, std::nullopt, std::nullopt);
+    CELLA_TRY(FollowFile(path, ctx, record.id, st.st_size,
+                         [&printer](std::string_view block) { return printer.Feed(block); }));
     std::optional<store::SandboxRecord> ended;
     for (;;) {  // the log is drained; the record's end may land a moment later
       auto now = ctx.store.Get(record.id);
@@ -628,6 +718,15 @@ int InspectCommand(const std::vector<std::string>& refs, const std::string& form
                      {"console_log", paths.console_log},
                      {"output_log", paths.output_log},
                      {"supervisor_log", paths.supervisor_log}};
+    // Restarts made by the --restart policy since the last start by a user.
+    int restarts = 0;
+    if (auto text = ReadFileToString(sandbox::RestartStatePath(paths.dir), 4096)) {
+      json state = json::parse(*text, nullptr, false);
+      if (state.is_object()) restarts = std::max(0, state.value("count", 0));
+    }
+    item["restart_count"] = restarts;
+    item["restart_policy"] =
+        spec.is_object() ? spec.value("restart", std::string("no")) : std::string("no");
     out.push_back(item);
   }
   if (format) {
@@ -640,6 +739,16 @@ int InspectCommand(const std::vector<std::string>& refs, const std::string& form
       v["Name"] = item["name"];
       v["Image"] = item["image"];
       v["Created"] = FormatUtc(item.value("created_ms", int64_t{0}));
+      v["RestartCount"] = item["restart_count"];
+      {
+        const std::string policy = item.value("restart_policy", std::string("no"));
+        const auto colon = policy.find(':');
+        v["HostConfig"] = {
+            {"RestartPolicy",
+             {{"Name", policy.substr(0, colon)},
+              {"MaximumRetryCount",
+               colon == std::string::npos ? 0 : std::atoi(policy.c_str() + colon + 1)}}}};
+      }
       const std::string state = item.value("state", std::string());
       v["State"] = {{"Status", state},
                     {"Running", state == "running"},
@@ -671,20 +780,48 @@ int LogsCommand(const LogsArgs& args) {
     SandboxContext ctx = CELLA_TRY(OpenSandboxes());
     store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(args.sandbox));
     sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, record.id);
-    std::string path = args.console ? paths.console_log : paths.output_log;
-    if (::access(path.c_str(), F_OK) != 0) {
+    const int64_t now = NowNanos();
+    std::optional<int64_t> since;
+    std::optional<int64_t> until;
+    if (!args.since.empty())
+      since = CELLA_TRY_CTX(sandbox::ParseLogTime(args.since, now), "--since");
+    if (!args.until.empty())
+      until = CELLA_TRY_CTX(sandbox::ParseLogTime(args.until, now), "--until");
+    const bool timed = since || until || args.timestamps;
+    std::string path = paths.output_log;
+    bool records = !args.console;
+    if (args.console) {
+      if (timed)
+        return Fail("--since, --until and -t apply to the main process's output, not --console");
+      path = paths.console_log;
+    } else if (!Exists(path) && !Exists(sandbox::OlderGeneration(path)) &&
+               (Exists(paths.legacy_output_log) ||
+                Exists(sandbox::OlderGeneration(paths.legacy_output_log)))) {
+      // Written by an older cella: raw bytes, stdout and stderr merged.
+      if (timed)
+        return Fail("the log of sandbox " + record.Label() +
+                    " was written by an older cella and carries no times: --since, --until and "
+                    "-t need a log written by this version (cella logs without them prints it)");
+      path = paths.legacy_output_log;
+      records = false;
+    }
+    if (!Exists(path)) {
       // Nothing was written yet (or the sandbox ran no main process).
       if (!args.follow) return {};
       UniqueFd made(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
       if (!made) return FailErrno("open " + path);
     }
+    RecordPrinter printer(args.timestamps, since, until);
+    LogSink sink = WriteStdout;
+    if (records) sink = [&printer](std::string_view block) { return printer.Feed(block); };
     // Never the whole file in memory: the tail is found reading backwards
-    // and the rest is streamed (the older generation first, see
-    // host/sandbox/log_files.h).
+    // (in records: one per line) and the rest is streamed (the older
+    // generation first, see host/sandbox/log_files.h).
     sandbox::LogPosition from = CELLA_TRY(sandbox::TailPosition(path, args.tail));
-    off_t reached = CELLA_TRY(sandbox::CopyLog(
-        path, from, [](std::string_view block) { return WriteAll(STDOUT_FILENO, block); }));
-    if (args.follow) return FollowFile(path, ctx, record.id, reached);
+    off_t reached = CELLA_TRY(sandbox::CopyLog(path, from, sink));
+    if (args.follow && !printer.PastUntil())
+      return FollowFile(path, ctx, record.id, reached, sink,
+                        [&printer] { return printer.PastUntil(); });
     return {};
   };
   return Report(run());
@@ -728,7 +865,7 @@ int UnpauseCommand(const std::vector<std::string>& refs) {
   });
 }
 
-int RmCommand(const std::vector<std::string>& refs, bool force) {
+int RmCommand(const std::vector<std::string>& refs, bool force, bool volumes) {
   if (!force) {
     // `rm ID` of a sandbox `cella rpc` already removed on close is done,
     // not an error: matchlock's SDKs remove after closing. Anything else
@@ -746,7 +883,7 @@ int RmCommand(const std::vector<std::string>& refs, bool force) {
     }
     if (rest.empty()) return code;
     int others = ForEach(rest, [&](SandboxContext& c, const store::SandboxRecord& r) {
-      return RemoveOne(c, r, false);
+      return RemoveOne(c, r, false, volumes);
     });
     return code != 0 ? code : others;
   }
@@ -758,7 +895,8 @@ int RmCommand(const std::vector<std::string>& refs, bool force) {
   for (const std::string& ref : refs) {
     auto record = ctx->store.Resolve(ref);
     if (!record && record.error().errno_value == ENOENT) continue;
-    Status st = record ? RemoveOne(*ctx, *record, true) : Status(std::unexpected(record.error()));
+    Status st =
+        record ? RemoveOne(*ctx, *record, true, volumes) : Status(std::unexpected(record.error()));
     // Its supervisor (a --rm sandbox's) removed the record meanwhile: removed.
     if (!st && st.error().errno_value == ENOENT && !ctx->store.Resolve(record->id)) st = {};
     if (!st) {
@@ -801,17 +939,11 @@ int CpCommand(const std::string& source, const std::string& destination, bool ar
           "cp: exactly one side must name a sandbox path (ID:/path), e.g. cella cp ./file "
           "web:/tmp/ or cella cp web:/etc/hosts .");
     }
-    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
-    const std::string& ref = src.sandbox.empty() ? dst.sandbox : src.sandbox;
-    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
-    CELLA_TRY(RequireRunning(record, "cp"));
-    auto agent = CELLA_TRY(ConnectAgent(ctx, record));
-    sandbox::CopyStats stats;
-    const sandbox::CopyOptions options{.ownership = archive
-                                                        ? sandbox::Ownership::kFromSource
-                                                        : sandbox::Ownership::kDestinationDefault};
     // docker's `-`: a tar stream on stdout/stdin, through a private host
     // directory that the copy engine fills (or reads) as for any host path.
+    // Made first, while this process has no threads yet, so that its
+    // janitor can be forked: the directory goes on any failure (Cleanup)
+    // and also on Ctrl-C or kill (RemoveWhenProcessEnds).
     std::string staging;
     struct Cleanup {
       std::string* dir;
@@ -820,12 +952,22 @@ int CpCommand(const std::string& source, const std::string& destination, bool ar
         if (!dir->empty()) std::filesystem::remove_all(*dir, ignored);
       }
     } cleanup{&staging};
-    auto make_staging = [&]() -> Status {
+    if (src.path == "-" || dst.path == "-") {
       std::string pattern = (std::filesystem::temp_directory_path() / "cella-cp-XXXXXX").string();
       if (::mkdtemp(pattern.data()) == nullptr) return FailErrno("cp: mkdtemp " + pattern);
       staging = pattern;
-      return {};
-    };
+      CELLA_TRY(RemoveWhenProcessEnds(staging));
+    }
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    const std::string& ref = src.sandbox.empty() ? dst.sandbox : src.sandbox;
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
+    CELLA_TRY(RequireRunning(record, "cp"));
+    auto agent = CELLA_TRY(ConnectAgent(ctx, record));
+    sandbox::CopyStats stats;
+    int hard_links = 0;
+    const sandbox::CopyOptions options{.ownership = archive
+                                                        ? sandbox::Ownership::kFromSource
+                                                        : sandbox::Ownership::kDestinationDefault};
     if (dst.sandbox.empty()) {
       if (src.path.empty() || src.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + source);
@@ -835,7 +977,6 @@ int CpCommand(const std::string& source, const std::string& destination, bool ar
         if (entry.empty() || entry == ".") entry = from.parent_path().filename().string();
         if (entry.empty() || entry == "..")
           return Fail("cp: name a file or directory to stream, not " + src.path);
-        CELLA_TRY(make_staging());
         stats = CELLA_TRY(sandbox::CopyFromGuest(*agent, src.path, staging + "/" + entry, options));
         CELLA_TRY(WriteTarOf(staging, entry, STDOUT_FILENO));
       } else {
@@ -845,14 +986,16 @@ int CpCommand(const std::string& source, const std::string& destination, bool ar
       if (dst.path.empty() || dst.path[0] != '/')
         return Fail("cp: the sandbox path must be absolute: " + destination);
       if (src.path == "-") {
-        CELLA_TRY(make_staging());
-        CELLA_TRY(ExtractTarInto(STDIN_FILENO, staging));
+        hard_links = CELLA_TRY(ExtractTarInto(STDIN_FILENO, staging));
         stats = CELLA_TRY(sandbox::CopyToGuest(*agent, staging + "/.", dst.path, options));
       } else {
         stats = CELLA_TRY(sandbox::CopyToGuest(*agent, src.path, dst.path, options));
       }
     }
     std::string notes;
+    if (hard_links > 0)
+      notes += "cella: cp: " + std::to_string(hard_links) +
+               " hard link(s) in the tar were copied as separate files\n";
     for (const auto& w : stats.warnings) notes += "cella: cp: " + w + "\n";
     if (stats.skipped > 0)
       notes += "cella: cp: skipped " + std::to_string(stats.skipped) +
@@ -1041,9 +1184,11 @@ int AllowListCommand(AllowListOp op, const std::string& sandbox_ref,
   return Report(run());
 }
 
-int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches, bool resume) {
+int SuperviseCommand(const std::string& id, int ready_fd, bool client_attaches, bool resume,
+                     bool restarted) {
   sandbox::SupervisorArgs args;
   args.resume = resume;
+  args.restarted = restarted;
   args.id = id;
   args.ready_fd = ready_fd;
   args.main_attach =

@@ -82,14 +82,18 @@ Result<SandboxContext> OpenSandboxes() {
   return ctx;
 }
 
-Status RemoveSandboxCompletely(SandboxContext& ctx, const store::SandboxRecord& record) {
+Status RemoveSandboxCompletely(SandboxContext& ctx, const store::SandboxRecord& record,
+                               bool volumes) {
   KillIfAlive(record.supervisor, "supervisor");
   KillIfAlive(record.hypervisor, "qemu");
   std::string dir = sandbox::PathsFor(ctx.home, record.id).dir;
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
   if (ec) return Fail("remove " + dir + ": " + ec.message());
-  return ctx.store.Remove(record.id);
+  CELLA_TRY(ctx.store.Remove(record.id));
+  if (volumes || record.auto_remove)
+    return sandbox::RemoveAnonymousVolumes(ctx.store, ctx.home, record.spec_json);
+  return {};
 }
 
 Status RequireRunning(const store::SandboxRecord& record, std::string_view for_what) {

@@ -28,7 +28,10 @@ Result<SandboxContext> OpenSandboxes();
 
 // Kills whatever processes a record names (identity-checked, so a reused pid
 // is never hit) and removes its directory and record.
-Status RemoveSandboxCompletely(SandboxContext& ctx, const store::SandboxRecord& record);
+// With `volumes`, or for a sandbox removed automatically (record.auto_remove:
+// --rm, foreground, rpc), its anonymous volumes (`run -v /path`) go too.
+Status RemoveSandboxCompletely(SandboxContext& ctx, const store::SandboxRecord& record,
+                               bool volumes = false);
 
 // The record must be running; the error says what state it is in and what
 // to do.

@@ -353,6 +353,17 @@ check(error_code(rpc.call(93, "port_forward", {"forwards": [{"local_port": bindi
                                                               "remote_port": 8001}]})) == -32000,
       "a host port already bound")
 result(rpc.call(94, "cancel", {"id": 90}), "cancel the guest server")
+# cella.port_forward_close: stops one forward; the host port refuses at once.
+r = result(rpc.call(95, "cella.port_forward_close", {"local_port": binding["local_port"]}),
+           "cella.port_forward_close")
+check(r.get("closed") == [binding], f"closed {r}")
+try:
+    socket.create_connection(("127.0.0.1", binding["local_port"]), timeout=10).close()
+    fail("a closed forward still accepts connections")
+except ConnectionRefusedError:
+    pass
+check(error_code(rpc.call(96, "cella.port_forward_close", {"local_port": binding["local_port"]}))
+      == -32602, "closing a forward twice")
 
 # log: the console log so far (base64); log_stream: the same as
 # log_stream.data notifications, then what is appended, until cancelled.

@@ -159,6 +159,12 @@ with Sandbox.create(IMAGE, cella_bin=CELLA, env={"GREETING": "hi"}, memory_mb=51
             if body != b"hello from the guest":
                 time.sleep(0.3)  # the guest server may still be starting
         check(body == b"hello from the guest", f"port_forward: {body[:200]!r}")
+    # Leaving the block closed the forward: the port refuses at once.
+    try:
+        socket.create_connection(("127.0.0.1", host_port), timeout=10).close()
+        check(False, "PortForward.close() left the host port accepting")
+    except ConnectionRefusedError:
+        pass
     server.kill()
 
     async def together():

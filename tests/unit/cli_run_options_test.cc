@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "cli/run_options.h"
+#include "host/sandbox/spec.h"
 
 namespace cella::cli {
 namespace {
@@ -220,6 +221,68 @@ TEST(RunOptions, DnsServersGoToCellasResolverNotTheGuest) {
   auto refused = PlanNetwork(false, {"dns.example"}, by_name, guest_dns);
   ASSERT_FALSE(refused);
   EXPECT_NE(refused.error().message.find("not an IP address"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace cella::cli
+
+namespace cella::cli {
+namespace {
+
+TEST(RunOptions, RestartPolicyTakesDockersForms) {
+  using Kind = sandbox::RestartPolicy::Kind;
+  EXPECT_EQ(sandbox::ParseRestartPolicy("no")->kind, Kind::kNo);
+  EXPECT_EQ(sandbox::ParseRestartPolicy("always")->kind, Kind::kAlways);
+  EXPECT_EQ(sandbox::ParseRestartPolicy("unless-stopped")->kind, Kind::kUnlessStopped);
+  auto plain = sandbox::ParseRestartPolicy("on-failure");
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(plain->kind, Kind::kOnFailure);
+  EXPECT_EQ(plain->max_retries, 0);
+  auto three = sandbox::ParseRestartPolicy("on-failure:3");
+  ASSERT_TRUE(three);
+  EXPECT_EQ(three->max_retries, 3);
+  EXPECT_EQ(sandbox::ToString(*three), "on-failure:3");
+  for (const char* bad : {"sometimes", "on-failure:", "on-failure:0", "on-failure:-1",
+                          "on-failure:x", "always:2", "On-Failure"}) {
+    auto r = sandbox::ParseRestartPolicy(bad);
+    EXPECT_FALSE(r) << bad;
+  }
+  auto spelled = sandbox::ParseRestartPolicy("always:2");
+  ASSERT_FALSE(spelled);
+  EXPECT_NE(spelled.error().message.find("only on-failure takes a retry count"), std::string::npos);
+}
+
+TEST(RunOptions, RestartDecisionsAndBackOff) {
+  using sandbox::ShouldRestart;
+  const auto no = *sandbox::ParseRestartPolicy("no");
+  const auto on_failure = *sandbox::ParseRestartPolicy("on-failure");
+  const auto twice = *sandbox::ParseRestartPolicy("on-failure:2");
+  const auto always = *sandbox::ParseRestartPolicy("always");
+  EXPECT_FALSE(ShouldRestart(no, true, 0));
+  EXPECT_TRUE(ShouldRestart(on_failure, true, 1000));
+  EXPECT_FALSE(ShouldRestart(on_failure, false, 0));  // exit 0 is not a failure
+  EXPECT_TRUE(ShouldRestart(twice, true, 1));
+  EXPECT_FALSE(ShouldRestart(twice, true, 2));  // at most N restarts
+  EXPECT_TRUE(ShouldRestart(always, false, 50));
+  using sandbox::NextRestartDelay;
+  using std::chrono::milliseconds;
+  EXPECT_EQ(NextRestartDelay(milliseconds(0), milliseconds(5)), milliseconds(100));
+  EXPECT_EQ(NextRestartDelay(milliseconds(100), milliseconds(5)), milliseconds(200));
+  EXPECT_EQ(NextRestartDelay(milliseconds(40'000), milliseconds(5)), milliseconds(60'000));
+  EXPECT_EQ(NextRestartDelay(milliseconds(60'000), milliseconds(5)), milliseconds(60'000));
+  // A run of 10 s or more starts the series again.
+  EXPECT_EQ(NextRestartDelay(milliseconds(60'000), milliseconds(10'000)), milliseconds(100));
+}
+
+TEST(RunOptions, ABareGuestPathIsAnAnonymousVolume) {
+  auto m = ParseMountFlag("/data/", "/");
+  ASSERT_TRUE(m) << m.error().message;
+  EXPECT_TRUE(m->anonymous);
+  EXPECT_FALSE(m->is_host);
+  EXPECT_TRUE(m->name.empty());
+  EXPECT_EQ(m->guest_path, "/data");
+  EXPECT_FALSE(ParseMountFlag("/", "/"));
+  EXPECT_FALSE(ParseMountFlag("data", "/"));  // neither a path nor NAME:/path
 }
 
 }  // namespace

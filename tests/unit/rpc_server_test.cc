@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <functional>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -327,11 +329,34 @@ class EventfulSandbox final : public Sandbox {
   Result<PortBinding> ForwardPort(const std::string& address, uint16_t local,
                                   uint16_t remote) override {
     if (local == 1) return Fail("address in use");
-    return PortBinding{address, static_cast<uint16_t>(local == 0 ? 40000 : local), remote};
+    PortBinding made{address, static_cast<uint16_t>(local == 0 ? 40000 : local), remote};
+    std::lock_guard lock(mu_);
+    forwards_.push_back(made);
+    return made;
+  }
+  Result<std::vector<PortBinding>> StopForward(const std::string& address,
+                                               uint16_t local) override {
+    std::lock_guard lock(mu_);
+    std::vector<PortBinding> stopped;
+    std::erase_if(forwards_, [&](const PortBinding& b) {
+      if (b.local_port != local || (!address.empty() && b.address != address)) return false;
+      stopped.push_back(b);
+      return true;
+    });
+    if (stopped.empty()) return std::unexpected(Error{"no port forward there", ENOENT});
+    return stopped;
+  }
+  std::vector<uint16_t> ForwardedPorts() {
+    std::lock_guard lock(mu_);
+    std::vector<uint16_t> ports;
+    for (const auto& b : forwards_) ports.push_back(b.local_port);
+    return ports;
   }
   Status Close(std::chrono::milliseconds) override { return {}; }
 
  private:
+  std::mutex mu_;
+  std::vector<PortBinding> forwards_;
   std::string id_ = "0123456789abcdef0123456789abcdef";
 };
 
@@ -339,9 +364,12 @@ TEST(RpcServer, EventsArePassedOnAndPortForwardAnswersInMatchlocksShape) {
   int in[2], out[2];
   ASSERT_EQ(::pipe2(in, O_CLOEXEC), 0);
   ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  EventfulSandbox* made = nullptr;
   auto server = std::make_unique<Server>(
       [&](const CreateParams&) -> Result<std::unique_ptr<Sandbox>> {
-        return std::make_unique<EventfulSandbox>();
+        auto sandbox = std::make_unique<EventfulSandbox>();
+        made = sandbox.get();
+        return sandbox;
       },
       in[0], out[1]);
   std::thread serving([&] { EXPECT_TRUE(server->Serve()); });
@@ -377,6 +405,35 @@ TEST(RpcServer, EventsArePassedOnAndPortForwardAnswersInMatchlocksShape) {
   EXPECT_EQ((*busy)["error"]["code"], kVmFailed);
   EXPECT_NE((*busy)["error"]["message"].get<std::string>().find("address in use"),
             std::string::npos);
+  // All or nothing: the forward this call made before the failing one is
+  // stopped again.
+  send(
+      R"({"jsonrpc":"2.0","method":"port_forward","id":6,"params":{"forwards":[{"local_port":5000,"remote_port":80},{"local_port":1,"remote_port":80}]}})");
+  auto partial = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 6); });
+  ASSERT_TRUE(partial);
+  EXPECT_EQ((*partial)["error"]["code"], kVmFailed);
+  ASSERT_NE(made, nullptr);
+  EXPECT_EQ(made->ForwardedPorts(), (std::vector<uint16_t>{40000, 40000}));
+  // cella.port_forward_close: one port on every address it listens on;
+  // a second close names nothing (-32602).
+  send(
+      R"({"jsonrpc":"2.0","method":"cella.port_forward_close","id":7,"params":{"local_port":40000}})");
+  auto stopped = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 7); });
+  ASSERT_TRUE(stopped && stopped->contains("result")) << (stopped ? stopped->dump() : "");
+  EXPECT_EQ((*stopped)["result"]["closed"],
+            json::parse(R"([{"address":"127.0.0.1","local_port":40000,"remote_port":80},
+                            {"address":"127.0.0.2","local_port":40000,"remote_port":80}])"));
+  EXPECT_TRUE(made->ForwardedPorts().empty());
+  send(
+      R"({"jsonrpc":"2.0","method":"cella.port_forward_close","id":8,"params":{"local_port":40000,"address":"127.0.0.1"}})");
+  auto again = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 8); });
+  ASSERT_TRUE(again);
+  EXPECT_EQ((*again)["error"]["code"], kInvalidParams);
+  send(
+      R"({"jsonrpc":"2.0","method":"cella.port_forward_close","id":9,"params":{"local_port":"x"}})");
+  auto typo = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 9); });
+  ASSERT_TRUE(typo);
+  EXPECT_EQ((*typo)["error"]["code"], kInvalidParams);
 
   send(R"({"jsonrpc":"2.0","method":"close","id":5})");
   auto closed = AwaitLine(out[0], pending, [](const json& l) { return IdIs(l, 5); });

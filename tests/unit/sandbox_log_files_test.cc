@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "host/sandbox/log_files.h"
 
@@ -146,6 +148,83 @@ TEST_F(LogFiles, TrimAppendedLogMovesTheBytesAsideAndEmptiesTheLiveFile) {
   EXPECT_EQ(Slurp(OlderGeneration(path_)), content.substr(content.size() - 8192));
   EXPECT_FALSE(std::filesystem::exists(OlderGeneration(path_) + ".tmp"));
   EXPECT_EQ(ReadAll(1), "console line 1999\n");
+}
+
+}  // namespace
+}  // namespace cella::sandbox
+
+namespace cella::sandbox {
+namespace {
+
+std::vector<std::string> Decode(const std::string& bytes, size_t block) {
+  LogRecordDecoder decoder;
+  std::vector<std::string> out;
+  for (size_t at = 0; at < bytes.size(); at += block) {
+    auto st = decoder.Feed(std::string_view(bytes).substr(at, block), [&](const LogRecord& r) {
+      out.push_back(std::to_string(r.unix_nanos) + (r.is_stderr ? " err " : " out ") +
+                    (r.line_end ? "line " : "piece ") + std::string(r.payload));
+      return Status{};
+    });
+    EXPECT_TRUE(st);
+  }
+  return out;
+}
+
+TEST(LogRecords, LinesAndPiecesOfEachStreamSurviveAnyBlockSize) {
+  std::string file = EncodeLogRecords(5, false, "one\ntwo\npart") +
+                     EncodeLogRecords(7, true, "oops\n") + EncodeLogRecords(9, false, "ial\n\n");
+  EXPECT_EQ(file, "5 O one\n5 O two\n5 o part\n7 E oops\n9 O ial\n9 O \n");
+  const std::vector<std::string> want = {"5 out line one",  "5 out line two", "5 out piece part",
+                                         "7 err line oops", "9 out line ial", "9 out line "};
+  for (size_t block : {1, 3, 7, 1000}) EXPECT_EQ(Decode(file, block), want) << block;
+}
+
+TEST(LogRecords, AMalformedLineIsShownNotDropped) {
+  EXPECT_EQ(Decode("raw bytes of an old log\n12 X y\n", 4),
+            (std::vector<std::string>{"0 out line raw bytes of an old log", "0 out line 12 X y"}));
+}
+
+TEST(LogRecords, TimesPrintAsDockerPrintsThem) {
+  EXPECT_EQ(FormatRfc3339Nano(0), "1970-01-01T00:00:00.000000000Z");
+  EXPECT_EQ(FormatRfc3339Nano(1767366245123456789), "2026-01-02T15:04:05.123456789Z");
+}
+
+TEST(LogTime, GoDurations) {
+  EXPECT_EQ(*ParseGoDuration("10m"), 600'000'000'000);
+  EXPECT_EQ(*ParseGoDuration("1h30m"), 5'400'000'000'000);
+  EXPECT_EQ(*ParseGoDuration("1.5s"), 1'500'000'000);
+  EXPECT_EQ(*ParseGoDuration("300ms"), 300'000'000);
+  EXPECT_EQ(*ParseGoDuration("2us"), 2'000);
+  EXPECT_EQ(*ParseGoDuration("0"), 0);
+  for (const char* bad : {"", "10", "m", "1x", "-5m", "1.m.s", "1e3s", "99999999999h"})
+    EXPECT_FALSE(ParseGoDuration(bad)) << bad;
+}
+
+TEST(LogTime, DockerSinceAndUntilForms) {
+  const int64_t now = 1767366245'000000000;  // 2026-01-02T15:04:05Z
+  EXPECT_EQ(*ParseLogTime("10m", now), now - 600'000'000'000);
+  EXPECT_EQ(*ParseLogTime("2026-01-02T15:04:05Z", now), now);
+  EXPECT_EQ(*ParseLogTime("2026-01-02T15:04:05.5Z", now), now + 500'000'000);
+  EXPECT_EQ(*ParseLogTime("2026-01-02T17:04:05+02:00", now), now);
+  EXPECT_EQ(*ParseLogTime("2026-01-02T10:04:05.000000001-05:00", now), now + 1);
+  EXPECT_EQ(*ParseLogTime("1767366245", now), now);
+  EXPECT_EQ(*ParseLogTime("1767366245.25", now), now + 250'000'000);
+  // Without a zone: local time, as docker reads it.
+  const char* old_tz = ::getenv("TZ");
+  const std::string saved = old_tz ? old_tz : "";
+  ::setenv("TZ", "UTC", 1);
+  ::tzset();
+  EXPECT_EQ(*ParseLogTime("2026-01-02T15:04:05", now), now);
+  EXPECT_EQ(*ParseLogTime("2026-01-02", now), now - (15 * 3600 + 4 * 60 + 5) * 1'000'000'000LL);
+  for (const char* bad : {"yesterday", "2026-13-01", "2026-01-02T25:00Z", "2026-01-02T15:04:05+2",
+                          "2026/01/02", "12.5.3", "2999-01-01T00:00:00Z"})
+    EXPECT_FALSE(ParseLogTime(bad, now)) << bad;
+  if (old_tz) {
+    ::setenv("TZ", saved.c_str(), 1);
+  } else {
+    ::unsetenv("TZ");
+  }
+  ::tzset();
 }
 
 }  // namespace

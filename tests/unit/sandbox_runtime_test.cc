@@ -16,11 +16,11 @@
 #include <thread>
 
 #include "agent_test_support.h"
+#include "host/os/process.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
-#include "host/os/process.h"
 #include "support/echo_server.h"
 
 namespace cella::sandbox {
@@ -48,9 +48,17 @@ TEST(SandboxSpec, RoundTripsEveryField) {
   spec.accel = "tcg";
   spec.boot_timeout_s = 33;
   spec.upper_image = "/s/upper.img";
+  spec.volumes.push_back(
+      {"0123abcd", "/v/anon.img", "/anon", protocol::MountMode::kReadWrite, "", true});
+  spec.restart = *ParseRestartPolicy("on-failure:4");
   auto back = DecodeSpec(EncodeSpec(spec));
   ASSERT_TRUE(back) << back.error().message;
   EXPECT_EQ(back->guest, spec.guest);
+  EXPECT_EQ(back->restart, spec.restart);
+  ASSERT_EQ(back->volumes.size(), 2u);
+  EXPECT_FALSE(back->volumes[0].anonymous);
+  EXPECT_TRUE(back->volumes[1].anonymous);
+  back->volumes.pop_back();
   EXPECT_EQ(back->image, spec.image);
   EXPECT_EQ(back->root_image_path, spec.root_image_path);
   EXPECT_EQ(back->shape.cpus, 1.5);
@@ -86,8 +94,10 @@ TEST(SandboxSpec, DefaultNetworkFieldsRoundTripAndOldSpecsKeepNat) {
   nlohmann::json old = nlohmann::json::parse(EncodeSpec(SandboxSpec{}));
   for (const char* field : {"all_public", "host_loopback", "dns_servers"})
     old["egress"].erase(field);
+  old.erase("restart");  // before --restart: no policy
   auto decoded = DecodeSpec(old.dump());
   ASSERT_TRUE(decoded) << decoded.error().message;
+  EXPECT_EQ(decoded->restart.kind, RestartPolicy::Kind::kNo);
   EXPECT_FALSE(decoded->egress.enabled);
   EXPECT_FALSE(decoded->egress.all_public);
   EXPECT_FALSE(decoded->egress.host_loopback);

@@ -392,18 +392,34 @@ class Process:
         self._conn.cancel(self._rid)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PortForward:
     """A forward made by `Sandbox.port_forward` (the rpc `port_forward`
     method): host_ip:host_port on the host reaches the guest's
-    127.0.0.1:guest_port until the sandbox closes. Usable in a `with`
-    block for symmetry; the forward itself ends with the sandbox."""
+    127.0.0.1:guest_port until `close()` (the rpc
+    `cella.port_forward_close`) or until the sandbox closes. In a `with`
+    block it is closed at the end of the block."""
     host_ip: str
     host_port: int
     guest_port: int
+    _conn: "_Connection | None" = field(default=None, repr=False, compare=False)
+    _closed: bool = field(default=False, repr=False, compare=False)
 
-    def close(self) -> None:
-        """Nothing to do: forwards end when the sandbox is closed."""
+    def close(self, timeout: float = 30) -> None:
+        """Stops the forward: when it returns, the host port is free and
+        open connections through it are cut. Closing twice, or after the
+        sandbox closed (which ended the forward already), does nothing."""
+        if self._closed or self._conn is None:
+            return
+        self._closed = True
+        try:
+            self._conn.call("cella.port_forward_close",
+                            {"local_port": self.host_port, "address": self.host_ip}, timeout)
+        except RpcError as e:
+            if e.code != INVALID_PARAMS:  # -32602: no such forward (gone already)
+                raise
+        except CellaError:
+            pass  # the rpc process is gone, and the forward with it
 
     def __enter__(self) -> "PortForward":
         return self
@@ -752,13 +768,14 @@ class Sandbox:
     def port_forward(self, host_port: int, guest_port: int, *, host_ip: str = "127.0.0.1",
                      timeout: float = 30) -> "PortForward":
         """Forwards host_ip:host_port (0: a free port, see `.host_port`) to
-        the guest's 127.0.0.1:guest_port until this sandbox closes; listening
-        when the call returns."""
+        the guest's 127.0.0.1:guest_port until the forward's `close()` or
+        the sandbox's; listening when the call returns."""
         result = self._conn.call("port_forward", {
             "forwards": [{"local_port": host_port, "remote_port": guest_port}],
             "addresses": [host_ip]}, timeout)
         binding = result["bindings"][0]
-        return PortForward(str(binding["address"]), int(binding["local_port"]), int(binding["remote_port"]))
+        return PortForward(str(binding["address"]), int(binding["local_port"]), int(binding["remote_port"]),
+                           _conn=self._conn)
 
     def on_event(self, handler: Callable[[Event], None]) -> None:
         """Calls `handler(Event)` for each `event` notification from now on:

@@ -77,12 +77,13 @@ int64_t UnixNanos() {
 }
 
 // A TCP port from params: an integer in [min, 65535].
-uint16_t RequirePort(const json& object, const char* key, int min) {
+uint16_t RequirePort(const json& object, const char* key, int min,
+                     const char* where = "forwards[].") {
   auto it = object.find(key);
   if (it == object.end() || !it->is_number_integer() || it->get<int64_t>() < min ||
       it->get<int64_t>() > 65535)
-    throw ParamError{std::string("forwards[].") + key + ": want a port number (" +
-                     std::to_string(min) + "-65535)"};
+    throw ParamError{std::string(where) + key + ": want a port number (" + std::to_string(min) +
+                     "-65535)"};
   return static_cast<uint16_t>(it->get<int64_t>());
 }
 
@@ -236,7 +237,7 @@ void Server::HandleRequest(json id, const std::string& method, json params) {
       method != "exec_tty" && method != "write_file" && method != "read_file" &&
       method != "list_files" && method != "allow_list_add" && method != "allow_list_delete" &&
       method != "log" && method != "log_stream" && method != "port_forward" &&
-      method != "cella.fork") {
+      method != "cella.port_forward_close" && method != "cella.fork") {
     AnswerError(*call, kMethodNotFound, "Method not found: " + method);
     return;
   }
@@ -295,6 +296,8 @@ void Server::RunWorker(std::shared_ptr<Call> call, const std::string& method, js
       DoLog(*call, /*follow=*/true);
     } else if (method == "port_forward") {
       DoPortForward(*call, params);
+    } else if (method == "cella.port_forward_close") {
+      DoPortForwardClose(*call, params);
     } else if (method == "cella.fork") {
       DoFork(*call, params);
     }
@@ -893,18 +896,19 @@ void Server::DoPortForward(Call& call, const json& params) {
     for (auto [local, remote] : wanted) {
       auto bound = sandbox->ForwardPort(address, local, remote);
       if (!bound) {
-        // Forwards cannot be stopped one by one yet: the ones this call
-        // made stay until close, and the error says which they are.
-        std::string made;
-        for (const json& b : bindings)
-          made += (made.empty() ? "" : ", ") + b["address"].get<std::string>() + ":" +
-                  std::to_string(b["local_port"].get<int>()) + "->" +
-                  std::to_string(b["remote_port"].get<int>());
-        return AnswerError(
-            call, kVmFailed,
-            "port_forward " + address + ":" + std::to_string(local) + " -> " +
-                std::to_string(remote) + ": " + bound.error().message +
-                (made.empty() ? "" : " (already forwarding until close: " + made + ")"));
+        // All or nothing: what this call made is stopped again, so a
+        // failed call leaves no listener behind.
+        std::string left;
+        for (const json& b : bindings) {
+          const std::string where = b["address"].get<std::string>();
+          const int port = b["local_port"].get<int>();
+          if (auto stopped = sandbox->StopForward(where, static_cast<uint16_t>(port)); !stopped)
+            left += (left.empty() ? "" : ", ") + where + ":" + std::to_string(port);
+        }
+        return AnswerError(call, kVmFailed,
+                           "port_forward " + address + ":" + std::to_string(local) + " -> " +
+                               std::to_string(remote) + ": " + bound.error().message +
+                               (left.empty() ? "" : " (could not stop again: " + left + ")"));
       }
       bindings.push_back({{"address", bound->address},
                           {"local_port", bound->local_port},
@@ -912,6 +916,25 @@ void Server::DoPortForward(Call& call, const json& params) {
     }
   }
   Answer(call, {{"bindings", std::move(bindings)}});
+}
+
+void Server::DoPortForwardClose(Call& call, const json& params) {
+  RequireObject(params);
+  const uint16_t port = RequirePort(params, "local_port", 1, "");
+  const std::string address = OptionalString(params, "address");
+  auto sandbox = CurrentSandbox();
+  if (!sandbox) return AnswerError(call, kVmFailed, "VM not created");
+  auto stopped = sandbox->StopForward(address, port);
+  if (!stopped) {
+    if (stopped.error().errno_value == ENOENT)
+      return AnswerError(call, kInvalidParams, "Invalid params: " + stopped.error().message);
+    return AnswerError(call, kVmFailed, stopped.error().message);
+  }
+  json closed = json::array();
+  for (const auto& b : *stopped)
+    closed.push_back(
+        {{"address", b.address}, {"local_port", b.local_port}, {"remote_port", b.remote_port}});
+  Answer(call, {{"closed", std::move(closed)}});
 }
 
 void Server::SendEvent(json event) {

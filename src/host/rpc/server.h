@@ -102,6 +102,16 @@ class Sandbox {
     (void)remote_port;
     return Fail("this sandbox cannot forward ports");
   }
+  // `cella.port_forward_close`: stops the forwards listening on
+  // address:local_port (every address when `address` is empty) and returns
+  // them: new connections are refused at once, open ones are cut. None
+  // there is an error with errno_value ENOENT.
+  virtual Result<std::vector<PortBinding>> StopForward(const std::string& address,
+                                                       uint16_t local_port) {
+    (void)address;
+    (void)local_port;
+    return Fail("this sandbox cannot forward ports");
+  }
   // Stops the VM (guest processes get `grace` to exit) and removes the
   // sandbox; bounded.
   virtual Status Close(std::chrono::milliseconds grace) = 0;
@@ -183,7 +193,10 @@ class Server {
   // `log_stream.data` notifications, then what is appended, until cancelled.
   void DoLog(Call& call, bool follow);
   // `port_forward {forwards:[{local_port,remote_port}], addresses:[ip]}`.
+  // All or nothing: a call that fails partway stops what it made.
   void DoPortForward(Call& call, const json& params);
+  // `cella.port_forward_close {local_port, address?}`.
+  void DoPortForwardClose(Call& call, const json& params);
 
   // `event` notifications: a thread per sandbox polls it (PollEvents) and
   // sends what it reports; exec events are sent by the exec itself.

@@ -28,7 +28,8 @@ SandboxPaths PathsFor(const std::string& sandbox_home, const std::string& id) {
   p.mux_socket = p.dir + "/mux.sock";
   p.control_socket = p.dir + "/control.sock";
   p.console_log = p.dir + "/console.log";
-  p.output_log = p.dir + "/output.log";
+  p.output_log = p.dir + "/output.rec";
+  p.legacy_output_log = p.dir + "/output.log";
   p.supervisor_log = p.dir + "/supervisor.log";
   return p;
 }

@@ -136,6 +136,13 @@ class SandboxLifecycle {
   // The main process's result, from the router's hook.
   void SetMainStatus(const host::ExecStatus& status);
 
+  // Whether a stop or kill was asked for (control request or signal): the
+  // user ended the sandbox, which a restart policy never undoes.
+  bool StopRequested() {
+    std::lock_guard lock(mu_);
+    return stop_grace_.has_value() || kill_requested_;
+  }
+
   vmm::Machine& machine() { return *machine_; }
 
  private:

@@ -5,6 +5,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cstdio>
+#include <ctime>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -175,6 +180,254 @@ Result<off_t> CopyLog(const std::string& path, LogPosition from,
   off_t reached = live_from;
   CELLA_TRY(CopyRange(path, live_from, sink, &reached));
   return reached;
+}
+
+namespace {
+
+void AppendRecord(std::string& out, int64_t unix_nanos, char stream, std::string_view payload) {
+  out += std::to_string(unix_nanos);
+  out += ' ';
+  out += stream;
+  out += ' ';
+  out.append(payload);
+  out += '\n';
+}
+
+// Digits only, at least one; false on overflow.
+bool ParseDigits(std::string_view text, int64_t& value) {
+  if (text.empty()) return false;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  return ec == std::errc() && end == text.data() + text.size() && value >= 0;
+}
+
+// ".123" → nanoseconds (at most 9 digits; more are cut, as Go does).
+bool ParseFraction(std::string_view digits, int64_t& nanos) {
+  if (digits.empty()) return false;
+  nanos = 0;
+  int64_t scale = 100000000;
+  for (char c : digits) {
+    if (!std::isdigit(static_cast<unsigned char>(c))) return false;
+    nanos += (c - '0') * scale;
+    scale /= 10;
+  }
+  return true;
+}
+
+constexpr int64_t kNanosPerSecond = 1000000000;
+
+}  // namespace
+
+std::string EncodeLogRecords(int64_t unix_nanos, bool is_stderr, std::string_view bytes) {
+  std::string out;
+  out.reserve(bytes.size() + 32);
+  while (!bytes.empty()) {
+    size_t nl = bytes.find('\n');
+    if (nl == std::string_view::npos) {
+      AppendRecord(out, unix_nanos, is_stderr ? 'e' : 'o', bytes);
+      break;
+    }
+    AppendRecord(out, unix_nanos, is_stderr ? 'E' : 'O', bytes.substr(0, nl));
+    bytes.remove_prefix(nl + 1);
+  }
+  return out;
+}
+
+Status LogRecordDecoder::Emit(std::string_view line, bool complete,
+                              const std::function<Status(const LogRecord&)>& sink) {
+  LogRecord record;
+  // "<digits> <S> <payload>"
+  size_t space = line.find(' ');
+  int64_t nanos = 0;
+  if (complete && space != std::string_view::npos && line.size() >= space + 3 &&
+      line[space + 2] == ' ' &&
+      std::string_view("OoEe").find(line[space + 1]) != std::string_view::npos &&
+      ParseDigits(line.substr(0, space), nanos)) {
+    char s = line[space + 1];
+    record.unix_nanos = nanos;
+    record.is_stderr = s == 'E' || s == 'e';
+    record.line_end = s == 'O' || s == 'E';
+    record.payload = line.substr(space + 3);
+    return sink(record);
+  }
+  record.line_end = complete;
+  record.payload = line;
+  return sink(record);
+}
+
+Status LogRecordDecoder::Feed(std::string_view bytes,
+                              const std::function<Status(const LogRecord&)>& sink) {
+  while (!bytes.empty()) {
+    size_t nl = bytes.find('\n');
+    if (nl == std::string_view::npos) {
+      pending_.append(bytes);
+      if (pending_.size() >= kMaxRecordBytes) {
+        CELLA_TRY(Emit(pending_, false, sink));
+        pending_.clear();
+      }
+      return {};
+    }
+    if (pending_.empty()) {
+      CELLA_TRY(Emit(bytes.substr(0, nl), true, sink));
+    } else {
+      pending_.append(bytes.substr(0, nl));
+      CELLA_TRY(Emit(pending_, true, sink));
+      pending_.clear();
+    }
+    bytes.remove_prefix(nl + 1);
+  }
+  return {};
+}
+
+std::string FormatRfc3339Nano(int64_t unix_nanos) {
+  int64_t secs = unix_nanos / kNanosPerSecond;
+  int64_t frac = unix_nanos % kNanosPerSecond;
+  if (frac < 0) {
+    frac += kNanosPerSecond;
+    --secs;
+  }
+  time_t t = static_cast<time_t>(secs);
+  struct tm utc {};
+  ::gmtime_r(&t, &utc);
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%09lldZ", utc.tm_year + 1900,
+                utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec,
+                static_cast<long long>(frac));
+  return buf;
+}
+
+Result<int64_t> ParseGoDuration(std::string_view text) {
+  const std::string shown(text);
+  auto bad = [&]() {
+    return Fail("invalid duration \"" + shown + "\" (want e.g. 10m, 1h30m, 1.5s)");
+  };
+  if (text == "0") return int64_t{0};
+  if (text.empty()) return bad();
+  long double total = 0;
+  while (!text.empty()) {
+    size_t i = 0;
+    while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+    std::string_view whole = text.substr(0, i);
+    std::string_view frac;
+    if (i < text.size() && text[i] == '.') {
+      size_t j = i + 1;
+      while (j < text.size() && std::isdigit(static_cast<unsigned char>(text[j]))) ++j;
+      frac = text.substr(i + 1, j - i - 1);
+      i = j;
+    }
+    if (whole.empty() && frac.empty()) return bad();
+    size_t u = i;
+    while (u < text.size() && !std::isdigit(static_cast<unsigned char>(text[u])) && text[u] != '.')
+      ++u;
+    std::string_view unit = text.substr(i, u - i);
+    long double scale = 0;
+    if (unit == "ns")
+      scale = 1;
+    else if (unit == "us" || unit == "\xC2\xB5s" || unit == "\xCE\xBCs")
+      scale = 1e3L;
+    else if (unit == "ms")
+      scale = 1e6L;
+    else if (unit == "s")
+      scale = 1e9L;
+    else if (unit == "m")
+      scale = 60e9L;
+    else if (unit == "h")
+      scale = 3600e9L;
+    else
+      return bad();
+    long double value = 0;
+    for (char c : whole) value = value * 10 + (c - '0');
+    long double place = 0.1L;
+    for (char c : frac) {
+      value += (c - '0') * place;
+      place /= 10;
+    }
+    total += value * scale;
+    if (total > static_cast<long double>(std::numeric_limits<int64_t>::max()))
+      return Fail("duration \"" + shown + "\" is too long");
+    text.remove_prefix(u);
+  }
+  return static_cast<int64_t>(total);
+}
+
+Result<int64_t> ParseLogTime(std::string_view text, int64_t now_nanos) {
+  const std::string shown(text);
+  if (auto d = ParseGoDuration(text); d) return now_nanos - *d;
+  auto bad = [&]() {
+    return Fail("invalid time \"" + shown +
+                "\": want RFC 3339 (2026-01-02T15:04:05Z), a date, Unix seconds or a duration "
+                "such as 10m");
+  };
+  // Unix seconds, optionally with a fraction.
+  if (!text.empty() && text.find_first_not_of("0123456789.") == std::string_view::npos) {
+    size_t dot = text.find('.');
+    int64_t secs = 0;
+    int64_t frac = 0;
+    if (!ParseDigits(text.substr(0, dot), secs)) return bad();
+    if (dot != std::string_view::npos && !ParseFraction(text.substr(dot + 1), frac)) return bad();
+    if (secs > std::numeric_limits<int64_t>::max() / kNanosPerSecond - 1) return bad();
+    return secs * kNanosPerSecond + frac;
+  }
+  // YYYY-MM-DD[THH[:MM[:SS[.frac]]]][Z|±HH:MM]
+  auto num = [&](size_t at, size_t len, int& out) {
+    if (at + len > text.size()) return false;
+    int64_t v = 0;
+    if (!ParseDigits(text.substr(at, len), v)) return false;
+    out = static_cast<int>(v);
+    return true;
+  };
+  struct tm tm {};
+  int year = 0, month = 0, day = 0, hour = 0, minute = 0, second = 0;
+  if (!num(0, 4, year) || text.size() < 10 || text[4] != '-' || !num(5, 2, month) ||
+      text[7] != '-' || !num(8, 2, day))
+    return bad();
+  size_t at = 10;
+  int64_t frac = 0;
+  if (at < text.size() && (text[at] == 'T' || text[at] == 't')) {
+    if (!num(at + 1, 2, hour)) return bad();
+    at += 3;
+    if (at < text.size() && text[at] == ':') {
+      if (!num(at + 1, 2, minute)) return bad();
+      at += 3;
+      if (at < text.size() && text[at] == ':') {
+        if (!num(at + 1, 2, second)) return bad();
+        at += 3;
+        if (at < text.size() && text[at] == '.') {
+          size_t end = at + 1;
+          while (end < text.size() && std::isdigit(static_cast<unsigned char>(text[end]))) ++end;
+          if (!ParseFraction(text.substr(at + 1, end - at - 1), frac)) return bad();
+          at = end;
+        }
+      }
+    }
+  }
+  if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60)
+    return bad();
+  tm.tm_year = year - 1900;
+  tm.tm_mon = month - 1;
+  tm.tm_mday = day;
+  tm.tm_hour = hour;
+  tm.tm_min = minute;
+  tm.tm_sec = second;
+  time_t secs = 0;
+  std::string_view zone = text.substr(at);
+  if (zone.empty()) {
+    tm.tm_isdst = -1;  // local time, as docker reads a time without a zone
+    secs = ::mktime(&tm);
+  } else if (zone == "Z" || zone == "z") {
+    secs = ::timegm(&tm);
+  } else if ((zone[0] == '+' || zone[0] == '-') && zone.size() == 6 && zone[3] == ':') {
+    int zh = 0, zm = 0;
+    if (!num(at + 1, 2, zh) || !num(at + 4, 2, zm) || zh > 23 || zm > 59) return bad();
+    int offset = (zh * 60 + zm) * 60;
+    secs = ::timegm(&tm) - (zone[0] == '+' ? offset : -offset);
+  } else {
+    return bad();
+  }
+  // Nanoseconds since 1970 in 64 bits end in 2262.
+  if (secs < 0 ||
+      static_cast<int64_t>(secs) > std::numeric_limits<int64_t>::max() / kNanosPerSecond - 1)
+    return Fail("time \"" + shown + "\" is out of range (1970 to 2262)");
+  return static_cast<int64_t>(secs) * kNanosPerSecond + frac;
 }
 
 }  // namespace cella::sandbox

@@ -6,6 +6,17 @@
 //
 // Readers see the two generations as one stream (PATH.1 then PATH) and never
 // load a whole file: `logs --tail N` reads backwards from the end.
+//
+// The main process's output is kept as records (output.rec), one a line:
+//   <unix nanoseconds> <S> <payload>\n
+// S is O/E for a stdout/stderr line the process ended with a newline (the
+// record's newline is that one) and o/e for a piece without one (the
+// record's newline is not output: the next piece of that stream goes on the
+// same line). The payload is the guest's bytes as they came, never a
+// newline, so a record never needs escaping and `--tail N` counts records.
+// Times are the host's, taken when the bytes reached the supervisor.
+// Sandboxes made by older versions have output.log (raw bytes, stdout and
+// stderr merged, no times): readers fall back to it.
 #pragma once
 
 #include <sys/types.h>
@@ -65,5 +76,45 @@ Result<LogPosition> TailPosition(const std::string& path, int lines);
 // blocks. Returns the offset in PATH reached (for a follower to go on from).
 Result<off_t> CopyLog(const std::string& path, LogPosition from,
                       const std::function<Status(std::string_view)>& sink);
+
+// One record of output.rec.
+struct LogRecord {
+  int64_t unix_nanos = 0;
+  bool is_stderr = false;
+  bool line_end = false;  // the output had a newline here
+  std::string_view payload;
+};
+
+// `bytes` of one stream as records stamped `unix_nanos`: each line a record,
+// a trailing piece without a newline a partial one.
+std::string EncodeLogRecords(int64_t unix_nanos, bool is_stderr, std::string_view bytes);
+
+// Splits a stream of output.rec bytes, fed in blocks of any size, into
+// records. A malformed line (a file edited by hand, a torn write at a crash)
+// is passed on as a stdout line with time 0 rather than dropped. Lines
+// longer than kMaxRecordBytes are passed on in pieces.
+class LogRecordDecoder {
+ public:
+  static constexpr size_t kMaxRecordBytes = size_t{1} << 20;
+  Status Feed(std::string_view bytes, const std::function<Status(const LogRecord&)>& sink);
+
+ private:
+  Status Emit(std::string_view line, bool complete,
+              const std::function<Status(const LogRecord&)>& sink);
+  std::string pending_;
+};
+
+// docker's `logs -t` form: RFC 3339 in UTC with nine fraction digits.
+std::string FormatRfc3339Nano(int64_t unix_nanos);
+
+// A time for `logs --since/--until`, as docker takes it: RFC 3339 (with a
+// zone, or local time without one; a fraction of up to 9 digits), a date
+// (YYYY-MM-DD, local midnight), Unix seconds with an optional fraction, or a
+// Go duration before `now_nanos` (10m, 1h30m, 1.5s, 300ms). Unix nanoseconds.
+Result<int64_t> ParseLogTime(std::string_view text, int64_t now_nanos);
+
+// A Go duration ("1h30m", "1.5s", "300ms", "2us", "0"): nanoseconds. Units:
+// ns us µs ms s m h; no sign.
+Result<int64_t> ParseGoDuration(std::string_view text);
 
 }  // namespace cella::sandbox

@@ -1,6 +1,13 @@
 #include "host/sandbox/spec.h"
 
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <filesystem>
 #include <nlohmann/json.hpp>
+
+#include "host/sandbox/layout.h"
+#include "host/store/state_store.h"
 
 namespace cella::sandbox {
 namespace {
@@ -31,7 +38,8 @@ std::string EncodeSpec(const SandboxSpec& spec) {
                               {"host_path", v.host_path},
                               {"guest_path", v.guest_path},
                               {"mode", protocol::ToString(v.mode)},
-                              {"overlay_path", v.overlay_path}});
+                              {"overlay_path", v.overlay_path},
+                              {"anonymous", v.anonymous}});
   }
   out["shares"] = json::array();
   for (const auto& s : spec.shares) {
@@ -50,6 +58,7 @@ std::string EncodeSpec(const SandboxSpec& spec) {
   out["boot_timeout_s"] = spec.boot_timeout_s;
   out["upper_image"] = spec.upper_image;
   out["log_max_bytes"] = spec.log_max_bytes;
+  out["restart"] = ToString(spec.restart);
   if (!spec.labels.empty()) out["labels"] = spec.labels;
   if (spec.cold) out["cold"] = true;
   const EgressSpec& e = spec.egress;
@@ -100,6 +109,7 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
       vol.guest_path = v.at("guest_path").get<std::string>();
       vol.mode = CELLA_TRY(ParseMode(v.at("mode").get<std::string>()));
       vol.overlay_path = v.at("overlay_path").get<std::string>();
+      vol.anonymous = v.value("anonymous", false);  // absent in older specs
       spec.volumes.push_back(std::move(vol));
     }
     // Absent in specs written before host shares existed.
@@ -123,6 +133,8 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
     spec.upper_image = doc.at("upper_image").get<std::string>();
     // Absent in specs written before logs were capped.
     spec.log_max_bytes = doc.value("log_max_bytes", kDefaultLogMaxBytes);
+    // Absent in specs written before --restart.
+    spec.restart = CELLA_TRY(ParseRestartPolicy(doc.value("restart", std::string("no"))));
     spec.cold = doc.value("cold", false);  // absent before warm starts
     if (doc.contains("labels"))
       spec.labels = doc.at("labels").get<std::map<std::string, std::string>>();
@@ -154,6 +166,98 @@ Result<SandboxSpec> DecodeSpec(std::string_view text) {
   } catch (const json::exception& e) {
     return Fail(std::string("sandbox spec: ") + e.what());
   }
+}
+
+Result<RestartPolicy> ParseRestartPolicy(std::string_view text) {
+  using enum RestartPolicy::Kind;
+  RestartPolicy p;
+  if (text == "no" || text.empty()) return p;
+  if (text == "always") {
+    p.kind = kAlways;
+    return p;
+  }
+  if (text == "unless-stopped") {
+    p.kind = kUnlessStopped;
+    return p;
+  }
+  if (text == "on-failure") {
+    p.kind = kOnFailure;
+    return p;
+  }
+  if (text.starts_with("on-failure:")) {
+    std::string_view n = text.substr(11);
+    int value = 0;
+    auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), value);
+    if (ec != std::errc() || end != n.data() + n.size() || value <= 0)
+      return Fail("--restart " + std::string(text) +
+                  ": the retry count must be a positive number (on-failure:3)");
+    p.kind = kOnFailure;
+    p.max_retries = value;
+    return p;
+  }
+  if (text.find(':') != std::string_view::npos && !text.starts_with("on-failure"))
+    return Fail("--restart " + std::string(text) + ": only on-failure takes a retry count");
+  return Fail("--restart " + std::string(text) +
+              ": want no, on-failure[:N], always or unless-stopped");
+}
+
+std::string ToString(const RestartPolicy& policy) {
+  using enum RestartPolicy::Kind;
+  switch (policy.kind) {
+    case kNo:
+      return "no";
+    case kOnFailure:
+      return policy.max_retries > 0 ? "on-failure:" + std::to_string(policy.max_retries)
+                                    : "on-failure";
+    case kAlways:
+      return "always";
+    case kUnlessStopped:
+      return "unless-stopped";
+  }
+  return "no";
+}
+
+bool ShouldRestart(const RestartPolicy& policy, bool failed, int restarts) {
+  using enum RestartPolicy::Kind;
+  switch (policy.kind) {
+    case kNo:
+      return false;
+    case kOnFailure:
+      return failed && (policy.max_retries == 0 || restarts < policy.max_retries);
+    case kAlways:
+    case kUnlessStopped:
+      return true;
+  }
+  return false;
+}
+
+std::chrono::milliseconds NextRestartDelay(std::chrono::milliseconds previous,
+                                           std::chrono::milliseconds last_run) {
+  using std::chrono::milliseconds;
+  constexpr milliseconds kFirst{100};
+  constexpr milliseconds kMax{60'000};
+  if (previous.count() <= 0 || last_run >= std::chrono::seconds(10)) return kFirst;
+  return std::min(previous * 2, kMax);
+}
+
+Status RemoveAnonymousVolumes(store::StateStore& store, const std::string& sandbox_home,
+                              std::string_view spec_json) {
+  auto spec = DecodeSpec(spec_json);
+  if (!spec) return std::unexpected(spec.error());
+  std::string failed;
+  for (const VolumeSpec& v : spec->volumes) {
+    if (!v.anonymous) continue;
+    Status st = store.RemoveVolume(v.name);
+    if (!st && st.error().errno_value == ENOENT) continue;  // removed already
+    if (st) {
+      std::error_code ec;
+      std::filesystem::remove_all(VolumesDir(sandbox_home) + "/" + v.name, ec);
+      if (ec) st = Fail("remove the files of volume " + v.name + ": " + ec.message());
+    }
+    if (!st) failed += (failed.empty() ? "" : "; ") + st.error().message;
+  }
+  if (!failed.empty()) return Fail("anonymous volumes kept: " + failed);
+  return {};
 }
 
 }  // namespace cella::sandbox

@@ -3,6 +3,7 @@
 // JSON; the guest half is the config.json schema itself.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -14,7 +15,37 @@
 #include "host/sandbox/log_files.h"
 #include "protocol/config.h"
 
+namespace cella::store {
+class StateStore;
+}
+
 namespace cella::sandbox {
+
+// `run --restart`: what the supervisor does when the sandbox ends without
+// being asked to (its main process exited, the guest powered off, the VM
+// died). A stop or kill is never undone. cella has no daemon, so nothing
+// restarts a sandbox after a host reboot: `unless-stopped` behaves exactly
+// as `always` (docker's difference between the two is only at daemon start).
+struct RestartPolicy {
+  enum class Kind { kNo, kOnFailure, kAlways, kUnlessStopped };
+  Kind kind = Kind::kNo;
+  int max_retries = 0;  // on-failure:N; 0 = no limit
+  bool operator==(const RestartPolicy&) const = default;
+};
+// docker's forms: no | on-failure[:N] | always | unless-stopped (N > 0).
+Result<RestartPolicy> ParseRestartPolicy(std::string_view text);
+std::string ToString(const RestartPolicy& policy);  // as parsed: "on-failure:3"
+
+// Whether a sandbox that ended by itself (not by a stop or kill) is started
+// again: `failed` = a non-zero exit code or a failed sandbox; `restarts` =
+// how many times the policy restarted it already.
+bool ShouldRestart(const RestartPolicy& policy, bool failed, int restarts);
+
+// docker's back-off: 100 ms, doubling with each restart in a row, at most
+// one minute; a run that lasted 10 s or more starts the series again.
+// `previous` is the last delay (0: none yet).
+std::chrono::milliseconds NextRestartDelay(std::chrono::milliseconds previous,
+                                           std::chrono::milliseconds last_run);
 
 struct VolumeSpec {
   std::string name;
@@ -22,6 +53,10 @@ struct VolumeSpec {
   std::string guest_path;
   protocol::MountMode mode = protocol::MountMode::kReadWrite;
   std::string overlay_path;  // kOverlay: this sandbox's private layer
+  // `run -v /path`: made for this sandbox under a generated 64-hex name
+  // (docker's), removed with it by `rm -v` and whenever the sandbox is
+  // removed automatically (`run --rm`, a foreground run, `cella rpc`).
+  bool anonymous = false;
 };
 
 // `-v /host/path:/guest/path[:mode]`: a host directory or file, served by
@@ -100,10 +135,18 @@ struct SandboxSpec {
   // --cold (or CELLA_COLD=1 in the CLI's environment): never start from a
   // memory template (host/template), boot the kernel.
   bool cold = false;
+  RestartPolicy restart;
 };
 
 std::string EncodeSpec(const SandboxSpec& spec);
 // Errors name the field; the guest half is validated by ParseConfig.
 Result<SandboxSpec> DecodeSpec(std::string_view json);
+
+// Removes the anonymous volumes of `spec_json` (a sandbox's recorded spec):
+// store records and files. Call it after the sandbox's record is gone; a
+// volume something else still uses is kept (the store refuses) and named in
+// the error, the others are removed anyway.
+Status RemoveAnonymousVolumes(store::StateStore& store, const std::string& sandbox_home,
+                              std::string_view spec_json);
 
 }  // namespace cella::sandbox

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -109,8 +110,19 @@ class Supervisor {
       }
       return 1;
     }
+    const auto started = std::chrono::steady_clock::now();
     LifecycleOutcome outcome = lifecycle_->Run();
     if (control_) control_->Stop();
+    const bool failed = outcome.state == store::SandboxState::kFailed ||
+                        (outcome.exit_code && *outcome.exit_code != 0);
+    // A standby ended the VM on purpose, and so did a stop or kill: only
+    // an end the sandbox came to by itself is the policy's to undo.
+    if (outcome.booted && outcome.state != store::SandboxState::kStandby &&
+        !lifecycle_->StopRequested() && ShouldRestart(restart_policy_, failed, restart_count_)) {
+      auto ran = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::steady_clock::now() - started);
+      RestartAfterBackoff(outcome, ran);  // returns only when the restart is off
+    }
     RemoveIfAuto();
     return outcome.booted ? 0 : 1;
   }
@@ -126,10 +138,12 @@ class Supervisor {
     store_.emplace(std::move(*opened));
     store::SandboxRecord record = CELLA_TRY(store_->Get(args_.id));
     auto_remove_ = record.auto_remove;
+    spec_json_ = record.spec_json;
     store::ProcessIdentity self = CELLA_TRY(store::IdentifyProcess(::getpid()));
     CELLA_TRY(store_->SetSupervisor(args_.id, self));
     SandboxSpec spec = CELLA_TRY(DecodeSpec(record.spec_json));
     CELLA_TRY(ReadSecrets(spec));
+    LoadRestartState(spec);
     // A --kernel given relative to the caller's directory means that one.
     if (!spec.kernel_path.empty()) {
       std::error_code ec;
@@ -195,8 +209,14 @@ class Supervisor {
 
     options.wrap_agent_link = [this](UniqueFd link) -> Result<UniqueFd> {
       host::RouterHooks hooks;
-      hooks.on_main_output = [this](protocol::Channel, std::span<const std::byte> bytes) {
-        if (auto st = output_log_->Write(bytes); !st)
+      hooks.on_main_output = [this](protocol::Channel channel, std::span<const std::byte> bytes) {
+        const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count();
+        std::string records = EncodeLogRecords(
+            now, channel == protocol::Channel::kStderr,
+            std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+        if (auto st = output_log_->Write(std::as_bytes(std::span(records))); !st)
           log::Debug("output log write failed", {{"error", st.error().message}});
       };
       hooks.on_main_result = [this](std::string_view json) {
@@ -643,6 +663,148 @@ class Supervisor {
     return {};
   }
 
+  // `restart.json` in the sandbox directory: {"count":N,"delay_ms":D}, the
+  // restarts the policy made since the last start by a user (`inspect`'s
+  // RestartCount) and the last back-off. A user's start (not --restarted)
+  // begins a new series, as docker's does.
+  void LoadRestartState(const SandboxSpec& spec) {
+    restart_policy_ = spec.restart;
+    const std::string path = RestartStatePath(paths_.dir);
+    if (!args_.restarted) {
+      if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+        log::Warn("could not reset the restart count", {{"error", std::strerror(errno)}});
+      return;
+    }
+    auto text = ReadFileToString(path, 4096);
+    if (!text) return;
+    auto doc = nlohmann::json::parse(*text, nullptr, false);
+    if (!doc.is_object()) return;
+    restart_count_ = std::max(0, doc.value("count", 0));
+    restart_delay_ = std::chrono::milliseconds(std::max<int64_t>(0, doc.value("delay_ms", 0)));
+  }
+
+  // The policy said restart: records the sandbox as creating ("restarting
+  // in D ms"), waits out the back-off with a control socket that answers
+  // stop and kill by calling the restart off, then execs this binary again
+  // as `__supervise ID --restarted`: the new process boots the sandbox
+  // through the same path as `cella start`. Returns only when the restart
+  // was called off or could not be made (the end recorded stays).
+  void RestartAfterBackoff(const LifecycleOutcome& ended, std::chrono::milliseconds ran) {
+    const std::chrono::milliseconds delay = NextRestartDelay(restart_delay_, ran);
+    const int attempt = restart_count_ + 1;
+    const std::string why = ended.detail + "; restarting (--restart " + ToString(restart_policy_) +
+                            ", restart " + std::to_string(attempt) + ", in " +
+                            std::to_string(delay.count()) + " ms)";
+    if (auto st = store_->Transition(args_.id, store::SandboxState::kCreating, OneLine(why),
+                                     std::nullopt, ended.state);
+        !st) {
+      // Someone else changed it meanwhile (a removal): leave it be.
+      log::Notice("no restart: " + st.error().message, {{"id", args_.id}});
+      return;
+    }
+    // The transition to creating forgets the supervisor: it is still us.
+    if (auto self = store::IdentifyProcess(::getpid()); self) {
+      if (auto st = store_->SetSupervisor(args_.id, *self); !st)
+        log::Warn("could not record the supervisor", {{"error", st.error().message}});
+    }
+    const std::string last_end =
+        ended.exit_code ? " (last exit code " + std::to_string(*ended.exit_code) + ")" : "";
+    // The count after the state: whoever sees the new count sees the
+    // sandbox restarting, never "exited" with the next run's count.
+    nlohmann::json counted = {{"count", attempt}, {"delay_ms", delay.count()}};
+    if (auto st = WriteFileAtomically(RestartStatePath(paths_.dir), counted.dump(), 0600); !st) {
+      log::Warn("no restart: could not record the restart count", {{"error", st.error().message}});
+      (void)store_->Transition(args_.id, ended.state, ended.detail, ended.exit_code);
+      return;
+    }
+    std::mutex mu;
+    std::condition_variable cv;
+    bool called_off = false;
+    std::string how;
+    auto server = ControlServer::Start(
+        paths_.control_socket, [&](const nlohmann::json& request) -> nlohmann::json {
+          const std::string op = request.value("op", std::string());
+          if (op == "status") return {{"ok", true}, {"finished", false}, {"restarting", true}};
+          if (op == "stop" || op == "kill") {
+            std::lock_guard lock(mu);
+            called_off = true;
+            how = (op == "stop" ? "stopped while waiting to restart (cella stop)"
+                                : "killed while waiting to restart (cella kill)") +
+                  last_end;
+            cv.notify_all();
+            return {{"ok", true}};
+          }
+          return {{"ok", false}, {"error", "the sandbox is waiting to restart"}};
+        });
+    if (!server) {
+      log::Warn("no restart: control socket", {{"error", server.error().message}});
+      (void)store_->Transition(args_.id, ended.state, ended.detail, ended.exit_code);
+      return;
+    }
+    // SIGTERM/SIGINT (blocked; Run collects them with sigtimedwait) call it
+    // off too: the supervisor was asked to end.
+    sigset_t signals;
+    sigemptyset(&signals);
+    for (int s : {SIGTERM, SIGINT}) sigaddset(&signals, s);
+    const auto deadline = std::chrono::steady_clock::now() + delay;
+    for (;;) {
+      {
+        std::unique_lock lock(mu);
+        if (called_off) break;
+        if (std::chrono::steady_clock::now() >= deadline) break;
+        cv.wait_until(lock, std::min(deadline, std::chrono::steady_clock::now() +
+                                                   std::chrono::milliseconds(100)));
+        if (called_off) break;
+      }
+      timespec no_wait{0, 0};
+      if (::sigtimedwait(&signals, nullptr, &no_wait) > 0) {
+        std::lock_guard lock(mu);
+        called_off = true;
+        how = "stopped while waiting to restart (signal)" + last_end;
+      }
+    }
+    (*server)->Stop();  // waits for its handlers: a stop it answered is seen below
+    bool off = false;
+    {
+      std::lock_guard lock(mu);
+      off = called_off;
+    }
+    if (off) {
+      if (auto st = store_->Transition(args_.id, store::SandboxState::kStopped, how); !st)
+        log::Warn("could not record the stop", {{"error", st.error().message}});
+      return;
+    }
+    log::Notice("restarting the sandbox", {{"id", args_.id}, {"restart", attempt}});
+    auto failed = ExecRestart();
+    // Only an error comes back.
+    log::Warn("restart failed", {{"error", failed.error().message}});
+    (void)store_->Transition(args_.id, store::SandboxState::kFailed,
+                             OneLine("restart failed: " + failed.error().message));
+  }
+
+  // Replaces this process with `cella __supervise ID --restarted`, the
+  // secrets on its stdin again (a memfd: read to its end like the CLI's
+  // pipe). Same PID and start time, so the store's record of the
+  // supervisor stays true throughout. Returns only on failure.
+  Status ExecRestart() {
+    std::string self = CELLA_TRY(SelfExecutablePath());
+    UniqueFd secrets(::memfd_create("cella-secrets", MFD_CLOEXEC));
+    if (!secrets) return FailErrno("memfd_create");
+    CELLA_TRY(WriteAll(secrets.Get(), secrets_text_));
+    if (::lseek(secrets.Get(), 0, SEEK_SET) < 0) return FailErrno("lseek");
+    std::vector<std::string> argv_storage = {self, "__supervise", args_.id, "--restarted"};
+    std::vector<char*> argv;
+    for (auto& a : argv_storage) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    // The store connection, QEMU's leftovers, every socket: closed by the
+    // exec (and kept usable here should it fail).
+    if (::dup2(secrets.Get(), STDIN_FILENO) < 0) return FailErrno("dup2");
+    // Nothing but stdio crosses into the new image.
+    if (::close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) return FailErrno("close_range");
+    ::execv(self.c_str(), argv.data());
+    return FailErrno("exec " + self);
+  }
+
   // The CLI writes {"NAME":"value"} to our stdin and closes it; the values
   // live in this process's memory only.
   Status ReadSecrets(const SandboxSpec& spec) {
@@ -657,6 +819,7 @@ class Supervisor {
       if (text.size() > (1u << 20)) return Fail("secrets on stdin: more than 1 MiB");
     }
     if (text.empty()) text = "{}";
+    secrets_text_ = text;  // handed to the next process on a restart
     nlohmann::json doc = nlohmann::json::parse(text, nullptr, false);
     if (doc.is_discarded() || !doc.is_object()) return Fail("secrets on stdin: not a JSON object");
     for (const SecretSpec& secret : spec.egress.secrets) {
@@ -777,8 +940,13 @@ class Supervisor {
     std::error_code ec;
     std::filesystem::remove_all(paths_.dir, ec);
     if (ec) log::Warn("could not remove sandbox files", {{"path", paths_.dir}});
-    if (auto st = store_->Remove(args_.id); !st)
+    if (auto st = store_->Remove(args_.id); !st) {
       log::Warn("could not remove the sandbox record", {{"error", st.error().message}});
+      return;
+    }
+    // docker's --rm takes the anonymous volumes (`-v /path`) along.
+    if (auto st = RemoveAnonymousVolumes(*store_, sandbox_home_, spec_json_); !st)
+      log::Warn("could not remove anonymous volumes", {{"error", st.error().message}});
   }
 
   SupervisorArgs args_;
@@ -787,6 +955,11 @@ class Supervisor {
   SandboxPaths paths_;
   std::optional<store::StateStore> store_;
   bool auto_remove_ = false;
+  std::string spec_json_;  // the record's, for RemoveIfAuto
+  std::string secrets_text_;
+  RestartPolicy restart_policy_;
+  int restart_count_ = 0;
+  std::chrono::milliseconds restart_delay_{0};
   bool has_main_ = false;
   bool has_volumes_ = false;
   std::string spec_upper_image_;

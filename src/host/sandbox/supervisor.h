@@ -39,6 +39,9 @@ struct SupervisorArgs {
   // booting it: a snapshot that is missing, corrupt or made for another
   // kernel/QEMU/shape fails the start with that reason (disks kept).
   bool resume = false;
+  // Started again by its own restart policy (`--restarted`): the restart
+  // count goes on (layout.h RestartStatePath) instead of starting at 0.
+  bool restarted = false;
 };
 
 // Runs until the sandbox's VM is gone. Returns the process exit code (0 when

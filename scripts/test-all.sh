@@ -21,7 +21,7 @@ stage() { echo "test: $1 ($((SECONDS - started)) s since start)"; }
 
 mkdir -p "$san"
 san_log="$san/background-build.log"
-setsid bash -c 'echo 19 > /proc/self/autogroup 2>/dev/null || true
+setsid -w bash -c 'echo 19 > /proc/self/autogroup 2>/dev/null || true
   exec nice -n 19 scripts/san-build.sh "$1" "$2"' san-build "$san" "$jobs" \
   >"$san_log" 2>&1 &
 san_pid=$!

@@ -203,6 +203,7 @@ TEST(LogTime, GoDurations) {
 TEST(LogTime, DockerSinceAndUntilForms) {
   const int64_t now = 1767366245'000000000;  // 2026-01-02T15:04:05Z
   EXPECT_EQ(*ParseLogTime("10m", now), now - 600'000'000'000);
+  EXPECT_EQ(*ParseLogTime("0", now), 0);  // docker: the epoch, so --since 0 shows everything
   EXPECT_EQ(*ParseLogTime("2026-01-02T15:04:05Z", now), now);
   EXPECT_EQ(*ParseLogTime("2026-01-02T15:04:05.5Z", now), now + 500'000'000);
   EXPECT_EQ(*ParseLogTime("2026-01-02T17:04:05+02:00", now), now);

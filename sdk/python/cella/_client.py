@@ -392,7 +392,7 @@ class Process:
         self._conn.cancel(self._rid)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a forward is a live thing, usable in sets and as a key
 class PortForward:
     """A forward made by `Sandbox.port_forward` (the rpc `port_forward`
     method): host_ip:host_port on the host reaches the guest's
@@ -411,13 +411,13 @@ class PortForward:
         sandbox closed (which ended the forward already), does nothing."""
         if self._closed or self._conn is None:
             return
-        self._closed = True
         try:
             self._conn.call("cella.port_forward_close",
                             {"local_port": self.host_port, "address": self.host_ip}, timeout)
         except RpcError as e:
             if e.code != INVALID_PARAMS:  # -32602: no such forward (gone already)
-                raise
+                raise  # not closed: a retry may succeed
+        self._closed = True
         except CellaError:
             pass  # the rpc process is gone, and the forward with it
 

@@ -351,7 +351,9 @@ Result<int64_t> ParseGoDuration(std::string_view text) {
 
 Result<int64_t> ParseLogTime(std::string_view text, int64_t now_nanos) {
   const std::string shown(text);
-  if (auto d = ParseGoDuration(text); d) return now_nanos - *d;
+  // A bare "0" is the epoch (everything), as docker reads it, not "0s ago".
+  if (text != "0")
+    if (auto d = ParseGoDuration(text); d) return now_nanos - *d;
   auto bad = [&]() {
     return Fail("invalid time \"" + shown +
                 "\": want RFC 3339 (2026-01-02T15:04:05Z), a date, Unix seconds or a duration "

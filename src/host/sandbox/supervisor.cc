@@ -317,6 +317,11 @@ class Supervisor {
   // when the failed boot was not a warm one (the failure stands).
   std::unique_ptr<vmm::Machine> ColdAfterWarmFailure(const Error& error) {
     if (!warm_template_ || !cold_options_) return nullptr;
+    // Only a template whose state QEMU could not restore is dropped and the
+    // sandbox booted again, cold. Any other failure of a clone (the guest
+    // refused its config, a time-out on a loaded host, memory) would fail
+    // a cold boot the same way, and says nothing against the template.
+    if (error.errno_value != vmm::kStateNotRestoredErrno) return nullptr;
     warm::TemplateInfo t = std::move(*warm_template_);
     warm_template_.reset();
     SendNotice(ready_fd_, "sandbox boots cold: memory template " + t.key +
@@ -1124,21 +1129,17 @@ Status SpawnSupervisor(const std::string& self_exe, const std::string& id, MainA
     if (line.size() < 64 * 1024) line.append(buf, static_cast<size_t>(n));
   }
   // Zero or more "notice: ..." lines (shown here, where a user sees them),
-  // then the one "ok" or "error: ...".
-  std::string last;
+  // then the one "ok" or "error: ..." (whose message may run over several
+  // lines: a failed boot carries the guest console's last lines).
   std::string_view rest = line;
-  while (!rest.empty()) {
+  while (rest.starts_with("notice: ")) {
     size_t nl = rest.find('\n');
-    std::string_view one = rest.substr(0, nl);
+    log::Notice(rest.substr(8, nl == std::string_view::npos ? std::string_view::npos : nl - 8));
     rest = nl == std::string_view::npos ? std::string_view{} : rest.substr(nl + 1);
-    if (one.starts_with("notice: ")) {
-      log::Notice(one.substr(8));
-      continue;
-    }
-    if (!one.empty()) last = one;
   }
-  if (last == "ok") return {};
-  if (last.starts_with("error: ")) return Fail(last.substr(7));
+  while (rest.ends_with('\n')) rest.remove_suffix(1);
+  if (rest == "ok") return {};
+  if (rest.starts_with("error: ")) return Fail(std::string(rest.substr(7)));
   return Fail("the sandbox supervisor exited before it was ready; see " + log_path);
 }
 

@@ -173,7 +173,7 @@ class QemuMachine final : public Machine {
   // VM and saves its device state (RAM stays in the template's file).
   Status CaptureTemplate(UniqueFd agent_fd, Clock::time_point deadline);
   // kClone: the go line (clock, RNG seed) that lets the restored guest on.
-  Status SendWarmGo(int agent_fd);
+  Status SendWarmGo(int agent_fd, Clock::time_point deadline);
 
   VMConfig config_;
   QemuBackendOptions options_;
@@ -330,7 +330,7 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
     return CaptureTemplate(std::move(agent_fd), deadline);
   if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
   if (!config_.IncomingMigration.empty()) log::Debug("VM state restored", {{"id", config_.ID}});
-  if (config_.Template == TemplateRole::kClone) CELLA_TRY(SendWarmGo(agent_fd.Get()));
+  if (config_.Template == TemplateRole::kClone) CELLA_TRY(SendWarmGo(agent_fd.Get(), deadline));
   return ConnectAgent(std::move(agent_fd), deadline);
 }
 
@@ -383,7 +383,7 @@ Status QemuMachine::CaptureTemplate(UniqueFd agent_fd, Clock::time_point deadlin
   return {};
 }
 
-Status QemuMachine::SendWarmGo(int agent_fd) {
+Status QemuMachine::SendWarmGo(int agent_fd, Clock::time_point deadline) {
   protocol::WarmGo go;
   go.realtime_ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                              std::chrono::system_clock::now().time_since_epoch())
@@ -399,14 +399,29 @@ Status QemuMachine::SendWarmGo(int agent_fd) {
   // The guest then need not probe and mount its config disk (see warm.h).
   go.config_json = config_.GuestConfigJson;
   std::string line = protocol::FormatWarmGo(go);
+  // The line carries the whole config (up to 1 MiB), more than a socket
+  // buffer holds: a clone that stops reading must not hold the boot past
+  // its deadline.
   size_t sent = 0;
   while (sent < line.size()) {
-    ssize_t n = ::send(agent_fd, line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0)
+    ssize_t n =
+        ::send(agent_fd, line.data() + sent, line.size() - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n >= 0) {
+      sent += static_cast<size_t>(n);
+      continue;
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
       return std::unexpected(
           WithConsole("VM " + config_.ID + ": send the warm go line: " + std::strerror(errno)));
-    sent += static_cast<size_t>(n);
+    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0)
+      return std::unexpected(WithConsole("VM " + config_.ID +
+                                         ": the restored guest did not read its warm go line "
+                                         "within the boot time-out"));
+    pollfd p{agent_fd, POLLOUT, 0};
+    if (::poll(&p, 1, static_cast<int>(std::min<int64_t>(left, 1000))) < 0 && errno != EINTR)
+      return FailErrno("VM " + config_.ID + ": poll the agent socket");
   }
   return {};
 }
@@ -429,9 +444,15 @@ Status QemuMachine::RestoreState(Clock::time_point deadline) {
     return qmp_->Cont();
   }();
   if (!restored) {
-    CELLA_TRY(ReapIfExited());
-    return std::unexpected(WithConsole(
-        "VM " + config_.ID + ": restoring the snapshot failed: " + restored.error().message));
+    // Tagged whichever way it ended (QEMU may have died of the stream): the
+    // caller may drop a template only for a failure of the state itself.
+    auto reaped = ReapIfExited();
+    Error error = reaped
+                      ? WithConsole("VM " + config_.ID +
+                                    ": restoring the snapshot failed: " + restored.error().message)
+                      : std::move(reaped.error());
+    error.errno_value = kStateNotRestoredErrno;
+    return std::unexpected(std::move(error));
   }
   return {};
 }

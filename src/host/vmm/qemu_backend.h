@@ -7,6 +7,7 @@
 // console.log (kept after Close), qemu.log (QEMU's own stderr).
 #pragma once
 
+#include <cerrno>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -35,6 +36,11 @@ struct QemuBackendOptions {
   // other processes can share the one virtio-serial link.
   std::function<Result<UniqueFd>(UniqueFd agent_link)> wrap_agent_link;
 };
+
+// errno_value of a boot error that came from restoring saved state (QEMU
+// refused or failed the stream, or died reading it): the state itself is
+// suspect. Any other boot failure (time-outs under load, memory) is not.
+inline constexpr int kStateNotRestoredErrno = EBADMSG;
 
 // The guest's own account of a failed boot: the last "cella-init: error: ..."
 // line of a console log, without the prefix; empty when the init said none.

@@ -417,9 +417,9 @@ class PortForward:
         except RpcError as e:
             if e.code != INVALID_PARAMS:  # -32602: no such forward (gone already)
                 raise  # not closed: a retry may succeed
-        self._closed = True
         except CellaError:
             pass  # the rpc process is gone, and the forward with it
+        self._closed = True
 
     def __enter__(self) -> "PortForward":
         return self

@@ -823,6 +823,11 @@ class Supervisor {
       text.append(buf, static_cast<size_t>(n));
       if (text.size() > (1u << 20)) return Fail("secrets on stdin: more than 1 MiB");
     }
+    // Read once: stdin (a pipe, or on a restart a memfd holding the secrets)
+    // is not kept open for the supervisor's whole life.
+    UniqueFd null_in(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    if (!null_in) return FailErrno("open /dev/null");
+    if (::dup2(null_in.Get(), STDIN_FILENO) < 0) return FailErrno("replace stdin after secrets");
     if (text.empty()) text = "{}";
     secrets_text_ = text;  // handed to the next process on a restart
     nlohmann::json doc = nlohmann::json::parse(text, nullptr, false);

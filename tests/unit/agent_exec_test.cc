@@ -73,7 +73,11 @@ TEST_F(AgentExec, StreamsTwentyMegabytesWithBoundedMemory) {
   EXPECT_EQ(status->exit_code, 0);
   EXPECT_EQ(counted.load(), kTotal);
   int64_t agent_peak = PeakRssBytes(agent_->pid);
-  EXPECT_LT(agent_peak - agent_peak_before, 8'000'000)
+  // Under ASan the agent's freed chunks wait in its quarantine as well, and
+  // clang's build adds fake stacks: a looser bound, still well below the
+  // 20 MB a buffering agent would hold.
+  const int64_t agent_bound = kUnderAsan ? 14'000'000 : 8'000'000;
+  EXPECT_LT(agent_peak - agent_peak_before, agent_bound)
       << "the agent buffered the output (peak " << agent_peak << " bytes)";
   // Under ASan this process's freed buffers sit in the quarantine, so its
   // peak RSS cannot show buffering; the agent's bound is still checked.

@@ -5,7 +5,7 @@ BUILD ?= build
 # by the unit tests under sanitizers and the fuzzers (scripts/san-build.sh).
 SAN_BUILD ?= build-san
 JOBS ?= $(shell nproc)
-FUZZ_SECONDS ?= 20
+FUZZ_SECONDS ?= 10
 # Fuzzers running at once (each may use 2 GiB): not nproc on a big machine.
 FUZZ_JOBS ?= 2
 

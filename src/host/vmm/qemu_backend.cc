@@ -414,13 +414,13 @@ Status QemuMachine::SendWarmGo(int agent_fd, Clock::time_point deadline) {
     if (errno != EAGAIN && errno != EWOULDBLOCK)
       return std::unexpected(
           WithConsole("VM " + config_.ID + ": send the warm go line: " + std::strerror(errno)));
-    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-    if (left <= 0)
+    const int left = RemainingMs(deadline);
+    if (left == 0)
       return std::unexpected(WithConsole("VM " + config_.ID +
                                          ": the restored guest did not read its warm go line "
                                          "within the boot time-out"));
     pollfd p{agent_fd, POLLOUT, 0};
-    if (::poll(&p, 1, static_cast<int>(std::min<int64_t>(left, 1000))) < 0 && errno != EINTR)
+    if (::poll(&p, 1, std::min(left, 1000)) < 0 && errno != EINTR)
       return FailErrno("VM " + config_.ID + ": poll the agent socket");
   }
   return {};

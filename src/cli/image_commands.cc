@@ -21,6 +21,7 @@
 #include "base/log.h"
 #include "cli/commands.h"
 #include "cli/sandbox_context.h"
+#include "host/os/digest.h"
 #include "host/os/paths.h"
 #include "host/registry/auth.h"
 #include "host/registry/image_store.h"
@@ -326,6 +327,11 @@ Result<void> RmiOne(const std::string& text, bool force) {
   }
   std::printf("removed %s\n", ref.String().c_str());
   RemoveOrphanTemplates();
+  // The digests of files hashed for cache keys (host/os/digest.h): the
+  // entries of files gone or changed since can never be hit again.
+  std::string home = CELLA_TRY(host::CellaHome());
+  if (auto pruned = host::PruneDigestCache(host::DigestCacheDir(home)); !pruned)
+    log::Warn("could not prune the digest cache", {{"error", pruned.error().message}});
   return {};
 }
 

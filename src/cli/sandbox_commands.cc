@@ -327,39 +327,47 @@ int64_t NowNanos() {
 // Turns output.rec bytes back into the process's output: stdout records to
 // stdout, stderr records to stderr (docker's `logs`), only those within
 // [since, until], each line prefixed with its time for `-t`.
+// Prints records as they come, each stream's pieces where the process put
+// them (attach: an unfinished prompt shows at once).
 class RecordPrinter {
  public:
-  RecordPrinter(bool timestamps, std::optional<int64_t> since, std::optional<int64_t> until)
+  Status Feed(std::string_view bytes) {
+    return decoder_.Feed(bytes, [](const sandbox::LogRecord& r) {
+      std::string text(r.payload);
+      if (r.line_end) text += '\n';
+      return WriteAll(r.is_stderr ? STDERR_FILENO : STDOUT_FILENO, text);
+    });
+  }
+
+ private:
+  sandbox::LogRecordDecoder decoder_;
+};
+
+// Prints joined lines (logs): stdout to stdout, stderr to stderr, -t's time
+// and --since/--until by a line's first piece.
+class LinePrinter {
+ public:
+  LinePrinter(bool timestamps, std::optional<int64_t> since, std::optional<int64_t> until)
       : timestamps_(timestamps), since_(since), until_(until) {}
 
-  Status Feed(std::string_view bytes) {
-    return decoder_.Feed(bytes, [this](const sandbox::LogRecord& r) { return Print(r); });
+  Status Print(const sandbox::LogLine& line) {
+    if (since_ && line.unix_nanos < *since_) return {};
+    if (until_ && line.unix_nanos > *until_) return {};
+    std::string text;
+    if (timestamps_) {
+      text = sandbox::FormatRfc3339Nano(line.unix_nanos);
+      text += ' ';
+    }
+    text.append(line.text);
+    if (line.line_end) text += '\n';
+    return WriteAll(line.is_stderr ? STDERR_FILENO : STDOUT_FILENO, text);
   }
   bool PastUntil() const { return until_ && NowNanos() > *until_; }
 
  private:
-  Status Print(const sandbox::LogRecord& r) {
-    if (since_ && r.unix_nanos < *since_) return {};
-    if (until_ && r.unix_nanos > *until_) return {};
-    const int fd = r.is_stderr ? STDERR_FILENO : STDOUT_FILENO;
-    bool& at_line_start = r.is_stderr ? err_line_start_ : out_line_start_;
-    std::string text;
-    if (timestamps_ && at_line_start) {
-      text = sandbox::FormatRfc3339Nano(r.unix_nanos);
-      text += ' ';
-    }
-    text.append(r.payload);
-    if (r.line_end) text += '\n';
-    at_line_start = r.line_end;
-    return WriteAll(fd, text);
-  }
-
   bool timestamps_;
   std::optional<int64_t> since_;
   std::optional<int64_t> until_;
-  sandbox::LogRecordDecoder decoder_;
-  bool out_line_start_ = true;
-  bool err_line_start_ = true;
 };
 
 bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
@@ -560,7 +568,11 @@ int AttachCommand(const std::string& ref) {
     // output to output.log: attaching follows that from now on, until the
     // sandbox ends, and exits with the main process's code (docker attach
     // without stdin).
-    std::string path = sandbox::PathsFor(ctx.home, record.id).output_log;
+    // A sandbox an older cella started writes raw bytes to output.log (as
+    // logs reads it): follow that one.
+    const sandbox::MainOutputLog log =
+        sandbox::FindMainOutputLog(sandbox::PathsFor(ctx.home, record.id));
+    const std::string& path = log.path;
     if (::access(path.c_str(), F_OK) != 0) {
       UniqueFd made(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
       if (!made) return FailErrno("open " + path);
@@ -568,9 +580,10 @@ int AttachCommand(const std::string& ref) {
     struct stat st {};
     if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
     // Records: stdout to stdout, stderr to stderr, as the process wrote them.
-    RecordPrinter printer(false, std::nullopt, std::nullopt);
-    CELLA_TRY(FollowFile(path, ctx, record.id, st.st_size,
-                         [&printer](std::string_view block) { return printer.Feed(block); }));
+    RecordPrinter printer;
+    LogSink sink = WriteStdout;
+    if (log.records) sink = [&printer](std::string_view block) { return printer.Feed(block); };
+    CELLA_TRY(FollowFile(path, ctx, record.id, st.st_size, sink));
     std::optional<store::SandboxRecord> ended;
     for (;;) {  // the log is drained; the record's end may land a moment later
       auto now = ctx.store.Get(record.id);
@@ -788,15 +801,14 @@ int LogsCommand(const LogsArgs& args) {
     if (!args.until.empty())
       until = CELLA_TRY_CTX(sandbox::ParseLogTime(args.until, now), "--until");
     const bool timed = since || until || args.timestamps;
-    std::string path = paths.output_log;
+    const sandbox::MainOutputLog main_log = sandbox::FindMainOutputLog(paths);
+    std::string path = main_log.path;
     bool records = !args.console;
     if (args.console) {
       if (timed)
         return Fail("--since, --until and -t apply to the main process's output, not --console");
       path = paths.console_log;
-    } else if (!Exists(path) && !Exists(sandbox::OlderGeneration(path)) &&
-               (Exists(paths.legacy_output_log) ||
-                Exists(sandbox::OlderGeneration(paths.legacy_output_log)))) {
+    } else if (!main_log.records) {
       // Written by an older cella: raw bytes, stdout and stderr merged.
       if (timed)
         return Fail("the log of sandbox " + record.Label() +
@@ -811,18 +823,30 @@ int LogsCommand(const LogsArgs& args) {
       UniqueFd made(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
       if (!made) return FailErrno("open " + path);
     }
-    RecordPrinter printer(args.timestamps, since, until);
-    LogSink sink = WriteStdout;
-    if (records) sink = [&printer](std::string_view block) { return printer.Feed(block); };
     // Never the whole file in memory: the tail is found reading backwards
-    // (in records: one per line) and the rest is streamed (the older
-    // generation first, see host/sandbox/log_files.h).
-    sandbox::LogPosition from = CELLA_TRY(sandbox::TailPosition(path, args.tail));
-    off_t reached = CELLA_TRY(sandbox::CopyLog(path, from, sink));
-    if (args.follow && !printer.PastUntil())
-      return FollowFile(path, ctx, record.id, reached, sink,
-                        [&printer] { return printer.PastUntil(); });
-    return {};
+    // and the rest is streamed (the older generation first, see
+    // host/sandbox/log_files.h).
+    if (!records) {
+      sandbox::LogPosition from = CELLA_TRY(sandbox::TailPosition(path, args.tail));
+      off_t reached = CELLA_TRY(sandbox::CopyLog(path, from, WriteStdout));
+      if (args.follow) return FollowFile(path, ctx, record.id, reached);
+      return {};
+    }
+    // The records' pieces joined into lines: the tail, times and filters
+    // are a line's.
+    LinePrinter printer(args.timestamps, since, until);
+    sandbox::LogLineJoiner joiner;
+    sandbox::LogLineSink print = [&printer](const sandbox::LogLine& line) {
+      return printer.Print(line);
+    };
+    off_t reached = CELLA_TRY(sandbox::CopyLogLines(path, args.tail, joiner, args.follow, print));
+    if (!args.follow) return {};
+    if (!printer.PastUntil())
+      CELLA_TRY(FollowFile(
+          path, ctx, record.id, reached,
+          [&](std::string_view block) { return joiner.Feed(block, print); },
+          [&printer] { return printer.PastUntil(); }));
+    return joiner.Finish(print);
   };
   return Report(run());
 }

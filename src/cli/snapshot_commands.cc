@@ -6,8 +6,6 @@
 // sealed network) and resumes it from the snapshot; the source is untouched.
 // `cella fork` is a snapshot into a hidden directory (snapshots/.fork-*)
 // followed by N such restores in parallel.
-#include <pthread.h>
-#include <signal.h>
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -24,6 +22,7 @@
 #include "base/log.h"
 #include "base/unique_fd.h"
 #include "cli/commands.h"
+#include "cli/interrupt_hold.h"
 #include "cli/sandbox_context.h"
 #include "host/os/paths.h"
 #include "host/os/process.h"
@@ -169,38 +168,6 @@ Status SpawnRestored(const std::string& home, const std::string& id,
 }
 
 Status Print(std::string_view text) { return WriteAll(STDOUT_FILENO, text); }
-
-// Blocks SIGINT, SIGTERM and SIGHUP for its lifetime (a fork must not die
-// between making something and removing it); Check() fails once one came.
-// Threads started meanwhile inherit the mask; the supervisors spawned
-// reset it.
-class InterruptHold {
- public:
-  InterruptHold() {
-    sigemptyset(&set_);
-    for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set_, s);
-    ::pthread_sigmask(SIG_BLOCK, &set_, &old_);
-  }
-  ~InterruptHold() {
-    // A signal that came stays pending and acts as usual once unblocked:
-    // the fork has cleaned up by then, and the CLI dies of it as it would.
-    ::pthread_sigmask(SIG_SETMASK, &old_, nullptr);
-  }
-  InterruptHold(const InterruptHold&) = delete;
-  InterruptHold& operator=(const InterruptHold&) = delete;
-  Status Check() const {
-    sigset_t pending;
-    if (::sigpending(&pending) != 0) return FailErrno("sigpending");
-    for (int s : {SIGINT, SIGTERM, SIGHUP})
-      if (sigismember(&pending, s) == 1)
-        return std::unexpected(Error{std::string("interrupted (") + ::strsignal(s) + ")", EINTR});
-    return {};
-  }
-
- private:
-  sigset_t set_{};
-  sigset_t old_{};
-};
 
 // Every running fork holds `path` (<home>/fork.lock) shared; a fork that
 // gets it exclusively first knows no other is running, so every `.fork-*`
@@ -396,8 +363,9 @@ Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int
   std::string secrets = CELLA_TRY(SecretsForRestart(spec, record));
 
   // From here on every way out removes what this fork made: Ctrl-C, SIGTERM
-  // and SIGHUP are held back and looked at between the steps (the source's
-  // save itself is not cut short: the source runs on after it either way).
+  // and SIGHUP are held back and looked at between the steps. The source's
+  // save can take minutes: a second Ctrl-C (or SIGTERM, SIGHUP) during it
+  // gives up at once (the source runs on after its save either way).
   InterruptHold interrupts;
   std::string root = SnapshotsDir(ctx.home);
   if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return FailErrno("mkdir " + root);
@@ -406,9 +374,15 @@ Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int
   // The state file and disk copies stay reachable through the copies' own
   // links and copies; the fork's directory goes whatever happens next (also
   // when the source's supervisor died mid-save and left it half written).
+  // A save given up on is still being written to `<dir>.partial`: removing
+  // it makes the source's supervisor fail it sooner (and resume the source)
+  // rather than leave a whole snapshot for the next fork to remove.
   struct Cleanup {
     std::string dir;
-    ~Cleanup() { (void)sandbox::RemoveSnapshot(dir); }
+    ~Cleanup() {
+      (void)sandbox::RemoveSnapshot(dir);
+      (void)sandbox::RemoveSnapshot(dir + ".partial");
+    }
   } cleanup{dir};
   std::vector<std::string> ids;
   // All or nothing: a fork that fails partway removes every copy it made,
@@ -417,7 +391,9 @@ Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int
   auto made = [&]() -> Status {
     std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
     auto reply =
-        sandbox::ControlCall(control, {{"op", "snapshot"}, {"dir", dir}}, std::chrono::minutes(15));
+        sandbox::ControlCall(control, {{"op", "snapshot"}, {"dir", dir}}, std::chrono::minutes(15),
+                             interrupts.WakeFd(), [&interrupts] { return interrupts.GiveUp(); });
+    if (!reply && reply.error().errno_value == ECANCELED) return interrupts.Check();
     // The supervisor's refusals speak of "snapshot": the same reasons.
     if (!reply) return Fail(reply.error().message);
     CELLA_TRY(interrupts.Check());

@@ -50,6 +50,8 @@ class LogFiles : public ::testing::Test {
     return std::as_bytes(std::span(text.data(), text.size()));
   }
 
+  std::string Lines(int tail, const std::string& path = "");
+
   std::string dir_;
   std::string path_;
 };
@@ -133,6 +135,108 @@ TEST_F(LogFiles, TailOfALongLogReadsOnlyItsEnd) {
   EXPECT_EQ(two, std::string(100 * 1024, 'x') + "78\n" + std::string(100 * 1024, 'x') + "79\n");
 }
 
+// output.rec read as lines: "O:" / "E:" before each line, "|" where a line
+// has no newline.
+std::string LogFiles::Lines(int tail, const std::string& path) {
+  std::string out;
+  LogLineJoiner joiner;
+  auto reached =
+      CopyLogLines(path.empty() ? path_ : path, tail, joiner, false, [&](const LogLine& line) {
+        out += line.is_stderr ? "E:" : "O:";
+        out += std::to_string(line.unix_nanos) + ":";
+        out.append(line.text);
+        out += line.line_end ? "\n" : "|";
+        return Status{};
+      });
+  EXPECT_TRUE(reached) << reached.error().message;
+  return out;
+}
+
+TEST_F(LogFiles, TailCountsLinesNotThePiecesOfAnUnbufferedWriter) {
+  // "x" then "\n", three times: three lines, each at its first piece's time.
+  std::ofstream(path_) << EncodeLogRecords(1, false, "a") << EncodeLogRecords(2, false, "\n")
+                       << EncodeLogRecords(3, false, "b") << EncodeLogRecords(4, false, "\n")
+                       << EncodeLogRecords(5, false, "c") << EncodeLogRecords(6, false, "\n");
+  EXPECT_EQ(Lines(1), "O:5:c\n");
+  EXPECT_EQ(Lines(2), "O:3:b\nO:5:c\n");
+  EXPECT_EQ(Lines(3), "O:1:a\nO:3:b\nO:5:c\n");
+  EXPECT_EQ(Lines(9), "O:1:a\nO:3:b\nO:5:c\n");
+  EXPECT_EQ(Lines(-1), "O:1:a\nO:3:b\nO:5:c\n");
+  EXPECT_EQ(Lines(0), "");
+}
+
+TEST_F(LogFiles, TailJoinsEachStreamOnItsOwnAcrossTheOtherAndTheRotation) {
+  // stdout's "long" is begun before stderr's lines and ended after them;
+  // the lines are in the order of their ends, the tail in that order too.
+  std::ofstream(OlderGeneration(path_))
+      << EncodeLogRecords(1, false, "first\n") << EncodeLogRecords(2, false, "lo");
+  std::ofstream(path_) << EncodeLogRecords(3, true, "err1\n") << EncodeLogRecords(4, false, "n")
+                       << EncodeLogRecords(5, true, "err2\n") << EncodeLogRecords(6, false, "g\n")
+                       << EncodeLogRecords(7, true, "err3\n") << EncodeLogRecords(8, false, "un");
+  const std::string all = "O:1:first\nE:3:err1\nE:5:err2\nO:2:long\nE:7:err3\nO:8:un|";
+  EXPECT_EQ(Lines(-1), all);
+  EXPECT_EQ(Lines(1), "O:8:un|");
+  EXPECT_EQ(Lines(2), "E:7:err3\nO:8:un|");
+  EXPECT_EQ(Lines(3), "O:2:long\nE:7:err3\nO:8:un|");
+  EXPECT_EQ(Lines(4), "E:5:err2\nO:2:long\nE:7:err3\nO:8:un|");
+  EXPECT_EQ(Lines(5), "E:3:err1\nE:5:err2\nO:2:long\nE:7:err3\nO:8:un|");
+  EXPECT_EQ(Lines(6), all);
+  EXPECT_EQ(Lines(60), all);
+}
+
+TEST_F(LogFiles, TwoUnfinishedLinesAreRankedByTheirLastPiece) {
+  std::ofstream(path_) << EncodeLogRecords(1, true, "e") << EncodeLogRecords(2, false, "o1\n")
+                       << EncodeLogRecords(3, false, "o") << EncodeLogRecords(4, true, "rr");
+  EXPECT_EQ(Lines(1), "E:1:err|");
+  EXPECT_EQ(Lines(2), "O:3:o|E:1:err|");
+  EXPECT_EQ(Lines(3), "O:2:o1\nO:3:o|E:1:err|");
+}
+
+TEST_F(LogFiles, AFollowerKeepsTheTailsUnfinishedLine) {
+  std::ofstream(path_) << EncodeLogRecords(1, false, "a\n") << EncodeLogRecords(2, false, "pro");
+  std::string out;
+  LogLineSink sink = [&](const LogLine& line) {
+    out += std::to_string(line.unix_nanos) + ":" + std::string(line.text) +
+           (line.line_end ? "\n" : "|");
+    return Status{};
+  };
+  LogLineJoiner joiner;
+  auto reached = CopyLogLines(path_, 1, joiner, true, sink);
+  ASSERT_TRUE(reached) << reached.error().message;
+  EXPECT_EQ(out, "");
+  ASSERT_TRUE(joiner.Feed(EncodeLogRecords(3, false, "mpt\n"), sink));
+  ASSERT_TRUE(joiner.Finish(sink));
+  EXPECT_EQ(out, "2:prompt\n");
+}
+
+TEST_F(LogFiles, ALineTailOfALongLogReadsOnlyItsEnd) {
+  // Tens of thousands of records; a torn last write is no line.
+  {
+    std::ofstream out(path_);
+    for (int i = 0; i < 40000; ++i)
+      out << EncodeLogRecords(i, i % 2 == 1, i % 3 == 0 ? "piece" : "line\n");
+    out << "123 O tor";
+  }
+  auto from = TailRecordPosition(path_, 2);
+  ASSERT_TRUE(from) << from.error().message;
+  EXPECT_GT(from->offset, static_cast<off_t>(Size(path_) - 200));
+  // stdout's last line began with 39996's piece; stderr's last is unfinished.
+  EXPECT_EQ(Lines(2), "O:39996:pieceline\nE:39999:piece|");
+}
+
+TEST_F(LogFiles, AnOlderSandboxsOutputLogIsFoundForLogsAndAttach) {
+  SandboxPaths paths = PathsFor(dir_, "abc");
+  std::filesystem::create_directories(paths.dir);
+  // Nothing yet: output.rec, where this version's supervisor writes.
+  EXPECT_EQ(FindMainOutputLog(paths).path, paths.output_log);
+  EXPECT_TRUE(FindMainOutputLog(paths).records);
+  std::ofstream(OlderGeneration(paths.legacy_output_log)) << "old\n";
+  EXPECT_EQ(FindMainOutputLog(paths).path, paths.legacy_output_log);
+  EXPECT_FALSE(FindMainOutputLog(paths).records);
+  std::ofstream(OlderGeneration(paths.output_log)) << "";
+  EXPECT_EQ(FindMainOutputLog(paths).path, paths.output_log);
+}
+
 TEST_F(LogFiles, TrimAppendedLogMovesTheBytesAsideAndEmptiesTheLiveFile) {
   std::string content;
   for (int i = 0; i < 2000; ++i) content += "console line " + std::to_string(i) + "\n";
@@ -182,6 +286,39 @@ TEST(LogRecords, LinesAndPiecesOfEachStreamSurviveAnyBlockSize) {
 TEST(LogRecords, AMalformedLineIsShownNotDropped) {
   EXPECT_EQ(Decode("raw bytes of an old log\n12 X y\n", 4),
             (std::vector<std::string>{"0 out line raw bytes of an old log", "0 out line 12 X y"}));
+}
+
+TEST(LogRecords, AOneMebibyteWriteIsStoredAsRecordsThatFit) {
+  // A frame's payload is up to 1 MiB: the guest's whole write, newline
+  // included, comes back as one line, split into records that fit.
+  const std::string big(size_t{1} << 20, 'x');
+  const std::string file = EncodeLogRecords(1767366245123456789, false, big + "\n");
+  size_t start = 0;
+  for (size_t nl; (nl = file.find('\n', start)) != std::string::npos; start = nl + 1)
+    EXPECT_LE(nl - start, kMaxRecordBytes);
+  std::vector<std::string> records = Decode(file, 64 * 1024);
+  ASSERT_EQ(records.size(), 2u);
+  std::string joined;
+  LogLineJoiner joiner;
+  auto st = joiner.Feed(file, [&](const LogLine& line) {
+    EXPECT_TRUE(line.line_end);
+    EXPECT_EQ(line.unix_nanos, 1767366245123456789);
+    joined.append(line.text);
+    return Status{};
+  });
+  ASSERT_TRUE(st);
+  EXPECT_EQ(joined, big);
+}
+
+TEST(LogRecords, ARecordOfExactlyTheLongestSizeIsARecord) {
+  const std::string head = "5 O ";
+  const std::string payload(kMaxRecordBytes - head.size(), 'y');
+  // A partial record is kept in pieces when it is longer; this one is not.
+  for (size_t block : {size_t{4096}, kMaxRecordBytes, kMaxRecordBytes + 1}) {
+    std::vector<std::string> records = Decode(head + payload + "\n", block);
+    ASSERT_EQ(records.size(), 1u) << block;
+    EXPECT_EQ(records[0], "5 out line " + payload);
+  }
 }
 
 TEST(LogRecords, TimesPrintAsDockerPrintsThem) {

@@ -141,6 +141,29 @@ class SnapshotFilesTest : public ::testing::TestWithParam<SnapshotCompression> {
   std::string snap_;
 };
 
+TEST_P(SnapshotFilesTest, ACommitWhoseLastSyncFailsLeavesNoManifest) {
+  SnapshotManifest m = Sample();
+  m.compression = GetParam();
+  m.state_file = GetParam() == SnapshotCompression::kZstd ? "s.zst" : "s.raw";
+  std::string in = dir_.path() + "/payload";
+  ASSERT_TRUE(WriteStringToFile(in, std::string(5000, 'p'), 0600));
+  RunShell(SaveUri(snap_, m), in, "");
+  // The first directory fsync (the state file's name) works, the second
+  // (the manifest's) fails: the caller's clean-up may fail as well, so what
+  // is left must not look like a committed snapshot.
+  int syncs = 0;
+  auto committed = CommitSnapshot(snap_, m, [&](const std::string&) -> Status {
+    if (++syncs == 2) return Fail("fsync: injected EIO");
+    return {};
+  });
+  ASSERT_FALSE(committed);
+  EXPECT_NE(committed.error().message.find("injected"), std::string::npos);
+  EXPECT_EQ(syncs, 2);
+  auto verified = VerifySnapshot(snap_);
+  ASSERT_FALSE(verified);
+  EXPECT_EQ(verified.error().errno_value, ENOENT) << verified.error().message;
+}
+
 TEST_P(SnapshotFilesTest, CommittedSnapshotsVerifyAndReadBackTheSameBytes) {
   std::string payload(300000, '\0');
   for (size_t i = 0; i < payload.size(); i += 7) payload[i] = static_cast<char>(i % 251);

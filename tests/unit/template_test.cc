@@ -244,6 +244,40 @@ TEST_F(TemplateKeyTest, TemplatesOfRemovedImagesAreRemoved) {
   EXPECT_TRUE(listed->empty());
 }
 
+// Remove takes the template away from its key in one rename before deleting
+// it: a clone that has its files open reads them whole, nothing is left
+// under the key's name, and what a killed removal leaves aside is swept.
+TEST_F(TemplateKeyTest, RemoveTakesTheTemplateAsideBeforeDeletingIt) {
+  std::string home = dir_.path() + "/home";
+  std::string shape = "format 1\nmemory_mb 1\n";
+  std::string key = warm::KeyOf(shape);
+  std::string tdir = home + "/templates/" + key;
+  std::filesystem::create_directories(tdir);
+  std::ofstream(tdir + "/memory") << "the guest's memory";
+  std::ofstream(tdir + "/state") << "0123456789";
+  nlohmann::json manifest = {{"format", 1},  {"key", key},         {"shape", shape},
+                             {"image", ""},  {"memory_mb", 1},     {"cpus", 1.0},
+                             {"created", 1}, {"memory_bytes", 18}, {"state_bytes", 10}};
+  std::ofstream(tdir + "/manifest.json") << manifest.dump();
+  int clone = ::open((tdir + "/memory").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(clone, 0);
+  ASSERT_TRUE(warm::Remove(home, key));
+  char buf[64] = {};
+  EXPECT_EQ(::pread(clone, buf, sizeof buf, 0), 18);
+  EXPECT_EQ(std::string(buf), "the guest's memory");
+  ::close(clone);
+  for (const auto& e : std::filesystem::directory_iterator(home + "/templates"))
+    EXPECT_FALSE(e.path().filename().string().starts_with(key + ".partial")) << e.path();
+  EXPECT_FALSE(std::filesystem::exists(tdir));
+  EXPECT_EQ(warm::Remove(home, key).error().errno_value, ENOENT);
+  // A removal killed between its rename and its deletion.
+  std::string aside = tdir + ".partial.removed-1-0";
+  std::filesystem::create_directories(aside);
+  std::ofstream(aside + "/memory") << "left";
+  warm::RemoveStalePartials(home);
+  EXPECT_FALSE(std::filesystem::exists(aside));
+}
+
 // A partial is stale when its key's build lock is free, whatever its pid
 // says: here the pid is this (live) test process, as after a pid reuse.
 TEST_F(TemplateKeyTest, StalePartialsAreFoundByTheLockNotByThePid) {

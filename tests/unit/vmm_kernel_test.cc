@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -275,6 +276,43 @@ TEST_F(Initramfs, ReproducibleAndCachedByContent) {
   EXPECT_TRUE(rebuilt->built);
   EXPECT_NE(rebuilt->path, first->path);
   EXPECT_EQ(ReadCpio(rebuilt->path)["init"].content, "INIT-v2");
+}
+
+// `image gc` prunes the cache: an entry whose file is gone or changed can
+// never be hit again; the entry of an unchanged file stays and still hits.
+TEST_F(TempDir, PruningTheDigestCacheKeepsOnlyEntriesThatCanHit) {
+  std::string cache = dir_ + "/digests";
+  const std::string settled = "/bin/sh";  // unchanged for long: remembered
+  auto direct = host::Sha256OfFile(settled);
+  ASSERT_TRUE(direct) << direct.error().message;
+  ASSERT_TRUE(host::CachedSha256OfFile(settled, cache));
+  std::vector<std::string> kept;
+  for (const auto& e : std::filesystem::directory_iterator(cache))
+    kept.push_back(e.path().filename().string());
+  ASSERT_EQ(kept.size(), 1u);
+  const std::string digest(64, 'a');
+  auto entry = [&](const std::string& name, const std::string& text) {
+    ASSERT_TRUE(WriteStringToFile(cache + "/" + name, text, 0644));
+  };
+  // Gone: its file was removed. Changed: the path exists, the identity is
+  // another. Older form: no path. Not the cache's: left alone.
+  entry(std::string(64, '1'), digest + "\n" + dir_ + "/removed-long-ago\n");
+  entry(std::string(64, '2'), digest + "\n" + settled + "\n");
+  entry(std::string(64, '3'), digest + "\n");
+  entry("README", "mine\n");
+  auto pruned = host::PruneDigestCache(cache);
+  ASSERT_TRUE(pruned) << pruned.error().message;
+  EXPECT_EQ(*pruned, 3u);
+  std::set<std::string> left;
+  for (const auto& e : std::filesystem::directory_iterator(cache))
+    left.insert(e.path().filename().string());
+  EXPECT_EQ(left, (std::set<std::string>{kept[0], "README"}));
+  auto again = host::CachedSha256OfFile(settled, cache);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, *direct);
+  auto none = host::PruneDigestCache(dir_ + "/no-such-cache");
+  ASSERT_TRUE(none);
+  EXPECT_EQ(*none, 0u);
 }
 
 // The initramfs key hashes its inputs through this cache on every run.

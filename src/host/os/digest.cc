@@ -10,7 +10,9 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
+#include <vector>
 
 #include "base/check.h"
 #include "base/io.h"
@@ -85,6 +87,8 @@ std::string IdentityOf(const std::string& path, const struct stat& st) {
 }
 
 constexpr time_t kSettledSeconds = 2;
+constexpr size_t kMaxEntryBytes = 8192;  // a digest and a path
+constexpr size_t kMaxPrunedPerRun = 100000;
 
 bool IsHexDigest(std::string_view s) {
   if (s.size() != 64) return false;
@@ -94,10 +98,11 @@ bool IsHexDigest(std::string_view s) {
 }
 
 // Best effort: a digest that cannot be stored is computed again next time.
-void Remember(const std::string& cache_dir, const std::string& entry, const std::string& digest) {
+void Remember(const std::string& cache_dir, const std::string& entry, const std::string& digest,
+              const std::string& path) {
   if (::mkdir(cache_dir.c_str(), 0755) != 0 && errno != EEXIST) return;
   std::string tmp = entry + ".tmp." + std::to_string(::getpid());
-  if (!WriteStringToFile(tmp, digest + "\n", 0644)) return;
+  if (!WriteStringToFile(tmp, digest + "\n" + path + "\n", 0644)) return;
   if (::rename(tmp.c_str(), entry.c_str()) != 0) ::unlink(tmp.c_str());
 }
 
@@ -110,9 +115,8 @@ Result<std::string> CachedSha256OfFile(const std::string& path, const std::strin
   if (::fstat(fd.Get(), &before) != 0) return FailErrno("stat " + path);
   std::string identity = IdentityOf(path, before);
   std::string entry = cache_dir + "/" + Sha256Hex(identity);
-  if (auto known = ReadFileToString(entry, 128); known) {
-    std::string_view digest = *known;
-    if (!digest.empty() && digest.back() == '\n') digest.remove_suffix(1);
+  if (auto known = ReadFileToString(entry, kMaxEntryBytes); known) {
+    std::string_view digest = std::string_view(*known).substr(0, known->find('\n'));
     if (IsHexDigest(digest)) return std::string(digest);
   }
   Sha256 h;
@@ -132,8 +136,52 @@ Result<std::string> CachedSha256OfFile(const std::string& path, const std::strin
                  before.st_ctim.tv_sec + kSettledSeconds < now.tv_sec &&
                  before.st_mtim.tv_sec + kSettledSeconds < now.tv_sec;
   if (settled && ::stat(path.c_str(), &after) == 0 && IdentityOf(path, after) == identity)
-    Remember(cache_dir, entry, digest);
+    Remember(cache_dir, entry, digest, path);
   return digest;
+}
+
+Result<size_t> PruneDigestCache(const std::string& cache_dir) {
+  UniqueFd dir(::open(cache_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir) {
+    if (errno == ENOENT) return size_t{0};
+    return FailErrno("open " + cache_dir);
+  }
+  // At most so many names a run: a cache larger still is pruned a part at a
+  // time, one gc after another.
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(cache_dir, ec), end; !ec && it != end;
+       it.increment(ec)) {
+    names.push_back(it->path().filename().string());
+    if (names.size() >= kMaxPrunedPerRun) break;
+  }
+  if (ec) return Fail("read " + cache_dir + ": " + ec.message());
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  size_t removed = 0;
+  auto remove = [&](const std::string& name) {
+    if (::unlinkat(dir.Get(), name.c_str(), 0) == 0) ++removed;
+  };
+  for (const std::string& name : names) {
+    if (name.find(".tmp.") != std::string::npos) {
+      struct stat st {};
+      if (::fstatat(dir.Get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+          st.st_mtim.tv_sec + 60 < now.tv_sec)
+        remove(name);
+      continue;
+    }
+    if (!IsHexDigest(name)) continue;  // not the cache's
+    auto text = ReadFileToString(cache_dir + "/" + name, kMaxEntryBytes);
+    if (!text) continue;
+    size_t nl = text->find('\n');
+    std::string path = nl == std::string::npos
+                           ? std::string()
+                           : text->substr(nl + 1, text->find('\n', nl + 1) - nl - 1);
+    struct stat st {};
+    if (path.empty() || ::stat(path.c_str(), &st) != 0 || Sha256Hex(IdentityOf(path, st)) != name)
+      remove(name);
+  }
+  return removed;
 }
 
 }  // namespace cella::host

@@ -39,6 +39,16 @@ Result<std::string> Sha256OfFile(const std::string& path);
 // costs only the next call's time, never a wrong answer or an error.
 // Use for inputs that are hashed on every run but rarely change (the guest
 // binaries and kernel modules behind the initramfs cache key).
+// An entry is named by the hash of the identity and holds the digest and
+// the path ("<digest>\n<path>\n"), so that it can be pruned.
 Result<std::string> CachedSha256OfFile(const std::string& path, const std::string& cache_dir);
+
+// Removes the entries of `cache_dir` that can never be hit again: the file
+// is gone or changed (its identity no longer names the entry), entries of
+// the older form that held no path, and temporary files left for over a
+// minute. Run by `cella image gc` (the cache grows by an entry for every
+// version of every input ever hashed, slowly: not worth work on every run).
+// Entries it cannot read are left alone. Returns how many it removed.
+Result<size_t> PruneDigestCache(const std::string& cache_dir);
 
 }  // namespace cella::host

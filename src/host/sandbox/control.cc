@@ -32,8 +32,10 @@ int RemainingMs(Clock::time_point deadline) {
 }
 
 // Reads one '\n'-terminated line within the deadline; `wake_fd` (if not -1)
-// becoming readable abandons the read.
-Result<std::string> ReadLine(int fd, Clock::time_point deadline, int wake_fd = -1) {
+// becoming readable abandons the read, unless `give_up` is given and says
+// false (it took the wake-up; the read goes on).
+Result<std::string> ReadLine(int fd, Clock::time_point deadline, int wake_fd = -1,
+                             const std::function<bool()>& give_up = {}) {
   std::string line;
   char buf[4096];
   for (;;) {
@@ -42,7 +44,11 @@ Result<std::string> ReadLine(int fd, Clock::time_point deadline, int wake_fd = -
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) return FailErrno("poll control socket");
     if (rc == 0) return std::unexpected(Error{"control socket: no reply in time", ETIMEDOUT});
-    if (wake_fd >= 0 && pfds[1].revents) return Fail("control socket: server stopping");
+    if (wake_fd >= 0 && pfds[1].revents) {
+      if (!give_up) return Fail("control socket: server stopping");
+      if (give_up()) return std::unexpected(Error{"interrupted: gave up waiting", ECANCELED});
+      if (!pfds[0].revents) continue;
+    }
     ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return FailErrno("read control socket");
@@ -194,13 +200,20 @@ void ControlServer::Serve(UniqueFd conn) {
 
 Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
                                    std::chrono::milliseconds timeout) {
+  return ControlCall(path, request, timeout, -1, {});
+}
+
+Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
+                                   std::chrono::milliseconds timeout, int wake_fd,
+                                   const std::function<bool()>& give_up) {
   auto deadline = Clock::now() + timeout;
   UniqueFd fd = CELLA_TRY(ConnectUnixSocket(path));
   // A server that refuses us (busy, wrong user) may close before we have
   // written: that is an error value (MSG_NOSIGNAL), and its reply, if it
   // sent one, says why.
   Status sent = SendAll(fd.Get(), request.dump() + "\n");
-  auto read = ReadLine(fd.Get(), deadline);
+  auto read = ReadLine(fd.Get(), deadline, wake_fd, give_up);
+  if (!read && read.error().errno_value == ECANCELED) return std::unexpected(read.error());
   if (!read) return std::unexpected(sent ? read.error() : sent.error());
   std::string line = std::move(*read);
   nlohmann::json reply = nlohmann::json::parse(line, nullptr, false);

@@ -65,6 +65,12 @@ class ControlServer {
 // ok=false becomes an error carrying its message.
 Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
                                    std::chrono::milliseconds timeout);
+// As above, and whenever `wake_fd` becomes readable `give_up` is asked
+// (it must take what made wake_fd readable): true abandons the wait at once
+// with ECANCELED (the server's work goes on; its reply is dropped).
+Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
+                                   std::chrono::milliseconds timeout, int wake_fd,
+                                   const std::function<bool()>& give_up);
 
 // Unix stream socket helpers shared with the router users.
 Result<UniqueFd> ConnectUnixSocket(const std::string& path);

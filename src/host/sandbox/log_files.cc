@@ -107,6 +107,16 @@ Status CopyRange(const std::string& path, off_t from,
 
 std::string OlderGeneration(const std::string& path) { return path + ".1"; }
 
+MainOutputLog FindMainOutputLog(const SandboxPaths& paths) {
+  auto exists = [](const std::string& path) { return ::access(path.c_str(), F_OK) == 0; };
+  auto either = [&](const std::string& path) {
+    return exists(path) || exists(OlderGeneration(path));
+  };
+  if (!either(paths.output_log) && either(paths.legacy_output_log))
+    return {paths.legacy_output_log, false};
+  return {paths.output_log, true};
+}
+
 Result<CappedLogWriter> CappedLogWriter::Open(std::string path, uint64_t max_bytes) {
   UniqueFd fd = CELLA_TRY(OpenForAppend(path));
   struct stat st {};
@@ -171,14 +181,14 @@ Result<LogPosition> TailPosition(const std::string& path, int lines) {
 }
 
 Result<off_t> CopyLog(const std::string& path, LogPosition from,
-                      const std::function<Status(std::string_view)>& sink) {
+                      const std::function<Status(std::string_view)>& sink, off_t live_until) {
   off_t live_from = from.offset;
   if (from.in_older) {
     CELLA_TRY(CopyRange(OlderGeneration(path), from.offset, sink, nullptr));
     live_from = 0;
   }
   off_t reached = live_from;
-  CELLA_TRY(CopyRange(path, live_from, sink, &reached));
+  CELLA_TRY(CopyRange(path, live_from, sink, &reached, live_until));
   return reached;
 }
 
@@ -191,6 +201,26 @@ void AppendRecord(std::string& out, int64_t unix_nanos, char stream, std::string
   out += ' ';
   out.append(payload);
   out += '\n';
+}
+
+// Digits only, at least one; false on overflow.
+bool ParseDigits(std::string_view text, int64_t& value);
+
+// "<digits> <S> <payload>": false when `line` is not a record.
+struct RecordHeader {
+  int64_t unix_nanos = 0;
+  char stream = 'O';
+  size_t payload_at = 0;
+};
+bool ParseRecordHeader(std::string_view line, RecordHeader& header) {
+  size_t space = line.find(' ');
+  if (space == std::string_view::npos || line.size() < space + 3 || line[space + 2] != ' ' ||
+      std::string_view("OoEe").find(line[space + 1]) == std::string_view::npos ||
+      !ParseDigits(line.substr(0, space), header.unix_nanos))
+    return false;
+  header.stream = line[space + 1];
+  header.payload_at = space + 3;
+  return true;
 }
 
 // Digits only, at least one; false on overflow.
@@ -220,14 +250,23 @@ constexpr int64_t kNanosPerSecond = 1000000000;
 std::string EncodeLogRecords(int64_t unix_nanos, bool is_stderr, std::string_view bytes) {
   std::string out;
   out.reserve(bytes.size() + 32);
+  // "<digits> <S> ": what a record holds besides its payload.
+  const size_t max_payload = kMaxRecordBytes - (std::to_string(unix_nanos).size() + 3);
   while (!bytes.empty()) {
     size_t nl = bytes.find('\n');
+    std::string_view line = bytes.substr(0, nl);
+    // A piece longer than a record holds: its head as a partial record.
+    while (line.size() > max_payload) {
+      AppendRecord(out, unix_nanos, is_stderr ? 'e' : 'o', line.substr(0, max_payload));
+      line.remove_prefix(max_payload);
+      bytes.remove_prefix(max_payload);
+    }
     if (nl == std::string_view::npos) {
-      AppendRecord(out, unix_nanos, is_stderr ? 'e' : 'o', bytes);
+      if (!line.empty()) AppendRecord(out, unix_nanos, is_stderr ? 'e' : 'o', line);
       break;
     }
-    AppendRecord(out, unix_nanos, is_stderr ? 'E' : 'O', bytes.substr(0, nl));
-    bytes.remove_prefix(nl + 1);
+    AppendRecord(out, unix_nanos, is_stderr ? 'E' : 'O', line);
+    bytes.remove_prefix(line.size() + 1);
   }
   return out;
 }
@@ -235,18 +274,13 @@ std::string EncodeLogRecords(int64_t unix_nanos, bool is_stderr, std::string_vie
 Status LogRecordDecoder::Emit(std::string_view line, bool complete,
                               const std::function<Status(const LogRecord&)>& sink) {
   LogRecord record;
-  // "<digits> <S> <payload>"
-  size_t space = line.find(' ');
-  int64_t nanos = 0;
-  if (complete && space != std::string_view::npos && line.size() >= space + 3 &&
-      line[space + 2] == ' ' &&
-      std::string_view("OoEe").find(line[space + 1]) != std::string_view::npos &&
-      ParseDigits(line.substr(0, space), nanos)) {
-    char s = line[space + 1];
-    record.unix_nanos = nanos;
+  RecordHeader header;
+  if (complete && ParseRecordHeader(line, header)) {
+    char s = header.stream;
+    record.unix_nanos = header.unix_nanos;
     record.is_stderr = s == 'E' || s == 'e';
     record.line_end = s == 'O' || s == 'E';
-    record.payload = line.substr(space + 3);
+    record.payload = line.substr(header.payload_at);
     return sink(record);
   }
   record.line_end = complete;
@@ -260,7 +294,8 @@ Status LogRecordDecoder::Feed(std::string_view bytes,
     size_t nl = bytes.find('\n');
     if (nl == std::string_view::npos) {
       pending_.append(bytes);
-      if (pending_.size() >= kMaxRecordBytes) {
+      // A record of exactly the longest size is still awaiting its newline.
+      if (pending_.size() > kMaxRecordBytes) {
         CELLA_TRY(Emit(pending_, false, sink));
         pending_.clear();
       }
@@ -276,6 +311,218 @@ Status LogRecordDecoder::Feed(std::string_view bytes,
     bytes.remove_prefix(nl + 1);
   }
   return {};
+}
+
+Status LogLineJoiner::OnRecord(const LogRecord& record, const LogLineSink& sink) {
+  Pending& p = pending_[record.is_stderr ? 1 : 0];
+  if (!p.open) {
+    p.open = true;
+    p.unix_nanos = record.unix_nanos;
+    p.text.clear();
+  }
+  p.text.append(record.payload);
+  p.end_offset = record_end_;
+  if (!record.line_end && p.text.size() < kMaxLineBytes) return {};
+  LogLine line{p.unix_nanos, record.is_stderr, record.line_end, p.text, p.end_offset};
+  p.open = false;
+  Status sent = sink(line);
+  p.text.clear();
+  return sent;
+}
+
+Status LogLineJoiner::Feed(std::string_view bytes, const LogLineSink& sink) {
+  // A record at a time, so that each knows where it ends.
+  auto on_record = [&](const LogRecord& record) { return OnRecord(record, sink); };
+  while (!bytes.empty()) {
+    size_t nl = bytes.find('\n');
+    size_t n = nl == std::string_view::npos ? bytes.size() : nl + 1;
+    record_end_ = fed_ + n;
+    CELLA_TRY(decoder_.Feed(bytes.substr(0, n), on_record));
+    fed_ += n;
+    bytes.remove_prefix(n);
+  }
+  return {};
+}
+
+Status LogLineJoiner::Finish(const LogLineSink& sink) {
+  int first =
+      pending_[0].open && pending_[1].open && pending_[1].end_offset < pending_[0].end_offset ? 1
+                                                                                              : 0;
+  for (int i : {first, 1 - first}) {
+    Pending& p = pending_[i];
+    if (!p.open) continue;
+    p.open = false;
+    CELLA_TRY(sink(LogLine{p.unix_nanos, i == 1, false, p.text, p.end_offset}));
+    p.text.clear();
+  }
+  return {};
+}
+
+void LogLineJoiner::Drop(bool is_stderr) {
+  Pending& p = pending_[is_stderr ? 1 : 0];
+  p.open = false;
+  p.text.clear();
+}
+
+namespace {
+
+// Calls visit(fd, start, end) for each newline-ended record of `path` before
+// `end`, the last first, until it returns true; bytes after the last newline
+// (a torn write) are no record. Returns whether visit stopped it.
+Result<bool> VisitRecordsBackwards(
+    const std::string& path, off_t end,
+    const std::function<Result<bool>(int fd, off_t start, off_t end)>& visit) {
+  if (end <= 0) return false;
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) {
+    if (errno == ENOENT) return false;
+    return FailErrno("open " + path);
+  }
+  std::vector<char> buf(kBlock);
+  off_t pos = end;
+  off_t record_end = -1;  // after the newline of the record being looked for
+  while (pos > 0) {
+    off_t start = std::max<off_t>(0, pos - static_cast<off_t>(kBlock));
+    auto chunk = std::span(buf).first(static_cast<size_t>(pos - start));
+    CELLA_TRY(PreadFully(fd.Get(), chunk, start, path));
+    for (size_t i = chunk.size(); i > 0; --i) {
+      if (chunk[i - 1] != '\n') continue;
+      off_t after = start + static_cast<off_t>(i);
+      if (record_end >= 0 && CELLA_TRY(visit(fd.Get(), after, record_end))) return true;
+      record_end = after;
+    }
+    pos = start;
+  }
+  if (record_end > 0) return visit(fd.Get(), 0, record_end);
+  return false;
+}
+
+// The stream letter of the record at `start` ('O' for a malformed one, as
+// the decoder reads it).
+Result<char> RecordStreamAt(int fd, off_t start, const std::string& path) {
+  char head[40];
+  ssize_t n;
+  do {
+    n = ::pread(fd, head, sizeof(head), start);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) return FailErrno("read " + path);
+  std::string_view line(head, static_cast<size_t>(n));
+  line = line.substr(0, line.find('\n'));
+  RecordHeader header;
+  // Only the head was read: the payload may go on.
+  if (!ParseRecordHeader(line, header)) return 'O';
+  return header.stream;
+}
+
+}  // namespace
+
+Result<LogPosition> TailRecordPosition(const std::string& path, int lines) {
+  std::string older = OlderGeneration(path);
+  off_t live_size = CELLA_TRY(SizeOrZero(path));
+  off_t older_size = CELLA_TRY(SizeOrZero(older));
+  const LogPosition everything = older_size > 0 ? LogPosition{true, 0} : LogPosition{false, 0};
+  if (lines < 0) return everything;
+  if (lines == 0) return LogPosition{false, live_size};
+  // Going backwards, a line is met at its last piece: a complete record, or
+  // a stream's last record when that is partial (an unfinished line). Each
+  // of the last `lines` stays open until the complete record before its
+  // first piece (the previous line's end of the same stream) is met; the
+  // answer is just after the record that closes the last one open.
+  int count = 0;
+  bool open[2] = {false, false};
+  bool seen[2] = {false, false};
+  std::optional<LogPosition> found;
+  auto visitor = [&](bool in_older, const std::string& file) {
+    return [&, in_older](int fd, off_t start, off_t end) -> Result<bool> {
+      char s = CELLA_TRY(RecordStreamAt(fd, start, file));
+      const int stream = s == 'E' || s == 'e' ? 1 : 0;
+      if (s == 'O' || s == 'E') {
+        open[stream] = false;
+        if (count < lines) {
+          ++count;
+          open[stream] = true;
+        }
+      } else if (!seen[stream] && count < lines) {
+        ++count;
+        open[stream] = true;
+      }
+      seen[stream] = true;
+      if (count >= lines && !open[0] && !open[1]) {
+        found = LogPosition{in_older, end};
+        return true;
+      }
+      return false;
+    };
+  };
+  if (CELLA_TRY(VisitRecordsBackwards(path, live_size, visitor(false, path)))) return *found;
+  if (CELLA_TRY(VisitRecordsBackwards(older, older_size, visitor(true, older)))) return *found;
+  return everything;
+}
+
+Result<off_t> CopyLogLines(const std::string& path, int lines, LogLineJoiner& joiner,
+                           bool keep_unfinished, const LogLineSink& sink) {
+  const LogPosition from = CELLA_TRY(TailRecordPosition(path, lines));
+  auto feed = [&](const LogLineSink& to) {
+    return [&joiner, &to](std::string_view block) { return joiner.Feed(block, to); };
+  };
+  if (lines < 0) {
+    off_t reached = CELLA_TRY(CopyLog(path, from, feed(sink)));
+    if (!keep_unfinished) CELLA_TRY(joiner.Finish(sink));
+    return reached;
+  }
+  // First count: the lines from `from` on, finished ones in the order of
+  // their newlines, and where the (at most two) unfinished ones end.
+  uint64_t finished = 0;
+  struct Unfinished {
+    uint64_t end_offset;
+    bool is_stderr;
+    uint64_t finished_before = 0;  // finished lines ending before it
+    bool shown = false;
+  };
+  std::vector<Unfinished> unfinished;
+  {
+    LogLineJoiner counter;
+    LogLineSink count = [&](const LogLine&) -> Status {
+      ++finished;
+      return {};
+    };
+    off_t counted_to = CELLA_TRY(
+        CopyLog(path, from, [&](std::string_view block) { return counter.Feed(block, count); }));
+    CELLA_TRY(counter.Finish([&](const LogLine& line) -> Status {
+      unfinished.push_back({line.end_offset, line.is_stderr});
+      return {};
+    }));
+    // Then show the same bytes again, skipping all but the last `lines`,
+    // ranked by where each line's last piece is.
+    const uint64_t total = finished + unfinished.size();
+    const uint64_t skip = total > static_cast<uint64_t>(lines) ? total - lines : 0;
+    uint64_t passed = 0;
+    LogLineSink ranked = [&](const LogLine& line) -> Status {
+      ++passed;
+      uint64_t rank = passed;
+      for (Unfinished& u : unfinished) {
+        if (u.end_offset < line.end_offset)
+          ++rank;
+        else
+          ++u.finished_before;
+      }
+      return rank > skip ? sink(line) : Status{};
+    };
+    off_t reached = CELLA_TRY(CopyLog(path, from, feed(ranked), counted_to));
+    for (size_t i = 0; i < unfinished.size(); ++i)
+      unfinished[i].shown = unfinished[i].finished_before + i + 1 > skip;
+    if (keep_unfinished) {
+      for (const Unfinished& u : unfinished)
+        if (!u.shown) joiner.Drop(u.is_stderr);
+      return reached;
+    }
+    CELLA_TRY(joiner.Finish([&](const LogLine& line) -> Status {
+      for (const Unfinished& u : unfinished)
+        if (u.is_stderr == line.is_stderr && u.shown) return sink(line);
+      return {};
+    }));
+    return reached;
+  }
 }
 
 std::string FormatRfc3339Nano(int64_t unix_nanos) {

@@ -13,8 +13,16 @@
 // record's newline is that one) and o/e for a piece without one (the
 // record's newline is not output: the next piece of that stream goes on the
 // same line). The payload is the guest's bytes as they came, never a
-// newline, so a record never needs escaping and `--tail N` counts records.
-// Times are the host's, taken when the bytes reached the supervisor.
+// newline, so a record never needs escaping. A record is at most
+// kMaxRecordBytes without its newline: a longer piece (a guest's 1 MiB
+// write) is stored as several, all but the last partial. Times are the
+// host's, taken when the bytes reached the supervisor.
+//
+// An unbuffered writer's line can come in many pieces ("x", then "\n"), and
+// the other stream's pieces can come between them: `logs` joins a stream's
+// pieces into lines first (LogLineJoiner), as docker does, so that `--tail`,
+// `-t`, `--since` and `--until` work on lines; a line's time is its first
+// piece's.
 // Sandboxes made by older versions have output.log (raw bytes, stdout and
 // stderr merged, no times): readers fall back to it.
 #pragma once
@@ -29,6 +37,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "host/sandbox/layout.h"
 
 namespace cella::sandbox {
 
@@ -73,9 +82,23 @@ struct LogPosition {
 Result<LogPosition> TailPosition(const std::string& path, int lines);
 
 // Streams PATH.1 (from `from` if it starts there) and then PATH to `sink` in
-// blocks. Returns the offset in PATH reached (for a follower to go on from).
+// blocks, PATH up to `live_until` if that is not negative. Returns the
+// offset in PATH reached (for a follower to go on from).
 Result<off_t> CopyLog(const std::string& path, LogPosition from,
-                      const std::function<Status(std::string_view)>& sink);
+                      const std::function<Status(std::string_view)>& sink, off_t live_until = -1);
+
+// The longest record of output.rec, without its newline.
+inline constexpr size_t kMaxRecordBytes = size_t{1} << 20;
+
+// Which file holds a sandbox's main process output: output.rec, or
+// output.log (raw bytes, stdout and stderr merged, no times) when an older
+// cella made the sandbox: no generation of output.rec and one of output.log.
+// `logs` and `attach` both read what this names.
+struct MainOutputLog {
+  std::string path;
+  bool records = true;  // false: output.log
+};
+MainOutputLog FindMainOutputLog(const SandboxPaths& paths);
 
 // One record of output.rec.
 struct LogRecord {
@@ -86,7 +109,8 @@ struct LogRecord {
 };
 
 // `bytes` of one stream as records stamped `unix_nanos`: each line a record,
-// a trailing piece without a newline a partial one.
+// a trailing piece without a newline a partial one; a piece longer than a
+// record holds is split into partial records.
 std::string EncodeLogRecords(int64_t unix_nanos, bool is_stderr, std::string_view bytes);
 
 // Splits a stream of output.rec bytes, fed in blocks of any size, into
@@ -95,7 +119,6 @@ std::string EncodeLogRecords(int64_t unix_nanos, bool is_stderr, std::string_vie
 // longer than kMaxRecordBytes are passed on in pieces.
 class LogRecordDecoder {
  public:
-  static constexpr size_t kMaxRecordBytes = size_t{1} << 20;
   Status Feed(std::string_view bytes, const std::function<Status(const LogRecord&)>& sink);
 
  private:
@@ -103,6 +126,62 @@ class LogRecordDecoder {
               const std::function<Status(const LogRecord&)>& sink);
   std::string pending_;
 };
+
+// One line of the main process's output, its pieces joined.
+struct LogLine {
+  int64_t unix_nanos = 0;  // its first piece's time
+  bool is_stderr = false;
+  bool line_end = false;    // ended by a newline (false: cut at kMaxLineBytes, or unfinished)
+  std::string_view text;    // without the newline
+  uint64_t end_offset = 0;  // where its last record ends in the bytes fed so far
+};
+using LogLineSink = std::function<Status(const LogLine&)>;
+
+// Joins the records of output.rec into lines, each stream on its own. A
+// line is passed on when its newline comes (in the order the newlines
+// came); a line longer than kMaxLineBytes is passed on in pieces of that
+// size (the guest may write without end: what is held stays bounded).
+class LogLineJoiner {
+ public:
+  static constexpr size_t kMaxLineBytes = size_t{4} << 20;
+  Status Feed(std::string_view bytes, const LogLineSink& sink);
+  // Passes on the unfinished lines (line_end false), the one whose last
+  // piece came first first, and forgets them.
+  Status Finish(const LogLineSink& sink);
+  // Forgets an unfinished line of one stream (its rest then reads as a
+  // line of its own).
+  void Drop(bool is_stderr);
+
+ private:
+  struct Pending {
+    std::string text;
+    int64_t unix_nanos = 0;
+    uint64_t end_offset = 0;
+    bool open = false;
+  };
+  Status OnRecord(const LogRecord& record, const LogLineSink& sink);
+  LogRecordDecoder decoder_;
+  Pending pending_[2];
+  uint64_t fed_ = 0;  // bytes fed so far
+  uint64_t record_end_ = 0;
+};
+
+// Where reading output.rec (PATH.1 + PATH) must start for the joined lines
+// to hold the last `lines` lines (lines < 0 = all): the lines are ordered by
+// where their last piece is, and the other stream's pieces in between may
+// belong to older lines, so the answer may hold more; CopyLogLines cuts it
+// to exactly `lines`. Reads backwards, never the whole file.
+Result<LogPosition> TailRecordPosition(const std::string& path, int lines);
+
+// Passes the last `lines` lines of output.rec (< 0: all) to `sink`, in the
+// order their newlines came, an unfinished line where its last piece is.
+// With `keep_unfinished` the unfinished lines the tail takes stay in
+// `joiner` (a follower goes on with them) and those it does not are
+// dropped; otherwise they are passed on. Reads what it shows twice (first
+// counting) and never holds more than a line a stream. Returns the offset
+// in PATH reached (the follower goes on from there).
+Result<off_t> CopyLogLines(const std::string& path, int lines, LogLineJoiner& joiner,
+                           bool keep_unfinished, const LogLineSink& sink);
 
 // docker's `logs -t` form: RFC 3339 in UTC with nine fraction digits.
 std::string FormatRfc3339Nano(int64_t unix_nanos);

@@ -159,7 +159,8 @@ std::string LoadUri(const std::string& dir, const SnapshotManifest& m) {
   return "exec:cat " + file;
 }
 
-Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest m) {
+Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest m,
+                                        const SyncDirectory& sync_dir) {
   if (!IsPlainName(m.state_file)) return Fail("snapshot: bad state file name " + m.state_file);
   std::string tmp = dir + "/" + m.state_file + ".tmp";
   std::string final_path = dir + "/" + m.state_file;
@@ -171,14 +172,21 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
   m.sha256 = CELLA_TRY(host::Sha256OfFile(tmp));
   if (::rename(tmp.c_str(), final_path.c_str()) != 0) return FailErrno("rename " + tmp);
   // The state file's name is durable before the manifest (the commit) is.
-  CELLA_TRY(FsyncPath(dir, O_RDONLY | O_DIRECTORY));
+  CELLA_TRY(sync_dir(dir));
   std::string manifest_path = dir + "/" + kManifestName;
   std::string manifest_tmp = manifest_path + ".tmp";
   CELLA_TRY(WriteStringToFile(manifest_tmp, EncodeManifest(m), 0600));
   CELLA_TRY(FsyncPath(manifest_tmp, O_RDONLY));
   if (::rename(manifest_tmp.c_str(), manifest_path.c_str()) != 0)
     return FailErrno("rename " + manifest_tmp);
-  CELLA_TRY(FsyncPath(dir, O_RDONLY | O_DIRECTORY));
+  if (Status synced = sync_dir(dir); !synced) {
+    // The caller is told the commit failed and removes the directory; if
+    // that fails too, a manifest left behind would make the snapshot look
+    // committed (resumable). The manifest goes first, as a resume's does.
+    if (::unlink(manifest_path.c_str()) != 0 && errno != ENOENT)
+      return FailErrno("remove " + manifest_path + " after: " + synced.error().message);
+    return std::unexpected(synced.error());
+  }
   return m;
 }
 

@@ -16,10 +16,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "base/io.h"
 #include "base/result.h"
 
 namespace cella::sandbox {
@@ -84,8 +86,14 @@ std::string LoadUri(const std::string& dir, const SnapshotManifest& manifest);
 
 // After QEMU completed the migration: fsync, size and hash the temporary
 // file, rename it, write the manifest (filling size_bytes and sha256), and
-// fsync the directory. Returns the manifest as written.
-Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest manifest);
+// fsync the directory. Returns the manifest as written. When the last
+// directory fsync fails, the manifest is unlinked before the error is
+// returned: a failed commit never leaves a snapshot that looks committed,
+// even when the caller's clean-up of the directory fails too. `sync_dir`
+// fsyncs a directory (tests pass one that fails).
+using SyncDirectory = std::function<Status(const std::string& dir)>;
+Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest manifest,
+                                        const SyncDirectory& sync_dir = FsyncDirectory);
 
 // Reads the manifest and checks that the state file is there with the
 // recorded size and checksum. ENOENT when there is no (committed) snapshot;

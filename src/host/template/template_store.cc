@@ -7,6 +7,7 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <ctime>
@@ -459,10 +460,22 @@ Result<std::vector<TemplateInfo>> List(const std::string& home) {
 Status Remove(const std::string& home, const std::string& key) {
   if (!IsKey(key)) return std::unexpected(Error{"no template " + key, ENOENT});
   std::string dir = TemplatesDir(home) + "/" + key;
-  if (::access(dir.c_str(), F_OK) != 0) return std::unexpected(Error{"no template " + key, ENOENT});
+  // Aside in one rename first: a clone looking the key up meanwhile finds
+  // the whole template or none (and boots cold), never one half deleted.
+  // The aside name is a partial's, so what a failed or killed removal
+  // leaves is swept like a dead build's (RemoveStalePartials).
+  static std::atomic<unsigned> removals{0};
+  std::string aside = dir + ".partial.removed-" + std::to_string(::getpid()) + "-" +
+                      std::to_string(removals.fetch_add(1));
+  if (::rename(dir.c_str(), aside.c_str()) != 0) {
+    if (errno == ENOENT) return std::unexpected(Error{"no template " + key, ENOENT});
+    return FailErrno("rename " + dir + " aside");
+  }
   std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
-  if (ec) return Fail("remove " + dir + ": " + ec.message());
+  std::filesystem::remove_all(aside, ec);
+  if (ec)
+    log::Warn("a removed template's files are left for the next sweep",
+              {{"dir", aside}, {"error", ec.message()}});
   return {};
 }
 

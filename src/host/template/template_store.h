@@ -90,7 +90,9 @@ void RemoveStalePartials(const std::string& home);
 // Every committed template, oldest first; unreadable ones are skipped.
 Result<std::vector<TemplateInfo>> List(const std::string& home);
 // Removes one (a template in use keeps its clones running: they map the
-// unlinked file). ENOENT when there is no such key.
+// unlinked file): renamed aside first (to a `.partial.` name, swept if the
+// deletion fails or is cut short), so a clone looking it up meanwhile finds
+// all of it or none, then deleted. ENOENT when there is no such key.
 Status Remove(const std::string& home, const std::string& key);
 // Removes the templates whose image file is gone (after rmi / image gc);
 // returns how many.

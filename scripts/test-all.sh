@@ -19,25 +19,45 @@ cd "$(dirname "$0")/.."
 started=$SECONDS
 stage() { echo "test: $1 ($((SECONDS - started)) s since start)"; }
 
+# `make test` fills the fixture cache in the background (fill_cache.sh,
+# logging here): a failed stage may come from it (no network, a mirror
+# down), and nothing else would show its log.
+fixture_log="$build/fixture-cache.log"
+san_pid=""
+on_exit() {
+  local status=$?
+  # Any early exit (a failed test, a CI time-out's SIGTERM, Ctrl-C) takes
+  # the background compile's whole session with it.
+  if [[ -n $san_pid ]]; then kill -- -"$san_pid" 2>/dev/null || true; fi
+  if ((status != 0)) && [[ -s $fixture_log ]]; then
+    echo "test: failed; the end of the fixture cache's log ($fixture_log):" >&2
+    tail -n 30 "$fixture_log" >&2
+  fi
+}
+trap on_exit EXIT
+# Without these, a signal would end bash without running the EXIT trap.
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 mkdir -p "$san"
 san_log="$san/background-build.log"
 setsid -w bash -c 'echo 19 > /proc/self/autogroup 2>/dev/null || true
   exec nice -n 19 scripts/san-build.sh "$1" "$2"' san-build "$san" "$jobs" \
   >"$san_log" 2>&1 &
 san_pid=$!
-# Any early exit (a failed test) takes the background compile with it.
-trap 'kill -- -"$san_pid" 2>/dev/null || true' EXIT
 
 stage "unit and e2e tests of $build"
 ctest --test-dir "$build" --output-on-failure -j "$jobs"
 
 stage "waiting for the sanitizer build in $san"
 if ! wait "$san_pid"; then
+  san_pid=""
   tail -n 60 "$san_log"
   echo "test: the sanitizer build failed (log: $san_log)" >&2
   exit 1
 fi
-trap - EXIT
+san_pid=""  # ended: its id may be another process's from now on
 
 stage "unit tests under ASan+UBSan"
 ctest --test-dir "$san" --output-on-failure -j "$jobs" -L unit

@@ -410,7 +410,8 @@ TEST_F(DockerHabits, RestartPolicyLogsStreamsAndAnonymousVolumes) {
   std::string id = RunDetached({"--name", "flaky", "--restart", "on-failure:2", "-v", "/data",
                                 "@builtin", "sh", "-c",
                                 "n=$(( $(cat /data/n 2>/dev/null || echo 0) + 1 )); "
-                                "echo $n > /data/n; echo out $n; echo err $n >&2; exit 1"});
+                                "echo $n > /data/n; printf out; sleep 0.3; echo \" $n\"; "
+                                "echo err $n >&2; exit 1"});
   ASSERT_FALSE(id.empty());
   std::string ended;
   for (int i = 0; i < 1500 && ended != "exited 1 2"; ++i) {
@@ -433,7 +434,9 @@ TEST_F(DockerHabits, RestartPolicyLogsStreamsAndAnonymousVolumes) {
   EXPECT_EQ(RunCella({"inspect", "-f", "{{.RestartCount}}", "flaky"}).out, "2\n");
 
   // logs: the three runs, stdout to stdout and stderr to stderr; the
-  // anonymous volume outlived each restart (the count went on).
+  // anonymous volume outlived each restart (the count went on). Each "out N"
+  // line came in two writes ("out", then " N\n"): one line to logs, its
+  // time the first piece's, one line to --tail.
   auto logs = RunCella({"logs", "flaky"});
   ASSERT_EQ(logs.exit_code, 0) << Describe(logs);
   EXPECT_EQ(logs.out, "out 1\nout 2\nout 3\n") << Describe(logs);

@@ -3,6 +3,7 @@
 // the files), that the copies and the source then go their own ways (their
 // own counters, writable layers, random numbers), and that the source keeps
 // running. One source boot; its four copies are resumed at once.
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,42 +15,14 @@
 #include <string>
 #include <thread>
 
-#include "lifecycle_fixture.h"
+#include "counter_fixture.h"
 
 namespace cella::test {
 namespace {
 
 using std::chrono::seconds;
 
-// A counter held in a shell variable (memory only a copy of the running VM
-// has: a cold boot would start again at 1), written out every tenth of a
-// second.
-const std::vector<std::string> kCounter = {
-    "@builtin", "sh", "-c",
-    "echo $$ > /root/pid; n=0; while :; do n=$((n+1)); echo $n > /root/count.new; "
-    "mv /root/count.new /root/count; sleep 0.1; done"};
-
-class ForkTest : public LifecycleTest {
- protected:
-  std::string Exec(const std::string& id, const std::string& script) {
-    auto r = RunCella({"exec", id, "--", "sh", "-c", script}, "", seconds(120));
-    EXPECT_EQ(r.exit_code, 0) << id << ": " << script << "\n" << Describe(r);
-    std::string out = r.out;
-    while (!out.empty() && out.back() == '\n') out.pop_back();
-    return out;
-  }
-  long Count(const std::string& id) { return std::stol("0" + Exec(id, "cat /root/count")); }
-  // Waits (bounded) until the counter of `id` is above `than`.
-  long CountAbove(const std::string& id, long than) {
-    auto deadline = std::chrono::steady_clock::now() + seconds(60);
-    long n = Count(id);
-    while (n <= than && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      n = Count(id);
-    }
-    return n;
-  }
-};
+using ForkTest = CounterTest;
 
 TEST_F(ForkTest, FourCopiesContinueFromTheForkPointIndependentlyAndTheSourceRunsOn) {
   std::string src =
@@ -161,31 +134,48 @@ TEST_F(ForkTest, AFailedOrInterruptedForkLeavesNothingAndTheSourceRunsOn) {
   EXPECT_EQ(State("src"), "running");
   EXPECT_GT(CountAbove("src", before), before) << "the source keeps counting";
 
+  // `cella fork src` sent `signal` once the source's save has begun (its
+  // snapshot directory is there); returns its wait status (-1: not run).
+  auto fork_and_signal = [&](const char* name, int signal) {
+    pid_t child = ::fork();
+    if (child < 0) return -1;
+    if (child == 0) {
+      ::execl(CELLA_BINARY, CELLA_BINARY, "fork", "src", "--count", "2", "--name", name,
+              static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    auto deadline = std::chrono::steady_clock::now() + seconds(300);
+    bool seen = false;
+    while (!seen && std::chrono::steady_clock::now() < deadline) {
+      for (const std::string& entry : leftovers()) seen = seen || entry.starts_with(".fork-");
+      if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    EXPECT_TRUE(seen) << "the fork's snapshot never appeared";
+    EXPECT_EQ(::kill(child, signal), 0);
+    int status = -1;
+    EXPECT_EQ(::waitpid(child, &status, 0), child);
+    return status;
+  };
+
   // Ctrl-C while the source's state is being saved: the fork finishes the
   // step it is in, removes what it made and ends; the source runs on.
-  pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    ::execl(CELLA_BINARY, CELLA_BINARY, "fork", "src", "--count", "2", "--name", "int",
-            static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  auto deadline = std::chrono::steady_clock::now() + seconds(300);
-  bool seen = false;
-  while (!seen && std::chrono::steady_clock::now() < deadline) {
-    for (const std::string& name : leftovers()) seen = seen || name.starts_with(".fork-");
-    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  ASSERT_EQ(::kill(child, SIGINT), 0);
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(seen) << "the fork's snapshot never appeared";
+  int status = fork_and_signal("int", SIGINT);
   EXPECT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "an interrupted fork failed";
   EXPECT_EQ(sandboxes(), 1u) << RunCella({"ps", "-a"}).out;
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
   EXPECT_EQ(State("src"), "running");
   const long later = Count("src");
   EXPECT_GT(CountAbove("src", later), later) << "the source keeps counting";
+
+  // SIGTERM (as a second Ctrl-C) while the source is being saved: the fork
+  // gives up at once, without waiting for the save, and makes no copy; the
+  // source's save fails or ends on its own, and the source runs on.
+  status = fork_and_signal("term", SIGTERM);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << "status " << status;
+  EXPECT_EQ(sandboxes(), 1u) << RunCella({"ps", "-a"}).out;
+  EXPECT_TRUE(WaitForState("src", "running"));
+  const long after_term = Count("src");
+  EXPECT_GT(CountAbove("src", after_term), after_term) << "the source keeps counting";
 }
 
 }  // namespace

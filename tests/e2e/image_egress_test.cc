@@ -21,9 +21,12 @@
 
 #include "image_fixture.h"
 #include "process.h"
+#include "support/tcp.h"
 
 namespace cella::test {
 namespace {
+
+using cella::testing::FreePort;
 
 constexpr const char* kSecretValue = "sk-test-5f0e1d2c3b4a";
 
@@ -105,22 +108,6 @@ class Egress : public ::testing::Test {
 
   ProcessResult Exec(const std::string& id, const std::string& script) {
     return CellaIn(home_, {"exec", id, "--", "sh", "-c", script});
-  }
-
-  // A TCP port on 127.0.0.1 that nothing listens on right now.
-  static int FreePort() {
-    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof addr;
-    int port = -1;
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
-      port = ntohs(addr.sin_port);
-    ::close(fd);
-    return port;
   }
 
   // HTTP status curl saw (000 when the connection failed).

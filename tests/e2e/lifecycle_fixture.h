@@ -69,6 +69,17 @@ class LifecycleTest : public ::testing::Test {
     return false;
   }
 
+  // `cella exec ID -- sh -c SCRIPT`, expected to succeed (a failure is
+  // reported); its stdout without the trailing newlines.
+  std::string ExecScript(const std::string& id, const std::string& script,
+                         std::chrono::seconds timeout = std::chrono::seconds(120)) {
+    auto r = RunCella({"exec", id, "--", "sh", "-c", script}, "", timeout);
+    EXPECT_EQ(r.exit_code, 0) << id << ": " << script << "\n" << Describe(r);
+    std::string out = r.out;
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    return out;
+  }
+
   // `cella run -d ARGS...`; returns the printed ID (empty on failure).
   std::string RunDetached(const std::vector<std::string>& args) {
     std::vector<std::string> argv = {"run", "-d"};

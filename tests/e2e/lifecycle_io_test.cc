@@ -14,9 +14,13 @@
 #include <thread>
 
 #include "lifecycle_fixture.h"
+#include "support/tcp.h"
 
 namespace cella::test {
 namespace {
+
+using cella::testing::EchoThrough;
+using cella::testing::FreePort;
 
 // Runs `cella ARGS` on a new PTY (window rows x cols), types `input` once
 // `wait_for` has appeared, and returns everything printed plus the exit code.
@@ -67,48 +71,6 @@ PtyRun RunOnPty(const std::vector<std::string>& args, const std::string& wait_fo
   ::close(master);
   if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
   return result;
-}
-
-uint16_t FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
-// Connects to 127.0.0.1:port (retrying while the listener comes up), sends
-// `message`, half-closes, and returns what came back.
-std::string EchoThrough(uint16_t port, const std::string& message) {
-  for (int attempt = 0; attempt < 100; ++attempt) {
-    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    timeval tv{20, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      ::close(fd);
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      continue;
-    }
-    (void)::write(fd, message.data(), message.size());
-    ::shutdown(fd, SHUT_WR);
-    std::string got;
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
-    ::close(fd);
-    if (!got.empty()) return got;
-    // The guest's listener may not be up yet: the connection was dropped.
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-  return "";
 }
 
 TEST_F(LifecycleTest, InteractiveTtyThroughARealPty) {

@@ -12,71 +12,19 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from rpc_support import TIMEOUT, check, fail  # noqa: E402,F401
+import rpc_support  # noqa: E402
+
 CELLA, IMAGE = sys.argv[1], sys.argv[2]
-TIMEOUT = 300
 
 
-def fail(message):
-    print("FAIL: " + message, flush=True)
-    sys.exit(1)
-
-
-def check(condition, message):
-    if not condition:
-        fail(message)
-
-
-class Rpc:
-    def __init__(self):
-        self.proc = subprocess.Popen([CELLA, "rpc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=sys.stderr, bufsize=0)
-        self.cv = threading.Condition()
-        self.responses = {}
-        self.untagged = []  # responses with a null id
-        self.notifications = []
-        self.order = []  # ids in answer order
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            msg = json.loads(line)
-            with self.cv:
-                if "method" in msg:
-                    self.notifications.append(msg)
-                elif msg.get("id") is None:
-                    self.untagged.append(msg)
-                else:
-                    self.responses[msg["id"]] = msg
-                    self.order.append(msg["id"])
-                self.cv.notify_all()
-
-    def send_raw(self, text):
-        self.proc.stdin.write(text.encode() + b"\n")
-
-    def send(self, rid, method, params=None):
-        msg = {"jsonrpc": "2.0", "method": method, "id": rid}
-        if params is not None:
-            msg["params"] = params
-        self.send_raw(json.dumps(msg))
-
-    def wait(self, rid, timeout=TIMEOUT):
-        with self.cv:
-            if not self.cv.wait_for(lambda: rid in self.responses, timeout):
-                fail(f"no answer to request {rid} within {timeout}s")
-            return self.responses[rid]
-
-    def call(self, rid, method, params=None, timeout=TIMEOUT):
-        self.send(rid, method, params)
-        return self.wait(rid, timeout)
-
-    def wait_untagged(self, count, timeout=30):
-        with self.cv:
-            if not self.cv.wait_for(lambda: len(self.untagged) >= count, timeout):
-                fail(f"expected {count} id-less errors, got {self.untagged}")
-            return list(self.untagged)
+def Rpc():
+    return rpc_support.Rpc(CELLA)
 
 
 def error_code(resp):

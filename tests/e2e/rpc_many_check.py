@@ -8,54 +8,26 @@ Usage: rpc_many_check.py CELLA_BINARY   (CELLA_HOME from the environment)
 Exits non-zero with a message on the first failed check."""
 
 import base64
-import json
-import subprocess
+import os
 import sys
 import threading
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from rpc_support import Rpc, check  # noqa: E402
+import rpc_support  # noqa: E402
 
 CELLA = sys.argv[1]
 COUNT = 8
 TIMEOUT = 600
 
 
-def fail(message):
-    print("FAIL: " + message, flush=True)
-    sys.exit(1)
-
-
-def check(condition, message):
-    if not condition:
-        fail(message)
-
-
-class Client:
-    """One rpc process; requests one at a time (answers are read in order)."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([CELLA, "rpc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=sys.stderr, bufsize=0)
-        self.next_id = 0
-
-    def call(self, method, params):
-        self.next_id += 1
-        msg = {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}
-        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
-        for line in self.proc.stdout:
-            answer = json.loads(line)
-            if answer.get("id") == self.next_id:
-                if "error" in answer:
-                    raise RuntimeError(f"{method}: {answer['error']}")
-                return answer["result"]
-        raise RuntimeError(f"{method}: cella rpc ended")
-
-
 def ps_ids():
-    out = subprocess.run([CELLA, "ps", "-a", "--json"], capture_output=True, timeout=60)
-    check(out.returncode == 0, f"ps: {out.stderr!r}")
-    return {s["id"] for s in json.loads(out.stdout or b"[]")}
+    return rpc_support.ps_ids(CELLA)
 
 
-clients = [Client() for _ in range(COUNT)]
+clients = [Rpc(CELLA) for _ in range(COUNT)]
 results = [None] * COUNT
 start = threading.Barrier(COUNT)
 
@@ -63,12 +35,12 @@ start = threading.Barrier(COUNT)
 def drive(i):
     try:
         start.wait()
-        made = clients[i].call("create", {"image": "@builtin",
+        made = clients[i].request("create", {"image": "@builtin",
                                           "resources": {"cpus": 1, "memory_mb": 160}})
         marker = f"client-{i}".encode()
-        clients[i].call("write_file", {"path": "/tmp/who",
+        clients[i].request("write_file", {"path": "/tmp/who",
                                        "content": base64.b64encode(marker).decode()})
-        ran = clients[i].call("exec", {"command": "cat /tmp/who; echo; hostname"})
+        ran = clients[i].request("exec", {"command": "cat /tmp/who; echo; hostname"})
         results[i] = (made["id"], base64.b64decode(ran["stdout"]).decode())
     except Exception as e:  # reported below with the others
         results[i] = e
@@ -92,7 +64,7 @@ for i, (sandbox_id, out) in enumerate(results):
 listed = ps_ids()
 check(set(ids) <= listed, f"ps does not list all eight: {listed}")
 
-closers = [threading.Thread(target=c.call, args=("close", {})) for c in clients]
+closers = [threading.Thread(target=c.request, args=("close", {})) for c in clients]
 for t in closers:
     t.start()
 for t in closers:

@@ -19,19 +19,15 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "sdk", "python"))
 import cella  # noqa: E402
 from cella import RpcError, Sandbox  # noqa: E402
 
+sys.path.insert(0, HERE)
+import rpc_support  # noqa: E402
+from rpc_support import check  # noqa: E402
+
 CELLA, IMAGE = sys.argv[1], sys.argv[2]
 
 
-def check(condition, message):
-    if not condition:
-        print("FAIL: " + message, flush=True)
-        sys.exit(1)
-
-
 def ps_ids():
-    out = subprocess.run([CELLA, "ps", "-a", "--json"], capture_output=True, check=True)
-    import json
-    return [s["id"] for s in json.loads(out.stdout)]
+    return rpc_support.ps_ids(CELLA)
 
 
 try:

@@ -12,6 +12,7 @@
 
 #include "host/net/dns.h"
 #include "process.h"
+#include "support/tcp.h"
 
 namespace cella::test {
 namespace {
@@ -97,48 +98,22 @@ TEST(Run, NetworkIsConfiguredAndNoNetworkMeansOnlyLoopback) {
 // QEMU's user-mode NAT would map to it) or any other way, until
 // --allow-host-loopback opens the gateway.
 TEST(Run, HostLoopbackIsClosedByDefaultAndOpensWithAllowHostLoopback) {
-  int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(listener, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  ASSERT_EQ(::listen(listener, 4), 0);
-  socklen_t len = sizeof addr;
-  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  int port = ntohs(addr.sin_port);
-  std::atomic<int> accepted{0};
-  std::thread server([listener, &accepted] {
-    // Until the listener is shut down; the receive bound keeps a broken
-    // guest from hanging the test.
-    for (;;) {
-      int conn = ::accept(listener, nullptr, nullptr);
-      if (conn < 0) return;
-      ++accepted;
-      timeval tv{30, 0};
-      ::setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-      char buf[4096];
-      (void)::recv(conn, buf, sizeof buf, 0);
-      const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
-      (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
-      ::close(conn);
-    }
-  });
+  cella::testing::HelloHttpServer server;
+  const int port = server.port();
+  ASSERT_GT(port, 0);
   const std::string url = "http://10.0.2.2:" + std::to_string(port) + "/";
   auto closed = RunCella({"run", "--", "sh", "-c",
                           "wget -q -O - " + url + " 2>&1; echo rc=$?; nc -w 5 10.0.2.2 " +
                               std::to_string(port) + " </dev/null; echo nc=$?"});
   auto open = RunCella({"run", "--allow-host-loopback", "--", "wget", "-q", "-O", "-", url});
-  ::shutdown(listener, SHUT_RDWR);
-  server.join();
-  ::close(listener);
+  server.Stop();
   EXPECT_EQ(closed.exit_code, 0) << Describe(closed);
   EXPECT_NE(closed.out.find("403"), std::string::npos) << Describe(closed);
   EXPECT_EQ(closed.out.find("rc=0"), std::string::npos) << Describe(closed);
   EXPECT_EQ(closed.out.find("hello guest"), std::string::npos) << Describe(closed);
   ASSERT_EQ(open.exit_code, 0) << Describe(open);
   EXPECT_EQ(open.out, "hello guest\n");
-  EXPECT_EQ(accepted.load(), 1);  // only the --allow-host-loopback run got through
+  EXPECT_EQ(server.accepted(), 1);  // only the --allow-host-loopback run got through
 }
 
 // A sandbox started without a policy reaches every public host and has no

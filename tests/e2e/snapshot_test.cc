@@ -11,31 +11,15 @@
 #include <string>
 #include <thread>
 
-#include "lifecycle_fixture.h"
+#include "counter_fixture.h"
 
 namespace cella::test {
 namespace {
 
 using std::chrono::seconds;
 
-// The main process: a counter held in a shell variable (memory that only a
-// resumed VM still has; a cold boot would start again at 1), written out
-// every tenth of a second.
-const std::vector<std::string> kCounter = {
-    "@builtin", "sh", "-c",
-    "echo $$ > /root/pid; n=0; while :; do n=$((n+1)); echo $n > /root/count.new; "
-    "mv /root/count.new /root/count; sleep 0.1; done"};
-
-class SnapshotTest : public LifecycleTest {
+class SnapshotTest : public CounterTest {
  protected:
-  std::string Exec(const std::string& id, const std::string& script) {
-    auto r = RunCella({"exec", id, "--", "sh", "-c", script});
-    EXPECT_EQ(r.exit_code, 0) << script << "\n" << Describe(r);
-    std::string out = r.out;
-    while (!out.empty() && out.back() == '\n') out.pop_back();
-    return out;
-  }
-  long Count(const std::string& id) { return std::stol("0" + Exec(id, "cat /root/count")); }
   std::string Dir(const std::string& id) {
     auto doc = Inspect(id);
     return doc.is_null() ? "" : doc["paths"].value("dir", std::string());

@@ -21,9 +21,13 @@
 #include <sstream>
 
 #include "lifecycle_fixture.h"
+#include "support/tcp.h"
 
 namespace cella::test {
 namespace {
+
+using cella::testing::EchoThrough;
+using cella::testing::FreePort;
 
 std::string Trim(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
@@ -52,50 +56,9 @@ class WarmTest : public LifecycleTest {
     for (const std::string& key : TemplatesOf(memory_mb)) RunCella({"template", "rm", key});
   }
   std::string Exec(const std::string& id, const std::string& script) {
-    auto r = RunCella({"exec", id, "--", "sh", "-c", script});
-    EXPECT_EQ(r.exit_code, 0) << script << "\n" << Describe(r);
-    return Trim(r.out);
+    return Trim(ExecScript(id, script));
   }
 };
-
-uint16_t FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
-std::string EchoThrough(uint16_t port, const std::string& message) {
-  for (int attempt = 0; attempt < 100; ++attempt) {
-    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    timeval tv{20, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      ::close(fd);
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      continue;
-    }
-    (void)::write(fd, message.data(), message.size());
-    ::shutdown(fd, SHUT_WR);
-    std::string got;
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
-    ::close(fd);
-    if (!got.empty()) return got;
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-  return "";
-}
 
 TEST_F(WarmTest, WarmSandboxesHonourEveryFlagAndAreIndependent) {
   constexpr int kMemory = 304;
@@ -105,31 +68,9 @@ TEST_F(WarmTest, WarmSandboxesHonourEveryFlagAndAreIndependent) {
 
   // A host server on the host's loopback: closed to the sandbox unless
   // --allow-host-loopback, on the warm path as on the cold one.
-  int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(listener, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  ASSERT_EQ(::listen(listener, 4), 0);
-  socklen_t len = sizeof addr;
-  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  const std::string url = "http://10.0.2.2:" + std::to_string(ntohs(addr.sin_port)) + "/";
-  std::atomic<int> accepted{0};
-  std::thread server([listener, &accepted] {
-    for (;;) {
-      int conn = ::accept(listener, nullptr, nullptr);
-      if (conn < 0) return;
-      ++accepted;
-      timeval tv{30, 0};
-      ::setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-      char buf[4096];
-      (void)::recv(conn, buf, sizeof buf, 0);
-      const char reply[] = "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello guest\n";
-      (void)::send(conn, reply, sizeof reply - 1, MSG_NOSIGNAL);
-      ::close(conn);
-    }
-  });
+  cella::testing::HelloHttpServer server;
+  ASSERT_GT(server.port(), 0);
+  const std::string url = "http://10.0.2.2:" + std::to_string(server.port()) + "/";
 
   // The first run of the shape builds its template and starts from it.
   std::string first = RunDetached({"--memory", memory, "-v", "warmvol:/data", "--", "sh", "-c",
@@ -170,10 +111,8 @@ TEST_F(WarmTest, WarmSandboxesHonourEveryFlagAndAreIndependent) {
   EXPECT_LE(std::labs(host_now - guest_now), 5) << "guest " << guest_now << " host " << host_now;
   EXPECT_EQ(Exec(id, "cat /run/cella/resume-count 2>/dev/null || echo 0"), "0");
   ASSERT_EQ(RunCella({"rm", "-f", id}).exit_code, 0);
-  ::shutdown(listener, SHUT_RDWR);
-  server.join();
-  ::close(listener);
-  EXPECT_EQ(accepted.load(), 1) << "only the --allow-host-loopback clone got through";
+  server.Stop();
+  EXPECT_EQ(server.accepted(), 1) << "only the --allow-host-loopback clone got through";
 
   // --cold and CELLA_COLD=1 boot the kernel.
   auto cold = RunCella({"run", "--memory", memory, "--cold", "--", "cat", "/run/cella/start"});

@@ -323,8 +323,8 @@ int Main(int argc, char** argv) {
 
   CLI::App* image_cmd = app.add_subcommand("image", "Manage the image store");
   image_cmd->require_subcommand(1);
-  CLI::App* image_gc_cmd =
-      image_cmd->add_subcommand("gc", "Delete blobs and root images no image uses");
+  CLI::App* image_gc_cmd = image_cmd->add_subcommand(
+      "gc", "Delete blobs and root images no image uses (and stale cached digests)");
 
   cella::cli::LoginArgs login;
   CLI::App* login_cmd = app.add_subcommand("login", "Store registry credentials for HOST");

@@ -36,33 +36,44 @@ inline uint16_t FreePort() {
   return port;
 }
 
-// Connects to 127.0.0.1:port (retrying while the listener comes up), sends
-// `message`, half-closes, and returns what came back ("" when nothing did
-// within about 100 tries). Each read waits at most 20 s.
+// One round trip to 127.0.0.1:port: connects, sends `message`,
+// half-closes, and returns what came back until EOF (each read waits at
+// most `read_timeout`); "connect failed" when nothing accepted.
+inline std::string Exchange(uint16_t port, const std::string& message,
+                            std::chrono::seconds read_timeout = std::chrono::seconds(10)) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return "connect failed";
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{static_cast<time_t>(read_timeout.count()), 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return "connect failed";
+  }
+  (void)!::write(fd, message.data(), message.size());
+  ::shutdown(fd, SHUT_WR);
+  std::string got;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return got;
+}
+
+// Exchange, tried again while the listener (a guest's, behind a forward)
+// comes up: not accepting yet, or dropping the connection at once. ""
+// when nothing came back within about 100 tries.
 inline std::string EchoThrough(uint16_t port, const std::string& message) {
   for (int attempt = 0; attempt < 100; ++attempt) {
-    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return "";
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    timeval tv{20, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      ::close(fd);
+    std::string got = Exchange(port, message, std::chrono::seconds(20));
+    if (got == "connect failed") {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
       continue;
     }
-    (void)::write(fd, message.data(), message.size());
-    ::shutdown(fd, SHUT_WR);
-    std::string got;
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
-    ::close(fd);
     if (!got.empty()) return got;
-    // The guest's listener may not be up yet: the connection was dropped.
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   return "";

@@ -22,6 +22,7 @@
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/spec.h"
 #include "support/echo_server.h"
+#include "support/tcp.h"
 
 namespace cella::sandbox {
 namespace {
@@ -297,27 +298,7 @@ TEST(ControlServer, APeerOfAnotherUserIsRefused) {
 
 using ::cella::testing::EchoServer;
 
-std::string Exchange(uint16_t port, const std::string& message) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  timeval tv{10, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    ::close(fd);
-    return "connect failed";
-  }
-  (void)!::write(fd, message.data(), message.size());
-  ::shutdown(fd, SHUT_WR);
-  std::string got;
-  char buf[4096];
-  ssize_t n;
-  while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
-  ::close(fd);
-  return got;
-}
+using ::cella::testing::Exchange;
 
 TEST(PortForwarder, ForwardsConnectionsThroughTheAgent) {
   EchoServer echo;

@@ -8,9 +8,9 @@
 #include <filesystem>
 #include <fstream>
 
-#include "host/sandbox/compose.h"
 #include "host/os/paths.h"
 #include "host/os/process.h"
+#include "host/sandbox/compose.h"
 #include "host/vmm/qemu_backend.h"
 #include "process.h"
 #include "vm_test_base.h"
@@ -49,25 +49,7 @@ class MachineTest : public VmTestBase {
 
   Status Boot(protocol::Config guest, const std::vector<sandbox::VolumeAttachment>& volumes,
               const std::vector<vmm::DiskConfig>& disks) {
-    std::string state = dir_ + "/state";
-    fs::create_directories(state);
-    auto vm = sandbox::Compose(assets_, guest, {1, 256}, volumes, disks, "machinetest", state);
-    if (!vm) return std::unexpected(vm.error());
-    CELLA_TRY(sandbox::WriteGuestConfig(guest, *vm));
-    auto options = CELLA_TRY(vmm::DetectQemuHost(vmm::AccelMode::kAuto));
-    options.boot_timeout = 120s;
-    vmm::QemuBackend backend(options);
-    machine_ = CELLA_TRY(backend.Create(*vm));
-    return machine_->Start();
-  }
-
-  std::string Sh(const std::string& script) {
-    protocol::ExecRequest request;
-    request.argv = {"sh", "-c", script};
-    request.env = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin"};
-    auto r = machine_->Exec(request);
-    if (!r) return "<exec failed: " + r.error().message + ">";
-    return r->stdout_data + r->stderr_data;
+    return BootGuest(std::move(guest), "machinetest", volumes, disks);
   }
 };
 

@@ -125,33 +125,14 @@ class FakeSupervisor {
 class NetIsolatedTest : public VmTestBase {
  protected:
   Status Boot(int tap_fd) {
-    std::string state = dir_ + "/state";
-    fs::create_directories(state);
     protocol::Config guest;
     guest.keep_alive = true;
-    auto vm = sandbox::Compose(assets_, guest, {1, 256}, {}, {}, "netisolated", state);
-    if (!vm) return std::unexpected(vm.error());
-    vm->NetworkFD = tap_fd;
-    CELLA_TRY(sandbox::WriteGuestConfig(guest, *vm));
-    auto options = CELLA_TRY(vmm::DetectQemuHost(vmm::AccelMode::kAuto));
-    options.boot_timeout = 120s;
-    vmm::QemuBackend backend(options);
-    machine_ = CELLA_TRY(backend.Create(*vm));
-    return machine_->Start();
+    return BootGuest(guest, "netisolated", {}, {}, tap_fd);
   }
 
   // Privileged so that ping gets its raw socket: a failed ping must mean
   // "no answer", not "no permission".
-  std::string Sh(const std::string& script) {
-    protocol::ExecRequest request;
-    request.argv = {"sh", "-c", script};
-    request.env = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin"};
-    request.privileged = true;
-    request.timeout_ms = 60'000;
-    auto r = machine_->Exec(request);
-    if (!r) return "<exec failed: " + r.error().message + ">";
-    return r->stdout_data + r->stderr_data;
-  }
+  std::string Sh(const std::string& script) { return VmTestBase::Sh(script, 60'000, true); }
 };
 
 TEST_F(NetIsolatedTest, GuestTcpGoesToTheProxyDnsToTheDnsSocketAndNothingElseAnywhere) {

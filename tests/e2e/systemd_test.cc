@@ -12,10 +12,10 @@
 #include <chrono>
 #include <filesystem>
 
-#include "host/rootfs/rootfs.h"
-#include "host/sandbox/compose.h"
 #include "host/os/paths.h"
 #include "host/os/process.h"
+#include "host/rootfs/rootfs.h"
+#include "host/sandbox/compose.h"
 #include "host/vmm/qemu_backend.h"
 #include "vm_test_base.h"
 
@@ -40,16 +40,6 @@ class SystemdTest : public VmTestBase {
     std::string tar = out.substr(out.rfind('\n') + 1);
     if (!fs::exists(tar)) return Fail("build_systemd_rootfs.sh printed no tar path:\n" + r.output);
     return tar;
-  }
-
-  std::string Sh(const std::string& script, uint32_t timeout_ms = 60000) {
-    protocol::ExecRequest request;
-    request.argv = {"sh", "-c", script};
-    request.env = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin"};
-    request.timeout_ms = timeout_ms;
-    auto r = machine_->Exec(request);
-    if (!r) return "<exec failed: " + r.error().message + ">";
-    return r->stdout_data + r->stderr_data;
   }
 };
 

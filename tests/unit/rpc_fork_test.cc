@@ -16,6 +16,7 @@
 
 #include "base/io.h"
 #include "host/rpc/server.h"
+#include "rpc_test_support.h"
 
 namespace cella::rpc {
 namespace {
@@ -23,40 +24,13 @@ namespace {
 using nlohmann::json;
 
 std::map<int, json> ServeWith(const std::string& input, ServerOptions options) {
-  int in[2], out[2];
-  EXPECT_EQ(::pipe2(in, O_CLOEXEC), 0);
-  EXPECT_EQ(::pipe2(out, O_CLOEXEC), 0);
-  std::thread writer([&] {
-    EXPECT_TRUE(WriteAll(in[1], input));
-    ::close(in[1]);
-  });
-  std::string output;
-  std::thread reader([&] {
-    char buffer[4096];
-    for (;;) {
-      ssize_t n = ::read(out[0], buffer, sizeof buffer);
-      if (n <= 0) break;
-      output.append(buffer, static_cast<size_t>(n));
-    }
-  });
-  {
-    Server server(
-        [](const CreateParams&) -> Result<std::unique_ptr<Sandbox>> { return Fail("no VMs"); },
-        in[0], out[1], std::move(options));
-    EXPECT_TRUE(server.Serve());
-  }
-  ::close(out[1]);
-  writer.join();
-  reader.join();
-  ::close(in[0]);
-  ::close(out[0]);
   std::map<int, json> by_id;
-  size_t start = 0;
-  while (start < output.size()) {
-    size_t nl = output.find('\n', start);
-    json line = json::parse(output.substr(start, nl - start));
-    by_id[line["id"].get<int>()] = line;
-    start = nl + 1;
+  for (json& line : ServeLines(
+           input,
+           [](const CreateParams&) -> Result<std::unique_ptr<Sandbox>> { return Fail("no VMs"); },
+           std::move(options))) {
+    const int id = line["id"].get<int>();  // read before the move below
+    by_id[id] = std::move(line);
   }
   return by_id;
 }

@@ -23,6 +23,7 @@
 #include "host/rpc/server.h"
 #include "protocol/messages.h"
 #include "protocol/wire.h"
+#include "rpc_test_support.h"
 
 namespace cella::rpc {
 namespace {
@@ -31,46 +32,15 @@ using nlohmann::json;
 
 // Feeds `input` to a server whose factory fails, returns every line it wrote.
 std::vector<json> Serve(const std::string& input, std::string* factory_saw = nullptr) {
-  int in[2], out[2];
-  EXPECT_EQ(::pipe2(in, O_CLOEXEC), 0);
-  EXPECT_EQ(::pipe2(out, O_CLOEXEC), 0);
-  std::thread writer([&] {
-    EXPECT_TRUE(WriteAll(in[1], input));
-    ::close(in[1]);
-  });
-  std::string output;
-  std::thread reader([&] {
-    char buffer[4096];
-    for (;;) {
-      ssize_t n = ::read(out[0], buffer, sizeof buffer);
-      if (n <= 0) break;
-      output.append(buffer, static_cast<size_t>(n));
-    }
-  });
-  {
-    ServerOptions options;
-    options.max_line_bytes = 1024;
-    Server server(
-        [&](const CreateParams& p) -> Result<std::unique_ptr<Sandbox>> {
-          if (factory_saw) *factory_saw = p.image;
-          return Fail("no VMs in unit tests");
-        },
-        in[0], out[1], options);
-    EXPECT_TRUE(server.Serve());
-  }
-  ::close(out[1]);
-  writer.join();
-  reader.join();
-  ::close(in[0]);
-  ::close(out[0]);
-  std::vector<json> lines;
-  size_t start = 0;
-  while (start < output.size()) {
-    size_t nl = output.find('\n', start);
-    lines.push_back(json::parse(output.substr(start, nl - start)));
-    start = nl + 1;
-  }
-  return lines;
+  ServerOptions options;
+  options.max_line_bytes = 1024;
+  return ServeLines(
+      input,
+      [factory_saw](const CreateParams& p) -> Result<std::unique_ptr<Sandbox>> {
+        if (factory_saw) *factory_saw = p.image;
+        return Fail("no VMs in unit tests");
+      },
+      options);
 }
 
 TEST(RpcServer, MalformedInputGetsTheMatchingErrorAndServingGoesOn) {

@@ -354,22 +354,7 @@ TEST_F(AgentFiles, PortForwardCarriesBytesBothWaysWithHalfClose) {
   auto port = client().OpenPort(server.port());
   ASSERT_TRUE(port.has_value()) << port.error().message;
   std::string sent = RandomBytes(700'000, 3);
-  std::thread writer([&] {
-    EXPECT_TRUE((*port)->Write(sent).has_value());
-    EXPECT_TRUE((*port)->ShutdownWrite().has_value());
-  });
-  std::string got;
-  std::vector<std::byte> buf(10'000);
-  for (;;) {
-    auto n = (*port)->Read(buf);
-    ASSERT_TRUE(n.has_value()) << n.error().message;
-    if (*n == 0) break;
-    got.append(reinterpret_cast<const char*>(buf.data()), *n);
-  }
-  writer.join();
-  EXPECT_TRUE(got == sent) << "echoed " << got.size() << " of " << sent.size() << " bytes";
-  auto done = (*port)->Wait();
-  EXPECT_TRUE(done.has_value()) << done.error().message;
+  ExpectEchoedThrough(**port, sent);
 }
 
 TEST_F(AgentFiles, PortForwardToAClosedPortIsRefused) {

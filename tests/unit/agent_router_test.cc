@@ -514,22 +514,7 @@ TEST_F(AgentRouter, PortForwardThroughTheRouter) {
   // More than one window each way: credit must flow through the router.
   std::string sent;
   for (int i = 0; sent.size() < 900'000; ++i) sent += std::to_string(i) + ",";
-  std::thread writer([&] {
-    EXPECT_TRUE((*port)->Write(sent).has_value());
-    EXPECT_TRUE((*port)->ShutdownWrite().has_value());
-  });
-  std::string got;
-  std::vector<std::byte> buf(10'000);
-  for (;;) {
-    auto n = (*port)->Read(buf);
-    ASSERT_TRUE(n.has_value()) << n.error().message;
-    if (*n == 0) break;
-    got.append(reinterpret_cast<const char*>(buf.data()), *n);
-  }
-  writer.join();
-  EXPECT_TRUE(got == sent) << "echoed " << got.size() << " of " << sent.size() << " bytes";
-  auto done = (*port)->Wait();
-  EXPECT_TRUE(done.has_value()) << done.error().message;
+  ExpectEchoedThrough(**port, sent);
 }
 
 // The standalone agent binary has no main process: this test runs the Agent

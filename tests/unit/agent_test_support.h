@@ -119,6 +119,28 @@ inline constexpr bool kUnderAsan = false;
 inline constexpr bool kUnderAsan = false;
 #endif
 
+// Sends `sent` through a port forward to an echo server (from a second
+// thread, then half-closes) and expects every byte back, then the stream's
+// clean end.
+inline void ExpectEchoedThrough(host::PortStream& port, const std::string& sent) {
+  std::thread writer([&] {
+    EXPECT_TRUE(port.Write(sent).has_value());
+    EXPECT_TRUE(port.ShutdownWrite().has_value());
+  });
+  std::string got;
+  std::vector<std::byte> buf(10'000);
+  for (;;) {
+    auto n = port.Read(buf);
+    EXPECT_TRUE(n.has_value()) << n.error().message;
+    if (!n || *n == 0) break;
+    got.append(reinterpret_cast<const char*>(buf.data()), *n);
+  }
+  writer.join();
+  EXPECT_TRUE(got == sent) << "echoed " << got.size() << " of " << sent.size() << " bytes";
+  auto done = port.Wait();
+  EXPECT_TRUE(done.has_value()) << done.error().message;
+}
+
 // Every test process gets a hard bound: a hang becomes a SIGALRM failure.
 class AgentTest : public ::testing::Test {
  protected:

@@ -262,6 +262,7 @@ Status MountVolumes(const Config& config, Deadline deadline) {
   }
   for (size_t i = 0; i < config.host_shares.size(); ++i) {
     const auto& share = config.host_shares[i];
+    if (share.fuse) continue;  // mounted by the agent when the host serves it (fuse_share.h)
     CELLA_TRY_CTX(MountHostShare(share, i),
                   "host_shares[" + std::to_string(i) + "] (" + share.path + ")");
   }

@@ -59,6 +59,8 @@ class Guest {
     h.opcode = opcode;
     h.unique = ++unique_;
     h.nodeid = node;
+    h.uid = uid;
+    h.gid = gid;
     std::string req = Bytes(h) + body;
     auto reply = server_.Handle(std::as_bytes(std::span(req.data(), req.size())));
     replied = !reply.empty();
@@ -175,6 +177,7 @@ class Guest {
 
   int err = 0;
   bool replied = false;
+  uint32_t uid = 0, gid = 0;  // the guest caller of the next requests
 
  private:
   FuseServer& server_;
@@ -456,6 +459,41 @@ TEST_F(FuseServerTest, SetuidBitsAreStrippedAndDevicesRefused) {
   // Opening a FIFO through the server never blocks it: refused.
   g.Open(fifo_node, O_RDONLY);
   EXPECT_EQ(g.err, EINVAL);
+}
+
+TEST_F(FuseServerTest, NewFilesBelongToTheGuestCallerOnlyWhenAskedAndRoot) {
+  // Without owner_from_guest: whoever runs the server.
+  auto plain = Server();
+  Guest p(*plain);
+  p.uid = 1234;
+  p.gid = 2345;
+  p.Mkdir(FUSE_ROOT_ID, "mine", 0755);
+  struct stat st;
+  ASSERT_EQ(stat((share_ / "mine").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, geteuid());
+  if (geteuid() != 0) GTEST_SKIP() << "giving files to another uid needs root";
+  FuseServerOptions options;
+  options.owner_from_guest = true;
+  auto server = Server(options);
+  Guest g(*server);
+  g.uid = 1234;
+  g.gid = 2345;
+  g.Create(FUSE_ROOT_ID, "theirs", 0644);
+  ASSERT_EQ(g.err, 0);
+  g.Mkdir(FUSE_ROOT_ID, "dir2", 0755);
+  g.Call(FUSE_SYMLINK, FUSE_ROOT_ID, Guest::Name("link") + Guest::Name("target"));
+  for (const char* name : {"theirs", "dir2", "link"}) {
+    ASSERT_EQ(lstat((share_ / name).c_str(), &st), 0) << name;
+    EXPECT_EQ(st.st_uid, 1234u) << name;
+    EXPECT_EQ(st.st_gid, 2345u) << name;
+  }
+  // An existing file opened through CREATE keeps its owner.
+  g.Create(FUSE_ROOT_ID, "mine", 0644);
+  std::ofstream(share_ / "host.txt") << "x";
+  g.Create(FUSE_ROOT_ID, "host.txt", 0644);
+  ASSERT_EQ(g.err, 0);
+  ASSERT_EQ(stat((share_ / "host.txt").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 0u);
 }
 
 TEST_F(FuseServerTest, SingleFileShareIsItsFileAndNothingElse) {

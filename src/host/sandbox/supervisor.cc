@@ -576,8 +576,9 @@ class Supervisor {
                   "foreground run or was started with --rm (use cella run -d)");
     if (!shares_.empty())
       return Fail(std::string(what) +
-                  " of a sandbox with host directories (-v /host:/guest) is not supported: "
-                  "QEMU cannot save a virtiofs device, and the host tree can change meanwhile");
+                  " of a sandbox with virtiofs host directories (overlay shares, or "
+                  "CELLA_SHARE_TRANSPORT=virtiofs) is not supported: QEMU cannot save a "
+                  "virtiofs device; rw and ro shares over FUSE (the default) can");
     if (has_volumes_)
       return Fail(std::string(what) +
                   " of a sandbox with volumes is not supported: a volume can change while the "

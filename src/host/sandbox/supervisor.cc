@@ -419,7 +419,8 @@ class Supervisor {
       std::string n = std::to_string(i);
       std::string file;
       if (s.is_file) file = s.host_path.substr(s.host_path.rfind('/') + 1);
-      if (fuse_allowed && s.mode != protocol::MountMode::kOverlay) {
+      if (fuse_allowed && s.mode != protocol::MountMode::kOverlay &&
+          !HasMountBeneath(guest, spec, s.guest_path)) {
         std::shared_ptr<share::FuseServer> server =
             CELLA_TRY_CTX(OpenFuseServer({s.host_path, s.is_file, s.mode}), "share " + n);
         if (saved && saved->contains(n) && (*saved)[n].is_string())
@@ -450,6 +451,26 @@ class Supervisor {
       attachments.push_back({options.socket_path, s.guest_path, s.mode, file});
     }
     return AttachShares(attachments, guest, vm);
+  }
+
+  // Whether another mount (volume, disk, tmpfs, share) lies beneath `path`.
+  // A FUSE share is mounted last, by the agent, after the link is up: it
+  // would hide such a mount, and mounting one through it from the agent's
+  // own loop would wait on the relay that loop runs. Such a share stays on
+  // virtiofs, mounted at boot in order.
+  static bool HasMountBeneath(const protocol::Config& guest, const SandboxSpec& spec,
+                              const std::string& path) {
+    std::string prefix = path + "/";
+    auto beneath = [&](const std::string& p) { return p.starts_with(prefix); };
+    for (const auto& v : guest.volume_mounts)
+      if (beneath(v.path)) return true;
+    for (const auto& d : guest.disks)
+      if (beneath(d.path)) return true;
+    for (const auto& t : guest.tmpfs)
+      if (beneath(t.path)) return true;
+    for (const ShareSpec& other : spec.shares)
+      if (beneath(other.guest_path)) return true;
+    return false;
   }
 
   // CELLA_SHARE_TRANSPORT: "fuse" (the default) or "virtiofs".

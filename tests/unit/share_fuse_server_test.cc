@@ -543,6 +543,10 @@ TEST_F(FuseServerTest, StateRoundTripKeepsNodesAndOpenHandles) {
   uint64_t fh = g.Open(hello, O_RDWR | O_APPEND);
   auto [created, cfh] = g.Create(dir, "log", 0644);
   g.Write(created, cfh, 0, "one\n");
+  // Any bytes but '/' and NUL make a name, UTF-8 or not.
+  std::string odd = "caf\xe9\x93";
+  uint64_t odd_node = g.Mkdir(dir, odd, 0755);
+  ASSERT_EQ(g.err, 0);
   std::string state = server->SaveState();
 
   // A fresh server (the restored sandbox's supervisor) answers the same ids
@@ -559,6 +563,7 @@ TEST_F(FuseServerTest, StateRoundTripKeepsNodesAndOpenHandles) {
   EXPECT_EQ(ReadHost(share_ / "dir/hello.txt"), "hello world+");
   EXPECT_EQ(r.GetAttr(dir).mode & S_IFMT, static_cast<uint32_t>(S_IFDIR));
   EXPECT_EQ(r.Lookup(dir, "hello.txt"), hello);
+  EXPECT_EQ(r.Lookup(dir, odd), odd_node);
   // New ids never collide with saved ones.
   auto [fresh, ffh] = r.Create(dir, "fresh", 0644);
   EXPECT_GT(fresh, created);
@@ -572,8 +577,9 @@ TEST_F(FuseServerTest, StateRoundTripKeepsNodesAndOpenHandles) {
   for (
       std::string bad :
       {"", "[]", "{\"version\":2}",
-       R"({"version":1,"initialized":true,"next_node":3,"next_fh":1,"nodes":[{"id":2,"parent":2,"name":"x","lookups":1}],"handles":[]})",
-       R"({"version":1,"initialized":true,"next_node":3,"next_fh":1,"nodes":[{"id":2,"parent":1,"name":"..","lookups":1}],"handles":[]})",
+       R"({"version":1,"initialized":true,"next_node":3,"next_fh":1,"nodes":[{"id":2,"parent":2,"name":"78","lookups":1}],"handles":[]})",
+       R"({"version":1,"initialized":true,"next_node":3,"next_fh":1,"nodes":[{"id":2,"parent":1,"name":"2e2e","lookups":1}],"handles":[]})",
+       R"({"version":1,"initialized":true,"next_node":3,"next_fh":1,"nodes":[{"id":2,"parent":1,"name":"zz","lookups":1}],"handles":[]})",
        R"({"version":1,"initialized":true,"next_node":3,"next_fh":2,"nodes":[],"handles":[{"fh":1,"node":9,"flags":0,"dir":false}]})"}) {
     auto again = Server();
     EXPECT_FALSE(again->LoadState(bad)) << bad;

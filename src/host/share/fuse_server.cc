@@ -49,6 +49,34 @@ bool ValidName(std::string_view name) {
 
 std::string ProcFd(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 
+// Names in the saved state are hex: a guest may name files with any bytes
+// but '/' and NUL, and JSON strings must be UTF-8.
+std::string Hex(std::string_view bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (unsigned char c : bytes) {
+    out += kDigits[c >> 4];
+    out += kDigits[c & 15];
+  }
+  return out;
+}
+std::optional<std::string> Unhex(std::string_view hex) {
+  auto nibble = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  if (hex.size() % 2 != 0) return std::nullopt;
+  std::string out;
+  for (size_t i = 0; i < hex.size(); i += 2) {
+    int hi = nibble(hex[i]), lo = nibble(hex[i + 1]);
+    if (hi < 0 || lo < 0) return std::nullopt;
+    out += static_cast<char>(hi << 4 | lo);
+  }
+  return out;
+}
+
 void FillAttr(const struct stat& st, fuse_attr* attr) {
   *attr = {};
   attr->ino = st.st_ino;
@@ -905,7 +933,7 @@ std::string FuseServer::SaveState() const {
   for (const auto& [id, node] : s.nodes) {
     if (id == kRootId) continue;
     nodes.push_back(
-        {{"id", id}, {"parent", node.parent}, {"name", node.name}, {"lookups", node.lookups}});
+        {{"id", id}, {"parent", node.parent}, {"name", Hex(node.name)}, {"lookups", node.lookups}});
   }
   nlohmann::json handles = nlohmann::json::array();
   for (const auto& [fh, h] : s.handles)
@@ -940,7 +968,7 @@ Status FuseServer::LoadState(std::string_view json) {
     for (const auto& n : nodes) {
       uint64_t id = n.at("id").get<uint64_t>();
       uint64_t parent = n.at("parent").get<uint64_t>();
-      std::string name = n.at("name").get<std::string>();
+      std::string name = Unhex(n.at("name").get<std::string>()).value_or("");
       if (id <= kRootId || id >= next_node || s.nodes.contains(id) || !ValidName(name))
         return fail("bad node " + std::to_string(id));
       s.nodes[id] = Node{parent, name, n.at("lookups").get<uint64_t>()};

@@ -1,12 +1,16 @@
 #!/bin/sh
-# Host directory share (virtiofs) against the guest's own writable layer
-# (ext4 upper.img of a detached sandbox), in the same VM and the same run:
-# write a 200 MB file (fsync), read it back with cold caches, untar 5,000
-# small files. Prints seconds for each and the ratio share/own (>1: slower).
+# Host directory share against the guest's own writable layer (ext4
+# upper.img of a detached sandbox), in the same VM and the same run, once per
+# share transport (FUSE over the agent link, the default; virtiofs): write a
+# 200 MB file (fsync), read it back with cold caches, untar 5,000 small
+# files. Prints seconds for each and the ratio share/own (>1: slower).
 #
-#   bench/share_bench.sh [BUILD_DIR]     (needs root: virtiofsd)
+#   bench/share_bench.sh [BUILD_DIR] [TRANSPORTS]
+#   TRANSPORTS: default "fuse virtiofs" (virtiofs needs root; skipped with a
+#   note otherwise)
 set -eu
 BUILD=${1:-build}
+TRANSPORTS=${2:-fuse virtiofs}
 CELLA="$BUILD/cella"
 WORK=$(mktemp -d /tmp/cella-share-bench-XXXXXX)
 export CELLA_SANDBOX_HOME="$WORK/home"
@@ -27,7 +31,12 @@ done
 tar -C "$WORK/tree" -cf "$WORK/share/tree.tar" .
 rm -rf "$WORK/tree"
 
-ID=$("$CELLA" run -d --memory 512m -v "$WORK/share:/mnt/share")
+for transport in $TRANSPORTS; do
+if [ "$transport" = virtiofs ] && [ "$(id -u)" != 0 ]; then
+  echo "($transport skipped: needs root)"
+  continue
+fi
+ID=$(CELLA_SHARE_TRANSPORT=$transport "$CELLA" run -d --memory 512m -v "$WORK/share:/mnt/share")
 # Timings in the guest from /proc/uptime (10 ms resolution; each step takes
 # seconds under TCG).
 "$CELLA" exec "$ID" -- sh -c '
@@ -45,6 +54,9 @@ step() {  # step NAME DIR
 step own /var/tmp
 step share /mnt/share
 ' >"$WORK/times"
+"$CELLA" rm -f "$ID" >/dev/null
+ID=
+echo "== share over $transport"
 awk '
   $1 == "own" { ow = $2; or = $3; ot = $4 }
   $1 == "share" { sw = $2; sr = $3; st = $4 }
@@ -54,3 +66,4 @@ awk '
     printf "%-28s %10.2f %10.2f %7.2fx\n", "read 200 MB (cold cache)", or, sr, sr / or
     printf "%-28s %10.2f %10.2f %7.2fx\n", "untar 5,000 files + sync", ot, st, st / ot
   }' "$WORK/times"
+done

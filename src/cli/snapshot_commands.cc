@@ -130,6 +130,10 @@ Result<std::string> CreateFromSnapshot(SandboxContext& ctx, const SnapshotSource
     std::string names = src.dir + "/" + sandbox::kDnsNamesFile;
     if (::access(names.c_str(), F_OK) == 0)
       CELLA_TRY(CopySparse(names, paths.dir + "/standby/" + sandbox::kDnsNamesFile));
+    // The FUSE share servers' node tables (only with host shares).
+    std::string shares = src.dir + "/" + sandbox::kShareStatesFile;
+    if (::access(shares.c_str(), F_OK) == 0)
+      CELLA_TRY(CopySparse(shares, paths.dir + "/standby/" + sandbox::kShareStatesFile));
     // Its own writable layer; published ports would collide with the
     // source's, so the new sandbox has none.
     sandbox::SandboxSpec spec = src.spec;
@@ -342,10 +346,14 @@ Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int
     return Fail("fork " + record.Label() +
                 ": it has volumes, which the copies would share with it and each other (a "
                 "fork copies only the writable layer); fork a sandbox without volumes");
-  if (!spec.shares.empty())
-    return Fail("fork " + record.Label() +
-                ": it has host directories (-v /host:/guest); QEMU cannot save a virtiofs "
-                "device, and the host tree is not the copies' to keep");
+  // rw and ro shares are FUSE on the agent link: the copies serve the same
+  // host directory (like several docker containers given the same -v).
+  // Overlay shares are virtiofs, which QEMU cannot save.
+  for (const sandbox::ShareSpec& share : spec.shares)
+    if (share.mode == protocol::MountMode::kOverlay)
+      return Fail("fork " + record.Label() + ": it has an overlay host directory (-v " +
+                  share.host_path + ":" + share.guest_path +
+                  ":overlay); QEMU cannot save a virtiofs device");
   std::vector<std::string> names;
   for (int i = 1; i <= count; ++i) {
     if (name_prefix.empty()) {

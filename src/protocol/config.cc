@@ -170,6 +170,7 @@ Status ReadHostShare(const Json& obj, const std::string& where, HostShare& out) 
   CELLA_TRY(ReadString(obj, "path", where, out.path));
   CELLA_TRY(ReadMountMode(obj, where, out.mode));
   CELLA_TRY(ReadString(obj, "file", where, out.file));
+  CELLA_TRY(ReadBool(obj, "fuse", where, out.fuse));
   return {};
 }
 
@@ -447,6 +448,8 @@ Status ValidateConfig(const Config& c) {
         (share.file == "." || share.file == ".." ||
          share.file.find_first_of(std::string_view("/\0", 2)) != std::string::npos))
       return Fail(where + ".file: " + Quote(share.file) + " is not a plain file name");
+    if (share.fuse && share.mode == MountMode::kOverlay)
+      return Fail(where + ".fuse: an overlay share is served over virtiofs only");
   }
   for (size_t i = 0; i < c.tmpfs.size(); ++i) {
     std::string where = Index("tmpfs", i);
@@ -630,6 +633,7 @@ std::string SerializeConfig(const Config& c) {
       j["path"] = share.path;
       j["mode"] = ToString(share.mode);
       if (!share.file.empty()) j["file"] = share.file;
+      if (share.fuse) j["fuse"] = true;
       shares.push_back(std::move(j));
     }
     out["host_shares"] = std::move(shares);

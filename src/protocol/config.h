@@ -66,6 +66,10 @@ struct HostShare {
   // Non-empty: the share is one file, exported as the only entry (this name)
   // of a private directory; the guest binds it onto `path` (a file).
   std::string file;
+  // Served over FUSE by the agent (op serve_share) instead of virtiofs: the
+  // agent mounts it when the host asks, not the init at boot. rw and ro
+  // only (not overlay).
+  bool fuse = false;
 
   bool operator==(const HostShare&) const = default;
 };

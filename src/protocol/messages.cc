@@ -267,6 +267,7 @@ std::string_view RequestOpName(const Request& request) {
     std::string_view operator()(const SymlinkRequest&) { return "symlink"; }
     std::string_view operator()(const SetAttrRequest&) { return "set_attr"; }
     std::string_view operator()(const ResumedRequest&) { return "resumed"; }
+    std::string_view operator()(const ServeShareRequest&) { return "serve_share"; }
   };
   return std::visit(Visitor{}, request);
 }
@@ -309,6 +310,8 @@ std::string EncodeRequest(const Request& request) {
     j["recursive"] = rm->recursive;
   } else if (auto* p = std::get_if<PortForwardRequest>(&request)) {
     j["port"] = p->port;
+  } else if (auto* ss = std::get_if<ServeShareRequest>(&request)) {
+    j["index"] = ss->index;
   } else if (auto* sd = std::get_if<ShutdownRequest>(&request)) {
     // Omitted at 0 so an agent that predates the field still accepts it.
     if (sd->grace_ms != 0) j["grace_ms"] = sd->grace_ms;
@@ -426,6 +429,11 @@ Result<Request> DecodeRequest(std::string_view text) {
       request = p;
     } else if (op == "attach_main") {
       request = AttachMainRequest{};
+    } else if (op == "serve_share") {
+      ServeShareRequest ss;
+      if (r.Integer("index", ss.index, Need::kRequired) && ss.index >= kMaxShares)
+        r.Problem("\"index\" is not below " + std::to_string(kMaxShares));
+      request = ss;
     } else if (op == "shutdown") {
       ShutdownRequest sd;
       if (r.Integer("grace_ms", sd.grace_ms, Need::kOptional) && sd.grace_ms > kMaxShutdownGraceMs)

@@ -80,6 +80,16 @@ struct PortForwardRequest {
   uint16_t port = 0;
 };
 struct AttachMainRequest {};
+// Host share `index` (config.json host_shares[index], transport "fuse"): the
+// agent mounts FUSE at the share's path (once per boot; a later link
+// re-attaches to the same mount) and relays raw /dev/fuse messages on the
+// stream: requests guest -> host on stdout, replies host -> guest on stdin,
+// each a whole FUSE message (its header carries its length). Opened once
+// mounted; the stream never ends by itself.
+inline constexpr uint32_t kMaxShares = 64;
+struct ServeShareRequest {
+  uint32_t index = 0;
+};
 
 // Longest grace a shutdown may ask for; larger values are refused.
 inline constexpr uint32_t kMaxShutdownGraceMs = 10 * 60 * 1000;
@@ -129,10 +139,10 @@ struct SetAttrRequest {
   std::optional<int64_t> mtime;
 };
 
-using Request =
-    std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest, StatRequest,
-                 MkdirRequest, RemoveRequest, PortForwardRequest, AttachMainRequest,
-                 ShutdownRequest, SymlinkRequest, SetAttrRequest, ResumedRequest>;
+using Request = std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest,
+                             StatRequest, MkdirRequest, RemoveRequest, PortForwardRequest,
+                             AttachMainRequest, ShutdownRequest, SymlinkRequest, SetAttrRequest,
+                             ResumedRequest, ServeShareRequest>;
 
 enum class FileType { kFile, kDir, kSymlink, kOther };
 std::string_view FileTypeName(FileType type);

@@ -79,7 +79,7 @@ check(error_code(rpc.call(6, "write_file", {"path": "/x", "content": "!!"})) in 
 
 # create: a normal cella sandbox.
 # matchlock's vfs: a host_fs workspace and a read-only direct mount become
-# host shares (virtiofs).
+# host shares (FUSE; the workspace stays on virtiofs: a memory mount lies beneath it).
 import atexit
 import shutil
 import tempfile

@@ -1,8 +1,10 @@
 // Host directories and files in the sandbox (-v /host:/guest[:ro|rw|overlay]),
-// served by virtiofsd: every mode in one boot (with live visibility both
-// ways, ownership and modes, a single file, a relative path, stop/start),
-// the escape attempts of a hostile guest in another, and a missing share
-// refused before anything boots.
+// rw and ro served over FUSE on the agent link, overlay by virtiofsd: every
+// mode in one boot (with live visibility both ways, ownership and modes, a
+// single file, a relative path, stop/start, a dead virtiofsd), the escape
+// attempts of a hostile guest in another, FUSE shares across standby,
+// snapshot restore and fork in a third, and a missing share refused before
+// anything boots.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -14,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "lifecycle_fixture.h"
 
@@ -115,8 +118,9 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   ASSERT_EQ(started.exit_code, 0) << Describe(started);
   std::string id = started.out.substr(0, started.out.find('\n'));
   ASSERT_FALSE(id.empty());
-  // Shares keep a sandbox from starting warm: said once, on stderr (not
-  // when the user chose cold: CELLA_COLD=1, the suite's cold pass).
+  // Overlay shares (virtiofs) keep a sandbox from starting warm: said once,
+  // on stderr (not when the user chose cold: CELLA_COLD=1, the suite's cold
+  // pass).
   const char* cold = std::getenv("CELLA_COLD");
   if (cold == nullptr || std::string(cold) != "1") {
     EXPECT_NE(started.err.find("sandbox boots cold (no warm start): host directory shares"),
@@ -182,16 +186,20 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
          "stat -c '%a' /etc/single.txt; cat /etc/single.txt; echo guest-edit >> /etc/single.txt");
   EXPECT_EQ(r.out, "600\none file\n") << Describe(r);
   EXPECT_EQ(ReadFile(host_ + "/single.txt"), "one file\nguest-edit\n");
-  // What the guest can reach through that share is what its virtiofsd sees
-  // as "/" after pivoting into it: the one file, no sibling.
-  EXPECT_EQ(ShareRootEntries(home_ + "/sandboxes/" + id + "/share3"),
-            std::vector<std::string>{"single.txt"});
+  // Over FUSE the share's root is the file itself: nothing beside it.
+  r = Sh(id, "ls /etc/single.txt/ 2>&1; grep ' /etc/single.txt ' /proc/mounts | cut -d' ' -f3");
+  EXPECT_NE(r.out.find("Not a directory"), std::string::npos) << Describe(r);
+  EXPECT_NE(r.out.find("fuse"), std::string::npos) << Describe(r);
 
   // A single file in overlay mode: the guest may change it; the host's copy
   // stays as it was.
   r = Sh(id, "echo guest > /etc/ov-single.txt && cat /etc/ov-single.txt");
   EXPECT_EQ(r.out, "guest\n") << Describe(r);
   EXPECT_EQ(ReadFile(host_ + "/ov-single.txt"), "host copy\n");
+  // What the guest can reach through that (virtiofs) share is what its
+  // virtiofsd sees as "/" after pivoting into it: the one file, no sibling.
+  EXPECT_EQ(ShareRootEntries(home_ + "/sandboxes/" + id + "/share5"),
+            std::vector<std::string>{"ov-single.txt"});
 
   // A single file read-only: readable, and not writable even with mode 0666.
   r = Sh(id, "cat /etc/ro-single.txt; echo x >> /etc/ro-single.txt");
@@ -211,6 +219,16 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   ASSERT_EQ(RunCella({"start", id}, "", std::chrono::seconds(300)).exit_code, 0);
   r = Sh(id, "cat /mnt/rw/b.txt /mnt/ov/o.txt /mnt/ro/r.txt /etc/single.txt");
   EXPECT_EQ(r.out, "from-guest\nmine\nread me\none file\nguest-edit\n") << Describe(r);
+
+  // A share whose virtiofsd dies would leave the guest's file calls
+  // hanging: the sandbox fails, saying why.
+  int supervisor = Inspect(id).value("supervisor_pid", 0);
+  int daemon = ChildServing(supervisor, home_ + "/sandboxes/" + id + "/share2");
+  ASSERT_GT(daemon, 0);
+  ASSERT_EQ(::kill(daemon, SIGKILL), 0);
+  ASSERT_TRUE(WaitForState(id, "failed", std::chrono::seconds(60)));
+  EXPECT_NE(Inspect(id).value("reason", "").find("virtiofsd"), std::string::npos)
+      << Inspect(id).dump();
   ASSERT_EQ(RunCella({"rm", "-f", id}).exit_code, 0);
   EXPECT_EQ(ReadFile(host_ + "/ov/o.txt"), "original\n");
   EXPECT_EQ(ReadFile(host_ + "/ov-single.txt"), "host copy\n");
@@ -279,16 +297,73 @@ TEST_F(ShareTest, HostileGuestStaysInsideTheShare) {
   for (const auto& e : fs::directory_iterator(host_)) outside.push_back(e.path().filename());
   std::sort(outside.begin(), outside.end());
   EXPECT_EQ(outside, (std::vector<std::string>{"secret", "share"}));
+}
 
-  // A share whose daemon dies would leave the guest's file calls hanging:
-  // the sandbox fails, saying why.
-  int supervisor = Inspect(id).value("supervisor_pid", 0);
-  int daemon = ChildServing(supervisor, home_ + "/sandboxes/" + id + "/share0");
-  ASSERT_GT(daemon, 0);
-  ASSERT_EQ(::kill(daemon, SIGKILL), 0);
-  ASSERT_TRUE(WaitForState(id, "failed", std::chrono::seconds(60)));
-  EXPECT_NE(Inspect(id).value("reason", "").find("virtiofsd"), std::string::npos)
-      << Inspect(id).dump();
+// Wait (bounded) until `path` on the host has more than `lines` lines;
+// returns the count seen last.
+size_t WaitForLines(const std::string& path, size_t lines) {
+  size_t n = 0;
+  for (int i = 0; i < 300; ++i) {
+    std::string text = ReadFile(path);
+    n = static_cast<size_t>(std::count(text.begin(), text.end(), '\n'));
+    if (n > lines) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return n;
+}
+
+// A FUSE share keeps working where virtiofs could not: the sandbox starts
+// warm, and a process holding a file open on the share keeps writing
+// through standby/resume, a snapshot restored into a new sandbox and a fork;
+// the host sees every write and the guest sees host writes after each.
+TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
+  std::string rw = host_ + "/rw";
+  fs::create_directories(rw);
+  auto started = RunCella({"run", "-d", "-v", rw + ":/mnt/rw"}, "", std::chrono::seconds(300));
+  ASSERT_EQ(started.exit_code, 0) << Describe(started);
+  EXPECT_EQ(started.err, "");  // no cold-boot notice: FUSE shares start warm
+  std::string id = started.out.substr(0, started.out.find('\n'));
+  ASSERT_FALSE(id.empty());
+  auto writer = RunCella({"exec", "-d", id, "--", "sh", "-c",
+                          "exec 3>>/mnt/rw/log; i=0; while :; do i=$((i+1)); echo tick$i >&3; "
+                          "sleep 0.2; done"});
+  ASSERT_EQ(writer.exit_code, 0) << Describe(writer);
+  size_t before = WaitForLines(rw + "/log", 2);
+  ASSERT_GT(before, 2u);
+
+  ASSERT_EQ(RunCella({"standby", id}, "", std::chrono::seconds(600)).exit_code, 0);
+  EXPECT_EQ(State(id), "standby");
+  WriteFile(rw + "/host.txt", "written while asleep\n");
+  auto resumed = RunCella({"resume", id}, "", std::chrono::seconds(600));
+  ASSERT_EQ(resumed.exit_code, 0) << Describe(resumed);
+  size_t asleep = WaitForLines(rw + "/log", 0);
+  // The same open descriptor goes on writing after the resume.
+  EXPECT_GT(WaitForLines(rw + "/log", asleep + 2), asleep + 2);
+  auto r = Sh(id, "cat /mnt/rw/host.txt && echo after > /mnt/rw/after.txt && ls /mnt/rw");
+  EXPECT_EQ(r.out, "written while asleep\nafter.txt\nhost.txt\nlog\n") << Describe(r);
+  EXPECT_EQ(ReadFile(rw + "/after.txt"), "after\n");
+
+  // A named snapshot restored into a new sandbox, and a fork: each serves
+  // the same host directory with the guest's open files intact.
+  ASSERT_EQ(RunCella({"snapshot", "create", id, "snap"}, "", std::chrono::seconds(600)).exit_code,
+            0);
+  auto restored = RunCella({"snapshot", "restore", "snap"}, "", std::chrono::seconds(600));
+  ASSERT_EQ(restored.exit_code, 0) << Describe(restored);
+  std::string copy = restored.out.substr(0, restored.out.find('\n'));
+  r = Sh(copy, "cat /mnt/rw/host.txt && echo restored > /mnt/rw/restored.txt");
+  EXPECT_EQ(r.out, "written while asleep\n") << Describe(r);
+  EXPECT_EQ(ReadFile(rw + "/restored.txt"), "restored\n");
+  auto forked = RunCella({"fork", id}, "", std::chrono::seconds(600));
+  ASSERT_EQ(forked.exit_code, 0) << Describe(forked);
+  std::string fork = forked.out.substr(0, forked.out.find('\n'));
+  WriteFile(rw + "/late.txt", "for the fork\n");
+  r = Sh(fork, "cat /mnt/rw/late.txt");
+  EXPECT_EQ(r.out, "for the fork\n") << Describe(r);
+  // Three writers now (source, restored copy, fork) on one open file each.
+  size_t now = WaitForLines(rw + "/log", 0);
+  EXPECT_GT(WaitForLines(rw + "/log", now + 6), now + 6);
+  for (const std::string& s : {fork, copy, id}) ASSERT_EQ(RunCella({"rm", "-f", s}).exit_code, 0);
+  ASSERT_EQ(RunCella({"snapshot", "rm", "snap"}).exit_code, 0);
 }
 
 TEST_F(ShareTest, MissingHostPathIsRefusedBeforeBoot) {

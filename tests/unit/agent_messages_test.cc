@@ -94,6 +94,19 @@ TEST(AgentMessages, SymlinkAndSetAttrDecodeStrictly) {
   EXPECT_EQ(DecodeErrno(R"({"op":"set_attr","path":"","uid":1})"), EINVAL);
 }
 
+TEST(AgentMessages, ServeShareNamesOneShareByIndex) {
+  json r = Parsed(EncodeRequest(ServeShareRequest{3}));
+  EXPECT_EQ(r, json({{"op", "serve_share"}, {"index", 3}}));
+  auto back = DecodeRequest(r.dump());
+  ASSERT_TRUE(back) << back.error().message;
+  ASSERT_TRUE(std::holds_alternative<ServeShareRequest>(*back));
+  EXPECT_EQ(std::get<ServeShareRequest>(*back).index, 3u);
+  EXPECT_EQ(DecodeErrno(R"({"op":"serve_share"})"), EINVAL);
+  EXPECT_EQ(DecodeErrno(R"({"op":"serve_share","index":64})"), EINVAL);
+  EXPECT_EQ(DecodeErrno(R"({"op":"serve_share","index":-1})"), EINVAL);
+  EXPECT_EQ(DecodeErrno(R"({"op":"serve_share","index":0,"tag":"x"})"), EINVAL);
+}
+
 TEST(AgentMessages, ResumedCarriesTheHostsClockAndNothingElse) {
   ResumedRequest resumed;
   resumed.realtime_ns = 1'796'563'535'123'456'789;

@@ -119,6 +119,24 @@ TEST(HostShares, SpecAndConfigRoundTrip) {
   ASSERT_TRUE(parsed) << parsed.error().message;
   EXPECT_EQ(parsed->host_shares, guest.host_shares);
 
+  // FUSE shares get no device, only their config entry (mounted by the
+  // agent on serve_share); overlay is never FUSE.
+  protocol::Config fuse_guest;
+  vmm::VMConfig fuse_vm;
+  ASSERT_TRUE(sandbox::AttachShares({{"", "/work", MountMode::kReadWrite, "", true},
+                                     {"/s/fs1.sock", "/ov", MountMode::kOverlay, ""},
+                                     {"", "/etc/app.conf", MountMode::kReadOnly, "app.conf", true}},
+                                    fuse_guest, fuse_vm));
+  ASSERT_EQ(fuse_vm.Shares.size(), 1u);
+  EXPECT_EQ(fuse_vm.Shares[0].Tag, fuse_guest.host_shares[1].tag);
+  EXPECT_TRUE(fuse_guest.host_shares[0].fuse);
+  EXPECT_FALSE(fuse_guest.host_shares[1].fuse);
+  auto fuse_parsed = protocol::ParseConfig(protocol::SerializeConfig(fuse_guest));
+  ASSERT_TRUE(fuse_parsed) << fuse_parsed.error().message;
+  EXPECT_EQ(fuse_parsed->host_shares, fuse_guest.host_shares);
+  fuse_guest.host_shares[1].fuse = true;
+  EXPECT_FALSE(protocol::ValidateConfig(fuse_guest));
+
   // The guest is told nothing it could misuse as a mount source or path.
   protocol::Config bad = guest;
   bad.host_shares[0].tag = "a,b";

@@ -38,7 +38,14 @@ using protocol::FrameType;
 using protocol::kDataChunk;
 using protocol::kInitialWindow;
 
-enum class Kind { kExec, kReadFile, kWriteFile, kPort };
+enum class Kind { kExec, kReadFile, kWriteFile, kPort, kFuse };
+
+// A FUSE relay reads one whole request per read() and /dev/fuse refuses a
+// buffer that cannot hold the largest (max_write 128 KiB + headers), so it
+// reads only with at least this much credit; replies are written one whole
+// message per write().
+constexpr size_t kFuseRelayRead = 128 * 1024 + 4096;
+constexpr size_t kFuseHeader = 16;  // fuse_out_header: u32 len, i32 error, u64 unique
 
 // Guest -> host bytes (stdout/stderr, file content, socket reads).
 struct OutChannel {
@@ -83,7 +90,22 @@ struct Session {
   std::optional<AtomicFileWriter> writer;
   // port_forward
   bool connecting = false;
+  // serve_share
+  uint32_t share = 0;
 };
+
+// FUSE requests of one share sent to the host and not answered yet, by
+// their unique id. They outlive links: when a link ends (standby, snapshot,
+// a reconnect) the guest kernel still waits for them, so the next
+// serve_share of the share sends them again before anything new.
+struct FuseInflight {
+  std::map<uint64_t, std::vector<std::byte>> requests;
+  size_t bytes = 0;
+};
+// Beyond this, requests are relayed without a copy (a later link could not
+// replay them). The host's window bounds what is unanswered far below it.
+constexpr size_t kFuseInflightCap = size_t{4} << 20;
+constexpr uint32_t kFuseForget = 2, kFuseInterrupt = 36, kFuseBatchForget = 42;
 
 // A kWriteFile session gets its writer when it is created and loses it only
 // when it is abandoned (and erased); reaching this is a bug in this file.
@@ -119,7 +141,8 @@ struct Agent::Impl {
   std::unique_ptr<Session> detached_main;
   MainState main_state = MainState::kNotStarted;
   pid_t abandoned_main_pid = -1;
-  std::vector<pid_t> abandoned;  // killed children not yet reaped
+  std::vector<pid_t> abandoned;                    // killed children not yet reaped
+  std::map<uint32_t, FuseInflight> fuse_inflight;  // by share index
 
   // ---- link output -------------------------------------------------------
 
@@ -232,7 +255,127 @@ struct Agent::Impl {
     Queue(s.stream, FrameType::kWindow, Channel::kStdin, protocol::U32Payload(amount));
   }
 
+  // Guest kernel -> host: one FUSE request per read, each its own Data frame.
+  void PumpFuseOut(Session& s) {
+    OutChannel& c = s.out[0];
+    c.ready = false;
+    if (!c.fd || s.stream == 0) return;
+    for (int round = 0; round < 8 && c.credit >= static_cast<int64_t>(kFuseRelayRead) &&
+                        OutPending() < options.link_soft_cap;
+         ++round) {
+      size_t start = out.size();
+      auto n = ReadIntoFrame(c.fd.Get(), s.stream, Channel::kStdout, kFuseRelayRead);
+      if (n && *n > 0) {
+        c.credit -= static_cast<int64_t>(*n);
+        RememberFuseRequest(s.share, std::span(out).subspan(start + protocol::kHeaderSize, *n));
+        continue;
+      }
+      if (n && *n == 0) break;
+      int err = n.error().errno_value;
+      if (err == EAGAIN) break;
+      if (err == ENOENT) continue;  // the request was interrupted meanwhile
+      return FailStream(s.stream, std::move(n.error()).WithContext("read /dev/fuse"));
+    }
+  }
+
+  void RememberFuseRequest(uint32_t share, std::span<const std::byte> request) {
+    // fuse_in_header: u32 len, u32 opcode, u64 unique, ...
+    if (request.size() < 16) return;
+    uint32_t opcode = 0;
+    uint64_t unique = 0;
+    std::memcpy(&opcode, request.data() + 4, sizeof opcode);
+    std::memcpy(&unique, request.data() + 8, sizeof unique);
+    if (opcode == kFuseForget || opcode == kFuseBatchForget || opcode == kFuseInterrupt) return;
+    FuseInflight& f = fuse_inflight[share];
+    if (f.bytes + request.size() > kFuseInflightCap) return;
+    auto [it, added] =
+        f.requests.emplace(unique, std::vector<std::byte>(request.begin(), request.end()));
+    if (added) f.bytes += request.size();
+  }
+
+  void ForgetFuseRequest(uint32_t share, uint64_t unique) {
+    auto f = fuse_inflight.find(share);
+    if (f == fuse_inflight.end()) return;
+    auto it = f->second.requests.find(unique);
+    if (it == f->second.requests.end()) return;
+    f->second.bytes -= it->second.size();
+    f->second.requests.erase(it);
+  }
+
+  // Host -> guest kernel: whole FUSE replies, one write each.
+  void PumpFuseIn(Session& s) {
+    InChannel& in = s.in;
+    if (s.stream == 0) return;
+    while (in.Pending() >= kFuseHeader) {
+      const std::byte* at = in.pending.data() + in.pending_off;
+      uint32_t len = 0;
+      std::memcpy(&len, at, sizeof len);
+      if (len < kFuseHeader || len > kFuseRelayRead)
+        return FailStream(s.stream, Error{"a FUSE reply with a bad length", EPROTO});
+      if (in.Pending() < len) break;
+      ssize_t n;
+      do {
+        n = ::write(in.fd.Get(), at, len);
+      } while (n < 0 && errno == EINTR);
+      // ENOENT: the request was interrupted and is gone; EINVAL: the kernel
+      // refused a malformed reply (the host's bug, the guest stays sound).
+      if (n < 0 && errno != ENOENT && errno != EINVAL)
+        return FailStream(s.stream, Error::FromErrno("write /dev/fuse"));
+      uint64_t unique = 0;
+      std::memcpy(&unique, at + 8, sizeof unique);
+      ForgetFuseRequest(s.share, unique);
+      in.pending_off += len;
+      in.unacked += len;
+    }
+    if (in.Pending() == 0) {
+      in.pending.clear();
+      in.pending_off = 0;
+    } else if (in.pending_off > 0) {
+      in.pending.erase(in.pending.begin(),
+                       in.pending.begin() + static_cast<ptrdiff_t>(in.pending_off));
+      in.pending_off = 0;
+    }
+    if (in.unacked > 0) {
+      SendWindow(s, in.unacked);
+      in.unacked = 0;
+    }
+  }
+
+  void StartFuse(uint32_t stream, uint32_t index) {
+    if (!options.on_serve_share)
+      return QueueError(stream, ENOSYS, "serve_share is not supported here");
+    auto fd = options.on_serve_share(index);
+    if (!fd) return QueueError(stream, fd.error());
+    int flags = ::fcntl(fd->Get(), F_GETFL);
+    if (flags < 0 || ::fcntl(fd->Get(), F_SETFL, flags | O_NONBLOCK) != 0)
+      return QueueError(stream, Error::FromErrno("serve_share: fcntl"));
+    auto s = std::make_unique<Session>();
+    s->stream = stream;
+    s->kind = Kind::kFuse;
+    s->in.fd.Reset(::fcntl(fd->Get(), F_DUPFD_CLOEXEC, 0));
+    if (!s->in.fd) return QueueError(stream, Error::FromErrno("serve_share: dup"));
+    s->out[0].fd = std::move(*fd);
+    s->out[1].finished = true;
+    s->share = index;
+    Session& session = *s;
+    sessions[stream] = std::move(s);
+    QueueText(stream, FrameType::kOpened, protocol::EncodeEmpty());
+    // What an earlier link left unanswered goes first, within the window.
+    auto f = fuse_inflight.find(index);
+    if (f == fuse_inflight.end()) return;
+    for (const auto& [unique, request] : f->second.requests) {
+      auto size = static_cast<int64_t>(request.size());
+      if (size > session.out[0].credit) break;
+      Queue(stream, FrameType::kData, Channel::kStdout, request);
+      session.out[0].credit -= size;
+    }
+  }
+
   void PumpOut(Session& s, int index) {
+    if (s.kind == Kind::kFuse) {
+      if (index == 0) PumpFuseOut(s);
+      return;
+    }
     OutChannel& c = s.out[index];
     bool draining = s.kind == Kind::kExec && s.reaped;
     bool try_read = c.ready || draining;
@@ -268,6 +411,7 @@ struct Agent::Impl {
   }
 
   void PumpIn(Session& s) {
+    if (s.kind == Kind::kFuse) return PumpFuseIn(s);
     InChannel& in = s.in;
     if (s.stream == 0) return;
     while (in.Pending() > 0) {
@@ -343,6 +487,8 @@ struct Agent::Impl {
         return true;
       case Kind::kWriteFile:
         return false;  // finished from the Eof handler
+      case Kind::kFuse:
+        return false;  // serves until the host closes it or the link ends
     }
     return false;
   }
@@ -682,6 +828,8 @@ struct Agent::Impl {
     }
     if (auto* p = std::get_if<protocol::PortForwardRequest>(&*request))
       return StartPort(id, p->port);
+    if (auto* ss = std::get_if<protocol::ServeShareRequest>(&*request))
+      return StartFuse(id, ss->index);
     QueueError(id, EINVAL, "unsupported op");
   }
 
@@ -884,13 +1032,15 @@ struct Agent::Impl {
           owners.emplace_back(s.get(), Slot::kConnect);
           continue;
         }
+        int64_t need = s->kind == Kind::kFuse ? static_cast<int64_t>(kFuseRelayRead) : 1;
         for (int i = 0; i < 2; ++i) {
-          if (s->out[i].fd && s->out[i].credit > 0 && room) {
+          if (s->out[i].fd && s->out[i].credit >= need && room) {
             fds.push_back({s->out[i].fd.Get(), POLLIN, 0});
             owners.emplace_back(s.get(), i == 0 ? Slot::kOut0 : Slot::kOut1);
           }
         }
-        if (s->in.fd && s->in.Pending() > 0 && !s->in.broken) {
+        // /dev/fuse is always writable: PumpIn writes whole replies each round.
+        if (s->in.fd && s->in.Pending() > 0 && !s->in.broken && s->kind != Kind::kFuse) {
           fds.push_back({s->in.fd.Get(), POLLOUT, 0});
           owners.emplace_back(s.get(), Slot::kIn);
         }

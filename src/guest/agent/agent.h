@@ -47,6 +47,12 @@ struct AgentOptions {
   // resume (guest/agent/resume.h), returning the count. Without it the op
   // fails with ENOSYS.
   std::function<Result<uint64_t>(const protocol::ResumedRequest&)> on_resumed;
+  // Op serve_share: the /dev/fuse descriptor of host share `index`, mounted
+  // on the first call (later links get the same mount again). The agent
+  // takes the returned descriptor (a dup: closing it never ends the mount)
+  // and relays whole FUSE messages on the stream. Without it the op fails
+  // with ENOSYS.
+  std::function<Result<UniqueFd>(uint32_t index)> on_serve_share;
   // Children are not read while this much is queued toward the host.
   size_t link_soft_cap = 1u << 20;
   // The link is not read while this much is queued toward the host (a host

@@ -262,6 +262,18 @@ Status MountVolumes(const Config& config, Deadline deadline) {
   }
   for (size_t i = 0; i < config.host_shares.size(); ++i) {
     const auto& share = config.host_shares[i];
+    if (share.fuse) {
+      // Mounted by the agent when the host serves it (fuse_share.h); its
+      // mount point is made now, while the root may still be written
+      // (read_only_root seals it later).
+      std::string where = "host_shares[" + std::to_string(i) + "] (" + share.path + ")";
+      if (share.file.empty()) {
+        CELLA_TRY_CTX(OpenDirBeneath(kNewRoot, share.path), where);
+      } else {
+        CELLA_TRY_CTX(OpenFileBeneath(kNewRoot, share.path), where);
+      }
+      continue;
+    }
     CELLA_TRY_CTX(MountHostShare(share, i),
                   "host_shares[" + std::to_string(i) + "] (" + share.path + ")");
   }

@@ -15,6 +15,7 @@
 #include "guest/agent/resume.h"
 #include "guest/init/console.h"
 #include "guest/init/format.h"
+#include "guest/init/fuse_share.h"
 #include "guest/init/workload.h"
 
 namespace cella::init {
@@ -130,6 +131,7 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
     if (count) Say("resumed from a snapshot (resume " + std::to_string(*count) + ")");
     return count;
   };
+  options.on_serve_share = [&config](uint32_t index) { return ServeFuseShare(config, index); };
   auto agent = agent::Agent::Create(std::move(options));
   if (!agent) return std::unexpected(std::move(agent.error()).WithContext("agent"));
   serving = agent->get();

@@ -470,7 +470,15 @@ Result<uint64_t> AgentClient::Resumed(std::chrono::system_clock::time_point real
 }
 
 Result<std::unique_ptr<PortStream>> AgentClient::OpenPort(uint16_t guest_port) {
-  auto stream = CELLA_TRY(link_->Open(protocol::PortForwardRequest{guest_port}));
+  return OpenByteStream(protocol::PortForwardRequest{guest_port});
+}
+
+Result<std::unique_ptr<PortStream>> AgentClient::ServeShare(uint32_t index) {
+  return OpenByteStream(protocol::ServeShareRequest{index});
+}
+
+Result<std::unique_ptr<PortStream>> AgentClient::OpenByteStream(const protocol::Request& request) {
+  auto stream = CELLA_TRY(link_->Open(request));
   StreamGuard guard(*link_, stream);
   auto e = CELLA_TRY(link_->Next(*stream));
   if (e.kind == Event::Kind::kError) return std::unexpected(AgentError(e));

@@ -198,6 +198,10 @@ class AgentClient {
   Status SetAttributes(const std::string& path, const FileAttributes& attributes);
 
   Result<std::unique_ptr<PortStream>> OpenPort(uint16_t guest_port);
+  // Op serve_share: the guest mounts host share `index` over FUSE and relays
+  // its raw FUSE messages on the returned stream (requests read, replies
+  // written; see protocol/README.md).
+  Result<std::unique_ptr<PortStream>> ServeShare(uint32_t index);
 
   // Asks the guest to power off (the agent's on_shutdown). The guest init
   // sends SIGTERM to every process, waits up to `grace` (0: its default,
@@ -227,6 +231,8 @@ class AgentClient {
   Result<std::unique_ptr<ExecSession>> Start(const protocol::Request& request,
                                              ExecCallbacks callbacks);
   Result<std::string> Simple(const protocol::Request& request);
+  // Opens a stream that answers Opened {} and then carries bytes both ways.
+  Result<std::unique_ptr<PortStream>> OpenByteStream(const protocol::Request& request);
   std::shared_ptr<Link> link_;
   AgentClientOptions options_;
 };

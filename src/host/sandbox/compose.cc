@@ -145,8 +145,9 @@ Status AttachShares(const std::vector<ShareAttachment>& shares, protocol::Config
   vm.Shares.clear();
   for (size_t i = 0; i < shares.size(); ++i) {
     std::string tag = "cella-share" + std::to_string(i);
-    vm.Shares.push_back({shares[i].socket_path, tag});
-    guest.host_shares.push_back({tag, shares[i].guest_path, shares[i].mode, shares[i].file});
+    if (!shares[i].fuse) vm.Shares.push_back({shares[i].socket_path, tag});
+    guest.host_shares.push_back(
+        {tag, shares[i].guest_path, shares[i].mode, shares[i].file, shares[i].fuse});
   }
   CELLA_TRY_CTX(protocol::ValidateConfig(guest), "guest config");
   return {};

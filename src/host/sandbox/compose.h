@@ -87,7 +87,8 @@ struct ShareAttachment {
   std::string socket_path;  // the daemon's vhost-user socket
   std::string guest_path;
   protocol::MountMode mode = protocol::MountMode::kReadOnly;
-  std::string file;  // non-empty: a single-file share of this name
+  std::string file;   // non-empty: a single-file share of this name
+  bool fuse = false;  // served over FUSE on the agent link: no device, no socket
 };
 
 // Adds each share to `vm` (a vhost-user-fs device, tag cella-share<N>) and to

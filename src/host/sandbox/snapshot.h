@@ -35,6 +35,11 @@ inline constexpr const char* kForkDirPrefix = ".fork-";
 // Beside the state when the sandbox had egress control: its DNS server's
 // name <-> virtual address table (net::FakeIpTable::Export).
 inline constexpr const char* kDnsNamesFile = "dns-names";
+// Beside the state when the sandbox had FUSE host shares: each share's
+// server state (node table and open handles, share::FuseServer::SaveState)
+// as a JSON object {"<share index>": "<state>"}; the guest kernel holds the
+// node ids and handles in its memory, so a restored guest needs them.
+inline constexpr const char* kShareStatesFile = "share-states.json";
 
 enum class SnapshotCompression { kNone, kZstd };
 std::string_view ToString(SnapshotCompression compression);  // "none" | "zstd"

@@ -40,6 +40,7 @@
 #include "host/sandbox/control.h"
 #include "host/sandbox/disk_image.h"
 #include "host/sandbox/event_ring.h"
+#include "host/sandbox/fuse_share.h"
 #include "host/sandbox/layout.h"
 #include "host/sandbox/lifecycle.h"
 #include "host/sandbox/log_files.h"
@@ -368,6 +369,9 @@ class Supervisor {
       log::Notice("resumed from the standby snapshot",
                   {{"id", args_.id}, {"resume_count", std::to_string(*count)}});
     }
+    // Before anything else runs in the guest: the shares' mounts answer
+    // nothing until they are served.
+    CELLA_TRY(ServeFuseShares(*agent));
     CELLA_TRY(router_->Listen(paths_.mux_socket));
     for (const PortSpec& p : ports_) {
       auto forwarder =
@@ -383,16 +387,26 @@ class Supervisor {
     return {};
   }
 
-  // One virtiofsd per host share, children of this process (they die with
-  // it), started before QEMU so their sockets exist when it connects.
+  // Host shares: rw and ro ones over FUSE on the agent link (served from
+  // AfterBoot), unless CELLA_SHARE_TRANSPORT=virtiofs; overlay ones, and
+  // every one under virtiofs, get one virtiofsd each, children of this
+  // process (they die with it), started before QEMU so their sockets exist
+  // when it connects.
   Status StartShares(const SandboxSpec& spec, protocol::Config& guest, vmm::VMConfig& vm) {
-    // QEMU 7.2's virtiofsd needs CAP_SYS_ADMIN for its namespace sandbox,
-    // and creates files as the guest's uid/gid (only root may do that).
-    if (::geteuid() != 0)
-      return Fail(
-          "host directory shares (-v /host/path:...) need cella to run as root; use a named "
-          "volume and cella cp instead");
-    std::string virtiofsd = CELLA_TRY(ResolveVirtiofsd());
+    bool fuse_allowed = CELLA_TRY(FuseSharesWanted());
+    // A restored guest has its FUSE mounts in its memory: they stay FUSE.
+    if (args_.resume) fuse_allowed = true;
+    std::optional<nlohmann::json> saved;
+    if (args_.resume) {
+      // standby_dir_ is set later in Start; the same directory.
+      std::string file = paths_.dir + "/standby/" + kShareStatesFile;
+      if (::access(file.c_str(), F_OK) == 0) {
+        saved = nlohmann::json::parse(CELLA_TRY(ReadFileToString(file, size_t{256} << 20)), nullptr,
+                                      false);
+        if (!saved->is_object()) return Fail("the snapshot's " + file + " is damaged");
+      }
+    }
+    std::string virtiofsd;
     std::vector<ShareAttachment> attachments;
     for (size_t i = 0; i < spec.shares.size(); ++i) {
       const ShareSpec& s = spec.shares[i];
@@ -402,23 +416,92 @@ class Supervisor {
       if (s.is_file ? !S_ISREG(st.st_mode) : !S_ISDIR(st.st_mode))
         return Fail("share " + s.host_path + ": was a " + (s.is_file ? "file" : "directory") +
                     " when the sandbox was created, and is not any more");
+      std::string n = std::to_string(i);
+      std::string file;
+      if (s.is_file) file = s.host_path.substr(s.host_path.rfind('/') + 1);
+      if (fuse_allowed && s.mode != protocol::MountMode::kOverlay &&
+          !HasMountBeneath(guest, spec, s.guest_path)) {
+        std::shared_ptr<share::FuseServer> server =
+            CELLA_TRY_CTX(OpenFuseServer({s.host_path, s.is_file, s.mode}), "share " + n);
+        if (saved && saved->contains(n) && (*saved)[n].is_string())
+          CELLA_TRY_CTX(server->LoadState((*saved)[n].get<std::string>()), "share " + n);
+        fuse_servers_.push_back({static_cast<uint32_t>(i), std::move(server)});
+        attachments.push_back({"", s.guest_path, s.mode, file, true});
+        continue;
+      }
+      // QEMU 7.2's virtiofsd needs CAP_SYS_ADMIN for its namespace sandbox,
+      // and creates files as the guest's uid/gid (only root may do that).
+      if (::geteuid() != 0)
+        return Fail(
+            "overlay host directory shares (-v /host/path:/guest:overlay) and "
+            "CELLA_SHARE_TRANSPORT=virtiofs need cella to run as root; use rw or ro, or a named "
+            "volume and cella cp instead");
+      if (virtiofsd.empty()) virtiofsd = CELLA_TRY(ResolveVirtiofsd());
       ShareDaemonOptions options;
       options.virtiofsd = virtiofsd;
       options.host_path = s.host_path;
       options.is_file = s.is_file;
       options.mode = s.mode;
-      std::string n = std::to_string(i);
       options.stage_dir = paths_.dir + "/share" + n;
       options.socket_path = paths_.dir + "/fs" + n + ".sock";
       options.log_path = paths_.dir + "/virtiofsd" + n + ".log";
       CELLA_TRY(host::MakeDirs(options.stage_dir, 0700));
       share_logs_.push_back(options.log_path);
       shares_.push_back(CELLA_TRY(ShareDaemon::Start(options)));
-      std::string file;
-      if (s.is_file) file = s.host_path.substr(s.host_path.rfind('/') + 1);
       attachments.push_back({options.socket_path, s.guest_path, s.mode, file});
     }
     return AttachShares(attachments, guest, vm);
+  }
+
+  // Whether another mount (volume, disk, tmpfs, share) lies beneath `path`.
+  // A FUSE share is mounted last, by the agent, after the link is up: it
+  // would hide such a mount, and mounting one through it from the agent's
+  // own loop would wait on the relay that loop runs. Such a share stays on
+  // virtiofs, mounted at boot in order.
+  static bool HasMountBeneath(const protocol::Config& guest, const SandboxSpec& spec,
+                              const std::string& path) {
+    std::string prefix = path + "/";
+    auto beneath = [&](const std::string& p) { return p.starts_with(prefix); };
+    for (const auto& v : guest.volume_mounts)
+      if (beneath(v.path)) return true;
+    for (const auto& d : guest.disks)
+      if (beneath(d.path)) return true;
+    for (const auto& t : guest.tmpfs)
+      if (beneath(t.path)) return true;
+    for (const ShareSpec& other : spec.shares)
+      if (beneath(other.guest_path)) return true;
+    return false;
+  }
+
+  // CELLA_SHARE_TRANSPORT: "fuse" (the default) or "virtiofs".
+  static Result<bool> FuseSharesWanted() {
+    const char* env = std::getenv("CELLA_SHARE_TRANSPORT");
+    std::string_view value = env ? env : "";
+    if (value.empty() || value == "fuse") return true;
+    if (value == "virtiofs") return false;
+    return Fail("CELLA_SHARE_TRANSPORT=" + std::string(value) + ": want fuse or virtiofs");
+  }
+
+  // (Re)serves every FUSE share on the current agent link: after boot, after
+  // a resume and after a snapshot let the VM run again.
+  Status ServeFuseShares(host::AgentClient& agent) {
+    fuse_shares_.clear();  // the previous link's threads ended with it
+    for (auto& [index, server] : fuse_servers_)
+      fuse_shares_.push_back(
+          CELLA_TRY_CTX(FuseShare::Start(agent, index, server), "serve host share"));
+    return {};
+  }
+
+  // The FUSE servers' states into `dir` (the machine is frozen, the link
+  // released: no request is being answered).
+  Status SaveShareStates(const std::string& dir) {
+    if (fuse_servers_.empty()) return {};
+    fuse_shares_.clear();
+    nlohmann::json states = nlohmann::json::object();
+    for (auto& [index, server] : fuse_servers_) states[std::to_string(index)] = server->SaveState();
+    std::string file = dir + "/" + kShareStatesFile;
+    CELLA_TRY(WriteStringToFile(file, states.dump(), 0600));
+    return FsyncFile(file);
   }
 
   // What a snapshot of this machine must match, computed once on first use.
@@ -514,8 +597,9 @@ class Supervisor {
                   "foreground run or was started with --rm (use cella run -d)");
     if (!shares_.empty())
       return Fail(std::string(what) +
-                  " of a sandbox with host directories (-v /host:/guest) is not supported: "
-                  "QEMU cannot save a virtiofs device, and the host tree can change meanwhile");
+                  " of a sandbox with virtiofs host directories (overlay shares, or "
+                  "CELLA_SHARE_TRANSPORT=virtiofs) is not supported: QEMU cannot save a "
+                  "virtiofs device; rw and ro shares over FUSE (the default) can");
     if (has_volumes_)
       return Fail(std::string(what) +
                   " of a sandbox with volumes is not supported: a volume can change while the "
@@ -575,6 +659,7 @@ class Supervisor {
         CELLA_TRY(WriteStringToFile(names, fake_ips_->Export(), 0600));
         CELLA_TRY(FsyncFile(names));
       }
+      CELLA_TRY(SaveShareStates(dir));
       if (while_frozen) CELLA_TRY(while_frozen(dir));
       manifest = CELLA_TRY(CommitSnapshot(dir, manifest));
       return {};
@@ -938,7 +1023,8 @@ class Supervisor {
 
   void AfterClose() {
     if (router_) router_->Stop();
-    shares_.clear();  // QEMU is gone: nothing is served any more
+    shares_.clear();       // QEMU is gone: nothing is served any more
+    fuse_shares_.clear();  // their link is closed: the threads have ended
     for (const std::string& p : {paths_.mux_socket}) {
       if (!p.empty() && ::unlink(p.c_str()) != 0 && errno != ENOENT)
         log::Warn("could not remove socket", {{"path", p}, {"error", std::strerror(errno)}});
@@ -1006,6 +1092,11 @@ class Supervisor {
   UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
   UniqueFd netns_;
   std::vector<std::unique_ptr<ShareDaemon>> shares_;  // main thread only
+  // FUSE shares: (config index, server), and the threads serving them on
+  // the current link. Main thread only; a server is touched here only
+  // while no FuseShare serves it.
+  std::vector<std::pair<uint32_t, std::shared_ptr<share::FuseServer>>> fuse_servers_;
+  std::vector<std::unique_ptr<FuseShare>> fuse_shares_;
   std::vector<std::string> share_logs_;
   std::unique_ptr<SandboxLifecycle> lifecycle_;
   std::unique_ptr<ControlServer> control_;

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -174,7 +175,10 @@ class Supervisor {
                                          paths_.dir, spec.root_image_path, spec.upper_image));
     // A debug supervisor (cella --debug / CELLA_DEBUG=1) boots a guest that
     // logs its steps with timestamps on the console (its own template key).
-    if (log::CurrentLevel() == log::Level::kDebug)
+    // CELLA_DEBUG=host keeps the guest quiet.
+    const char* debug_env = std::getenv("CELLA_DEBUG");
+    if (log::CurrentLevel() == log::Level::kDebug &&
+        !(debug_env != nullptr && std::string_view(debug_env) == "host"))
       vm.KernelArgs += vm.KernelArgs.empty() ? "cella.debug=1" : " cella.debug=1";
     if (!spec.shares.empty()) CELLA_TRY(StartShares(spec, guest, vm));
     vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));

@@ -326,6 +326,7 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
   log::Debug("QEMU sockets open", {{"id", config_.ID}});
   qmp_.emplace(
       CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout), "VM " + config_.ID));
+  log::Debug("QMP ready", {{"id", config_.ID}});
   if (config_.Template == TemplateRole::kCapture)
     return CaptureTemplate(std::move(agent_fd), deadline);
   if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
@@ -436,6 +437,7 @@ Status QemuMachine::RestoreState(Clock::time_point deadline) {
           "migrate-set-capabilities",
           {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
     CELLA_TRY(qmp_->Execute("migrate-incoming", {{"uri", config_.IncomingMigration}}));
+    log::Debug("state restore started", {{"id", config_.ID}});
     CELLA_TRY(qmp_->AwaitMigration(left));
     // -S: nothing ran yet; the guest runs from where it was saved now.
     std::string status = CELLA_TRY(qmp_->QueryStatus());
@@ -574,14 +576,25 @@ Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, millis
   // The far end first: a client of the router that goes away first would
   // have its streams closed, and the agent kills a main process whose
   // stream is closed.
+  const int64_t closed_at_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count();
   if (close_link) close_link();
   agent_.reset();
   // The guest agent sees the host side hang up, ends its link and closes
-  // the port (it opens it again after 200 ms, to wait for the next host).
+  // the port (and opens it again at once, to wait for the next host).
   auto closed = qmp->WaitEvent(
       "VSERPORT_CHANGE",
-      [](const nlohmann::json& data) {
-        return data.value("id", std::string()) == kAgentPortId && !data.value("open", true);
+      [closed_at_us](const nlohmann::json& data, int64_t queued_us) {
+        if (data.value("id", std::string()) != kAgentPortId) return false;
+        if (!data.value("open", true)) return true;
+        // QEMU sends at most one port event a second: a close that came
+        // within a second of an earlier event (the restore's own, right
+        // after a resume) is replaced by the guest opening the port again
+        // to wait for the next host, and only "open" goes out. An open
+        // queued after we hung up says the guest closed in between (the
+        // port was open while it served us).
+        return queued_us > closed_at_us;
       },
       timeout);
   if (!closed) return std::unexpected(std::move(closed.error()).WithContext("VM " + config_.ID));

@@ -91,6 +91,11 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
 // recorded size and checksum. ENOENT when there is no (committed) snapshot;
 // any other error names what is wrong ("truncated", "checksum mismatch").
 Result<SnapshotManifest> VerifySnapshot(const std::string& dir);
+// VerifySnapshot in two halves, so the checksum can be computed while QEMU
+// already reads the stream (a resume lets the guest run only once it
+// matched): the manifest and the state file's size, then the checksum.
+Result<SnapshotManifest> ReadSnapshotManifest(const std::string& dir);
+Status VerifySnapshotChecksum(const std::string& dir, const SnapshotManifest& manifest);
 
 // Removes the directory and everything in it; a missing one is fine.
 Status RemoveSnapshot(const std::string& dir);

@@ -429,6 +429,7 @@ Status QemuMachine::SendWarmGo(int agent_fd, Clock::time_point deadline) {
 
 Status QemuMachine::RestoreState(Clock::time_point deadline) {
   auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+  bool gate_checked = false;
   auto restored = [&]() -> Status {
     // The template's RAM is not in the stream: it is the file this QEMU
     // mapped; the capability must match the one it was saved with.
@@ -443,8 +444,14 @@ Status QemuMachine::RestoreState(Clock::time_point deadline) {
     std::string status = CELLA_TRY(qmp_->QueryStatus());
     if (status != "paused" && status != "prelaunch")
       return Fail("restored VM is " + status + ", not paused");
+    gate_checked = true;
+    if (options_.before_cont) CELLA_TRY(options_.before_cont());
     return qmp_->Cont();
   }();
+  if (!restored && !gate_checked && options_.before_cont) {
+    // A stream QEMU could not read may be a corrupt file: say that.
+    if (auto gate = options_.before_cont(); !gate) restored = std::unexpected(gate.error());
+  }
   if (!restored) {
     // Tagged whichever way it ended (QEMU may have died of the stream): the
     // caller may drop a template only for a failure of the state itself.

@@ -9,8 +9,10 @@
 // manifest to a temporary name, fsyncs and renames that, and fsyncs the
 // directory. The manifest's rename is the commit point: a directory without
 // manifest.json holds no snapshot, whatever else is in it, and a resume
-// checks size and checksum before QEMU reads a byte (VerifySnapshot). So a
-// writer killed at any moment leaves garbage that is never trusted.
+// checks the size before QEMU starts and the checksum before the guest runs
+// (ReadSnapshotManifest, then VerifySnapshotChecksum while QEMU reads the
+// stream). So a writer killed at any moment leaves garbage that is never
+// trusted.
 //
 // Threads: free functions, no shared state.
 #pragma once

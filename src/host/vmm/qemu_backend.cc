@@ -183,8 +183,10 @@ class QemuMachine final : public Machine {
   host::SpawnedProcess process_;
   std::optional<host::ExitStatus> exit_;
   bool started_ = false;
-  bool killed_ = false;  // Kill was called: a Start still launching must not boot
-  UniqueFd wait_fd_;     // a pidfd for QEMU that stays open until destruction
+  bool killed_ = false;         // Kill was called: a Start still launching must not boot
+  UniqueFd wait_fd_;            // a pidfd for QEMU that stays open until destruction
+  UniqueFd incoming_fd_;        // IncomingStateFile, open only until QEMU is spawned
+  int incoming_child_fd_ = -1;  // its number in QEMU (migrate-incoming "fd:N")
 
   std::optional<QmpClient> qmp_;
   std::unique_ptr<host::AgentClient> agent_;
@@ -271,8 +273,16 @@ Status QemuMachine::Start() {
   {
     std::lock_guard lock(mu_);
     std::vector<int> child_fds = QemuChildFds(config_);
+    if (!config_.IncomingStateFile.empty()) {
+      // Read by QEMU on migrate-incoming "fd:N"; our copy closes below.
+      incoming_fd_.Reset(::open(config_.IncomingStateFile.c_str(), O_RDONLY | O_CLOEXEC));
+      if (!incoming_fd_) return FailErrno("open " + config_.IncomingStateFile);
+      incoming_child_fd_ = host::kFirstInheritedFd + static_cast<int>(child_fds.size());
+      child_fds.push_back(incoming_fd_.Get());
+    }
     process_ =
         CELLA_TRY_CTX(host::SpawnWithOutputFile(argv, paths_.qemu_log, child_fds), "start QEMU");
+    incoming_fd_.Reset();  // QEMU holds its own copy now
     started_ = true;
     // Reaping closes process_.pidfd; Wait polls this duplicate without the
     // lock, so it must outlive every reap.
@@ -437,7 +447,9 @@ Status QemuMachine::RestoreState(Clock::time_point deadline) {
       CELLA_TRY(qmp_->Execute(
           "migrate-set-capabilities",
           {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
-    CELLA_TRY(qmp_->Execute("migrate-incoming", {{"uri", config_.IncomingMigration}}));
+    const std::string uri = incoming_child_fd_ >= 0 ? "fd:" + std::to_string(incoming_child_fd_)
+                                                    : config_.IncomingMigration;
+    CELLA_TRY(qmp_->Execute("migrate-incoming", {{"uri", uri}}));
     log::Debug("state restore started", {{"id", config_.ID}});
     CELLA_TRY(qmp_->AwaitMigration(left));
     // -S: nothing ran yet; the guest runs from where it was saved now.

@@ -625,11 +625,16 @@ int Main(int argc, char** argv) {
   }
   // --debug reaches the sandbox's supervisor (its own process, logging to
   // supervisor.log) and, through it, the guest init (cella.debug=1).
-  if (const char* env = std::getenv("CELLA_DEBUG"); env != nullptr && std::string_view(env) == "1")
-    debug = true;
+  // CELLA_DEBUG=host: the host's debug lines only; the guest boots as
+  // without debug (no serial console lines slowing it, the same template
+  // key), so a timeline of the host's steps is a true one.
+  const char* debug_env = std::getenv("CELLA_DEBUG");
+  const bool host_only = debug_env != nullptr && std::string_view(debug_env) == "host";
+  if (debug_env != nullptr && (std::string_view(debug_env) == "1" || host_only)) debug = true;
   if (debug) {
     cella::log::SetLevel(cella::log::Level::kDebug);
-    if (::setenv("CELLA_DEBUG", "1", 1) != 0) std::perror("cella: setenv CELLA_DEBUG");
+    if (::setenv("CELLA_DEBUG", host_only ? "host" : "1", 1) != 0)
+      std::perror("cella: setenv CELLA_DEBUG");
   }
   if (version) return cella::cli::VersionCommand();
   if (app.get_subcommands().empty()) {

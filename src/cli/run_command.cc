@@ -1,10 +1,13 @@
 // `cella run`: create a sandbox from an image (or the built-in one), start its
 // supervisor, and either print its ID (-d) or attach to its main process,
 // stream its output and exit with its code (foreground runs are --rm).
+#include <poll.h>
 #include <signal.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -423,11 +426,29 @@ Result<int> Run(const RunArgs& args) {
 
 void FinishForegroundRun(SandboxContext& ctx, const std::string& id) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  // The supervisor removes the record and exits: its exit wakes the wait
+  // below at once (a pidfd), the 50 ms tick only covers a pidfd that could
+  // not be opened or a process that is not the recorded one.
+  UniqueFd supervisor;
+  bool pidfd_tried = false;
   while (std::chrono::steady_clock::now() < deadline) {
     auto now = ctx.store.Get(id);
     if (!now) return;  // removed: done
     if (!store::IsActive(now->state) && !store::IsAlive(now->supervisor)) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (!pidfd_tried && now->supervisor.pid > 0) {
+      pidfd_tried = true;
+      supervisor.Reset(static_cast<int>(::syscall(SYS_pidfd_open, now->supervisor.pid, 0)));
+      // Opened after the pid was read: it must still be the recorded process.
+      if (supervisor && !store::IsAlive(now->supervisor)) supervisor.Reset();
+    }
+    if (supervisor) {
+      pollfd p{supervisor.Get(), POLLIN, 0};
+      int rc = ::poll(&p, 1, 50);
+      // Exited (readable from now on) or unusable: ticks from here on.
+      if (rc > 0 || (rc < 0 && errno != EINTR)) supervisor.Reset();
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
   }
   auto left = ctx.store.Get(id);
   if (!left) return;

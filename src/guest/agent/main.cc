@@ -22,6 +22,7 @@
 #include "base/io.h"
 #include "base/log.h"
 #include "guest/agent/agent.h"
+#include "guest/agent/host_wait.h"
 #include "guest/agent/resume.h"
 
 namespace {
@@ -232,11 +233,26 @@ int Run(const Args& args) {
         if (!dev) {
           cella::log::Warn("agent: cannot open the port",
                            {{"path", path}, {"error", std::strerror(errno)}});
-        } else {
-          Report((*agent)->Serve(std::move(dev)));
+          // The host side may reconnect later; do not spin while it is away.
+          std::this_thread::sleep_for(std::chrono::milliseconds(200));
+          continue;
         }
-        // The host side may reconnect later; do not spin while it is away.
-        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        // Serve only once a host is there (a virtio port raises SIGIO when
+        // it connects); a device without that is tried every 200 ms.
+        auto waited = cella::agent::WaitForHost(dev.Get(), std::chrono::seconds(5),
+                                                std::chrono::milliseconds(200));
+        if (!waited) {
+          cella::log::Warn("agent: waiting for the host failed",
+                           {{"error", waited.error().message}});
+          std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        }
+        if (waited && !waited->connected) continue;
+        auto began = std::chrono::steady_clock::now();
+        Report((*agent)->Serve(std::move(dev)));
+        // A link that ended at once (a device that reads EOF without a host
+        // and cannot say so) must not make this loop spin.
+        if (std::chrono::steady_clock::now() - began < std::chrono::milliseconds(50))
+          std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
       return 0;
     }

@@ -12,6 +12,7 @@
 
 #include "base/io.h"
 #include "guest/agent/agent.h"
+#include "guest/agent/host_wait.h"
 #include "guest/agent/resume.h"
 #include "guest/init/console.h"
 #include "guest/init/format.h"
@@ -46,6 +47,17 @@ void ArmPowerOffAlarm() {
     PowerOff();
   }
   ::alarm(kPowerOffGraceSeconds);
+}
+
+// Blocks until a host is connected to the agent port, so Serve() neither
+// spins on the EOF a port without a host reads nor leaves a Hello queued
+// in QEMU for a later host (a resume, a fork copy) to find.
+Status WaitForHostLink(int fd) {
+  for (;;) {
+    auto waited = agent::WaitForHost(fd, std::chrono::seconds(5), std::chrono::milliseconds(200));
+    if (!waited) return std::unexpected(std::move(waited.error()).WithContext("agent port"));
+    if (waited->connected) return {};
+  }
 }
 
 std::string Trimmed(std::string s) {
@@ -141,6 +153,7 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
   for (;;) {
     UniqueFd link(::open(port_path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
     if (!link) return FailErrno("open agent port " + port_path);
+    CELLA_TRY(WaitForHostLink(link.Get()));
     auto end = (*agent)->Serve(std::move(link));
     if (!end) Debug("agent link ended: " + end.error().message);
     if (end) Debug("agent link ended (" + std::to_string(static_cast<int>(*end)) + ")");
@@ -157,8 +170,9 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
       PowerOff();
     }
     if (g_main_exited && !keep_alive) PowerOff();
-    // With no host connected the port reads EOF at once: do not spin.
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // The port is closed at the top of the loop (the host's link release
+    // waits for that) and opened again at once: WaitForHostLink blocks
+    // until the next host connects.
   }
 }
 

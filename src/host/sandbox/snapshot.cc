@@ -191,6 +191,21 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
 }
 
 Result<SnapshotManifest> VerifySnapshot(const std::string& dir) {
+  SnapshotManifest m = CELLA_TRY(ReadSnapshotManifest(dir));
+  CELLA_TRY(VerifySnapshotChecksum(dir, m));
+  return m;
+}
+
+Status VerifySnapshotChecksum(const std::string& dir, const SnapshotManifest& m) {
+  std::string state = dir + "/" + m.state_file;
+  std::string sum = CELLA_TRY(host::Sha256OfFile(state));
+  if (sum != m.sha256)
+    return Fail("snapshot " + state + " is corrupt: checksum mismatch (sha256 " +
+                sum.substr(0, 12) + ", the manifest recorded " + m.sha256.substr(0, 12) + ")");
+  return {};
+}
+
+Result<SnapshotManifest> ReadSnapshotManifest(const std::string& dir) {
   std::string manifest_path = dir + "/" + kManifestName;
   if (::access(manifest_path.c_str(), F_OK) != 0) {
     if (errno == ENOENT)
@@ -207,10 +222,6 @@ Result<SnapshotManifest> VerifySnapshot(const std::string& dir) {
     return Fail("snapshot " + state + " is corrupt: " + std::to_string(st.st_size) +
                 " bytes, the manifest recorded " + std::to_string(m.size_bytes) +
                 (static_cast<uint64_t>(st.st_size) < m.size_bytes ? " (truncated)" : ""));
-  std::string sum = CELLA_TRY(host::Sha256OfFile(state));
-  if (sum != m.sha256)
-    return Fail("snapshot " + state + " is corrupt: checksum mismatch (sha256 " +
-                sum.substr(0, 12) + ", the manifest recorded " + m.sha256.substr(0, 12) + ")");
   return m;
 }
 

@@ -9,8 +9,10 @@
 // manifest to a temporary name, fsyncs and renames that, and fsyncs the
 // directory. The manifest's rename is the commit point: a directory without
 // manifest.json holds no snapshot, whatever else is in it, and a resume
-// checks size and checksum before QEMU reads a byte (VerifySnapshot). So a
-// writer killed at any moment leaves garbage that is never trusted.
+// checks the size before QEMU starts and the checksum before the guest runs
+// (ReadSnapshotManifest, then VerifySnapshotChecksum while QEMU reads the
+// stream). So a writer killed at any moment leaves garbage that is never
+// trusted.
 //
 // Threads: free functions, no shared state.
 #pragma once
@@ -104,6 +106,11 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
 // recorded size and checksum. ENOENT when there is no (committed) snapshot;
 // any other error names what is wrong ("truncated", "checksum mismatch").
 Result<SnapshotManifest> VerifySnapshot(const std::string& dir);
+// VerifySnapshot in two halves, so the checksum can be computed while QEMU
+// already reads the stream (a resume lets the guest run only once it
+// matched): the manifest and the state file's size, then the checksum.
+Result<SnapshotManifest> ReadSnapshotManifest(const std::string& dir);
+Status VerifySnapshotChecksum(const std::string& dir, const SnapshotManifest& manifest);
 
 // Removes the directory and everything in it; a missing one is fine.
 Status RemoveSnapshot(const std::string& dir);

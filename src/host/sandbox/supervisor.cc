@@ -17,11 +17,14 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 
@@ -175,7 +178,10 @@ class Supervisor {
                                          paths_.dir, spec.root_image_path, spec.upper_image));
     // A debug supervisor (cella --debug / CELLA_DEBUG=1) boots a guest that
     // logs its steps with timestamps on the console (its own template key).
-    if (log::CurrentLevel() == log::Level::kDebug)
+    // CELLA_DEBUG=host keeps the guest quiet.
+    const char* debug_env = std::getenv("CELLA_DEBUG");
+    if (log::CurrentLevel() == log::Level::kDebug &&
+        !(debug_env != nullptr && std::string_view(debug_env) == "host"))
       vm.KernelArgs += vm.KernelArgs.empty() ? "cella.debug=1" : " cella.debug=1";
     if (!spec.shares.empty()) CELLA_TRY(StartShares(spec, guest, vm));
     vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
@@ -191,7 +197,7 @@ class Supervisor {
     };
     standby_dir_ = paths_.dir + "/standby";
     if (args_.resume) {
-      CELLA_TRY_CTX(PrepareResume(vm), "resume");
+      CELLA_TRY_CTX(PrepareResume(vm, options), "resume");
     } else {
       // A boot changes the disks under any snapshot of the sandbox's past.
       CELLA_TRY(RemoveSnapshot(standby_dir_));
@@ -530,8 +536,9 @@ class Supervisor {
   }
 
   // The VM comes from the standby snapshot, checked before QEMU reads it.
-  Status PrepareResume(vmm::VMConfig& vm) {
-    SnapshotManifest manifest = CELLA_TRY(VerifySnapshot(standby_dir_));
+  Status PrepareResume(vmm::VMConfig& vm, vmm::QemuBackendOptions& options) {
+    SnapshotManifest manifest = CELLA_TRY(ReadSnapshotManifest(standby_dir_));
+    StartChecksum(manifest, options);
     SnapshotCompat compat = CELLA_TRY(Compat());
     if (std::string mismatch = CompatMismatch(manifest.compat, compat); !mismatch.empty())
       return Fail("the snapshot cannot be restored here: " + mismatch +
@@ -550,6 +557,22 @@ class Supervisor {
   }
 
   // cella standby, on the lifecycle's thread (see LifecycleHooks::standby).
+  // The snapshot's checksum is computed on a thread of its own while the
+  // network comes up and QEMU starts and reads the stream; the guest runs
+  // only once it matched (QemuBackendOptions::before_cont). QEMU reads
+  // the file as it is: a corrupt one fails its restore or the checksum,
+  // and either way the guest never runs it.
+  void StartChecksum(const SnapshotManifest& manifest, vmm::QemuBackendOptions& options) {
+    auto checked = std::make_shared<std::future<Status>>(std::async(
+        std::launch::async,
+        [dir = standby_dir_, manifest] { return VerifySnapshotChecksum(dir, manifest); }));
+    auto result = std::make_shared<std::optional<Status>>();
+    options.before_cont = [checked, result]() -> Status {
+      if (!*result) *result = checked->get();
+      return **result;
+    };
+  }
+
   Status Standby() {
     CELLA_TRY(CheckSnapshottable("standby"));
     CELLA_TRY(RemoveSnapshot(standby_dir_));

@@ -432,6 +432,7 @@ void MakeClone(const TemplateInfo& t, vmm::VMConfig& vm) {
   vm.Template = vmm::TemplateRole::kClone;
   vm.TemplateMemoryPath = t.dir + "/memory";
   vm.IncomingMigration = "exec:cat " + host::ShellQuote(t.dir + "/state");
+  vm.IncomingStateFile = t.dir + "/state";
 }
 
 void RemoveStalePartials(const std::string& home) { SweepPartials(TemplatesDir(home)); }

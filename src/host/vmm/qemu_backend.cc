@@ -183,8 +183,10 @@ class QemuMachine final : public Machine {
   host::SpawnedProcess process_;
   std::optional<host::ExitStatus> exit_;
   bool started_ = false;
-  bool killed_ = false;  // Kill was called: a Start still launching must not boot
-  UniqueFd wait_fd_;     // a pidfd for QEMU that stays open until destruction
+  bool killed_ = false;         // Kill was called: a Start still launching must not boot
+  UniqueFd wait_fd_;            // a pidfd for QEMU that stays open until destruction
+  UniqueFd incoming_fd_;        // IncomingStateFile, open only until QEMU is spawned
+  int incoming_child_fd_ = -1;  // its number in QEMU (migrate-incoming "fd:N")
 
   std::optional<QmpClient> qmp_;
   std::unique_ptr<host::AgentClient> agent_;
@@ -271,8 +273,16 @@ Status QemuMachine::Start() {
   {
     std::lock_guard lock(mu_);
     std::vector<int> child_fds = QemuChildFds(config_);
+    if (!config_.IncomingStateFile.empty()) {
+      // Read by QEMU on migrate-incoming "fd:N"; our copy closes below.
+      incoming_fd_.Reset(::open(config_.IncomingStateFile.c_str(), O_RDONLY | O_CLOEXEC));
+      if (!incoming_fd_) return FailErrno("open " + config_.IncomingStateFile);
+      incoming_child_fd_ = host::kFirstInheritedFd + static_cast<int>(child_fds.size());
+      child_fds.push_back(incoming_fd_.Get());
+    }
     process_ =
         CELLA_TRY_CTX(host::SpawnWithOutputFile(argv, paths_.qemu_log, child_fds), "start QEMU");
+    incoming_fd_.Reset();  // QEMU holds its own copy now
     started_ = true;
     // Reaping closes process_.pidfd; Wait polls this duplicate without the
     // lock, so it must outlive every reap.
@@ -326,6 +336,7 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
   log::Debug("QEMU sockets open", {{"id", config_.ID}});
   qmp_.emplace(
       CELLA_TRY_CTX(QmpClient::Handshake(std::move(qmp_fd), kQmpTimeout), "VM " + config_.ID));
+  log::Debug("QMP ready", {{"id", config_.ID}});
   if (config_.Template == TemplateRole::kCapture)
     return CaptureTemplate(std::move(agent_fd), deadline);
   if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
@@ -428,6 +439,7 @@ Status QemuMachine::SendWarmGo(int agent_fd, Clock::time_point deadline) {
 
 Status QemuMachine::RestoreState(Clock::time_point deadline) {
   auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+  bool gate_checked = false;
   auto restored = [&]() -> Status {
     // The template's RAM is not in the stream: it is the file this QEMU
     // mapped; the capability must match the one it was saved with.
@@ -435,14 +447,23 @@ Status QemuMachine::RestoreState(Clock::time_point deadline) {
       CELLA_TRY(qmp_->Execute(
           "migrate-set-capabilities",
           {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
-    CELLA_TRY(qmp_->Execute("migrate-incoming", {{"uri", config_.IncomingMigration}}));
+    const std::string uri = incoming_child_fd_ >= 0 ? "fd:" + std::to_string(incoming_child_fd_)
+                                                    : config_.IncomingMigration;
+    CELLA_TRY(qmp_->Execute("migrate-incoming", {{"uri", uri}}));
+    log::Debug("state restore started", {{"id", config_.ID}});
     CELLA_TRY(qmp_->AwaitMigration(left));
     // -S: nothing ran yet; the guest runs from where it was saved now.
     std::string status = CELLA_TRY(qmp_->QueryStatus());
     if (status != "paused" && status != "prelaunch")
       return Fail("restored VM is " + status + ", not paused");
+    gate_checked = true;
+    if (options_.before_cont) CELLA_TRY(options_.before_cont());
     return qmp_->Cont();
   }();
+  if (!restored && !gate_checked && options_.before_cont) {
+    // A stream QEMU could not read may be a corrupt file: say that.
+    if (auto gate = options_.before_cont(); !gate) restored = std::unexpected(gate.error());
+  }
   if (!restored) {
     // Tagged whichever way it ended (QEMU may have died of the stream): the
     // caller may drop a template only for a failure of the state itself.
@@ -574,14 +595,25 @@ Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, millis
   // The far end first: a client of the router that goes away first would
   // have its streams closed, and the agent kills a main process whose
   // stream is closed.
+  const int64_t closed_at_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count();
   if (close_link) close_link();
   agent_.reset();
   // The guest agent sees the host side hang up, ends its link and closes
-  // the port (it opens it again after 200 ms, to wait for the next host).
+  // the port (and opens it again at once, to wait for the next host).
   auto closed = qmp->WaitEvent(
       "VSERPORT_CHANGE",
-      [](const nlohmann::json& data) {
-        return data.value("id", std::string()) == kAgentPortId && !data.value("open", true);
+      [closed_at_us](const nlohmann::json& data, int64_t queued_us) {
+        if (data.value("id", std::string()) != kAgentPortId) return false;
+        if (!data.value("open", true)) return true;
+        // QEMU sends at most one port event a second: a close that came
+        // within a second of an earlier event (the restore's own, right
+        // after a resume) is replaced by the guest opening the port again
+        // to wait for the next host, and only "open" goes out. An open
+        // queued after we hung up says the guest closed in between (the
+        // port was open while it served us).
+        return queued_us > closed_at_us;
       },
       timeout);
   if (!closed) return std::unexpected(std::move(closed.error()).WithContext("VM " + config_.ID));

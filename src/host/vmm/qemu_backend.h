@@ -35,6 +35,13 @@ struct QemuBackendOptions {
   // returns instead: the supervisor puts its link router in between so
   // other processes can share the one virtio-serial link.
   std::function<Result<UniqueFd>(UniqueFd agent_link)> wrap_agent_link;
+  // When set, a restore (IncomingMigration) calls it once QEMU has read the
+  // state and before the guest runs (`cont`); an error fails the boot with
+  // that error (tagged kStateNotRestoredErrno). A restore that failed
+  // before calls it too, and reports its error instead of QEMU's when it
+  // has one: the supervisor checks the snapshot's checksum here, while
+  // QEMU reads it, and a corrupt file is said as such.
+  std::function<Status()> before_cont;
 };
 
 // errno_value of a boot error that came from restoring saved state (QEMU

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <thread>
 
@@ -167,14 +168,28 @@ Status QmpClient::SystemPowerdown() {
   return {};
 }
 
-Result<nlohmann::json> QmpClient::WaitEvent(std::string_view name,
-                                            const std::function<bool(const nlohmann::json&)>& match,
-                                            Duration timeout) {
+int64_t EventUnixUs(const nlohmann::json& event) {
+  auto stamp = event.find("timestamp");
+  if (stamp == event.end() || !stamp->is_object()) return 0;
+  auto seconds = stamp->find("seconds");
+  auto micros = stamp->find("microseconds");
+  if (seconds == stamp->end() || micros == stamp->end() || !seconds->is_number_integer() ||
+      !micros->is_number_integer())
+    return 0;
+  const int64_t s = seconds->get<int64_t>();
+  const int64_t us = micros->get<int64_t>();
+  if (s <= 0 || us < 0 || us >= 1'000'000 || s > INT64_MAX / 1'000'000 - 1) return 0;
+  return s * 1'000'000 + us;
+}
+
+Result<nlohmann::json> QmpClient::WaitEvent(
+    std::string_view name, const std::function<bool(const nlohmann::json&, int64_t)>& match,
+    Duration timeout) {
   auto matches = [&](const nlohmann::json& msg) {
     auto event = msg.find("event");
     if (event == msg.end() || !event->is_string() || *event != name) return false;
     auto data = msg.find("data");
-    return match(data == msg.end() ? nlohmann::json::object() : *data);
+    return match(data == msg.end() ? nlohmann::json::object() : *data, EventUnixUs(msg));
   };
   for (auto it = events_.begin(); it != events_.end(); ++it) {
     if (matches(*it)) {

@@ -93,6 +93,11 @@ struct VMConfig {
   // FILE") with migrate-incoming. Every other field must be what the
   // snapshot was taken with (the device set must match).
   std::string IncomingMigration;
+  // Optional, with IncomingMigration: a file holding the raw (uncompressed)
+  // stream. QEMU then reads it from an inherited descriptor (`fd:N`) and
+  // IncomingMigration is not used: no shell and no `cat` started by QEMU
+  // (a fork of QEMU and two execs, 50-90 ms on a loaded host).
+  std::string IncomingStateFile;
   // Warm starts. kCapture: guest RAM is TemplateMemoryPath mapped shared
   // (the file is the template's memory), the kernel command line carries
   // cella.template=1, and Start() returns once the guest reached the

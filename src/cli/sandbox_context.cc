@@ -9,12 +9,14 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 
 #include "base/log.h"
 #include "base/unique_fd.h"
 #include "host/os/paths.h"
 #include "host/sandbox/control.h"
 #include "host/sandbox/snapshot.h"
+#include "host/store/process_identity.h"
 
 namespace cella::cli {
 namespace {
@@ -114,13 +116,24 @@ Status RequireRunning(const store::SandboxRecord& record, std::string_view for_w
 
 Result<std::unique_ptr<host::AgentClient>> ConnectAgent(const SandboxContext& ctx,
                                                         const store::SandboxRecord& record) {
-  std::string path = sandbox::PathsFor(ctx.home, record.id).mux_socket;
-  auto fd = sandbox::ConnectUnixSocket(path);
-  if (!fd) {
-    return Fail("cannot reach sandbox " + record.Label() + " (" + fd.error().message +
-                "); is it running? see cella ps -a");
+  const sandbox::SandboxPaths paths = sandbox::PathsFor(ctx.home, record.id);
+  // While a snapshot or fork of the sandbox is being saved, its supervisor
+  // has closed the socket (the guest's link is released for the save) and
+  // opens it again when the VM runs on: wait for that, bounded, as long as
+  // the supervisor lives.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (;;) {
+    auto fd = sandbox::ConnectUnixSocket(paths.mux_socket);
+    if (fd) return host::AgentClient::Connect(std::move(*fd));
+    const int why = fd.error().errno_value;
+    const bool saving = (why == ENOENT || why == ECONNREFUSED) &&
+                        std::chrono::steady_clock::now() < deadline && record.supervisor.pid > 0 &&
+                        store::IsAlive(record.supervisor);
+    if (!saving)
+      return Fail("cannot reach sandbox " + record.Label() + " (" + fd.error().message +
+                  "); is it running? see cella ps -a");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return host::AgentClient::Connect(std::move(*fd));
 }
 
 std::string DescribeAge(int64_t then_ms, int64_t now_ms) {

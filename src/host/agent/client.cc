@@ -473,14 +473,18 @@ Result<std::unique_ptr<PortStream>> AgentClient::OpenPort(uint16_t guest_port) {
   return OpenByteStream(protocol::PortForwardRequest{guest_port});
 }
 
-Result<std::unique_ptr<PortStream>> AgentClient::ServeShare(uint32_t index) {
-  return OpenByteStream(protocol::ServeShareRequest{index});
+Result<std::unique_ptr<PortStream>> AgentClient::ServeShare(
+    uint32_t index, std::chrono::milliseconds answer_timeout) {
+  return OpenByteStream(protocol::ServeShareRequest{index},
+                        std::chrono::steady_clock::now() + answer_timeout);
 }
 
-Result<std::unique_ptr<PortStream>> AgentClient::OpenByteStream(const protocol::Request& request) {
+Result<std::unique_ptr<PortStream>> AgentClient::OpenByteStream(
+    const protocol::Request& request,
+    std::optional<std::chrono::steady_clock::time_point> deadline) {
   auto stream = CELLA_TRY(link_->Open(request));
   StreamGuard guard(*link_, stream);
-  auto e = CELLA_TRY(link_->Next(*stream));
+  auto e = CELLA_TRY(link_->Next(*stream, deadline));
   if (e.kind == Event::Kind::kError) return std::unexpected(AgentError(e));
   if (e.kind != Event::Kind::kOpened) return std::unexpected(Unexpected(e));
   CELLA_TRY(protocol::DecodeEmpty(e.Text()));

@@ -200,8 +200,11 @@ class AgentClient {
   Result<std::unique_ptr<PortStream>> OpenPort(uint16_t guest_port);
   // Op serve_share: the guest mounts host share `index` over FUSE and relays
   // its raw FUSE messages on the returned stream (requests read, replies
-  // written; see protocol/README.md).
-  Result<std::unique_ptr<PortStream>> ServeShare(uint32_t index);
+  // written; see protocol/README.md). A guest that does not answer within
+  // `answer_timeout` (stopped, hijacked) fails the call rather than holding
+  // the supervisor's start-up.
+  Result<std::unique_ptr<PortStream>> ServeShare(
+      uint32_t index, std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(10'000));
 
   // Asks the guest to power off (the agent's on_shutdown). The guest init
   // sends SIGTERM to every process, waits up to `grace` (0: its default,
@@ -232,7 +235,9 @@ class AgentClient {
                                              ExecCallbacks callbacks);
   Result<std::string> Simple(const protocol::Request& request);
   // Opens a stream that answers Opened {} and then carries bytes both ways.
-  Result<std::unique_ptr<PortStream>> OpenByteStream(const protocol::Request& request);
+  Result<std::unique_ptr<PortStream>> OpenByteStream(
+      const protocol::Request& request,
+      std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt);
   std::shared_ptr<Link> link_;
   AgentClientOptions options_;
 };

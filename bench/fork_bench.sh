@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fork benchmark: `cella fork` of a running sandbox (a counter loop in its
 # main process) to the first `cella exec` output in the copy, beside a cold
-# `cella run @builtin true` measured in the same run. Prints the medians and
+# `cella run --cold @builtin true` (a kernel boot, not a warm start) measured in the same run. Prints the medians and
 # the ratio fork/cold. With COUNT=N each fork makes N copies at once (the
 # time is to the first exec output in the last of them).
 # Usage: bench/fork_bench.sh [BUILD_DIR] [RUNS] [MEMORY]
@@ -23,7 +23,7 @@ until [[ $("$cella" exec "$src" -- sh -c 'cat /root/count 2>/dev/null || echo 0'
 
 : > "$CELLA_SANDBOX_HOME/fork.ms"; : > "$CELLA_SANDBOX_HOME/cold.ms"
 for _ in $(seq "$runs"); do
-  t0=$(now_ms); "$cella" run @builtin true >/dev/null 2>&1; t1=$(now_ms)
+  t0=$(now_ms); "$cella" run --cold @builtin true >/dev/null 2>&1; t1=$(now_ms)
   echo $((t1 - t0)) >> "$CELLA_SANDBOX_HOME/cold.ms"
   t0=$(now_ms)
   ids=$("$cella" fork "$src" --count "$count")

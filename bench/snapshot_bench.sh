@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Snapshot benchmark: `cella standby` (command to QEMU gone) and `cella
 # resume` + the first exec's output (command to output), beside a cold
-# `cella run @builtin true` measured in the same run, for each memory size
+# `cella run --cold @builtin true` (a kernel boot, not a warm start) measured in the same run, for each memory size
 # and codec; the workload dirtied memory first (a tmpfs file of random bytes
 # that stays in the guest's RAM). Prints medians, sizes and the ratios.
 # Usage: bench/snapshot_bench.sh [BUILD_DIR] [RUNS] [MEMORY_SIZES] [CODECS]
@@ -51,7 +51,7 @@ for size in $sizes; do
     : > "$CELLA_SANDBOX_HOME/standby.ms"; : > "$CELLA_SANDBOX_HOME/resume.ms"; : > "$CELLA_SANDBOX_HOME/cold.ms"
     bytes=0
     for _ in $(seq "$runs"); do
-      t0=$(now_ms); "$cella" run @builtin true >/dev/null 2>&1; t1=$(now_ms)
+      t0=$(now_ms); "$cella" run --cold @builtin true >/dev/null 2>&1; t1=$(now_ms)
       echo $((t1 - t0)) >> "$CELLA_SANDBOX_HOME/cold.ms"
       id=$(CELLA_SNAPSHOT_COMPRESSION=$codec "$cella" run -d --memory "$size" @builtin sh -c "$dirty")
       # wait for the workload to have dirtied its memory

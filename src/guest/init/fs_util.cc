@@ -56,6 +56,20 @@ Result<UniqueFd> OpenDirBeneath(const std::string& root, std::string_view guest_
   return cella::OpenDirBeneath(dir.Get(), *normal, MissingDirs::kCreate, root);
 }
 
+Result<UniqueFd> OpenFileBeneath(const std::string& root, const std::string& guest_path) {
+  auto slash = guest_path.rfind('/');
+  std::string parent = slash == 0 ? "/" : guest_path.substr(0, slash);
+  std::string name = guest_path.substr(slash + 1);
+  UniqueFd dir = CELLA_TRY(OpenDirBeneath(root, parent));
+  UniqueFd fd(::openat(dir.Get(), name.c_str(), O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644));
+  if (!fd) return FailErrno("open " + guest_path + " (a file share's mount point)");
+  struct stat st {};
+  if (::fstat(fd.Get(), &st) != 0) return FailErrno("fstat " + guest_path);
+  if (!S_ISREG(st.st_mode))
+    return Fail(guest_path + ": a file share needs a file here, not a directory");
+  return fd;
+}
+
 std::string FdPath(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 
 Status ReplaceFileAt(int dir_fd, const std::string& name, std::string_view content, mode_t mode) {

@@ -33,6 +33,11 @@ Status MkdirAll(const std::string& path, mode_t mode);
 // is always inside root. guest_path must be absolute.
 Result<UniqueFd> OpenDirBeneath(const std::string& root, std::string_view guest_path);
 
+// Opens (creating an empty one if missing) the regular file `guest_path`
+// beneath root, refusing symlinks on the way and at the end: a mount point for
+// a single-file share.
+Result<UniqueFd> OpenFileBeneath(const std::string& root, const std::string& guest_path);
+
 // "/proc/self/fd/N": names exactly the directory an fd refers to, for
 // mount(2) targets that must not be re-resolved through symlinks.
 std::string FdPath(int fd);

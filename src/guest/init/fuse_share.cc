@@ -20,26 +20,10 @@ std::map<uint32_t, UniqueFd>& Mounted() {
   return mounted;
 }
 
-// The mount point of a single-file share: the regular file at guest_path
-// beneath "/", created empty when missing, no symlink followed.
-Result<UniqueFd> OpenFileTarget(const std::string& guest_path) {
-  auto slash = guest_path.rfind('/');
-  std::string parent = slash == 0 ? "/" : guest_path.substr(0, slash);
-  std::string name = guest_path.substr(slash + 1);
-  UniqueFd dir = CELLA_TRY(OpenDirBeneath("/", parent));
-  UniqueFd fd(::openat(dir.Get(), name.c_str(), O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644));
-  if (!fd) return FailErrno("open " + guest_path + " (a file share's mount point)");
-  struct stat st {};
-  if (::fstat(fd.Get(), &st) != 0) return FailErrno("fstat " + guest_path);
-  if (!S_ISREG(st.st_mode))
-    return Fail(guest_path + ": a file share needs a file here, not a directory");
-  return fd;
-}
-
 Status MountShare(const protocol::HostShare& share, int fuse_fd) {
   bool is_file = !share.file.empty();
-  UniqueFd target =
-      is_file ? CELLA_TRY(OpenFileTarget(share.path)) : CELLA_TRY(OpenDirBeneath("/", share.path));
+  UniqueFd target = is_file ? CELLA_TRY(OpenFileBeneath("/", share.path))
+                            : CELLA_TRY(OpenDirBeneath("/", share.path));
   std::string options = "fd=" + std::to_string(fuse_fd) +
                         (is_file ? ",rootmode=100000" : ",rootmode=40000") +
                         ",user_id=0,group_id=0,allow_other,default_permissions";

@@ -121,23 +121,6 @@ Status MountPlainRoot(const Config& config, Deadline deadline) {
   return {};
 }
 
-// Opens (creating an empty one if missing) the regular file `guest_path`
-// beneath root, refusing symlinks on the way and at the end: a mount point for
-// a single-file share.
-Result<UniqueFd> OpenFileBeneath(const std::string& root, const std::string& guest_path) {
-  auto slash = guest_path.rfind('/');
-  std::string parent = slash == 0 ? "/" : guest_path.substr(0, slash);
-  std::string name = guest_path.substr(slash + 1);
-  UniqueFd dir = CELLA_TRY(OpenDirBeneath(root, parent));
-  UniqueFd fd(::openat(dir.Get(), name.c_str(), O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644));
-  if (!fd) return FailErrno("open " + guest_path + " (a file share's mount point)");
-  struct stat st {};
-  if (::fstat(fd.Get(), &st) != 0) return FailErrno("fstat " + guest_path);
-  if (!S_ISREG(st.st_mode))
-    return Fail(guest_path + ": a file share needs a file here, not a directory");
-  return fd;
-}
-
 // One host share: the virtiofs tag is mounted in scratch (read-only for ro
 // and overlay: the host exports those read-only anyway), an overlay joins it
 // with a private layer for overlay mode, and the result (or its single file)

@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <functional>
 #include <list>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -476,6 +477,18 @@ std::vector<std::byte> FuseServer::Handle(std::span<const std::byte> request) {
     unlinkat(dirfd, name.c_str(), is_dir ? AT_REMOVEDIR : 0);
     return err;
   };
+  // SYMLINK, MKNOD and MKDIR: `make(dirfd)` creates `name` in the node
+  // `parent` (0 or an errno), which then goes to the caller and is looked up.
+  auto make_entry = [&](uint64_t parent, const std::string& name, bool is_dir,
+                        const std::function<int(int dirfd)>& make) -> Reply {
+    if (int e = s.CheckChild(parent, name)) return Error(u, e);
+    if (int e = s.CheckMutateIn(parent)) return Error(u, e);
+    auto pfd = parent_fd(parent);
+    if (!pfd) return Error(u, pfd.error());
+    if (int e = make(pfd->Get())) return Error(u, e);
+    if (int e = give_to_caller(pfd->Get(), name, is_dir)) return Error(u, e);
+    return entry_reply(parent, name);
+  };
   auto name_arg = [&]() -> std::optional<std::string> {
     auto name = r.CString();
     if (!name) return std::nullopt;
@@ -594,42 +607,33 @@ std::vector<std::byte> FuseServer::Handle(std::span<const std::byte> request) {
       auto target = r.CString();
       if (!name || !target || target->empty() || target->size() >= PATH_MAX)
         return Error(u, EINVAL);
-      if (int e = s.CheckChild(in.nodeid, *name)) return Error(u, e);
-      if (int e = s.CheckMutateIn(in.nodeid)) return Error(u, e);
-      auto pfd = parent_fd(in.nodeid);
-      if (!pfd) return Error(u, pfd.error());
-      if (symlinkat(std::string(*target).c_str(), pfd->Get(), name->c_str()) != 0)
-        return Error(u, errno);
-      if (int e = give_to_caller(pfd->Get(), *name, false)) return Error(u, e);
-      return entry_reply(in.nodeid, *name);
+      return make_entry(in.nodeid, *name, false, [&](int dirfd) {
+        return symlinkat(std::string(*target).c_str(), dirfd, name->c_str()) == 0 ? 0 : errno;
+      });
     }
     case FUSE_MKNOD: {
       auto m = r.Struct<fuse_mknod_in>();
       auto name = name_arg();
       if (!m || !name) return Error(u, EINVAL);
-      if (int e = s.CheckChild(in.nodeid, *name)) return Error(u, e);
-      if (int e = s.CheckMutateIn(in.nodeid)) return Error(u, e);
       mode_t type = m->mode & S_IFMT;
-      if (type != S_IFREG && type != S_IFIFO && type != S_IFSOCK) return Error(u, EPERM);
-      auto pfd = parent_fd(in.nodeid);
-      if (!pfd) return Error(u, pfd.error());
-      if (mknodat(pfd->Get(), name->c_str(), type | (m->mode & kModeBitsAllowed), 0) != 0)
-        return Error(u, errno);
-      if (int e = give_to_caller(pfd->Get(), *name, false)) return Error(u, e);
-      return entry_reply(in.nodeid, *name);
+      if (type != S_IFREG && type != S_IFIFO && type != S_IFSOCK) {
+        // The checks' own errors come first, as for any other new entry.
+        if (int e = s.CheckChild(in.nodeid, *name)) return Error(u, e);
+        if (int e = s.CheckMutateIn(in.nodeid)) return Error(u, e);
+        return Error(u, EPERM);
+      }
+      return make_entry(in.nodeid, *name, false, [&](int dirfd) {
+        return mknodat(dirfd, name->c_str(), type | (m->mode & kModeBitsAllowed), 0) == 0 ? 0
+                                                                                          : errno;
+      });
     }
     case FUSE_MKDIR: {
       auto m = r.Struct<fuse_mkdir_in>();
       auto name = name_arg();
       if (!m || !name) return Error(u, EINVAL);
-      if (int e = s.CheckChild(in.nodeid, *name)) return Error(u, e);
-      if (int e = s.CheckMutateIn(in.nodeid)) return Error(u, e);
-      auto pfd = parent_fd(in.nodeid);
-      if (!pfd) return Error(u, pfd.error());
-      if (mkdirat(pfd->Get(), name->c_str(), m->mode & kModeBitsAllowed) != 0)
-        return Error(u, errno);
-      if (int e = give_to_caller(pfd->Get(), *name, true)) return Error(u, e);
-      return entry_reply(in.nodeid, *name);
+      return make_entry(in.nodeid, *name, true, [&](int dirfd) {
+        return mkdirat(dirfd, name->c_str(), m->mode & kModeBitsAllowed) == 0 ? 0 : errno;
+      });
     }
     case FUSE_UNLINK:
     case FUSE_RMDIR: {

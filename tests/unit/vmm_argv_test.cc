@@ -230,6 +230,29 @@ TEST(QemuArgv, KernelArgsAppended) {
   EXPECT_EQ(cmdline.find("tsc_early_khz"), std::string::npos);
 }
 
+TEST(QemuArgv, ARestoreGetsTheHeaderOnlyKernelAndNoInitrd) {
+  VMConfig c = BaseConfig();
+  QemuLaunch l = Launch();
+  l.restore_kernel = "/run/cella/vm1/restore-kernel";
+  // A boot ignores it: the guest needs its kernel and initrd.
+  auto boot = BuildQemuArgv(c, l);
+  ASSERT_TRUE(boot.has_value()) << boot.error().message;
+  EXPECT_EQ(After(*boot, "-kernel"), "/k/vmlinuz");
+  EXPECT_EQ(After(*boot, "-initrd"), "/k/initrd.cpio.gz");
+  c.IncomingMigration = "defer";
+  auto restore = BuildQemuArgv(c, l);
+  ASSERT_TRUE(restore.has_value()) << restore.error().message;
+  EXPECT_EQ(After(*restore, "-kernel"), "/run/cella/vm1/restore-kernel");
+  EXPECT_EQ(std::count(restore->begin(), restore->end(), "-initrd"), 0);
+  EXPECT_EQ(After(*restore, "-incoming"), "defer");
+  // Without a header-only copy (not a bzImage), the real files.
+  l.restore_kernel.clear();
+  auto plain = BuildQemuArgv(c, l);
+  ASSERT_TRUE(plain.has_value()) << plain.error().message;
+  EXPECT_EQ(After(*plain, "-kernel"), "/k/vmlinuz");
+  EXPECT_EQ(After(*plain, "-initrd"), "/k/initrd.cpio.gz");
+}
+
 TEST(QemuArgv, GuestDevicePaths) {
   EXPECT_EQ(GuestDevicePath(kConfigSerial), "/dev/disk/by-id/virtio-cella-config");
   EXPECT_EQ(LowerSerial(3), "cella-lower3");

@@ -197,7 +197,11 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   // Console through a named chardev so the path can be escaped.
   add({"-chardev", "file,id=console,append=on,path=" + QemuEscape(launch.console_log), "-serial",
        "chardev:console"});
-  add({"-kernel", c.KernelPath, "-initrd", c.InitramfsPath});
+  if (!c.IncomingMigration.empty() && !launch.restore_kernel.empty()) {
+    add({"-kernel", launch.restore_kernel});
+  } else {
+    add({"-kernel", c.KernelPath, "-initrd", c.InitramfsPath});
+  }
   add({"-append", BuildKernelCmdline(c, launch.tsc_khz)});
   for (const Disk& d : disks) {
     add({"-drive", "id=" + d.id + ",file=" + QemuEscape(d.path) + ",format=raw,if=none" +

@@ -33,6 +33,10 @@ struct QemuLaunch {
   std::string agent_socket;  // resolved paths (ResolveStatePaths)
   std::string qmp_socket;
   std::string console_log;
+  // For a VM that restores (VMConfig.IncomingMigration): a header-only copy
+  // of the kernel (restore_kernel.h) passed instead of KernelPath, and no
+  // initrd. Empty: the real kernel and initrd, as for a boot.
+  std::string restore_kernel;
 };
 
 // Per-VM runtime files, from VMConfig (SocketPath/LogPath win over StateDir).

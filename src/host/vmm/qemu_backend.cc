@@ -22,6 +22,7 @@
 #include "host/os/process.h"
 #include "host/vmm/qemu_argv.h"
 #include "host/vmm/qmp.h"
+#include "host/vmm/restore_kernel.h"
 #include "host/vmm/tsc.h"
 #include "protocol/warm.h"
 
@@ -266,6 +267,10 @@ Status QemuMachine::Start() {
   launch.agent_socket = paths_.agent_socket;
   launch.qmp_socket = paths_.qmp_socket;
   launch.console_log = paths_.console_log;
+  if (!config_.IncomingMigration.empty()) {
+    std::string stub = config_.StateDir + "/restore-kernel";
+    if (CELLA_TRY(WriteRestoreKernel(config_.KernelPath, stub))) launch.restore_kernel = stub;
+  }
   std::vector<std::string> argv = CELLA_TRY(BuildQemuArgv(config_, launch));
   log::Debug("starting QEMU", {{"id", config_.ID}, {"accel", ToString(launch.accel)}});
 

@@ -370,5 +370,36 @@ TEST_F(AgentLink, ShutdownThatIsNeverAnsweredTimesOut) {
   fake.join();
 }
 
+// The supervisor's start-up waits for the main process to start and each
+// forwarded connection for its port, shares for their mount: a guest that
+// never answers must fail those waits, not hold them forever.
+TEST_F(AgentLink, MainPortAndShareRequestsThatAreNeverAnsweredTimeOut) {
+  using std::chrono::milliseconds;
+  for (int which = 0; which < 3; ++which) {
+    auto p = MakePair();
+    auto fake = FakeAgent(std::move(p.fake), {});
+    {
+      auto c = host::AgentClient::Connect(std::move(p.host), WithTimeout(std::chrono::seconds(5)));
+      ASSERT_TRUE(c.has_value()) << c.error().message;
+      std::optional<Error> err;
+      if (which == 0) {
+        auto r = (*c)->AttachMain({}, milliseconds(300));
+        ASSERT_FALSE(r.has_value());
+        err = r.error();
+      } else if (which == 1) {
+        auto r = (*c)->OpenPort(8080, milliseconds(300));
+        ASSERT_FALSE(r.has_value());
+        err = r.error();
+      } else {
+        auto r = (*c)->ServeShare(0, milliseconds(300));
+        ASSERT_FALSE(r.has_value());
+        err = r.error();
+      }
+      EXPECT_EQ(err->errno_value, ETIMEDOUT) << which << ": " << err->message;
+    }
+    fake.join();
+  }
+}
+
 }  // namespace
 }  // namespace cella::testing

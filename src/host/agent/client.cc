@@ -303,11 +303,12 @@ Result<ExecResult> AgentClient::Exec(const ExecRequest& request) {
   }
 }
 
-Result<std::unique_ptr<ExecSession>> AgentClient::Start(const protocol::Request& request,
-                                                        ExecCallbacks callbacks) {
+Result<std::unique_ptr<ExecSession>> AgentClient::Start(
+    const protocol::Request& request, ExecCallbacks callbacks,
+    std::optional<std::chrono::steady_clock::time_point> deadline) {
   auto stream = CELLA_TRY(link_->Open(request));
   StreamGuard guard(*link_, stream);
-  auto e = CELLA_TRY(link_->Next(*stream));
+  auto e = CELLA_TRY(link_->Next(*stream, deadline));
   if (e.kind == Event::Kind::kError) return std::unexpected(AgentError(e));
   if (e.kind != Event::Kind::kOpened) return std::unexpected(Unexpected(e));
   int64_t pid = CELLA_TRY(protocol::DecodePid(e.Text()));
@@ -326,8 +327,10 @@ Result<std::unique_ptr<ExecSession>> AgentClient::StartExec(const ExecRequest& r
   return Start(request, std::move(callbacks));
 }
 
-Result<std::unique_ptr<ExecSession>> AgentClient::AttachMain(ExecCallbacks callbacks) {
-  return Start(protocol::AttachMainRequest{}, std::move(callbacks));
+Result<std::unique_ptr<ExecSession>> AgentClient::AttachMain(
+    ExecCallbacks callbacks, std::chrono::milliseconds answer_timeout) {
+  return Start(protocol::AttachMainRequest{}, std::move(callbacks),
+               std::chrono::steady_clock::now() + answer_timeout);
 }
 
 Result<std::string> AgentClient::Simple(const protocol::Request& request) {
@@ -469,8 +472,10 @@ Result<uint64_t> AgentClient::Resumed(std::chrono::system_clock::time_point real
   return reply["resume_count"].get<uint64_t>();
 }
 
-Result<std::unique_ptr<PortStream>> AgentClient::OpenPort(uint16_t guest_port) {
-  return OpenByteStream(protocol::PortForwardRequest{guest_port});
+Result<std::unique_ptr<PortStream>> AgentClient::OpenPort(
+    uint16_t guest_port, std::chrono::milliseconds answer_timeout) {
+  return OpenByteStream(protocol::PortForwardRequest{guest_port},
+                        std::chrono::steady_clock::now() + answer_timeout);
 }
 
 Result<std::unique_ptr<PortStream>> AgentClient::ServeShare(

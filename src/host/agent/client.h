@@ -171,7 +171,12 @@ class AgentClient {
   Result<std::unique_ptr<ExecSession>> StartExec(const ExecRequest& request,
                                                  ExecCallbacks callbacks);
   // Starts (once) or re-attaches the guest's pre-configured main process.
-  Result<std::unique_ptr<ExecSession>> AttachMain(ExecCallbacks callbacks);
+  // A guest that does not say the process started within `answer_timeout`
+  // (stopped, hijacked) fails the call rather than holding the caller (the
+  // supervisor's start-up) forever.
+  Result<std::unique_ptr<ExecSession>> AttachMain(
+      ExecCallbacks callbacks,
+      std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(60'000));
 
   Status WriteFile(const std::string& path, std::string_view bytes, WriteFileOptions options = {});
   // Streams source_fd (blocking, read to EOF) with bounded memory.
@@ -197,7 +202,11 @@ class AgentClient {
   // chown, then chmod, then mtime; a final symlink is not followed.
   Status SetAttributes(const std::string& path, const FileAttributes& attributes);
 
-  Result<std::unique_ptr<PortStream>> OpenPort(uint16_t guest_port);
+  // A guest that does not answer within `answer_timeout` fails the call:
+  // each forwarded connection waits on it, and must not wait forever.
+  Result<std::unique_ptr<PortStream>> OpenPort(
+      uint16_t guest_port,
+      std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(10'000));
   // Op serve_share: the guest mounts host share `index` over FUSE and relays
   // its raw FUSE messages on the returned stream (requests read, replies
   // written; see protocol/README.md). A guest that does not answer within
@@ -231,8 +240,9 @@ class AgentClient {
 
  private:
   explicit AgentClient(std::shared_ptr<Link> link, AgentClientOptions options);
-  Result<std::unique_ptr<ExecSession>> Start(const protocol::Request& request,
-                                             ExecCallbacks callbacks);
+  Result<std::unique_ptr<ExecSession>> Start(
+      const protocol::Request& request, ExecCallbacks callbacks,
+      std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt);
   Result<std::string> Simple(const protocol::Request& request);
   // Opens a stream that answers Opened {} and then carries bytes both ways.
   Result<std::unique_ptr<PortStream>> OpenByteStream(

@@ -473,6 +473,13 @@ Result<std::unique_ptr<PortStream>> AgentClient::OpenPort(uint16_t guest_port) {
   return OpenByteStream(protocol::PortForwardRequest{guest_port});
 }
 
+Status AgentClient::SharesMounted(std::chrono::milliseconds answer_timeout) {
+  const auto deadline = Clock::now() + answer_timeout;
+  StreamGuard s(*link_, CELLA_TRY(link_->Open(protocol::SharesMountedRequest{})));
+  auto text = CELLA_TRY_CTX(AwaitResult(*link_, *s, deadline), "shares_mounted");
+  return protocol::DecodeEmpty(text);
+}
+
 Result<std::unique_ptr<PortStream>> AgentClient::ServeShare(
     uint32_t index, std::chrono::milliseconds answer_timeout) {
   return OpenByteStream(protocol::ServeShareRequest{index},

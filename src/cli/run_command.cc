@@ -183,7 +183,7 @@ Result<Prepared> Prepare(const RunArgs& args, SandboxContext& ctx, const std::st
   for (const std::string& item : args.volumes) {
     MountFlag flag = CELLA_TRY(ParseMountFlag(item, cwd));
     if (flag.is_host) {
-      // Served while the sandbox runs (virtiofsd, host/sandbox/share.h);
+      // Served while the sandbox runs (FUSE, host/sandbox/fuse_share.h);
       // the host path is checked again at every start.
       spec.shares.push_back({flag.host_path, flag.guest_path, flag.mode, flag.is_file});
       continue;

@@ -346,14 +346,10 @@ Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int
     return Fail("fork " + record.Label() +
                 ": it has volumes, which the copies would share with it and each other (a "
                 "fork copies only the writable layer); fork a sandbox without volumes");
-  // rw and ro shares are FUSE on the agent link: the copies serve the same
-  // host directory (like several docker containers given the same -v).
-  // Overlay shares are virtiofs, which QEMU cannot save.
-  for (const sandbox::ShareSpec& share : spec.shares)
-    if (share.mode == protocol::MountMode::kOverlay)
-      return Fail("fork " + record.Label() + ": it has an overlay host directory (-v " +
-                  share.host_path + ":" + share.guest_path +
-                  ":overlay); QEMU cannot save a virtiofs device");
+  // Host shares are FUSE on the agent link: the copies serve the same host
+  // directory (like several docker containers given the same -v), each with
+  // its own overlay layers. (Under CELLA_SHARE_TRANSPORT=virtiofs the
+  // supervisor refuses the save: QEMU cannot save a virtiofs device.)
   std::vector<std::string> names;
   for (int i = 1; i <= count; ++i) {
     if (name_prefix.empty()) {

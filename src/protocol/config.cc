@@ -448,8 +448,6 @@ Status ValidateConfig(const Config& c) {
         (share.file == "." || share.file == ".." ||
          share.file.find_first_of(std::string_view("/\0", 2)) != std::string::npos))
       return Fail(where + ".file: " + Quote(share.file) + " is not a plain file name");
-    if (share.fuse && share.mode == MountMode::kOverlay)
-      return Fail(where + ".fuse: an overlay share is served over virtiofs only");
   }
   for (size_t i = 0; i < c.tmpfs.size(); ++i) {
     std::string where = Index("tmpfs", i);

@@ -66,9 +66,11 @@ struct HostShare {
   // Non-empty: the share is one file, exported as the only entry (this name)
   // of a private directory; the guest binds it onto `path` (a file).
   std::string file;
-  // Served over FUSE by the agent (op serve_share) instead of virtiofs: the
-  // agent mounts it when the host asks, not the init at boot. rw and ro
-  // only (not overlay).
+  // Served over FUSE on the agent link (op serve_share) instead of
+  // virtiofs: mounted at boot at a stage, put on `path` (with an overlay
+  // for overlay mode, and with what lies beneath it) once the host serves
+  // it (op shares_mounted). A single-file overlay share is served as a
+  // directory holding only `file`; rw and ro single files are the root.
   bool fuse = false;
 
   bool operator==(const HostShare&) const = default;

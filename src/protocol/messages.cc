@@ -268,6 +268,7 @@ std::string_view RequestOpName(const Request& request) {
     std::string_view operator()(const SetAttrRequest&) { return "set_attr"; }
     std::string_view operator()(const ResumedRequest&) { return "resumed"; }
     std::string_view operator()(const ServeShareRequest&) { return "serve_share"; }
+    std::string_view operator()(const SharesMountedRequest&) { return "shares_mounted"; }
   };
   return std::visit(Visitor{}, request);
 }
@@ -434,6 +435,8 @@ Result<Request> DecodeRequest(std::string_view text) {
       if (r.Integer("index", ss.index, Need::kRequired) && ss.index >= kMaxShares)
         r.Problem("\"index\" is not below " + std::to_string(kMaxShares));
       request = ss;
+    } else if (op == "shares_mounted") {
+      request = SharesMountedRequest{};
     } else if (op == "shutdown") {
       ShutdownRequest sd;
       if (r.Integer("grace_ms", sd.grace_ms, Need::kOptional) && sd.grace_ms > kMaxShutdownGraceMs)

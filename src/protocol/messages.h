@@ -90,6 +90,12 @@ inline constexpr uint32_t kMaxShares = 64;
 struct ServeShareRequest {
   uint32_t index = 0;
 };
+// Result {} once every FUSE share is in place in the guest, with whatever
+// is mounted beneath or over it (overlay layers, volumes, tmpfs, nested
+// shares): those mounts look names up through the shares, so they are made
+// while the host serves them. Error (with what failed) if one could not be
+// made. Answered at once when there is nothing to wait for.
+struct SharesMountedRequest {};
 
 // Longest grace a shutdown may ask for; larger values are refused.
 inline constexpr uint32_t kMaxShutdownGraceMs = 10 * 60 * 1000;
@@ -142,7 +148,7 @@ struct SetAttrRequest {
 using Request = std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest,
                              StatRequest, MkdirRequest, RemoveRequest, PortForwardRequest,
                              AttachMainRequest, ShutdownRequest, SymlinkRequest, SetAttrRequest,
-                             ResumedRequest, ServeShareRequest>;
+                             ResumedRequest, ServeShareRequest, SharesMountedRequest>;
 
 enum class FileType { kFile, kDir, kSymlink, kOther };
 std::string_view FileTypeName(FileType type);

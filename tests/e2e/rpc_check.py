@@ -78,8 +78,9 @@ check(error_code(rpc.call(6, "write_file", {"path": "/x", "content": "!!"})) in 
       "write_file before create")
 
 # create: a normal cella sandbox.
-# matchlock's vfs: a host_fs workspace and a read-only direct mount become
-# host shares (FUSE; the workspace stays on virtiofs: a memory mount lies beneath it).
+# matchlock's vfs: a host_fs workspace, an overlay inside it and a read-only
+# direct mount become host shares (all over FUSE: the sandbox starts warm),
+# the memory mount inside the workspace a tmpfs shown on top of it.
 import atexit
 import shutil
 import tempfile
@@ -87,6 +88,9 @@ share_dir = tempfile.mkdtemp(prefix="cella-rpc-share-")
 atexit.register(shutil.rmtree, share_dir, True)
 os.makedirs(share_dir + "/ws")
 os.makedirs(share_dir + "/ro")
+os.makedirs(share_dir + "/ref")
+with open(share_dir + "/ref/r.txt", "w") as f:
+    f.write("reference\n")
 with open(share_dir + "/ws/in.txt", "w") as f:
     f.write("from host\n")
 r = rpc.call(10, "create", {"image": IMAGE, "resources": {"cpus": 1, "memory_mb": 512},
@@ -95,7 +99,10 @@ r = rpc.call(10, "create", {"image": IMAGE, "resources": {"cpus": 1, "memory_mb"
                             "vfs": {"workspace": "/workspace",
                                     "mounts": {"/workspace": {"type": "host_fs",
                                                               "host_path": share_dir + "/ws"},
-                                               "/workspace/scratch": {"type": "memory"}},
+                                               "/workspace/scratch": {"type": "memory"},
+                                               "/workspace/ref": {"type": "overlay",
+                                                                  "lower": {"type": "host_fs",
+                                                                            "host_path": share_dir + "/ref"}}},
                                     "direct_mounts": {"/mnt/ro": {"host_path": share_dir + "/ro",
                                                                   "readonly": True}}}})
 sandbox_id = result(r, "create")["id"]
@@ -116,6 +123,15 @@ r = result(rpc.call(16, "exec", {"command": "echo m > /workspace/scratch/m && "
            "memory mount")
 check(unb64(r["stdout"]) == b"1\n", f"memory mount {r}")
 check(not os.path.exists(share_dir + "/ws/scratch/m"), "a memory mount wrote to the host")
+# The overlay inside the workspace: the host tree shows, the guest's writes
+# stay in the sandbox.
+r = result(rpc.call(17, "exec", {"command": "cat /workspace/ref/r.txt && echo g > /workspace/ref/r.txt"
+                                           " && cat /workspace/ref/r.txt && cut -d' ' -f2,3 /proc/mounts"
+                                           " | grep '^/workspace' | sort"}),
+           "overlay mount")
+check(unb64(r["stdout"]) == b"reference\ng\n/workspace fuse\n/workspace/ref overlay\n"
+      b"/workspace/scratch tmpfs\n", f"overlay mount {r}")
+check(open(share_dir + "/ref/r.txt").read() == "reference\n", "an overlay mount wrote to the host")
 
 # exec: base64 output, exit code, env, working_dir.
 r = result(rpc.call(12, "exec", {"command": "echo $GREETING; echo oops >&2; exit 3"}), "exec")

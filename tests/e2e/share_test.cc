@@ -1,10 +1,11 @@
 // Host directories and files in the sandbox (-v /host:/guest[:ro|rw|overlay]),
-// rw and ro served over FUSE on the agent link, overlay by virtiofsd: every
-// mode in one boot (with live visibility both ways, ownership and modes, a
-// single file, a relative path, stop/start, a dead virtiofsd), the escape
-// attempts of a hostile guest in another, FUSE shares across standby,
-// snapshot restore and fork in a third, and a missing share refused before
-// anything boots.
+// served over FUSE on the agent link: every mode in one boot (with live
+// visibility both ways, ownership and modes, a single file, a relative
+// path, a volume and a share inside shares, stop/start, then a start with
+// CELLA_SHARE_TRANSPORT=virtiofs keeping the overlay's writes and a dead
+// virtiofsd), the escape attempts of a hostile guest in another, shares
+// (overlay too) across standby, snapshot restore and fork in a third, and a
+// missing share refused before anything boots.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -95,16 +96,19 @@ class ShareTest : public LifecycleTest {
 };
 
 TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
-  for (const char* d : {"rw", "ro", "ov", "rel"}) fs::create_directories(host_ + "/" + d);
+  for (const char* d : {"rw", "ro", "ov", "rel", "inner"}) fs::create_directories(host_ + "/" + d);
   WriteFile(host_ + "/rw/a.txt", "hello\n", 0640);
   WriteFile(host_ + "/ro/r.txt", "read me\n");
   WriteFile(host_ + "/ov/o.txt", "original\n");
   WriteFile(host_ + "/rel/x.txt", "relative\n");
+  WriteFile(host_ + "/inner/i.txt", "inner share\n");
   WriteFile(host_ + "/single.txt", "one file\n", 0600);
   WriteFile(host_ + "/ov-single.txt", "host copy\n", 0644);
   WriteFile(host_ + "/ro-single.txt", "look only\n", 0666);
   WriteFile(host_ + "/sibling.txt", "never visible\n");
 
+  // Made beforehand: its "created volume" notice is not the point here.
+  ASSERT_EQ(RunCella({"volume", "create", "innervol"}).exit_code, 0);
   // A relative host path resolves against the caller's directory.
   fs::path saved = fs::current_path();
   fs::current_path(host_);
@@ -112,24 +116,25 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
       RunCella({"run", "-d", "-v", host_ + "/rw:/mnt/rw", "-v", host_ + "/ro:/mnt/ro:ro", "-v",
                 host_ + "/ov:/mnt/ov:overlay", "-v", host_ + "/single.txt:/etc/single.txt", "-v",
                 "./rel:/mnt/rel:ro", "-v", host_ + "/ov-single.txt:/etc/ov-single.txt:overlay",
-                "-v", host_ + "/ro-single.txt:/etc/ro-single.txt:ro"},
+                "-v", host_ + "/ro-single.txt:/etc/ro-single.txt:ro",
+                // Mounts inside shares: a named volume in the rw share, and
+                // a share inside the overlay share (listed first: the guest
+                // orders them by path).
+                "-v", "innervol:/mnt/rw/vol", "-v", host_ + "/inner:/mnt/ov/inner"},
                "", std::chrono::seconds(300));
   fs::current_path(saved);
   ASSERT_EQ(started.exit_code, 0) << Describe(started);
   std::string id = started.out.substr(0, started.out.find('\n'));
   ASSERT_FALSE(id.empty());
-  // Overlay shares (virtiofs) keep a sandbox from starting warm: said once,
-  // on stderr (not when the user chose cold: CELLA_COLD=1, the suite's cold
-  // pass).
-  const char* cold = std::getenv("CELLA_COLD");
-  if (cold == nullptr || std::string(cold) != "1") {
-    EXPECT_NE(started.err.find("sandbox boots cold (no warm start): host directory shares"),
-              std::string::npos)
-        << Describe(started);
-    EXPECT_EQ(std::count(started.err.begin(), started.err.end(), '\n'), 1) << started.err;
-  } else {
-    EXPECT_EQ(started.err, "");
-  }
+  // Every share (overlay ones and ones with mounts inside too) is served
+  // over FUSE: the sandbox starts warm, nothing is said.
+  EXPECT_EQ(started.err, "");
+  auto kinds = Sh(
+      id, "grep -E ' /mnt/(rw|ro|ov|rel|rw/vol|ov/inner) ' /proc/mounts | cut -d' ' -f2,3 | sort");
+  EXPECT_EQ(kinds.out,
+            "/mnt/ov overlay\n/mnt/ov/inner fuse\n/mnt/rel fuse\n/mnt/ro fuse\n/mnt/rw fuse\n"
+            "/mnt/rw/vol ext4\n")
+      << Describe(kinds);
 
   // rw: modes kept, guest writes land on the host at once, owned by the
   // guest user (cella runs as root here, so the uid passes through).
@@ -180,6 +185,18 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   EXPECT_EQ(r.out, "mine\n") << Describe(r);
   EXPECT_EQ(ReadFile(host_ + "/ov/o.txt"), "original\n");
   EXPECT_FALSE(fs::exists(host_ + "/ov/p.txt"));
+  // Inside shares: the volume shows at its path over the rw share (its
+  // writes stay in the volume), and the inner share over the overlay one
+  // (its writes reach its own host directory; its mount point was made in
+  // the overlay's layer, not on the host).
+  r = Sh(id,
+         "echo v > /mnt/rw/vol/v.txt && cat /mnt/rw/vol/v.txt && cat /mnt/ov/inner/i.txt && "
+         "echo w > /mnt/ov/inner/w.txt");
+  EXPECT_EQ(r.out, "v\ninner share\n") << Describe(r);
+  EXPECT_FALSE(fs::exists(host_ + "/rw/vol/v.txt"));
+  EXPECT_TRUE(fs::is_directory(host_ + "/rw/vol"));  // made through the share, as docker does
+  EXPECT_EQ(ReadFile(host_ + "/inner/w.txt"), "w\n");
+  EXPECT_FALSE(fs::exists(host_ + "/ov/inner"));
 
   // A single file: its content and mode, writes both ways, no sibling.
   r = Sh(id,
@@ -193,13 +210,9 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
 
   // A single file in overlay mode: the guest may change it; the host's copy
   // stays as it was.
-  r = Sh(id, "echo guest > /etc/ov-single.txt && cat /etc/ov-single.txt");
-  EXPECT_EQ(r.out, "guest\n") << Describe(r);
+  r = Sh(id, "cat /etc/ov-single.txt; echo guest > /etc/ov-single.txt && cat /etc/ov-single.txt");
+  EXPECT_EQ(r.out, "host copy\nguest\n") << Describe(r);
   EXPECT_EQ(ReadFile(host_ + "/ov-single.txt"), "host copy\n");
-  // What the guest can reach through that (virtiofs) share is what its
-  // virtiofsd sees as "/" after pivoting into it: the one file, no sibling.
-  EXPECT_EQ(ShareRootEntries(home_ + "/sandboxes/" + id + "/share5"),
-            std::vector<std::string>{"ov-single.txt"});
 
   // A single file read-only: readable, and not writable even with mode 0666.
   r = Sh(id, "cat /etc/ro-single.txt; echo x >> /etc/ro-single.txt");
@@ -212,13 +225,35 @@ TEST_F(ShareTest, EveryModeLiveWithOwnershipAcrossStopStart) {
   auto doc = Inspect(id);
   ASSERT_FALSE(doc.is_null());
   ASSERT_TRUE(doc.contains("shares")) << doc.dump();
-  EXPECT_EQ(doc["shares"].size(), 7u) << doc.dump();
+  EXPECT_EQ(doc["shares"].size(), 8u) << doc.dump();
   EXPECT_EQ(doc["shares"][1].value("mode", ""), "ro") << doc.dump();
   EXPECT_EQ(doc["shares"][4].value("source", ""), host_ + "/rel") << doc.dump();
   ASSERT_EQ(RunCella({"stop", id}).exit_code, 0);
   ASSERT_EQ(RunCella({"start", id}, "", std::chrono::seconds(300)).exit_code, 0);
-  r = Sh(id, "cat /mnt/rw/b.txt /mnt/ov/o.txt /mnt/ro/r.txt /etc/single.txt");
-  EXPECT_EQ(r.out, "from-guest\nmine\nread me\none file\nguest-edit\n") << Describe(r);
+  r = Sh(id,
+         "cat /mnt/rw/b.txt /mnt/ov/o.txt /mnt/ro/r.txt /etc/single.txt /mnt/rw/vol/v.txt "
+         "/etc/ov-single.txt");
+  EXPECT_EQ(r.out, "from-guest\nmine\nread me\none file\nguest-edit\nv\nguest\n") << Describe(r);
+
+  // CELLA_SHARE_TRANSPORT=virtiofs still serves them (virtiofsd, a cold
+  // boot said on stderr), the overlay's layer is the same one.
+  ASSERT_EQ(RunCella({"stop", id}).exit_code, 0);
+  ASSERT_EQ(::setenv("CELLA_SHARE_TRANSPORT", "virtiofs", 1), 0);
+  auto virtiofs = RunCella({"start", id}, "", std::chrono::seconds(300));
+  ::unsetenv("CELLA_SHARE_TRANSPORT");
+  ASSERT_EQ(virtiofs.exit_code, 0) << Describe(virtiofs);
+  const char* cold = std::getenv("CELLA_COLD");
+  if (cold == nullptr || std::string(cold) != "1") {
+    EXPECT_NE(virtiofs.err.find("sandbox boots cold (no warm start): host directory shares"),
+              std::string::npos)
+        << Describe(virtiofs);
+  }
+  r = Sh(id, "cat /mnt/ov/o.txt /mnt/rw/a.txt; grep ' /mnt/rw ' /proc/mounts | cut -d' ' -f3");
+  EXPECT_EQ(r.out, "mine\nchanged on host\nvirtiofs\n") << Describe(r);
+  // What the guest can reach through the single-file overlay share is what
+  // its virtiofsd sees as "/" after pivoting into it: the one file.
+  EXPECT_EQ(ShareRootEntries(home_ + "/sandboxes/" + id + "/share5"),
+            std::vector<std::string>{"ov-single.txt"});
 
   // A share whose virtiofsd dies would leave the guest's file calls
   // hanging: the sandbox fails, saying why.
@@ -315,11 +350,16 @@ size_t WaitForLines(const std::string& path, size_t lines) {
 // A FUSE share keeps working where virtiofs could not: the sandbox starts
 // warm, and a process holding a file open on the share keeps writing
 // through standby/resume, a snapshot restored into a new sandbox and a fork;
-// the host sees every write and the guest sees host writes after each.
+// the host sees every write and the guest sees host writes after each. An
+// overlay share keeps the guest's writes (in its layer) through all of it,
+// and its host directory never changes.
 TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   std::string rw = host_ + "/rw";
   fs::create_directories(rw);
-  auto started = RunCella({"run", "-d", "-v", rw + ":/mnt/rw"}, "", std::chrono::seconds(300));
+  fs::create_directories(host_ + "/ov");
+  WriteFile(host_ + "/ov/o.txt", "original\n");
+  auto started = RunCella({"run", "-d", "-v", rw + ":/mnt/rw", "-v", host_ + "/ov:/mnt/ov:overlay"},
+                          "", std::chrono::seconds(300));
   ASSERT_EQ(started.exit_code, 0) << Describe(started);
   EXPECT_EQ(started.err, "");  // no cold-boot notice: FUSE shares start warm
   std::string id = started.out.substr(0, started.out.find('\n'));
@@ -330,6 +370,8 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   ASSERT_EQ(writer.exit_code, 0) << Describe(writer);
   size_t before = WaitForLines(rw + "/log", 2);
   ASSERT_GT(before, 2u);
+  auto r = Sh(id, "echo guest > /mnt/ov/o.txt && echo new > /mnt/ov/n.txt");
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
 
   ASSERT_EQ(RunCella({"standby", id}, "", std::chrono::seconds(600)).exit_code, 0);
   EXPECT_EQ(State(id), "standby");
@@ -339,8 +381,10 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   size_t asleep = WaitForLines(rw + "/log", 0);
   // The same open descriptor goes on writing after the resume.
   EXPECT_GT(WaitForLines(rw + "/log", asleep + 2), asleep + 2);
-  auto r = Sh(id, "cat /mnt/rw/host.txt && echo after > /mnt/rw/after.txt && ls /mnt/rw");
+  r = Sh(id, "cat /mnt/rw/host.txt && echo after > /mnt/rw/after.txt && ls /mnt/rw");
   EXPECT_EQ(r.out, "written while asleep\nafter.txt\nhost.txt\nlog\n") << Describe(r);
+  r = Sh(id, "cat /mnt/ov/o.txt /mnt/ov/n.txt");
+  EXPECT_EQ(r.out, "guest\nnew\n") << Describe(r);
   EXPECT_EQ(ReadFile(rw + "/after.txt"), "after\n");
 
   // A named snapshot restored into a new sandbox, and a fork: each serves
@@ -350,19 +394,21 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   auto restored = RunCella({"snapshot", "restore", "snap"}, "", std::chrono::seconds(600));
   ASSERT_EQ(restored.exit_code, 0) << Describe(restored);
   std::string copy = restored.out.substr(0, restored.out.find('\n'));
-  r = Sh(copy, "cat /mnt/rw/host.txt && echo restored > /mnt/rw/restored.txt");
-  EXPECT_EQ(r.out, "written while asleep\n") << Describe(r);
+  r = Sh(copy, "cat /mnt/rw/host.txt /mnt/ov/o.txt && echo restored > /mnt/rw/restored.txt");
+  EXPECT_EQ(r.out, "written while asleep\nguest\n") << Describe(r);
   EXPECT_EQ(ReadFile(rw + "/restored.txt"), "restored\n");
   auto forked = RunCella({"fork", id}, "", std::chrono::seconds(600));
   ASSERT_EQ(forked.exit_code, 0) << Describe(forked);
   std::string fork = forked.out.substr(0, forked.out.find('\n'));
   WriteFile(rw + "/late.txt", "for the fork\n");
-  r = Sh(fork, "cat /mnt/rw/late.txt");
-  EXPECT_EQ(r.out, "for the fork\n") << Describe(r);
+  r = Sh(fork, "cat /mnt/rw/late.txt /mnt/ov/n.txt");
+  EXPECT_EQ(r.out, "for the fork\nnew\n") << Describe(r);
   // Three writers now (source, restored copy, fork) on one open file each.
   size_t now = WaitForLines(rw + "/log", 0);
   EXPECT_GT(WaitForLines(rw + "/log", now + 6), now + 6);
   for (const std::string& s : {fork, copy, id}) ASSERT_EQ(RunCella({"rm", "-f", s}).exit_code, 0);
+  EXPECT_EQ(ReadFile(host_ + "/ov/o.txt"), "original\n");
+  EXPECT_FALSE(fs::exists(host_ + "/ov/n.txt"));
   ASSERT_EQ(RunCella({"snapshot", "rm", "snap"}).exit_code, 0);
 }
 

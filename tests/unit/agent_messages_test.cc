@@ -107,6 +107,15 @@ TEST(AgentMessages, ServeShareNamesOneShareByIndex) {
   EXPECT_EQ(DecodeErrno(R"({"op":"serve_share","index":0,"tag":"x"})"), EINVAL);
 }
 
+TEST(AgentMessages, SharesMountedTakesNoFields) {
+  json r = Parsed(EncodeRequest(SharesMountedRequest{}));
+  EXPECT_EQ(r, json({{"op", "shares_mounted"}}));
+  auto back = DecodeRequest(r.dump());
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_TRUE(std::holds_alternative<SharesMountedRequest>(*back));
+  EXPECT_EQ(DecodeErrno(R"({"op":"shares_mounted","index":0})"), EINVAL);
+}
+
 TEST(AgentMessages, ResumedCarriesTheHostsClockAndNothingElse) {
   ResumedRequest resumed;
   resumed.realtime_ns = 1'796'563'535'123'456'789;

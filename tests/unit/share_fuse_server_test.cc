@@ -519,6 +519,39 @@ TEST_F(FuseServerTest, SingleFileShareIsItsFileAndNothingElse) {
   EXPECT_EQ(share_.Entries(), 2u);
 }
 
+// A single-file overlay share: the root is the file's directory, showing
+// only that file (overlayfs needs a directory as its lower); siblings stay
+// unreachable and nothing changes on the host.
+TEST_F(FuseServerTest, OnlyEntryShareShowsOneFileAndNothingElse) {
+  std::ofstream(share_ / "other") << "sibling";
+  FuseServerOptions options;
+  options.only_entry = "other";
+  options.read_only = true;
+  auto server = Server(options);
+  Guest g(*server);
+  EXPECT_TRUE(S_ISDIR(g.GetAttr(FUSE_ROOT_ID).mode));
+  EXPECT_EQ(g.List(FUSE_ROOT_ID), (std::vector<std::string>{"other"}));
+  uint64_t other = g.Lookup(FUSE_ROOT_ID, "other");
+  ASSERT_NE(other, 0u);
+  uint64_t fh = g.Open(other, O_RDONLY);
+  ASSERT_EQ(g.err, 0);
+  EXPECT_EQ(g.Read(other, fh, 0, 100), "sibling");
+  g.Release(other, fh);
+  g.Lookup(FUSE_ROOT_ID, "dir");  // a sibling of the file
+  EXPECT_EQ(g.err, ENOENT);
+  g.Open(other, O_RDWR);
+  EXPECT_EQ(g.err, EROFS);
+  g.Create(FUSE_ROOT_ID, "new", 0644);
+  EXPECT_NE(g.err, 0);
+  g.Call(FUSE_UNLINK, FUSE_ROOT_ID, Guest::Name("other"));
+  EXPECT_EQ(g.err, EPERM);
+  EXPECT_EQ(share_.Entries(), 2u);
+  EXPECT_EQ(ReadHost(share_ / "other"), "sibling");
+  // Not both kinds at once.
+  options.single_file = "other";
+  EXPECT_FALSE(FuseServer::Open(share_.path(), options));
+}
+
 TEST_F(FuseServerTest, OpenDescriptorsAreBoundedAndReopenedByPath) {
   for (int i = 0; i < 300; ++i) std::ofstream(share_ / ("f" + std::to_string(i))) << i;
   auto server = Server();

@@ -143,6 +143,7 @@ struct Agent::Impl {
   pid_t abandoned_main_pid = -1;
   std::vector<pid_t> abandoned;                    // killed children not yet reaped
   std::map<uint32_t, FuseInflight> fuse_inflight;  // by share index
+  std::vector<uint32_t> mounts_waiting;            // shares_mounted streams of this link
 
   // ---- link output -------------------------------------------------------
 
@@ -830,6 +831,10 @@ struct Agent::Impl {
       return StartPort(id, p->port);
     if (auto* ss = std::get_if<protocol::ServeShareRequest>(&*request))
       return StartFuse(id, ss->index);
+    if (std::holds_alternative<protocol::SharesMountedRequest>(*request)) {
+      mounts_waiting.push_back(id);
+      return AnswerMountsWaiting();
+    }
     QueueError(id, EINVAL, "unsupported op");
   }
 
@@ -985,6 +990,26 @@ struct Agent::Impl {
   }
 
   // Ends a link: everything but the main process is abandoned.
+  // Answers every waiting shares_mounted once the mounts are done.
+  void AnswerMountsWaiting() {
+    if (mounts_waiting.empty()) return;
+    std::optional<Status> result;
+    if (options.mounts_result) {
+      result = options.mounts_result();
+      if (!result) return;
+    } else {
+      result = Status{};
+    }
+    for (uint32_t id : mounts_waiting) {
+      if (*result) {
+        QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+      } else {
+        QueueError(id, result->error());
+      }
+    }
+    mounts_waiting.clear();
+  }
+
   void DetachAll() {
     for (auto& [id, s] : sessions) {
       if (s->is_main && main_state == MainState::kRunning) {
@@ -1012,6 +1037,7 @@ struct Agent::Impl {
     peer_closed = false;
     write_failed = false;
     read_buf.resize(size_t{256} * 1024);
+    mounts_waiting.clear();
     QueueText(0, FrameType::kHello,
               protocol::EncodeHello({protocol::kProtocolVersion, protocol::Role::kAgent}));
 
@@ -1025,6 +1051,10 @@ struct Agent::Impl {
       if (OutPending() > 0) link_events |= POLLOUT;
       fds.push_back({link.Get(), link_events, 0});
       fds.push_back({sigfd.Get(), POLLIN, 0});
+      // Level-triggered and never read: readable for good once done.
+      const bool poll_mounts = !mounts_waiting.empty() && options.mounts_ready_fd >= 0;
+      if (poll_mounts) fds.push_back({options.mounts_ready_fd, POLLIN, 0});
+      const size_t first_session = fds.size();
       bool room = OutPending() < options.link_soft_cap;
       for (auto& [id, s] : sessions) {
         if (s->kind == Kind::kPort && s->connecting) {
@@ -1056,10 +1086,11 @@ struct Agent::Impl {
         DrainSignalFd();
         Reap();
       }
+      if (poll_mounts && fds[2].revents != 0) AnswerMountsWaiting();
       std::vector<Session*> connected;
-      for (size_t i = 2; i < fds.size(); ++i) {
+      for (size_t i = first_session; i < fds.size(); ++i) {
         if (fds[i].revents == 0) continue;
-        auto [s, slot] = owners[i - 2];
+        auto [s, slot] = owners[i - first_session];
         switch (slot) {
           case Slot::kOut0:
             s->out[0].ready = true;

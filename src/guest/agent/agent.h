@@ -53,6 +53,14 @@ struct AgentOptions {
   // and relays whole FUSE messages on the stream. Without it the op fails
   // with ENOSYS.
   std::function<Result<UniqueFd>(uint32_t index)> on_serve_share;
+  // Op shares_mounted: `mounts_result` says whether the mounts made through
+  // the FUSE shares (by another thread, while this loop relays) are done:
+  // nullopt while they are not, then their outcome for good.
+  // `mounts_ready_fd` becomes readable (and stays so) once they are; the
+  // loop polls it while a shares_mounted waits. Without mounts_result the
+  // op answers {} at once (nothing to wait for).
+  std::function<std::optional<Status>()> mounts_result;
+  int mounts_ready_fd = -1;
   // Children are not read while this much is queued toward the host.
   size_t link_soft_cap = 1u << 20;
   // The link is not read while this much is queued toward the host (a host

@@ -12,6 +12,7 @@
 #include "guest/init/console.h"
 #include "guest/init/format.h"
 #include "guest/init/fs_util.h"
+#include "guest/init/fuse_share.h"
 
 namespace cella::init {
 namespace {
@@ -121,6 +122,31 @@ Status MountPlainRoot(const Config& config, Deadline deadline) {
   return {};
 }
 
+constexpr unsigned long kTmpfsFlags = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+
+std::string TmpfsOptions(int size_mib, const std::string& mode) {
+  std::string options = "mode=" + mode;
+  if (size_mib > 0) options += ",size=" + std::to_string(size_mib) + "m";
+  return options;
+}
+
+// Where the mount meant for `guest_path` is made now: its mount point
+// beneath the new root (held open: `path` names it through the fd), or a
+// stage when a FUSE share above it is put in place only once served
+// (fuse_share.h).
+struct MountPoint {
+  UniqueFd fd;
+  std::string path;
+};
+Result<MountPoint> MountPointFor(const Config& config, const std::string& guest_path,
+                                 const std::string& name) {
+  if (BeneathFuseShare(config, guest_path))
+    return MountPoint{UniqueFd(), CELLA_TRY(StageBeneathShare(guest_path, name))};
+  UniqueFd target = CELLA_TRY(OpenDirBeneath(kNewRoot, guest_path));
+  std::string path = FdPath(target.Get());
+  return MountPoint{std::move(target), std::move(path)};
+}
+
 // One host share: the virtiofs tag is mounted in scratch (read-only for ro
 // and overlay: the host exports those read-only anyway), an overlay joins it
 // with a private layer for overlay mode, and the result (or its single file)
@@ -204,12 +230,15 @@ Status AssembleRoot(const Config& config, Deadline deadline) {
 }
 
 Status MountVolumes(const Config& config, Deadline deadline) {
+  // FUSE shares first: mounts beneath them are staged beside them.
+  CELLA_TRY_CTX(StageFuseShares(config), "host shares");
   for (size_t i = 0; i < config.volume_mounts.size(); ++i) {
     const auto& volume = config.volume_mounts[i];
     std::string where = "volume_mounts[" + std::to_string(i) + "] (" + volume.path + ")";
     CELLA_TRY_CTX(WaitForDevice(volume.device, deadline), where);
-    UniqueFd target = CELLA_TRY_CTX(OpenDirBeneath(kNewRoot, volume.path), where);
-    std::string target_path = FdPath(target.Get());
+    MountPoint target =
+        CELLA_TRY_CTX(MountPointFor(config, volume.path, "volume" + std::to_string(i)), where);
+    const std::string& target_path = target.path;
     switch (volume.mode) {
       case MountMode::kReadOnly:
         CELLA_TRY_CTX(MountReadOnlyAnyFs(volume.device, target_path), where);
@@ -236,20 +265,35 @@ Status MountVolumes(const Config& config, Deadline deadline) {
     const auto& disk = config.disks[i];
     std::string where = "disks[" + std::to_string(i) + "] (" + disk.path + ")";
     CELLA_TRY_CTX(WaitForDevice(disk.device, deadline), where);
-    UniqueFd target = CELLA_TRY_CTX(OpenDirBeneath(kNewRoot, disk.path), where);
+    MountPoint target =
+        CELLA_TRY_CTX(MountPointFor(config, disk.path, "disk" + std::to_string(i)), where);
+    const std::string& target_path = target.path;
     if (disk.read_only) {
-      CELLA_TRY_CTX(MountReadOnlyAnyFs(disk.device, FdPath(target.Get())), where);
+      CELLA_TRY_CTX(MountReadOnlyAnyFs(disk.device, target_path), where);
     } else {
-      CELLA_TRY_CTX(Mount(disk.device, FdPath(target.Get()), "ext4", MS_NOATIME), where);
+      CELLA_TRY_CTX(Mount(disk.device, target_path, "ext4", MS_NOATIME), where);
     }
+  }
+  // tmpfs mounts beneath a FUSE share are staged now too (the others come
+  // after the switch of root, MountTmpfsAndSealRoot).
+  for (size_t i = 0; i < config.tmpfs.size(); ++i) {
+    const auto& t = config.tmpfs[i];
+    if (!BeneathFuseShare(config, t.path)) continue;
+    std::string where = "tmpfs " + t.path;
+    std::string stage =
+        CELLA_TRY_CTX(StageBeneathShare(t.path, "tmpfs" + std::to_string(i)), where);
+    CELLA_TRY_CTX(Mount("tmpfs", stage, "tmpfs", kTmpfsFlags, TmpfsOptions(t.size_mib, "1777")),
+                  where);
   }
   for (size_t i = 0; i < config.host_shares.size(); ++i) {
     const auto& share = config.host_shares[i];
     if (share.fuse) {
-      // Mounted by the agent when the host serves it (fuse_share.h); its
-      // mount point is made now, while the root may still be written
-      // (read_only_root seals it later).
+      // Staged already, put in place once served (fuse_share.h); its mount
+      // point is made now, while the root may still be written
+      // (read_only_root seals it later), unless it lies in another FUSE
+      // share (made through that one then).
       std::string where = "host_shares[" + std::to_string(i) + "] (" + share.path + ")";
+      if (BeneathFuseShare(config, share.path)) continue;
       if (share.file.empty()) {
         CELLA_TRY_CTX(OpenDirBeneath(kNewRoot, share.path), where);
       } else {
@@ -305,17 +349,16 @@ Status MountTmpfsAndSealRoot(const Config& config) {
   auto mount_tmpfs = [](const std::string& path, int size_mib, unsigned long flags,
                         const std::string& mode) -> Status {
     UniqueFd target = CELLA_TRY(OpenDirBeneath("/", path));
-    std::string options = "mode=" + mode;
-    if (size_mib > 0) options += ",size=" + std::to_string(size_mib) + "m";
-    return Mount("tmpfs", FdPath(target.Get()), "tmpfs", flags, options);
+    return Mount("tmpfs", FdPath(target.Get()), "tmpfs", flags, TmpfsOptions(size_mib, mode));
   };
   bool tmp_given = false, run_given = false;
   for (const auto& t : config.tmpfs) {
-    // docker's --tmpfs defaults: noexec, nosuid, nodev, world-writable.
-    CELLA_TRY_CTX(mount_tmpfs(t.path, t.size_mib, MS_NOSUID | MS_NODEV | MS_NOEXEC, "1777"),
-                  "tmpfs " + t.path);
     tmp_given = tmp_given || t.path == "/tmp";
     run_given = run_given || t.path == "/run";
+    // Staged before the switch, placed with the share above it.
+    if (BeneathFuseShare(config, t.path)) continue;
+    // docker's --tmpfs defaults: noexec, nosuid, nodev, world-writable.
+    CELLA_TRY_CTX(mount_tmpfs(t.path, t.size_mib, kTmpfsFlags, "1777"), "tmpfs " + t.path);
   }
   if (!config.read_only_root) return {};
   if (!tmp_given) CELLA_TRY_CTX(mount_tmpfs("/tmp", 0, MS_NOSUID | MS_NODEV, "1777"), "/tmp");

@@ -144,6 +144,11 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
     return count;
   };
   options.on_serve_share = [&config](uint32_t index) { return ServeFuseShare(config, index); };
+  // The staged shares go in place as soon as the host serves them (their
+  // calls wait for it); the host's shares_mounted waits for the outcome.
+  CELLA_TRY_CTX(StartPlacingShares(), "host shares");
+  options.mounts_result = [] { return SharesPlacedResult(); };
+  options.mounts_ready_fd = SharesPlacedFd();
   auto agent = agent::Agent::Create(std::move(options));
   if (!agent) return std::unexpected(std::move(agent.error()).WithContext("agent"));
   serving = agent->get();

@@ -478,6 +478,13 @@ Result<std::unique_ptr<PortStream>> AgentClient::OpenPort(
                         std::chrono::steady_clock::now() + answer_timeout);
 }
 
+Status AgentClient::SharesMounted(std::chrono::milliseconds answer_timeout) {
+  const auto deadline = Clock::now() + answer_timeout;
+  StreamGuard s(*link_, CELLA_TRY(link_->Open(protocol::SharesMountedRequest{})));
+  auto text = CELLA_TRY_CTX(AwaitResult(*link_, *s, deadline), "shares_mounted");
+  return protocol::DecodeEmpty(text);
+}
+
 Result<std::unique_ptr<PortStream>> AgentClient::ServeShare(
     uint32_t index, std::chrono::milliseconds answer_timeout) {
   return OpenByteStream(protocol::ServeShareRequest{index},

@@ -214,6 +214,11 @@ class AgentClient {
   // the supervisor's start-up.
   Result<std::unique_ptr<PortStream>> ServeShare(
       uint32_t index, std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(10'000));
+  // Op shares_mounted: waits until the guest has put its FUSE shares in
+  // place with everything mounted through them (overlay layers, volumes and
+  // tmpfs beneath, nested shares), which needs the shares served first. The
+  // guest's error when a mount failed; ETIMEDOUT after `answer_timeout`.
+  Status SharesMounted(std::chrono::milliseconds answer_timeout);
 
   // Asks the guest to power off (the agent's on_shutdown). The guest init
   // sends SIGTERM to every process, waits up to `grace` (0: its default,

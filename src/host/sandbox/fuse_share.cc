@@ -19,7 +19,12 @@ Result<std::unique_ptr<share::FuseServer>> OpenFuseServer(const FuseShareOptions
   if (options.is_file) {
     auto slash = options.host_path.rfind('/');
     root = slash == 0 ? "/" : options.host_path.substr(0, slash);
-    server.single_file = options.host_path.substr(slash + 1);
+    // overlayfs needs a directory as its lower: an overlay single file is
+    // served as a directory showing only it; rw and ro ones are the root.
+    if (options.mode == protocol::MountMode::kOverlay)
+      server.only_entry = options.host_path.substr(slash + 1);
+    else
+      server.single_file = options.host_path.substr(slash + 1);
   }
   return share::FuseServer::Open(root, std::move(server));
 }

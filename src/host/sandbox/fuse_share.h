@@ -15,6 +15,7 @@
 // (save its state, serve it again on the next link).
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -26,10 +27,17 @@
 
 namespace cella::sandbox {
 
+// How long the supervisor waits (op shares_mounted) for the guest to put
+// its FUSE shares in place once served: a few lookups and mounts each, so
+// only a guest that is stuck or hostile takes long; the start then fails.
+inline constexpr std::chrono::seconds kSharesMountedTimeout{60};
+
 struct FuseShareOptions {
   std::string host_path;  // absolute; a directory or a regular file
   bool is_file = false;
-  protocol::MountMode mode = protocol::MountMode::kReadWrite;  // rw or ro
+  // rw; ro and overlay are served read-only (the guest's overlayfs keeps
+  // its writes)
+  protocol::MountMode mode = protocol::MountMode::kReadWrite;
 };
 
 // The share's server, before it is served: opened early so a missing host

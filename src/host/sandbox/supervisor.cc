@@ -376,8 +376,11 @@ class Supervisor {
                   {{"id", args_.id}, {"resume_count", std::to_string(*count)}});
     }
     // Before anything else runs in the guest: the shares' mounts answer
-    // nothing until they are served.
+    // nothing until they are served, and the guest puts them (with their
+    // overlays and what lies beneath them) in place only then.
     CELLA_TRY(ServeFuseShares(*agent));
+    if (!fuse_servers_.empty())
+      CELLA_TRY_CTX(agent->SharesMounted(kSharesMountedTimeout), "mount the host shares");
     CELLA_TRY(router_->Listen(paths_.mux_socket));
     for (const PortSpec& p : ports_) {
       auto forwarder =
@@ -393,11 +396,10 @@ class Supervisor {
     return {};
   }
 
-  // Host shares: rw and ro ones over FUSE on the agent link (served from
-  // AfterBoot), unless CELLA_SHARE_TRANSPORT=virtiofs; overlay ones, and
-  // every one under virtiofs, get one virtiofsd each, children of this
-  // process (they die with it), started before QEMU so their sockets exist
-  // when it connects.
+  // Host shares: over FUSE on the agent link (served from AfterBoot),
+  // unless CELLA_SHARE_TRANSPORT=virtiofs: then one virtiofsd each,
+  // children of this process (they die with it), started before QEMU so
+  // their sockets exist when it connects.
   Status StartShares(const SandboxSpec& spec, protocol::Config& guest, vmm::VMConfig& vm) {
     bool fuse_allowed = CELLA_TRY(FuseSharesWanted());
     // A restored guest has its FUSE mounts in its memory: they stay FUSE.
@@ -425,8 +427,7 @@ class Supervisor {
       std::string n = std::to_string(i);
       std::string file;
       if (s.is_file) file = s.host_path.substr(s.host_path.rfind('/') + 1);
-      if (fuse_allowed && s.mode != protocol::MountMode::kOverlay &&
-          !HasMountBeneath(guest, spec, s.guest_path)) {
+      if (fuse_allowed) {
         std::shared_ptr<share::FuseServer> server =
             CELLA_TRY_CTX(OpenFuseServer({s.host_path, s.is_file, s.mode}), "share " + n);
         if (saved && saved->contains(n) && (*saved)[n].is_string())
@@ -439,9 +440,8 @@ class Supervisor {
       // and creates files as the guest's uid/gid (only root may do that).
       if (::geteuid() != 0)
         return Fail(
-            "overlay host directory shares (-v /host/path:/guest:overlay) and "
-            "CELLA_SHARE_TRANSPORT=virtiofs need cella to run as root; use rw or ro, or a named "
-            "volume and cella cp instead");
+            "CELLA_SHARE_TRANSPORT=virtiofs needs cella to run as root; unset it to serve host "
+            "directory shares over FUSE");
       if (virtiofsd.empty()) virtiofsd = CELLA_TRY(ResolveVirtiofsd());
       ShareDaemonOptions options;
       options.virtiofsd = virtiofsd;
@@ -457,26 +457,6 @@ class Supervisor {
       attachments.push_back({options.socket_path, s.guest_path, s.mode, file});
     }
     return AttachShares(attachments, guest, vm);
-  }
-
-  // Whether another mount (volume, disk, tmpfs, share) lies beneath `path`.
-  // A FUSE share is mounted last, by the agent, after the link is up: it
-  // would hide such a mount, and mounting one through it from the agent's
-  // own loop would wait on the relay that loop runs. Such a share stays on
-  // virtiofs, mounted at boot in order.
-  static bool HasMountBeneath(const protocol::Config& guest, const SandboxSpec& spec,
-                              const std::string& path) {
-    std::string prefix = path + "/";
-    auto beneath = [&](const std::string& p) { return p.starts_with(prefix); };
-    for (const auto& v : guest.volume_mounts)
-      if (beneath(v.path)) return true;
-    for (const auto& d : guest.disks)
-      if (beneath(d.path)) return true;
-    for (const auto& t : guest.tmpfs)
-      if (beneath(t.path)) return true;
-    for (const ShareSpec& other : spec.shares)
-      if (beneath(other.guest_path)) return true;
-    return false;
   }
 
   // CELLA_SHARE_TRANSPORT: "fuse" (the default) or "virtiofs".
@@ -620,9 +600,9 @@ class Supervisor {
                   "foreground run or was started with --rm (use cella run -d)");
     if (!shares_.empty())
       return Fail(std::string(what) +
-                  " of a sandbox with virtiofs host directories (overlay shares, or "
-                  "CELLA_SHARE_TRANSPORT=virtiofs) is not supported: QEMU cannot save a "
-                  "virtiofs device; rw and ro shares over FUSE (the default) can");
+                  " of a sandbox with virtiofs host directories (CELLA_SHARE_TRANSPORT=virtiofs) "
+                  "is not supported: QEMU cannot save a virtiofs device; shares over FUSE (the "
+                  "default) can");
     if (has_volumes_)
       return Fail(std::string(what) +
                   " of a sandbox with volumes is not supported: a volume can change while the "

@@ -215,14 +215,15 @@ struct FuseServer::Impl {
   int CheckChild(uint64_t parent, std::string_view name) const {
     if (!ValidName(name)) return EINVAL;
     if (!options.single_file.empty()) return ENOTDIR;
-    (void)parent;
+    if (!options.only_entry.empty() && parent == kRootId && name != options.only_entry)
+      return ENOENT;
     return 0;
   }
   // A mutation of the directory `parent` (creating, removing, renaming).
   int CheckMutateIn(uint64_t parent) const {
     if (!options.single_file.empty()) return ENOTDIR;
+    if (!options.only_entry.empty() && parent == kRootId) return EPERM;
     if (options.read_only) return EROFS;
-    (void)parent;
     return 0;
   }
 
@@ -389,6 +390,9 @@ Result<std::unique_ptr<FuseServer>> FuseServer::Open(const std::string& root,
   if (fd < 0) return FailErrno("open share root " + root);
   if (!options.single_file.empty() && !ValidName(options.single_file))
     return Fail("single-file share: bad name '" + options.single_file + "'");
+  if (!options.only_entry.empty() &&
+      (!ValidName(options.only_entry) || !options.single_file.empty()))
+    return Fail("share: bad only_entry '" + options.only_entry + "'");
   auto impl = std::make_unique<Impl>();
   impl->root = UniqueFd(fd);
   impl->options = std::move(options);
@@ -867,6 +871,10 @@ std::vector<std::byte> FuseServer::Handle(std::span<const std::byte> request) {
       if (!a) return Error(u, EINVAL);
       auto fd = s.HandleFd(a->fh, true);
       if (!fd) return Error(u, fd.error());
+      // The root of an only_entry share lists that entry (and . and ..).
+      std::string_view only;
+      if (!s.options.only_entry.empty() && s.handles[a->fh].node == kRootId)
+        only = s.options.only_entry;
       size_t cap = std::min<size_t>(a->size, kFuseMaxIo);
       Reply out(sizeof(fuse_out_header));
       if (lseek(*fd, static_cast<off_t>(a->offset), SEEK_SET) < 0) return Error(u, errno);
@@ -880,6 +888,7 @@ std::vector<std::byte> FuseServer::Handle(std::span<const std::byte> request) {
           auto* d = reinterpret_cast<struct dirent64*>(buf + pos);
           pos += d->d_reclen;
           std::string_view name(d->d_name);
+          if (!only.empty() && name != only && name != "." && name != "..") continue;
           size_t entlen = FUSE_NAME_OFFSET + name.size();
           size_t padded = FUSE_DIRENT_ALIGN(entlen);
           if (out.size() - sizeof(fuse_out_header) + padded > cap) {

@@ -67,6 +67,11 @@ inline constexpr size_t kFuseMaxOpenFds = 256;
 struct FuseServerOptions {
   bool read_only = false;   // ro and overlay shares
   std::string single_file;  // non-empty: a single-file share of root/single_file
+  // Non-empty (with single_file empty): the root directory shows only this
+  // entry (a single-file overlay share: overlayfs needs a directory as its
+  // lower); every other name in the root is ENOENT, READDIR lists only it,
+  // and nothing in the root may be created, removed or renamed (EPERM).
+  std::string only_entry;
   // Files the guest creates are given to the guest caller's uid/gid (what
   // virtiofsd does). Only meaningful when the server runs as root (cella
   // run as root); otherwise new files belong to the user running it.

@@ -50,6 +50,7 @@
 #include "host/sandbox/port_forward.h"
 #include "host/sandbox/share.h"
 #include "host/sandbox/snapshot.h"
+#include "host/sandbox/snapshot_stream.h"
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
 #include "host/template/template_store.h"
@@ -548,6 +549,10 @@ class Supervisor {
     if (::access(vm.ConfigDiskPath.c_str(), R_OK) != 0)
       return FailErrno("the config disk of the snapshot " + vm.ConfigDiskPath);
     vm.IncomingMigration = LoadUri(standby_dir_, manifest);
+    // A raw stream (a fork's) is read by QEMU from an inherited descriptor:
+    // no shell and no `cat` forked by QEMU.
+    if (manifest.compression == SnapshotCompression::kNone)
+      vm.IncomingStateFile = standby_dir_ + "/" + manifest.state_file;
     // Written before the manifest's commit, so present whenever the
     // snapshot had a DNS server; checked strictly when loaded.
     std::string names = standby_dir_ + "/" + kDnsNamesFile;
@@ -674,7 +679,7 @@ class Supervisor {
             main_.reset();  // its Close goes nowhere: the link is already down
           },
           std::chrono::seconds(15)));
-      CELLA_TRY(machine.SaveState(SaveUri(dir, manifest), std::chrono::minutes(10)));
+      CELLA_TRY(SaveMachineState(machine, dir, manifest, std::chrono::minutes(10)));
       // Host state the guest relies on: the names behind the virtual
       // addresses it has cached (durable before the manifest commits).
       if (fake_ips_) {

@@ -214,7 +214,7 @@ inline std::string TypicalMigrationStream() {
   w.Footer(2);
   w.SectionPart(2, /*end=*/true);
   w.Record("mem", 8192, false, 'c');
-  w.Record("mem", 4096, true, 0);  // a page zeroed since: left out (RAM starts zero)
+  w.Record("mem", 4096, true, 0);  // zeroed since it was sent: kept
   w.Eos();
   w.Footer(2);
   w.bytes += "\x04";  // SECTION_FULL of a device, then QEMU_VM_EOF: copied

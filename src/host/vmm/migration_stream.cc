@@ -187,6 +187,9 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
         return true;
       }
       total -= used;
+      std::string name(b.substr(at + 1, name_len));
+      if (zero_blocks_.contains(name))
+        written_[name].assign((used + kPageSize - 1) / kPageSize, false);
       at += 1 + name_len + 8;
     }
     out.append(b.substr(0, at));
@@ -229,10 +232,17 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
   std::string_view record = b.substr(0, at + body);
   if (!cont) in_block_ = std::string(block);
   pos_ += record.size();
-  if (kind == kFlagZero && record.back() == 0 && zero_blocks_.contains(in_block_)) {
+  const bool zero_page = kind == kFlagZero && record.back() == 0;
+  auto pages = written_.find(in_block_);
+  const uint64_t page = (header & ~kFlagMask) / kPageSize;
+  const bool tracked = pages != written_.end() && page < pages->second.size();
+  if (zero_page && tracked && !pages->second[page]) {
     ++dropped_pages_;
     return true;
   }
+  // Kept: the loader's page is zero after a zero record, has content after
+  // anything else.
+  if (tracked) pages->second[page] = !zero_page;
   if (cont && out_block_ != in_block_) {
     // The record that named this block for the loader was left out.
     PutBe64(out, header & ~kFlagContinue);

@@ -20,6 +20,9 @@
 //   "ram" (device state, QEMU_VM_EOF, ...) and everything after it is
 //   copied as is.
 //
+// A zero record is left out only for a page that no earlier kept record of
+// the stream gave content (so it is still zero at the loader).
+//
 // A dropped record may be the one that named its block (the loader keeps
 // the last named block for CONTINUE records): the next record kept is then
 // rewritten to name its block itself, so the loader sees every kept record
@@ -34,10 +37,12 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <set>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/result.h"
 
@@ -95,6 +100,11 @@ class ZeroPageFilter {
   // the output ("" before any).
   std::string in_block_;
   std::string out_block_;
+  // Per block of zero_blocks_ (sized from the block list): the pages the
+  // output has given non-zero content. A zero record for one of them must
+  // stay (a page sent twice: QEMU does not with a stopped VM, but nothing
+  // here relies on it); a block or page not known keeps its records.
+  std::map<std::string, std::vector<bool>, std::less<>> written_;
   uint64_t dropped_pages_ = 0;
 };
 

@@ -124,6 +124,7 @@ class SnapshotFilesTest : public ::testing::TestWithParam<SnapshotCompression> {
     SnapshotManifest m = Sample();
     m.compression = GetParam();
     m.state_file = GetParam() == SnapshotCompression::kZstd ? "s.zst" : "s.raw";
+    m.sha256.clear();  // set, the commit would take it as the writer's checksum
     std::string in = dir_.path() + "/payload";
     EXPECT_TRUE(WriteStringToFile(in, payload, 0600));
     RunShell(SaveUri(snap_, m), in, "");

@@ -169,7 +169,7 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
   if (::stat(tmp.c_str(), &st) != 0) return FailErrno("stat " + tmp);
   if (st.st_size <= 0) return Fail("snapshot: QEMU wrote nothing to " + tmp);
   m.size_bytes = static_cast<uint64_t>(st.st_size);
-  m.sha256 = CELLA_TRY(host::Sha256OfFile(tmp));
+  if (m.sha256.empty()) m.sha256 = CELLA_TRY(host::Sha256OfFile(tmp));
   if (::rename(tmp.c_str(), final_path.c_str()) != 0) return FailErrno("rename " + tmp);
   // The state file's name is durable before the manifest (the commit) is.
   CELLA_TRY(sync_dir(dir));

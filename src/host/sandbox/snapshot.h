@@ -92,12 +92,11 @@ std::string SaveUri(const std::string& dir, const SnapshotManifest& manifest);
 std::string LoadUri(const std::string& dir, const SnapshotManifest& manifest);
 
 // After QEMU completed the migration: fsync, size and hash the temporary
-// file, rename it, write the manifest (filling size_bytes and sha256), and
-// fsync the directory. Returns the manifest as written. When the last
-// directory fsync fails, the manifest is unlinked before the error is
-// returned: a failed commit never leaves a snapshot that looks committed,
-// even when the caller's clean-up of the directory fails too. `sync_dir`
-// fsyncs a directory (tests pass one that fails).
+// file (unless `manifest.sha256` is set: its writer hashed it), rename it, write the manifest
+// (filling size_bytes and sha256), and fsync the directory. Returns the manifest as written. When
+// the last directory fsync fails, the manifest is unlinked before the error is returned: a failed
+// commit never leaves a snapshot that looks committed, even when the caller's clean-up of the
+// directory fails too. `sync_dir` fsyncs a directory (tests pass one that fails).
 using SyncDirectory = std::function<Status(const std::string& dir)>;
 Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest manifest,
                                         const SyncDirectory& sync_dir = FsyncDirectory);

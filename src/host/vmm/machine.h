@@ -90,6 +90,11 @@ class Machine {
   virtual Status SaveState(const std::string& /*uri*/, std::chrono::milliseconds /*timeout*/) {
     return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
   }
+  // SaveState into a descriptor (e.g. a pipe's write end the caller reads
+  // the stream from); the machine's copy is closed when this returns.
+  virtual Status SaveStateTo(UniqueFd /*fd*/, std::chrono::milliseconds /*timeout*/) {
+    return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});
+  }
   // After ReleaseAgent: thaws the VM and connects to the agent again as
   // Start does (a snapshot that did not go through).
   virtual Status ReconnectAgent() {

@@ -139,6 +139,7 @@ class QemuMachine final : public Machine {
   Status Pause() override { return CELLA_TRY(RequireQmp("pause"))->Stop(); }
   Status ReleaseAgent(const std::function<void()>& close_link, milliseconds timeout) override;
   Status SaveState(const std::string& uri, milliseconds timeout) override;
+  Status SaveStateTo(UniqueFd fd, milliseconds timeout) override;
   Status ReconnectAgent() override;
   Status Resume() override { return CELLA_TRY(RequireQmp("resume"))->Cont(); }
   const VMConfig& Config() const override { return config_; }
@@ -623,6 +624,17 @@ Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, millis
       timeout);
   if (!closed) return std::unexpected(std::move(closed.error()).WithContext("VM " + config_.ID));
   return {};
+}
+
+Status QemuMachine::SaveStateTo(UniqueFd fd, milliseconds timeout) {
+  QmpClient* qmp = CELLA_TRY(RequireQmp("save state"));
+  // QEMU gets its own copy (no shell and no `cat` started for the save);
+  // ours closes on return, so the reader sees the end of the stream when
+  // QEMU closes its copy.
+  constexpr std::string_view kName = "cella-save";
+  CELLA_TRY_CTX(qmp->SendFd(kName, fd.Get()), "VM " + config_.ID + ": save");
+  fd.Reset();
+  return SaveState("fd:" + std::string(kName), timeout);
 }
 
 Status QemuMachine::SaveState(const std::string& uri, milliseconds timeout) {

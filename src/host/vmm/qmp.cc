@@ -68,9 +68,33 @@ Result<nlohmann::json> QmpClient::ReadMessage(Clock::time_point deadline) {
   }
 }
 
-Status QmpClient::Send(const nlohmann::json& message) {
+Status QmpClient::Send(const nlohmann::json& message, int fd) {
   std::string text = message.dump() + "\n";
   size_t sent = 0;
+  if (fd >= 0) {
+    // The descriptor rides on the message's first bytes; QEMU takes it for
+    // the command those bytes belong to.
+    iovec iov{text.data(), text.size()};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr* header = CMSG_FIRSTHDR(&msg);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(header), &fd, sizeof(int));
+    ssize_t n;
+    do {
+      n = ::sendmsg(fd_.Get(), &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EPIPE || errno == ECONNRESET))
+      return std::unexpected(Error{"QMP: QEMU closed the connection", ECONNRESET});
+    if (n < 0) return FailErrno("QMP: send a descriptor");
+    sent = static_cast<size_t>(n);
+  }
   while (sent < text.size()) {
     // MSG_NOSIGNAL: a QEMU that went away is an error value, not a SIGPIPE.
     ssize_t n = ::send(fd_.Get(), text.data() + sent, text.size() - sent, MSG_NOSIGNAL);
@@ -126,6 +150,20 @@ Result<nlohmann::json> QmpClient::Execute(std::string_view command, const nlohma
   nlohmann::json request = {{"execute", std::string(command)}, {"id", id}};
   if (!arguments.is_null()) request["arguments"] = arguments;
   CELLA_TRY(Send(request));
+  return AwaitReply(command, id, timeout);
+}
+
+Status QmpClient::SendFd(std::string_view name, int fd, Duration timeout) {
+  uint64_t id = next_id_++;
+  nlohmann::json request = {
+      {"execute", "getfd"}, {"id", id}, {"arguments", {{"fdname", std::string(name)}}}};
+  CELLA_TRY(Send(request, fd));
+  CELLA_TRY(AwaitReply("getfd", id, timeout));
+  return {};
+}
+
+Result<nlohmann::json> QmpClient::AwaitReply(std::string_view command, uint64_t id,
+                                             Duration timeout) {
   auto deadline = Clock::now() + timeout;
   while (true) {
     nlohmann::json msg = CELLA_TRY_CTX(ReadMessage(deadline), "QMP " + std::string(command));

@@ -48,6 +48,10 @@ class QmpClient {
                                  const nlohmann::json& arguments = nullptr,
                                  Duration timeout = std::chrono::seconds(10));
 
+  // Hands QEMU a descriptor under `name` (`getfd`, the descriptor sent with
+  // SCM_RIGHTS): "fd:NAME" migration URIs use it. QEMU holds its own copy.
+  Status SendFd(std::string_view name, int fd, Duration timeout = std::chrono::seconds(10));
+
   // "running", "paused", "shutdown", ... (query-status .status)
   Result<std::string> QueryStatus();
   Status Stop();             // pause vCPUs
@@ -76,7 +80,8 @@ class QmpClient {
  private:
   explicit QmpClient(UniqueFd fd) : fd_(std::move(fd)) {}
   Result<nlohmann::json> ReadMessage(std::chrono::steady_clock::time_point deadline);
-  Status Send(const nlohmann::json& message);
+  Status Send(const nlohmann::json& message, int fd = -1);
+  Result<nlohmann::json> AwaitReply(std::string_view command, uint64_t id, Duration timeout);
 
   UniqueFd fd_;
   std::string buffer_;

@@ -1,0 +1,145 @@
+#include "host/sandbox/snapshot_stream.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <vector>
+
+#include "base/io.h"
+#include "base/log.h"
+#include "host/os/digest.h"
+#include "host/vmm/migration_stream.h"
+
+namespace cella::sandbox {
+namespace {
+
+constexpr size_t kChunk = size_t{1} << 20;
+
+}  // namespace
+
+Result<std::unique_ptr<SnapshotStreamWriter>> SnapshotStreamWriter::Start(
+    const std::string& dir, const SnapshotManifest& manifest) {
+  std::unique_ptr<SnapshotStreamWriter> w(new SnapshotStreamWriter());
+  const std::string tmp = dir + "/" + manifest.state_file + ".tmp";
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return FailErrno("pipe");
+  w->read_end_.Reset(fds[0]);
+  w->qemu_end_.Reset(fds[1]);
+  // Fewer wake-ups per MiB; a failure only costs that.
+  (void)::fcntl(fds[0], F_SETPIPE_SZ, int(kChunk));
+  if (manifest.compression == SnapshotCompression::kZstd) {
+    int zfds[2];
+    if (::pipe2(zfds, O_CLOEXEC) != 0) return FailErrno("pipe");
+    UniqueFd zstd_in(zfds[0]);
+    w->sink_.Reset(zfds[1]);
+    (void)::fcntl(zfds[1], F_SETPIPE_SZ, int(kChunk));
+    // -1: the fastest level; the stream is mostly page data. zstd's stdout
+    // (and its stderr, said only on a failure that its exit code reports
+    // too) go to the temporary file.
+    const int inherited[] = {zstd_in.Get()};
+    w->zstd_ = CELLA_TRY(host::SpawnWithOutputFile(
+        {"zstd", "-q", "-1", "-T1", "-c", "/dev/fd/" + std::to_string(host::kFirstInheritedFd)},
+        tmp, inherited));
+  } else {
+    w->sink_.Reset(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    if (!w->sink_) return FailErrno("create " + tmp);
+    w->hash_ = true;
+  }
+  w->thread_ = std::thread([raw = w.get()] { raw->Run(); });
+  return w;
+}
+
+void SnapshotStreamWriter::Run() {
+  vmm::ZeroPageFilter filter({vmm::kGuestRamBlock});
+  host::Sha256 sha;
+  result_ = [&]() -> Status {
+    std::vector<uint8_t> buf(kChunk);
+    std::string out;
+    out.reserve(kChunk + 8192);
+    while (!stop_.load()) {
+      pollfd p{read_end_.Get(), POLLIN, 0};
+      int rc = ::poll(&p, 1, 200);
+      if (rc < 0 && errno == EINTR) continue;
+      if (rc < 0) return FailErrno("poll the snapshot stream");
+      if (rc == 0) continue;
+      ssize_t n = ::read(read_end_.Get(), buf.data(), buf.size());
+      if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+      if (n < 0) return FailErrno("read the snapshot stream");
+      if (n == 0) {
+        CELLA_TRY(filter.Finish());
+        written_.dropped_zero_pages = filter.DroppedPages();
+        if (hash_) written_.sha256 = sha.HexDigest();
+        return {};
+      }
+      out.clear();
+      CELLA_TRY(filter.Feed(std::span<const uint8_t>(buf.data(), size_t(n)), out));
+      CELLA_TRY_CTX(WriteAll(sink_.Get(), out), "write the snapshot");
+      if (hash_) sha.Update(out);
+    }
+    return Fail("the snapshot stream was abandoned");
+  }();
+  // QEMU sees its pipe closed (a failed stream fails its migration), zstd
+  // sees the end of its input.
+  read_end_.Reset();
+  sink_.Reset();
+  done_.store(true);
+}
+
+Result<SnapshotStreamWriter::Written> SnapshotStreamWriter::Finish(
+    std::chrono::milliseconds timeout, bool abandon) {
+  qemu_end_.Reset();
+  if (abandon) stop_.store(true);
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!done_.load() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  if (!done_.load()) {
+    stop_.store(true);  // the thread ends within its 200 ms poll
+  }
+  if (thread_.joinable()) thread_.join();
+  Status zstd_status;
+  if (zstd_) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (abandon || !result_) left = std::chrono::milliseconds(0);
+    auto exited = host::WaitForExit(*zstd_, std::max(left, std::chrono::milliseconds(1000)));
+    if (!exited) {
+      (void)::kill(zstd_->pid, SIGKILL);
+      (void)host::WaitForExit(*zstd_, std::chrono::seconds(5));
+      zstd_status = Fail("zstd did not finish the snapshot: " + exited.error().message);
+    } else if (exited->exit_code != 0) {
+      zstd_status = Fail("zstd failed writing the snapshot (" + exited->Describe() + ")");
+    }
+    zstd_.reset();
+  }
+  if (!result_) return std::unexpected(result_.error());
+  if (!zstd_status) return std::unexpected(zstd_status.error());
+  return written_;
+}
+
+SnapshotStreamWriter::~SnapshotStreamWriter() {
+  if (thread_.joinable() || zstd_) (void)Finish(std::chrono::milliseconds(0), /*abandon=*/true);
+}
+
+Status SaveMachineState(vmm::Machine& machine, const std::string& dir, SnapshotManifest& manifest,
+                        std::chrono::milliseconds timeout) {
+  auto writer = CELLA_TRY(SnapshotStreamWriter::Start(dir, manifest));
+  Status saved = machine.SaveStateTo(writer->TakeQemuEnd(), timeout);
+  auto written = writer->Finish(std::chrono::seconds(60), /*abandon=*/!saved);
+  if (!saved) {
+    // A stream our side refused fails QEMU's migration too: say why.
+    if (!written && written.error().message.find("abandoned") == std::string::npos)
+      return std::unexpected(Error{saved.error().message + " (" + written.error().message + ")",
+                                   saved.error().errno_value});
+    return saved;
+  }
+  if (!written) return std::unexpected(std::move(written.error()).WithContext("snapshot"));
+  log::Debug("snapshot stream written",
+             {{"dir", dir}, {"zero_pages_left_out", std::to_string(written->dropped_zero_pages)}});
+  manifest.sha256 = written->sha256;
+  return {};
+}
+
+}  // namespace cella::sandbox

@@ -115,6 +115,25 @@ TEST(ZeroPageFilter, PassesThroughWhatItDoesNotKnowBeforeLeavingAnythingOut) {
   }
 }
 
+// Found by fuzz_migration_stream: a block list claiming a RAM block of
+// ~280 TiB made the filter allocate its page bitmap for it (and abort).
+TEST(ZeroPageFilter, AnImplausiblyLargeRamBlockPassesThroughWithoutItsBitmap) {
+  StreamWriter w;
+  w.Header();
+  w.SectionStart(2, "ram");
+  w.MemSize({{"mem", uint64_t{1} << 48}});
+  w.Eos();
+  w.SectionPart(2, true);
+  w.Record("mem", 0, true, 0);
+  w.Eos();
+  ZeroPageFilter f = MemFilter();
+  auto out = FilterAll(f, w.bytes);
+  ASSERT_TRUE(out) << out.error().message;
+  EXPECT_EQ(*out, w.bytes);
+  EXPECT_TRUE(f.PassingThrough());
+  EXPECT_EQ(f.DroppedPages(), 0u);
+}
+
 TEST(ZeroPageFilter, FailsWhenTheStreamBreaksAfterAPageWasLeftOut) {
   // The record that named "mem" was left out, then an unknown record kind:
   // copying on would make the loader read it against another block.

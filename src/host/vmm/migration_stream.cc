@@ -23,6 +23,8 @@ constexpr uint64_t kFlagMemSize = 0x04;
 constexpr uint64_t kFlagPage = 0x08;
 constexpr uint64_t kFlagEos = 0x10;
 constexpr uint64_t kFlagContinue = 0x20;
+// 1 TiB of guest RAM: a 32 MiB page bitmap.
+constexpr uint64_t kMaxFilteredBlockBytes = uint64_t{1} << 40;
 
 uint32_t Be32(std::string_view b, size_t at) {
   uint32_t v = 0;
@@ -188,6 +190,12 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
       }
       total -= used;
       std::string name(b.substr(at + 1, name_len));
+      // One bit per page of a filtered block: bounded by the largest guest
+      // RAM cella starts, not by what the stream claims.
+      if (zero_blocks_.contains(name) && used > kMaxFilteredBlockBytes) {
+        CELLA_TRY(GiveUp("a RAM block of " + std::to_string(used) + " bytes"));
+        return true;
+      }
       if (zero_blocks_.contains(name))
         written_[name].assign((used + kPageSize - 1) / kPageSize, false);
       at += 1 + name_len + 8;

@@ -1,9 +1,9 @@
 // The guest init's FUSE share bookkeeping that runs without a VM: which
 // mounts wait for a share (they are staged and placed once it is served),
 // and serve_share's refusals.
-#include "guest/init/fuse_share.h"
-
 #include <gtest/gtest.h>
+
+#include "guest/init/fuse_share.h"
 
 namespace cella::init {
 namespace {

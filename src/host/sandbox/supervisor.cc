@@ -405,6 +405,16 @@ class Supervisor {
   // their sockets exist when it connects.
   Status StartShares(const SandboxSpec& spec, protocol::Config& guest, vmm::VMConfig& vm) {
     bool fuse_allowed = CELLA_TRY(FuseSharesWanted());
+    // Under init_mode systemd the agent is the image's own service (the
+    // standalone cella-agent), which has no FUSE relay: the init mounts the
+    // shares over virtiofs before systemd starts (such a sandbox boots cold
+    // anyway; it cannot standby, snapshot or fork).
+    if (fuse_allowed && guest.init_mode == protocol::InitMode::kSystemd && !args_.resume) {
+      fuse_allowed = false;
+      SendNotice(ready_fd_,
+                 "host directories of a systemd sandbox are served over virtiofs (no standby, "
+                 "snapshot or fork)");
+    }
     // A restored guest has its FUSE mounts in its memory: they stay FUSE.
     if (args_.resume) fuse_allowed = true;
     std::optional<nlohmann::json> saved;
@@ -443,8 +453,8 @@ class Supervisor {
       // and creates files as the guest's uid/gid (only root may do that).
       if (::geteuid() != 0)
         return Fail(
-            "CELLA_SHARE_TRANSPORT=virtiofs needs cella to run as root; unset it to serve host "
-            "directory shares over FUSE");
+            "host directories over virtiofs (CELLA_SHARE_TRANSPORT=virtiofs, or a systemd "
+            "sandbox) need cella to run as root");
       if (virtiofsd.empty()) virtiofsd = CELLA_TRY(ResolveVirtiofsd());
       ShareDaemonOptions options;
       options.virtiofsd = virtiofsd;

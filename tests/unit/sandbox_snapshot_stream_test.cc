@@ -3,6 +3,9 @@
 // or through zstd, and a stream cut short is refused.
 #include <gtest/gtest.h>
 
+#include <csignal>
+#include <cstdlib>
+#include <string>
 #include <thread>
 
 #include "base/io.h"
@@ -94,6 +97,40 @@ TEST(SnapshotStreamWriter, AnAbandonedSaveEndsAtOnce) {
   UniqueFd qemu = (*writer)->TakeQemuEnd();  // held open: no end of stream
   auto written = (*writer)->Finish(std::chrono::seconds(30), /*abandon=*/true);
   EXPECT_FALSE(written);
+}
+
+// A zstd that stops reading (hung, or its disk stalled) must not hold the
+// save for ever: the writer's thread blocks writing into zstd's full pipe,
+// and Finish kills zstd at its deadline so that write fails. (Before, the
+// join waited on the thread for good.)
+TEST(SnapshotStreamWriter, AZstdThatStopsReadingEndsTheSaveAtItsDeadline) {
+  // As in every cella process (cli/main.cc): a write to a pipe whose reader
+  // is gone is an EPIPE error value, not a signal.
+  ASSERT_NE(::signal(SIGPIPE, SIG_IGN), SIG_ERR);
+  testing::TempDir dir("snapstream");
+  ASSERT_TRUE(WriteStringToFile(dir / "zstd", "#!/bin/sh\nexec sleep 600\n", 0755));
+  const char* old_path = std::getenv("PATH");
+  std::string saved_path = old_path ? old_path : "";
+  ASSERT_EQ(::setenv("PATH", (dir.path() + ":" + saved_path).c_str(), 1), 0);
+  SnapshotManifest m;
+  m.state_file = "machine.state.zst";
+  m.compression = SnapshotCompression::kZstd;
+  auto writer = SnapshotStreamWriter::Start(dir.path(), m);
+  ASSERT_EQ(::setenv("PATH", saved_path.c_str(), 1), 0);
+  ASSERT_TRUE(writer) << writer.error().message;
+  UniqueFd qemu = (*writer)->TakeQemuEnd();
+  // Not a migration stream: passed through whole, far more than the pipes
+  // hold. The writer stops on the first failed write (the reader gone).
+  std::thread qemu_side([&] {
+    std::string block(1 << 20, 'x');
+    for (int i = 0; i < 64; ++i)
+      if (!WriteAll(qemu.Get(), block)) break;
+    qemu.Reset();
+  });
+  auto written = (*writer)->Finish(std::chrono::milliseconds(500));
+  ASSERT_FALSE(written);
+  EXPECT_NE(written.error().message.find("zstd"), std::string::npos) << written.error().message;
+  qemu_side.join();
 }
 
 }  // namespace

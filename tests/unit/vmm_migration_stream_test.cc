@@ -7,6 +7,8 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "host/vmm/migration_stream.h"
 #include "support/migration_stream_model.h"
@@ -132,6 +134,29 @@ TEST(ZeroPageFilter, AnImplausiblyLargeRamBlockPassesThroughWithoutItsBitmap) {
   EXPECT_EQ(*out, w.bytes);
   EXPECT_TRUE(f.PassingThrough());
   EXPECT_EQ(f.DroppedPages(), 0u);
+}
+
+// A block list that runs on would only grow the filter's buffer: past 64 KiB
+// the stream passes through (nothing was left out yet).
+TEST(ZeroPageFilter, AnEndlessBlockListPassesThrough) {
+  std::vector<std::pair<std::string, uint64_t>> blocks(10'000, {"b", 4096});
+  blocks.push_back({"mem", 4096});
+  StreamWriter w;
+  w.Header();
+  w.SectionStart(2, "ram");
+  w.MemSize(blocks);
+  w.Eos();
+  w.SectionPart(2, true);
+  w.Record("mem", 0, true, 0);
+  w.Eos();
+  for (size_t piece : {0, 4096}) {
+    ZeroPageFilter f = MemFilter();
+    auto out = FilterAll(f, w.bytes, piece);
+    ASSERT_TRUE(out) << out.error().message;
+    EXPECT_EQ(*out, w.bytes);
+    EXPECT_TRUE(f.PassingThrough());
+    EXPECT_EQ(f.DroppedPages(), 0u);
+  }
 }
 
 TEST(ZeroPageFilter, FailsWhenTheStreamBreaksAfterAPageWasLeftOut) {

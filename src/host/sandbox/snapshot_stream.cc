@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <vector>
 
 #include "base/io.h"
@@ -95,8 +96,17 @@ Result<SnapshotStreamWriter::Written> SnapshotStreamWriter::Finish(
   auto deadline = std::chrono::steady_clock::now() + timeout;
   while (!done_.load() && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  bool killed_zstd = false;
   if (!done_.load()) {
-    stop_.store(true);  // the thread ends within its 200 ms poll
+    stop_.store(true);  // the thread ends within its 200 ms poll...
+    // ...unless it is blocked writing to a zstd that stopped reading: killed,
+    // zstd's pipe fails that write (EPIPE; SIGPIPE is ignored) and the join
+    // below stays bounded.
+    if (zstd_) {
+      killed_zstd = true;
+      if (::kill(zstd_->pid, SIGKILL) != 0 && errno != ESRCH)
+        log::Warn("could not kill zstd", {{"error", std::strerror(errno)}});
+    }
   }
   if (thread_.joinable()) thread_.join();
   Status zstd_status;
@@ -114,6 +124,9 @@ Result<SnapshotStreamWriter::Written> SnapshotStreamWriter::Finish(
     }
     zstd_.reset();
   }
+  if (killed_zstd && !abandon)
+    return Fail("zstd did not take the snapshot stream within " + std::to_string(timeout.count()) +
+                " ms (killed)");
   if (!result_) return std::unexpected(result_.error());
   if (!zstd_status) return std::unexpected(zstd_status.error());
   return written_;

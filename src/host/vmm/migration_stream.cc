@@ -25,6 +25,7 @@ constexpr uint64_t kFlagEos = 0x10;
 constexpr uint64_t kFlagContinue = 0x20;
 // 1 TiB of guest RAM: a 32 MiB page bitmap.
 constexpr uint64_t kMaxFilteredBlockBytes = uint64_t{1} << 40;
+constexpr size_t kMaxBlockListBytes = 64 * 1024;
 
 uint32_t Be32(std::string_view b, size_t at) {
   uint32_t v = 0;
@@ -180,6 +181,13 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
     uint64_t total = header & ~kFlagMask;
     size_t at = 8;
     while (total > 0) {
+      // QEMU lists a handful of blocks; a list that runs on (a stream
+      // claiming a huge total in tiny blocks) would only grow pending_.
+      if (at > kMaxBlockListBytes) {
+        CELLA_TRY(GiveUp("a RAM block list longer than " + std::to_string(kMaxBlockListBytes) +
+                         " bytes"));
+        return true;
+      }
       if (b.size() < at + 1) return false;
       const size_t name_len = uint8_t(b[at]);
       if (b.size() < at + 1 + name_len + 8) return false;

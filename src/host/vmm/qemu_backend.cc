@@ -270,7 +270,13 @@ Status QemuMachine::Start() {
   launch.console_log = paths_.console_log;
   if (!config_.IncomingMigration.empty()) {
     std::string stub = config_.StateDir + "/restore-kernel";
-    if (CELLA_TRY(WriteRestoreKernel(config_.KernelPath, stub))) launch.restore_kernel = stub;
+    // Only an optimisation: a restore that cannot write it (disk full) reads
+    // the real kernel and initrd as before.
+    auto wrote = WriteRestoreKernel(config_.KernelPath, stub);
+    if (wrote && *wrote)
+      launch.restore_kernel = stub;
+    else if (!wrote)
+      log::Warn("restoring with the whole kernel", {{"error", wrote.error().message}});
   }
   std::vector<std::string> argv = CELLA_TRY(BuildQemuArgv(config_, launch));
   log::Debug("starting QEMU", {{"id", config_.ID}, {"accel", ToString(launch.accel)}});

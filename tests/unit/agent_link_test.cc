@@ -371,11 +371,12 @@ TEST_F(AgentLink, ShutdownThatIsNeverAnsweredTimesOut) {
 }
 
 // The supervisor's start-up waits for the main process to start and each
-// forwarded connection for its port, shares for their mount: a guest that
+// forwarded connection for its port, shares for their relay and their
+// placing (shares_mounted): a guest that
 // never answers must fail those waits, not hold them forever.
 TEST_F(AgentLink, MainPortAndShareRequestsThatAreNeverAnsweredTimeOut) {
   using std::chrono::milliseconds;
-  for (int which = 0; which < 3; ++which) {
+  for (int which = 0; which < 4; ++which) {
     auto p = MakePair();
     auto fake = FakeAgent(std::move(p.fake), {});
     {
@@ -390,8 +391,12 @@ TEST_F(AgentLink, MainPortAndShareRequestsThatAreNeverAnsweredTimeOut) {
         auto r = (*c)->OpenPort(8080, milliseconds(300));
         ASSERT_FALSE(r.has_value());
         err = r.error();
-      } else {
+      } else if (which == 2) {
         auto r = (*c)->ServeShare(0, milliseconds(300));
+        ASSERT_FALSE(r.has_value());
+        err = r.error();
+      } else {
+        auto r = (*c)->SharesMounted(milliseconds(300));
         ASSERT_FALSE(r.has_value());
         err = r.error();
       }

@@ -25,7 +25,7 @@ constexpr uint64_t kFlagEos = 0x10;
 constexpr uint64_t kFlagContinue = 0x20;
 // 1 TiB of guest RAM: a 32 MiB page bitmap.
 constexpr uint64_t kMaxFilteredBlockBytes = uint64_t{1} << 40;
-constexpr size_t kMaxBlockListBytes = 64 * 1024;
+constexpr size_t kMaxBlockListBytes = size_t{64} * 1024;
 
 uint32_t Be32(std::string_view b, size_t at) {
   uint32_t v = 0;

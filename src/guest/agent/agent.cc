@@ -989,7 +989,6 @@ struct Agent::Impl {
     }
   }
 
-  // Ends a link: everything but the main process is abandoned.
   // Answers every waiting shares_mounted once the mounts are done.
   void AnswerMountsWaiting() {
     if (mounts_waiting.empty()) return;
@@ -1010,6 +1009,7 @@ struct Agent::Impl {
     mounts_waiting.clear();
   }
 
+  // Ends a link: everything but the main process is abandoned.
   void DetachAll() {
     for (auto& [id, s] : sessions) {
       if (s->is_main && main_state == MainState::kRunning) {

@@ -4,8 +4,11 @@
 # `cella run --cold @builtin true` (a kernel boot, not a warm start) measured in the same run, for each memory size
 # and codec; the workload dirtied memory first (a tmpfs file of random bytes
 # that stays in the guest's RAM). Prints medians, sizes and the ratios.
-# Usage: bench/snapshot_bench.sh [BUILD_DIR] [RUNS] [MEMORY_SIZES] [CODECS]
-#   e.g. bench/snapshot_bench.sh build 3 "256m 1g" "zstd none"
+# Usage: bench/snapshot_bench.sh [BUILD_DIR] [RUNS] [MEMORY_SIZES] [FORMATS]
+#   e.g. bench/snapshot_bench.sh build 3 "256m 1g" "file zstd"
+# FORMATS are CELLA_SNAPSHOT_FORMAT values: file (the default: guest RAM in
+# a sparse memory file mapped at resume), zstd or raw (the whole migration
+# stream in one file). The size is what the snapshot takes on disk.
 # Also the soak: SOAK=20 bench/snapshot_bench.sh build runs 20 standby/resume
 # cycles of one sandbox whose main process appends a numbered line every
 # 0.1 s, checks no flushed line was lost, and that no process or file leaked.
@@ -13,7 +16,7 @@ set -euo pipefail
 build=${1:-build}
 runs=${2:-3}
 sizes=${3:-"256m 1g"}
-codecs=${4:-"zstd none"}
+codecs=${4:-"file zstd"}
 cella="$(realpath "$build/cella")"
 export CELLA_SANDBOX_HOME=$(mktemp -d /tmp/cella-snapbench-XXXXXX)
 trap '"$cella" ps -aq | xargs -r "$cella" rm -f >/dev/null 2>&1; rm -rf "$CELLA_SANDBOX_HOME"' EXIT
@@ -53,13 +56,13 @@ for size in $sizes; do
     for _ in $(seq "$runs"); do
       t0=$(now_ms); "$cella" run --cold @builtin true >/dev/null 2>&1; t1=$(now_ms)
       echo $((t1 - t0)) >> "$CELLA_SANDBOX_HOME/cold.ms"
-      id=$(CELLA_SNAPSHOT_COMPRESSION=$codec "$cella" run -d --memory "$size" @builtin sh -c "$dirty")
+      id=$(CELLA_SNAPSHOT_FORMAT=$codec "$cella" run -d --memory "$size" @builtin sh -c "$dirty")
       # wait for the workload to have dirtied its memory
       until [[ $("$cella" exec "$id" -- sh -c 'cat /root/count 2>/dev/null || echo 0') -gt 2 ]]; do sleep 0.2; done
-      t0=$(now_ms); CELLA_SNAPSHOT_COMPRESSION=$codec "$cella" standby "$id" >/dev/null; t1=$(now_ms)
+      t0=$(now_ms); CELLA_SNAPSHOT_FORMAT=$codec "$cella" standby "$id" >/dev/null; t1=$(now_ms)
       echo $((t1 - t0)) >> "$CELLA_SANDBOX_HOME/standby.ms"
-      bytes=$(du -b "$CELLA_SANDBOX_HOME"/sandboxes/"$id"/standby/machine.state* | cut -f1)
-      t0=$(now_ms); CELLA_SNAPSHOT_COMPRESSION=$codec "$cella" resume "$id" >/dev/null
+      bytes=$(du -s -B1 "$CELLA_SANDBOX_HOME"/sandboxes/"$id"/standby | cut -f1)
+      t0=$(now_ms); CELLA_SNAPSHOT_FORMAT=$codec "$cella" resume "$id" >/dev/null
       "$cella" exec "$id" -- cat /root/count >/dev/null; t1=$(now_ms)
       echo $((t1 - t0)) >> "$CELLA_SANDBOX_HOME/resume.ms"
       "$cella" rm -f "$id" >/dev/null

@@ -122,7 +122,11 @@ Result<std::string> CreateFromSnapshot(SandboxContext& ctx, const SnapshotSource
   auto build = [&]() -> Status {
     CELLA_TRY(CopySparse(src.dir + "/upper.img", paths.upper_image));
     CELLA_TRY(CopySparse(src.dir + "/config.img", paths.dir + "/config.img"));
-    for (const std::string& f : {src.manifest.state_file, std::string(sandbox::kManifestName)}) {
+    // The manifest last: a standby/ with one holds the whole snapshot.
+    std::vector<std::string> files = {src.manifest.state_file};
+    if (!src.manifest.memory_file.empty()) files.push_back(src.manifest.memory_file);
+    files.emplace_back(sandbox::kManifestName);
+    for (const std::string& f : files) {
       std::string from = src.dir + "/" + f, to = paths.dir + "/standby/" + f;
       if (::link(from.c_str(), to.c_str()) != 0) CELLA_TRY(CopySparse(from, to));
     }
@@ -285,6 +289,7 @@ int SnapshotLsCommand(ListFormat format) {
                      {"state_bytes", manifest->size_bytes},
                      {"memory_bytes", manifest->memory_bytes},
                      {"compression", std::string(sandbox::ToString(manifest->compression))},
+                     {"format", std::string(sandbox::ToString(sandbox::LayoutOf(*manifest)))},
                      {"created_ms", manifest->created_ms}});
       std::snprintf(line, sizeof line, "%-28s %-16s %-10s %-10s %s ago\n", name.c_str(),
                     source.c_str(), (std::to_string(size >> 20) + "MiB").c_str(),

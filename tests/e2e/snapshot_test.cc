@@ -121,11 +121,14 @@ TEST_F(SnapshotTest, ACorruptSnapshotFailsTheResumeAndKeepsTheDisks) {
   auto manifest =
       nlohmann::json::parse(std::ifstream(dir + "/standby/manifest.json"), nullptr, false);
   ASSERT_FALSE(manifest.is_discarded());
-  const std::string state = dir + "/standby/" + manifest.value("state_file", std::string());
+  // Two bytes in the middle of guest memory (the memory file the resume
+  // maps as the guest's RAM).
+  ASSERT_EQ(manifest.value("version", 0), 2);
+  const std::string memory = dir + "/standby/" + manifest.value("memory_file", std::string());
   {
-    std::fstream f(state, std::ios::in | std::ios::out | std::ios::binary);
-    ASSERT_TRUE(f.good()) << state;
-    f.seekp(manifest.value("size_bytes", 2) / 2);
+    std::fstream f(memory, std::ios::in | std::ios::out | std::ios::binary);
+    ASSERT_TRUE(f.good()) << memory;
+    f.seekp(manifest.value("memory_bytes", 2) / 2);
     f.put('\x5a');
     f.put('\xa5');
   }
@@ -142,8 +145,12 @@ TEST_F(SnapshotTest, ACorruptSnapshotFailsTheResumeAndKeepsTheDisks) {
 }
 
 TEST_F(SnapshotTest, NamedSnapshotRestoresIntoANewSandboxAndLeavesTheSourceRunning) {
+  // This source's supervisor writes the older layout (the whole migration
+  // stream, zstd-compressed): a snapshot of it must still restore.
+  ASSERT_EQ(::setenv("CELLA_SNAPSHOT_FORMAT", "zstd", 1), 0);
   std::string src =
       RunDetached({"--name", "src", kCounter[0], kCounter[1], kCounter[2], kCounter[3]});
+  ASSERT_EQ(::unsetenv("CELLA_SNAPSHOT_FORMAT"), 0);
   ASSERT_FALSE(src.empty());
   Exec("src", "echo original > /root/data; sync; echo ram > /dev/shm/in-memory");
   auto deadline = std::chrono::steady_clock::now() + seconds(60);
@@ -161,6 +168,7 @@ TEST_F(SnapshotTest, NamedSnapshotRestoresIntoANewSandboxAndLeavesTheSourceRunni
   EXPECT_EQ(list[0].value("name", std::string()), "snap1");
   EXPECT_EQ(list[0].value("source", std::string()), "src");
   EXPECT_GT(list[0].value("size_bytes", 0), 0);
+  EXPECT_EQ(list[0].value("format", std::string()), "zstd");
 
   auto restored = RunCella({"snapshot", "restore", "snap1", "--name", "copy"}, "", seconds(600));
   ASSERT_EQ(restored.exit_code, 0) << Describe(restored);
@@ -212,11 +220,12 @@ TEST_F(SnapshotTest, AStandbyWhoseQemuOrSupervisorIsKilledMidSaveLeavesNoSnapsho
 
   ProcessResult standby;
   std::thread saver([&] { standby = RunCella({"standby", id}, "", seconds(600)); });
-  // QEMU has started writing the stream: kill it there.
-  const std::string tmp = dir + "/standby/machine.state.zst.tmp";
+  // QEMU has started writing guest memory: kill it there. (The memory
+  // file is sized when the save starts; its blocks come with the pages.)
+  const std::string tmp = dir + "/standby/memory.raw.tmp";
   deadline = std::chrono::steady_clock::now() + seconds(120);
   struct stat st {};
-  while (!(::stat(tmp.c_str(), &st) == 0 && st.st_size > 0) &&
+  while (!(::stat(tmp.c_str(), &st) == 0 && st.st_blocks > 0) &&
          std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   const bool caught = !Exists(dir + "/standby/manifest.json");
@@ -246,7 +255,7 @@ TEST_F(SnapshotTest, AStandbyWhoseQemuOrSupervisorIsKilledMidSaveLeavesNoSnapsho
   ProcessResult standby2;
   std::thread saver2([&] { standby2 = RunCella({"standby", id}, "", seconds(600)); });
   deadline = std::chrono::steady_clock::now() + seconds(120);
-  while (!(::stat(tmp.c_str(), &st) == 0 && st.st_size > 0) &&
+  while (!(::stat(tmp.c_str(), &st) == 0 && st.st_blocks > 0) &&
          std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   const bool caught2 = !Exists(dir + "/standby/manifest.json");

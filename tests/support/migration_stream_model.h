@@ -1,5 +1,6 @@
 // A model of QEMU 7.2's migration stream for tests of vmm::ZeroPageFilter:
-// a writer of synthetic streams and a loader that applies one to zeroed RAM
+// a writer of synthetic streams and a loader that applies one to zeroed (or
+// given) RAM
 // as QEMU's ram_load_precopy does (the last named block for CONTINUE
 // records; ZERO records fill, PAGE records copy), so a test can check that
 // the filtered stream loads to exactly what the original loads to.
@@ -94,9 +95,12 @@ inline uint64_t GetBe(std::string_view b, size_t at, int bytes) {
 }
 
 // nullopt where QEMU's loader would fail (or the model does not know the
-// construct).
-inline std::optional<LoadedMachine> LoadModel(std::string_view b) {
+// construct). `initial`: RAM before the load (a block mapped from a
+// snapshot's memory file); zero when null.
+inline std::optional<LoadedMachine> LoadModel(std::string_view b,
+                                              const LoadedMachine* initial = nullptr) {
   LoadedMachine m;
+  if (initial) m.ram = initial->ram;
   size_t p = 0;
   auto need = [&](size_t n) { return b.size() - p >= n; };
   if (!need(8) || GetBe(b, 0, 4) != 0x5145564d || GetBe(b, 4, 4) != 3) return std::nullopt;

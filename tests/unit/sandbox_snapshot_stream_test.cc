@@ -28,14 +28,18 @@ std::string Filtered(const std::string& in) {
 }
 
 // Writes `stream` into the writer's QEMU end in small pieces, as QEMU
-// would, then closes it.
+// would, then closes it. `refused`: the writer is expected to stop reading
+// (a stream it refuses), so a failed write is what QEMU would see.
 Result<SnapshotStreamWriter::Written> Save(const std::string& dir, const SnapshotManifest& m,
-                                           const std::string& stream) {
+                                           const std::string& stream, bool refused = false) {
   auto writer = CELLA_TRY(SnapshotStreamWriter::Start(dir, m));
   UniqueFd qemu = writer->TakeQemuEnd();
   std::thread qemu_side([&] {
-    for (size_t at = 0; at < stream.size(); at += 1000)
-      EXPECT_TRUE(WriteAll(qemu.Get(), std::string_view(stream).substr(at, 1000)));
+    for (size_t at = 0; at < stream.size(); at += 1000) {
+      Status wrote = WriteAll(qemu.Get(), std::string_view(stream).substr(at, 1000));
+      if (refused && !wrote) break;
+      EXPECT_TRUE(wrote);
+    }
     qemu.Reset();
   });
   qemu_side.join();
@@ -56,6 +60,77 @@ TEST(SnapshotStreamWriter, WritesTheRawStreamWithoutZeroPagesAndItsChecksum) {
   EXPECT_EQ(*file, Filtered(stream));
   EXPECT_LT(file->size(), stream.size());
   EXPECT_EQ(written->sha256, host::Sha256Hex(*file));
+}
+
+TEST(SnapshotStreamWriter, PutsGuestRamInTheMemoryFileAndTheRestInTheStateFile) {
+  testing::TempDir dir("snapstream");
+  SnapshotManifest m;
+  m.state_file = "machine.state";
+  m.compression = SnapshotCompression::kNone;
+  m.memory_file = kMemoryFileName;
+  m.memory_bytes = 4 * 4096;  // the typical stream's "mem"
+  std::string stream = testing::TypicalMigrationStream();
+  auto written = Save(dir.path(), m, stream);
+  ASSERT_TRUE(written) << written.error().message;
+  EXPECT_EQ(written->memory_file_pages, 4u);
+  // The memory file is the guest RAM's length, its pages where they were.
+  auto memory = ReadFileToString(dir / "memory.raw.tmp", 1 << 20);
+  ASSERT_TRUE(memory);
+  ASSERT_EQ(memory->size(), 4u * 4096);
+  EXPECT_EQ(memory->substr(0, 4096), std::string(4096, '\0'));
+  EXPECT_EQ(memory->substr(4096, 4096), std::string(4096, '\0')) << "zeroed again after 'a'";
+  EXPECT_EQ(memory->substr(8192, 4096), std::string(4096, 'c'));
+  EXPECT_EQ(memory->substr(12288, 4096), std::string(4096, 'b'));
+  // The page zeroed again came after pages past it: the digest is left to
+  // the commit, which reads the file.
+  EXPECT_TRUE(written->memory_sha256.empty());
+  auto state = ReadFileToString(dir / "machine.state.tmp", 1 << 20);
+  ASSERT_TRUE(state);
+  EXPECT_EQ(written->sha256, host::Sha256Hex(*state));
+  testing::LoadedMachine ram;
+  for (uint64_t page = 0; page < 4; ++page)
+    if (memory->substr(page * 4096, 4096) != std::string(4096, '\0'))
+      ram.ram["mem"][page * 4096] = memory->substr(page * 4096, 4096);
+  auto over_file = testing::LoadModel(*state, &ram);
+  auto want = testing::LoadModel(stream);
+  ASSERT_TRUE(over_file);
+  ASSERT_TRUE(want);
+  EXPECT_EQ(*over_file, *want);
+  EXPECT_LT(state->size(), 200u) << "no page of guest RAM in the state file";
+}
+
+TEST(SnapshotStreamWriter, HashesTheMemoryFileOnTheWayWhenPagesComeInOrder) {
+  testing::StreamWriter w;
+  w.Header();
+  w.SectionStart(2, "ram");
+  w.MemSize({{"mem", 64 * 4096}, {"pc.bios", 4096}});
+  w.Eos();
+  w.SectionPart(2, /*end=*/true);
+  for (uint64_t page = 0; page < 64; ++page)
+    w.Record("mem", page * 4096, /*zero=*/page % 3 != 0, page % 3 == 0 ? char('a' + page % 7) : 0);
+  w.Record("pc.bios", 0, false, 'z');
+  w.Eos();
+  w.bytes += std::string("\x04\x00\x00\x00\x03\x01x\x00\x00\x00\x00\x00\x00\x00\x01\x08", 16);
+  testing::TempDir dir("snapstream");
+  SnapshotManifest m;
+  m.state_file = "machine.state";
+  m.compression = SnapshotCompression::kNone;
+  m.memory_file = kMemoryFileName;
+  m.memory_bytes = 64 * 4096;
+  auto written = Save(dir.path(), m, w.bytes);
+  ASSERT_TRUE(written) << written.error().message;
+  ASSERT_FALSE(written->memory_sha256.empty());
+  auto from_file = MemoryFileDigest(dir / "memory.raw.tmp");
+  ASSERT_TRUE(from_file) << from_file.error().message;
+  EXPECT_EQ(written->memory_sha256, *from_file);
+
+  // Guest RAM of another size than the sandbox's: refused, not mapped.
+  testing::TempDir other("snapstream");
+  m.memory_bytes = 128 * 4096;
+  ASSERT_NE(::signal(SIGPIPE, SIG_IGN), SIG_ERR);  // as in every cella process
+  auto wrong = Save(other.path(), m, w.bytes, /*refused=*/true);
+  ASSERT_FALSE(wrong);
+  EXPECT_NE(wrong.error().message.find("guest RAM"), std::string::npos) << wrong.error().message;
 }
 
 TEST(SnapshotStreamWriter, CompressesWithZstd) {

@@ -7,12 +7,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <fstream>
 #include <functional>
+#include <thread>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "base/io.h"
+#include "base/unique_fd.h"
 #include "host/os/process.h"
 #include "host/sandbox/snapshot.h"
 #include "support/temp_dir.h"
@@ -94,6 +98,181 @@ TEST(SnapshotManifest, RefusesWhatItCannotTrust) {
   EXPECT_NE(version.error().message.find("version 99"), std::string::npos);
   EXPECT_FALSE(DecodeManifest("[1,2]"));
   EXPECT_FALSE(DecodeManifest("{"));
+}
+
+TEST(SnapshotManifest, FormatTwoNamesItsMemoryFile) {
+  SnapshotManifest m = Sample();
+  m.compression = SnapshotCompression::kNone;
+  m.state_file = "machine.state";
+  m.memory_file = kMemoryFileName;
+  m.memory_sha256 = std::string(64, 'b');
+  nlohmann::json j = nlohmann::json::parse(EncodeManifest(m));
+  EXPECT_EQ(j["version"], 2);
+  auto back = DecodeManifest(j.dump());
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(back->version, 2);
+  EXPECT_EQ(back->memory_file, m.memory_file);
+  EXPECT_EQ(back->memory_sha256, m.memory_sha256);
+  // Format 1 stays format 1 and readable.
+  EXPECT_EQ(nlohmann::json::parse(EncodeManifest(Sample()))["version"], 1);
+
+  auto decode_with = [&](const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json copy = j;
+    edit(copy);
+    return DecodeManifest(copy.dump());
+  };
+  auto escape = decode_with([](auto& c) { c["memory_file"] = "../upper.img"; });
+  ASSERT_FALSE(escape);
+  EXPECT_NE(escape.error().message.find("memory_file"), std::string::npos);
+  auto same = decode_with([](auto& c) { c["memory_file"] = "machine.state"; });
+  EXPECT_FALSE(same) << "the memory file cannot be the state file";
+  auto no_sum = decode_with([](auto& c) { c.erase("memory_sha256"); });
+  ASSERT_FALSE(no_sum);
+  EXPECT_NE(no_sum.error().message.find("memory_sha256"), std::string::npos);
+  auto odd = decode_with([](auto& c) { c["memory_bytes"] = 4097; });
+  EXPECT_FALSE(odd) << "a memory file of no whole number of pages";
+  // Version 1 never has a memory file: a stream without guest RAM must not
+  // be loaded as if it held it.
+  auto v1 = decode_with([](auto& c) { c["version"] = 1; });
+  ASSERT_FALSE(v1);
+  EXPECT_NE(v1.error().message.find("memory_file"), std::string::npos) << v1.error().message;
+  auto v2_without = decode_with([](auto& c) { c.erase("memory_file"); });
+  EXPECT_FALSE(v2_without);
+}
+
+TEST(MemoryDigest, DependsOnContentNotOnHowTheFileIsLaidOut) {
+  testing::TempDir dir("memdigest");
+  constexpr size_t kPage = MemoryDigest::kPageSize;
+  auto write_file = [&](const std::string& name, bool holes) {
+    std::string path = dir / name;
+    UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    EXPECT_TRUE(fd);
+    EXPECT_EQ(::ftruncate(fd.Get(), off_t(600 * kPage)), 0);
+    auto put = [&](size_t page, char fill) {
+      std::string bytes(kPage, fill);
+      EXPECT_EQ(::pwrite(fd.Get(), bytes.data(), bytes.size(), off_t(page * kPage)),
+                ssize_t(kPage));
+    };
+    if (!holes)  // the same zeros, written out
+      for (size_t page = 0; page < 600; ++page) put(page, 0);
+    put(3, 'a');
+    put(300, 'b');
+    put(599, 'c');
+    return path;
+  };
+  auto sparse = MemoryFileDigest(write_file("sparse", true));
+  auto dense = MemoryFileDigest(write_file("dense", false));
+  ASSERT_TRUE(sparse) << sparse.error().message;
+  ASSERT_TRUE(dense) << dense.error().message;
+  EXPECT_EQ(*sparse, *dense);
+  // The writer's way: pages in order, zero ones skipped.
+  MemoryDigest on_the_way;
+  on_the_way.AddPage(0, std::string(kPage, '\0'));
+  on_the_way.AddPage(3, std::string(kPage, 'a'));
+  on_the_way.AddPage(300, std::string(kPage, 'b'));
+  on_the_way.AddPage(599, std::string(kPage, 'c'));
+  EXPECT_EQ(on_the_way.HexDigest(), *sparse);
+  // The same bytes one page further on are another memory.
+  MemoryDigest moved;
+  moved.AddPage(4, std::string(kPage, 'a'));
+  moved.AddPage(300, std::string(kPage, 'b'));
+  moved.AddPage(599, std::string(kPage, 'c'));
+  EXPECT_NE(moved.HexDigest(), *sparse);
+}
+
+TEST(SnapshotFormatTwo, CommitsVerifiesAndRefusesADamagedMemoryFile) {
+  testing::TempDir dir("snapmem");
+  constexpr size_t kPage = MemoryDigest::kPageSize;
+  std::string snap = dir / "snap";
+  ASSERT_EQ(::mkdir(snap.c_str(), 0700), 0);
+  SnapshotManifest m = Sample();
+  m.compression = SnapshotCompression::kNone;
+  m.state_file = "machine.state";
+  m.sha256.clear();
+  m.memory_bytes = 64 * kPage;
+  m.memory_file = kMemoryFileName;
+  ASSERT_TRUE(WriteStringToFile(snap + "/machine.state.tmp", "device state", 0600));
+  std::string memory_tmp = snap + "/" + kMemoryFileName + ".tmp";
+  ASSERT_TRUE(WriteStringToFile(memory_tmp, "", 0600));
+  ASSERT_EQ(::truncate(memory_tmp.c_str(), off_t(m.memory_bytes)), 0);
+  {
+    UniqueFd fd(::open(memory_tmp.c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd);
+    std::string page(kPage, 'm');
+    ASSERT_EQ(::pwrite(fd.Get(), page.data(), page.size(), off_t(10 * kPage)), ssize_t(kPage));
+  }
+  auto committed = CommitSnapshot(snap, m);
+  ASSERT_TRUE(committed) << committed.error().message;
+  EXPECT_EQ(committed->memory_sha256, *MemoryFileDigest(snap + "/" + kMemoryFileName));
+  auto verified = VerifySnapshot(snap);
+  ASSERT_TRUE(verified) << verified.error().message;
+  EXPECT_EQ(verified->memory_file, kMemoryFileName);
+
+  // One flipped byte of guest memory: never run.
+  std::string memory = snap + "/" + kMemoryFileName;
+  {
+    UniqueFd fd(::open(memory.c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd);
+    ASSERT_EQ(::pwrite(fd.Get(), "X", 1, off_t(10 * kPage + 7)), 1);
+  }
+  auto corrupt = VerifySnapshot(snap);
+  ASSERT_FALSE(corrupt);
+  EXPECT_NE(corrupt.error().message.find("checksum mismatch"), std::string::npos)
+      << corrupt.error().message;
+  EXPECT_NE(corrupt.error().message.find(kMemoryFileName), std::string::npos);
+  // Short: QEMU would map past its end.
+  ASSERT_EQ(::truncate(memory.c_str(), off_t(32 * kPage)), 0);
+  auto truncated = ReadSnapshotManifest(snap);
+  ASSERT_FALSE(truncated);
+  EXPECT_NE(truncated.error().message.find("truncated"), std::string::npos)
+      << truncated.error().message;
+  // Gone.
+  ASSERT_EQ(::unlink(memory.c_str()), 0);
+  EXPECT_FALSE(ReadSnapshotManifest(snap));
+}
+
+TEST(SnapshotCompat, QemuVersionIsAskedOnceForAnUnchangedBinary) {
+  testing::TempDir dir("qemuversion");
+  const std::string qemu = dir / "qemu-system-x86_64";
+  const std::string calls = dir / "calls";
+  auto install = [&](const std::string& version) {
+    ASSERT_TRUE(WriteStringToFile(qemu,
+                                  "#!/bin/sh\necho x >> '" + calls + "'\necho '" + version +
+                                      "'\necho 'Copyright (c) 2003-2022'\n",
+                                  0755));
+    // Settled: written a while ago (a fresh file is never remembered).
+    timespec old_times[2] = {{1700000000, 0}, {1700000000, 0}};
+    ASSERT_EQ(::utimensat(AT_FDCWD, qemu.c_str(), old_times, 0), 0);
+  };
+  auto call_count = [&] {
+    auto text = ReadFileToString(calls, 1 << 16);
+    return text ? std::count(text->begin(), text->end(), '\n') : 0;
+  };
+  install("QEMU emulator version 7.2.0");
+  // ctime is now: the first answer is not remembered until it settles.
+  auto first = CachedQemuVersion(qemu, dir / "cache");
+  ASSERT_TRUE(first) << first.error().message;
+  EXPECT_EQ(*first, "QEMU emulator version 7.2.0");
+  EXPECT_EQ(call_count(), 1);
+  auto again = CachedQemuVersion(qemu, dir / "cache");
+  ASSERT_TRUE(again);
+  EXPECT_EQ(call_count(), 2) << "a binary changed seconds ago is asked again";
+  // Once it has settled (its ctime is older than a few seconds), it is
+  // asked once and remembered. ctime cannot be set back: wait it out.
+  std::this_thread::sleep_for(std::chrono::milliseconds(3100));
+  ASSERT_TRUE(CachedQemuVersion(qemu, dir / "cache"));
+  EXPECT_EQ(call_count(), 3);
+  auto cached = CachedQemuVersion(qemu, dir / "cache");
+  ASSERT_TRUE(cached);
+  EXPECT_EQ(*cached, "QEMU emulator version 7.2.0");
+  EXPECT_EQ(call_count(), 3) << "remembered";
+  // A new binary (an upgrade) is asked again and its answer is the new one.
+  install("QEMU emulator version 8.0.0");
+  auto upgraded = CachedQemuVersion(qemu, dir / "cache");
+  ASSERT_TRUE(upgraded);
+  EXPECT_EQ(*upgraded, "QEMU emulator version 8.0.0");
+  EXPECT_EQ(call_count(), 4);
+  EXPECT_FALSE(CachedQemuVersion(dir / "no-such-qemu", dir / "cache"));
 }
 
 TEST(SnapshotCompat, AMismatchNamesThePartThatDiffers) {

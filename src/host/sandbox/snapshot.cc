@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -55,11 +57,137 @@ Result<SnapshotCompression> ParseSnapshotCompression(std::string_view text) {
   return Fail("unknown snapshot compression \"" + std::string(text) + "\" (want zstd or none)");
 }
 
+std::string_view ToString(SnapshotLayout layout) {
+  switch (layout) {
+    case SnapshotLayout::kMemoryFile:
+      return "file";
+    case SnapshotLayout::kZstdStream:
+      return "zstd";
+    case SnapshotLayout::kRawStream:
+      return "raw";
+  }
+  return "file";
+}
+
+Result<SnapshotLayout> ParseSnapshotLayout(std::string_view text) {
+  if (text == "file") return SnapshotLayout::kMemoryFile;
+  if (text == "zstd") return SnapshotLayout::kZstdStream;
+  if (text == "raw") return SnapshotLayout::kRawStream;
+  return Fail("unknown snapshot format \"" + std::string(text) + "\" (want file, zstd or raw)");
+}
+
+namespace {
+
+bool AllZero(std::string_view bytes) {
+  static const char kZeros[MemoryDigest::kPageSize] = {};
+  while (!bytes.empty()) {
+    size_t n = std::min(bytes.size(), sizeof kZeros);
+    if (std::memcmp(bytes.data(), kZeros, n) != 0) return false;
+    bytes.remove_prefix(n);
+  }
+  return true;
+}
+
+}  // namespace
+
+void MemoryDigest::AddPage(uint64_t index, std::string_view page) {
+  if (AllZero(page)) return;
+  char le[8];
+  for (int i = 0; i < 8; ++i) le[i] = char((index >> (8 * i)) & 0xff);
+  sha_.Update(std::string_view(le, sizeof le));
+  sha_.Update(page);
+}
+
+Result<std::string> MemoryFileDigest(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + path);
+  struct stat st {};
+  if (::fstat(fd.Get(), &st) != 0) return FailErrno("stat " + path);
+  const auto size = static_cast<uint64_t>(st.st_size);
+  constexpr uint64_t kPage = MemoryDigest::kPageSize;
+  MemoryDigest digest;
+  std::vector<char> buf(size_t{1} << 20);
+  uint64_t next_page = 0;  // pages below were hashed (or were holes)
+  off_t at = 0;
+  while (uint64_t(at) < size) {
+    off_t data = ::lseek(fd.Get(), at, SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;  // only a hole is left
+    if (data < 0) return FailErrno("seek data in " + path);
+    off_t hole = ::lseek(fd.Get(), data, SEEK_HOLE);
+    if (hole < 0) return FailErrno("seek hole in " + path);
+    // Extents are filesystem blocks; pages are read whole, each once.
+    uint64_t from = std::max(uint64_t(data) / kPage, next_page) * kPage;
+    const uint64_t to = std::min((uint64_t(hole) + kPage - 1) / kPage * kPage, size);
+    while (from < to) {
+      const size_t want = size_t(std::min<uint64_t>(to - from, buf.size()));
+      size_t got = 0;
+      while (got < want) {
+        ssize_t n = ::pread(fd.Get(), buf.data() + got, want - got, off_t(from + got));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return FailErrno("read " + path);
+        if (n == 0) return Fail("read " + path + ": it shrank while being hashed");
+        got += size_t(n);
+      }
+      for (size_t off = 0; off < want; off += kPage)
+        digest.AddPage((from + off) / kPage,
+                       std::string_view(buf.data() + off, std::min<size_t>(kPage, want - off)));
+      from += want;
+    }
+    next_page = (from + kPage - 1) / kPage;
+    at = off_t(std::max<uint64_t>(from, uint64_t(hole)));
+  }
+  return digest.HexDigest();
+}
+
 Result<std::string> FileIdentity(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
   return path + " " + std::to_string(st.st_size) + " " +
          std::to_string(int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec);
+}
+
+Result<std::string> CachedQemuVersion(const std::string& qemu_binary,
+                                      const std::string& cache_dir) {
+  std::string path = qemu_binary;
+  if (path.find('/') == std::string::npos) {
+    const char* search = std::getenv("PATH");
+    std::string_view dirs = search ? search : "/usr/bin:/bin";
+    path.clear();
+    while (!dirs.empty() && path.empty()) {
+      std::string dir(dirs.substr(0, dirs.find(':')));
+      dirs.remove_prefix(std::min(dirs.size(), dir.size() + 1));
+      std::string candidate = (dir.empty() ? "." : dir) + "/" + qemu_binary;
+      if (::access(candidate.c_str(), X_OK) == 0) path = candidate;
+    }
+    if (path.empty()) return Fail(qemu_binary + " is not on PATH");
+  }
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return FailErrno("stat " + path);
+  const auto ns = [](const timespec& t) {
+    return std::to_string(int64_t{t.tv_sec} * 1'000'000'000 + t.tv_nsec);
+  };
+  const std::string identity = path + " " + std::to_string(st.st_dev) + " " +
+                               std::to_string(st.st_ino) + " " + std::to_string(st.st_size) + " " +
+                               ns(st.st_mtim) + " " + ns(st.st_ctim);
+  const std::string entry = cache_dir + "/" + host::Sha256Hex(identity).substr(0, 32);
+  if (auto known = ReadFileToString(entry, 4096); known && known->starts_with(identity + "\n")) {
+    std::string version = known->substr(identity.size() + 1);
+    if (!version.empty() && version.back() == '\n') version.pop_back();
+    if (!version.empty() && version.find('\n') == std::string::npos) return version;
+  }
+  std::string out = CELLA_TRY_CTX(host::CheckCommand({path, "--version"}, std::chrono::seconds(30)),
+                                  "QEMU version");
+  std::string version = out.substr(0, out.find('\n'));
+  timespec now{};
+  const bool settled = ::clock_gettime(CLOCK_REALTIME, &now) == 0 &&
+                       st.st_mtim.tv_sec + 2 < now.tv_sec && st.st_ctim.tv_sec + 2 < now.tv_sec;
+  if (settled && !version.empty() && (::mkdir(cache_dir.c_str(), 0755) == 0 || errno == EEXIST)) {
+    std::string tmp = entry + ".tmp." + std::to_string(::getpid());
+    if (WriteStringToFile(tmp, identity + "\n" + version + "\n", 0644)) {
+      if (::rename(tmp.c_str(), entry.c_str()) != 0) (void)::unlink(tmp.c_str());
+    }
+  }
+  return version;
 }
 
 std::string CompatMismatch(const SnapshotCompat& saved, const SnapshotCompat& now) {
@@ -82,8 +210,14 @@ std::string CompatMismatch(const SnapshotCompat& saved, const SnapshotCompat& no
   return {};
 }
 
+SnapshotLayout LayoutOf(const SnapshotManifest& m) {
+  if (!m.memory_file.empty()) return SnapshotLayout::kMemoryFile;
+  return m.compression == SnapshotCompression::kZstd ? SnapshotLayout::kZstdStream
+                                                     : SnapshotLayout::kRawStream;
+}
+
 std::string EncodeManifest(const SnapshotManifest& m) {
-  json j = {{"version", m.version},
+  json j = {{"version", m.memory_file.empty() ? 1 : 2},
             {"state_file", m.state_file},
             {"compression", std::string(ToString(m.compression))},
             {"size_bytes", m.size_bytes},
@@ -98,6 +232,10 @@ std::string EncodeManifest(const SnapshotManifest& m) {
               {"cpus", m.compat.cpus},
               {"accel", m.compat.accel},
               {"root_image", m.compat.root_image}}}};
+  if (!m.memory_file.empty()) {
+    j["memory_file"] = m.memory_file;
+    j["memory_sha256"] = m.memory_sha256;
+  }
   return j.dump(2) + "\n";
 }
 
@@ -114,10 +252,17 @@ Result<SnapshotManifest> DecodeManifest(std::string_view text) {
       obj.at(key).get_to(out);
     };
     take(j, "version", m.version);
-    if (m.version != kSnapshotFormatVersion)
+    if (m.version < 1 || m.version > kSnapshotFormatVersion)
       return Fail("snapshot manifest: format version " + std::to_string(m.version) +
-                  " is not the one this cella reads (" + std::to_string(kSnapshotFormatVersion) +
+                  " is not one this cella reads (1 to " + std::to_string(kSnapshotFormatVersion) +
                   ")");
+    if (m.version >= 2) {
+      take(j, "memory_file", m.memory_file);
+      take(j, "memory_sha256", m.memory_sha256);
+    } else if (j.contains("memory_file")) {
+      field = "memory_file";
+      throw std::runtime_error("not part of format version 1");
+    }
     take(j, "state_file", m.state_file);
     std::string compression;
     take(j, "compression", compression);
@@ -143,6 +288,17 @@ Result<SnapshotManifest> DecodeManifest(std::string_view text) {
     return Fail("snapshot manifest: state_file \"" + m.state_file + "\" is not a plain file name");
   if (!IsSha256Hex(m.sha256)) return Fail("snapshot manifest: sha256 is not 64 hex digits");
   if (m.size_bytes == 0) return Fail("snapshot manifest: size_bytes is 0");
+  if (m.version >= 2) {
+    if (!IsPlainName(m.memory_file) || m.memory_file == kManifestName ||
+        m.memory_file == m.state_file)
+      return Fail("snapshot manifest: memory_file \"" + m.memory_file +
+                  "\" is not a plain file name of its own");
+    if (!IsSha256Hex(m.memory_sha256))
+      return Fail("snapshot manifest: memory_sha256 is not 64 hex digits");
+    if (m.memory_bytes == 0 || m.memory_bytes % MemoryDigest::kPageSize != 0)
+      return Fail("snapshot manifest: memory_bytes " + std::to_string(m.memory_bytes) +
+                  " is not a whole number of pages");
+  }
   return m;
 }
 
@@ -170,6 +326,21 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
   if (st.st_size <= 0) return Fail("snapshot: QEMU wrote nothing to " + tmp);
   m.size_bytes = static_cast<uint64_t>(st.st_size);
   if (m.sha256.empty()) m.sha256 = CELLA_TRY(host::Sha256OfFile(tmp));
+  if (!m.memory_file.empty()) {
+    if (!IsPlainName(m.memory_file) || m.memory_file == m.state_file)
+      return Fail("snapshot: bad memory file name " + m.memory_file);
+    std::string memory_tmp = dir + "/" + m.memory_file + ".tmp";
+    CELLA_TRY(FsyncPath(memory_tmp, O_RDONLY));
+    if (::stat(memory_tmp.c_str(), &st) != 0) return FailErrno("stat " + memory_tmp);
+    if (uint64_t(st.st_size) != m.memory_bytes)
+      return Fail("snapshot: the memory file " + memory_tmp + " has " +
+                  std::to_string(st.st_size) + " bytes, the guest " +
+                  std::to_string(m.memory_bytes));
+    if (m.memory_sha256.empty()) m.memory_sha256 = CELLA_TRY(MemoryFileDigest(memory_tmp));
+    std::string memory_final = dir + "/" + m.memory_file;
+    if (::rename(memory_tmp.c_str(), memory_final.c_str()) != 0)
+      return FailErrno("rename " + memory_tmp);
+  }
   if (::rename(tmp.c_str(), final_path.c_str()) != 0) return FailErrno("rename " + tmp);
   // The state file's name is durable before the manifest (the commit) is.
   CELLA_TRY(sync_dir(dir));
@@ -202,6 +373,14 @@ Status VerifySnapshotChecksum(const std::string& dir, const SnapshotManifest& m)
   if (sum != m.sha256)
     return Fail("snapshot " + state + " is corrupt: checksum mismatch (sha256 " +
                 sum.substr(0, 12) + ", the manifest recorded " + m.sha256.substr(0, 12) + ")");
+  if (!m.memory_file.empty()) {
+    std::string memory = dir + "/" + m.memory_file;
+    std::string memory_sum = CELLA_TRY(MemoryFileDigest(memory));
+    if (memory_sum != m.memory_sha256)
+      return Fail("snapshot " + memory + " is corrupt: checksum mismatch (sha256 " +
+                  memory_sum.substr(0, 12) + ", the manifest recorded " +
+                  m.memory_sha256.substr(0, 12) + ")");
+  }
   return {};
 }
 
@@ -222,6 +401,15 @@ Result<SnapshotManifest> ReadSnapshotManifest(const std::string& dir) {
     return Fail("snapshot " + state + " is corrupt: " + std::to_string(st.st_size) +
                 " bytes, the manifest recorded " + std::to_string(m.size_bytes) +
                 (static_cast<uint64_t>(st.st_size) < m.size_bytes ? " (truncated)" : ""));
+  if (!m.memory_file.empty()) {
+    std::string memory = dir + "/" + m.memory_file;
+    if (::stat(memory.c_str(), &st) != 0) return FailErrno("snapshot memory " + memory);
+    // QEMU maps it as the guest's RAM: a short file would fault the guest.
+    if (static_cast<uint64_t>(st.st_size) != m.memory_bytes)
+      return Fail("snapshot " + memory + " is corrupt: " + std::to_string(st.st_size) +
+                  " bytes, the guest has " + std::to_string(m.memory_bytes) +
+                  (static_cast<uint64_t>(st.st_size) < m.memory_bytes ? " (truncated)" : ""));
+  }
   return m;
 }
 

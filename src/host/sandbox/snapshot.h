@@ -1,11 +1,20 @@
-// A machine snapshot on disk: QEMU's migration stream of a stopped VM (its
-// memory and device state; zero pages are sent as a flag, not stored) in one
-// file, optionally zstd-compressed, beside a manifest that says what the
-// stream is only valid with. Used by `cella standby` (the sandbox's own
-// `standby/` directory).
+// A machine snapshot on disk, beside a manifest that says what it is only
+// valid with. Two layouts:
+//   format 2 (the default): guest RAM in a memory file (the RAM block's
+//     length, sparse: zero pages are holes) that a restoring QEMU maps
+//     privately as the guest's RAM, so nothing of it is read until the guest
+//     touches a page (and copies of one snapshot share its page cache); the
+//     rest of QEMU's migration stream (device state, firmware blocks: a few
+//     hundred KiB) in a raw state file.
+//   format 1: the whole migration stream in the state file (zero pages left
+//     out), optionally zstd-compressed: smaller, but a restore loads every
+//     page (CELLA_SNAPSHOT_FORMAT=zstd|raw; still restorable).
+// Used by `cella standby` (the sandbox's own `standby/` directory), named
+// snapshots and fork.
 //
-// Crash safety: QEMU writes the stream to a temporary name; CommitSnapshot
-// fsyncs it, records its size and SHA-256, renames it, then writes the
+// Crash safety: QEMU writes the stream (and the memory file) to temporary
+// names; CommitSnapshot fsyncs them, records sizes and SHA-256s, renames
+// them, then writes the
 // manifest to a temporary name, fsyncs and renames that, and fsyncs the
 // directory. The manifest's rename is the commit point: a directory without
 // manifest.json holds no snapshot, whatever else is in it, and a resume
@@ -25,10 +34,13 @@
 
 #include "base/io.h"
 #include "base/result.h"
+#include "host/os/digest.h"
 
 namespace cella::sandbox {
 
-inline constexpr int kSnapshotFormatVersion = 1;
+// The newest format this cella writes and reads (see above); it reads 1 too.
+inline constexpr int kSnapshotFormatVersion = 2;
+inline constexpr const char* kMemoryFileName = "memory.raw";
 inline constexpr const char* kManifestName = "manifest.json";
 // A snapshot directory whose name starts with this is a fork's, transient:
 // its copies read it right away and it is removed after; its stream is
@@ -42,6 +54,12 @@ inline constexpr const char* kDnsNamesFile = "dns-names";
 // as a JSON object {"<share index>": "<state>"}; the guest kernel holds the
 // node ids and handles in its memory, so a restored guest needs them.
 inline constexpr const char* kShareStatesFile = "share-states.json";
+
+// How a snapshot is written: kMemoryFile is format 2; kZstdStream and
+// kRawStream are format 1 (a fork's stream is never compressed).
+enum class SnapshotLayout { kMemoryFile, kZstdStream, kRawStream };
+std::string_view ToString(SnapshotLayout layout);  // "file" | "zstd" | "raw"
+Result<SnapshotLayout> ParseSnapshotLayout(std::string_view text);
 
 enum class SnapshotCompression { kNone, kZstd };
 std::string_view ToString(SnapshotCompression compression);  // "none" | "zstd"
@@ -65,12 +83,19 @@ struct SnapshotCompat {
 // changed by any rewrite of the file.
 Result<std::string> FileIdentity(const std::string& path);
 
+// The first line of `<qemu_binary> --version` (SnapshotCompat::qemu_version),
+// remembered in `cache_dir` under the binary's identity (resolved path,
+// device, inode, size, mtime and ctime), so a resume does not spawn QEMU for
+// it (60-400 ms here). Stored only for a binary unchanged for a few
+// seconds; failing to store costs only the next call's time.
+Result<std::string> CachedQemuVersion(const std::string& qemu_binary, const std::string& cache_dir);
+
 // Empty when they match; else "the <part> differs (snapshot: A, now: B)"
 // for the first part that differs.
 std::string CompatMismatch(const SnapshotCompat& saved, const SnapshotCompat& now);
 
 struct SnapshotManifest {
-  int version = kSnapshotFormatVersion;
+  int version = 1;         // 2 when memory_file is set (EncodeManifest decides)
   std::string state_file;  // a plain file name in the same directory
   SnapshotCompression compression = SnapshotCompression::kZstd;
   uint64_t size_bytes = 0;  // of state_file as stored
@@ -78,7 +103,32 @@ struct SnapshotManifest {
   int64_t created_ms = 0;
   uint64_t memory_bytes = 0;  // guest RAM the stream describes (for sizes in ls)
   SnapshotCompat compat;
+  // Format 2: the memory file (a plain name in the same directory; its
+  // length is memory_bytes) and its MemoryDigest. Empty in format 1.
+  std::string memory_file;
+  std::string memory_sha256;
 };
+
+// The checksum of a memory file: SHA-256 over every page that is not all
+// zero, each preceded by its page index (8 bytes, little-endian), in
+// ascending order. Holes and zero pages count alike, so it does not depend
+// on how the filesystem laid the file out.
+class MemoryDigest {
+ public:
+  static constexpr uint64_t kPageSize = 4096;
+  // Pages in strictly ascending order (`page` is kPageSize bytes); all-zero
+  // ones are skipped.
+  void AddPage(uint64_t index, std::string_view page);
+  std::string HexDigest() { return sha_.HexDigest(); }
+
+ private:
+  host::Sha256 sha_;
+};
+// MemoryDigest of a whole file, reading only its data extents
+// (SEEK_DATA/SEEK_HOLE).
+Result<std::string> MemoryFileDigest(const std::string& path);
+
+SnapshotLayout LayoutOf(const SnapshotManifest& manifest);
 
 std::string EncodeManifest(const SnapshotManifest& manifest);
 // Strict: wrong types, a state_file that is not a plain name, an unknown
@@ -92,7 +142,9 @@ std::string SaveUri(const std::string& dir, const SnapshotManifest& manifest);
 std::string LoadUri(const std::string& dir, const SnapshotManifest& manifest);
 
 // After QEMU completed the migration: fsync, size and hash the temporary
-// file (unless `manifest.sha256` is set: its writer hashed it), rename it, write the manifest
+// file (unless `manifest.sha256` is set: its writer hashed it), and so the
+// memory file when there is one (its length must be memory_bytes; hashed
+// unless memory_sha256 is set), rename them, write the manifest
 // (filling size_bytes and sha256), and fsync the directory. Returns the manifest as written. When
 // the last directory fsync fails, the manifest is unlinked before the error is returned: a failed
 // commit never leaves a snapshot that looks committed, even when the caller's clean-up of the

@@ -21,6 +21,96 @@ constexpr size_t kChunk = size_t{1} << 20;
 
 }  // namespace
 
+// The memory file of a format-2 snapshot, as vmm::ZeroPageFilter extracts
+// guest RAM into it: sized once, pages written where they belong, adjacent
+// pages gathered into one write of up to kChunk.
+class MemoryFileWriter : public vmm::RamBlockSink {
+ public:
+  MemoryFileWriter(UniqueFd fd, std::string path, uint64_t length)
+      : fd_(std::move(fd)), path_(std::move(path)), length_(length) {
+    run_.reserve(kChunk);
+  }
+
+  Status Create() {
+    if (::ftruncate(fd_.Get(), off_t(length_)) != 0) return FailErrno("size " + path_);
+    return {};
+  }
+
+  Status SetSize(uint64_t bytes) override {
+    if (bytes != length_)
+      return Fail("the guest RAM in QEMU's migration stream has " + std::to_string(bytes) +
+                  " bytes, the sandbox " + std::to_string(length_));
+    return {};
+  }
+
+  Status WritePage(uint64_t offset, std::span<const uint8_t> page) override {
+    std::string_view bytes(reinterpret_cast<const char*>(page.data()), page.size());
+    Hash(offset, bytes);
+    return Append(offset, bytes);
+  }
+
+  Status FillPage(uint64_t offset, uint8_t byte) override {
+    const std::string page(MemoryDigest::kPageSize, char(byte));
+    Hash(offset, page);
+    return Append(offset, page);
+  }
+
+  // Writes what is gathered; the digest when it could be computed on the
+  // way, else empty (the commit reads the file).
+  Result<std::string> Finish() {
+    CELLA_TRY(Flush());
+    return in_order_ ? digest_.HexDigest() : std::string();
+  }
+
+  uint64_t pages() const { return pages_; }
+
+ private:
+  void Hash(uint64_t offset, std::string_view page) {
+    ++pages_;
+    const uint64_t index = offset / MemoryDigest::kPageSize;
+    // A page written again (or out of order) would hash twice: the file is
+    // hashed after instead.
+    if (index < next_index_) in_order_ = false;
+    if (!in_order_) return;
+    digest_.AddPage(index, page);
+    next_index_ = index + 1;
+  }
+
+  Status Append(uint64_t offset, std::string_view page) {
+    if (offset + page.size() > length_)
+      return Fail("a page at " + std::to_string(offset) + " is beyond the guest RAM");
+    if (!run_.empty() && (offset != run_offset_ + run_.size() || run_.size() >= kChunk))
+      CELLA_TRY(Flush());
+    if (run_.empty()) run_offset_ = offset;
+    run_.append(page);
+    return {};
+  }
+
+  Status Flush() {
+    std::string_view left = run_;
+    uint64_t at = run_offset_;
+    while (!left.empty()) {
+      ssize_t n = ::pwrite(fd_.Get(), left.data(), left.size(), off_t(at));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return FailErrno("write " + path_);
+      left.remove_prefix(size_t(n));
+      at += uint64_t(n);
+    }
+    run_.clear();
+    return {};
+  }
+
+  UniqueFd fd_;
+  std::string path_;
+  uint64_t length_;
+  std::string run_;
+  uint64_t run_offset_ = 0;
+  MemoryDigest digest_;
+  uint64_t next_index_ = 0;
+  bool in_order_ = true;
+  uint64_t pages_ = 0;
+};
+
 Result<std::unique_ptr<SnapshotStreamWriter>> SnapshotStreamWriter::Start(
     const std::string& dir, const SnapshotManifest& manifest) {
   std::unique_ptr<SnapshotStreamWriter> w(new SnapshotStreamWriter());
@@ -49,12 +139,24 @@ Result<std::unique_ptr<SnapshotStreamWriter>> SnapshotStreamWriter::Start(
     if (!w->sink_) return FailErrno("create " + tmp);
     w->hash_ = true;
   }
+  if (!manifest.memory_file.empty()) {
+    if (manifest.compression != SnapshotCompression::kNone)
+      return Fail("snapshot: a memory file goes with a raw state file");
+    const std::string memory_tmp = dir + "/" + manifest.memory_file + ".tmp";
+    UniqueFd fd(::open(memory_tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    if (!fd) return FailErrno("create " + memory_tmp);
+    w->memory_ = std::make_unique<MemoryFileWriter>(std::move(fd), memory_tmp,
+                                                    manifest.memory_bytes);
+    CELLA_TRY(w->memory_->Create());
+  }
   w->thread_ = std::thread([raw = w.get()] { raw->Run(); });
   return w;
 }
 
 void SnapshotStreamWriter::Run() {
-  vmm::ZeroPageFilter filter({vmm::kGuestRamBlock});
+  vmm::ZeroPageFilter filter =
+      memory_ ? vmm::ZeroPageFilter({vmm::kGuestRamBlock}, vmm::kGuestRamBlock, memory_.get())
+              : vmm::ZeroPageFilter({vmm::kGuestRamBlock});
   host::Sha256 sha;
   result_ = [&]() -> Status {
     std::vector<uint8_t> buf(kChunk);
@@ -73,6 +175,10 @@ void SnapshotStreamWriter::Run() {
         CELLA_TRY(filter.Finish());
         written_.dropped_zero_pages = filter.DroppedPages();
         if (hash_) written_.sha256 = sha.HexDigest();
+        if (memory_) {
+          written_.memory_sha256 = CELLA_TRY(memory_->Finish());
+          written_.memory_file_pages = memory_->pages();
+        }
         return {};
       }
       out.clear();
@@ -150,8 +256,11 @@ Status SaveMachineState(vmm::Machine& machine, const std::string& dir, SnapshotM
   }
   if (!written) return std::unexpected(std::move(written.error()).WithContext("snapshot"));
   log::Debug("snapshot stream written",
-             {{"dir", dir}, {"zero_pages_left_out", std::to_string(written->dropped_zero_pages)}});
+             {{"dir", dir},
+              {"zero_pages_left_out", std::to_string(written->dropped_zero_pages)},
+              {"memory_file_pages", std::to_string(written->memory_file_pages)}});
   manifest.sha256 = written->sha256;
+  manifest.memory_sha256 = written->memory_sha256;
   return {};
 }
 

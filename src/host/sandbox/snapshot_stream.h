@@ -11,6 +11,12 @@
 // (docs/performance.md, "Standby and resume"). A raw (uncompressed) stream
 // is hashed as it is written, so the commit need not read it again.
 //
+// Format 2 (manifest.memory_file set): the pages of guest RAM go to
+// `<dir>/<memory_file>.tmp` instead (MemoryFileWriter: the RAM's length,
+// sparse, written in runs; its MemoryDigest computed on the way while the
+// pages come in ascending order, as they do from a stopped VM), and the
+// state file keeps only the rest of the stream, raw.
+//
 // Threads: one reader thread per save, owned by the writer; the caller's
 // thread runs the save and then Finish.
 #pragma once
@@ -30,11 +36,15 @@
 
 namespace cella::sandbox {
 
+class MemoryFileWriter;
+
 class SnapshotStreamWriter {
  public:
   struct Written {
     uint64_t dropped_zero_pages = 0;
+    uint64_t memory_file_pages = 0;
     std::string sha256;  // of the file written; empty when compressed (zstd wrote it)
+    std::string memory_sha256;  // of the memory file; empty when it has to be read to know
   };
 
   // Creates the pipe and the temporary file, starts zstd when compressing
@@ -60,6 +70,7 @@ class SnapshotStreamWriter {
   UniqueFd qemu_end_;
   UniqueFd read_end_;
   UniqueFd sink_;  // the temporary file, or zstd's stdin
+  std::unique_ptr<MemoryFileWriter> memory_;  // format 2
   bool hash_ = false;
   std::optional<host::SpawnedProcess> zstd_;
   std::thread thread_;

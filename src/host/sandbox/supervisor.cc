@@ -85,13 +85,13 @@ std::vector<VolumeAttachment> Attachments(const SandboxSpec& spec) {
   return out;
 }
 
-SnapshotCompression DefaultCompression() {
-  const char* chosen = std::getenv("CELLA_SNAPSHOT_COMPRESSION");
+SnapshotLayout DefaultLayout() {
+  const char* chosen = std::getenv("CELLA_SNAPSHOT_FORMAT");
   if (chosen && *chosen) {
-    if (auto parsed = ParseSnapshotCompression(chosen)) return *parsed;
-    log::Warn("ignoring CELLA_SNAPSHOT_COMPRESSION", {{"value", chosen}});
+    if (auto parsed = ParseSnapshotLayout(chosen)) return *parsed;
+    log::Warn("ignoring CELLA_SNAPSHOT_FORMAT", {{"value", chosen}});
   }
-  return SnapshotCompression::kZstd;
+  return SnapshotLayout::kMemoryFile;
 }
 
 class Supervisor {
@@ -193,8 +193,8 @@ class Supervisor {
     memory_mib_ = spec.shape.memory_mib;
     // Only a snapshot needs it (QEMU's version costs a process spawn): a
     // cold boot does not pay for it.
-    compat_inputs_ = [this, vm, options, spec, assets] {
-      return CurrentCompat(vm, options, spec, assets);
+    compat_inputs_ = [this, vm, options, spec, assets, cache = cella_home + "/cache/qemu"] {
+      return CurrentCompat(vm, options, spec, assets, cache);
     };
     standby_dir_ = paths_.dir + "/standby";
     if (args_.resume) {
@@ -534,12 +534,10 @@ class Supervisor {
 
   Result<SnapshotCompat> CurrentCompat(const vmm::VMConfig& vm,
                                        const vmm::QemuBackendOptions& options,
-                                       const SandboxSpec& spec, const GuestAssets& assets) {
+                                       const SandboxSpec& spec, const GuestAssets& assets,
+                                       const std::string& qemu_version_cache) {
     SnapshotCompat c;
-    std::string version = CELLA_TRY_CTX(
-        host::CheckCommand({options.qemu_binary, "--version"}, std::chrono::seconds(30)),
-        "QEMU version");
-    c.qemu_version = version.substr(0, version.find('\n'));
+    c.qemu_version = CELLA_TRY(CachedQemuVersion(options.qemu_binary, qemu_version_cache));
     c.kernel = CELLA_TRY(FileIdentity(vm.KernelPath));
     c.initramfs = CELLA_TRY(FileIdentity(vm.InitramfsPath));
     c.memory_mb = vm.MemoryMB;
@@ -562,10 +560,14 @@ class Supervisor {
     if (::access(vm.ConfigDiskPath.c_str(), R_OK) != 0)
       return FailErrno("the config disk of the snapshot " + vm.ConfigDiskPath);
     vm.IncomingMigration = LoadUri(standby_dir_, manifest);
-    // A raw stream (a fork's) is read by QEMU from an inherited descriptor:
-    // no shell and no `cat` forked by QEMU.
+    // A raw stream is read by QEMU from an inherited descriptor: no shell
+    // and no `cat` forked by QEMU.
     if (manifest.compression == SnapshotCompression::kNone)
       vm.IncomingStateFile = standby_dir_ + "/" + manifest.state_file;
+    // Format 2: guest RAM is the memory file, mapped privately (it stays
+    // mapped after the used snapshot is removed below, in AfterBoot).
+    if (!manifest.memory_file.empty())
+      vm.SnapshotMemoryPath = standby_dir_ + "/" + manifest.memory_file;
     // Written before the manifest's commit, so present whenever the
     // snapshot had a DNS server; checked strictly when loaded.
     std::string names = standby_dir_ + "/" + kDnsNamesFile;
@@ -668,10 +670,14 @@ class Supervisor {
     // A fork's snapshot is read once, at once, by its copies: compressing
     // it would only add time on both sides while the source is frozen.
     const std::string base = dir.substr(dir.rfind('/') + 1);
-    manifest.compression =
-        base.starts_with(kForkDirPrefix) ? SnapshotCompression::kNone : compression_;
+    SnapshotLayout layout = layout_;
+    if (base.starts_with(kForkDirPrefix) && layout == SnapshotLayout::kZstdStream)
+      layout = SnapshotLayout::kRawStream;
+    manifest.compression = layout == SnapshotLayout::kZstdStream ? SnapshotCompression::kZstd
+                                                                 : SnapshotCompression::kNone;
     manifest.state_file =
         manifest.compression == SnapshotCompression::kZstd ? "machine.state.zst" : "machine.state";
+    if (layout == SnapshotLayout::kMemoryFile) manifest.memory_file = kMemoryFileName;
     manifest.created_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                               std::chrono::system_clock::now().time_since_epoch())
                               .count();
@@ -710,7 +716,7 @@ class Supervisor {
                   {{"id", args_.id},
                    {"dir", dir},
                    {"bytes", std::to_string(manifest.size_bytes)},
-                   {"compression", std::string(ToString(manifest.compression))},
+                   {"format", std::string(ToString(layout))},
                    {"ms", std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
                                              std::chrono::steady_clock::now() - started)
                                              .count())}});
@@ -1115,8 +1121,9 @@ class Supervisor {
   std::optional<warm::TemplateInfo> warm_template_;
   vmm::VMConfig cold_vm_;
   std::optional<vmm::QemuBackendOptions> cold_options_;
-  // $CELLA_SNAPSHOT_COMPRESSION (none|zstd) picks it for measurements.
-  SnapshotCompression compression_ = DefaultCompression();
+  // $CELLA_SNAPSHOT_FORMAT (file|zstd|raw, see snapshot.h) picks it for
+  // measurements.
+  SnapshotLayout layout_ = DefaultLayout();
   std::vector<PortSpec> ports_;
   uint64_t log_max_bytes_ = kDefaultLogMaxBytes;
   std::optional<CappedLogWriter> output_log_;  // written by the router thread only

@@ -72,7 +72,7 @@ Status ZeroPageFilter::Finish() const {
 }
 
 Status ZeroPageFilter::CopyRest(std::string_view why) {
-  if (dropped_pages_ > 0 && !ram_ended_ && !SameLoaderBlock())
+  if (dropped_pages_ + extracted_pages_ > 0 && !ram_ended_ && !SameLoaderBlock())
     return Fail("QEMU's migration stream: " + std::string(why) +
                 " where zero pages were already left out; cannot copy the rest as it is");
   mode_ = Mode::kCopyRest;
@@ -80,7 +80,7 @@ Status ZeroPageFilter::CopyRest(std::string_view why) {
 }
 
 Status ZeroPageFilter::GiveUp(std::string_view why) {
-  if (dropped_pages_ > 0 && !SameLoaderBlock())
+  if (dropped_pages_ + extracted_pages_ > 0 && !SameLoaderBlock())
     return Fail("QEMU's migration stream: " + std::string(why) + " after zero pages were left out");
   mode_ = Mode::kPassThrough;
   return {};
@@ -204,8 +204,14 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
         CELLA_TRY(GiveUp("a RAM block of " + std::to_string(used) + " bytes"));
         return true;
       }
-      if (zero_blocks_.contains(name))
+      if (zero_blocks_.contains(name)) {
+        // A second block list would forget what went to the sink.
+        if (sink_ && name == extract_block_ && extracted_pages_ > 0)
+          return Fail("QEMU's migration stream lists its RAM blocks again after pages of " +
+                      name + " were extracted");
         written_[name].assign((used + kPageSize - 1) / kPageSize, false);
+        if (sink_ && name == extract_block_) CELLA_TRY(sink_->SetSize(used));
+      }
       at += 1 + name_len + 8;
     }
     out.append(b.substr(0, at));
@@ -254,6 +260,23 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
   const bool tracked = pages != written_.end() && page < pages->second.size();
   if (zero_page && tracked && !pages->second[page]) {
     ++dropped_pages_;
+    return true;
+  }
+  if (sink_ && tracked && in_block_ == extract_block_) {
+    // The loader maps the sink's content as this block: the page goes
+    // there, not to the loader.
+    const uint64_t offset = page * kPageSize;
+    if (kind == kFlagZero) {
+      const auto fill = uint8_t(record.back());
+      CELLA_TRY(sink_->FillPage(offset, fill));
+      pages->second[page] = fill != 0;
+    } else {
+      const std::string_view content = record.substr(at);
+      CELLA_TRY(sink_->WritePage(
+          offset, std::span(reinterpret_cast<const uint8_t*>(content.data()), content.size())));
+      pages->second[page] = true;
+    }
+    ++extracted_pages_;
     return true;
   }
   // Kept: the loader's page is zero after a zero record, has content after

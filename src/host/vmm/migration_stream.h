@@ -33,6 +33,14 @@
 // started with -incoming and memory-backend-ram or a fresh memfd: never a
 // template clone, whose RAM maps the template's file).
 //
+// Extraction: given a RamBlockSink for one block, every record of that block
+// leaves the stream and its page goes to the sink instead (a snapshot's
+// memory file, which the restoring QEMU maps privately as that block's RAM:
+// nothing of it is loaded, pages fault in from the page cache as the guest
+// touches them). The output then loads, onto RAM whose extracted block holds
+// the sink's content and whose other `zero_blocks` are zero, to what the
+// input loads onto zeroed RAM.
+//
 // Not thread-safe; one filter per stream.
 #pragma once
 
@@ -51,10 +59,31 @@ namespace cella::vmm {
 // The RAMBlock id of guest RAM as cella starts QEMU (memory backend id=mem).
 inline constexpr const char* kGuestRamBlock = "mem";
 
+// Where the pages of an extracted RAM block go (see above). Offsets are
+// page-aligned and below the size given first.
+class RamBlockSink {
+ public:
+  virtual ~RamBlockSink() = default;
+  // The block's length, from the stream's block list, before any page.
+  virtual Status SetSize(uint64_t bytes) = 0;
+  // One page's content (4096 bytes).
+  virtual Status WritePage(uint64_t offset, std::span<const uint8_t> page) = 0;
+  // A page every byte of which is `byte` (a ZERO record, or a page the
+  // stream gave content before and now zero again).
+  virtual Status FillPage(uint64_t offset, uint8_t byte) = 0;
+};
+
 class ZeroPageFilter {
  public:
   explicit ZeroPageFilter(std::set<std::string, std::less<>> zero_blocks)
       : zero_blocks_(std::move(zero_blocks)) {}
+  // Also extracts block `extract_block` (which must be one of `zero_blocks`)
+  // into `sink` (not owned; outlives the filter).
+  ZeroPageFilter(std::set<std::string, std::less<>> zero_blocks, std::string extract_block,
+                 RamBlockSink* sink)
+      : zero_blocks_(std::move(zero_blocks)),
+        extract_block_(std::move(extract_block)),
+        sink_(sink) {}
 
   // Consumes the next bytes of the stream and appends to `out` what the
   // filtered stream has by now (a record cut by the end of `in` is held
@@ -66,6 +95,8 @@ class ZeroPageFilter {
   Status Finish() const;
 
   uint64_t DroppedPages() const { return dropped_pages_; }
+  // Records of the extracted block that went to the sink.
+  uint64_t ExtractedPages() const { return extracted_pages_; }
   // True when the stream was not understood and is passed through whole.
   bool PassingThrough() const { return mode_ == Mode::kPassThrough; }
 
@@ -106,6 +137,9 @@ class ZeroPageFilter {
   // here relies on it); a block or page not known keeps its records.
   std::map<std::string, std::vector<bool>, std::less<>> written_;
   uint64_t dropped_pages_ = 0;
+  std::string extract_block_;
+  RamBlockSink* sink_ = nullptr;
+  uint64_t extracted_pages_ = 0;
 };
 
 }  // namespace cella::vmm

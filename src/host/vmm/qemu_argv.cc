@@ -158,6 +158,8 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   };
   if (c.Template != TemplateRole::kNone) {
     if (!c.Shares.empty()) return Fail("VMConfig: a template VM cannot have host shares");
+    if (!c.SnapshotMemoryPath.empty())
+      return Fail("VMConfig: a template VM's memory is its template's, not a snapshot's");
     if (c.TemplateMemoryPath.empty() || c.TemplateMemoryPath[0] != '/')
       return Fail("VMConfig.TemplateMemoryPath: needs an absolute path");
     if (c.Template == TemplateRole::kCapture && c.TemplateSaveUri.empty())
@@ -171,6 +173,16 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
     add({"-object",
          "memory-backend-file,id=mem,share=" + std::string(capture ? "on" : "off") + ",mem-path=" +
              QemuEscape(c.TemplateMemoryPath) + ",size=" + std::to_string(c.MemoryMB) + "M",
+         "-M", "microvm,memory-backend=mem"});
+  } else if (!c.SnapshotMemoryPath.empty()) {
+    if (!c.Shares.empty()) return Fail("VMConfig: a snapshot's memory file cannot have host shares");
+    if (c.IncomingMigration.empty() || c.SnapshotMemoryPath[0] != '/')
+      return Fail("VMConfig.SnapshotMemoryPath: needs an absolute path and IncomingMigration");
+    // Private: the guest's writes never reach the snapshot, which other
+    // copies may map too.
+    add({"-object",
+         "memory-backend-file,id=mem,share=off,mem-path=" + QemuEscape(c.SnapshotMemoryPath) +
+             ",size=" + std::to_string(c.MemoryMB) + "M",
          "-M", "microvm,memory-backend=mem"});
   } else if (c.Shares.empty()) {
     // RAM named "mem" like a template clone's, so a warm-started sandbox's

@@ -98,6 +98,12 @@ struct VMConfig {
   // IncomingMigration is not used: no shell and no `cat` started by QEMU
   // (a fork of QEMU and two execs, 50-90 ms on a loaded host).
   std::string IncomingStateFile;
+  // Optional, with IncomingMigration (a format-2 snapshot): guest RAM is
+  // this file mapped privately (memory-backend-file, share=off), the
+  // snapshot's memory; the stream holds no page of it. Pages are read as
+  // the guest touches them, and copies restored from one file share the
+  // pages none of them wrote. No Shares, no Template.
+  std::string SnapshotMemoryPath;
   // Warm starts. kCapture: guest RAM is TemplateMemoryPath mapped shared
   // (the file is the template's memory), the kernel command line carries
   // cella.template=1, and Start() returns once the guest reached the

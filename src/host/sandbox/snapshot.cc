@@ -316,11 +316,19 @@ std::string LoadUri(const std::string& dir, const SnapshotManifest& m) {
 }
 
 Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest m,
-                                        const SyncDirectory& sync_dir) {
+                                        const SyncDirectory& sync_dir_or_not,
+                                        Durability durability) {
   if (!IsPlainName(m.state_file)) return Fail("snapshot: bad state file name " + m.state_file);
+  const bool durable = durability == Durability::kDurable;
+  const auto fsync_file = [durable](const std::string& path) -> Status {
+    return durable ? FsyncPath(path, O_RDONLY) : Status{};
+  };
+  const auto sync_dir = [&](const std::string& path) -> Status {
+    return durable ? sync_dir_or_not(path) : Status{};
+  };
   std::string tmp = dir + "/" + m.state_file + ".tmp";
   std::string final_path = dir + "/" + m.state_file;
-  CELLA_TRY(FsyncPath(tmp, O_RDONLY));
+  CELLA_TRY(fsync_file(tmp));
   struct stat st {};
   if (::stat(tmp.c_str(), &st) != 0) return FailErrno("stat " + tmp);
   if (st.st_size <= 0) return Fail("snapshot: QEMU wrote nothing to " + tmp);
@@ -330,7 +338,7 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
     if (!IsPlainName(m.memory_file) || m.memory_file == m.state_file)
       return Fail("snapshot: bad memory file name " + m.memory_file);
     std::string memory_tmp = dir + "/" + m.memory_file + ".tmp";
-    CELLA_TRY(FsyncPath(memory_tmp, O_RDONLY));
+    CELLA_TRY(fsync_file(memory_tmp));
     if (::stat(memory_tmp.c_str(), &st) != 0) return FailErrno("stat " + memory_tmp);
     if (uint64_t(st.st_size) != m.memory_bytes)
       return Fail("snapshot: the memory file " + memory_tmp + " has " +
@@ -347,7 +355,7 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
   std::string manifest_path = dir + "/" + kManifestName;
   std::string manifest_tmp = manifest_path + ".tmp";
   CELLA_TRY(WriteStringToFile(manifest_tmp, EncodeManifest(m), 0600));
-  CELLA_TRY(FsyncPath(manifest_tmp, O_RDONLY));
+  CELLA_TRY(fsync_file(manifest_tmp));
   if (::rename(manifest_tmp.c_str(), manifest_path.c_str()) != 0)
     return FailErrno("rename " + manifest_tmp);
   if (Status synced = sync_dir(dir); !synced) {

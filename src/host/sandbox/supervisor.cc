@@ -670,8 +670,9 @@ class Supervisor {
     // A fork's snapshot is read once, at once, by its copies: compressing
     // it would only add time on both sides while the source is frozen.
     const std::string base = dir.substr(dir.rfind('/') + 1);
+    const bool fork = base.starts_with(kForkDirPrefix);
     SnapshotLayout layout = layout_;
-    if (base.starts_with(kForkDirPrefix) && layout == SnapshotLayout::kZstdStream)
+    if (fork && layout == SnapshotLayout::kZstdStream)
       layout = SnapshotLayout::kRawStream;
     manifest.compression = layout == SnapshotLayout::kZstdStream ? SnapshotCompression::kZstd
                                                                  : SnapshotCompression::kNone;
@@ -708,7 +709,8 @@ class Supervisor {
       }
       CELLA_TRY(SaveShareStates(dir));
       if (while_frozen) CELLA_TRY(while_frozen(dir));
-      manifest = CELLA_TRY(CommitSnapshot(dir, manifest));
+      manifest = CELLA_TRY(CommitSnapshot(dir, manifest, FsyncDirectory,
+                                          fork ? Durability::kTransient : Durability::kDurable));
       return {};
     }();
     if (saved) {

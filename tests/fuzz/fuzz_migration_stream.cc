@@ -62,8 +62,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view in(reinterpret_cast<const char*>(data + 1), size - 1);
   CheckedSink sink;
   cella::vmm::ZeroPageFilter filter =
-      extract ? cella::vmm::ZeroPageFilter({cella::vmm::kGuestRamBlock},
-                                           cella::vmm::kGuestRamBlock, &sink)
+      extract ? cella::vmm::ZeroPageFilter({cella::vmm::kGuestRamBlock}, cella::vmm::kGuestRamBlock,
+                                           &sink)
               : cella::vmm::ZeroPageFilter({cella::vmm::kGuestRamBlock});
   std::string out;
   for (size_t at = 0; at < in.size(); at += piece) {

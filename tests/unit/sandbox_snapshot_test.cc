@@ -11,9 +11,9 @@
 #include <chrono>
 #include <fstream>
 #include <functional>
-#include <thread>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "base/io.h"
 #include "base/unique_fd.h"

@@ -341,9 +341,8 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
     CELLA_TRY(fsync_file(memory_tmp));
     if (::stat(memory_tmp.c_str(), &st) != 0) return FailErrno("stat " + memory_tmp);
     if (uint64_t(st.st_size) != m.memory_bytes)
-      return Fail("snapshot: the memory file " + memory_tmp + " has " +
-                  std::to_string(st.st_size) + " bytes, the guest " +
-                  std::to_string(m.memory_bytes));
+      return Fail("snapshot: the memory file " + memory_tmp + " has " + std::to_string(st.st_size) +
+                  " bytes, the guest " + std::to_string(m.memory_bytes));
     if (m.memory_sha256.empty()) m.memory_sha256 = CELLA_TRY(MemoryFileDigest(memory_tmp));
     std::string memory_final = dir + "/" + m.memory_file;
     if (::rename(memory_tmp.c_str(), memory_final.c_str()) != 0)

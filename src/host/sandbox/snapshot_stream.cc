@@ -145,8 +145,8 @@ Result<std::unique_ptr<SnapshotStreamWriter>> SnapshotStreamWriter::Start(
     const std::string memory_tmp = dir + "/" + manifest.memory_file + ".tmp";
     UniqueFd fd(::open(memory_tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
     if (!fd) return FailErrno("create " + memory_tmp);
-    w->memory_ = std::make_unique<MemoryFileWriter>(std::move(fd), memory_tmp,
-                                                    manifest.memory_bytes);
+    w->memory_ =
+        std::make_unique<MemoryFileWriter>(std::move(fd), memory_tmp, manifest.memory_bytes);
     CELLA_TRY(w->memory_->Create());
   }
   w->thread_ = std::thread([raw = w.get()] { raw->Run(); });

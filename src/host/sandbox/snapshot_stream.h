@@ -43,7 +43,7 @@ class SnapshotStreamWriter {
   struct Written {
     uint64_t dropped_zero_pages = 0;
     uint64_t memory_file_pages = 0;
-    std::string sha256;  // of the file written; empty when compressed (zstd wrote it)
+    std::string sha256;         // of the file written; empty when compressed (zstd wrote it)
     std::string memory_sha256;  // of the memory file; empty when it has to be read to know
   };
 
@@ -69,7 +69,7 @@ class SnapshotStreamWriter {
 
   UniqueFd qemu_end_;
   UniqueFd read_end_;
-  UniqueFd sink_;  // the temporary file, or zstd's stdin
+  UniqueFd sink_;                             // the temporary file, or zstd's stdin
   std::unique_ptr<MemoryFileWriter> memory_;  // format 2
   bool hash_ = false;
   std::optional<host::SpawnedProcess> zstd_;

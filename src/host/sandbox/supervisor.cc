@@ -672,8 +672,7 @@ class Supervisor {
     const std::string base = dir.substr(dir.rfind('/') + 1);
     const bool fork = base.starts_with(kForkDirPrefix);
     SnapshotLayout layout = layout_;
-    if (fork && layout == SnapshotLayout::kZstdStream)
-      layout = SnapshotLayout::kRawStream;
+    if (fork && layout == SnapshotLayout::kZstdStream) layout = SnapshotLayout::kRawStream;
     manifest.compression = layout == SnapshotLayout::kZstdStream ? SnapshotCompression::kZstd
                                                                  : SnapshotCompression::kNone;
     manifest.state_file =

@@ -207,8 +207,8 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
       if (zero_blocks_.contains(name)) {
         // A second block list would forget what went to the sink.
         if (sink_ && name == extract_block_ && extracted_pages_ > 0)
-          return Fail("QEMU's migration stream lists its RAM blocks again after pages of " +
-                      name + " were extracted");
+          return Fail("QEMU's migration stream lists its RAM blocks again after pages of " + name +
+                      " were extracted");
         written_[name].assign((used + kPageSize - 1) / kPageSize, false);
         if (sink_ && name == extract_block_) CELLA_TRY(sink_->SetSize(used));
       }

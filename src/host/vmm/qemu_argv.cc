@@ -175,7 +175,8 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
              QemuEscape(c.TemplateMemoryPath) + ",size=" + std::to_string(c.MemoryMB) + "M",
          "-M", "microvm,memory-backend=mem"});
   } else if (!c.SnapshotMemoryPath.empty()) {
-    if (!c.Shares.empty()) return Fail("VMConfig: a snapshot's memory file cannot have host shares");
+    if (!c.Shares.empty())
+      return Fail("VMConfig: a snapshot's memory file cannot have host shares");
     if (c.IncomingMigration.empty() || c.SnapshotMemoryPath[0] != '/')
       return Fail("VMConfig.SnapshotMemoryPath: needs an absolute path and IncomingMigration");
     // Private: the guest's writes never reach the snapshot, which other

@@ -116,6 +116,49 @@ TEST(ZeroPageFilter, ExtractsGuestRamToItsSinkAndLoadsTheSameOverIt) {
   EXPECT_EQ(sink.pages.size(), 2u);  // 'b' at 12288, 'c' at 8192
 }
 
+TEST(ZeroPageFilter, ABlockListedAgainKeepsWhatThePagesWereGiven) {
+  for (bool resized : {false, true}) {
+    for (bool extract : {false, true}) {
+      StreamWriter w;
+      w.Header();
+      w.SectionStart(2, "ram");
+      w.MemSize({{"mem", 4 * 4096}});
+      w.Eos();
+      w.SectionPart(2);
+      w.Record("mem", 0, /*zero=*/false, 'a');
+      w.Eos();
+      w.SectionPart(2, /*end=*/true);
+      // Listed again: "mem" at 0 is still 'a' for the loader, so the zero
+      // record after it must take effect.
+      w.MemSize({{"mem", (resized ? 8 : 4) * 4096}});
+      w.Record("mem", 0, /*zero=*/true, 0);
+      w.Eos();
+      w.bytes += std::string("\x04\x00\x00\x00\x03\x01x\x00\x00\x00\x00\x00\x00\x00\x01\x08", 16);
+      PageMapSink sink;
+      ZeroPageFilter f =
+          extract ? ZeroPageFilter({kGuestRamBlock}, kGuestRamBlock, &sink) : MemFilter();
+      auto out = FilterAll(f, w.bytes);
+      const std::string label = std::string(resized ? "resized, " : "same size, ") +
+                                (extract ? "extracting" : "zero pages only");
+      if (resized && extract) {
+        // Pages went to the sink and the loader's block differs: the
+        // rest cannot pass through as it is; the save fails instead.
+        EXPECT_FALSE(out) << label;
+        continue;
+      }
+      ASSERT_TRUE(out) << label << ": " << out.error().message;
+      EXPECT_EQ(f.PassingThrough(), resized) << label;
+      testing::LoadedMachine initial = sink.AsRam();
+      auto got = LoadModel(*out, &initial);
+      auto want = LoadModel(w.bytes);
+      ASSERT_TRUE(got) << label;
+      ASSERT_TRUE(want) << label;
+      EXPECT_EQ(*got, *want) << label;
+      EXPECT_FALSE(want->ram.contains("mem")) << "the page was zeroed again";
+    }
+  }
+}
+
 TEST(ZeroPageFilter, SameOutputWhateverThePiecesAre) {
   std::string in = TypicalStream();
   ZeroPageFilter whole = MemFilter();

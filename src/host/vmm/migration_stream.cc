@@ -205,12 +205,17 @@ Result<bool> ZeroPageFilter::StepRam(std::string& out) {
         return true;
       }
       if (zero_blocks_.contains(name)) {
-        // A second block list would forget what went to the sink.
-        if (sink_ && name == extract_block_ && extracted_pages_ > 0)
-          return Fail("QEMU's migration stream lists its RAM blocks again after pages of " + name +
-                      " were extracted");
-        written_[name].assign((used + kPageSize - 1) / kPageSize, false);
-        if (sink_ && name == extract_block_) CELLA_TRY(sink_->SetSize(used));
+        const size_t pages = (used + kPageSize - 1) / kPageSize;
+        auto known = written_.find(name);
+        if (known == written_.end()) {
+          written_[name].assign(pages, false);
+          if (sink_ && name == extract_block_) CELLA_TRY(sink_->SetSize(used));
+        } else if (known->second.size() != pages) {
+          // Listed again (QEMU lists its blocks once) with another size:
+          // what the stream gave the block so far is not forgotten.
+          CELLA_TRY(GiveUp("RAM block " + name + " listed twice with two sizes"));
+          return true;
+        }
       }
       at += 1 + name_len + 8;
     }

@@ -738,6 +738,17 @@ int InspectCommand(const std::vector<std::string>& refs, const std::string& form
       if (state.is_object()) restarts = std::max(0, state.value("count", 0));
     }
     item["restart_count"] = restarts;
+    // A sandbox in standby: what its snapshot holds and takes on disk.
+    const std::string standby = paths.dir + "/standby";
+    if (auto text = ReadFileToString(standby + "/" + sandbox::kManifestName, 64 * 1024)) {
+      if (auto manifest = sandbox::DecodeManifest(*text)) {
+        item["standby_snapshot"] = {
+            {"format", std::string(sandbox::ToString(sandbox::LayoutOf(*manifest)))},
+            {"size_bytes", sandbox::SnapshotAllocatedBytes(standby)},
+            {"memory_bytes", manifest->memory_bytes},
+            {"created_ms", manifest->created_ms}};
+      }
+    }
     item["restart_policy"] =
         spec.is_object() ? spec.value("restart", std::string("no")) : std::string("no");
     out.push_back(item);

@@ -66,16 +66,6 @@ Result<std::string> RandomId() {
   return hex;
 }
 
-uint64_t AllocatedBytes(const std::string& dir) {
-  uint64_t total = 0;
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-    struct stat st {};
-    if (::stat(entry.path().c_str(), &st) == 0) total += uint64_t(st.st_blocks) * 512;
-  }
-  return total;
-}
-
 Status CopySparse(const std::string& from, const std::string& to) {
   CELLA_TRY(sandbox::CloneOrCopySparse(from, to));
   return {};
@@ -282,7 +272,7 @@ int SnapshotLsCommand(ListFormat format) {
       std::string source = meta.is_object() ? meta.value("source_name", std::string()) : "";
       if (source.empty() && meta.is_object())
         source = store::ShortId(meta.value("source_id", std::string()));
-      uint64_t size = AllocatedBytes(dir);
+      uint64_t size = sandbox::SnapshotAllocatedBytes(dir);
       out.push_back({{"name", name},
                      {"source", source},
                      {"size_bytes", size},

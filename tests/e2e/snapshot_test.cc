@@ -66,6 +66,13 @@ TEST_F(SnapshotTest, PauseUnpauseStandbyResumeContinueWhereTheSandboxWas) {
   EXPECT_TRUE(WaitGone(supervisor_pid));
   const std::string dir = Dir(id);
   EXPECT_TRUE(Exists(dir + "/standby/manifest.json"));
+  // inspect tells what the sleep costs on disk: guest memory in a sparse
+  // file, so less than the guest's RAM.
+  const auto sleeping = Inspect(id)["standby_snapshot"];
+  ASSERT_TRUE(sleeping.is_object()) << Inspect(id).dump();
+  EXPECT_EQ(sleeping.value("format", std::string()), "file");
+  EXPECT_GT(sleeping.value("size_bytes", int64_t{0}), 0);
+  EXPECT_LT(sleeping.value("size_bytes", int64_t{0}), sleeping.value("memory_bytes", int64_t{0}));
   auto refused_standby = RunCella({"exec", id, "--", "true"}, "", seconds(30));
   EXPECT_NE(refused_standby.err.find("cella resume"), std::string::npos)
       << Describe(refused_standby);

@@ -368,6 +368,16 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
   return m;
 }
 
+uint64_t SnapshotAllocatedBytes(const std::string& dir) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    struct stat st {};
+    if (::lstat(entry.path().c_str(), &st) == 0) total += uint64_t(st.st_blocks) * 512;
+  }
+  return total;
+}
+
 Result<SnapshotManifest> VerifySnapshot(const std::string& dir) {
   SnapshotManifest m = CELLA_TRY(ReadSnapshotManifest(dir));
   CELLA_TRY(VerifySnapshotChecksum(dir, m));

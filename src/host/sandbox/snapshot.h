@@ -168,6 +168,10 @@ Result<SnapshotManifest> VerifySnapshot(const std::string& dir);
 Result<SnapshotManifest> ReadSnapshotManifest(const std::string& dir);
 Status VerifySnapshotChecksum(const std::string& dir, const SnapshotManifest& manifest);
 
+// The disk space a snapshot directory's files take (allocated blocks: a
+// sparse memory file counts only its data).
+uint64_t SnapshotAllocatedBytes(const std::string& dir);
+
 // Removes the directory and everything in it; a missing one is fine.
 Status RemoveSnapshot(const std::string& dir);
 

@@ -407,6 +407,43 @@ TEST_F(IsolatedNetworkAsRoot, HandsBackWorkingDescriptorsAndNoHelper) {
   EXPECT_NE(listed->find("policy drop"), std::string::npos) << *listed;
 }
 
+// The two-step build a warm clone uses: the TAP first (QEMU starts with
+// it), the ruleset and sockets later; the TAP keeps its number throughout,
+// and a build dropped before Finish leaves no helper behind.
+TEST(IsolatedNetwork, TwoStepBuildHandsTheTapFirstAndTheSameTapAfter) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root (the unprivileged path has its own test)";
+  const std::set<pid_t> before = ChildPids();
+  auto pending = StartIsolatedNetwork({.proxy_port = 15001});
+  ASSERT_TRUE(pending) << pending.error().message;
+  const int tap = pending->tap();
+  ASSERT_GE(tap, 0);
+  // A TAP of the name QEMU's NIC is wired to, already up.
+  ifreq request{};
+  ASSERT_EQ(::ioctl(tap, TUNGETIFF, &request), 0) << std::strerror(errno);
+  EXPECT_STREQ(request.ifr_name, kTapName);
+  EXPECT_TRUE(request.ifr_flags & IFF_TAP);
+  auto network = pending->Finish();
+  ASSERT_TRUE(network) << network.error().message;
+  EXPECT_EQ(network->tap.Get(), tap) << "the TAP must keep the number QEMU was given";
+  EXPECT_TRUE(network->proxy_listener.Valid());
+  EXPECT_TRUE(network->dns_socket.Valid());
+  EXPECT_TRUE(network->netns.Valid());
+  EXPECT_EQ(ChildPids(), before) << "the namespace helper (or nft) was left running or unreaped";
+  std::string ns_path =
+      "--net=/proc/" + std::to_string(::getpid()) + "/fd/" + std::to_string(network->netns.Get());
+  auto listed = host::CheckCommand({"nsenter", ns_path, "nft", "list", "ruleset"}, 30s);
+  ASSERT_TRUE(listed) << listed.error().message;
+  EXPECT_NE(listed->find("dnat ip to 10.0.2.2:15001"), std::string::npos) << *listed;
+  auto again = pending->Finish();
+  EXPECT_FALSE(again) << "a second Finish must fail, not hand out the sockets twice";
+
+  {
+    auto dropped = StartIsolatedNetwork({.proxy_port = 15001});
+    ASSERT_TRUE(dropped) << dropped.error().message;
+  }
+  EXPECT_EQ(ChildPids(), before) << "a build dropped before Finish left its helper behind";
+}
+
 TEST_F(IsolatedNetworkAsRoot, GuestTcpToAnyAddressLandsOnTheProxy) {
   EXPECT_EQ(GuestTcpReachesProxy(network_), "");
 }

@@ -1,8 +1,10 @@
 // The config disk (mkfs.ext4 -d) and the built-in busybox image
 // (mkfs.erofs): real tools, no root, no VM.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -10,6 +12,7 @@
 #include <string>
 
 #include "base/io.h"
+#include "base/unique_fd.h"
 #include "host/image/default_rootfs.h"
 #include "host/os/process.h"
 #include "host/vmm/config_disk.h"
@@ -95,6 +98,56 @@ TEST_F(DiskImages, GuestConfigDiskTakesTheSeedFieldsFromVMConfig) {
   auto bad = vmm::WriteGuestConfigDisk(guest, vm);
   ASSERT_FALSE(bad);
   EXPECT_NE(bad.error().message.find("vm1"), std::string::npos) << bad.error().message;
+}
+
+// A warm clone's config disk: reserved (QEMU opens it at launch), filled
+// while QEMU starts. Whoever opened the reserved file reads the filesystem
+// that the fill wrote, at the size the reserve gave it.
+TEST_F(DiskImages, ReservedConfigDiskIsFilledInPlace) {
+  protocol::Config guest;
+  guest.cmd = {"true"};
+  guest.hostname = "in-place";
+  vmm::VMConfig vm;
+  vm.ID = "vm1";
+  vm.StateDir = dir_;
+  ASSERT_TRUE(WriteStringToFile(dir_ + "/config.img", "an earlier boot's disk", 0644));
+  // Held open: its inode cannot be reused by the new file.
+  UniqueFd earlier_fd(::open((dir_ + "/config.img").c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(earlier_fd);
+  struct stat earlier {};
+  ASSERT_EQ(::fstat(earlier_fd.Get(), &earlier), 0);
+  ASSERT_TRUE(vmm::ReserveGuestConfigDisk(guest, vm));
+  ASSERT_EQ(vm.ConfigDiskPath, dir_ + "/config.img");
+  ASSERT_NE(vm.GuestConfigJson.find("in-place"), std::string::npos);
+  struct stat reserved {};
+  ASSERT_EQ(::stat(vm.ConfigDiskPath.c_str(), &reserved), 0);
+  EXPECT_NE(reserved.st_ino, earlier.st_ino) << "a new file, not the earlier disk written over";
+  char kept[64] = {};
+  EXPECT_GT(::pread(earlier_fd.Get(), kept, sizeof kept - 1, 0), 0);
+  EXPECT_STREQ(kept, "an earlier boot's disk");
+  EXPECT_GE(reserved.st_size, 1 << 20);
+  // Opened before the fill, as QEMU opens it at launch.
+  UniqueFd opened(::open(vm.ConfigDiskPath.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(opened);
+  ASSERT_TRUE(vmm::FillConfigDisk(vm.GuestConfigJson, vm.ConfigDiskPath));
+  struct stat filled {};
+  ASSERT_EQ(::fstat(opened.Get(), &filled), 0);
+  EXPECT_EQ(filled.st_size, reserved.st_size);
+  std::string copy = dir_ + "/as-opened.img";
+  {
+    UniqueFd out(::open(copy.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    ASSERT_TRUE(out);
+    std::string bytes(static_cast<size_t>(filled.st_size), '\0');
+    ASSERT_EQ(::pread(opened.Get(), bytes.data(), bytes.size(), 0),
+              static_cast<ssize_t>(bytes.size()));
+    ASSERT_TRUE(WriteAll(out.Get(), bytes));
+  }
+  auto cat = host::CheckCommand({"debugfs", "-R", "cat /config.json", copy}, seconds(30));
+  ASSERT_TRUE(cat) << cat.error().message;
+  EXPECT_NE(cat->find(vm.GuestConfigJson), std::string::npos) << *cat;
+  // A fill for other content (another size) is refused, not written.
+  EXPECT_FALSE(vmm::FillConfigDisk("{\"env\":{\"BIG\":\"" + std::string(2 << 20, 'a') + "\"}}",
+                                   vm.ConfigDiskPath));
 }
 
 TEST_F(DiskImages, ConfigDiskFitsLargeConfig) {

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -144,6 +145,103 @@ TEST_F(FakeQemuMachine, CreateValidatesConfig) {
   auto machine = backend.Create(config_);
   ASSERT_FALSE(machine);
   EXPECT_NE(machine.error().message.find("StateDir"), std::string::npos);
+}
+
+// A stand-in for a restoring QEMU: answers QMP as a restore that completes
+// at once, and records what arrives on the agent socket in agent.bytes.
+constexpr const char* kRestoringQemu = R"PY(#!/usr/bin/env python3
+import json, os, socket, sys
+args = sys.argv[1:]
+paths = {}
+for i, a in enumerate(args):
+    if a == "-chardev" and args[i + 1].startswith("socket,"):
+        opts = dict(kv.split("=", 1) for kv in args[i + 1].split(",")[1:] if "=" in kv)
+        paths[opts["id"]] = opts["path"]
+def listen(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.listen(1)
+    return s
+qmp_l, agent_l = listen(paths["qmp"]), listen(paths["agent"])
+record = os.path.join(os.path.dirname(paths["qmp"]), "agent.bytes")
+open(record, "wb").close()
+if os.fork() == 0:
+    conn, _ = agent_l.accept()
+    with open(record, "ab") as out:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                os._exit(0)
+            out.write(data)
+            out.flush()
+conn, _ = qmp_l.accept()
+f = conn.makefile("rwb")
+f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n'); f.flush()
+for line in f:
+    req = json.loads(line)
+    cmd = req.get("execute")
+    ret = {}
+    if cmd == "query-migrate": ret = {"status": "completed"}
+    if cmd == "query-status": ret = {"status": "paused", "running": False}
+    f.write((json.dumps({"return": ret, "id": req.get("id")}) + "\n").encode()); f.flush()
+)PY";
+
+// A warm clone's before_go runs after the restore and before the go line:
+// its failure fails the boot without the go line ever sent, and is not
+// taken for a failure of the template's state; once it passed, the go line
+// goes out.
+TEST_F(FakeQemuMachine, CloneJoinsBeforeGoBeforeItsGoLine) {
+  if (::access("/usr/bin/python3", X_OK) != 0) GTEST_FAIL() << "python3 is needed for this test";
+  config_.Template = TemplateRole::kClone;
+  config_.TemplateMemoryPath = dir_ + "/memory";
+  config_.IncomingMigration = "exec:cat " + dir_ + "/state-file";
+  config_.NoNetwork = true;
+  const std::string qemu = dir_ + "/qemu";
+  ASSERT_TRUE(WriteStringToFile(qemu, kRestoringQemu, 0755));
+  ASSERT_EQ(::chmod(qemu.c_str(), 0755), 0);
+  const std::string record = config_.StateDir + "/agent.bytes";
+  auto go_line_sent = [&] {
+    auto bytes = ReadFileToString(record, 1 << 20);
+    return bytes && bytes->find("cella-go") != std::string::npos;
+  };
+
+  int calls = 0;
+  QemuBackendOptions failing;
+  failing.qemu_binary = qemu;
+  failing.boot_timeout = milliseconds(20'000);
+  failing.before_go = [&]() -> Status {
+    ++calls;
+    return Fail("the sealed network could not be finished");
+  };
+  auto first = QemuBackend(failing).Create(config_);
+  ASSERT_TRUE(first) << first.error().message;
+  auto st = (*first)->Start();
+  ASSERT_FALSE(st);
+  EXPECT_EQ(calls, 1);
+  EXPECT_NE(st.error().message.find("sealed network"), std::string::npos) << st.error().message;
+  EXPECT_NE(st.error().errno_value, kStateNotRestoredErrno)
+      << "a host failure must not condemn the template";
+  EXPECT_FALSE(go_line_sent()) << "the go line went out although before_go failed";
+  EXPECT_TRUE((*first)->Close());
+
+  QemuBackendOptions passing = failing;
+  passing.boot_timeout = milliseconds(1'500);  // the stand-in's agent never says Hello
+  bool joined_before_go = false;
+  passing.before_go = [&]() -> Status {
+    ++calls;
+    joined_before_go = !go_line_sent();
+    return {};
+  };
+  auto second = QemuBackend(passing).Create(config_);
+  ASSERT_TRUE(second) << second.error().message;
+  auto timed_out = (*second)->Start();
+  EXPECT_FALSE(timed_out);  // no agent: the boot times out after the go line
+  EXPECT_EQ(calls, 2);
+  EXPECT_TRUE(joined_before_go);
+  // The go line reached the agent socket (the stand-in records it as it reads).
+  for (int i = 0; i < 100 && !go_line_sent(); ++i) std::this_thread::sleep_for(milliseconds(20));
+  EXPECT_TRUE(go_line_sent()) << "no go line after before_go passed";
+  EXPECT_TRUE((*second)->Close());
 }
 
 TEST(RunCommand, CapturesOutputAndExitCode) {

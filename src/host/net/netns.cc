@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace cella::net {
@@ -67,6 +68,7 @@ enum class Step : int32_t {
   kDnsSocket,
   kDnsBind,
   kSendFds,
+  kTapReady,  // not a failure: the first of the child's two messages (the TAP)
 };
 
 std::string_view StepName(Step step) {
@@ -131,6 +133,8 @@ std::string_view StepName(Step step) {
       return "bind DNS socket to the DNS address, port 53";
     case Step::kSendFds:
       return "send descriptors to the parent";
+    case Step::kTapReady:
+      return "the TAP is ready";
   }
   return "unknown step";
 }
@@ -144,7 +148,11 @@ struct ChildReport {
   std::array<char, 2048> detail{};  // nft's output (kNftFailed)
 };
 
-constexpr int kFdCount = 4;  // tap, proxy listener, DNS socket, netns
+// The child's two messages: the TAP as soon as it is up (QEMU can start
+// with it while the ruleset loads: the namespace has no route out, and no
+// socket exists yet for a guest packet to reach), then the rest.
+constexpr int kTapFdCount = 1;  // tap
+constexpr int kFdCount = 3;     // proxy listener, DNS socket, netns
 
 // The one message of the child: its report, with the descriptors attached
 // as SCM_RIGHTS on success. The same layout is sent and received; it lives
@@ -234,6 +242,23 @@ bool BringUp(int ioctl_fd, const ifreq& base) {
   if (::ioctl(ioctl_fd, SIOCGIFFLAGS, &request) != 0) return false;
   request.ifr_flags = static_cast<short>(request.ifr_flags | IFF_UP);
   return ::ioctl(ioctl_fd, SIOCSIFFLAGS, &request) == 0;
+}
+
+// One message to the parent: `report` marked `step`, with `count` (at most
+// kFdCount) descriptors attached.
+void SendFds(const ChildPlan& plan, ChildReport& report, Step step, const int* fds, int count) {
+  ReportMessage out(&report);
+  msghdr& message = out.message;
+  message.msg_controllen = CMSG_SPACE(sizeof(int) * static_cast<size_t>(count));
+  cmsghdr* header = CMSG_FIRSTHDR(&message);
+  header->cmsg_level = SOL_SOCKET;
+  header->cmsg_type = SCM_RIGHTS;
+  header->cmsg_len = CMSG_LEN(sizeof(int) * static_cast<size_t>(count));
+  std::memcpy(CMSG_DATA(header), fds, sizeof(int) * static_cast<size_t>(count));
+  report.step = step;
+  while (::sendmsg(plan.report_fd, &message, MSG_NOSIGNAL) < 0) {
+    if (errno != EINTR) Report(plan, report, Step::kSendFds, errno);
+  }
 }
 
 // Runs `nft -f -` in the namespace with the ruleset on stdin; its output
@@ -351,6 +376,8 @@ void LoadRuleset(const ChildPlan& plan, ChildReport& report) {
     Report(plan, report, Step::kTapMac, errno);
   if (!BringUp(ioctl_fd, plan.tap)) Report(plan, report, Step::kTapUp, errno);
   ::close(ioctl_fd);
+  SendFds(plan, report, Step::kTapReady, &tap_fd, kTapFdCount);
+  ::close(tap_fd);
 
   // Before the sockets exist: no guest packet can reach them unfiltered.
   LoadRuleset(plan, report);
@@ -374,18 +401,8 @@ void LoadRuleset(const ChildPlan& plan, ChildReport& report) {
   if (::bind(dns_fd, reinterpret_cast<const sockaddr*>(&dns), sizeof(dns)) != 0)
     Report(plan, report, Step::kDnsBind, errno);
 
-  int fds[kFdCount] = {tap_fd, proxy_fd, dns_fd, netns_fd};
-  ReportMessage out(&report);
-  msghdr& message = out.message;
-  cmsghdr* header = CMSG_FIRSTHDR(&message);
-  header->cmsg_level = SOL_SOCKET;
-  header->cmsg_type = SCM_RIGHTS;
-  header->cmsg_len = CMSG_LEN(sizeof(fds));
-  std::memcpy(CMSG_DATA(header), fds, sizeof(fds));
-  report.step = Step::kDone;
-  while (::sendmsg(plan.report_fd, &message, MSG_NOSIGNAL) < 0) {
-    if (errno != EINTR) Report(plan, report, Step::kSendFds, errno);
-  }
+  int fds[kFdCount] = {proxy_fd, dns_fd, netns_fd};
+  SendFds(plan, report, Step::kDone, fds, kFdCount);
   ::_exit(0);
 }
 
@@ -478,7 +495,132 @@ std::string IsolatedNetworkRuleset(const IsolatedNetworkOptions& options) {
          "}\n";
 }
 
-Result<IsolatedNetwork> CreateIsolatedNetwork(const IsolatedNetworkOptions& options) {
+namespace {
+
+// Receives one of the child's messages: its report and up to `max_fds`
+// descriptors (more are closed). Kills and reaps the child on a failure to
+// receive (the deadline included); `received` is 0 when the child ended
+// without sending.
+struct Received {
+  ChildReport report;
+  ssize_t bytes = -1;
+  bool truncated = false;
+  std::array<UniqueFd, kFdCount> fds;
+  int fd_count = 0;
+};
+
+Result<Received> ReceiveFromChild(pid_t pid, int parent_end, Clock::time_point deadline,
+                                  int max_fds) {
+  Received out;
+  while (true) {
+    pollfd pfd{parent_end, POLLIN, 0};
+    int rc = ::poll(&pfd, 1, RemainingMs(deadline));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) {
+      Error err = Error::FromErrno("create isolated network: poll");
+      ReapChild(pid, parent_end, Clock::now());
+      return std::unexpected(std::move(err));
+    }
+    if (rc == 0) {
+      ReapChild(pid, parent_end, Clock::now());
+      return std::unexpected(Error{"create isolated network: the helper did not finish within " +
+                                       std::to_string(kBuildTimeout.count()) + " ms; killed",
+                                   ETIMEDOUT});
+    }
+    ReportMessage in(&out.report);
+    msghdr& message = in.message;
+    out.bytes = ::recvmsg(parent_end, &message, MSG_CMSG_CLOEXEC);
+    if (out.bytes < 0 && errno == EINTR) continue;
+    if (out.bytes < 0) {
+      Error err = Error::FromErrno("create isolated network: recvmsg");
+      ReapChild(pid, parent_end, Clock::now() + kChildExitWait);
+      return std::unexpected(std::move(err));
+    }
+    out.truncated = (message.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0;
+    for (cmsghdr* h = CMSG_FIRSTHDR(&message); h != nullptr; h = CMSG_NXTHDR(&message, h)) {
+      if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+      size_t count = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < count; ++i) {
+        int fd;
+        std::memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
+        if (out.fd_count < max_fds) {
+          out.fds[static_cast<size_t>(out.fd_count++)].Reset(fd);
+        } else {
+          ::close(fd);
+        }
+      }
+    }
+    return out;
+  }
+}
+
+// The checks every message gets: a whole report, the step expected, and
+// as many descriptors as that step carries.
+Status CheckReceived(const Received& got, Step expected, int fds) {
+  if (got.bytes == 0) return Fail("create isolated network: the helper exited without a report");
+  if (got.bytes != static_cast<ssize_t>(sizeof(ChildReport)) || got.truncated) {
+    return Fail("create isolated network: malformed report from the helper (" +
+                std::to_string(got.bytes) + " bytes)");
+  }
+  if (got.report.step != expected) {
+    if (got.report.step == Step::kDone || got.report.step == Step::kTapReady)
+      return Fail("create isolated network: the helper's messages came out of order");
+    return std::unexpected(ChildError(got.report));
+  }
+  if (got.fd_count != fds) {
+    return Fail("create isolated network: the helper passed " + std::to_string(got.fd_count) +
+                " descriptors, expected " + std::to_string(fds));
+  }
+  return {};
+}
+
+}  // namespace
+
+PendingIsolatedNetwork::PendingIsolatedNetwork(PendingIsolatedNetwork&& other) noexcept
+    : tap_(std::move(other.tap_)),
+      parent_end_(std::move(other.parent_end_)),
+      pid_(std::exchange(other.pid_, -1)),
+      deadline_(other.deadline_),
+      owner_(other.owner_),
+      proxy_port_(other.proxy_port_) {}
+
+PendingIsolatedNetwork& PendingIsolatedNetwork::operator=(PendingIsolatedNetwork&& other) noexcept {
+  if (this != &other) {
+    Abandon();
+    tap_ = std::move(other.tap_);
+    parent_end_ = std::move(other.parent_end_);
+    pid_ = std::exchange(other.pid_, -1);
+    deadline_ = other.deadline_;
+    owner_ = other.owner_;
+    proxy_port_ = other.proxy_port_;
+  }
+  return *this;
+}
+
+PendingIsolatedNetwork::~PendingIsolatedNetwork() { Abandon(); }
+
+void PendingIsolatedNetwork::Abandon() {
+  if (pid_ > 0) ReapChild(pid_, parent_end_.Get(), Clock::now());
+  pid_ = -1;
+}
+
+Result<IsolatedNetwork> PendingIsolatedNetwork::Finish() {
+  if (pid_ <= 0) return Fail("create isolated network: finished already");
+  const pid_t pid = std::exchange(pid_, -1);
+  Received got = CELLA_TRY(ReceiveFromChild(pid, parent_end_.Get(), deadline_, kFdCount));
+  ReapChild(pid, parent_end_.Get(), Clock::now() + kChildExitWait);
+  CELLA_TRY(CheckReceived(got, Step::kDone, kFdCount));
+  IsolatedNetwork network;
+  network.tap = std::move(tap_);
+  network.proxy_listener = std::move(got.fds[0]);
+  network.dns_socket = std::move(got.fds[1]);
+  network.netns = std::move(got.fds[2]);
+  network.owner = owner_;
+  network.proxy_port = proxy_port_;
+  return network;
+}
+
+Result<PendingIsolatedNetwork> StartIsolatedNetwork(const IsolatedNetworkOptions& options) {
   if (options.proxy_port == 0) return Fail("IsolatedNetworkOptions.proxy_port: must not be 0");
   if (options.proxy_port == kDnsPort) {
     return Fail("IsolatedNetworkOptions.proxy_port: 53 is the DNS port");
@@ -519,76 +661,27 @@ Result<IsolatedNetwork> CreateIsolatedNetwork(const IsolatedNetworkOptions& opti
   if (pid < 0) return FailErrno("create isolated network: fork");
   if (pid == 0) BuildInChild(plan);
   child_end.Reset();
-  auto deadline = Clock::now() + kBuildTimeout;
+  const auto deadline = Clock::now() + kBuildTimeout;
 
-  ChildReport report;
-  int fds[kFdCount] = {-1, -1, -1, -1};
-  ssize_t received = -1;
-  bool truncated = false;
-  int received_fds = 0;
-  while (true) {
-    pollfd pfd{parent_end.Get(), POLLIN, 0};
-    int rc = ::poll(&pfd, 1, RemainingMs(deadline));
-    if (rc < 0 && errno == EINTR) continue;
-    if (rc < 0) {
-      Error err = Error::FromErrno("create isolated network: poll");
-      ReapChild(pid, parent_end.Get(), Clock::now());
-      return std::unexpected(std::move(err));
-    }
-    if (rc == 0) {
-      ReapChild(pid, parent_end.Get(), Clock::now());
-      return std::unexpected(Error{"create isolated network: the helper did not finish within " +
-                                       std::to_string(kBuildTimeout.count()) + " ms; killed",
-                                   ETIMEDOUT});
-    }
-    ReportMessage in(&report);
-    msghdr& message = in.message;
-    received = ::recvmsg(parent_end.Get(), &message, MSG_CMSG_CLOEXEC);
-    if (received < 0 && errno == EINTR) continue;
-    if (received < 0) {
-      Error err = Error::FromErrno("create isolated network: recvmsg");
-      ReapChild(pid, parent_end.Get(), Clock::now() + kChildExitWait);
-      return std::unexpected(std::move(err));
-    }
-    truncated = (message.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0;
-    for (cmsghdr* h = CMSG_FIRSTHDR(&message); h != nullptr; h = CMSG_NXTHDR(&message, h)) {
-      if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
-      size_t count = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (size_t i = 0; i < count; ++i) {
-        int fd;
-        std::memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
-        if (received_fds < kFdCount) {
-          fds[received_fds++] = fd;
-        } else {
-          ::close(fd);
-        }
-      }
-    }
-    break;
+  Received got = CELLA_TRY(ReceiveFromChild(pid, parent_end.Get(), deadline, kTapFdCount));
+  if (Status ok = CheckReceived(got, Step::kTapReady, kTapFdCount); !ok) {
+    ReapChild(pid, parent_end.Get(), Clock::now() + kChildExitWait);
+    return std::unexpected(std::move(ok.error()));
   }
-  IsolatedNetwork network;
-  network.tap.Reset(fds[0]);
-  network.proxy_listener.Reset(fds[1]);
-  network.dns_socket.Reset(fds[2]);
-  network.netns.Reset(fds[3]);
-  network.owner =
+  PendingIsolatedNetwork pending;
+  pending.tap_ = std::move(got.fds[0]);
+  pending.parent_end_ = std::move(parent_end);
+  pending.pid_ = pid;
+  pending.deadline_ = deadline;
+  pending.owner_ =
       plan.own_user_namespace ? NamespaceOwner::kOwnUserNamespace : NamespaceOwner::kHost;
-  network.proxy_port = options.proxy_port;
-  ReapChild(pid, parent_end.Get(), Clock::now() + kChildExitWait);
+  pending.proxy_port_ = options.proxy_port;
+  return pending;
+}
 
-  if (received == 0) {
-    return Fail("create isolated network: the helper exited without a report");
-  }
-  if (received != static_cast<ssize_t>(sizeof(report)) || truncated) {
-    return Fail("create isolated network: malformed report from the helper (" +
-                std::to_string(received) + " bytes)");
-  }
-  if (report.step != Step::kDone) return std::unexpected(ChildError(report));
-  if (received_fds != kFdCount) {
-    return Fail("create isolated network: the helper passed " + std::to_string(received_fds) +
-                " descriptors, expected " + std::to_string(kFdCount));
-  }
-  return network;
+Result<IsolatedNetwork> CreateIsolatedNetwork(const IsolatedNetworkOptions& options) {
+  PendingIsolatedNetwork pending = CELLA_TRY(StartIsolatedNetwork(options));
+  return pending.Finish();
 }
 
 Result<sockaddr_in> OriginalDestination(int accepted_fd) {

@@ -27,7 +27,9 @@
 #pragma once
 
 #include <netinet/in.h>
+#include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -72,6 +74,45 @@ struct IsolatedNetwork {
 // nft's own message when the ruleset was refused. Needs /dev/net/tun to be
 // openable by the caller and `nft` (/usr/sbin/nft or on PATH).
 Result<IsolatedNetwork> CreateIsolatedNetwork(const IsolatedNetworkOptions& options);
+
+// CreateIsolatedNetwork in two steps, so that QEMU can start with the TAP
+// while the child loads the ruleset (an nft process: tens of ms) and binds
+// the sockets. Until Finish() succeeded the namespace may have no ruleset:
+// a guest must not run on the TAP before then (a restored VM held with -S,
+// or a clone waiting for its go line, sends nothing). The namespace has no
+// route out either way, and its sockets only exist once the rules do.
+class PendingIsolatedNetwork {
+ public:
+  PendingIsolatedNetwork() = default;
+  PendingIsolatedNetwork(PendingIsolatedNetwork&& other) noexcept;
+  PendingIsolatedNetwork& operator=(PendingIsolatedNetwork&& other) noexcept;
+  PendingIsolatedNetwork(const PendingIsolatedNetwork&) = delete;
+  PendingIsolatedNetwork& operator=(const PendingIsolatedNetwork&) = delete;
+  // Kills and reaps a child that was not waited for by Finish().
+  ~PendingIsolatedNetwork();
+
+  // The TAP, up and addressed (for QEMU `-netdev tap,fd=`); Finish() moves it
+  // into the IsolatedNetwork, so take a copy's number before.
+  int tap() const { return tap_.Get(); }
+  // Waits (bounded, as CreateIsolatedNetwork) for the ruleset and the
+  // sockets. Once: a second call fails.
+  Result<IsolatedNetwork> Finish();
+
+ private:
+  friend Result<PendingIsolatedNetwork> StartIsolatedNetwork(const IsolatedNetworkOptions&);
+  void Abandon();
+
+  UniqueFd tap_;
+  UniqueFd parent_end_;
+  pid_t pid_ = -1;
+  std::chrono::steady_clock::time_point deadline_{};
+  NamespaceOwner owner_ = NamespaceOwner::kHost;
+  uint16_t proxy_port_ = 0;
+};
+
+// Forks the child and returns once the TAP is up (or the child failed
+// before that, with CreateIsolatedNetwork's errors).
+Result<PendingIsolatedNetwork> StartIsolatedNetwork(const IsolatedNetworkOptions& options);
 
 // The nftables ruleset CreateIsolatedNetwork loads (exposed for tests and
 // `cella diagnose`).

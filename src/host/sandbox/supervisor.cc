@@ -54,6 +54,7 @@
 #include "host/sandbox/spec.h"
 #include "host/store/state_store.h"
 #include "host/template/template_store.h"
+#include "host/vmm/config_disk.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace cella::sandbox {
@@ -97,12 +98,17 @@ SnapshotLayout DefaultLayout() {
 class Supervisor {
  public:
   explicit Supervisor(const SupervisorArgs& args) : args_(args), ready_fd_(args.ready_fd) {}
+  // The host work left running beside QEMU uses the members below.
+  ~Supervisor() { (void)JoinDeferred(); }
+  Supervisor(const Supervisor&) = delete;
+  Supervisor& operator=(const Supervisor&) = delete;
 
   int Run() {
     if (auto prepared = Prepare(); !prepared) {
       std::string message = prepared.error().message;
       log::Warn("sandbox failed to start", {{"id", args_.id}, {"error", OneLine(message)}});
       SendReady(ready_fd_, "error: " + message);
+      (void)JoinDeferred();  // its error, if any, is not the first one
       if (control_) control_->Stop();
       lifecycle_.reset();  // closes a machine that was never started
       BeforeClose();
@@ -204,14 +210,32 @@ class Supervisor {
       CELLA_TRY(RemoveSnapshot(standby_dir_));
     }
 
+    // The sealed network up to its TAP (what QEMU needs at launch).
     if (spec.egress.enabled) CELLA_TRY_CTX(StartEgress(spec, cella_home, guest, vm), "egress");
-    log::Debug("supervisor: network ready", {{"id", args_.id}});
-    if (args_.resume) CELLA_TRY_CTX(CheckResumeCompat(), "resume");
-    // A restored guest has its configuration mounted already: the disk
-    // stays exactly as it was.
-    if (!args_.resume) CELLA_TRY(WriteGuestConfig(guest, vm));
-    log::Debug("supervisor: config disk written", {{"id", args_.id}});
-    if (!args_.resume && !spec.cold) PrepareWarmStart(cella_home, guest, options, vm);
+    if (args_.resume) {
+      CELLA_TRY_CTX(FinishEgress(), "egress");
+      log::Debug("supervisor: network ready", {{"id", args_.id}});
+      CELLA_TRY_CTX(CheckResumeCompat(), "resume");
+      // A restored guest has its configuration mounted already: the disk
+      // stays exactly as it was.
+    } else {
+      CELLA_TRY(vmm::ReserveGuestConfigDisk(guest, vm));
+      if (!spec.cold) PrepareWarmStart(cella_home, guest, options, vm);
+      if (warm_template_) {
+        // A clone's guest waits for its go line before it reads a disk or
+        // has a network address: the network's ruleset, DNS server and
+        // proxy and the config disk are finished while QEMU starts (its
+        // start-up is the longest host step of a warm run), and joined
+        // before the go line. Every other boot has them before QEMU starts.
+        deferred_ = std::async(std::launch::async,
+                               [this, json = vm.GuestConfigJson, disk = vm.ConfigDiskPath] {
+                                 return FinishHostWork(json, disk);
+                               });
+        options.before_go = [this] { return JoinDeferred(); };
+      } else {
+        CELLA_TRY(FinishHostWork(vm.GuestConfigJson, vm.ConfigDiskPath));
+      }
+    }
     has_main_ = guest.init_mode == protocol::InitMode::kExec &&
                 !(guest.entrypoint.empty() && guest.cmd.empty());
     ports_ = spec.ports;
@@ -331,6 +355,11 @@ class Supervisor {
     // refused its config, a time-out on a loaded host, memory) would fail
     // a cold boot the same way, and says nothing against the template.
     if (error.errno_value != vmm::kStateNotRestoredErrno) return nullptr;
+    // The cold boot reads the config disk at once and uses the network.
+    if (auto joined = JoinDeferred(); !joined) {
+      log::Warn("no cold boot after the failed restore", {{"error", joined.error().message}});
+      return nullptr;
+    }
     warm::TemplateInfo t = std::move(*warm_template_);
     warm_template_.reset();
     SendNotice(ready_fd_, "sandbox boots cold: memory template " + t.key +
@@ -767,7 +796,8 @@ class Supervisor {
     policy_ = CELLA_TRY(net::Policy::Create(std::move(config)));
     net::IsolatedNetworkOptions options;
     if (guest.mtu > 0) options.mtu = guest.mtu;
-    net::IsolatedNetwork network = CELLA_TRY(net::CreateIsolatedNetwork(options));
+    PendingEgress pending;
+    pending.network = CELLA_TRY(net::StartIsolatedNetwork(options));
     auto fake_ips = std::make_shared<net::FakeIpTable>();
     // A resumed guest still holds the virtual addresses it was answered
     // before the snapshot: the same names must stand behind them.
@@ -779,7 +809,6 @@ class Supervisor {
     dns_options.table = fake_ips;
     if (!egress.dns_servers.empty())
       dns_options.resolver = CELLA_TRY_CTX(net::UpstreamResolverFor(egress.dns_servers), "--dns");
-    dns_ = CELLA_TRY(net::DnsServer::Start(std::move(network.dns_socket), dns_options));
     net::ProxyOptions proxy_options;
     proxy_options.policy = policy_;
     proxy_options.fake_ips = fake_ips;
@@ -793,12 +822,46 @@ class Supervisor {
       guest.ca_certificates = ca->CaCertificatePem();
       proxy_options.tls = net::MakeTlsProvider(ca, egress.upstream_ca);
     }
-    proxy_ = CELLA_TRY(
-        net::TransparentProxy::Start(std::move(network.proxy_listener), std::move(proxy_options)));
+    // The TAP keeps its number from here on (moved into tap_ by
+    // FinishEgress, never closed before the sandbox ends).
+    vm.NetworkFD = pending.network.tap();
+    pending.dns = std::move(dns_options);
+    pending.proxy = std::move(proxy_options);
+    pending_egress_ = std::move(pending);
+    return {};
+  }
+
+  // The rest of the sealed network: its ruleset and sockets, the DNS server
+  // and the proxy on them.
+  Status FinishEgress() {
+    if (!pending_egress_) return {};
+    PendingEgress pending = std::move(*pending_egress_);
+    pending_egress_.reset();
+    net::IsolatedNetwork network = CELLA_TRY(pending.network.Finish());
     tap_ = std::move(network.tap);
     netns_ = std::move(network.netns);  // `nsenter --net=/proc/<pid>/fd/N` for diagnosis
-    vm.NetworkFD = tap_.Get();
+    dns_ = CELLA_TRY(net::DnsServer::Start(std::move(network.dns_socket), std::move(pending.dns)));
+    proxy_ = CELLA_TRY(
+        net::TransparentProxy::Start(std::move(network.proxy_listener), std::move(pending.proxy)));
     return {};
+  }
+
+  // What a boot needs of the host before its guest runs, after QEMU has
+  // what it opens at launch: the network finished, the config disk filled.
+  Status FinishHostWork(const std::string& config_json, const std::string& config_disk) {
+    CELLA_TRY_CTX(FinishEgress(), "egress");
+    log::Debug("supervisor: network ready", {{"id", args_.id}});
+    CELLA_TRY(vmm::FillConfigDisk(config_json, config_disk));
+    log::Debug("supervisor: config disk written", {{"id", args_.id}});
+    return {};
+  }
+
+  // Waits for the host work a warm clone's start left running beside QEMU
+  // (once; later calls return the same verdict). Thread-safe.
+  Status JoinDeferred() {
+    std::lock_guard lock(deferred_mu_);
+    if (deferred_.valid()) deferred_result_ = deferred_.get();
+    return deferred_result_;
   }
 
   // `restart.json` in the sandbox directory: {"count":N,"delay_ms":D}, the
@@ -1061,6 +1124,7 @@ class Supervisor {
   }
 
   void BeforeClose() {
+    (void)JoinDeferred();  // a boot that failed before the go line
     if (proxy_) proxy_->Stop();
     events_->Close();  // a reader waiting for events learns at once
     if (dns_) dns_->Stop();
@@ -1140,6 +1204,17 @@ class Supervisor {
   std::shared_ptr<EventRing> events_ = std::make_shared<EventRing>();
   static constexpr int kMaxEventWaiters = static_cast<int>(ControlServer::kMaxConnections / 2);
   std::atomic<int> event_waiters_{0};
+  // The sealed network between StartEgress and FinishEgress.
+  struct PendingEgress {
+    net::PendingIsolatedNetwork network;
+    net::DnsServerOptions dns;
+    net::ProxyOptions proxy;
+  };
+  std::optional<PendingEgress> pending_egress_;
+  // A warm clone's FinishHostWork, running while QEMU starts (JoinDeferred).
+  std::mutex deferred_mu_;
+  std::future<Status> deferred_;
+  Status deferred_result_;
   UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
   UniqueFd netns_;
   std::vector<std::unique_ptr<ShareDaemon>> shares_;  // main thread only

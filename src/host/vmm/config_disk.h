@@ -28,4 +28,14 @@ Result<std::string> WriteConfigDisk(const std::string& json, const std::string& 
 // overwritten).
 Status WriteGuestConfigDisk(protocol::Config guest, VMConfig& vm);
 
+// WriteGuestConfigDisk in two steps, for a warm clone whose config disk is
+// written while QEMU starts. The first validates and records the config in
+// vm.GuestConfigJson and vm.ConfigDiskPath, and creates the disk file
+// (a new file, replacing one at that path) at its final size but empty:
+// QEMU may open it (its size is what the guest's device reports). The
+// second fills that same file in place (mkfs.ext4 writes into it: a QEMU
+// that opened it reads the filesystem), before anything reads it.
+Status ReserveGuestConfigDisk(protocol::Config guest, VMConfig& vm);
+Status FillConfigDisk(const std::string& json, const std::string& path);
+
 }  // namespace cella::vmm

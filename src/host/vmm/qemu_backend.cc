@@ -353,7 +353,13 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
     return CaptureTemplate(std::move(agent_fd), deadline);
   if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
   if (!config_.IncomingMigration.empty()) log::Debug("VM state restored", {{"id", config_.ID}});
-  if (config_.Template == TemplateRole::kClone) CELLA_TRY(SendWarmGo(agent_fd.Get(), deadline));
+  if (config_.Template == TemplateRole::kClone) {
+    if (options_.before_go) {
+      CELLA_TRY(options_.before_go());
+      log::Debug("host work beside QEMU's start joined", {{"id", config_.ID}});
+    }
+    CELLA_TRY(SendWarmGo(agent_fd.Get(), deadline));
+  }
   return ConnectAgent(std::move(agent_fd), deadline);
 }
 

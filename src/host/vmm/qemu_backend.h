@@ -42,6 +42,15 @@ struct QemuBackendOptions {
   // has one: the supervisor checks the snapshot's checksum here, while
   // QEMU reads it, and a corrupt file is said as such.
   std::function<Status()> before_cont;
+  // When set, a template clone calls it once it is restored and running,
+  // before its go line. The guest does nothing before that line (it does
+  // not read a disk, and has no network address), so host work that only
+  // the go line's guest needs can run beside QEMU's start-up and is joined
+  // here: the supervisor writes the config disk and finishes the sealed
+  // network (its ruleset, DNS server and proxy) while QEMU starts. An error
+  // fails the boot with that error (not tagged: the template is not to
+  // blame).
+  std::function<Status()> before_go;
 };
 
 // errno_value of a boot error that came from restoring saved state (QEMU

@@ -40,14 +40,21 @@ if [[ -n "$base_build" ]]; then
   "$base_build/cella" run --cold -- true >/dev/null 2>&1 || { echo "$base_build/cella run failed" >&2; exit 1; }
 fi
 : > "$work/bare.ms"; : > "$work/cella.ms"; : > "$work/base.ms"
-for _ in $(seq "$runs"); do
+run_cella() {  # BUILD_DIR OUT_FILE
+  local t0 t1
+  t0=$(now_ms); timeout 120 "$1/cella" run --cold -- true 2>/dev/null; t1=$(now_ms)
+  echo $((t1 - t0)) >> "$2"
+}
+for i in $(seq "$runs"); do
   t0=$(now_ms); timeout 120 bash -c "$(declare -f bare); work=$work vmlinuz=$vmlinuz khz=$khz bare"; t1=$(now_ms)
   echo $((t1 - t0)) >> "$work/bare.ms"
-  t0=$(now_ms); timeout 120 "$cella" run --cold -- true 2>/dev/null; t1=$(now_ms)
-  echo $((t1 - t0)) >> "$work/cella.ms"
-  if [[ -n "$base_build" ]]; then
-    t0=$(now_ms); timeout 120 "$base_build/cella" run --cold -- true 2>/dev/null; t1=$(now_ms)
-    echo $((t1 - t0)) >> "$work/base.ms"
+  # The two builds swap places every round: a load that drifts during the
+  # run then favours neither.
+  if [[ -n "$base_build" && $((i % 2)) -eq 0 ]]; then
+    run_cella "$base_build" "$work/base.ms"; run_cella "$build" "$work/cella.ms"
+  else
+    run_cella "$build" "$work/cella.ms"
+    [[ -n "$base_build" ]] && run_cella "$base_build" "$work/base.ms"
   fi
 done
 bare_ms=$(median < "$work/bare.ms")
@@ -59,5 +66,8 @@ if [[ -n "$base_build" ]]; then
   base_ms=$(median < "$work/base.ms")
   echo "boot: $base_build run --cold -- true   median ${base_ms} ms  (runs: $(tr '\n' ' ' < "$work/base.ms"))"
   awk -v c="$base_ms" -v b="$bare_ms" 'BEGIN {printf "boot: ratio base/bare = %.2fx, overhead %d ms\n", c/b, c-b}'
-  awk -v c="$cella_ms" -v b="$base_ms" 'BEGIN {printf "boot: ratio cella/base = %.2fx\n", c/b}'
+  awk -v c="$cella_ms" -v b="$base_ms" 'BEGIN {printf "boot: ratio cella/base = %.2fx (of medians)\n", c/b}'
+  # Each round's own ratio: robust to a load that changes between rounds.
+  round=$(paste "$work/cella.ms" "$work/base.ms" | awk '{printf "%.3f\n", $1/$2}' | median)
+  echo "boot: ratio cella/base = ${round}x (median of per-round ratios: $(paste "$work/cella.ms" "$work/base.ms" | awk '{printf "%.2f ", $1/$2}'))"
 fi

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "base/io.h"
+#include "guest/init/format.h"
 #include "host/kernel/initramfs.h"
 #include "host/kernel/kernel.h"
 #include "host/kernel/modules.h"
@@ -100,6 +101,11 @@ TEST(Modules, GroupsSplitTheOrder) {
             (std::vector<std::string>{"failover", "net_failover", "virtio_net"}));
   EXPECT_EQ((*groups)[2].name, kModuleGroupShares);
   EXPECT_EQ(names((*groups)[2].paths), (std::vector<std::string>{"fuse"}));
+  // The names are a contract with the guest init, which defers these.
+  EXPECT_EQ(kModuleGroupNetwork, init::kModuleGroupNetwork);
+  EXPECT_EQ(kModuleGroupShares, init::kModuleGroupShares);
+  EXPECT_TRUE(init::ModuleGroupDeferrable(kModuleGroupNetwork));
+  EXPECT_TRUE(init::ModuleGroupDeferrable(kModuleGroupShares));
   // Without a boot module the boot group is still first, and empty.
   std::vector<WantedModule> only_net = {{"virtio_net", Need::kRequired, "network"}};
   auto net = ResolveLoadGroups(*index, only_net);

@@ -54,7 +54,7 @@ for i in $(seq "$runs"); do
     run_cella "$base_build" "$work/base.ms"; run_cella "$build" "$work/cella.ms"
   else
     run_cella "$build" "$work/cella.ms"
-    [[ -n "$base_build" ]] && run_cella "$base_build" "$work/base.ms"
+    if [[ -n "$base_build" ]]; then run_cella "$base_build" "$work/base.ms"; fi
   fi
 done
 bare_ms=$(median < "$work/bare.ms")

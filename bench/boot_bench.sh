@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Boot benchmark: `cella run -- true` (boot, init, agent, attach, exit,
-# teardown) beside a bare QEMU boot of the same kernel on the same machine
-# type whose /init powers off at once, measured in the same run.
-# Prints medians and the ratio. Usage: bench/boot_bench.sh [BUILD_DIR] [RUNS]
+# Boot benchmark: a cold `cella run --cold -- true` (boot, init, agent,
+# attach, exit, teardown; never a warm start from a template) beside a bare
+# QEMU boot of the same kernel on the same machine type whose /init powers
+# off at once, measured in the same run, alternating. Prints medians and the
+# ratio. With BASE_BUILD_DIR, that build's `cella run --cold -- true` runs in
+# the same rotation too (A/B of two builds on a noisy machine: read ratios).
+# Usage: bench/boot_bench.sh [BUILD_DIR] [RUNS] [BASE_BUILD_DIR]
 set -euo pipefail
 build=${1:-build}
 runs=${2:-5}
+base_build=${3:-}
 cella="$build/cella"
 home=$("$cella" diagnose --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["home"])')
 manifest="$home/kernel/manifest"
@@ -30,16 +34,40 @@ bare() {
     -append "console=ttyS0 panic=-1 quiet tsc_early_khz=$khz no_timer_check pci=off rdinit=/init"
 }
 
-"$cella" run -- true >/dev/null 2>&1 || { echo "cella run failed; see: $cella run -- true" >&2; exit 1; }
-: > "$work/bare.ms"; : > "$work/cella.ms"
-for _ in $(seq "$runs"); do
+# One untimed run each: builds (or finds) each build's initramfs.
+"$cella" run --cold -- true >/dev/null 2>&1 || { echo "cella run failed; see: $cella run --cold -- true" >&2; exit 1; }
+if [[ -n "$base_build" ]]; then
+  "$base_build/cella" run --cold -- true >/dev/null 2>&1 || { echo "$base_build/cella run failed" >&2; exit 1; }
+fi
+: > "$work/bare.ms"; : > "$work/cella.ms"; : > "$work/base.ms"
+run_cella() {  # BUILD_DIR OUT_FILE
+  local t0 t1
+  t0=$(now_ms); timeout 120 "$1/cella" run --cold -- true 2>/dev/null; t1=$(now_ms)
+  echo $((t1 - t0)) >> "$2"
+}
+for i in $(seq "$runs"); do
   t0=$(now_ms); timeout 120 bash -c "$(declare -f bare); work=$work vmlinuz=$vmlinuz khz=$khz bare"; t1=$(now_ms)
   echo $((t1 - t0)) >> "$work/bare.ms"
-  t0=$(now_ms); timeout 120 "$cella" run -- true 2>/dev/null; t1=$(now_ms)
-  echo $((t1 - t0)) >> "$work/cella.ms"
+  # The two builds swap places every round: a load that drifts during the
+  # run then favours neither.
+  if [[ -n "$base_build" && $((i % 2)) -eq 0 ]]; then
+    run_cella "$base_build" "$work/base.ms"; run_cella "$build" "$work/cella.ms"
+  else
+    run_cella "$build" "$work/cella.ms"
+    if [[ -n "$base_build" ]]; then run_cella "$base_build" "$work/base.ms"; fi
+  fi
 done
 bare_ms=$(median < "$work/bare.ms")
 cella_ms=$(median < "$work/cella.ms")
 echo "boot: bare QEMU+kernel to poweroff   median ${bare_ms} ms  (runs: $(tr '\n' ' ' < "$work/bare.ms"))"
-echo "boot: cella run -- true (end to end)  median ${cella_ms} ms  (runs: $(tr '\n' ' ' < "$work/cella.ms"))"
+echo "boot: cella run --cold -- true        median ${cella_ms} ms  (runs: $(tr '\n' ' ' < "$work/cella.ms"))"
 awk -v c="$cella_ms" -v b="$bare_ms" 'BEGIN {printf "boot: ratio cella/bare = %.2fx, overhead %d ms\n", c/b, c-b}'
+if [[ -n "$base_build" ]]; then
+  base_ms=$(median < "$work/base.ms")
+  echo "boot: $base_build run --cold -- true   median ${base_ms} ms  (runs: $(tr '\n' ' ' < "$work/base.ms"))"
+  awk -v c="$base_ms" -v b="$bare_ms" 'BEGIN {printf "boot: ratio base/bare = %.2fx, overhead %d ms\n", c/b, c-b}'
+  awk -v c="$cella_ms" -v b="$base_ms" 'BEGIN {printf "boot: ratio cella/base = %.2fx (of medians)\n", c/b}'
+  # Each round's own ratio: robust to a load that changes between rounds.
+  round=$(paste "$work/cella.ms" "$work/base.ms" | awk '{printf "%.3f\n", $1/$2}' | median)
+  echo "boot: ratio cella/base = ${round}x (median of per-round ratios: $(paste "$work/cella.ms" "$work/base.ms" | awk '{printf "%.2f ", $1/$2}'))"
+fi

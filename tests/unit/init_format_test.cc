@@ -126,12 +126,52 @@ TEST(InitModules, ParsesOrderFile) {
   auto modules = ParseModuleOrder(
       "/lib/modules/virtio.ko\n\n# comment\n  /lib/modules/virtio_blk.ko  \r\n/lib/modules/x.ko");
   ASSERT_TRUE(modules) << modules.error().message;
-  EXPECT_EQ(*modules,
-            (std::vector<std::string>{"/lib/modules/virtio.ko", "/lib/modules/virtio_blk.ko",
-                                      "/lib/modules/x.ko"}));
+  EXPECT_EQ(
+      *modules,
+      (std::vector<ModuleGroup>{
+          {"", {"/lib/modules/virtio.ko", "/lib/modules/virtio_blk.ko", "/lib/modules/x.ko"}}}));
   auto bad = ParseModuleOrder("/lib/a.ko\nkernel/b.ko\n");
   ASSERT_FALSE(bad);
   EXPECT_NE(bad.error().message.find("line 2"), std::string::npos) << bad.error().message;
+}
+
+TEST(InitModules, ParsesGroups) {
+  auto modules = ParseModuleOrder("@network\n/lib/net.ko\n@shares\n/lib/fuse.ko\n/lib/vfs.ko\n");
+  ASSERT_TRUE(modules) << modules.error().message;
+  // The boot group is always first, here empty.
+  EXPECT_EQ(*modules, (std::vector<ModuleGroup>{{"", {}},
+                                                {"network", {"/lib/net.ko"}},
+                                                {"shares", {"/lib/fuse.ko", "/lib/vfs.ko"}}}));
+  for (std::string_view text : {"@\n", "@Net\n", "@a b\n", "/a.ko\n@x\n@x\n"}) {
+    auto bad = ParseModuleOrder(text);
+    EXPECT_FALSE(bad) << text;
+  }
+}
+
+TEST(InitModules, OptionalGroupsFollowTheConfig) {
+  protocol::Config config;
+  config.network_enabled = true;
+  EXPECT_TRUE(ModuleGroupDeferrable("network"));
+  EXPECT_TRUE(ModuleGroupDeferrable("shares"));
+  // A group this init does not know is loaded at boot.
+  EXPECT_FALSE(ModuleGroupDeferrable("gpu"));
+  EXPECT_FALSE(ModuleGroupDeferrable(""));
+  EXPECT_TRUE(ModuleGroupNeeded("network", config));
+  EXPECT_FALSE(ModuleGroupNeeded("shares", config));
+  config.no_network = true;
+  EXPECT_FALSE(ModuleGroupNeeded("network", config));
+  config.no_network = false;
+  config.network_enabled = false;
+  EXPECT_FALSE(ModuleGroupNeeded("network", config));
+  protocol::HostShare share;
+  share.tag = "s0";
+  share.path = "/data";
+  config.host_shares.push_back(share);
+  EXPECT_TRUE(ModuleGroupNeeded("shares", config));
+  config.host_shares.clear();
+  config.privileged = true;
+  EXPECT_TRUE(ModuleGroupNeeded("shares", config));
+  EXPECT_TRUE(ModuleGroupNeeded("gpu", config));
 }
 
 TEST(InitCmdline, DebugFlag) {

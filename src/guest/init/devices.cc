@@ -57,13 +57,17 @@ Result<std::vector<VirtioDisk>> ListVirtioDisks() {
 
 }  // namespace
 
-Result<int> LoadModules(const std::string& order_path) {
+Result<std::vector<ModuleGroup>> ReadModuleOrder(const std::string& order_path) {
   auto text = ReadFileToString(order_path, 1 << 20);
   if (!text) return std::unexpected(std::move(text.error()));
-  auto modules = ParseModuleOrder(*text);
-  if (!modules) return std::unexpected(std::move(modules.error()).WithContext(order_path));
+  auto groups = ParseModuleOrder(*text);
+  if (!groups) return std::unexpected(std::move(groups.error()).WithContext(order_path));
+  return std::move(*groups);
+}
+
+int LoadModuleGroup(const ModuleGroup& group) {
   int loaded = 0;
-  for (const std::string& path : *modules) {
+  for (const std::string& path : group.paths) {
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd) {
       SayError("module " + path + ": open: " + std::strerror(errno) + " (continuing)");

@@ -5,8 +5,10 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 #include "base/result.h"
+#include "guest/init/format.h"
 
 namespace cella::init {
 
@@ -18,11 +20,14 @@ inline constexpr const char* kConfigDiskFallback = "/dev/vdc";
 
 using Deadline = std::chrono::steady_clock::time_point;
 
-// Loads every module listed in order_path with finit_module. EEXIST counts as
+// The module groups listed in order_path (format.h: ParseModuleOrder). A
+// missing, unreadable or malformed order file is an error.
+Result<std::vector<ModuleGroup>> ReadModuleOrder(const std::string& order_path);
+
+// Loads the group's modules in order with finit_module. EEXIST counts as
 // loaded; any other failure prints one line and continues (a later mount or
-// device wait then fails with the precise error). A missing or unreadable
-// order file is an error. Returns how many modules loaded.
-Result<int> LoadModules(const std::string& order_path);
+// device wait then fails with the precise error). Returns how many loaded.
+int LoadModuleGroup(const ModuleGroup& group);
 
 // Creates /dev/disk/by-id/virtio-<serial> -> ../../vdX for every virtio disk
 // that has a serial. Idempotent.

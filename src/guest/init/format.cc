@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace cella::init {
@@ -91,8 +92,8 @@ std::string_view Trim(std::string_view s) {
 }
 }  // namespace
 
-Result<std::vector<std::string>> ParseModuleOrder(std::string_view text) {
-  std::vector<std::string> out;
+Result<std::vector<ModuleGroup>> ParseModuleOrder(std::string_view text) {
+  std::vector<ModuleGroup> out = {ModuleGroup{}};
   size_t line_number = 0;
   while (!text.empty()) {
     ++line_number;
@@ -100,12 +101,38 @@ Result<std::vector<std::string>> ParseModuleOrder(std::string_view text) {
     std::string_view line = Trim(text.substr(0, end));
     text = end == std::string_view::npos ? std::string_view{} : text.substr(end + 1);
     if (line.empty() || line.front() == '#') continue;
+    if (line.front() == '@') {
+      std::string_view name = line.substr(1);
+      bool valid = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+        return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+      });
+      if (!valid)
+        return Fail("line " + std::to_string(line_number) + ": bad module group \"" +
+                    std::string(line) + "\"");
+      for (const ModuleGroup& group : out) {
+        if (group.name == name)
+          return Fail("line " + std::to_string(line_number) + ": module group \"" +
+                      std::string(name) + "\" repeated");
+      }
+      out.push_back(ModuleGroup{std::string(name), {}});
+      continue;
+    }
     if (line.front() != '/')
       return Fail("line " + std::to_string(line_number) + ": module path \"" + std::string(line) +
                   "\" is not absolute");
-    out.emplace_back(line);
+    out.back().paths.emplace_back(line);
   }
   return out;
+}
+
+bool ModuleGroupDeferrable(std::string_view group) {
+  return group == kModuleGroupNetwork || group == kModuleGroupShares;
+}
+
+bool ModuleGroupNeeded(std::string_view group, const protocol::Config& config) {
+  if (group == kModuleGroupNetwork) return config.network_enabled && !config.no_network;
+  if (group == kModuleGroupShares) return !config.host_shares.empty() || config.privileged;
+  return true;
 }
 
 bool KernelCmdlineWantsDebug(std::string_view cmdline) {

@@ -51,10 +51,31 @@ std::string EnvLookup(const std::vector<std::string>& env, std::string_view name
 // argv = entrypoint ++ cmd (the OCI/docker rule).
 std::vector<std::string> WorkloadArgv(const protocol::Config& config);
 
-// Module paths from cella.order: one absolute path per line; blank lines and
-// '#' comments are skipped, surrounding whitespace trimmed. A relative path
-// is an error naming its line.
-Result<std::vector<std::string>> ParseModuleOrder(std::string_view text);
+// Module groups of cella.order: one absolute path per line; blank lines and
+// '#' comments are skipped, surrounding whitespace trimmed. A line "@name"
+// ([a-z0-9_]+) starts a group; paths before any such line form the boot group
+// (name ""), which is always first in the result (maybe empty). A relative
+// path, a bad or repeated group name is an error naming its line.
+struct ModuleGroup {
+  std::string name;
+  std::vector<std::string> paths;
+
+  bool operator==(const ModuleGroup&) const = default;
+};
+Result<std::vector<ModuleGroup>> ParseModuleOrder(std::string_view text);
+
+// Groups the host may put in cella.order (src/host/kernel/modules.h) that a
+// cold boot loads only once the config shows it needs them.
+inline constexpr std::string_view kModuleGroupNetwork = "network";
+inline constexpr std::string_view kModuleGroupShares = "shares";
+
+// Whether a group may wait for the config (a known optional group). Any other
+// group, and every group of a template boot, is loaded at boot.
+bool ModuleGroupDeferrable(std::string_view group);
+// Whether this sandbox needs a deferrable group: "network" when the network
+// is on, "shares" when there are host shares or the sandbox is privileged
+// (its workload may mount FUSE itself, as it could after a warm start).
+bool ModuleGroupNeeded(std::string_view group, const protocol::Config& config);
 
 // True when the kernel command line has cella.debug=1.
 bool KernelCmdlineWantsDebug(std::string_view cmdline);

@@ -10,6 +10,7 @@
 #include <exception>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "base/io.h"
 #include "guest/init/cgroup.h"
@@ -42,11 +43,19 @@ Status Boot() {
   // Ctrl-Alt-Del becomes SIGINT to PID 1 (forwarded) instead of a hard reboot.
   if (::reboot(RB_DISABLE_CAD) != 0) return FailErrno("reboot(RB_DISABLE_CAD)");
 
-  int loaded = CELLA_TRY_CTX(LoadModules(kModuleOrderPath), "modules");
-  Debug("loaded " + std::to_string(loaded) + " modules");
-  // A template boot stops here (nothing of the sandbox read yet); its clones
-  // continue from here with their own disks, clock and RNG.
+  // A template boot stops at the template point below (nothing of the
+  // sandbox read yet); its clones continue from there with their own disks,
+  // clock and RNG, so it loads every module any clone may need. A cold boot
+  // leaves the optional groups (network, shares) until the config says
+  // whether it needs them: each module costs tens of ms under TCG.
   const bool warm = protocol::CmdlineWantsTemplate(*cmdline);
+  std::vector<ModuleGroup> module_groups =
+      CELLA_TRY_CTX(ReadModuleOrder(kModuleOrderPath), "modules");
+  int loaded = 0;
+  for (const ModuleGroup& group : module_groups) {
+    if (warm || !ModuleGroupDeferrable(group.name)) loaded += LoadModuleGroup(group);
+  }
+  Debug("loaded " + std::to_string(loaded) + " modules");
   std::optional<std::string> go_config;
   if (warm) go_config = CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline()), "template point");
   protocol::Config config;
@@ -63,6 +72,16 @@ Status Boot() {
     // Only its size: a long console line costs ~0.1 s under TCG.
     Debug("config from " + config_device + " (" +
           std::to_string(protocol::SerializeConfig(config).size()) + " bytes)");
+  }
+
+  if (!warm) {
+    // Before the switch of root: the modules live in the initramfs.
+    int later = 0;
+    for (const ModuleGroup& group : module_groups) {
+      if (ModuleGroupDeferrable(group.name) && ModuleGroupNeeded(group.name, config))
+        later += LoadModuleGroup(group);
+    }
+    Debug("loaded " + std::to_string(later) + " modules this sandbox needs");
   }
 
   CELLA_TRY_CTX(AssembleRoot(config, DeviceDeadline()), "root filesystem");

@@ -23,7 +23,7 @@ namespace {
 
 // Bump when the layout changes, so cached archives of the old layout are
 // not reused.
-constexpr std::string_view kLayoutVersion = "cella-initramfs-v1";
+constexpr std::string_view kLayoutVersion = "cella-initramfs-v2";
 
 enum class EntryKind { kDir, kFile, kCharDevice };
 
@@ -87,14 +87,19 @@ Result<Plan> MakePlan(const InitramfsSpec& spec) {
       return Fail("initramfs: bad kernel release \"" + release + "\"");
     }
     ModuleIndex index = CELLA_TRY(LoadModuleIndex(dir));
-    std::vector<std::string> relative = CELLA_TRY(ResolveLoadOrder(index, spec.modules));
+    std::vector<ModuleGroup> groups = CELLA_TRY(ResolveLoadGroups(index, spec.modules));
     const std::string guest_prefix = "lib/modules/" + release + "/";
     const std::string host_prefix = dir + "/";
-    for (const std::string& rel : relative) {
-      std::string guest = guest_prefix + rel;
-      CELLA_TRY_CTX(AddHostFile(plan.tree, guest, host_prefix + rel, 0644), "initramfs module");
-      plan.load_order.push_back("/" + guest);
-      order_text += "/" + guest + "\n";
+    for (const ModuleGroup& group : groups) {
+      if (group.paths.empty()) continue;
+      // The boot group comes first, without a header.
+      if (!group.name.empty()) order_text += "@" + group.name + "\n";
+      for (const std::string& rel : group.paths) {
+        std::string guest = guest_prefix + rel;
+        CELLA_TRY_CTX(AddHostFile(plan.tree, guest, host_prefix + rel, 0644), "initramfs module");
+        plan.load_order.push_back("/" + guest);
+        order_text += "/" + guest + "\n";
+      }
     }
   }
   AddContent(plan.tree, "lib/modules/cella.order", std::move(order_text), 0644);

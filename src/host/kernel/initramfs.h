@@ -5,7 +5,9 @@
 //   /cella-agent                the static agent (copied into systemd-mode roots)
 //   /dev/console                char 5:1, so PID 1 has a console before devtmpfs
 //   /lib/modules/<release>/...  the modules the guest needs, as in the kernel tree
-//   /lib/modules/cella.order    their absolute paths, one per line, in load order
+//   /lib/modules/cella.order    their absolute paths, one per line, in load order;
+//                               the boot group first, then "@<group>" lines
+//                               each starting a group (modules.h)
 //
 // Reproducible: entries sorted, mtime 0, uid/gid 0, fixed modes, so the same
 // inputs give the same bytes. Cached at <home>/cache/initramfs/<sha256>.cpio[.gz]
@@ -43,7 +45,7 @@ struct InitramfsSpec {
 
 struct InitramfsFile {
   std::string path;                     // the cached archive
-  std::vector<std::string> load_order;  // absolute guest paths, as in cella.order
+  std::vector<std::string> load_order;  // absolute guest paths, as in cella.order (all groups)
   bool built = false;                   // false: it was already cached
 };
 

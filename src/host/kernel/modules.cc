@@ -1,5 +1,6 @@
 #include "host/kernel/modules.h"
 
+#include <algorithm>
 #include <functional>
 
 #include "base/io.h"
@@ -100,20 +101,21 @@ Result<ModuleIndex> LoadModuleIndex(const std::string& modules_dir) {
 }
 
 std::vector<WantedModule> DefaultGuestModules() {
+  const std::string network(kModuleGroupNetwork);
+  const std::string shares(kModuleGroupShares);
   return {
       {"virtio_ring", Need::kRequired},
       {"virtio", Need::kRequired},
       {"virtio_mmio", Need::kRequired},
-      {"virtio_pci", Need::kIfModular},
       {"virtio_blk", Need::kRequired},
       {"virtio_console", Need::kRequired},
-      {"virtio_net", Need::kRequired},
-      {"vmw_vsock_virtio_transport", Need::kIfModular},
       {"erofs", Need::kRequired},
       {"overlay", Need::kRequired},
       {"ext4", Need::kRequired},
-      // Host directory shares (-v /host:/guest); pulls in fuse.
-      {"virtiofs", Need::kIfModular},
+      {"virtio_net", Need::kRequired, network},
+      // Host directory shares: over FUSE on the agent link, or virtiofs.
+      {"fuse", Need::kIfModular, shares},
+      {"virtiofs", Need::kIfModular, shares},
   };
 }
 
@@ -153,6 +155,31 @@ Result<std::vector<std::string>> ResolveLoadOrder(const ModuleIndex& index,
     CELLA_TRY(visit(it->second));
   }
   return order;
+}
+
+Result<std::vector<ModuleGroup>> ResolveLoadGroups(const ModuleIndex& index,
+                                                   std::span<const WantedModule> wanted) {
+  // Group names in order, the boot group first.
+  std::vector<std::string> names = {std::string(kModuleGroupBoot)};
+  for (const WantedModule& want : wanted) {
+    if (std::find(names.begin(), names.end(), want.group) == names.end())
+      names.push_back(want.group);
+  }
+  // The depth-first order of a prefix of `wanted` is a prefix of the order of
+  // all of it, so each group is what its wanted modules add to the groups
+  // before it.
+  std::vector<WantedModule> sorted;
+  std::vector<ModuleGroup> groups;
+  size_t resolved = 0;
+  for (const std::string& name : names) {
+    for (const WantedModule& want : wanted) {
+      if (want.group == name) sorted.push_back(want);
+    }
+    std::vector<std::string> order = CELLA_TRY(ResolveLoadOrder(index, sorted));
+    groups.push_back({name, {order.begin() + static_cast<std::ptrdiff_t>(resolved), order.end()}});
+    resolved = order.size();
+  }
+  return groups;
 }
 
 }  // namespace cella::kernel

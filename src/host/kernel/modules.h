@@ -40,13 +40,28 @@ enum class Need {
   kIfModular,  // included when it is a module; silently skipped otherwise
 };
 
+// Module groups the guest init may leave unloaded on a cold boot that does
+// not need them (the names are its contract with the init: see
+// src/guest/init/README.md). A template boot loads every group, since a clone
+// may need any; the boot group ("") is always loaded before the config is read.
+inline constexpr std::string_view kModuleGroupBoot = "";
+// The NIC driver: loaded once the config says the network is on.
+inline constexpr std::string_view kModuleGroupNetwork = "network";
+// FUSE and virtiofs: loaded once the config lists host shares (or the sandbox
+// is privileged, so its workload may mount FUSE itself, as on a warm start).
+inline constexpr std::string_view kModuleGroupShares = "shares";
+
 struct WantedModule {
   std::string name;
   Need need = Need::kRequired;
+  std::string group = std::string(kModuleGroupBoot);
 };
 
 // What the guest needs on microvm: virtio over mmio, block, console (agent
-// port), net, vsock, erofs/overlay (image layers) and ext4 (upper/config).
+// port), erofs/overlay (image layers) and ext4 (upper/config) at boot; net
+// and fuse/virtiofs in their groups. No virtio_pci (microvm has no PCI and
+// boots with pci=off) and no vsock (the agent uses virtio-serial; QEMU gets
+// no vhost-vsock device): each cost a load under TCG for nothing.
 std::vector<WantedModule> DefaultGuestModules();
 
 // Relative paths of the wanted modules and all their dependencies, each
@@ -54,5 +69,16 @@ std::vector<WantedModule> DefaultGuestModules();
 // Compressed modules are refused: the init loads plain .ko with finit_module.
 Result<std::vector<std::string>> ResolveLoadOrder(const ModuleIndex& index,
                                                   std::span<const WantedModule> wanted);
+
+// The load order split by group: the boot group first (always present, maybe
+// empty), then every other group in order of first mention. A module lands in
+// the first group that needs it (a dependency shared with the boot group is
+// loaded at boot), so each group loads after the ones before it.
+struct ModuleGroup {
+  std::string name;
+  std::vector<std::string> paths;  // relative to modules_dir, in load order
+};
+Result<std::vector<ModuleGroup>> ResolveLoadGroups(const ModuleIndex& index,
+                                                   std::span<const WantedModule> wanted);
 
 }  // namespace cella::kernel

@@ -530,6 +530,11 @@ Result<std::vector<uint8_t>> FreshRngSeed() {
 Status FsyncFile(const std::string& path) { return FsyncPath(path, O_RDONLY); }
 
 Status RemoveSnapshot(const std::string& dir) {
+  // The commit point goes first: a removal cut short leaves files that
+  // are never trusted, not a manifest whose files are gone.
+  const std::string manifest = dir + "/" + kManifestName;
+  if (::unlink(manifest.c_str()) != 0 && errno != ENOENT && errno != ENOTDIR)
+    return FailErrno("remove " + manifest);
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
   if (ec) return Fail("remove snapshot " + dir + ": " + ec.message());

@@ -822,9 +822,13 @@ class Supervisor {
       guest.ca_certificates = ca->CaCertificatePem();
       proxy_options.tls = net::MakeTlsProvider(ca, egress.upstream_ca);
     }
-    // The TAP keeps its number from here on (moved into tap_ by
-    // FinishEgress, never closed before the sandbox ends).
-    vm.NetworkFD = pending.network.tap();
+    // QEMU's NIC is a copy held until the sandbox ends: the pending
+    // network's own TAP descriptor is closed when its Finish fails, on a
+    // warm clone's background thread and possibly before QEMU launches, and
+    // by then its number could name another file.
+    tap_ = UniqueFd(::fcntl(pending.network.tap(), F_DUPFD_CLOEXEC, 0));
+    if (!tap_) return FailErrno("duplicate the sandbox's TAP");
+    vm.NetworkFD = tap_.Get();
     pending.dns = std::move(dns_options);
     pending.proxy = std::move(proxy_options);
     pending_egress_ = std::move(pending);
@@ -838,7 +842,7 @@ class Supervisor {
     PendingEgress pending = std::move(*pending_egress_);
     pending_egress_.reset();
     net::IsolatedNetwork network = CELLA_TRY(pending.network.Finish());
-    tap_ = std::move(network.tap);
+    // network.tap closes at the end of this scope: QEMU's is tap_ (above).
     netns_ = std::move(network.netns);  // `nsenter --net=/proc/<pid>/fd/N` for diagnosis
     dns_ = CELLA_TRY(net::DnsServer::Start(std::move(network.dns_socket), std::move(pending.dns)));
     proxy_ = CELLA_TRY(
@@ -1215,7 +1219,7 @@ class Supervisor {
   std::mutex deferred_mu_;
   std::future<Status> deferred_;
   Status deferred_result_;
-  UniqueFd tap_;  // QEMU's NIC; QEMU got its own copy at launch
+  UniqueFd tap_;  // QEMU's NIC (set by StartEgress); QEMU got its own copy at launch
   UniqueFd netns_;
   std::vector<std::unique_ptr<ShareDaemon>> shares_;  // main thread only
   // FUSE shares: (config index, server), and the threads serving them on

@@ -180,7 +180,10 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
     if (c.IncomingMigration.empty() || c.SnapshotMemoryPath[0] != '/')
       return Fail("VMConfig.SnapshotMemoryPath: needs an absolute path and IncomingMigration");
     // Private: the guest's writes never reach the snapshot, which other
-    // copies may map too.
+    // copies may map too. (QEMU opens it read-write all the same: 7.2 has
+    // no read-only file with writable private RAM. So no device that
+    // discards guest RAM, e.g. a balloon, may come with it: QEMU would
+    // punch holes in the shared file.)
     add({"-object",
          "memory-backend-file,id=mem,share=off,mem-path=" + QemuEscape(c.SnapshotMemoryPath) +
              ",size=" + std::to_string(c.MemoryMB) + "M",

@@ -9,10 +9,13 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include "host/vmm/migration_stream.h"
 
 namespace cella::testing {
 
@@ -198,6 +201,52 @@ inline std::optional<LoadedMachine> LoadModel(std::string_view b,
   m.device_state = std::string(b.substr(p));
   return m;
 }
+
+// A vmm::RamBlockSink (a snapshot's memory file) keeping the extracted
+// block's pages for LoadModel, and counting every call that breaks the
+// sink's contract (a page before the size, outside it, or not one page).
+struct PageMapSink : vmm::RamBlockSink {
+  bool sized = false;
+  uint64_t size = 0;
+  uint64_t contract_breaches = 0;
+  std::map<uint64_t, std::string> pages;
+
+  Status SetSize(uint64_t bytes) override {
+    sized = true;
+    size = bytes;
+    return {};
+  }
+  Status WritePage(uint64_t offset, std::span<const uint8_t> page) override {
+    Check(offset, page.size());
+    Put(offset, std::string(reinterpret_cast<const char*>(page.data()), page.size()));
+    return {};
+  }
+  Status FillPage(uint64_t offset, uint8_t byte) override {
+    Check(offset, 4096);
+    Put(offset, std::string(4096, char(byte)));
+    return {};
+  }
+  // The loader's RAM before the load: `block` holds these pages.
+  LoadedMachine AsRam(const std::string& block = vmm::kGuestRamBlock) const {
+    LoadedMachine m;
+    if (!pages.empty()) m.ram[block] = pages;
+    return m;
+  }
+
+ private:
+  void Check(uint64_t offset, size_t length) {
+    if (!sized || offset % 4096 != 0 || length != 4096 || offset >= size || size - offset < length)
+      ++contract_breaches;
+  }
+  // A page that is all zero is what the model leaves absent.
+  void Put(uint64_t offset, std::string bytes) {
+    if (bytes == std::string(bytes.size(), '\0')) {
+      pages.erase(offset);
+    } else {
+      pages[offset] = std::move(bytes);
+    }
+  }
+};
 
 // What QEMU writes for a small guest: RAM "mem" (4 pages) and "pc.bios"
 // (1 page), a setup section, two iterations, the end, then device state.

@@ -8,7 +8,7 @@ PACKAGES=(
   clang clang-format clang-tidy clang-16 clang-tidy-16 libclang-rt-16-dev
   libgtest-dev googletest
   nlohmann-json3-dev libcli11-dev libarchive-dev libssl-dev libcurl4-openssl-dev
-  libsqlite3-dev libseccomp-dev nftables iproute2
+  libsqlite3-dev libseccomp-dev liblz4-dev nftables iproute2
   qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio kmod
   docker-registry skopeo umoci mmdebstrap apache2-utils python3 curl openssl file
   help2man zsh

@@ -8,6 +8,7 @@
 #include "base/io.h"
 #include "host/image/default_rootfs.h"
 #include "host/kernel/initramfs.h"
+#include "host/kernel/pvh.h"
 #include "host/vmm/config_disk.h"
 
 namespace cella::sandbox {
@@ -54,6 +55,7 @@ Result<GuestAssets> EnsureGuestAssets(
     const std::optional<kernel::KernelOverride>& kernel_override) {
   GuestAssets assets;
   assets.kernel = CELLA_TRY(kernel::FindKernel(home, kernel_override));
+  assets.boot_kernel_path = CELLA_TRY(kernel::EnsureBootKernel(home, assets.kernel.vmlinuz));
   kernel::InitramfsSpec spec;
   spec.init_binary = CELLA_TRY(ExistingFile(guest_binary_dir + "/cella-init", "guest init"));
   spec.agent_binary = CELLA_TRY(ExistingFile(guest_binary_dir + "/cella-agent", "guest agent"));
@@ -74,7 +76,7 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
   vmm::VMConfig vm;
   vm.ID = id;
   vm.StateDir = state_dir;
-  vm.KernelPath = assets.kernel.vmlinuz;
+  vm.KernelPath = assets.boot_kernel_path.empty() ? assets.kernel.vmlinuz : assets.boot_kernel_path;
   vm.InitramfsPath = assets.initramfs_path;
   vm.CPUs = shape.cpus;
   vm.MemoryMB = shape.memory_mib;

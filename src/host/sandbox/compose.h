@@ -19,6 +19,9 @@ namespace cella::sandbox {
 
 struct GuestAssets {
   kernel::KernelInfo kernel;
+  // What QEMU boots: the kernel's PVH ELF from the cache, or kernel.vmlinuz
+  // (kernel/pvh.h).
+  std::string boot_kernel_path;
   std::string initramfs_path;
   std::string default_rootfs_path;  // the built-in busybox erofs image
 };

@@ -11,6 +11,7 @@
 
 #include "base/io.h"
 #include "base/unique_fd.h"
+#include "host/kernel/pvh.h"
 
 namespace cella::vmm {
 namespace {
@@ -34,6 +35,17 @@ Result<bool> WriteRestoreKernel(const std::string& kernel_path, const std::strin
   std::string header(kHeaderBytes, '\0');
   CELLA_TRY_CTX(ReadExact(in.Get(), std::as_writable_bytes(std::span(header))),
                 "read kernel header of " + kernel_path);
+  // A PVH boot's ELF: the stub names the same entry and loads nothing.
+  if (std::memcmp(header.data(),
+                  "\x7f"
+                  "ELF",
+                  4) == 0) {
+    auto entry = CELLA_TRY(kernel::PvhEntryPointOfFile(kernel_path));
+    if (!entry) return false;
+    CELLA_TRY_CTX(WriteStringToFile(out_path, kernel::PvhRestoreStub(*entry), 0600),
+                  "write restore kernel");
+    return true;
+  }
   if (std::memcmp(header.data() + kSignatureOffset, "HdrS", 4) != 0) return false;
   // 0 means 4, as for every boot loader since the protocol began.
   size_t setup_sects = static_cast<unsigned char>(header[kSetupSectsOffset]);

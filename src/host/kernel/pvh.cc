@@ -37,7 +37,7 @@ constexpr size_t kLz4LegacyBlockBytes = size_t{8} << 20;
 
 // Bounds for what is read of a kernel file's headers.
 constexpr size_t kMaxProgramHeaders = 64;
-constexpr size_t kMaxNoteSegmentBytes = 64 * 1024;
+constexpr size_t kMaxNoteSegmentBytes = size_t{64} * 1024;
 constexpr size_t kMaxBzImageBytes = size_t{256} << 20;
 constexpr size_t kMaxKernelBytes = size_t{1} << 30;
 
@@ -70,7 +70,7 @@ Result<std::optional<uint32_t>> EntryFromNotes(std::span<const std::byte> notes)
     std::string_view name(reinterpret_cast<const char*>(notes.data() + at), note.n_namesz);
     std::span<const std::byte> desc = notes.subspan(at + name_bytes, note.n_descsz);
     at += name_bytes + desc_bytes;
-    if (note.n_type != kXenElfNotePhys32Entry || name != std::string_view("Xen", 4)) continue;
+    if (note.n_type != kXenElfNotePhys32Entry || name != std::string_view("Xen\0", 4)) continue;
     if (desc.size() != 4 && desc.size() != 8)
       return Fail("PVH entry note of " + std::to_string(desc.size()) + " bytes");
     // A 64-bit field (as Linux writes it) still holds a 32-bit address.
@@ -110,7 +110,7 @@ Result<std::optional<uint32_t>> PvhEntryPointWith(const ReadAt& read) {
 
 std::string Hex32(uint32_t v) {
   char text[16];
-  std::snprintf(text, sizeof(text), "%#x", v);
+  (void)std::snprintf(text, sizeof(text), "%#x", v);
   return text;
 }
 
@@ -278,7 +278,7 @@ Result<std::string> EnsureBootKernel(const std::string& home, const std::string&
   std::optional<uint32_t> entry;
   if (elf) entry = CELLA_TRY_CTX(PvhEntryPoint(Bytes(*elf)), "kernel " + vmlinuz + " (inside)");
   CELLA_TRY(host::MakeDirs(dir, 0755));
-  if (!entry) {
+  if (!elf || !entry) {
     log::Debug("the kernel boots as a bzImage (no LZ4 payload with a PVH entry)",
                {{"kernel", vmlinuz}});
     CELLA_TRY_CTX(WriteFileAtomically(none_path, "", 0644), "kernel cache");

@@ -2,6 +2,7 @@
 // machine and a temporary state store: every scenario asserts what `cella ps`
 // and `cella inspect` would show (state, detail, exit code), without a VM.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -105,11 +106,23 @@ class FakeMachine final : public vmm::Machine {
     vm_->cv.notify_all();
     return {};
   }
-  Result<vmm::VmExit> Wait(milliseconds timeout) override {
+  using vmm::Machine::Wait;
+  Result<vmm::VmExit> Wait(milliseconds timeout, int wake_fd) override {
+    // As QemuMachine: a readable wake_fd ends the wait early (looked at in
+    // slices here: the fake's VM is a condition variable, not a pidfd).
+    auto woken = [wake_fd] {
+      pollfd p{wake_fd, POLLIN, 0};
+      return wake_fd >= 0 && ::poll(&p, 1, 0) > 0;
+    };
+    auto deadline = std::chrono::steady_clock::now() + timeout;
     std::unique_lock lock(vm_->mu);
     if (vm_->wait_error) return std::unexpected(*vm_->wait_error);
-    if (!vm_->cv.wait_for(lock, timeout, [&] { return vm_->exit.has_value(); }))
-      return std::unexpected(Error{"still running", ETIMEDOUT});
+    while (!vm_->exit.has_value()) {
+      if (woken() || std::chrono::steady_clock::now() >= deadline)
+        return std::unexpected(Error{"still running", ETIMEDOUT});
+      vm_->cv.wait_for(lock, std::min<std::chrono::steady_clock::duration>(
+                                 milliseconds(5), deadline - std::chrono::steady_clock::now()));
+    }
     return vmm::VmExit{*vm_->exit, vm_->console_tail};
   }
   Status Kill() override {
@@ -198,7 +211,7 @@ class SandboxLifecycleTest : public ::testing::Test {
   SandboxLifecycle& Make(LifecycleHooks hooks = {}) {
     LifecycleOptions options;
     options.id = kId;
-    options.tick = 10ms;
+    options.tick = tick_;
     options.request_wait = 10s;
     options.closed_link_grace = closed_link_grace_;
     FakeBackend backend(vm_);
@@ -247,6 +260,7 @@ class SandboxLifecycleTest : public ::testing::Test {
   std::shared_ptr<FakeVm> vm_ = std::make_shared<FakeVm>();
   std::unique_ptr<SandboxLifecycle> lifecycle_;
   milliseconds closed_link_grace_ = 10s;
+  milliseconds tick_ = 10ms;
 };
 
 TEST_F(SandboxLifecycleTest, BootFailureIsFailedWithTheConsoleTail) {
@@ -728,6 +742,26 @@ TEST_F(SandboxLifecycleTest, AStopClosesTheLinkWithoutFailingTheSandbox) {
 
 namespace cella::sandbox {
 namespace {
+
+// A request is taken up when it comes, not at the loop's next tick: with a
+// tick of an hour, each of these would otherwise end "no answer in time"
+// after request_wait (10 s).
+TEST_F(SandboxLifecycleTest, RequestsWakeTheLoopInsteadOfWaitingForItsTick) {
+  tick_ = std::chrono::hours(1);
+  Make();
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  nlohmann::json paused = lifecycle_->Handle({{"op", "pause"}});
+  EXPECT_EQ(paused["ok"], true) << paused.dump();
+  EXPECT_TRUE(vm_->frozen);
+  nlohmann::json unpaused = lifecycle_->Handle({{"op", "unpause"}});
+  EXPECT_EQ(unpaused["ok"], true) << unpaused.dump();
+  EXPECT_FALSE(vm_->frozen);
+  vm_->obey_stop = true;
+  EXPECT_EQ(lifecycle_->Handle({{"op", "stop"}, {"grace_ms", 1000}})["ok"], true);
+  run.get();
+  EXPECT_EQ(Record().state, kStopped);
+}
 
 TEST_F(SandboxLifecycleTest, PauseAndUnpauseAreRecordedAndAStopThawsAPausedGuestFirst) {
   Make();

@@ -1,10 +1,12 @@
 #include "host/sandbox/lifecycle.h"
 
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <thread>
 #include <utility>
 
@@ -24,9 +26,22 @@ std::string OneLine(std::string text) {
 SandboxLifecycle::SandboxLifecycle(LifecycleOptions options, store::StateStore& store,
                                    std::unique_ptr<vmm::Machine> machine, LifecycleHooks hooks)
     : options_(std::move(options)),
+      wake_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)),
       store_(store),
       machine_(std::move(machine)),
-      hooks_(std::move(hooks)) {}
+      hooks_(std::move(hooks)) {
+  if (!wake_)
+    log::Warn("no eventfd for control requests: each waits for the next tick",
+              {{"id", options_.id}, {"error", std::strerror(errno)}});
+}
+
+void SandboxLifecycle::WakeLoop() {
+  if (!wake_) return;
+  const uint64_t one = 1;
+  // EAGAIN: the counter is full, so the loop is woken already.
+  if (::write(wake_.Get(), &one, sizeof(one)) < 0 && errno != EAGAIN)
+    log::Warn("could not wake the supervisor's loop", {{"error", std::strerror(errno)}});
+}
 
 SandboxLifecycle::~SandboxLifecycle() = default;
 
@@ -108,7 +123,15 @@ LifecycleOutcome SandboxLifecycle::Supervise() {
   bool paused = false;
   std::optional<Clock::time_point> link_lost_at;
   for (;;) {
-    auto exited = machine_->Wait(options_.tick);
+    auto exited = machine_->Wait(options_.tick, wake_.Get());
+    if (wake_) {
+      // Drained before the requests are looked at: one made after this
+      // wakes the next Wait.
+      uint64_t count = 0;
+      if (::read(wake_.Get(), &count, sizeof(count)) < 0 && errno != EAGAIN)
+        log::Warn("could not read the supervisor's wake eventfd",
+                  {{"error", std::strerror(errno)}});
+    }
     if (exited) {
       AwaitLinkDrained();
       return Conclude(*exited);
@@ -403,6 +426,7 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
     }
     pending_op_ = pending;
     changed_.notify_all();
+    WakeLoop();
     // A standby's reply waits for the end (the caller then sees QEMU gone).
     const bool saving = pending->op == VmOp::kStandby || pending->op == VmOp::kSnapshot;
     changed_.wait_for(lock, saving ? options_.save_wait : options_.request_wait, [&] {
@@ -431,6 +455,7 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
     stop_grace_ = milliseconds(grace);
   }
   changed_.notify_all();
+  WakeLoop();
   // Run records the end before it says finished; give up on waiting well
   // after any grace so a wedged VM cannot hang the caller.
   changed_.wait_for(lock, options_.request_wait + stop_grace_.value_or(milliseconds(0)),

@@ -42,8 +42,11 @@ class Machine {
   // power button), waits up to `grace`, then kills. Safe to repeat.
   virtual Status Stop(std::chrono::milliseconds grace) = 0;
   // Waits for the VM to end (guest poweroff, crash, Stop). An error with
-  // errno_value ETIMEDOUT when it is still running after `timeout`.
-  virtual Result<VmExit> Wait(std::chrono::milliseconds timeout) = 0;
+  // errno_value ETIMEDOUT when it is still running after `timeout`, or as
+  // soon as `wake_fd` (polled beside the VM when >= 0, never read here)
+  // is readable: the caller's loop has a request to look at.
+  virtual Result<VmExit> Wait(std::chrono::milliseconds timeout, int wake_fd) = 0;
+  Result<VmExit> Wait(std::chrono::milliseconds timeout) { return Wait(timeout, -1); }
   // Ends the VM at once (the hypervisor is killed, nothing is asked of the
   // guest), overtaking a Start or Stop in progress on another thread: a
   // Start not yet past launching fails, a running one fails promptly, and

@@ -100,7 +100,8 @@ class QemuMachine final : public Machine {
 
   Status Start() override;
   Status Stop(milliseconds grace) override;
-  Result<VmExit> Wait(milliseconds timeout) override;
+  using Machine::Wait;
+  Result<VmExit> Wait(milliseconds timeout, int wake_fd) override;
   Status Kill() override;
 
   Result<host::ExecResult> Exec(const protocol::ExecRequest& request) override {
@@ -542,16 +543,17 @@ Status QemuMachine::ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline) 
   return {};
 }
 
-Result<VmExit> QemuMachine::Wait(milliseconds timeout) {
+Result<VmExit> QemuMachine::Wait(milliseconds timeout, int wake_fd) {
   {
     std::lock_guard lock(mu_);
     if (!started_) return Fail("wait: VM " + config_.ID + " was never started");
   }
   if (!CELLA_TRY(ReapIfExited())) {
-    pollfd pfd{wait_fd_.Get(), POLLIN, 0};
+    // poll(2) skips a negative descriptor: no wake_fd, no wake.
+    pollfd pfds[2] = {{wait_fd_.Get(), POLLIN, 0}, {wake_fd, POLLIN, 0}};
     auto deadline = Clock::now() + timeout;
     while (true) {
-      int rc = ::poll(&pfd, 1, RemainingMs(deadline));
+      int rc = ::poll(pfds, 2, RemainingMs(deadline));
       if (rc < 0 && errno == EINTR) continue;
       if (rc < 0) return FailErrno("poll QEMU pidfd");
       break;

@@ -274,6 +274,13 @@ class Supervisor {
 
     LifecycleOptions lifecycle_options;
     lifecycle_options.id = args_.id;
+    // Removed at its end, and nothing the guest writes outlives it on the
+    // host (tmpfs upper, no volume, no share, no writable disk): the guest's
+    // own power-off and sync after the main process are not waited for.
+    // Volumes, shares and writable disks keep the guest's orderly sync.
+    lifecycle_options.end_at_main_result = auto_remove_ && has_main_ && !guest.keep_alive &&
+                                           spec.upper_image.empty() && spec.volumes.empty() &&
+                                           spec.shares.empty() && !args_.resume;
     LifecycleHooks hooks;
     hooks.after_boot = [this] { return AfterBoot(); };
     hooks.on_boot_result = [this](const Status& st) {

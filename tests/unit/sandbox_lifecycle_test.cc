@@ -214,6 +214,7 @@ class SandboxLifecycleTest : public ::testing::Test {
     options.tick = tick_;
     options.request_wait = 10s;
     options.closed_link_grace = closed_link_grace_;
+    options.end_at_main_result = end_at_main_result_;
     FakeBackend backend(vm_);
     auto machine = backend.Create(vmm::VMConfig{});
     EXPECT_TRUE(machine);
@@ -261,6 +262,7 @@ class SandboxLifecycleTest : public ::testing::Test {
   std::unique_ptr<SandboxLifecycle> lifecycle_;
   milliseconds closed_link_grace_ = 10s;
   milliseconds tick_ = 10ms;
+  bool end_at_main_result_ = false;
 };
 
 TEST_F(SandboxLifecycleTest, BootFailureIsFailedWithTheConsoleTail) {
@@ -348,6 +350,39 @@ TEST_F(SandboxLifecycleTest, MainProcessExitCodeIsTheSandboxsExitCode) {
   EXPECT_EQ(r.state, kExited);
   EXPECT_EQ(r.exit_code, 42);
   EXPECT_EQ(r.reason, "main process exited with 42");
+}
+
+TEST_F(SandboxLifecycleTest, AThrowawaySandboxEndsItsVmAtTheMainResult) {
+  end_at_main_result_ = true;
+  Make();
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  host::ExecStatus status;
+  status.exit_code = 3;
+  lifecycle_->SetMainStatus(status);  // no power-off from the guest
+  ASSERT_EQ(run.wait_for(5s), std::future_status::ready);
+  LifecycleOutcome outcome = run.get();
+  EXPECT_EQ(outcome.state, kExited);
+  EXPECT_EQ(outcome.exit_code, 3);
+  EXPECT_GE(vm_->kills, 1);
+  EXPECT_EQ(Record().reason, "main process exited with 3");
+}
+
+TEST_F(SandboxLifecycleTest, WithoutEndAtMainResultTheVmIsLeftToPowerOff) {
+  Make();
+  auto run = RunAsync();
+  ASSERT_TRUE(AwaitState(kRunning));
+  host::ExecStatus status;
+  status.exit_code = 3;
+  lifecycle_->SetMainStatus(status);
+  // The guest still has its flush to do: nothing ends the VM but the guest.
+  EXPECT_EQ(run.wait_for(100ms), std::future_status::timeout);
+  {
+    std::lock_guard lock(vm_->mu);
+    EXPECT_EQ(vm_->kills, 0);
+  }
+  vm_->PowerOff();
+  EXPECT_EQ(run.get().exit_code, 3);
 }
 
 TEST_F(SandboxLifecycleTest, MainProcessKilledBySignalIsShellCode) {

@@ -1,12 +1,11 @@
 #include "host/registry/client.h"
 
-#include <curl/curl.h>
-
 #include <algorithm>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "host/os/digest.h"
+#include "host/registry/curl_api.h"
 
 namespace cella::registry {
 namespace {
@@ -41,6 +40,7 @@ struct Response {
 };
 
 struct TransferContext {
+  const CurlApi* api = nullptr;
   CURL* curl = nullptr;
   Response* response = nullptr;
   const BodySink* sink = nullptr;
@@ -63,7 +63,7 @@ size_t WriteCallback(char* data, size_t size, size_t count, void* user) {
   auto* ctx = static_cast<TransferContext*>(user);
   std::string_view chunk(data, size * count);
   long status = 0;
-  curl_easy_getinfo(ctx->curl, CURLINFO_RESPONSE_CODE, &status);
+  ctx->api->easy_getinfo(ctx->curl, CURLINFO_RESPONSE_CODE, &status);
   bool success = status >= 200 && status < 300;
   if (success && ctx->sink != nullptr && *ctx->sink) {
     Status s = (*ctx->sink)(chunk);
@@ -140,20 +140,22 @@ bool PlainHttpAllowed(std::string_view host_port, const std::vector<std::string>
 }
 
 Result<UrlOrigin> ParseUrlOrigin(const std::string& url) {
-  CURLU* u = curl_url();
+  const CurlApi* api = CELLA_TRY(LoadCurl());
+  CURLU* u = api->url();
   if (u == nullptr) return Fail("curl_url: out of memory");
   struct Free {
+    const CurlApi* api;
     CURLU* u;
-    ~Free() { curl_url_cleanup(u); }
-  } free_u{u};
-  if (curl_url_set(u, CURLUPART_URL, url.c_str(), 0) != CURLUE_OK)
+    ~Free() { api->url_cleanup(u); }
+  } free_u{api, u};
+  if (api->url_set(u, CURLUPART_URL, url.c_str(), 0) != CURLUE_OK)
     return Fail("invalid URL \"" + url.substr(0, 200) + "\"");
   UrlOrigin o;
   auto get = [&](CURLUPart part, unsigned flags, std::string& out) -> bool {
     char* value = nullptr;
-    if (curl_url_get(u, part, &value, flags) != CURLUE_OK) return false;
+    if (api->url_get(u, part, &value, flags) != CURLUE_OK) return false;
     out = value;
-    curl_free(value);
+    api->free(value);
     return true;
   };
   if (!get(CURLUPART_SCHEME, 0, o.scheme) || !get(CURLUPART_HOST, 0, o.host) ||
@@ -167,14 +169,16 @@ Result<UrlOrigin> ParseUrlOrigin(const std::string& url) {
 
 struct RegistryClient::State {
   ClientOptions options;
+  const CurlApi* api = nullptr;  // set with curl
   CURL* curl = nullptr;
+  std::string init_error;                             // why curl is null
   std::map<std::string, std::string> scheme_by_host;  // "https" | "http"
   std::map<std::string, std::string> token_by_scope;  // host + " " + scope -> token
   std::map<std::string, std::optional<Credentials>> credentials_by_host;
   std::map<std::string, bool> basic_by_host;  // host asked for Basic auth
 
   ~State() {
-    if (curl != nullptr) curl_easy_cleanup(curl);
+    if (curl != nullptr) api->easy_cleanup(curl);
   }
 
   bool IsInsecure(std::string_view host_port) const {
@@ -198,25 +202,26 @@ struct RegistryClient::State {
   Result<Response> Perform(const std::string& url, std::string_view method,
                            const std::vector<std::string>& headers, const BodySink* sink,
                            size_t max_body, bool verify_tls) {
-    curl_easy_reset(curl);
+    api->easy_reset(curl);
     Response response;
-    TransferContext ctx{curl, &response, sink, max_body, std::nullopt};
+    TransferContext ctx{api, curl, &response, sink, max_body, std::nullopt};
     curl_slist* list = nullptr;
     for (const auto& h : headers) {
-      curl_slist* next = curl_slist_append(list, h.c_str());
+      curl_slist* next = api->slist_append(list, h.c_str());
       if (next == nullptr) {
-        curl_slist_free_all(list);
+        api->slist_free_all(list);
         return Fail("curl_slist_append: out of memory");
       }
       list = next;
     }
     struct FreeList {
+      const CurlApi* api;
       curl_slist* l;
-      ~FreeList() { curl_slist_free_all(l); }
-    } free_list{list};
+      ~FreeList() { api->slist_free_all(l); }
+    } free_list{api, list};
     auto set = [&](CURLoption opt, auto value) -> Status {
-      CURLcode rc = curl_easy_setopt(curl, opt, value);
-      if (rc != CURLE_OK) return Fail(std::string("curl_easy_setopt: ") + curl_easy_strerror(rc));
+      CURLcode rc = api->easy_setopt(curl, opt, value);
+      if (rc != CURLE_OK) return Fail(std::string("curl_easy_setopt: ") + api->easy_strerror(rc));
       return {};
     };
     CELLA_TRY(set(CURLOPT_URL, url.c_str()));
@@ -238,16 +243,16 @@ struct RegistryClient::State {
       CELLA_TRY(set(CURLOPT_SSL_VERIFYPEER, 0L));
       CELLA_TRY(set(CURLOPT_SSL_VERIFYHOST, 0L));
     }
-    CURLcode rc = curl_easy_perform(curl);
+    CURLcode rc = api->easy_perform(curl);
     if (ctx.sink_error) return std::unexpected(std::move(*ctx.sink_error));
     if (rc != CURLE_OK) {
-      Error e = Error::Msg(std::string(method) + " " + url + ": " + curl_easy_strerror(rc));
+      Error e = Error::Msg(std::string(method) + " " + url + ": " + api->easy_strerror(rc));
       e.errno_value = -static_cast<int>(rc);  // lets the caller see the curl code
       return std::unexpected(std::move(e));
     }
-    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
+    api->easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
     char* redirect = nullptr;
-    if (curl_easy_getinfo(curl, CURLINFO_REDIRECT_URL, &redirect) == CURLE_OK &&
+    if (api->easy_getinfo(curl, CURLINFO_REDIRECT_URL, &redirect) == CURLE_OK &&
         redirect != nullptr)
       response.redirect_url = redirect;
     return response;
@@ -301,10 +306,10 @@ struct RegistryClient::State {
       return Fail(host + ": token realm must be http(s): " + url);
     std::string query;
     auto add = [&](const char* key, const std::string& value) -> Status {
-      char* escaped = curl_easy_escape(curl, value.c_str(), static_cast<int>(value.size()));
+      char* escaped = api->easy_escape(curl, value.c_str(), static_cast<int>(value.size()));
       if (escaped == nullptr) return Fail("curl_easy_escape failed");
       query += std::string(query.empty() ? "" : "&") + key + "=" + escaped;
-      curl_free(escaped);
+      api->free(escaped);
       return {};
     };
     if (auto s = challenge.params.find("service"); s != challenge.params.end())
@@ -399,12 +404,16 @@ struct RegistryClient::State {
 };
 
 RegistryClient::RegistryClient(ClientOptions options) : state_(std::make_unique<State>()) {
-  static std::once_flag once;
-  static CURLcode global_init = CURLE_OK;
-  std::call_once(once, [] { global_init = curl_global_init(CURL_GLOBAL_DEFAULT); });
   state_->options = std::move(options);
-  // A failed init leaves curl null; every request then reports it.
-  if (global_init == CURLE_OK) state_->curl = curl_easy_init();
+  // A failed load or init leaves curl null; every request then reports it.
+  auto api = LoadCurl();
+  if (!api) {
+    state_->init_error = api.error().message;
+    return;
+  }
+  state_->api = *api;
+  state_->curl = state_->api->easy_init();
+  if (state_->curl == nullptr) state_->init_error = "curl_easy_init failed";
 }
 RegistryClient::~RegistryClient() = default;
 RegistryClient::RegistryClient(RegistryClient&&) noexcept = default;
@@ -412,8 +421,7 @@ RegistryClient& RegistryClient::operator=(RegistryClient&&) noexcept = default;
 
 Result<FetchedManifest> RegistryClient::GetManifest(const Reference& ref,
                                                     std::string_view selector) {
-  if (state_->curl == nullptr)
-    return Fail("libcurl initialisation failed (curl_global_init/curl_easy_init)");
+  if (state_->curl == nullptr) return Fail("libcurl initialisation failed: " + state_->init_error);
   const std::string what = "manifest " + ref.Name() + ":" + std::string(selector);
   std::string body;
   BodySink sink = [&](std::string_view chunk) -> Status {
@@ -439,8 +447,7 @@ Result<FetchedManifest> RegistryClient::GetManifest(const Reference& ref,
 
 Result<std::optional<std::string>> RegistryClient::HeadManifest(const Reference& ref,
                                                                 std::string_view selector) {
-  if (state_->curl == nullptr)
-    return Fail("libcurl initialisation failed (curl_global_init/curl_easy_init)");
+  if (state_->curl == nullptr) return Fail("libcurl initialisation failed: " + state_->init_error);
   const std::string what = "manifest " + ref.Name() + ":" + std::string(selector);
   Response r = CELLA_TRY_CTX(
       state_->Send(ref, "HEAD", "/v2/" + ref.repository + "/manifests/" + std::string(selector),
@@ -456,8 +463,7 @@ Result<std::optional<std::string>> RegistryClient::HeadManifest(const Reference&
 
 Status RegistryClient::FetchBlob(const Reference& ref, const Descriptor& blob, BlobWriter& writer,
                                  ProgressSink* progress) {
-  if (state_->curl == nullptr)
-    return Fail("libcurl initialisation failed (curl_global_init/curl_easy_init)");
+  if (state_->curl == nullptr) return Fail("libcurl initialisation failed: " + state_->init_error);
   const std::string what = "blob " + blob.digest + " of " + ref.Name();
   if (progress) progress->BlobStarted(blob.digest, blob.size, writer.Offset());
   if (writer.Offset() < blob.size) {
@@ -469,13 +475,14 @@ Status RegistryClient::FetchBlob(const Reference& ref, const Descriptor& blob, B
       if (first_chunk) {
         first_chunk = false;
         long status = 0;
-        curl_easy_getinfo(state_->curl, CURLINFO_RESPONSE_CODE, &status);
+        state_->api->easy_getinfo(state_->curl, CURLINFO_RESPONSE_CODE, &status);
         if (resume_from > 0 && status != 206) CELLA_TRY(writer.Restart());  // Range ignored
         if (status == 206) {
           // Appending anything but the continuation would poison the partial file.
           curl_header* h = nullptr;
           std::string range;
-          if (curl_easy_header(state_->curl, "Content-Range", 0, CURLH_HEADER, -1, &h) == CURLHE_OK)
+          if (state_->api->easy_header(state_->curl, "Content-Range", 0, CURLH_HEADER, -1, &h) ==
+              CURLHE_OK)
             range = h->value;
           if (!range.starts_with("bytes " + std::to_string(resume_from) + "-"))
             return Fail(what + ": server answered the Range request with Content-Range \"" + range +

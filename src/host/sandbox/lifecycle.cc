@@ -464,8 +464,18 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
 }
 
 void SandboxLifecycle::SetMainStatus(const host::ExecStatus& status) {
-  std::lock_guard lock(mu_);
-  main_status_ = status;
+  {
+    std::lock_guard lock(mu_);
+    main_status_ = status;
+  }
+  if (!options_.end_at_main_result) return;
+  // The guest would only power off from here (its sync has nothing of the
+  // host's to write): ending QEMU now saves the guest's shutdown. The
+  // result is recorded first, so the end is "exited" with its code.
+  log::Debug("main process ended; ending the VM without waiting for its power-off",
+             {{"id", options_.id}});
+  std::lock_guard lock(mu_);  // Boot swaps machine_ under mu_
+  if (auto st = machine_->Kill(); !st) log::Warn("kill VM failed", {{"error", st.error().message}});
 }
 
 }  // namespace cella::sandbox

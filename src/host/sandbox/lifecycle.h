@@ -59,6 +59,12 @@ struct LifecycleOptions {
   // the end, the main status is awaited this long for the link to be read to
   // its end (link_error set) before the sandbox's end is decided.
   std::chrono::milliseconds link_drain_wait{2'000};
+  // The VM is ended (killed) as soon as the main process's result is in,
+  // instead of waiting for the guest to power off: for a sandbox that is
+  // removed at its end and whose guest writes nothing the host keeps (no
+  // writable disk, volume or share), so there is nothing for it to flush.
+  // The sandbox still ends exited with the main process's code.
+  bool end_at_main_result = false;
 };
 
 struct LifecycleHooks {
@@ -134,7 +140,8 @@ class SandboxLifecycle {
   // can power off gracefully; kill needs no guest.
   nlohmann::json Handle(const nlohmann::json& request);
 
-  // The main process's result, from the router's hook.
+  // The main process's result, from the router's hook. With
+  // end_at_main_result, also kills the VM.
   void SetMainStatus(const host::ExecStatus& status);
 
   // Whether a stop or kill was asked for (control request or signal): the

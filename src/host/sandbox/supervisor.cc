@@ -27,6 +27,8 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <system_error>
+#include <thread>
 
 #include "base/io.h"
 #include "base/log.h"
@@ -274,6 +276,13 @@ class Supervisor {
 
     LifecycleOptions lifecycle_options;
     lifecycle_options.id = args_.id;
+    // Removed at its end, and nothing the guest writes outlives it on the
+    // host (tmpfs upper, no volume, no share, no writable disk): the guest's
+    // own power-off and sync after the main process are not waited for.
+    // Volumes, shares and writable disks keep the guest's orderly sync.
+    lifecycle_options.end_at_main_result = auto_remove_ && has_main_ && !guest.keep_alive &&
+                                           spec.upper_image.empty() && spec.volumes.empty() &&
+                                           spec.shares.empty() && !args_.resume;
     LifecycleHooks hooks;
     hooks.after_boot = [this] { return AfterBoot(); };
     hooks.on_boot_result = [this](const Status& st) {
@@ -1149,16 +1158,28 @@ class Supervisor {
 
   void RemoveIfAuto() {
     if (!auto_remove_ || !store_) return;
+    // A foreground run's caller waits for this process to end. Closing the
+    // last copy of the TAP unregisters the device (~10 ms of the kernel's,
+    // mostly waiting): on a second thread, beside the removal below (which
+    // mostly waits on the disk). Files before the record, as before: a
+    // supervisor killed in between leaves a record that `rm` cleans up.
+    std::thread tap_closer;
+    try {
+      tap_closer = std::thread([this] { tap_.Reset(); });
+    } catch (const std::system_error& e) {
+      log::Debug("the TAP is closed at exit", {{"error", e.what()}});
+    }
     std::error_code ec;
     std::filesystem::remove_all(paths_.dir, ec);
     if (ec) log::Warn("could not remove sandbox files", {{"path", paths_.dir}});
     if (auto st = store_->Remove(args_.id); !st) {
       log::Warn("could not remove the sandbox record", {{"error", st.error().message}});
-      return;
+    } else if (auto removed = RemoveAnonymousVolumes(*store_, sandbox_home_, spec_json_);
+               !removed) {
+      // docker's --rm takes the anonymous volumes (`-v /path`) along.
+      log::Warn("could not remove anonymous volumes", {{"error", removed.error().message}});
     }
-    // docker's --rm takes the anonymous volumes (`-v /path`) along.
-    if (auto st = RemoveAnonymousVolumes(*store_, sandbox_home_, spec_json_); !st)
-      log::Warn("could not remove anonymous volumes", {{"error", st.error().message}});
+    if (tap_closer.joinable()) tap_closer.join();
   }
 
   SupervisorArgs args_;

@@ -23,7 +23,9 @@ namespace cella::init {
 //     writable layer is a tmpfs, the overlay on the new root) and, with the
 //     overlay made, the default PATH's directories, /bin/sh, its ELF
 //     interpreter and libc read into the page cache (all of it comes from
-//     disks in the template's key);
+//     disks in the template's key), the paths every clone's init looks up
+//     looked up, /etc and /run copied up (every clone writes there) with
+//     /run/cella made; lo is brought up whatever the shape;
 //  3. the template-point line goes to the host on the agent port, and the
 //     init blocks until the go line comes back (the template itself never
 //     gets one; a clone gets it right after its restore);

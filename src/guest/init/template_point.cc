@@ -4,10 +4,6 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
-#include <net/if.h>
-#include <netinet/in.h>
-#include <sys/ioctl.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -23,6 +19,7 @@
 #include "base/unique_fd.h"
 #include "guest/agent/resume.h"
 #include "guest/init/console.h"
+#include "guest/init/network.h"
 #include "guest/init/rootfs.h"
 #include "guest/init/serve_agent.h"
 #include "protocol/config.h"
@@ -190,20 +187,6 @@ void WarmImageCaches() {
         std::to_string(bytes / 1024) + " KiB of programs read for the clones");
 }
 
-// Brings the loopback interface up: lo is the same in every clone (the
-// clone's ConfigureNetwork finds it up), and the first SIOCSIFFLAGS runs
-// IPv6 and route set-up that costs a clone ~20 ms under TCG.
-Status LoopbackUp() {
-  UniqueFd sock(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-  if (!sock) return FailErrno("socket(AF_INET)");
-  ifreq req{};
-  std::memcpy(req.ifr_name, "lo", 3);
-  if (::ioctl(sock.Get(), SIOCGIFFLAGS, &req) != 0) return FailErrno("SIOCGIFFLAGS lo");
-  req.ifr_flags = static_cast<short>(req.ifr_flags | IFF_UP | IFF_RUNNING);
-  if (::ioctl(sock.Get(), SIOCSIFFLAGS, &req) != 0) return FailErrno("SIOCSIFFLAGS lo");
-  return {};
-}
-
 // What every clone's init does to the new root before its agent serves,
 // done here where it is the same for all: the paths it looks up (their
 // dentries and the image's directory blocks stay cached), and the copy-up
@@ -283,7 +266,7 @@ Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline) {
     upper_disk = upper_disk || disk.serial == kUpperDiskSerial;
   int prepared = CELLA_TRY_CTX(PrepareRootForClones(upper_disk), "prepare the root for clones");
   Debug("template point: " + std::to_string(prepared) + " root mounts made for the clones");
-  CELLA_TRY_CTX(LoopbackUp(), "template point");
+  CELLA_TRY_CTX(BringLinksUpForClones(), "template point");
   if (RootMadeForClones()) {
     WarmImageCaches();
     PrepareRootFiles();

@@ -25,7 +25,8 @@ namespace cella::init {
 //     interpreter and libc read into the page cache (all of it comes from
 //     disks in the template's key), the paths every clone's init looks up
 //     looked up, /etc and /run copied up (every clone writes there) with
-//     /run/cella made; lo is brought up whatever the shape;
+//     /run/cella made; lo and the NIC (network.h BringLinksUpForClones)
+//     are brought up whatever the shape;
 //  3. the template-point line goes to the host on the agent port, and the
 //     init blocks until the go line comes back (the template itself never
 //     gets one; a clone gets it right after its restore);

@@ -135,7 +135,11 @@ struct Agent::Impl {
   bool peer_closed = false;
   bool stop_when_flushed = false;
   bool write_failed = false;
-  std::vector<std::byte> read_buf;
+  // Allocated once and never zeroed: filling 256 KiB would fault in 64
+  // pages before the first Hello (dear under TCG); read() touches only what
+  // it fills.
+  static constexpr size_t kReadBufBytes = size_t{256} * 1024;
+  std::unique_ptr<std::byte[]> read_buf;
 
   std::map<uint32_t, std::unique_ptr<Session>> sessions;
   std::unique_ptr<Session> detached_main;
@@ -960,7 +964,7 @@ struct Agent::Impl {
   void ReadLink(short revents) {
     ssize_t n;
     do {
-      n = ::read(link.Get(), read_buf.data(), read_buf.size());
+      n = ::read(link.Get(), read_buf.get(), kReadBufBytes);
     } while (n < 0 && errno == EINTR);
     if (n < 0) {
       if (errno == EAGAIN) {
@@ -979,7 +983,7 @@ struct Agent::Impl {
       peer_closed = true;
       return;
     }
-    decoder.Feed(std::span(read_buf.data(), static_cast<size_t>(n)));
+    decoder.Feed(std::span(read_buf.get(), static_cast<size_t>(n)));
     while (!link_failure) {
       auto frame = decoder.Next();
       if (!frame) return Violation(frame.error().message);
@@ -1036,7 +1040,7 @@ struct Agent::Impl {
     link_failure.reset();
     peer_closed = false;
     write_failed = false;
-    read_buf.resize(size_t{256} * 1024);
+    if (!read_buf) read_buf = std::make_unique_for_overwrite<std::byte[]>(kReadBufBytes);
     mounts_waiting.clear();
     QueueText(0, FrameType::kHello,
               protocol::EncodeHello({protocol::kProtocolVersion, protocol::Role::kAgent}));

@@ -48,7 +48,17 @@ Result<sockaddr> Ipv4Sockaddr(const std::string& text, uint32_t network_order = 
 Status SetUp(int sock, const std::string& interface) {
   ifreq req = CELLA_TRY(Request(interface));
   if (::ioctl(sock, SIOCGIFFLAGS, &req) != 0) return FailErrno("SIOCGIFFLAGS " + interface);
+  if ((req.ifr_flags & IFF_UP) != 0) return {};  // brought up at the template point
   req.ifr_flags = static_cast<short>(req.ifr_flags | IFF_UP | IFF_RUNNING);
+  if (::ioctl(sock, SIOCSIFFLAGS, &req) != 0) return FailErrno("SIOCSIFFLAGS " + interface);
+  return {};
+}
+
+Status SetDown(int sock, const std::string& interface) {
+  ifreq req = CELLA_TRY(Request(interface));
+  if (::ioctl(sock, SIOCGIFFLAGS, &req) != 0) return FailErrno("SIOCGIFFLAGS " + interface);
+  if ((req.ifr_flags & IFF_UP) == 0) return {};
+  req.ifr_flags = static_cast<short>(req.ifr_flags & ~IFF_UP);
   if (::ioctl(sock, SIOCSIFFLAGS, &req) != 0) return FailErrno("SIOCSIFFLAGS " + interface);
   return {};
 }
@@ -87,6 +97,8 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
   if (!sock) return FailErrno("socket(AF_INET)");
   CELLA_TRY(SetUp(sock.Get(), "lo"));
   if (config.no_network || !config.network_enabled) {
+    for (const std::string& interface : CELLA_TRY(Interfaces()))
+      CELLA_TRY_CTX(SetDown(sock.Get(), interface), "network " + interface);
     Debug("network disabled: only lo is up");
     return {};
   }
@@ -126,6 +138,15 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
   }
   Debug(where + ": " + config.guest_ip + "/" + std::to_string(config.guest_cidr) +
         (config.guest_gw.empty() ? "" : " via " + config.guest_gw));
+  return {};
+}
+
+Status BringLinksUpForClones() {
+  UniqueFd sock(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!sock) return FailErrno("socket(AF_INET)");
+  CELLA_TRY(SetUp(sock.Get(), "lo"));
+  auto names = CELLA_TRY(Interfaces());
+  if (!names.empty()) CELLA_TRY_CTX(SetUp(sock.Get(), names.front()), "network " + names.front());
   return {};
 }
 

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <vector>
 
 #include "base/io.h"
@@ -46,17 +47,78 @@ Status MountReadOnlyAnyFs(const std::string& device, const std::string& target) 
   return {};
 }
 
+// What PrepareRootForClones made at the template point (empty on a cold
+// boot). Only PID 1's main thread touches it, before any other thread exists.
+struct PreparedRoot {
+  std::vector<dev_t> lowers;  // the device mounted at kScratch/lower<i>
+  bool overlay = false;       // the tmpfs upper and the overlay on kNewRoot
+};
+PreparedRoot g_prepared;
+
+std::string LowerDir(size_t index) {
+  return std::string(kScratch) + "/lower" + std::to_string(index);
+}
+std::string UpperDir() { return std::string(kScratch) + "/upper"; }
+
+Result<dev_t> DeviceNumber(const std::string& device) {
+  struct stat st {};
+  if (::stat(device.c_str(), &st) != 0) return FailErrno("stat " + device);
+  if (!S_ISBLK(st.st_mode)) return Fail(device + " is not a block device");
+  return st.st_rdev;
+}
+
+Status Unmount(const std::string& target) {
+  if (::umount2(target.c_str(), 0) != 0) return FailErrno("umount " + target);
+  return {};
+}
+
+// Does the template point's lower mount fit this config's layers (the same
+// devices, in the same order, as erofs)?
+Result<bool> PreparedLowersFit(const protocol::OverlayRoot& root, Deadline deadline) {
+  if (g_prepared.lowers.empty() || g_prepared.lowers.size() != root.lower.size()) return false;
+  for (size_t i = 0; i < root.lower.size(); ++i) {
+    const auto& layer = root.lower[i];
+    if (!layer.fstype.empty() && layer.fstype != "erofs") return false;
+    CELLA_TRY(WaitForDevice(layer.device, deadline));
+    if (CELLA_TRY(DeviceNumber(layer.device)) != g_prepared.lowers[i]) return false;
+  }
+  return true;
+}
+
+// Unmounts what the template point made and this config does not use
+// (`keep_lowers`: the lower layers fit), top first.
+Status DropPrepared(bool keep_lowers) {
+  if (g_prepared.overlay) {
+    CELLA_TRY(Unmount(kNewRoot));
+    CELLA_TRY(Unmount(UpperDir()));
+    g_prepared.overlay = false;
+  }
+  if (!keep_lowers) {
+    for (size_t i = 0; i < g_prepared.lowers.size(); ++i) CELLA_TRY(Unmount(LowerDir(i)));
+    g_prepared.lowers.clear();
+  }
+  return {};
+}
+
 Status MountOverlayRoot(const protocol::OverlayRoot& root, Deadline deadline) {
+  const bool reuse_lowers = CELLA_TRY(PreparedLowersFit(root, deadline));
+  if (reuse_lowers && g_prepared.overlay && root.upper_device.empty()) {
+    Debug("root as made at the template point");
+    return {};
+  }
+  CELLA_TRY_CTX(DropPrepared(reuse_lowers), "undo the template point's root");
   std::vector<std::string> lower_dirs;
   for (size_t i = 0; i < root.lower.size(); ++i) {
     const auto& layer = root.lower[i];
-    std::string dir = std::string(kScratch) + "/lower" + std::to_string(i);
-    CELLA_TRY(MkdirAll(dir, 0755));
-    CELLA_TRY(WaitForDevice(layer.device, deadline));
-    CELLA_TRY(Mount(layer.device, dir, layer.fstype.empty() ? "erofs" : layer.fstype, MS_RDONLY));
+    std::string dir = LowerDir(i);
+    if (!reuse_lowers) {
+      CELLA_TRY(MkdirAll(dir, 0755));
+      CELLA_TRY(WaitForDevice(layer.device, deadline));
+      CELLA_TRY(Mount(layer.device, dir, layer.fstype.empty() ? "erofs" : layer.fstype, MS_RDONLY));
+    }
     lower_dirs.push_back(dir);
   }
-  std::string upper = std::string(kScratch) + "/upper";
+  std::string upper = UpperDir();
   CELLA_TRY(MountWritableLayer(root.upper_device, root.upper_fstype, upper, deadline));
   std::string options =
       CELLA_TRY(OverlayMountOptions(lower_dirs, upper + "/upper", upper + "/work"));
@@ -226,7 +288,47 @@ Result<Config> ReadConfigDisk(const std::string& device) {
 
 Status AssembleRoot(const Config& config, Deadline deadline) {
   if (config.overlay_root) return MountOverlayRoot(*config.overlay_root, deadline);
+  CELLA_TRY_CTX(DropPrepared(/*keep_lowers=*/false), "undo the template point's root");
   return MountPlainRoot(config, deadline);
+}
+
+bool RootMadeForClones() { return g_prepared.overlay; }
+
+Result<int> PrepareRootForClones(bool upper_disk) {
+  CELLA_TRY(ScanDiskLinks());
+  int mounts = 0;
+  std::vector<std::string> lower_dirs;
+  for (size_t i = 0;; ++i) {
+    std::string device = "/dev/disk/by-id/" + DiskIdLinkName("cella-lower" + std::to_string(i));
+    if (::access(device.c_str(), F_OK) != 0) {
+      if (errno == ENOENT) break;
+      return FailErrno("access " + device);
+    }
+    dev_t number = CELLA_TRY(DeviceNumber(device));
+    std::string dir = LowerDir(i);
+    CELLA_TRY(MkdirAll(dir, 0755));
+    if (auto mounted = Mount(device, dir, "erofs", MS_RDONLY); !mounted) {
+      // Not erofs (or unreadable): the clone mounts it as its config says.
+      Debug("template point: " + device + " left to the clone (" + mounted.error().message + ")");
+      break;
+    }
+    g_prepared.lowers.push_back(number);
+    lower_dirs.push_back(dir);
+    ++mounts;
+  }
+  if (lower_dirs.empty() || upper_disk) return mounts;
+  std::string upper = UpperDir();
+  CELLA_TRY(MountWritableLayer("", "", upper, Deadline::max()));
+  g_prepared.overlay = true;  // from here on DropPrepared must unmount the upper
+  std::string options =
+      CELLA_TRY(OverlayMountOptions(lower_dirs, upper + "/upper", upper + "/work"));
+  CELLA_TRY(MkdirAll(kNewRoot, 0755));
+  if (auto mounted = Mount("overlay", kNewRoot, "overlay", 0, options); !mounted) {
+    CELLA_TRY(Unmount(upper));
+    g_prepared.overlay = false;
+    return std::unexpected(std::move(mounted.error()));
+  }
+  return mounts + 2;
 }
 
 Status MountVolumes(const Config& config, Deadline deadline) {

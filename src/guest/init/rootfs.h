@@ -33,7 +33,25 @@ Status MountEarly();
 Result<protocol::Config> ReadConfigDisk(const std::string& device);
 
 // Assembles the root at kNewRoot (see README: overlay_root, or root_device).
+// On a warm clone it keeps what PrepareRootForClones made, as far as it is
+// what this config asks for, and unmounts the rest first.
 Status AssembleRoot(const protocol::Config& config, Deadline deadline);
+
+// Warm starts, at the template point (template_point.h), after the sandbox
+// disks are unbound: the image's share of the root is made once for every
+// clone instead of by each clone. Every cella-lower<N> disk still bound (the
+// image's layers: their files are part of the template's key, so every clone
+// attaches the same bytes) is mounted read-only as erofs at
+// kScratch/lower<N>, the way MountOverlayRoot would; when the shape has no
+// upper disk (`upper_disk` false: a clone's writable layer is a tmpfs, empty
+// in every clone) the tmpfs upper and the overlay on kNewRoot are made too.
+// A lower that does not mount as erofs ends the preparation there (the clone
+// mounts it itself). Only the image's layers are touched: no per-sandbox
+// disk is bound at this point. Returns how many mounts were made.
+Result<int> PrepareRootForClones(bool upper_disk);
+
+// Whether PrepareRootForClones made the whole root (the overlay on kNewRoot).
+bool RootMadeForClones();
 
 // Mounts volume_mounts (ro / rw / overlay) and disks inside kNewRoot. Mount
 // points are created beneath the new root without following symlinks.

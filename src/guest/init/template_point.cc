@@ -1,12 +1,16 @@
 #include "guest/init/template_point.h"
 
 #include <dirent.h>
+#include <elf.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -15,6 +19,8 @@
 #include "base/unique_fd.h"
 #include "guest/agent/resume.h"
 #include "guest/init/console.h"
+#include "guest/init/network.h"
+#include "guest/init/rootfs.h"
 #include "guest/init/serve_agent.h"
 #include "protocol/config.h"
 #include "protocol/warm.h"
@@ -23,6 +29,8 @@ namespace cella::init {
 namespace {
 
 constexpr const char* kBlkDriverDir = "/sys/bus/virtio/drivers/virtio_blk";
+// The writable layer's disk (the host's vmm::kUpperSerial).
+constexpr const char* kUpperDiskSerial = "cella-upper";
 
 std::string Trimmed(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
@@ -87,6 +95,126 @@ Result<std::vector<UnboundDisk>> UnbindSandboxDisks() {
   return unbound;
 }
 
+// Opens `path` inside the image's root (absolute symlinks resolve inside it
+// too); -1 with errno when it cannot.
+int OpenInRoot(int root, const std::string& path, int flags) {
+  open_how how{};
+  how.flags = static_cast<uint64_t>(flags | O_CLOEXEC);
+  how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
+  return static_cast<int>(::syscall(SYS_openat2, root, path.c_str(), &how, sizeof how));
+}
+
+// The ELF interpreter a program names (PT_INTERP), or "" when none.
+std::string ElfInterpreter(int fd) {
+  Elf64_Ehdr header{};
+  if (::pread(fd, &header, sizeof header, 0) != static_cast<ssize_t>(sizeof header)) return {};
+  if (std::memcmp(header.e_ident, ELFMAG, SELFMAG) != 0 || header.e_ident[EI_CLASS] != ELFCLASS64 ||
+      header.e_phentsize != sizeof(Elf64_Phdr) || header.e_phnum > 64)
+    return {};
+  for (unsigned i = 0; i < header.e_phnum; ++i) {
+    Elf64_Phdr ph{};
+    off_t at = static_cast<off_t>(header.e_phoff + i * sizeof ph);
+    if (::pread(fd, &ph, sizeof ph, at) != static_cast<ssize_t>(sizeof ph)) return {};
+    if (ph.p_type != PT_INTERP || ph.p_filesz < 2 || ph.p_filesz > 256) continue;
+    std::string path(ph.p_filesz, '\0');
+    if (::pread(fd, path.data(), path.size(), static_cast<off_t>(ph.p_offset)) !=
+        static_cast<ssize_t>(path.size()))
+      return {};
+    path.resize(std::strlen(path.c_str()));
+    return path;
+  }
+  return {};
+}
+
+// Reads a file of the image whole (up to kMaxWarmFileBytes), leaving its
+// pages in the page cache; returns the bytes read.
+constexpr size_t kMaxWarmFileBytes = size_t{16} << 20;
+size_t ReadWhole(int fd, std::vector<char>& buf) {
+  size_t total = 0;
+  while (total < kMaxWarmFileBytes) {
+    ssize_t n = ::pread(fd, buf.data(), buf.size(), static_cast<off_t>(total));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    total += static_cast<size_t>(n);
+  }
+  return total;
+}
+
+// The image is part of the template's key, so what a clone would first read
+// of it is read once here and every clone finds it in its page cache
+// (TCG makes each clone's disk read and erofs decompression dear): the
+// directories of the default PATH (every bare command is looked up there)
+// and /bin/sh with its ELF interpreter and the C library (what most
+// commands and every shell need first). Best effort: anything missing or
+// unreadable is skipped (an image need not have any of them).
+void WarmImageCaches() {
+  UniqueFd root(::open(kNewRoot, O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!root) return;
+  size_t dirs = 0;
+  size_t bytes = 0;
+  std::vector<char> buf(size_t{64} * 1024);
+  std::string_view path = protocol::kDefaultPath;
+  while (!path.empty()) {
+    size_t colon = path.find(':');
+    std::string dir(path.substr(0, colon));
+    path = colon == std::string_view::npos ? std::string_view{} : path.substr(colon + 1);
+    UniqueFd fd(OpenInRoot(root.Get(), dir, O_RDONLY | O_DIRECTORY));
+    if (!fd) continue;
+    // getdents64 until the end: the directory's blocks are then cached.
+    for (int rounds = 0; rounds < 256; ++rounds) {
+      long n = ::syscall(SYS_getdents64, fd.Get(), buf.data(), buf.size());
+      if (n <= 0) break;
+    }
+    ++dirs;
+  }
+  std::vector<std::string> files = {"/bin/sh", "/etc/ld.so.cache"};
+  for (size_t i = 0; i < files.size() && i < 8; ++i) {
+    UniqueFd fd(OpenInRoot(root.Get(), files[i], O_RDONLY));
+    if (!fd) continue;
+    struct stat st {};
+    if (::fstat(fd.Get(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    bytes += ReadWhole(fd.Get(), buf);
+    if (i != 0) continue;
+    // The shell's loader (glibc's ld.so, or musl's, which is its libc) and
+    // glibc's libc, wherever the image keeps it.
+    if (std::string interp = ElfInterpreter(fd.Get()); !interp.empty()) {
+      files.push_back(interp);
+      for (const char* libc : {"/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6"})
+        files.push_back(libc);
+    }
+  }
+  Debug("template point: " + std::to_string(dirs) + " PATH directories and " +
+        std::to_string(bytes / 1024) + " KiB of programs read for the clones");
+}
+
+// What every clone's init does to the new root before its agent serves,
+// done here where it is the same for all: the paths it looks up (their
+// dentries and the image's directory blocks stay cached), and the copy-up
+// of /etc (every clone writes /etc/hosts there) and of /run with
+// /run/cella (the start marker) into the tmpfs upper. Nothing here depends
+// on a sandbox: a clone's own files are still written after its go line.
+// Best effort: an image without /etc or /run is left as it is.
+void PrepareRootFiles() {
+  UniqueFd root(::open(kNewRoot, O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!root) return;
+  struct stat st {};
+  for (const char* path : {"sys", "dev", "proc", "tmp", "etc/hostname", "etc/hosts",
+                           "etc/resolv.conf", "etc/passwd", "etc/group"})
+    (void)::fstatat(root.Get(), path, &st, AT_SYMLINK_NOFOLLOW);  // a miss is cached too
+  if (::fstatat(root.Get(), "etc", &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode)) {
+    // Creating a file copies the directory up; the file goes again at once.
+    const char* probe = "etc/.cella-template-point";
+    UniqueFd fd(
+        ::openat(root.Get(), probe, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (fd) {
+      fd.Reset();
+      (void)::unlinkat(root.Get(), probe, 0);  // left behind, it is only an empty file
+    }
+  }
+  if (::fstatat(root.Get(), "run", &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode))
+    (void)::mkdirat(root.Get(), "run/cella", 0755);  // RecordStartKind accepts EEXIST
+}
+
 // Reads the go line and the config bytes it announces from the port
 // (blocking: the template waits here for ever, its clone gets them at once).
 // Read in chunks (a byte per read cost ~40 ms for a config under TCG): the
@@ -131,6 +259,18 @@ Result<protocol::WarmGo> ReadGo(int fd) {
 
 Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline) {
   std::vector<UnboundDisk> unbound = CELLA_TRY_CTX(UnbindSandboxDisks(), "unbind sandbox disks");
+  // Shape-wide work every clone would repeat, done once here (the image's
+  // disks are in the template's key; no sandbox disk is bound now).
+  bool upper_disk = false;
+  for (const UnboundDisk& disk : unbound)
+    upper_disk = upper_disk || disk.serial == kUpperDiskSerial;
+  int prepared = CELLA_TRY_CTX(PrepareRootForClones(upper_disk), "prepare the root for clones");
+  Debug("template point: " + std::to_string(prepared) + " root mounts made for the clones");
+  CELLA_TRY_CTX(BringLinksUpForClones(), "template point");
+  if (RootMadeForClones()) {
+    WarmImageCaches();
+    PrepareRootFiles();
+  }
   std::string port = CELLA_TRY(FindVirtioPort(protocol::kDefaultAgentPort, port_deadline));
   protocol::WarmGo go;
   {

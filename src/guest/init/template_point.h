@@ -18,12 +18,21 @@ namespace cella::init {
 //     cella-lower<N>/cella-root, which are part of the template's key) are
 //     unbound from the driver, so no block, partition table or capacity of
 //     the template's placeholder disks stays cached in the kernel;
-//  2. the template-point line goes to the host on the agent port, and the
+//  2. the image's share of the root is made for every clone at once
+//     (rootfs.h PrepareRootForClones: its erofs lowers mounted and, when the
+//     writable layer is a tmpfs, the overlay on the new root) and, with the
+//     overlay made, the default PATH's directories, /bin/sh, its ELF
+//     interpreter and libc read into the page cache (all of it comes from
+//     disks in the template's key), the paths every clone's init looks up
+//     looked up, /etc and /run copied up (every clone writes there) with
+//     /run/cella made; lo and the NIC (network.h BringLinksUpForClones)
+//     are brought up whatever the shape;
+//  3. the template-point line goes to the host on the agent port, and the
 //     init blocks until the go line comes back (the template itself never
 //     gets one; a clone gets it right after its restore);
-//  3. the kernel CRNG is reseeded from the go line's seed and the wall clock
+//  4. the kernel CRNG is reseeded from the go line's seed and the wall clock
 //     set, before anything else runs;
-//  4. the unbound devices are bound again: the driver probes the clone's own
+//  5. the unbound devices are bound again: the driver probes the clone's own
 //     disk files afresh; when the go line carried the config.json (the host
 //     always sends it), the config disk stays unbound and the config is
 //     returned instead (nullopt: read the config disk as a cold boot does).

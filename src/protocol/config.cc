@@ -242,6 +242,7 @@ Result<Config> Decode(const Json& doc) {
   CELLA_TRY(ReadStringList(doc, "dns_servers", top, c.dns_servers));
   CELLA_TRY(ReadObjectList(doc, "extra_hosts", top, c.extra_hosts, ReadHostEntry));
   CELLA_TRY(ReadInt(doc, "mtu", top, c.mtu));
+  CELLA_TRY(ReadString(doc, "guest_mac", top, c.guest_mac));
   CELLA_TRY(ReadBool(doc, "no_network", top, c.no_network));
   CELLA_TRY(ReadBool(doc, "privileged", top, c.privileged));
   CELLA_TRY(ReadOverlayRoot(doc, c.overlay_root));
@@ -386,6 +387,26 @@ Result<std::string> NormalizeGuestPath(std::string_view path) {
   return out;
 }
 
+std::optional<std::array<uint8_t, 6>> ParseMac(std::string_view text) {
+  if (text.size() != 17) return std::nullopt;
+  auto nibble = [](char ch) -> int {
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    return -1;
+  };
+  std::array<uint8_t, 6> mac{};
+  for (size_t i = 0; i < 6; ++i) {
+    if (i > 0 && text[i * 3 - 1] != ':') return std::nullopt;
+    int hi = nibble(text[i * 3]);
+    int lo = nibble(text[i * 3 + 1]);
+    if (hi < 0 || lo < 0) return std::nullopt;
+    mac[i] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+  if ((mac[0] & 1) != 0) return std::nullopt;  // a multicast group, not a NIC
+  return mac;
+}
+
 Status ValidateConfig(const Config& c) {
   for (size_t i = 0; i < c.entrypoint.size(); ++i)
     CELLA_TRY(CheckNoNul(Index("entrypoint", i), c.entrypoint[i]));
@@ -407,6 +428,9 @@ Status ValidateConfig(const Config& c) {
     return Fail("guest_cidr: " + std::to_string(c.guest_cidr) + " is out of range 0..32");
   if (!c.guest_gw.empty()) CELLA_TRY(CheckIPv4("guest_gw", c.guest_gw));
   if (!c.guest_dns.empty()) CELLA_TRY(CheckIP("guest_dns", c.guest_dns));
+  if (!c.guest_mac.empty() && !ParseMac(c.guest_mac))
+    return Fail("guest_mac: \"" + c.guest_mac +
+                "\" is not a unicast MAC address (six hex pairs joined by ':')");
   if (c.network_enabled && !c.no_network) {
     if (c.guest_ip.empty()) return Fail("guest_ip: required when network_enabled is true");
     if (c.guest_cidr == 0) return Fail("guest_cidr: required (1..32) when guest_ip is set");
@@ -594,6 +618,7 @@ std::string SerializeConfig(const Config& c) {
     out["extra_hosts"] = std::move(hosts);
   }
   if (c.mtu != 0) out["mtu"] = c.mtu;
+  if (!c.guest_mac.empty()) out["guest_mac"] = c.guest_mac;
   if (c.no_network) out["no_network"] = true;
   if (c.privileged) out["privileged"] = true;
   if (c.overlay_root) {

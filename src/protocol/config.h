@@ -10,6 +10,8 @@
 // shared state) and never throws.
 #pragma once
 
+#include <array>
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
@@ -146,6 +148,10 @@ struct Config {
   std::vector<std::string> dns_servers;  // wins over guest_dns when non-empty
   std::vector<HostEntry> extra_hosts;
   int mtu = 0;  // 0 = leave the kernel's default
+  // The NIC's address, "02:xx:xx:xx:xx:xx" (unicast, locally administered),
+  // chosen per sandbox by the host: every warm clone of one template would
+  // otherwise keep the address its template booted with. Empty = keep it.
+  std::string guest_mac;
   bool no_network = false;
   bool privileged = false;
   std::optional<OverlayRoot> overlay_root;
@@ -187,6 +193,10 @@ std::string SerializeConfig(const Config& config);
 // Semantic checks ParseConfig applies after decoding; exposed so code that
 // builds a Config (the host) can check it before writing it.
 Status ValidateConfig(const Config& config);
+
+// "02:ab:cd:ef:01:23" (either case) as six bytes; nullopt unless it is
+// exactly six hex pairs joined by ':' naming a unicast address.
+std::optional<std::array<uint8_t, 6>> ParseMac(std::string_view text);
 
 // Normalises an absolute guest path: collapses "//" and "/./", strips a
 // trailing "/". Refuses relative paths, ".." components and NUL bytes.

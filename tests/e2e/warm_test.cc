@@ -82,6 +82,7 @@ TEST_F(WarmTest, WarmSandboxesHonourEveryFlagAndAreIndependent) {
   EXPECT_NE(closed.find("403"), std::string::npos) << closed;
   EXPECT_EQ(closed.find("hello guest"), std::string::npos) << closed;
   std::string first_random = Exec(first, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'");
+  std::string first_mac = Exec(first, "cat /sys/class/net/eth0/address");
   ASSERT_EQ(RunCella({"rm", "-f", first}).exit_code, 0);  // frees the rw volume
 
   // A warm clone with every kind of flag.
@@ -106,6 +107,11 @@ TEST_F(WarmTest, WarmSandboxesHonourEveryFlagAndAreIndependent) {
   std::string random = Exec(id, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'");
   EXPECT_EQ(random.size(), 64u);
   EXPECT_NE(random, first_random) << "two clones of one template read the same random bytes";
+  // Its own MAC address: the template's NIC was probed with another.
+  std::string mac = Exec(id, "cat /sys/class/net/eth0/address");
+  EXPECT_EQ(mac.size(), 17u) << mac;
+  EXPECT_EQ(first_mac.size(), 17u) << first_mac;
+  EXPECT_NE(mac, first_mac) << "two clones of one template have the same MAC address";
   long guest_now = std::atol(Exec(id, "date +%s").c_str());
   long host_now = static_cast<long>(std::time(nullptr));
   EXPECT_LE(std::labs(host_now - guest_now), 5) << "guest " << guest_now << " host " << host_now;

@@ -49,6 +49,7 @@ Config FullConfig() {
   c.dns_servers = {"1.1.1.1", "2606:4700:4700::1111"};
   c.extra_hosts = {{"db.internal", "10.0.0.5"}};
   c.mtu = 1400;
+  c.guest_mac = "02:ab:cd:ef:01:23";
   c.no_network = false;
   c.privileged = true;
   c.overlay_root = OverlayRoot{{{"/dev/disk/by-id/virtio-cella-lower0", "erofs"},
@@ -131,6 +132,21 @@ TEST(Config, RoundTripsEveryField) {
   EXPECT_EQ(*back, c);
 }
 
+TEST(Config, GuestMacIsAUnicastAddressOfSixHexPairs) {
+  auto mac = ParseMac("02:AB:cd:0f:10:ff");
+  ASSERT_TRUE(mac.has_value());
+  EXPECT_EQ(*mac, (std::array<uint8_t, 6>{0x02, 0xab, 0xcd, 0x0f, 0x10, 0xff}));
+  for (const char* bad :
+       {"", "02:ab:cd:ef:01", "02:ab:cd:ef:01:23:45", "02-ab-cd-ef-01-23", "02:ab:cd:ef:01:2g",
+        "01:00:5e:00:00:01" /* multicast */, "02:ab:cd:ef:01:23 "})
+    EXPECT_FALSE(ParseMac(bad).has_value()) << bad;
+  Config c;
+  c.guest_mac = "03:00:00:00:00:01";
+  EXPECT_FALSE(ValidateConfig(c).has_value());
+  auto parsed = ParseConfig(R"({"guest_mac":"ff:ff:ff:ff:ff:ff"})");
+  EXPECT_FALSE(parsed.has_value());
+}
+
 TEST(Config, WritesSeedFieldsInGoOrderAndOmitsEmptyOnes) {
   std::string json = SerializeConfig(Config{});
   EXPECT_EQ(Keys(json), (std::vector<std::string>{"entrypoint", "cmd", "workdir", "env",
@@ -162,6 +178,7 @@ TEST(Config, WritesEveryFieldWhenSet) {
                                                   "dns_servers",
                                                   "extra_hosts",
                                                   "mtu",
+                                                  "guest_mac",
                                                   "privileged",
                                                   "overlay_root",
                                                   "disks",

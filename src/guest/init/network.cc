@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <net/if.h>
+#include <net/if_arp.h>
 #include <net/route.h>
 #include <netinet/in.h>
 #include <sys/ioctl.h>
@@ -19,6 +20,7 @@
 #include "guest/init/console.h"
 #include "guest/init/format.h"
 #include "guest/init/fs_util.h"
+#include "protocol/config.h"
 #include "protocol/network.h"
 
 namespace cella::init {
@@ -63,6 +65,23 @@ Status SetDown(int sock, const std::string& interface) {
   return {};
 }
 
+// The NIC's address, from the host: a warm clone's NIC was probed (and is
+// up) with its template's. virtio_net takes a new address while up.
+Status SetMac(int sock, const std::string& interface, const std::string& text) {
+  auto mac = protocol::ParseMac(text);
+  if (!mac) return Fail("guest_mac \"" + text + "\" is not a unicast MAC address");
+  ifreq req = CELLA_TRY(Request(interface));
+  req.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+  std::memcpy(req.ifr_hwaddr.sa_data, mac->data(), mac->size());
+  if (::ioctl(sock, SIOCSIFHWADDR, &req) == 0) return {};
+  if (errno != EBUSY) return FailErrno("SIOCSIFHWADDR " + interface + " " + text);
+  // A driver without live address changes: down, change, and up again.
+  CELLA_TRY(SetDown(sock, interface));
+  if (::ioctl(sock, SIOCSIFHWADDR, &req) != 0)
+    return FailErrno("SIOCSIFHWADDR " + interface + " " + text);
+  return SetUp(sock, interface);
+}
+
 Result<std::vector<std::string>> Interfaces() {
   std::vector<std::string> names;
   DIR* dir = ::opendir("/sys/class/net");
@@ -105,6 +124,8 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
   std::string interface = CELLA_TRY(WaitForInterface(deadline));
   std::string where = "network " + interface;
 
+  if (!config.guest_mac.empty())
+    CELLA_TRY_CTX(SetMac(sock.Get(), interface, config.guest_mac), where);
   if (config.mtu > 0) {
     ifreq req = CELLA_TRY(Request(interface));
     req.ifr_mtu = config.mtu;

@@ -1,7 +1,10 @@
 #include "host/sandbox/compose.h"
 
+#include <sys/random.h>
 #include <sys/stat.h>
 
+#include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 
@@ -66,6 +69,17 @@ Result<GuestAssets> EnsureGuestAssets(
   return assets;
 }
 
+Result<std::string> RandomMac() {
+  std::array<uint8_t, 6> mac{};
+  if (::getrandom(mac.data(), mac.size(), 0) != static_cast<ssize_t>(mac.size()))
+    return FailErrno("getrandom for the guest's MAC address");
+  mac[0] = static_cast<uint8_t>((mac[0] & 0xfc) | 0x02);  // unicast, locally administered
+  char text[18];
+  (void)std::snprintf(text, sizeof(text), "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2],
+                      mac[3], mac[4], mac[5]);
+  return std::string(text);
+}
+
 Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest,
                               const MachineShape& shape,
                               const std::vector<VolumeAttachment>& volumes,
@@ -126,6 +140,7 @@ Result<vmm::VMConfig> Compose(const GuestAssets& assets, protocol::Config& guest
     guest.guest_gw = vmm::kUserNetGateway;
     guest.guest_dns = vmm::kUserNetDns;
     if (guest.dns_servers.empty()) guest.dns_servers = {vmm::kUserNetDns};
+    guest.guest_mac = CELLA_TRY(RandomMac());
   }
   // The default hostname is the CLI's to choose (docker's short ID), once:
   // an empty one here leaves the guest's own default.

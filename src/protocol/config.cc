@@ -403,7 +403,8 @@ std::optional<std::array<uint8_t, 6>> ParseMac(std::string_view text) {
     if (hi < 0 || lo < 0) return std::nullopt;
     mac[i] = static_cast<uint8_t>(hi << 4 | lo);
   }
-  if ((mac[0] & 1) != 0) return std::nullopt;  // a multicast group, not a NIC
+  if ((mac[0] & 1) != 0) return std::nullopt;                // a multicast group, not a NIC
+  if (mac == std::array<uint8_t, 6>{}) return std::nullopt;  // the kernel refuses it
   return mac;
 }
 

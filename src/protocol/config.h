@@ -149,8 +149,10 @@ struct Config {
   std::vector<HostEntry> extra_hosts;
   int mtu = 0;  // 0 = leave the kernel's default
   // The NIC's address, "02:xx:xx:xx:xx:xx" (unicast, locally administered),
-  // chosen per sandbox by the host: every warm clone of one template would
-  // otherwise keep the address its template booted with. Empty = keep it.
+  // drawn by the host for every boot, cold or warm: every warm clone of one
+  // template would otherwise keep the address its template booted with.
+  // Fork copies and resumes continue their source's guest and keep its
+  // address. Empty = keep the NIC's own.
   std::string guest_mac;
   bool no_network = false;
   bool privileged = false;
@@ -195,7 +197,8 @@ std::string SerializeConfig(const Config& config);
 Status ValidateConfig(const Config& config);
 
 // "02:ab:cd:ef:01:23" (either case) as six bytes; nullopt unless it is
-// exactly six hex pairs joined by ':' naming a unicast address.
+// exactly six hex pairs joined by ':' naming a unicast address (not all
+// zeros).
 std::optional<std::array<uint8_t, 6>> ParseMac(std::string_view text);
 
 // Normalises an absolute guest path: collapses "//" and "/./", strips a

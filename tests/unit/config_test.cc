@@ -138,7 +138,7 @@ TEST(Config, GuestMacIsAUnicastAddressOfSixHexPairs) {
   EXPECT_EQ(*mac, (std::array<uint8_t, 6>{0x02, 0xab, 0xcd, 0x0f, 0x10, 0xff}));
   for (const char* bad :
        {"", "02:ab:cd:ef:01", "02:ab:cd:ef:01:23:45", "02-ab-cd-ef-01-23", "02:ab:cd:ef:01:2g",
-        "01:00:5e:00:00:01" /* multicast */, "02:ab:cd:ef:01:23 "})
+        "01:00:5e:00:00:01" /* multicast */, "00:00:00:00:00:00", "02:ab:cd:ef:01:23 "})
     EXPECT_FALSE(ParseMac(bad).has_value()) << bad;
   Config c;
   c.guest_mac = "03:00:00:00:00:01";

@@ -368,6 +368,33 @@ TEST_F(SandboxLifecycleTest, AThrowawaySandboxEndsItsVmAtTheMainResult) {
   EXPECT_EQ(Record().reason, "main process exited with 3");
 }
 
+// `run -d --rm true`: the result can come while the boot's after_boot hook
+// still uses the machine (attach, close stdin). The VM must not be killed
+// under it: the boot completes, then the loop ends the VM, and the sandbox
+// ends exited, not failed.
+TEST_F(SandboxLifecycleTest, AMainResultDuringTheBootEndsTheVmOnlyAfterIt) {
+  end_at_main_result_ = true;
+  int kills_during_boot = -1;
+  LifecycleHooks hooks;
+  hooks.after_boot = [&]() -> Status {
+    host::ExecStatus status;
+    status.exit_code = 0;
+    lifecycle_->SetMainStatus(status);
+    std::lock_guard lock(vm_->mu);
+    kills_during_boot = vm_->kills;
+    return {};
+  };
+  Make(std::move(hooks));
+  auto run = RunAsync();
+  ASSERT_EQ(run.wait_for(5s), std::future_status::ready);
+  LifecycleOutcome outcome = run.get();
+  EXPECT_EQ(kills_during_boot, 0) << "killed while after_boot still ran";
+  EXPECT_TRUE(outcome.booted);
+  EXPECT_EQ(outcome.state, kExited);
+  EXPECT_EQ(outcome.exit_code, 0);
+  EXPECT_GE(vm_->kills, 1);
+}
+
 TEST_F(SandboxLifecycleTest, WithoutEndAtMainResultTheVmIsLeftToPowerOff) {
   Make();
   auto run = RunAsync();

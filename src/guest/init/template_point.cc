@@ -169,10 +169,16 @@ void WarmImageCaches() {
   }
   std::vector<std::string> files = {"/bin/sh", "/etc/ld.so.cache"};
   for (size_t i = 0; i < files.size() && i < 8; ++i) {
-    UniqueFd fd(OpenInRoot(root.Get(), files[i], O_RDONLY));
-    if (!fd) continue;
+    // The image names these paths, and PID 1 opens them: found with
+    // O_PATH (no open of a FIFO that blocks for ever, no device's open),
+    // opened for reading only once they are regular files.
+    UniqueFd found(OpenInRoot(root.Get(), files[i], O_PATH));
+    if (!found) continue;
     struct stat st {};
-    if (::fstat(fd.Get(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (::fstat(found.Get(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    UniqueFd fd(::open(("/proc/self/fd/" + std::to_string(found.Get())).c_str(),
+                       O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+    if (!fd) continue;
     bytes += ReadWhole(fd.Get(), buf);
     if (i != 0) continue;
     // The shell's loader (glibc's ld.so, or musl's, which is its libc) and

@@ -9,6 +9,7 @@
 #include <filesystem>
 
 #include "base/io.h"
+#include "base/log.h"
 #include "host/image/default_rootfs.h"
 #include "host/kernel/initramfs.h"
 #include "host/kernel/pvh.h"
@@ -58,7 +59,15 @@ Result<GuestAssets> EnsureGuestAssets(
     const std::optional<kernel::KernelOverride>& kernel_override) {
   GuestAssets assets;
   assets.kernel = CELLA_TRY(kernel::FindKernel(home, kernel_override));
-  assets.boot_kernel_path = CELLA_TRY(kernel::EnsureBootKernel(home, assets.kernel.vmlinuz));
+  // Only a faster boot: a kernel cache that cannot be written (a full
+  // disk) or a payload cella cannot read boots the bzImage, as before.
+  if (auto boot = kernel::EnsureBootKernel(home, assets.kernel.vmlinuz)) {
+    assets.boot_kernel_path = *boot;
+  } else {
+    log::Warn("booting the kernel as a bzImage (slower under TCG)",
+              {{"kernel", assets.kernel.vmlinuz}, {"error", boot.error().message}});
+    assets.boot_kernel_path = assets.kernel.vmlinuz;
+  }
   kernel::InitramfsSpec spec;
   spec.init_binary = CELLA_TRY(ExistingFile(guest_binary_dir + "/cella-init", "guest init"));
   spec.agent_binary = CELLA_TRY(ExistingFile(guest_binary_dir + "/cella-agent", "guest agent"));

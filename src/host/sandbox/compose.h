@@ -33,11 +33,11 @@ Result<GuestAssets> EnsureGuestAssets(const std::string& home, const std::string
 
 // Where cella-init and cella-agent are: $CELLA_LIBEXEC_DIR, else beside the
 // running executable.
-// A random unicast, locally administered MAC address ("02:..." style) for
-// a guest's NIC: each sandbox has its own, warm clones included.
-Result<std::string> RandomMac();
-
 Result<std::string> GuestBinaryDir();
+
+// A random unicast, locally administered MAC address ("02:..." style) for
+// a guest's NIC: every fresh sandbox (cold boot or warm clone) draws one.
+Result<std::string> RandomMac();
 
 // A block device image shown to the guest at `guest_path`.
 struct VolumeAttachment {

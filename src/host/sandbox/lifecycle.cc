@@ -141,6 +141,24 @@ LifecycleOutcome SandboxLifecycle::Supervise() {
               std::nullopt};
     }
     if (hooks_.on_tick) hooks_.on_tick();
+    if (options_.end_at_main_result && !kill_sent) {
+      bool main_ended = false;
+      {
+        std::lock_guard lock(mu_);
+        main_ended = main_status_.has_value();
+      }
+      if (main_ended) {
+        // The guest would only power off from here (its sync has nothing
+        // of the host's to write): ending QEMU now saves its shutdown. The
+        // result is recorded, so the end is "exited" with its code.
+        log::Debug("main process ended; ending the VM without waiting for its power-off",
+                   {{"id", options_.id}});
+        kill_sent = true;
+        if (auto st = machine_->Kill(); !st)
+          log::Warn("kill VM failed", {{"error", st.error().message}});
+        continue;
+      }
+    }
     timespec no_wait{0, 0};
     if (int sig = ::sigtimedwait(&signals, nullptr, &no_wait); sig > 0) {
       log::Notice("signal received; stopping the sandbox", {{"signal", sig}});
@@ -464,18 +482,11 @@ nlohmann::json SandboxLifecycle::Handle(const nlohmann::json& request) {
 }
 
 void SandboxLifecycle::SetMainStatus(const host::ExecStatus& status) {
-  {
-    std::lock_guard lock(mu_);
-    main_status_ = status;
-  }
-  if (!options_.end_at_main_result) return;
-  // The guest would only power off from here (its sync has nothing of the
-  // host's to write): ending QEMU now saves the guest's shutdown. The
-  // result is recorded first, so the end is "exited" with its code.
-  log::Debug("main process ended; ending the VM without waiting for its power-off",
-             {{"id", options_.id}});
-  std::lock_guard lock(mu_);  // Boot swaps machine_ under mu_
-  if (auto st = machine_->Kill(); !st) log::Warn("kill VM failed", {{"error", st.error().message}});
+  std::lock_guard lock(mu_);
+  main_status_ = status;
+  // With end_at_main_result the main loop ends the VM: on its own thread,
+  // and only once the boot (and its after_boot hook) is over.
+  if (options_.end_at_main_result) WakeLoop();
 }
 
 }  // namespace cella::sandbox

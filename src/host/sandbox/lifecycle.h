@@ -141,7 +141,7 @@ class SandboxLifecycle {
   nlohmann::json Handle(const nlohmann::json& request);
 
   // The main process's result, from the router's hook. With
-  // end_at_main_result, also kills the VM.
+  // end_at_main_result, also wakes the main loop, which kills the VM.
   void SetMainStatus(const host::ExecStatus& status);
 
   // Whether a stop or kill was asked for (control request or signal): the

@@ -175,14 +175,16 @@ TEST_F(Egress, AllowListDecidesHttpHttpsGlobsRuntimeChangesAndRawTcp) {
   // and an invalid entry is refused with the list left as it was.
   std::vector<std::thread> adders;
   std::vector<int> codes(20, -1);
+  std::vector<std::string> outcomes(20);
   for (int i = 0; i < 20; ++i) {
     adders.emplace_back([&, i] {
-      codes[i] =
-          CellaIn(home_, {"allow-list", "add", id, "p" + std::to_string(i) + ".test"}).exit_code;
+      auto r = CellaIn(home_, {"allow-list", "add", id, "p" + std::to_string(i) + ".test"});
+      codes[i] = r.exit_code;
+      outcomes[i] = Describe(r);
     });
   }
   for (auto& t : adders) t.join();
-  for (int i = 0; i < 20; ++i) EXPECT_EQ(codes[i], 0) << "add p" << i;
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(codes[i], 0) << "add p" << i << ": " << outcomes[i];
   auto many = CellaIn(home_, {"allow-list", "ls", id});
   for (int i = 0; i < 20; ++i)
     EXPECT_NE(many.out.find("p" + std::to_string(i) + ".test\n"), std::string::npos)

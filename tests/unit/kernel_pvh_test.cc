@@ -73,6 +73,16 @@ TEST(PvhKernel, DecompressesTheLz4PayloadOfABzImage) {
   EXPECT_EQ(**out, a + b);
 }
 
+TEST(PvhKernel, SetupBytesFollowTheBootProtocol) {
+  std::string image = FakeBzImage(Lz4Legacy({"x"}));
+  EXPECT_EQ(BzImageSetupBytes(Bytes(image)), size_t{(3 + 1) * 512});
+  image[0x1f1] = 0;  // 0 means 4 setup sectors
+  EXPECT_EQ(BzImageSetupBytes(Bytes(image)), size_t{(4 + 1) * 512});
+  image[0x202] = 'h';
+  EXPECT_EQ(BzImageSetupBytes(Bytes(image)), std::nullopt);
+  EXPECT_EQ(BzImageSetupBytes(Bytes(std::string(0x205, 'z'))), std::nullopt);
+}
+
 TEST(PvhKernel, OtherImagesAreNotDecompressed) {
   // gzip-compressed payload, an old boot protocol, no boot header at all.
   std::string gzip = "\x1f\x8b\x08\x00payload-of-some-length";

@@ -116,15 +116,23 @@ std::string Hex32(uint32_t v) {
 
 }  // namespace
 
+std::optional<size_t> BzImageSetupBytes(std::span<const std::byte> header) {
+  if (header.size() < kSignatureOffset + 4 ||
+      std::memcmp(header.data() + kSignatureOffset, "HdrS", 4) != 0)
+    return std::nullopt;
+  // 0 means 4, as for every boot loader since the protocol began.
+  size_t setup_sects = static_cast<size_t>(header[kSetupSectsOffset]);
+  if (setup_sects == 0) setup_sects = 4;
+  return (setup_sects + 1) * kSectorBytes;
+}
+
 Result<std::optional<std::string>> DecompressBzImagePayload(std::span<const std::byte> bzimage,
                                                             size_t max_bytes) {
-  if (bzimage.size() < kHeaderEnd ||
-      std::memcmp(bzimage.data() + kSignatureOffset, "HdrS", 4) != 0 ||
+  const std::optional<size_t> setup_bytes = BzImageSetupBytes(bzimage);
+  if (!setup_bytes || bzimage.size() < kHeaderEnd ||
       Le16(bzimage, kVersionOffset) < kFirstVersionWithPayload)
     return std::nullopt;
-  size_t setup_sects = static_cast<size_t>(bzimage[kSetupSectsOffset]);
-  if (setup_sects == 0) setup_sects = 4;
-  const size_t start = (setup_sects + 1) * kSectorBytes + Le32(bzimage, kPayloadOffsetOffset);
+  const size_t start = *setup_bytes + Le32(bzimage, kPayloadOffsetOffset);
   const size_t length = Le32(bzimage, kPayloadLengthOffset);
   if (start > bzimage.size() || length > bzimage.size() - start)
     return Fail("bzImage payload (" + std::to_string(length) + " bytes at " +

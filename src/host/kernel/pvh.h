@@ -28,6 +28,11 @@ namespace cella::kernel {
 // Xen's ELF note type for the 32-bit physical entry point (xen/elfnote.h).
 inline constexpr uint32_t kXenElfNotePhys32Entry = 18;
 
+// Bytes of a bzImage's real-mode part (boot sector and setup code): the
+// protected-mode payload starts there. nullopt when `header` (the file's
+// first 0x206 bytes or more) lacks the boot protocol's "HdrS" signature.
+std::optional<size_t> BzImageSetupBytes(std::span<const std::byte> header);
+
 // The kernel inside a bzImage, decompressed: the payload must be an LZ4
 // stream in the legacy frame the kernel's build writes (magic 0x184C2102,
 // blocks of at most 8 MiB, the decompressed size appended). nullopt when the

@@ -16,12 +16,9 @@
 namespace cella::vmm {
 namespace {
 
-// Linux boot protocol (Documentation/arch/x86/boot.rst): the real-mode
-// header's setup_sects byte and the "HdrS" signature.
-constexpr size_t kSetupSectsOffset = 0x1f1;
-constexpr size_t kSignatureOffset = 0x202;
+// Linux boot protocol (Documentation/arch/x86/boot.rst): enough of the
+// real-mode header for its signature and setup size.
 constexpr size_t kHeaderBytes = 0x210;
-constexpr size_t kSectorBytes = 512;
 
 }  // namespace
 
@@ -46,13 +43,12 @@ Result<bool> WriteRestoreKernel(const std::string& kernel_path, const std::strin
                   "write restore kernel");
     return true;
   }
-  if (std::memcmp(header.data() + kSignatureOffset, "HdrS", 4) != 0) return false;
-  // 0 means 4, as for every boot loader since the protocol began.
-  size_t setup_sects = static_cast<unsigned char>(header[kSetupSectsOffset]);
-  if (setup_sects == 0) setup_sects = 4;
+  const std::optional<size_t> setup_bytes =
+      kernel::BzImageSetupBytes(std::as_bytes(std::span(header)));
+  if (!setup_bytes) return false;
   // A file shorter than its own header claims is no kernel to trim: the
   // caller passes it as it is and QEMU says what it thinks of it.
-  const size_t stub_bytes = (setup_sects + 1) * kSectorBytes + kRestoreKernelPayload;
+  const size_t stub_bytes = *setup_bytes + kRestoreKernelPayload;
   if (size < stub_bytes) return false;
   std::string stub(stub_bytes, '\0');
   std::memcpy(stub.data(), header.data(), kHeaderBytes);

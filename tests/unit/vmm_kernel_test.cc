@@ -294,6 +294,51 @@ TEST_F(Initramfs, ContentsAndLoadOrder) {
   }
 }
 
+// What scripts/sign-file appends: the signature, struct module_signature
+// (id_type 2 = PKCS#7, the signature's length big-endian last), the marker.
+std::string Signed(const std::string& module, size_t signature_bytes) {
+  std::string info(12, '\0');
+  info[2] = 2;
+  info[8] = static_cast<char>((signature_bytes >> 24) & 0xff);
+  info[9] = static_cast<char>((signature_bytes >> 16) & 0xff);
+  info[10] = static_cast<char>((signature_bytes >> 8) & 0xff);
+  info[11] = static_cast<char>(signature_bytes & 0xff);
+  return module + std::string(signature_bytes, 'S') + info + "~Module signature appended~\n";
+}
+
+TEST(Modules, TheAppendedSignatureIsMeasuredOff) {
+  std::string module =
+      "\x7f"
+      "ELF module bytes";
+  std::string file = Signed(module, 681);
+  EXPECT_EQ(UnsignedModuleSize(file.substr(file.size() - kModuleTrailerBytes), file.size()),
+            module.size());
+  // Unsigned: as it is, however short.
+  EXPECT_EQ(UnsignedModuleSize(module, module.size()), module.size());
+  EXPECT_EQ(UnsignedModuleSize("", 0), size_t{0});
+  // A stated length that runs past the file is refused.
+  std::string tail = file.substr(file.size() - kModuleTrailerBytes);
+  EXPECT_FALSE(UnsignedModuleSize(tail, kModuleTrailerBytes + 680).has_value());
+  EXPECT_EQ(UnsignedModuleSize(tail, kModuleTrailerBytes + 681), size_t{0});
+  std::string huge = Signed("", 0);
+  huge[huge.size() - 29] = '\x7f';  // the length's top byte
+  EXPECT_FALSE(UnsignedModuleSize(huge, huge.size()).has_value());
+}
+
+TEST_F(Initramfs, ModulesGoInWithoutTheirSignatures) {
+  const std::string rel = "kernel/fs/erofs/erofs.ko";
+  Write("mods/6.1-test/" + rel, Signed("module erofs", 100));
+  auto file = EnsureInitramfs(home_, spec_);
+  ASSERT_TRUE(file) << file.error().message;
+  auto entries = ReadCpio(file->path);
+  EXPECT_EQ(entries["lib/modules/6.1-test/" + rel].content, "module erofs");
+  // Signed again with another signature: the same archive (same bytes in).
+  Write("mods/6.1-test/" + rel, Signed("module erofs", 90));
+  auto again = EnsureInitramfs(home_, spec_);
+  ASSERT_TRUE(again) << again.error().message;
+  EXPECT_EQ(ReadCpio(again->path)["lib/modules/6.1-test/" + rel].content, "module erofs");
+}
+
 TEST_F(Initramfs, ReproducibleAndCachedByContent) {
   spec_.compression = InitramfsCompression::kGzip;
   auto first = EnsureInitramfs(home_, spec_);

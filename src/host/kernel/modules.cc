@@ -1,9 +1,15 @@
 #include "host/kernel/modules.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <functional>
 
 #include "base/io.h"
+#include "base/unique_fd.h"
 
 namespace cella::kernel {
 
@@ -180,6 +186,36 @@ Result<std::vector<ModuleGroup>> ResolveLoadGroups(const ModuleIndex& index,
     resolved = order.size();
   }
   return groups;
+}
+
+Result<size_t> UnsignedModuleSize(std::string_view trailer, size_t file_size) {
+  constexpr std::string_view kMarker = "~Module signature appended~\n";
+  constexpr size_t kSignatureInfoBytes = 12;  // struct module_signature
+  static_assert(kModuleTrailerBytes == kSignatureInfoBytes + kMarker.size());
+  if (trailer.size() > file_size) return Fail("module trailer longer than the module");
+  if (trailer.size() < kModuleTrailerBytes || !trailer.ends_with(kMarker)) return file_size;
+  std::string_view info = trailer.substr(trailer.size() - kModuleTrailerBytes, kSignatureInfoBytes);
+  const auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<uint8_t>(info[i])); };
+  const size_t signature_bytes = (byte(8) << 24) | (byte(9) << 16) | (byte(10) << 8) | byte(11);
+  if (signature_bytes > file_size - kModuleTrailerBytes)
+    return Fail("module signature of " + std::to_string(signature_bytes) +
+                " bytes is longer than its " + std::to_string(file_size) + "-byte module");
+  return file_size - kModuleTrailerBytes - signature_bytes;
+}
+
+Result<size_t> UnsignedModuleSizeOfFile(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return FailErrno("open module " + path);
+  struct stat st {};
+  if (::fstat(fd.Get(), &st) != 0) return FailErrno("stat module " + path);
+  const auto size = static_cast<size_t>(st.st_size);
+  std::string trailer(std::min(size, kModuleTrailerBytes), '\0');
+  ssize_t n =
+      ::pread(fd.Get(), trailer.data(), trailer.size(), static_cast<off_t>(size - trailer.size()));
+  if (n < 0) return FailErrno("read the end of module " + path);
+  if (static_cast<size_t>(n) != trailer.size())
+    return Fail("module " + path + " shrank while read");
+  return CELLA_TRY_CTX(UnsignedModuleSize(trailer, size), "module " + path);
 }
 
 }  // namespace cella::kernel

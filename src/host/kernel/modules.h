@@ -2,9 +2,11 @@
 //
 // The guest has no modprobe: the host resolves dependencies from the
 // kernel's modules.dep (written by depmod) and the init loads the listed
-// files in order with finit_module. Pure functions over text; thread-safe.
+// files in order with finit_module. Pure functions over text, and readers of
+// modules.dep and module trailers; thread-safe.
 #pragma once
 
+#include <cstddef>
 #include <map>
 #include <set>
 #include <span>
@@ -15,6 +17,18 @@
 #include "base/result.h"
 
 namespace cella::kernel {
+
+// The length of a module file without the signature the kernel's build
+// appends (scripts/sign-file: the module, the PKCS#7 signature, a
+// struct module_signature whose last field is the signature's big-endian
+// length, then "~Module signature appended~\n"). `trailer` is the file's
+// last bytes (kModuleTrailerBytes or fewer when the file is shorter);
+// `file_size` the whole file's. An unsigned module keeps its size; a
+// trailer whose stated length runs past the file is an error.
+inline constexpr size_t kModuleTrailerBytes = 40;  // struct module_signature + marker
+Result<size_t> UnsignedModuleSize(std::string_view trailer, size_t file_size);
+// The same for a file, reading only its trailer.
+Result<size_t> UnsignedModuleSizeOfFile(const std::string& path);
 
 // modules.dep: "kernel/a/b.ko: kernel/c.ko kernel/d.ko" per line; the
 // dependency list is already the transitive closure, in reverse load order.

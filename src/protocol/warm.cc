@@ -69,15 +69,27 @@ Result<WarmGo> ParseWarmGo(std::string_view line) {
   return go;
 }
 
-bool CmdlineWantsTemplate(std::string_view cmdline) {
+namespace {
+
+bool CmdlineHasWord(std::string_view cmdline, std::string_view word) {
   size_t pos = 0;
   while (pos < cmdline.size()) {
     size_t end = cmdline.find_first_of(" \t\n", pos);
     if (end == std::string_view::npos) end = cmdline.size();
-    if (cmdline.substr(pos, end - pos) == kTemplateCmdlineFlag) return true;
+    if (cmdline.substr(pos, end - pos) == word) return true;
     pos = end + 1;
   }
   return false;
+}
+
+}  // namespace
+
+bool CmdlineWantsTemplate(std::string_view cmdline) {
+  return CmdlineHasWord(cmdline, kTemplateCmdlineFlag);
+}
+
+bool CmdlineWantsColdGo(std::string_view cmdline) {
+  return CmdlineHasWord(cmdline, kColdGoCmdlineFlag);
 }
 
 }  // namespace cella::protocol

@@ -14,6 +14,15 @@
 //                  the sandbox's config.json (the same bytes as on its config
 //                  disk; 0 or no field: none, read the config disk).
 //
+// A cold boot (cella.go=1 on its kernel command line, no template) asks for
+// the same go line once its boot modules are loaded:
+//
+//   guest -> host  "cella-config-please\n"
+//   host -> guest  the go line and config.json, as above
+//
+// so it need not find and mount its config disk either, and the host may
+// finish the sandbox's network and config disk while the kernel boots.
+//
 // After the go line (and its config) the guest closes the port and boots on
 // exactly as a cold boot does from parsing its config: carried here, the
 // clone's guest need not probe and mount its config disk, which cost
@@ -32,6 +41,8 @@ namespace cella::protocol {
 
 inline constexpr std::string_view kTemplatePointLine = "cella-template-point\n";
 inline constexpr std::string_view kTemplateCmdlineFlag = "cella.template=1";
+inline constexpr std::string_view kConfigRequestLine = "cella-config-please\n";
+inline constexpr std::string_view kColdGoCmdlineFlag = "cella.go=1";
 inline constexpr size_t kWarmSeedBytes = 64;
 // Bound for either line (a longer one is refused, not waited for).
 inline constexpr size_t kMaxWarmLine = 512;
@@ -53,5 +64,7 @@ Result<WarmGo> ParseWarmGo(std::string_view line);
 
 // True when the kernel command line carries kTemplateCmdlineFlag as a word.
 bool CmdlineWantsTemplate(std::string_view cmdline);
+// True when it carries kColdGoCmdlineFlag as a word.
+bool CmdlineWantsColdGo(std::string_view cmdline);
 
 }  // namespace cella::protocol

@@ -76,6 +76,8 @@ TEST(WarmGo, CmdlineFlagIsAWholeWord) {
   EXPECT_TRUE(protocol::CmdlineWantsTemplate("cella.template=1"));
   EXPECT_FALSE(protocol::CmdlineWantsTemplate("console=ttyS0 xcella.template=1"));
   EXPECT_FALSE(protocol::CmdlineWantsTemplate("cella.template=10"));
+  EXPECT_TRUE(protocol::CmdlineWantsColdGo("console=ttyS0 cella.go=1"));
+  EXPECT_FALSE(protocol::CmdlineWantsColdGo("console=ttyS0 cella.go=10 cella.template=1"));
 }
 
 class TemplateKeyTest : public ::testing::Test {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "host/vmm/qemu_argv.h"
+#include "protocol/warm.h"
 
 namespace cella::vmm {
 namespace {
@@ -228,6 +229,22 @@ TEST(QemuArgv, KernelArgsAppended) {
   std::string cmdline = BuildKernelCmdline(c, 0);
   EXPECT_TRUE(cmdline.ends_with(" cella.debug=1")) << cmdline;
   EXPECT_EQ(cmdline.find("tsc_early_khz"), std::string::npos);
+}
+
+TEST(QemuArgv, OnlyAnOrdinaryColdBootAsksForItsConfigOnTheAgentPort) {
+  VMConfig c = BaseConfig();
+  EXPECT_TRUE(BootsWithColdGo(c));
+  EXPECT_TRUE(protocol::CmdlineWantsColdGo(BuildKernelCmdline(c, 0)));
+  for (TemplateRole role : {TemplateRole::kCapture, TemplateRole::kClone}) {
+    VMConfig t = BaseConfig();
+    t.Template = role;
+    EXPECT_FALSE(BootsWithColdGo(t));
+    EXPECT_FALSE(protocol::CmdlineWantsColdGo(BuildKernelCmdline(t, 0)));
+  }
+  VMConfig restore = BaseConfig();
+  restore.IncomingMigration = "fd:3";
+  EXPECT_FALSE(BootsWithColdGo(restore));
+  EXPECT_FALSE(protocol::CmdlineWantsColdGo(BuildKernelCmdline(restore, 0)));
 }
 
 TEST(QemuArgv, ARestoreGetsTheHeaderOnlyKernelAndNoInitrd) {

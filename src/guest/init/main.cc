@@ -57,11 +57,15 @@ Status Boot() {
   }
   Debug("loaded " + std::to_string(loaded) + " modules");
   std::optional<std::string> go_config;
-  if (warm) go_config = CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline()), "template point");
+  if (warm) {
+    go_config = CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline()), "template point");
+  } else if (protocol::CmdlineWantsColdGo(*cmdline)) {
+    go_config = CELLA_TRY_CTX(AwaitColdGo(DeviceDeadline()), "config request");
+  }
   protocol::Config config;
   if (go_config) {
-    // A warm clone's config came with its go line (the same bytes as on its
-    // config disk, parsed as strictly).
+    // A warm clone's config, or a cold boot's, came with its go line (the
+    // same bytes as on its config disk, parsed as strictly).
     auto parsed = protocol::ParseConfig(*go_config);
     if (!parsed) return std::unexpected(std::move(parsed.error()).WithContext("go line config"));
     config = std::move(*parsed);

@@ -73,8 +73,12 @@ Result<std::string> FindVirtioPort(std::string_view name, Deadline deadline) {
     DIR* dir = ::opendir(dir_path.c_str());
     if (dir != nullptr) {
       std::string found;
-      errno = 0;
-      while (dirent* entry = ::readdir(dir)) {
+      for (;;) {
+        // Reset before every call: the name file read below may set errno
+        // (a port still being created has none yet).
+        errno = 0;
+        dirent* entry = ::readdir(dir);
+        if (entry == nullptr) break;
         std::string port = entry->d_name;
         if (port == "." || port == "..") continue;
         std::string name_file = dir_path;

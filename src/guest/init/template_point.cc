@@ -227,7 +227,7 @@ void PrepareRootFiles() {
 // host sends nothing after them until the agent's Hello, so a chunk never
 // holds more; if it does, the host broke the handshake. Bounded by
 // kMaxWarmLine and kMaxConfigBytes.
-Result<protocol::WarmGo> ReadGo(int fd) {
+Result<protocol::WarmGo> ReadGo(int fd, std::string_view resend_on_eof = {}) {
   std::string text;
   size_t line_end = std::string::npos;
   std::optional<protocol::WarmGo> go;
@@ -252,13 +252,27 @@ Result<protocol::WarmGo> ReadGo(int fd) {
     ssize_t n = ::read(fd, buf.data(), buf.size());
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return FailErrno("read agent port");
-    // No host connected: the port reads EOF. Wait for one.
+    // No host connected: the port reads EOF. Wait for one (what was
+    // written meanwhile went nowhere).
     if (n == 0) {
       ::usleep(20'000);
+      if (!resend_on_eof.empty() &&
+          ::write(fd, resend_on_eof.data(), resend_on_eof.size()) !=
+              static_cast<ssize_t>(resend_on_eof.size()))
+        return FailErrno("write agent port");
       continue;
     }
     text.append(buf.data(), static_cast<size_t>(n));
   }
+}
+
+Status ApplyGo(const protocol::WarmGo& go) {
+  CELLA_TRY(agent::ReseedKernelRng(go.seed));
+  timespec now{};
+  now.tv_sec = static_cast<time_t>(go.realtime_ns / 1'000'000'000);
+  now.tv_nsec = static_cast<long>(go.realtime_ns % 1'000'000'000);
+  if (::clock_settime(CLOCK_REALTIME, &now) != 0) return FailErrno("clock_settime");
+  return {};
 }
 
 }  // namespace
@@ -288,11 +302,7 @@ Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline) {
     go = CELLA_TRY(ReadGo(fd.Get()));
   }
   // First the RNG: nothing below may draw from the template's CRNG state.
-  CELLA_TRY(agent::ReseedKernelRng(go.seed));
-  timespec now{};
-  now.tv_sec = static_cast<time_t>(go.realtime_ns / 1'000'000'000);
-  now.tv_nsec = static_cast<long>(go.realtime_ns % 1'000'000'000);
-  if (::clock_settime(CLOCK_REALTIME, &now) != 0) return FailErrno("clock_settime");
+  CELLA_TRY(ApplyGo(go));
   Debug("warm start: go line applied (RNG reseeded, clock set)");
   const bool config_given = go.config_bytes > 0;
   size_t bound = 0;
@@ -305,6 +315,23 @@ Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline) {
   }
   Debug("warm start: " + std::to_string(bound) + " disks probed afresh");
   if (!config_given) return std::optional<std::string>();
+  return std::optional<std::string>(std::move(go.config_json));
+}
+
+Result<std::optional<std::string>> AwaitColdGo(Deadline port_deadline) {
+  std::string port = CELLA_TRY(FindVirtioPort(protocol::kDefaultAgentPort, port_deadline));
+  protocol::WarmGo go;
+  {
+    UniqueFd fd(::open(port.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
+    if (!fd) return FailErrno("open agent port " + port);
+    std::string_view ask = protocol::kConfigRequestLine;
+    if (::write(fd.Get(), ask.data(), ask.size()) != static_cast<ssize_t>(ask.size()))
+      return FailErrno("write the config request");
+    go = CELLA_TRY(ReadGo(fd.Get(), ask));
+  }
+  CELLA_TRY(ApplyGo(go));
+  Debug("cold start: go line applied (RNG reseeded, clock set)");
+  if (go.config_bytes == 0) return std::optional<std::string>();
   return std::optional<std::string>(std::move(go.config_json));
 }
 

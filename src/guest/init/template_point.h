@@ -39,6 +39,14 @@ namespace cella::init {
 // The port is closed again; the agent opens it later as on a cold boot.
 Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline);
 
+// A cold boot with cella.go=1: the config-request line goes to the host on
+// the agent port and the go line comes back (sent again while the port
+// reads EOF: no host had the socket, and the line was lost); the CRNG is
+// reseeded and the wall clock set from it, and its config.json returned
+// (nullopt when it carried none: read the config disk). The config disk is
+// never mounted then; the port is closed again for the agent.
+Result<std::optional<std::string>> AwaitColdGo(Deadline port_deadline);
+
 // Where guest programs (and tests) read how this machine started: "warm\n"
 // (a template clone) or "cold\n". Written once /run is mounted.
 inline constexpr const char* kStartKindPath = "/run/cella/start";

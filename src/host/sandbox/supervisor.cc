@@ -57,6 +57,7 @@
 #include "host/store/state_store.h"
 #include "host/template/template_store.h"
 #include "host/vmm/config_disk.h"
+#include "host/vmm/qemu_argv.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace cella::sandbox {
@@ -223,12 +224,12 @@ class Supervisor {
     } else {
       CELLA_TRY(vmm::ReserveGuestConfigDisk(guest, vm));
       if (!spec.cold) PrepareWarmStart(cella_home, guest, options, vm);
-      if (warm_template_) {
+      if (warm_template_ || vmm::BootsWithColdGo(vm)) {
         // A clone's guest waits for its go line before it reads a disk or
-        // has a network address: the network's ruleset, DNS server and
-        // proxy and the config disk are finished while QEMU starts (its
-        // start-up is the longest host step of a warm run), and joined
-        // before the go line. Every other boot has them before QEMU starts.
+        // has a network address, and a cold guest asks for it before either:
+        // the network's ruleset, DNS server and proxy and the config disk
+        // are finished while QEMU starts (and a cold kernel boots), and
+        // joined before the go line.
         deferred_ = std::async(std::launch::async,
                                [this, json = vm.GuestConfigJson, disk = vm.ConfigDiskPath] {
                                  return FinishHostWork(json, disk);

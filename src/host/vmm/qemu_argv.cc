@@ -41,6 +41,10 @@ Result<StatePaths> ResolveStatePaths(const VMConfig& config) {
   return p;
 }
 
+bool BootsWithColdGo(const VMConfig& config) {
+  return config.Template == TemplateRole::kNone && config.IncomingMigration.empty();
+}
+
 std::string BuildKernelCmdline(const VMConfig& config, uint64_t tsc_khz) {
   // panic=-1 + -no-reboot: a guest panic ends QEMU at once instead of hanging.
   // pci=off: microvm has no PCI; skips a probe and its error line.
@@ -49,6 +53,7 @@ std::string BuildKernelCmdline(const VMConfig& config, uint64_t tsc_khz) {
   cmdline += " no_timer_check pci=off";
   // On clones too: their argv must match the template's.
   if (config.Template != TemplateRole::kNone) cmdline += " cella.template=1";
+  if (BootsWithColdGo(config)) cmdline += " cella.go=1";
   if (!config.KernelArgs.empty()) cmdline += " " + config.KernelArgs;
   return cmdline;
 }

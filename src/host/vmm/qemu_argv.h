@@ -52,6 +52,11 @@ Result<StatePaths> ResolveStatePaths(const VMConfig& config);
 // KernelArgs.
 std::string BuildKernelCmdline(const VMConfig& config, uint64_t tsc_khz);
 
+// An ordinary cold boot (no template part, no restore): its guest asks for
+// its config on the agent port (protocol/warm.h) instead of mounting the
+// config disk, and the kernel command line says so.
+bool BootsWithColdGo(const VMConfig& config);
+
 // How many virtio-mmio transports the VM uses.
 int CountVirtioTransports(const VMConfig& config);
 

@@ -172,6 +172,11 @@ class QemuMachine final : public Machine {
   // A restore: feeds the snapshot to QEMU waiting with -incoming defer, then
   // lets the vCPUs run.
   Status RestoreState(Clock::time_point deadline);
+  // Reads `line` from the agent socket before the agent protocol starts on
+  // it (protocol/warm.h), watching QEMU; anything else is refused, as a
+  // guest we do not understand.
+  Status AwaitGuestLine(int agent_fd, std::string_view line, std::string_view waiting_for,
+                        Clock::time_point deadline);
   // kCapture: waits for the guest's template-point line, then freezes the
   // VM and saves its device state (RAM stays in the template's file).
   Status CaptureTemplate(UniqueFd agent_fd, Clock::time_point deadline);
@@ -357,7 +362,12 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
     return CaptureTemplate(std::move(agent_fd), deadline);
   if (!config_.IncomingMigration.empty()) CELLA_TRY(RestoreState(deadline));
   if (!config_.IncomingMigration.empty()) log::Debug("VM state restored", {{"id", config_.ID}});
-  if (config_.Template == TemplateRole::kClone) {
+  if (BootsWithColdGo(config_)) {
+    CELLA_TRY(AwaitGuestLine(agent_fd.Get(), protocol::kConfigRequestLine,
+                             "booting (before it asked for its config)", deadline));
+    log::Debug("guest asked for its config", {{"id", config_.ID}});
+  }
+  if (config_.Template == TemplateRole::kClone || BootsWithColdGo(config_)) {
     if (options_.before_go) {
       CELLA_TRY(options_.before_go());
       log::Debug("host work beside QEMU's start joined", {{"id", config_.ID}});
@@ -367,37 +377,46 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
   return ConnectAgent(std::move(agent_fd), deadline);
 }
 
-Status QemuMachine::CaptureTemplate(UniqueFd agent_fd, Clock::time_point deadline) {
+Status QemuMachine::AwaitGuestLine(int agent_fd, std::string_view expected,
+                                   std::string_view waiting_for, Clock::time_point deadline) {
   // The guest writes one bounded line and then waits; anything else is a
-  // guest we do not understand, and is not saved.
+  // guest we do not understand.
   std::string line;
-  while (line.size() < protocol::kTemplatePointLine.size()) {
-    pollfd fds[2] = {{agent_fd.Get(), POLLIN, 0}, {wait_fd_.Get(), POLLIN, 0}};
+  while (line.size() < expected.size()) {
+    pollfd fds[2] = {{agent_fd, POLLIN, 0}, {wait_fd_.Get(), POLLIN, 0}};
     int rc = ::poll(fds, 2, std::min(RemainingMs(deadline), 1000));
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) return FailErrno("poll agent socket");
     if (fds[1].revents != 0 || CELLA_TRY(ReapIfExited())) {
       CELLA_TRY(ReapIfExited());
-      return std::unexpected(DiedDuringBoot("booting to the template point"));
+      return std::unexpected(DiedDuringBoot(waiting_for));
     }
     if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       char buf[64];
-      size_t want = std::min(sizeof buf, protocol::kTemplatePointLine.size() - line.size());
-      ssize_t n = ::read(agent_fd.Get(), buf, want);
+      size_t want = std::min(sizeof buf, expected.size() - line.size());
+      ssize_t n = ::read(agent_fd, buf, want);
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) return FailErrno("read agent socket");
       if (n == 0) return std::unexpected(WithConsole("VM " + config_.ID + ": agent link closed"));
       line.append(buf, static_cast<size_t>(n));
-      if (!protocol::kTemplatePointLine.starts_with(line))
-        return std::unexpected(WithConsole("VM " + config_.ID +
-                                           ": the guest did not stop at the template point "
-                                           "(is its initramfs older than this cella?)"));
+      if (!expected.starts_with(line))
+        return std::unexpected(WithConsole("VM " + config_.ID + ": the guest did not say \"" +
+                                           std::string(expected.substr(0, expected.size() - 1)) +
+                                           "\" (is its initramfs older than this cella?)"));
     }
     if (Clock::now() >= deadline)
-      return std::unexpected(WithConsole("VM " + config_.ID +
-                                         ": the guest did not reach the template point within " +
+      return std::unexpected(WithConsole("VM " + config_.ID + ": no \"" +
+                                         std::string(expected.substr(0, expected.size() - 1)) +
+                                         "\" from the guest within " +
                                          std::to_string(options_.boot_timeout.count()) + " ms"));
   }
+  return {};
+}
+
+Status QemuMachine::CaptureTemplate(UniqueFd agent_fd, Clock::time_point deadline) {
+  // Anything but the template-point line is not saved.
+  CELLA_TRY(AwaitGuestLine(agent_fd.Get(), protocol::kTemplatePointLine,
+                           "booting to the template point", deadline));
   QmpClient* qmp = &*qmp_;
   CELLA_TRY(qmp->Stop());
   Status saved = [&]() -> Status {

@@ -92,4 +92,8 @@ bool CmdlineWantsColdGo(std::string_view cmdline) {
   return CmdlineHasWord(cmdline, kColdGoCmdlineFlag);
 }
 
+bool CmdlineWantsSeededUpper(std::string_view cmdline) {
+  return CmdlineHasWord(cmdline, kSeededUpperCmdlineFlag);
+}
+
 }  // namespace cella::protocol

@@ -43,6 +43,10 @@ inline constexpr std::string_view kTemplatePointLine = "cella-template-point\n";
 inline constexpr std::string_view kTemplateCmdlineFlag = "cella.template=1";
 inline constexpr std::string_view kConfigRequestLine = "cella-config-please\n";
 inline constexpr std::string_view kColdGoCmdlineFlag = "cella.go=1";
+// A template (and its clones) whose writable layer is part of it: the
+// upper disk stays bound at the template point, is mounted and the overlay
+// made on it, and every clone attaches a copy of the template's disk.
+inline constexpr std::string_view kSeededUpperCmdlineFlag = "cella.seeded_upper=1";
 inline constexpr size_t kWarmSeedBytes = 64;
 // Bound for either line (a longer one is refused, not waited for).
 inline constexpr size_t kMaxWarmLine = 512;
@@ -66,5 +70,7 @@ Result<WarmGo> ParseWarmGo(std::string_view line);
 bool CmdlineWantsTemplate(std::string_view cmdline);
 // True when it carries kColdGoCmdlineFlag as a word.
 bool CmdlineWantsColdGo(std::string_view cmdline);
+// True when it carries kSeededUpperCmdlineFlag as a word.
+bool CmdlineWantsSeededUpper(std::string_view cmdline);
 
 }  // namespace cella::protocol

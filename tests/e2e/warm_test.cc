@@ -139,6 +139,44 @@ TEST_F(WarmTest, WarmSandboxesHonourEveryFlagAndAreIndependent) {
   RemoveTemplatesOf(kMemory);
 }
 
+// A sandbox's first boot takes its writable layer from the template (the
+// template's own ext4 upper, with the root made on it, copied for each
+// clone); a restart attaches the layer as it is, to a template that left it
+// unread. Either way each sandbox keeps its own files, and the layer is a
+// sound filesystem.
+TEST_F(WarmTest, AFirstBootTakesItsWritableLayerFromTheTemplateAndKeepsItsOwnFiles) {
+  constexpr int kMemory = 308;
+  const std::string memory = std::to_string(kMemory) + "m";
+  RemoveTemplatesOf(kMemory);
+  std::string a = RunDetached({"--memory", memory, "--", "sleep", "3600"});
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 1u) << "the first run builds the seeded template";
+  std::string b = RunDetached({"--memory", memory, "--", "sleep", "3600"});
+  ASSERT_FALSE(b.empty());
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 1u) << "the second run reuses it";
+  EXPECT_EQ(Exec(b, "cat /run/cella/start"), "warm");
+  EXPECT_EQ(Exec(a, "echo from-a > /root/mine; echo a > /etc/which; cat /root/mine"), "from-a");
+  EXPECT_EQ(Exec(b, "echo from-b > /root/mine; cat /root/mine; cat /etc/which 2>/dev/null; true"),
+            "from-b")
+      << "one clone's writes must not show in another";
+  EXPECT_EQ(Exec(a, "cat /root/mine /etc/which"), "from-a\na");
+  // The layer is the sandbox's own file, and a sound ext4 once stopped.
+  ASSERT_EQ(RunCella({"stop", b}).exit_code, 0);
+  const std::string upper = home_ + "/sandboxes/" + b + "/upper.img";
+  auto fsck = RunProcess({"e2fsck", "-f", "-y", upper}, "", std::chrono::seconds(120));
+  EXPECT_LE(fsck.exit_code, 1) << "e2fsck found errors it had to fix beyond the journal\n"
+                               << Describe(fsck);
+  auto fsck_again = RunProcess({"e2fsck", "-f", "-n", upper}, "", std::chrono::seconds(120));
+  EXPECT_EQ(fsck_again.exit_code, 0) << Describe(fsck_again);
+  // A restart keeps its files: its layer is attached as it is (another
+  // template: one that leaves the layer unread).
+  ASSERT_EQ(RunCella({"start", b}).exit_code, 0);
+  EXPECT_EQ(Exec(b, "cat /root/mine; cat /etc/which 2>/dev/null; true"), "from-b");
+  EXPECT_EQ(TemplatesOf(kMemory).size(), 2u);
+  ASSERT_EQ(RunCella({"rm", "-f", a, b}).exit_code, 0);
+  RemoveTemplatesOf(kMemory);
+}
+
 TEST_F(WarmTest, KilledTemplateBuildIsNeverTrustedAndNewKeyPartsMakeNewTemplates) {
   constexpr int kMemory = 312;
   const std::string memory = std::to_string(kMemory) + "m";

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -156,6 +157,25 @@ TEST(DiskImage, MakesASparseExt4ImageAndNeverOverwrites) {
   auto again = MakeExt4Image(image, uint64_t{64} << 20, "vol");
   EXPECT_FALSE(again);
   EXPECT_EQ(again.error().errno_value, EEXIST);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(DiskImage, AFreshImageIsSeenAsNeverMounted) {
+  std::string dir = TempDir();
+  std::string image = dir + "/upper.img";
+  ASSERT_TRUE(MakeExt4Image(image, uint64_t{64} << 20, "cella-upper"));
+  auto fresh = Ext4NeverMounted(image);
+  ASSERT_TRUE(fresh) << fresh.error().message;
+  EXPECT_TRUE(*fresh);
+  // What a mount leaves in the superblock: a mount count.
+  auto counted = host::CheckCommand({"tune2fs", "-C", "1", image}, std::chrono::seconds(30));
+  ASSERT_TRUE(counted) << counted.error().message;
+  auto used = Ext4NeverMounted(image);
+  ASSERT_TRUE(used) << used.error().message;
+  EXPECT_FALSE(*used);
+  std::ofstream(dir + "/not-ext4") << std::string(4096, 'x');
+  EXPECT_FALSE(Ext4NeverMounted(dir + "/not-ext4"));
+  EXPECT_FALSE(Ext4NeverMounted(dir + "/missing"));
   std::filesystem::remove_all(dir);
 }
 

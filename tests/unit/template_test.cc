@@ -142,6 +142,53 @@ TEST_F(TemplateKeyTest, SandboxFilesDoNotChangeTheKeyButTheShapeDoes) {
   EXPECT_NE(Key(vm_), key);
 }
 
+TEST_F(TemplateKeyTest, ASeededUpperIsItsOwnKeyAndNamesTheDiskSize) {
+  ASSERT_EQ(::truncate(vm_.OverlayUpperPath.c_str(), 0), -1);  // not there yet
+  std::ofstream(vm_.OverlayUpperPath) << "";
+  ASSERT_EQ(::truncate(vm_.OverlayUpperPath.c_str(), 64 << 20), 0);
+  std::string plain = Key(vm_);
+  vmm::VMConfig seeded = vm_;
+  seeded.KernelArgs = std::string(protocol::kSeededUpperCmdlineFlag);
+  std::string seeded_key = Key(seeded);
+  EXPECT_NE(seeded_key, plain);
+  auto shape = warm::ShapeText(seeded, options_);
+  ASSERT_TRUE(shape);
+  EXPECT_NE(shape->find("\ndisk upper rw seeded 67108864\n"), std::string::npos) << *shape;
+  // The template's ext4 is the size of the sandbox's: another size, another key.
+  ASSERT_EQ(::truncate(vm_.OverlayUpperPath.c_str(), 128 << 20), 0);
+  EXPECT_NE(Key(seeded), seeded_key);
+  EXPECT_EQ(Key(vm_), plain) << "an unseeded upper is attached as it is, whatever its size";
+}
+
+TEST_F(TemplateKeyTest, ASeededTemplateWithoutItsUpperDiskIsDamaged) {
+  std::string home = dir_.path() + "/home";
+  std::string shape = "format 1\ndisk upper rw seeded 4096\n";
+  std::string key = warm::KeyOf(shape);
+  std::string tdir = home + "/templates/" + key;
+  ASSERT_EQ(::system(("mkdir -p " + tdir + " && truncate -s 256M " + tdir +
+                      "/memory && echo state > " + tdir + "/state")
+                         .c_str()),
+            0);
+  nlohmann::json manifest = {{"format", 1},      {"key", key},
+                             {"shape", shape},   {"image", "/i.erofs"},
+                             {"memory_mb", 256}, {"cpus", 1.0},
+                             {"created", 1},     {"memory_bytes", 256 << 20},
+                             {"state_bytes", 6}, {"upper_seed_bytes", 4096}};
+  auto write_manifest = [&] { std::ofstream(tdir + "/manifest.json") << manifest.dump(); };
+  write_manifest();
+  ASSERT_EQ(::system(("truncate -s 4096 " + tdir + "/upper.seed").c_str()), 0);
+  auto found = warm::Find(home, key);
+  ASSERT_TRUE(found) << found.error().message;
+  ASSERT_TRUE(found->has_value()) << "a whole seeded template is found";
+  EXPECT_EQ((*found)->upper_seed, tdir + "/upper.seed");
+  // A seed of another size, then none: never cloned from.
+  ASSERT_EQ(::system(("truncate -s 8192 " + tdir + "/upper.seed").c_str()), 0);
+  auto resized = warm::Find(home, key);
+  ASSERT_TRUE(resized);
+  EXPECT_FALSE(resized->has_value());
+  EXPECT_NE(::access(tdir.c_str(), F_OK), 0) << "removed";
+}
+
 TEST_F(TemplateKeyTest, SharesAndSystemdBootCold) {
   EXPECT_EQ(warm::WhyCold(vm_, false), "");
   EXPECT_NE(warm::WhyCold(vm_, true), "");

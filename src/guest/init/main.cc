@@ -58,7 +58,9 @@ Status Boot() {
   Debug("loaded " + std::to_string(loaded) + " modules");
   std::optional<std::string> go_config;
   if (warm) {
-    go_config = CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline()), "template point");
+    go_config =
+        CELLA_TRY_CTX(AwaitWarmStart(DeviceDeadline(), protocol::CmdlineWantsSeededUpper(*cmdline)),
+                      "template point");
   } else if (protocol::CmdlineWantsColdGo(*cmdline)) {
     go_config = CELLA_TRY_CTX(AwaitColdGo(DeviceDeadline()), "config request");
   }

@@ -51,7 +51,8 @@ Status MountReadOnlyAnyFs(const std::string& device, const std::string& target) 
 // boot). Only PID 1's main thread touches it, before any other thread exists.
 struct PreparedRoot {
   std::vector<dev_t> lowers;  // the device mounted at kScratch/lower<i>
-  bool overlay = false;       // the tmpfs upper and the overlay on kNewRoot
+  bool overlay = false;       // the upper and the overlay on kNewRoot
+  dev_t upper = 0;            // the seeded upper disk mounted at UpperDir (0: a tmpfs)
 };
 PreparedRoot g_prepared;
 
@@ -92,6 +93,7 @@ Status DropPrepared(bool keep_lowers) {
     CELLA_TRY(Unmount(kNewRoot));
     CELLA_TRY(Unmount(UpperDir()));
     g_prepared.overlay = false;
+    g_prepared.upper = 0;
   }
   if (!keep_lowers) {
     for (size_t i = 0; i < g_prepared.lowers.size(); ++i) CELLA_TRY(Unmount(LowerDir(i)));
@@ -100,9 +102,19 @@ Status DropPrepared(bool keep_lowers) {
   return {};
 }
 
+// Does the template point's upper fit this config's (a tmpfs, or the same
+// seeded disk as ext4)?
+Result<bool> PreparedUpperFits(const protocol::OverlayRoot& root, Deadline deadline) {
+  if (root.upper_device.empty()) return g_prepared.upper == 0;
+  if (g_prepared.upper == 0) return false;
+  if (!root.upper_fstype.empty() && root.upper_fstype != "ext4") return false;
+  CELLA_TRY(WaitForDevice(root.upper_device, deadline));
+  return CELLA_TRY(DeviceNumber(root.upper_device)) == g_prepared.upper;
+}
+
 Status MountOverlayRoot(const protocol::OverlayRoot& root, Deadline deadline) {
   const bool reuse_lowers = CELLA_TRY(PreparedLowersFit(root, deadline));
-  if (reuse_lowers && g_prepared.overlay && root.upper_device.empty()) {
+  if (reuse_lowers && g_prepared.overlay && CELLA_TRY(PreparedUpperFits(root, deadline))) {
     Debug("root as made at the template point");
     return {};
   }
@@ -294,7 +306,7 @@ Status AssembleRoot(const Config& config, Deadline deadline) {
 
 bool RootMadeForClones() { return g_prepared.overlay; }
 
-Result<int> PrepareRootForClones(bool upper_disk) {
+Result<int> PrepareRootForClones(bool upper_disk, bool seeded_upper) {
   CELLA_TRY(ScanDiskLinks());
   int mounts = 0;
   std::vector<std::string> lower_dirs;
@@ -316,9 +328,16 @@ Result<int> PrepareRootForClones(bool upper_disk) {
     lower_dirs.push_back(dir);
     ++mounts;
   }
-  if (lower_dirs.empty() || upper_disk) return mounts;
+  if (lower_dirs.empty() || (upper_disk && !seeded_upper)) return mounts;
   std::string upper = UpperDir();
-  CELLA_TRY(MountWritableLayer("", "", upper, Deadline::max()));
+  if (seeded_upper) {
+    const std::string device = "/dev/disk/by-id/" + DiskIdLinkName(kUpperDiskSerial);
+    const dev_t number = CELLA_TRY(DeviceNumber(device));
+    CELLA_TRY(MountWritableLayer(device, "ext4", upper, Deadline::max()));
+    g_prepared.upper = number;
+  } else {
+    CELLA_TRY(MountWritableLayer("", "", upper, Deadline::max()));
+  }
   g_prepared.overlay = true;  // from here on DropPrepared must unmount the upper
   std::string options =
       CELLA_TRY(OverlayMountOptions(lower_dirs, upper + "/upper", upper + "/work"));
@@ -326,9 +345,19 @@ Result<int> PrepareRootForClones(bool upper_disk) {
   if (auto mounted = Mount("overlay", kNewRoot, "overlay", 0, options); !mounted) {
     CELLA_TRY(Unmount(upper));
     g_prepared.overlay = false;
+    g_prepared.upper = 0;
     return std::unexpected(std::move(mounted.error()));
   }
   return mounts + 2;
+}
+
+Status SyncPreparedUpper() {
+  if (!g_prepared.overlay || g_prepared.upper == 0) return {};
+  const std::string upper = UpperDir();
+  UniqueFd fd(::open(upper.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + upper);
+  if (::syncfs(fd.Get()) != 0) return FailErrno("syncfs " + upper);
+  return {};
 }
 
 Status MountVolumes(const Config& config, Deadline deadline) {

@@ -24,6 +24,9 @@ inline constexpr const char* kSystemdAgentPath = "/run/cella/cella-agent";
 // systemd's runtime unit directory (below /etc/systemd/system in precedence).
 inline constexpr const char* kSystemdRuntimeUnitDir = "/run/systemd/system";
 
+// The writable layer's disk serial (the host's vmm::kUpperSerial).
+inline constexpr const char* kUpperDiskSerial = "cella-upper";
+
 // /proc, /sys, /dev (devtmpfs), /dev/pts (newinstance, ptmxmode=0666),
 // /dev/shm, /sys/fs/cgroup (cgroup2).
 Status MountEarly();
@@ -48,7 +51,15 @@ Status AssembleRoot(const protocol::Config& config, Deadline deadline);
 // A lower that does not mount as erofs ends the preparation there (the clone
 // mounts it itself). Only the image's layers are touched: no per-sandbox
 // disk is bound at this point. Returns how many mounts were made.
-Result<int> PrepareRootForClones(bool upper_disk);
+// With `seeded_upper` (the template's writable layer is part of it, see
+// protocol/warm.h) the upper disk, still bound, is mounted as ext4 and the
+// overlay made on it instead of on a tmpfs.
+Result<int> PrepareRootForClones(bool upper_disk, bool seeded_upper);
+
+// Writes what the prepared root's ext4 upper holds in the page cache to its
+// disk (syncfs), so every clone's copy of that disk starts with it instead
+// of each clone writing it back. Nothing without a seeded upper.
+Status SyncPreparedUpper();
 
 // Whether PrepareRootForClones made the whole root (the overlay on kNewRoot).
 bool RootMadeForClones();

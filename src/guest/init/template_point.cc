@@ -29,8 +29,6 @@ namespace cella::init {
 namespace {
 
 constexpr const char* kBlkDriverDir = "/sys/bus/virtio/drivers/virtio_blk";
-// The writable layer's disk (the host's vmm::kUpperSerial).
-constexpr const char* kUpperDiskSerial = "cella-upper";
 
 std::string Trimmed(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
@@ -72,7 +70,7 @@ struct UnboundDisk {
 
 // Unbinds every bound virtio-blk device whose disk is not the image's;
 // returns them to bind again later.
-Result<std::vector<UnboundDisk>> UnbindSandboxDisks() {
+Result<std::vector<UnboundDisk>> UnbindSandboxDisks(bool keep_upper) {
   std::vector<std::string> devices;
   DIR* dir = ::opendir(kBlkDriverDir);
   if (dir == nullptr) return FailErrno(std::string("opendir ") + kBlkDriverDir);
@@ -88,6 +86,8 @@ Result<std::vector<UnboundDisk>> UnbindSandboxDisks() {
   for (const std::string& device : devices) {
     std::string serial = CELLA_TRY(DiskSerialOf(std::string(kBlkDriverDir) + "/" + device));
     if (serial.starts_with("cella-lower") || serial == "cella-root") continue;
+    // A seeded upper is the template's own, copied for every clone.
+    if (keep_upper && serial == kUpperDiskSerial) continue;
     CELLA_TRY(WriteSysfs(std::string(kBlkDriverDir) + "/unbind", device));
     Debug("template point: unbound " + device + " (" + serial + ")");
     unbound.push_back({device, serial});
@@ -256,9 +256,8 @@ Result<protocol::WarmGo> ReadGo(int fd, std::string_view resend_on_eof = {}) {
     // written meanwhile went nowhere).
     if (n == 0) {
       ::usleep(20'000);
-      if (!resend_on_eof.empty() &&
-          ::write(fd, resend_on_eof.data(), resend_on_eof.size()) !=
-              static_cast<ssize_t>(resend_on_eof.size()))
+      if (!resend_on_eof.empty() && ::write(fd, resend_on_eof.data(), resend_on_eof.size()) !=
+                                        static_cast<ssize_t>(resend_on_eof.size()))
         return FailErrno("write agent port");
       continue;
     }
@@ -277,19 +276,23 @@ Status ApplyGo(const protocol::WarmGo& go) {
 
 }  // namespace
 
-Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline) {
-  std::vector<UnboundDisk> unbound = CELLA_TRY_CTX(UnbindSandboxDisks(), "unbind sandbox disks");
+Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline, bool seeded_upper) {
+  std::vector<UnboundDisk> unbound =
+      CELLA_TRY_CTX(UnbindSandboxDisks(seeded_upper), "unbind sandbox disks");
   // Shape-wide work every clone would repeat, done once here (the image's
-  // disks are in the template's key; no sandbox disk is bound now).
-  bool upper_disk = false;
+  // disks, and a seeded upper, are in the template's key; no other sandbox
+  // disk is bound now).
+  bool upper_disk = seeded_upper;
   for (const UnboundDisk& disk : unbound)
     upper_disk = upper_disk || disk.serial == kUpperDiskSerial;
-  int prepared = CELLA_TRY_CTX(PrepareRootForClones(upper_disk), "prepare the root for clones");
+  int prepared =
+      CELLA_TRY_CTX(PrepareRootForClones(upper_disk, seeded_upper), "prepare the root for clones");
   Debug("template point: " + std::to_string(prepared) + " root mounts made for the clones");
   CELLA_TRY_CTX(BringLinksUpForClones(), "template point");
   if (RootMadeForClones()) {
     WarmImageCaches();
     PrepareRootFiles();
+    CELLA_TRY_CTX(SyncPreparedUpper(), "template point");
   }
   std::string port = CELLA_TRY(FindVirtioPort(protocol::kDefaultAgentPort, port_deadline));
   protocol::WarmGo go;

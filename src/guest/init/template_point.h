@@ -37,7 +37,10 @@ namespace cella::init {
 //     always sends it), the config disk stays unbound and the config is
 //     returned instead (nullopt: read the config disk as a cold boot does).
 // The port is closed again; the agent opens it later as on a cold boot.
-Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline);
+// `seeded_upper` (cella.seeded_upper=1): the upper disk is the template's
+// own (every clone attaches a copy of it): it stays bound, and the root is
+// made on it (rootfs.h PrepareRootForClones) and synced to it.
+Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline, bool seeded_upper);
 
 // A cold boot with cella.go=1: the config-request line goes to the host on
 // the agent port and the go line comes back (sent again while the port

@@ -213,9 +213,7 @@ Status ExecImageInit() {
   for (const char* path : {"/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd"}) {
     char* argv[] = {const_cast<char*>(path), nullptr};
     std::string path_env = std::string("PATH=") + protocol::kDefaultPath;
-    char* envp[] = {
-        path_env.data(),
-        nullptr};
+    char* envp[] = {path_env.data(), nullptr};
     ::execve(path, argv, envp);
     tried += std::string(tried.empty() ? "" : "; ") + path + ": " + std::strerror(errno);
   }

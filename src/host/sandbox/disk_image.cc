@@ -35,6 +35,25 @@ Status MakeExt4Image(const std::string& path, uint64_t size_bytes, const std::st
   return {};
 }
 
+Result<bool> Ext4NeverMounted(const std::string& path) {
+  // The ext4 superblock, 1024 bytes at offset 1024 (little-endian fields).
+  constexpr off_t kSuperblockOffset = 1024;
+  constexpr size_t kLastMountTime = 0x2c;  // s_mtime, le32
+  constexpr size_t kMountCount = 0x34;     // s_mnt_count, le16
+  constexpr size_t kMagic = 0x38;          // s_magic, le16 0xEF53
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return FailErrno("open " + path);
+  unsigned char sb[0x40];
+  ssize_t n = ::pread(fd.Get(), sb, sizeof sb, kSuperblockOffset);
+  if (n < 0) return FailErrno("read the superblock of " + path);
+  const auto le16 = [&](size_t at) { return static_cast<unsigned>(sb[at] | sb[at + 1] << 8); };
+  if (n != static_cast<ssize_t>(sizeof sb) || le16(kMagic) != 0xEF53)
+    return Fail(path + " is not an ext4 image");
+  const bool never_mounted_time = sb[kLastMountTime] == 0 && sb[kLastMountTime + 1] == 0 &&
+                                  sb[kLastMountTime + 2] == 0 && sb[kLastMountTime + 3] == 0;
+  return le16(kMountCount) == 0 && never_mounted_time;
+}
+
 Status RecoverExt4Image(const std::string& path) {
   UniqueFd lock(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!lock) return FailErrno("open " + path);

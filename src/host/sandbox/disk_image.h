@@ -13,6 +13,12 @@ namespace cella::sandbox {
 // with the given label. On failure nothing is left at `path`.
 Status MakeExt4Image(const std::string& path, uint64_t size_bytes, const std::string& label);
 
+// Whether the ext4 image at `path` was never mounted since mkfs (its
+// superblock's mount count and last-mount time are 0): a sandbox's first
+// boot, whose writable layer may come from its memory template instead
+// (template_store.h, seeded upper). An image that is no ext4 is an error.
+Result<bool> Ext4NeverMounted(const std::string& path);
+
 // Replays the journal of an ext4 image a crashed VM left behind (e2fsck -p,
 // under an exclusive lock on the image so two sandboxes starting at once do
 // not both repair it). A guest cannot do this for a read-only attachment:

@@ -59,6 +59,7 @@
 #include "host/vmm/config_disk.h"
 #include "host/vmm/qemu_argv.h"
 #include "host/vmm/qemu_backend.h"
+#include "protocol/warm.h"
 
 namespace cella::sandbox {
 namespace {
@@ -334,12 +335,34 @@ class Supervisor {
         log::Debug("booting cold: " + why, {{"id", args_.id}});
       return;
     }
+    // A writable layer never mounted yet (the sandbox's first boot) comes
+    // with the template: the template's own upper disk, with the root made
+    // on it, copied for this clone (no ext4 mount, overlay or copy-up in
+    // the clone: ~18 MiB less memory per idle clone, docs/performance.md).
+    // A layer that holds the sandbox's files (a restart) is attached as it
+    // is, to a template that left it unread.
+    vmm::VMConfig shape_vm = vm;
+    uint64_t upper_bytes = 0;
+    if (!vm.OverlayUpperPath.empty()) {
+      auto fresh = Ext4NeverMounted(vm.OverlayUpperPath);
+      struct stat upper {};
+      if (fresh && *fresh && ::stat(vm.OverlayUpperPath.c_str(), &upper) != 0)
+        fresh = FailErrno("stat " + vm.OverlayUpperPath);
+      if (!fresh) log::Warn("writable layer not checked", {{"error", fresh.error().message}});
+      if (fresh && *fresh) {
+        upper_bytes = static_cast<uint64_t>(upper.st_size);
+        shape_vm.KernelArgs += shape_vm.KernelArgs.empty() ? "" : " ";
+        shape_vm.KernelArgs += protocol::kSeededUpperCmdlineFlag;
+      }
+    }
     auto chosen = [&]() -> Result<warm::TemplateInfo> {
-      std::string shape = CELLA_TRY(warm::ShapeText(vm, options));
+      std::string shape = CELLA_TRY(warm::ShapeText(shape_vm, options));
       std::string key = warm::KeyOf(shape);
       if (auto found = CELLA_TRY(warm::Find(cella_home, key))) return std::move(*found);
       log::Debug("building the memory template of this machine shape", {{"key", key}});
-      return warm::Create(cella_home, vm, options);
+      return warm::Create(cella_home, shape_vm, options, [upper_bytes](const std::string& path) {
+        return MakeExt4Image(path, upper_bytes, "cella-upper");
+      });
     }();
     if (!chosen) {
       if (chosen.error().errno_value == EWOULDBLOCK)  // a parallel first run builds it
@@ -348,8 +371,24 @@ class Supervisor {
         SendNotice(ready_fd_, "sandbox boots cold: no memory template: " + chosen.error().message);
       return;
     }
+    if (!chosen->upper_seed.empty()) {
+      // Beside the layer first, then over it: a failed copy leaves the
+      // fresh layer in place for a cold boot.
+      const std::string copy = vm.OverlayUpperPath + ".seed";
+      (void)::unlink(copy.c_str());
+      auto copied = CloneOrCopySparse(chosen->upper_seed, copy);
+      if (copied && ::rename(copy.c_str(), vm.OverlayUpperPath.c_str()) != 0)
+        copied = FailErrno("rename " + copy);
+      if (!copied) {
+        (void)::unlink(copy.c_str());
+        SendNotice(ready_fd_, "sandbox boots cold: the template's writable layer was not copied: " +
+                                  copied.error().message);
+        return;
+      }
+    }
     cold_vm_ = vm;
     warm_template_ = *chosen;
+    vm = shape_vm;
     warm::MakeClone(*chosen, vm);
     log::Debug("starting from memory template", {{"id", args_.id}, {"key", chosen->key}});
   }

@@ -22,9 +22,13 @@
 #include "host/os/paths.h"
 #include "host/os/process.h"
 #include "host/vmm/qemu_argv.h"
+#include "protocol/warm.h"
 
 namespace cella::warm {
 namespace {
+
+// The seeded template's writable-layer disk (TemplateInfo::upper_seed).
+constexpr const char* kUpperSeedName = "upper.seed";
 
 using nlohmann::json;
 
@@ -177,6 +181,7 @@ Result<TemplateInfo> ReadTemplate(const std::string& dir, const std::string& key
     return std::unexpected(std::move(text.error()));
   }
   TemplateInfo t;
+  uint64_t upper_seed_bytes = 0;
   try {
     json doc = json::parse(*text);
     if (doc.at("format").get<int>() != kFormat)
@@ -189,12 +194,20 @@ Result<TemplateInfo> ReadTemplate(const std::string& dir, const std::string& key
     t.created = doc.at("created").get<int64_t>();
     t.memory_bytes = doc.at("memory_bytes").get<uint64_t>();
     t.state_bytes = doc.at("state_bytes").get<uint64_t>();
+    upper_seed_bytes = doc.value("upper_seed_bytes", uint64_t{0});
   } catch (const json::exception& e) {
     return std::unexpected(Damaged(std::string("manifest: ") + e.what()));
   }
   if (t.key != key || KeyOf(t.shape) != key)
     return std::unexpected(Damaged("manifest names another key"));
   t.dir = dir;
+  if (t.shape.find("\ndisk upper rw seeded ") != std::string::npos) {
+    struct stat seed {};
+    t.upper_seed = dir + "/" + kUpperSeedName;
+    CELLA_TRY(StatExpecting(t.upper_seed, seed));
+    if (uint64_t(seed.st_size) != upper_seed_bytes)
+      return std::unexpected(Damaged("upper.seed has the wrong size"));
+  }
   struct stat mem {};
   struct stat state {};
   CELLA_TRY(StatExpecting(dir + "/memory", mem));
@@ -257,7 +270,16 @@ Result<std::string> ShapeText(const vmm::VMConfig& vm, const vmm::QemuBackendOpt
       line("disk lower" + std::to_string(i),
            CELLA_TRY(FileIdentity(vm.OverlayLowerPaths[i])) + " " + fstype);
     }
-    if (!vm.OverlayUpperPath.empty()) line("disk upper", "rw");
+    if (!vm.OverlayUpperPath.empty()) {
+      if (protocol::CmdlineWantsSeededUpper(vm.KernelArgs)) {
+        struct stat upper {};
+        if (::stat(vm.OverlayUpperPath.c_str(), &upper) != 0)
+          return FailErrno("stat " + vm.OverlayUpperPath);
+        line("disk upper", "rw seeded " + std::to_string(upper.st_size));
+      } else {
+        line("disk upper", "rw");
+      }
+    }
   } else {
     line("disk root", CELLA_TRY(FileIdentity(vm.RootfsPath)) + " " + ro(vm.RootfsReadOnly));
   }
@@ -318,7 +340,8 @@ Result<std::optional<TemplateInfo>> Find(const std::string& home, const std::str
 }
 
 Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
-                            const vmm::QemuBackendOptions& options) {
+                            const vmm::QemuBackendOptions& options,
+                            const std::function<Status(const std::string&)>& make_upper_seed) {
   if (std::string why = WhyCold(vm, false); !why.empty())
     return Fail("this machine cannot have a template: " + why);
   std::string shape = CELLA_TRY(ShapeText(vm, options));
@@ -335,6 +358,8 @@ Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
   RemovePartialsOf(dir, key);  // ours: we hold the lock, so all are stale
   std::string partial = dir + "/" + key + ".partial." + std::to_string(::getpid());
   if (::mkdir(partial.c_str(), 0700) != 0) return FailErrno("mkdir " + partial);
+  const bool seeded =
+      !vm.OverlayUpperPath.empty() && protocol::CmdlineWantsSeededUpper(vm.KernelArgs);
   auto built = [&]() -> Status {
     vmm::VMConfig c = vm;
     c.ID = "template-" + key;
@@ -348,7 +373,12 @@ Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
     // the same roles (the guest unbinds them before the template point).
     if (!c.OverlayUpperPath.empty()) {
       c.OverlayUpperPath = partial + "/upper.img";
-      CELLA_TRY(MakePlaceholder(c.OverlayUpperPath));
+      if (seeded) {
+        if (!make_upper_seed) return Fail("a seeded upper needs its disk made");
+        CELLA_TRY_CTX(make_upper_seed(c.OverlayUpperPath), "the template's upper disk");
+      } else {
+        CELLA_TRY(MakePlaceholder(c.OverlayUpperPath));
+      }
     }
     if (!c.ConfigDiskPath.empty()) {
       c.ConfigDiskPath = partial + "/config.img";
@@ -382,6 +412,18 @@ Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
         return Fail("the template's device state was not written");
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
+    // The seeded upper is the disk the saved guest has mounted (written
+    // back at the template point; QEMU flushed it when it stopped): kept.
+    uint64_t upper_seed_bytes = 0;
+    if (seeded) {
+      const std::string seed = partial + "/" + kUpperSeedName;
+      if (::rename((partial + "/upper.img").c_str(), seed.c_str()) != 0)
+        return FailErrno("rename upper.img to " + seed);
+      CELLA_TRY(FsyncPath(seed, false));
+      struct stat st {};
+      if (::stat(seed.c_str(), &st) != 0) return FailErrno("stat " + seed);
+      upper_seed_bytes = static_cast<uint64_t>(st.st_size);
+    }
     for (const char* name : {"upper.img", "config.img", "console.log", "qemu.log"})
       if (::unlink((partial + "/" + name).c_str()) != 0 && errno != ENOENT)
         return FailErrno(std::string("unlink ") + name);
@@ -405,6 +447,7 @@ Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
                      {"created", static_cast<int64_t>(std::time(nullptr))},
                      {"memory_bytes", static_cast<uint64_t>(mem.st_size)},
                      {"state_bytes", static_cast<uint64_t>(state.st_size)}};
+    if (seeded) manifest["upper_seed_bytes"] = upper_seed_bytes;
     std::string tmp = partial + "/manifest.json.tmp";
     CELLA_TRY(WriteStringToFile(tmp, manifest.dump(2) + "\n", 0600));
     CELLA_TRY(FsyncPath(tmp, false));

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -46,6 +47,8 @@ std::string WhyCold(const vmm::VMConfig& vm, bool systemd_mode);
 // only), NIC or none, the microvm firmware file; under KVM also the host
 // kernel release and the host CPU (HostCpuIdentity), which a saved vCPU
 // state is only loadable with. Key = the first 16 hex digits of its SHA-256.
+// A seeded upper (cella.seeded_upper=1 in KernelArgs, protocol/warm.h) adds
+// the upper disk file's size: its ext4 is the template's.
 Result<std::string> ShapeText(const vmm::VMConfig& vm, const vmm::QemuBackendOptions& options);
 std::string KeyOf(const std::string& shape_text);
 // "vendor | model name | flags <hash>" of the first processor in a
@@ -57,6 +60,10 @@ struct TemplateInfo {
   std::string dir;
   std::string shape;  // ShapeText
   std::string image;  // the first lower (or root) disk: what rmi/gc look for
+  // The template's writable-layer disk (`upper.seed`), synced at the
+  // template point with the root made on it: a clone attaches a copy of
+  // it. Empty unless the shape is seeded.
+  std::string upper_seed;
   int memory_mb = 0;
   double cpus = 0;
   int64_t created = 0;        // unix seconds
@@ -77,8 +84,11 @@ Result<std::optional<TemplateInfo>> Find(const std::string& home, const std::str
 // the template point and commits it, holding the key's build lock all the
 // while. EWOULDBLOCK when another process is building the same key now;
 // when one committed it meanwhile, that one is returned.
+// A seeded shape's upper disk is made by `make_upper_seed(path)` (a fresh
+// ext4 the size of the sandbox's own), kept as the template's upper.seed.
 Result<TemplateInfo> Create(const std::string& home, const vmm::VMConfig& vm,
-                            const vmm::QemuBackendOptions& options);
+                            const vmm::QemuBackendOptions& options,
+                            const std::function<Status(const std::string&)>& make_upper_seed = {});
 
 // Makes `vm` a clone of `t` (role, memory file, incoming state).
 void MakeClone(const TemplateInfo& t, vmm::VMConfig& vm);

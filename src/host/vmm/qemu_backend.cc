@@ -405,10 +405,9 @@ Status QemuMachine::AwaitGuestLine(int agent_fd, std::string_view expected,
                                            "\" (is its initramfs older than this cella?)"));
     }
     if (Clock::now() >= deadline)
-      return std::unexpected(WithConsole("VM " + config_.ID + ": no \"" +
-                                         std::string(expected.substr(0, expected.size() - 1)) +
-                                         "\" from the guest within " +
-                                         std::to_string(options_.boot_timeout.count()) + " ms"));
+      return std::unexpected(WithConsole(
+          "VM " + config_.ID + ": no \"" + std::string(expected.substr(0, expected.size() - 1)) +
+          "\" from the guest within " + std::to_string(options_.boot_timeout.count()) + " ms"));
   }
   return {};
 }

@@ -270,10 +270,20 @@ TEST_F(SandboxLifecycleTest, BootFailureIsFailedWithTheConsoleTail) {
       "VM x: timed out waiting for the agent\nguest console, last lines:\nKernel panic - not "
       "syncing: VFS");
   std::optional<Status> ready;
+  std::optional<store::SandboxState> state_when_told;
+  int closes_when_told = -1;
   LifecycleHooks hooks;
-  hooks.on_boot_result = [&](const Status& st) { ready = st; };
+  hooks.on_boot_result = [&](const Status& st) {
+    ready = st;
+    state_when_told = Record().state;
+    closes_when_told = vm_->closes;
+  };
   LifecycleOutcome outcome = Make(std::move(hooks)).Run();
   EXPECT_FALSE(outcome.booted);
+  // The CLI returns on the report: what it (or `inspect` next) reads must be
+  // the end, not "creating".
+  EXPECT_EQ(state_when_told, kFailed);
+  EXPECT_EQ(closes_when_told, 1);
   store::SandboxRecord r = Record();
   EXPECT_EQ(r.state, kFailed);
   EXPECT_NE(r.reason.find("boot: VM x: timed out waiting for the agent"), std::string::npos)

@@ -47,7 +47,9 @@ SandboxLifecycle::~SandboxLifecycle() = default;
 
 LifecycleOutcome SandboxLifecycle::Run() {
   Status booted = Boot();
-  if (hooks_.on_boot_result) hooks_.on_boot_result(booted);
+  // A failed boot is torn down and recorded before it is reported: the CLI
+  // returns on the report, and `inspect` right after must say "failed".
+  if (booted && hooks_.on_boot_result) hooks_.on_boot_result(booted);
   LifecycleOutcome outcome;
   if (!booted) {
     log::Warn("sandbox failed to start",
@@ -74,6 +76,7 @@ LifecycleOutcome SandboxLifecycle::Run() {
   }
   log::Debug("torn down", {{"id", options_.id}});
   Record(outcome);
+  if (!booted && hooks_.on_boot_result) hooks_.on_boot_result(booted);
   Finish();
   return outcome;
 }

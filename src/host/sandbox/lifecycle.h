@@ -72,7 +72,8 @@ struct LifecycleHooks {
   // publishes what others reach (mux socket, ports, the main process). An
   // error fails the boot.
   std::function<Status()> after_boot;
-  // Once, with the boot's result (the readiness line for the spawning CLI).
+  // Once, with the boot's result (the readiness line for the spawning CLI);
+  // a failure only once the sandbox is torn down and recorded failed.
   std::function<void(const Status&)> on_boot_result;
   // Before the machine is closed: stops whatever uses it.
   std::function<void()> before_close;

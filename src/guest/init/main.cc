@@ -116,7 +116,8 @@ Status Boot() {
   // Like docker, a missing workdir is created (root-owned) rather than fatal.
   if (!config.workdir.empty()) CELLA_TRY_CTX(OpenDirBeneath("/", config.workdir), "workdir");
   CELLA_TRY_CTX(MountTmpfsAndSealRoot(config), "read-only root and tmpfs");
-  CELLA_TRY_CTX(RecordStartKind(warm), "start marker");
+  CELLA_TRY_CTX(RecordStartKind(warm, config.init_mode == protocol::InitMode::kExec),
+                "start marker");
   Debug("sandbox set up");
 
   if (config.init_mode == protocol::InitMode::kSystemd) {

@@ -51,8 +51,10 @@ Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline, bool s
 Result<std::optional<std::string>> AwaitColdGo(Deadline port_deadline);
 
 // Where guest programs (and tests) read how this machine started: "warm\n"
-// (a template clone) or "cold\n". Written once /run is mounted.
+// (a template clone) or "cold\n". Written once /run is mounted, with
+// `own_tmpfs` (exec mode) on a small tmpfs mounted on /run/cella first
+// (systemd mode keeps its agent there, on systemd's /run).
 inline constexpr const char* kStartKindPath = "/run/cella/start";
-Status RecordStartKind(bool warm);
+Status RecordStartKind(bool warm, bool own_tmpfs);
 
 }  // namespace cella::init

@@ -167,7 +167,14 @@ TEST(DiskImage, AFreshImageIsSeenAsNeverMounted) {
   auto fresh = Ext4NeverMounted(image);
   ASSERT_TRUE(fresh) << fresh.error().message;
   EXPECT_TRUE(*fresh);
-  // What a mount leaves in the superblock: a mount count.
+  // What a mount leaves in the superblock: a last-mount time and a mount
+  // count. e2fsck resets the count and keeps the time: still used.
+  auto mounted = host::CheckCommand({"debugfs", "-w", "-R", "ssv mtime 20261207120000", image},
+                                    std::chrono::seconds(30));
+  ASSERT_TRUE(mounted) << mounted.error().message;
+  auto checked = Ext4NeverMounted(image);
+  ASSERT_TRUE(checked) << checked.error().message;
+  EXPECT_FALSE(*checked) << "count 0 but a mount time";
   auto counted = host::CheckCommand({"tune2fs", "-C", "1", image}, std::chrono::seconds(30));
   ASSERT_TRUE(counted) << counted.error().message;
   auto used = Ext4NeverMounted(image);

@@ -181,11 +181,21 @@ TEST_F(TemplateKeyTest, ASeededTemplateWithoutItsUpperDiskIsDamaged) {
   ASSERT_TRUE(found) << found.error().message;
   ASSERT_TRUE(found->has_value()) << "a whole seeded template is found";
   EXPECT_EQ((*found)->upper_seed, tdir + "/upper.seed");
-  // A seed of another size, then none: never cloned from.
+  // A seed of another size: never cloned from.
   ASSERT_EQ(::system(("truncate -s 8192 " + tdir + "/upper.seed").c_str()), 0);
   auto resized = warm::Find(home, key);
   ASSERT_TRUE(resized);
   EXPECT_FALSE(resized->has_value());
+  EXPECT_NE(::access(tdir.c_str(), F_OK), 0) << "removed";
+  // No seed at all: the same.
+  ASSERT_EQ(::system(("mkdir -p " + tdir + " && truncate -s 256M " + tdir +
+                      "/memory && echo state > " + tdir + "/state")
+                         .c_str()),
+            0);
+  write_manifest();
+  auto seedless = warm::Find(home, key);
+  ASSERT_TRUE(seedless);
+  EXPECT_FALSE(seedless->has_value());
   EXPECT_NE(::access(tdir.c_str(), F_OK), 0) << "removed";
 }
 

@@ -321,22 +321,40 @@ TEST(Modules, TheAppendedSignatureIsMeasuredOff) {
   EXPECT_FALSE(UnsignedModuleSize(tail, kModuleTrailerBytes + 680).has_value());
   EXPECT_EQ(UnsignedModuleSize(tail, kModuleTrailerBytes + 681), size_t{0});
   std::string huge = Signed("", 0);
-  huge[huge.size() - 29] = '\x7f';  // the length's top byte
+  huge[huge.size() - 32] = '\x7f';  // the length's top byte (info[8])
   EXPECT_FALSE(UnsignedModuleSize(huge, huge.size()).has_value());
 }
 
-TEST_F(Initramfs, ModulesGoInWithoutTheirSignatures) {
+TEST_F(Initramfs, ModulesGoInWithoutTheirSignaturesOnlyWhenAsked) {
   const std::string rel = "kernel/fs/erofs/erofs.ko";
-  Write("mods/6.1-test/" + rel, Signed("module erofs", 100));
+  const std::string signed_module = Signed("module erofs", 100);
+  Write("mods/6.1-test/" + rel, signed_module);
+  auto kept = EnsureInitramfs(home_, spec_);
+  ASSERT_TRUE(kept) << kept.error().message;
+  EXPECT_EQ(ReadCpio(kept->path)["lib/modules/6.1-test/" + rel].content, signed_module);
+  spec_.strip_module_signatures = true;
   auto file = EnsureInitramfs(home_, spec_);
   ASSERT_TRUE(file) << file.error().message;
+  EXPECT_NE(file->path, kept->path);
   auto entries = ReadCpio(file->path);
   EXPECT_EQ(entries["lib/modules/6.1-test/" + rel].content, "module erofs");
-  // Signed again with another signature: the same archive (same bytes in).
+  // Signed again with another signature: the same module bytes go in.
   Write("mods/6.1-test/" + rel, Signed("module erofs", 90));
   auto again = EnsureInitramfs(home_, spec_);
   ASSERT_TRUE(again) << again.error().message;
   EXPECT_EQ(ReadCpio(again->path)["lib/modules/6.1-test/" + rel].content, "module erofs");
+}
+
+TEST_F(TempDir, UnsignedModulesOnlyForAKernelThatDoesNotEnforceSignatures) {
+  KernelInfo k;
+  k.vmlinuz = dir_ + "/boot/vmlinuz-6.1-test";
+  k.release = "6.1-test";
+  Write("boot/vmlinuz-6.1-test", "bzImage");
+  EXPECT_FALSE(KernelAcceptsUnsignedModules(k)) << "no config: keep the signatures";
+  Write("boot/config-6.1-test", "CONFIG_MODULE_SIG=y\n# CONFIG_MODULE_SIG_FORCE is not set\n");
+  EXPECT_TRUE(KernelAcceptsUnsignedModules(k));
+  Write("boot/config-6.1-test", "CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n");
+  EXPECT_FALSE(KernelAcceptsUnsignedModules(k));
 }
 
 TEST_F(Initramfs, ReproducibleAndCachedByContent) {

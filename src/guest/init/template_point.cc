@@ -20,6 +20,7 @@
 #include "base/unique_fd.h"
 #include "guest/agent/resume.h"
 #include "guest/init/console.h"
+#include "guest/init/fs_util.h"
 #include "guest/init/network.h"
 #include "guest/init/rootfs.h"
 #include "guest/init/serve_agent.h"
@@ -228,7 +229,7 @@ void PrepareRootFiles() {
 // host sends nothing after them until the agent's Hello, so a chunk never
 // holds more; if it does, the host broke the handshake. Bounded by
 // kMaxWarmLine and kMaxConfigBytes.
-Result<protocol::WarmGo> ReadGo(int fd, std::string_view resend_on_eof = {}) {
+Result<protocol::WarmGo> ReadGo(int fd) {
   std::string text;
   size_t line_end = std::string::npos;
   std::optional<protocol::WarmGo> go;
@@ -253,13 +254,9 @@ Result<protocol::WarmGo> ReadGo(int fd, std::string_view resend_on_eof = {}) {
     ssize_t n = ::read(fd, buf.data(), buf.size());
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return FailErrno("read agent port");
-    // No host connected: the port reads EOF. Wait for one (what was
-    // written meanwhile went nowhere).
+    // No host connected: the port reads EOF. Wait for one.
     if (n == 0) {
       ::usleep(20'000);
-      if (!resend_on_eof.empty() && ::write(fd, resend_on_eof.data(), resend_on_eof.size()) !=
-                                        static_cast<ssize_t>(resend_on_eof.size()))
-        return FailErrno("write agent port");
       continue;
     }
     text.append(buf.data(), static_cast<size_t>(n));
@@ -328,10 +325,12 @@ Result<std::optional<std::string>> AwaitColdGo(Deadline port_deadline) {
   {
     UniqueFd fd(::open(port.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
     if (!fd) return FailErrno("open agent port " + port);
+    // virtio_console blocks a write while no host is connected: nothing is
+    // lost before the host has the socket.
     std::string_view ask = protocol::kConfigRequestLine;
     if (::write(fd.Get(), ask.data(), ask.size()) != static_cast<ssize_t>(ask.size()))
       return FailErrno("write the config request");
-    go = CELLA_TRY(ReadGo(fd.Get(), ask));
+    go = CELLA_TRY(ReadGo(fd.Get()));
   }
   CELLA_TRY(ApplyGo(go));
   Debug("cold start: go line applied (RNG reseeded, clock set)");
@@ -340,14 +339,15 @@ Result<std::optional<std::string>> AwaitColdGo(Deadline port_deadline) {
 }
 
 Status RecordStartKind(bool warm, bool own_tmpfs) {
-  if (::mkdir("/run/cella", 0755) != 0 && errno != EEXIST) return FailErrno("mkdir /run/cella");
+  // Made beneath the root without following the image's symlinks.
+  UniqueFd dir = CELLA_TRY(OpenDirBeneath("/", kRunDir));
   // What cella writes there at run time (the resume count, after a fork or
   // a resume) stays out of the writable layer: an ext4 create and rename
   // there were 40-125 ms of a fork copy's `resumed` under TCG (first-time
   // translated ext4 and jbd2 code), a tmpfs's far less.
-  if (own_tmpfs && ::mount("tmpfs", "/run/cella", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                           "mode=0755,size=1m") != 0)
-    return FailErrno("mount tmpfs on /run/cella");
+  if (own_tmpfs && ::mount("tmpfs", FdPath(dir.Get()).c_str(), "tmpfs",
+                           MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=1m") != 0)
+    return FailErrno(std::string("mount tmpfs on ") + kRunDir);
   return WriteStringToFile(kStartKindPath, warm ? "warm\n" : "cold\n", 0644);
 }
 

@@ -43,8 +43,7 @@ namespace cella::init {
 Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline, bool seeded_upper);
 
 // A cold boot with cella.go=1: the config-request line goes to the host on
-// the agent port and the go line comes back (sent again while the port
-// reads EOF: no host had the socket, and the line was lost); the CRNG is
+// the agent port and the go line comes back; the CRNG is
 // reseeded and the wall clock set from it, and its config.json returned
 // (nullopt when it carried none: read the config disk). The config disk is
 // never mounted then; the port is closed again for the agent.

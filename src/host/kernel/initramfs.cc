@@ -54,16 +54,18 @@ Status AddHostFile(Tree& tree, const std::string& guest, const std::string& host
   return {};
 }
 
-// A module without its appended signature. The guest kernel does not
-// enforce signatures (Debian: CONFIG_MODULE_SIG_FORCE off, no lockdown
-// without Secure Boot), but it checks one that is there: SHA-256 of the
+// A module without its appended signature (`strip_signature`: the kernel
+// does not enforce signatures; Debian's has CONFIG_MODULE_SIG_FORCE off, and
+// no lockdown without Secure Boot). It checks one that is there: SHA-256 of the
 // module and an RSA-4096 verification, as translated code under TCG. The
 // boot group's eight modules loaded ~70 ms faster unsigned (2026-12-07,
 // docs/performance.md). The files come from the host's kernel package
 // (scripts/fetch-kernel.sh checks its sha256), which is what vouches for
 // them; the guest's root can load unsigned modules either way.
-Status AddModuleFile(Tree& tree, const std::string& guest, const std::string& host) {
+Status AddModuleFile(Tree& tree, const std::string& guest, const std::string& host,
+                     bool strip_signature) {
   CELLA_TRY(AddHostFile(tree, guest, host, 0644));
+  if (!strip_signature) return {};
   const size_t unsigned_size = CELLA_TRY(UnsignedModuleSizeOfFile(host));
   Entry& entry = tree[guest];
   if (static_cast<int64_t>(unsigned_size) != entry.size) {
@@ -116,7 +118,9 @@ Result<Plan> MakePlan(const InitramfsSpec& spec) {
       if (!group.name.empty()) order_text += "@" + group.name + "\n";
       for (const std::string& rel : group.paths) {
         std::string guest = guest_prefix + rel;
-        CELLA_TRY_CTX(AddModuleFile(plan.tree, guest, host_prefix + rel), "initramfs module");
+        CELLA_TRY_CTX(
+            AddModuleFile(plan.tree, guest, host_prefix + rel, spec.strip_module_signatures),
+            "initramfs module");
         plan.load_order.push_back("/" + guest);
         order_text += "/" + guest + "\n";
       }

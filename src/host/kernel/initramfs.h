@@ -40,6 +40,10 @@ struct InitramfsSpec {
   std::string modules_dir;
   std::string kernel_release;  // names lib/modules/<release>; required with modules_dir
   std::vector<WantedModule> modules = DefaultGuestModules();
+  // Modules go in without their appended signatures (the guest kernel
+  // checks one that is present, slowly under TCG). Only for a kernel that
+  // does not enforce them: KernelAcceptsUnsignedModules.
+  bool strip_module_signatures = false;
   InitramfsCompression compression = InitramfsCompression::kNone;
 };
 

@@ -94,4 +94,15 @@ Result<KernelInfo> FindKernel(const std::string& home,
   return info;
 }
 
+bool KernelAcceptsUnsignedModules(const KernelInfo& kernel) {
+  if (kernel.release.empty()) return false;
+  const size_t slash = kernel.vmlinuz.find_last_of('/');
+  if (slash == std::string::npos) return false;
+  const std::string config = kernel.vmlinuz.substr(0, slash) + "/config-" + kernel.release;
+  auto text = ReadFileToString(config, size_t{8} << 20);
+  if (!text) return false;
+  return text->find("\nCONFIG_MODULE_SIG_FORCE=y") == std::string::npos &&
+         !text->starts_with("CONFIG_MODULE_SIG_FORCE=y");
+}
+
 }  // namespace cella::kernel

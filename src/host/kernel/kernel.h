@@ -37,4 +37,9 @@ Result<KernelInfo> ParseKernelManifest(std::string_view text);
 Result<KernelInfo> FindKernel(const std::string& home,
                               const std::optional<KernelOverride>& override_kernel = std::nullopt);
 
+// Whether the kernel loads modules without a signature: its build config
+// (`config-<release>` beside the bzImage, as Debian ships it) is found and
+// does not set CONFIG_MODULE_SIG_FORCE. No config found: false (keep them).
+bool KernelAcceptsUnsignedModules(const KernelInfo& kernel);
+
 }  // namespace cella::kernel

@@ -73,6 +73,7 @@ Result<GuestAssets> EnsureGuestAssets(
   spec.agent_binary = CELLA_TRY(ExistingFile(guest_binary_dir + "/cella-agent", "guest agent"));
   spec.modules_dir = assets.kernel.modules_dir;
   spec.kernel_release = assets.kernel.release;
+  spec.strip_module_signatures = kernel::KernelAcceptsUnsignedModules(assets.kernel);
   assets.initramfs_path = CELLA_TRY(kernel::EnsureInitramfs(home, spec)).path;
   assets.default_rootfs_path = CELLA_TRY(image::EnsureDefaultRootfs(home)).path;
   return assets;

@@ -111,18 +111,20 @@ class Supervisor {
     if (auto prepared = Prepare(); !prepared) {
       std::string message = prepared.error().message;
       log::Warn("sandbox failed to start", {{"id", args_.id}, {"error", OneLine(message)}});
-      SendReady(ready_fd_, "error: " + message);
       (void)JoinDeferred();  // its error, if any, is not the first one
       if (control_) control_->Stop();
       lifecycle_.reset();  // closes a machine that was never started
       BeforeClose();
       AfterClose();
+      // Recorded before it is reported, as SandboxLifecycle::Run does: the
+      // CLI returns on the report, and `inspect` next must say "failed".
       if (store_) {
         if (auto st = store_->Transition(args_.id, store::SandboxState::kFailed, OneLine(message));
             !st)
           log::Warn("could not record the failure", {{"error", st.error().message}});
-        RemoveIfAuto();
       }
+      SendReady(ready_fd_, "error: " + message);
+      if (store_) RemoveIfAuto();
       return 1;
     }
     const auto started = std::chrono::steady_clock::now();
@@ -379,6 +381,9 @@ class Supervisor {
       auto copied = CloneOrCopySparse(chosen->upper_seed, copy);
       if (copied && ::rename(copy.c_str(), vm.OverlayUpperPath.c_str()) != 0)
         copied = FailErrno("rename " + copy);
+      if (copied) {
+        if (auto st = FsyncDirectory(paths_.dir); !st) copied = std::unexpected(st.error());
+      }
       if (!copied) {
         (void)::unlink(copy.c_str());
         SendNotice(ready_fd_, "sandbox boots cold: the template's writable layer was not copied: " +
@@ -404,7 +409,8 @@ class Supervisor {
     // refused its config, a time-out on a loaded host, memory) would fail
     // a cold boot the same way, and says nothing against the template.
     if (error.errno_value != vmm::kStateNotRestoredErrno) return nullptr;
-    // The cold boot reads the config disk at once and uses the network.
+    // The cold boot asks for its config (the go line joins the deferred
+    // work too) and uses the network: joined here for its verdict.
     if (auto joined = JoinDeferred(); !joined) {
       log::Warn("no cold boot after the failed restore", {{"error", joined.error().message}});
       return nullptr;

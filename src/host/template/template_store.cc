@@ -155,7 +155,7 @@ void SweepPartials(const std::string& dir) {
 
 uint64_t AllocatedBytes(const std::string& dir) {
   uint64_t total = 0;
-  for (const char* name : {"memory", "state", "manifest.json"}) {
+  for (const char* name : {"memory", "state", "manifest.json", kUpperSeedName}) {
     struct stat st {};
     if (::stat((dir + "/" + name).c_str(), &st) == 0) total += uint64_t(st.st_blocks) * 512;
   }

@@ -506,7 +506,10 @@ void OfferTunToEveryone() {
       ::mknod(node.c_str(), S_IFCHR | 0666, tun.st_rdev) == 0 && ::chmod(node.c_str(), 0666) == 0) {
     (void)::mount(node.c_str(), "/dev/net/tun", nullptr, MS_BIND, nullptr);
   }
-  ::rmdir(dir);  // fails while mounted: this namespace's view only, gone with it
+  // The bind mount keeps the node; the directory itself is the host's /tmp,
+  // so it goes once the tmpfs is detached from it.
+  (void)::umount2(dir, MNT_DETACH);
+  ::rmdir(dir);
 }
 
 // The unprivileged path: a user namespace of our own. Runs in a child that

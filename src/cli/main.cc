@@ -483,12 +483,16 @@ int Main(int argc, char** argv) {
   tmpl_rm->add_flag("--all", tmpl_rm_all, "Remove every template");
   cella::cli::RunArgs tmpl_run;
   CLI::App* tmpl_create = template_cmd->add_subcommand(
-      "create", "Build the template of a foreground `cella run` with these flags now");
+      "create",
+      "Build the templates of `cella run` and `cella run -d` with these flags now (their keys "
+      "are printed)");
   tmpl_create->add_option("--image", tmpl_run.image, "Image (default: the built-in one)");
   tmpl_create->add_option("--cpus", tmpl_run.cpus, "Number of CPUs");
   tmpl_create->add_option("-m,--memory", tmpl_run.memory, "Memory (e.g. 256m, 1g)");
   tmpl_create->add_flag("--no-network", tmpl_run.no_network, "A machine without a NIC");
   tmpl_create->add_option("--kernel", tmpl_run.kernel, "Kernel image");
+  tmpl_create->add_option("--disk-size", tmpl_run.disk_size,
+                          "The writable layer's size of the `run -d` it is for (default 8g)");
   tmpl_create->add_option("--accel", tmpl_run.accel, "Accelerator: auto, kvm or tcg")
       ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
   tmpl_create->add_option("--insecure-registry", tmpl_run.insecure_registries,

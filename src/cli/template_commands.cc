@@ -105,25 +105,33 @@ int TemplateCreateCommand(RunArgs args) {
   if (!before) return ReportFailure(before.error());
   std::set<std::string> had;
   for (const auto& t : *before) had.insert(t.key);
-  // The template of a foreground `cella run` of this shape is made by
-  // running one: the same composition, so the same key.
+  // The templates of this shape are made by running it: the same
+  // composition, so the same keys. A foreground run's (a tmpfs writable
+  // layer), and a detached run's first boot (its layer on a fresh disk of
+  // --disk-size, seeded from the template): a foreground run given a disk
+  // size has exactly that disk, and prints no ID.
   args.command = {"true"};
   args.entrypoint = std::string();
   args.cold = false;
   args.rm = true;
+  args.detach = false;
+  const std::string disk_size = args.disk_size;
+  args.disk_size.clear();
+  if (int code = RunCommand(args); code != 0) return code;
+  args.disk_size = disk_size.empty() ? "8g" : disk_size;
   if (int code = RunCommand(args); code != 0) return code;
   auto after = warm::List(*home);
   if (!after) return ReportFailure(after.error());
   std::string made;
   for (const auto& t : *after)
-    if (!had.contains(t.key)) made = t.key;
+    if (!had.contains(t.key)) made += t.key + "\n";
   if (made.empty()) {
     // Already there (or the shape boots cold): say which keys exist.
     return ReportFailure(
-        Error::Msg("no new template: this shape had one already, or cannot have one (host shares, "
-                   "systemd images); see cella template ls"));
+        Error::Msg("no new template: this shape had them already, or cannot have one (host "
+                   "shares, systemd images); see cella template ls"));
   }
-  auto st = Print(made + "\n");
+  auto st = Print(made);
   return st ? 0 : ReportFailure(st.error());
 }
 

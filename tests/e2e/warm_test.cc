@@ -179,6 +179,33 @@ TEST_F(WarmTest, AFirstBootTakesItsWritableLayerFromTheTemplateAndKeepsItsOwnFil
   RemoveTemplatesOf(kMemory);
 }
 
+// `template create` builds ahead of time what a foreground run and a
+// detached run's first boot of the shape start from: neither builds one.
+TEST_F(WarmTest, TemplateCreateBuildsWhatRunAndDetachedRunStartFrom) {
+  constexpr int kMemory = 324;
+  const std::string memory = std::to_string(kMemory) + "m";
+  RemoveTemplatesOf(kMemory);
+  auto created =
+      RunCella({"template", "create", "--memory", memory}, "", std::chrono::seconds(300));
+  ASSERT_EQ(created.exit_code, 0) << Describe(created);
+  std::vector<std::string> keys = TemplatesOf(kMemory);
+  ASSERT_EQ(keys.size(), 2u) << Describe(created);
+  for (const std::string& key : keys)
+    EXPECT_NE(created.out.find(key + "\n"), std::string::npos) << created.out;
+  auto run = RunCella({"run", "--memory", memory, "--", "cat", "/run/cella/start"});
+  EXPECT_EQ(run.exit_code, 0) << Describe(run);
+  EXPECT_EQ(run.out, "warm\n");
+  std::string id = RunDetached({"--memory", memory, "--", "sleep", "3600"});
+  ASSERT_FALSE(id.empty());
+  EXPECT_EQ(Exec(id, "cat /run/cella/start"), "warm");
+  EXPECT_EQ(TemplatesOf(kMemory), keys) << "the runs built no template of their own";
+  // Nothing new to build a second time: said, and a failure.
+  auto again = RunCella({"template", "create", "--memory", memory}, "", std::chrono::seconds(300));
+  EXPECT_NE(again.exit_code, 0) << Describe(again);
+  ASSERT_EQ(RunCella({"rm", "-f", id}).exit_code, 0);
+  RemoveTemplatesOf(kMemory);
+}
+
 TEST_F(WarmTest, KilledTemplateBuildIsNeverTrustedAndNewKeyPartsMakeNewTemplates) {
   constexpr int kMemory = 312;
   const std::string memory = std::to_string(kMemory) + "m";

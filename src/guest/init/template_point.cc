@@ -263,6 +263,19 @@ Result<protocol::WarmGo> ReadGo(int fd) {
   }
 }
 
+// On the agent port, closed again for the agent: `line` to the host, then
+// the go line (and config) it answers with. virtio_console blocks a write
+// while no host is connected: nothing is lost before the host has the socket.
+Result<protocol::WarmGo> ExchangeGoLine(std::string_view line, std::string_view what,
+                                        Deadline port_deadline) {
+  std::string port = CELLA_TRY(FindVirtioPort(protocol::kDefaultAgentPort, port_deadline));
+  UniqueFd fd(::open(port.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
+  if (!fd) return FailErrno("open agent port " + port);
+  if (::write(fd.Get(), line.data(), line.size()) != static_cast<ssize_t>(line.size()))
+    return FailErrno("write the " + std::string(what) + " line");
+  return ReadGo(fd.Get());
+}
+
 Status ApplyGo(const protocol::WarmGo& go) {
   CELLA_TRY(agent::ReseedKernelRng(go.seed));
   timespec now{};
@@ -292,16 +305,8 @@ Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline, bool s
     PrepareRootFiles();
     CELLA_TRY_CTX(SyncPreparedUpper(), "template point");
   }
-  std::string port = CELLA_TRY(FindVirtioPort(protocol::kDefaultAgentPort, port_deadline));
-  protocol::WarmGo go;
-  {
-    UniqueFd fd(::open(port.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
-    if (!fd) return FailErrno("open agent port " + port);
-    std::string_view hello = protocol::kTemplatePointLine;
-    ssize_t n = ::write(fd.Get(), hello.data(), hello.size());
-    if (n != static_cast<ssize_t>(hello.size())) return FailErrno("write template point");
-    go = CELLA_TRY(ReadGo(fd.Get()));
-  }
+  protocol::WarmGo go =
+      CELLA_TRY(ExchangeGoLine(protocol::kTemplatePointLine, "template point", port_deadline));
   // First the RNG: nothing below may draw from the template's CRNG state.
   CELLA_TRY(ApplyGo(go));
   Debug("warm start: go line applied (RNG reseeded, clock set)");
@@ -320,18 +325,8 @@ Result<std::optional<std::string>> AwaitWarmStart(Deadline port_deadline, bool s
 }
 
 Result<std::optional<std::string>> AwaitColdGo(Deadline port_deadline) {
-  std::string port = CELLA_TRY(FindVirtioPort(protocol::kDefaultAgentPort, port_deadline));
-  protocol::WarmGo go;
-  {
-    UniqueFd fd(::open(port.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
-    if (!fd) return FailErrno("open agent port " + port);
-    // virtio_console blocks a write while no host is connected: nothing is
-    // lost before the host has the socket.
-    std::string_view ask = protocol::kConfigRequestLine;
-    if (::write(fd.Get(), ask.data(), ask.size()) != static_cast<ssize_t>(ask.size()))
-      return FailErrno("write the config request");
-    go = CELLA_TRY(ReadGo(fd.Get()));
-  }
+  protocol::WarmGo go =
+      CELLA_TRY(ExchangeGoLine(protocol::kConfigRequestLine, "config request", port_deadline));
   CELLA_TRY(ApplyGo(go));
   Debug("cold start: go line applied (RNG reseeded, clock set)");
   if (go.config_bytes == 0) return std::optional<std::string>();

@@ -99,6 +99,12 @@ SnapshotLayout DefaultLayout() {
   return SnapshotLayout::kMemoryFile;
 }
 
+// One more word on the guest kernel's command line.
+void AddKernelArg(vmm::VMConfig& vm, std::string_view arg) {
+  if (!vm.KernelArgs.empty()) vm.KernelArgs += ' ';
+  vm.KernelArgs += arg;
+}
+
 class Supervisor {
  public:
   explicit Supervisor(const SupervisorArgs& args) : args_(args), ready_fd_(args.ready_fd) {}
@@ -195,7 +201,7 @@ class Supervisor {
     const char* debug_env = std::getenv("CELLA_DEBUG");
     if (log::CurrentLevel() == log::Level::kDebug &&
         !(debug_env != nullptr && std::string_view(debug_env) == "host"))
-      vm.KernelArgs += vm.KernelArgs.empty() ? "cella.debug=1" : " cella.debug=1";
+      AddKernelArg(vm, "cella.debug=1");
     if (!spec.shares.empty()) CELLA_TRY(StartShares(spec, guest, vm));
     vmm::AccelMode accel = CELLA_TRY(vmm::ParseAccelMode(spec.accel));
     vmm::QemuBackendOptions options = CELLA_TRY(vmm::DetectQemuHost(accel));
@@ -353,8 +359,7 @@ class Supervisor {
       if (!fresh) log::Warn("writable layer not checked", {{"error", fresh.error().message}});
       if (fresh && *fresh) {
         upper_bytes = static_cast<uint64_t>(upper.st_size);
-        shape_vm.KernelArgs += shape_vm.KernelArgs.empty() ? "" : " ";
-        shape_vm.KernelArgs += protocol::kSeededUpperCmdlineFlag;
+        AddKernelArg(shape_vm, protocol::kSeededUpperCmdlineFlag);
       }
     }
     auto chosen = [&]() -> Result<warm::TemplateInfo> {

@@ -326,6 +326,7 @@ int SnapshotRestoreCommand(const std::string& snapshot, const std::string& new_n
 
 Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int count,
                                              const std::string& name_prefix) {
+  log::Debug("fork: start");
   if (count < 1 || count > kMaxForkCount)
     return Fail("fork: --count must be 1.." + std::to_string(kMaxForkCount));
   SandboxContext ctx = CELLA_TRY(OpenSandboxes());
@@ -396,11 +397,13 @@ Result<std::vector<std::string>> ForkSandbox(const std::string& sandbox_ref, int
     // The supervisor's refusals speak of "snapshot": the same reasons.
     if (!reply) return Fail(reply.error().message);
     CELLA_TRY(interrupts.Check());
+    log::Debug("fork: source saved", {{"id", record.id}});
     SnapshotSource src = CELLA_TRY(LoadSnapshotSource(dir, record.Label(), /*verify=*/false));
     for (const std::string& name : names) {
       ids.push_back(CELLA_TRY(CreateFromSnapshot(ctx, src, name)));
       CELLA_TRY(interrupts.Check());
     }
+    log::Debug("fork: copies made", {{"count", std::to_string(ids.size())}});
     // The copies resume in parallel: each supervisor builds its own network
     // and QEMU, and the wait is for the slowest, not the sum.
     std::vector<Status> started(ids.size());

@@ -231,6 +231,52 @@ TEST(SnapshotFormatTwo, CommitsVerifiesAndRefusesADamagedMemoryFile) {
   EXPECT_FALSE(ReadSnapshotManifest(snap));
 }
 
+// A fork's snapshot: its copies read it at once, so its memory goes
+// without a checksum; only such a manifest may lack one, and its state
+// file is still checked.
+TEST(SnapshotFormatTwo, OnlyATransientSnapshotGoesWithoutAMemoryChecksum) {
+  testing::TempDir dir("snaptransient");
+  constexpr size_t kPage = MemoryDigest::kPageSize;
+  std::string snap = dir / "snap";
+  ASSERT_EQ(::mkdir(snap.c_str(), 0700), 0);
+  SnapshotManifest m = Sample();
+  m.compression = SnapshotCompression::kNone;
+  m.state_file = "machine.state";
+  m.sha256.clear();
+  m.memory_bytes = 16 * kPage;
+  m.memory_file = kMemoryFileName;
+  m.transient = true;
+  ASSERT_TRUE(WriteStringToFile(snap + "/machine.state.tmp", "device state", 0600));
+  std::string memory_tmp = snap + "/" + kMemoryFileName + ".tmp";
+  ASSERT_TRUE(WriteStringToFile(memory_tmp, std::string(16 * kPage, 'm'), 0600));
+  auto committed = CommitSnapshot(snap, m, FsyncDirectory, Durability::kTransient);
+  ASSERT_TRUE(committed) << committed.error().message;
+  EXPECT_TRUE(committed->memory_sha256.empty());
+  auto verified = VerifySnapshot(snap);
+  ASSERT_TRUE(verified) << verified.error().message;
+  EXPECT_TRUE(verified->transient);
+
+  // The state file is checked as in any snapshot.
+  ASSERT_TRUE(WriteStringToFile(snap + "/machine.state", "device stat!", 0600));
+  auto corrupt = VerifySnapshot(snap);
+  ASSERT_FALSE(corrupt);
+  EXPECT_NE(corrupt.error().message.find("checksum mismatch"), std::string::npos)
+      << corrupt.error().message;
+
+  // Without the mark, a memory file with no checksum is not trusted.
+  nlohmann::json j = nlohmann::json::parse(EncodeManifest(*committed));
+  EXPECT_EQ(j["transient"], true);
+  EXPECT_EQ(j["memory_sha256"], "");
+  j.erase("transient");
+  auto unmarked = DecodeManifest(j.dump());
+  ASSERT_FALSE(unmarked);
+  EXPECT_NE(unmarked.error().message.find("memory_sha256"), std::string::npos);
+  j["transient"] = "yes";
+  EXPECT_FALSE(DecodeManifest(j.dump())) << "transient is a boolean";
+  // Every other snapshot's manifest says nothing of it.
+  EXPECT_FALSE(nlohmann::json::parse(EncodeManifest(Sample())).contains("transient"));
+}
+
 TEST(SnapshotCompat, QemuVersionIsAskedOnceForAnUnchangedBinary) {
   testing::TempDir dir("qemuversion");
   const std::string qemu = dir / "qemu-system-x86_64";

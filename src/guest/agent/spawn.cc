@@ -2,10 +2,13 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -19,6 +22,10 @@
 #include "guest/agent/hardening.h"
 #include "guest/agent/user.h"
 #include "protocol/config.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -119,9 +126,20 @@ std::vector<std::string> Candidates(const std::string& program,
   _exit(127);
 }
 
-void ChildWriteStderr(const std::string& program, int err) {
-  std::string msg = "cella-agent: " + program + ": " + std::strerror(err) + "\n";
-  ssize_t ignored = ::write(STDERR_FILENO, msg.data(), msg.size());
+// strerrordesc_np: the English text, with no locale lookup (no lock, no
+// allocation: the child shares the parent's memory).
+void ChildWriteStderr(const char* program, int err) {
+  const char* what = ::strerrordesc_np(err);
+  if (what == nullptr) what = "cannot execute";
+  char prefix[] = "cella-agent: ";
+  char colon[] = ": ";
+  char newline[] = "\n";
+  iovec parts[] = {{prefix, sizeof prefix - 1},
+                   {const_cast<char*>(program), std::strlen(program)},
+                   {colon, sizeof colon - 1},
+                   {const_cast<char*>(what), std::strlen(what)},
+                   {newline, 1}};
+  ssize_t ignored = ::writev(STDERR_FILENO, parts, 5);
   (void)ignored;
 }
 
@@ -132,6 +150,113 @@ void MarkAllCloexecFrom(int first) {
     if (flags >= 0) ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
   }
 }
+
+// Everything the child needs, made ready by the parent. The child runs in
+// the parent's memory until it execs (CLONE_VM | CLONE_VFORK: no copy of
+// the agent's page tables, which under TCG is first-time translated kernel
+// code in every fresh copy of a VM), so it allocates nothing, takes no lock
+// and switches user by raw system calls (glibc's setuid would signal the
+// parent's threads to follow).
+struct ChildPlan {
+  int status_fd = -1;
+  bool tty = false;
+  const char* slave_path = nullptr;
+  int in_fd = -1, out_fd = -1, err_fd = -1;
+  bool harden = false;
+  const Identity* identity = nullptr;
+  const char* workdir = nullptr;
+  const std::vector<std::string>* candidates = nullptr;
+  char* const* argv = nullptr;
+  char* const* envp = nullptr;
+  bool detach = false;
+};
+
+int ChildMain(void* arg) {
+  const ChildPlan& plan = *static_cast<const ChildPlan*>(arg);
+  const int sfd = plan.status_fd;
+  // Every signal is blocked (the parent blocked them before the clone):
+  // the handlers go back to their defaults before any can run here.
+  struct sigaction default_action {};
+  default_action.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    // Fails (EINVAL) only for the signals glibc reserves for its threads;
+    // glibc catches (never ignores) those, and execve resets caught ones.
+    if (sig != SIGKILL && sig != SIGSTOP) (void)::sigaction(sig, &default_action, nullptr);
+  }
+  sigset_t none;
+  sigemptyset(&none);
+  if (::sigprocmask(SIG_SETMASK, &none, nullptr) != 0) ChildFail(sfd, Stage::kSignals, errno);
+  if (::setsid() < 0) ChildFail(sfd, Stage::kSession, errno);
+  if (plan.tty) {
+    int slave = ::open(plan.slave_path, O_RDWR);
+    if (slave < 0) ChildFail(sfd, Stage::kTty, errno);
+    if (::ioctl(slave, TIOCSCTTY, 0) != 0) ChildFail(sfd, Stage::kTty, errno);
+    for (int target = 0; target < 3; ++target)
+      if (::dup2(slave, target) < 0) ChildFail(sfd, Stage::kStdio, errno);
+    if (slave > 2) ::close(slave);
+  } else {
+    if (::dup2(plan.in_fd, 0) < 0 || ::dup2(plan.out_fd, 1) < 0 || ::dup2(plan.err_fd, 2) < 0)
+      ChildFail(sfd, Stage::kStdio, errno);
+  }
+  MarkAllCloexecFrom(3);
+  if (plan.harden) {
+    if (int err = DropBoundingCapabilities(); err != 0) ChildFail(sfd, Stage::kCaps, err);
+  }
+  if (const Identity* id = plan.identity) {
+    if (::syscall(SYS_setgroups, id->groups.size(), id->groups.data()) != 0)
+      ChildFail(sfd, Stage::kUser, errno);
+    if (::syscall(SYS_setgid, id->gid) != 0) ChildFail(sfd, Stage::kUser, errno);
+    if (::syscall(SYS_setuid, id->uid) != 0) ChildFail(sfd, Stage::kUser, errno);
+  }
+  if (::chdir(plan.workdir) != 0) ChildFail(sfd, Stage::kWorkdir, errno);
+  if (plan.harden) {
+    if (int err = ApplyNoNewPrivsAndSeccomp(); err != 0) ChildFail(sfd, Stage::kSeccomp, err);
+  }
+  int exec_err = ENOENT;
+  bool saw_eacces = false;
+  for (const std::string& path : *plan.candidates) {
+    ::execve(path.c_str(), plan.argv, plan.envp);
+    if (errno == EACCES) {
+      saw_eacces = true;
+    } else if (errno != ENOENT && errno != ENOTDIR) {
+      exec_err = errno;
+      break;
+    }
+  }
+  if (saw_eacces && exec_err == ENOENT) exec_err = EACCES;
+  // Nobody sees a detached child's stderr: tell the parent instead.
+  if (plan.detach) ChildFail(sfd, Stage::kExec, exec_err);
+  ChildWriteStderr(plan.argv[0], exec_err);
+  _exit(exec_err == ENOENT ? 127 : 126);
+}
+
+// The child's stack, for the clone only: the child stops using it when it
+// execs or exits, and the parent is suspended until then.
+class ChildStack {
+ public:
+  static constexpr size_t kBytes = size_t{256} * 1024;
+  ChildStack() {
+    void* p = ::mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    base_ = p == MAP_FAILED ? nullptr : static_cast<char*>(p);
+  }
+  ~ChildStack() {
+    if (base_ == nullptr) return;
+#if defined(__SANITIZE_ADDRESS__)
+    // Frames the child never returned from (it exec'd) stay poisoned in
+    // the shadow of this range, which a later mapping may reuse.
+    ASAN_UNPOISON_MEMORY_REGION(base_, kBytes);
+#endif
+    (void)::munmap(base_, kBytes);
+  }
+  ChildStack(const ChildStack&) = delete;
+  ChildStack& operator=(const ChildStack&) = delete;
+  bool ok() const { return base_ != nullptr; }
+  void* top() const { return base_ + kBytes; }
+
+ private:
+  char* base_ = nullptr;
+};
 
 }  // namespace
 
@@ -202,62 +327,35 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   }
   Pipe status = CELLA_TRY(MakePipe());
 
-  pid_t pid = ::fork();
-  if (pid < 0) return FailErrno("fork");
-  if (pid == 0) {
-    int sfd = status.write.Get();
-    sigset_t none;
-    sigemptyset(&none);
-    if (sigprocmask(SIG_SETMASK, &none, nullptr) != 0) ChildFail(sfd, Stage::kSignals, errno);
-    for (int sig = 1; sig < NSIG; ++sig) {
-      // Fails (EINVAL) only for the signals glibc reserves for its threads;
-      // glibc catches (never ignores) those, and execve resets caught ones.
-      if (sig != SIGKILL && sig != SIGSTOP) (void)signal(sig, SIG_DFL);
+  ChildPlan plan;
+  plan.status_fd = status.write.Get();
+  plan.tty = request.tty;
+  plan.slave_path = slave_path.c_str();
+  plan.in_fd = child_in.Get();
+  plan.out_fd = child_out.Get();
+  plan.err_fd = child_err.Get();
+  plan.harden = harden;
+  plan.identity = identity ? &*identity : nullptr;
+  plan.workdir = workdir.c_str();
+  plan.candidates = &candidates;
+  plan.argv = argv_ptrs.data();
+  plan.envp = env_ptrs.data();
+  plan.detach = request.detach;
+  ChildStack stack;
+  if (!stack.ok()) return FailErrno("mmap the child's stack");
+  sigset_t all, old;
+  sigfillset(&all);
+  if (int err = ::pthread_sigmask(SIG_SETMASK, &all, &old); err != 0)
+    return FailErrno("block signals", err);
+  pid_t pid = ::clone(ChildMain, stack.top(), CLONE_VM | CLONE_VFORK | SIGCHLD, &plan);
+  int clone_err = errno;
+  if (int err = ::pthread_sigmask(SIG_SETMASK, &old, nullptr); err != 0 && pid > 0) {
+    ::kill(pid, SIGKILL);
+    while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
     }
-    if (::setsid() < 0) ChildFail(sfd, Stage::kSession, errno);
-    if (request.tty) {
-      int slave = ::open(slave_path.c_str(), O_RDWR);
-      if (slave < 0) ChildFail(sfd, Stage::kTty, errno);
-      if (::ioctl(slave, TIOCSCTTY, 0) != 0) ChildFail(sfd, Stage::kTty, errno);
-      for (int target = 0; target < 3; ++target)
-        if (::dup2(slave, target) < 0) ChildFail(sfd, Stage::kStdio, errno);
-      if (slave > 2) ::close(slave);
-    } else {
-      if (::dup2(child_in.Get(), 0) < 0 || ::dup2(child_out.Get(), 1) < 0 ||
-          ::dup2(child_err.Get(), 2) < 0)
-        ChildFail(sfd, Stage::kStdio, errno);
-    }
-    MarkAllCloexecFrom(3);
-    if (harden) {
-      if (int err = DropBoundingCapabilities(); err != 0) ChildFail(sfd, Stage::kCaps, err);
-    }
-    if (identity) {
-      if (::setgroups(identity->groups.size(), identity->groups.data()) != 0)
-        ChildFail(sfd, Stage::kUser, errno);
-      if (::setgid(identity->gid) != 0) ChildFail(sfd, Stage::kUser, errno);
-      if (::setuid(identity->uid) != 0) ChildFail(sfd, Stage::kUser, errno);
-    }
-    if (::chdir(workdir.c_str()) != 0) ChildFail(sfd, Stage::kWorkdir, errno);
-    if (harden) {
-      if (int err = ApplyNoNewPrivsAndSeccomp(); err != 0) ChildFail(sfd, Stage::kSeccomp, err);
-    }
-    int exec_err = ENOENT;
-    bool saw_eacces = false;
-    for (const auto& path : candidates) {
-      ::execve(path.c_str(), argv_ptrs.data(), env_ptrs.data());
-      if (errno == EACCES) {
-        saw_eacces = true;
-      } else if (errno != ENOENT && errno != ENOTDIR) {
-        exec_err = errno;
-        break;
-      }
-    }
-    if (saw_eacces && exec_err == ENOENT) exec_err = EACCES;
-    // Nobody sees a detached child's stderr: tell the parent instead.
-    if (request.detach) ChildFail(sfd, Stage::kExec, exec_err);
-    ChildWriteStderr(request.argv[0], exec_err);
-    _exit(exec_err == ENOENT ? 127 : 126);
+    return FailErrno("restore the signal mask", err);
   }
+  if (pid < 0) return FailErrno("clone", clone_err);
 
   status.write.Reset();
   child_in.Reset();

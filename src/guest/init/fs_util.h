@@ -15,6 +15,14 @@
 
 namespace cella::init {
 
+// Every read-write ext4 this init mounts (writable layers, volumes, disks):
+// no background zeroing of inode tables nor prefetch of block bitmaps. Under
+// TCG both are kernel work in every fresh copy of a VM (a template's layer
+// is mounted before the template point, so each clone would go on with its
+// zeroing, and write it to its own copy of the disk); ext4 keeps
+// uninitialised inode tables valid without it.
+inline constexpr const char* kExt4MountOptions = "noinit_itable,no_prefetch_block_bitmaps";
+
 // mount(2); the error names source, target and type.
 Status Mount(const std::string& source, const std::string& target, const std::string& fstype,
              unsigned long flags, const std::string& data = {});

@@ -42,6 +42,7 @@ Status Boot() {
   if (KernelCmdlineWantsDebug(*cmdline)) SetVerbosity(Verbosity::kDebug);
   // Ctrl-Alt-Del becomes SIGINT to PID 1 (forwarded) instead of a hard reboot.
   if (::reboot(RB_DISABLE_CAD) != 0) return FailErrno("reboot(RB_DISABLE_CAD)");
+  CELLA_TRY_CTX(TurnOffBpfJit(), "bpf");
 
   // A template boot stops at the template point below (nothing of the
   // sandbox read yet); its clones continue from there with their own disks,

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -45,6 +46,25 @@ Result<sockaddr> Ipv4Sockaddr(const std::string& text, uint32_t network_order = 
   static_assert(sizeof(addr) <= sizeof(out));
   std::memcpy(&out, &addr, sizeof(addr));
   return out;
+}
+
+// cella's guest network is IPv4 only (address, gateway and DNS come from
+// the host's side, and egress is IPv4); IPv6 on the NIC would only give it
+// a link-local address, at a cost under TCG: duplicate address detection,
+// router solicitation and MLD on every link-up, and an unsolicited
+// neighbour advertisement after every restore (QEMU asks the guest to
+// announce itself). lo keeps ::1. Done once, before the link first goes
+// up; a template's clones inherit it (and this flag) from its memory.
+Status TurnOffIpv6On(const std::string& interface) {
+  static std::string turned_off_on;
+  if (turned_off_on == interface) return {};
+  const std::string path = "/proc/sys/net/ipv6/conf/" + interface + "/disable_ipv6";
+  if (auto st = WriteExisting(path, "1\n"); !st) {
+    // A kernel without IPv6 has nothing to turn off.
+    if (st.error().errno_value != ENOENT) return st;
+  }
+  turned_off_on = interface;
+  return {};
 }
 
 Status SetUp(int sock, const std::string& interface) {
@@ -124,6 +144,7 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
   std::string interface = CELLA_TRY(WaitForInterface(deadline));
   std::string where = "network " + interface;
 
+  CELLA_TRY_CTX(TurnOffIpv6On(interface), where);
   if (!config.guest_mac.empty())
     CELLA_TRY_CTX(SetMac(sock.Get(), interface, config.guest_mac), where);
   if (config.mtu > 0) {
@@ -167,7 +188,10 @@ Status BringLinksUpForClones() {
   if (!sock) return FailErrno("socket(AF_INET)");
   CELLA_TRY(SetUp(sock.Get(), "lo"));
   auto names = CELLA_TRY(Interfaces());
-  if (!names.empty()) CELLA_TRY_CTX(SetUp(sock.Get(), names.front()), "network " + names.front());
+  if (!names.empty()) {
+    CELLA_TRY_CTX(TurnOffIpv6On(names.front()), "network " + names.front());
+    CELLA_TRY_CTX(SetUp(sock.Get(), names.front()), "network " + names.front());
+  }
   return {};
 }
 
@@ -201,6 +225,15 @@ Status InstallTrustedCertificates(const protocol::Config& config) {
     if (existing.find(pem) != std::string::npos) continue;
     if (!existing.empty() && existing.back() != '\n') existing += '\n';
     CELLA_TRY(ReplaceFile(bundle, existing + pem, 0644));
+  }
+  return {};
+}
+
+Status TurnOffBpfJit() {
+  if (auto st = WriteExisting("/proc/sys/net/core/bpf_jit_enable", "0\n"); !st) {
+    // No JIT in this kernel (ENOENT), or one that is always on (EINVAL):
+    // nothing to turn off.
+    if (st.error().errno_value != ENOENT && st.error().errno_value != EINVAL) return st;
   }
   return {};
 }

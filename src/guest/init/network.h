@@ -22,6 +22,13 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline);
 // set-up, the NIC's receive ring) costs a clone ~20 ms under TCG.
 Status BringLinksUpForClones();
 
+// The guest kernel's BPF JIT off (net.core.bpf_jit_enable = 0). Under TCG
+// the JIT is translated code writing code QEMU would translate again; every
+// exec's seccomp filter paid for it (~3k guest instructions, ~6 ms in a
+// fresh copy of a VM) and never ran the result (the kernel's per-syscall
+// action cache answers for the filter). BPF programs run interpreted.
+Status TurnOffBpfJit();
+
 // sethostname + /etc/hostname (when hostname is set), /etc/hosts, and
 // /etc/resolv.conf (when there are DNS servers), in the current root. Files
 // are replaced, not edited: the root's writable layer is this sandbox's own.

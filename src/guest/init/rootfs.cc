@@ -32,7 +32,8 @@ Status MountWritableLayer(const std::string& device, const std::string& fstype,
     CELLA_TRY(Mount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"));
   } else {
     CELLA_TRY(WaitForDevice(device, deadline));
-    CELLA_TRY(Mount(device, dir, fstype.empty() ? "ext4" : fstype, MS_NOATIME));
+    const std::string type = fstype.empty() ? "ext4" : fstype;
+    CELLA_TRY(Mount(device, dir, type, MS_NOATIME, type == "ext4" ? kExt4MountOptions : ""));
   }
   CELLA_TRY(MkdirAll(dir + "/upper", 0755));
   CELLA_TRY(MkdirAll(dir + "/work", 0755));
@@ -180,7 +181,7 @@ Status MountPlainRoot(const Config& config, Deadline deadline) {
     return {};
   }
   if (config.root_fstype.empty()) {
-    auto rw = Mount(device, kNewRoot, "ext4", MS_NOATIME);
+    auto rw = Mount(device, kNewRoot, "ext4", MS_NOATIME, kExt4MountOptions);
     if (rw) return {};
     Debug("root " + device + " is not writable ext4 (" + rw.error().message + "); trying erofs");
   }
@@ -375,7 +376,8 @@ Status MountVolumes(const Config& config, Deadline deadline) {
         CELLA_TRY_CTX(MountReadOnlyAnyFs(volume.device, target_path), where);
         break;
       case MountMode::kReadWrite:
-        CELLA_TRY_CTX(Mount(volume.device, target_path, "ext4", MS_NOATIME), where);
+        CELLA_TRY_CTX(Mount(volume.device, target_path, "ext4", MS_NOATIME, kExt4MountOptions),
+                      where);
         break;
       case MountMode::kOverlay: {
         std::string base = std::string(kScratch) + "/volume" + std::to_string(i);
@@ -402,7 +404,7 @@ Status MountVolumes(const Config& config, Deadline deadline) {
     if (disk.read_only) {
       CELLA_TRY_CTX(MountReadOnlyAnyFs(disk.device, target_path), where);
     } else {
-      CELLA_TRY_CTX(Mount(disk.device, target_path, "ext4", MS_NOATIME), where);
+      CELLA_TRY_CTX(Mount(disk.device, target_path, "ext4", MS_NOATIME, kExt4MountOptions), where);
     }
   }
   // tmpfs mounts beneath a FUSE share are staged now too (the others come

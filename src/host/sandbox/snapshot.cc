@@ -236,6 +236,7 @@ std::string EncodeManifest(const SnapshotManifest& m) {
     j["memory_file"] = m.memory_file;
     j["memory_sha256"] = m.memory_sha256;
   }
+  if (m.transient) j["transient"] = true;
   return j.dump(2) + "\n";
 }
 
@@ -281,6 +282,7 @@ Result<SnapshotManifest> DecodeManifest(std::string_view text) {
     take(c, "cpus", m.compat.cpus);
     take(c, "accel", m.compat.accel);
     take(c, "root_image", m.compat.root_image);
+    if (j.contains("transient")) take(j, "transient", m.transient);
   } catch (const std::exception& e) {
     return Fail("snapshot manifest: field \"" + field + "\": " + e.what());
   }
@@ -293,7 +295,7 @@ Result<SnapshotManifest> DecodeManifest(std::string_view text) {
         m.memory_file == m.state_file)
       return Fail("snapshot manifest: memory_file \"" + m.memory_file +
                   "\" is not a plain file name of its own");
-    if (!IsSha256Hex(m.memory_sha256))
+    if (!IsSha256Hex(m.memory_sha256) && !(m.transient && m.memory_sha256.empty()))
       return Fail("snapshot manifest: memory_sha256 is not 64 hex digits");
     if (m.memory_bytes == 0 || m.memory_bytes % MemoryDigest::kPageSize != 0)
       return Fail("snapshot manifest: memory_bytes " + std::to_string(m.memory_bytes) +
@@ -343,7 +345,8 @@ Result<SnapshotManifest> CommitSnapshot(const std::string& dir, SnapshotManifest
     if (uint64_t(st.st_size) != m.memory_bytes)
       return Fail("snapshot: the memory file " + memory_tmp + " has " + std::to_string(st.st_size) +
                   " bytes, the guest " + std::to_string(m.memory_bytes));
-    if (m.memory_sha256.empty()) m.memory_sha256 = CELLA_TRY(MemoryFileDigest(memory_tmp));
+    if (m.memory_sha256.empty() && !m.transient)
+      m.memory_sha256 = CELLA_TRY(MemoryFileDigest(memory_tmp));
     std::string memory_final = dir + "/" + m.memory_file;
     if (::rename(memory_tmp.c_str(), memory_final.c_str()) != 0)
       return FailErrno("rename " + memory_tmp);
@@ -390,7 +393,7 @@ Status VerifySnapshotChecksum(const std::string& dir, const SnapshotManifest& m)
   if (sum != m.sha256)
     return Fail("snapshot " + state + " is corrupt: checksum mismatch (sha256 " +
                 sum.substr(0, 12) + ", the manifest recorded " + m.sha256.substr(0, 12) + ")");
-  if (!m.memory_file.empty()) {
+  if (!m.memory_file.empty() && !m.transient) {
     std::string memory = dir + "/" + m.memory_file;
     std::string memory_sum = CELLA_TRY(MemoryFileDigest(memory));
     if (memory_sum != m.memory_sha256)

@@ -107,6 +107,12 @@ struct SnapshotManifest {
   // length is memory_bytes) and its MemoryDigest. Empty in format 1.
   std::string memory_file;
   std::string memory_sha256;
+  // A fork's own snapshot, read by its copies within the second it was
+  // written and removed after: its memory file is not hashed (~50 ms per
+  // 64 MiB of guest RAM on each side, while the source is frozen and
+  // before each copy runs), so memory_sha256 is empty. The state file is
+  // still checked.
+  bool transient = false;
 };
 
 // The checksum of a memory file: SHA-256 over every page that is not all

@@ -26,8 +26,8 @@ constexpr size_t kChunk = size_t{1} << 20;
 // pages gathered into one write of up to kChunk.
 class MemoryFileWriter : public vmm::RamBlockSink {
  public:
-  MemoryFileWriter(UniqueFd fd, std::string path, uint64_t length)
-      : fd_(std::move(fd)), path_(std::move(path)), length_(length) {
+  MemoryFileWriter(UniqueFd fd, std::string path, uint64_t length, bool hash)
+      : fd_(std::move(fd)), path_(std::move(path)), length_(length), hashing_(hash) {
     run_.reserve(kChunk);
   }
 
@@ -56,10 +56,11 @@ class MemoryFileWriter : public vmm::RamBlockSink {
   }
 
   // Writes what is gathered; the digest when it could be computed on the
-  // way, else empty (the commit reads the file).
+  // way, else empty (the commit reads the file, unless the snapshot is
+  // transient and goes without one).
   Result<std::string> Finish() {
     CELLA_TRY(Flush());
-    return in_order_ ? digest_.HexDigest() : std::string();
+    return hashing_ ? digest_.HexDigest() : std::string();
   }
 
   uint64_t pages() const { return pages_; }
@@ -70,8 +71,8 @@ class MemoryFileWriter : public vmm::RamBlockSink {
     const uint64_t index = offset / MemoryDigest::kPageSize;
     // A page written again (or out of order) would hash twice: the file is
     // hashed after instead.
-    if (index < next_index_) in_order_ = false;
-    if (!in_order_) return;
+    if (index < next_index_) hashing_ = false;
+    if (!hashing_) return;
     digest_.AddPage(index, page);
     next_index_ = index + 1;
   }
@@ -107,7 +108,7 @@ class MemoryFileWriter : public vmm::RamBlockSink {
   uint64_t run_offset_ = 0;
   MemoryDigest digest_;
   uint64_t next_index_ = 0;
-  bool in_order_ = true;
+  bool hashing_;  // off for a transient snapshot, or once a page came out of order
   uint64_t pages_ = 0;
 };
 
@@ -145,8 +146,8 @@ Result<std::unique_ptr<SnapshotStreamWriter>> SnapshotStreamWriter::Start(
     const std::string memory_tmp = dir + "/" + manifest.memory_file + ".tmp";
     UniqueFd fd(::open(memory_tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
     if (!fd) return FailErrno("create " + memory_tmp);
-    w->memory_ =
-        std::make_unique<MemoryFileWriter>(std::move(fd), memory_tmp, manifest.memory_bytes);
+    w->memory_ = std::make_unique<MemoryFileWriter>(std::move(fd), memory_tmp,
+                                                    manifest.memory_bytes, !manifest.transient);
     CELLA_TRY(w->memory_->Create());
   }
   w->thread_ = std::thread([raw = w.get()] { raw->Run(); });

@@ -772,6 +772,7 @@ class Supervisor {
                               .count();
     manifest.memory_bytes = uint64_t(memory_mib_) << 20;
     manifest.compat = CELLA_TRY(Compat());
+    manifest.transient = fork;
 
     // Everything that uses the link goes first; the router's end closing
     // is what tells the guest agent to let go of its link (the main process
@@ -787,6 +788,7 @@ class Supervisor {
             main_.reset();  // its Close goes nowhere: the link is already down
           },
           std::chrono::seconds(15)));
+      log::Debug("snapshot: guest agent let go of its link", {{"id", args_.id}});
       CELLA_TRY(SaveMachineState(machine, dir, manifest, std::chrono::minutes(10)));
       // Host state the guest relies on: the names behind the virtual
       // addresses it has cached (durable before the manifest commits).
@@ -797,6 +799,7 @@ class Supervisor {
       }
       CELLA_TRY(SaveShareStates(dir));
       if (while_frozen) CELLA_TRY(while_frozen(dir));
+      log::Debug("snapshot: disks copied", {{"id", args_.id}});
       manifest = CELLA_TRY(CommitSnapshot(dir, manifest, FsyncDirectory,
                                           fork ? Durability::kTransient : Durability::kDurable));
       return {};

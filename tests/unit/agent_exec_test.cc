@@ -198,7 +198,9 @@ TEST_F(AgentExec, MissingBinaryIs127AndNotExecutableIs126) {
   auto r = client().Exec(Cmd({"no-such-program-xyz"}));
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_EQ(r->status.exit_code, 127);
-  EXPECT_NE(r->stderr_data.find("no-such-program-xyz"), std::string::npos);
+  EXPECT_NE(r->stderr_data.find("cella-agent: no-such-program-xyz: No such file or directory\n"),
+            std::string::npos)
+      << r->stderr_data;
 
   std::string path = "/tmp/cella-agent-test-noexec-" + std::to_string(::getpid());
   ASSERT_TRUE(WriteStringToFile(path, "#!/bin/sh\necho hi\n", 0644).has_value());

@@ -24,6 +24,13 @@
 #include "protocol/config.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#define CELLA_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CELLA_ASAN 1
+#endif
+#endif
+#if defined(CELLA_ASAN)
 #include <sanitizer/asan_interface.h>
 #endif
 
@@ -242,7 +249,7 @@ class ChildStack {
   }
   ~ChildStack() {
     if (base_ == nullptr) return;
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(CELLA_ASAN)
     // Frames the child never returned from (it exec'd) stay poisoned in
     // the shadow of this range, which a later mapping may reuse.
     ASAN_UNPOISON_MEMORY_REGION(base_, kBytes);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <optional>
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -129,6 +130,51 @@ Result<std::string> WaitForInterface(Deadline deadline) {
   }
 }
 
+// The NIC's IPv4 set-up as the template point made it: in init's memory,
+// so every clone of the template knows what it inherited.
+struct NicSetUp {
+  std::string interface;
+  std::string ip;
+  int cidr = 0;
+  std::string gw;
+};
+
+std::optional<NicSetUp>& TemplateNic() {
+  static std::optional<NicSetUp> nic;
+  return nic;
+}
+
+Status SetAddress(int sock, const std::string& interface, const std::string& ip, int cidr) {
+  {
+    ifreq req = CELLA_TRY(Request(interface));
+    req.ifr_addr = CELLA_TRY_CTX(Ipv4Sockaddr(ip), "guest_ip");
+    if (::ioctl(sock, SIOCSIFADDR, &req) != 0) return FailErrno("SIOCSIFADDR " + ip);
+  }
+  uint32_t mask = CELLA_TRY_CTX(NetmaskFromCidr(cidr), "guest_cidr");
+  ifreq req = CELLA_TRY(Request(interface));
+  req.ifr_netmask = CELLA_TRY(Ipv4Sockaddr("", mask));
+  if (::ioctl(sock, SIOCSIFNETMASK, &req) != 0)
+    return FailErrno("SIOCSIFNETMASK /" + std::to_string(cidr));
+  return {};
+}
+
+// SIOCADDRT (an existing route is fine) or SIOCDELRT (a missing one is).
+Status ChangeDefaultRoute(int sock, unsigned long request, const std::string& interface,
+                          const std::string& gw) {
+  rtentry route{};
+  route.rt_dst = CELLA_TRY(Ipv4Sockaddr("", 0));
+  route.rt_genmask = CELLA_TRY(Ipv4Sockaddr("", 0));
+  route.rt_gateway = CELLA_TRY_CTX(Ipv4Sockaddr(gw), "guest_gw");
+  route.rt_flags = RTF_UP | RTF_GATEWAY;
+  std::string dev = interface;
+  route.rt_dev = dev.data();
+  if (::ioctl(sock, request, &route) == 0) return {};
+  if (request == SIOCADDRT && errno == EEXIST) return {};
+  if (request == SIOCDELRT && errno == ESRCH) return {};
+  return FailErrno(std::string(request == SIOCADDRT ? "SIOCADDRT" : "SIOCDELRT") +
+                   " default via " + gw);
+}
+
 }  // namespace
 
 Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
@@ -141,7 +187,8 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
     Debug("network disabled: only lo is up");
     return {};
   }
-  std::string interface = CELLA_TRY(WaitForInterface(deadline));
+  const std::optional<NicSetUp>& made = TemplateNic();
+  std::string interface = made ? made->interface : CELLA_TRY(WaitForInterface(deadline));
   std::string where = "network " + interface;
 
   CELLA_TRY_CTX(TurnOffIpv6On(interface), where);
@@ -153,33 +200,22 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
     if (::ioctl(sock.Get(), SIOCSIFMTU, &req) != 0)
       return FailErrno(where + ": SIOCSIFMTU " + std::to_string(config.mtu));
   }
-  {
-    ifreq req = CELLA_TRY(Request(interface));
-    req.ifr_addr = CELLA_TRY_CTX(Ipv4Sockaddr(config.guest_ip), where + ": guest_ip");
-    if (::ioctl(sock.Get(), SIOCSIFADDR, &req) != 0)
-      return FailErrno(where + ": SIOCSIFADDR " + config.guest_ip);
+  const std::string summary = config.guest_ip + "/" + std::to_string(config.guest_cidr) +
+                              (config.guest_gw.empty() ? "" : " via " + config.guest_gw);
+  if (made && made->ip == config.guest_ip && made->cidr == config.guest_cidr &&
+      made->gw == config.guest_gw) {
+    Debug(where + ": " + summary + " (as made at the template point)");
+    return {};
   }
-  {
-    uint32_t mask = CELLA_TRY_CTX(NetmaskFromCidr(config.guest_cidr), where + ": guest_cidr");
-    ifreq req = CELLA_TRY(Request(interface));
-    req.ifr_netmask = CELLA_TRY(Ipv4Sockaddr("", mask));
-    if (::ioctl(sock.Get(), SIOCSIFNETMASK, &req) != 0)
-      return FailErrno(where + ": SIOCSIFNETMASK /" + std::to_string(config.guest_cidr));
-  }
+  // Another address than the template point's: its default route goes
+  // first (SIOCSIFADDR replaces the address, not the routes through it).
+  if (made && !made->gw.empty())
+    CELLA_TRY_CTX(ChangeDefaultRoute(sock.Get(), SIOCDELRT, interface, made->gw), where);
+  CELLA_TRY_CTX(SetAddress(sock.Get(), interface, config.guest_ip, config.guest_cidr), where);
   CELLA_TRY_CTX(SetUp(sock.Get(), interface), where);
-  if (!config.guest_gw.empty()) {
-    rtentry route{};
-    route.rt_dst = CELLA_TRY(Ipv4Sockaddr("", 0));
-    route.rt_genmask = CELLA_TRY(Ipv4Sockaddr("", 0));
-    route.rt_gateway = CELLA_TRY_CTX(Ipv4Sockaddr(config.guest_gw), where + ": guest_gw");
-    route.rt_flags = RTF_UP | RTF_GATEWAY;
-    std::string dev = interface;
-    route.rt_dev = dev.data();
-    if (::ioctl(sock.Get(), SIOCADDRT, &route) != 0 && errno != EEXIST)
-      return FailErrno(where + ": SIOCADDRT default via " + config.guest_gw);
-  }
-  Debug(where + ": " + config.guest_ip + "/" + std::to_string(config.guest_cidr) +
-        (config.guest_gw.empty() ? "" : " via " + config.guest_gw));
+  if (!config.guest_gw.empty())
+    CELLA_TRY_CTX(ChangeDefaultRoute(sock.Get(), SIOCADDRT, interface, config.guest_gw), where);
+  Debug(where + ": " + summary);
   return {};
 }
 
@@ -188,10 +224,18 @@ Status BringLinksUpForClones() {
   if (!sock) return FailErrno("socket(AF_INET)");
   CELLA_TRY(SetUp(sock.Get(), "lo"));
   auto names = CELLA_TRY(Interfaces());
-  if (!names.empty()) {
-    CELLA_TRY_CTX(TurnOffIpv6On(names.front()), "network " + names.front());
-    CELLA_TRY_CTX(SetUp(sock.Get(), names.front()), "network " + names.front());
-  }
+  if (names.empty()) return {};
+  const std::string& interface = names.front();
+  const std::string where = "network " + interface;
+  CELLA_TRY_CTX(TurnOffIpv6On(interface), where);
+  CELLA_TRY_CTX(SetUp(sock.Get(), interface), where);
+  // Every sandbox's NIC has the same IPv4 set-up (protocol/network.h); the
+  // clones that ask for it (all, today) find it made.
+  NicSetUp nic{interface, protocol::kGuestIp, protocol::kGuestPrefixLength,
+               protocol::kHostGateway};
+  CELLA_TRY_CTX(SetAddress(sock.Get(), interface, nic.ip, nic.cidr), where);
+  CELLA_TRY_CTX(ChangeDefaultRoute(sock.Get(), SIOCADDRT, interface, nic.gw), where);
+  TemplateNic() = std::move(nic);
   return {};
 }
 

@@ -16,10 +16,12 @@ namespace cella::init {
 Status ConfigureNetwork(const protocol::Config& config, Deadline deadline);
 
 // Warm starts, at the template point: brings lo and the first non-loopback
-// interface (when the shape has a NIC) up, without any address. Neither
-// depends on a sandbox (the NIC's addresses, MTU and route come from the
-// clone's config), and the first SIOCSIFFLAGS of each (IPv6 and route
-// set-up, the NIC's receive ring) costs a clone ~20 ms under TCG.
+// interface (when the shape has a NIC) up, with IPv6 off and the IPv4
+// address and default route every sandbox's NIC has (protocol/network.h).
+// None of it depends on a sandbox (a clone's config brings its own MAC and
+// MTU, and ConfigureNetwork changes the address only if the config names
+// another); each first SIOCSIFFLAGS, address and route (the NIC's receive
+// ring, the FIB) costs a clone ~20-30 ms under TCG.
 Status BringLinksUpForClones();
 
 // The guest kernel's BPF JIT off (net.core.bpf_jit_enable = 0). Under TCG

@@ -87,7 +87,8 @@ Result<SnapshotSource> LoadSnapshotSource(const std::string& dir, const std::str
     src.manifest = CELLA_TRY_CTX(sandbox::VerifySnapshot(dir), "snapshot " + label);
   } else {
     // A fork's own fresh snapshot: the supervisor that resumes each copy
-    // verifies size and checksum before QEMU reads a byte anyway.
+    // checks the sizes and the state file's checksum before QEMU reads a
+    // byte anyway (its memory file has none: the manifest is transient).
     std::string text = CELLA_TRY(ReadFileToString(dir + "/" + sandbox::kManifestName, 64 * 1024));
     src.manifest = CELLA_TRY_CTX(sandbox::DecodeManifest(text), "snapshot " + label);
   }

@@ -181,6 +181,12 @@ TEST_F(AgentExec, AppliesWorkdirAndUser) {
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_EQ(r->stdout_data, "/tmp\n65534\n100\n100\n/nonexistent\n") << r->stderr_data;
 
+  // The switch was the child's alone (it runs in the agent's memory until
+  // it execs): the agent, and what it starts next, are still root.
+  r = client().Exec(Sh("id -u"));
+  ASSERT_TRUE(r.has_value()) << r.error().message;
+  EXPECT_EQ(r->stdout_data, std::to_string(::getuid()) + "\n");
+
   req.user = "no-such-user-here";
   r = client().Exec(req);
   ASSERT_FALSE(r.has_value());
@@ -192,6 +198,15 @@ TEST_F(AgentExec, AppliesWorkdirAndUser) {
   ASSERT_FALSE(r.has_value());
   EXPECT_EQ(r.error().errno_value, ENOENT);
   EXPECT_NE(r.error().message.find("/does/not/exist"), std::string::npos) << r.error().message;
+}
+
+// The agent ignores SIGPIPE and blocks SIGCHLD for itself; what it starts
+// gets the defaults: no signal blocked, none ignored.
+TEST_F(AgentExec, ACommandStartsWithDefaultSignals) {
+  auto r = client().Exec(Sh("grep -E '^Sig(Blk|Ign):' /proc/self/status"));
+  ASSERT_TRUE(r.has_value()) << r.error().message;
+  EXPECT_EQ(r->stdout_data, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n")
+      << r->stderr_data;
 }
 
 TEST_F(AgentExec, MissingBinaryIs127AndNotExecutableIs126) {

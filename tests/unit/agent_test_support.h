@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "base/io.h"
+#include "base/sanitizers.h"
 #include "host/agent/client.h"
 
 namespace cella::testing {
@@ -107,17 +108,7 @@ inline int64_t PeakRssBytes(pid_t pid) {
   return std::stoll(status->substr(pos + 6)) * 1024;
 }
 
-#if defined(__SANITIZE_ADDRESS__)
-inline constexpr bool kUnderAsan = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-inline constexpr bool kUnderAsan = true;
-#else
-inline constexpr bool kUnderAsan = false;
-#endif
-#else
-inline constexpr bool kUnderAsan = false;
-#endif
+using cella::kUnderAsan;
 
 // Sends `sent` through a port forward to an echo server (from a second
 // thread, then half-closes) and expects every byte back, then the stream's

@@ -11,9 +11,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <optional>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -87,20 +87,22 @@ Status SetDown(int sock, const std::string& interface) {
 }
 
 // The NIC's address, from the host: a warm clone's NIC was probed (and is
-// up) with its template's. virtio_net takes a new address while up.
-Status SetMac(int sock, const std::string& interface, const std::string& text) {
+// up) with its template's. virtio_net takes a new address while up; true
+// when the link had to go down for it (which drops the routes through it).
+Result<bool> SetMac(int sock, const std::string& interface, const std::string& text) {
   auto mac = protocol::ParseMac(text);
   if (!mac) return Fail("guest_mac \"" + text + "\" is not a unicast MAC address");
   ifreq req = CELLA_TRY(Request(interface));
   req.ifr_hwaddr.sa_family = ARPHRD_ETHER;
   std::memcpy(req.ifr_hwaddr.sa_data, mac->data(), mac->size());
-  if (::ioctl(sock, SIOCSIFHWADDR, &req) == 0) return {};
+  if (::ioctl(sock, SIOCSIFHWADDR, &req) == 0) return false;
   if (errno != EBUSY) return FailErrno("SIOCSIFHWADDR " + interface + " " + text);
   // A driver without live address changes: down, change, and up again.
   CELLA_TRY(SetDown(sock, interface));
   if (::ioctl(sock, SIOCSIFHWADDR, &req) != 0)
     return FailErrno("SIOCSIFHWADDR " + interface + " " + text);
-  return SetUp(sock, interface);
+  CELLA_TRY(SetUp(sock, interface));
+  return true;
 }
 
 Result<std::vector<std::string>> Interfaces() {
@@ -131,7 +133,10 @@ Result<std::string> WaitForInterface(Deadline deadline) {
 }
 
 // The NIC's IPv4 set-up as the template point made it: in init's memory,
-// so every clone of the template knows what it inherited.
+// so every clone of the template knows what it inherited. (After a
+// clone's restore QEMU has it announce itself: one gratuitous ARP for
+// this address from the template's MAC before SetMac runs; the host's
+// side learns the clone's own MAC from its first packet.)
 struct NicSetUp {
   std::string interface;
   std::string ip;
@@ -171,8 +176,8 @@ Status ChangeDefaultRoute(int sock, unsigned long request, const std::string& in
   if (::ioctl(sock, request, &route) == 0) return {};
   if (request == SIOCADDRT && errno == EEXIST) return {};
   if (request == SIOCDELRT && errno == ESRCH) return {};
-  return FailErrno(std::string(request == SIOCADDRT ? "SIOCADDRT" : "SIOCDELRT") +
-                   " default via " + gw);
+  return FailErrno(std::string(request == SIOCADDRT ? "SIOCADDRT" : "SIOCDELRT") + " default via " +
+                   gw);
 }
 
 }  // namespace
@@ -182,6 +187,16 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
   if (!sock) return FailErrno("socket(AF_INET)");
   CELLA_TRY(SetUp(sock.Get(), "lo"));
   if (config.no_network || !config.network_enabled) {
+    // As a cold boot leaves it: no address (0.0.0.0 removes the template
+    // point's, and the routes through it), the link down.
+    if (const auto& made = TemplateNic()) {
+      const std::string where = "network " + made->interface;
+      CELLA_TRY_CTX(ChangeDefaultRoute(sock.Get(), SIOCDELRT, made->interface, made->gw), where);
+      ifreq req = CELLA_TRY(Request(made->interface));
+      req.ifr_addr = CELLA_TRY(Ipv4Sockaddr("", 0));
+      if (::ioctl(sock.Get(), SIOCSIFADDR, &req) != 0)
+        return FailErrno(where + ": SIOCSIFADDR 0.0.0.0");
+    }
     for (const std::string& interface : CELLA_TRY(Interfaces()))
       CELLA_TRY_CTX(SetDown(sock.Get(), interface), "network " + interface);
     Debug("network disabled: only lo is up");
@@ -192,8 +207,9 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
   std::string where = "network " + interface;
 
   CELLA_TRY_CTX(TurnOffIpv6On(interface), where);
+  bool link_cycled = false;
   if (!config.guest_mac.empty())
-    CELLA_TRY_CTX(SetMac(sock.Get(), interface, config.guest_mac), where);
+    link_cycled = CELLA_TRY_CTX(SetMac(sock.Get(), interface, config.guest_mac), where);
   if (config.mtu > 0) {
     ifreq req = CELLA_TRY(Request(interface));
     req.ifr_mtu = config.mtu;
@@ -202,7 +218,7 @@ Status ConfigureNetwork(const protocol::Config& config, Deadline deadline) {
   }
   const std::string summary = config.guest_ip + "/" + std::to_string(config.guest_cidr) +
                               (config.guest_gw.empty() ? "" : " via " + config.guest_gw);
-  if (made && made->ip == config.guest_ip && made->cidr == config.guest_cidr &&
+  if (made && !link_cycled && made->ip == config.guest_ip && made->cidr == config.guest_cidr &&
       made->gw == config.guest_gw) {
     Debug(where + ": " + summary + " (as made at the template point)");
     return {};
@@ -231,8 +247,7 @@ Status BringLinksUpForClones() {
   CELLA_TRY_CTX(SetUp(sock.Get(), interface), where);
   // Every sandbox's NIC has the same IPv4 set-up (protocol/network.h); the
   // clones that ask for it (all, today) find it made.
-  NicSetUp nic{interface, protocol::kGuestIp, protocol::kGuestPrefixLength,
-               protocol::kHostGateway};
+  NicSetUp nic{interface, protocol::kGuestIp, protocol::kGuestPrefixLength, protocol::kHostGateway};
   CELLA_TRY_CTX(SetAddress(sock.Get(), interface, nic.ip, nic.cidr), where);
   CELLA_TRY_CTX(ChangeDefaultRoute(sock.Get(), SIOCADDRT, interface, nic.gw), where);
   TemplateNic() = std::move(nic);

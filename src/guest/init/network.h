@@ -27,8 +27,9 @@ Status BringLinksUpForClones();
 // The guest kernel's BPF JIT off (net.core.bpf_jit_enable = 0). Under TCG
 // the JIT is translated code writing code QEMU would translate again; every
 // exec's seccomp filter paid for it (~3k guest instructions, ~6 ms in a
-// fresh copy of a VM) and never ran the result (the kernel's per-syscall
-// action cache answers for the filter). BPF programs run interpreted.
+// fresh copy of a VM), while the syscalls the filter always allows never
+// run it (the kernel's per-syscall action cache answers them). BPF programs
+// run interpreted.
 Status TurnOffBpfJit();
 
 // sethostname + /etc/hostname (when hostname is set), /etc/hosts, and

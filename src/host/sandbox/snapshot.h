@@ -150,7 +150,7 @@ std::string LoadUri(const std::string& dir, const SnapshotManifest& manifest);
 // After QEMU completed the migration: fsync, size and hash the temporary
 // file (unless `manifest.sha256` is set: its writer hashed it), and so the
 // memory file when there is one (its length must be memory_bytes; hashed
-// unless memory_sha256 is set), rename them, write the manifest
+// unless memory_sha256 is set or the manifest is transient), rename them, write the manifest
 // (filling size_bytes and sha256), and fsync the directory. Returns the manifest as written. When
 // the last directory fsync fails, the manifest is unlinked before the error is returned: a failed
 // commit never leaves a snapshot that looks committed, even when the caller's clean-up of the

@@ -798,8 +798,10 @@ class Supervisor {
         CELLA_TRY(FsyncFile(names));
       }
       CELLA_TRY(SaveShareStates(dir));
-      if (while_frozen) CELLA_TRY(while_frozen(dir));
-      log::Debug("snapshot: disks copied", {{"id", args_.id}});
+      if (while_frozen) {
+        CELLA_TRY(while_frozen(dir));
+        log::Debug("snapshot: disks copied", {{"id", args_.id}});
+      }
       manifest = CELLA_TRY(CommitSnapshot(dir, manifest, FsyncDirectory,
                                           fork ? Durability::kTransient : Durability::kDurable));
       return {};

@@ -269,6 +269,7 @@ std::string_view RequestOpName(const Request& request) {
     std::string_view operator()(const ResumedRequest&) { return "resumed"; }
     std::string_view operator()(const ServeShareRequest&) { return "serve_share"; }
     std::string_view operator()(const SharesMountedRequest&) { return "shares_mounted"; }
+    std::string_view operator()(const ReleaseRequest&) { return "release"; }
   };
   return std::visit(Visitor{}, request);
 }
@@ -437,6 +438,8 @@ Result<Request> DecodeRequest(std::string_view text) {
       request = ss;
     } else if (op == "shares_mounted") {
       request = SharesMountedRequest{};
+    } else if (op == "release") {
+      request = ReleaseRequest{};
     } else if (op == "shutdown") {
       ShutdownRequest sd;
       if (r.Integer("grace_ms", sd.grace_ms, Need::kOptional) && sd.grace_ms > kMaxShutdownGraceMs)

@@ -120,6 +120,14 @@ struct ResumedRequest {
   std::vector<uint8_t> rng_seed;
 };
 
+// The host is about to save the VM (snapshot, standby, fork). The agent
+// answers {} and then ends this link as if the host had closed it (sessions
+// abandoned, the main process detached): it reads nothing more from the
+// link, and waits for the next host once everything queued, this Result
+// last, is written. So the VM may be stopped as soon as the host has the
+// Result, and a restored copy meets an agent that waits for its own host.
+struct ReleaseRequest {};
+
 // Longest symlink target (PATH_MAX including the NUL).
 inline constexpr size_t kMaxLinkTarget = 4095;
 
@@ -145,10 +153,11 @@ struct SetAttrRequest {
   std::optional<int64_t> mtime;
 };
 
-using Request = std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest,
-                             StatRequest, MkdirRequest, RemoveRequest, PortForwardRequest,
-                             AttachMainRequest, ShutdownRequest, SymlinkRequest, SetAttrRequest,
-                             ResumedRequest, ServeShareRequest, SharesMountedRequest>;
+using Request =
+    std::variant<ExecRequest, WriteFileRequest, ReadFileRequest, ListRequest, StatRequest,
+                 MkdirRequest, RemoveRequest, PortForwardRequest, AttachMainRequest,
+                 ShutdownRequest, SymlinkRequest, SetAttrRequest, ResumedRequest, ServeShareRequest,
+                 SharesMountedRequest, ReleaseRequest>;
 
 enum class FileType { kFile, kDir, kSymlink, kOther };
 std::string_view FileTypeName(FileType type);

@@ -1,11 +1,13 @@
 // The link itself: handshake, malformed frames and garbage in both
 // directions. Fake agents are a thread on the other end of a socket pair.
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include <atomic>
 
 #include "agent_test_support.h"
 #include "protocol/wire.h"
+#include "support/temp_dir.h"
 
 namespace cella::testing {
 namespace {
@@ -404,6 +406,67 @@ TEST_F(AgentLink, MainPortAndShareRequestsThatAreNeverAnsweredTimeOut) {
     }
     fake.join();
   }
+}
+
+// The real agent on a listening socket, serving one host after another as
+// the guest's loop does: a released link ends (the agent reads nothing more
+// from it, and a command still running on it is abandoned), and the next
+// host is served.
+TEST_F(AgentLink, ReleaseEndsTheLinkAndTheNextHostIsServed) {
+  TempDir dir("agentrelease");
+  const std::string path = dir / "agent.sock";
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::execl(CELLA_AGENT_PATH, CELLA_AGENT_PATH, "--listen", path.c_str(), nullptr);
+    _exit(127);
+  }
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reaper{pid};
+  auto connect = [&]() -> std::unique_ptr<host::AgentClient> {
+    for (int i = 0; i < 500; ++i) {
+      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+      if (::connect(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+        auto client =
+            host::AgentClient::Connect(std::move(fd), WithTimeout(std::chrono::seconds(10)));
+        EXPECT_TRUE(client) << client.error().message;
+        return client ? std::move(*client) : nullptr;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ADD_FAILURE() << "the agent never listened on " << path;
+    return nullptr;
+  };
+
+  auto first = connect();
+  ASSERT_TRUE(first);
+  const std::string pid_file = dir / "sleeper.pid";
+  auto running = first->StartExec(Sh("echo $$ > " + pid_file + "; exec sleep 30"), {});
+  ASSERT_TRUE(running) << running.error().message;
+  for (int i = 0; i < 500 && ::access(pid_file.c_str(), F_OK) != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  auto released = first->Release(std::chrono::seconds(10));
+  ASSERT_TRUE(released) << released.error().message;
+  // Nothing more is read from the released link: a request on it fails
+  // (the agent closes it once its answer is out) instead of running.
+  auto after = first->Exec(Sh("echo late"));
+  EXPECT_FALSE(after) << "a released link still ran: " << after->stdout_data;
+
+  auto second = connect();
+  ASSERT_TRUE(second);
+  // The sleeper was killed with its link (gone, or a zombie until reaped).
+  auto r = second->Exec(Sh("echo next; s=$(cut -d' ' -f3 /proc/$(cat " + pid_file +
+                           ")/stat 2>/dev/null); [ -z \"$s\" ] || [ \"$s\" = Z ] && echo gone"));
+  ASSERT_TRUE(r) << r.error().message;
+  EXPECT_EQ(r->stdout_data, "next\ngone\n") << "the released link's command was not abandoned";
 }
 
 }  // namespace

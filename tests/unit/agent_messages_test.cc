@@ -116,6 +116,15 @@ TEST(AgentMessages, SharesMountedTakesNoFields) {
   EXPECT_EQ(DecodeErrno(R"({"op":"shares_mounted","index":0})"), EINVAL);
 }
 
+TEST(AgentMessages, ReleaseTakesNoFields) {
+  json r = Parsed(EncodeRequest(ReleaseRequest{}));
+  EXPECT_EQ(r, json({{"op", "release"}}));
+  auto back = DecodeRequest(r.dump());
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_TRUE(std::holds_alternative<ReleaseRequest>(*back));
+  EXPECT_EQ(DecodeErrno(R"({"op":"release","grace_ms":1})"), EINVAL);
+}
+
 TEST(AgentMessages, ResumedCarriesTheHostsClockAndNothingElse) {
   ResumedRequest resumed;
   resumed.realtime_ns = 1'796'563'535'123'456'789;

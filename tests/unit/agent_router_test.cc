@@ -702,5 +702,55 @@ TEST_F(AgentRouter, LeftoverGuestHellosAreDroppedUntilTheGuestSaysSomethingElse)
   EXPECT_EQ((*router)->UpstreamError()->errno_value, EPROTO);
 }
 
+// Before a snapshot the agent is asked to let go of its link (op release):
+// it reads nothing more from it and answers from its port opened anew, so
+// nothing may follow the request up, or it would reach that new port ahead
+// of the next host's Hello.
+TEST_F(AgentRouter, NothingGoesUpAfterARelease) {
+  int pair[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd guest(pair[0]);
+  std::vector<std::byte> hello;
+  protocol::EncodeFrame(0, FrameType::kHello, Channel::kControl,
+                        protocol::AsBytes(protocol::EncodeHello(
+                            {protocol::kProtocolVersion, protocol::Role::kAgent})),
+                        hello);
+  ASSERT_EQ(::send(guest.Get(), hello.data(), hello.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(hello.size()));
+  auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), {});
+  ASSERT_TRUE(router.has_value()) << router.error().message;
+
+  RawClient first = HandshakenRaw(**router);
+  RawClient second = HandshakenRaw(**router);
+  first.Send(1, FrameType::kOpen, Channel::kControl,
+             protocol::EncodeRequest(protocol::ReleaseRequest{}));
+  // What any client sends after it stays on the host.
+  second.Send(0, FrameType::kPing, Channel::kControl, "late");
+  second.Send(1, FrameType::kOpen, Channel::kControl, protocol::EncodeRequest(Cmd({"true"})));
+  first.Send(2, FrameType::kOpen, Channel::kControl, protocol::EncodeRequest(Cmd({"true"})));
+
+  protocol::FrameDecoder decoder;
+  std::vector<Frame> seen;
+  std::vector<std::byte> buf(4096);
+  auto quiet_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  while (std::chrono::steady_clock::now() < quiet_until) {
+    pollfd p{guest.Get(), POLLIN, 0};
+    if (::poll(&p, 1, 50) <= 0) continue;
+    ssize_t n = ::read(guest.Get(), buf.data(), buf.size());
+    ASSERT_GT(n, 0);
+    decoder.Feed(std::span(buf).first(static_cast<size_t>(n)));
+    for (;;) {
+      auto f = decoder.Next();
+      ASSERT_TRUE(f.has_value());
+      if (!f->has_value()) break;
+      seen.push_back(std::move(**f));
+    }
+  }
+  ASSERT_EQ(seen.size(), 2u) << "frames after the release reached the guest";
+  EXPECT_EQ(seen[0].type, FrameType::kHello);
+  EXPECT_EQ(seen[1].type, FrameType::kOpen);
+  EXPECT_NE(seen[1].PayloadText().find("\"release\""), std::string::npos);
+}
+
 }  // namespace
 }  // namespace cella::testing

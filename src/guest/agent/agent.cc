@@ -115,6 +115,10 @@ Channel OutChannelId(int index) { return index == 0 ? Channel::kStdout : Channel
 
 enum class MainState { kNotStarted, kRunning, kDone };
 
+// How long a released link's last bytes (its queued output, the release's
+// Result last) may wait for the host to read them.
+constexpr std::chrono::milliseconds kReleaseFlushBound{10'000};
+
 // What a poll slot belongs to.
 enum class Slot { kOut0, kOut1, kIn, kConnect };
 
@@ -134,6 +138,8 @@ struct Agent::Impl {
   std::optional<Error> link_failure;
   bool peer_closed = false;
   bool stop_when_flushed = false;
+  bool released = false;  // op release taken: nothing more is read from this link
+  std::optional<uint32_t> release_to_answer;  // its stream, answered by AnswerRelease
   bool write_failed = false;
   // Allocated once and never zeroed: filling 256 KiB would fault in 64
   // pages before the first Hello (dear under TCG); read() touches only what
@@ -214,6 +220,50 @@ struct Agent::Impl {
       out.erase(out.begin(), out.begin() + static_cast<ptrdiff_t>(out_off));
       out_off = 0;
     }
+  }
+
+  Status AnswerRelease(int port) {
+    if (!release_to_answer) return Fail("no release to answer");
+    std::vector<std::byte> frame;
+    protocol::EncodeFrame(*release_to_answer, FrameType::kResult, Channel::kControl,
+                          protocol::AsBytes(protocol::EncodeEmpty()), frame);
+    release_to_answer.reset();
+    CELLA_TRY_CTX(SetNonBlocking(port, true), "agent port");
+    std::span<const std::byte> left(frame);
+    const auto deadline = Clock::now() + kReleaseFlushBound;
+    while (!left.empty()) {
+      ssize_t n = ::write(port, left.data(), left.size());
+      if (n > 0) {
+        left = left.subspan(static_cast<size_t>(n));
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno != EAGAIN) return FailErrno("answer the release");
+      const auto wait =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      pollfd p{port, POLLOUT, 0};
+      int ready = wait.count() > 0 ? ::poll(&p, 1, static_cast<int>(wait.count())) : 0;
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready < 0) return FailErrno("poll the agent port");
+      // No host any more (it gave up waiting), or none reading: its
+      // answer has nowhere to go.
+      if (ready == 0 || (p.revents & POLLHUP))
+        return std::unexpected(Error{"answer the release: the host did not take it", ETIMEDOUT});
+    }
+    return {};
+  }
+
+  // Waits for the link to take more (at most `bound`) and writes; false
+  // when it did not within the bound or the link failed.
+  bool FlushWithin(std::chrono::milliseconds bound) {
+    pollfd p{link.Get(), POLLOUT, 0};
+    int ready;
+    do {
+      ready = ::poll(&p, 1, static_cast<int>(bound.count()));
+    } while (ready < 0 && errno == EINTR);
+    if (ready <= 0) return false;
+    Flush();
+    return !write_failed && !link_failure;
   }
 
   void Violation(const std::string& message) {
@@ -763,6 +813,14 @@ struct Agent::Impl {
       options.on_shutdown(*sd);
       return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
     }
+    if (std::holds_alternative<protocol::ReleaseRequest>(*request)) {
+      released = true;
+      if (options.answer_release_on_reopened_port) {
+        release_to_answer = id;
+        return;
+      }
+      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+    }
     if (auto* rs = std::get_if<protocol::ResumedRequest>(&*request)) {
       if (!options.on_resumed) return QueueError(id, ENOSYS, "resumed is not supported here");
       auto count = options.on_resumed(*rs);
@@ -876,7 +934,9 @@ struct Agent::Impl {
   void HandleFrame(protocol::Frame frame) {
     if (!hello_received) {
       if (frame.type != FrameType::kHello || frame.stream_id != 0)
-        return Violation("the first frame must be Hello on stream 0");
+        return Violation("the first frame must be Hello on stream 0 (got type " +
+                         std::to_string(static_cast<int>(frame.type)) + " on stream " +
+                         std::to_string(frame.stream_id) + ")");
       auto hello = protocol::DecodeHello(frame.PayloadText());
       if (!hello) return Violation(hello.error().message);
       if (hello->version != protocol::kProtocolVersion) {
@@ -984,7 +1044,7 @@ struct Agent::Impl {
       return;
     }
     decoder.Feed(std::span(read_buf.get(), static_cast<size_t>(n)));
-    while (!link_failure) {
+    while (!link_failure && !released) {
       auto frame = decoder.Next();
       if (!frame) return Violation(frame.error().message);
       std::optional<protocol::Frame>& complete = *frame;
@@ -1040,6 +1100,8 @@ struct Agent::Impl {
     link_failure.reset();
     peer_closed = false;
     write_failed = false;
+    released = false;
+    release_to_answer.reset();
     if (!read_buf) read_buf = std::make_unique_for_overwrite<std::byte[]>(kReadBufBytes);
     mounts_waiting.clear();
     QueueText(0, FrameType::kHello,
@@ -1048,6 +1110,13 @@ struct Agent::Impl {
     std::vector<pollfd> fds;
     std::vector<std::pair<Session*, Slot>> owners;
     while (!link_failure && !peer_closed) {
+      if (released) {
+        // Only what is queued goes out now (the Result last); no session is
+        // serviced and nothing is read. Bounded: a host that stops reading
+        // before it has its answer loses the link.
+        if (OutPending() == 0 || !FlushWithin(kReleaseFlushBound)) break;
+        continue;
+      }
       fds.clear();
       owners.clear();
       short link_events = 0;
@@ -1126,6 +1195,7 @@ struct Agent::Impl {
     out_off = 0;
     if (link_failure) return std::unexpected(*link_failure);
     if (stop_when_flushed) return LinkEnd::kStopped;
+    if (released) return LinkEnd::kReleased;
     return LinkEnd::kPeerClosed;
   }
 };
@@ -1154,6 +1224,7 @@ Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {
 
 Result<LinkEnd> Agent::Serve(UniqueFd link) { return impl_->Serve(std::move(link)); }
 void Agent::StopWhenFlushed() { impl_->stop_when_flushed = true; }
+Status Agent::AnswerRelease(int port) { return impl_->AnswerRelease(port); }
 bool Agent::TerminateMain(std::chrono::milliseconds grace) { return impl_->TerminateMain(grace); }
 
 }  // namespace cella::agent

@@ -61,6 +61,12 @@ struct AgentOptions {
   // op answers {} at once (nothing to wait for).
   std::function<std::optional<Status>()> mounts_result;
   int mounts_ready_fd = -1;
+  // Op release on a virtio port: the port is closed and opened again before
+  // the host may go on, so the answer is not sent on the released link but
+  // by AnswerRelease() on the port opened anew (the host saves the VM once
+  // it has it, and a restored copy's host finds that descriptor waiting).
+  // Off (a socket, --fd/--listen): the answer goes out on the link itself.
+  bool answer_release_on_reopened_port = false;
   // Children are not read while this much is queued toward the host.
   size_t link_soft_cap = 1u << 20;
   // The link is not read while this much is queued toward the host (a host
@@ -71,6 +77,8 @@ struct AgentOptions {
 enum class LinkEnd {
   kPeerClosed,  // the host closed the link (EOF)
   kStopped,     // StopWhenFlushed() was called and everything queued was sent
+  kReleased,    // the host asked for it (op release); with
+                // answer_release_on_reopened_port, AnswerRelease() is due
 };
 
 class Agent {
@@ -89,6 +97,13 @@ class Agent {
   // link: PID 1 powers off after the main process's Result, and must not
   // lose it. Call from a callback (same thread as Serve).
   void StopWhenFlushed();
+
+  // After Serve returned kReleased with answer_release_on_reopened_port:
+  // writes the release's answer on `port` (the agent port opened anew, the
+  // same host still connected to it), bounded. The caller then waits for
+  // the next host's first bytes (WaitForHostData) before serving again:
+  // after a release the host speaks first.
+  Status AnswerRelease(int port);
 
   // The first half of a graceful stop (docker stop): SIGTERM to the main
   // process's group now, SIGKILL once `grace` has passed if it still runs,

@@ -81,4 +81,28 @@ Result<HostWaitResult> WaitForHost(int fd, std::chrono::milliseconds timeout,
   return result;
 }
 
+Result<bool> WaitForHostData(int fd, std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) return false;
+    pollfd p{fd, POLLIN, 0};
+    int rc = ::poll(&p, 1, static_cast<int>(left.count()));
+    if (rc < 0 && errno == EINTR) return false;  // the caller looks at its flags
+    if (rc < 0) return FailErrno("poll the agent port");
+    if (rc == 0) return false;
+    if (p.revents & POLLNVAL) return Fail("poll the agent port: not an open descriptor");
+    // Without a host the driver says POLLIN too (a read would not block: it
+    // reads EOF). Serving then would end at once, and closing this
+    // descriptor for the next attempt would discard a Hello that reached it
+    // meanwhile: wait for a host to connect, then for its bytes.
+    if (p.revents & (POLLHUP | POLLERR)) {
+      auto waited = CELLA_TRY(WaitForHost(fd, left, std::chrono::milliseconds(200)));
+      if (!waited.connected) return false;
+      continue;
+    }
+    if (p.revents & POLLIN) return true;
+  }
+}
+
 }  // namespace cella::agent

@@ -35,4 +35,14 @@ struct HostWaitResult {
 Result<HostWaitResult> WaitForHost(int fd, std::chrono::milliseconds timeout,
                                    std::chrono::milliseconds poll_interval);
 
+// After a release (the agent let go of a link so the VM could be saved; see
+// AgentOptions::answer_release_on_reopened_port): returns true once `fd`,
+// the port opened anew, has bytes from a host, false after `timeout` or a
+// handled signal. The host that asked for the release is still connected
+// while the agent reopens, and the driver cannot tell it from the next one
+// (a restored copy's, or the same supervisor's after the save): only the
+// next host writes, so its first bytes, not its connection, say it is
+// there. While no host is connected this waits by WaitForHost.
+Result<bool> WaitForHostData(int fd, std::chrono::milliseconds timeout);
+
 }  // namespace cella::agent

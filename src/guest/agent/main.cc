@@ -145,7 +145,9 @@ Result<UniqueFd> Listen(const std::string& path) {
 }
 
 void Report(const Result<cella::agent::LinkEnd>& end) {
-  if (end) {
+  if (end && *end == cella::agent::LinkEnd::kReleased) {
+    cella::log::Info("agent: released the link for a snapshot");
+  } else if (end) {
     cella::log::Info("agent: host closed the link");
   } else {
     cella::log::Warn("agent: link ended", {{"error", end.error().message}});
@@ -180,6 +182,8 @@ int Run(const Args& args) {
     g_shutdown_requested = true;
     if (action == ShutdownAction::kPowerOffThroughInit) PowerOffThroughInit();
   };
+  options.answer_release_on_reopened_port =
+      args.mode == Mode::kDevice || args.mode == Mode::kVirtioPort;
   options.on_resumed = [](const cella::protocol::ResumedRequest& request) {
     return cella::agent::ApplyResume(request);
   };
@@ -228,6 +232,7 @@ int Run(const Args& args) {
         }
         path = *found;
       }
+      bool released = false;
       while (!g_shutdown_requested) {
         UniqueFd dev(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
         if (!dev) {
@@ -237,21 +242,43 @@ int Run(const Args& args) {
           std::this_thread::sleep_for(std::chrono::milliseconds(200));
           continue;
         }
-        // Serve only once a host is there (a virtio port raises SIGIO when
-        // it connects); a device without that is tried every 200 ms.
-        auto waited = cella::agent::WaitForHost(dev.Get(), std::chrono::seconds(5),
-                                                std::chrono::milliseconds(200));
-        if (!waited) {
-          cella::log::Warn("agent: waiting for the host failed",
-                           {{"error", waited.error().message}});
-          std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        if (released) {
+          // Opened anew before the host that asked for the release may save
+          // the VM; the next host speaks first.
+          if (auto answered = (*agent)->AnswerRelease(dev.Get()); !answered)
+            cella::log::Warn("agent: release", {{"error", answered.error().message}});
+          released = false;
+          bool has_data = false;
+          while (!has_data && !g_shutdown_requested) {
+            auto waited = cella::agent::WaitForHostData(dev.Get(), std::chrono::seconds(5));
+            if (!waited) {
+              cella::log::Warn("agent: waiting for the next host failed",
+                               {{"error", waited.error().message}});
+              std::this_thread::sleep_for(std::chrono::milliseconds(200));
+            }
+            has_data = waited && *waited;
+          }
+          if (!has_data) continue;
+        } else {
+          // Serve only once a host is there (a virtio port raises SIGIO when
+          // it connects); a device without that is tried every 200 ms.
+          auto waited = cella::agent::WaitForHost(dev.Get(), std::chrono::seconds(5),
+                                                  std::chrono::milliseconds(200));
+          if (!waited) {
+            cella::log::Warn("agent: waiting for the host failed",
+                             {{"error", waited.error().message}});
+            std::this_thread::sleep_for(std::chrono::milliseconds(200));
+          }
+          if (waited && !waited->connected) continue;
         }
-        if (waited && !waited->connected) continue;
         auto began = std::chrono::steady_clock::now();
-        Report((*agent)->Serve(std::move(dev)));
+        auto end = (*agent)->Serve(std::move(dev));
+        Report(end);
+        released = end && *end == cella::agent::LinkEnd::kReleased;
         // A link that ended at once (a device that reads EOF without a host
-        // and cannot say so) must not make this loop spin.
-        if (std::chrono::steady_clock::now() - began < std::chrono::milliseconds(50))
+        // and cannot say so) must not make this loop spin; a release is the
+        // host's own doing and its next host is waited for at once.
+        if (!released && std::chrono::steady_clock::now() - began < std::chrono::milliseconds(50))
           std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
       return 0;

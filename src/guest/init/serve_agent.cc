@@ -60,6 +60,15 @@ Status WaitForHostLink(int fd) {
   }
 }
 
+// Blocks until the next host has written to the port (after a release).
+Status WaitForNextHostData(int fd) {
+  for (;;) {
+    auto has_data = agent::WaitForHostData(fd, std::chrono::seconds(5));
+    if (!has_data) return std::unexpected(std::move(has_data.error()).WithContext("agent port"));
+    if (*has_data) return {};
+  }
+}
+
 std::string Trimmed(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
   return s;
@@ -104,6 +113,7 @@ Result<std::string> FindVirtioPort(std::string_view name, Deadline deadline) {
 Status ServeAgent(const protocol::Config& config, const std::string& port_path) {
   agent::AgentOptions options;
   options.hardening = config.privileged ? agent::Hardening::kOff : agent::Hardening::kOn;
+  options.answer_release_on_reopened_port = true;
   options.reap = agent::ReapMode::kAllChildren;
   protocol::ExecRequest main;
   main.argv = WorkloadArgv(config);
@@ -161,11 +171,21 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
 
   Say("agent serving on " + port_path);
   Debug("agent starts serving");
+  bool released = false;
   for (;;) {
     UniqueFd link(::open(port_path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY));
     if (!link) return FailErrno("open agent port " + port_path);
-    CELLA_TRY(WaitForHostLink(link.Get()));
+    if (released) {
+      // The port is open anew before the host that asked for the release
+      // may save the VM; the next host then speaks first.
+      if (auto answered = (*agent)->AnswerRelease(link.Get()); !answered)
+        Debug("agent release: " + answered.error().message);
+      CELLA_TRY(WaitForNextHostData(link.Get()));
+    } else {
+      CELLA_TRY(WaitForHostLink(link.Get()));
+    }
     auto end = (*agent)->Serve(std::move(link));
+    released = end && *end == agent::LinkEnd::kReleased;
     if (!end) Debug("agent link ended: " + end.error().message);
     if (end) Debug("agent link ended (" + std::to_string(static_cast<int>(*end)) + ")");
     if (g_shutdown_requested) {

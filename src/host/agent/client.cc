@@ -455,6 +455,13 @@ Status AgentClient::Shutdown(std::chrono::milliseconds grace,
   return protocol::DecodeEmpty(text);
 }
 
+Status AgentClient::Release(std::chrono::milliseconds answer_timeout) {
+  const auto deadline = Clock::now() + answer_timeout;
+  StreamGuard s(*link_, CELLA_TRY(link_->Open(protocol::ReleaseRequest{})));
+  CELLA_TRY_CTX(AwaitResult(*link_, *s, deadline), "release the agent link");
+  return {};
+}
+
 Result<uint64_t> AgentClient::Resumed(std::chrono::system_clock::time_point realtime,
                                       std::span<const uint8_t> rng_seed,
                                       std::chrono::milliseconds answer_timeout) {

@@ -230,6 +230,12 @@ class AgentClient {
   Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(0),
                   std::chrono::milliseconds answer_timeout = std::chrono::milliseconds(5000));
 
+  // Asks the agent to let go of this link before the VM is saved (protocol
+  // op `release`): once this returns, the agent reads nothing more from the
+  // link and waits for its next host, so the VM may be stopped at once.
+  // Bounded by `answer_timeout`.
+  Status Release(std::chrono::milliseconds answer_timeout);
+
   // Tells the guest it woke from a snapshot (protocol op `resumed`): it sets
   // its wall clock to `realtime` and counts the resume. Returns the guest's
   // resume count. With `rng_seed` (fresh host random bytes,

@@ -179,7 +179,8 @@ struct Router::Impl {
   bool upstream_alive = true;
   Error upstream_error{"guest agent link closed", EPIPE};
   uint32_t next_up_stream = 1;
-  bool agent_spoke = false;  // a frame other than a leftover Hello came up
+  bool agent_spoke = false;        // a frame other than a leftover Hello came up
+  bool upstream_released = false;  // op release went up: nothing more does
   std::map<uint32_t, Route> routes;
   std::map<uint64_t, std::unique_ptr<Client>> clients;
   uint64_t next_client = 1;
@@ -269,7 +270,7 @@ struct Router::Impl {
     if (it == clients.end()) return;
     Client& c = *it->second;
     for (auto& [client_stream, up] : c.streams) {
-      if (upstream_alive) up_out.Append(up, FrameType::kClose, Channel::kControl, {});
+      if (upstream_alive) AppendUp(up, FrameType::kClose, Channel::kControl, {});
       routes.erase(up);
     }
     log::Debug("agent router: client disconnected",
@@ -306,6 +307,17 @@ struct Router::Impl {
     return {};
   }
 
+  // Everything bound for the agent goes through here. After a release
+  // (op release, before a snapshot) nothing more does: the agent reads no
+  // further on this link and opens its port anew to answer, and a byte
+  // sent after the request would reach that new descriptor ahead of the
+  // next host's Hello.
+  void AppendUp(uint32_t stream, FrameType type, Channel channel,
+                std::span<const std::byte> payload) {
+    if (upstream_released) return;
+    up_out.Append(stream, type, channel, payload);
+  }
+
   Status HandleOpen(Client& c, const Frame& f) {
     if (f.stream_id <= c.last_stream)
       return Protocol("stream id " + std::to_string(f.stream_id) +
@@ -326,7 +338,9 @@ struct Router::Impl {
     route.is_main = request && std::holds_alternative<protocol::AttachMainRequest>(*request);
     routes[up] = route;
     c.streams[f.stream_id] = up;
-    up_out.Append(up, FrameType::kOpen, Channel::kControl, f.payload);
+    AppendUp(up, FrameType::kOpen, Channel::kControl, f.payload);
+    if (request && std::holds_alternative<protocol::ReleaseRequest>(*request))
+      upstream_released = true;
     return {};
   }
 
@@ -340,7 +354,7 @@ struct Router::Impl {
       for (size_t i = 0; i < kPingTagSize; ++i)
         tagged[i] = static_cast<std::byte>((c.id >> (8 * i)) & 0xff);
       tagged.insert(tagged.end(), f.payload.begin(), f.payload.end());
-      up_out.Append(0, FrameType::kPing, Channel::kControl, tagged);
+      AppendUp(0, FrameType::kPing, Channel::kControl, tagged);
       return {};
     }
     switch (f.type) {
@@ -396,7 +410,7 @@ struct Router::Impl {
       default:
         break;
     }
-    up_out.Append(up, f.type, f.channel, f.payload);
+    AppendUp(up, f.type, f.channel, f.payload);
     // The agent sends nothing more after Close or a host Error.
     if (f.type == FrameType::kClose || f.type == FrameType::kError) EndRoute(up);
     return {};
@@ -489,7 +503,7 @@ struct Router::Impl {
         return;
       }
       case FrameType::kPing:
-        up_out.Append(0, FrameType::kPong, Channel::kControl, f.payload);
+        AppendUp(0, FrameType::kPong, Channel::kControl, f.payload);
         return;
       case FrameType::kError: {
         auto body = protocol::DecodeError(f.PayloadText());

@@ -252,7 +252,11 @@ class Supervisor {
                 !(guest.entrypoint.empty() && guest.cmd.empty());
     ports_ = spec.ports;
 
-    options.wrap_agent_link = [this](UniqueFd link) -> Result<UniqueFd> {
+    // The handshake is where a restored guest is first waited for (after a
+    // release the host speaks first): as long as a boot may take.
+    const auto handshake_timeout = std::max<std::chrono::milliseconds>(
+        std::chrono::seconds(10), std::chrono::seconds(spec.boot_timeout_s));
+    options.wrap_agent_link = [this, handshake_timeout](UniqueFd link) -> Result<UniqueFd> {
       host::RouterHooks hooks;
       hooks.on_main_output = [this](protocol::Channel channel, std::span<const std::byte> bytes) {
         const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -273,8 +277,7 @@ class Supervisor {
         status.timed_out = outcome->timed_out;
         lifecycle_->SetMainStatus(status);
       };
-      auto router =
-          host::Router::Start(std::move(link), std::move(hooks), std::chrono::seconds(10));
+      auto router = host::Router::Start(std::move(link), std::move(hooks), handshake_timeout);
       if (!router) return std::unexpected(std::move(router.error()));
       router_ = std::move(*router);
       return router_->ConnectLocal();

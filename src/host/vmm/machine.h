@@ -77,11 +77,12 @@ class Machine {
   // Snapshots, from the controlling thread. Backends without them (and
   // test fakes) fail with ENOTSUP.
   //
-  // Lets go of the agent link before a snapshot: drops Agent(), calls
-  // `close_link` (which closes the link's far end: the supervisor's router)
-  // and waits (bounded) until the guest has closed its end of the port, so a
-  // guest restored later starts a fresh link instead of continuing a dead
-  // one. Only a port close that follows close_link counts.
+  // Lets go of the agent link before a snapshot: asks the guest agent to
+  // release it (bounded; once it answered it reads nothing more from the
+  // link and waits for its next host, so a guest restored later starts a
+  // fresh link instead of continuing a dead one), then calls `close_link`
+  // (which closes the link's far end: the supervisor's router) and drops
+  // Agent().
   virtual Status ReleaseAgent(const std::function<void()>& /*close_link*/,
                               std::chrono::milliseconds /*timeout*/) {
     return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});

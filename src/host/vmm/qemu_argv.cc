@@ -242,8 +242,7 @@ Result<std::vector<std::string>> BuildQemuArgv(const VMConfig& c, const QemuLaun
   add({"-device", "virtio-serial-device,max_ports=2"});
   add({"-chardev",
        "socket,id=agent,path=" + QemuEscape(launch.agent_socket) + ",server=on,wait=off"});
-  // The id names the port in QMP's VSERPORT_CHANGE events (standby waits for
-  // the guest to let go of it).
+  // The id names the port in QMP (VSERPORT_CHANGE events, the device tree).
   add({"-device", std::string("virtserialport,chardev=agent,name=cella.agent,id=") + kAgentPortId});
   add({"-chardev", "socket,id=qmp,path=" + QemuEscape(launch.qmp_socket) + ",server=on,wait=off",
        "-mon", "chardev=qmp,mode=control"});

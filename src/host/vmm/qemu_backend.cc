@@ -167,8 +167,11 @@ class QemuMachine final : public Machine {
   Error WithConsole(std::string message);
   Status BootSequence(Clock::time_point launched);
   // Waits for the agent's first byte on agent_fd (watching QEMU), then
-  // wraps the link and runs the handshake: agent_ is set.
-  Status ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline);
+  // wraps the link and runs the handshake: agent_ is set. kFirst (an agent
+  // that was released for a snapshot waits for the host's Hello): straight
+  // to the handshake, which sends the host's Hello first.
+  enum class HostSpeaks { kAfterTheAgent, kFirst };
+  Status ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline, HostSpeaks host_speaks);
   // A restore: feeds the snapshot to QEMU waiting with -incoming defer, then
   // lets the vCPUs run.
   Status RestoreState(Clock::time_point deadline);
@@ -374,7 +377,12 @@ Status QemuMachine::BootSequence(Clock::time_point launched) {
     }
     CELLA_TRY(SendWarmGo(agent_fd.Get(), deadline));
   }
-  return ConnectAgent(std::move(agent_fd), deadline);
+  // A snapshot's agent was released (vmm::Machine::ReleaseAgent): it waits
+  // for this host to speak first.
+  const bool released =
+      !config_.IncomingMigration.empty() && config_.Template == TemplateRole::kNone;
+  return ConnectAgent(std::move(agent_fd), deadline,
+                      released ? HostSpeaks::kFirst : HostSpeaks::kAfterTheAgent);
 }
 
 Status QemuMachine::AwaitGuestLine(int agent_fd, std::string_view expected,
@@ -518,10 +526,13 @@ Status QemuMachine::RestoreState(Clock::time_point deadline) {
   return {};
 }
 
-Status QemuMachine::ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline) {
+Status QemuMachine::ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline,
+                                 HostSpeaks host_speaks) {
   // The agent says Hello once the guest has booted; wait for its first byte
-  // while watching QEMU, then let AgentClient run the handshake.
-  while (true) {
+  // while watching QEMU, then let AgentClient run the handshake. A released
+  // agent waits for the host's Hello instead (the handshake sends it first
+  // and waits for the answer, bounded as a boot).
+  while (host_speaks == HostSpeaks::kAfterTheAgent) {
     pollfd fds[2] = {{agent_fd.Get(), POLLIN, 0}, {wait_fd_.Get(), POLLIN, 0}};
     int rc = ::poll(fds, 2, std::min(RemainingMs(deadline), 1000));
     if (rc < 0 && errno == EINTR) continue;
@@ -626,38 +637,18 @@ Status QemuMachine::Stop(milliseconds grace) {
 }
 
 Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, milliseconds timeout) {
-  QmpClient* qmp = CELLA_TRY(RequireQmp("release the agent"));
-  // Port events from before (the guest opening and closing the port while
-  // it waited for a host at boot or after a restore) must not be mistaken
-  // for the close we are about to cause: a reply comes after every event
-  // QEMU emitted before it.
-  CELLA_TRY(qmp->Execute("query-status"));
-  qmp->ClearEvents();
-  // The far end first: a client of the router that goes away first would
-  // have its streams closed, and the agent kills a main process whose
-  // stream is closed.
-  const int64_t closed_at_us = std::chrono::duration_cast<std::chrono::microseconds>(
-                                   std::chrono::system_clock::now().time_since_epoch())
-                                   .count();
+  host::AgentClient* agent = CELLA_TRY(RequireAgent("release the agent"));
+  // The agent's answer says it has let go: it reads nothing more from this
+  // link and waits for the next host (this one after the save, or a
+  // restored copy's). Asked in the protocol rather than read from QEMU's
+  // port events, which QEMU sends at most once a second per port: a save
+  // within a second of the last reconnect waited up to that second.
+  if (auto released = agent->Release(timeout); !released)
+    return std::unexpected(std::move(released.error()).WithContext("VM " + config_.ID));
+  // The far end's users next (the router and its clients: the agent no
+  // longer acts on what they send), then our own client.
   if (close_link) close_link();
   agent_.reset();
-  // The guest agent sees the host side hang up, ends its link and closes
-  // the port (and opens it again at once, to wait for the next host).
-  auto closed = qmp->WaitEvent(
-      "VSERPORT_CHANGE",
-      [closed_at_us](const nlohmann::json& data, int64_t queued_us) {
-        if (data.value("id", std::string()) != kAgentPortId) return false;
-        if (!data.value("open", true)) return true;
-        // QEMU sends at most one port event a second: a close that came
-        // within a second of an earlier event (the restore's own, right
-        // after a resume) is replaced by the guest opening the port again
-        // to wait for the next host, and only "open" goes out. An open
-        // queued after we hung up says the guest closed in between (the
-        // port was open while it served us).
-        return queued_us > closed_at_us;
-      },
-      timeout);
-  if (!closed) return std::unexpected(std::move(closed.error()).WithContext("VM " + config_.ID));
   return {};
 }
 
@@ -715,7 +706,7 @@ Status QemuMachine::ReconnectAgent() {
     std::this_thread::sleep_for(milliseconds(5));
   }
   CELLA_TRY(qmp->Cont());
-  return ConnectAgent(std::move(agent_fd), deadline);
+  return ConnectAgent(std::move(agent_fd), deadline, HostSpeaks::kFirst);
 }
 
 Status QemuMachine::Close() {

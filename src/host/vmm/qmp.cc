@@ -206,53 +206,6 @@ Status QmpClient::SystemPowerdown() {
   return {};
 }
 
-int64_t EventUnixUs(const nlohmann::json& event) {
-  auto stamp = event.find("timestamp");
-  if (stamp == event.end() || !stamp->is_object()) return 0;
-  auto seconds = stamp->find("seconds");
-  auto micros = stamp->find("microseconds");
-  if (seconds == stamp->end() || micros == stamp->end() || !seconds->is_number_integer() ||
-      !micros->is_number_integer())
-    return 0;
-  const int64_t s = seconds->get<int64_t>();
-  const int64_t us = micros->get<int64_t>();
-  if (s <= 0 || us < 0 || us >= 1'000'000 || s > INT64_MAX / 1'000'000 - 1) return 0;
-  return s * 1'000'000 + us;
-}
-
-Result<nlohmann::json> QmpClient::WaitEvent(
-    std::string_view name, const std::function<bool(const nlohmann::json&, int64_t)>& match,
-    Duration timeout) {
-  auto matches = [&](const nlohmann::json& msg) {
-    auto event = msg.find("event");
-    if (event == msg.end() || !event->is_string() || *event != name) return false;
-    auto data = msg.find("data");
-    return match(data == msg.end() ? nlohmann::json::object() : *data, EventUnixUs(msg));
-  };
-  for (auto it = events_.begin(); it != events_.end(); ++it) {
-    if (matches(*it)) {
-      nlohmann::json found = std::move(*it);
-      events_.erase(it);
-      return found;
-    }
-  }
-  auto deadline = Clock::now() + timeout;
-  while (true) {
-    auto msg = ReadMessage(deadline);
-    if (!msg) {
-      if (msg.error().errno_value == ETIMEDOUT)
-        return std::unexpected(Error{"QMP: no " + std::string(name) + " event within " +
-                                         std::to_string(timeout.count()) + " ms",
-                                     ETIMEDOUT});
-      return std::unexpected(msg.error());
-    }
-    if (!msg->contains("event")) continue;  // a late reply to an abandoned command
-    if (matches(*msg)) return *msg;
-    if (events_.size() == kMaxEvents) events_.pop_front();
-    events_.push_back(std::move(*msg));
-  }
-}
-
 Status QmpClient::AwaitMigration(Duration timeout) {
   const auto started = Clock::now();
   auto deadline = started + timeout;

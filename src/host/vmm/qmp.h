@@ -21,13 +21,6 @@ namespace cella::vmm {
 
 inline constexpr size_t kMaxQmpLine = 1u << 20;
 
-// When QEMU queued an event (its "timestamp", Unix microseconds; the host's
-// wall clock), 0 when it has none. QEMU holds some guest-triggered events
-// (VSERPORT_CHANGE, RTC_CHANGE, ...) to at most one a second per source,
-// sending only the latest of a burst at the second's end: the timestamp is
-// still when that one was queued.
-int64_t EventUnixUs(const nlohmann::json& event);
-
 class QmpClient {
  public:
   using Duration = std::chrono::milliseconds;
@@ -61,12 +54,6 @@ class QmpClient {
   // counts as success.
   Status Quit();
 
-  // Waits for an event named `name` whose "data" satisfies `match` (one kept
-  // from earlier commands counts, and is consumed). `match` is also given
-  // the event's timestamp (EventUnixUs). ETIMEDOUT after timeout.
-  Result<nlohmann::json> WaitEvent(std::string_view name,
-                                   const std::function<bool(const nlohmann::json&, int64_t)>& match,
-                                   Duration timeout);
   // Runs a migration that was started (migrate / migrate-incoming) until
   // query-migrate says "completed"; an error with QEMU's reason when it
   // says "failed" or "cancelled", ETIMEDOUT after timeout.
@@ -75,7 +62,6 @@ class QmpClient {
   // Most recent events (oldest first), at most kMaxEvents.
   static constexpr size_t kMaxEvents = 64;
   const std::deque<nlohmann::json>& Events() const { return events_; }
-  void ClearEvents() { events_.clear(); }
 
  private:
   explicit QmpClient(UniqueFd fd) : fd_(std::move(fd)) {}

@@ -123,9 +123,10 @@ struct ResumedRequest {
 // The host is about to save the VM (snapshot, standby, fork). The agent
 // answers {} and then ends this link as if the host had closed it (sessions
 // abandoned, the main process detached): it reads nothing more from the
-// link, and waits for the next host once everything queued, this Result
-// last, is written. So the VM may be stopped as soon as the host has the
-// Result, and a restored copy meets an agent that waits for its own host.
+// link. On a virtio port it then opens the port anew and sends the Result
+// from there; elsewhere the Result goes out last on the link. So the VM may
+// be stopped as soon as the host has the Result, and a restored copy meets
+// an agent that waits for its own host, which speaks first.
 struct ReleaseRequest {};
 
 // Longest symlink target (PATH_MAX including the NUL).

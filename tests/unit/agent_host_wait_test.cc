@@ -44,5 +44,34 @@ TEST(HostWait, AClosedDescriptorIsAnError) {
   EXPECT_FALSE(WaitForHost(closed, std::chrono::milliseconds(20), std::chrono::milliseconds(10)));
 }
 
+// After a release the agent serves once the next host has written, never
+// on the port's connected state alone.
+TEST(HostWait, AfterAReleaseOnlyAHostsBytesCount) {
+  int fds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  UniqueFd agent(fds[0]), host(fds[1]);
+  // Connected but silent: not yet.
+  auto silent = WaitForHostData(agent.Get(), std::chrono::milliseconds(50));
+  ASSERT_TRUE(silent) << silent.error().message;
+  EXPECT_FALSE(*silent);
+  ASSERT_EQ(::write(host.Get(), "H", 1), 1);
+  auto spoke = WaitForHostData(agent.Get(), std::chrono::seconds(30));
+  ASSERT_TRUE(spoke) << spoke.error().message;
+  EXPECT_TRUE(*spoke);
+}
+
+// No host: a read would not block (it says EOF), so poll reports POLLIN
+// with POLLHUP. That is no host's bytes: serving it would end at once, and
+// the next attempt's close would discard a Hello that came in between.
+TEST(HostWait, AfterAReleaseAGoneHostIsNotData) {
+  int fds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  UniqueFd agent(fds[0]), host(fds[1]);
+  host.Reset();
+  auto waited = WaitForHostData(agent.Get(), std::chrono::milliseconds(50));
+  ASSERT_TRUE(waited) << waited.error().message;
+  EXPECT_FALSE(*waited);
+}
+
 }  // namespace
 }  // namespace cella::agent

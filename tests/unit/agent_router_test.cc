@@ -19,6 +19,7 @@
 #include "host/agent/router.h"
 #include "protocol/wire.h"
 #include "support/echo_server.h"
+#include "support/temp_dir.h"
 
 namespace cella::testing {
 namespace {
@@ -720,14 +721,38 @@ TEST_F(AgentRouter, NothingGoesUpAfterARelease) {
   auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), {});
   ASSERT_TRUE(router.has_value()) << router.error().message;
 
+  // Only the supervisor's own (in-process) client may ask: one coming in
+  // through the mux socket is refused, and nothing of it goes up.
+  TempDir dir("router_release");
+  const std::string mux = dir / "mux.sock";
+  ASSERT_TRUE((*router)->Listen(mux).has_value());
+  UniqueFd outside_fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, mux.c_str(), mux.size() + 1);
+  ASSERT_EQ(::connect(outside_fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  RawClient outside(std::move(outside_fd));
+  outside.Hello();
+  auto outside_hello = outside.Next();
+  ASSERT_TRUE(outside_hello && outside_hello->type == FrameType::kHello);
+  outside.Send(1, FrameType::kOpen, Channel::kControl,
+               protocol::EncodeRequest(protocol::ReleaseRequest{}));
+  auto refused = outside.Next();
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->type, FrameType::kError);
+  EXPECT_NE(refused->PayloadText().find("supervisor"), std::string::npos) << refused->PayloadText();
+
   RawClient first = HandshakenRaw(**router);
   RawClient second = HandshakenRaw(**router);
   first.Send(1, FrameType::kOpen, Channel::kControl,
              protocol::EncodeRequest(protocol::ReleaseRequest{}));
-  // What any client sends after it stays on the host.
+  // What any client sends after it stays on the host; a request is told so.
   second.Send(0, FrameType::kPing, Channel::kControl, "late");
   second.Send(1, FrameType::kOpen, Channel::kControl, protocol::EncodeRequest(Cmd({"true"})));
   first.Send(2, FrameType::kOpen, Channel::kControl, protocol::EncodeRequest(Cmd({"true"})));
+  auto cancelled = second.Next();
+  ASSERT_TRUE(cancelled);
+  EXPECT_EQ(cancelled->type, FrameType::kError);
 
   protocol::FrameDecoder decoder;
   std::vector<Frame> seen;

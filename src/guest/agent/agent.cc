@@ -262,6 +262,9 @@ struct Agent::Impl {
       ready = ::poll(&p, 1, static_cast<int>(bound.count()));
     } while (ready < 0 && errno == EINTR);
     if (ready <= 0) return false;
+    // A virtio port whose host went away says POLLHUP (no POLLOUT, and a
+    // write would only say EAGAIN): nobody will read the rest.
+    if ((p.revents & POLLOUT) == 0) return false;
     Flush();
     return !write_failed && !link_failure;
   }

@@ -201,9 +201,9 @@ Status ServeAgent(const protocol::Config& config, const std::string& port_path) 
       PowerOff();
     }
     if (g_main_exited && !keep_alive) PowerOff();
-    // The port is closed at the top of the loop (the host's link release
-    // waits for that) and opened again at once: WaitForHostLink blocks
-    // until the next host connects.
+    // The port is closed at the top of the loop and opened again at once:
+    // WaitForHostLink blocks until the next host connects (after a release,
+    // WaitForNextHostData until it writes).
   }
 }
 

@@ -131,6 +131,9 @@ struct Client {
   uint32_t last_stream = 0;
   std::map<uint32_t, uint32_t> streams;  // client stream id -> upstream id
   std::optional<std::string> doomed;     // set: drop at the next safe point
+  // Added in-process (ConnectLocal: the supervisor's own client); only it
+  // may ask for op release, which mutes the link for good.
+  bool local = false;
 };
 
 Status WaitFd(int fd, short events, Clock::time_point deadline) {
@@ -160,7 +163,7 @@ struct Router::Impl {
 
   // ---- shared with other threads, under mu --------------------------------
   mutable std::mutex mu;
-  std::vector<UniqueFd> incoming;
+  std::vector<UniqueFd> incoming;  // added by ConnectLocal (local clients)
   UniqueFd incoming_listener;
   bool listen_claimed = false;
   std::string listen_path;
@@ -252,10 +255,11 @@ struct Router::Impl {
     c.deadline = Clock::now() + kClosingGrace;
   }
 
-  void Admit(UniqueFd fd) {
+  void Admit(UniqueFd fd, bool local) {
     auto c = std::make_unique<Client>();
     c->id = next_client++;
     c->fd = std::move(fd);
+    c->local = local;
     c->deadline = Clock::now() + options.client_handshake_timeout;
     if (!upstream_alive)
       CloseWithError(*c, upstream_error.errno_value,
@@ -328,8 +332,16 @@ struct Router::Impl {
                     ErrorPayload(ENOSPC, "the agent link has used up its stream ids"));
       return {};
     }
-    uint32_t up = next_up_stream++;
     auto request = protocol::DecodeRequest(f.PayloadText());
+    const bool release = request && std::holds_alternative<protocol::ReleaseRequest>(*request);
+    if (upstream_released || (release && !c.local)) {
+      QueueToClient(c, f.stream_id, FrameType::kError, Channel::kControl,
+                    upstream_released
+                        ? ErrorPayload(ECANCELED, "the agent link is being released for a snapshot")
+                        : ErrorPayload(EPERM, "only the supervisor releases the agent link"));
+      return {};
+    }
+    uint32_t up = next_up_stream++;
     Route route;
     route.client = c.id;
     route.client_stream = f.stream_id;
@@ -339,8 +351,7 @@ struct Router::Impl {
     routes[up] = route;
     c.streams[f.stream_id] = up;
     AppendUp(up, FrameType::kOpen, Channel::kControl, f.payload);
-    if (request && std::holds_alternative<protocol::ReleaseRequest>(*request))
-      upstream_released = true;
+    if (release) upstream_released = true;
     return {};
   }
 
@@ -447,7 +458,7 @@ struct Router::Impl {
           log::Notice("agent router: connection refused", {{"error", peer.error().message}});
           continue;
         }
-        Admit(std::move(conn));
+        Admit(std::move(conn), /*local=*/false);
         continue;
       }
       if (errno == EINTR || errno == ECONNABORTED) continue;
@@ -601,7 +612,7 @@ struct Router::Impl {
       fresh.swap(incoming);
       if (incoming_listener) listener = std::move(incoming_listener);
     }
-    for (auto& fd : fresh) Admit(std::move(fd));
+    for (auto& fd : fresh) Admit(std::move(fd), /*local=*/true);
     return true;
   }
 

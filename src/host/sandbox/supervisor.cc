@@ -777,9 +777,9 @@ class Supervisor {
     manifest.compat = CELLA_TRY(Compat());
     manifest.transient = fork;
 
-    // Everything that uses the link goes first; the router's end closing
-    // is what tells the guest agent to let go of its link (the main process
-    // keeps running, detached, and is attached again afterwards).
+    // Everything that uses the link goes first; the agent's op release
+    // makes the guest agent let go of its link (the main process keeps
+    // running, detached, and is attached again afterwards).
     for (auto& f : forwarders_) f->Stop();
     forwarders_.clear();
     vmm::Machine& machine = lifecycle_->machine();

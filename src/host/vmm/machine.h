@@ -82,7 +82,7 @@ class Machine {
   // link and waits for its next host, so a guest restored later starts a
   // fresh link instead of continuing a dead one), then calls `close_link`
   // (which closes the link's far end: the supervisor's router) and drops
-  // Agent().
+  // Agent(); those two also when the agent did not answer.
   virtual Status ReleaseAgent(const std::function<void()>& /*close_link*/,
                               std::chrono::milliseconds /*timeout*/) {
     return std::unexpected(Error{"snapshots are not supported by this machine", ENOTSUP});

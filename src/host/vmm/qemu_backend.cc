@@ -643,12 +643,15 @@ Status QemuMachine::ReleaseAgent(const std::function<void()>& close_link, millis
   // restored copy's). Asked in the protocol rather than read from QEMU's
   // port events, which QEMU sends at most once a second per port: a save
   // within a second of the last reconnect waited up to that second.
-  if (auto released = agent->Release(timeout); !released)
-    return std::unexpected(std::move(released.error()).WithContext("VM " + config_.ID));
+  Status released = agent->Release(timeout);
   // The far end's users next (the router and its clients: the agent no
-  // longer acts on what they send), then our own client.
+  // longer acts on what they send), then our own client; also when the
+  // agent did not answer, so that a reconnect (the VM running on) finds
+  // QEMU's socket, which takes one host at a time, free.
   if (close_link) close_link();
   agent_.reset();
+  if (!released)
+    return std::unexpected(std::move(released.error()).WithContext("VM " + config_.ID));
   return {};
 }
 
@@ -694,8 +697,8 @@ Status QemuMachine::ReconnectAgent() {
   QmpClient* qmp = CELLA_TRY(RequireQmp("reconnect the agent"));
   auto deadline = Clock::now() + options_.boot_timeout;
   UniqueFd agent_fd;
-  // The guest closed the port when the last link ended; a new connection
-  // is what it waits for.
+  // The released agent waits on its port opened anew for a host's first
+  // bytes: this connection's Hello (the host speaks first).
   while (!agent_fd) {
     if (auto fd = ConnectUnix(paths_.agent_socket)) agent_fd = std::move(*fd);
     if (agent_fd) break;

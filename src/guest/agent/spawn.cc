@@ -168,17 +168,27 @@ struct ChildPlan {
   bool detach = false;
 };
 
+// The kernel's struct sigaction on x86-64 (not glibc's): handler, flags,
+// restorer, mask.
+struct KernelSigaction {
+  void (*handler)(int) = SIG_DFL;
+  unsigned long flags = 0;
+  void (*restorer)() = nullptr;
+  uint64_t mask = 0;
+};
+
 int ChildMain(void* arg) {
   const ChildPlan& plan = *static_cast<const ChildPlan*>(arg);
   const int sfd = plan.status_fd;
   // Every signal is blocked (the parent blocked them before the clone):
-  // the handlers go back to their defaults before any can run here.
-  struct sigaction default_action {};
-  default_action.sa_handler = SIG_DFL;
+  // the handlers go back to their defaults before any can run here. By the
+  // raw call: glibc's sigaction refuses the two signals it keeps for its
+  // threads (32, 33), which an agent started with them ignored would pass
+  // on ignored (execve keeps SIG_IGN).
   for (int sig = 1; sig < NSIG; ++sig) {
-    // Fails (EINVAL) only for the signals glibc reserves for its threads;
-    // glibc catches (never ignores) those, and execve resets caught ones.
-    if (sig != SIGKILL && sig != SIGSTOP) (void)::sigaction(sig, &default_action, nullptr);
+    if (sig == SIGKILL || sig == SIGSTOP) continue;
+    KernelSigaction default_action{};  // SIG_DFL, no flags, empty mask
+    (void)::syscall(SYS_rt_sigaction, sig, &default_action, nullptr, sizeof(uint64_t));
   }
   sigset_t none;
   sigemptyset(&none);

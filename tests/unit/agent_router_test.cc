@@ -144,6 +144,16 @@ RawClient HandshakenRaw(Router& router) {
   return raw;
 }
 
+// The agent's Hello, as a fake guest on the router's upstream sends it.
+std::vector<std::byte> GuestHello() {
+  std::vector<std::byte> hello;
+  protocol::EncodeFrame(0, FrameType::kHello, Channel::kControl,
+                        protocol::AsBytes(protocol::EncodeHello(
+                            {protocol::kProtocolVersion, protocol::Role::kAgent})),
+                        hello);
+  return hello;
+}
+
 class AgentRouter : public AgentTest {};
 
 TEST_F(AgentRouter, TwoClientsRunExecsAtTheSameTime) {
@@ -612,13 +622,9 @@ TEST_F(AgentRouter, GuestPingFloodKeepsTheRouterBounded) {
   int pair[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
   UniqueFd guest(pair[0]);
-  std::vector<std::byte> frame;
-  protocol::EncodeFrame(0, FrameType::kHello, Channel::kControl,
-                        protocol::AsBytes(protocol::EncodeHello(
-                            {protocol::kProtocolVersion, protocol::Role::kAgent})),
-                        frame);
-  ASSERT_EQ(::send(guest.Get(), frame.data(), frame.size(), MSG_NOSIGNAL),
-            static_cast<ssize_t>(frame.size()));
+  const std::vector<std::byte> hello = GuestHello();
+  ASSERT_EQ(::send(guest.Get(), hello.data(), hello.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(hello.size()));
   host::RouterOptions options;
   options.max_upstream_buffer = size_t{4} << 20;
   auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), options);
@@ -711,11 +717,7 @@ TEST_F(AgentRouter, NothingGoesUpAfterARelease) {
   int pair[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
   UniqueFd guest(pair[0]);
-  std::vector<std::byte> hello;
-  protocol::EncodeFrame(0, FrameType::kHello, Channel::kControl,
-                        protocol::AsBytes(protocol::EncodeHello(
-                            {protocol::kProtocolVersion, protocol::Role::kAgent})),
-                        hello);
+  const std::vector<std::byte> hello = GuestHello();
   ASSERT_EQ(::send(guest.Get(), hello.data(), hello.size(), MSG_NOSIGNAL),
             static_cast<ssize_t>(hello.size()));
   auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), {});

@@ -180,17 +180,24 @@ TEST(MemoryDigest, DependsOnContentNotOnHowTheFileIsLaidOut) {
   EXPECT_NE(moved.HexDigest(), *sparse);
 }
 
+// A format-2 manifest as the writer fills it before the commit: raw state
+// file, memory file of `pages` pages, checksums still to compute.
+SnapshotManifest FormatTwoBeforeCommit(uint64_t pages) {
+  SnapshotManifest m = Sample();
+  m.compression = SnapshotCompression::kNone;
+  m.state_file = "machine.state";
+  m.sha256.clear();
+  m.memory_bytes = pages * MemoryDigest::kPageSize;
+  m.memory_file = kMemoryFileName;
+  return m;
+}
+
 TEST(SnapshotFormatTwo, CommitsVerifiesAndRefusesADamagedMemoryFile) {
   testing::TempDir dir("snapmem");
   constexpr size_t kPage = MemoryDigest::kPageSize;
   std::string snap = dir / "snap";
   ASSERT_EQ(::mkdir(snap.c_str(), 0700), 0);
-  SnapshotManifest m = Sample();
-  m.compression = SnapshotCompression::kNone;
-  m.state_file = "machine.state";
-  m.sha256.clear();
-  m.memory_bytes = 64 * kPage;
-  m.memory_file = kMemoryFileName;
+  SnapshotManifest m = FormatTwoBeforeCommit(64);
   ASSERT_TRUE(WriteStringToFile(snap + "/machine.state.tmp", "device state", 0600));
   std::string memory_tmp = snap + "/" + kMemoryFileName + ".tmp";
   ASSERT_TRUE(WriteStringToFile(memory_tmp, "", 0600));
@@ -239,12 +246,7 @@ TEST(SnapshotFormatTwo, OnlyATransientSnapshotGoesWithoutAMemoryChecksum) {
   constexpr size_t kPage = MemoryDigest::kPageSize;
   std::string snap = dir / "snap";
   ASSERT_EQ(::mkdir(snap.c_str(), 0700), 0);
-  SnapshotManifest m = Sample();
-  m.compression = SnapshotCompression::kNone;
-  m.state_file = "machine.state";
-  m.sha256.clear();
-  m.memory_bytes = 16 * kPage;
-  m.memory_file = kMemoryFileName;
+  SnapshotManifest m = FormatTwoBeforeCommit(16);
   m.transient = true;
   ASSERT_TRUE(WriteStringToFile(snap + "/machine.state.tmp", "device state", 0600));
   std::string memory_tmp = snap + "/" + kMemoryFileName + ".tmp";

@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "base/io.h"
@@ -140,8 +141,12 @@ void ControlServer::Loop() {
     if (workers_.size() >= kMaxConnections) {
       // Refused at once rather than queued: a crowd of silent clients must
       // not delay the next stop or kill beyond their own read time-outs.
+      // "busy" tells ControlCall to come back shortly: a burst of callers
+      // (twenty `allow-list add` at once) queues instead of failing.
       static const std::string busy =
-          nlohmann::json{{"ok", false}, {"error", "control socket: too many connections"}}.dump() +
+          nlohmann::json{
+              {"ok", false}, {"busy", true}, {"error", "control socket: too many connections"}}
+              .dump() +
           "\n";
       if (::send(conn.Get(), busy.data(), busy.size(), MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
         log::Debug("control busy reply not delivered", {{"error", std::strerror(errno)}});
@@ -203,24 +208,55 @@ Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json
   return ControlCall(path, request, timeout, -1, {});
 }
 
+namespace {
+
+// Waits `pause` (cut short by the deadline); false when `give_up` says the
+// caller no longer wants the answer.
+Result<bool> PauseBeforeRetry(std::chrono::milliseconds pause, Clock::time_point deadline,
+                              int wake_fd, const std::function<bool()>& give_up) {
+  auto until = std::min(Clock::now() + pause, deadline);
+  for (;;) {
+    int left = RemainingMs(until);
+    if (left == 0) return true;
+    pollfd pfd{wake_fd, POLLIN, 0};
+    int rc = ::poll(&pfd, wake_fd < 0 ? 0 : 1, left);
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) return FailErrno("poll while the control socket is busy");
+    if (rc == 0) continue;
+    if (!give_up) return Fail("control socket: server stopping");
+    if (give_up()) return false;
+  }
+}
+
+}  // namespace
+
 Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
                                    std::chrono::milliseconds timeout, int wake_fd,
                                    const std::function<bool()>& give_up) {
   auto deadline = Clock::now() + timeout;
-  UniqueFd fd = CELLA_TRY(ConnectUnixSocket(path));
-  // A server that refuses us (busy, wrong user) may close before we have
-  // written: that is an error value (MSG_NOSIGNAL), and its reply, if it
-  // sent one, says why.
-  Status sent = SendAll(fd.Get(), request.dump() + "\n");
-  auto read = ReadLine(fd.Get(), deadline, wake_fd, give_up);
-  if (!read && read.error().errno_value == ECANCELED) return std::unexpected(read.error());
-  if (!read) return std::unexpected(sent ? read.error() : sent.error());
-  std::string line = std::move(*read);
-  nlohmann::json reply = nlohmann::json::parse(line, nullptr, false);
-  if (reply.is_discarded() || !reply.is_object())
-    return Fail("control socket " + path + ": reply is not a JSON object");
-  if (!reply.value("ok", false)) return Fail(reply.value("error", std::string("request failed")));
-  return reply;
+  auto pause = std::chrono::milliseconds(5);
+  for (;;) {
+    UniqueFd fd = CELLA_TRY(ConnectUnixSocket(path));
+    // A server that refuses us (busy, wrong user) may close before we have
+    // written: that is an error value (MSG_NOSIGNAL), and its reply, if it
+    // sent one, says why.
+    Status sent = SendAll(fd.Get(), request.dump() + "\n");
+    auto read = ReadLine(fd.Get(), deadline, wake_fd, give_up);
+    if (!read && read.error().errno_value == ECANCELED) return std::unexpected(read.error());
+    if (!read) return std::unexpected(sent ? read.error() : sent.error());
+    nlohmann::json reply = nlohmann::json::parse(*read, nullptr, false);
+    if (reply.is_discarded() || !reply.is_object())
+      return Fail("control socket " + path + ": reply is not a JSON object");
+    if (reply.value("ok", false)) return reply;
+    std::string error = reply.value("error", std::string("request failed"));
+    // The server was at its connection cap and did not read the request:
+    // asking again is safe, until the caller's own deadline.
+    if (!reply.value("busy", false)) return Fail(error);
+    if (!CELLA_TRY(PauseBeforeRetry(pause, deadline, wake_fd, give_up)))
+      return std::unexpected(Error{"interrupted: gave up waiting", ECANCELED});
+    if (RemainingMs(deadline) == 0) return Fail(error);
+    pause = std::min(pause * 2, std::chrono::milliseconds(100));
+  }
 }
 
 }  // namespace cella::sandbox

@@ -6,7 +6,8 @@
 // capped at 64 KiB; only root or our own user may connect (SO_PEERCRED).
 //
 // Threading: one accept thread, and one thread per connection (at most
-// kMaxConnections at once; past that a connection is refused at once), so a
+// kMaxConnections at once; past that a connection is refused at once with
+// "busy", and ControlCall asks again until its own deadline), so a
 // long stop never delays a kill and a silent client holds only its own
 // thread, for at most kRequestReadTimeout. Handlers run concurrently on
 // those threads. Call Stop (or destroy) before whatever the handler touches
@@ -62,7 +63,8 @@ class ControlServer {
 };
 
 // Sends one request and waits up to `timeout` for the reply. A reply with
-// ok=false becomes an error carrying its message.
+// ok=false becomes an error carrying its message; a server at its connection
+// cap is asked again (backing off to 100 ms) until `timeout` runs out.
 Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json& request,
                                    std::chrono::milliseconds timeout);
 // As above, and whenever `wake_fd` becomes readable `give_up` is asked

@@ -28,8 +28,8 @@
 
 #include "base/unique_fd.h"
 #include "host/net/netns.h"
-#include "host/sandbox/compose.h"
 #include "host/os/paths.h"
+#include "host/sandbox/compose.h"
 #include "host/vmm/qemu_backend.h"
 
 namespace {

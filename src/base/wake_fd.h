@@ -18,9 +18,9 @@ class WakeFd {
   static Result<WakeFd> Create(const std::string& owner);
   WakeFd() = default;
 
-  // Thread-safe, repeatable; a no-op on a WakeFd never created. Cannot fail on a live eventfd (only a counter
-  // overflow could, after 2^64 calls); if it did, the thread would never be
-  // woken and its join would hang, so that is a programmer error: Die.
+  // Thread-safe, repeatable; a no-op on a WakeFd never created. Cannot fail on a live eventfd (only
+  // a counter overflow could, after 2^64 calls); if it did, the thread would never be woken and its
+  // join would hang, so that is a programmer error: Die.
   void Signal() const;
   int Get() const { return fd_.Get(); }
   explicit operator bool() const { return static_cast<bool>(fd_); }

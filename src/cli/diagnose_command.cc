@@ -6,9 +6,9 @@
 
 #include "cli/commands.h"
 #include "host/kernel/kernel.h"
-#include "host/vmm/accel.h"
 #include "host/os/paths.h"
 #include "host/os/process.h"
+#include "host/vmm/accel.h"
 #include "host/vmm/tsc.h"
 
 namespace cella::cli {

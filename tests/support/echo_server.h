@@ -25,7 +25,8 @@ class EchoServer {
     addr.sin_family = AF_INET;
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     socklen_t len = sizeof addr;
-    if (!listener_ || ::bind(listener_.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+    if (!listener_ ||
+        ::bind(listener_.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
         ::listen(listener_.Get(), 16) != 0 ||
         ::getsockname(listener_.Get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
       ADD_FAILURE() << "echo server setup failed";

@@ -15,8 +15,8 @@
 
 #include "base/io.h"
 #include "cli/sandbox_context.h"
-#include "host/sandbox/layout.h"
 #include "host/os/paths.h"
+#include "host/sandbox/layout.h"
 #include "support/temp_dir.h"
 
 namespace cella::store {

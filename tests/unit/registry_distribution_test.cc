@@ -10,8 +10,8 @@
 
 #include <optional>
 
-#include "host/registry/image_store.h"
 #include "host/os/process.h"
+#include "host/registry/image_store.h"
 #include "registry_test_support.h"
 
 namespace cella::registry {

@@ -9,9 +9,9 @@
 #include <vector>
 
 #include "base/io.h"
-#include "host/registry/manifest.h"
 #include "host/os/digest.h"
 #include "host/os/paths.h"
+#include "host/registry/manifest.h"
 #include "rootfs_test_layers.h"
 
 namespace cella::registry::testing {

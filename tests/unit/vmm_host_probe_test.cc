@@ -10,8 +10,8 @@
 #include <string>
 
 #include "base/io.h"
-#include "host/vmm/accel.h"
 #include "host/os/paths.h"
+#include "host/vmm/accel.h"
 #include "host/vmm/tsc.h"
 
 namespace cella::vmm {

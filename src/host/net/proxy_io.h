@@ -10,10 +10,10 @@
 #include <string>
 #include <string_view>
 
+#include "base/byte_stream.h"
 #include "base/result.h"
 #include "base/unique_fd.h"
 #include "host/net/policy.h"
-#include "base/byte_stream.h"
 
 namespace cella::net {
 

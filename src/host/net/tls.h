@@ -23,8 +23,8 @@
 #include <string>
 #include <string_view>
 
-#include "base/result.h"
 #include "base/byte_stream.h"
+#include "base/result.h"
 
 // OpenSSL's types, declared here so users of this header need not include
 // OpenSSL's headers.

@@ -11,8 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include "base/io.h"
-#include "host/registry/reference.h"
 #include "host/os/paths.h"
+#include "host/registry/reference.h"
 
 namespace cella::registry {
 namespace {

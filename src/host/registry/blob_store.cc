@@ -9,8 +9,8 @@
 #include <memory>
 
 #include "base/io.h"
-#include "host/registry/reference.h"
 #include "host/os/paths.h"
+#include "host/registry/reference.h"
 
 namespace cella::registry {
 

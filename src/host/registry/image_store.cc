@@ -18,10 +18,10 @@
 #include <utility>
 
 #include "base/io.h"
-#include "host/registry/archive_extract.h"
-#include "host/rootfs/rootfs.h"
 #include "host/os/digest.h"
 #include "host/os/paths.h"
+#include "host/registry/archive_extract.h"
+#include "host/rootfs/rootfs.h"
 
 namespace cella::registry {
 namespace {

@@ -186,6 +186,43 @@ for line in f:
     f.write((json.dumps({"return": ret, "id": req.get("id")}) + "\n").encode()); f.flush()
 )PY";
 
+// A resumed standby's agent waits for the host's Hello; a QEMU that dies
+// as the restored guest starts (here: at `cont`) is reported as QEMU's
+// death with what it printed, not as the agent failing its handshake.
+TEST_F(FakeQemuMachine, AResumeWhoseQemuDiesSaysSoAndNotThatTheAgentFailed) {
+  if (::access("/usr/bin/python3", X_OK) != 0) GTEST_FAIL() << "python3 is needed for this test";
+  config_.IncomingMigration = "exec:cat " + dir_ + "/state-file";
+  config_.NoNetwork = true;
+  // The stand-in answers `cont`, then dies with its agent socket's reader.
+  std::string dying = kRestoringQemu;
+  const std::string fork_line = "if os.fork() == 0:";
+  auto fork_at = dying.find(fork_line);
+  ASSERT_NE(fork_at, std::string::npos);
+  dying.replace(fork_at, fork_line.size(), "reader = os.fork()\nif reader == 0:");
+  dying +=
+      "    if cmd == \"cont\":\n"
+      "        sys.stderr.write(\"qemu: guest memory could not be mapped\\n\")\n"
+      "        os.kill(reader, 9)\n"
+      "        os._exit(3)\n";
+  const std::string qemu = dir_ + "/qemu";
+  ASSERT_TRUE(WriteStringToFile(qemu, dying, 0755));
+  ASSERT_EQ(::chmod(qemu.c_str(), 0755), 0);
+  QemuBackendOptions opts;
+  opts.qemu_binary = qemu;
+  opts.boot_timeout = milliseconds(20'000);
+  auto machine = QemuBackend(opts).Create(config_);
+  ASSERT_TRUE(machine) << machine.error().message;
+  auto start = std::chrono::steady_clock::now();
+  auto st = (*machine)->Start();
+  ASSERT_FALSE(st);
+  EXPECT_NE(st.error().message.find("QEMU ended (exit code 3)"), std::string::npos)
+      << st.error().message;
+  EXPECT_NE(st.error().message.find("guest memory could not be mapped"), std::string::npos)
+      << st.error().message;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, opts.boot_timeout);
+  EXPECT_TRUE((*machine)->Close());
+}
+
 // A warm clone's before_go runs after the restore and before the go line:
 // its failure fails the boot without the go line ever sent, and is not
 // taken for a failure of the template's state; once it passed, the go line

@@ -567,6 +567,14 @@ Status QemuMachine::ConnectAgent(UniqueFd agent_fd, Clock::time_point deadline,
   log::Debug("guest agent link has data", {{"id", config_.ID}});
   auto agent = host::AgentClient::Connect(std::move(agent_fd), options_.agent_options);
   if (!agent) {
+    // QEMU that died under a host-first handshake shows up here (the wait
+    // above watched it only for an agent that speaks first): say so,
+    // rather than blame the agent. A dying QEMU has closed the link
+    // already; a moment is enough for it to be reaped.
+    pollfd wait_exit{wait_fd_.Get(), POLLIN, 0};
+    if (::poll(&wait_exit, 1, 1000) < 0 && errno != EINTR) return FailErrno("poll QEMU's exit");
+    if (CELLA_TRY(ReapIfExited()))
+      return std::unexpected(DiedDuringBoot("resuming (before the agent answered)"));
     return std::unexpected(
         WithConsole("VM " + config_.ID + ": agent handshake failed: " + agent.error().message));
   }

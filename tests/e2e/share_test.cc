@@ -358,12 +358,29 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   fs::create_directories(rw);
   fs::create_directories(host_ + "/ov");
   WriteFile(host_ + "/ov/o.txt", "original\n");
+  fs::create_directories(host_ + "/ov/sub/deeper");
+  WriteFile(host_ + "/ov/tool.sh", "#!/bin/sh\necho tool ran in $(pwd)\n", 0755);
+  // `docker run -v $PWD:/src -w /src ...`: the main process's working
+  // directory and program on a share (its chdir and exec wait for the
+  // agent's loop to relay their lookups to the host).
+  auto habit = RunCella({"run", "-v", host_ + "/ov:/src", "-w", "/src/sub/deeper", "--", "sh", "-c",
+                         "pwd && ../../tool.sh"},
+                        "", std::chrono::seconds(120));
+  EXPECT_EQ(habit.exit_code, 0) << Describe(habit);
+  EXPECT_EQ(habit.out, "/src/sub/deeper\ntool ran in /src/sub/deeper\n") << Describe(habit);
   auto started = RunCella({"run", "-d", "-v", rw + ":/mnt/rw", "-v", host_ + "/ov:/mnt/ov:overlay"},
                           "", std::chrono::seconds(300));
   ASSERT_EQ(started.exit_code, 0) << Describe(started);
   EXPECT_EQ(started.err, "");  // no cold-boot notice: FUSE shares start warm
   std::string id = started.out.substr(0, started.out.find('\n'));
   ASSERT_FALSE(id.empty());
+  // The same for exec: a working directory on a share and a program there.
+  auto in_share =
+      RunCella({"exec", "-w", "/mnt/rw", id, "--", "pwd"}, "", std::chrono::seconds(60));
+  EXPECT_EQ(in_share.out, "/mnt/rw\n") << Describe(in_share);
+  auto tool = RunCella({"exec", "-w", "/mnt/ov/sub/deeper", id, "--", "/mnt/ov/tool.sh"}, "",
+                       std::chrono::seconds(60));
+  EXPECT_EQ(tool.out, "tool ran in /mnt/ov/sub/deeper\n") << Describe(tool);
   auto writer = RunCella({"exec", "-d", id, "--", "sh", "-c",
                           "exec 3>>/mnt/rw/log; i=0; while :; do i=$((i+1)); echo tick$i >&3; "
                           "sleep 0.2; done"});
@@ -403,6 +420,9 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   WriteFile(rw + "/late.txt", "for the fork\n");
   r = Sh(fork, "cat /mnt/rw/late.txt /mnt/ov/n.txt");
   EXPECT_EQ(r.out, "for the fork\nnew\n") << Describe(r);
+  tool = RunCella({"exec", "-w", "/mnt/rw", fork, "--", "/mnt/ov/tool.sh"}, "",
+                  std::chrono::seconds(60));
+  EXPECT_EQ(tool.out, "tool ran in /mnt/rw\n") << Describe(tool);
   // Three writers now (source, restored copy, fork) on one open file each.
   size_t now = WaitForLines(rw + "/log", 0);
   EXPECT_GT(WaitForLines(rw + "/log", now + 6), now + 6);

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "agent_test_support.h"
 
@@ -15,18 +16,31 @@ namespace {
 
 using host::ExecCallbacks;
 
-class AgentExec : public AgentTest {
+// Every test runs twice: with the loop waiting for each command's exec (a
+// vfork), and without (a fork, answered from the loop once the child has
+// exec'd or failed: how the agent starts commands once it serves host
+// shares). A user must not be able to tell the two apart.
+class AgentExec : public AgentTest, public ::testing::WithParamInterface<bool> {
  protected:
   void SetUp() override {
     AgentTest::SetUp();
-    agent_ = StartAgent();
+    agent_ = StartAgent(AgentArgs());
     ASSERT_TRUE(agent_ && agent_->client);
+  }
+  std::vector<std::string> AgentArgs(std::vector<std::string> args = {}) const {
+    if (GetParam()) args.emplace_back("--spawn-without-waiting");
+    return args;
   }
   host::AgentClient& client() { return *agent_->client; }
   std::unique_ptr<AgentProcess> agent_;
 };
 
-TEST_F(AgentExec, PropagatesExitCodes) {
+INSTANTIATE_TEST_SUITE_P(StartModes, AgentExec, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& mode) {
+                           return mode.param ? "WithoutWaitingForExec" : "WaitingForExec";
+                         });
+
+TEST_P(AgentExec, PropagatesExitCodes) {
   for (int code : {0, 1, 42}) {
     auto r = client().Exec(Sh("exit " + std::to_string(code)));
     ASSERT_TRUE(r.has_value()) << r.error().message;
@@ -37,7 +51,7 @@ TEST_F(AgentExec, PropagatesExitCodes) {
   }
 }
 
-TEST_F(AgentExec, ReportsDeathBySignal) {
+TEST_P(AgentExec, ReportsDeathBySignal) {
   auto r = client().Exec(Sh("kill -9 $$"));
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_FALSE(r->status.exit_code.has_value());
@@ -45,14 +59,14 @@ TEST_F(AgentExec, ReportsDeathBySignal) {
   EXPECT_EQ(r->status.ShellCode(), 137);
 }
 
-TEST_F(AgentExec, KeepsStdoutAndStderrApart) {
+TEST_P(AgentExec, KeepsStdoutAndStderrApart) {
   auto r = client().Exec(Sh("echo out1; echo err1 >&2; echo out2; echo err2 >&2"));
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_EQ(r->stdout_data, "out1\nout2\n");
   EXPECT_EQ(r->stderr_data, "err1\nerr2\n");
 }
 
-TEST_F(AgentExec, StreamsTwentyMegabytesWithBoundedMemory) {
+TEST_P(AgentExec, StreamsTwentyMegabytesWithBoundedMemory) {
   constexpr int64_t kTotal = 20'000'000;
   int64_t client_peak_before = PeakRssBytes(::getpid());
   int64_t agent_peak_before = PeakRssBytes(agent_->pid);
@@ -88,7 +102,7 @@ TEST_F(AgentExec, StreamsTwentyMegabytesWithBoundedMemory) {
   }
 }
 
-TEST_F(AgentExec, PipesStdinAndClosesIt) {
+TEST_P(AgentExec, PipesStdinAndClosesIt) {
   std::string received;
   std::mutex mu;
   ExecCallbacks cb;
@@ -123,7 +137,7 @@ TEST_F(AgentExec, PipesStdinAndClosesIt) {
   EXPECT_EQ(count, "12345\n");
 }
 
-TEST_F(AgentExec, TtyModeGivesAPtyThatFollowsResize) {
+TEST_P(AgentExec, TtyModeGivesAPtyThatFollowsResize) {
   auto req = Cmd({"tty"});
   req.tty = true;
   auto r = client().Exec(req);
@@ -160,7 +174,7 @@ TEST_F(AgentExec, TtyModeGivesAPtyThatFollowsResize) {
   EXPECT_NE(out.find("40 123"), std::string::npos) << out;
 }
 
-TEST_F(AgentExec, UsesExactlyTheGivenEnvironment) {
+TEST_P(AgentExec, UsesExactlyTheGivenEnvironment) {
   auto req = Cmd({"/usr/bin/env"});
   req.env = {"FOO=bar", "PATH=/usr/bin:/bin"};
   auto r = client().Exec(req);
@@ -168,7 +182,7 @@ TEST_F(AgentExec, UsesExactlyTheGivenEnvironment) {
   EXPECT_EQ(r->stdout_data, "FOO=bar\nPATH=/usr/bin:/bin\nHOME=/\n");
 }
 
-TEST_F(AgentExec, AppliesWorkdirAndUser) {
+TEST_P(AgentExec, AppliesWorkdirAndUser) {
   auto req = Sh("pwd; id -u; id -g; id -G; echo $HOME");
   req.workdir = "/tmp";
   req.user = "nobody";
@@ -202,14 +216,14 @@ TEST_F(AgentExec, AppliesWorkdirAndUser) {
 
 // The agent ignores SIGPIPE and blocks SIGCHLD for itself; what it starts
 // gets the defaults: no signal blocked, none ignored.
-TEST_F(AgentExec, ACommandStartsWithDefaultSignals) {
+TEST_P(AgentExec, ACommandStartsWithDefaultSignals) {
   auto r = client().Exec(Sh("grep -E '^Sig(Blk|Ign):' /proc/self/status"));
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_EQ(r->stdout_data, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n")
       << r->stderr_data;
 }
 
-TEST_F(AgentExec, MissingBinaryIs127AndNotExecutableIs126) {
+TEST_P(AgentExec, MissingBinaryIs127AndNotExecutableIs126) {
   auto r = client().Exec(Cmd({"no-such-program-xyz"}));
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_EQ(r->status.exit_code, 127);
@@ -224,6 +238,45 @@ TEST_F(AgentExec, MissingBinaryIs127AndNotExecutableIs126) {
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_EQ(r->status.exit_code, 126);
   EXPECT_NE(r->stderr_data.find("Permission denied"), std::string::npos) << r->stderr_data;
+}
+
+// exec -d: answered once the command runs (or could not be run, as a
+// shell would say), and the command runs on with nobody reading it.
+TEST_P(AgentExec, ADetachedCommandRunsOnAndOneThatCannotRunIsAnsweredAsAShellWould) {
+  std::string mark =
+      "/tmp/cella-agent-detach-" + std::to_string(::getpid()) + "-" + std::to_string(GetParam());
+  ::unlink(mark.c_str());
+  auto req = Sh("sleep 0.2; echo ran > " + mark);
+  req.detach = true;
+  auto r = client().Exec(req);
+  ASSERT_TRUE(r.has_value()) << r.error().message;
+  EXPECT_EQ(r->status.exit_code, 0);
+  std::optional<std::string> text;
+  for (int i = 0; i < 200 && (!text || *text != "ran\n"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (auto read = ReadFileToString(mark, 64)) text = *read;
+  }
+  ::unlink(mark.c_str());
+  EXPECT_EQ(text.value_or(""), "ran\n");
+
+  auto missing = Cmd({"no-such-program-xyz"});
+  missing.detach = true;
+  r = client().Exec(missing);
+  ASSERT_TRUE(r.has_value()) << r.error().message;
+  EXPECT_EQ(r->status.exit_code, 127);
+  EXPECT_NE(r->stderr_data.find("cella-agent: no-such-program-xyz: No such file or directory"),
+            std::string::npos)
+      << r->stderr_data;
+
+  auto bad_dir = Sh("true");
+  bad_dir.detach = true;
+  bad_dir.workdir = "/does/not/exist";
+  r = client().Exec(bad_dir);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().errno_value, ENOENT);
+  EXPECT_NE(r.error().message.find("change to the working directory /does/not/exist"),
+            std::string::npos)
+      << r.error().message;
 }
 
 // Live (non-zombie) processes whose process group is pgid.
@@ -245,7 +298,7 @@ std::vector<pid_t> LiveGroupMembers(pid_t pgid) {
   return out;
 }
 
-TEST_F(AgentExec, TimeoutKillsTheWholeProcessTree) {
+TEST_P(AgentExec, TimeoutKillsTheWholeProcessTree) {
   auto req = Sh("sleep 100 & sleep 100");
   req.timeout_ms = 300;
   int64_t pid = 0;
@@ -267,7 +320,7 @@ TEST_F(AgentExec, TimeoutKillsTheWholeProcessTree) {
   EXPECT_TRUE(survivors.empty()) << survivors.size() << " processes of the group survived";
 }
 
-TEST_F(AgentExec, SignalReachesTheProcess) {
+TEST_P(AgentExec, SignalReachesTheProcess) {
   auto s = client().StartExec(Cmd({"sleep", "100"}), {});
   ASSERT_TRUE(s.has_value()) << s.error().message;
   ASSERT_TRUE((*s)->Signal(SIGUSR1).has_value());
@@ -277,7 +330,7 @@ TEST_F(AgentExec, SignalReachesTheProcess) {
   EXPECT_FALSE(status->timed_out);
 }
 
-TEST_F(AgentExec, FiftyConcurrentExecsOnOneLink) {
+TEST_P(AgentExec, FiftyConcurrentExecsOnOneLink) {
   constexpr int kCount = 50;
   std::vector<std::thread> threads;
   std::vector<std::string> outputs(kCount);
@@ -301,11 +354,11 @@ TEST_F(AgentExec, FiftyConcurrentExecsOnOneLink) {
   }
 }
 
-TEST_F(AgentExec, ExecOutputBeyondTheCapFailsClearly) {
+TEST_P(AgentExec, ExecOutputBeyondTheCapFailsClearly) {
   agent_.reset();
   host::AgentClientOptions options;
   options.max_exec_output = 100'000;
-  agent_ = StartAgent({}, options);
+  agent_ = StartAgent(AgentArgs(), options);
   ASSERT_TRUE(agent_ && agent_->client);
   auto r = client().Exec(Cmd({"head", "-c", "1000000", "/dev/zero"}));
   ASSERT_FALSE(r.has_value());
@@ -314,7 +367,7 @@ TEST_F(AgentExec, ExecOutputBeyondTheCapFailsClearly) {
   EXPECT_TRUE(client().Ping(std::chrono::seconds(5)).has_value());
 }
 
-TEST_F(AgentExec, PingAnswers) {
+TEST_P(AgentExec, PingAnswers) {
   auto p = client().Ping(std::chrono::seconds(5));
   EXPECT_TRUE(p.has_value()) << p.error().message;
 }
@@ -325,9 +378,9 @@ uint64_t ParseHexField(const std::string& status, const std::string& field) {
   return std::stoull(status.substr(pos + field.size() + 1), nullptr, 16);
 }
 
-TEST_F(AgentExec, HardeningSetsNoNewPrivsDropsCapsAndBlocksPtrace) {
+TEST_P(AgentExec, HardeningSetsNoNewPrivsDropsCapsAndBlocksPtrace) {
   agent_.reset();
-  agent_ = StartAgent({"--harden"});
+  agent_ = StartAgent(AgentArgs({"--harden"}));
   ASSERT_TRUE(agent_ && agent_->client);
   const uint64_t dropped = (1ull << 21) | (1ull << 16) | (1ull << 17) | (1ull << 19) | (1ull << 22);
   // PTRACE_TRACEME (request 0) succeeds for any unhardened process.

@@ -86,6 +86,11 @@ struct Session {
   std::optional<Clock::time_point> deadline;
   std::optional<Clock::time_point> kill_deadline;
   uint32_t kill_grace_ms = 2000;
+  // Started without waiting for its exec (SpawnWait::kNoWait): readable once
+  // it has exec'd or failed; until then the host has no Opened and its
+  // pipes are not read. The request says how to answer (FinishStart).
+  UniqueFd start_status;
+  std::optional<protocol::ExecRequest> start_request;
   // write_file
   std::optional<AtomicFileWriter> writer;
   // port_forward
@@ -120,7 +125,7 @@ enum class MainState { kNotStarted, kRunning, kDone };
 constexpr std::chrono::milliseconds kReleaseFlushBound{10'000};
 
 // What a poll slot belongs to.
-enum class Slot { kOut0, kOut1, kIn, kConnect };
+enum class Slot { kOut0, kOut1, kIn, kConnect, kStart };
 
 }  // namespace
 
@@ -154,6 +159,10 @@ struct Agent::Impl {
   std::vector<pid_t> abandoned;                    // killed children not yet reaped
   std::map<uint32_t, FuseInflight> fuse_inflight;  // by share index
   std::vector<uint32_t> mounts_waiting;            // shares_mounted streams of this link
+  // Once a host share is served through this loop, a child's workdir or
+  // program may be on it: its chdir or exec waits for this loop to relay
+  // the lookup, so children start without the loop waiting for their exec.
+  bool serves_fuse_shares = false;
 
   // ---- link output -------------------------------------------------------
 
@@ -415,6 +424,7 @@ struct Agent::Impl {
     s->out[0].fd = std::move(*fd);
     s->out[1].finished = true;
     s->share = index;
+    serves_fuse_shares = true;
     Session& session = *s;
     sessions[stream] = std::move(s);
     QueueText(stream, FrameType::kOpened, protocol::EncodeEmpty());
@@ -516,7 +526,7 @@ struct Agent::Impl {
 
   // Sends the Result if the session is complete; true when it is gone.
   bool MaybeFinish(Session& s) {
-    if (s.stream == 0) return false;
+    if (s.stream == 0 || s.start_status) return false;
     switch (s.kind) {
       case Kind::kExec: {
         if (!s.reaped || !s.out[0].finished || !s.out[1].finished) return false;
@@ -558,7 +568,7 @@ struct Agent::Impl {
     // Looked up again after each step: a failing step erases its session.
     for (uint32_t id : ids) {
       Session* s = Find(id);
-      if (!s || (s->kind == Kind::kPort && s->connecting)) continue;
+      if (!s || (s->kind == Kind::kPort && s->connecting) || s->start_status) continue;
       // Each pump may end the session, so look it up again before the next.
       PumpOut(*s, 0);
       s = Find(id);
@@ -706,28 +716,86 @@ struct Agent::Impl {
     return s;
   }
 
+  SpawnWait SpawnWaitMode() const {
+    return serves_fuse_shares ? SpawnWait::kNoWait : options.spawn_wait;
+  }
+
+  // A session for a child Spawn returned before its exec: answered by
+  // FinishStart once its status pipe says how the start went.
+  std::unique_ptr<Session> StartingSession(uint32_t stream, SpawnedChild child,
+                                           const protocol::ExecRequest& req) {
+    UniqueFd status = std::move(child.status_fd);
+    auto s = SessionFromChild(stream, std::move(child), req);
+    s->out[0].finished = !s->out[0].fd;  // a detached child has no pipes
+    s->start_status = std::move(status);
+    s->start_request = req;
+    return s;
+  }
+
+  void AnswerDetachedStart(uint32_t stream, pid_t pid, int exec_errno,
+                           const protocol::ExecRequest& req) {
+    // exec -d: no session, no output; reaped silently like an abandoned
+    // child, and (in its own process group) out of reach of a link's end.
+    // A program that could not be executed is answered as a shell would
+    // (127 not found, 126 not runnable, the reason on stderr), so that the
+    // caller can report it as `docker exec -d` does.
+    QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+    protocol::ExecOutcome started;
+    started.exit_code = 0;
+    if (exec_errno != 0) {
+      std::string why = "cella-agent: " + (req.argv.empty() ? std::string() : req.argv[0]) + ": " +
+                        std::strerror(exec_errno) + "\n";
+      Queue(stream, FrameType::kData, Channel::kStderr, protocol::AsBytes(why));
+      started.exit_code = exec_errno == ENOENT ? 127 : 126;
+    }
+    QueueText(stream, FrameType::kResult, protocol::EncodeExecOutcome(started));
+  }
+
+  // A kNoWait child's status pipe is readable: it runs (Opened), or it
+  // failed before its exec (the same answers a waited-for start gives).
+  void FinishStart(Session& s) {
+    const protocol::ExecRequest req = std::move(*s.start_request);
+    s.start_request.reset();
+    auto exec_errno = FinishSpawn(std::move(s.start_status), req);
+    const uint32_t stream = s.stream;
+    const pid_t pid = s.pid;
+    auto forget = [&] {
+      // It exits on its own (or runs on, exec -d): reaped as abandoned.
+      if (!s.reaped) abandoned.push_back(pid);
+      if (stream == 0) {
+        detached_main.reset();
+      } else {
+        sessions.erase(stream);
+      }
+    };
+    if (!exec_errno) {
+      if (!s.reaped) KillGroup(pid, SIGKILL);
+      Error error = std::move(exec_errno.error());
+      if (s.is_main) {
+        main_state = MainState::kDone;
+        error = std::move(error).WithContext("main process");
+      }
+      if (stream != 0) QueueError(stream, error);
+      return forget();
+    }
+    if (req.detach) {
+      AnswerDetachedStart(stream, pid, *exec_errno, req);
+      return forget();
+    }
+    if (stream != 0) QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+  }
+
   void StartExec(uint32_t stream, const protocol::ExecRequest& req) {
-    auto child = Spawn(req, options.hardening);
+    auto child = Spawn(req, options.hardening, SpawnWaitMode());
     if (!child) return QueueError(stream, child.error());
+    if (child->status_fd) {
+      sessions[stream] = StartingSession(stream, std::move(*child), req);
+      return;
+    }
     pid_t pid = child->pid;
     if (req.detach) {
-      // exec -d: no session, no output; reaped silently like an abandoned
-      // child, and (in its own process group) out of reach of a link's end.
-      // A program that could not be executed is answered as a shell would
-      // (127 not found, 126 not runnable, the reason on stderr), so that the
-      // caller can report it as `docker exec -d` does.
-      QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
-      protocol::ExecOutcome started;
-      started.exit_code = 0;
-      if (child->exec_errno != 0) {
-        std::string why = "cella-agent: " + (req.argv.empty() ? std::string() : req.argv[0]) +
-                          ": " + std::strerror(child->exec_errno) + "\n";
-        Queue(stream, FrameType::kData, Channel::kStderr, protocol::AsBytes(why));
-        started.exit_code = child->exec_errno == ENOENT ? 127 : 126;
-      } else {
-        abandoned.push_back(pid);
-      }
-      QueueText(stream, FrameType::kResult, protocol::EncodeExecOutcome(started));
+      AnswerDetachedStart(stream, pid, child->exec_errno, req);
+      if (child->exec_errno == 0) abandoned.push_back(pid);
       return;
     }
     sessions[stream] = SessionFromChild(stream, std::move(*child), req);
@@ -739,14 +807,16 @@ struct Agent::Impl {
     switch (main_state) {
       case MainState::kNotStarted: {
         main_state = MainState::kDone;  // exactly once, even if it fails to start
-        auto child = Spawn(*options.main_request, options.hardening);
+        auto child = Spawn(*options.main_request, options.hardening, SpawnWaitMode());
         if (!child) return QueueError(stream, std::move(child.error()).WithContext("main process"));
         pid_t pid = child->pid;
-        auto s = SessionFromChild(stream, std::move(*child), *options.main_request);
+        const bool starting = static_cast<bool>(child->status_fd);
+        auto s = starting ? StartingSession(stream, std::move(*child), *options.main_request)
+                          : SessionFromChild(stream, std::move(*child), *options.main_request);
         s->is_main = true;
         sessions[stream] = std::move(s);
         main_state = MainState::kRunning;
-        QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+        if (!starting) QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
         return;
       }
       case MainState::kRunning: {
@@ -758,8 +828,9 @@ struct Agent::Impl {
         s->in.host_credit = kInitialWindow;
         s->in.unacked = 0;
         pid_t pid = s->pid;
+        const bool starting = static_cast<bool>(s->start_status);  // answered by FinishStart
         sessions[stream] = std::move(s);
-        QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
+        if (!starting) QueueText(stream, FrameType::kOpened, protocol::EncodePid(pid));
         return;
       }
       case MainState::kDone:
@@ -1138,6 +1209,11 @@ struct Agent::Impl {
           owners.emplace_back(s.get(), Slot::kConnect);
           continue;
         }
+        if (s->start_status) {
+          fds.push_back({s->start_status.Get(), POLLIN, 0});
+          owners.emplace_back(s.get(), Slot::kStart);
+          continue;
+        }
         int64_t need = s->kind == Kind::kFuse ? static_cast<int64_t>(kFuseRelayRead) : 1;
         for (int i = 0; i < 2; ++i) {
           if (s->out[i].fd && s->out[i].credit >= need && room) {
@@ -1164,6 +1240,7 @@ struct Agent::Impl {
       }
       if (poll_mounts && fds[2].revents != 0) AnswerMountsWaiting();
       std::vector<Session*> connected;
+      std::vector<Session*> started;
       for (size_t i = first_session; i < fds.size(); ++i) {
         if (fds[i].revents == 0) continue;
         auto [s, slot] = owners[i - first_session];
@@ -1180,10 +1257,14 @@ struct Agent::Impl {
           case Slot::kConnect:
             connected.push_back(s);
             break;
+          case Slot::kStart:
+            started.push_back(s);
+            break;
         }
       }
       // Session pointers stay valid until ServiceAll/ReadLink erase entries.
       for (Session* s : connected) FinishConnect(*s);
+      for (Session* s : started) FinishStart(*s);
       if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) ReadLink(fds[0].revents);
       CheckTimers(Clock::now());
       ServiceAll();

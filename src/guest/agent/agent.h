@@ -34,6 +34,9 @@ enum class ReapMode {
 
 struct AgentOptions {
   Hardening hardening = Hardening::kOff;
+  // How commands start until a host share is served through this agent;
+  // from then on always kNoWait (spawn.h says why).
+  SpawnWait spawn_wait = SpawnWait::kUntilExec;
   ReapMode reap = ReapMode::kOwnChildren;
   // The "main process" that op attach_main starts (exactly once) and streams
   // like an exec. After its Result is sent, on_main_exit gets the raw

@@ -266,12 +266,12 @@ class ChildStack {
   char* base_ = nullptr;
 };
 
-// Starts ChildMain. Under ASan by fork(): the sanitizer takes the clone's
-// child, running on a stack of its own with the parent's thread record,
-// for a stack switch it was not told of, and says so on the child's
-// stderr (the user's).
-Result<pid_t> StartChild(ChildPlan& plan) {
-  if constexpr (kUnderAsan) {
+// Starts ChildMain. By fork() when the caller does not wait for the exec,
+// and under ASan: the sanitizer takes the clone's child, running on a
+// stack of its own with the parent's thread record, for a stack switch it
+// was not told of, and says so on the child's stderr (the user's).
+Result<pid_t> StartChild(ChildPlan& plan, SpawnWait wait) {
+  if (kUnderAsan || wait == SpawnWait::kNoWait) {
     pid_t pid = ::fork();
     if (pid < 0) return FailErrno("fork");
     if (pid == 0) ChildMain(&plan);
@@ -290,9 +290,44 @@ void KillAndReap(pid_t pid) {
   }
 }
 
+// The child's status: none once it has exec'd (the pipe closed at exec),
+// else what it wrote before it failed.
+Result<std::optional<StatusRecord>> ReadStatusRecord(int status_fd) {
+  StatusRecord record{};
+  size_t got = 0;
+  while (got < sizeof(record)) {
+    ssize_t n = ::read(status_fd, reinterpret_cast<char*>(&record) + got, sizeof(record) - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FailErrno("exec: read the child's status pipe");
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  if (got != sizeof(record)) return std::nullopt;
+  return record;
+}
+
+// A failure before exec, named by its stage (and what it was about).
+Error SetupFailure(const StatusRecord& record, const protocol::ExecRequest& request) {
+  std::string what = std::string("exec: ") + StageName(record.stage);
+  if (record.stage == Stage::kWorkdir)
+    what += " " + (request.workdir.empty() ? std::string("/") : request.workdir);
+  if (record.stage == Stage::kUser) what += " " + request.user;
+  return Error::FromErrno(what, record.err);
+}
+
+int ExecErrno(const StatusRecord& record) { return record.err != 0 ? record.err : ENOENT; }
+
 }  // namespace
 
-Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening hardening) {
+Result<int> FinishSpawn(UniqueFd status_fd, const protocol::ExecRequest& request) {
+  auto record = CELLA_TRY(ReadStatusRecord(status_fd.Get()));
+  if (!record) return 0;
+  if (record->stage == Stage::kExec) return ExecErrno(*record);
+  return std::unexpected(SetupFailure(*record, request));
+}
+
+Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening hardening,
+                           SpawnWait wait) {
   std::optional<Identity> identity;
   if (!request.user.empty()) identity = CELLA_TRY(ResolveUser(request.user));
 
@@ -379,7 +414,7 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   sigfillset(&all);
   if (int err = ::pthread_sigmask(SIG_SETMASK, &all, &old); err != 0)
     return FailErrno("block signals", err);
-  auto started = StartChild(plan);
+  auto started = StartChild(plan, wait);
   if (int err = ::pthread_sigmask(SIG_SETMASK, &old, nullptr); err != 0) {
     if (started) KillAndReap(*started);
     return FailErrno("restore the signal mask", err);
@@ -391,37 +426,26 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   child_in.Reset();
   child_out.Reset();
   child_err.Reset();
-  StatusRecord record{};
-  size_t got = 0;
-  while (got < sizeof(record)) {
-    ssize_t n =
-        ::read(status.read.Get(), reinterpret_cast<char*>(&record) + got, sizeof(record) - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      // Cannot tell whether setup worked: do not leave a half-set-up child.
-      int err = errno;
-      KillAndReap(pid);
-      return FailErrno("exec: read the child's status pipe", err);
-    }
-    if (n == 0) break;
-    got += static_cast<size_t>(n);
-  }
-  if (got == sizeof(record)) {
-    int wstatus = 0;
-    while (::waitpid(pid, &wstatus, 0) < 0 && errno == EINTR) {
-    }
-    if (record.stage == Stage::kExec) {
-      child.pid = pid;
-      child.exec_errno = record.err != 0 ? record.err : ENOENT;
-      return child;
-    }
-    std::string what = std::string("exec: ") + StageName(record.stage);
-    if (record.stage == Stage::kWorkdir) what += " " + workdir;
-    if (record.stage == Stage::kUser) what += " " + request.user;
-    return FailErrno(what, record.err);
-  }
   child.pid = pid;
-  return child;
+  if (wait == SpawnWait::kNoWait) {
+    child.status_fd = std::move(status.read);
+    return child;
+  }
+  auto record = ReadStatusRecord(status.read.Get());
+  if (!record) {
+    // Cannot tell whether setup worked: do not leave a half-set-up child.
+    KillAndReap(pid);
+    return std::unexpected(std::move(record.error()));
+  }
+  if (!*record) return child;
+  int wstatus = 0;
+  while (::waitpid(pid, &wstatus, 0) < 0 && errno == EINTR) {
+  }
+  if ((*record)->stage == Stage::kExec) {
+    child.exec_errno = ExecErrno(**record);
+    return child;
+  }
+  return std::unexpected(SetupFailure(**record, request));
 }
 
 }  // namespace cella::agent

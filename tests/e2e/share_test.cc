@@ -381,6 +381,17 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   auto tool = RunCella({"exec", "-w", "/mnt/ov/sub/deeper", id, "--", "/mnt/ov/tool.sh"}, "",
                        std::chrono::seconds(60));
   EXPECT_EQ(tool.out, "tool ran in /mnt/ov/sub/deeper\n") << Describe(tool);
+  // cp in and out of a share: the agent's file operations wait on the
+  // share as well.
+  WriteFile(host_ + "/to-copy.txt", "copied in\n");
+  auto cp_in = RunCella({"cp", host_ + "/to-copy.txt", id + ":/mnt/ov/sub/copied.txt"}, "",
+                        std::chrono::seconds(60));
+  EXPECT_EQ(cp_in.exit_code, 0) << Describe(cp_in);
+  auto cp_out = RunCella({"cp", id + ":/mnt/ov/sub/copied.txt", host_ + "/copied-back.txt"}, "",
+                         std::chrono::seconds(60));
+  EXPECT_EQ(cp_out.exit_code, 0) << Describe(cp_out);
+  EXPECT_EQ(ReadFile(host_ + "/copied-back.txt"), "copied in\n");
+  EXPECT_FALSE(fs::exists(host_ + "/ov/sub/copied.txt"));  // overlay: the host's side stays
   auto writer = RunCella({"exec", "-d", id, "--", "sh", "-c",
                           "exec 3>>/mnt/rw/log; i=0; while :; do i=$((i+1)); echo tick$i >&3; "
                           "sleep 0.2; done"});
@@ -423,6 +434,10 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   tool = RunCella({"exec", "-w", "/mnt/rw", fork, "--", "/mnt/ov/tool.sh"}, "",
                   std::chrono::seconds(60));
   EXPECT_EQ(tool.out, "tool ran in /mnt/rw\n") << Describe(tool);
+  auto cp_rw = RunCella({"cp", host_ + "/to-copy.txt", fork + ":/mnt/rw/cp-in.txt"}, "",
+                        std::chrono::seconds(60));
+  EXPECT_EQ(cp_rw.exit_code, 0) << Describe(cp_rw);
+  EXPECT_EQ(ReadFile(rw + "/cp-in.txt"), "copied in\n");
   // Three writers now (source, restored copy, fork) on one open file each.
   size_t now = WaitForLines(rw + "/log", 0);
   EXPECT_GT(WaitForLines(rw + "/log", now + 6), now + 6);

@@ -28,7 +28,7 @@ class AgentExec : public AgentTest, public ::testing::WithParamInterface<bool> {
     ASSERT_TRUE(agent_ && agent_->client);
   }
   std::vector<std::string> AgentArgs(std::vector<std::string> args = {}) const {
-    if (GetParam()) args.emplace_back("--spawn-without-waiting");
+    if (GetParam()) args.emplace_back("--as-if-serving-shares");
     return args;
   }
   host::AgentClient& client() { return *agent_->client; }

@@ -18,14 +18,18 @@ namespace {
 using host::RemoveMode;
 using host::WriteFileOptions;
 
-class AgentFiles : public AgentTest {
+// Every test runs twice: file operations on the agent's loop, and on
+// threads of their own (how the agent runs them once it serves host
+// shares, whose lookups the loop relays). A user must not be able to tell
+// the two apart.
+class AgentFiles : public AgentTest, public ::testing::WithParamInterface<bool> {
  protected:
   void SetUp() override {
     AgentTest::SetUp();
     dir_ = "/tmp/cella-agent-files-" + std::to_string(::getpid());
     std::filesystem::remove_all(dir_);
     std::filesystem::create_directories(dir_);
-    agent_ = StartAgent();
+    agent_ = StartAgent(AgentArgs());
     ASSERT_TRUE(agent_ && agent_->client);
   }
   void TearDown() override {
@@ -33,10 +37,19 @@ class AgentFiles : public AgentTest {
     std::filesystem::remove_all(dir_);
     AgentTest::TearDown();
   }
+  std::vector<std::string> AgentArgs() const {
+    if (GetParam()) return {"--as-if-serving-shares"};
+    return {};
+  }
   host::AgentClient& client() { return *agent_->client; }
   std::string dir_;
   std::unique_ptr<AgentProcess> agent_;
 };
+
+INSTANTIATE_TEST_SUITE_P(Modes, AgentFiles, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& mode) {
+                           return mode.param ? "OffTheLoop" : "OnTheLoop";
+                         });
 
 std::string RandomBytes(size_t n, uint32_t seed) {
   std::mt19937 gen(seed);
@@ -45,7 +58,7 @@ std::string RandomBytes(size_t n, uint32_t seed) {
   return s;
 }
 
-TEST_F(AgentFiles, RoundTripsContentAndMode) {
+TEST_P(AgentFiles, RoundTripsContentAndMode) {
   struct Case {
     size_t size;
     uint32_t mode;
@@ -77,7 +90,7 @@ TEST_F(AgentFiles, RoundTripsContentAndMode) {
   EXPECT_EQ(entries, 3);
 }
 
-TEST_F(AgentFiles, WriteReplacesAtomicallyAndCanCreateParents) {
+TEST_P(AgentFiles, WriteReplacesAtomicallyAndCanCreateParents) {
   std::string nested = dir_ + "/a/b/c.txt";
   auto no_parents = client().WriteFile(nested, "x");
   ASSERT_FALSE(no_parents.has_value());
@@ -95,7 +108,7 @@ TEST_F(AgentFiles, WriteReplacesAtomicallyAndCanCreateParents) {
   EXPECT_EQ(st->gid, 65534u);
 }
 
-TEST_F(AgentFiles, StreamsThroughDescriptors) {
+TEST_P(AgentFiles, StreamsThroughDescriptors) {
   std::string content = RandomBytes(3'000'000, 7);
   std::string src = dir_ + "/src", dst = dir_ + "/dst", back = dir_ + "/back";
   ASSERT_TRUE(WriteStringToFile(src, content, 0644).has_value());
@@ -112,7 +125,7 @@ TEST_F(AgentFiles, StreamsThroughDescriptors) {
 
 // cp out of a guest caps each file at its listed size: whatever more the
 // guest sends never reaches the host file, and the link stays usable.
-TEST_F(AgentFiles, ReadFileToStopsAtItsCapWithExactlyThatManyBytes) {
+TEST_P(AgentFiles, ReadFileToStopsAtItsCapWithExactlyThatManyBytes) {
   std::string content = RandomBytes(700'000, 9);
   std::string src = dir_ + "/big", back = dir_ + "/capped";
   ASSERT_TRUE(WriteStringToFile(src, content, 0644).has_value());
@@ -125,7 +138,7 @@ TEST_F(AgentFiles, ReadFileToStopsAtItsCapWithExactlyThatManyBytes) {
   EXPECT_EQ(client().ReadFile(dir_ + "/big").value_or("").size(), content.size());
 }
 
-TEST_F(AgentFiles, ListsAndStatsWithLstatSemantics) {
+TEST_P(AgentFiles, ListsAndStatsWithLstatSemantics) {
   ASSERT_TRUE(client().MakeDirs(dir_ + "/sub/deeper", 0700).has_value());
   ASSERT_TRUE(client().WriteFile(dir_ + "/file", "12345").has_value());
   ASSERT_EQ(::symlink("file", (dir_ + "/link").c_str()), 0);
@@ -150,7 +163,7 @@ TEST_F(AgentFiles, ListsAndStatsWithLstatSemantics) {
   EXPECT_GT(deeper->mtime, 1'600'000'000);
 }
 
-TEST_F(AgentFiles, ErrorsKeepTheirErrno) {
+TEST_P(AgentFiles, ErrorsKeepTheirErrno) {
   auto missing = client().ReadFile(dir_ + "/missing");
   ASSERT_FALSE(missing.has_value());
   EXPECT_EQ(missing.error().errno_value, ENOENT);
@@ -164,7 +177,7 @@ TEST_F(AgentFiles, ErrorsKeepTheirErrno) {
   EXPECT_EQ(client().MakeDirs(dir_ + "/plain/sub").error().errno_value, ENOTDIR);
 }
 
-TEST_F(AgentFiles, RemovesFilesAndTrees) {
+TEST_P(AgentFiles, RemovesFilesAndTrees) {
   WriteFileOptions mkdirs;
   mkdirs.parents = WriteFileOptions::Parents::kCreate;
   ASSERT_TRUE(client().WriteFile(dir_ + "/t/a/b/file", "x", mkdirs).has_value());
@@ -192,7 +205,7 @@ std::string ReadLink(const std::string& path) {
 
 constexpr int64_t kPast = 1'000'000'000;  // 2001-09-09
 
-TEST_F(AgentFiles, WriteFileKeepsTheRequestedMtime) {
+TEST_P(AgentFiles, WriteFileKeepsTheRequestedMtime) {
   WriteFileOptions opts;
   opts.mtime = kPast;
   ASSERT_TRUE(client().WriteFile(dir_ + "/old", "x", opts).has_value());
@@ -202,7 +215,7 @@ TEST_F(AgentFiles, WriteFileKeepsTheRequestedMtime) {
   EXPECT_EQ(st->mtime, kPast);
 }
 
-TEST_F(AgentFiles, StatAndListReportOwnersAndLinkTargetsWithoutFollowing) {
+TEST_P(AgentFiles, StatAndListReportOwnersAndLinkTargetsWithoutFollowing) {
   ASSERT_TRUE(client().WriteFile(dir_ + "/owned", "12345").has_value());
   ASSERT_EQ(::chown((dir_ + "/owned").c_str(), 1234, 5678), 0);
   ASSERT_EQ(::symlink("/etc/passwd", (dir_ + "/abs").c_str()), 0);
@@ -232,7 +245,7 @@ TEST_F(AgentFiles, StatAndListReportOwnersAndLinkTargetsWithoutFollowing) {
   EXPECT_EQ(by_name["abs"].link_target, "/etc/passwd");
 }
 
-TEST_F(AgentFiles, MakesSymlinksWithOwnerAndMtimeReplacingFilesButNotDirectories) {
+TEST_P(AgentFiles, MakesSymlinksWithOwnerAndMtimeReplacingFilesButNotDirectories) {
   ASSERT_TRUE(
       client().MakeSymlink(dir_ + "/link", "../somewhere/else", 1234, 5678, kPast).has_value());
   struct stat st = Lstat(dir_ + "/link");
@@ -264,7 +277,7 @@ TEST_F(AgentFiles, MakesSymlinksWithOwnerAndMtimeReplacingFilesButNotDirectories
   EXPECT_EQ(names, (std::vector<std::string>{"dir", "file", "link"}));
 }
 
-TEST_F(AgentFiles, MkdirOwnerAppliesToTheCreatedFinalComponentOnly) {
+TEST_P(AgentFiles, MkdirOwnerAppliesToTheCreatedFinalComponentOnly) {
   host::MakeDirsOptions opts;
   opts.mode = 0750;
   opts.uid = 1234;
@@ -282,7 +295,7 @@ TEST_F(AgentFiles, MkdirOwnerAppliesToTheCreatedFinalComponentOnly) {
   EXPECT_EQ(Lstat(dir_ + "/p/q/final").st_uid, 1234u);
 }
 
-TEST_F(AgentFiles, SetAttributesAppliesModeAfterOwnerAndNeverFollowsSymlinks) {
+TEST_P(AgentFiles, SetAttributesAppliesModeAfterOwnerAndNeverFollowsSymlinks) {
   WriteFileOptions plain;
   plain.mode = 0644;
   ASSERT_TRUE(client().WriteFile(dir_ + "/tool", "#!/bin/sh\n", plain).has_value());
@@ -322,7 +335,7 @@ TEST_F(AgentFiles, SetAttributesAppliesModeAfterOwnerAndNeverFollowsSymlinks) {
             EINVAL);
 }
 
-TEST_F(AgentFiles, AListingTooLargeForOneReplyFailsItsStreamNotTheLink) {
+TEST_P(AgentFiles, AListingTooLargeForOneReplyFailsItsStreamNotTheLink) {
   // ~300 bytes of JSON per entry: 4000 entries pass the 1 MiB payload cap.
   std::string big = dir_ + "/big";
   ASSERT_EQ(::mkdir(big.c_str(), 0755), 0);
@@ -338,7 +351,7 @@ TEST_F(AgentFiles, AListingTooLargeForOneReplyFailsItsStreamNotTheLink) {
   EXPECT_TRUE(client().Stat(big).has_value());
 }
 
-TEST_F(AgentFiles, ShutdownCarriesItsGraceAndClampsAnOversizedOne) {
+TEST_P(AgentFiles, ShutdownCarriesItsGraceAndClampsAnOversizedOne) {
   // The standalone agent accepts the op (its grace applies in the guest
   // init); an oversized grace is clamped by the client, not refused.
   EXPECT_TRUE(client().Shutdown(std::chrono::hours(5)).has_value());
@@ -348,7 +361,7 @@ TEST_F(AgentFiles, ShutdownCarriesItsGraceAndClampsAnOversizedOne) {
 
 using ::cella::testing::EchoServer;
 
-TEST_F(AgentFiles, PortForwardCarriesBytesBothWaysWithHalfClose) {
+TEST_P(AgentFiles, PortForwardCarriesBytesBothWaysWithHalfClose) {
   EchoServer server;
   ASSERT_NE(server.port(), 0);
   auto port = client().OpenPort(server.port());
@@ -357,7 +370,7 @@ TEST_F(AgentFiles, PortForwardCarriesBytesBothWaysWithHalfClose) {
   ExpectEchoedThrough(**port, sent);
 }
 
-TEST_F(AgentFiles, PortForwardToAClosedPortIsRefused) {
+TEST_P(AgentFiles, PortForwardToAClosedPortIsRefused) {
   uint16_t free_port;
   {
     EchoServer probe;  // binds an ephemeral port, then releases it

@@ -408,6 +408,77 @@ TEST_F(AgentLink, MainPortAndShareRequestsThatAreNeverAnsweredTimeOut) {
   }
 }
 
+// An upload whose link ends before its Eof leaves nothing behind, neither
+// the file nor its temporary one, whether it was written on the agent's
+// loop or on a thread of its own (as once the agent serves host shares).
+// The agent serves on as the guest's does (--listen: one host after another).
+TEST_F(AgentLink, AnUploadCutOffByTheLinksEndLeavesNoFile) {
+  for (bool off_loop : {false, true}) {
+    SCOPED_TRACE(off_loop ? "off the loop" : "on the loop");
+    TempDir dir("agentupload");
+    TempDir target_dir("agentupload-target");
+    const std::string path = dir / "agent.sock";
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      if (off_loop)
+        ::execl(CELLA_AGENT_PATH, CELLA_AGENT_PATH, "--listen", path.c_str(),
+                "--as-if-serving-shares", nullptr);
+      ::execl(CELLA_AGENT_PATH, CELLA_AGENT_PATH, "--listen", path.c_str(), nullptr);
+      _exit(127);
+    }
+    struct Reaper {
+      pid_t pid;
+      ~Reaper() {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, nullptr, 0);
+      }
+    } reaper{pid};
+    UniqueFd link;
+    for (int i = 0; i < 500 && !link; ++i) {
+      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+      if (::connect(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+        link = std::move(fd);
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+    ASSERT_TRUE(link) << "the agent never listened on " << path;
+    const std::string target = target_dir / "uploaded.txt";
+    auto send = [&](uint32_t stream, FrameType type, Channel ch, std::string_view body) {
+      ASSERT_TRUE(WriteAll(link.Get(), FrameBytes(stream, type, ch, body)).has_value());
+    };
+    send(0, FrameType::kHello, Channel::kControl, R"({"version":1,"role":"host"})");
+    send(1, FrameType::kOpen, Channel::kControl,
+         R"({"op":"write_file","path":")" + target + R"(","mode":420})");
+    send(1, FrameType::kData, Channel::kStdin, "the first half");
+    // Once the Pong is back, the agent has taken the Open and the Data.
+    send(0, FrameType::kPing, Channel::kControl, "after");
+    protocol::FrameDecoder decoder;
+    auto pong = ReadUntil(link.Get(), decoder,
+                          [](const protocol::Frame& f) { return f.type == FrameType::kPong; });
+    ASSERT_TRUE(pong) << "no Pong";
+    link.Reset();
+    // An off-loop upload's thread ends on its own, after the link: what it
+    // leaves is looked at from 2 s on (a commit it should not have made
+    // comes within milliseconds of the link's end), for at most 10 s.
+    const auto closed = std::chrono::steady_clock::now();
+    std::vector<std::string> left;
+    for (int i = 0; i < 500; ++i) {
+      left.clear();
+      for (const auto& e : std::filesystem::directory_iterator(target_dir.path()))
+        left.push_back(e.path().filename());
+      if (left.empty() && std::chrono::steady_clock::now() - closed > std::chrono::seconds(2))
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_TRUE(left.empty()) << "left behind: " << (left.empty() ? "" : left[0]);
+  }
+}
+
 // The real agent on a listening socket, serving one host after another as
 // the guest's loop does: a released link ends (the agent reads nothing more
 // from it, and a command still running on it is abandoned), and the next

@@ -17,11 +17,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/io.h"
@@ -38,7 +40,9 @@ using protocol::FrameType;
 using protocol::kDataChunk;
 using protocol::kInitialWindow;
 
-enum class Kind { kExec, kReadFile, kWriteFile, kPort, kFuse };
+// kFileOp: one file operation (stat, list, mkdir, ...) on a thread of its
+// own, answered when the thread's answer pipe closes (FileOpsOffLoop).
+enum class Kind { kExec, kReadFile, kWriteFile, kPort, kFuse, kFileOp };
 
 // A FUSE relay reads one whole request per read() and /dev/fuse refuses a
 // buffer that cannot hold the largest (max_write 128 KiB + headers), so it
@@ -97,7 +101,54 @@ struct Session {
   bool connecting = false;
   // serve_share
   uint32_t share = 0;
+  // A file operation on a thread of its own (FileOpsOffLoop): its answer
+  // ('R' + the Result's payload, or 'E' + errno + message) arrives on
+  // answer_fd and is complete when the thread closes it. While
+  // answer_gates, nothing else of the session is serviced (kFileOp, and a
+  // read_file until its file is open); an upload's answer comes at its end.
+  UniqueFd answer_fd;
+  std::string answer;
+  bool answer_gates = false;
+  // An upload's thread commits at the end of its data unless this is set
+  // first (the stream was abandoned): then it removes its temporary file.
+  std::shared_ptr<std::atomic<bool>> upload_abandoned;
 };
+
+// The most a file operation's answer may hold: a Result's largest payload
+// and the tag and errno in front of it.
+constexpr size_t kMaxFileOpAnswer = protocol::kMaxPayload + 8;
+
+// A file operation thread's answer, written whole (blocking) to its pipe.
+void WriteAnswer(int fd, const Result<std::string>& result) {
+  std::string text;
+  if (result) {
+    text = "R" + *result;
+  } else {
+    int32_t err = result.error().errno_value != 0 ? result.error().errno_value : EIO;
+    text = "E";
+    text.append(reinterpret_cast<const char*>(&err), sizeof err);
+    text += result.error().message;
+  }
+  if (text.size() > kMaxFileOpAnswer) {
+    int32_t err = E2BIG;
+    text = "E";
+    text.append(reinterpret_cast<const char*>(&err), sizeof err);
+    text += "the answer does not fit in one reply";
+  }
+  if (auto st = WriteAll(fd, text); !st)
+    log::Debug("agent: a file operation's answer was not delivered",
+               {{"error", st.error().message}});
+}
+
+Result<std::string> DecodeAnswer(const std::string& answer) {
+  if (answer.empty()) return Fail("file operation: its thread ended without an answer");
+  if (answer[0] == 'R') return answer.substr(1);
+  int32_t err = EIO;
+  if (answer[0] != 'E' || answer.size() < 1 + sizeof err)
+    return Fail("file operation: its thread's answer is malformed");
+  std::memcpy(&err, answer.data() + 1, sizeof err);
+  return std::unexpected(Error{answer.substr(1 + sizeof err), err});
+}
 
 // FUSE requests of one share sent to the host and not answered yet, by
 // their unique id. They outlive links: when a link ends (standby, snapshot,
@@ -125,7 +176,7 @@ enum class MainState { kNotStarted, kRunning, kDone };
 constexpr std::chrono::milliseconds kReleaseFlushBound{10'000};
 
 // What a poll slot belongs to.
-enum class Slot { kOut0, kOut1, kIn, kConnect, kStart };
+enum class Slot { kOut0, kOut1, kIn, kConnect, kStart, kAnswer };
 
 }  // namespace
 
@@ -306,6 +357,8 @@ struct Agent::Impl {
     }
     if (s.is_main) main_state = MainState::kDone;
     s.writer.reset();  // removes the temp file of an unfinished upload
+    // An upload on a thread: told before its pipe closes with the session.
+    if (s.upload_abandoned) s.upload_abandoned->store(true);
   }
 
   void FailStream(uint32_t stream, const Error& error) {
@@ -526,7 +579,7 @@ struct Agent::Impl {
 
   // Sends the Result if the session is complete; true when it is gone.
   bool MaybeFinish(Session& s) {
-    if (s.stream == 0 || s.start_status) return false;
+    if (s.stream == 0 || s.start_status || (s.answer_gates && s.answer_fd)) return false;
     switch (s.kind) {
       case Kind::kExec: {
         if (!s.reaped || !s.out[0].finished || !s.out[1].finished) return false;
@@ -557,6 +610,8 @@ struct Agent::Impl {
         return false;  // finished from the Eof handler
       case Kind::kFuse:
         return false;  // serves until the host closes it or the link ends
+      case Kind::kFileOp:
+        return false;  // answered when its thread's answer is complete
     }
     return false;
   }
@@ -568,7 +623,9 @@ struct Agent::Impl {
     // Looked up again after each step: a failing step erases its session.
     for (uint32_t id : ids) {
       Session* s = Find(id);
-      if (!s || (s->kind == Kind::kPort && s->connecting) || s->start_status) continue;
+      if (!s || (s->kind == Kind::kPort && s->connecting) || s->start_status ||
+          (s->answer_gates && s->answer_fd))
+        continue;
       // Each pump may end the session, so look it up again before the next.
       PumpOut(*s, 0);
       s = Find(id);
@@ -716,9 +773,196 @@ struct Agent::Impl {
     return s;
   }
 
-  SpawnWait SpawnWaitMode() const {
-    return serves_fuse_shares ? SpawnWait::kNoWait : options.spawn_wait;
+  // ---- file operations off the loop ----------------------------------------
+  // On a detached thread each: a share the host never answers holds that
+  // thread only. The loop polls the thread's answer pipe (Session::answer_fd).
+
+  struct ThreadPipe {
+    UniqueFd loop_end;    // non-blocking
+    int thread_end = -1;  // blocking; the thread closes it
+  };
+  // read_end_for_loop: the loop reads (an answer) or writes (an upload).
+  Result<ThreadPipe> MakeThreadPipe(bool loop_reads) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) return FailErrno("file operation: pipe2");
+    ThreadPipe p;
+    p.loop_end.Reset(loop_reads ? fds[0] : fds[1]);
+    p.thread_end = loop_reads ? fds[1] : fds[0];
+    if (auto st = SetNonBlocking(p.loop_end.Get(), true); !st) {
+      ::close(p.thread_end);
+      return std::unexpected(std::move(st.error()));
+    }
+    return p;
   }
+
+  // Starts `work`, which owns `thread_fds` (closed here if no thread could
+  // be made: std::thread reports that by exception).
+  Status StartThread(std::function<void()> work, std::initializer_list<int> thread_fds) {
+    try {
+      std::thread(std::move(work)).detach();
+      return {};
+    } catch (const std::system_error& e) {
+      for (int fd : thread_fds) ::close(fd);
+      return std::unexpected(Error{std::string("file operation: no thread: ") + e.what(),
+                                   e.code().value() != 0 ? e.code().value() : EAGAIN});
+    }
+  }
+
+  void RunFileOp(uint32_t stream, std::function<Result<std::string>()> op) {
+    auto answer = MakeThreadPipe(/*loop_reads=*/true);
+    if (!answer) return QueueError(stream, answer.error());
+    const int fd = answer->thread_end;
+    if (auto st = StartThread(
+            [op = std::move(op), fd] {
+              WriteAnswer(fd, op());
+              ::close(fd);
+            },
+            {fd});
+        !st)
+      return QueueError(stream, st.error());
+    auto s = std::make_unique<Session>();
+    s->stream = stream;
+    s->kind = Kind::kFileOp;
+    s->out[0].finished = s->out[1].finished = true;
+    s->answer_fd = std::move(answer->loop_end);
+    s->answer_gates = true;
+    sessions[stream] = std::move(s);
+  }
+
+  // The thread opens the file, answers the Opened payload, then copies the
+  // file into a pipe the session reads as it would the file.
+  void StartReadFileOffLoop(uint32_t stream, const std::string& path) {
+    auto answer = MakeThreadPipe(/*loop_reads=*/true);
+    if (!answer) return QueueError(stream, answer.error());
+    auto data = MakeThreadPipe(/*loop_reads=*/true);
+    if (!data) {
+      ::close(answer->thread_end);
+      return QueueError(stream, data.error());
+    }
+    const int answer_fd = answer->thread_end, data_fd = data->thread_end;
+    if (auto st = StartThread(
+            [path, answer_fd, data_fd] {
+              UniqueFd sink(data_fd);
+              auto opened = OpenForRead(path);
+              if (!opened) {
+                WriteAnswer(answer_fd, std::unexpected(opened.error()));
+                ::close(answer_fd);
+                return;
+              }
+              WriteAnswer(answer_fd, protocol::EncodeReadFileOpened({opened->size, opened->mode}));
+              ::close(answer_fd);
+              // Blocking both ways; it ends at the file's end, a read
+              // error (the host sees fewer bytes than the size) or EPIPE
+              // (the stream was abandoned).
+              if (!SetNonBlocking(opened->fd.Get(), false)) return;
+              std::vector<char> buf(kDataChunk);
+              for (;;) {
+                ssize_t n = ::read(opened->fd.Get(), buf.data(), buf.size());
+                if (n < 0 && errno == EINTR) continue;
+                if (n <= 0) return;
+                if (!WriteAll(sink.Get(), std::string_view(buf.data(), static_cast<size_t>(n))))
+                  return;
+              }
+            },
+            {answer_fd, data_fd});
+        !st)
+      return QueueError(stream, st.error());
+    auto s = std::make_unique<Session>();
+    s->stream = stream;
+    s->kind = Kind::kReadFile;
+    s->out[0].fd = std::move(data->loop_end);
+    s->out[1].finished = true;
+    s->answer_fd = std::move(answer->loop_end);
+    s->answer_gates = true;
+    sessions[stream] = std::move(s);
+  }
+
+  // The session writes the host's Data into a pipe (as an exec's stdin);
+  // the thread writes it to the file and, at its end, commits and answers
+  // the Result, unless the stream was abandoned first.
+  void StartWriteFileOffLoop(uint32_t stream, const protocol::WriteFileRequest& request) {
+    auto answer = MakeThreadPipe(/*loop_reads=*/true);
+    if (!answer) return QueueError(stream, answer.error());
+    auto data = MakeThreadPipe(/*loop_reads=*/false);
+    if (!data) {
+      ::close(answer->thread_end);
+      return QueueError(stream, data.error());
+    }
+    auto abandoned_flag = std::make_shared<std::atomic<bool>>(false);
+    const int answer_fd = answer->thread_end, data_fd = data->thread_end;
+    if (auto st = StartThread(
+            [request, answer_fd, data_fd, abandoned_flag] {
+              UniqueFd in(data_fd);
+              auto result = [&]() -> Result<std::string> {
+                auto writer =
+                    AtomicFileWriter::Create(request.path, request.mode, request.uid, request.gid,
+                                             request.mkdirs ? AtomicFileWriter::CreateParents::kYes
+                                                            : AtomicFileWriter::CreateParents::kNo,
+                                             request.mtime);
+                if (!writer) return std::unexpected(writer.error());
+                std::vector<std::byte> buf(kDataChunk);
+                for (;;) {
+                  ssize_t n = ::read(in.Get(), buf.data(), buf.size());
+                  if (n < 0 && errno == EINTR) continue;
+                  if (n < 0) return FailErrno("write_file: read the upload");
+                  if (n == 0) break;
+                  CELLA_TRY(writer->Write(std::span(buf.data(), static_cast<size_t>(n))));
+                }
+                // The loop sets this before it closes the pipe.
+                if (abandoned_flag->load())
+                  return Fail("write_file: the upload was abandoned");  // the temp file goes
+                return protocol::EncodeSize(CELLA_TRY(writer->Commit()));
+              }();
+              in.Reset();
+              WriteAnswer(answer_fd, result);
+              ::close(answer_fd);
+            },
+            {answer_fd, data_fd});
+        !st)
+      return QueueError(stream, st.error());
+    auto s = std::make_unique<Session>();
+    s->stream = stream;
+    s->kind = Kind::kWriteFile;
+    s->in.fd = std::move(data->loop_end);
+    s->out[0].finished = s->out[1].finished = true;
+    s->answer_fd = std::move(answer->loop_end);
+    s->upload_abandoned = std::move(abandoned_flag);
+    sessions[stream] = std::move(s);
+  }
+
+  // Reads what a file operation's thread answered; once the thread closes
+  // its pipe the answer is whole and goes to the host.
+  void ReadAnswer(Session& s) {
+    char buf[16384];
+    for (;;) {
+      ssize_t n = ::read(s.answer_fd.Get(), buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) return;
+      if (n < 0) return FailStream(s.stream, Error::FromErrno("file operation: read its answer"));
+      if (n == 0) break;
+      s.answer.append(buf, static_cast<size_t>(n));
+      if (s.answer.size() > kMaxFileOpAnswer)
+        return FailStream(s.stream, Error{"file operation: its answer is too long", E2BIG});
+    }
+    s.answer_fd.Reset();
+    auto decoded = DecodeAnswer(s.answer);
+    s.answer.clear();
+    const uint32_t stream = s.stream;
+    if (!decoded) return FailStream(stream, decoded.error());
+    if (s.kind == Kind::kReadFile) {
+      s.answer_gates = false;  // the file is open: its bytes follow
+      return QueueText(stream, FrameType::kOpened, *decoded);
+    }
+    QueueText(stream, FrameType::kResult, *decoded);
+    sessions.erase(stream);
+  }
+
+  // Once a host share is served through this loop, a command's chdir or
+  // exec and a file operation may wait for this loop to relay a lookup:
+  // the loop then waits for none of them.
+  bool OffLoop() const { return serves_fuse_shares || options.as_if_serving_shares; }
+
+  SpawnWait SpawnWaitMode() const { return OffLoop() ? SpawnWait::kNoWait : SpawnWait::kUntilExec; }
 
   // A session for a child Spawn returned before its exec: answered by
   // FinishStart once its status pipe says how the start went.
@@ -902,6 +1146,7 @@ struct Agent::Impl {
       return QueueText(id, FrameType::kResult, "{\"resume_count\":" + std::to_string(*count) + "}");
     }
     if (auto* w = std::get_if<protocol::WriteFileRequest>(&*request)) {
+      if (OffLoop()) return StartWriteFileOffLoop(id, *w);
       auto writer = AtomicFileWriter::Create(
           w->path, w->mode, w->uid, w->gid,
           w->mkdirs ? AtomicFileWriter::CreateParents::kYes : AtomicFileWriter::CreateParents::kNo,
@@ -916,6 +1161,7 @@ struct Agent::Impl {
       return;
     }
     if (auto* r = std::get_if<protocol::ReadFileRequest>(&*request)) {
+      if (OffLoop()) return StartReadFileOffLoop(id, r->path);
       auto opened = OpenForRead(r->path);
       if (!opened) return QueueError(id, opened.error());
       auto s = std::make_unique<Session>();
@@ -927,41 +1173,11 @@ struct Agent::Impl {
       return QueueText(id, FrameType::kOpened,
                        protocol::EncodeReadFileOpened({opened->size, opened->mode}));
     }
-    if (auto* l = std::get_if<protocol::ListRequest>(&*request)) {
-      auto entries = ListDirectory(l->path);
-      if (!entries) return QueueError(id, entries.error());
-      std::string body = protocol::EncodeList(*entries);
-      // The host refuses frames above kMaxPayload and would drop the whole
-      // link; failing this one stream says what went wrong instead.
-      if (body.size() > protocol::kMaxPayload)
-        return QueueError(id, E2BIG,
-                          "list " + l->path + ": " + std::to_string(entries->size()) +
-                              " entries do not fit in one reply of " +
-                              std::to_string(protocol::kMaxPayload) + " bytes");
-      return QueueText(id, FrameType::kResult, body);
-    }
-    if (auto* st = std::get_if<protocol::StatRequest>(&*request)) {
-      auto info = StatPath(st->path);
-      if (!info) return QueueError(id, info.error());
-      return QueueText(id, FrameType::kResult, protocol::EncodeFileInfo(*info));
-    }
-    if (auto* m = std::get_if<protocol::MkdirRequest>(&*request)) {
-      if (auto ok = MakeDirs(m->path, m->mode, m->uid, m->gid); !ok)
-        return QueueError(id, ok.error());
-      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
-    }
-    if (auto* ln = std::get_if<protocol::SymlinkRequest>(&*request)) {
-      if (auto ok = MakeSymlink(*ln); !ok) return QueueError(id, ok.error());
-      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
-    }
-    if (auto* sa = std::get_if<protocol::SetAttrRequest>(&*request)) {
-      if (auto ok = SetAttributes(*sa); !ok) return QueueError(id, ok.error());
-      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
-    }
-    if (auto* rm = std::get_if<protocol::RemoveRequest>(&*request)) {
-      auto ok = RemovePath(rm->path, rm->recursive ? Recursive::kYes : Recursive::kNo);
-      if (!ok) return QueueError(id, ok.error());
-      return QueueText(id, FrameType::kResult, protocol::EncodeEmpty());
+    if (auto op = SimpleFileOp(*request)) {
+      if (OffLoop()) return RunFileOp(id, std::move(op));
+      auto answer = op();
+      if (!answer) return QueueError(id, answer.error());
+      return QueueText(id, FrameType::kResult, *answer);
     }
     if (auto* p = std::get_if<protocol::PortForwardRequest>(&*request))
       return StartPort(id, p->port);
@@ -974,6 +1190,49 @@ struct Agent::Impl {
     QueueError(id, EINVAL, "unsupported op");
   }
 
+  // list, stat, mkdir, symlink, setattr, remove: each one call answered by
+  // one Result (its payload here); empty for any other request.
+  static std::function<Result<std::string>()> SimpleFileOp(const protocol::Request& request) {
+    if (auto* l = std::get_if<protocol::ListRequest>(&request))
+      return [path = l->path]() -> Result<std::string> {
+        auto entries = CELLA_TRY(ListDirectory(path));
+        std::string body = protocol::EncodeList(entries);
+        // The host refuses frames above kMaxPayload and would drop the
+        // whole link; failing this one stream says what went wrong instead.
+        if (body.size() > protocol::kMaxPayload)
+          return std::unexpected(Error{"list " + path + ": " + std::to_string(entries.size()) +
+                                           " entries do not fit in one reply of " +
+                                           std::to_string(protocol::kMaxPayload) + " bytes",
+                                       E2BIG});
+        return body;
+      };
+    if (auto* st = std::get_if<protocol::StatRequest>(&request))
+      return [path = st->path]() -> Result<std::string> {
+        return protocol::EncodeFileInfo(CELLA_TRY(StatPath(path)));
+      };
+    if (auto* m = std::get_if<protocol::MkdirRequest>(&request))
+      return [m = *m]() -> Result<std::string> {
+        CELLA_TRY(MakeDirs(m.path, m.mode, m.uid, m.gid));
+        return protocol::EncodeEmpty();
+      };
+    if (auto* ln = std::get_if<protocol::SymlinkRequest>(&request))
+      return [ln = *ln]() -> Result<std::string> {
+        CELLA_TRY(MakeSymlink(ln));
+        return protocol::EncodeEmpty();
+      };
+    if (auto* sa = std::get_if<protocol::SetAttrRequest>(&request))
+      return [sa = *sa]() -> Result<std::string> {
+        CELLA_TRY(SetAttributes(sa));
+        return protocol::EncodeEmpty();
+      };
+    if (auto* rm = std::get_if<protocol::RemoveRequest>(&request))
+      return [path = rm->path, recursive = rm->recursive]() -> Result<std::string> {
+        CELLA_TRY(RemovePath(path, recursive ? Recursive::kYes : Recursive::kNo));
+        return protocol::EncodeEmpty();
+      };
+    return {};
+  }
+
   void HandleData(Session& s, const protocol::Frame& frame) {
     if (frame.channel != Channel::kStdin)
       return FailStream(s.stream, Error{"Data from the host must be on stdin", EPROTO});
@@ -982,7 +1241,7 @@ struct Agent::Impl {
       return Violation("stream " + std::to_string(s.stream) + " sent more than its window");
     if (s.in.eof) return FailStream(s.stream, Error{"Data after Eof", EPROTO});
     s.in.host_credit -= size;
-    if (s.kind == Kind::kWriteFile) {
+    if (s.kind == Kind::kWriteFile && !s.upload_abandoned) {
       if (!s.writer) return FailStream(s.stream, MissingWriter());
       if (auto ok = s.writer->Write(frame.payload); !ok) return FailStream(s.stream, ok.error());
       SendWindow(s, static_cast<uint32_t>(size));
@@ -995,7 +1254,8 @@ struct Agent::Impl {
     if (frame.channel != Channel::kStdin)
       return FailStream(s.stream, Error{"Eof from the host must be on stdin", EPROTO});
     s.in.eof = true;
-    if (s.kind == Kind::kWriteFile) {
+    // An upload on a thread ends when its pipe is drained and closed (PumpIn).
+    if (s.kind == Kind::kWriteFile && !s.upload_abandoned) {
       if (!s.writer) return FailStream(s.stream, MissingWriter());
       auto size = s.writer->Commit();
       uint32_t id = s.stream;
@@ -1214,6 +1474,11 @@ struct Agent::Impl {
           owners.emplace_back(s.get(), Slot::kStart);
           continue;
         }
+        if (s->answer_fd) {
+          fds.push_back({s->answer_fd.Get(), POLLIN, 0});
+          owners.emplace_back(s.get(), Slot::kAnswer);
+          if (s->answer_gates) continue;
+        }
         int64_t need = s->kind == Kind::kFuse ? static_cast<int64_t>(kFuseRelayRead) : 1;
         for (int i = 0; i < 2; ++i) {
           if (s->out[i].fd && s->out[i].credit >= need && room) {
@@ -1241,6 +1506,7 @@ struct Agent::Impl {
       if (poll_mounts && fds[2].revents != 0) AnswerMountsWaiting();
       std::vector<Session*> connected;
       std::vector<Session*> started;
+      std::vector<Session*> answered;
       for (size_t i = first_session; i < fds.size(); ++i) {
         if (fds[i].revents == 0) continue;
         auto [s, slot] = owners[i - first_session];
@@ -1260,11 +1526,15 @@ struct Agent::Impl {
           case Slot::kStart:
             started.push_back(s);
             break;
+          case Slot::kAnswer:
+            answered.push_back(s);
+            break;
         }
       }
       // Session pointers stay valid until ServiceAll/ReadLink erase entries.
       for (Session* s : connected) FinishConnect(*s);
       for (Session* s : started) FinishStart(*s);
+      for (Session* s : answered) ReadAnswer(*s);
       if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) ReadLink(fds[0].revents);
       CheckTimers(Clock::now());
       ServiceAll();

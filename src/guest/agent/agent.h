@@ -34,9 +34,11 @@ enum class ReapMode {
 
 struct AgentOptions {
   Hardening hardening = Hardening::kOff;
-  // How commands start until a host share is served through this agent;
-  // from then on always kNoWait (spawn.h says why).
-  SpawnWait spawn_wait = SpawnWait::kUntilExec;
+  // Once a host share is served through this agent, commands start without
+  // the loop waiting for their exec (spawn.h) and file operations run on
+  // threads of their own: either may wait on a share for this loop to relay
+  // its lookups. True: the same from the start (tests, without shares).
+  bool as_if_serving_shares = false;
   ReapMode reap = ReapMode::kOwnChildren;
   // The "main process" that op attach_main starts (exactly once) and streams
   // like an exec. After its Result is sent, on_main_exit gets the raw

@@ -33,12 +33,12 @@ using cella::agent::Agent;
 
 constexpr const char* kUsage =
     "usage: cella-agent (--fd N | --listen PATH | --device PATH | --virtio-port NAME)\n"
-    "                   [--harden] [--on-shutdown exit|poweroff] [--spawn-without-waiting]\n"
+    "                   [--harden] [--on-shutdown exit|poweroff] [--as-if-serving-shares]\n"
     "                   [--debug]\n"
     "  --on-shutdown exit      the shutdown op syncs and stops serving (default)\n"
     "  --on-shutdown poweroff  the shutdown op also asks PID 1 (systemd) to power off\n"
-    "  --spawn-without-waiting start commands as the agent does once it serves host\n"
-    "                          shares: forked, the loop not waiting for their exec\n";
+    "  --as-if-serving-shares  start commands and run file operations as the agent\n"
+    "                          does once it serves a host share (off its loop)\n";
 
 // Returns the exit code for a bad command line. If stderr itself is broken
 // there is no one left to tell.
@@ -58,7 +58,7 @@ struct Args {
   std::string value;
   ShutdownAction on_shutdown = ShutdownAction::kStopServing;
   bool harden = false;
-  bool spawn_without_waiting = false;
+  bool as_if_serving_shares = false;
   bool debug = false;
 };
 
@@ -95,8 +95,8 @@ Result<Args> ParseArgs(int argc, char** argv) {
       }
     } else if (a == "--harden") {
       args.harden = true;
-    } else if (a == "--spawn-without-waiting") {
-      args.spawn_without_waiting = true;
+    } else if (a == "--as-if-serving-shares") {
+      args.as_if_serving_shares = true;
     } else if (a == "--debug") {
       args.debug = true;
     } else {
@@ -181,7 +181,7 @@ void PowerOffThroughInit() {
 int Run(const Args& args) {
   cella::agent::AgentOptions options;
   options.hardening = args.harden ? cella::agent::Hardening::kOn : cella::agent::Hardening::kOff;
-  if (args.spawn_without_waiting) options.spawn_wait = cella::agent::SpawnWait::kNoWait;
+  options.as_if_serving_shares = args.as_if_serving_shares;
   // The grace is not used here: in systemd mode systemd's own stop timeouts
   // apply, and without --on-shutdown poweroff nothing is stopped.
   options.on_shutdown = [action = args.on_shutdown](const cella::protocol::ShutdownRequest&) {

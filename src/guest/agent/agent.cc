@@ -109,6 +109,7 @@ struct Session {
   UniqueFd answer_fd;
   std::string answer;
   bool answer_gates = false;
+  bool opened_answered = false;  // read_file: its Opened is out, its outcome follows
   // An upload's thread commits at the end of its data unless this is set
   // first (the stream was abandoned): then it removes its temporary file.
   std::shared_ptr<std::atomic<bool>> upload_abandoned;
@@ -117,6 +118,11 @@ struct Session {
 // The most a file operation's answer may hold: a Result's largest payload
 // and the tag and errno in front of it.
 constexpr size_t kMaxFileOpAnswer = protocol::kMaxPayload + 8;
+
+// File operations on threads at once (each holds a thread while a share
+// does not answer); past this one more is refused with EAGAIN.
+constexpr int kMaxFileOpThreads = 64;
+std::atomic<int> g_file_op_threads{0};
 
 // A file operation thread's answer, written whole (blocking) to its pipe.
 void WriteAnswer(int fd, const Result<std::string>& result) {
@@ -135,9 +141,25 @@ void WriteAnswer(int fd, const Result<std::string>& result) {
     text.append(reinterpret_cast<const char*>(&err), sizeof err);
     text += "the answer does not fit in one reply";
   }
+  // Framed by its length: a read_file thread sends two (the Opened before
+  // the bytes, the outcome after them).
+  auto length = static_cast<uint32_t>(text.size());
+  text.insert(0, reinterpret_cast<const char*>(&length), sizeof length);
   if (auto st = WriteAll(fd, text); !st)
     log::Debug("agent: a file operation's answer was not delivered",
                {{"error", st.error().message}});
+}
+
+// The next whole answer at the front of `buffer` (taken out of it), if one
+// has arrived.
+std::optional<std::string> TakeAnswer(std::string& buffer) {
+  uint32_t length = 0;
+  if (buffer.size() < sizeof length) return std::nullopt;
+  std::memcpy(&length, buffer.data(), sizeof length);
+  if (buffer.size() < sizeof length + length) return std::nullopt;
+  std::string answer = buffer.substr(sizeof length, length);
+  buffer.erase(0, sizeof length + length);
+  return answer;
 }
 
 Result<std::string> DecodeAnswer(const std::string& answer) {
@@ -350,6 +372,11 @@ struct Agent::Impl {
 
   // Kills and forgets a session; nothing more is sent on its stream.
   void Abandon(Session& s) {
+    if (s.kind == Kind::kExec && s.start_request && s.start_request->detach) {
+      // exec -d still starting: out of a link's reach, as once it runs.
+      if (!s.reaped) abandoned.push_back(s.pid);
+      return;
+    }
     if (s.kind == Kind::kExec && !s.reaped) {
       KillGroup(s.pid, SIGKILL);
       abandoned.push_back(s.pid);
@@ -357,8 +384,10 @@ struct Agent::Impl {
     }
     if (s.is_main) main_state = MainState::kDone;
     s.writer.reset();  // removes the temp file of an unfinished upload
-    // An upload on a thread: told before its pipe closes with the session.
-    if (s.upload_abandoned) s.upload_abandoned->store(true);
+    // An upload on a thread: told before its pipe closes with the session,
+    // unless all of it (Eof included) has gone down the pipe already: then
+    // it commits, as one on the loop did at its Eof.
+    if (s.upload_abandoned && !(s.in.eof && !s.in.fd)) s.upload_abandoned->store(true);
   }
 
   void FailStream(uint32_t stream, const Error& error) {
@@ -549,6 +578,8 @@ struct Agent::Impl {
         // EPIPE: the reader is gone; later bytes are dropped, credit still
         // flows so the host never stalls on a child that stopped reading.
         in.broken = true;
+        // An upload that lost bytes must not commit the rest.
+        if (s.upload_abandoned) s.upload_abandoned->store(true);
         in.fd.Reset();
         continue;
       }
@@ -598,7 +629,7 @@ struct Agent::Impl {
         return true;
       }
       case Kind::kReadFile:
-        if (!s.out[0].finished) return false;
+        if (!s.out[0].finished || s.answer_fd) return false;  // off the loop: its outcome too
         QueueText(s.stream, FrameType::kResult, protocol::EncodeSize(s.bytes_sent));
         return true;
       case Kind::kPort:
@@ -798,14 +829,40 @@ struct Agent::Impl {
   // Starts `work`, which owns `thread_fds` (closed here if no thread could
   // be made: std::thread reports that by exception).
   Status StartThread(std::function<void()> work, std::initializer_list<int> thread_fds) {
-    try {
-      std::thread(std::move(work)).detach();
-      return {};
-    } catch (const std::system_error& e) {
+    auto close_all = [&] {
       for (int fd : thread_fds) ::close(fd);
-      return std::unexpected(Error{std::string("file operation: no thread: ") + e.what(),
-                                   e.code().value() != 0 ? e.code().value() : EAGAIN});
+    };
+    if (g_file_op_threads.fetch_add(1) >= kMaxFileOpThreads) {
+      g_file_op_threads.fetch_sub(1);
+      close_all();
+      return std::unexpected(Error{"file operation: " + std::to_string(kMaxFileOpThreads) +
+                                       " are running already (a host share not answering?)",
+                                   EAGAIN});
     }
+    // The thread takes every signal blocked: they are the loop's (SIGCHLD
+    // by its signalfd) and the children's.
+    sigset_t all, old;
+    sigfillset(&all);
+    if (int err = ::pthread_sigmask(SIG_SETMASK, &all, &old); err != 0) {
+      g_file_op_threads.fetch_sub(1);
+      close_all();
+      return FailErrno("file operation: block signals", err);
+    }
+    Status started;
+    try {
+      std::thread([work = std::move(work)] {
+        work();
+        g_file_op_threads.fetch_sub(1);
+      }).detach();
+    } catch (const std::system_error& e) {
+      g_file_op_threads.fetch_sub(1);
+      close_all();
+      started = std::unexpected(Error{std::string("file operation: no thread: ") + e.what(),
+                                      e.code().value() != 0 ? e.code().value() : EAGAIN});
+    }
+    if (int err = ::pthread_sigmask(SIG_SETMASK, &old, nullptr); err != 0)
+      log::Warn("agent: could not restore the signal mask", {{"error", strerror(err)}});
+    return started;
   }
 
   void RunFileOp(uint32_t stream, std::function<Result<std::string>()> op) {
@@ -850,19 +907,24 @@ struct Agent::Impl {
                 return;
               }
               WriteAnswer(answer_fd, protocol::EncodeReadFileOpened({opened->size, opened->mode}));
+              // Blocking both ways, to the file's end; then the outcome (a
+              // read error fails the stream, as on the loop). EPIPE: the
+              // stream was abandoned.
+              auto copied = [&]() -> Result<std::string> {
+                CELLA_TRY(SetNonBlocking(opened->fd.Get(), false));
+                std::vector<char> buf(kDataChunk);
+                for (;;) {
+                  ssize_t n = ::read(opened->fd.Get(), buf.data(), buf.size());
+                  if (n < 0 && errno == EINTR) continue;
+                  if (n < 0) return FailErrno("read " + path);
+                  if (n == 0) return std::string();
+                  CELLA_TRY(
+                      WriteAll(sink.Get(), std::string_view(buf.data(), static_cast<size_t>(n))));
+                }
+              }();
+              sink.Reset();
+              WriteAnswer(answer_fd, copied);
               ::close(answer_fd);
-              // Blocking both ways; it ends at the file's end, a read
-              // error (the host sees fewer bytes than the size) or EPIPE
-              // (the stream was abandoned).
-              if (!SetNonBlocking(opened->fd.Get(), false)) return;
-              std::vector<char> buf(kDataChunk);
-              for (;;) {
-                ssize_t n = ::read(opened->fd.Get(), buf.data(), buf.size());
-                if (n < 0 && errno == EINTR) continue;
-                if (n <= 0) return;
-                if (!WriteAll(sink.Get(), std::string_view(buf.data(), static_cast<size_t>(n))))
-                  return;
-              }
             },
             {answer_fd, data_fd});
         !st)
@@ -933,28 +995,40 @@ struct Agent::Impl {
   // Reads what a file operation's thread answered; once the thread closes
   // its pipe the answer is whole and goes to the host.
   void ReadAnswer(Session& s) {
+    const uint32_t stream = s.stream;
     char buf[16384];
+    bool ended = false;
     for (;;) {
       ssize_t n = ::read(s.answer_fd.Get(), buf, sizeof buf);
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && errno == EAGAIN) return;
-      if (n < 0) return FailStream(s.stream, Error::FromErrno("file operation: read its answer"));
-      if (n == 0) break;
+      if (n < 0 && errno == EAGAIN) break;
+      if (n < 0) return FailStream(stream, Error::FromErrno("file operation: read its answer"));
+      if (n == 0) {
+        ended = true;
+        break;
+      }
       s.answer.append(buf, static_cast<size_t>(n));
-      if (s.answer.size() > kMaxFileOpAnswer)
-        return FailStream(s.stream, Error{"file operation: its answer is too long", E2BIG});
+      if (s.answer.size() > kMaxFileOpAnswer + 4)
+        return FailStream(stream, Error{"file operation: its answer is too long", E2BIG});
     }
-    s.answer_fd.Reset();
-    auto decoded = DecodeAnswer(s.answer);
-    s.answer.clear();
-    const uint32_t stream = s.stream;
-    if (!decoded) return FailStream(stream, decoded.error());
-    if (s.kind == Kind::kReadFile) {
-      s.answer_gates = false;  // the file is open: its bytes follow
-      return QueueText(stream, FrameType::kOpened, *decoded);
+    while (auto answer = TakeAnswer(s.answer)) {
+      auto decoded = DecodeAnswer(*answer);
+      if (!decoded) return FailStream(stream, decoded.error());
+      if (s.kind == Kind::kReadFile && !s.opened_answered) {
+        s.opened_answered = true;
+        s.answer_gates = false;  // the file is open: its bytes follow
+        QueueText(stream, FrameType::kOpened, *decoded);
+        continue;
+      }
+      // The last answer: a read_file's outcome (its Result follows the
+      // bytes: MaybeFinish), or the whole answer of the others.
+      s.answer_fd.Reset();
+      if (s.kind == Kind::kReadFile) return;
+      QueueText(stream, FrameType::kResult, *decoded);
+      sessions.erase(stream);
+      return;
     }
-    QueueText(stream, FrameType::kResult, *decoded);
-    sessions.erase(stream);
+    if (ended) FailStream(stream, Error{"file operation: its thread ended without an answer", EIO});
   }
 
   // Once a host share is served through this loop, a command's chdir or
@@ -973,6 +1047,7 @@ struct Agent::Impl {
     s->out[0].finished = !s->out[0].fd;  // a detached child has no pipes
     s->start_status = std::move(status);
     s->start_request = req;
+    if (req.detach) s->deadline.reset();  // exec -d: no time-out, as once it runs
     return s;
   }
 

@@ -148,6 +148,16 @@ void MarkAllCloexecFrom(int first) {
   }
 }
 
+// Every descriptor from 3 up but `keep` (close-on-exec) is closed: a child
+// that waits on a host share before its exec must not hold the agent's
+// port (which the agent reopens for its next host) or the pipes whose end
+// tells the agent an operation finished. close_range(2) came with Linux
+// 5.9; before it they are only marked close-on-exec.
+void CloseAllFrom3Except(int keep) {
+  if (keep > 3 && ::syscall(SYS_close_range, 3, keep - 1, 0) != 0) return MarkAllCloexecFrom(3);
+  if (::syscall(SYS_close_range, keep + 1, ~0U, 0) != 0) MarkAllCloexecFrom(3);
+}
+
 // Everything the child needs, made ready by the parent. The child runs in
 // the parent's memory until it execs (CLONE_VM | CLONE_VFORK: no copy of
 // the agent's page tables, which under TCG is first-time translated kernel
@@ -205,7 +215,7 @@ int ChildMain(void* arg) {
     if (::dup2(plan.in_fd, 0) < 0 || ::dup2(plan.out_fd, 1) < 0 || ::dup2(plan.err_fd, 2) < 0)
       ChildFail(sfd, Stage::kStdio, errno);
   }
-  MarkAllCloexecFrom(3);
+  CloseAllFrom3Except(sfd);
   if (plan.harden) {
     if (int err = DropBoundingCapabilities(); err != 0) ChildFail(sfd, Stage::kCaps, err);
   }

@@ -109,14 +109,20 @@ Status UploadJournal::Entry::Record(const std::string& temp_path) {
   if (temp_path.find('\n') != std::string::npos || !temp_path.starts_with('/'))
     return Fail("upload journal: temp path " + temp_path + " is not one line");
   JournalState& state = State();
-  std::lock_guard lock(state.mutex);
-  if (!state.fd) return {};
+  {
+    std::lock_guard lock(state.mutex);
+    if (!state.fd) return {};
+  }
   // The directory as the init will walk it: no symlink on the way (a
   // merged-/usr image's /bin, a /var/run link) or it could not be cleaned.
+  // Resolved without the lock: on a host share this may wait for the
+  // agent's loop, and nothing else may wait with it.
   std::string parent(ParentOf(temp_path));
   char resolved[PATH_MAX];
   if (::realpath(parent.c_str(), resolved) == nullptr) return FailErrno("realpath " + parent);
   std::string dir = resolved;
+  std::lock_guard lock(state.mutex);
+  if (!state.fd) return {};
   std::string line = (dir == "/" ? "" : dir) + temp_path.substr(temp_path.rfind('/')) + "\n";
   if (line.find('\n') != line.size() - 1) return Fail("upload journal: " + dir + " has a newline");
   CELLA_TRY_CTX(WriteAll(state.fd.Get(), line), "upload journal");

@@ -41,7 +41,7 @@ using protocol::kDataChunk;
 using protocol::kInitialWindow;
 
 // kFileOp: one file operation (stat, list, mkdir, ...) on a thread of its
-// own, answered when the thread's answer pipe closes (FileOpsOffLoop).
+// own (Impl::OffLoop), answered by the thread through its answer pipe.
 enum class Kind { kExec, kReadFile, kWriteFile, kPort, kFuse, kFileOp };
 
 // A FUSE relay reads one whole request per read() and /dev/fuse refuses a
@@ -101,9 +101,9 @@ struct Session {
   bool connecting = false;
   // serve_share
   uint32_t share = 0;
-  // A file operation on a thread of its own (FileOpsOffLoop): its answer
-  // ('R' + the Result's payload, or 'E' + errno + message) arrives on
-  // answer_fd and is complete when the thread closes it. While
+  // A file operation on a thread of its own (Impl::OffLoop): its answers
+  // (WriteAnswer: each framed by its length; 'R' + the Result's payload, or
+  // 'E' + errno + message) arrive on answer_fd. While
   // answer_gates, nothing else of the session is serviced (kFileOp, and a
   // read_file until its file is open); an upload's answer comes at its end.
   UniqueFd answer_fd;
@@ -812,7 +812,8 @@ struct Agent::Impl {
     UniqueFd loop_end;    // non-blocking
     int thread_end = -1;  // blocking; the thread closes it
   };
-  // read_end_for_loop: the loop reads (an answer) or writes (an upload).
+  // loop_reads: the loop reads (an answer, a file's bytes) or writes (an
+  // upload's bytes).
   Result<ThreadPipe> MakeThreadPipe(bool loop_reads) {
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0) return FailErrno("file operation: pipe2");

@@ -993,8 +993,9 @@ struct Agent::Impl {
     sessions[stream] = std::move(s);
   }
 
-  // Reads what a file operation's thread answered; once the thread closes
-  // its pipe the answer is whole and goes to the host.
+  // Reads what a file operation's thread answered and passes on each whole
+  // answer: a read_file's Opened, then its outcome; the others' Result or
+  // Error. A thread that ends without its last answer fails the stream.
   void ReadAnswer(Session& s) {
     const uint32_t stream = s.stream;
     char buf[16384];

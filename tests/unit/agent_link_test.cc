@@ -408,6 +408,50 @@ TEST_F(AgentLink, MainPortAndShareRequestsThatAreNeverAnsweredTimeOut) {
   }
 }
 
+// The real agent serving on a listening socket, one host after another as
+// the guest's loop does (--listen); killed and reaped at the end.
+class ListeningAgent {
+ public:
+  ListeningAgent(const std::string& path, std::vector<std::string> extra_args = {}) : path_(path) {
+    std::vector<std::string> args = {CELLA_AGENT_PATH, "--listen", path};
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      _exit(127);
+    }
+  }
+  ~ListeningAgent() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  ListeningAgent(const ListeningAgent&) = delete;
+  ListeningAgent& operator=(const ListeningAgent&) = delete;
+  bool started() const { return pid_ > 0; }
+
+  // A new host's connection (raw, no handshake), once the agent listens
+  // (up to 5 s); invalid if it never did.
+  UniqueFd Connect() const {
+    for (int i = 0; i < 500; ++i) {
+      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::memcpy(addr.sun_path, path_.c_str(), path_.size() + 1);
+      if (::connect(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) return fd;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return UniqueFd();
+  }
+
+ private:
+  std::string path_;
+  pid_t pid_ = -1;
+};
+
 // An upload whose link ends before its Eof leaves nothing behind, neither
 // the file nor its temporary one, whether it was written on the agent's
 // loop or on a thread of its own (as once the agent serves host shares).
@@ -418,34 +462,10 @@ TEST_F(AgentLink, AnUploadCutOffByTheLinksEndLeavesNoFile) {
     TempDir dir("agentupload");
     TempDir target_dir("agentupload-target");
     const std::string path = dir / "agent.sock";
-    pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      if (off_loop)
-        ::execl(CELLA_AGENT_PATH, CELLA_AGENT_PATH, "--listen", path.c_str(),
-                "--as-if-serving-shares", nullptr);
-      ::execl(CELLA_AGENT_PATH, CELLA_AGENT_PATH, "--listen", path.c_str(), nullptr);
-      _exit(127);
-    }
-    struct Reaper {
-      pid_t pid;
-      ~Reaper() {
-        ::kill(pid, SIGKILL);
-        ::waitpid(pid, nullptr, 0);
-      }
-    } reaper{pid};
-    UniqueFd link;
-    for (int i = 0; i < 500 && !link; ++i) {
-      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-      sockaddr_un addr{};
-      addr.sun_family = AF_UNIX;
-      std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-      if (::connect(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-        link = std::move(fd);
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-    }
+    ListeningAgent agent(path, off_loop ? std::vector<std::string>{"--as-if-serving-shares"}
+                                        : std::vector<std::string>{});
+    ASSERT_TRUE(agent.started());
+    UniqueFd link = agent.Connect();
     ASSERT_TRUE(link) << "the agent never listened on " << path;
     const std::string target = target_dir / "uploaded.txt";
     auto send = [&](uint32_t stream, FrameType type, Channel ch, std::string_view body) {
@@ -486,35 +506,17 @@ TEST_F(AgentLink, AnUploadCutOffByTheLinksEndLeavesNoFile) {
 TEST_F(AgentLink, ReleaseEndsTheLinkAndTheNextHostIsServed) {
   TempDir dir("agentrelease");
   const std::string path = dir / "agent.sock";
-  pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::execl(CELLA_AGENT_PATH, CELLA_AGENT_PATH, "--listen", path.c_str(), nullptr);
-    _exit(127);
-  }
-  struct Reaper {
-    pid_t pid;
-    ~Reaper() {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  } reaper{pid};
+  ListeningAgent agent(path);
+  ASSERT_TRUE(agent.started());
   auto connect = [&]() -> std::unique_ptr<host::AgentClient> {
-    for (int i = 0; i < 500; ++i) {
-      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-      sockaddr_un addr{};
-      addr.sun_family = AF_UNIX;
-      std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-      if (::connect(fd.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-        auto client =
-            host::AgentClient::Connect(std::move(fd), WithTimeout(std::chrono::seconds(10)));
-        EXPECT_TRUE(client) << client.error().message;
-        return client ? std::move(*client) : nullptr;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    UniqueFd fd = agent.Connect();
+    if (!fd) {
+      ADD_FAILURE() << "the agent never listened on " << path;
+      return nullptr;
     }
-    ADD_FAILURE() << "the agent never listened on " << path;
-    return nullptr;
+    auto client = host::AgentClient::Connect(std::move(fd), WithTimeout(std::chrono::seconds(10)));
+    EXPECT_TRUE(client) << client.error().message;
+    return client ? std::move(*client) : nullptr;
   };
 
   auto first = connect();

@@ -827,6 +827,35 @@ struct Agent::Impl {
     return p;
   }
 
+  // A file's two pipes: answers from its thread, and its bytes (read by the
+  // loop for read_file, written by it for write_file).
+  struct FilePipes {
+    ThreadPipe answer;
+    ThreadPipe data;
+  };
+  Result<FilePipes> MakeFilePipes(bool loop_reads_data) {
+    ThreadPipe answer = CELLA_TRY(MakeThreadPipe(/*loop_reads=*/true));
+    auto data = MakeThreadPipe(loop_reads_data);
+    if (!data) {
+      ::close(answer.thread_end);
+      return std::unexpected(std::move(data.error()));
+    }
+    return FilePipes{std::move(answer), std::move(*data)};
+  }
+
+  // The session of a file operation whose thread answers on `answer_fd`.
+  Session& AddThreadSession(uint32_t stream, Kind kind, UniqueFd answer_fd, bool answer_gates) {
+    auto s = std::make_unique<Session>();
+    s->stream = stream;
+    s->kind = kind;
+    s->out[0].finished = s->out[1].finished = true;
+    s->answer_fd = std::move(answer_fd);
+    s->answer_gates = answer_gates;
+    Session& session = *s;
+    sessions[stream] = std::move(s);
+    return session;
+  }
+
   // Starts `work`, which owns `thread_fds` (closed here if no thread could
   // be made: std::thread reports that by exception).
   Status StartThread(std::function<void()> work, std::initializer_list<int> thread_fds) {
@@ -878,26 +907,15 @@ struct Agent::Impl {
             {fd});
         !st)
       return QueueError(stream, st.error());
-    auto s = std::make_unique<Session>();
-    s->stream = stream;
-    s->kind = Kind::kFileOp;
-    s->out[0].finished = s->out[1].finished = true;
-    s->answer_fd = std::move(answer->loop_end);
-    s->answer_gates = true;
-    sessions[stream] = std::move(s);
+    AddThreadSession(stream, Kind::kFileOp, std::move(answer->loop_end), /*answer_gates=*/true);
   }
 
   // The thread opens the file, answers the Opened payload, then copies the
   // file into a pipe the session reads as it would the file.
   void StartReadFileOffLoop(uint32_t stream, const std::string& path) {
-    auto answer = MakeThreadPipe(/*loop_reads=*/true);
-    if (!answer) return QueueError(stream, answer.error());
-    auto data = MakeThreadPipe(/*loop_reads=*/true);
-    if (!data) {
-      ::close(answer->thread_end);
-      return QueueError(stream, data.error());
-    }
-    const int answer_fd = answer->thread_end, data_fd = data->thread_end;
+    auto pipes = MakeFilePipes(/*loop_reads_data=*/true);
+    if (!pipes) return QueueError(stream, pipes.error());
+    const int answer_fd = pipes->answer.thread_end, data_fd = pipes->data.thread_end;
     if (auto st = StartThread(
             [path, answer_fd, data_fd] {
               UniqueFd sink(data_fd);
@@ -930,29 +948,20 @@ struct Agent::Impl {
             {answer_fd, data_fd});
         !st)
       return QueueError(stream, st.error());
-    auto s = std::make_unique<Session>();
-    s->stream = stream;
-    s->kind = Kind::kReadFile;
-    s->out[0].fd = std::move(data->loop_end);
-    s->out[1].finished = true;
-    s->answer_fd = std::move(answer->loop_end);
-    s->answer_gates = true;
-    sessions[stream] = std::move(s);
+    Session& s = AddThreadSession(stream, Kind::kReadFile, std::move(pipes->answer.loop_end),
+                                  /*answer_gates=*/true);
+    s.out[0].fd = std::move(pipes->data.loop_end);
+    s.out[0].finished = false;
   }
 
   // The session writes the host's Data into a pipe (as an exec's stdin);
   // the thread writes it to the file and, at its end, commits and answers
   // the Result, unless the stream was abandoned first.
   void StartWriteFileOffLoop(uint32_t stream, const protocol::WriteFileRequest& request) {
-    auto answer = MakeThreadPipe(/*loop_reads=*/true);
-    if (!answer) return QueueError(stream, answer.error());
-    auto data = MakeThreadPipe(/*loop_reads=*/false);
-    if (!data) {
-      ::close(answer->thread_end);
-      return QueueError(stream, data.error());
-    }
+    auto pipes = MakeFilePipes(/*loop_reads_data=*/false);
+    if (!pipes) return QueueError(stream, pipes.error());
     auto abandoned_flag = std::make_shared<std::atomic<bool>>(false);
-    const int answer_fd = answer->thread_end, data_fd = data->thread_end;
+    const int answer_fd = pipes->answer.thread_end, data_fd = pipes->data.thread_end;
     if (auto st = StartThread(
             [request, answer_fd, data_fd, abandoned_flag] {
               UniqueFd in(data_fd);
@@ -983,14 +992,10 @@ struct Agent::Impl {
             {answer_fd, data_fd});
         !st)
       return QueueError(stream, st.error());
-    auto s = std::make_unique<Session>();
-    s->stream = stream;
-    s->kind = Kind::kWriteFile;
-    s->in.fd = std::move(data->loop_end);
-    s->out[0].finished = s->out[1].finished = true;
-    s->answer_fd = std::move(answer->loop_end);
-    s->upload_abandoned = std::move(abandoned_flag);
-    sessions[stream] = std::move(s);
+    Session& s = AddThreadSession(stream, Kind::kWriteFile, std::move(pipes->answer.loop_end),
+                                  /*answer_gates=*/false);
+    s.in.fd = std::move(pipes->data.loop_end);
+    s.upload_abandoned = std::move(abandoned_flag);
   }
 
   // Reads what a file operation's thread answered and passes on each whole

@@ -8,8 +8,10 @@
 
 #include "base/io.h"
 #include "cli/commands.h"
+#include "cli/run_options.h"
 #include "cli/sandbox_context.h"
 #include "host/os/paths.h"
+#include "host/sandbox/compose.h"
 #include "host/template/template_store.h"
 
 namespace cella::cli {
@@ -101,6 +103,20 @@ int TemplateRmCommand(const std::vector<std::string>& keys, bool all) {
 int TemplateCreateCommand(RunArgs args) {
   auto home = host::CellaHome();
   if (!home) return ReportFailure(home.error());
+  // Only this shape's new templates are reported: other sandboxes may build
+  // theirs meanwhile (told apart by memory and CPUs; a template does not
+  // name its image in a form the command line has).
+  sandbox::MachineShape shape;
+  if (!args.memory.empty()) {
+    auto memory = ParseMemoryMiB(args.memory);
+    if (!memory) return ReportFailure(memory.error());
+    shape.memory_mib = *memory;
+  }
+  if (!args.cpus.empty()) {
+    auto cpus = ParseCpus(args.cpus);
+    if (!cpus) return ReportFailure(cpus.error());
+    shape.cpus = *cpus;
+  }
   auto before = warm::List(*home);
   if (!before) return ReportFailure(before.error());
   std::set<std::string> had;
@@ -124,7 +140,8 @@ int TemplateCreateCommand(RunArgs args) {
   if (!after) return ReportFailure(after.error());
   std::string made;
   for (const auto& t : *after)
-    if (!had.contains(t.key)) made += t.key + "\n";
+    if (!had.contains(t.key) && t.memory_mb == shape.memory_mib && t.cpus == shape.cpus)
+      made += t.key + "\n";
   if (made.empty()) {
     // Already there (or the shape boots cold): say which keys exist.
     return ReportFailure(

@@ -154,6 +154,20 @@ std::vector<std::byte> GuestHello() {
   return hello;
 }
 
+// The agent link as a socket pair, the guest's Hello already sent on its
+// guest end: {guest end, the end Router::Start takes}; both invalid when
+// that could not be done.
+std::pair<UniqueFd, UniqueFd> LinkWithGuestHello() {
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) return {};
+  UniqueFd guest(pair[0]), router_end(pair[1]);
+  const std::vector<std::byte> hello = GuestHello();
+  if (::send(guest.Get(), hello.data(), hello.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(hello.size()))
+    return {};
+  return {std::move(guest), std::move(router_end)};
+}
+
 class AgentRouter : public AgentTest {};
 
 TEST_F(AgentRouter, TwoClientsRunExecsAtTheSameTime) {
@@ -619,15 +633,11 @@ namespace {
 // A hostile guest sends 1 MiB Pings and never reads the Pongs. The router
 // used to queue every Pong (1.3 GB seen); now it stops reading the guest.
 TEST_F(AgentRouter, GuestPingFloodKeepsTheRouterBounded) {
-  int pair[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
-  UniqueFd guest(pair[0]);
-  const std::vector<std::byte> hello = GuestHello();
-  ASSERT_EQ(::send(guest.Get(), hello.data(), hello.size(), MSG_NOSIGNAL),
-            static_cast<ssize_t>(hello.size()));
+  auto [guest, router_end] = LinkWithGuestHello();
+  ASSERT_TRUE(guest && router_end);
   host::RouterOptions options;
   options.max_upstream_buffer = size_t{4} << 20;
-  auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), options);
+  auto router = Router::Start(std::move(router_end), {}, std::chrono::seconds(10), options);
   ASSERT_TRUE(router.has_value()) << router.error().message;
 
   std::vector<std::byte> ping;
@@ -714,13 +724,9 @@ TEST_F(AgentRouter, LeftoverGuestHellosAreDroppedUntilTheGuestSaysSomethingElse)
 // nothing may follow the request up, or it would reach that new port ahead
 // of the next host's Hello.
 TEST_F(AgentRouter, NothingGoesUpAfterARelease) {
-  int pair[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
-  UniqueFd guest(pair[0]);
-  const std::vector<std::byte> hello = GuestHello();
-  ASSERT_EQ(::send(guest.Get(), hello.data(), hello.size(), MSG_NOSIGNAL),
-            static_cast<ssize_t>(hello.size()));
-  auto router = Router::Start(UniqueFd(pair[1]), {}, std::chrono::seconds(10), {});
+  auto [guest, router_end] = LinkWithGuestHello();
+  ASSERT_TRUE(guest && router_end);
+  auto router = Router::Start(std::move(router_end), {}, std::chrono::seconds(10), {});
   ASSERT_TRUE(router.has_value()) << router.error().message;
 
   // Only the supervisor's own (in-process) client may ask: one coming in

@@ -176,9 +176,11 @@ TEST_F(AgentLink, AWriteToAPeerThatStoppedReadingKeepsItsResult) {
     protocol::FrameDecoder decoder;
     ReadUntil(fd.Get(), decoder,
               [](const protocol::Frame& f) { return f.type == FrameType::kOpen; });
+    // Stop reading before the Opened goes out: the host writes its stdin's
+    // end only once it has the Opened, so that write always finds us gone.
+    (void)::shutdown(fd.Get(), SHUT_RD);
     auto opened = FrameBytes(1, FrameType::kOpened, Channel::kControl, R"({"pid":5})");
     if (!WriteAll(fd.Get(), opened)) return;
-    (void)::shutdown(fd.Get(), SHUT_RD);  // from here the host's writes fail
     while (!host_wrote) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     std::vector<std::byte> rest;
     for (auto frame :

@@ -316,10 +316,12 @@ TEST_F(SandboxLifecycleTest, AFailedBootCanBeRetriedOnAnotherMachine) {
   ASSERT_TRUE(retried_after.has_value());
   EXPECT_EQ(*retried_after, "VM x: QEMU refused the incoming state");
   EXPECT_EQ(vm_->closes, 1) << "the failed machine is closed";
-  ASSERT_TRUE(ready.has_value());
-  EXPECT_TRUE(*ready);
   cold->PowerOff();
   EXPECT_TRUE(run.get().booted);
+  // Read only once the run is over: the hook runs after the running state
+  // is committed, so it may not have run when that state is seen.
+  ASSERT_TRUE(ready.has_value());
+  EXPECT_TRUE(*ready);
   EXPECT_EQ(Record().state, kStopped);
   // Without a machine to retry on, the failure stands.
   vm_ = std::make_shared<FakeVm>();
@@ -554,7 +556,9 @@ TEST_F(SandboxLifecycleTest, KillDuringBootEndsTheBootAtOnce) {
   ASSERT_TRUE(vm_->AwaitFor(5s, [&] { return vm_->start_entered; }));
   auto started = std::chrono::steady_clock::now();
   nlohmann::json reply = lifecycle_->Handle({{"op", "kill"}});
-  EXPECT_LT(std::chrono::steady_clock::now() - started, 2s);
+  // Far below a boot that never ends; loose, as every commit here is an
+  // fsync on a disk other tests keep busy.
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 8s);
   EXPECT_EQ(reply["ok"], true) << reply.dump();
   LifecycleOutcome outcome = run.get();
   EXPECT_FALSE(outcome.booted);
@@ -577,7 +581,8 @@ TEST_F(SandboxLifecycleTest, KillOvertakesALongGracefulStop) {
   ASSERT_TRUE(AwaitState(kStopping));
   auto started = std::chrono::steady_clock::now();
   nlohmann::json reply = lifecycle_->Handle({{"op", "kill"}});
-  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s) << "kill waited for the grace";
+  // The grace is 60 s; a loose bound, as commits here are fsyncs.
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 8s) << "kill waited for the grace";
   EXPECT_EQ(reply["ok"], true) << reply.dump();
   EXPECT_EQ(stopper.get()["ok"], true);
   run.get();
@@ -715,6 +720,7 @@ class FakeAgentLink {
 };
 
 TEST_F(SandboxLifecycleTest, GarbageOnTheAgentLinkFailsTheSandboxVisibly) {
+  closed_link_grace_ = 60s;  // so "at once" is far from "after the grace"
   FakeAgentLink link;
   auto router = host::Router::Start(link.TakeHostEnd(), {}, 5s);
   ASSERT_TRUE(router) << router.error().message;
@@ -728,7 +734,7 @@ TEST_F(SandboxLifecycleTest, GarbageOnTheAgentLinkFailsTheSandboxVisibly) {
   link.WriteGarbage();
   auto started = std::chrono::steady_clock::now();
   run.get();
-  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s) << "a broken protocol fails at once";
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 20s) << "a broken protocol fails at once";
   store::SandboxRecord r = Record();
   EXPECT_EQ(r.state, kFailed);
   EXPECT_TRUE(r.reason.starts_with("the guest agent link failed (guest agent broke the protocol"))

@@ -1050,13 +1050,18 @@ TEST(StateStoreConcurrency, ReadsProceedAndWritesWaitWhileAnotherTransactionIsOp
   ASSERT_TRUE(store->Create(MakeRecord(MakeId(1), "web")));
 
   // Another process holds the write lock for a while, mid-transaction.
+  // It commits only 300 ms after the go, which comes after the read below:
+  // however late this process runs, the read happens while it holds.
   int ready[2];
+  int go[2];
   ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
   pid_t holder = ::fork();
   ASSERT_GE(holder, 0);
   if (holder == 0) {
     ::alarm(60);
     ::close(ready[0]);
+    ::close(go[1]);
     sqlite3* raw = nullptr;
     if (sqlite3_open(db.c_str(), &raw) != SQLITE_OK) ::_exit(2);
     if (sqlite3_exec(raw, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) ::_exit(2);
@@ -1064,17 +1069,22 @@ TEST(StateStoreConcurrency, ReadsProceedAndWritesWaitWhileAnotherTransactionIsOp
         SQLITE_OK)
       ::_exit(2);
     if (::write(ready[1], "x", 1) != 1) ::_exit(2);
+    char g;
+    if (::read(go[0], &g, 1) != 1) ::_exit(2);
     ::usleep(300 * 1000);
     if (sqlite3_exec(raw, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) ::_exit(2);
     sqlite3_close(raw);
     ::_exit(0);
   }
   ::close(ready[1]);
+  ::close(go[0]);
   char c;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);
   ::close(ready[0]);
   // WAL: a reader is not blocked by the open write, and sees the old state.
   auto seen = store->Resolve("web");
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  ::close(go[1]);
   ASSERT_TRUE(seen) << seen.error().message;
   EXPECT_EQ(seen->reason, "");
   // A writer waits for the lock (busy timeout) instead of failing.

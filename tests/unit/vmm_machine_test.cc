@@ -70,13 +70,14 @@ TEST_F(FakeQemuMachine, AgentThatNeverComesUpTimesOutAndIsKilled) {
   // Listens on nothing: the machine waits for sockets that never appear.
   QemuBackendOptions opts;
   opts.qemu_binary = Script("qemu", "echo booting >&2\nexec sleep 60\n");
-  opts.boot_timeout = milliseconds(500);
+  // Long enough for a loaded machine to run the stand-in's echo.
+  opts.boot_timeout = milliseconds(2'000);
   QemuBackend backend(opts);
   auto machine = backend.Create(config_);
   ASSERT_TRUE(machine) << machine.error().message;
   auto st = (*machine)->Start();
   ASSERT_FALSE(st);
-  EXPECT_NE(st.error().message.find("500 ms"), std::string::npos) << st.error().message;
+  EXPECT_NE(st.error().message.find("2000 ms"), std::string::npos) << st.error().message;
   EXPECT_NE(st.error().message.find("booting"), std::string::npos) << st.error().message;
   // The stand-in was killed and reaped.
   EXPECT_EQ((*machine)->PID(), -1);
@@ -96,7 +97,8 @@ TEST_F(FakeQemuMachine, KillDuringStartEndsTheBootPromptly) {
   ASSERT_TRUE(machine) << machine.error().message;
   Machine& m = **machine;
   std::thread killer([&] {
-    std::this_thread::sleep_for(milliseconds(300));
+    // Once QEMU runs, so the kill lands in the boot and not before it.
+    for (int i = 0; i < 10'000 && m.PID() <= 0; ++i) std::this_thread::sleep_for(milliseconds(1));
     EXPECT_TRUE(m.Kill());
   });
   auto start = std::chrono::steady_clock::now();
@@ -262,7 +264,8 @@ TEST_F(FakeQemuMachine, CloneJoinsBeforeGoBeforeItsGoLine) {
   EXPECT_TRUE((*first)->Close());
 
   QemuBackendOptions passing = failing;
-  passing.boot_timeout = milliseconds(1'500);  // the stand-in's agent never says Hello
+  // The stand-in's agent never says Hello; the bound covers its start under load.
+  passing.boot_timeout = milliseconds(5'000);
   bool joined_before_go = false;
   passing.before_go = [&]() -> Status {
     ++calls;

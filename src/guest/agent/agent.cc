@@ -370,6 +370,15 @@ struct Agent::Impl {
       log::Warn("agent: kill failed", {{"pid", pid}, {"signal", sig}, {"error", strerror(errno)}});
   }
 
+  // For a leader not yet reaped. With no group by its pid, a forked child
+  // has not reached its setsid() yet and is alone: it is our unreaped
+  // child, so the pid is still its own, and the signal waits for it.
+  static void KillUnreapedTree(pid_t pid, int sig) {
+    if (::kill(-pid, sig) == 0) return;
+    if (errno == ESRCH && (::kill(pid, sig) == 0 || errno == ESRCH)) return;
+    log::Warn("agent: kill failed", {{"pid", pid}, {"signal", sig}, {"error", strerror(errno)}});
+  }
+
   // Kills and forgets a session; nothing more is sent on its stream.
   void Abandon(Session& s) {
     if (s.kind == Kind::kExec && s.start_request && s.start_request->detach) {
@@ -378,7 +387,7 @@ struct Agent::Impl {
       return;
     }
     if (s.kind == Kind::kExec && !s.reaped) {
-      KillGroup(s.pid, SIGKILL);
+      KillUnreapedTree(s.pid, SIGKILL);
       abandoned.push_back(s.pid);
       if (s.is_main) abandoned_main_pid = s.pid;
     }
@@ -741,12 +750,12 @@ struct Agent::Impl {
       if (s.deadline && now >= *s.deadline) {
         s.deadline.reset();
         s.timed_out = true;
-        KillGroup(s.pid, SIGTERM);
+        KillUnreapedTree(s.pid, SIGTERM);
         s.kill_deadline = now + std::chrono::milliseconds(s.kill_grace_ms);
       }
       if (s.kill_deadline && now >= *s.kill_deadline) {
         s.kill_deadline.reset();
-        KillGroup(s.pid, SIGKILL);
+        KillUnreapedTree(s.pid, SIGKILL);
       }
     };
     for (auto& [id, s] : sessions) check(*s);
@@ -779,7 +788,7 @@ struct Agent::Impl {
       return true;
     }
     main->stopping = true;
-    KillGroup(main->pid, SIGTERM);
+    KillUnreapedTree(main->pid, SIGTERM);
     auto kill_at = Clock::now() + grace;
     if (!main->kill_deadline || kill_at < *main->kill_deadline) main->kill_deadline = kill_at;
     return true;
@@ -1095,7 +1104,7 @@ struct Agent::Impl {
       }
     };
     if (!exec_errno) {
-      if (!s.reaped) KillGroup(pid, SIGKILL);
+      if (!s.reaped) KillUnreapedTree(pid, SIGKILL);
       Error error = std::move(exec_errno.error());
       if (s.is_main) {
         main_state = MainState::kDone;
@@ -1414,14 +1423,15 @@ struct Agent::Impl {
           return FailStream(s->stream, Error::FromErrno("ioctl(TIOCSWINSZ)"));
         // The kernel signals the foreground group; the session's own group
         // is told too in case the foreground group is a different one.
-        if (!s->reaped) KillGroup(s->pid, SIGWINCH);
+        if (!s->reaped) KillUnreapedTree(s->pid, SIGWINCH);
         return;
       }
       case FrameType::kSignal: {
         auto signo = protocol::ParseU32Payload(frame);
         if (!signo || *signo == 0 || *signo >= static_cast<uint32_t>(NSIG))
           return FailStream(s->stream, Error{"Signal payload is not a signal number", EINVAL});
-        if (s->kind == Kind::kExec && !s->reaped) KillGroup(s->pid, static_cast<int>(*signo));
+        if (s->kind == Kind::kExec && !s->reaped)
+          KillUnreapedTree(s->pid, static_cast<int>(*signo));
         return;
       }
       case FrameType::kClose:

@@ -656,11 +656,12 @@ void Server::HandleExecInput(const std::string& method, const json& params) {
     call->input_cv.notify_all();
     log::Notice("rpc: an exec did not take its input; ending it",
                 {{"queued_bytes", static_cast<int64_t>(options_.max_stdin_queue)}});
+    // Ended before the answer that says so goes out.
+    if (kill) kill();
     AnswerError(*call, kExecFailed,
                 "stdin: the process took none of its queued input for " +
                     std::to_string(options_.stdin_stall.count()) +
                     " ms (is it reading?); the exec was ended");
-    if (kill) kill();
     return;
   }
   call->input_bytes += size;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "base/io.h"
 #include "base/log.h"
@@ -235,6 +236,9 @@ Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json
                                    const std::function<bool()>& give_up) {
   auto deadline = Clock::now() + timeout;
   auto pause = std::chrono::milliseconds(5);
+  // Why the server last turned us away: a retry that runs out of time
+  // waiting for its reply is still that, not a server that went silent.
+  std::optional<std::string> busy_error;
   for (;;) {
     UniqueFd fd = CELLA_TRY(ConnectUnixSocket(path));
     // A server that refuses us (busy, wrong user) may close before we have
@@ -243,6 +247,7 @@ Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json
     Status sent = SendAll(fd.Get(), request.dump() + "\n");
     auto read = ReadLine(fd.Get(), deadline, wake_fd, give_up);
     if (!read && read.error().errno_value == ECANCELED) return std::unexpected(read.error());
+    if (!read && busy_error && read.error().errno_value == ETIMEDOUT) return Fail(*busy_error);
     if (!read) return std::unexpected(sent ? read.error() : sent.error());
     nlohmann::json reply = nlohmann::json::parse(*read, nullptr, false);
     if (reply.is_discarded() || !reply.is_object())
@@ -252,6 +257,7 @@ Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json
     // The server was at its connection cap and did not read the request:
     // asking again is safe, until the caller's own deadline.
     if (!reply.value("busy", false)) return Fail(error);
+    busy_error = error;
     if (!CELLA_TRY(PauseBeforeRetry(pause, deadline, wake_fd, give_up)))
       return std::unexpected(Error{"interrupted: gave up waiting", ECANCELED});
     if (RemainingMs(deadline) == 0) return Fail(error);

@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -431,9 +432,28 @@ void FinishForegroundRun(SandboxContext& ctx, const std::string& id) {
   // not be opened or a process that is not the recorded one.
   UniqueFd supervisor;
   bool pidfd_tried = false;
+  std::optional<bool> anonymous_volumes;
   while (std::chrono::steady_clock::now() < deadline) {
     auto now = ctx.store.Get(id);
-    if (!now) return;  // removed: done
+    if (!now) {
+      // Removed. Its anonymous volumes go after the record (a record in use
+      // holds them): wait for the supervisor's exit, so that a `volume ls`
+      // typed next no longer lists them.
+      if (anonymous_volumes.value_or(false) && supervisor) {
+        pollfd p{supervisor.Get(), POLLIN, 0};
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        while (::poll(&p, 1, static_cast<int>(std::max<int64_t>(left.count(), 0))) < 0 &&
+               errno == EINTR) {
+        }
+      }
+      return;
+    }
+    if (!anonymous_volumes) {
+      auto spec = sandbox::DecodeSpec(now->spec_json);
+      anonymous_volumes =
+          spec && std::ranges::any_of(spec->volumes, [](const auto& v) { return v.anonymous; });
+    }
     if (!store::IsActive(now->state) && !store::IsAlive(now->supervisor)) break;
     if (!pidfd_tried && now->supervisor.pid > 0) {
       pidfd_tried = true;

@@ -1211,8 +1211,10 @@ int AllowListCommand(AllowListOp op, const std::string& sandbox_ref,
     Status edited = ctx.store.EditSpec(record.id, edit);
     if (!running) return edited;
     std::string control = sandbox::PathsFor(ctx.home, record.id).control_socket;
+    // Generous: edits from many callers queue for the supervisor's cap and
+    // each commits to the store; a slow edit beats a lost one.
     CELLA_TRY_CTX(sandbox::ControlCall(control, {{"op", "allow-list"}, {key, hosts_json}},
-                                       std::chrono::seconds(10)),
+                                       std::chrono::seconds(30)),
                   "update the running sandbox " + record.Label());
     return {};
   };

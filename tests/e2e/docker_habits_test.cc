@@ -24,8 +24,9 @@ bool Contains(const std::string& haystack, const std::string& needle) {
 class DockerHabits : public LifecycleTest {
  protected:
   // Whether a process whose argv contains `words` (consecutively) has a
-  // file whose path ends in `suffix` open.
-  static bool AProcessHoldsOpen(const std::vector<std::string>& words, const std::string& suffix) {
+  // file of this test's home whose path ends in `suffix` open (the other
+  // start mode's twin may run the same command in its own home).
+  bool AProcessHoldsOpen(const std::vector<std::string>& words, const std::string& suffix) const {
     std::string needle;
     for (const auto& w : words) needle += w + std::string(1, '\0');
     for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
@@ -42,7 +43,7 @@ class DockerHabits : public LifecycleTest {
       std::error_code ec;
       for (const auto& fd : std::filesystem::directory_iterator("/proc/" + pid + "/fd", ec)) {
         std::string target = std::filesystem::read_symlink(fd.path(), ec).string();
-        if (!ec && target.ends_with(suffix)) return true;
+        if (!ec && target.starts_with(home_ + "/") && target.ends_with(suffix)) return true;
       }
     }
     return false;

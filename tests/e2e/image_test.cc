@@ -96,7 +96,7 @@ sleep 100000;
                       freeze);
     EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
     std::string console = home_ + "/sandboxes/" + id + "/console.log";
-    for (int i = 0; i < 300; ++i) {  // bounded: 30 s
+    for (int i = 0; i < 1200; ++i) {  // bounded: 120 s (perl in a loaded TCG guest)
       std::ifstream in(console);
       std::stringstream text;
       text << in.rdbuf();
@@ -219,7 +219,7 @@ say_console("inject failed: $@") if $@;
                     inject);
   EXPECT_EQ(exec.exit_code, 0) << Describe(exec);
   std::string state;
-  for (int i = 0; i < 300; ++i) {  // bounded: 30 s
+  for (int i = 0; i < 1200; ++i) {  // bounded: 120 s (perl in a loaded TCG guest)
     state = State(id);
     if (state == "failed") break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));

@@ -103,8 +103,10 @@ TEST_F(SystemdTest, BootsSystemdServesAgentAndPowersOffOnStop) {
   EXPECT_NE(hosts.find("10.1.2.3\tregistry.internal"), std::string::npos) << hosts;
 
   auto stop_at = std::chrono::steady_clock::now();
-  ASSERT_TRUE(machine_->Stop(30s));
-  auto exited = machine_->Wait(30s);
+  // The test is how it ends (a clean power-off), not how fast: a grace a
+  // loaded TCG machine's systemd shutdown cannot run out of.
+  ASSERT_TRUE(machine_->Stop(120s));
+  auto exited = machine_->Wait(120s);
   ASSERT_TRUE(exited) << exited.error().message;
   auto stop_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                      std::chrono::steady_clock::now() - stop_at)

@@ -50,6 +50,8 @@ class WarmTest : public LifecycleTest {
     if (!doc.is_array()) return keys;
     for (const auto& t : doc)
       if (t.value("memory_mb", 0) == memory_mb) keys.push_back(t.value("key", std::string()));
+    // Sorted: the listing's order among templates of one second is not fixed.
+    std::sort(keys.begin(), keys.end());
     return keys;
   }
   void RemoveTemplatesOf(int memory_mb) {

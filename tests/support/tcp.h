@@ -14,26 +14,34 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <string>
 #include <thread>
 
 namespace cella::testing {
 
 // A TCP port on 127.0.0.1 that nothing listens on right now (0 when none
-// could be had: a test then fails where it uses it).
+// could be had: a test then fails where it uses it). Drawn below the
+// kernel's ephemeral range (32768 and up), where the outgoing connections
+// of other tests and their registries take their ports: between this check
+// and the caller's bind only another explicit bind can take it.
 inline uint16_t FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return 0;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  uint16_t port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
-    port = ntohs(addr.sin_port);
-  ::close(fd);
-  return port;
+  static thread_local uint32_t state =
+      static_cast<uint32_t>(::getpid()) * 2654435761u ^ static_cast<uint32_t>(::time(nullptr));
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    state = state * 1664525u + 1013904223u;
+    const auto port = static_cast<uint16_t>(20000 + (state >> 8) % 12000);
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return 0;
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(port);
+    const bool bound = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    ::close(fd);
+    if (bound) return port;
+  }
+  return 0;
 }
 
 // One round trip to 127.0.0.1:port: connects, sends `message`,

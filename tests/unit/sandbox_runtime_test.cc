@@ -261,40 +261,61 @@ TEST(ControlServer, ASilentClientOrALongStopNeverDelaysAKill) {
 TEST(ControlServer, ACallPastTheCapWaitsForAFreeConnectionUntilItsDeadline) {
   std::string dir = TempDir();
   std::string path = dir + "/control.sock";
+  // Every connection is held by a request whose handler waits for the gate:
+  // held for as long as the test says, not for a read time-out.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool gate_open = false;
+  size_t holding = 0;
   std::atomic<int> handled{0};
-  auto server = ControlServer::Start(path, [&](const nlohmann::json&) -> nlohmann::json {
+  auto server = ControlServer::Start(path, [&](const nlohmann::json& request) -> nlohmann::json {
+    if (request.value("op", "") == "hold") {
+      std::unique_lock lock(mu);
+      ++holding;
+      cv.notify_all();
+      cv.wait_for(lock, std::chrono::seconds(60), [&] { return gate_open; });
+      return {{"ok", true}};
+    }
     ++handled;
     return {{"ok", true}};
   });
   ASSERT_TRUE(server) << server.error().message;
-  std::vector<UniqueFd> silent;
+  std::vector<UniqueFd> holders;
   for (size_t i = 0; i < ControlServer::kMaxConnections; ++i) {
     auto fd = ConnectUnixSocket(path);
     ASSERT_TRUE(fd);
-    silent.push_back(std::move(*fd));
+    ASSERT_TRUE(WriteAll(fd->Get(), std::string(R"({"op":"hold"})") + "\n"));
+    holders.push_back(std::move(*fd));
   }
-  // Wait (bounded) until the server has taken all of them in: a call whose
-  // deadline passes while every connection is held fails, saying why.
+  auto open_gate = [&] {
+    std::lock_guard lock(mu);
+    gate_open = true;
+    cv.notify_all();
+  };
+  {
+    std::unique_lock lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30),
+                            [&] { return holding == ControlServer::kMaxConnections; }))
+        << holding << " of the connections reached their handler";
+  }
+  // A call whose deadline passes while every connection is held fails,
+  // saying why.
   auto refused = ControlCall(path, {{"op", "status"}}, std::chrono::milliseconds(500));
-  for (int i = 0; i < 50 && refused; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    refused = ControlCall(path, {{"op", "status"}}, std::chrono::milliseconds(500));
-  }
   ASSERT_FALSE(refused);
   EXPECT_NE(refused.error().message.find("too many connections"), std::string::npos)
       << refused.error().message;
-  int handled_before = handled.load();
   // A call with time to spare is served once a connection frees up.
   Result<nlohmann::json> queued = Fail("not run");
   std::thread caller([&] {
-    queued = ControlCall(path, {{"op", "status"}}, std::chrono::seconds(20));
+    queued = ControlCall(path, {{"op", "status"}}, std::chrono::seconds(30));
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_EQ(handled.load(), handled_before);  // still waiting: every connection is held
-  silent.clear();                             // their threads end on EOF
+  EXPECT_EQ(handled.load(), 0);  // still waiting: every connection is held
+  open_gate();
   caller.join();
   EXPECT_TRUE(queued) << queued.error().message;
-  EXPECT_EQ(handled.load(), handled_before + 1);
+  EXPECT_EQ(handled.load(), 1);
+  holders.clear();
   (*server)->Stop();
   std::filesystem::remove_all(dir);
 }

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -132,14 +133,22 @@ void RemovePartialsOf(const std::string& dir, const std::string& key) {
   for (const std::string& path : partials) RemoveTree(path);
 }
 
+// Where a stale partial goes to be removed: no key's name, so the removal
+// holds no lock. A sweeper killed mid-removal leaves it to the next sweep.
+constexpr std::string_view kTrashPrefix = ".trash.";
+
 void SweepPartials(const std::string& dir) {
   DIR* d = ::opendir(dir.c_str());
   if (d == nullptr) return;
   std::vector<std::string> partials;
+  std::vector<std::string> trash;
   while (dirent* entry = ::readdir(d)) {
     std::string name = entry->d_name;
     size_t at = name.find(".partial.");
-    if (at != std::string::npos && IsKey(name.substr(0, at))) partials.push_back(name);
+    if (name.starts_with(kTrashPrefix))
+      trash.push_back(name);
+    else if (at != std::string::npos && IsKey(name.substr(0, at)))
+      partials.push_back(name);
   }
   ::closedir(d);
   for (const std::string& name : partials) {
@@ -149,7 +158,24 @@ void SweepPartials(const std::string& dir) {
         log::Warn("could not check a partial template", {{"error", lock.error().message}});
       continue;
     }
-    RemoveTree(dir + "/" + name);
+    // Only moved aside under the lock: a run of this key that comes now must
+    // not find it taken (it would boot cold) for as long as a removal takes.
+    std::string aside = std::string(kTrashPrefix) + name + "." + std::to_string(::getpid());
+    if (::rename((dir + "/" + name).c_str(), (dir + "/" + aside).c_str()) != 0) {
+      if (errno != ENOENT)
+        log::Warn("could not move a stale partial template aside",
+                  {{"path", dir + "/" + name}, {"error", std::strerror(errno)}});
+      continue;
+    }
+    trash.push_back(aside);
+  }
+  for (const std::string& name : trash) {
+    // Another sweeper may be removing the same leftover: what it took first
+    // is simply gone.
+    std::error_code ec;
+    std::filesystem::remove_all(dir + "/" + name, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      log::Warn("could not remove " + dir + "/" + name, {{"error", ec.message()}});
   }
 }
 

@@ -201,10 +201,20 @@ TEST_P(AgentExec, AppliesWorkdirAndUser) {
   ASSERT_TRUE(r.has_value()) << r.error().message;
   EXPECT_EQ(r->stdout_data, std::to_string(::getuid()) + "\n");
 
+  // Looked up before the exec on the loop, or in the forked child when
+  // shares are served: the same answer either way.
   req.user = "no-such-user-here";
   r = client().Exec(req);
   ASSERT_FALSE(r.has_value());
   EXPECT_EQ(r.error().errno_value, ENOENT);
+  EXPECT_NE(r.error().message.find("user \"no-such-user-here\" not found in /etc/passwd"),
+            std::string::npos)
+      << r.error().message;
+  req.user = "nobody:";
+  r = client().Exec(req);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().errno_value, EINVAL);
+  EXPECT_NE(r.error().message.find("malformed"), std::string::npos) << r.error().message;
 
   auto bad_dir = Sh("true");
   bad_dir.workdir = "/does/not/exist";

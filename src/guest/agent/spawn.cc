@@ -13,9 +13,12 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/io.h"
@@ -71,7 +74,11 @@ const char* StageName(Stage stage) {
 struct StatusRecord {
   Stage stage;
   int err;
+  // A failure's own words when it has them (a user lookup's), NUL-ended;
+  // the whole record stays one atomic pipe write.
+  char detail[240];
 };
+static_assert(sizeof(StatusRecord) <= PIPE_BUF);
 
 struct Pipe {
   UniqueFd read;
@@ -115,8 +122,9 @@ std::vector<std::string> Candidates(const std::string& program,
   return out;
 }
 
-[[noreturn]] void ChildFail(int status_fd, Stage stage, int err) {
-  StatusRecord record{stage, err};
+[[noreturn]] void ChildFail(int status_fd, Stage stage, int err, std::string_view detail = {}) {
+  StatusRecord record{stage, err, {}};
+  std::memcpy(record.detail, detail.data(), std::min(detail.size(), sizeof(record.detail) - 1));
   // Nothing to do if this write fails: the parent then sees a plain exit.
   ssize_t ignored = ::write(status_fd, &record, sizeof(record));
   (void)ignored;
@@ -176,6 +184,12 @@ struct ChildPlan {
   char* const* argv = nullptr;
   char* const* envp = nullptr;
   bool detach = false;
+  // A forked child only (its memory is its own): the user to look up, in
+  // place of `identity`, and the environment to add its HOME to, if any.
+  // Looked up after the fork, as /etc/passwd may be on a host share that
+  // only the agent's loop serves.
+  const std::string* user_to_look_up = nullptr;
+  const std::vector<std::string>* env_without_home = nullptr;
 };
 
 // The kernel's struct sigaction on x86-64 (not glibc's): handler, flags,
@@ -219,7 +233,26 @@ int ChildMain(void* arg) {
   if (plan.harden) {
     if (int err = DropBoundingCapabilities(); err != 0) ChildFail(sfd, Stage::kCaps, err);
   }
-  if (const Identity* id = plan.identity) {
+  const Identity* identity = plan.identity;
+  char* const* envp = plan.envp;
+  std::optional<Identity> looked_up;
+  std::vector<std::string> env;
+  std::vector<char*> env_ptrs;
+  if (plan.user_to_look_up != nullptr) {
+    auto resolved = ResolveUser(*plan.user_to_look_up);
+    if (!resolved)
+      ChildFail(sfd, Stage::kUser, resolved.error().errno_value, resolved.error().message);
+    looked_up = std::move(*resolved);
+    identity = &*looked_up;
+    if (plan.env_without_home != nullptr) {
+      env = *plan.env_without_home;
+      env.push_back("HOME=" + identity->home);
+      for (std::string& e : env) env_ptrs.push_back(e.data());
+      env_ptrs.push_back(nullptr);
+      envp = env_ptrs.data();
+    }
+  }
+  if (const Identity* id = identity) {
     if (::syscall(SYS_setgroups, id->groups.size(), id->groups.data()) != 0)
       ChildFail(sfd, Stage::kUser, errno);
     if (::syscall(SYS_setgid, id->gid) != 0) ChildFail(sfd, Stage::kUser, errno);
@@ -232,7 +265,7 @@ int ChildMain(void* arg) {
   int exec_err = ENOENT;
   bool saw_eacces = false;
   for (const std::string& path : *plan.candidates) {
-    ::execve(path.c_str(), plan.argv, plan.envp);
+    ::execve(path.c_str(), plan.argv, envp);
     if (errno == EACCES) {
       saw_eacces = true;
     } else if (errno != ENOENT && errno != ENOTDIR) {
@@ -318,6 +351,9 @@ Result<std::optional<StatusRecord>> ReadStatusRecord(int status_fd) {
 
 // A failure before exec, named by its stage (and what it was about).
 Error SetupFailure(const StatusRecord& record, const protocol::ExecRequest& request) {
+  if (record.detail[0] != '\0')
+    return Error{std::string(record.detail, ::strnlen(record.detail, sizeof(record.detail))),
+                 record.err};
   std::string what = std::string("exec: ") + StageName(record.stage);
   if (record.stage == Stage::kWorkdir)
     what += " " + (request.workdir.empty() ? std::string("/") : request.workdir);
@@ -338,11 +374,15 @@ Result<int> FinishSpawn(UniqueFd status_fd, const protocol::ExecRequest& request
 
 Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening hardening,
                            SpawnWait wait) {
+  // A child that is not waited for looks its user up itself (see ChildPlan).
+  const bool user_in_child = wait == SpawnWait::kNoWait && !request.user.empty();
   std::optional<Identity> identity;
-  if (!request.user.empty()) identity = CELLA_TRY(ResolveUser(request.user));
+  if (!request.user.empty() && !user_in_child) identity = CELLA_TRY(ResolveUser(request.user));
 
   std::vector<std::string> env = request.env;
-  if (!HasEnv(env, "HOME")) env.push_back("HOME=" + (identity ? identity->home : std::string("/")));
+  const bool home_from_user = !HasEnv(env, "HOME");
+  if (home_from_user && !user_in_child)
+    env.push_back("HOME=" + (identity ? identity->home : std::string("/")));
   std::vector<char*> argv_ptrs;
   argv_ptrs.reserve(request.argv.size() + 1);
   for (const auto& a : request.argv) argv_ptrs.push_back(const_cast<char*>(a.c_str()));
@@ -418,6 +458,10 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   plan.argv = argv_ptrs.data();
   plan.envp = env_ptrs.data();
   plan.detach = request.detach;
+  if (user_in_child) {
+    plan.user_to_look_up = &request.user;
+    if (home_from_user) plan.env_without_home = &env;
+  }
   // Blocked across the start: the child resets every handler before it
   // lets a signal in (until it execs, it runs in this process's memory).
   sigset_t all, old;

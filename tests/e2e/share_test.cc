@@ -369,14 +369,19 @@ TEST_F(ShareTest, FuseSharesSurviveStandbySnapshotAndFork) {
   EXPECT_EQ(habit.exit_code, 0) << Describe(habit);
   EXPECT_EQ(habit.out, "/src/sub/deeper\ntool ran in /src/sub/deeper\n") << Describe(habit);
   // `-v /etc/passwd:/etc/passwd:ro -u NAME`: the user is looked up in a
-  // file on a share (that read waits for the loop too).
+  // file on a share (that read waits for the loop too). And `-w` names a
+  // directory on a share that does not exist yet: made there, as docker
+  // does, not in the image under the share.
   WriteFile(host_ + "/passwd",
             "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1234:1234::/home/builder:/bin/sh\n");
-  auto as_user = RunCella({"run", "-v", host_ + "/passwd:/etc/passwd:ro", "-u", "builder", "--",
-                           "sh", "-c", "id -u; echo $HOME"},
-                          "", std::chrono::seconds(120));
+  fs::create_directories(host_ + "/work");
+  auto as_user =
+      RunCella({"run", "-v", host_ + "/passwd:/etc/passwd:ro", "-v", host_ + "/work:/work", "-w",
+                "/work/build/out", "-u", "builder", "--", "sh", "-c", "id -u; echo $HOME; pwd"},
+               "", std::chrono::seconds(120));
   EXPECT_EQ(as_user.exit_code, 0) << Describe(as_user);
-  EXPECT_EQ(as_user.out, "1234\n/home/builder\n") << Describe(as_user);
+  EXPECT_EQ(as_user.out, "1234\n/home/builder\n/work/build/out\n") << Describe(as_user);
+  EXPECT_TRUE(fs::is_directory(host_ + "/work/build/out"));
   auto started = RunCella({"run", "-d", "-v", rw + ":/mnt/rw", "-v", host_ + "/ov:/mnt/ov:overlay"},
                           "", std::chrono::seconds(300));
   ASSERT_EQ(started.exit_code, 0) << Describe(started);

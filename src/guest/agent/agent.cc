@@ -1142,7 +1142,8 @@ struct Agent::Impl {
     switch (main_state) {
       case MainState::kNotStarted: {
         main_state = MainState::kDone;  // exactly once, even if it fails to start
-        auto child = Spawn(*options.main_request, options.hardening, SpawnWaitMode());
+        auto child = Spawn(*options.main_request, options.hardening, SpawnWaitMode(),
+                           MissingWorkdir::kCreate);
         if (!child) return QueueError(stream, std::move(child.error()).WithContext("main process"));
         pid_t pid = child->pid;
         const bool starting = static_cast<bool>(child->status_fd);

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -190,7 +191,24 @@ struct ChildPlan {
   // only the agent's loop serves.
   const std::string* user_to_look_up = nullptr;
   const std::vector<std::string>* env_without_home = nullptr;
+  bool make_workdir = false;
 };
+
+// mkdir -p without allocating (a vfork'd child runs in the agent's memory).
+int MakeDirsAsChild(const char* path) {
+  char buf[PATH_MAX];
+  const size_t n = ::strnlen(path, sizeof(buf));
+  if (n == sizeof(buf)) return ENAMETOOLONG;
+  std::memcpy(buf, path, n + 1);
+  for (size_t i = 1; i <= n; ++i) {
+    if (buf[i] != '/' && buf[i] != '\0') continue;
+    const char saved = buf[i];
+    buf[i] = '\0';
+    if (::mkdir(buf, 0755) != 0 && errno != EEXIST) return errno;
+    buf[i] = saved;
+  }
+  return 0;
+}
 
 // The kernel's struct sigaction on x86-64 (not glibc's): handler, flags,
 // restorer, mask.
@@ -232,6 +250,10 @@ int ChildMain(void* arg) {
   CloseAllFrom3Except(sfd);
   if (plan.harden) {
     if (int err = DropBoundingCapabilities(); err != 0) ChildFail(sfd, Stage::kCaps, err);
+  }
+  // Made as root, before the switch to the user, as docker makes it.
+  if (plan.make_workdir) {
+    if (int err = MakeDirsAsChild(plan.workdir); err != 0) ChildFail(sfd, Stage::kWorkdir, err);
   }
   const Identity* identity = plan.identity;
   char* const* envp = plan.envp;
@@ -373,7 +395,7 @@ Result<int> FinishSpawn(UniqueFd status_fd, const protocol::ExecRequest& request
 }
 
 Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening hardening,
-                           SpawnWait wait) {
+                           SpawnWait wait, MissingWorkdir missing_workdir) {
   // A child that is not waited for looks its user up itself (see ChildPlan).
   const bool user_in_child = wait == SpawnWait::kNoWait && !request.user.empty();
   std::optional<Identity> identity;
@@ -458,6 +480,7 @@ Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening harde
   plan.argv = argv_ptrs.data();
   plan.envp = env_ptrs.data();
   plan.detach = request.detach;
+  plan.make_workdir = missing_workdir == MissingWorkdir::kCreate;
   if (user_in_child) {
     plan.user_to_look_up = &request.user;
     if (home_from_user) plan.env_without_home = &env;

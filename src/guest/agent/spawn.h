@@ -39,8 +39,15 @@ struct SpawnedChild {
 // errno; a missing or non-executable binary is not an error: the child
 // writes a shell-like message on its stderr and exits 127 or 126 (for a
 // detached request, exec_errno says so instead).
+// kCreate: the sandbox's main process (docker's -w): a missing working
+// directory is made (by root, mode 0755) before the child changes to it.
+// It is made there, in the child, since it may lie on a host share mounted
+// after the sandbox's own set-up. An exec's missing directory fails.
+enum class MissingWorkdir { kFail, kCreate };
+
 Result<SpawnedChild> Spawn(const protocol::ExecRequest& request, Hardening hardening,
-                           SpawnWait wait = SpawnWait::kUntilExec);
+                           SpawnWait wait = SpawnWait::kUntilExec,
+                           MissingWorkdir missing_workdir = MissingWorkdir::kFail);
 
 // For a kNoWait child whose status_fd is readable: its exec errno for a
 // detached request (0: it runs), or its failure before exec as an error, as

@@ -125,7 +125,9 @@ std::vector<std::string> Candidates(const std::string& program,
 
 [[noreturn]] void ChildFail(int status_fd, Stage stage, int err, std::string_view detail = {}) {
   StatusRecord record{stage, err, {}};
-  std::memcpy(record.detail, detail.data(), std::min(detail.size(), sizeof(record.detail) - 1));
+  // Not memcpy: an empty view's data() may be null, which memcpy must not
+  // be given even for no bytes (UBSan ends the child there, unheard).
+  detail.copy(record.detail, sizeof(record.detail) - 1);
   // Nothing to do if this write fails: the parent then sees a plain exit.
   ssize_t ignored = ::write(status_fd, &record, sizeof(record));
   (void)ignored;

@@ -250,7 +250,8 @@ int Main(int argc, char** argv) {
   run_cmd->add_option(
       "-v,--volume", run.volumes,
       "Attach a named volume NAME:/path or a host directory or file /host/path:/path "
-      "(relative: ./dir), then :ro, :rw (default) or :overlay; volumes are "
+      "(relative: ./dir), then :ro, :rw (default) or :overlay; docker's z, Z, cached, "
+      "delegated, consistent, nocopy and private are taken and change nothing; volumes are "
       "created when missing");
   run_cmd->add_option("--disk-size", run.disk_size,
                       "Size of the writable layer (sparse; default 8g for -d, RAM otherwise)");

@@ -249,6 +249,49 @@ Status PlanNetwork(bool no_network, const std::vector<std::string>& dns,
   return {};
 }
 
+// docker's comma-separated options after the mount point. One access mode:
+// ro, rw (the default) or cella's overlay. What docker on Linux accepts and
+// means nothing here is accepted too: SELinux relabelling (z, Z; the guest
+// has no SELinux and the host's labels are left alone), macOS consistency
+// (cached, delegated, consistent), and private/rprivate propagation (a
+// share's only one). nocopy is what a new named volume does anyway: it
+// starts empty. Shared or slave propagation cannot be had: refused.
+Status ApplyMountOptions(const std::string& flag, std::string_view options, MountFlag& m,
+                         bool& nocopy) {
+  std::optional<std::string_view> access;
+  while (true) {
+    const size_t comma = options.find(',');
+    std::string_view option = options.substr(0, comma);
+    if (option == "ro" || option == "rw" || option == "overlay") {
+      if (access && *access != option)
+        return Fail(flag + ": more than one access mode (" + std::string(*access) + ", " +
+                    std::string(option) + ")");
+      access = option;
+    } else if (option == "nocopy") {
+      nocopy = true;
+    } else if (option == "shared" || option == "rshared" || option == "slave" ||
+               option == "rslave") {
+      return Fail(flag + ": " + std::string(option) +
+                  " propagation is not supported (a share is private to its sandbox)");
+    } else if (option != "z" && option != "Z" && option != "cached" && option != "delegated" &&
+               option != "consistent" && option != "private" && option != "rprivate") {
+      return Fail(flag + ": unknown option \"" + std::string(option) +
+                  "\" (want ro, rw or overlay; z, Z, cached, delegated, consistent, nocopy and "
+                  "private are accepted and change nothing)");
+    }
+    if (comma == std::string_view::npos) break;
+    options.remove_prefix(comma + 1);
+  }
+  if (access == "ro") {
+    m.mode = protocol::MountMode::kReadOnly;
+  } else if (access == "overlay") {
+    m.mode = protocol::MountMode::kOverlay;
+  } else {
+    m.mode = protocol::MountMode::kReadWrite;
+  }
+  return {};
+}
+
 Result<MountFlag> ParseMountFlag(std::string_view text, const std::string& cwd) {
   const std::string flag = "-v " + std::string(text);
   MountFlag m;
@@ -281,16 +324,11 @@ Result<MountFlag> ParseMountFlag(std::string_view text, const std::string& cwd) 
   if (!normal) return Fail(flag + ": " + normal.error().message);
   if (*normal == "/") return Fail(flag + ": cannot mount over the guest's root directory");
   m.guest_path = *normal;
-  if (mode == "ro") {
-    m.mode = protocol::MountMode::kReadOnly;
-  } else if (mode == "rw") {
-    m.mode = protocol::MountMode::kReadWrite;
-  } else if (mode == "overlay") {
-    m.mode = protocol::MountMode::kOverlay;
-  } else {
-    return Fail(flag + ": unknown mode \"" + mode + "\" (want ro, rw or overlay)");
-  }
+  bool nocopy = false;
+  CELLA_TRY(ApplyMountOptions(flag, mode, m, nocopy));
   m.is_host = source.find('/') != std::string::npos || source.starts_with('.');
+  if (m.is_host && nocopy)
+    return Fail(flag + ": nocopy is for named volumes (a host path is shared as it is)");
   if (!m.is_host) {
     CELLA_TRY_CTX(store::CheckVolumeName(source), flag);
     m.name = source;

@@ -70,6 +70,37 @@ TEST(MountFlag, HostPathsNamedVolumesAndModes) {
   EXPECT_EQ(named->mode, MountMode::kOverlay);
 }
 
+// docker's option lists, as typed in docker run and compose files.
+TEST(MountFlag, DockersOptionListsAreTakenAndThoseThatMeanNothingHereChangeNothing) {
+  testing::TempDir dir;
+  auto relabelled = cli::ParseMountFlag(dir.path() + ":/w:ro,z", "/");
+  ASSERT_TRUE(relabelled) << relabelled.error().message;
+  EXPECT_EQ(relabelled->mode, MountMode::kReadOnly);
+  for (const char* options :
+       {"z", "Z", "cached", "delegated", "consistent", "rw,cached", "Z,rprivate", "private"}) {
+    auto m = cli::ParseMountFlag(dir.path() + ":/w:" + options, "/");
+    ASSERT_TRUE(m) << options << ": " << m.error().message;
+    EXPECT_EQ(m->mode, MountMode::kReadWrite) << options;
+  }
+  auto overlay = cli::ParseMountFlag(dir.path() + ":/w:cached,overlay", "/");
+  ASSERT_TRUE(overlay) << overlay.error().message;
+  EXPECT_EQ(overlay->mode, MountMode::kOverlay);
+  auto volume = cli::ParseMountFlag("cache:/w:nocopy", "/");
+  ASSERT_TRUE(volume) << volume.error().message;
+  EXPECT_EQ(volume->name, "cache");
+
+  auto two = cli::ParseMountFlag(dir.path() + ":/w:ro,rw", "/");
+  ASSERT_FALSE(two);
+  EXPECT_NE(two.error().message.find("more than one access mode"), std::string::npos)
+      << two.error().message;
+  auto shared = cli::ParseMountFlag(dir.path() + ":/w:rshared", "/");
+  ASSERT_FALSE(shared);
+  EXPECT_NE(shared.error().message.find("not supported"), std::string::npos)
+      << shared.error().message;
+  EXPECT_FALSE(cli::ParseMountFlag(dir.path() + ":/w:nocopy", "/"));  // named volumes only
+  EXPECT_FALSE(cli::ParseMountFlag(dir.path() + ":/w:ro,", "/"));     // an empty option
+}
+
 TEST(MountFlag, MistakesAreNamedBeforeAnythingBoots) {
   testing::TempDir dir;
   auto missing = cli::ParseMountFlag("./nope:/w", dir.path());
@@ -81,7 +112,8 @@ TEST(MountFlag, MistakesAreNamedBeforeAnythingBoots) {
   EXPECT_FALSE(cli::ParseMountFlag(dir.path() + ":/w/../x", "/"));
   auto mode = cli::ParseMountFlag(dir.path() + ":/w:rx", "/");
   ASSERT_FALSE(mode);
-  EXPECT_NE(mode.error().message.find("unknown mode"), std::string::npos);
+  EXPECT_NE(mode.error().message.find("unknown option \"rx\""), std::string::npos)
+      << mode.error().message;
   // A bare absolute path is docker's anonymous volume at that guest path,
   // whatever exists on the host there.
   auto bare = cli::ParseMountFlag(dir.path(), "/");

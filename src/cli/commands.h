@@ -139,6 +139,13 @@ int InspectCommand(const std::vector<std::string>& refs, const std::string& form
 int LogsCommand(const LogsArgs& args);
 int StopCommand(const std::vector<std::string>& refs, int grace_seconds);
 int StartCommand(const std::vector<std::string>& refs);
+// docker restart: stops each sandbox (killed after the grace) and boots it
+// again; a stopped one is just started, a standby one loses its memory.
+int RestartCommand(const std::vector<std::string>& refs, int grace_seconds);
+// docker port: a running sandbox's published ports, "GUEST/tcp -> IP:HOST"
+// a line; with a guest port ("80" or "80/tcp"), only its "IP:HOST" lines,
+// and a failure when it is not published.
+int PortCommand(const std::string& ref, const std::string& guest_port);
 int KillCommand(const std::vector<std::string>& refs);
 // Freeze / thaw the vCPUs of running sandboxes (memory stays; exec and cp
 // are refused while paused).

@@ -393,6 +393,21 @@ int Main(int argc, char** argv) {
   CLI::App* start_cmd = app.add_subcommand("start", "Boot stopped sandboxes again");
   start_cmd->add_option("sandbox", start_refs, "Sandboxes")->required();
 
+  int restart_grace = 10;
+  std::vector<std::string> restart_refs;
+  CLI::App* restart_cmd =
+      app.add_subcommand("restart", "Stop sandboxes (killed after the grace) and boot them again");
+  restart_cmd->add_option("-t,--time", restart_grace, "Seconds to wait before killing")
+      ->check(CLI::Range(0, 3600));
+  restart_cmd->add_option("sandbox", restart_refs, "Sandboxes")->required();
+
+  std::string port_ref;
+  std::string port_guest;
+  CLI::App* port_cmd = app.add_subcommand(
+      "port", "List a running sandbox's published ports (or where one guest port is published)");
+  port_cmd->add_option("sandbox", port_ref, "Sandbox")->required();
+  port_cmd->add_option("port", port_guest, "Guest port: 80 or 80/tcp");
+
   std::vector<std::string> wait_refs;
   CLI::App* wait_cmd =
       app.add_subcommand("wait", "Wait until sandboxes end; print each one's exit code");
@@ -695,6 +710,8 @@ int Main(int argc, char** argv) {
   if (stop_cmd->parsed()) return cella::cli::StopCommand(stop_refs, stop_grace);
   if (start_cmd->parsed()) return cella::cli::StartCommand(start_refs);
   if (wait_cmd->parsed()) return cella::cli::WaitCommand(wait_refs);
+  if (restart_cmd->parsed()) return cella::cli::RestartCommand(restart_refs, restart_grace);
+  if (port_cmd->parsed()) return cella::cli::PortCommand(port_ref, port_guest);
   if (stats_cmd->parsed()) return cella::cli::StatsCommand(stats_refs, stats_no_stream, stats_json);
   if (events_cmd->parsed()) return cella::cli::EventsCommand(events_since, events_until);
   if (attach_cmd->parsed()) return cella::cli::AttachCommand(attach_ref);

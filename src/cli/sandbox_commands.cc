@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -869,6 +870,64 @@ int StopCommand(const std::vector<std::string>& refs, int grace_seconds) {
 }
 
 int StartCommand(const std::vector<std::string>& refs) { return ForEach(refs, StartOne); }
+
+Status RestartOne(SandboxContext& ctx, const store::SandboxRecord& given, int grace_seconds) {
+  CELLA_TRY(StopOne(ctx, given, grace_seconds));
+  store::SandboxRecord record = CELLA_TRY_CTX(ctx.store.Get(given.id), "restart");
+  // The stopped sandbox's supervisor may still be letting go of its sockets
+  // and disks: the next one waits for it (bounded).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (store::IsAlive(record.supervisor) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    record = CELLA_TRY_CTX(ctx.store.Get(given.id), "restart");
+  }
+  if (store::IsAlive(record.supervisor))
+    return Fail("restart " + record.Label() +
+                ": its stopped supervisor has not exited after 30 s (cella rm -f " +
+                record.Label() + " ends it)");
+  if (store::IsActive(record.state))
+    return Fail("restart " + record.Label() + ": it is " +
+                std::string(store::ToString(record.state)) + " again (its restart policy?)");
+  return StartOne(ctx, record);
+}
+
+int RestartCommand(const std::vector<std::string>& refs, int grace_seconds) {
+  return ForEach(refs, [&](SandboxContext& ctx, const store::SandboxRecord& r) {
+    return RestartOne(ctx, r, grace_seconds);
+  });
+}
+
+int PortCommand(const std::string& ref, const std::string& guest_port) {
+  auto run = [&]() -> Status {
+    std::optional<uint16_t> wanted;
+    if (!guest_port.empty()) {
+      std::string_view number = guest_port;
+      if (number.ends_with("/tcp")) number.remove_suffix(4);
+      int value = 0;
+      auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), value);
+      if (ec != std::errc() || end != number.data() + number.size() || value < 1 || value > 65535)
+        return Fail("port " + guest_port + ": want a TCP port number (80 or 80/tcp)");
+      wanted = static_cast<uint16_t>(value);
+    }
+    SandboxContext ctx = CELLA_TRY(OpenSandboxes());
+    store::SandboxRecord record = CELLA_TRY(ctx.store.Resolve(ref));
+    // As docker's: a sandbox that is not running publishes nothing.
+    const bool running = record.state == store::SandboxState::kRunning ||
+                         record.state == store::SandboxState::kPaused;
+    std::string text;
+    for (const auto& p : running ? record.ports : std::vector<store::PortPublish>{}) {
+      if (wanted && p.guest_port != *wanted) continue;
+      std::string host =
+          (p.host_ip.empty() ? "127.0.0.1" : p.host_ip) + ":" + std::to_string(p.host_port);
+      text += wanted ? host + "\n" : std::to_string(p.guest_port) + "/tcp -> " + host + "\n";
+    }
+    if (wanted && text.empty())
+      return Fail("no public port " + std::to_string(*wanted) + "/tcp published for " +
+                  record.Label());
+    return Print(text);
+  };
+  return Report(run());
+}
 
 int KillCommand(const std::vector<std::string>& refs) { return ForEach(refs, KillOne); }
 

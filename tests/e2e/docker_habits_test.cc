@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "lifecycle_fixture.h"
+#include "support/tcp.h"
 
 namespace cella::test {
 namespace {
@@ -365,6 +366,58 @@ TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
 
 // --read-only: no writable layer and a read-only root; /tmp is still
 // writable, and --tmpfs mounts a sized tmpfs anywhere.
+// docker restart and docker port, as typed.
+TEST_F(DockerHabits, RestartBootsAgainAndPortSaysWhereEachGuestPortIsPublished) {
+  const uint16_t host_port = cella::testing::FreePort();
+  ASSERT_NE(host_port, 0);
+  const std::string published = "127.0.0.1:" + std::to_string(host_port);
+  std::string id = RunDetached({"--name", "web", "-p", std::to_string(host_port) + ":80", "--",
+                                "sh", "-c", "echo up; sleep 100000"});
+  ASSERT_FALSE(id.empty());
+  // Each boot says "up" once: counted in its log (bounded wait).
+  auto logged_up = [&](const std::string& expected) {
+    std::string out;
+    for (int i = 0; i < 600 && out != expected; ++i) {  // bounded: 60 s and more
+      out = RunCella({"logs", "web"}).out;
+      if (out != expected) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return out;
+  };
+  ASSERT_EQ(logged_up("up\n"), "up\n");
+
+  auto all = RunCella({"port", "web"});
+  EXPECT_EQ(all.exit_code, 0) << Describe(all);
+  EXPECT_EQ(all.out, "80/tcp -> " + published + "\n") << Describe(all);
+  auto one = RunCella({"port", "web", "80/tcp"});
+  EXPECT_EQ(one.out, published + "\n") << Describe(one);
+  auto unpublished = RunCella({"port", "web", "81"});
+  EXPECT_NE(unpublished.exit_code, 0) << Describe(unpublished);
+  EXPECT_TRUE(Contains(unpublished.err, "no public port 81/tcp published for web"))
+      << Describe(unpublished);
+
+  // A fresh boot of the same sandbox: memory (a tmpfs) is gone; the name,
+  // ports and output log stay.
+  ExecScript("web", "touch /dev/shm/before-restart");
+  auto restarted = RunCella({"restart", "-t", "1", "web"}, "", std::chrono::seconds(300));
+  ASSERT_EQ(restarted.exit_code, 0) << Describe(restarted);
+  EXPECT_EQ(restarted.out, "web\n");
+  ASSERT_TRUE(WaitForState("web", "running"));
+  EXPECT_EQ(ExecScript("web", "test -e /dev/shm/before-restart && echo same || echo fresh"),
+            "fresh");
+  EXPECT_EQ(logged_up("up\nup\n"), "up\nup\n");
+  EXPECT_EQ(RunCella({"port", "web", "80"}).out, published + "\n");
+
+  // Stopped: nothing is published; restart then just starts it.
+  ASSERT_EQ(RunCella({"stop", "-t", "1", "web"}).exit_code, 0);
+  auto stopped = RunCella({"port", "web"});
+  EXPECT_EQ(stopped.exit_code, 0) << Describe(stopped);
+  EXPECT_EQ(stopped.out, "");
+  auto started = RunCella({"restart", "web"}, "", std::chrono::seconds(300));
+  EXPECT_EQ(started.exit_code, 0) << Describe(started);
+  EXPECT_TRUE(WaitForState("web", "running"));
+  EXPECT_EQ(RunCella({"rm", "-f", "web"}).exit_code, 0);
+}
+
 TEST_F(DockerHabits, ReadOnlyRootKeepsTmpAndTmpfsWritable) {
   auto r = RunCella({"run", "--read-only", "--tmpfs", "/scratch:size=1m", "@builtin", "sh", "-c",
                      "touch /etc/x 2>/dev/null && echo root-rw || echo root-ro; "

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <thread>
+#include <tuple>
 
 #include "base/io.h"
 #include "base/log.h"
@@ -872,6 +873,11 @@ int StopCommand(const std::vector<std::string>& refs, int grace_seconds) {
 int StartCommand(const std::vector<std::string>& refs) { return ForEach(refs, StartOne); }
 
 Status RestartOne(SandboxContext& ctx, const store::SandboxRecord& given, int grace_seconds) {
+  // Its supervisor removes such a sandbox as it stops: refused before that.
+  if (given.auto_remove)
+    return Fail("restart " + given.Label() +
+                ": it is removed when it stops (a foreground run or --rm); cella stop it and "
+                "run it again");
   CELLA_TRY(StopOne(ctx, given, grace_seconds));
   store::SandboxRecord record = CELLA_TRY_CTX(ctx.store.Get(given.id), "restart");
   // The stopped sandbox's supervisor may still be letting go of its sockets
@@ -900,13 +906,19 @@ int RestartCommand(const std::vector<std::string>& refs, int grace_seconds) {
 int PortCommand(const std::string& ref, const std::string& guest_port) {
   auto run = [&]() -> Status {
     std::optional<uint16_t> wanted;
+    bool udp = false;  // asked as docker allows; never published here
     if (!guest_port.empty()) {
       std::string_view number = guest_port;
-      if (number.ends_with("/tcp")) number.remove_suffix(4);
+      if (number.ends_with("/tcp")) {
+        number.remove_suffix(4);
+      } else if (number.ends_with("/udp")) {
+        number.remove_suffix(4);
+        udp = true;
+      }
       int value = 0;
       auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), value);
       if (ec != std::errc() || end != number.data() + number.size() || value < 1 || value > 65535)
-        return Fail("port " + guest_port + ": want a TCP port number (80 or 80/tcp)");
+        return Fail("port " + guest_port + ": want a port number (80, 80/tcp or 80/udp)");
       wanted = static_cast<uint16_t>(value);
     }
     SandboxContext ctx = CELLA_TRY(OpenSandboxes());
@@ -914,16 +926,22 @@ int PortCommand(const std::string& ref, const std::string& guest_port) {
     // As docker's: a sandbox that is not running publishes nothing.
     const bool running = record.state == store::SandboxState::kRunning ||
                          record.state == store::SandboxState::kPaused;
+    std::vector<store::PortPublish> ports;
+    if (running) ports = record.ports;
+    std::ranges::sort(ports, [](const store::PortPublish& a, const store::PortPublish& b) {
+      return std::tie(a.guest_port, a.host_ip, a.host_port) <
+             std::tie(b.guest_port, b.host_ip, b.host_port);
+    });
     std::string text;
-    for (const auto& p : running ? record.ports : std::vector<store::PortPublish>{}) {
-      if (wanted && p.guest_port != *wanted) continue;
+    for (const auto& p : ports) {
+      if (wanted && (udp || p.guest_port != *wanted)) continue;
       std::string host =
           (p.host_ip.empty() ? "127.0.0.1" : p.host_ip) + ":" + std::to_string(p.host_port);
       text += wanted ? host + "\n" : std::to_string(p.guest_port) + "/tcp -> " + host + "\n";
     }
     if (wanted && text.empty())
-      return Fail("no public port " + std::to_string(*wanted) + "/tcp published for " +
-                  record.Label());
+      return Fail("no public port '" + std::to_string(*wanted) + (udp ? "/udp" : "/tcp") +
+                  "' published for " + record.Label());
     return Print(text);
   };
   return Report(run());

@@ -364,8 +364,6 @@ TEST_F(DockerHabits, StopKeepsTheMainProcessesLastWordsAndExitCode) {
   EXPECT_EQ(RunCella({"rm", "trap"}).exit_code, 0);
 }
 
-// --read-only: no writable layer and a read-only root; /tmp is still
-// writable, and --tmpfs mounts a sized tmpfs anywhere.
 // docker restart and docker port, as typed.
 TEST_F(DockerHabits, RestartBootsAgainAndPortSaysWhereEachGuestPortIsPublished) {
   const uint16_t host_port = cella::testing::FreePort();
@@ -392,8 +390,9 @@ TEST_F(DockerHabits, RestartBootsAgainAndPortSaysWhereEachGuestPortIsPublished) 
   EXPECT_EQ(one.out, published + "\n") << Describe(one);
   auto unpublished = RunCella({"port", "web", "81"});
   EXPECT_NE(unpublished.exit_code, 0) << Describe(unpublished);
-  EXPECT_TRUE(Contains(unpublished.err, "no public port 81/tcp published for web"))
+  EXPECT_TRUE(Contains(unpublished.err, "no public port '81/tcp' published for web"))
       << Describe(unpublished);
+  EXPECT_NE(RunCella({"port", "web", "80/udp"}).exit_code, 0);  // TCP only
 
   // A fresh boot of the same sandbox: memory (a tmpfs) is gone; the name,
   // ports and output log stay.
@@ -416,8 +415,20 @@ TEST_F(DockerHabits, RestartBootsAgainAndPortSaysWhereEachGuestPortIsPublished) 
   EXPECT_EQ(started.exit_code, 0) << Describe(started);
   EXPECT_TRUE(WaitForState("web", "running"));
   EXPECT_EQ(RunCella({"rm", "-f", "web"}).exit_code, 0);
+
+  // A sandbox removed at its end (--rm) is refused before anything stops:
+  // its stop would remove it.
+  std::string once = RunDetached({"--rm", "--name", "once", "--", "sleep", "100000"});
+  ASSERT_FALSE(once.empty());
+  auto refused = RunCella({"restart", "once"});
+  EXPECT_NE(refused.exit_code, 0) << Describe(refused);
+  EXPECT_TRUE(Contains(refused.err, "--rm")) << Describe(refused);
+  EXPECT_EQ(State("once"), "running");
+  EXPECT_EQ(RunCella({"rm", "-f", "once"}).exit_code, 0);
 }
 
+// --read-only: no writable layer and a read-only root; /tmp is still
+// writable, and --tmpfs mounts a sized tmpfs anywhere.
 TEST_F(DockerHabits, ReadOnlyRootKeepsTmpAndTmpfsWritable) {
   auto r = RunCella({"run", "--read-only", "--tmpfs", "/scratch:size=1m", "@builtin", "sh", "-c",
                      "touch /etc/x 2>/dev/null && echo root-rw || echo root-ro; "

@@ -247,7 +247,8 @@ Result<nlohmann::json> ControlCall(const std::string& path, const nlohmann::json
     Status sent = SendAll(fd.Get(), request.dump() + "\n");
     auto read = ReadLine(fd.Get(), deadline, wake_fd, give_up);
     if (!read && read.error().errno_value == ECANCELED) return std::unexpected(read.error());
-    if (!read && busy_error && read.error().errno_value == ETIMEDOUT) return Fail(*busy_error);
+    if (!read && busy_error && read.error().errno_value == ETIMEDOUT)
+      return std::unexpected(Error{*busy_error + ", then no reply in time", ETIMEDOUT});
     if (!read) return std::unexpected(sent ? read.error() : sent.error());
     nlohmann::json reply = nlohmann::json::parse(*read, nullptr, false);
     if (reply.is_discarded() || !reply.is_object())

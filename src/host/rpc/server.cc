@@ -656,12 +656,13 @@ void Server::HandleExecInput(const std::string& method, const json& params) {
     call->input_cv.notify_all();
     log::Notice("rpc: an exec did not take its input; ending it",
                 {{"queued_bytes", static_cast<int64_t>(options_.max_stdin_queue)}});
-    // Ended before the answer that says so goes out.
-    if (kill) kill();
+    // Answered first, then ended: the answer claims the call's id, so the
+    // Result of the process the kill ends is not sent in its place.
     AnswerError(*call, kExecFailed,
                 "stdin: the process took none of its queued input for " +
                     std::to_string(options_.stdin_stall.count()) +
                     " ms (is it reading?); the exec was ended");
+    if (kill) kill();
     return;
   }
   call->input_bytes += size;
